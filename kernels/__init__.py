@@ -1,0 +1,12 @@
+"""Triton kernels and their launchers (no autograd). Installed as ``vqfast.kernels``.
+
+Every launcher takes plain tensors and returns plain tensors; nothing here asks CUDA anything at import
+time. With ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors.
+"""
+
+from vqfast.kernels.gather import gather_rows, scatter_add_rows
+from vqfast.kernels.nearest import nearest_code
+from vqfast.kernels.quantize import quantize_backward, quantize_forward
+from vqfast.kernels.usage import code_usage
+
+__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "code_usage", "quantize_forward", "quantize_backward"]

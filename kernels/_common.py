@@ -1,0 +1,43 @@
+"""Helpers shared by the launchers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_launchable(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and interpreting():
+            continue
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got a tensor on {t.device}); "
+            "set TRITON_INTERPRET=1 before importing triton to run them on CPU, or use the torch backend"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small fixed number under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,78 @@
+"""Codebook gather and its backward, a scatter-add of row gradients with fp32 accumulation."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import check_launchable, interpreting, next_power_of_2
+
+
+@triton.jit
+def _gather_rows_kernel(
+    c_ptr, index_ptr, out_ptr, N, D,
+    stride_ck, stride_cd, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    vals = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_d[None, :], vals, mask=mask)
+
+
+@triton.jit
+def _scatter_add_rows_kernel(
+    grad_ptr, index_ptr, out_ptr, N, D,
+    stride_gn, stride_gd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    g = tl.load(grad_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask)
+
+
+def _blocks(n: int, d: int) -> tuple[int, int]:
+    block_d = min(128, max(16, next_power_of_2(d)))
+    block_n = 16 if interpreting() else max(1, 4096 // block_d)
+    return block_n, block_d
+
+
+def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices]`` for 1-D ``indices`` (values assumed in range): (N, D) in the codebook's dtype."""
+    check_launchable(codebook, indices)
+    n, d = indices.shape[0], codebook.shape[1]
+    out = torch.empty((n, d), dtype=codebook.dtype, device=codebook.device)
+    if n == 0 or d == 0:
+        return out
+    block_n, block_d = _blocks(n, d)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+    _gather_rows_kernel[grid](codebook, indices, out, n, d, codebook.stride(0), codebook.stride(1),
+                              out.stride(0), BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum rows of ``grad`` (N, D) into a (num_codes, D) tensor at ``indices``, accumulating in fp32.
+
+    Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``.
+    """
+    check_launchable(grad, indices)
+    n, d = grad.shape
+    acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)
+    if n > 0 and d > 0:
+        block_n, block_d = _blocks(n, d)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+        _scatter_add_rows_kernel[grid](grad, indices, acc, n, d, grad.stride(0), grad.stride(1),
+                                       BLOCK_N=block_n, BLOCK_D=block_d)
+    out_dtype = out_dtype or grad.dtype
+    return acc if out_dtype == torch.float32 else acc.to(out_dtype)

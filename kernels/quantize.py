@@ -1,0 +1,116 @@
+"""The fused VQ step: gather the chosen codes, write the straight-through output and the squared error
+in one pass (forward), and produce both gradients in one pass (backward).
+
+Forward, for rows z (N, D), codes q = codebook[indices]:
+    z_q = q (in z's dtype); sse = sum((q - z)^2)
+    loss = mse(q, sg(z)) + beta * mse(z, sg(q)) = (1 + beta) * sse / (N * D)
+Backward, with g = dloss and M = N * D:
+    dz = dz_q + g * beta * 2 (z - q) / M          (straight-through plus commitment)
+    dcodebook[indices] += g * 2 (q - z) / M       (codebook loss, fp32 accumulation)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import check_launchable, interpreting, next_power_of_2
+
+
+@triton.jit
+def _vq_forward_kernel(
+    z_ptr, c_ptr, index_ptr, zq_ptr, partial_ptr, N, D,
+    stride_zn, stride_zd, stride_ck, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    sse = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
+        q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+        q_out = q.to(z.dtype)
+        tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask)
+        diff = q.to(tl.float32) - z.to(tl.float32)
+        sse += tl.sum(diff * diff, axis=1)
+    # Per-program partial sums (summed afterwards) keep the loss deterministic.
+    tl.store(partial_ptr + pid, tl.sum(sse, axis=0))
+
+
+@triton.jit
+def _vq_backward_kernel(
+    grad_zq_ptr, grad_loss_ptr, z_ptr, c_ptr, index_ptr, grad_z_ptr, grad_c_ptr,
+    N, D, coef_codebook, coef_commit,
+    stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
+    HAS_GRAD_ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d[None, :] < D)
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    g = tl.load(grad_loss_ptr).to(tl.float32)
+    z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
+    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+    diff = q.to(tl.float32) - z.to(tl.float32)
+    grad_z = -(g * coef_commit) * diff
+    if HAS_GRAD_ZQ:
+        grad_z += tl.load(grad_zq_ptr + offs_n64[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                          mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_z_ptr + offs_n64[:, None] * D + offs_d[None, :], grad_z.to(z.dtype), mask=mask)
+    tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask)
+
+
+def _row_block(d: int) -> tuple[int, int]:
+    block_d = min(128, max(16, next_power_of_2(d)))
+    return (16 if interpreting() else max(1, 4096 // block_d)), block_d
+
+
+def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                     beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
+    ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
+    check_launchable(z, codebook, indices)
+    n, d = z.shape
+    z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
+    if n == 0:
+        return z_q, torch.zeros((), dtype=torch.float32, device=z.device)
+    block_n, block_d = _row_block(d)
+    programs = triton.cdiv(n, block_n)
+    partial = torch.empty(programs, dtype=torch.float32, device=z.device)
+    _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, d,
+                                    z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+                                    BLOCK_N=block_n, BLOCK_D=block_d)
+    loss = partial.sum() * ((1.0 + beta) / (n * d))
+    return z_q, loss
+
+
+def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: torch.Tensor,
+                      codebook: torch.Tensor, indices: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring)."""
+    check_launchable(z, codebook, indices)
+    n, d = z.shape
+    grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)
+    grad_c = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
+    if n > 0:
+        block_n, block_d = _row_block(d)
+        coef = 2.0 / (n * d)
+        grad_loss = grad_loss.reshape(1).to(torch.float32)
+        has_gzq = grad_zq is not None
+        gzq = grad_zq if has_gzq else z
+        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+        _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, d,
+                                  coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
+                                  codebook.stride(0), codebook.stride(1),
+                                  HAS_GRAD_ZQ=has_gzq, BLOCK_N=block_n, BLOCK_D=block_d)
+    elif grad_zq is not None:
+        grad_z.copy_(grad_zq)
+    return grad_z, (grad_c if codebook.dtype == torch.float32 else grad_c.to(codebook.dtype))

@@ -1,0 +1,55 @@
+"""Code usage: histogram of indices, then entropy and perplexity, all on the device."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import check_launchable, interpreting
+
+
+@triton.jit
+def _bincount_kernel(index_ptr, counts_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask)
+
+
+@triton.jit
+def _entropy_kernel(counts_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    # One program: K is at most a few million, and this keeps the result on the device.
+    total = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        total += tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float32)
+    n = tl.sum(total, axis=0)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        p = tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float32) * inv_n
+        # 0 log 0 = 0: unused codes contribute nothing (log is taken of 1 there).
+        acc += tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0)
+    entropy = tl.sum(acc, axis=0)
+    tl.store(out_ptr, entropy)
+    tl.store(out_ptr + 1, tl.exp(entropy))
+
+
+def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(counts int64 (K,), entropy fp32 (), perplexity fp32 ())`` of 1-D ``indices`` (values in range).
+
+    Equivalent to ``c = torch.bincount(indices, minlength=K); p = c / c.sum();
+    h = -(p * p.log()).nansum(); (c, h, h.exp())``.
+    """
+    check_launchable(indices)
+    n = indices.shape[0]
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
+    if n > 0:
+        block = 128 if interpreting() else 1024
+        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, BLOCK=block)
+    out = torch.empty(2, dtype=torch.float32, device=indices.device)
+    block = 128 if interpreting() else 1024
+    _entropy_kernel[(1,)](counts, out, num_codes, BLOCK=block)
+    return counts, out[0], out[1]

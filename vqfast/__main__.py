@@ -1,0 +1,3 @@
+from vqfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Argument validation shared by every backend: clear errors instead of silent wrong answers."""
+
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+METRICS = ("l2", "cosine")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> None:
+    check_tensor(z, "z")
+    check_tensor(codebook, "codebook")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D (K, D), got {_describe(codebook)}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"codebook must have at least one code (K >= 1), got {_describe(codebook)}")
+    if z.dim() < 1:
+        raise ValueError(f"z must have at least one dimension (..., D), got {_describe(z)}")
+    if z.shape[-1] != codebook.shape[1]:
+        raise ValueError(
+            f"last dimension of z ({z.shape[-1]}) must equal the codebook dimension D ({codebook.shape[1]}); "
+            f"z: {_describe(z)}, codebook: {_describe(codebook)}"
+        )
+    if codebook.shape[1] == 0:
+        raise ValueError(f"code dimension D must be >= 1, got {_describe(codebook)}")
+    for name, t in (("z", z), ("codebook", codebook)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
+    if z.dtype != codebook.dtype:
+        raise TypeError(
+            f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}; "
+            "cast one of them (e.g. codebook.to(z.dtype))"
+        )
+    if z.device != codebook.device:
+        raise ValueError(f"z and codebook must be on the same device, got z on {z.device}, codebook on {codebook.device}")
+
+
+def check_gather_inputs(codebook: torch.Tensor, indices: torch.Tensor, check_range: bool = True) -> None:
+    check_tensor(codebook, "codebook")
+    check_tensor(indices, "indices")
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must be 2-D (K, D), got {_describe(codebook)}")
+    if codebook.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"codebook must be a floating-point tensor, got {codebook.dtype}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    if indices.device != codebook.device:
+        raise ValueError(
+            f"codebook and indices must be on the same device, got codebook on {codebook.device}, indices on {indices.device}"
+        )
+    if check_range and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= codebook.shape[0]:
+            raise ValueError(
+                f"indices must lie in [0, {codebook.shape[0]}) for a codebook of {codebook.shape[0]} codes, "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
+def check_usage_inputs(indices: torch.Tensor, num_codes: int, check_range: bool = True) -> None:
+    check_tensor(indices, "indices")
+    if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    if check_range and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_codes:
+            raise ValueError(f"indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")

@@ -1,0 +1,52 @@
+"""The ``vqfast`` command: train, evaluate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vqfast._version import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqfast",
+        description="Fast vector quantization for PyTorch: train AE / VAE / VQ-VAE models, evaluate them, benchmark the kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"vqfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    try:
+        from vqfast.models import train as train_mod
+    except ImportError:  # models not available: keep --help/--version working
+        train_mod = None
+    if train_mod is not None and hasattr(train_mod, "configure_train_parser"):
+        p = sub.add_parser("train", help="train an AE, VAE or VQ-VAE on CIFAR-10 (or another source)")
+        train_mod.configure_train_parser(p)
+        p.set_defaults(handler=train_mod.train_main)
+        p = sub.add_parser("evaluate", help="reconstruction error and anomaly scores of a trained run")
+        train_mod.configure_evaluate_parser(p)
+        p.set_defaults(handler=train_mod.evaluate_main)
+    try:
+        from vqfast import bench as bench_mod
+    except ImportError:
+        bench_mod = None
+    if bench_mod is not None:
+        p = sub.add_parser("bench", help="time the kernels and a training step against plain PyTorch (needs a GPU)")
+        bench_mod.configure_parser(p)
+        p.set_defaults(handler=bench_mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Public functional ops: backend choice, autograd Functions with straight-through gradients.
+
+Backend: "triton" when the tensors are on a CUDA device (the fused kernels), "torch" otherwise (the
+pure-PyTorch reference in :mod:`vqfast.reference`). ``VQFAST_BACKEND=torch|triton`` forces one; forcing
+"triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the tests).
+float64 tensors always use the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vqfast import reference
+from vqfast._checks import check_gather_inputs, check_search_inputs, check_usage_inputs
+
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("torch", "triton")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend an op on tensors of ``device`` / ``dtype`` runs on ("torch" or "triton")."""
+    forced = os.environ.get("VQFAST_BACKEND", "").strip().lower()
+    if forced not in ("", "auto") + BACKENDS:
+        raise ValueError(f"VQFAST_BACKEND must be 'torch', 'triton' or 'auto', got {forced!r}")
+    if dtype == torch.float64:
+        return "torch"  # the kernels take fp32/fp16/bf16
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not _triton_importable():
+            raise RuntimeError("VQFAST_BACKEND=triton but triton cannot be imported")
+        from vqfast.kernels._common import interpreting
+
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"VQFAST_BACKEND=triton needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
+                "importing triton to run the kernels on CPU through Triton's interpreter"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+
+
+def _ops():
+    # Imported lazily: importing vqfast must not need triton.
+    from vqfast import ops
+
+    return ops
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def nearest_code(
+    z: Tensor, codebook: Tensor, metric: str = "l2", precision: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Nearest code of every row of ``z`` (..., D) in ``codebook`` (K, D), without an N x K matrix.
+
+    Plain PyTorch::
+
+        d = torch.cdist(z.reshape(-1, D), codebook) ** 2    # cosine: 1 - cos
+        indices = d.argmin(1); distances = d.min(1).values
+
+    Returns ``(indices, distances)``: int64 shaped ``z.shape[:-1]`` and float32 (squared L2 distance
+    of the chosen code, or 1 - cos for ``metric="cosine"``). Ties go to the lowest index; every index
+    is in [0, K) even for NaN/inf inputs. ``precision`` for fp32 inputs on the Triton backend:
+    "highest" (full fp32), "high"/"medium" (tf32); default ``torch.get_float32_matmul_precision()``.
+    """
+    check_search_inputs(z, codebook, metric)
+    if resolve_backend(z.device, z.dtype) == "torch":
+        return reference.nearest_code(z, codebook, metric=metric,
+                                      compute_dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
+    lead_shape = z.shape[:-1]
+    rows = _rows(z)
+    codes = codebook
+    if metric == "cosine":
+        rows = F.normalize(rows, dim=-1)
+        codes = F.normalize(codebook, dim=-1)
+    precision = precision or torch.get_float32_matmul_precision()
+    indices, distances = _ops().nearest_code(rows.detach(), codes.detach(), precision, 0)
+    if metric == "cosine":
+        distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
+    return indices.reshape(lead_shape), distances.reshape(lead_shape)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``codebook[indices]``; backward scatter-adds the output gradient into the chosen rows (fp32)."""
+
+    @staticmethod
+    def forward(ctx, codebook: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(indices)
+        ctx.num_codes = codebook.shape[0]
+        ctx.codebook_dtype = codebook.dtype
+        return _ops().gather_rows(codebook, indices)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_codebook = _ops().scatter_add_rows(grad_out, indices, ctx.num_codes, ctx.codebook_dtype)
+        return grad_codebook, None
+
+
+def gather(codebook: Tensor, indices: Tensor) -> Tensor:
+    """Rows of ``codebook`` (K, D) at ``indices`` (any shape): ``codebook[indices]``, shape ``indices.shape + (D,)``.
+
+    Differentiable w.r.t. ``codebook``: the backward is ``zeros(K, D).index_add_(0, indices, grad)``
+    accumulated in fp32. Raises ValueError for indices outside [0, K).
+    """
+    check_gather_inputs(codebook, indices)
+    if resolve_backend(codebook.device, codebook.dtype) == "torch":
+        return reference.gather(codebook, indices)
+    flat = indices.reshape(-1).to(torch.int64)
+    return _GatherRows.apply(codebook, flat).reshape(*indices.shape, codebook.shape[1])
+
+
+def code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(counts, entropy, perplexity)`` of code indices, computed on the indices' device.
+
+    Plain PyTorch::
+
+        counts = torch.bincount(indices.flatten(), minlength=num_codes)
+        p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
+
+    ``counts`` is int64 (num_codes,); entropy (nats, 0 log 0 = 0) and perplexity are float32 scalars.
+    No indices at all give entropy 0 and perplexity 1.
+    """
+    check_usage_inputs(indices, num_codes, check_range=indices.device.type != "cuda")
+    if resolve_backend(indices.device) == "torch":
+        return reference.code_usage(indices, num_codes)
+    counts, stats = _ops().code_usage(indices.reshape(-1).to(torch.int64), num_codes)
+    return counts, stats[0], stats[1]
+
+
+class _FusedQuantize(torch.autograd.Function):
+    """Gather + straight-through output + both VQ losses, forward and backward in one kernel each."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codebook: Tensor, indices: Tensor, beta: float):  # type: ignore[override]
+        z_q, loss = _ops().quantize_forward(z, codebook, indices, beta)
+        ctx.save_for_backward(z, codebook, indices)
+        ctx.beta = beta
+        ctx.mark_non_differentiable(indices)
+        return z_q, loss
+
+    @staticmethod
+    def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
+        z, codebook, indices = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
+        grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta)
+        return (grad_z if ctx.needs_input_grad[0] else None,
+                grad_codebook if ctx.needs_input_grad[1] else None, None, None)
+
+
+def quantize(
+    z: Tensor,
+    codebook: Tensor,
+    beta: float = 0.25,
+    metric: str = "l2",
+    precision: str | None = None,
+    indices: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The VQ step: nearest code, straight-through output and the two VQ-VAE losses.
+
+    Plain PyTorch::
+
+        indices = nearest_code(z, codebook)[0]
+        q = codebook[indices]
+        loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())   # codebook + commitment
+        z_q = z + (q - z).detach()    # value of the code, gradient straight through to z
+
+    ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value = code), loss a float32
+    scalar, indices int64 shaped ``z.shape[:-1]``. With ``metric="cosine"`` both z and the codebook are
+    l2-normalised first (z_q is then the unit code). ``indices`` skips the search when given.
+    """
+    check_search_inputs(z, codebook.to(z.dtype) if z.dtype != codebook.dtype else codebook, metric)
+    if metric == "cosine":
+        z = F.normalize(z, dim=-1)
+        codebook = F.normalize(codebook, dim=-1)
+    if indices is None:
+        with torch.no_grad():
+            search_z = z.detach() if z.dtype == codebook.dtype else z.detach().to(codebook.dtype)
+            indices = nearest_code(search_z, codebook.detach(), precision=precision)[0]
+    wide = torch.float64 in (z.dtype, codebook.dtype)
+    if resolve_backend(z.device, torch.float64 if wide else z.dtype) == "torch":
+        return reference.quantize(z, codebook, beta=beta, indices=indices)
+    lead_shape = z.shape[:-1]
+    z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))
+    return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)

@@ -1,0 +1,180 @@
+"""Pure-PyTorch reference of every vqfast op.
+
+This is the test oracle for the Triton kernels and the backend used for CPU tensors. Each op works on
+bounded blocks of rows, so the full N x K distance matrix is never held in memory (N = K = 65,536 runs
+on a laptop).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy"]
+
+# Elements of the (rows x K) distance block held at once: 2**22 fp32 values = 16 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_chunk(num_codes: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(num_codes, 1))
+
+
+@torch.no_grad()
+def nearest_code(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest codebook row for every row of ``z``, and its distance.
+
+    Plain PyTorch, for one small block::
+
+        d = torch.cdist(z, codebook) ** 2          # (N, K), never built whole here
+        indices = d.argmin(1); distances = d.gather(1, indices[:, None])[:, 0]
+
+    ``metric="l2"``: squared Euclidean distance; ``"cosine"``: 1 - cos(z, c). Ties go to the lowest
+    index; NaN distances never win (a row whose distances are all NaN gets index 0 and distance NaN).
+    ``compute_dtype`` is float32 (exact fp32 arithmetic) or float64. Returns ``(indices, distances)``:
+    int64 shaped like ``z[..., 0]`` and float32.
+    """
+    from vqfast._checks import check_search_inputs
+
+    check_search_inputs(z, codebook, metric)
+    lead_shape = z.shape[:-1]
+    rows = z.reshape(-1, z.shape[-1]).to(compute_dtype)
+    codes = codebook.to(compute_dtype)
+    if metric == "cosine":
+        rows = F.normalize(rows, dim=-1)
+        codes = F.normalize(codes, dim=-1)
+    code_sq = codes.pow(2).sum(1)
+    n = rows.shape[0]
+    indices = torch.zeros(n, dtype=torch.int64, device=z.device)
+    distances = torch.empty(n, dtype=torch.float32, device=z.device)
+    step = _row_chunk(codes.shape[0])
+    for start in range(0, n, step):
+        block = rows[start : start + step]
+        # ||c||^2 - 2 z.c ranks codes exactly like ||z - c||^2 (||z||^2 is constant per row).
+        scores = torch.addmm(code_sq, block, codes.t(), beta=1, alpha=-2)
+        scores = torch.where(scores.isnan(), math.inf, scores)
+        idx = scores.argmin(1)
+        # Recompute the chosen distance directly: no cancellation from the expanded form.
+        chosen = codes.index_select(0, idx)
+        diff = block - chosen
+        dist = diff.pow(2).sum(1)
+        indices[start : start + step] = idx
+        distances[start : start + step] = dist.to(torch.float32)
+    if metric == "cosine":
+        distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
+    return indices.reshape(lead_shape), distances.reshape(lead_shape)
+
+
+def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
+    from vqfast._checks import check_gather_inputs
+
+    check_gather_inputs(codebook, indices)
+    return F.embedding(indices, codebook)
+
+
+def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Histogram of code indices with its entropy (nats, 0 log 0 = 0) and perplexity = exp(entropy).
+
+    Plain PyTorch::
+
+        counts = torch.bincount(indices.flatten(), minlength=num_codes)
+        p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
+    """
+    from vqfast._checks import check_usage_inputs
+
+    check_usage_inputs(indices, num_codes)
+    counts = torch.bincount(indices.reshape(-1), minlength=num_codes)
+    total = counts.sum().clamp_min(1).to(torch.float32)
+    p = counts.to(torch.float32) / total
+    entropy = -torch.special.xlogy(p, p).sum()
+    return counts, entropy, entropy.exp()
+
+
+def quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    metric: str = "l2",
+    indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VQ step with straight-through gradients, in plain PyTorch.
+
+    ::
+
+        indices = nearest_code(z, codebook)[0]
+        q = codebook[indices]
+        loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+        z_q = z + (q - z).detach()       # value of q, gradient to z
+
+    Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype.
+    """
+    if indices is None:
+        with torch.no_grad():
+            indices = nearest_code(z.detach(), codebook, metric=metric)[0]
+    q = F.embedding(indices, codebook).to(z.dtype)
+    if z.numel() == 0:
+        loss = (z.sum() + codebook.sum()) * 0.0
+    else:
+        loss = F.mse_loss(q.float(), z.detach().float()) + beta * F.mse_loss(z.float(), q.detach().float())
+    z_q = z + (q - z).detach()
+    return z_q, loss, indices
+
+
+def soft_assignment_entropy(
+    z: torch.Tensor, codebook: torch.Tensor, temperature: float = 1.0, metric: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropies of the soft code assignment ``p = softmax(-distance / temperature)`` (differentiable).
+
+    Returns ``(sample_entropy, batch_entropy)``: the mean over rows of each row's entropy, and the
+    entropy of the row-averaged assignment. Plain PyTorch::
+
+        p = torch.softmax(-torch.cdist(z, codebook) ** 2 / temperature, dim=1)
+        sample_entropy = -(p * p.log()).sum(1).mean()
+        avg = p.mean(0); batch_entropy = -(avg * avg.log()).sum()
+
+    Rows are processed in blocks (with recomputation in backward through checkpointing), so memory
+    stays bounded by one block of the N x K matrix.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rows = z.reshape(-1, z.shape[-1]).float()
+    codes = codebook.float()
+    if metric == "cosine":
+        rows = F.normalize(rows, dim=-1)
+        codes = F.normalize(codes, dim=-1)
+    n = rows.shape[0]
+    if n == 0:
+        zero = (rows.sum() + codes.sum()) * 0.0
+        return zero, zero
+
+    def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = block.pow(2).sum(1, keepdim=True) - 2 * block @ codes_.t() + codes_.pow(2).sum(1)
+        if metric == "cosine":
+            d = d * 0.5
+        logits = -d / temperature
+        logp = torch.log_softmax(logits, dim=1)
+        p = logp.exp()
+        return -(p * logp).sum(), p.sum(0)
+
+    step = _row_chunk(codes.shape[0])
+    sample_sum = rows.new_zeros(())
+    p_sum = rows.new_zeros(codes.shape[0])
+    for start in range(0, n, step):
+        block = rows[start : start + step]
+        if torch.is_grad_enabled() and (block.requires_grad or codes.requires_grad):
+            s, ps = checkpoint(block_terms, block, codes, use_reentrant=False)
+        else:
+            s, ps = block_terms(block, codes)
+        sample_sum = sample_sum + s
+        p_sum = p_sum + ps
+    avg = p_sum / n
+    batch_entropy = -torch.special.xlogy(avg, avg).sum()
+    return sample_sum / n, batch_entropy
