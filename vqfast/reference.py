@@ -123,7 +123,8 @@ def quantize(
     if z.numel() == 0:
         loss = (z.sum() + codebook.sum()) * 0.0
     else:
-        loss = F.mse_loss(q.float(), z.detach().float()) + beta * F.mse_loss(z.float(), q.detach().float())
+        acc = torch.promote_types(z.dtype, torch.float32)  # losses in fp32 (fp64 for fp64 inputs)
+        loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + beta * F.mse_loss(z.to(acc), q.detach().to(acc))
     z_q = z + (q - z).detach()
     return z_q, loss, indices
 

@@ -1,0 +1,201 @@
+"""Public ops: backend dispatch, argument errors, autograd through both backends."""
+
+import pytest
+import torch
+
+import vqfast
+from helpers import chosen_gap
+from vqfast import reference
+
+
+def _pair(n=30, k=17, d=12, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g).to(dtype).to(device),
+            torch.randn(k, d, generator=g).to(dtype).to(device))
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("VQFAST_BACKEND", raising=False)
+    assert vqfast.resolve_backend(torch.device("cpu")) == "torch"
+    assert vqfast.resolve_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    assert vqfast.resolve_backend(torch.device("cuda", 0)) == "torch"
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    assert vqfast.resolve_backend(torch.device("cuda", 0), torch.float64) == "torch"
+    monkeypatch.setenv("VQFAST_BACKEND", "fast")
+    with pytest.raises(ValueError, match="VQFAST_BACKEND"):
+        vqfast.resolve_backend(torch.device("cpu"))
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        vqfast.resolve_backend(torch.device("cpu"))
+
+
+def test_triton_backend_really_runs_the_kernels(triton_backend, kernel_device, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the kernel")
+
+    monkeypatch.setattr(reference, "nearest_code", fail)
+    monkeypatch.setattr(reference, "quantize", fail)
+    monkeypatch.setattr(reference, "gather", fail)
+    monkeypatch.setattr(reference, "code_usage", fail)
+    z, c = _pair(device=kernel_device)
+    idx, _ = vqfast.nearest_code(z, c)
+    vqfast.quantize(z, c)
+    vqfast.gather(c, idx)
+    vqfast.code_usage(idx, c.shape[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nearest_code_shapes_and_metric(backend, metric, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 5, 10, generator=g).to(device)
+    c = torch.randn(19, 10, generator=g).to(device)
+    idx, dist = vqfast.nearest_code(z, c, metric=metric, precision="highest")
+    assert idx.shape == (2, 3, 5) and dist.shape == (2, 3, 5) and idx.dtype == torch.int64
+    rows, codes = z.reshape(-1, 10).cpu(), c.cpu()
+    if metric == "cosine":
+        rows = torch.nn.functional.normalize(rows, dim=-1)
+        codes = torch.nn.functional.normalize(codes, dim=-1)
+        expected = 1 - (rows @ codes.t()).max(1).values
+        torch.testing.assert_close(dist.reshape(-1).cpu(), expected, rtol=1e-4, atol=1e-5)
+    assert chosen_gap(rows, codes, idx.reshape(-1)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_straight_through_and_gradients(backend, monkeypatch, kernel_device):
+    """Value of z_q is the code; dz_q flows to z unchanged; losses send gradients to z and codebook."""
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    z0, c0 = _pair(n=40, k=9, d=6, seed=2, device=device)
+    beta = 0.4
+
+    z = z0.clone().requires_grad_()
+    c = c0.clone().requires_grad_()
+    z_q, loss, idx = vqfast.quantize(z, c, beta=beta)
+    torch.testing.assert_close(z_q, c0[idx], rtol=0, atol=1e-6)
+
+    # Straight-through: a gradient on z_q alone reaches z unchanged and the codebook not at all.
+    upstream = torch.randn_like(z0)
+    (z_q * upstream).sum().backward()
+    torch.testing.assert_close(z.grad, upstream)
+    assert c.grad is None or (c.grad == 0).all()
+
+    # The loss alone: d/dz = beta * 2 (z - q) / M, d/dc = scatter of 2 (q - z) / M.
+    z.grad, c.grad = None, None
+    _, loss, idx = vqfast.quantize(z, c, beta=beta)
+    loss.backward()
+    m = z0.numel()
+    q = c0[idx]
+    torch.testing.assert_close(z.grad, beta * 2 * (z0 - q) / m)
+    expected_c = torch.zeros_like(c0).index_add_(0, idx, 2 * (q - z0) / m)
+    torch.testing.assert_close(c.grad, expected_c)
+    expected_loss = (1 + beta) * ((q - z0) ** 2).mean()
+    torch.testing.assert_close(loss, expected_loss)
+
+
+def test_backends_agree_on_quantize(monkeypatch, kernel_device):
+    z0, c0 = _pair(n=50, k=33, d=20, seed=3, device=kernel_device)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        dev = kernel_device if backend == "triton" else torch.device("cpu")
+        z = z0.clone().to(dev).requires_grad_()
+        c = c0.clone().to(dev).requires_grad_()
+        z_q, loss, idx = vqfast.quantize(z.reshape(5, 10, 20), c, beta=0.25, precision="highest")
+        (z_q.pow(3).sum() + 3 * loss).backward()
+        results[backend] = [t.detach().cpu() for t in (z_q, loss, idx, z.grad, c.grad)]
+    for a, b in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gather_backward_scatter_adds(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    c = torch.randn(6, 4, device=device, requires_grad=True)
+    idx = torch.tensor([[0, 5, 5], [2, 0, 0]], device=device)
+    out = vqfast.gather(c, idx)
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out, c.detach()[idx])
+    w = torch.randn(2, 3, 4, device=device)
+    (out * w).sum().backward()
+    expected = torch.zeros(6, 4, device=device).index_add_(0, idx.reshape(-1), w.reshape(-1, 4))
+    torch.testing.assert_close(c.grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_inputs(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    z = torch.empty(0, 3, 8, device=device, requires_grad=True)
+    c = torch.randn(4, 8, device=device, requires_grad=True)
+    idx, dist = vqfast.nearest_code(z, c)
+    assert idx.shape == (0, 3) and dist.shape == (0, 3)
+    z_q, loss, idx = vqfast.quantize(z, c)
+    assert z_q.shape == (0, 3, 8) and idx.shape == (0, 3) and loss.item() == 0.0
+    (z_q.sum() + loss).backward()
+    counts, entropy, perplexity = vqfast.code_usage(idx, 4)
+    assert counts.tolist() == [0, 0, 0, 0] and entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
+def test_code_usage_has_no_nan_for_unused_codes():
+    counts, entropy, perplexity = vqfast.code_usage(torch.tensor([0, 0, 1, 1]), 1000)
+    assert counts.sum() == 4 and torch.isfinite(entropy)
+    assert abs(entropy.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
+    assert abs(perplexity.item() - 2.0) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "z_shape,c_shape,z_dtype,c_dtype,exc,match",
+    [
+        ((4, 8), (5, 7), torch.float32, torch.float32, ValueError, "last dimension of z"),
+        ((4, 8), (2, 5, 8), torch.float32, torch.float32, ValueError, "2-D"),
+        ((4, 8), (0, 8), torch.float32, torch.float32, ValueError, "at least one code"),
+        ((4, 8), (5, 8), torch.int64, torch.int64, TypeError, "floating-point"),
+        ((4, 8), (5, 8), torch.float32, torch.float16, TypeError, "same dtype"),
+        ((), (5, 8), torch.float32, torch.float32, ValueError, "at least one dimension"),
+    ],
+)
+def test_nearest_code_rejects_bad_input(z_shape, c_shape, z_dtype, c_dtype, exc, match):
+    z = torch.zeros(z_shape, dtype=z_dtype)
+    c = torch.zeros(c_shape, dtype=c_dtype)
+    with pytest.raises(exc, match=match):
+        vqfast.nearest_code(z, c)
+
+
+def test_other_argument_errors():
+    z, c = _pair()
+    with pytest.raises(ValueError, match="metric"):
+        vqfast.nearest_code(z, c, metric="l1")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        vqfast.nearest_code(z.numpy(), c)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 17\)"):
+        vqfast.gather(c, torch.tensor([0, 17]))
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        vqfast.gather(c, torch.tensor([-1, 3]))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        vqfast.gather(c, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="num_codes"):
+        vqfast.code_usage(torch.tensor([0, 1]), 0)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        vqfast.code_usage(torch.tensor([0, 2]), 2)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="same device"):
+            vqfast.nearest_code(z, c.cuda())
+
+
+def test_quantize_mixed_dtypes_search_in_codebook_precision(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    z, c = _pair(n=20, k=10, d=8, seed=5)
+    z16 = z.half().requires_grad_()
+    z_q, loss, idx = vqfast.quantize(z16, c)
+    assert z_q.dtype == torch.float16 and loss.dtype == torch.float32
+    ref_idx, _ = reference.nearest_code(z16.detach().float(), c)
+    assert torch.equal(idx, ref_idx)

@@ -1,0 +1,117 @@
+"""Checks that need a real GPU: bf16, tensor-core precision modes, split codebooks, 64-bit offsets.
+
+Marked ``gpu``; skipped on machines without CUDA.
+"""
+
+import pytest
+import torch
+
+import vqfast
+from helpers import chosen_gap
+from vqfast import kernels, reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES_PRECISIONS = [
+    (torch.float32, "highest", 1e-5),
+    (torch.float32, "high", 1e-2),
+    (torch.float32, "medium", 1e-2),
+    (torch.float16, "highest", 1e-2),
+    (torch.bfloat16, "highest", 1e-2),
+]
+
+
+def _data(n, k, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(n, d, device="cuda", generator=g).to(dtype),
+            torch.randn(k, d, device="cuda", generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype,precision,tol", DTYPES_PRECISIONS)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (1000, 333, 100), (4096, 5000, 256), (513, 2049, 1000)])
+def test_nearest_code_precision_modes(dtype, precision, tol, n, k, d):
+    z, c = _data(n, k, d, dtype)
+    idx, dist = kernels.nearest_code(z, c, precision=precision)
+    assert ((idx >= 0) & (idx < k)).all()
+    rows = torch.arange(0, n, max(1, n // 256), device="cuda")
+    assert chosen_gap(z[rows].float(), c.float(), idx[rows]).max() <= tol
+    d_chosen = ((z[rows].double() - c[idx[rows]].double()) ** 2).sum(1)
+    scale = (z[rows].double() ** 2).sum(1) + d_chosen
+    assert ((dist[rows].double() - d_chosen).abs() <= tol * scale + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_codebook_few_rows_many_codes(dtype):
+    z, c = _data(1024, 262144, 64, dtype, seed=1)
+    idx_auto, dist_auto = kernels.nearest_code(z, c, precision="highest")
+    idx_one, dist_one = kernels.nearest_code(z, c, precision="highest", num_splits=1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rows = torch.arange(0, 1024, 8, device="cuda")
+    assert chosen_gap(z[rows].float(), c.float(), idx_auto[rows]).max() <= tol
+    if dtype == torch.float32:
+        assert (idx_auto == idx_one).float().mean() > 0.999
+    torch.testing.assert_close(dist_auto, dist_one, rtol=1e-3, atol=1e-3)
+
+
+def test_more_than_2_pow_31_elements():
+    n, d, k = (1 << 31) // 64 + 4099, 64, 40
+    g = torch.Generator(device="cuda").manual_seed(2)
+    c = torch.randn(k, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    z = torch.empty(n, d, device="cuda", dtype=torch.bfloat16)
+    z.normal_(generator=g)
+    assert z.numel() > 2**31
+    idx, dist = kernels.nearest_code(z, c)
+    tail = torch.arange(n - 5000, n, device="cuda")  # rows beyond the 32-bit offset range
+    ref_idx, _ = reference.nearest_code(z[tail].float(), c.float())
+    assert chosen_gap(z[tail].float(), c.float(), idx[tail]).max() <= 1e-2
+    assert (idx[tail] == ref_idx).float().mean() > 0.99
+    z_q, loss = kernels.quantize_forward(z, c, idx, 0.25)
+    assert torch.equal(z_q[tail], c[idx[tail]])
+    del z_q
+    counts, _, _ = kernels.code_usage(idx, k)
+    assert counts.sum().item() == n
+
+
+def test_nan_inputs_on_gpu():
+    z, c = _data(300, 700, 32, torch.bfloat16, seed=3)
+    z[0] = float("nan")
+    z[5, 3] = float("inf")
+    c[11] = float("nan")
+    for splits in (None, 5):
+        idx, dist = kernels.nearest_code(z, c, num_splits=splits)
+        assert ((idx >= 0) & (idx < 700)).all() and not (idx == 11).any()
+        assert torch.isnan(dist[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_and_gather_gradients_16_bit(dtype):
+    z0, c0 = _data(5000, 300, 64, dtype, seed=4)
+    z = z0.clone().requires_grad_()
+    c = c0.clone().requires_grad_()
+    z_q, loss, idx = vqfast.quantize(z, c, beta=0.25)
+    assert z_q.dtype == dtype and torch.equal(z_q, c0[idx])
+    upstream = torch.randn_like(z0)
+    (z_q * upstream).sum().backward(retain_graph=True)
+    loss.backward()
+    z_ref = z0.double().requires_grad_()
+    c_ref = c0.double().requires_grad_()
+    zq_ref, loss_ref, _ = reference.quantize(z_ref, c_ref, beta=0.25, indices=idx)
+    ((zq_ref * upstream.double()).sum() + loss_ref).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), loss_ref.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), z_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(c.grad.double(), c_ref.grad, rtol=tol, atol=1e-4)
+
+    g = vqfast.gather(c, idx)
+    c.grad = None
+    g.sum().backward()
+    counts = torch.bincount(idx, minlength=300).to(torch.float64)
+    torch.testing.assert_close(c.grad.double(), counts[:, None].expand(300, 64), rtol=0, atol=0)
+
+
+def test_code_usage_million_indices():
+    idx = torch.randint(0, 65536, (1 << 20,), device="cuda")
+    counts, entropy, perplexity = vqfast.code_usage(idx, 65536)
+    ref_counts, ref_entropy, _ = reference.code_usage(idx.cpu(), 65536)
+    assert torch.equal(counts.cpu(), ref_counts)
+    torch.testing.assert_close(entropy.cpu(), ref_entropy, rtol=1e-5, atol=1e-5)

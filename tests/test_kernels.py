@@ -1,0 +1,189 @@
+"""The Triton kernels, run for real (interpreted on CPU, native on a GPU), against vqfast.reference."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import chosen_gap, fp64_distances, unambiguous_rows
+from vqfast import kernels, reference
+
+SHAPES = [  # (N, K, D): degenerate, odd and round
+    (1, 1, 1),
+    (1, 7, 3),
+    (5, 1, 16),
+    (37, 53, 100),
+    (64, 128, 32),
+    (100, 300, 17),
+    (129, 257, 65),
+    (16, 40, 130),
+]
+
+
+def _data(n, k, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype).to(device)
+    c = torch.randn(k, d, generator=g).to(dtype).to(device)
+    return z, c
+
+
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_nearest_code_fp32_exact(n, k, d, kernel_device):
+    z, c = _data(n, k, d, torch.float32, kernel_device)
+    idx, dist = kernels.nearest_code(z, c, precision="highest")
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert idx.shape == (n,) and dist.shape == (n,)
+    assert chosen_gap(z, c, idx).max() <= 1e-5
+    ref_idx, ref_dist = reference.nearest_code(z.cpu(), c.cpu(), compute_dtype=torch.float64)
+    clear = unambiguous_rows(z, c)
+    assert torch.equal(idx.cpu()[clear], ref_idx[clear])
+    d64 = fp64_distances(z, c).min(1).values
+    scale = (z.double().cpu() ** 2).sum(1) + d64
+    assert ((dist.double().cpu() - d64).abs() <= 1e-5 * scale).all()
+
+
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_nearest_code_fp16(n, k, d, kernel_device):
+    z, c = _data(n, k, d, torch.float16, kernel_device, seed=1)
+    idx, dist = kernels.nearest_code(z, c)
+    assert ((idx >= 0) & (idx < k)).all()
+    assert chosen_gap(z, c, idx).max() <= 1e-2
+    d_chosen = fp64_distances(z, c).gather(1, idx.cpu()[:, None])[:, 0]
+    scale = (z.double().cpu() ** 2).sum(1) + d_chosen
+    assert ((dist.double().cpu() - d_chosen).abs() <= 1e-3 * scale).all()
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_codebook_matches_single_pass(splits, kernel_device):
+    z, c = _data(23, 301, 24, torch.float32, kernel_device, seed=2)
+    idx1, dist1 = kernels.nearest_code(z, c, precision="highest", num_splits=1)
+    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    assert torch.equal(idx, idx1)
+    torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_ties_go_to_lowest_index(splits, kernel_device):
+    # Duplicate codes in different tiles and different splits: the first copy must win. Small
+    # integers keep every product exact, so the copies' scores tie exactly.
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(-3, 4, (9, 20), generator=g).float().to(kernel_device)
+    c = torch.randint(-3, 4, (200, 20), generator=g).float().to(kernel_device)
+    c[150] = c[7]
+    c[190] = c[7]
+    c[60] = c[40]
+    z[0] = c[7]
+    z[1] = c[40]
+    z[2] = c[190]
+    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    assert idx[:3].tolist() == [7, 40, 7]
+    assert dist[:3].abs().max() == 0
+
+
+def test_strided_inputs(kernel_device):
+    z_big, c_big = _data(40, 90, 66, torch.float32, kernel_device, seed=4)
+    z = z_big[::2, ::3]  # (20, 22), non-unit strides in both dimensions
+    c = c_big.t().contiguous().t()[::2, ::3]  # column-major storage
+    assert not z.is_contiguous() and not c.is_contiguous()
+    idx, dist = kernels.nearest_code(z, c, precision="highest")
+    ref_idx, ref_dist = kernels.nearest_code(z.contiguous(), c.contiguous(), precision="highest")
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist)
+
+
+def test_nan_and_inf_never_give_out_of_range_indices(kernel_device):
+    z, c = _data(12, 50, 10, torch.float32, kernel_device, seed=5)
+    z[0] = float("nan")
+    z[1, 3] = float("nan")
+    z[2, 0] = float("inf")
+    c[4] = float("nan")  # a NaN code must never be chosen
+    c[9, 2] = float("-inf")
+    for splits in (1, 3):
+        idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+        assert ((idx >= 0) & (idx < 50)).all()
+        assert not (idx == 4).any()
+        assert torch.isnan(dist[0]) and torch.isnan(dist[1])
+        clean = torch.arange(3, 12)
+        ref_idx, _ = reference.nearest_code(z[clean].cpu(), c.cpu())
+        assert torch.equal(idx[clean].cpu(), ref_idx)
+
+
+def test_empty_rows(kernel_device):
+    z = torch.empty(0, 8, device=kernel_device)
+    c = torch.randn(5, 8, device=kernel_device)
+    idx, dist = kernels.nearest_code(z, c)
+    assert idx.shape == (0,) and dist.shape == (0,)
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 11, 20), (300, 64, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gather_and_scatter_add(n, k, d, dtype, kernel_device):
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(k, d, generator=g).to(dtype).to(kernel_device)
+    idx = torch.randint(0, k, (n,), generator=g).to(kernel_device)
+    out = kernels.gather_rows(c, idx)
+    assert out.dtype == dtype and torch.equal(out, c[idx])
+    grad = torch.randn(n, d, generator=g).to(dtype).to(kernel_device)
+    acc = kernels.scatter_add_rows(grad, idx, k, dtype)
+    expected = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx.cpu(), grad.cpu().double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(acc.double().cpu(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_scatter_add_accumulates_fp16_in_fp32(kernel_device):
+    # 4096 copies of 1e-3 + 1: in fp16 arithmetic the small parts vanish; fp32 accumulation keeps them.
+    n, d = 4096, 16
+    idx = torch.zeros(n, dtype=torch.int64, device=kernel_device)
+    grad = torch.full((n, d), 1.0 + 2**-10, dtype=torch.float16, device=kernel_device)
+    acc = kernels.scatter_add_rows(grad, idx, 3, torch.float32)
+    assert torch.allclose(acc[0].cpu(), torch.full((d,), n * (1.0 + 2**-10)), rtol=1e-6)
+    assert (acc[1:] == 0).all()
+
+
+@pytest.mark.parametrize("n,k", [(0, 5), (1, 1), (1000, 37), (257, 3000)])
+def test_code_usage(n, k, kernel_device):
+    idx = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(7)).to(kernel_device)
+    counts, entropy, perplexity = kernels.code_usage(idx, k)
+    ref_counts, ref_entropy, ref_perplexity = reference.code_usage(idx.cpu(), k)
+    assert counts.dtype == torch.int64 and torch.equal(counts.cpu(), ref_counts)
+    torch.testing.assert_close(entropy.cpu(), ref_entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(perplexity.cpu(), ref_perplexity, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(entropy)
+
+
+def test_code_usage_uniform_and_single(kernel_device):
+    idx = torch.arange(64, device=kernel_device).repeat(3)
+    _, entropy, perplexity = kernels.code_usage(idx, 64)
+    assert math.isclose(entropy.item(), math.log(64), rel_tol=1e-5)
+    assert math.isclose(perplexity.item(), 64.0, rel_tol=1e-4)
+    _, entropy, perplexity = kernels.code_usage(torch.full((50,), 3, device=kernel_device), 10)
+    assert entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 19, 20), (130, 50, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_grad_zq", [True, False])
+def test_fused_quantize_matches_reference(n, k, d, dtype, with_grad_zq, kernel_device):
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(n, d, generator=g).to(dtype).to(kernel_device)
+    c = torch.randn(k, d, generator=g).to(dtype).to(kernel_device)
+    idx = torch.randint(0, k, (n,), generator=g).to(kernel_device)
+    beta = 0.37
+    z_q, loss = kernels.quantize_forward(z, c, idx, beta)
+    assert z_q.dtype == dtype and torch.equal(z_q, c[idx])
+
+    z_ref = z.detach().cpu().double().requires_grad_()
+    c_ref = c.detach().cpu().double().requires_grad_()
+    zq_ref, loss_ref, _ = reference.quantize(z_ref, c_ref, beta=beta, indices=idx.cpu())
+    torch.testing.assert_close(loss.double().cpu(), loss_ref.detach(), rtol=1e-5, atol=1e-7)
+
+    grad_zq = torch.randn(n, d, generator=g).to(dtype).to(kernel_device) if with_grad_zq else None
+    grad_loss = torch.tensor(1.7, device=kernel_device)
+    gz, gc = kernels.quantize_backward(grad_zq, grad_loss, z, c, idx, beta)
+    total = loss_ref * 1.7
+    if with_grad_zq:
+        total = total + (zq_ref * grad_zq.cpu().double()).sum()
+    total.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(gz.double().cpu(), z_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(gc.double().cpu(), c_ref.grad, rtol=tol, atol=tol)
