@@ -24,11 +24,12 @@ _SPLIT_ALIGN = 256
 @triton.jit
 def _nearest_code_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr,
-    score_ptr, index_ptr, dist_ptr,
-    N, K, D, codes_per_split,
+    score_ptr, index_ptr, dist_ptr, second_ptr,
+    N, K, D, codes_per_split, N_BUCKET,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr,
+    TRACK_SECOND: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -43,6 +44,7 @@ def _nearest_code_kernel(
 
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
+    second = tl.full([BLOCK_N], float("inf"), tl.float32)
 
     if SINGLE_D:
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd,
@@ -80,7 +82,13 @@ def _nearest_code_kernel(
         # NaN never wins: a row whose scores are all NaN keeps a valid index.
         score = tl.where(score == score, score, float("inf"))
         tile_best = tl.min(score, axis=1)
-        tile_index = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int32) + k0
+        tile_arg = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int32)
+        tile_index = tile_arg + k0
+        if TRACK_SECOND:
+            # Runner-up score, so reduced-precision searches can spot rows whose winner is uncertain.
+            cols = tl.arange(0, BLOCK_K)
+            others = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
+            second = tl.minimum(tl.minimum(second, tl.min(others, axis=1)), tl.maximum(best, tile_best))
         # Strict '<' across tiles keeps the lowest index on ties, since tiles go in increasing order.
         improved = tile_best < best
         best_index = tl.where(improved, tile_index, best_index)
@@ -92,43 +100,49 @@ def _nearest_code_kernel(
         dist = tl.where(dist < 0.0, 0.0, dist)
         tl.store(dist_ptr + offs_n, dist, mask=mask_n)
         tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=mask_n)
+        if TRACK_SECOND:
+            tl.store(second_ptr + offs_n, second, mask=mask_n)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
         tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
+        if TRACK_SECOND:
+            tl.store(second_ptr + out, second, mask=mask_n)
         if pid_s == 0:
             tl.store(dist_ptr + offs_n, z_sqnorm, mask=mask_n)
 
 
 def _autotune_configs() -> list[triton.Config]:
     configs = []
-    for block_n in (64, 128):
-        for block_k in (64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k},
-                                                 num_warps=warps, num_stages=stages))
+    for block_n, block_k, warps, stages in [
+        (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3),
+        (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 8, 3), (128, 128, 8, 2),
+    ]:
+        configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
     return configs
 
 
-# The autotuned variant is keyed on the problem size; the interpreter cannot benchmark, so it uses
-# the plain kernel with a fixed configuration.
+# Keyed on a power-of-two bucket of N (not N itself), so a ragged last batch reuses the tuned config.
+# The interpreter cannot benchmark, so it runs the plain kernel with a fixed configuration.
 _nearest_code_autotuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["N", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE"],
+    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND"],
 )(_nearest_code_kernel)
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
 
+# Bound on |tf32 score - exact score| is TF32_ERROR * (1 + D * 2**-13) * ||z|| * max ||c||: tf32 keeps
+# 10 mantissa bits (2**-11 relative rounding per operand, 2**-10 if truncated), and the score has a
+# factor 2 on z.c. A row whose runner-up is within twice that bound is searched again in fp32.
+_TF32_ERROR = 2.0 * 2.0**-9
+
 
 def _input_precision(dtype: torch.dtype, precision: str) -> str:
+    if precision not in ("highest", "ieee", "high", "medium", "tf32"):
+        raise ValueError(f"precision must be 'highest', 'high', 'medium' or 'tf32', got {precision!r}")
     if dtype != torch.float32:
         return "ieee"  # 16-bit operands: products are exact in the fp32 accumulator
-    if precision in ("highest", "ieee"):
-        return "ieee"
-    if precision in ("high", "medium", "tf32"):
-        return "tf32"
-    raise ValueError(f"precision must be 'highest', 'high', 'medium' or 'tf32', got {precision!r}")
+    return "ieee" if precision in ("highest", "ieee") else "tf32"
 
 
 def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device) -> int:
@@ -140,64 +154,41 @@ def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device
     return max(1, min(max_splits, triton.cdiv(target_programs, row_blocks)))
 
 
-def nearest_code(
-    z: torch.Tensor,
-    codebook: torch.Tensor,
-    precision: str | None = None,
-    num_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codebook row (squared L2) for each row of ``z`` (N, D): ``(indices int64, distances fp32)``.
-
-    Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
-    building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products, "high"/"medium"
-    = tf32; default ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the number of
-    codebook splits (default: chosen from the problem size and the GPU).
-    """
-    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    if z.dtype != codebook.dtype or z.dtype not in _MAX_SINGLE_D:
-        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
-    check_launchable(z, codebook)
+def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
+            num_splits: int | None, track_second: bool):
+    """One kernel pass: ``(indices, distances, runner_up_scores or None)``."""
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
-    if precision is None:
-        precision = torch.get_float32_matmul_precision()
-    input_precision = _input_precision(z.dtype, precision)
     indices = torch.empty(n, dtype=torch.int64, device=device)
     distances = torch.empty(n, dtype=torch.float32, device=device)
-    if n == 0:
-        return indices, distances
-
-    c_sqnorm = codebook.float().pow(2).sum(1)
     single_d = d <= _MAX_SINGLE_D[z.dtype]
     block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
     interp = interpreting()
     nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
     splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
     splits = max(1, min(int(splits), k))
-    codes_per_split = triton.cdiv(triton.cdiv(k, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    if interp:
-        codes_per_split = triton.cdiv(k, splits)
+    align = 1 if interp else _SPLIT_ALIGN
+    codes_per_split = triton.cdiv(triton.cdiv(k, splits), align) * align
     splits = triton.cdiv(k, codes_per_split)
     write_distance = splits == 1
 
     if write_distance:
-        scores = distances  # unused placeholder
-        part_index = indices
-        stride_sn = 0
+        scores, part_index, stride_sn = distances, indices, 0  # scores unused
+        second = torch.empty(n, dtype=torch.float32, device=device) if track_second else distances
     else:
         scores = torch.empty((n, splits), dtype=torch.float32, device=device)
         part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
+        second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else scores
         stride_sn = splits
 
     args = (
-        z, codebook, c_sqnorm, scores, part_index, distances,
-        n, k, d, codes_per_split,
+        z, codebook, c_sqnorm, scores, part_index, distances, second,
+        n, k, d, codes_per_split, next_power_of_2(n),
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
     meta = dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance)
+                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second)
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -205,10 +196,64 @@ def nearest_code(
         grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
         _nearest_code_autotuned[grid](*args, **meta)
 
-    if not write_distance:
-        # Splits are in increasing code order and argmin keeps the first minimum: ties stay lowest-index.
-        winner = scores.argmin(1, keepdim=True)
-        indices = part_index.gather(1, winner).squeeze(1)
-        dist = distances + scores.gather(1, winner).squeeze(1)
-        distances = torch.where(dist < 0, torch.zeros_like(dist), dist)
+    if write_distance:
+        return indices, distances, (second if track_second else None)
+    # Splits are in increasing code order and argmin keeps the first minimum: ties stay lowest-index.
+    winner = scores.argmin(1, keepdim=True)
+    indices = part_index.gather(1, winner).squeeze(1)
+    best = scores.gather(1, winner).squeeze(1)
+    dist = distances + best
+    distances = torch.where(dist < 0, torch.zeros_like(dist), dist)
+    runner_up = None
+    if track_second:
+        # Overall runner-up: the winner split's own runner-up, or the best of any other split.
+        others = scores.scatter(1, winner, float("inf")).min(1).values
+        runner_up = torch.minimum(second.gather(1, winner).squeeze(1), others)
+        runner_up = torch.where(torch.isnan(runner_up), torch.full_like(runner_up, float("inf")), runner_up)
+    return indices, distances, runner_up
+
+
+def nearest_code(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    precision: str | None = None,
+    num_splits: int | None = None,
+    tie_tolerance_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook row (squared L2) for each row of ``z`` (N, D): ``(indices int64, distances fp32)``.
+
+    Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
+    building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
+    tf32 tensor cores, after which rows whose two best codes lie within the tf32 error bound are
+    searched again in fp32, so the indices equal the "highest" ones. Default:
+    ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the number of codebook splits
+    (default: chosen from the problem size and the GPU). ``tie_tolerance_scale`` multiplies the
+    re-search bound (for tests).
+    """
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if z.dtype != codebook.dtype or z.dtype not in _MAX_SINGLE_D:
+        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
+    check_launchable(z, codebook)
+    n, d = z.shape
+    if precision is None:
+        precision = torch.get_float32_matmul_precision()
+    input_precision = _input_precision(z.dtype, precision)
+    if n == 0:
+        return (torch.empty(0, dtype=torch.int64, device=z.device),
+                torch.empty(0, dtype=torch.float32, device=z.device))
+    c_sqnorm = codebook.float().pow(2).sum(1)
+    rescore = input_precision == "tf32"
+    indices, distances, runner_up = _search(z, codebook, c_sqnorm, input_precision, num_splits, rescore)
+    if rescore:
+        # distances = ||z||^2 + best score, so runner_up - (distances - ||z||^2) is the score gap.
+        z_sqnorm = z.float().pow(2).sum(1)
+        gap = runner_up - (distances - z_sqnorm)
+        bound = (_TF32_ERROR * tie_tolerance_scale * (1.0 + d * 2.0**-13)) * z_sqnorm.sqrt() * c_sqnorm.max().sqrt()
+        uncertain = (gap <= 2.0 * bound).nonzero().squeeze(1)
+        if uncertain.numel() > 0:
+            exact_idx, exact_dist, _ = _search(z.index_select(0, uncertain), codebook, c_sqnorm, "ieee",
+                                               num_splits, False)
+            indices = indices.index_copy(0, uncertain, exact_idx)
+            distances = distances.index_copy(0, uncertain, exact_dist)
     return indices, distances

@@ -115,3 +115,25 @@ def test_code_usage_million_indices():
     ref_counts, ref_entropy, _ = reference.code_usage(idx.cpu(), 65536)
     assert torch.equal(counts.cpu(), ref_counts)
     torch.testing.assert_close(entropy.cpu(), ref_entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
+    z, c = _data(1_000_000, 4096, 64, torch.float32, seed=5)
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _ = kernels.nearest_code(z, c, precision="high")
+    assert torch.equal(fast, exact)
+
+
+def test_tf32_search_on_adversarial_near_ties():
+    # Each row sits just off the midpoint of two codes: tf32 products alone cannot separate them.
+    g = torch.Generator(device="cuda").manual_seed(6)
+    k, d, n = 2048, 256, 20000
+    c = torch.randn(k, d, device="cuda", generator=g)
+    a = torch.randint(0, k, (n,), device="cuda", generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
+    mid = 0.5 * (c[a] + c[b])
+    z = mid + 1e-5 * (c[a] - c[b])
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _ = kernels.nearest_code(z, c, precision="high")
+    assert torch.equal(fast, exact)
+    assert (exact == a).float().mean() > 0.9

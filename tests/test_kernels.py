@@ -187,3 +187,33 @@ def test_fused_quantize_matches_reference(n, k, d, dtype, with_grad_zq, kernel_d
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(gz.double().cpu(), z_ref.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(gc.double().cpu(), c_ref.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_runner_up_score_is_tracked(splits, kernel_device):
+    from vqfast.kernels.nearest import _search
+
+    z, c = _data(45, 170, 24, torch.float32, kernel_device, seed=9)
+    c[100] = c[3]  # an exact duplicate: its runner-up gap must be zero
+    z[0] = c[3] + 0.01
+    c_sqnorm = c.pow(2).sum(1)
+    idx, dist, runner_up = _search(z, c, c_sqnorm, "ieee", splits, True)
+    scores = c_sqnorm.double().cpu()[None, :] - 2 * z.double().cpu() @ c.double().cpu().t()
+    two = scores.topk(2, dim=1, largest=False).values
+    torch.testing.assert_close(runner_up.double().cpu(), two[:, 1], rtol=1e-5, atol=1e-4)
+    assert idx[0].item() == 3 and runner_up[0].item() == pytest.approx(dist[0].item() - z[0].pow(2).sum().item(), abs=1e-4)
+
+
+def test_tf32_rescoring_returns_the_exact_indices(kernel_device):
+    # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
+    z, c = _data(70, 130, 40, torch.float32, kernel_device, seed=10)
+    exact_idx, exact_dist = kernels.nearest_code(z, c, precision="highest")
+    idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=2)
+    assert torch.equal(idx, exact_idx)
+    torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_precision_is_rejected(kernel_device):
+    z, c = _data(4, 5, 8, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="precision"):
+        kernels.nearest_code(z, c, precision="fast")
