@@ -141,7 +141,8 @@ def _input_precision(dtype: torch.dtype, precision: str) -> str:
     if precision not in ("highest", "ieee", "high", "medium", "tf32"):
         raise ValueError(f"precision must be 'highest', 'high', 'medium' or 'tf32', got {precision!r}")
     if dtype != torch.float32:
-        return "ieee"  # 16-bit operands: products are exact in the fp32 accumulator
+        # 16-bit operands: the products are exact either way; "tf32" is Triton's default path for them.
+        return "tf32"
     return "ieee" if precision in ("highest", "ieee") else "tf32"
 
 
@@ -243,7 +244,7 @@ def nearest_code(
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device))
     c_sqnorm = codebook.float().pow(2).sum(1)
-    rescore = input_precision == "tf32"
+    rescore = z.dtype == torch.float32 and input_precision == "tf32"
     indices, distances, runner_up = _search(z, codebook, c_sqnorm, input_precision, num_splits, rescore)
     if rescore:
         # distances = ||z||^2 + best score, so runner_up - (distances - ||z||^2) is the score gap.
