@@ -1,23 +1,161 @@
-"""``VectorQuantizer``: a drop-in VQ layer on the fused ops."""
+"""``VectorQuantizer``: a drop-in VQ layer on the fused ops, with the tools that keep a codebook alive.
+
+Training a VQ layer well needs more than the nearest-code search: a way to learn the codebook (the
+codebook loss or exponential moving averages), an initialisation near the data (k-means), restarts of
+codes nobody picks, optionally a diversity term, and usage statistics to see what is going on. All of
+these live here and run on the device without host synchronisation, so the layer compiles to one
+graph (``torch.compile(fullgraph=True)``) and keeps identical codebooks on every rank under DDP.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqfast.functional import quantize
+from vqfast import reference
+from vqfast.distributed import all_reduce_sum_, broadcast_
+from vqfast.functional import nearest_code, quantize, resolve_backend
 
-__all__ = ["VectorQuantizer"]
+__all__ = ["VectorQuantizer", "soft_assignment_entropy"]
+
+INITS = ("xavier_normal", "uniform", "kmeans")
+PRECISIONS = ("fp32", "tf32", "bf16")
+# The layer's precision names -> nearest_code's (torch.set_float32_matmul_precision names).
+_SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
+# ... and the soft-entropy kernel's (Triton's input_precision names).
+_KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "ieee"}
+
+
+def _ops():
+    # Lazy: importing vqfast must work without Triton.
+    from vqfast import ops
+
+    return ops
+
+
+def _bincount(indices: Tensor, num_codes: int) -> Tensor:
+    """``torch.bincount(indices, minlength=num_codes)`` (int64), with a static output shape.
+
+    ``torch.bincount``'s output length depends on the data, which ``torch.compile`` cannot trace; the
+    Triton path is the bincount kernel behind ``vqfast.code_usage``.
+    """
+    flat = indices.reshape(-1)
+    if resolve_backend(flat.device) == "triton":
+        return _ops().code_usage(flat, num_codes)[0]
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
+def _sum_rows(rows: Tensor, indices: Tensor, num_codes: int) -> Tensor:
+    """Per-code sums of ``rows`` (N, D) in fp32: ``zeros(K, D).index_add_(0, indices, rows.float())``."""
+    rows = rows.float()
+    if resolve_backend(rows.device, rows.dtype) == "triton":
+        return _ops().scatter_add_rows(rows, indices.reshape(-1), num_codes, torch.float32)
+    out = torch.zeros(num_codes, rows.shape[1], dtype=torch.float32, device=rows.device)
+    return out.index_add_(0, indices.reshape(-1), rows)
+
+
+class _SoftEntropy(torch.autograd.Function):
+    """Sample and batch entropies of soft assignments through the streaming Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, codebook: Tensor, scale: float, precision: str):  # type: ignore[override]
+        from vqfast import ops_layer
+
+        lse, ent, colsum = ops_layer.soft_entropy_forward(rows, codebook, scale, precision)
+        n = rows.shape[0]
+        avg = colsum / n
+        sample_entropy = ent.sum() / n
+        batch_entropy = -torch.special.xlogy(avg, avg).sum()
+        ctx.save_for_backward(rows, codebook, lse, ent, avg)
+        ctx.scale = scale
+        ctx.precision = precision
+        return sample_entropy, batch_entropy
+
+    @staticmethod
+    def backward(ctx, grad_sample: Tensor | None, grad_batch: Tensor | None):  # type: ignore[override]
+        from vqfast import ops_layer
+
+        rows, codebook, lse, ent, avg = ctx.saved_tensors
+        n = rows.shape[0]
+        zero = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad_sample = zero if grad_sample is None else grad_sample.float()
+        grad_batch = zero if grad_batch is None else grad_batch.float()
+        # d(batch entropy)/d(avg_j) = -(log avg_j + 1); the +1 and any constant drop out because each row
+        # of p sums to 1, and centring w keeps the kernel's U - r V difference small.
+        w = -grad_batch * torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) / n
+        w = w - w.mean()
+        coef = (grad_sample / n).reshape(1)
+        dz, dc = ops_layer.soft_entropy_backward(rows, codebook, lse, ent, w, coef, ctx.scale, ctx.precision)
+        return (dz.to(rows.dtype) if ctx.needs_input_grad[0] else None,
+                dc.to(codebook.dtype) if ctx.needs_input_grad[1] else None, None, None)
+
+
+def soft_assignment_entropy(
+    z: Tensor, codebook: Tensor, temperature: float = 1.0, metric: str = "l2", precision: str = "fp32"
+) -> tuple[Tensor, Tensor]:
+    """``(sample_entropy, batch_entropy)`` of ``p = softmax(-distance / temperature)``, differentiable.
+
+    Plain PyTorch (what :func:`vqfast.reference.soft_assignment_entropy` computes in row blocks)::
+
+        p = torch.softmax(-torch.cdist(z, codebook) ** 2 / temperature, dim=1)   # cosine: 1 - cos
+        sample_entropy = -(p * p.log()).sum(1).mean()
+        avg = p.mean(0); batch_entropy = -(avg * avg.log()).sum()
+
+    On the Triton backend the N x K matrix is never built: the kernels stream codebook tiles with an
+    online softmax, and the backward recomputes each tile. ``z`` is (..., D).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    rows = z.reshape(-1, z.shape[-1])
+    if rows.dtype != codebook.dtype:
+        rows, codebook = rows.float(), codebook.float()
+    if resolve_backend(rows.device, rows.dtype) == "torch":
+        return reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric)
+    if rows.shape[0] == 0:
+        zero = (rows.sum() + codebook.sum()).float() * 0.0
+        return zero, zero
+    scale = 1.0 / temperature
+    if metric == "cosine":
+        rows = F.normalize(rows, dim=-1)
+        codebook = F.normalize(codebook, dim=-1)
+        scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
+    if precision == "bf16":
+        rows, codebook = rows.bfloat16(), codebook.bfloat16()
+    return _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])
 
 
 class VectorQuantizer(nn.Module):
     """Vector quantization with straight-through gradients.
 
-    ``forward(z)`` takes (B, C, H, W) (channels at ``channel_dim=1``, as in conv nets), (B, N, C) or
-    (N, C) (channels last) and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the
-    value of the nearest code and passes gradients straight to z; ``loss = mse(q, sg(z)) +
-    beta * mse(z, sg(q))``; indices are int64 with the channel dimension removed. The codebook is
-    ``self.embeddings`` (an ``nn.Embedding``), so its weights move by name (``embeddings.weight``).
+    ``forward(z)`` takes (B, C, H, W) (channels at dim 1; any input with 4 or more dims defaults to
+    channels at dim 1), (B, N, C) or (N, C) (channels last), or any layout with ``channel_dim`` given,
+    and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the value of the nearest code
+    and passes gradients straight to z; indices are int64 with the channel dimension removed. The
+    codebook is ``self.embeddings`` (an ``nn.Embedding``, always float32), so its weights move by name
+    (``embeddings.weight``) to and from the article's layer. Plain PyTorch for one step::
+
+        q = codebook[argmin_k ||z - c_k||^2]
+        loss = mse(q, sg(z)) + beta * mse(z, sg(q))          # ema=True: beta * mse(z, sg(q)) only
+        loss += sample_entropy_weight * H_sample - batch_entropy_weight * H_batch   # if enabled
+        z_q = z + sg(q - z)
+
+    Codebook learning: by the codebook loss (default) or, with ``ema=True``, by exponential moving
+    averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``); the codebook then
+    gets no gradient. ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
+    (``kmeans_iters`` Lloyd iterations on the first training batch). ``dead_code_threshold``: in
+    training, codes whose running usage share falls below this fraction of the uniform share 1/K are
+    re-seeded from random encoder outputs of the current batch (0 disables). ``usage_decay`` is the
+    decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
+    (codes and inputs l2-normalised). ``precision`` of the search: "fp32" (exact), "tf32" or "bf16".
+    Under ``torch.distributed``, statistics are summed over ranks and random choices come from rank 0,
+    so every rank keeps the same codebook (``sync_distributed=False`` turns this off).
     """
 
     def __init__(
@@ -28,40 +166,299 @@ class VectorQuantizer(nn.Module):
         channel_dim: int | None = None,
         metric: str = "l2",
         init: str = "xavier_normal",
+        *,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_iters: int = 10,
+        dead_code_threshold: float = 0.01,
+        usage_decay: float = 0.99,
+        sample_entropy_weight: float = 0.0,
+        batch_entropy_weight: float = 0.0,
+        entropy_temperature: float = 1.0,
+        precision: str = "fp32",
+        sync_distributed: bool = True,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         if num_embeddings < 1 or embedding_dim < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, {embedding_dim}")
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        for name, value in (("decay", decay), ("usage_decay", usage_decay)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if eps < 0 or dead_code_threshold < 0 or beta < 0:
+            raise ValueError("beta, eps and dead_code_threshold must be >= 0")
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = float(beta)
         self.channel_dim = channel_dim
         self.metric = metric
+        self.init = init
+        self.ema = bool(ema)
+        self.decay = float(decay)
+        self.eps = float(eps)
+        self.kmeans_iters = int(kmeans_iters)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.usage_decay = float(usage_decay)
+        self.sample_entropy_weight = float(sample_entropy_weight)
+        self.batch_entropy_weight = float(batch_entropy_weight)
+        self.entropy_temperature = float(entropy_temperature)
+        self.precision = precision
+        self.sync_distributed = bool(sync_distributed)
+        self.process_group = process_group
+
         self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
-        if init == "xavier_normal":
-            nn.init.xavier_normal_(self.embeddings.weight)
-        elif init == "uniform":
+        if init == "uniform":
             nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         else:
-            raise ValueError(f"init must be 'xavier_normal' or 'uniform', got {init!r}")
+            # k-means replaces this on the first batch; until then (and in eval) it is the article's init.
+            nn.init.xavier_normal_(self.embeddings.weight)
+
+        k = num_embeddings
+        # Running usage share of every code (an EMA of per-step assignment frequencies, started at 0 and
+        # bias-corrected by the step count like Adam's moments, so never-used codes count as dead early).
+        self.register_buffer("usage", torch.zeros(k))
+        self.register_buffer("usage_steps", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("batch_counts", torch.zeros(k, dtype=torch.int64))
+        self.register_buffer("initialized", torch.tensor(init != "kmeans"))
+        # Mirrors the buffer as a Python bool: a tensor test would sync the host (and break the graph)
+        # on every forward.
+        self._needs_init = init == "kmeans"
+        if self.ema:
+            self.embeddings.weight.requires_grad_(False)
+            # Counts start at 1 and sums at the codes, so that sums / counts is the initial codebook.
+            self.register_buffer("ema_count", torch.ones(k))
+            self.register_buffer("ema_sum", self.embeddings.weight.detach().clone())
+
+    # -- forward ---------------------------------------------------------------------------------
 
     def _channel_dim(self, z: Tensor) -> int:
         if self.channel_dim is not None:
+            if not -z.dim() <= self.channel_dim < z.dim():
+                raise ValueError(f"channel_dim={self.channel_dim} is out of range for z of shape {tuple(z.shape)}")
             return self.channel_dim % z.dim()
-        return 1 if z.dim() == 4 else z.dim() - 1
+        return 1 if z.dim() >= 4 else z.dim() - 1
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring)."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() < 2:
             raise ValueError(f"z must have a batch and a channel dimension, got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
         cdim = self._channel_dim(z)
         if z.shape[cdim] != self.embedding_dim:
             raise ValueError(
                 f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim={self.embedding_dim} "
-                f"(shape {tuple(z.shape)})"
+                f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
             )
         z_last = z.movedim(cdim, -1)
-        z_q, loss, indices = quantize(z_last, self.embeddings.weight, beta=self.beta, metric=self.metric)
-        return z_q.movedim(-1, cdim), loss, indices
+        rows = z_last.reshape(-1, self.embedding_dim)
+        # The codebook stays float32 under autocast; the layer picks its own precisions below.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z_q, loss, indices = self._quantize_rows(rows)
+        return z_q.reshape(z_last.shape).movedim(-1, cdim), loss, indices.reshape(z_last.shape[:-1])
+
+    def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        weight = self.embeddings.weight
+        train = self.training and rows.shape[0] > 0
+        if train and self._needs_init:
+            self._kmeans_init(rows)
+        if train and self.dead_code_threshold > 0:
+            # Before the search, so that this step already uses the new codes and no tensor saved for
+            # a backward is modified afterwards.
+            self._restart_dead_codes(rows)
+
+        indices = self._search(rows, weight)
+        # With EMA the codebook is rewritten in place after this step; the fused op saves it for the
+        # backward, so it gets a private copy.
+        codebook = weight.detach().clone() if (self.ema and train) else weight
+        z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
+                                      indices=indices)
+        if self.ema:
+            # quantize's loss is (1 + beta) * mse with gradient beta * dmse to z (the codebook is
+            # detached); subtracting a constant leaves value beta * mse and the same gradient.
+            loss = loss - loss.detach() / (1.0 + self.beta)
+        if self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0:
+            sample_h, batch_h = soft_assignment_entropy(rows, codebook, self.entropy_temperature, self.metric,
+                                                        self.precision)
+            loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
+        if train:
+            self._update_statistics(rows, indices)
+        return z_q, loss, indices
+
+    def _search(self, rows: Tensor, weight: Tensor) -> Tensor:
+        rows = rows.detach()
+        weight = weight.detach()
+        if self.precision == "bf16":
+            rows, weight = rows.bfloat16(), weight.bfloat16()
+        else:
+            dtype = torch.promote_types(torch.promote_types(rows.dtype, weight.dtype), torch.float32)
+            rows, weight = rows.to(dtype), weight.to(dtype)
+        with torch.no_grad():
+            return nearest_code(rows, weight, metric=self.metric, precision=_SEARCH_PRECISION[self.precision])[0]
+
+    # -- codebook maintenance (no gradients, no host syncs) --------------------------------------
+
+    def _group(self) -> Any:
+        return self.process_group
+
+    def _all_reduce_(self, t: Tensor) -> Tensor:
+        return all_reduce_sum_(t, self._group()) if self.sync_distributed else t
+
+    def _broadcast_(self, t: Tensor) -> Tensor:
+        return broadcast_(t, 0, self._group()) if self.sync_distributed else t
+
+    def _data_rows(self, rows: Tensor) -> Tensor:
+        x = rows.detach().float()
+        return F.normalize(x, dim=-1) if self.metric == "cosine" else x
+
+    def _random_rows(self, x: Tensor, count: int) -> Tensor:
+        """``count`` rows of ``x`` drawn with replacement, the same on every rank (rank 0's)."""
+        pick = torch.randint(x.shape[0], (count,), device=x.device)
+        return self._broadcast_(x.index_select(0, pick).contiguous())
+
+    @torch.no_grad()
+    def _kmeans_init(self, rows: Tensor) -> None:
+        """Lloyd's k-means on this batch (pooled over ranks); empty clusters keep their seed row."""
+        x = self._data_rows(rows)
+        k = self.num_embeddings
+        centroids = self._random_rows(x, k)
+        for _ in range(self.kmeans_iters):
+            assign = nearest_code(x, centroids, metric=self.metric, precision="highest")[0]
+            counts = self._all_reduce_(_bincount(assign, k))
+            sums = self._all_reduce_(_sum_rows(x, assign, k))
+            means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+            if self.metric == "cosine":
+                means = F.normalize(means, dim=-1)
+            centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
+        self.embeddings.weight.copy_(centroids)
+        if self.ema:
+            self.ema_sum.copy_(centroids)
+            self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+        self._needs_init = False
+
+    def _usage_share(self) -> Tensor:
+        """Bias-corrected running usage share of every code (0 before the first training step)."""
+        correction = 1.0 - self.usage_decay ** self.usage_steps
+        return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
+
+    def _dead_mask(self) -> Tensor:
+        threshold = self.dead_code_threshold / self.num_embeddings
+        return (self._usage_share() < threshold) & (self.usage_steps > 0)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, rows: Tensor) -> None:
+        # Always computed and applied with masks: testing "any dead?" would cost a host sync per step.
+        dead = self._dead_mask()
+        candidates = self._random_rows(self._data_rows(rows), self.num_embeddings)
+        weight = self.embeddings.weight
+        weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
+        # A restarted code gets the uniform share 1/K again, i.e. a grace period before it can die.
+        fresh = (1.0 - self.usage_decay ** self.usage_steps) / self.num_embeddings
+        self.usage.copy_(torch.where(dead, fresh, self.usage))
+        if self.ema:
+            self.ema_count.copy_(torch.where(dead, 1.0, self.ema_count))
+            self.ema_sum.copy_(torch.where(dead.unsqueeze(1), candidates, self.ema_sum))
+
+    @torch.no_grad()
+    def _update_statistics(self, rows: Tensor, indices: Tensor) -> None:
+        k = self.num_embeddings
+        counts = self._all_reduce_(_bincount(indices, k))
+        self.batch_counts.copy_(counts)
+        counts_f = counts.to(torch.float32)
+        share = counts_f / counts_f.sum().clamp_min(1.0)
+        self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
+        self.usage_steps.add_(1.0)
+        if self.ema:
+            sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
+            self.ema_count.mul_(self.decay).add_(counts_f, alpha=1.0 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+            # Laplace smoothing keeps rarely used codes from dividing by ~0.
+            total = self.ema_count.sum()
+            smoothed = (self.ema_count + self.eps) / (total + k * self.eps) * total
+            self.embeddings.weight.copy_(self.ema_sum / smoothed.unsqueeze(1))
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def codebook_usage(self) -> dict[str, Any]:
+        """Usage statistics from the running averages kept by training forwards (no extra pass).
+
+        Returns a dict: ``counts`` (int64 (K,), code counts of the last training batch, summed over
+        ranks), ``usage`` (float (K,), running usage share per code, sums to 1 once trained),
+        ``codes_used`` / ``fraction_used`` (codes whose running share is at least
+        ``dead_code_threshold / K``, or 1 % of the uniform share when restarts are off),
+        ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
+        ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards seen).
+        Reading the numbers syncs the host, so call it for logging, not inside the training step.
+        """
+        k = self.num_embeddings
+        share = self._usage_share()
+        threshold = (self.dead_code_threshold if self.dead_code_threshold > 0 else 0.01) / k
+        in_use = (share >= threshold) & (share > 0)
+        entropy = -torch.special.xlogy(share, share).sum()
+        counts = self.batch_counts.clone()
+        batch_share = counts.float() / counts.sum().clamp_min(1).float()
+        batch_entropy = -torch.special.xlogy(batch_share, batch_share).sum()
+        codes_used = int(in_use.sum())
+        return {
+            "counts": counts,
+            "usage": share,
+            "codes_used": codes_used,
+            "fraction_used": codes_used / k,
+            "perplexity": float(entropy.exp()),
+            "batch_codes_used": int((counts > 0).sum()),
+            "batch_perplexity": float(batch_entropy.exp()),
+            "steps": int(self.usage_steps),
+        }
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:  # type: ignore[override]
+        # Checkpoints of the article's layer (or of an older VectorQuantizer) hold only the codes: keep
+        # this layer's own statistics for whatever they lack, so that strict loading still works.
+        missing = [name for name in self._buffers if prefix + name not in state_dict]
+        if missing:
+            state_dict = dict(state_dict)
+            for name in missing:
+                if name != "initialized":
+                    state_dict[prefix + name] = self._buffers[name]
+        key = prefix + "initialized"
+        if key in state_dict:
+            self._needs_init = not bool(state_dict[key])
+        elif prefix + "embeddings.weight" in state_dict:
+            # Loaded codes (e.g. from the article's layer) must not be overwritten by k-means.
+            self._needs_init = False
+            state_dict[key] = torch.tensor(True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.ema and "ema_sum" in missing and prefix + "embeddings.weight" in state_dict:
+            # Codes loaded without EMA state: restart the averages from them (the child module loads
+            # the weight itself after this, so read it from the checkpoint).
+            with torch.no_grad():
+                self.ema_sum.copy_(state_dict[prefix + "embeddings.weight"])
+                self.ema_count.fill_(1.0)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, beta={self.beta}, metric={self.metric!r}"
+        parts = [f"{self.num_embeddings}, {self.embedding_dim}", f"beta={self.beta}", f"metric={self.metric!r}",
+                 f"init={self.init!r}", f"ema={self.ema}", f"dead_code_threshold={self.dead_code_threshold}",
+                 f"precision={self.precision!r}"]
+        if self.sample_entropy_weight or self.batch_entropy_weight:
+            parts.append(f"sample_entropy_weight={self.sample_entropy_weight}, "
+                         f"batch_entropy_weight={self.batch_entropy_weight}, "
+                         f"entropy_temperature={self.entropy_temperature}")
+        return ", ".join(parts)

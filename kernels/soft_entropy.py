@@ -1,0 +1,307 @@
+"""Entropies of soft code assignments, streamed over the codebook (never an N x K matrix).
+
+For rows z (N, D) and codes c (K, D), the soft assignment is p = softmax(l) with logits
+l_ij = -scale * ||z_i - c_j||^2. The row term ||z_i||^2 is constant along a row and cancels in the
+softmax, so the kernels use l_ij = scale * (2 z_i.c_j - ||c_j||^2).
+
+Forward (two passes over the codebook, like flash-attention's online softmax):
+    pass 1, one program per row block: running max m, sum-exp s and t = sum_j e_ij (l_ij - m) give
+            lse_i = m + log s and the row entropy H_i = log s - t / s (no lse - E[l] cancellation).
+    pass 2, one program per (code block, row split): column sums P_j = sum_i exp(l_ij - lse_i).
+Backward, for a loss g_S * mean_i H_i + (terms in the column average a = P / N), the caller passes
+w_j = dLoss/da_j / N and coef = g_S / N; then with log p_ij = l_ij - lse_i and r_i = sum_j p_ij w_j:
+    dLoss/dl_ij = G_ij = p_ij * (w_j - r_i - coef * (log p_ij + H_i))
+    dz_i = 2 scale sum_j G_ij c_j                     = 2 scale (U_i - r_i V_i), one row pass with
+           U_i = sum_j p_ij (w_j - coef (log p_ij + H_i)) c_j and V_i = sum_j p_ij c_j
+    dc_j = 2 scale (sum_i G_ij z_i - c_j sum_i G_ij)  one code-parallel pass over row tiles
+Each pass recomputes its logit tiles from z and c instead of storing them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import check_launchable, interpreting, multiprocessor_count, next_power_of_2
+
+__all__ = ["soft_entropy_forward", "soft_entropy_backward"]
+
+
+@triton.jit
+def _logit_tile(
+    z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
+    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_K) logits scale * (2 z.c - ||c||^2); codes past K get -inf."""
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=mask_n[:, None] & (dd[None, :] < D), other=0.0)
+        ct = tl.load(c_cols + dd[:, None] * stride_cd, mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
+        acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
+    c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=0.0)
+    logits = scale * (2.0 * acc - c_sqnorm[None, :])
+    return tl.where(mask_k[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _row_stats_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, N, K, D,
+    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
+                             stride_zn, stride_zd, stride_ck, stride_cd, scale,
+                             BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        # Re-reference t from m to m_new; s = 0 exactly when m is still -inf (avoid 0 * inf).
+        shift = s * tl.where(s > 0.0, m - m_new, 0.0)
+        centred = logits - m_new[:, None]
+        e = tl.exp(centred)
+        t = alpha * (t + shift) + tl.sum(e * tl.where(mask_k[None, :], centred, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    log_s = tl.log(s)
+    tl.store(lse_ptr + offs_n, m + log_s, mask=mask_n)
+    tl.store(ent_ptr + offs_n, log_s - t / s, mask=mask_n)
+
+
+@triton.jit
+def _col_sum_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, out_ptr, N, K, D, rows_per_split,
+    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    n_begin = pid_s * rows_per_split
+    n_end = tl.minimum(n_begin + rows_per_split, N)
+    acc = tl.zeros([BLOCK_K], tl.float32)
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
+                             stride_zn, stride_zd, stride_ck, stride_cd, scale,
+                             BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        p = tl.where(mask_n[:, None] & mask_k[None, :], tl.exp(logits - lse[:, None]), 0.0)
+        acc += tl.sum(p, axis=0)
+    # One row of partial sums per split, summed by the launcher: deterministic, no atomics.
+    tl.store(out_ptr + pid_s.to(tl.int64) * K + offs_k, acc, mask=mask_k)
+
+
+@triton.jit
+def _grad_rows_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dz_ptr, N, K, D,
+    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # This program writes columns [d_out, d_out + BLOCK_D) of dz; the logits still use all of D.
+    offs_do = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_do = offs_do < D
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+    coef = tl.load(coef_ptr)
+    u = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    r = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
+                             stride_zn, stride_zd, stride_ck, stride_cd, scale,
+                             BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
+        valid = mask_n[:, None] & mask_k[None, :]
+        log_p = tl.where(valid, logits - lse[:, None], 0.0)
+        p = tl.where(valid, tl.exp(log_p), 0.0)
+        w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0)
+        r += tl.sum(p * w[None, :], axis=1)
+        a = p * (w[None, :] - coef * (log_p + ent[:, None]))
+        c_out = tl.load(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck + offs_do[None, :] * stride_cd,
+                        mask=mask_k[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+        u = tl.dot(a, c_out, u, input_precision=ACC_PRECISION)
+        v = tl.dot(p, c_out, v, input_precision=ACC_PRECISION)
+    dz = (2.0 * scale) * (u - r[:, None] * v)
+    tl.store(dz_ptr + offs_n.to(tl.int64)[:, None] * D + offs_do[None, :], dz,
+             mask=mask_n[:, None] & mask_do[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(r_ptr + offs_n, r, mask=mask_n)
+
+
+@triton.jit
+def _grad_codes_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dc_ptr, N, K, D, rows_per_split,
+    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_PRECISION: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    offs_do = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_do = offs_do < D
+    pid_s = tl.program_id(2)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    n_begin = pid_s * rows_per_split
+    n_end = tl.minimum(n_begin + rows_per_split, N)
+    coef = tl.load(coef_ptr)
+    w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    g_col = tl.zeros([BLOCK_K], tl.float32)
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
+                             stride_zn, stride_zd, stride_ck, stride_cd, scale,
+                             BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)
+        valid = mask_n[:, None] & mask_k[None, :]
+        log_p = tl.where(valid, logits - lse[:, None], 0.0)
+        p = tl.where(valid, tl.exp(log_p), 0.0)
+        g = p * (w[None, :] - r[:, None] - coef * (log_p + ent[:, None]))
+        g_col += tl.sum(g, axis=0)
+        z_out = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + offs_do[None, :] * stride_zd,
+                        mask=mask_n[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(g), z_out, acc, input_precision=ACC_PRECISION)
+    c_out = tl.load(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck + offs_do[None, :] * stride_cd,
+                    mask=mask_k[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+    dc = (2.0 * scale) * (acc - c_out * g_col[:, None])
+    # Row splits of the same code block add into one fp32 output.
+    tl.atomic_add(dc_ptr + offs_k.to(tl.int64)[:, None] * D + offs_do[None, :], dc,
+                  mask=mask_k[:, None] & mask_do[None, :])
+
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _config(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps); fixed because the interpreter cannot autotune."""
+    block_d = min(64, max(16, next_power_of_2(d)))
+    if interpreting():
+        return 16, 32, block_d, 4
+    return 64, 64, block_d, 4
+
+
+def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    # 16-bit logit products are exact in the fp32 accumulator; the fp32 gradient products follow
+    # the requested precision.
+    return ("ieee" if dtype != torch.float32 else precision), precision
+
+
+def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> int:
+    """Row splits so that code-parallel passes still fill the GPU when K is small."""
+    target = 2 * multiprocessor_count(device)
+    return max(1, min(triton.cdiv(rows, block_n), triton.cdiv(target, max(programs, 1))))
+
+
+def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if z.dtype != codebook.dtype or z.dtype not in _SUPPORTED:
+        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
+    if codebook.shape[0] == 0:
+        raise ValueError("the codebook must have at least one code")
+    check_launchable(z, codebook)
+
+
+def soft_entropy_forward(
+    z: torch.Tensor, codebook: torch.Tensor, scale: float, precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(lse, entropy)`` (N,) and column sums (K,) of ``p = softmax(-scale * ||z - c||^2)``.
+
+    Plain PyTorch (up to the per-row constant ``-scale * ||z||^2`` in ``lse``)::
+
+        logits = scale * (2 * z @ c.T - (c * c).sum(1))
+        lse = logits.logsumexp(1); p = (logits - lse[:, None]).exp()
+        entropy = -(p * p.log()).sum(1); colsum = p.sum(0)
+
+    All outputs are float32.
+    """
+    _check(z, codebook)
+    n, d = z.shape
+    k = codebook.shape[0]
+    device = z.device
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    ent = torch.empty(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return lse, ent, torch.zeros(k, dtype=torch.float32, device=device)
+    input_precision, _ = _precisions(z.dtype, precision)
+    block_n, block_k, block_d, warps = _config(d)
+    c_sqnorm = codebook.float().pow(2).sum(1)
+    strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
+                num_warps=warps)
+    _row_stats_kernel[(triton.cdiv(n, block_n),)](z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
+                                                  float(scale), **meta)
+    code_blocks = triton.cdiv(k, block_k)
+    splits = _splits(n, block_n, code_blocks, device)
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = triton.cdiv(n, rows_per_split)
+    partial = torch.empty((splits, k), dtype=torch.float32, device=device)
+    _col_sum_kernel[(code_blocks, splits)](z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
+                                           *strides, float(scale), **meta)
+    return lse, ent, partial.sum(0)
+
+
+def soft_entropy_backward(
+    z: torch.Tensor, codebook: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, w: torch.Tensor,
+    coef: torch.Tensor, scale: float, precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dz (N, D), dcodebook (K, D))``, float32, of ``coef * sum_i H_i + sum_j w_j P_j``.
+
+    ``lse`` and ``ent`` come from :func:`soft_entropy_forward`; ``w`` (K,) and ``coef`` (a 1-element
+    tensor, so no host sync is needed to read a gradient) define the loss as above, where ``H_i`` are
+    the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
+    equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``.
+    """
+    _check(z, codebook)
+    n, d = z.shape
+    k = codebook.shape[0]
+    device = z.device
+    dz = torch.zeros((n, d), dtype=torch.float32, device=device)
+    dc = torch.zeros((k, d), dtype=torch.float32, device=device)
+    if n == 0:
+        return dz, dc
+    input_precision, acc_precision = _precisions(z.dtype, precision)
+    block_n, block_k, block_d, warps = _config(d)
+    c_sqnorm = codebook.float().pow(2).sum(1)
+    w = w.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).reshape(1).contiguous()
+    lse = lse.contiguous()
+    ent = ent.contiguous()
+    r = torch.empty(n, dtype=torch.float32, device=device)
+    strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
+                ACC_PRECISION=acc_precision, num_warps=warps)
+    d_blocks = triton.cdiv(d, block_d)
+    _grad_rows_kernel[(triton.cdiv(n, block_n), d_blocks)](
+        z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
+    code_blocks = triton.cdiv(k, block_k)
+    splits = _splits(n, block_n, code_blocks * d_blocks, device)
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    splits = triton.cdiv(n, rows_per_split)
+    _grad_codes_kernel[(code_blocks, d_blocks, splits)](
+        z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale), **meta)
+    return dz, dc
