@@ -1,0 +1,500 @@
+"""VectorQuantizer: parity with the article's (fixed) layer, layouts, errors, EMA, k-means, restarts,
+cosine metric, diversity term, usage statistics, mixed precision and state dicts."""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib.util import find_spec
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqfast import VectorQuantizer, reference
+from vqfast.functional import quantize
+
+
+def _triton_usable() -> bool:
+    if find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _device_for(backend: str) -> torch.device:
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.device("cuda" if backend == "triton" and not interp else "cpu")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch) -> str:
+    if request.param == "triton" and not _triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("VQFAST_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    return _device_for(backend)
+
+
+class ArticleVQ(nn.Module):
+    """The article's VQ layer with its defects fixed: squared distances, both losses from the gathered
+    codes q before the straight-through step, and z_q = z + (q - z).detach()."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        nn.init.xavier_normal_(self.embeddings.weight)
+
+    def forward(self, z):
+        B, C, H, W = z.shape
+        z_flattened = z.permute(0, 2, 3, 1).reshape(-1, C)
+        distances = (z_flattened.unsqueeze(1) - self.embeddings.weight.unsqueeze(0)).pow(2).sum(-1)
+        encoding_indices = distances.argmin(1)
+        q = self.embeddings(encoding_indices).view(B, H, W, C).permute(0, 3, 1, 2)
+        commitment_loss = F.mse_loss(z, q.detach())
+        codebook_loss = F.mse_loss(z.detach(), q)
+        z_q = z + (q - z).detach()
+        return z_q, commitment_loss + codebook_loss, encoding_indices.view(B, H, W)
+
+
+def _rows_of(z: torch.Tensor, cdim: int) -> torch.Tensor:
+    return z.movedim(cdim, -1).reshape(-1, z.shape[cdim])
+
+
+# -- parity with the article ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False])
+def test_matches_fixed_article_layer(backend, device, train):
+    torch.manual_seed(0)
+    K, D = 40, 12
+    article = ArticleVQ(K, D).to(device)
+    vq = VectorQuantizer(K, D, beta=1.0).to(device)
+    vq.load_state_dict(article.state_dict())  # strict: the codebook moves by name
+    assert torch.equal(vq.embeddings.weight, article.embeddings.weight)
+    article.train(train)
+    vq.train(train)
+    z = (torch.randn(3, D, 4, 5, device=device) * 0.05).requires_grad_()
+    r = torch.randn(3, D, 4, 5, device=device)
+
+    zq_a, loss_a, idx_a = article(z)
+    (zq_a * r).sum().add(loss_a).backward()
+    gz_a, gc_a = z.grad.clone(), article.embeddings.weight.grad.clone()
+    z.grad = None
+
+    zq_b, loss_b, idx_b = vq(z)
+    (zq_b * r).sum().add(loss_b).backward()
+    gz_b, gc_b = z.grad.clone(), vq.embeddings.weight.grad.clone()
+
+    assert idx_b.dtype == torch.int64 and idx_b.shape == (3, 4, 5)
+    assert torch.equal(idx_a, idx_b)
+    assert zq_b.shape == z.shape
+    torch.testing.assert_close(zq_b, zq_a)
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(gz_b, gz_a)
+    torch.testing.assert_close(gc_b, gc_a)
+    # The output has the value of the codes (the article's defect was z_q == z).
+    assert not torch.allclose(zq_b, z)
+
+
+def test_default_loss_weights_codebook_and_commitment(backend, device):
+    torch.manual_seed(1)
+    vq = VectorQuantizer(16, 8).to(device)  # beta 0.25
+    z = torch.randn(2, 10, 8, device=device)
+    z_q, loss, idx = vq(z)
+    q = vq.embeddings.weight[idx]
+    torch.testing.assert_close(loss, 1.25 * F.mse_loss(q, z))
+
+
+# -- layouts and errors ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,channel_dim,cdim", [
+    ((2, 6, 3, 5), None, 1),      # (B, C, H, W)
+    ((2, 7, 6), None, 2),         # (B, N, C)
+    ((9, 6), None, 1),            # (N, C)
+    ((2, 6, 11), 1, 1),           # (B, C, T) with channel_dim
+    ((2, 3, 6, 4), -2, 2),
+])
+def test_layouts(backend, device, shape, channel_dim, cdim):
+    torch.manual_seed(2)
+    vq = VectorQuantizer(13, 6, channel_dim=channel_dim).to(device).eval()
+    z = torch.randn(*shape, device=device)
+    z_q, loss, idx = vq(z)
+    rows = _rows_of(z, cdim)
+    ref_zq, ref_loss, ref_idx = reference.quantize(rows, vq.embeddings.weight.detach())
+    assert z_q.shape == z.shape
+    assert idx.shape == tuple(s for i, s in enumerate(shape) if i != cdim)
+    assert torch.equal(idx.reshape(-1), ref_idx)
+    torch.testing.assert_close(_rows_of(z_q, cdim), ref_zq)
+    torch.testing.assert_close(loss, ref_loss)
+
+
+def test_bad_inputs():
+    vq = VectorQuantizer(8, 4)
+    with pytest.raises(ValueError, match="channels at dim 1, expected embedding_dim=4"):
+        vq(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="expected embedding_dim=4"):
+        vq(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="batch and a channel"):
+        vq(torch.randn(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        vq(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        VectorQuantizer(8, 4, channel_dim=3)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="metric"):
+        VectorQuantizer(8, 4, metric="dot")
+    with pytest.raises(ValueError, match="init"):
+        VectorQuantizer(8, 4, init="orthogonal")
+    with pytest.raises(ValueError, match="precision"):
+        VectorQuantizer(8, 4, precision="fp8")
+    with pytest.raises(ValueError, match="decay"):
+        VectorQuantizer(8, 4, ema=True, decay=1.0)
+    with pytest.raises(ValueError):
+        VectorQuantizer(0, 4)
+
+
+def test_empty_batch():
+    vq = VectorQuantizer(8, 4)
+    z_q, loss, idx = vq(torch.randn(0, 4, 3, 3))
+    assert z_q.shape == (0, 4, 3, 3) and idx.shape == (0, 3, 3) and float(loss.detach()) == 0.0
+
+
+# -- EMA codebook ---------------------------------------------------------------------------------
+
+class PlainEMA:
+    """The VQ-VAE paper's EMA update in plain PyTorch, with one-hot assignments (test oracle).
+    Counts start at 1 and sums at the initial codes (so sums / counts is the codebook)."""
+
+    def __init__(self, weight: torch.Tensor, decay: float, eps: float, beta: float) -> None:
+        self.weight = weight.detach().double().clone()
+        self.count = torch.ones(weight.shape[0], dtype=torch.float64)
+        self.sum = self.weight.clone()
+        self.decay, self.eps, self.beta = decay, eps, beta
+
+    def step(self, rows: torch.Tensor):
+        """Returns (indices, loss, codes used) and updates the codebook."""
+        rows = rows.detach().double()
+        idx = torch.cdist(rows, self.weight).argmin(1)
+        q = self.weight[idx]
+        loss = self.beta * ((rows - q) ** 2).mean()
+        onehot = F.one_hot(idx, self.weight.shape[0]).double()
+        self.count = self.decay * self.count + (1 - self.decay) * onehot.sum(0)
+        self.sum = self.decay * self.sum + (1 - self.decay) * onehot.t() @ rows
+        n = self.count.sum()
+        smoothed = (self.count + self.eps) / (n + self.weight.shape[0] * self.eps) * n
+        self.weight = self.sum / smoothed[:, None]
+        return idx, loss, q
+
+
+def test_ema_matches_plain_pytorch(backend, device):
+    torch.manual_seed(3)
+    K, D, beta = 12, 5, 0.3
+    vq = VectorQuantizer(K, D, beta=beta, ema=True, decay=0.9, eps=1e-3, dead_code_threshold=0.0).to(device)
+    assert not vq.embeddings.weight.requires_grad
+    initial = vq.embeddings.weight.detach().cpu().clone()
+    oracle = PlainEMA(initial, 0.9, 1e-3, beta)
+    centres = torch.randn(K, D) * 0.3
+    for step in range(4):
+        rows = centres[torch.randint(K, (40,))] + 0.3 * torch.randn(40, D)
+        z = rows.reshape(4, 10, D).to(device).requires_grad_()
+        z_q, loss, idx = vq(z)
+        ref_idx, ref_loss, ref_q = oracle.step(rows)
+        assert torch.equal(idx.reshape(-1).cpu(), ref_idx), step
+        torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(vq.embeddings.weight.double().cpu(), oracle.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vq.ema_count.double().cpu(), oracle.count, rtol=1e-6, atol=1e-7)
+        # Only the commitment term reaches z; the codebook gets no gradient.
+        loss.backward()
+        expected = 2 * beta * (rows.double() - ref_q) / rows.numel()
+        torch.testing.assert_close(z.grad.double().cpu().reshape(-1, D), expected, rtol=1e-4, atol=1e-7)
+        assert vq.embeddings.weight.grad is None
+        # The straight-through output still has the value of the codes this step used.
+        torch.testing.assert_close(z_q.double().cpu().reshape(-1, D), ref_q, rtol=1e-5, atol=1e-6)
+    assert (vq.embeddings.weight.cpu() - initial).abs().max() > 1e-2
+
+
+def test_ema_eval_does_not_update(backend, device):
+    torch.manual_seed(4)
+    vq = VectorQuantizer(8, 3, ema=True).to(device).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(20, 3, device=device))
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# -- k-means init ---------------------------------------------------------------------------------
+
+def _clustered(n: int, k: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 4 + 2
+    return centres[torch.randint(k, (n,), generator=g)] + 0.1 * torch.randn(n, d, generator=g)
+
+
+def _first_step_error(device, **kwargs) -> float:
+    torch.manual_seed(5)
+    vq = VectorQuantizer(16, 4, dead_code_threshold=0.0, **kwargs).to(device)
+    z = _clustered(192, 16, 4, seed=6).to(device)
+    z_q, _, _ = vq(z)
+    return F.mse_loss(z_q, z).item()
+
+
+def test_kmeans_init_lowers_initial_error(backend, device):
+    xavier = _first_step_error(device)
+    uniform = _first_step_error(device, init="uniform")
+    seeds_only = _first_step_error(device, init="kmeans", kmeans_iters=0)
+    kmeans = _first_step_error(device, init="kmeans", kmeans_iters=8)
+    assert kmeans < 0.2 * min(xavier, uniform)
+    assert kmeans < seeds_only  # the Lloyd iterations improve on the random data seeds
+
+
+def test_kmeans_runs_once_and_survives_state_dict(backend, device):
+    torch.manual_seed(7)
+    vq = VectorQuantizer(8, 3, init="kmeans", dead_code_threshold=0.0).to(device)
+    assert not bool(vq.initialized)
+    z = _clustered(64, 8, 3, seed=8).to(device)
+    vq(z)
+    assert bool(vq.initialized)
+    after_init = vq.embeddings.weight.detach().clone()
+    vq(z * 10)  # no optimizer step and no second k-means: the codebook stays
+    assert torch.equal(vq.embeddings.weight, after_init)
+
+    fresh = VectorQuantizer(8, 3, init="kmeans", dead_code_threshold=0.0).to(device)
+    fresh.load_state_dict(vq.state_dict())
+    fresh(z * 10)
+    assert torch.equal(fresh.embeddings.weight, after_init)
+
+    # Codes loaded from a checkpoint without the flag (the article's layer) are not replaced either.
+    article = ArticleVQ(8, 3).to(device)
+    other = VectorQuantizer(8, 3, init="kmeans", dead_code_threshold=0.0).to(device)
+    other.load_state_dict(article.state_dict())
+    other(z)
+    assert torch.equal(other.embeddings.weight, article.embeddings.weight)
+
+
+# -- dead-code restarts ---------------------------------------------------------------------------
+
+def _dead_code_setup(device, threshold: float, **kwargs):
+    torch.manual_seed(9)
+    K, D = 8, 2
+    vq = VectorQuantizer(K, D, dead_code_threshold=threshold, usage_decay=0.5, **kwargs).to(device)
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(torch.cat([torch.randn(4, D) + 5, torch.full((4, D), -100.0)]).to(device))
+    if vq.ema:
+        vq.ema_sum.copy_(vq.embeddings.weight)
+    return vq
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_dead_codes_are_revived(backend, device, ema):
+    vq = _dead_code_setup(device, 0.5, ema=ema)
+    batches = [torch.randn(32, 2, device=device) + 5 for _ in range(6)]
+    vq(batches[0])  # step 1: the far codes are never chosen
+    assert (vq.batch_counts[4:] == 0).all()
+    vq(batches[1])  # step 2 restarts them from rows of this batch before searching
+    revived = vq.embeddings.weight.detach()[4:]
+    assert ((revived - 5).norm(dim=1) < 5).all()  # moved from -100 into the data
+    if not ema:  # (EMA then moves the codes it used towards their rows' mean)
+        for code in revived:
+            assert (batches[1] - code).abs().sum(1).min() < 1e-5  # each one is an encoder output
+    for z in batches[2:]:
+        vq(z)
+    assert vq.codebook_usage()["codes_used"] > 4
+    assert (vq.batch_counts[4:] > 0).any()
+
+
+def test_dead_codes_stay_dead_without_restarts(backend, device):
+    vq = _dead_code_setup(device, 0.0)
+    for _ in range(4):
+        vq(torch.randn(32, 2, device=device) + 5)
+    assert (vq.embeddings.weight[4:] == -100).all()
+    assert vq.codebook_usage()["codes_used"] <= 4
+
+
+def test_no_restarts_in_eval_or_before_statistics(backend, device):
+    vq = _dead_code_setup(device, 0.5)
+    vq.eval()
+    for _ in range(3):
+        vq(torch.randn(32, 2, device=device) + 5)
+    assert (vq.embeddings.weight[4:] == -100).all()
+    vq.train()
+    vq(torch.randn(32, 2, device=device) + 5)  # the first training step has no statistics yet
+    assert (vq.embeddings.weight[4:] == -100).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_has_no_host_sync(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    vq = VectorQuantizer(64, 8, ema=True, init="kmeans").cuda()
+    z = torch.randn(4, 8, 6, 6, device="cuda")
+    vq(z)  # k-means init runs once, outside the hot path
+    vq(z)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        z_q, loss, _ = vq(z)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# -- cosine metric --------------------------------------------------------------------------------
+
+def test_cosine_metric(backend, device):
+    torch.manual_seed(10)
+    vq = VectorQuantizer(20, 6, metric="cosine").to(device)
+    z = torch.randn(3, 6, 4, 4, device=device, requires_grad=True)
+    z_q, loss, idx = vq(z)
+    rows = _rows_of(z.detach(), 1).double()
+    cos = F.normalize(rows, dim=1) @ F.normalize(vq.embeddings.weight.detach().double(), dim=1).t()
+    assert torch.equal(idx.reshape(-1), cos.argmax(1))
+    unit_codes = F.normalize(vq.embeddings.weight.detach(), dim=1)[idx.reshape(-1)]
+    torch.testing.assert_close(_rows_of(z_q.detach(), 1), unit_codes)
+    expected = 1.25 * F.mse_loss(unit_codes.double(), F.normalize(rows, dim=1))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    assert vq.embeddings.weight.grad is not None and vq.embeddings.weight.grad.abs().sum() > 0
+
+
+# -- diversity (entropy) term ---------------------------------------------------------------------
+
+def test_entropy_terms_off_by_default(backend, device):
+    torch.manual_seed(11)
+    vq = VectorQuantizer(10, 4).to(device)
+    z = torch.randn(30, 4, device=device)
+    _, loss, idx = vq(z)
+    torch.testing.assert_close(loss, quantize(z, vq.embeddings.weight.detach(), beta=0.25, indices=idx)[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_entropy_terms_in_loss(backend, device, metric):
+    torch.manual_seed(12)
+    kw = dict(metric=metric, dead_code_threshold=0.0)
+    base = VectorQuantizer(10, 4, **kw).to(device)
+    reg = VectorQuantizer(10, 4, sample_entropy_weight=0.3, batch_entropy_weight=0.7, entropy_temperature=0.5,
+                          **kw).to(device)
+    reg.load_state_dict(base.state_dict())
+    z = torch.randn(2, 4, 3, 5, device=device)
+    zb = z.clone().requires_grad_()
+    zr = z.clone().requires_grad_()
+    _, loss_b, _ = base(zb)
+    _, loss_r, _ = reg(zr)
+    rows = _rows_of(z, 1).double()
+    h_s, h_b = reference.soft_assignment_entropy(rows, base.embeddings.weight.detach().double(), 0.5, metric)
+    torch.testing.assert_close((loss_r - loss_b).double(), (0.3 * h_s - 0.7 * h_b).double(), rtol=1e-4, atol=1e-6)
+    loss_b.backward()
+    loss_r.backward()
+    # The term is differentiable: it changes the gradients of both the encoder output and the codebook.
+    assert (zr.grad - zb.grad).abs().max() > 1e-6
+    assert (reg.embeddings.weight.grad - base.embeddings.weight.grad).abs().max() > 1e-6
+
+
+def test_entropy_gradients_match_across_backends(monkeypatch):
+    if not _triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(13)
+    results = {}
+    z0 = torch.randn(2, 5, 3, 3)
+    vq0 = VectorQuantizer(9, 5, sample_entropy_weight=0.5, batch_entropy_weight=1.0, entropy_temperature=2.0)
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        dev = _device_for(backend)
+        vq = VectorQuantizer(9, 5, sample_entropy_weight=0.5, batch_entropy_weight=1.0,
+                             entropy_temperature=2.0).to(dev)
+        vq.load_state_dict(vq0.state_dict())
+        z = z0.to(dev).requires_grad_()
+        _, loss, _ = vq(z)
+        loss.backward()
+        results[backend] = (loss.cpu(), z.grad.cpu(), vq.embeddings.weight.grad.cpu())
+    for a, b in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- usage statistics -----------------------------------------------------------------------------
+
+def test_usage_statistics(backend, device):
+    torch.manual_seed(14)
+    K = 16
+    vq = VectorQuantizer(K, 3, dead_code_threshold=0.0, usage_decay=0.9).to(device)
+    stats0 = vq.codebook_usage()
+    assert stats0["steps"] == 0 and stats0["codes_used"] == 0
+    z1 = torch.randn(50, 3, device=device)
+    _, _, idx1 = vq(z1)
+    counts1 = torch.bincount(idx1.cpu(), minlength=K)
+    stats = vq.codebook_usage()
+    assert torch.equal(stats["counts"].cpu(), counts1)
+    share1 = counts1.double() / counts1.sum()
+    torch.testing.assert_close(stats["usage"].double().cpu(), share1)
+    expected_ppl = math.exp(-(share1[share1 > 0] * share1[share1 > 0].log()).sum().item())
+    assert stats["perplexity"] == pytest.approx(expected_ppl, rel=1e-5)
+    assert stats["batch_perplexity"] == pytest.approx(expected_ppl, rel=1e-5)
+    assert stats["codes_used"] == int((counts1 > 0).sum()) == stats["batch_codes_used"]
+    assert stats["fraction_used"] == pytest.approx(stats["codes_used"] / K)
+
+    z2 = torch.randn(30, 3, device=device) * 3
+    _, _, idx2 = vq(z2)
+    share2 = torch.bincount(idx2.cpu(), minlength=K).double() / 30
+    running = (0.9 * 0.1 * share1 + 0.1 * share2) / (1 - 0.9 ** 2)  # bias-corrected EMA
+    stats = vq.codebook_usage()
+    torch.testing.assert_close(stats["usage"].double().cpu(), running, rtol=1e-5, atol=1e-7)
+    assert stats["steps"] == 2
+
+    vq.eval()
+    vq(torch.randn(40, 3, device=device))
+    assert vq.codebook_usage()["steps"] == 2  # evaluation leaves the statistics alone
+
+
+# -- mixed precision ------------------------------------------------------------------------------
+
+def _chosen_gap(rows: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    d = torch.cdist(rows.double(), codebook.double()) ** 2
+    chosen = d.gather(1, idx.reshape(-1, 1))[:, 0]
+    best = d.min(1).values
+    return (chosen - best) / (rows.double().pow(2).sum(1) + best)
+
+
+def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    torch.manual_seed(15)
+    enc = nn.Linear(6, 8)
+    vq = VectorQuantizer(32, 8)
+    x = torch.randn(4, 10, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = enc(x)
+        assert z.dtype == torch.bfloat16
+        z_q, loss, idx = vq(z)
+    assert z_q.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert vq.embeddings.weight.dtype == torch.float32
+    # fp32 mode searches exactly on the (bf16) values the encoder produced.
+    exact = vq.embeddings.weight.detach()
+    rows = z.detach().float().reshape(-1, 8)
+    assert torch.equal(idx.reshape(-1), torch.cdist(rows.double(), exact.double()).argmin(1))
+    (z_q.float().sum() + loss).backward()
+    assert vq.embeddings.weight.grad.dtype == torch.float32 and torch.isfinite(vq.embeddings.weight.grad).all()
+    assert enc.weight.grad is not None and torch.isfinite(enc.weight.grad).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_reduced_precision_search(monkeypatch, precision):
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    torch.manual_seed(16)
+    vq = VectorQuantizer(64, 16, precision=precision)
+    z = torch.randn(200, 16)
+    _, _, idx = vq(z)
+    assert (_chosen_gap(z, vq.embeddings.weight.detach(), idx) <= 1e-2).all()
+
+
+def test_fp16_input_on_backend(backend, device):
+    torch.manual_seed(17)
+    vq = VectorQuantizer(24, 8, ema=(backend == "torch")).to(device)
+    z = torch.randn(3, 4, 8, device=device, dtype=torch.float16, requires_grad=True)
+    z_q, loss, idx = vq(z)
+    assert z_q.dtype == torch.float16 and vq.embeddings.weight.dtype == torch.float32
+    rows = _rows_of(z.detach(), 2)
+    assert (_chosen_gap(rows, vq.embeddings.weight.detach(), idx) <= 1e-5).all()
+    loss.backward()
+    assert torch.isfinite(z.grad.float()).all()
