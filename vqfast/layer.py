@@ -86,9 +86,10 @@ class _SoftEntropy(torch.autograd.Function):
         grad_sample = zero if grad_sample is None else grad_sample.float()
         grad_batch = zero if grad_batch is None else grad_batch.float()
         # d(batch entropy)/d(avg_j) = -(log avg_j + 1); the +1 and any constant drop out because each row
-        # of p sums to 1, and centring w keeps the kernel's U - r V difference small.
+        # of p sums to 1. Centring w on its average under p keeps the kernel's U - r V difference small
+        # (a plain mean would be dominated by the huge -log avg of codes nobody is near).
         w = -grad_batch * torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) / n
-        w = w - w.mean()
+        w = w - (avg * w).sum()
         coef = (grad_sample / n).reshape(1)
         dz, dc = ops_layer.soft_entropy_backward(rows, codebook, lse, ent, w, coef, ctx.scale, ctx.precision)
         return (dz.to(rows.dtype) if ctx.needs_input_grad[0] else None,
