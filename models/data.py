@@ -1,0 +1,252 @@
+"""Image datasets for the autoencoders: CIFAR-10, SVHN, local folders / .npz files, the bundled sample.
+
+Every dataset yields ``(image, label)`` with ``image`` a float32 tensor (3, 32, 32) in [0, 1] and
+``label`` an int (-1 where the source has none). CIFAR-10 and SVHN are read through torchvision and
+then held in memory as uint8, which trains several times faster than decoding PIL images per item.
+
+Sources (:func:`load_dataset`):
+
+* ``"cifar10"``: torchvision's CIFAR-10 under ``root``; downloaded when missing and the network allows,
+  otherwise the bundled 2,000 / 500 image sample is used instead, with a warning saying so.
+* ``"svhn"``: torchvision's SVHN (``train`` / ``test`` split) under ``root``; no fallback.
+* ``"sample"``: the bundled CIFAR-10 sample (``models/assets/cifar10_sample_2k.npz``).
+* ``"synthetic"``: procedurally generated smooth colour images (no files needed).
+* a path to an ``.npz`` file with ``x`` (N, 32, 32, 3) uint8 and optional ``y`` (or ``x_train`` /
+  ``x_test`` pairs, chosen by ``train``), or to a folder in torchvision ``ImageFolder`` layout
+  (``root/class_name/image.png``; images are converted to RGB and resized to 32 x 32).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+__all__ = [
+    "ImageArrayDataset",
+    "SAMPLE_PATH",
+    "DatasetUnavailable",
+    "load_dataset",
+    "load_npz",
+    "load_image_folder",
+    "load_cifar10",
+    "load_svhn",
+    "synthetic_images",
+    "describe_source",
+]
+
+log = logging.getLogger("vqfast.models")
+
+SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample_2k.npz"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Long enough for a slow mirror, short enough that an offline machine falls back quickly.
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset could neither be found on disk nor downloaded."""
+
+
+class ImageArrayDataset(Dataset):
+    """In-memory uint8 images (N, 3, H, W) + integer labels, served as float tensors in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
+                 channels_last: bool = False, name: str = "images", classes: tuple[str, ...] | None = None) -> None:
+        images = torch.as_tensor(np.asarray(images))
+        if channels_last:
+            images = images.permute(0, 3, 1, 2)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name}: expected RGB images (N, 3, H, W) or (N, H, W, 3), got {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"{name}: expected uint8 pixels, got {images.dtype}")
+        self.images = images.contiguous()
+        if labels is None:
+            self.labels = torch.full((len(images),), -1, dtype=torch.int64)
+        else:
+            self.labels = torch.as_tensor(np.asarray(labels)).reshape(-1).to(torch.int64)
+            if len(self.labels) != len(images):
+                raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
+        self.name = name
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float().div_(255.0), int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"ImageArrayDataset({self.name}, n={len(self)})"
+
+
+def _npz_arrays(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    with np.load(path, allow_pickle=False) as data:
+        keys = set(data.files)
+        split = "train" if train else "test"
+        if f"x_{split}" in keys:
+            x = data[f"x_{split}"]
+            y = data[f"y_{split}"] if f"y_{split}" in keys else None
+        elif "x" in keys:
+            x = data["x"]
+            y = data["y"] if "y" in keys else None
+        else:
+            raise ValueError(f"{path}: expected arrays 'x' (N, 32, 32, 3) uint8 and 'y', found {sorted(keys)}")
+        classes = tuple(str(c) for c in data["class_names"]) if "class_names" in keys else None
+    return x, y, classes
+
+
+def load_npz(path: str | Path, train: bool = True) -> ImageArrayDataset:
+    """Images from an ``.npz`` with ``x`` (N, 32, 32, 3) uint8 and ``y`` (N,), or ``x_train``/``x_test``."""
+    path = Path(path)
+    x, y, classes = _npz_arrays(path, train)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{path}: 'x' must be (N, H, W, 3), got {x.shape}")
+    if x.dtype != np.uint8:
+        raise ValueError(f"{path}: 'x' must be uint8, got {x.dtype}")
+    return ImageArrayDataset(x, y, channels_last=True, name=str(path), classes=classes)
+
+
+def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
+    """A torchvision ``ImageFolder`` (``path/class/img.ext``), resized to ``size`` x ``size``, as tensors."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    return datasets.ImageFolder(str(path), transform=transform)
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _open_torchvision(factory, name: str, root: Path, download: bool):
+    """``factory(download=False)``; if the files are missing and ``download``, retry with download."""
+    try:
+        return factory(download=False)
+    except RuntimeError as missing:
+        if not download:
+            raise DatasetUnavailable(f"{name} not found under {root} and download=False ({missing})") from None
+    try:
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            return factory(download=True)
+    except Exception as exc:  # urllib, socket, SSL and checksum errors all mean "not available here"
+        raise DatasetUnavailable(f"{name} is not under {root} and could not be downloaded: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_cifar10(root: str | Path = "data", train: bool = True, download: bool = True) -> ImageArrayDataset:
+    """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (raises :class:`DatasetUnavailable`)."""
+    from torchvision import datasets
+
+    root = Path(root)
+    ds = _open_torchvision(lambda download: datasets.CIFAR10(str(root), train=train, download=download),
+                           "CIFAR-10", root, download)
+    return ImageArrayDataset(ds.data, ds.targets, channels_last=True,
+                             name=f"cifar10-{'train' if train else 'test'}", classes=tuple(ds.classes))
+
+
+def load_svhn(root: str | Path = "data", train: bool = False, download: bool = True) -> ImageArrayDataset:
+    """SVHN through ``torchvision.datasets.SVHN`` (``train`` or ``test`` split; digit 0 has label 0)."""
+    from torchvision import datasets
+
+    root = Path(root)
+    split = "train" if train else "test"
+    ds = _open_torchvision(lambda download: datasets.SVHN(str(root), split=split, download=download),
+                           f"SVHN ({split})", root, download)
+    return ImageArrayDataset(ds.data, ds.labels, name=f"svhn-{split}", classes=tuple(str(i) for i in range(10)))
+
+
+def synthetic_images(n: int = 512, seed: int = 0, size: int = 32) -> ImageArrayDataset:
+    """Smooth random images: a colour gradient plus a few soft discs, labelled by disc count - 1.
+
+    Deterministic for a given ``seed``; meant for smoke runs where no image files are available.
+    """
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = torch.empty(n, 3, size, size)
+    labels = torch.empty(n, dtype=torch.int64)
+    for i in range(n):
+        c0, c1 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+        angle = torch.rand((), generator=g) * 6.2832
+        t = (torch.cos(angle) * xx + torch.sin(angle) * yy + 1.5) / 3.0
+        img = c0 * (1 - t) + c1 * t
+        k = int(torch.randint(1, 4, (), generator=g))
+        for _ in range(k):
+            cx, cy = torch.rand(2, generator=g)
+            radius = 0.1 + 0.2 * torch.rand((), generator=g)
+            mask = torch.sigmoid((radius - ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt()) * 40.0)
+            img = img * (1 - mask) + torch.rand(3, 1, 1, generator=g) * mask
+        images[i] = img
+        labels[i] = k - 1
+    as_uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageArrayDataset(as_uint8, labels, name=f"synthetic-{seed}")
+
+
+def load_sample(train: bool = True) -> ImageArrayDataset:
+    """The bundled CIFAR-10 sample: 2,000 training and 500 test images."""
+    ds = load_npz(SAMPLE_PATH, train=train)
+    ds.name = f"cifar10-sample-{'train' if train else 'test'}"
+    return ds
+
+
+def describe_source(source: str) -> str:
+    """A short, file-name-safe label for a data source (used in output file names)."""
+    p = Path(source)
+    if source in ("cifar10", "svhn", "sample", "synthetic"):
+        return source
+    return p.stem if p.suffix else p.name
+
+
+def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path = "data", download: bool = True,
+                 limit: int | None = None, seed: int = 0, fallback: bool = True) -> Dataset:
+    """The dataset named by ``source`` (see the module docstring), optionally cut to ``limit`` images.
+
+    ``fallback``: when CIFAR-10 is neither on disk nor downloadable, warn and use the bundled sample
+    rather than fail, so training runs on any machine. ``limit`` keeps the first ``limit`` images.
+    """
+    src = str(source)
+    if src == "cifar10":
+        try:
+            ds: Dataset = load_cifar10(root, train=train, download=download)
+        except DatasetUnavailable as exc:
+            if not fallback:
+                raise
+            log.warning("%s\n-> using the bundled CIFAR-10 sample instead (%s): 2,000 training / 500 test "
+                        "images; numbers are not comparable with full CIFAR-10 runs.", exc, SAMPLE_PATH.name)
+            ds = load_sample(train)
+    elif src == "svhn":
+        ds = load_svhn(root, train=train, download=download)
+    elif src == "sample":
+        ds = load_sample(train)
+    elif src == "synthetic":
+        n = 2048 if train else 512
+        ds = synthetic_images(n if limit is None else max(1, min(n, limit)), seed=seed if train else seed + 1)
+    else:
+        path = Path(src).expanduser()
+        if path.is_dir():
+            ds = load_image_folder(path)
+        elif path.is_file() and path.suffix == ".npz":
+            ds = load_npz(path, train=train)
+        elif path.exists():
+            raise ValueError(f"{src}: expected a folder of images (ImageFolder layout) or an .npz file")
+        else:
+            raise FileNotFoundError(f"data source {src!r} is neither cifar10, svhn, sample, synthetic, "
+                                    f"nor an existing folder / .npz file")
+    if len(ds) == 0:
+        raise ValueError(f"data source {src!r} has no images")
+    if limit is not None and limit < len(ds):
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        ds = Subset(ds, range(limit))
+    return ds

@@ -1,0 +1,138 @@
+"""Figures for training runs: reconstruction grids, loss curves, code-usage histograms, VAE samples/blends.
+
+Matplotlib is used through its object API on the Agg canvas, so nothing here touches pyplot's global
+state or needs a display; it is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "upscale",
+    "save_image_grid",
+    "save_reconstruction_grid",
+    "save_blend_strip",
+    "save_loss_curve",
+    "save_code_histogram",
+]
+
+
+def upscale(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement: 32 x 32 thumbnails are hard to judge at their native size."""
+    if scale <= 1:
+        return images
+    return F.interpolate(images.float(), scale_factor=scale, mode="nearest")
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 3, padding: int = 2) -> Path:
+    """Save images (N, 3, H, W) in [0, 1] as one PNG grid with ``nrow`` images per row."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(upscale(images.detach().cpu().clamp(0, 1), scale), str(path), nrow=nrow, padding=padding,
+               pad_value=1.0)
+    return path
+
+
+def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path,
+                             nrow: int = 8, scale: int = 3) -> Path:
+    """Originals and their reconstructions in alternating rows (row 1 originals, row 2 theirs, ...)."""
+    originals = originals.detach().cpu()
+    reconstructions = reconstructions.detach().cpu()
+    if originals.shape != reconstructions.shape:
+        raise ValueError(f"shape mismatch: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
+    n = originals.shape[0]
+    rows = []
+    for start in range(0, n, nrow):
+        o, r = originals[start:start + nrow], reconstructions[start:start + nrow]
+        if o.shape[0] < nrow:  # pad the last pair of rows so originals and reconstructions stay aligned
+            pad = torch.ones(nrow - o.shape[0], *o.shape[1:])
+            o, r = torch.cat([o, pad]), torch.cat([r, pad])
+        rows += [o, r]
+    return save_image_grid(torch.cat(rows), path, nrow=nrow, scale=scale)
+
+
+def save_blend_strip(strips: torch.Tensor, path: str | Path, scale: int = 3) -> Path:
+    """Latent blends (A, B, 3, H, W) or (A, 3, H, W): one row per image pair, one column per alpha."""
+    if strips.dim() == 4:
+        strips = strips.unsqueeze(1)
+    a, b = strips.shape[:2]
+    return save_image_grid(strips.transpose(0, 1).reshape(a * b, *strips.shape[2:]), path, nrow=a, scale=scale)
+
+
+def _figure(width: float = 6.4, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequence[float] | None = None,
+                    steps_per_epoch: float | None = None, title: str = "") -> Path:
+    """Per-epoch average loss (and PSNR on a second axis) with, optionally, the per-batch losses.
+
+    ``history`` holds the per-epoch records (``epoch``, ``avg_loss``, optionally ``psnr``);
+    ``step_losses`` the per-batch loss per image, placed at fractional epochs using ``steps_per_epoch``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    if step_losses:
+        spe = steps_per_epoch or len(step_losses)
+        xs = [(i + 1) / spe for i in range(len(step_losses))]
+        ax.plot(xs, list(step_losses), color="tab:blue", alpha=0.3, linewidth=0.8, label="batch")
+    epochs = [h["epoch"] for h in history]
+    losses = [h["avg_loss"] for h in history]
+    if epochs:
+        ax.plot(epochs, losses, "o-", color="tab:blue", label="epoch average")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("average loss per image")
+    positive = [v for v in list(losses) + list(step_losses or []) if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left")
+    psnr = [h.get("psnr") for h in history]
+    if epochs and all(p is not None for p in psnr):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, psnr, "s--", color="tab:orange", label="PSNR (train)")
+        ax2.set_ylabel("PSNR [dB]", color="tab:orange")
+        ax2.legend(loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path
+
+
+def save_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Code-usage histogram: counts of every code, sorted by frequency, on a log scale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts = counts.detach().cpu().to(torch.float64)
+    ordered = torch.sort(counts, descending=True).values
+    used = int((counts > 0).sum())
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    shown = ordered[: max(used, 1)]
+    ax.bar(range(len(shown)), shown.tolist(), width=1.0, color="tab:green")
+    ax.set_xlabel(f"code rank (used codes: {used} of {len(counts)})")
+    ax.set_ylabel("assignments")
+    if len(shown) and shown[0] > 0 and shown[0] / max(float(shown[-1]), 1.0) > 50:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.5, max(len(shown), 1) - 0.5)
+    ax.grid(True, axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path

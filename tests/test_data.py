@@ -1,0 +1,199 @@
+"""Dataset loaders, exercised on small files written here in each dataset's own on-disk format."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqfast.models import data as data_mod
+from vqfast.models.data import DatasetUnavailable, load_cifar10, load_dataset, load_npz, load_svhn
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Random uint8 images (n, 32, 32, 3) with distinct channels (so a channel mix-up is visible)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _as_chw_float(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(2, 0, 1).float() / 255.0
+
+
+@pytest.fixture
+def skip_md5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision verifies the md5 of the real archives' files; files written here only need to exist."""
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.svhn as svhn
+
+    def exists(fpath: str, md5: str | None = None) -> bool:
+        return os.path.isfile(fpath)
+
+    monkeypatch.setattr(cifar, "check_integrity", exists)
+    monkeypatch.setattr(svhn, "check_integrity", exists)
+
+
+def _write_cifar10(root: Path, per_batch: int = 3) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+    """CIFAR-10's python layout: pickled dicts with 'data' (N, 3072) as R, G, B planes and 'labels'."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_x, train_y = [], []
+    for b in range(1, 6):
+        x = _images(per_batch, seed=b)
+        y = [(b + i) % 10 for i in range(per_batch)]
+        planes = x.transpose(0, 3, 1, 2).reshape(per_batch, 3072)
+        with open(folder / f"data_batch_{b}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {b} of 5", "data": planes, "labels": y,
+                         "filenames": [f"img{b}_{i}.png" for i in range(per_batch)]}, f)
+        train_x.append(x)
+        train_y += y
+    test_x = _images(per_batch, seed=99)
+    test_y = [7] * per_batch
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1",
+                     "data": test_x.transpose(0, 3, 1, 2).reshape(per_batch, 3072), "labels": test_y}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(data_mod.CIFAR10_CLASSES), "num_cases_per_batch": per_batch,
+                     "num_vis": 3072}, f)
+    return np.concatenate(train_x), train_y, test_x, test_y
+
+
+def test_cifar10_python_batches_load_through_torchvision(tmp_path: Path, skip_md5: None) -> None:
+    train_x, train_y, test_x, test_y = _write_cifar10(tmp_path)
+    ds = load_cifar10(tmp_path, train=True, download=False)
+    assert len(ds) == 15 and ds.classes[0] == "airplane"
+    for i in (0, 7, 14):
+        img, label = ds[i]
+        assert img.dtype == torch.float32 and img.shape == (3, 32, 32)
+        torch.testing.assert_close(img, _as_chw_float(train_x[i]))
+        assert label == train_y[i]
+    test = load_dataset("cifar10", train=False, root=tmp_path, download=False)
+    assert len(test) == 3
+    torch.testing.assert_close(test[2][0], _as_chw_float(test_x[2]))
+    assert test[2][1] == test_y[2]
+
+
+def test_svhn_mat_file_loads_through_torchvision(tmp_path: Path, skip_md5: None) -> None:
+    from scipy.io import savemat
+
+    x = _images(6, seed=5)
+    y = np.array([[10], [1], [2], [3], [10], [9]], dtype=np.uint8)  # SVHN stores digit 0 as 10
+    savemat(tmp_path / "test_32x32.mat", {"X": x.transpose(1, 2, 3, 0), "y": y})
+    ds = load_svhn(tmp_path, train=False, download=False)
+    assert len(ds) == 6
+    assert [ds[i][1] for i in range(6)] == [0, 1, 2, 3, 0, 9]
+    torch.testing.assert_close(ds[3][0], _as_chw_float(x[3]))
+    via_source = load_dataset("svhn", train=False, root=tmp_path, download=False, limit=4)
+    assert len(via_source) == 4
+
+
+def test_missing_svhn_without_download_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailable, match="SVHN"):
+        load_dataset("svhn", train=False, root=tmp_path, download=False)
+
+
+def test_missing_cifar10_falls_back_to_the_bundled_sample(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="vqfast.models"):
+        ds = load_dataset("cifar10", train=True, root=tmp_path, download=False)
+    assert len(ds) == 2000
+    assert "bundled CIFAR-10 sample" in caplog.text
+    with pytest.raises(DatasetUnavailable, match="CIFAR-10"):
+        load_dataset("cifar10", root=tmp_path, download=False, fallback=False)
+
+
+def test_failed_download_falls_back_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def offline(self) -> None:
+        calls.append(self.root)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    with caplog.at_level(logging.WARNING, logger="vqfast.models"):
+        ds = load_dataset("cifar10", train=False, root=tmp_path, download=True)
+    assert calls, "the download path was not taken"
+    assert len(ds) == 500
+    assert "could not be downloaded" in caplog.text and "name resolution" in caplog.text
+
+
+def test_bundled_sample() -> None:
+    train = load_dataset("sample", train=True)
+    test = load_dataset("sample", train=False)
+    assert (len(train), len(test)) == (2000, 500)
+    img, label = train[0]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0 and float(img.std()) > 0.05
+    assert 0 <= label < 10
+    assert train.classes is not None and len(train.classes) == 10
+    assert len(load_dataset("sample", limit=100)) == 100
+
+
+def test_npz_with_x_and_y(tmp_path: Path) -> None:
+    x = _images(10, seed=3)
+    y = np.arange(10) % 4
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    ds = load_dataset(str(path))
+    assert len(ds) == 10
+    torch.testing.assert_close(ds[4][0], _as_chw_float(x[4]))
+    assert ds[5][1] == 1
+    # without labels
+    np.savez(tmp_path / "nolabels.npz", x=x)
+    assert load_npz(tmp_path / "nolabels.npz")[0][1] == -1
+
+
+def test_npz_with_wrong_contents_is_rejected(tmp_path: Path) -> None:
+    np.savez(tmp_path / "float.npz", x=np.zeros((2, 32, 32, 3), dtype=np.float32), y=np.zeros(2))
+    with pytest.raises(ValueError, match="uint8"):
+        load_dataset(str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="'x'"):
+        load_dataset(str(tmp_path / "keys.npz"))
+    np.savez(tmp_path / "count.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.zeros(3))
+    with pytest.raises(ValueError, match="labels"):
+        load_dataset(str(tmp_path / "count.npz"))
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    x = _images(4, seed=8)
+    for cls, idx in (("cats", [0, 1]), ("dogs", [2, 3])):
+        (tmp_path / cls).mkdir()
+        for i in idx:
+            Image.fromarray(x[i]).save(tmp_path / cls / f"{i}.png")
+    # a larger greyscale image must come out as 32 x 32 RGB
+    Image.fromarray(np.full((64, 48), 200, dtype=np.uint8), mode="L").save(tmp_path / "dogs" / "big.png")
+    ds = load_dataset(str(tmp_path))
+    assert len(ds) == 5
+    labels = sorted(ds[i][1] for i in range(5))
+    assert labels == [0, 0, 1, 1, 1]
+    for i in range(5):
+        assert ds[i][0].shape == (3, 32, 32)
+    first = ds[0][0]  # cats/0.png, lossless PNG at native size
+    torch.testing.assert_close(first, _as_chw_float(x[0]))
+
+
+def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_dataset(str(tmp_path / "nothing-here"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="folder of images"):
+        load_dataset(str(tmp_path / "file.txt"))
+
+
+def test_synthetic_source_is_deterministic() -> None:
+    a = load_dataset("synthetic", limit=8, seed=3)
+    b = load_dataset("synthetic", limit=8, seed=3)
+    c = load_dataset("synthetic", limit=8, seed=4)
+    assert torch.equal(a[5][0], b[5][0])
+    assert not torch.equal(a[5][0], c[5][0])
+    assert a[0][0].shape == (3, 32, 32)

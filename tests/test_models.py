@@ -1,0 +1,145 @@
+"""ConvAE / ConvVAE / ConvVQVAE: sizes, shapes, the training interface and VQ gradient flow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vqfast.models import ConvAE, ConvVAE, ConvVQVAE, build_model, count_parameters, load_dataset
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """32 real CIFAR-10 images from the bundled sample."""
+    return next(iter(DataLoader(load_dataset("sample", train=True), batch_size=32)))[0]
+
+
+def test_parameter_counts_match_the_article() -> None:
+    assert count_parameters(ConvAE(latent_dim=1024)) == 9_711_235
+    # The VAE adds a second 4096 -> 1024 projection for the log-variance.
+    assert count_parameters(ConvVAE(latent_dim=1024)) == 9_711_235 + 4096 * 1024 + 1024
+    vq = ConvVQVAE(num_embeddings=4096, embedding_dim=128)
+    assert count_parameters(vq) == 1_907_715  # "a 1.9MB large model"
+    assert vq.embeddings.weight.shape == (4096, 128)
+
+
+@pytest.mark.parametrize("name", ["ae", "vae", "vqvae"])
+def test_encode_decode_shapes(name: str) -> None:
+    model = build_model(name, latent_dim=64, num_codes=32, code_dim=16)
+    x = torch.rand(5, 3, 32, 32)
+    if name == "ae":
+        z = model.encode(x)
+        assert z.shape == (5, 64)
+    elif name == "vae":
+        mu, logvar = model.encode(x)
+        assert mu.shape == logvar.shape == (5, 64)
+        z = mu
+    else:
+        z = model.encode(x)
+        assert z.shape == (5, 16, 4, 4)
+        z_q, _, idx = model.quantize(z)
+        assert idx.shape == (5, 4, 4) and idx.dtype == torch.int64
+        z = z_q
+    out = model.decode(z).detach()
+    assert out.shape == x.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0  # sigmoid output, like the pixels
+
+
+@pytest.mark.parametrize("name", ["ae", "vae", "vqvae"])
+def test_one_training_step_lowers_the_loss_on_real_images(name: str, images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = build_model(name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)  # the same VAE noise draw before and after the step
+    terms = model.loss_terms(images)
+    for key in ("loss", "recon", "sse", "objective"):
+        assert key in terms
+    assert terms["recon"].shape == images.shape and not terms["recon"].requires_grad
+    opt.zero_grad()
+    terms["loss"].backward()
+    opt.step()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        after = model.loss_terms(images)
+    assert float(after["loss"]) < float(terms["loss"].detach())
+    assert float(after["sse"]) < float(terms["sse"])
+
+
+def test_reported_objective_is_the_articles_per_batch_sum(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    ae = ConvAE(latent_dim=32)
+    t = ae.loss_terms(images)
+    expected = ((ae(images) - images) ** 2).sum()
+    torch.testing.assert_close(t["objective"], expected.detach(), rtol=1e-5, atol=1e-3)
+    vae = ConvVAE(latent_dim=32, kl_weight=0.1)
+    t = vae.loss_terms(images)
+    torch.testing.assert_close(t["objective"], t["sse"] + 0.1 * t["kl"])
+
+
+def test_vae_kl_matches_torch_distributions() -> None:
+    mu, logvar = torch.randn(4, 8), torch.randn(4, 8)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros(4, 8), torch.ones(4, 8))
+    expected = torch.distributions.kl_divergence(q, p).sum()
+    torch.testing.assert_close(ConvVAE.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_sample_and_blend(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    vae = ConvVAE(latent_dim=32).eval()
+    s = vae.sample(6)
+    assert s.shape == (6, 3, 32, 32)
+    x1, x2 = images[0], images[1]
+    strip = vae.blend(x1, x2, [0.0, 0.5, 1.0])
+    assert strip.shape == (3, 3, 32, 32)
+    with torch.no_grad():
+        r1, r2 = vae.reconstruct(x1[None])[0], vae.reconstruct(x2[None])[0]
+        mid = vae.decode(0.5 * (vae.encode(x1[None])[0] + vae.encode(x2[None])[0]))[0]
+    torch.testing.assert_close(strip[0], r1)
+    torch.testing.assert_close(strip[2], r2)
+    torch.testing.assert_close(strip[1], mid)
+    batched = vae.blend(images[:4], images[4:8], torch.linspace(0, 1, 5))
+    assert batched.shape == (5, 4, 3, 32, 32)
+    torch.testing.assert_close(batched[:, 2], vae.blend(images[2], images[6], torch.linspace(0, 1, 5)))
+
+
+def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = ConvVQVAE(num_embeddings=64, embedding_dim=16)
+    x = images[:8]
+    terms = model.loss_terms(x)
+    idx = terms["indices"]
+    # The reconstruction is the decoding of the selected code vectors, not of the encoder output.
+    with torch.no_grad():
+        from_codes = model.decode_indices(idx)
+    torch.testing.assert_close(terms["recon"], from_codes)
+    terms["loss"].backward()
+    # codebook loss -> used codes only; straight-through -> encoder; reconstruction -> decoder
+    grad = model.embeddings.weight.grad
+    used = torch.unique(idx)
+    assert grad is not None and float(grad[used].abs().sum()) > 0
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[used] = False
+    assert float(grad[unused].abs().sum()) == 0.0
+    assert float(model.encoder[0].weight.grad.abs().sum()) > 0
+    assert float(model.encoder_output.weight.grad.abs().sum()) > 0
+    assert float(model.decoder[0].weight.grad.abs().sum()) > 0
+    model.eval()  # in training mode the layer may re-seed unused codes on every call
+    assert torch.equal(model.encode_indices(x), model(x)[2])
+
+
+def test_vqvae_options_reach_the_layer() -> None:
+    m = ConvVQVAE(num_embeddings=16, embedding_dim=8, beta=0.25)
+    assert m.quantizer.beta == 0.25
+    torch.manual_seed(0)
+    a = ConvVQVAE(num_embeddings=16, embedding_dim=8).embeddings.weight.detach()
+    # xavier-normal on a (16, 8) matrix: std sqrt(2 / 24)
+    assert 0.1 < float(a.std()) < 0.5
+    with pytest.raises(ValueError):
+        ConvVQVAE(num_embeddings=16, embedding_dim=8, codebook_init="bogus")
+
+
+def test_build_model_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("gan")

@@ -1,0 +1,309 @@
+"""Training loop, checkpoints, resume, interruption, evaluation, CLI hooks and distributed training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vqfast.models import train as train_mod
+from vqfast.models.train import (
+    TrainConfig,
+    configure_evaluate_parser,
+    configure_train_parser,
+    evaluate,
+    evaluate_main,
+    load_checkpoint,
+    load_run,
+    save_checkpoint,
+    train,
+    train_main,
+)
+
+# A VAE small enough for a few-second run; its noise draws make RNG restoration matter on resume.
+TINY_VAE = dict(model="vae", data="sample", limit=96, batch_size=32, latent_dim=16, epochs=2, progress=False,
+                eval_limit=64, grid_images=8)
+TINY_VQ = dict(model="vqvae", data="sample", limit=64, batch_size=16, num_codes=32, code_dim=16, epochs=1,
+               progress=False, eval_limit=32, grid_images=4)
+
+
+def _cfg(base: dict[str, Any], out: Path, **changes: Any) -> TrainConfig:
+    return TrainConfig(**{**base, "out": str(out), **changes})
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def vae_reference(tmp_path_factory: pytest.TempPathFactory) -> train_mod.TrainResult:
+    """The uninterrupted two-epoch tiny VAE run the resume tests compare against."""
+    return train(_cfg(TINY_VAE, tmp_path_factory.mktemp("vae_ref")))
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory: pytest.TempPathFactory) -> train_mod.TrainResult:
+    """A short VQ-VAE run with the article's architecture (4,096 codes of 128 dims) on real images."""
+    return train(TrainConfig(model="vqvae", data="sample", limit=512, batch_size=16, epochs=2, progress=False,
+                             eval_limit=500, out=str(tmp_path_factory.mktemp("vq_run"))))
+
+
+def test_short_vqvae_run_reconstructs_better_than_the_mean_image(vq_run: train_mod.TrainResult) -> None:
+    sample = np.load(Path(train_mod.__file__).parent / "assets" / "cifar10_sample_2k.npz")
+    train_x = sample["x_train"][:512].astype(np.float64) / 255.0
+    test_x = sample["x_test"].astype(np.float64) / 255.0
+    mean_image_mse = float(((test_x - train_x.mean(0)) ** 2).mean())
+    test = vq_run.test_metrics
+    assert test is not None and test["images"] == 500
+    assert test["mean_image_mse"] == pytest.approx(mean_image_mse, rel=1e-6)
+    assert test["mse"] < 0.8 * mean_image_mse, (test["mse"], mean_image_mse)
+    # the training loss went down over the run
+    assert vq_run.history[-1]["avg_loss"] < vq_run.history[0]["avg_loss"]
+
+
+def test_vqvae_run_outputs(vq_run: train_mod.TrainResult) -> None:
+    d = vq_run.run_dir
+    for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "loss_curve.png", "reconstructions.png",
+                 "codebook_usage.png", "codebook_usage.json", "train.log", "summary.json"):
+        assert (d / name).is_file(), name
+    for png in d.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    lines = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in lines] == [1, 2, 2] and lines[-1]["event"] == "test"
+    for r in lines[:2]:
+        assert r["images"] == 512
+        # the article's "Average loss" for the VQ-VAE: squared error summed per image
+        assert r["avg_loss"] == pytest.approx(r["mse"] * 3072, rel=1e-9)
+        assert r["psnr"] == pytest.approx(10 * np.log10(1 / r["mse"]))
+        assert 1 <= r["codes_used"] <= 4096 and 1.0 <= r["perplexity"] <= r["codes_used"]
+    usage = json.loads((d / "codebook_usage.json").read_text())
+    assert usage["assignments"] == 500 * 16 and sum(usage["counts"]) == 500 * 16
+    assert usage["codes_used"] == sum(c > 0 for c in usage["counts"])
+    assert 1.0 <= usage["perplexity"] <= usage["codes_used"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model"] == "vqvae" and cfg["num_codes"] == 4096 and cfg["epochs"] == 2
+    assert "Average loss" in (d / "train.log").read_text()
+
+
+def test_vae_run_outputs_and_metrics(vae_reference: train_mod.TrainResult) -> None:
+    d = vae_reference.run_dir
+    for name in ("samples.png", "blend.png", "reconstructions.png", "loss_curve.png"):
+        assert (d / name).is_file(), name
+    rec = vae_reference.history[-1]
+    assert rec["avg_loss"] == pytest.approx(rec["sse_per_image"] + 0.1 * rec["kl_per_image"], rel=1e-6)
+    assert rec["sse_per_image"] == pytest.approx(rec["mse"] * 3072, rel=1e-9)
+    assert len(vae_reference.step_losses) == 2 * 3
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path,
+                                                         vae_reference: train_mod.TrainResult) -> None:
+    first = train(_cfg(TINY_VAE, tmp_path, epochs=1))
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    resumed = train(_cfg(TINY_VAE, tmp_path, epochs=2, resume=True))
+    assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
+    assert resumed.step_losses == vae_reference.step_losses
+    _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
+    assert first.history[0] == {**resumed.history[0], "seconds": first.history[0]["seconds"],
+                                "images_per_s": first.history[0]["images_per_s"]}
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1 + 1 + 1 + 1  # 2 epochs, 2 tests
+
+
+def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          vae_reference: train_mod.TrainResult) -> None:
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, batch 2 of 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(TINY_VAE, tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    state = load_checkpoint(tmp_path)
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
+    assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
+    _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
+
+
+def test_checkpoint_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "checkpoint.pt"
+    good = {"format": "vqfast-run-1", "epoch": 3, "w": torch.arange(1000.0)}
+    save_checkpoint(good, path)
+    real_save = torch.save
+
+    def half_written(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"PK\x03\x04 partial data")  # some bytes hit the disk, then the process "dies"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"format": "vqfast-run-1", "epoch": 4, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and torch.equal(back["w"], good["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left behind
+
+
+def test_interrupt_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the end-of-epoch-1 checkpoint (the first is the initial one)
+            f.write(b"\x00" * 100)
+            raise KeyboardInterrupt
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(TINY_VQ, tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    state = load_checkpoint(tmp_path)
+    assert (state["epoch"], state["batch"]) == (0, 0)
+    # ... and that checkpoint is a valid starting point
+    result = train(_cfg(TINY_VQ, tmp_path, resume=True))
+    assert len(result.history) == 1
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
+    train(_cfg(TINY_VQ, tmp_path, eval_limit=16))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(_cfg(TINY_VQ, tmp_path))
+    again = train(_cfg(TINY_VQ, tmp_path, overwrite=True, eval_limit=16))
+    assert len(again.history) == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_reports_reconstruction_and_anomaly_scores(vq_run: train_mod.TrainResult, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    summary = evaluate(vq_run.run_dir, data="sample", ood="synthetic", limit=100, out_dir=tmp_path, worst=4)
+    assert summary["images"] == 100 and summary["model"] == "vqvae" and summary["epochs_trained"] == 2
+    assert summary["mse"] == pytest.approx(summary["score_mean"] / 3072)
+    assert summary["psnr"] == pytest.approx(10 * np.log10(1 / summary["mse"]))
+    assert 0.0 <= summary["ood"]["auroc"] <= 1.0 and summary["ood"]["images"] == 100
+    rows = (tmp_path / "eval-sample-test.csv").read_text().splitlines()
+    assert rows[0].startswith("source,index,label,sse,mse,psnr") and len(rows) == 101
+    scores = [float(r.split(",")[3]) for r in rows[1:]]
+    assert max(scores) == pytest.approx(summary["score_max"], rel=1e-6)
+    assert summary["worst"][0][1] == pytest.approx(max(scores), rel=1e-6)
+    assert (tmp_path / "eval-synthetic-test.csv").is_file()
+    assert (tmp_path / "eval-sample-test-worst.png").is_file()
+    assert json.loads((tmp_path / "eval-sample-test.json").read_text())["images"] == 100
+
+    parser = argparse.ArgumentParser()
+    configure_evaluate_parser(parser)
+    args = parser.parse_args([str(vq_run.run_dir), "--data", "sample", "--limit", "50", "--out", str(tmp_path)])
+    assert evaluate_main(args) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "anomaly score" in out
+
+
+def test_evaluated_model_is_the_trained_one(vq_run: train_mod.TrainResult) -> None:
+    model, cfg, state = load_run(vq_run.run_dir)
+    _assert_same_weights(model.state_dict(), vq_run.model.state_dict())
+    assert cfg.model == "vqvae" and state["epoch"] == 2
+
+
+def test_cli_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VQFAST_BACKEND", "auto")  # restored after the test, whatever --backend sets
+    parser = argparse.ArgumentParser()
+    configure_train_parser(parser)
+    args = parser.parse_args(["vqvae", "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--codes", "32",
+                              "--code-dim", "8", "--beta", "0.25", "--codebook-init", "layer",
+                              "--vq-option", "init=uniform", "--backend", "torch", "--device", "cpu",
+                              "--data", "sample", "--limit", "32", "--out", str(tmp_path), "--no-progress",
+                              "--eval-limit", "16", "--seed", "3"])
+    cfg = train_mod._config_from_args(args)
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("vqvae", 1, 16, 2e-3)
+    assert (cfg.num_codes, cfg.code_dim, cfg.beta, cfg.codebook_init) == (32, 8, 0.25, None)
+    assert cfg.vq_kwargs == {"init": "uniform"} and cfg.backend == "torch" and cfg.seed == 3
+    assert train_main(args) == 0
+    assert os.environ.get("VQFAST_BACKEND") == "torch"
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    defaults = train_mod._config_from_args(parser.parse_args(["ae"]))
+    assert defaults.resolved_epochs() == 20 and defaults.latent_dim == 1024 and defaults.kl_weight == 0.1
+    assert train_main(parser.parse_args(["ae", "--data", str(tmp_path / "missing.npz"), "--out",
+                                         str(tmp_path / "x")])) == 2
+
+
+def test_auroc_matches_pairwise_counting() -> None:
+    g = torch.Generator().manual_seed(0)
+    neg = torch.randint(0, 20, (40,), generator=g).double()
+    pos = torch.randint(5, 25, (30,), generator=g).double()
+    pairs = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    assert train_mod._auroc(neg, pos) == pytest.approx(float(pairs.mean()))
+
+
+def test_batch_sampler_skips_on_indices() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sampler = torch.utils.data.RandomSampler(range(10), generator=gen)
+    bs = train_mod._ResumableBatchSampler(sampler, 3)
+    state = gen.get_state()
+    full = list(bs)
+    gen.set_state(state)
+    bs.skip = 2
+    assert len(bs) == 2
+    assert list(bs) == full[2:]
+    assert len(bs) == 4  # the skip applies to one pass only
+
+
+# ------------------------------------------------------------------------------ distributed (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, run_dir: str, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from vqfast.models.train import train as run
+
+    result = run(TrainConfig(**{**TINY_VQ, "out": run_dir, "device": "cpu", "batch_size": 8}))
+    torch.save({"state": result.model.state_dict(), "history": result.history},
+               Path(result_dir) / f"rank{rank}.pt")
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    run_dir, result_dir = tmp_path / "run", tmp_path / "results"
+    result_dir.mkdir()
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(run_dir), str(result_dir)), nprocs=2, join=True)
+    r0 = torch.load(result_dir / "rank0.pt", weights_only=True)
+    r1 = torch.load(result_dir / "rank1.pt", weights_only=True)
+    _assert_same_weights(r0["state"], r1["state"])
+    # metrics are summed over both ranks' shards: every one of the 64 images counted once
+    assert r0["history"][0]["images"] == 64 == r1["history"][0]["images"]
+    assert r0["history"][0]["avg_loss"] == r1["history"][0]["avg_loss"]
+    state = load_checkpoint(run_dir)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["epoch"] == 1
+    _assert_same_weights(state["model_state"], r0["state"])
+    # training changed the weights
+    torch.manual_seed(TINY_VQ.get("seed", 0))
+    from vqfast.models import build_model
+
+    init = build_model("vqvae", num_codes=32, code_dim=16).state_dict()
+    assert not torch.equal(init["encoder.0.weight"], r0["state"]["encoder.0.weight"])
