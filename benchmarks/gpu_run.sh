@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One-shot run on a GPU machine: install vqfast (offline), run the GPU tests, run the benchmark.
+# Everything it produces goes under $OUT (default: ./gpu-out).
+#
+#   bash benchmarks/gpu_run.sh            install + GPU tests + benchmark, within ~9.5 minutes in all
+#   bash benchmarks/gpu_run.sh tests      install + GPU tests only
+#   bash benchmarks/gpu_run.sh bench      install + the full benchmark (its own ~8.5-minute budget)
+#   bash benchmarks/gpu_run.sh quick      install + `vqfast bench --quick`
+#
+# Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
+# GPU_RUN_SECONDS (default 570) bounds the whole script, so that it fits a 10-minute command limit:
+# the benchmark's --budget is what is left after installing and testing.
+set -uo pipefail
+
+MODE="${1:-all}"
+[ $# -gt 0 ] && shift
+case "$MODE" in
+  all|tests|bench|quick) ;;
+  *) echo "usage: $0 [all|tests|bench|quick] [vqfast bench options]" >&2; exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+START=$(date +%s)
+TOTAL="${GPU_RUN_SECONDS:-570}"
+elapsed() { echo $(( $(date +%s) - START )); }
+
+{ nvidia-smi || echo "nvidia-smi not available"; } > "$OUT/nvidia-smi.txt" 2>&1
+python3 - > "$OUT/versions.txt" 2>&1 <<'EOF'
+import platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton missing:", exc)
+EOF
+cat "$OUT/versions.txt"
+
+echo "== install"
+if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
+  tail -20 "$OUT/install.log"
+  echo "install failed; see $OUT/install.log" >&2
+  exit 1
+fi
+
+STATUS=0
+if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
+  echo "== GPU tests"
+  TEST_LIMIT="${GPU_TEST_SECONDS:-240}"
+  timeout "$TEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+  RC=$?
+  tail -25 "$OUT/pytest_gpu.log"
+  echo "pytest -m gpu exit code: $RC (5 = no GPU tests collected, 124 = stopped after ${TEST_LIMIT} s)" | tee -a "$OUT/pytest_gpu.log"
+  if [ "$RC" -ne 0 ] && [ "$RC" -ne 5 ]; then STATUS=1; fi
+fi
+
+if [ "$MODE" != tests ]; then
+  echo "== benchmark"
+  SLUG=$(python3 -c "from vqfast.bench import gpu_slug; print(gpu_slug())")
+  RESULTS="$OUT/benchmarks/results/$SLUG"
+  LEFT=$(( TOTAL - $(elapsed) ))
+  if [ "$MODE" = quick ]; then
+    ARGS=(--quick)
+    BUDGET=$(( LEFT - 40 < 85 ? LEFT - 40 : 85 ))
+  else
+    ARGS=()
+    # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
+    BUDGET=$(( LEFT - 60 < 500 ? LEFT - 60 : 500 ))
+  fi
+  if [ "$BUDGET" -lt 30 ]; then
+    echo "only $LEFT s left; skipping the benchmark (run: bash benchmarks/gpu_run.sh bench)" | tee "$OUT/bench.log"
+    STATUS=1
+  else
+    timeout $(( LEFT - 5 )) python3 -m vqfast bench --out "$RESULTS" --budget "$BUDGET" ${ARGS[@]+"${ARGS[@]}"} "$@" \
+      2>&1 | tee "$OUT/bench.log"
+    RC=${PIPESTATUS[0]}
+    echo "vqfast bench exit code: $RC" | tee -a "$OUT/bench.log"
+    if [ "$RC" -ne 0 ]; then STATUS=1; fi
+  fi
+fi
+
+echo "== done in $(elapsed) s; outputs under $OUT"
+exit $STATUS

@@ -1,0 +1,410 @@
+"""The benchmark suite's helpers, providers and command line, on CPU (plus one run on a GPU when there is one)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqfast import bench, reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny ops on a busy machine: intra-op threads only add synchronisation.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_bench_exits_2_without_cuda(monkeypatch, capsys):
+    from vqfast import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err
+
+
+def test_run_script_exits_2_without_cuda():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr
+
+
+def test_import_and_parser_do_not_query_cuda():
+    code = (
+        "import torch\n"
+        "def boom(*a, **k):\n"
+        "    raise AssertionError('CUDA queried at import time')\n"
+        "for name in ('is_available', 'device_count', 'current_device', 'get_device_name',\n"
+        "             'get_device_properties', 'init', 'synchronize'):\n"
+        "    setattr(torch.cuda, name, boom)\n"
+        "import argparse\n"
+        "from vqfast import bench\n"
+        "p = argparse.ArgumentParser()\n"
+        "bench.configure_parser(p)\n"
+        "a = p.parse_args(['--quick', '--only', 'layer,headline'])\n"
+        "assert a.only == ('headline', 'layer'), a.only\n"
+        "print('clean')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "clean" in proc.stdout
+
+
+def test_parse_parts_orders_and_rejects():
+    assert bench.parse_parts("train, nearest") == ("nearest", "train")
+    assert bench.parse_parts("headline") == ("headline",)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown part"):
+        bench.parse_parts("nearest,bogus")
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_parts(" , ")
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--only", "bogus"])
+    assert exc.value.code == 2
+    assert parser.parse_args([]).only == bench.PARTS
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------
+
+
+def test_tflops_and_gbps():
+    assert bench.tflops(1024, 4096, 128, 1.0) == pytest.approx(2 * 1024 * 4096 * 128 / 1e-3 / 1e12)
+    # DESIGN.md: N = K = 65,536, D = 256 at 709 TFLOP/s takes about 3.1 ms.
+    assert bench.tflops(65536, 65536, 256, 3.1) == pytest.approx(709, rel=0.01)
+    assert bench.gbps(3e9, 1000.0) == pytest.approx(3.0)
+    assert bench.gbps(2 * 2**30, 1.0) == pytest.approx(2147.483648)
+    with pytest.raises(ValueError):
+        bench.tflops(1, 1, 1, 0.0)
+    with pytest.raises(ValueError):
+        bench.gbps(1, -1.0)
+    assert bench.nearest_bytes(10, 20, 4, 2) == (10 * 4 + 20 * 4) * 2 + 80
+
+
+def test_tolerance_follows_the_precision_rule():
+    assert bench.tolerance("fp32") == 1e-5
+    for p in ("tf32", "bf16", "fp16"):
+        assert bench.tolerance(p) == 1e-2
+    with pytest.raises(ValueError):
+        bench.tolerance("fp8")
+
+
+def _separated(n: int = 48, k: int = 96, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows near distinct codes: every search form must find the same, unambiguous nearest code."""
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g) * 3
+    target = torch.randint(0, k, (n,), generator=g)
+    z = codebook[target] + 0.01 * torch.randn(n, d, generator=g)
+    return z, codebook, target
+
+
+def test_chosen_distance_error_passes_right_and_flags_wrong():
+    z, c, target = _separated()
+    idx = reference.nearest_code(z, c)[0]
+    assert torch.equal(idx, target)
+    assert bench.chosen_distance_error(z, c, idx) <= 1e-12
+    # Chunking over the codebook gives the same minimum.
+    assert bench.chosen_distance_error(z, c, idx, code_chunk=7) <= 1e-12
+    wrong = (idx + 1) % c.shape[0]
+    err = bench.chosen_distance_error(z, c, wrong)
+    assert err > 1e-2
+    # One wrong row among many is still caught when it is sampled.
+    one_wrong = idx.clone()
+    one_wrong[5] = wrong[5]
+    assert bench.chosen_distance_error(z, c, one_wrong, rows=z.shape[0]) > 1e-2
+    assert bench.chosen_distance_error(z[:0], c, idx[:0]) == 0.0
+
+
+def test_chosen_distance_error_accepts_a_tied_alternative():
+    c = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]])
+    z = torch.zeros(1, 2)  # codes 0 and 1 are exactly tied
+    assert bench.chosen_distance_error(z, c, torch.tensor([1])) == 0.0
+    assert bench.chosen_distance_error(z, c, torch.tensor([2])) > 1.0
+
+
+def test_format_markdown_table():
+    out = bench.format_markdown_table(["name", "ms"], [["a|b", "1.50"], ["c", "OOM"]])
+    assert out == (
+        "| name | ms |\n"
+        "| --- | --- |\n"
+        "| a\\|b | 1.50 |\n"
+        "| c | OOM |\n"
+    )
+    numeric = bench.format_markdown_table(["x", "y"], [[1, "2.5x"], [3, ""]])
+    assert numeric.splitlines()[1] == "| ---: | ---: |"
+    with pytest.raises(ValueError):
+        bench.format_markdown_table(["a", "b"], [["only one"]])
+
+
+def test_format_ms():
+    assert bench.format_ms(123.456) == "123"
+    assert bench.format_ms(12.345) == "12.3"
+    assert bench.format_ms(1.2345) == "1.23"
+    assert bench.format_ms(0.012345) == "0.012"
+    assert bench.format_ms(None) == "–"
+
+
+def test_gpu_slug():
+    assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench.gpu_slug("  ") == "unknown-device"
+
+
+def test_write_csv_round_trip(tmp_path):
+    env = {"gpu": "Test GPU", "driver": "555.1", "cuda": "12.4", "torch": "2.x", "triton": "3.x", "vqfast": "0.1"}
+    records = [
+        bench.Record("nearest", "K sweep", "vqfast", "bf16", 8, 16, 4, time_ms=1.5, tflops=2.0, gbps=3.0,
+                     peak_mem_mb=4.0, check="pass", check_error=1e-7),
+        bench.Record("nearest", "K sweep", "article (broadcast)", "bf16", 8, 16, 4, status="OOM (est. 99.0 GB)"),
+    ]
+    path = tmp_path / "sub" / "results.csv"
+    bench.write_csv(path, records, env)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == list(bench.CSV_FIELDS)
+    assert rows[0]["provider"] == "vqfast" and rows[0]["N"] == "8" and float(rows[0]["time_ms"]) == 1.5
+    assert rows[0]["check"] == "pass" and float(rows[0]["check_error"]) == pytest.approx(1e-7)
+    assert rows[1]["status"] == "OOM (est. 99.0 GB)" and rows[1]["time_ms"] == ""
+    assert all(r["gpu"] == "Test GPU" and r["driver"] == "555.1" and r["triton"] == "3.x" for r in rows)
+
+
+def test_headline_and_report_tables():
+    recs = [
+        bench.Record("headline", "headline", "vqfast", "bf16", 8192, 16384, 256, time_ms=2.0, tflops=34.4,
+                     check="pass", check_error=1e-4),
+        bench.Record("headline", "headline", "cdist+argmin", "bf16", 8192, 16384, 256, time_ms=10.0),
+        bench.Record("headline", "headline", "matmul+argmin", "bf16", 8192, 16384, 256, status="OOM"),
+        bench.Record("headline", "headline", "z@c.T (cuBLAS)", "bf16", 8192, 16384, 256, time_ms=4.0),
+    ]
+    table = bench.headline_table(recs)
+    row = table.splitlines()[2]
+    assert row.startswith("| 8,192 | 16,384 | 256 | bf16 | 2.00 | 10.0 | OOM | 4.00 | 5.00x | 0.50x | 34.4 | pass")
+    md = bench.render_markdown(recs, {"gpu": "Test GPU"})
+    assert "## Headline" in md and "Test GPU" in md and table in md
+
+
+def test_budget_splits_time_and_rolls_over():
+    now = [0.0]
+    b = bench.Budget(100.0, ["a", "b"], clock=lambda: now[0])
+    b.start_part("a")  # weights default to 0.1 each: half of the remaining 100 s
+    assert b.deadline == pytest.approx(50.0)
+    assert b.allow()
+    now[0] = 10.0
+    assert b.allow()
+    now[0] = 60.0
+    assert not b.allow()  # past the part's deadline
+    b.start_part("b")  # all that is left goes to the last part
+    assert b.deadline == pytest.approx(100.0)
+    assert b.allow()  # the first point of a part always runs
+    now[0] = 101.0
+    b.start_part("c")
+    assert not b.allow()  # nothing runs once the whole budget is spent
+
+
+# ---- providers -------------------------------------------------------------------------------------
+
+
+def test_search_forms_match_reference():
+    z, c, target = _separated()
+    expected = reference.nearest_code(z, c)[0]
+    for fn in (bench.search_broadcast, bench.search_matmul, bench.search_cdist):
+        assert torch.equal(fn(z, c), expected), fn.__name__
+    prod = bench.bare_product(z, c)
+    assert prod.shape == (z.shape[0], c.shape[0])
+    torch.testing.assert_close(prod, (z[:, None, :] * c[None, :, :]).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("search", ["broadcast", "matmul"])
+def test_article_vq_matches_reference_quantize(search):
+    g = torch.Generator().manual_seed(1)
+    layer = bench.ArticleVQ(32, 8, beta=0.25, search=search)
+    with torch.no_grad():
+        layer.embeddings.weight.copy_(torch.randn(32, 8, generator=g))
+    z = torch.randn(2, 8, 3, 3, generator=g, requires_grad=True)
+    z_q, loss, idx = layer(z)
+    (z_q.square().sum() + loss).backward()
+
+    z_ref = z.detach().clone().requires_grad_()
+    cb_ref = layer.embeddings.weight.detach().clone().requires_grad_()
+    zq_ref, loss_ref, idx_ref = reference.quantize(z_ref.movedim(1, -1), cb_ref, beta=0.25)
+    (zq_ref.square().sum() + loss_ref).backward()
+
+    assert torch.equal(idx, idx_ref)
+    torch.testing.assert_close(z_q, zq_ref.movedim(-1, 1))
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    torch.testing.assert_close(layer.embeddings.weight.grad, cb_ref.grad)
+    with pytest.raises(ValueError):
+        bench.ArticleVQ(4, 2, search="cosine")
+
+
+def test_build_vqvae_variants_run_a_step(one_thread):
+    x = torch.rand(2, 3, 32, 32)
+    for variant in ("vqfast", "article (fixed)", "no VQ"):
+        model, origin = bench.build_vqvae(variant, 16, 8)
+        recon, vq_loss, _ = model(x)
+        assert recon.shape == x.shape, (variant, origin)
+        (torch.nn.functional.mse_loss(recon, x) + vq_loss).backward()
+        first = next(model.parameters())
+        assert first.grad is not None and first.grad.abs().sum() > 0, (variant, origin)
+    with pytest.raises(ValueError):
+        bench.build_vqvae("bogus", 16, 8)
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+
+def test_meter_statuses():
+    meter = bench.Meter(torch.device("cpu"), cpu_memory_limit=1e9)
+    calls = []
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    def fails():
+        raise ValueError("boom\nsecond line")
+
+    assert meter.measure(oom).status == "OOM"
+    assert meter.measure(fails).status == "error: ValueError: boom"
+    guarded = meter.measure(lambda: calls.append(1), est_bytes=5e9)
+    assert guarded.status == "OOM (est. 5.0 GB)" and guarded.time_ms is None and calls == []
+    ok = meter.measure(lambda: torch.ones(100).sum())
+    assert ok.status == "ok" and ok.time_ms is not None and ok.time_ms >= 0
+
+
+def test_meter_cuda_path_uses_do_bench_median_and_peak_memory(monkeypatch):
+    # The CUDA calls are faked, so this runs anywhere; it checks how their results are combined.
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode, grad_to_none=grad_to_none)
+        fn()
+        return 1.25
+
+    class Props:
+        total_memory = 100 * 2**20
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 42 * 2**20)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    meter = bench.Meter(torch.device("cuda", 0), warmup_ms=5, rep_ms=20)
+    assert meter.memory_limit() == pytest.approx(0.8 * 100 * 2**20 - 10 * 2**20)
+    t = torch.zeros(1, requires_grad=True)
+    m = meter.measure(lambda: None, est_bytes=1e6, grad_to_none=[t])
+    assert (m.status, m.time_ms, m.peak_mem_mb) == ("ok", 1.25, 32.0)
+    assert seen == {"warmup": 5, "rep": 20, "return_mode": "median", "grad_to_none": [t]}
+    assert meter.measure(lambda: None, est_bytes=80e6).status == "OOM (est. 0.1 GB)"
+
+
+def test_plans_cover_the_spec():
+    plan = bench.default_plan()
+    assert {(p.n, p.k, p.d) for p in plan.headline} == {(1024, 4096, 128), (8192, 16384, 256), (65536, 65536, 256)}
+    assert {p.precision for p in plan.headline} == {"fp32", "bf16"}
+    swept = [p for _, points in plan.sweeps for p in points]
+    assert min(p.k for p in swept) == 1024 and max(p.k for p in swept) == 262144
+    assert min(p.d for p in swept) == 8 and max(p.d for p in swept) == 1024
+    assert {p.precision for p in swept} == set(bench.PRECISIONS)
+    assert len({p.n for p in swept}) >= 3
+    assert plan.layer == [(64, 128, 4, 4, 4096), (32, 256, 16, 16, 16384), (128, 256, 16, 16, 65536)]
+    assert plan.train == [64, 256] and (plan.train_codes, plan.train_dim) == (4096, 128)
+    quick = bench.quick_plan()
+    assert quick.budget_s < plan.budget_s and quick.mode == "quick"
+    assert len(quick.headline) + sum(len(p) for _, p in quick.sweeps) <= 6
+
+
+def _tiny_plan(**overrides) -> bench.Plan:
+    kw = dict(
+        headline=bench._points([(32, 64, 8)], ["fp32", "bf16"]),
+        sweeps=[("K sweep (N=32, D=8)", bench._points([(32, 16, 8), (32, 64, 8), (32, 256, 8)], ["fp32"]))],
+        gather=[(64, 16, 8, "fp32")], usage=[(100, 10)], layer=[(2, 8, 2, 2, 16)], train=[2],
+        train_codes=16, train_dim=8, ceiling_size=64, copy_bytes=1 << 16,
+        nearest_providers=tuple(p for p in bench.NEAREST_PROVIDERS if p != "torch.compile(matmul)"),
+        budget_s=120, mode="test",
+    )
+    kw.update(overrides)
+    return bench.Plan(**kw)
+
+
+def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread):
+    # 2 * 32 * 256 * 8 * 4 bytes = 524 kB for the broadcast form at K=256: above the limit, so skipped.
+    records = bench.run_benchmarks(_tiny_plan(), bench.PARTS, tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, cpu_memory_limit=3e5)
+    parts = {r.part for r in records}
+    assert parts == {"ceiling", *bench.PARTS}
+    fused = [r for r in records if r.provider == "vqfast" and r.part in ("headline", "nearest")]
+    assert fused and all(r.ok and r.check == "pass" for r in fused)
+    broadcast = {r.k: r.status for r in records if r.provider == "article (broadcast)"}
+    assert broadcast[16] == "ok" and broadcast[256].startswith("OOM (est.")
+    assert all(r.ok for r in records if r.part in ("gather", "usage", "train"))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"results.csv", "results.md", "nearest_time_vs_k.png", "nearest_tflops_vs_k.png"} <= names
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    md = (tmp_path / "results.md").read_text()
+    for title in ("## Ceilings", "## Headline", "### K sweep (N=32, D=8)", "## Gather", "## Code usage",
+                  "## VectorQuantizer", "## VQ-VAE training step"):
+        assert title in md
+
+
+def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("bug in the gather part")
+
+    monkeypatch.setitem(bench.PART_RUNNERS, "gather", broken)
+    records = bench.run_benchmarks(_tiny_plan(), ("gather", "usage"), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    crashed = [r for r in records if r.case == bench.CRASHED]
+    assert [(r.part, r.status) for r in crashed] == [("gather", "error: RuntimeError: bug in the gather part")]
+    assert any(r.part == "usage" and r.ok for r in records)
+
+
+def test_time_budget_marks_points_skipped(tmp_path):
+    records = bench.run_benchmarks(_tiny_plan(budget_s=0.0), ("nearest",), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    nearest = [r for r in records if r.part == "nearest"]
+    assert nearest and all(r.status == "skipped (time budget)" for r in nearest)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_small_suite_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    plan = _tiny_plan(
+        headline=bench._points([(256, 1024, 64)], ["fp32", "bf16"]),
+        sweeps=[("K sweep (N=256, D=64)", [bench.NearestPoint(256, 512, 64, "bf16"),
+                                           bench.NearestPoint(256, 2048, 64, "tf32")])],
+        gather=[(4096, 512, 64, "bf16")], usage=[(4096, 512)], layer=[(4, 64, 4, 4, 512)], train=[4],
+        train_codes=256, train_dim=32, ceiling_size=1024, copy_bytes=1 << 24,
+        nearest_providers=bench.NEAREST_PROVIDERS, warmup_ms=5, rep_ms=10, budget_s=300,
+    )
+    records = bench.run_benchmarks(plan, bench.PARTS, tmp_path, log=lambda s: None)
+    bad = [r for r in records if not r.ok and r.provider != "vector-quantize-pytorch"]
+    assert not bad, bad
+    fused = [r for r in records if r.provider == "vqfast" and r.part in ("headline", "nearest")]
+    assert fused and all(r.check == "pass" for r in fused), fused
+    assert all(r.peak_mem_mb is not None for r in records if r.part != "ceiling")
+    assert (tmp_path / "results.md").read_text().count("|") > 50

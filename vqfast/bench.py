@@ -1,0 +1,1342 @@
+"""Benchmark suite behind ``vqfast bench``: vqfast's kernels against the plain PyTorch code they replace.
+
+Parts (``--only``): ``headline`` (the project's summary table), ``nearest`` (nearest-code search swept
+over N, K, D and precision), ``gather`` (gather + scatter-add backward), ``usage`` (bincount + entropy),
+``layer`` (VectorQuantizer forward + backward), ``train`` (a VQ-VAE training step). The matmul and copy
+ceilings of the GPU are always measured first, so achieved TFLOP/s and GB/s can be judged in the same run.
+
+Every measurement is one :class:`Record`; the results go to ``results.csv``, ``results.md`` and PNG plots
+in the output folder, rewritten after each part so an interrupted run keeps what it measured.
+Nothing here asks CUDA anything at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import functools
+import gc
+import math
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "PARTS", "PRECISIONS", "Record", "NearestPoint", "Plan", "Meter", "Budget",
+    "default_plan", "quick_plan", "run_benchmarks", "configure_parser", "main",
+    "tflops", "gbps", "tolerance", "chosen_distance_error", "format_markdown_table",
+    "write_csv", "render_markdown", "search_broadcast", "search_matmul", "search_cdist", "bare_product",
+    "ArticleVQ", "gpu_slug",
+]
+
+PARTS = ("headline", "nearest", "gather", "usage", "layer", "train")
+
+# name -> (input dtype, torch.set_float32_matmul_precision value). "tf32" is fp32 data searched with
+# tf32 products; 16-bit inputs ignore the matmul precision.
+PRECISIONS: dict[str, tuple[torch.dtype, str]] = {
+    "fp32": (torch.float32, "highest"),
+    "tf32": (torch.float32, "high"),
+    "bf16": (torch.bfloat16, "highest"),
+    "fp16": (torch.float16, "highest"),
+}
+
+# Default wall-clock budgets (seconds of measuring, after start-up): a full run must finish within
+# 10 minutes on an H100, a quick one within 2.
+DEFAULT_BUDGET_S = 500.0
+QUICK_BUDGET_S = 85.0
+
+# Share of the remaining budget each part may use; time a part leaves unused goes to the later ones.
+PART_WEIGHTS = {"headline": 0.30, "nearest": 0.34, "gather": 0.05, "usage": 0.04, "layer": 0.12, "train": 0.12}
+
+NEAREST_PROVIDERS = (
+    "vqfast", "torch.compile(matmul)", "matmul+argmin", "cdist+argmin", "article (broadcast)",
+    "z@c.T (cuBLAS)", "vector-quantize-pytorch",
+)
+HEADLINE_PROVIDERS = ("vqfast", "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)")
+LAYER_PROVIDERS = ("vqfast", "matmul+argmin", "article (fixed)", "vector-quantize-pytorch")
+TRAIN_PROVIDERS = ("vqfast", "article (fixed)", "no VQ")
+
+# ``case`` of the record left by a part that stopped on an unexpected exception.
+CRASHED = "(part stopped by an error)"
+
+CSV_FIELDS = (
+    "part", "case", "provider", "precision", "N", "K", "D", "time_ms", "tflops", "gbps", "peak_mem_mb",
+    "status", "check", "check_error", "note", "gpu", "driver", "cuda", "torch", "triton", "vqfast",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers (tested on CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def tflops(n: int, k: int, d: int, time_ms: float) -> float:
+    """Achieved TFLOP/s of a nearest-code search: 2·N·K·D floating-point operations in ``time_ms``."""
+    if time_ms <= 0:
+        raise ValueError(f"time_ms must be positive, got {time_ms}")
+    return 2.0 * n * k * d / (time_ms * 1e-3) / 1e12
+
+
+def gbps(num_bytes: float, time_ms: float) -> float:
+    """Achieved GB/s (10^9 bytes per second) for ``num_bytes`` moved in ``time_ms``."""
+    if time_ms <= 0:
+        raise ValueError(f"time_ms must be positive, got {time_ms}")
+    return num_bytes / (time_ms * 1e-3) / 1e9
+
+
+def element_size(precision: str) -> int:
+    return torch.empty((), dtype=PRECISIONS[precision][0]).element_size()
+
+
+def nearest_bytes(n: int, k: int, d: int, elt: int) -> int:
+    """Least traffic of a search: read z (N·D) and the codebook (K·D) once, write N int64 indices."""
+    return (n * d + k * d) * elt + 8 * n
+
+
+def tolerance(precision: str) -> float:
+    """Bound of the precision rule (DESIGN.md) for a search done at ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return 1e-5 if precision == "fp32" else 1e-2
+
+
+@torch.no_grad()
+def chosen_distance_error(
+    z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, rows: int = 256, code_chunk: int = 65536
+) -> float:
+    """Largest (d_chosen − d_min) / (‖z‖² + d_min) over an evenly spaced subsample of rows, in float64.
+
+    ``z`` (N, D), ``codebook`` (K, D) and ``indices`` (N,) as returned by a search; d_min is the exact
+    minimum over all codes, so a wrong pick shows as a positive error whatever the search's precision.
+    """
+    n = z.shape[0]
+    if n == 0:
+        return 0.0
+    sel = torch.linspace(0, n - 1, steps=min(rows, n), device=z.device).round().long()
+    zs = z.index_select(0, sel).double()
+    z_sq = zs.pow(2).sum(1)
+    d_min = torch.full_like(z_sq, math.inf)
+    for start in range(0, codebook.shape[0], code_chunk):
+        c = codebook[start:start + code_chunk].double()
+        # Expanded form in float64: its cancellation error (~1e-16 relative) is far below the rule.
+        d = (z_sq[:, None] - 2.0 * zs @ c.t() + c.pow(2).sum(1)[None, :]).clamp_min(0.0)
+        d_min = torch.minimum(d_min, d.min(1).values)
+    chosen = codebook.index_select(0, indices.reshape(-1).index_select(0, sel).long()).double()
+    d_chosen = (zs - chosen).pow(2).sum(1)
+    err = (d_chosen - d_min) / (z_sq + d_min).clamp_min(1e-300)
+    return float(err.max())
+
+
+def format_ms(ms: float | None) -> str:
+    """Milliseconds with three significant digits, no exponent."""
+    if ms is None or not math.isfinite(ms):
+        return "–"
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def format_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; ``|`` in cells is escaped, numbers right-aligned."""
+
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    def numeric(v: object) -> bool:
+        return isinstance(v, (int, float)) or bool(re.fullmatch(r"[-+]?[\d,.]+[x%]?", str(v)))
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |"]
+    aligns = []
+    for j in range(len(headers)):
+        col = [r[j] for r in rows if j < len(r) and str(r[j]) != ""]
+        aligns.append("---:" if col and all(numeric(v) for v in col) else "---")
+    lines.append("| " + " | ".join(aligns) + " |")
+    for r in rows:
+        if len(r) != len(headers):
+            raise ValueError(f"row has {len(r)} cells for {len(headers)} headers: {r!r}")
+        lines.append("| " + " | ".join(cell(v) for v in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gpu_slug(name: str | None = None) -> str:
+    """File-system friendly name of a GPU ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3")."""
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "unknown-device"
+
+
+# --------------------------------------------------------------------------------------------------
+# Records, CSV, Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One measurement (or the reason there is none: ``status`` "OOM", "OOM (est. X GB)", "error: ...")."""
+
+    part: str
+    case: str
+    provider: str
+    precision: str
+    n: int = 0
+    k: int = 0
+    d: int = 0
+    time_ms: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    peak_mem_mb: float | None = None
+    status: str = "ok"
+    check: str = ""
+    check_error: float | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.time_ms is not None
+
+    def cell(self) -> str:
+        """What a table shows for this measurement: its time in ms, or why there is none."""
+        return format_ms(self.time_ms) if self.ok else self.status
+
+
+def _fmt_number(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def write_csv(path: Path, records: Sequence[Record], env: dict[str, str]) -> None:
+    """All records, one row each, with the environment (GPU, driver, versions) on every row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in records:
+            w.writerow({
+                "part": r.part, "case": r.case, "provider": r.provider, "precision": r.precision,
+                "N": r.n, "K": r.k, "D": r.d, "time_ms": _fmt_number(r.time_ms), "tflops": _fmt_number(r.tflops),
+                "gbps": _fmt_number(r.gbps), "peak_mem_mb": _fmt_number(r.peak_mem_mb), "status": r.status,
+                "check": r.check, "check_error": _fmt_number(r.check_error), "note": r.note,
+                **{key: env.get(key, "") for key in ("gpu", "driver", "cuda", "torch", "triton", "vqfast")},
+            })
+
+
+def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]
+
+
+def _row_key(r: Record) -> tuple:
+    return (r.case, r.precision, r.n, r.k, r.d)
+
+
+def pivot(records: Sequence[Record], providers: Sequence[str], key_headers: Sequence[str],
+          key_cells: Callable[[Record], list[object]], with_memory: bool = False,
+          extra: Sequence[tuple[str, Callable[[dict[str, Record]], object]]] = ()) -> str:
+    """Markdown table with one row per case and one column per provider (time in ms, or the status)."""
+    groups: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        groups.setdefault(_row_key(r), {})[r.provider] = r
+    cols = _ordered([r.provider for r in records], providers)
+    headers = list(key_headers) + [f"{p} (ms{', MB' if with_memory else ''})" for p in cols] + [h for h, _ in extra]
+    rows = []
+    for by_provider in groups.values():
+        first = next(iter(by_provider.values()))
+        row: list[object] = list(key_cells(first))
+        for p in cols:
+            r = by_provider.get(p)
+            if r is None:
+                row.append("")
+            elif with_memory and r.ok and r.peak_mem_mb is not None:
+                row.append(f"{r.cell()}, {r.peak_mem_mb:.0f} MB")
+            else:
+                row.append(r.cell())
+        row.extend(fn(by_provider) for _, fn in extra)
+        rows.append(row)
+    return format_markdown_table(headers, rows)
+
+
+def _check_cell(by_provider: dict[str, Record]) -> str:
+    r = by_provider.get("vqfast")
+    if r is None or not r.check:
+        return ""
+    return r.check if r.check_error is None else f"{r.check} ({r.check_error:.1e})"
+
+
+def _tflops_cell(by_provider: dict[str, Record]) -> str:
+    r = by_provider.get("vqfast")
+    return f"{r.tflops:.1f}" if r is not None and r.tflops is not None else ""
+
+
+def _gbps_cell(by_provider: dict[str, Record]) -> str:
+    r = by_provider.get("vqfast")
+    return f"{r.gbps:.0f}" if r is not None and r.gbps is not None else ""
+
+
+def _images_per_s(provider: str) -> Callable[[dict[str, Record]], str]:
+    def cell(by_provider: dict[str, Record]) -> str:
+        r = by_provider.get(provider)
+        if r is None or not r.ok or not r.case.isdigit():
+            return ""
+        return f"{int(r.case) / (r.time_ms * 1e-3):,.0f}"
+    return cell
+
+
+def _ratio(num: Record | None, den: Record | None) -> str:
+    if num is None or den is None or not (num.ok and den.ok):
+        return ""
+    return f"{num.time_ms / den.time_ms:.2f}x"
+
+
+def headline_table(records: Sequence[Record]) -> str:
+    """vqfast next to cdist+argmin, the matmul form and the bare cuBLAS product, per (N, K, D, precision)."""
+    groups: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        if r.part == "headline":
+            groups.setdefault((r.n, r.k, r.d, r.precision), {})[r.provider] = r
+    headers = ["N", "K", "D", "precision", "vqfast (ms)", "cdist+argmin (ms)", "‖c‖²−2z·cᵀ+argmin (ms)",
+               "z @ c.T alone (ms)", "speed-up vs cdist", "vqfast / z@c.T", "vqfast TFLOP/s", "check"]
+    rows = []
+    for (n, k, d, prec), g in groups.items():
+        fused = g.get("vqfast")
+        rows.append([
+            f"{n:,}", f"{k:,}", f"{d:,}", prec,
+            *(g[p].cell() if p in g else "" for p in ("vqfast", "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)")),
+            _ratio(g.get("cdist+argmin"), fused), _ratio(fused, g.get("z@c.T (cuBLAS)")),
+            _tflops_cell(g), _check_cell(g),
+        ])
+    return format_markdown_table(headers, rows)
+
+
+def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
+    """The whole report: environment, ceilings, headline, then one table per part."""
+    out = ["# vqfast benchmark results", ""]
+    out.append(format_markdown_table(["setting", "value"], [[k, v] for k, v in env.items()]))
+    out.append("Times are medians of `triton.testing.do_bench` in ms; MB is the peak memory allocated beyond "
+               "the inputs. A status instead of a time: `OOM` ran out of GPU memory, `OOM (est. X GB)` was "
+               "skipped because its estimated memory exceeds 80% of the GPU, `skipped (time budget)` was not "
+               "reached within the run's time budget. `check` compares vqfast's chosen distances with the "
+               "float64 minimum (DESIGN.md precision rule), with the largest relative error.\n")
+    ceil = [r for r in records if r.part == "ceiling"]
+    if ceil:
+        out += ["## Ceilings measured in this run", ""]
+        out.append(format_markdown_table(
+            ["what", "precision", "time (ms)", "TFLOP/s", "GB/s", "status"],
+            [[r.case, r.precision, r.cell(), f"{r.tflops:.0f}" if r.tflops else "",
+              f"{r.gbps:.0f}" if r.gbps else "", r.status] for r in ceil]))
+    if any(r.part == "headline" for r in records):
+        out += ["## Headline: nearest-code search", ""]
+        out.append(headline_table(records))
+    nearest = [r for r in records if r.part == "nearest"]
+    if nearest:
+        out += ["## Nearest-code search sweeps", ""]
+        for sweep in dict.fromkeys(r.case for r in nearest):
+            sub = [r for r in nearest if r.case == sweep]
+            out += [f"### {sweep}", ""]
+            out.append(pivot(sub, NEAREST_PROVIDERS, ["N", "K", "D", "precision"],
+                             lambda r: [r.n, r.k, r.d, r.precision],
+                             extra=[("vqfast TFLOP/s", _tflops_cell), ("check", _check_cell)]))
+    sections = (
+        ("gather", "Gather and scatter-add backward", ["op", "N", "K", "D", "precision"],
+         lambda r: [r.case, r.n, r.k, r.d, r.precision], False, [("vqfast GB/s", _gbps_cell)]),
+        ("usage", "Code usage (bincount + entropy)", ["N", "K"], lambda r: [r.n, r.k], False,
+         [("vqfast GB/s", _gbps_cell)]),
+        ("layer", "VectorQuantizer forward + backward", ["(B, C, H, W)", "K", "precision"],
+         lambda r: [r.case, r.k, r.precision], True, []),
+        ("train", "VQ-VAE training step (forward, backward, Adam)", ["batch", "K", "D"],
+         lambda r: [r.case, r.k, r.d], True, [(f"{p} img/s", _images_per_s(p)) for p in TRAIN_PROVIDERS]),
+    )
+    for part, title, key_headers, key_cells, with_mem, extra in sections:
+        sub = [r for r in records if r.part == part]
+        if sub:
+            out += [f"## {title}", ""]
+            providers = {"layer": LAYER_PROVIDERS, "train": TRAIN_PROVIDERS}.get(part, ("vqfast", "torch"))
+            out.append(pivot(sub, providers, key_headers, key_cells, with_memory=with_mem, extra=extra))
+            notes = sorted({f"{r.provider}: {r.note}" for r in sub if r.note})
+            if notes:
+                out.append("\n".join(f"- {n}" for n in notes) + "\n")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The searches being compared (plain PyTorch, the forms people write)
+# --------------------------------------------------------------------------------------------------
+
+
+def search_broadcast(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The article's distance with its defect fixed: squared differences summed over D (an N×K×D tensor)."""
+    return ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+def search_matmul(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """‖c‖² − 2·z·cᵀ, then argmin: ranks codes like the squared distance (‖z‖² is constant per row)."""
+    return ((codebook * codebook).sum(1) - 2 * (z @ codebook.t())).argmin(1)
+
+
+def search_cdist(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``torch.cdist(z, c).argmin(1)``."""
+    return torch.cdist(z, codebook).argmin(1)
+
+
+def bare_product(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``z @ c.T`` alone: the floor for any method that writes the N×K matrix."""
+    return z @ codebook.t()
+
+
+def _torch_code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    counts = torch.bincount(indices, minlength=num_codes)
+    p = counts.float() / counts.sum().clamp_min(1)
+    entropy = -torch.special.xlogy(p, p).sum()
+    return counts, entropy, entropy.exp()
+
+
+class ArticleVQ(nn.Module):
+    """The article's VQ step with its defects fixed (DESIGN.md): squared distance summed over D, both
+    losses from the gathered codes, straight-through ``z + (q − z).detach()``.
+
+    ``search="broadcast"`` keeps the article's N×K×D distance tensor; ``"matmul"`` uses ‖c‖² − 2·z·cᵀ.
+    Input (B, C, H, W); returns ``(z_q, loss, indices)`` like ``vqfast.VectorQuantizer``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25, search: str = "broadcast") -> None:
+        super().__init__()
+        if search not in ("broadcast", "matmul"):
+            raise ValueError(f"search must be 'broadcast' or 'matmul', got {search!r}")
+        self.beta = beta
+        self.search = search
+        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        nn.init.xavier_normal_(self.embeddings.weight)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c)
+        find = search_broadcast if self.search == "broadcast" else search_matmul
+        indices = find(flat, self.embeddings.weight)
+        q = self.embeddings(indices)
+        loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())
+        z_q = flat + (q - flat).detach()
+        return z_q.view(b, h, w, c).permute(0, 3, 1, 2), loss, indices.view(b, h, w)
+
+
+class _NoQuantizer(nn.Module):
+    """Passes latents through: the cost of the model without any VQ step."""
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return z, z.new_zeros(()), z.new_zeros((), dtype=torch.int64)
+
+
+class _LocalVQVAE(nn.Module):
+    """The article's VQ-VAE (used when ``vqfast.models`` is not importable): convs 3→64→128→256
+    (4x4, stride 2), a 1x1 conv to ``embedding_dim``, the quantizer, and the mirror decoder."""
+
+    def __init__(self, quantizer: nn.Module, embedding_dim: int = 128) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(128, 256, 4, 2, 1), nn.ReLU(), nn.Conv2d(256, embedding_dim, 1),
+        )
+        self.quantizer = quantizer
+        self.decoder = nn.Sequential(
+            nn.Conv2d(embedding_dim, 256, 1), nn.ConvTranspose2d(256, 128, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_q, loss, indices = self.quantizer(self.encoder(x))
+        return self.decoder(z_q), loss, indices
+
+
+def build_vqvae(variant: str, num_codes: int, code_dim: int, beta: float = 1.0) -> tuple[nn.Module, str]:
+    """The VQ-VAE with its VQ step swapped for ``variant`` ("vqfast", "article (fixed)", "no VQ").
+
+    Uses ``vqfast.models.autoencoders.ConvVQVAE`` when it is importable and has a ``quantizer``
+    attribute, the same architecture defined here otherwise. Returns ``(model, where it came from)``.
+    """
+    from vqfast import VectorQuantizer
+
+    if variant == "vqfast":
+        quantizer: nn.Module = VectorQuantizer(num_codes, code_dim, beta=beta)
+    elif variant == "article (fixed)":
+        quantizer = ArticleVQ(num_codes, code_dim, beta=beta, search="broadcast")
+    elif variant == "no VQ":
+        quantizer = _NoQuantizer()
+    else:
+        raise ValueError(f"unknown VQ variant {variant!r}")
+    try:
+        from vqfast.models.autoencoders import ConvVQVAE
+
+        model = ConvVQVAE(num_codes, code_dim, beta=beta)
+        if not isinstance(getattr(model, "quantizer", None), nn.Module):
+            raise AttributeError("ConvVQVAE has no quantizer module")
+        model.quantizer = quantizer
+        return model, "vqfast.models ConvVQVAE"
+    except Exception:  # noqa: BLE001 - any mismatch falls back to the local copy of the architecture
+        return _LocalVQVAE(quantizer, code_dim), "local ConvVQVAE"
+
+
+@functools.lru_cache(maxsize=None)
+def _vq_pytorch_class() -> type | None:
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except Exception:  # noqa: BLE001 - optional dependency, absent or broken
+        return None
+    return VectorQuantize
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    status: str = "ok"
+    time_ms: float | None = None
+    peak_mem_mb: float | None = None
+
+
+def _error_status(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "out of memory" in text.lower():
+        return "OOM"
+    return f"error: {type(exc).__name__}: {text[:160]}"
+
+
+class Meter:
+    """Times a callable and its peak extra memory; turns OOM and errors into a status.
+
+    On CUDA: ``triton.testing.do_bench`` (median) and ``torch.cuda.max_memory_allocated``. On CPU (for
+    the tests only): one ``perf_counter`` run, no memory figure.
+    """
+
+    def __init__(self, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+                 cpu_memory_limit: float = 4e9) -> None:
+        self.device = device
+        self.warmup_ms = warmup_ms
+        self.rep_ms = rep_ms
+        self.cpu_memory_limit = cpu_memory_limit
+        self.cuda = device.type == "cuda"
+
+    def memory_limit(self) -> float:
+        """Bytes an extra allocation may take before it is skipped as an obvious OOM."""
+        if not self.cuda:
+            return self.cpu_memory_limit
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return 0.8 * total - torch.cuda.memory_allocated(self.device)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        if self.cuda:
+            # Dropped tensors may sit in reference cycles (autograd graphs, exceptions) until collected.
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _time(self, fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None) -> float:
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                                 grad_to_none=grad_to_none, return_mode="median"))
+        # CPU timing only serves the tests of this module: one run is enough.
+        _clear_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def measure(self, fn: Callable[[], Any], est_bytes: float = 0.0,
+                grad_to_none: Sequence[torch.Tensor] | None = None) -> Measurement:
+        """Run ``fn`` once untimed (compilation, autotuning), once for memory, then time it."""
+        if est_bytes > self.memory_limit():
+            return Measurement(status=f"OOM (est. {est_bytes / 1e9:.1f} GB)")
+        result = Measurement()
+        try:
+            fn()
+            self.sync()
+            _clear_grads(grad_to_none)
+            self.free()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                fn()
+                self.sync()
+                result.peak_mem_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            result.time_ms = self._time(fn, grad_to_none)
+        except torch.cuda.OutOfMemoryError:
+            result = Measurement(status="OOM")
+        except Exception as exc:  # noqa: BLE001 - one failing provider must not end the run
+            result = Measurement(status=_error_status(exc))
+        finally:
+            _clear_grads(grad_to_none)
+            self.free()
+        return result
+
+
+def _clear_grads(tensors: Sequence[torch.Tensor] | None) -> None:
+    for t in tensors or ():
+        t.grad = None
+
+
+class Budget:
+    """Splits a wall-clock budget between parts; what a part leaves unused goes to the later ones."""
+
+    def __init__(self, total_s: float, parts: Sequence[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.end = clock() + total_s
+        self.pending = list(parts)
+        self.deadline = self.end
+        self.points_in_part = 0
+
+    def start_part(self, part: str) -> None:
+        now = self.clock()
+        if part in self.pending:
+            weights = [PART_WEIGHTS.get(p, 0.1) for p in self.pending]
+            share = PART_WEIGHTS.get(part, 0.1) / sum(weights)
+            self.pending.remove(part)
+        else:
+            share = 1.0
+        self.deadline = now + max(0.0, self.end - now) * share
+        self.points_in_part = 0
+
+    def allow(self) -> bool:
+        """May the next point of the current part run? The first point of a part always may, unless the
+        whole budget is spent."""
+        now = self.clock()
+        ok = now < self.end and (self.points_in_part == 0 or now < self.deadline)
+        if ok:
+            self.points_in_part += 1
+        return ok
+
+
+@contextlib.contextmanager
+def matmul_precision(value: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(value)`` for the duration of the block."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan: what to measure
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NearestPoint:
+    n: int
+    k: int
+    d: int
+    precision: str
+
+
+def _points(shapes: Sequence[tuple[int, int, int]], precisions: Sequence[str]) -> list[NearestPoint]:
+    return [NearestPoint(n, k, d, p) for (n, k, d) in shapes for p in precisions]
+
+
+@dataclass
+class Plan:
+    """Shapes and settings of one run."""
+
+    headline: list[NearestPoint]
+    sweeps: list[tuple[str, list[NearestPoint]]]
+    gather: list[tuple[int, int, int, str]]  # (N, K, D, precision)
+    usage: list[tuple[int, int]]  # (N, K)
+    layer: list[tuple[int, int, int, int, int]]  # (B, C, H, W, K)
+    train: list[int]  # batch sizes
+    train_codes: int = 4096
+    train_dim: int = 128
+    ceiling_size: int = 8192
+    copy_bytes: int = 1 << 30
+    nearest_providers: tuple[str, ...] = NEAREST_PROVIDERS
+    headline_providers: tuple[str, ...] = HEADLINE_PROVIDERS
+    layer_providers: tuple[str, ...] = LAYER_PROVIDERS
+    train_providers: tuple[str, ...] = TRAIN_PROVIDERS
+    check_rows: int = 256
+    warmup_ms: float = 25
+    rep_ms: float = 100
+    budget_s: float = DEFAULT_BUDGET_S
+    mode: str = "default"
+
+
+HEADLINE_SHAPES = [(1024, 4096, 128), (8192, 16384, 256), (65536, 65536, 256)]
+LAYER_SHAPES = [(64, 128, 4, 4, 4096), (32, 256, 16, 16, 16384), (128, 256, 16, 16, 65536)]
+
+
+def default_plan() -> Plan:
+    """About 9 minutes on an H100 (the budget trims it if compilation is slower than expected)."""
+    k_values = [1024, 4096, 16384, 65536, 262144]
+    return Plan(
+        headline=_points(HEADLINE_SHAPES, ["bf16", "fp32"]),
+        # Most telling sweeps first: a time budget cut loses the tail.
+        sweeps=[
+            ("K sweep (N=8192, D=256)", _points([(8192, k, 256) for k in k_values], ["bf16"])),
+            ("precision (N=8192, K=16384, D=256)", _points([(8192, 16384, 256)], ["fp32", "tf32", "bf16", "fp16"])),
+            ("K sweep (N=8192, D=256), fp32", _points([(8192, k, 256) for k in k_values], ["fp32"])),
+            ("D sweep (N=8192, K=16384)", _points([(8192, 16384, d) for d in (8, 32, 128, 256, 1024)], ["bf16"])),
+            ("N sweep (K=16384, D=256)", _points([(n, 16384, 256) for n in (1024, 8192, 65536)], ["bf16"])),
+        ],
+        gather=[(65536, 16384, 256, "fp32"), (65536, 16384, 256, "bf16"), (1048576, 65536, 128, "fp32")],
+        usage=[(65536, 4096), (1048576, 65536), (16777216, 262144)],
+        layer=list(LAYER_SHAPES),
+        train=[64, 256],
+    )
+
+
+def quick_plan() -> Plan:
+    """A few shapes, under 2 minutes: checks that everything runs."""
+    return Plan(
+        headline=_points([(1024, 4096, 128)], ["bf16", "fp32"]),
+        # D=128 in bf16: the kernel variant the headline has already compiled.
+        sweeps=[("K sweep (N=8192, D=128)", _points([(8192, 1024, 128), (8192, 16384, 128)], ["bf16"]))],
+        gather=[(65536, 16384, 256, "fp32")],
+        usage=[(1048576, 65536)],
+        layer=[LAYER_SHAPES[0]],
+        train=[64],
+        warmup_ms=10, rep_ms=40, budget_s=QUICK_BUDGET_S, mode="quick",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The parts
+# --------------------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    # Flushed: the log is usually piped into tee, and a run stopped by a time limit should keep it.
+    print(message, flush=True)
+
+
+@dataclass
+class Context:
+    device: torch.device
+    plan: Plan
+    meter: Meter
+    budget: Budget
+    log: Callable[[str], None] = _say
+    records: list[Record] = field(default_factory=list)
+    cache: dict[tuple[NearestPoint, str], Record | None] = field(default_factory=dict)
+
+    def add(self, rec: Record) -> None:
+        self.records.append(rec)
+        extra = []
+        if rec.tflops is not None:
+            extra.append(f"{rec.tflops:.1f} TFLOP/s")
+        if rec.gbps is not None:
+            extra.append(f"{rec.gbps:.0f} GB/s")
+        if rec.peak_mem_mb is not None:
+            extra.append(f"+{rec.peak_mem_mb:.0f} MB")
+        if rec.check:
+            extra.append(f"check {rec.check}")
+        shape = f"N={rec.n} K={rec.k} D={rec.d}" if rec.n else ""
+        self.log(f"[{rec.part}] {rec.case} | {rec.provider} | {rec.precision} {shape}: "
+                 f"{rec.cell()}{' ms' if rec.ok else ''} {' '.join(extra)}".rstrip())
+
+    def skipped(self, part: str, case: str, providers: Sequence[str], precision: str,
+                n: int = 0, k: int = 0, d: int = 0) -> None:
+        for p in providers:
+            if p == "vector-quantize-pytorch" and _vq_pytorch_class() is None:
+                continue
+            self.add(Record(part, case, p, precision, n, k, d, status="skipped (time budget)"))
+
+
+def _seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
+    """Extra bytes a search is expected to allocate (for the obvious-OOM guard)."""
+    nk = float(n) * k
+    return {
+        "vqfast": 16.0 * n + 8.0 * k,
+        "torch.compile(matmul)": nk * elt + 8.0 * n,
+        "matmul+argmin": 2 * nk * elt + 8.0 * n,
+        "cdist+argmin": 1.5 * nk * elt + (n + k) * (d + 2) * elt,
+        "article (broadcast)": 2 * nk * d * elt + nk * elt,
+        "z@c.T (cuBLAS)": nk * elt,
+        "vector-quantize-pytorch": 3 * nk * 4,
+    }.get(provider, 0.0)
+
+
+def _nearest_fn(provider: str, point: NearestPoint,
+                device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:
+    """The search ``provider`` runs for ``point``, or None when it is not available here."""
+    if provider == "vqfast":
+        import vqfast
+
+        precision = PRECISIONS[point.precision][1]
+        return lambda z, c: vqfast.nearest_code(z, c, precision=precision)[0]
+    if provider == "torch.compile(matmul)":
+        import torch._dynamo
+
+        # A fresh compile per shape: recompilations would otherwise hit dynamo's limit and fall back.
+        torch._dynamo.reset()
+        return torch.compile(search_matmul, dynamic=False)
+    if provider == "vector-quantize-pytorch":
+        cls = _vq_pytorch_class()
+        if cls is None or point.precision not in ("fp32", "tf32"):
+            return None
+        vq = cls(dim=point.d, codebook_size=point.k).to(device).eval()
+
+        def run(z: torch.Tensor, c: torch.Tensor) -> Any:
+            with torch.no_grad():
+                return vq(z[None])[1]
+
+        return run
+    return {
+        "matmul+argmin": search_matmul,
+        "cdist+argmin": search_cdist,
+        "article (broadcast)": search_broadcast,
+        "z@c.T (cuBLAS)": bare_product,
+    }.get(provider)
+
+
+def _nearest_inputs(point: NearestPoint, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    _seeded(point.n * 31 + point.k * 7 + point.d)
+    dtype = PRECISIONS[point.precision][0]
+    z = torch.randn(point.n, point.d, device=device).to(dtype)
+    c = torch.randn(point.k, point.d, device=device).to(dtype)
+    return z, c
+
+
+def measure_nearest(ctx: Context, point: NearestPoint, providers: Sequence[str]) -> list[Record]:
+    """Records of ``providers`` at ``point`` (measured once per run, then reused by later tables)."""
+    missing = [p for p in providers if (point, p) not in ctx.cache]
+    if missing:
+        mm_precision = PRECISIONS[point.precision][1]
+        elt = element_size(point.precision)
+        with matmul_precision(mm_precision):
+            z, c = _nearest_inputs(point, ctx.device)
+            for provider in missing:
+                ctx.cache[(point, provider)] = _measure_one_search(ctx, provider, point, z, c, elt)
+            del z, c
+        ctx.meter.free()
+    return [r for p in providers if (r := ctx.cache.get((point, p))) is not None]
+
+
+def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: torch.Tensor, c: torch.Tensor,
+                        elt: int) -> Record | None:
+    n, k, d = point.n, point.k, point.d
+    rec = Record("nearest", "", provider, point.precision, n, k, d)
+    est = _nearest_estimate(provider, n, k, d, elt)
+    if est > ctx.meter.memory_limit():
+        # Checked before building the provider, so a hopeless torch.compile is not even compiled.
+        rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
+        return rec
+    try:
+        search = _nearest_fn(provider, point, z.device)
+    except Exception as exc:  # noqa: BLE001
+        rec.status = _error_status(exc)
+        return rec
+    if search is None:
+        return None
+    m = ctx.meter.measure(lambda: search(z, c), est)
+    rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+    if rec.ok:
+        rec.tflops = tflops(n, k, d, rec.time_ms)
+        rec.gbps = gbps(nearest_bytes(n, k, d, elt), rec.time_ms)
+    if provider == "vqfast" and rec.ok:
+        try:
+            err = chosen_distance_error(z, c, search(z, c), rows=ctx.plan.check_rows)
+            rec.check_error = err
+            rec.check = "pass" if err <= tolerance(point.precision) else "fail"
+        except Exception as exc:  # noqa: BLE001
+            rec.check = "error"
+            rec.note = _error_status(exc)
+        finally:
+            ctx.meter.free()
+    return rec
+
+
+def run_ceilings(ctx: Context) -> None:
+    """Dense matmul TFLOP/s in bf16 / tf32 / fp32 and device-copy bandwidth, in this run.
+
+    Not subject to the time budget: a few seconds, and the plots need them."""
+    size = ctx.plan.ceiling_size
+    for prec in ("bf16", "tf32", "fp32"):
+        dtype, mm_precision = PRECISIONS[prec]
+        case = f"matmul {size}³"
+        with matmul_precision(mm_precision):
+            _seeded()
+            a = torch.randn(size, size, device=ctx.device).to(dtype)
+            b = torch.randn(size, size, device=ctx.device).to(dtype)
+            m = ctx.meter.measure(lambda: a @ b, est_bytes=size * size * a.element_size())
+            del a, b
+        rec = Record("ceiling", case, "torch", prec, size, size, size, m.time_ms, status=m.status)
+        if rec.ok:
+            rec.tflops = tflops(size, size, size, rec.time_ms)
+        ctx.add(rec)
+    nbytes = ctx.plan.copy_bytes
+    case = f"device copy {nbytes / 2**20:g} MiB"
+    src = torch.empty(nbytes // 4, device=ctx.device)
+    dst = torch.empty_like(src)
+    m = ctx.meter.measure(lambda: dst.copy_(src))
+    del src, dst
+    rec = Record("ceiling", case, "torch", "fp32", status=m.status, time_ms=m.time_ms,
+                 note="GB/s counts the read and the write")
+    if rec.ok:
+        rec.gbps = gbps(2 * nbytes, rec.time_ms)
+    ctx.add(rec)
+    ctx.meter.free()
+
+
+def run_headline(ctx: Context) -> None:
+    for point in ctx.plan.headline:
+        if not ctx.budget.allow():
+            ctx.skipped("headline", "headline", ctx.plan.headline_providers, point.precision, point.n, point.k, point.d)
+            continue
+        for rec in measure_nearest(ctx, point, ctx.plan.headline_providers):
+            ctx.add(dataclasses.replace(rec, part="headline", case="headline"))
+
+
+def run_nearest(ctx: Context) -> None:
+    for sweep, points in ctx.plan.sweeps:
+        for point in points:
+            if not ctx.budget.allow():
+                ctx.skipped("nearest", sweep, ctx.plan.nearest_providers, point.precision, point.n, point.k, point.d)
+                continue
+            for rec in measure_nearest(ctx, point, ctx.plan.nearest_providers):
+                ctx.add(dataclasses.replace(rec, part="nearest", case=sweep))
+
+
+def run_gather(ctx: Context) -> None:
+    import vqfast
+
+    for n, k, d, prec in ctx.plan.gather:
+        if not ctx.budget.allow():
+            for case in ("fwd", "fwd+bwd"):
+                ctx.skipped("gather", case, ["vqfast", "torch"], prec, n, k, d)
+            continue
+        dtype = PRECISIONS[prec][0]
+        elt = element_size(prec)
+        _seeded()
+        codebook = torch.randn(k, d, device=ctx.device).to(dtype).requires_grad_()
+        indices = torch.randint(0, k, (n,), device=ctx.device)
+        grad = torch.randn(n, d, device=ctx.device).to(dtype)
+        fwd_bytes = 8 * n + 2 * n * d * elt
+        bwd_bytes = 8 * n + n * d * elt + k * d * elt
+
+        def fwd(gather: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+            def run() -> torch.Tensor:
+                with torch.no_grad():
+                    return gather()
+            return run
+
+        def fwd_bwd(gather: Callable[[], torch.Tensor]) -> Callable[[], None]:
+            return lambda: gather().backward(grad)
+
+        gathers = {"vqfast": lambda: vqfast.gather(codebook, indices), "torch": lambda: F.embedding(indices, codebook)}
+        for case, wrap, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes)):
+            for provider, g in gathers.items():
+                m = ctx.meter.measure(wrap(g), est_bytes=2 * n * d * elt + k * d * 4, grad_to_none=[codebook])
+                rec = Record("gather", case, provider, prec, n, k, d, m.time_ms, peak_mem_mb=m.peak_mem_mb,
+                             status=m.status)
+                if rec.ok:
+                    rec.gbps = gbps(nbytes, rec.time_ms)
+                ctx.add(rec)
+        del codebook, indices, grad
+        ctx.meter.free()
+
+
+def run_usage(ctx: Context) -> None:
+    import vqfast
+
+    for n, k in ctx.plan.usage:
+        if not ctx.budget.allow():
+            ctx.skipped("usage", "bincount+entropy", ["vqfast", "torch"], "int64", n, k)
+            continue
+        _seeded()
+        indices = torch.randint(0, k, (n,), device=ctx.device)
+        for provider, fn in (("vqfast", lambda: vqfast.code_usage(indices, k)),
+                             ("torch", lambda: _torch_code_usage(indices, k))):
+            m = ctx.meter.measure(fn, est_bytes=16 * k)
+            rec = Record("usage", "bincount+entropy", provider, "int64", n, k, 0, m.time_ms,
+                         peak_mem_mb=m.peak_mem_mb, status=m.status)
+            if rec.ok:
+                rec.gbps = gbps(8 * n + 16 * k, rec.time_ms)
+            ctx.add(rec)
+        del indices
+        ctx.meter.free()
+
+
+def _layer_module(provider: str, k: int, c: int) -> nn.Module | None:
+    """The VQ layer of ``provider`` for K codes of dimension C, or None when it is not installed."""
+    from vqfast import VectorQuantizer
+
+    if provider == "vqfast":
+        return VectorQuantizer(k, c)
+    if provider == "article (fixed)":
+        return ArticleVQ(k, c, search="broadcast")
+    if provider == "matmul+argmin":
+        return ArticleVQ(k, c, search="matmul")
+    if provider == "vector-quantize-pytorch":
+        cls = _vq_pytorch_class()
+        if cls is None:
+            return None
+        inner = cls(dim=c, codebook_size=k, accept_image_fmap=True)
+
+        class _Adapter(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                q, idx, loss = self.inner(z)
+                return q, loss.sum(), idx
+
+        return _Adapter()
+    raise ValueError(f"unknown layer provider {provider!r}")
+
+
+def run_layer(ctx: Context) -> None:
+    for b, c, h, w, k in ctx.plan.layer:
+        case = f"({b}, {c}, {h}, {w})"
+        n = b * h * w
+        if not ctx.budget.allow():
+            ctx.skipped("layer", case, ctx.plan.layer_providers, "fp32", n, k, c)
+            continue
+        with matmul_precision("highest"):
+            _seeded()
+            z = torch.randn(b, c, h, w, device=ctx.device, requires_grad=True)
+            g = torch.randn(b, c, h, w, device=ctx.device)
+            one = torch.ones((), device=ctx.device)
+            codebook = None
+            for provider in ctx.plan.layer_providers:
+                est = {"article (fixed)": 2.0 * n * k * c * 4 + n * k * 4, "matmul+argmin": 2.0 * n * k * 4,
+                       "vector-quantize-pytorch": 3.0 * n * k * 4}.get(provider, 16.0 * n)
+                rec = Record("layer", case, provider, "fp32", n, k, c)
+                if est > ctx.meter.memory_limit():
+                    rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
+                    ctx.add(rec)
+                    continue
+                try:
+                    layer = _layer_module(provider, k, c)
+                except Exception as exc:  # noqa: BLE001
+                    rec.status = _error_status(exc)
+                    ctx.add(rec)
+                    continue
+                if layer is None:
+                    continue
+                layer = layer.to(ctx.device)
+                weight = getattr(getattr(layer, "embeddings", None), "weight", None)
+                if weight is not None:
+                    # Same codebook for every provider, so each solves the same search.
+                    with torch.no_grad():
+                        if codebook is None:
+                            codebook = weight.detach().clone()
+                        else:
+                            weight.copy_(codebook)
+
+                def step(layer: nn.Module = layer) -> None:
+                    z_q, loss, _ = layer(z)
+                    torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
+
+                m = ctx.meter.measure(step, est, grad_to_none=[z, *layer.parameters()])
+                rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+                ctx.add(rec)
+                del layer, step
+                ctx.meter.free()
+            del z, g, codebook
+        ctx.meter.free()
+
+
+def run_train(ctx: Context) -> None:
+    k, d = ctx.plan.train_codes, ctx.plan.train_dim
+    for batch in ctx.plan.train:
+        case = f"{batch}"
+        n = batch * 16  # a 4x4 latent grid per 32x32 image
+        if not ctx.budget.allow():
+            ctx.skipped("train", case, ctx.plan.train_providers, "fp32", n, k, d)
+            continue
+        with matmul_precision("highest"):
+            _seeded()
+            x = torch.rand(batch, 3, 32, 32, device=ctx.device)
+            for provider in ctx.plan.train_providers:
+                est = 2.0 * n * k * d * 4 + n * k * 4 if provider == "article (fixed)" else 0.0
+                rec = Record("train", case, provider, "fp32", n, k, d)
+                if est > ctx.meter.memory_limit():
+                    rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
+                    ctx.add(rec)
+                    continue
+                _seeded()
+                try:
+                    model, origin = build_vqvae(provider, k, d)
+                except Exception as exc:  # noqa: BLE001
+                    rec.status = _error_status(exc)
+                    ctx.add(rec)
+                    continue
+                model = model.to(ctx.device).train()
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+                def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    recon, vq_loss, _ = model(x)
+                    loss = F.mse_loss(recon, x) + vq_loss
+                    loss.backward()
+                    opt.step()
+
+                m = ctx.meter.measure(step, est)
+                rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+                rec.note = origin
+                ctx.add(rec)
+                del model, opt, step
+                ctx.meter.free()
+            del x
+        ctx.meter.free()
+
+
+PART_RUNNERS: dict[str, Callable[[Context], None]] = {
+    "headline": run_headline, "nearest": run_nearest, "gather": run_gather, "usage": run_usage,
+    "layer": run_layer, "train": run_train,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - plots are optional
+        return None
+    return plt
+
+
+def _color(provider: str) -> str | None:
+    # Same colour for a provider in every panel; C7-C9 are left for the ceiling lines.
+    return f"C{NEAREST_PROVIDERS.index(provider)}" if provider in NEAREST_PROVIDERS else None
+
+
+def _k_sweeps(records: Sequence[Record]) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = {}
+    for r in records:
+        if r.part == "nearest" and r.case.startswith("K sweep") and r.ok:
+            out.setdefault(r.case, []).append(r)
+    return out
+
+
+def plot_time_vs_k(records: Sequence[Record], path: Path) -> Path | None:
+    """Search time against K, one line per provider, one panel per K sweep."""
+    sweeps = _k_sweeps(records)
+    plt = _pyplot()
+    if not sweeps or plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.5), squeeze=False)
+    for ax, (sweep, recs) in zip(axes[0], sweeps.items()):
+        for provider in _ordered([r.provider for r in recs], NEAREST_PROVIDERS):
+            pts = sorted((r.k, r.time_ms) for r in recs if r.provider == provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider, color=_color(provider))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (codes)")
+        ax.set_ylabel("time (ms, median)")
+        ax.set_title(f"{sweep} [{recs[0].precision}]")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tflops(records: Sequence[Record], path: Path) -> Path | None:
+    """Achieved TFLOP/s (2·N·K·D / time) against K, with the matmul ceilings measured in the same run."""
+    sweeps = _k_sweeps(records)
+    plt = _pyplot()
+    if not sweeps or plt is None:
+        return None
+    ceilings = {r.precision: r.tflops for r in records if r.part == "ceiling" and r.tflops}
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.5), squeeze=False)
+    for ax, (sweep, recs) in zip(axes[0], sweeps.items()):
+        for provider in _ordered([r.provider for r in recs], NEAREST_PROVIDERS):
+            pts = sorted((r.k, r.tflops) for r in recs if r.provider == provider and r.tflops)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider, color=_color(provider))
+        for i, (prec, value) in enumerate(sorted(ceilings.items())):
+            ax.axhline(value, linestyle="--", color=f"C{7 + i % 3}", alpha=0.8, label=f"{prec} matmul ceiling ({value:.0f} TFLOP/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (codes)")
+        ax.set_ylabel("achieved TFLOP/s")
+        ax.set_title(f"{sweep} [{recs[0].precision}]")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def _nvidia_smi_driver() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except Exception:  # noqa: BLE001
+        return None
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
+    """GPU name, driver, CUDA, torch, triton and vqfast versions, date and mode of the run."""
+    from vqfast import __version__ as vqfast_version
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = "not installed"
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        gpu_memory = f"{total / 2**30:.1f} GiB"
+    else:
+        gpu = f"cpu ({platform.processor() or platform.machine()})"
+        gpu_memory = ""
+    driver = _nvidia_smi_driver() or f"n/a (CUDA runtime {torch.version.cuda})"
+    return {
+        "gpu": gpu, "gpu_memory": gpu_memory, "driver": driver, "cuda": str(torch.version.cuda),
+        "torch": torch.__version__, "triton": triton_version, "vqfast": vqfast_version,
+        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "mode": mode,
+    }
+
+
+def write_outputs(out_dir: Path, records: Sequence[Record], env: dict[str, str], plots: bool = True) -> list[Path]:
+    """results.csv, results.md and the plots; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.csv", out_dir / "results.md"]
+    write_csv(written[0], records, env)
+    written[1].write_text(render_markdown(records, env))
+    if plots:
+        for fn, name in ((plot_time_vs_k, "nearest_time_vs_k.png"), (plot_tflops, "nearest_tflops_vs_k.png")):
+            try:
+                p = fn(records, out_dir / name)
+            except Exception as exc:  # noqa: BLE001 - a plot must not lose the tables
+                print(f"warning: could not draw {name}: {exc}", file=sys.stderr)
+                p = None
+            if p is not None:
+                written.append(p)
+    return written
+
+
+def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torch.device | None = None,
+                   plots: bool = True, log: Callable[[str], None] | None = None,
+                   cpu_memory_limit: float = 4e9) -> list[Record]:
+    """Measure ``parts`` of ``plan`` on ``device`` (CUDA; CPU only for tests) and write the outputs."""
+    log = log or _say
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    env = collect_env(device, plan.mode)
+    meter = Meter(device, plan.warmup_ms, plan.rep_ms, cpu_memory_limit=cpu_memory_limit)
+    budget = Budget(plan.budget_s, parts)
+    ctx = Context(device, plan, meter, budget, log=log)
+    log(f"vqfast bench ({plan.mode}): {env['gpu']}, driver {env['driver']}, torch {env['torch']}, "
+        f"triton {env['triton']}; budget {plan.budget_s:.0f} s; writing to {out_dir}")
+    run_ceilings(ctx)
+    for part in parts:
+        budget.start_part(part)
+        t0 = time.monotonic()
+        try:
+            PART_RUNNERS[part](ctx)
+        except Exception as exc:  # noqa: BLE001 - a bug in one part must not cost the others
+            log(traceback.format_exc())
+            ctx.add(Record(part, CRASHED, "-", "-", status=_error_status(exc)))
+            meter.free()
+        log(f"[{part}] done in {time.monotonic() - t0:.0f} s")
+        write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end
+    written = write_outputs(out_dir, ctx.records, env, plots=plots)
+    if any(r.part == "headline" for r in ctx.records):
+        log("\n" + headline_table(ctx.records))
+    log("wrote " + ", ".join(str(p) for p in written))
+    return ctx.records
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """``"nearest,layer"`` -> ("nearest", "layer"), in the suite's order; unknown names are an error."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in names)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``vqfast bench`` / ``python benchmarks/run.py``."""
+    parser.description = ("Time vqfast's kernels, layer and a VQ-VAE training step against plain PyTorch on a "
+                          "CUDA GPU; write results.csv, results.md and PNG plots.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/<gpu-name>/ under the current directory)")
+    parser.add_argument("--quick", action="store_true", help="a few shapes only (under 2 minutes)")
+    parser.add_argument("--only", type=parse_parts, default=PARTS, metavar="PARTS",
+                        help=f"comma-separated parts to run, from: {','.join(PARTS)} (default: all)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help=f"time budget for measuring; points past it are reported as skipped "
+                             f"(default {DEFAULT_BUDGET_S:.0f}, --quick {QUICK_BUDGET_S:.0f})")
+    parser.add_argument("--rep", type=float, default=None, metavar="MS",
+                        help="do_bench repetition time per measurement in ms (default 100, --quick 40)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``vqfast bench``: 0 on success, 1 when a part stopped on an error, 2 without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        print("vqfast bench needs a CUDA GPU, and torch.cuda.is_available() is False here "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an "
+              "NVIDIA GPU; see benchmarks/README.md.", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("vqfast bench needs triton (pip install triton).", file=sys.stderr)
+        return 2
+    plan = quick_plan() if getattr(args, "quick", False) else default_plan()
+    if getattr(args, "budget", None) is not None:
+        plan.budget_s = float(args.budget)
+    if getattr(args, "rep", None) is not None:
+        plan.rep_ms = float(args.rep)
+    parts = getattr(args, "only", None) or PARTS
+    out = getattr(args, "out", None) or Path("benchmarks") / "results" / gpu_slug(torch.cuda.get_device_name())
+    records = run_benchmarks(plan, parts, Path(out), plots=not getattr(args, "no_plots", False))
+    return 1 if any(r.case == CRASHED for r in records) else 0
