@@ -104,9 +104,10 @@ def test_matches_fixed_article_layer(backend, device, train):
 def test_default_loss_weights_codebook_and_commitment(backend, device):
     torch.manual_seed(1)
     vq = VectorQuantizer(16, 8).to(device)  # beta 0.25
+    codes = vq.embeddings.weight.detach().clone()
     z = torch.randn(2, 10, 8, device=device)
     z_q, loss, idx = vq(z)
-    q = vq.embeddings.weight[idx]
+    q = codes[idx]
     torch.testing.assert_close(loss, 1.25 * F.mse_loss(q, z))
 
 
@@ -292,18 +293,33 @@ def _dead_code_setup(device, threshold: float, **kwargs):
 def test_dead_codes_are_revived(backend, device, ema):
     vq = _dead_code_setup(device, 0.5, ema=ema)
     batches = [torch.randn(32, 2, device=device) + 5 for _ in range(6)]
-    vq(batches[0])  # step 1: the far codes are never chosen
+    z_q, _, _ = vq(batches[0])  # the far codes are never chosen ...
     assert (vq.batch_counts[4:] == 0).all()
-    vq(batches[1])  # step 2 restarts them from rows of this batch before searching
+    assert (z_q > -50).all()
+    # ... so at the end of the step they are re-seeded from rows of this batch, ready for the next one.
     revived = vq.embeddings.weight.detach()[4:]
-    assert ((revived - 5).norm(dim=1) < 5).all()  # moved from -100 into the data
-    if not ema:  # (EMA then moves the codes it used towards their rows' mean)
-        for code in revived:
-            assert (batches[1] - code).abs().sum(1).min() < 1e-5  # each one is an encoder output
-    for z in batches[2:]:
+    for code in revived:
+        assert (batches[0] - code).abs().sum(1).min() < 1e-5  # each one is an encoder output
+    if ema:
+        torch.testing.assert_close(vq.ema_sum[4:], revived)
+    assert vq.codebook_usage()["codes_used"] <= 4  # reported usage is measured, not the restart credit
+    for z in batches[1:]:
         vq(z)
     assert vq.codebook_usage()["codes_used"] > 4
     assert (vq.batch_counts[4:] > 0).any()
+
+
+def test_restarted_codes_get_a_grace_period(backend, device):
+    # Credit 1/K decaying by 0.5 per step against a threshold of 0.2/K: about two steps of grace.
+    vq = _dead_code_setup(device, 0.2)
+    vq(torch.randn(32, 2, device=device) + 5)
+    revived = vq.embeddings.weight.detach()[4:].clone()
+    assert (revived > -50).all()
+    # Data away from the revived codes: they stay unused, but are not re-seeded on the very next step.
+    with torch.no_grad():
+        vq.embeddings.weight[:4] = 5.0
+    vq(torch.full((8, 2), 5.0, device=device))
+    assert torch.equal(vq.embeddings.weight[4:], revived)
 
 
 def test_dead_codes_stay_dead_without_restarts(backend, device):
@@ -314,15 +330,25 @@ def test_dead_codes_stay_dead_without_restarts(backend, device):
     assert vq.codebook_usage()["codes_used"] <= 4
 
 
-def test_no_restarts_in_eval_or_before_statistics(backend, device):
+def test_no_restarts_in_eval(backend, device):
     vq = _dead_code_setup(device, 0.5)
     vq.eval()
     for _ in range(3):
         vq(torch.randn(32, 2, device=device) + 5)
     assert (vq.embeddings.weight[4:] == -100).all()
-    vq.train()
-    vq(torch.randn(32, 2, device=device) + 5)  # the first training step has no statistics yet
-    assert (vq.embeddings.weight[4:] == -100).all()
+
+
+def test_restarts_keep_gradients(backend, device):
+    """The in-place restart happens after the codes were used: the backward still sees the old codes."""
+    vq = _dead_code_setup(device, 0.5)
+    z = (torch.randn(16, 2, device=device) + 5).requires_grad_()
+    z_q, loss, idx = vq(z)
+    old_codes = torch.cat([vq.embeddings.weight.detach()[:4], torch.full((4, 2), -100.0, device=device)])
+    loss.backward()
+    q = old_codes[idx]
+    # d/dc of mse(q, sg(z)) summed into the chosen codes.
+    expected = torch.zeros_like(old_codes).index_add_(0, idx, 2 * (q - z.detach()) / z.numel())
+    torch.testing.assert_close(vq.embeddings.weight.grad, expected)
 
 
 @pytest.mark.gpu
@@ -348,11 +374,12 @@ def test_cosine_metric(backend, device):
     torch.manual_seed(10)
     vq = VectorQuantizer(20, 6, metric="cosine").to(device)
     z = torch.randn(3, 6, 4, 4, device=device, requires_grad=True)
+    codes = vq.embeddings.weight.detach().clone()  # (unused codes are restarted after the step)
     z_q, loss, idx = vq(z)
     rows = _rows_of(z.detach(), 1).double()
-    cos = F.normalize(rows, dim=1) @ F.normalize(vq.embeddings.weight.detach().double(), dim=1).t()
+    cos = F.normalize(rows, dim=1) @ F.normalize(codes.double(), dim=1).t()
     assert torch.equal(idx.reshape(-1), cos.argmax(1))
-    unit_codes = F.normalize(vq.embeddings.weight.detach(), dim=1)[idx.reshape(-1)]
+    unit_codes = F.normalize(codes, dim=1)[idx.reshape(-1)]
     torch.testing.assert_close(_rows_of(z_q.detach(), 1), unit_codes)
     expected = 1.25 * F.mse_loss(unit_codes.double(), F.normalize(rows, dim=1))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
@@ -463,6 +490,7 @@ def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
     enc = nn.Linear(6, 8)
     vq = VectorQuantizer(32, 8)
     x = torch.randn(4, 10, 6)
+    exact = vq.embeddings.weight.detach().clone()  # (unused codes are restarted after the step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = enc(x)
         assert z.dtype == torch.bfloat16
@@ -470,7 +498,6 @@ def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
     assert z_q.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert vq.embeddings.weight.dtype == torch.float32
     # fp32 mode searches exactly on the (bf16) values the encoder produced.
-    exact = vq.embeddings.weight.detach()
     rows = z.detach().float().reshape(-1, 8)
     assert torch.equal(idx.reshape(-1), torch.cdist(rows.double(), exact.double()).argmin(1))
     (z_q.float().sum() + loss).backward()
@@ -482,7 +509,7 @@ def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
 def test_reduced_precision_search(monkeypatch, precision):
     monkeypatch.setenv("VQFAST_BACKEND", "torch")
     torch.manual_seed(16)
-    vq = VectorQuantizer(64, 16, precision=precision)
+    vq = VectorQuantizer(64, 16, precision=precision).eval()
     z = torch.randn(200, 16)
     _, _, idx = vq(z)
     assert (_chosen_gap(z, vq.embeddings.weight.detach(), idx) <= 1e-2).all()
@@ -492,9 +519,10 @@ def test_fp16_input_on_backend(backend, device):
     torch.manual_seed(17)
     vq = VectorQuantizer(24, 8, ema=(backend == "torch")).to(device)
     z = torch.randn(3, 4, 8, device=device, dtype=torch.float16, requires_grad=True)
+    codes = vq.embeddings.weight.detach().clone()
     z_q, loss, idx = vq(z)
     assert z_q.dtype == torch.float16 and vq.embeddings.weight.dtype == torch.float32
     rows = _rows_of(z.detach(), 2)
-    assert (_chosen_gap(rows, vq.embeddings.weight.detach(), idx) <= 1e-5).all()
+    assert (_chosen_gap(rows, codes, idx) <= 1e-5).all()
     loss.backward()
     assert torch.isfinite(z.grad.float()).all()

@@ -230,6 +230,9 @@ class VectorQuantizer(nn.Module):
         # bias-corrected by the step count like Adam's moments, so never-used codes count as dead early).
         self.register_buffer("usage", torch.zeros(k))
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.float32))
+        # Usage credited to freshly restarted codes so that they are not restarted again before they had
+        # a chance to be picked; kept apart from the measured usage, which is what gets reported.
+        self.register_buffer("restart_grace", torch.zeros(k))
         self.register_buffer("batch_counts", torch.zeros(k, dtype=torch.int64))
         self.register_buffer("initialized", torch.tensor(init != "kmeans"))
         # Mirrors the buffer as a Python bool: a tensor test would sync the host (and break the graph)
@@ -276,15 +279,19 @@ class VectorQuantizer(nn.Module):
         train = self.training and rows.shape[0] > 0
         if train and self._needs_init:
             self._kmeans_init(rows)
-        if train and self.dead_code_threshold > 0:
-            # Before the search, so that this step already uses the new codes and no tensor saved for
-            # a backward is modified afterwards.
-            self._restart_dead_codes(rows)
 
         indices = self._search(rows, weight)
-        # With EMA the codebook is rewritten in place after this step; the fused op saves it for the
-        # backward, so it gets a private copy.
-        codebook = weight.detach().clone() if (self.ema and train) else weight
+        restarts = train and self.dead_code_threshold > 0
+        if self.ema and train:
+            # EMA rewrites the codebook in place after this step, and the fused op saves it for the
+            # backward: it gets a private copy (no gradient flows to EMA codes anyway).
+            codebook = weight.detach().clone()
+        elif restarts:
+            # Restarts rewrite rows in place after this step; the copy is differentiable, so the
+            # gradient still reaches the parameter.
+            codebook = weight.clone()
+        else:
+            codebook = weight
         z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
                                       indices=indices)
         if self.ema:
@@ -297,6 +304,10 @@ class VectorQuantizer(nn.Module):
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
             self._update_statistics(rows, indices)
+        if restarts:
+            # After the search and the statistics: the new codes serve from the next step on, so their
+            # seed rows (this batch) cannot pick them right away and inflate their usage.
+            self._restart_dead_codes(rows)
         return z_q, loss, indices
 
     def _search(self, rows: Tensor, weight: Tensor) -> Tensor:
@@ -351,14 +362,15 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._needs_init = False
 
-    def _usage_share(self) -> Tensor:
+    def _usage_share(self, with_grace: bool = False) -> Tensor:
         """Bias-corrected running usage share of every code (0 before the first training step)."""
         correction = 1.0 - self.usage_decay ** self.usage_steps
-        return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
+        usage = self.usage + self.restart_grace if with_grace else self.usage
+        return torch.where(self.usage_steps > 0, usage / correction.clamp_min(1e-12), 0.0)
 
     def _dead_mask(self) -> Tensor:
         threshold = self.dead_code_threshold / self.num_embeddings
-        return (self._usage_share() < threshold) & (self.usage_steps > 0)
+        return (self._usage_share(with_grace=True) < threshold) & (self.usage_steps > 0)
 
     @torch.no_grad()
     def _restart_dead_codes(self, rows: Tensor) -> None:
@@ -367,9 +379,12 @@ class VectorQuantizer(nn.Module):
         candidates = self._random_rows(self._data_rows(rows), self.num_embeddings)
         weight = self.embeddings.weight
         weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
-        # A restarted code gets the uniform share 1/K again, i.e. a grace period before it can die.
+        # A restarted code starts over: no measured usage, and a grace credit of the uniform share 1/K
+        # that decays like the usage, so it survives ln(K * share_threshold) / ln(usage_decay) steps
+        # unused before it can be restarted again.
         fresh = (1.0 - self.usage_decay ** self.usage_steps) / self.num_embeddings
-        self.usage.copy_(torch.where(dead, fresh, self.usage))
+        self.usage.copy_(torch.where(dead, 0.0, self.usage))
+        self.restart_grace.copy_(torch.where(dead, fresh, self.restart_grace))
         if self.ema:
             self.ema_count.copy_(torch.where(dead, 1.0, self.ema_count))
             self.ema_sum.copy_(torch.where(dead.unsqueeze(1), candidates, self.ema_sum))
@@ -382,6 +397,7 @@ class VectorQuantizer(nn.Module):
         counts_f = counts.to(torch.float32)
         share = counts_f / counts_f.sum().clamp_min(1.0)
         self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
+        self.restart_grace.mul_(self.usage_decay)
         self.usage_steps.add_(1.0)
         if self.ema:
             sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
