@@ -9,7 +9,6 @@ graph (``torch.compile(fullgraph=True)``) and keeps identical codebooks on every
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -303,11 +302,11 @@ class VectorQuantizer(nn.Module):
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            self._update_statistics(rows, indices)
-        if restarts:
-            # After the search and the statistics: the new codes serve from the next step on, so their
-            # seed rows (this batch) cannot pick them right away and inflate their usage.
-            self._restart_dead_codes(rows)
+            counts = self._update_statistics(rows, indices)
+            if restarts:
+                # After the search and the statistics: the new codes serve from the next step on, so
+                # their seed rows (this batch) cannot pick them right away and inflate their usage.
+                self._restart_dead_codes(rows, counts)
         return z_q, loss, indices
 
     def _search(self, rows: Tensor, weight: Tensor) -> Tensor:
@@ -368,20 +367,22 @@ class VectorQuantizer(nn.Module):
         usage = self.usage + self.restart_grace if with_grace else self.usage
         return torch.where(self.usage_steps > 0, usage / correction.clamp_min(1e-12), 0.0)
 
-    def _dead_mask(self) -> Tensor:
+    def _dead_mask(self, counts: Tensor) -> Tensor:
+        """Codes below the usage threshold that this batch did not use (their gradient of this step
+        would otherwise land on the new code)."""
         threshold = self.dead_code_threshold / self.num_embeddings
-        return (self._usage_share(with_grace=True) < threshold) & (self.usage_steps > 0)
+        return (self._usage_share(with_grace=True) < threshold) & (self.usage_steps > 0) & (counts == 0)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, rows: Tensor) -> None:
+    def _restart_dead_codes(self, rows: Tensor, counts: Tensor) -> None:
         # Always computed and applied with masks: testing "any dead?" would cost a host sync per step.
-        dead = self._dead_mask()
+        dead = self._dead_mask(counts)
         candidates = self._random_rows(self._data_rows(rows), self.num_embeddings)
         weight = self.embeddings.weight
         weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
         # A restarted code starts over: no measured usage, and a grace credit of the uniform share 1/K
-        # that decays like the usage, so it survives ln(K * share_threshold) / ln(usage_decay) steps
-        # unused before it can be restarted again.
+        # that decays like the usage, so it survives ln(dead_code_threshold) / ln(usage_decay) steps
+        # unused (460 with the defaults) before it can be restarted again.
         fresh = (1.0 - self.usage_decay ** self.usage_steps) / self.num_embeddings
         self.usage.copy_(torch.where(dead, 0.0, self.usage))
         self.restart_grace.copy_(torch.where(dead, fresh, self.restart_grace))
@@ -390,7 +391,8 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.copy_(torch.where(dead.unsqueeze(1), candidates, self.ema_sum))
 
     @torch.no_grad()
-    def _update_statistics(self, rows: Tensor, indices: Tensor) -> None:
+    def _update_statistics(self, rows: Tensor, indices: Tensor) -> Tensor:
+        """Updates the running statistics (and the EMA codebook); returns this step's code counts."""
         k = self.num_embeddings
         counts = self._all_reduce_(_bincount(indices, k))
         self.batch_counts.copy_(counts)
@@ -407,6 +409,7 @@ class VectorQuantizer(nn.Module):
             total = self.ema_count.sum()
             smoothed = (self.ema_count + self.eps) / (total + k * self.eps) * total
             self.embeddings.weight.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        return counts
 
     # -- reporting -------------------------------------------------------------------------------
 
