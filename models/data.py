@@ -39,6 +39,7 @@ __all__ = [
     "load_svhn",
     "synthetic_images",
     "describe_source",
+    "dataset_label",
 ]
 
 log = logging.getLogger("vqfast.models")
@@ -47,6 +48,9 @@ SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample_2k.np
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Long enough for a slow mirror, short enough that an offline machine falls back quickly.
 _DOWNLOAD_TIMEOUT_S = 30.0
+
+
+_WARNED: set[str] = set()  # fallback warnings already given in this process
 
 
 class DatasetUnavailable(RuntimeError):
@@ -130,6 +134,11 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
+# Downloads that already failed in this process, by (dataset, root): a run loads its training and
+# test splits separately and should not wait for (and report) the same network failure twice.
+_FAILED_DOWNLOADS: dict[tuple[str, str], str] = {}
+
+
 def _open_torchvision(factory, name: str, root: Path, download: bool):
     """``factory(download=False)``; if the files are missing and ``download``, retry with download."""
     try:
@@ -137,12 +146,16 @@ def _open_torchvision(factory, name: str, root: Path, download: bool):
     except RuntimeError as missing:
         if not download:
             raise DatasetUnavailable(f"{name} not found under {root} and download=False ({missing})") from None
+    key = (name.split(" ")[0], str(root.resolve()))
+    if key in _FAILED_DOWNLOADS:
+        raise DatasetUnavailable(_FAILED_DOWNLOADS[key])
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return factory(download=True)
     except Exception as exc:  # urllib, socket, SSL and checksum errors all mean "not available here"
-        raise DatasetUnavailable(f"{name} is not under {root} and could not be downloaded: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        message = f"{name} is not under {root} and could not be downloaded: {type(exc).__name__}: {exc}"
+        _FAILED_DOWNLOADS[key] = message
+        raise DatasetUnavailable(message) from exc
 
 
 def load_cifar10(root: str | Path = "data", train: bool = True, download: bool = True) -> ImageArrayDataset:
@@ -200,6 +213,17 @@ def load_sample(train: bool = True) -> ImageArrayDataset:
     return ds
 
 
+def dataset_label(ds: Dataset, source: str = "") -> str:
+    """What a dataset really is (e.g. ``cifar10-sample-train`` after a fallback), for logs and titles."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    name = getattr(ds, "name", None)
+    if name:
+        return Path(name).name if "/" in str(name) else str(name)
+    root = getattr(ds, "root", None)
+    return Path(root).name if root else (describe_source(source) if source else type(ds).__name__)
+
+
 def describe_source(source: str) -> str:
     """A short, file-name-safe label for a data source (used in output file names)."""
     p = Path(source)
@@ -222,8 +246,13 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
         except DatasetUnavailable as exc:
             if not fallback:
                 raise
-            log.warning("%s\n-> using the bundled CIFAR-10 sample instead (%s): 2,000 training / 500 test "
-                        "images; numbers are not comparable with full CIFAR-10 runs.", exc, SAMPLE_PATH.name)
+            if str(exc) in _WARNED:
+                log.info("CIFAR-10 unavailable: using the bundled sample")
+            else:
+                _WARNED.add(str(exc))
+                log.warning("%s\n-> using the bundled CIFAR-10 sample instead (%s): 2,000 training / 500 "
+                            "test images; numbers are not comparable with full CIFAR-10 runs.", exc,
+                            SAMPLE_PATH.name)
             ds = load_sample(train)
     elif src == "svhn":
         ds = load_svhn(root, train=train, download=download)

@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from vqfast.models.autoencoders import MODEL_NAMES, build_model, count_parameters
-from vqfast.models.data import DatasetUnavailable, describe_source, load_dataset
+from vqfast.models.data import DatasetUnavailable, dataset_label, describe_source, load_dataset
 
 __all__ = [
     "TrainConfig",
@@ -99,7 +99,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh even if the run folder holds a checkpoint
     num_workers: int = 0
+    threads: int | None = None  # CPU intra-op threads (None: PyTorch's default)
     progress: bool = True
+    eval_data: str | None = None  # end-of-run evaluation source (None: the test split of ``data``)
     eval_limit: int | None = 2000  # test images for the end-of-run evaluation (None: all)
     grid_images: int = 16
 
@@ -167,7 +169,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device cuda requested but no CUDA device is available")
+            raise ValueError(f"device {device!r} requested but no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
@@ -527,6 +529,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
     cfg = _as_config(config)
     _validate(cfg)
     apply_backend(cfg.backend)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dist = _init_distributed(cfg.device)
     try:
         return _train(cfg, dist)
@@ -537,6 +541,9 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
 
 def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     device = resolve_device(cfg.device, dist.local_rank)
+    if cfg.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("backend triton runs on CUDA devices; on the CPU use backend torch (or auto), or set "
+                         "TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
     if cfg.amp and device.type != "cuda":
         print("--amp: bf16 autocast is used on CUDA only; training in fp32 on the CPU", file=sys.stderr)
     run_dir = Path(cfg.out) if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
@@ -595,13 +602,18 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         optimizer.load_state_dict(state["optimizer_state"])
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         shuffle_gen.set_state(state["shuffle_state"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
+        same_world = int(state.get("world_size", 1)) == dist.world_size
+        if not same_world:
+            print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
+                  f"{dist.world_size}; the continuation will not be bit-identical", file=sys.stderr)
+        mine = dist.rank if same_world else 0
+        _set_rng_state(state["rng"][mine])
         history = list(state["history"])
         step_losses = list(state["step_losses"])
         if start_batch:
-            acc_init = state["acc"].to(device)
-            counts_init = state["code_counts"].to(device) if state.get("code_counts") is not None else None
+            acc_init = state["acc"][mine].to(device)
+            saved_counts = state["code_counts"][mine]
+            counts_init = None if saved_counts is None else saved_counts.to(device)
         if dist.is_main:
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
             _print(f"Resuming {run_dir} at {where} of {epochs}", log_path)
@@ -614,7 +626,10 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     def checkpoint_state(epoch: int, batch: int, shuffle_state: torch.Tensor, acc: torch.Tensor | None,
                          counts: torch.Tensor | None) -> dict[str, Any] | None:
-        rngs = dist.gather_objects(_rng_state())  # every rank's RNG, so that a resume is exact everywhere
+        # Every rank's RNG state and partial sums, so that a resume is exact on every rank.
+        rngs = dist.gather_objects(_rng_state())
+        accs = dist.gather_objects(None if acc is None else acc.cpu())
+        counts_all = dist.gather_objects(None if counts is None else counts.cpu())
         if not dist.is_main:
             return None
         return {
@@ -626,8 +641,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             "batch": batch,
             "shuffle_state": shuffle_state,
             "rng": rngs,
-            "acc": None if acc is None else acc.cpu(),
-            "code_counts": None if counts is None else counts.cpu(),
+            "acc": accs,
+            "code_counts": counts_all,
             "history": history,
             "step_losses": step_losses,
             "world_size": dist.world_size,
@@ -644,7 +659,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         write_checkpoint(0, 0, shuffle_gen.get_state(), None, None)
     if dist.is_main:
         _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
-               f"[{describe_source(cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
+               f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
                f"{f' per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}", log_path)
 
     is_vq = cfg.model == "vqvae"
@@ -716,7 +731,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     test_metrics = None
     if dist.is_main:
-        test_metrics = _finish_run(model, cfg, run_dir, device, history, step_losses, steps_per_epoch, log_path)
+        test_metrics = _finish_run(model, cfg, train_set, run_dir, device, history, step_losses, steps_per_epoch,
+                                   log_path)
     dist.barrier()
     return TrainResult(run_dir=run_dir, model=model, config=cfg, history=history, test_metrics=test_metrics,
                        step_losses=step_losses)
@@ -764,27 +780,26 @@ def _epoch_line(rec: Mapping[str, Any], cfg: TrainConfig) -> str:
     return line + f" | {rec['seconds']:.1f} s"
 
 
-def _finish_run(model: nn.Module, cfg: TrainConfig, run_dir: Path, device: torch.device,
+def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, run_dir: Path, device: torch.device,
                 history: list[dict[str, Any]], step_losses: list[float], steps_per_epoch: int,
                 log_path: Path | None) -> dict[str, Any]:
     """Held-out evaluation and figures, written by rank 0 at the end of a run."""
     from vqfast.models import viz
 
     model.eval()
-    test_set = load_dataset(cfg.data, train=False, root=cfg.data_root, download=cfg.download,
+    test_set = load_dataset(cfg.eval_data or cfg.data, train=False, root=cfg.data_root, download=cfg.download,
                             limit=cfg.eval_limit, seed=cfg.seed)
+    train_label, test_label = dataset_label(train_set, cfg.data), dataset_label(test_set, cfg.eval_data or cfg.data)
     result = evaluate_model(model, test_set, device, batch_size=256, amp=cfg.amp, keep_images=cfg.grid_images)
-    train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
-                             limit=cfg.limit, seed=cfg.seed)
     baseline = mean_image_mse(test_set, mean_image(train_set))
-    test = {"event": "test", "epoch": len(history), "images": result["n"], "mse": result["mse"],
+    test = {"event": "test", "epoch": len(history), "data": test_label, "images": result["n"], "mse": result["mse"],
             "psnr": result["psnr"], "sse_per_image": float(result["sse"].mean()), "mean_image_mse": baseline}
-    lines = [f"Test ({describe_source(cfg.data)}, {result['n']} images): MSE/pixel {test['mse']:.5f} | "
+    lines = [f"Test ({test_label}, {result['n']} images): MSE/pixel {test['mse']:.5f} | "
              f"PSNR {test['psnr']:.2f} dB | SSE/image {test['sse_per_image']:.3f} | predicting the mean "
              f"training image instead: MSE/pixel {baseline:.5f}"]
 
     viz.save_loss_curve(history, run_dir / "loss_curve.png", step_losses, steps_per_epoch,
-                        title=f"{cfg.model} on {describe_source(cfg.data)}")
+                        title=f"{cfg.model} on {train_label}")
     viz.save_reconstruction_grid(result["originals"], result["reconstructions"], run_dir / "reconstructions.png")
 
     if "indices" in result:
@@ -821,6 +836,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, run_dir: Path, device: torch
     with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
         f.write(json.dumps(test) + "\n")
     summary = {"model": cfg.model, "parameters": count_parameters(model), "epochs": len(history),
+               "train_data": train_label, "train_images": len(train_set),
                "final_train": history[-1] if history else None, "test": test}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for line in lines:
@@ -968,7 +984,12 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing run in --out")
     a("--workers", dest="num_workers", type=int, default=0, help="DataLoader worker processes")
+    a("--threads", type=int, default=None,
+      help="CPU threads for PyTorch (default: its own choice; 1 is often fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--eval-data", default=None,
+      help="source for the end-of-run evaluation (default: the test split of --data; an .npz with only x/y "
+           "has no separate test split, so pass its held-out partner here)")
     a("--eval-limit", type=int, default=2000, help="test images for the end-of-run evaluation (0: all)")
 
 

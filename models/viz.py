@@ -89,7 +89,13 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
     if step_losses:
         spe = steps_per_epoch or len(step_losses)
         xs = [(i + 1) / spe for i in range(len(step_losses))]
-        ax.plot(xs, list(step_losses), color="tab:blue", alpha=0.3, linewidth=0.8, label="batch")
+        ax.plot(xs, list(step_losses), color="tab:blue", alpha=0.25, linewidth=0.8, label="batch")
+        window = max(1, min(len(step_losses) // 10, int(spe) // 2 or 1))
+        if window > 1:  # a running mean makes the trend readable through the batch-to-batch noise
+            kernel = torch.ones(window, dtype=torch.float64) / window
+            smooth = torch.nn.functional.conv1d(torch.tensor([[list(step_losses)]], dtype=torch.float64),
+                                                kernel.view(1, 1, -1)).flatten().tolist()
+            ax.plot(xs[window - 1:], smooth, color="tab:blue", linewidth=1.5, label=f"running mean ({window})")
     epochs = [h["epoch"] for h in history]
     losses = [h["avg_loss"] for h in history]
     if epochs:

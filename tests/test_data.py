@@ -16,6 +16,16 @@ from vqfast.models import data as data_mod
 from vqfast.models.data import DatasetUnavailable, load_cifar10, load_dataset, load_npz, load_svhn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make these
+    small convolutions ten times slower, while one thread costs little."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _images(n: int, seed: int) -> np.ndarray:
     """Random uint8 images (n, 32, 32, 3) with distinct channels (so a channel mix-up is visible)."""
     return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)

@@ -35,6 +35,16 @@ TINY_VQ = dict(model="vqvae", data="sample", limit=64, batch_size=16, num_codes=
                progress=False, eval_limit=32, grid_images=4)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make these
+    small convolutions ten times slower, while one thread costs little."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _cfg(base: dict[str, Any], out: Path, **changes: Any) -> TrainConfig:
     return TrainConfig(**{**base, "out": str(out), **changes})
 
@@ -215,6 +225,11 @@ def test_evaluate_reports_reconstruction_and_anomaly_scores(vq_run: train_mod.Tr
     assert evaluate_main(args) == 0
     out = capsys.readouterr().out
     assert "PSNR" in out and "anomaly score" in out
+    # the module's own entry point (python -m vqfast.models) reaches the same code
+    assert train_mod.main(["evaluate", str(vq_run.run_dir), "--data", "sample", "--limit", "20", "--ood",
+                           "synthetic", "--worst", "0", "--out", str(tmp_path / "m")]) == 0
+    assert "AUROC" in capsys.readouterr().out
+    assert train_mod.main(["evaluate", str(tmp_path / "no-such-run")]) == 2
 
 
 def test_evaluated_model_is_the_trained_one(vq_run: train_mod.TrainResult) -> None:
