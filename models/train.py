@@ -31,10 +31,10 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class TrainResult:
     interrupted: bool = False
 
 
-# ----------------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------------- utilities
 
 
 def _as_config(config: TrainConfig | Mapping[str, Any] | argparse.Namespace) -> TrainConfig:
