@@ -205,9 +205,9 @@ def _config(d: int) -> tuple[int, int, int, int]:
 def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    # 16-bit logit products are exact in the fp32 accumulator; the fp32 gradient products follow
-    # the requested precision.
-    return ("ieee" if dtype != torch.float32 else precision), precision
+    # 16-bit logit products are exact in the fp32 accumulator either way, and "tf32" is Triton's
+    # default (tensor-core) path for them; the fp32 gradient products follow the requested precision.
+    return ("tf32" if dtype != torch.float32 else precision), precision
 
 
 def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> int:
