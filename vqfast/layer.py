@@ -161,8 +161,10 @@ class VectorQuantizer(nn.Module):
     beta = 0.25 (it needs no extra state and works with any optimizer), plus dead-code restarts, which
     re-seed never-used codes after the first step and codes unused for a few hundred steps later. On
     the article's VQ-VAE (4,096 x 128 codes, CIFAR-10 10k, 10 epochs, Adam 1e-3, batch 64) this used
-    4,095 of the 4,096 codes (dead_code_threshold 0.1: 4,096, faster in the first epochs) at 20.0 dB
-    test PSNR, where the article's own settings (beta 1, no restarts) leave most codes unused.
+    4,095 of the 4,096 codes on the training images at 20.0 dB PSNR on the first 1,000 test images;
+    the article's settings (beta 1, no restarts, defects fixed) used 114 codes at 18.9 dB. (Same run:
+    ``dead_code_threshold=0.1`` 4,096 codes, 20.0 dB, more codes in the first epochs; ``ema=True``
+    4,096 codes, 20.3 dB; ``init="kmeans"`` 4,090 codes, 20.0 dB.)
     """
 
     def __init__(
