@@ -267,14 +267,15 @@ def soft_entropy_forward(
 
 def soft_entropy_backward(
     z: torch.Tensor, codebook: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, w: torch.Tensor,
-    coef: torch.Tensor, scale: float, precision: str = "ieee",
+    coef: torch.Tensor, scale: float, precision: str = "ieee", codebook_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(dz (N, D), dcodebook (K, D))``, float32, of ``coef * sum_i H_i + sum_j w_j P_j``.
 
     ``lse`` and ``ent`` come from :func:`soft_entropy_forward`; ``w`` (K,) and ``coef`` (a 1-element
     tensor, so no host sync is needed to read a gradient) define the loss as above, where ``H_i`` are
     the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
-    equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``.
+    equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
+    skips the codebook pass (dcodebook is then zeros).
     """
     _check(z, codebook)
     n, d = z.shape
@@ -298,6 +299,8 @@ def soft_entropy_backward(
     d_blocks = triton.cdiv(d, block_d)
     _grad_rows_kernel[(triton.cdiv(n, block_n), d_blocks)](
         z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
+    if not codebook_grad:
+        return dz, dc
     code_blocks = triton.cdiv(k, block_k)
     splits = _splits(n, block_n, code_blocks * d_blocks, device)
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n

@@ -139,3 +139,15 @@ def test_empty_and_errors():
 
     with pytest.raises(ValueError, match="expected z"):
         soft_entropy_forward(torch.randn(3, 5, device=DEVICE), c.detach(), 1.0)
+
+
+def test_frozen_codebook_skips_its_gradient():
+    """With a codebook that needs no gradient (EMA), only dz is computed, and it is unchanged."""
+    torch.manual_seed(4)
+    z = torch.randn(23, 6).to(DEVICE).requires_grad_()
+    codebook = torch.randn(14, 6).to(DEVICE)
+    sample, batch = soft_assignment_entropy(z, codebook, temperature=1.5)
+    (sample - batch).backward()
+    ref = _reference(z, codebook, 1.5, "l2")
+    (ref[0] - ref[1]).backward()
+    torch.testing.assert_close(z.grad.double().cpu(), ref[2].grad, rtol=1e-3, atol=1e-5)

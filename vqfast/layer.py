@@ -90,7 +90,8 @@ class _SoftEntropy(torch.autograd.Function):
         w = -grad_batch * torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) / n
         w = w - (avg * w).sum()
         coef = (grad_sample / n).reshape(1)
-        dz, dc = ops_layer.soft_entropy_backward(rows, codebook, lse, ent, w, coef, ctx.scale, ctx.precision)
+        dz, dc = ops_layer.soft_entropy_backward(rows, codebook, lse, ent, w, coef, ctx.scale, ctx.precision,
+                                                 ctx.needs_input_grad[1])
         return (dz.to(rows.dtype) if ctx.needs_input_grad[0] else None,
                 dc.to(codebook.dtype) if ctx.needs_input_grad[1] else None, None, None)
 

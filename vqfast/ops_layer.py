@@ -27,12 +27,12 @@ def _(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor
 
 @torch.library.custom_op("vqfast::soft_entropy_backward", mutates_args=())
 def soft_entropy_backward(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
-                          scale: float, precision: str) -> tuple[Tensor, Tensor]:
+                          scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
     """fp32 gradients ``(dz, dcodebook)`` of ``coef * sum(entropy) + (w * colsum).sum()``."""
-    return _soft_entropy.soft_entropy_backward(z, codebook, lse, ent, w, coef, scale, precision)
+    return _soft_entropy.soft_entropy_backward(z, codebook, lse, ent, w, coef, scale, precision, codebook_grad)
 
 
 @soft_entropy_backward.register_fake
 def _(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
-      scale: float, precision: str) -> tuple[Tensor, Tensor]:
+      scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
     return z.new_empty(z.shape, dtype=torch.float32), codebook.new_empty(codebook.shape, dtype=torch.float32)
