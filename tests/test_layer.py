@@ -218,6 +218,21 @@ def test_ema_matches_plain_pytorch(backend, device):
     assert (vq.embeddings.weight.cpu() - initial).abs().max() > 1e-2
 
 
+def test_ema_follows_codes_set_from_outside(backend, device):
+    """A model may re-initialise or load the codes after construction; the averages start from them."""
+    torch.manual_seed(31)
+    vq = VectorQuantizer(10, 4, ema=True, decay=0.8, dead_code_threshold=0.0).to(device)
+    with torch.no_grad():
+        nn.init.xavier_normal_(vq.embeddings.weight)  # what ConvVQVAE(codebook_init="xavier_normal") does
+        vq.embeddings.weight.mul_(20)
+    oracle = PlainEMA(vq.embeddings.weight.cpu(), 0.8, 1e-5, 0.25)
+    for _ in range(2):
+        rows = torch.randn(30, 4)
+        vq(rows.to(device))
+        oracle.step(rows)
+    torch.testing.assert_close(vq.embeddings.weight.double().cpu(), oracle.weight, rtol=1e-5, atol=1e-6)
+
+
 def test_ema_eval_does_not_update(backend, device):
     torch.manual_seed(4)
     vq = VectorQuantizer(8, 3, ema=True).to(device).eval()
@@ -284,8 +299,6 @@ def _dead_code_setup(device, threshold: float, **kwargs):
     vq = VectorQuantizer(K, D, dead_code_threshold=threshold, usage_decay=0.5, **kwargs).to(device)
     with torch.no_grad():
         vq.embeddings.weight.copy_(torch.cat([torch.randn(4, D) + 5, torch.full((4, D), -100.0)]).to(device))
-    if vq.ema:
-        vq.ema_sum.copy_(vq.embeddings.weight)
     return vq
 
 
@@ -301,7 +314,7 @@ def test_dead_codes_are_revived(backend, device, ema):
     for code in revived:
         assert (batches[0] - code).abs().sum(1).min() < 1e-5  # each one is an encoder output
     if ema:
-        torch.testing.assert_close(vq.ema_sum[4:], revived)
+        assert (vq.ema_count[4:] == 1).all()  # their running averages start over
     assert vq.codebook_usage()["codes_used"] <= 4  # reported usage is measured, not the restart credit
     for z in batches[1:]:
         vq(z)

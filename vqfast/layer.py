@@ -249,9 +249,10 @@ class VectorQuantizer(nn.Module):
         self._needs_init = init == "kmeans"
         if self.ema:
             self.embeddings.weight.requires_grad_(False)
-            # Counts start at 1 and sums at the codes, so that sums / counts is the initial codebook.
+            # Running (decayed) counts per code, started at 1. The matching running sums are not stored:
+            # they equal codebook * smoothed counts at every step (see _update_statistics), so codes set
+            # from outside (re-initialised, loaded, restarted) never disagree with the averages.
             self.register_buffer("ema_count", torch.ones(k))
-            self.register_buffer("ema_sum", self.embeddings.weight.detach().clone())
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -366,7 +367,6 @@ class VectorQuantizer(nn.Module):
             centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
         self.embeddings.weight.copy_(centroids)
         if self.ema:
-            self.ema_sum.copy_(centroids)
             self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
         self._needs_init = False
@@ -398,7 +398,12 @@ class VectorQuantizer(nn.Module):
         self.restart_grace.copy_(torch.where(dead, fresh, self.restart_grace))
         if self.ema:
             self.ema_count.copy_(torch.where(dead, 1.0, self.ema_count))
-            self.ema_sum.copy_(torch.where(dead.unsqueeze(1), candidates, self.ema_sum))
+
+    def _smoothed_counts(self) -> Tensor:
+        """Laplace-smoothed running counts: (N_k + eps) / (n + K eps) * n, n = sum_k N_k, so that rarely
+        used codes never divide by ~0."""
+        total = self.ema_count.sum()
+        return (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
 
     @torch.no_grad()
     def _update_statistics(self, rows: Tensor, indices: Tensor) -> Tensor:
@@ -413,12 +418,14 @@ class VectorQuantizer(nn.Module):
         self.usage_steps.add_(1.0)
         if self.ema:
             sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
+            weight = self.embeddings.weight
+            # The paper's running sums m = codebook * smoothed counts; m <- decay m + (1 - decay) sums.
+            running_sums = weight.float() * self._smoothed_counts().unsqueeze(1)
+            running_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
             self.ema_count.mul_(self.decay).add_(counts_f, alpha=1.0 - self.decay)
-            self.ema_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-            # Laplace smoothing keeps rarely used codes from dividing by ~0.
-            total = self.ema_count.sum()
-            smoothed = (self.ema_count + self.eps) / (total + k * self.eps) * total
-            self.embeddings.weight.copy_(self.ema_sum / smoothed.unsqueeze(1))
+            smoothed = self._smoothed_counts().unsqueeze(1)
+            # (Only eps = 0 with a never-used code gives 0: that code keeps its value.)
+            weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
         return counts
 
     # -- reporting -------------------------------------------------------------------------------
@@ -476,12 +483,6 @@ class VectorQuantizer(nn.Module):
             state_dict[key] = torch.tensor(True)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.ema and "ema_sum" in missing and prefix + "embeddings.weight" in state_dict:
-            # Codes loaded without EMA state: restart the averages from them (the child module loads
-            # the weight itself after this, so read it from the checkpoint).
-            with torch.no_grad():
-                self.ema_sum.copy_(state_dict[prefix + "embeddings.weight"])
-                self.ema_count.fill_(1.0)
 
     def extra_repr(self) -> str:
         parts = [f"{self.num_embeddings}, {self.embedding_dim}", f"beta={self.beta}", f"metric={self.metric!r}",
