@@ -274,15 +274,31 @@ class ConvVQVAE(nn.Module):
 MODEL_NAMES = ("ae", "vae", "vqvae")
 
 
+VQ_PRESETS = ("vqfast", "article")
+
+
 def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_dim: int = 128,
                 beta: float | None = None, kl_weight: float = 0.1,
-                codebook_init: str | None = "xavier_normal", vq_kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Build ``"ae"``, ``"vae"`` or ``"vqvae"`` from the training options (``beta=None``: 1.0)."""
+                codebook_init: str | None = "xavier_normal", vq_kwargs: dict[str, Any] | None = None,
+                vq_preset: str = "vqfast") -> nn.Module:
+    """Build ``"ae"``, ``"vae"`` or ``"vqvae"`` from the training options.
+
+    ``vq_preset`` sets the VQ-VAE's quantizer defaults: "vqfast" (the layer's own: beta 0.25 and
+    dead-code restarts) or "article" (beta 1 and no restarts, the article's settings with its defects
+    fixed). ``beta`` and ``vq_kwargs`` override the preset.
+    """
     if name == "ae":
         return ConvAE(latent_dim)
     if name == "vae":
         return ConvVAE(latent_dim, kl_weight=kl_weight)
     if name == "vqvae":
-        return ConvVQVAE(num_codes, code_dim, beta=1.0 if beta is None else beta,
-                         codebook_init=codebook_init, **(vq_kwargs or {}))
+        if vq_preset not in VQ_PRESETS:
+            raise ValueError(f"vq_preset must be one of {VQ_PRESETS}, got {vq_preset!r}")
+        preset: dict[str, Any] = {"beta": 0.25}
+        if vq_preset == "article":
+            preset = {"beta": 1.0, "dead_code_threshold": 0.0}
+        preset.update(vq_kwargs or {})
+        if beta is not None:
+            preset["beta"] = beta
+        return ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

@@ -83,7 +83,8 @@ class TrainConfig:
     latent_dim: int = 1024
     num_codes: int = 4096
     code_dim: int = 128
-    beta: float | None = None  # None: 1.0, the article's 1:1 weighting of the two VQ terms
+    beta: float | None = None  # None: the VQ preset's (0.25 for "vqfast", 1.0 for "article")
+    vq_preset: str = "vqfast"  # vqfast: the layer's defaults; article: beta 1, no dead-code restarts
     kl_weight: float = 0.1
     codebook_init: str | None = "xavier_normal"  # None: the layer's own initialisation
     vq_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class TrainConfig:
 
 
 # Fields that define the model and the data stream; on resume the saved values win over new ones.
-_FROZEN_ON_RESUME = ("model", "batch_size", "latent_dim", "num_codes", "code_dim", "beta", "kl_weight",
+_FROZEN_ON_RESUME = ("model", "batch_size", "latent_dim", "num_codes", "code_dim", "beta", "vq_preset", "kl_weight",
                      "codebook_init", "vq_kwargs", "seed", "data", "limit")
 
 
@@ -198,7 +199,8 @@ def _autocast(device: torch.device, amp: bool):
 
 def _model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return dict(latent_dim=cfg.latent_dim, num_codes=cfg.num_codes, code_dim=cfg.code_dim, beta=cfg.beta,
-                kl_weight=cfg.kl_weight, codebook_init=cfg.codebook_init, vq_kwargs=cfg.vq_kwargs)
+                kl_weight=cfg.kl_weight, codebook_init=cfg.codebook_init, vq_kwargs=cfg.vq_kwargs,
+                vq_preset=cfg.vq_preset)
 
 
 def _print(msg: str, log_path: Path | None = None) -> None:
@@ -963,7 +965,11 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--latent-dim", type=int, default=1024, help="latent size of the AE and VAE")
     a("--codes", dest="num_codes", type=int, default=4096, help="VQ-VAE codebook size")
     a("--code-dim", type=int, default=128, help="VQ-VAE code dimension")
-    a("--beta", type=float, default=None, help="VQ commitment weight (default 1.0, the article's 1:1)")
+    a("--beta", type=float, default=None,
+      help="VQ commitment weight (default: the preset's, 0.25 for vqfast, 1.0 for article)")
+    a("--vq-preset", choices=("vqfast", "article"), default="vqfast",
+      help="VQ-VAE quantizer settings: vqfast (beta 0.25, dead-code restarts: keeps the codebook alive) or "
+           "article (beta 1, no restarts: the article's settings with its defects fixed)")
     a("--kl-weight", type=float, default=0.1, help="VAE weight of the KL term")
     a("--codebook-init", choices=("xavier_normal", "layer"), default="xavier_normal",
       help="xavier_normal (the article's) or the VQ layer's own initialisation")

@@ -153,3 +153,16 @@ def test_vqvae_options_reach_the_layer() -> None:
 def test_build_model_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         build_model("gan")
+
+
+def test_vq_presets():
+    from vqfast.models.autoencoders import build_model
+
+    default = build_model("vqvae", num_codes=16, code_dim=8)
+    assert default.quantizer.beta == 0.25 and default.quantizer.dead_code_threshold > 0
+    article = build_model("vqvae", num_codes=16, code_dim=8, vq_preset="article")
+    assert article.quantizer.beta == 1.0 and article.quantizer.dead_code_threshold == 0
+    override = build_model("vqvae", num_codes=16, code_dim=8, vq_preset="article", beta=0.5)
+    assert override.quantizer.beta == 0.5 and override.quantizer.dead_code_threshold == 0
+    with pytest.raises(ValueError, match="vq_preset"):
+        build_model("vqvae", vq_preset="best")
