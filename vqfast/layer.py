@@ -151,8 +151,10 @@ class VectorQuantizer(nn.Module):
     averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``); the codebook then
     gets no gradient. ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
     (``kmeans_iters`` Lloyd iterations on the first training batch). ``dead_code_threshold``: in
-    training, codes whose running usage share falls below this fraction of the uniform share 1/K are
-    re-seeded from random encoder outputs of the current batch (0 disables). ``usage_decay`` is the
+    training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
+    that the current batch did not use) are re-seeded from random encoder outputs of the current batch
+    at the end of the step, with a grace period before they can be re-seeded again (0 disables). Never
+    used codes are re-seeded after the first training step. ``usage_decay`` is the
     decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
     (codes and inputs l2-normalised). ``precision`` of the search: "fp32" (exact), "tf32" or "bf16".
     Under ``torch.distributed``, statistics are summed over ranks and random choices come from rank 0,
