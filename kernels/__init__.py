@@ -7,6 +7,8 @@ time. With ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernel
 from vqfast.kernels.gather import gather_rows, scatter_add_rows
 from vqfast.kernels.nearest import nearest_code
 from vqfast.kernels.quantize import quantize_backward, quantize_forward
+from vqfast.kernels.soft_entropy import soft_entropy_backward, soft_entropy_forward
 from vqfast.kernels.usage import code_usage
 
-__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "code_usage", "quantize_forward", "quantize_backward"]
+__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "code_usage", "quantize_forward", "quantize_backward",
+           "soft_entropy_forward", "soft_entropy_backward"]

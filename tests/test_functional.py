@@ -199,3 +199,15 @@ def test_quantize_mixed_dtypes_search_in_codebook_precision(monkeypatch):
     assert z_q.dtype == torch.float16 and loss.dtype == torch.float32
     ref_idx, _ = reference.nearest_code(z16.detach().float(), c)
     assert torch.equal(idx, ref_idx)
+
+
+def test_public_ops_compile_without_graph_breaks(triton_backend, kernel_device):
+    z, c = _pair(n=24, k=10, d=8, seed=6, device=kernel_device)
+
+    def step(z, c):
+        idx, dist = vqfast.nearest_code(z, c)  # default precision is read inside the graph
+        counts, entropy, _ = vqfast.code_usage(idx, c.shape[0])
+        return vqfast.gather(c, idx).sum() + dist.sum() + entropy + counts.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z, c), step(z, c))

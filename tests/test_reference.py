@@ -75,3 +75,12 @@ def test_soft_assignment_entropy_matches_dense_formula():
     torch.testing.assert_close(batch, exp_batch, rtol=1e-4, atol=1e-5)
     (sample - batch).backward()
     assert z.grad is not None and c.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_soft_assignment_entropy_gradient_is_finite_at_low_temperature():
+    g = torch.Generator().manual_seed(2)
+    z = (3 * torch.randn(50, 70, generator=g)).requires_grad_()
+    c = (3 * torch.randn(40, 70, generator=g)).requires_grad_()
+    sample, batch = reference.soft_assignment_entropy(z, c, temperature=0.05)
+    (sample - batch).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()

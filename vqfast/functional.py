@@ -51,6 +51,12 @@ def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> s
     return "triton" if device.type == "cuda" and _triton_importable() else "torch"
 
 
+@torch.compiler.assume_constant_result
+def _default_precision() -> str:
+    # Read once per compiled graph: torch.compile cannot trace the global getter itself.
+    return torch.get_float32_matmul_precision()
+
+
 def _ops():
     # Imported lazily: importing vqfast must not need triton.
     from vqfast import ops
@@ -87,7 +93,7 @@ def nearest_code(
     if metric == "cosine":
         rows = F.normalize(rows, dim=-1)
         codes = F.normalize(codebook, dim=-1)
-    precision = precision or torch.get_float32_matmul_precision()
+    precision = precision or _default_precision()
     indices, distances = _ops().nearest_code(rows.detach(), codes.detach(), precision, 0)
     if metric == "cosine":
         distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
@@ -113,20 +119,22 @@ class _GatherRows(torch.autograd.Function):
         return grad_codebook, None
 
 
-def gather(codebook: Tensor, indices: Tensor) -> Tensor:
+def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Tensor:
     """Rows of ``codebook`` (K, D) at ``indices`` (any shape): ``codebook[indices]``, shape ``indices.shape + (D,)``.
 
     Differentiable w.r.t. ``codebook``: the backward is ``zeros(K, D).index_add_(0, indices, grad)``
-    accumulated in fp32. Raises ValueError for indices outside [0, K).
+    accumulated in fp32. Raises ValueError for indices outside [0, K); that check reads the indices'
+    range on the host (a device sync, skipped under ``torch.compile``): pass ``check_indices=False``
+    for indices known to be valid, such as those from :func:`nearest_code`.
     """
-    check_gather_inputs(codebook, indices)
+    check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
         return reference.gather(codebook, indices)
     flat = indices.reshape(-1).to(torch.int64)
     return _GatherRows.apply(codebook, flat).reshape(*indices.shape, codebook.shape[1])
 
 
-def code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor, Tensor]:
+def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(counts, entropy, perplexity)`` of code indices, computed on the indices' device.
 
     Plain PyTorch::
@@ -135,9 +143,11 @@ def code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor, Tensor]
         p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
 
     ``counts`` is int64 (num_codes,); entropy (nats, 0 log 0 = 0) and perplexity are float32 scalars.
-    No indices at all give entropy 0 and perplexity 1.
+    No indices at all give entropy 0 and perplexity 1. Indices outside [0, num_codes) raise ValueError
+    (a host-side check, skipped with ``check_indices=False`` and under ``torch.compile``).
     """
-    check_usage_inputs(indices, num_codes, check_range=indices.device.type != "cuda")
+    check_usage_inputs(indices, num_codes,
+                       check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(indices.device) == "torch":
         return reference.code_usage(indices, num_codes)
     counts, stats = _ops().code_usage(indices.reshape(-1).to(torch.int64), num_codes)

@@ -177,5 +177,6 @@ def soft_assignment_entropy(
         sample_sum = sample_sum + s
         p_sum = p_sum + ps
     avg = p_sum / n
-    batch_entropy = -torch.special.xlogy(avg, avg).sum()
+    # avg can underflow to 0 in fp32 (low temperature): clamp inside the log so the gradient stays finite.
+    batch_entropy = -(avg * avg.clamp_min(torch.finfo(avg.dtype).tiny).log()).sum()
     return sample_sum / n, batch_entropy
