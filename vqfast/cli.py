@@ -16,25 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vqfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    try:
-        from vqfast.models import train as train_mod
-    except ImportError:  # models not available: keep --help/--version working
-        train_mod = None
-    if train_mod is not None and hasattr(train_mod, "configure_train_parser"):
-        p = sub.add_parser("train", help="train an AE, VAE or VQ-VAE on CIFAR-10 (or another source)")
-        train_mod.configure_train_parser(p)
-        p.set_defaults(handler=train_mod.train_main)
-        p = sub.add_parser("evaluate", help="reconstruction error and anomaly scores of a trained run")
-        train_mod.configure_evaluate_parser(p)
-        p.set_defaults(handler=train_mod.evaluate_main)
-    try:
-        from vqfast import bench as bench_mod
-    except ImportError:
-        bench_mod = None
-    if bench_mod is not None:
-        p = sub.add_parser("bench", help="time the kernels and a training step against plain PyTorch (needs a GPU)")
-        bench_mod.configure_parser(p)
-        p.set_defaults(handler=bench_mod.main)
+    # Imported here, not at module level: `vqfast --version` stays fast and CUDA is never queried.
+    from vqfast import bench as bench_mod
+    from vqfast.models import train as train_mod
+
+    p = sub.add_parser("train", help="train an AE, VAE or VQ-VAE on CIFAR-10 (or another source)")
+    train_mod.configure_train_parser(p)
+    p.set_defaults(handler=train_mod.train_main)
+    p = sub.add_parser("evaluate", help="reconstruction error and anomaly scores of a trained run")
+    train_mod.configure_evaluate_parser(p)
+    p.set_defaults(handler=train_mod.evaluate_main)
+    p = sub.add_parser("bench", help="time the kernels and a training step against plain PyTorch (needs a GPU)")
+    bench_mod.configure_parser(p)
+    p.set_defaults(handler=bench_mod.main)
     return parser
 
 
