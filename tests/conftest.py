@@ -40,3 +40,13 @@ def triton_backend(monkeypatch):
 def torch_backend(monkeypatch):
     monkeypatch.setenv("VQFAST_BACKEND", "torch")
     yield "torch"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make small
+    convolutions ten times slower, while one thread costs little."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,14 +16,7 @@ from vqfast.models import data as data_mod
 from vqfast.models.data import DatasetUnavailable, load_cifar10, load_dataset, load_npz, load_svhn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make these
-    small convolutions ten times slower, while one thread costs little."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _images(n: int, seed: int) -> np.ndarray:

@@ -9,14 +9,7 @@ from torch.utils.data import DataLoader
 from vqfast.models import ConvAE, ConvVAE, ConvVQVAE, build_model, count_parameters, load_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make these
-    small convolutions ten times slower, while one thread costs little."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,14 +35,7 @@ TINY_VQ = dict(model="vqvae", data="sample", limit=64, batch_size=16, num_codes=
                progress=False, eval_limit=32, grid_images=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a busy 2-core machine, OpenMP threads waiting for each other make these
-    small convolutions ten times slower, while one thread costs little."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cfg(base: dict[str, Any], out: Path, **changes: Any) -> TrainConfig:
