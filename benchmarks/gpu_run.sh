@@ -22,6 +22,8 @@ esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
+# Compiled kernels and autotuning results are reused by later commands on the same machine.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
 START=$(date +%s)
 TOTAL="${GPU_RUN_SECONDS:-570}"
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -51,8 +53,8 @@ fi
 STATUS=0
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   echo "== GPU tests"
-  TEST_LIMIT="${GPU_TEST_SECONDS:-240}"
-  timeout "$TEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+  TEST_LIMIT="${GPU_TEST_SECONDS:-420}"
+  timeout "$TEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 > "$OUT/pytest_gpu.log" 2>&1
   RC=$?
   tail -25 "$OUT/pytest_gpu.log"
   echo "pytest -m gpu exit code: $RC (5 = no GPU tests collected, 124 = stopped after ${TEST_LIMIT} s)" | tee -a "$OUT/pytest_gpu.log"

@@ -8,7 +8,7 @@ from vqfast.kernels.gather import gather_rows, scatter_add_rows
 from vqfast.kernels.nearest import nearest_code
 from vqfast.kernels.quantize import quantize_backward, quantize_forward
 from vqfast.kernels.soft_entropy import soft_entropy_backward, soft_entropy_forward
-from vqfast.kernels.usage import code_usage
+from vqfast.kernels.usage import bincount, code_usage
 
-__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "code_usage", "quantize_forward", "quantize_backward",
+__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "bincount", "code_usage", "quantize_forward", "quantize_backward",
            "soft_entropy_forward", "soft_entropy_backward"]

@@ -37,7 +37,7 @@ def _scatter_add_rows_kernel(
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     g = tl.load(grad_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                 mask=mask, other=0.0).to(tl.float32)
-    tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask)
+    tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask, sem="relaxed")
 
 
 def _blocks(n: int, d: int) -> tuple[int, int]:
@@ -49,6 +49,7 @@ def _blocks(n: int, d: int) -> tuple[int, int]:
 def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices`` (values assumed in range): (N, D) in the codebook's dtype."""
     check_launchable(codebook, indices)
+    indices = indices.contiguous()  # the kernels read indices with unit stride
     n, d = indices.shape[0], codebook.shape[1]
     out = torch.empty((n, d), dtype=codebook.dtype, device=codebook.device)
     if n == 0 or d == 0:
@@ -67,6 +68,7 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``.
     """
     check_launchable(grad, indices)
+    indices = indices.contiguous()
     n, d = grad.shape
     acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)
     if n > 0 and d > 0:

@@ -14,22 +14,26 @@ import triton.language as tl
 
 from vqfast.kernels._common import check_launchable, interpreting, multiprocessor_count, next_power_of_2
 
-# Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices.
+# Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
+# (CUDA-core FMA products) keeps slices small.
 _MAX_SINGLE_D = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
+_MAX_SINGLE_D_IEEE_FP32 = 32
 _LOOP_BLOCK_D = 64
 # Split granularity along K: a multiple of every BLOCK_K the autotuner may pick.
 _SPLIT_ALIGN = 256
 
 
-@triton.jit
+# Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
+# kernel instead of compiling (and autotuning) another variant.
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn"])
 def _nearest_code_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr,
+    z_ptr, c_ptr, c_sqnorm_ptr, flag_ptr,
     score_ptr, index_ptr, dist_ptr, second_ptr,
     N, K, D, codes_per_split, N_BUCKET,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr,
-    TRACK_SECOND: tl.constexpr,
+    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -41,6 +45,11 @@ def _nearest_code_kernel(
 
     k_begin = pid_s * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
+    if HAS_FLAGS:
+        # Re-search of flagged rows only: blocks without one skip the codebook loop (their outputs are
+        # discarded by the caller), so no host-side list of rows is needed.
+        flags = tl.load(flag_ptr + offs_n, mask=mask_n, other=0)
+        k_end = tl.where(tl.max(flags, axis=0) > 0, k_end, k_begin)
 
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
@@ -81,8 +90,8 @@ def _nearest_code_kernel(
         score = c_sqnorm[None, :] - 2.0 * acc
         # NaN never wins: a row whose scores are all NaN keeps a valid index.
         score = tl.where(score == score, score, float("inf"))
-        tile_best = tl.min(score, axis=1)
-        tile_arg = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int32)
+        tile_best, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        tile_arg = tile_arg.to(tl.int32)
         tile_index = tile_arg + k0
         if TRACK_SECOND:
             # Runner-up score, so reduced-precision searches can spot rows whose winner is uncertain.
@@ -124,9 +133,18 @@ def _autotune_configs() -> list[triton.Config]:
 
 # Keyed on a power-of-two bucket of N (not N itself), so a ragged last batch reuses the tuned config.
 # The interpreter cannot benchmark, so it runs the plain kernel with a fixed configuration.
+def _prune_configs(configs, named_args, **kwargs):
+    # Exact fp32 products run on the CUDA cores, where large tiles only add compile time and spills.
+    if kwargs.get("INPUT_PRECISION") == "ieee":
+        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64]
+        return small[:3] or configs[:1]
+    return configs
+
+
 _nearest_code_autotuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND"],
+    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_nearest_code_kernel)
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
@@ -156,14 +174,18 @@ def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device
 
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
-            num_splits: int | None, track_second: bool):
-    """One kernel pass: ``(indices, distances, runner_up_scores or None)``."""
+            num_splits: int | None, track_second: bool, flags: torch.Tensor | None = None):
+    """One kernel pass: ``(indices, distances, runner_up_scores or None)``; with ``flags`` (int8 (N,)),
+    only the row blocks holding a flagged row are searched and the other rows' outputs are undefined."""
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
     indices = torch.empty(n, dtype=torch.int64, device=device)
     distances = torch.empty(n, dtype=torch.float32, device=device)
-    single_d = d <= _MAX_SINGLE_D[z.dtype]
+    max_single_d = _MAX_SINGLE_D[z.dtype]
+    if z.dtype == torch.float32 and input_precision == "ieee":
+        max_single_d = _MAX_SINGLE_D_IEEE_FP32
+    single_d = d <= max_single_d
     block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
     interp = interpreting()
     nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
@@ -184,12 +206,12 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         stride_sn = splits
 
     args = (
-        z, codebook, c_sqnorm, scores, part_index, distances, second,
+        z, codebook, c_sqnorm, flags if flags is not None else c_sqnorm, scores, part_index, distances, second,
         n, k, d, codes_per_split, next_power_of_2(n),
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
     meta = dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second)
+                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None)
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -243,18 +265,18 @@ def nearest_code(
     if n == 0:
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device))
-    c_sqnorm = codebook.float().pow(2).sum(1)
+    c_sqnorm = codebook.float().square().sum(1)
     rescore = z.dtype == torch.float32 and input_precision == "tf32"
     indices, distances, runner_up = _search(z, codebook, c_sqnorm, input_precision, num_splits, rescore)
     if rescore:
         # distances = ||z||^2 + best score, so runner_up - (distances - ||z||^2) is the score gap.
-        z_sqnorm = z.float().pow(2).sum(1)
+        z_sqnorm = z.square().sum(1)  # fp32 input here
         gap = runner_up - (distances - z_sqnorm)
         bound = (_TF32_ERROR * tie_tolerance_scale * (1.0 + d * 2.0**-13)) * z_sqnorm.sqrt() * c_sqnorm.max().sqrt()
-        uncertain = (gap <= 2.0 * bound).nonzero().squeeze(1)
-        if uncertain.numel() > 0:
-            exact_idx, exact_dist, _ = _search(z.index_select(0, uncertain), codebook, c_sqnorm, "ieee",
-                                               num_splits, False)
-            indices = indices.index_copy(0, uncertain, exact_idx)
-            distances = distances.index_copy(0, uncertain, exact_dist)
+        # No host sync: a second pass over the blocks that hold an uncertain row, merged with where().
+        uncertain = gap <= 2.0 * bound
+        exact_idx, exact_dist, _ = _search(z, codebook, c_sqnorm, "ieee", num_splits, False,
+                                           flags=uncertain.to(torch.int8))
+        indices = torch.where(uncertain, exact_idx, indices)
+        distances = torch.where(uncertain, exact_dist, distances)
     return indices, distances

@@ -48,7 +48,7 @@ def _vq_backward_kernel(
     grad_zq_ptr, grad_loss_ptr, z_ptr, c_ptr, index_ptr, grad_z_ptr, grad_c_ptr,
     N, D, coef_codebook, coef_commit,
     stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
-    HAS_GRAD_ZQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GRAD_ZQ: tl.constexpr, NEED_GRAD_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -65,7 +65,9 @@ def _vq_backward_kernel(
         grad_z += tl.load(grad_zq_ptr + offs_n64[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                           mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_z_ptr + offs_n64[:, None] * D + offs_d[None, :], grad_z.to(z.dtype), mask=mask)
-    tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask)
+    if NEED_GRAD_C:
+        tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask,
+                      sem="relaxed")
 
 
 def _row_block(d: int) -> tuple[int, int]:
@@ -78,6 +80,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
     check_launchable(z, codebook, indices)
+    indices = indices.contiguous()  # the kernels read indices with unit stride
     n, d = z.shape
     z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
     if n == 0:
@@ -93,13 +96,19 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
 
 
 def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: torch.Tensor,
-                      codebook: torch.Tensor, indices: torch.Tensor,
-                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring)."""
+                      codebook: torch.Tensor, indices: torch.Tensor, beta: float,
+                      need_grad_codebook: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring).
+
+    With ``need_grad_codebook=False`` the scatter-add is skipped and ``dcodebook`` is an empty (0, D)
+    tensor.
+    """
     check_launchable(z, codebook, indices)
+    indices = indices.contiguous()
     n, d = z.shape
     grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)
-    grad_c = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
+    c_shape = codebook.shape if need_grad_codebook else (0, d)
+    grad_c = torch.zeros(c_shape, dtype=torch.float32, device=z.device)
     if n > 0:
         block_n, block_d = _row_block(d)
         coef = 2.0 / (n * d)
@@ -110,7 +119,8 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
         _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, d,
                                   coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
                                   codebook.stride(0), codebook.stride(1),
-                                  HAS_GRAD_ZQ=has_gzq, BLOCK_N=block_n, BLOCK_D=block_d)
+                                  HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
+                                  BLOCK_N=block_n, BLOCK_D=block_d)
     elif grad_zq is not None:
         grad_z.copy_(grad_zq)
     return grad_z, (grad_c if codebook.dtype == torch.float32 else grad_c.to(codebook.dtype))

@@ -188,7 +188,7 @@ def _grad_codes_kernel(
     dc = (2.0 * scale) * (acc - c_out * g_col[:, None])
     # Row splits of the same code block add into one fp32 output.
     tl.atomic_add(dc_ptr + offs_k.to(tl.int64)[:, None] * D + offs_do[None, :], dc,
-                  mask=mask_k[:, None] & mask_do[None, :])
+                  mask=mask_k[:, None] & mask_do[None, :], sem="relaxed")
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)

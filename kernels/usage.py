@@ -14,7 +14,7 @@ def _bincount_kernel(index_ptr, counts_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
-    tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask)
+    tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -37,18 +37,26 @@ def _entropy_kernel(counts_ptr, out_ptr, K, BLOCK: tl.constexpr):
     tl.store(out_ptr + 1, tl.exp(entropy))
 
 
+def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices`` (values in range),
+    with a fixed output length."""
+    check_launchable(indices)
+    indices = indices.contiguous()  # the kernel reads indices with unit stride
+    n = indices.shape[0]
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
+    if n > 0:
+        block = 128 if interpreting() else 1024
+        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, BLOCK=block)
+    return counts
+
+
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts int64 (K,), entropy fp32 (), perplexity fp32 ())`` of 1-D ``indices`` (values in range).
 
     Equivalent to ``c = torch.bincount(indices, minlength=K); p = c / c.sum();
     h = -(p * p.log()).nansum(); (c, h, h.exp())``.
     """
-    check_launchable(indices)
-    n = indices.shape[0]
-    counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
-    if n > 0:
-        block = 128 if interpreting() else 1024
-        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, BLOCK=block)
+    counts = bincount(indices, num_codes)
     out = torch.empty(2, dtype=torch.float32, device=indices.device)
     block = 128 if interpreting() else 1024
     _entropy_kernel[(1,)](counts, out, num_codes, BLOCK=block)

@@ -6,10 +6,20 @@ import torch
 
 
 def fp64_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Full (N, K) squared distances in float64 (small test shapes only)."""
-    z64 = z.detach().double().cpu()
-    c64 = codebook.detach().double().cpu()
-    return ((z64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    """Full (N, K) squared distances in float64, on the CPU (keep N x K moderate).
+
+    Small problems use exact differences; large ones the expanded form on the inputs' device, whose
+    float64 rounding (~1e-16 relative) is far below every tolerance used with it.
+    """
+    n, k, d = z.shape[0], codebook.shape[0], codebook.shape[1]
+    if n * k * d <= 1 << 24:
+        z64 = z.detach().double().cpu()
+        c64 = codebook.detach().double().cpu()
+        return ((z64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    z64 = z.detach().double()
+    c64 = codebook.detach().double()
+    d2 = (z64 * z64).sum(1, keepdim=True) + (c64 * c64).sum(1) - 2.0 * z64 @ c64.t()
+    return d2.clamp_min(0).cpu()
 
 
 def chosen_gap(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

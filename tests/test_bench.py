@@ -399,7 +399,7 @@ def test_small_suite_on_gpu(tmp_path):
                                            bench.NearestPoint(256, 2048, 64, "tf32")])],
         gather=[(4096, 512, 64, "bf16")], usage=[(4096, 512)], layer=[(4, 64, 4, 4, 512)], train=[4],
         train_codes=256, train_dim=32, ceiling_size=1024, copy_bytes=1 << 24,
-        nearest_providers=bench.NEAREST_PROVIDERS, warmup_ms=5, rep_ms=10, budget_s=300,
+        nearest_providers=bench.NEAREST_PROVIDERS, warmup_ms=5, rep_ms=10, budget_s=120,
     )
     records = bench.run_benchmarks(plan, bench.PARTS, tmp_path, log=lambda s: None)
     bad = [r for r in records if not r.ok and r.provider != "vector-quantize-pytorch"]

@@ -217,3 +217,42 @@ def test_bad_precision_is_rejected(kernel_device):
     z, c = _data(4, 5, 8, torch.float32, kernel_device)
     with pytest.raises(ValueError, match="precision"):
         kernels.nearest_code(z, c, precision="fast")
+
+
+def test_flagged_re_search_covers_flagged_rows(kernel_device):
+    from vqfast.kernels.nearest import _search
+
+    z, c = _data(70, 90, 20, torch.float32, kernel_device, seed=11)
+    flags = torch.zeros(70, dtype=torch.int8, device=kernel_device)
+    flags[[3, 40, 69]] = 1
+    c_sqnorm = c.square().sum(1)
+    idx, dist, _ = _search(z, c, c_sqnorm, "ieee", 1, False, flags=flags)
+    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
+    for row in (3, 40, 69):
+        assert idx[row] == ref_idx[row] and dist[row] == ref_dist[row]
+
+
+def test_strided_indices_are_read_correctly(kernel_device):
+    g = torch.Generator().manual_seed(12)
+    c = torch.randn(30, 12, generator=g).to(kernel_device)
+    z = torch.randn(20, 12, generator=g).to(kernel_device)
+    wide = torch.randint(0, 30, (40,), generator=g).to(kernel_device)
+    idx = wide[::2]
+    assert idx.stride(0) == 2
+    assert torch.equal(kernels.gather_rows(c, idx), c[idx])
+    assert torch.equal(kernels.bincount(idx, 30).cpu(), torch.bincount(idx.cpu(), minlength=30))
+    z_q, _ = kernels.quantize_forward(z, c, idx, 0.25)
+    assert torch.equal(z_q, c[idx])
+    grad = torch.ones(20, 12, device=kernel_device)
+    expected = torch.zeros(30, 12).index_add_(0, idx.cpu(), grad.cpu())
+    assert torch.equal(kernels.scatter_add_rows(grad, idx, 30, torch.float32).cpu(), expected)
+
+
+def test_quantize_backward_can_skip_the_codebook_gradient(kernel_device):
+    z, c = _data(33, 7, 10, torch.float32, kernel_device, seed=13)
+    idx = torch.randint(0, 7, (33,), generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    g = torch.tensor(1.0, device=kernel_device)
+    gz_full, gc_full = kernels.quantize_backward(None, g, z, c, idx, 0.5)
+    gz, gc = kernels.quantize_backward(None, g, z, c, idx, 0.5, need_grad_codebook=False)
+    assert gc.shape == (0, 10) and gc_full.shape == (7, 10)
+    assert torch.equal(gz, gz_full)

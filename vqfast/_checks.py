@@ -18,7 +18,8 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     return t
 
 
-def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> None:
+def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
+                        allow_mixed_dtypes: bool = False) -> None:
     check_tensor(z, "z")
     check_tensor(codebook, "codebook")
     if metric not in METRICS:
@@ -39,7 +40,7 @@ def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "
     for name, t in (("z", z), ("codebook", codebook)):
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
-    if z.dtype != codebook.dtype:
+    if z.dtype != codebook.dtype and not allow_mixed_dtypes:
         raise TypeError(
             f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}; "
             "cast one of them (e.g. codebook.to(z.dtype))"

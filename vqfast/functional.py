@@ -170,9 +170,9 @@ class _FusedQuantize(torch.autograd.Function):
         z, codebook, indices = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
-        grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta)
-        return (grad_z if ctx.needs_input_grad[0] else None,
-                grad_codebook if ctx.needs_input_grad[1] else None, None, None)
+        need_c = ctx.needs_input_grad[1]
+        grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta, need_c)
+        return (grad_z if ctx.needs_input_grad[0] else None, grad_codebook if need_c else None, None, None)
 
 
 def quantize(
@@ -196,7 +196,7 @@ def quantize(
     scalar, indices int64 shaped ``z.shape[:-1]``. With ``metric="cosine"`` both z and the codebook are
     l2-normalised first (z_q is then the unit code). ``indices`` skips the search when given.
     """
-    check_search_inputs(z, codebook.to(z.dtype) if z.dtype != codebook.dtype else codebook, metric)
+    check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     if metric == "cosine":
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(codebook, dim=-1)

@@ -44,7 +44,7 @@ def _bincount(indices: Tensor, num_codes: int) -> Tensor:
     """
     flat = indices.reshape(-1)
     if resolve_backend(flat.device) == "triton":
-        return _ops().code_usage(flat, num_codes)[0]
+        return _ops().bincount(flat, num_codes)
     counts = torch.zeros(num_codes, dtype=torch.int64, device=flat.device)
     return counts.index_add_(0, flat, torch.ones_like(flat))
 

@@ -10,12 +10,14 @@ import torch
 from torch import Tensor
 
 from vqfast.kernels import soft_entropy as _soft_entropy
+from vqfast.ops import on_device
 
 
 @torch.library.custom_op("vqfast::soft_entropy_forward", mutates_args=())
 def soft_entropy_forward(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(lse, entropy)`` and column sums of ``softmax(-scale * ||z - c||^2)``, streamed."""
-    return _soft_entropy.soft_entropy_forward(z, codebook, scale, precision)
+    with on_device(z):
+        return _soft_entropy.soft_entropy_forward(z, codebook, scale, precision)
 
 
 @soft_entropy_forward.register_fake
@@ -29,7 +31,8 @@ def _(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor
 def soft_entropy_backward(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
                           scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
     """fp32 gradients ``(dz, dcodebook)`` of ``coef * sum(entropy) + (w * colsum).sum()``."""
-    return _soft_entropy.soft_entropy_backward(z, codebook, lse, ent, w, coef, scale, precision, codebook_grad)
+    with on_device(z):
+        return _soft_entropy.soft_entropy_backward(z, codebook, lse, ent, w, coef, scale, precision, codebook_grad)
 
 
 @soft_entropy_backward.register_fake
