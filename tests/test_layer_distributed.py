@@ -64,6 +64,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "steps": int(vq.usage_steps),
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks leave together: a rank that tears gloo down while its peer is still reading the
+        # last collective makes the peer abort.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
