@@ -275,17 +275,20 @@ MODEL_NAMES = ("ae", "vae", "vqvae")
 
 
 VQ_PRESETS = ("vqfast", "article")
+VQ_IMPLS = ("vqfast", "article")
 
 
 def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_dim: int = 128,
                 beta: float | None = None, kl_weight: float = 0.1,
                 codebook_init: str | None = "xavier_normal", vq_kwargs: dict[str, Any] | None = None,
-                vq_preset: str = "vqfast") -> nn.Module:
+                vq_preset: str = "vqfast", vq_impl: str = "vqfast") -> nn.Module:
     """Build ``"ae"``, ``"vae"`` or ``"vqvae"`` from the training options.
 
     ``vq_preset`` sets the VQ-VAE's quantizer defaults: "vqfast" (the layer's own: beta 0.25 and
     dead-code restarts) or "article" (beta 1 and no restarts, the article's settings with its defects
-    fixed). ``beta`` and ``vq_kwargs`` override the preset.
+    fixed). ``beta`` and ``vq_kwargs`` override the preset. ``vq_impl="article"`` replaces the VQ layer
+    by the article's own VQ step with its defects fixed (:class:`vqfast.models.article.ArticleVQ`, plain
+    PyTorch, builds the N x K x D distance tensor), for comparisons; it takes ``beta`` only.
     """
     if name == "ae":
         return ConvAE(latent_dim)
@@ -300,5 +303,12 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
         preset.update(vq_kwargs or {})
         if beta is not None:
             preset["beta"] = beta
-        return ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
+        if vq_impl not in VQ_IMPLS:
+            raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
+        model = ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
+        if vq_impl == "article":
+            from vqfast.models.article import ArticleVQ
+
+            model.quantizer = ArticleVQ(num_codes, code_dim, beta=preset["beta"])
+        return model
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

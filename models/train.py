@@ -85,6 +85,7 @@ class TrainConfig:
     code_dim: int = 128
     beta: float | None = None  # None: the VQ preset's (0.25 for "vqfast", 1.0 for "article")
     vq_preset: str = "vqfast"  # vqfast: the layer's defaults; article: beta 1, no dead-code restarts
+    vq_impl: str = "vqfast"  # vqfast: VectorQuantizer; article: the article's VQ step (fixed), for comparison
     kl_weight: float = 0.1
     codebook_init: str | None = "xavier_normal"  # None: the layer's own initialisation
     vq_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +113,7 @@ class TrainConfig:
 
 
 # Fields that define the model and the data stream; on resume the saved values win over new ones.
-_FROZEN_ON_RESUME = ("model", "batch_size", "latent_dim", "num_codes", "code_dim", "beta", "vq_preset", "kl_weight",
+_FROZEN_ON_RESUME = ("model", "batch_size", "latent_dim", "num_codes", "code_dim", "beta", "vq_preset", "vq_impl", "kl_weight",
                      "codebook_init", "vq_kwargs", "seed", "data", "limit")
 
 
@@ -200,7 +201,7 @@ def _autocast(device: torch.device, amp: bool):
 def _model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return dict(latent_dim=cfg.latent_dim, num_codes=cfg.num_codes, code_dim=cfg.code_dim, beta=cfg.beta,
                 kl_weight=cfg.kl_weight, codebook_init=cfg.codebook_init, vq_kwargs=cfg.vq_kwargs,
-                vq_preset=cfg.vq_preset)
+                vq_preset=cfg.vq_preset, vq_impl=cfg.vq_impl)
 
 
 def _print(msg: str, log_path: Path | None = None) -> None:
@@ -970,6 +971,9 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--vq-preset", choices=("vqfast", "article"), default="vqfast",
       help="VQ-VAE quantizer settings: vqfast (beta 0.25, dead-code restarts: keeps the codebook alive) or "
            "article (beta 1, no restarts: the article's settings with its defects fixed)")
+    a("--vq-impl", choices=("vqfast", "article"), default="vqfast",
+      help="VQ step: vqfast's VectorQuantizer, or the article's plain-PyTorch VQ step with its defects fixed "
+           "(for comparing speed and results; use with --vq-preset article)")
     a("--kl-weight", type=float, default=0.1, help="VAE weight of the KL term")
     a("--codebook-init", choices=("xavier_normal", "layer"), default="xavier_normal",
       help="xavier_normal (the article's) or the VQ layer's own initialisation")

@@ -159,3 +159,20 @@ def test_vq_presets():
     assert override.quantizer.beta == 0.5 and override.quantizer.dead_code_threshold == 0
     with pytest.raises(ValueError, match="vq_preset"):
         build_model("vqvae", vq_preset="best")
+
+
+def test_article_vq_impl_matches_the_layer_with_article_settings():
+    from vqfast.models.article import ArticleVQ
+    from vqfast.models.autoencoders import build_model
+
+    torch.manual_seed(0)
+    article = build_model("vqvae", num_codes=32, code_dim=8, vq_preset="article", vq_impl="article")
+    assert isinstance(article.quantizer, ArticleVQ) and article.quantizer.beta == 1.0
+    layer = build_model("vqvae", num_codes=32, code_dim=8, vq_preset="article")
+    layer.load_state_dict(article.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    a, b = article.loss_terms(x), layer.loss_terms(x)
+    assert torch.equal(a["indices"], b["indices"])
+    torch.testing.assert_close(a["loss"], b["loss"])
+    with pytest.raises(ValueError, match="vq_impl"):
+        build_model("vqvae", vq_impl="fast")

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqfast.models.article import ArticleVQ, search_broadcast, search_matmul
+
 __all__ = [
     "PARTS", "PRECISIONS", "Record", "NearestPoint", "Plan", "Meter", "Budget",
     "default_plan", "quick_plan", "run_benchmarks", "configure_parser", "main",
@@ -380,16 +382,6 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def search_broadcast(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The article's distance with its defect fixed: squared differences summed over D (an N×K×D tensor)."""
-    return ((z[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
-
-
-def search_matmul(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """‖c‖² − 2·z·cᵀ, then argmin: ranks codes like the squared distance (‖z‖² is constant per row)."""
-    return ((codebook * codebook).sum(1) - 2 * (z @ codebook.t())).argmin(1)
-
-
 def search_cdist(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """``torch.cdist(z, c).argmin(1)``."""
     return torch.cdist(z, codebook).argmin(1)
@@ -407,34 +399,6 @@ def _torch_code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tens
     return counts, entropy, entropy.exp()
 
 
-class ArticleVQ(nn.Module):
-    """The article's VQ step with its defects fixed (DESIGN.md): squared distance summed over D, both
-    losses from the gathered codes, straight-through ``z + (q − z).detach()``.
-
-    ``search="broadcast"`` keeps the article's N×K×D distance tensor; ``"matmul"`` uses ‖c‖² − 2·z·cᵀ.
-    Input (B, C, H, W); returns ``(z_q, loss, indices)`` like ``vqfast.VectorQuantizer``.
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25, search: str = "broadcast") -> None:
-        super().__init__()
-        if search not in ("broadcast", "matmul"):
-            raise ValueError(f"search must be 'broadcast' or 'matmul', got {search!r}")
-        self.beta = beta
-        self.search = search
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
-        nn.init.xavier_normal_(self.embeddings.weight)
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, c, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c)
-        find = search_broadcast if self.search == "broadcast" else search_matmul
-        indices = find(flat, self.embeddings.weight)
-        q = self.embeddings(indices)
-        loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())
-        z_q = flat + (q - flat).detach()
-        return z_q.view(b, h, w, c).permute(0, 3, 1, 2), loss, indices.view(b, h, w)
-
-
 class _NoQuantizer(nn.Module):
     """Passes latents through: the cost of the model without any VQ step."""
 
@@ -442,32 +406,11 @@ class _NoQuantizer(nn.Module):
         return z, z.new_zeros(()), z.new_zeros((), dtype=torch.int64)
 
 
-class _LocalVQVAE(nn.Module):
-    """The article's VQ-VAE (used when ``vqfast.models`` is not importable): convs 3→64→128→256
-    (4x4, stride 2), a 1x1 conv to ``embedding_dim``, the quantizer, and the mirror decoder."""
-
-    def __init__(self, quantizer: nn.Module, embedding_dim: int = 128) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(128, 256, 4, 2, 1), nn.ReLU(), nn.Conv2d(256, embedding_dim, 1),
-        )
-        self.quantizer = quantizer
-        self.decoder = nn.Sequential(
-            nn.Conv2d(embedding_dim, 256, 1), nn.ConvTranspose2d(256, 128, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 3, 4, 2, 1), nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z_q, loss, indices = self.quantizer(self.encoder(x))
-        return self.decoder(z_q), loss, indices
-
-
 def build_vqvae(variant: str, num_codes: int, code_dim: int, beta: float = 1.0) -> tuple[nn.Module, str]:
     """The VQ-VAE with its VQ step swapped for ``variant`` ("vqfast", "article (fixed)", "no VQ").
 
-    Uses ``vqfast.models.autoencoders.ConvVQVAE`` when it is importable and has a ``quantizer``
-    attribute, the same architecture defined here otherwise. Returns ``(model, where it came from)``.
+    The model is ``vqfast.models.autoencoders.ConvVQVAE`` with its ``quantizer`` replaced. Returns
+    ``(model, where it came from)``.
     """
     from vqfast import VectorQuantizer
 
@@ -479,16 +422,11 @@ def build_vqvae(variant: str, num_codes: int, code_dim: int, beta: float = 1.0) 
         quantizer = _NoQuantizer()
     else:
         raise ValueError(f"unknown VQ variant {variant!r}")
-    try:
-        from vqfast.models.autoencoders import ConvVQVAE
+    from vqfast.models.autoencoders import ConvVQVAE
 
-        model = ConvVQVAE(num_codes, code_dim, beta=beta)
-        if not isinstance(getattr(model, "quantizer", None), nn.Module):
-            raise AttributeError("ConvVQVAE has no quantizer module")
-        model.quantizer = quantizer
-        return model, "vqfast.models ConvVQVAE"
-    except Exception:  # noqa: BLE001 - any mismatch falls back to the local copy of the architecture
-        return _LocalVQVAE(quantizer, code_dim), "local ConvVQVAE"
+    model = ConvVQVAE(num_codes, code_dim, beta=beta)
+    model.quantizer = quantizer
+    return model, "vqfast.models ConvVQVAE"
 
 
 @functools.lru_cache(maxsize=None)
