@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_run.sh tests      install + GPU tests only
 #   bash benchmarks/gpu_run.sh bench      install + the full benchmark (its own ~8.5-minute budget)
 #   bash benchmarks/gpu_run.sh quick      install + `vqfast bench --quick`
+#   bash benchmarks/gpu_run.sh train      install + the article's models trained on CIFAR-10 .npz files in
+#                                         $GPU_DATA (cifar10_train_10k.npz, cifar10_test_1k.npz): AE, VAE,
+#                                         VQ-VAE with vqfast and with the article's VQ step, batch 64 and 256
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
 # GPU_RUN_SECONDS (default 570) bounds the whole script, so that it fits a 10-minute command limit:
@@ -15,8 +18,8 @@ set -uo pipefail
 MODE="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$MODE" in
-  all|tests|bench|quick) ;;
-  *) echo "usage: $0 [all|tests|bench|quick] [vqfast bench options]" >&2; exit 2 ;;
+  all|tests|bench|quick|train) ;;
+  *) echo "usage: $0 [all|tests|bench|quick|train] [vqfast bench options]" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.."
@@ -61,7 +64,39 @@ if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
   if [ "$RC" -ne 0 ] && [ "$RC" -ne 5 ]; then STATUS=1; fi
 fi
 
-if [ "$MODE" != tests ]; then
+if [ "$MODE" = train ]; then
+  echo "== training runs"
+  DATA="${GPU_DATA:-$PWD/gpu_data}"
+  TRAIN_NPZ="$DATA/cifar10_train_10k.npz"
+  TEST_NPZ="$DATA/cifar10_test_1k.npz"
+  if [ ! -f "$TRAIN_NPZ" ] || [ ! -f "$TEST_NPZ" ]; then
+    echo "missing $TRAIN_NPZ or $TEST_NPZ" >&2
+    exit 2
+  fi
+  RUNS="$OUT/training"
+  mkdir -p "$RUNS"
+  COMMON=(--data "$TRAIN_NPZ" --eval-data "$TEST_NPZ" --eval-limit 0 --seed 0 --no-progress --no-download)
+  train_run() {  # name, then vqfast train arguments
+    local name=$1; shift
+    LEFT=$(( TOTAL - $(elapsed) ))
+    if [ "$LEFT" -lt 30 ]; then echo "skipped $name (time)" | tee -a "$RUNS/skipped.txt"; return; fi
+    timeout $(( LEFT - 10 )) python3 -m vqfast train "$@" "${COMMON[@]}" --out "$RUNS/$name" > "$RUNS/$name.log" 2>&1
+    echo "$name: exit $? after $(elapsed) s"; tail -3 "$RUNS/$name.log"
+  }
+  for BATCH in 64 256; do
+    train_run "vqvae-vqfast-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH"
+    train_run "vqvae-article-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH" \
+      --vq-impl article --vq-preset article
+    train_run "vqvae-vqfast-article-settings-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH" \
+      --vq-preset article
+  done
+  train_run "ae-b64" ae --epochs "${AE_EPOCHS:-20}"
+  train_run "vae-b64" vae --epochs "${VAE_EPOCHS:-20}"
+  # Drop the checkpoints: the summaries, logs, metrics and pictures are what is kept.
+  find "$RUNS" -name 'checkpoint*.pt' -delete
+fi
+
+if [ "$MODE" != tests ] && [ "$MODE" != train ]; then
   echo "== benchmark"
   SLUG=$(python3 -c "from vqfast.bench import gpu_slug; print(gpu_slug())")
   RESULTS="$OUT/benchmarks/results/$SLUG"
