@@ -156,7 +156,10 @@ class VectorQuantizer(nn.Module):
     at the end of the step, with a grace period before they can be re-seeded again (0 disables). Never
     used codes are re-seeded after the first training step. ``usage_decay`` is the
     decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
-    (codes and inputs l2-normalised). ``precision`` of the search: "fp32" (exact), "tf32" or "bf16".
+    (codes and inputs l2-normalised). ``precision`` of the search on the GPU: "tf32" (default: tensor
+    cores, then rows whose two best codes are within the tf32 error bound are searched again in fp32,
+    so the indices are the exact ones), "fp32" (fp32 products throughout, slower) or "bf16" (fastest,
+    may pick a near-tied code). The CPU backend is always exact fp32.
     Under ``torch.distributed``, statistics are summed over ranks and random choices come from rank 0,
     so every rank keeps the same codebook (``sync_distributed=False`` turns this off).
 
@@ -188,7 +191,7 @@ class VectorQuantizer(nn.Module):
         sample_entropy_weight: float = 0.0,
         batch_entropy_weight: float = 0.0,
         entropy_temperature: float = 1.0,
-        precision: str = "fp32",
+        precision: str = "tf32",
         sync_distributed: bool = True,
         process_group: Any = None,
     ) -> None:
