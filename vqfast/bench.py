@@ -1079,8 +1079,9 @@ def _k_sweeps(records: Sequence[Record]) -> dict[str, list[Record]]:
     return out
 
 
-def plot_time_vs_k(records: Sequence[Record], path: Path) -> Path | None:
-    """Search time against K, one line per provider, one panel per K sweep."""
+def _plot_k_sweeps(records: Sequence[Record], path: Path, metric: str, ylabel: str,
+                   ceilings: dict[str, float] | None = None) -> Path | None:
+    """One panel per K sweep, one line per provider of ``metric`` ("time_ms" or "tflops") against K."""
     sweeps = _k_sweeps(records)
     plt = _pyplot()
     if not sweeps or plt is None:
@@ -1088,39 +1089,15 @@ def plot_time_vs_k(records: Sequence[Record], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.5), squeeze=False)
     for ax, (sweep, recs) in zip(axes[0], sweeps.items()):
         for provider in _ordered([r.provider for r in recs], NEAREST_PROVIDERS):
-            pts = sorted((r.k, r.time_ms) for r in recs if r.provider == provider)
+            pts = sorted((r.k, getattr(r, metric)) for r in recs if r.provider == provider and getattr(r, metric))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider, color=_color(provider))
+        for i, (prec, value) in enumerate(sorted((ceilings or {}).items())):
+            ax.axhline(value, linestyle="--", color=f"C{7 + i % 3}", alpha=0.8,
+                       label=f"{prec} matmul ceiling ({value:.0f} TFLOP/s)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("K (codes)")
-        ax.set_ylabel("time (ms, median)")
-        ax.set_title(f"{sweep} [{recs[0].precision}]")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_tflops(records: Sequence[Record], path: Path) -> Path | None:
-    """Achieved TFLOP/s (2·N·K·D / time) against K, with the matmul ceilings measured in the same run."""
-    sweeps = _k_sweeps(records)
-    plt = _pyplot()
-    if not sweeps or plt is None:
-        return None
-    ceilings = {r.precision: r.tflops for r in records if r.part == "ceiling" and r.tflops}
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.5), squeeze=False)
-    for ax, (sweep, recs) in zip(axes[0], sweeps.items()):
-        for provider in _ordered([r.provider for r in recs], NEAREST_PROVIDERS):
-            pts = sorted((r.k, r.tflops) for r in recs if r.provider == provider and r.tflops)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider, color=_color(provider))
-        for i, (prec, value) in enumerate(sorted(ceilings.items())):
-            ax.axhline(value, linestyle="--", color=f"C{7 + i % 3}", alpha=0.8, label=f"{prec} matmul ceiling ({value:.0f} TFLOP/s)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("K (codes)")
-        ax.set_ylabel("achieved TFLOP/s")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{sweep} [{recs[0].precision}]")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -1128,6 +1105,17 @@ def plot_tflops(records: Sequence[Record], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_time_vs_k(records: Sequence[Record], path: Path) -> Path | None:
+    """Search time against K, one line per provider, one panel per K sweep."""
+    return _plot_k_sweeps(records, path, "time_ms", "time (ms, median)")
+
+
+def plot_tflops(records: Sequence[Record], path: Path) -> Path | None:
+    """Achieved TFLOP/s (2·N·K·D / time) against K, with the matmul ceilings measured in the same run."""
+    ceilings = {r.precision: r.tflops for r in records if r.part == "ceiling" and r.tflops}
+    return _plot_k_sweeps(records, path, "tflops", "achieved TFLOP/s", ceilings)
 
 
 # --------------------------------------------------------------------------------------------------
