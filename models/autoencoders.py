@@ -193,8 +193,8 @@ class ConvVQVAE(nn.Module):
     """Convolutional VQ-VAE: a 4x4 grid of ``embedding_dim``-d latents, each snapped to the nearest of
     ``num_embeddings`` codes by :class:`vqfast.VectorQuantizer`.
 
-    ``beta`` weighs the commitment term (the article weighs both VQ terms 1:1, hence the default 1.0);
-    both VQ terms are computed by the layer from the gathered codes before the straight-through step,
+    ``beta`` weighs the commitment term (default 0.25, the layer's; the article weighs both VQ terms
+    1:1, i.e. ``beta=1.0, dead_code_threshold=0`` reproduces its settings); both VQ terms are computed by the layer from the gathered codes before the straight-through step,
     so the codebook receives gradient and the decoder sees the codes' values.
     ``codebook_init="xavier_normal"`` re-initialises the codebook as the article does; ``None`` keeps
     the layer's own initialisation. Further keyword arguments go to ``VectorQuantizer``.
@@ -203,7 +203,7 @@ class ConvVQVAE(nn.Module):
 
     kind = "vqvae"
 
-    def __init__(self, num_embeddings: int = 4096, embedding_dim: int = 128, beta: float = 1.0,
+    def __init__(self, num_embeddings: int = 4096, embedding_dim: int = 128, beta: float = 0.25,
                  codebook_init: str | None = "xavier_normal", **vq_kwargs: Any) -> None:
         super().__init__()
         from vqfast import VectorQuantizer  # deferred: keeps `import vqfast.models` light and acyclic

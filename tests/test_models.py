@@ -133,8 +133,8 @@ def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch
 
 
 def test_vqvae_options_reach_the_layer() -> None:
-    m = ConvVQVAE(num_embeddings=16, embedding_dim=8, beta=0.25)
-    assert m.quantizer.beta == 0.25
+    m = ConvVQVAE(num_embeddings=16, embedding_dim=8, beta=0.5)
+    assert m.quantizer.beta == 0.5
     torch.manual_seed(0)
     a = ConvVQVAE(num_embeddings=16, embedding_dim=8).embeddings.weight.detach()
     # xavier-normal on a (16, 8) matrix: std sqrt(2 / 24)
