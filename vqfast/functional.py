@@ -42,7 +42,9 @@ def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> s
     if forced == "triton":
         if not _triton_importable():
             raise RuntimeError("VQFAST_BACKEND=triton but triton cannot be imported")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        from vqfast.kernels._common import interpreting
+
+        if device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"VQFAST_BACKEND=triton needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
                 "importing triton to run the kernels on CPU through Triton's interpreter"
