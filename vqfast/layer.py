@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vqfast import reference
 from vqfast.distributed import all_reduce_sum_, broadcast_
-from vqfast.functional import nearest_code, quantize, resolve_backend
+from vqfast.functional import _ops, nearest_code, quantize, resolve_backend
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
@@ -27,13 +27,6 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 _SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
 # ... and the soft-entropy kernel's (Triton's input_precision names).
 _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "ieee"}
-
-
-def _ops():
-    # Lazy: importing vqfast must work without Triton.
-    from vqfast import ops
-
-    return ops
 
 
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
