@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+from vqfast.layer import _bincount
 from vqfast.models.autoencoders import MODEL_NAMES, build_model, count_parameters
 from vqfast.models.data import DatasetUnavailable, dataset_label, describe_source, load_dataset
 
@@ -698,7 +699,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                     terms.get("vq_loss", terms["sse"].new_zeros(())).double() * n,
                 ])
                 if counts is not None:
-                    counts += torch.bincount(terms["indices"].flatten(), minlength=cfg.num_codes)
+                    # Not torch.bincount: on CUDA it reads the indices' range on the host every step.
+                    counts += _bincount(terms["indices"], cfg.num_codes)
                 epoch_steps.append(terms["objective"].detach() / n)
                 done += 1
                 if hasattr(bar, "set_postfix") and (done % 10 == 0 or done == steps_per_epoch):
