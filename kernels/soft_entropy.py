@@ -210,10 +210,13 @@ def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
     return ("tf32" if dtype != torch.float32 else precision), precision
 
 
-def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> int:
-    """Row splits so that code-parallel passes still fill the GPU when K is small."""
+def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, rows_per_split)``: row splits so that code-parallel passes still fill the GPU when K
+    is small, each a whole number of ``block_n`` row blocks (so the last split may hold fewer)."""
     target = 2 * multiprocessor_count(device)
-    return max(1, min(triton.cdiv(rows, block_n), triton.cdiv(target, max(programs, 1))))
+    splits = max(1, min(triton.cdiv(rows, block_n), triton.cdiv(target, max(programs, 1))))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_n) * block_n
+    return triton.cdiv(rows, rows_per_split), rows_per_split
 
 
 def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -256,9 +259,7 @@ def soft_entropy_forward(
     _row_stats_kernel[(triton.cdiv(n, block_n),)](z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
                                                   float(scale), **meta)
     code_blocks = triton.cdiv(k, block_k)
-    splits = _splits(n, block_n, code_blocks, device)
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, rows_per_split)
+    splits, rows_per_split = _splits(n, block_n, code_blocks, device)
     partial = torch.empty((splits, k), dtype=torch.float32, device=device)
     _col_sum_kernel[(code_blocks, splits)](z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
                                            *strides, float(scale), **meta)
@@ -302,9 +303,7 @@ def soft_entropy_backward(
     if not codebook_grad:
         return dz, dc
     code_blocks = triton.cdiv(k, block_k)
-    splits = _splits(n, block_n, code_blocks * d_blocks, device)
-    rows_per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, rows_per_split)
+    splits, rows_per_split = _splits(n, block_n, code_blocks * d_blocks, device)
     _grad_codes_kernel[(code_blocks, d_blocks, splits)](
         z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale), **meta)
     return dz, dc
