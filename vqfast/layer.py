@@ -331,14 +331,11 @@ class VectorQuantizer(nn.Module):
 
     # -- codebook maintenance (no gradients, no host syncs) --------------------------------------
 
-    def _group(self) -> Any:
-        return self.process_group
-
     def _all_reduce_(self, t: Tensor) -> Tensor:
-        return all_reduce_sum_(t, self._group()) if self.sync_distributed else t
+        return all_reduce_sum_(t, self.process_group) if self.sync_distributed else t
 
     def _broadcast_(self, t: Tensor) -> Tensor:
-        return broadcast_(t, 0, self._group()) if self.sync_distributed else t
+        return broadcast_(t, 0, self.process_group) if self.sync_distributed else t
 
     def _data_rows(self, rows: Tensor) -> Tensor:
         x = rows.detach().float()
