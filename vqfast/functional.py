@@ -42,9 +42,9 @@ def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> s
     if forced == "triton":
         if not _triton_importable():
             raise RuntimeError("VQFAST_BACKEND=triton but triton cannot be imported")
-        from vqfast.kernels._common import interpreting
-
-        if device.type != "cuda" and not interpreting():
+        # Read the variable here rather than through vqfast.kernels: importing the kernels fixes, at
+        # definition time, whether they are interpreted, so this check must not import them.
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise RuntimeError(
                 f"VQFAST_BACKEND=triton needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
                 "importing triton to run the kernels on CPU through Triton's interpreter"
