@@ -135,7 +135,7 @@ def _autotune_configs() -> list[triton.Config]:
 # The interpreter cannot benchmark, so it runs the plain kernel with a fixed configuration.
 def _prune_configs(configs, named_args, **kwargs):
     # Exact fp32 products run on the CUDA cores, where large tiles only add compile time and spills.
-    if kwargs.get("INPUT_PRECISION") == "ieee":
+    if kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee":
         small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64]
         return small[:3] or configs[:1]
     return configs

@@ -256,3 +256,13 @@ def test_quantize_backward_can_skip_the_codebook_gradient(kernel_device):
     gz, gc = kernels.quantize_backward(None, g, z, c, idx, 0.5, need_grad_codebook=False)
     assert gc.shape == (0, 10) and gc_full.shape == (7, 10)
     assert torch.equal(gz, gz_full)
+
+
+def test_exact_fp32_autotuning_keeps_small_tiles_only():
+    from vqfast.kernels.nearest import _autotune_configs, _prune_configs
+
+    configs = _autotune_configs()
+    exact = _prune_configs(configs, {}, INPUT_PRECISION="ieee")
+    assert 0 < len(exact) < len(configs)
+    assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64 for c in exact)
+    assert _prune_configs(configs, {}, INPUT_PRECISION="tf32") == configs
