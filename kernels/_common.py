@@ -26,6 +26,21 @@ def check_launchable(*tensors: torch.Tensor) -> None:
         )
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """The launchers' contract for a search: z (N, D) and a non-empty codebook (K, D) of one kernel
+    dtype, on a device the kernels can run on."""
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if z.dtype != codebook.dtype or z.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
+    if codebook.shape[0] == 0:
+        raise ValueError("the codebook must have at least one code")
+    check_launchable(z, codebook)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

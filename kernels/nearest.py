@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, interpreting, multiprocessor_count, next_power_of_2
+from vqfast.kernels._common import check_rows_and_codes, interpreting, multiprocessor_count, next_power_of_2
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
 # (CUDA-core FMA products) keeps slices small.
@@ -253,11 +253,7 @@ def nearest_code(
     (default: chosen from the problem size and the GPU). ``tie_tolerance_scale`` multiplies the
     re-search bound (for tests).
     """
-    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    if z.dtype != codebook.dtype or z.dtype not in _MAX_SINGLE_D:
-        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
-    check_launchable(z, codebook)
+    check_rows_and_codes(z, codebook)
     n, d = z.shape
     if precision is None:
         precision = torch.get_float32_matmul_precision()

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, interpreting, multiprocessor_count, next_power_of_2
+from vqfast.kernels._common import check_rows_and_codes, interpreting, multiprocessor_count, next_power_of_2
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
 
@@ -191,7 +191,6 @@ def _grad_codes_kernel(
                   mask=mask_k[:, None] & mask_do[None, :], sem="relaxed")
 
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _config(d: int) -> tuple[int, int, int, int]:
@@ -219,16 +218,6 @@ def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> tup
     return triton.cdiv(rows, rows_per_split), rows_per_split
 
 
-def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
-    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"expected z (N, D) and codebook (K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    if z.dtype != codebook.dtype or z.dtype not in _SUPPORTED:
-        raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
-    if codebook.shape[0] == 0:
-        raise ValueError("the codebook must have at least one code")
-    check_launchable(z, codebook)
-
-
 def soft_entropy_forward(
     z: torch.Tensor, codebook: torch.Tensor, scale: float, precision: str = "ieee"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +231,7 @@ def soft_entropy_forward(
 
     All outputs are float32.
     """
-    _check(z, codebook)
+    check_rows_and_codes(z, codebook)
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
@@ -278,7 +267,7 @@ def soft_entropy_backward(
     equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
     skips the codebook pass (dcodebook is then zeros).
     """
-    _check(z, codebook)
+    check_rows_and_codes(z, codebook)
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
