@@ -41,6 +41,11 @@ def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
     check_launchable(z, codebook)
 
 
+def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the codebook rows in fp32: ``(codebook.float() ** 2).sum(1)``."""
+    return codebook.float().square().sum(1)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_rows_and_codes, interpreting, multiprocessor_count, next_power_of_2
+from vqfast.kernels._common import (
+    check_rows_and_codes, code_sqnorms, interpreting, multiprocessor_count, next_power_of_2,
+)
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
 # (CUDA-core FMA products) keeps slices small.
@@ -261,7 +263,7 @@ def nearest_code(
     if n == 0:
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device))
-    c_sqnorm = codebook.float().square().sum(1)
+    c_sqnorm = code_sqnorms(codebook)
     rescore = z.dtype == torch.float32 and input_precision == "tf32"
     indices, distances, runner_up = _search(z, codebook, c_sqnorm, input_precision, num_splits, rescore)
     if rescore:

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_rows_and_codes, interpreting, multiprocessor_count, next_power_of_2
+from vqfast.kernels._common import (
+    check_rows_and_codes, code_sqnorms, interpreting, multiprocessor_count, next_power_of_2,
+)
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
 
@@ -241,7 +243,7 @@ def soft_entropy_forward(
         return lse, ent, torch.zeros(k, dtype=torch.float32, device=device)
     input_precision, _ = _precisions(z.dtype, precision)
     block_n, block_k, block_d, warps = _config(d)
-    c_sqnorm = codebook.float().pow(2).sum(1)
+    c_sqnorm = code_sqnorms(codebook)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
                 num_warps=warps)
@@ -277,7 +279,7 @@ def soft_entropy_backward(
         return dz, dc
     input_precision, acc_precision = _precisions(z.dtype, precision)
     block_n, block_k, block_d, warps = _config(d)
-    c_sqnorm = codebook.float().pow(2).sum(1)
+    c_sqnorm = code_sqnorms(codebook)
     w = w.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).reshape(1).contiguous()
     lse = lse.contiguous()
