@@ -13,12 +13,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str | None:
+    """Why this Triton's CPU interpreter cannot run the kernels, or None when it can.
+
+    Interpreters of Triton 3.6 and older turn loop bounds into Python ints through 1-element NumPy
+    arrays, which NumPy 2.4 refuses; every kernel with a loop would then fail with an obscure error.
+    """
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_probe(out_ptr, n):
+        total = 0
+        for _ in range(0, n):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as exc:  # the interpreter wraps the NumPy TypeError in its own error type
+        return (f"Triton {triton.__version__}'s CPU interpreter fails with NumPy {np.__version__} ({exc}); "
+                "install 'numpy<2.4' or a newer Triton to run the kernels on CPU")
+    if int(out.item()) != 3:
+        return f"Triton {triton.__version__}'s CPU interpreter ran a test loop wrongly"
+    return None
+
+
 def check_launchable(*tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
     for t in tensors:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and interpreting():
+            problem = _interpreter_problem()
+            if problem is not None:
+                raise RuntimeError(problem)
             continue
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got a tensor on {t.device}); "

@@ -266,3 +266,11 @@ def test_exact_fp32_autotuning_keeps_small_tiles_only():
     assert 0 < len(exact) < len(configs)
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64 for c in exact)
     assert _prune_configs(configs, {}, INPUT_PRECISION="tf32") == configs
+
+
+def test_interpreter_can_run_loops():
+    # The kernels all loop over a runtime bound; an interpreter that cannot must be reported clearly.
+    from vqfast.kernels._common import _interpreter_problem, interpreting
+
+    if interpreting():
+        assert _interpreter_problem() is None
