@@ -91,5 +91,18 @@ def multiprocessor_count(device: torch.device) -> int:
     return _sm_count(index)
 
 
+def max_shared_memory() -> int:
+    """Bytes of shared memory one program may use on the current GPU, as Triton's driver reports it."""
+    import triton
+
+    active = triton.runtime.driver.active
+    return _max_shared_memory(active, active.get_current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(active, device: int) -> int:
+    return int(active.utils.get_device_properties(device)["max_shared_mem"])
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

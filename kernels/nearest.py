@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_rows_and_codes, code_sqnorms, interpreting, multiprocessor_count, next_power_of_2,
+    check_rows_and_codes, code_sqnorms, interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -133,14 +133,45 @@ def _autotune_configs() -> list[triton.Config]:
     return configs
 
 
+# Used when no listed configuration fits a GPU's shared memory (consumer GPUs have ~100 KB).
+_FALLBACK_CONFIGS = [(64, 32, 4, 2), (32, 32, 4, 1)]
+
+
+def _shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, single_d: bool,
+                         element_bytes: int) -> int:
+    """Shared memory the kernel asks for, as Triton 3.6-3.8 lay it out for sm_90 (checked with
+    benchmarks/compile_check.py): with SINGLE_D the row tile is loaded once and only code tiles are
+    pipelined; otherwise both tiles are, one buffer per stage. Plus 2 KiB for reductions."""
+    tiles = block_n + stages * block_k if single_d else stages * (block_n + block_k)
+    return tiles * block_d * element_bytes + 2048
+
+
+def _select_configs(configs: list[triton.Config], input_precision: str, block_d: int, single_d: bool,
+                    element_bytes: int, shared_memory_limit: int) -> list[triton.Config]:
+    """The autotuning candidates worth compiling for one problem: those that fit in shared memory and,
+    for exact fp32 products (CUDA cores, no tensor cores), at most 32 accumulators per thread: larger
+    tiles only spill (ptxas reports hundreds of spilled bytes) and add compile time."""
+    def fits(c: triton.Config) -> bool:
+        need = _shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, block_d, single_d,
+                                    element_bytes)
+        return need <= shared_memory_limit
+
+    chosen = [c for c in configs if fits(c)]
+    if input_precision == "ieee":
+        chosen = [c for c in chosen if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+    if chosen:
+        return chosen
+    fallback = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                for n, k, w, st in _FALLBACK_CONFIGS]
+    return [c for c in fallback if fits(c)][:1] or fallback[-1:]
+
+
 # Keyed on a power-of-two bucket of N (not N itself), so a ragged last batch reuses the tuned config.
 # The interpreter cannot benchmark, so it runs the plain kernel with a fixed configuration.
 def _prune_configs(configs, named_args, **kwargs):
-    # Exact fp32 products run on the CUDA cores, where large tiles only add compile time and spills.
-    if kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee":
-        small = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64]
-        return small[:3] or configs[:1]
-    return configs
+    meta = {**named_args, **kwargs}
+    return _select_configs(configs, meta["INPUT_PRECISION"], meta["BLOCK_D"], meta["SINGLE_D"],
+                           meta["z_ptr"].element_size(), max_shared_memory())
 
 
 _nearest_code_autotuned = triton.autotune(

@@ -258,14 +258,47 @@ def test_quantize_backward_can_skip_the_codebook_gradient(kernel_device):
     assert torch.equal(gz, gz_full)
 
 
+H100_SHARED_MEMORY = 232448  # bytes per block, as Triton's driver reports it on an H100
+
+
 def test_exact_fp32_autotuning_keeps_small_tiles_only():
-    from vqfast.kernels.nearest import _autotune_configs, _prune_configs
+    from vqfast.kernels.nearest import _autotune_configs, _select_configs
 
     configs = _autotune_configs()
-    exact = _prune_configs(configs, {}, INPUT_PRECISION="ieee")
+    exact = _select_configs(configs, "ieee", 32, True, 4, H100_SHARED_MEMORY)
     assert 0 < len(exact) < len(configs)
-    assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64 for c in exact)
-    assert _prune_configs(configs, {}, INPUT_PRECISION="tf32") == configs
+    assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps for c in exact)
+    assert _select_configs(configs, "tf32", 32, True, 4, H100_SHARED_MEMORY) == configs
+
+
+def test_autotuning_skips_configs_that_overflow_shared_memory():
+    from vqfast.kernels.nearest import _autotune_configs, _select_configs, _shared_memory_bytes
+
+    configs = _autotune_configs()
+    # bf16, D = 256 in one slice: compiled for sm_90, (BLOCK_N, BLOCK_K, stages) = (128, 128, 3) asks for
+    # 256 KiB and (64, 256, 3) for 417 KiB, over the H100's 227 KiB.
+    assert _shared_memory_bytes(128, 128, 3, 256, True, 2) > H100_SHARED_MEMORY
+    chosen = _select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY)
+    assert 0 < len(chosen) < len(configs)
+    key = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)  # noqa: E731
+    assert (128, 128, 3) not in {key(c) for c in chosen} and (64, 256, 3) not in {key(c) for c in chosen}
+    assert all(_shared_memory_bytes(*key(c), 256, True, 2) <= H100_SHARED_MEMORY for c in chosen)
+    # A GPU with ~100 KB per block still gets a configuration that fits.
+    small = _select_configs(configs, "tf32", 256, True, 2, 101376)
+    assert len(small) == 1 and _shared_memory_bytes(*key(small[0]), 256, True, 2) <= 101376
+
+
+def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
+    from vqfast.kernels import nearest
+
+    monkeypatch.setattr(nearest, "max_shared_memory", lambda: H100_SHARED_MEMORY)
+    configs = nearest._autotune_configs()
+    z = torch.empty(4, 256, dtype=torch.bfloat16)
+    from_kwargs = nearest._prune_configs(configs, {"z_ptr": z}, BLOCK_D=256, SINGLE_D=True, INPUT_PRECISION="tf32")
+    from_named = nearest._prune_configs(configs, {"z_ptr": z, "BLOCK_D": 256, "SINGLE_D": True,
+                                                  "INPUT_PRECISION": "tf32"})
+    assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY)
+    assert len(from_kwargs) < len(configs)
 
 
 def test_interpreter_can_run_loops():

@@ -1,0 +1,350 @@
+"""Compile every Triton kernel for an NVIDIA GPU on a machine that has none, and report its resources.
+
+The real launchers run on CPU tensors with a stand-in Triton driver: each kernel they launch is
+compiled for the target architecture (Triton -> PTX -> ptxas -> cubin), exactly as on the GPU and with
+the same autotuning configurations, but nothing executes, so the launchers' outputs are meaningless.
+What comes out is what the interpreter cannot show: that every variant compiles for the real target,
+and the registers, spills and shared memory of each, with the occupancy they allow.
+
+    python benchmarks/compile_check.py [--arch 90] [--quick] [--out DIR]
+
+Writes ``compile_report.json`` and ``compile_report.md`` to ``--out`` (default: print only); exits
+non-zero if any variant fails to compile. Needs ``TRITON_INTERPRET`` unset (it is cleared here before
+Triton is imported) and Triton's bundled ``ptxas``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+# Per-SM limits of the architectures this tool knows (CUDA occupancy calculator values).
+SM_LIMITS = {
+    80: dict(regs=65536, smem=167936, threads=2048, blocks=32, sms=108),
+    86: dict(regs=65536, smem=101376, threads=1536, blocks=16, sms=84),
+    89: dict(regs=65536, smem=101376, threads=1536, blocks=24, sms=128),
+    90: dict(regs=65536, smem=232448, threads=2048, blocks=32, sms=132),
+}
+
+
+@dataclass
+class Variant:
+    kernel: str
+    case: str
+    constants: dict
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    blocks_per_sm: int = -1
+    occupancy: float = float("nan")
+    mma: str = ""
+
+
+@dataclass
+class Report:
+    arch: int
+    triton: str
+    torch: str
+    variants: list[Variant] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Utils:
+    def __init__(self, limits: dict):
+        self.limits = limits
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": self.limits["smem"], "multiprocessor_count": self.limits["sms"],
+                "max_num_regs": self.limits["regs"], "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        # (module, function, registers, spills, max threads per block): nothing is loaded.
+        return None, None, 0, 0, 1024
+
+    def unload_module(self, module):
+        pass
+
+
+class _NoLaunch:
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+class StandInDriver:
+    """Enough of a Triton driver to compile for ``target`` and skip every launch."""
+
+    def __init__(self, arch: int, on_bench_error: Callable[[BaseException], None]):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.utils = _Utils(SM_LIMITS[arch])
+        self.launcher_cls = _NoLaunch
+        self.on_bench_error = on_bench_error
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.empty(0)
+
+    def clear_cache(self, cache):
+        pass
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles=None, **kwargs):
+            # Autotuning: compile every candidate configuration (the call compiles, then launches nothing).
+            try:
+                kernel_call()
+            except Exception as exc:
+                self.on_bench_error(exc)
+                raise
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
+
+
+def _ptxas() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+    if not found:
+        raise SystemExit("no ptxas found (Triton's bundled one or on PATH)")
+    return found
+
+
+def _resources(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill stores, spill loads) as ptxas reports them for ``ptx``."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else -1,
+            int(spills.group(1)) if spills else -1, int(spills.group(2)) if spills else -1)
+
+
+def _mma_kind(ptx: str) -> str:
+    """Which tensor-core instructions the kernel uses: Hopper's warpgroup MMA, the older per-warp MMA, or none."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return "-"
+
+
+def _blocks_per_sm(regs: int, warps: int, shared: int, limits: dict) -> int:
+    threads = 32 * warps
+    # Registers are allocated per warp in units of 256.
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = limits["regs"] // (regs_per_warp * warps)
+    by_smem = limits["smem"] // (shared + 1024) if shared else limits["blocks"]  # 1 KiB reserved per block
+    return max(0, min(by_regs, by_smem, limits["threads"] // threads, limits["blocks"]))
+
+
+def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from vqfast.kernels import gather, nearest, quantize, soft_entropy, usage
+
+    def rows(n, d, dtype):
+        return torch.randn(n, d).to(dtype)
+
+    def search(n, k, d, dtype, precision, splits=None):
+        return lambda: nearest.nearest_code(rows(n, d, dtype), rows(k, d, dtype), precision=precision,
+                                            num_splits=splits)
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    cases = [
+        ("nearest bf16 (65536, 65536, 256)", search(65536, 65536, 256, bf16, "high")),
+        ("nearest fp32 tf32 + fp32 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "high")),
+        ("nearest bf16 split codebook (1024, 262144, 64)", search(1024, 262144, 64, bf16, "high")),
+    ]
+    if not quick:
+        cases += [
+            ("nearest fp16 (8192, 16384, 128)", search(8192, 16384, 128, fp16, "high")),
+            ("nearest fp32 highest (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
+            ("nearest fp32 highest (4096, 4096, 17)", search(4096, 4096, 17, fp32, "highest")),
+            ("nearest bf16 odd D (5000, 3000, 100)", search(5000, 3000, 100, bf16, "high")),
+            ("nearest bf16 D loop (8192, 8192, 1024)", search(8192, 8192, 1024, bf16, "high")),
+            ("nearest fp32 tf32 small (1024, 4096, 128)", search(1024, 4096, 128, fp32, "high")),
+        ]
+    idx = lambda n, k: torch.randint(0, k, (n,))  # noqa: E731
+    cases += [
+        ("gather + scatter-add fp32 (65536, 4096, 128)",
+         lambda: (gather.gather_rows(rows(4096, 128, fp32), idx(65536, 4096)),
+                  gather.scatter_add_rows(rows(65536, 128, fp32), idx(65536, 4096), 4096))),
+        ("code usage (1000000, 65536)", lambda: usage.code_usage(idx(10**6, 65536), 65536)),
+        ("fused VQ step fp32 (32768, 4096, 128)",
+         lambda: quantize.quantize_backward(rows(32768, 128, fp32), torch.ones(()), rows(32768, 128, fp32),
+                                            rows(4096, 128, fp32), idx(32768, 4096), 0.25)
+         + quantize.quantize_forward(rows(32768, 128, fp32), rows(4096, 128, fp32), idx(32768, 4096), 0.25)),
+        ("soft entropy fp32 (8192, 4096, 128)", lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32)),
+    ]
+    if not quick:
+        cases += [
+            ("gather + scatter-add bf16 (65536, 4096, 100)",
+             lambda: (gather.gather_rows(rows(4096, 100, bf16), idx(65536, 4096)),
+                      gather.scatter_add_rows(rows(65536, 100, bf16), idx(65536, 4096), 4096))),
+            ("fused VQ step bf16, no codebook grad (32768, 4096, 256)",
+             lambda: quantize.quantize_backward(None, torch.ones(()), rows(32768, 256, bf16),
+                                                rows(4096, 256, bf16), idx(32768, 4096), 0.25,
+                                                need_grad_codebook=False)),
+            ("soft entropy bf16 (8192, 4096, 256)", lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 256, bf16)),
+        ]
+    return cases
+
+
+def _soft_entropy(module, rows, n, k, d, dtype):
+    z, c = rows(n, d, dtype), rows(k, d, dtype)
+    lse, ent, _ = module.soft_entropy_forward(z, c, 0.5, precision="tf32")
+    return module.soft_entropy_backward(z, c, lse, ent, torch.ones(k), torch.ones(1), 0.5, precision="tf32")
+
+
+def _compiled_kernels() -> dict[int, tuple[str, object]]:
+    """Every compiled kernel so far, by identity: ``{id: (kernel name, CompiledKernel)}``."""
+    from triton.runtime.jit import JITFunction
+
+    from vqfast.kernels import gather, nearest, quantize, soft_entropy, usage
+
+    found = {}
+    for module in (gather, nearest, quantize, soft_entropy, usage):
+        for value in vars(module).values():
+            fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # autotuners wrap one
+            if isinstance(fn, JITFunction):
+                for caches in fn.device_caches.values():
+                    for kernel in caches[0].values():
+                        found[id(kernel)] = (fn.fn.__name__, kernel)
+    return found
+
+
+def _constants(kernel) -> dict:
+    names = kernel.src.fn.arg_names
+    out = {}
+    for key, value in kernel.src.constants.items():
+        index = key[0] if isinstance(key, tuple) else key
+        name = names[index] if isinstance(index, int) else str(index)
+        if name.isupper():  # the tl.constexpr parameters; lower-case ones are specialised values (1, None)
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _patch_launch_checks(sms: int) -> None:
+    """The launchers insist on CUDA tensors and ask the GPU for its size; answer for the target."""
+    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, usage
+
+    for module in (_common, gather, quantize, usage):
+        module.check_launchable = lambda *tensors: None
+    for module in (nearest, soft_entropy):
+        module.multiprocessor_count = lambda device: sms
+
+
+def run(arch: int, quick: bool) -> Report:
+    start = time.perf_counter()
+    report = Report(arch=arch, triton=triton.__version__, torch=torch.__version__)
+    limits = SM_LIMITS[arch]
+    errors: list[BaseException] = []
+    triton.runtime.driver.set_active(StandInDriver(arch, errors.append))
+    _patch_launch_checks(limits["sms"])
+    torch.manual_seed(0)
+    seen: set[int] = set()
+    for case, launch in _cases(quick):
+        errors.clear()
+        try:
+            launch()
+        except Exception as exc:
+            report.failures.append({"case": case, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        for exc in errors:  # autotuning candidates that failed (the autotuner skips them silently)
+            report.failures.append({"case": case, "error": f"autotune candidate: {type(exc).__name__}: {exc}"[:2000]})
+        for key, (name, kernel) in _compiled_kernels().items():
+            if key in seen:
+                continue
+            seen.add(key)
+            meta = kernel.metadata
+            v = Variant(kernel=name, case=case, constants=_constants(kernel), num_warps=meta.num_warps,
+                        num_stages=meta.num_stages, shared_bytes=meta.shared)
+            v.registers, v.spill_stores, v.spill_loads = _resources(kernel.asm["ptx"], arch)
+            v.mma = _mma_kind(kernel.asm["ptx"])
+            v.blocks_per_sm = _blocks_per_sm(v.registers, v.num_warps, v.shared_bytes, limits)
+            v.occupancy = v.blocks_per_sm * v.num_warps * 32 / limits["threads"]
+            report.variants.append(v)
+        print(f"{case}: {sum(v.case == case for v in report.variants)} variants", file=sys.stderr)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
+        "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
+        "memory and threads.",
+        "",
+        "| kernel | case | constants | warps | stages | MMA | regs | spill st/ld (B) | smem (KiB) | blocks/SM | occupancy |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in report.variants:
+        consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
+                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "NEED_GRAD_C"))
+        lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
+                     f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
+                     f"{v.occupancy:.0%} |")
+    if report.failures:
+        lines += ["", "Failures:", ""] + [f"- {f['case']}: {f['error'].splitlines()[0]}" for f in report.failures]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability as an integer (90 = H100)")
+    parser.add_argument("--quick", action="store_true", help="one case per kernel family")
+    parser.add_argument("--out", type=Path, help="folder for compile_report.json / .md")
+    args = parser.parse_args(argv)
+    report = run(args.arch, args.quick)
+    text = markdown(report)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compile_report.json").write_text(json.dumps(asdict(report), indent=1))
+        (args.out / "compile_report.md").write_text(text)
+    print(text)
+    print(f"{len(report.variants)} variants compiled, {len(report.failures)} failures, {report.seconds:.0f} s",
+          file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
