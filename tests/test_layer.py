@@ -539,3 +539,19 @@ def test_fp16_input_on_backend(backend, device):
     assert (_chosen_gap(rows, codes, idx) <= 1e-5).all()
     loss.backward()
     assert torch.isfinite(z.grad.float()).all()
+
+
+def test_restarts_per_step_are_bounded(backend, device, monkeypatch):
+    # With a budget of 3 re-seeds per step, the 4 dead codes come back 3 then 1, lowest index first.
+    import vqfast.layer
+
+    monkeypatch.setattr(vqfast.layer, "_RESTARTS_PER_STEP", 3)
+    vq = _dead_code_setup(device, 0.5)
+    batch = torch.randn(32, 2, device=device) + 5
+    vq(batch)
+    weight = vq.embeddings.weight.detach()
+    assert (weight[4:7] > -50).all() and (weight[7] == -100).all()
+    for code in weight[4:7]:
+        assert (batch - code).abs().sum(1).min() < 1e-5
+    vq(torch.randn(32, 2, device=device) + 5)
+    assert (vq.embeddings.weight[4:] > -50).all()

@@ -63,6 +63,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "same": same_on_all_ranks(vq.embeddings.weight),
                 "steps": int(vq.usage_steps),
             }
+        # Restart candidates: every code but one is far from both ranks' data, so all but one are
+        # re-seeded after one step, from rows gathered from both ranks.
+        from vqfast import VectorQuantizer
+
+        torch.manual_seed(0)
+        vq = VectorQuantizer(8, 2, dead_code_threshold=0.5, usage_decay=0.5)
+        with torch.no_grad():
+            vq.embeddings.weight.fill_(100.0)
+            vq.embeddings.weight[0] = 0.0
+        torch.manual_seed(2000 + rank)
+        batch = torch.randn(16, 2) + (5.0 if rank == 0 else -5.0)
+        vq(batch)
+        results["restart"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks leave together: a rank that tears gloo down while its peer is still reading the
         # last collective makes the peer abort.
@@ -90,6 +103,14 @@ def test_codebooks_identical_across_ranks(tmp_path):
             assert torch.equal(value, r1[name]["buffers"][key]), (name, key)
         # Statistics count both ranks' rows: 16 rows per rank per step.
         assert int(r0[name]["buffers"]["batch_counts"].sum()) == 32
+    weight = r0["restart"]["weight"]
+    assert torch.equal(weight, r1["restart"]["weight"])
+    source = []
+    for code in weight[1:]:
+        hits = [r for r, res in enumerate((r0, r1)) if (res["restart"]["batch"] - code).abs().sum(1).min() < 1e-6]
+        assert len(hits) == 1, code  # each restarted code is an encoder output of one rank's batch
+        source += hits
+    assert set(source) == {0, 1}
     # The control: without the sync the ranks' codebooks differ (so the check above can fail).
     assert not torch.equal(r0["ema-unsynced"]["weight"], r1["ema-unsynced"]["weight"])
     assert not r0["ema-unsynced"]["same"]

@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqfast import reference
-from vqfast.distributed import all_reduce_sum_, broadcast_
+from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import _ops, nearest_code, quantize, resolve_backend
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
 INITS = ("xavier_normal", "uniform", "kmeans")
 PRECISIONS = ("fp32", "tf32", "bf16")
+# Dead codes re-seeded per training step at most (see _restart_dead_codes).
+_RESTARTS_PER_STEP = 1024
 # The layer's precision names -> nearest_code's (torch.set_float32_matmul_precision names).
 _SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
 # ... and the soft-entropy kernel's (Triton's input_precision names).
@@ -146,15 +148,16 @@ class VectorQuantizer(nn.Module):
     (``kmeans_iters`` Lloyd iterations on the first training batch). ``dead_code_threshold``: in
     training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
-    at the end of the step, with a grace period before they can be re-seeded again (0 disables). Never
-    used codes are re-seeded after the first training step. ``usage_decay`` is the
-    decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
+    at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
+    can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
+    training step on. ``usage_decay`` is the decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
     (codes and inputs l2-normalised). ``precision`` of the search on the GPU: "tf32" (default: tensor
     cores, then rows whose two best codes are within the tf32 error bound are searched again in fp32,
     so the indices are the exact ones), "fp32" (fp32 products throughout, slower) or "bf16" (fastest,
     may pick a near-tied code). The CPU backend is always exact fp32.
-    Under ``torch.distributed``, statistics are summed over ranks and random choices come from rank 0,
-    so every rank keeps the same codebook (``sync_distributed=False`` turns this off).
+    Under ``torch.distributed``, statistics are summed over ranks and the random rows that seed k-means
+    and restarts are drawn from all ranks' batches and gathered to every rank, so every rank keeps the
+    same codebook (``sync_distributed=False`` turns this off).
 
     Defaults keep a large codebook alive without tuning: the codebook loss with the VQ-VAE paper's
     beta = 0.25 (it needs no extra state and works with any optimizer), plus dead-code restarts, which
@@ -334,17 +337,19 @@ class VectorQuantizer(nn.Module):
     def _all_reduce_(self, t: Tensor) -> Tensor:
         return all_reduce_sum_(t, self.process_group) if self.sync_distributed else t
 
-    def _broadcast_(self, t: Tensor) -> Tensor:
-        return broadcast_(t, 0, self.process_group) if self.sync_distributed else t
+    def _gather_rows(self, t: Tensor) -> Tensor:
+        return all_gather_rows(t, self.process_group) if self.sync_distributed else t
 
     def _data_rows(self, rows: Tensor) -> Tensor:
         x = rows.detach().float()
         return F.normalize(x, dim=-1) if self.metric == "cosine" else x
 
     def _random_rows(self, x: Tensor, count: int) -> Tensor:
-        """``count`` rows of ``x`` drawn with replacement, the same on every rank (rank 0's)."""
-        pick = torch.randint(x.shape[0], (count,), device=x.device)
-        return self._broadcast_(x.index_select(0, pick).contiguous())
+        """``count`` rows drawn with replacement from every rank's ``x`` (an equal share from each), the
+        same on every rank."""
+        world = world_size(self.process_group) if self.sync_distributed else 1
+        pick = torch.randint(x.shape[0], (-(-count // world),), device=x.device)
+        return self._gather_rows(x.index_select(0, pick).contiguous())[:count]
 
     @torch.no_grad()
     def _kmeans_init(self, rows: Tensor) -> None:
@@ -381,10 +386,17 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, rows: Tensor, counts: Tensor) -> None:
         # Always computed and applied with masks: testing "any dead?" would cost a host sync per step.
+        # At most _RESTARTS_PER_STEP codes (the lowest-index dead ones) are re-seeded per step, so the
+        # rows drawn (and, under DDP, gathered from the ranks) stay small when K is large; the others
+        # follow on the next steps.
+        budget = min(self.num_embeddings, _RESTARTS_PER_STEP)
         dead = self._dead_mask(counts)
-        candidates = self._random_rows(self._data_rows(rows), self.num_embeddings)
+        order = dead.to(torch.int64).cumsum(0) - 1
+        dead = dead & (order < budget)
+        candidates = self._random_rows(self._data_rows(rows), budget)
         weight = self.embeddings.weight
-        weight.copy_(torch.where(dead.unsqueeze(1), candidates.to(weight.dtype), weight))
+        seeds = candidates.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
+        weight.copy_(torch.where(dead.unsqueeze(1), seeds, weight))
         # A restarted code starts over: no measured usage, and a grace credit of the uniform share 1/K
         # that decays like the usage, so it survives ln(dead_code_threshold) / ln(usage_decay) steps
         # unused (460 with the defaults) before it can be restarted again.
