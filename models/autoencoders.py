@@ -309,6 +309,12 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
         if vq_impl == "article":
             from vqfast.models.article import ArticleVQ
 
-            model.quantizer = ArticleVQ(num_codes, code_dim, beta=preset["beta"])
+            # Same initial codebook as the layer it replaces, and the random stream left as if it had not
+            # been built, so runs with either implementation start from identical weights and data order.
+            with torch.random.fork_rng(devices=[]):
+                article = ArticleVQ(num_codes, code_dim, beta=preset["beta"])
+            with torch.no_grad():
+                article.embeddings.weight.copy_(model.quantizer.embeddings.weight)
+            model.quantizer = article
         return model
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

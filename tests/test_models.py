@@ -176,3 +176,17 @@ def test_article_vq_impl_matches_the_layer_with_article_settings():
     torch.testing.assert_close(a["loss"], b["loss"])
     with pytest.raises(ValueError, match="vq_impl"):
         build_model("vqvae", vq_impl="fast")
+
+
+def test_both_vq_impls_start_from_the_same_weights_and_random_stream():
+    from vqfast.models.autoencoders import build_model
+
+    built = []
+    for impl in ("article", "vqfast"):
+        torch.manual_seed(3)
+        model = build_model("vqvae", num_codes=32, code_dim=8, vq_preset="article", vq_impl=impl)
+        built.append((model.state_dict(), torch.rand(4)))
+    (article_state, article_next), (layer_state, layer_next) = built
+    assert torch.equal(article_next, layer_next)
+    for name, value in article_state.items():
+        assert torch.equal(value, layer_state[name]), name
