@@ -202,6 +202,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
             ("nearest bf16 odd D (5000, 3000, 100)", search(5000, 3000, 100, bf16, "high")),
             ("nearest bf16 D loop (8192, 8192, 1024)", search(8192, 8192, 1024, bf16, "high")),
             ("nearest fp32 tf32 small (1024, 4096, 128)", search(1024, 4096, 128, fp32, "high")),
+            ("nearest fp32 tf32 + fp32 re-search, one split (65536, 4096, 128)",
+             search(65536, 4096, 128, fp32, "high")),
         ]
     idx = lambda n, k: torch.randint(0, k, (n,))  # noqa: E731
     cases += [
@@ -239,10 +241,10 @@ def _compiled_kernels() -> dict[int, tuple[str, object]]:
     """Every compiled kernel so far, by identity: ``{id: (kernel name, CompiledKernel)}``."""
     from triton.runtime.jit import JITFunction
 
-    from vqfast.kernels import gather, nearest, quantize, soft_entropy, usage
+    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, usage
 
     found = {}
-    for module in (gather, nearest, quantize, soft_entropy, usage):
+    for module in (_common, gather, nearest, quantize, soft_entropy, usage):
         for value in vars(module).values():
             fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # autotuners wrap one
             if isinstance(fn, JITFunction):
@@ -318,7 +320,7 @@ def markdown(report: Report) -> str:
     ]
     for v in report.variants:
         consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
-                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "NEED_GRAD_C"))
+                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C"))
         lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
                      f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
                      f"{v.occupancy:.0%} |")

@@ -6,6 +6,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -73,9 +75,30 @@ def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
     check_launchable(z, codebook)
 
 
+@triton.jit
+def _row_sqnorm_kernel(c_ptr, out_ptr, K, D, stride_ck, stride_cd, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rows = c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck
+    acc = tl.zeros([BLOCK_K], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(rows + offs_d[None, :] * stride_cd, mask=mask_k[:, None] & (offs_d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + offs_k, acc, mask=mask_k)
+
+
 def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
-    """Squared norms of the codebook rows in fp32: ``(codebook.float() ** 2).sum(1)``."""
-    return codebook.float().square().sum(1)
+    """Squared norms of the codebook rows in fp32: ``(codebook.float() ** 2).sum(1)``, in one launch
+    (the search is latency-bound on small problems, where every launch counts)."""
+    k, d = codebook.shape
+    out = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    block_d = min(128, max(16, next_power_of_2(d)))
+    block_k = 16 if interpreting() else max(1, 4096 // block_d)
+    _row_sqnorm_kernel[(triton.cdiv(k, block_k),)](codebook, out, k, d, codebook.stride(0), codebook.stride(1),
+                                                  BLOCK_K=block_k, BLOCK_D=block_d)
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,7 +3,10 @@
 For a block of BLOCK_N rows of z, a program streams the codebook in (BLOCK_D x BLOCK_K) tiles, forms
 ||c||^2 - 2 z.c on the tensor cores (fp32 accumulation) and keeps the best (score, index) per row in
 registers. When there are few row blocks (few rows, many codes), the codebook is split across
-programs and the per-split winners are reduced afterwards.
+programs and a second small kernel reduces the per-split winners. The fp32 search with tf32 products
+flags, in the same kernels, the rows whose two best codes are closer than the tf32 error bound, and a
+second pass searches only those rows' blocks again with fp32 products, writing in place: a handful of
+launches and no host synchronisation, which is what small (latency-bound) problems need.
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ _SPLIT_ALIGN = 256
 
 # Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
 # kernel instead of compiling (and autotuning) another variant.
-@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn"])
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "flag_scale"])
 def _nearest_code_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, flag_ptr,
-    score_ptr, index_ptr, dist_ptr, second_ptr,
-    N, K, D, codes_per_split, N_BUCKET,
+    z_ptr, c_ptr, c_sqnorm_ptr, flag_in_ptr,
+    score_ptr, index_ptr, dist_ptr, second_ptr, flag_out_ptr, cmax_ptr,
+    N, K, D, codes_per_split, N_BUCKET, flag_scale,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr,
-    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -47,15 +50,19 @@ def _nearest_code_kernel(
 
     k_begin = pid_s * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
+    store_n = mask_n
     if HAS_FLAGS:
-        # Re-search of flagged rows only: blocks without one skip the codebook loop (their outputs are
-        # discarded by the caller), so no host-side list of rows is needed.
-        flags = tl.load(flag_ptr + offs_n, mask=mask_n, other=0)
+        # Re-search of flagged rows only: blocks without one skip the codebook loop, and only flagged
+        # rows are written, so no host-side list of rows is needed.
+        flags = tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0)
+        store_n = mask_n & (flags != 0)
         k_end = tl.where(tl.max(flags, axis=0) > 0, k_end, k_begin)
 
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     second = tl.full([BLOCK_N], float("inf"), tl.float32)
+    # Largest ||c||^2 among the codes seen, for the tf32 error bound.
+    c_max = tl.zeros([BLOCK_K], tl.float32)
 
     if SINGLE_D:
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd,
@@ -89,6 +96,8 @@ def _nearest_code_kernel(
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
         # Padding codes get +inf so they never win.
         c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
+        if WRITE_FLAGS:
+            c_max = tl.maximum(c_max, tl.where(mask_k, c_sqnorm, 0.0))
         score = c_sqnorm[None, :] - 2.0 * acc
         # NaN never wins: a row whose scores are all NaN keeps a valid index.
         score = tl.where(score == score, score, float("inf"))
@@ -109,10 +118,13 @@ def _nearest_code_kernel(
         dist = z_sqnorm + best
         # Rounding can push a near-zero distance below 0; NaN (from NaN in z) is kept.
         dist = tl.where(dist < 0.0, 0.0, dist)
-        tl.store(dist_ptr + offs_n, dist, mask=mask_n)
-        tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=mask_n)
+        tl.store(dist_ptr + offs_n, dist, mask=store_n)
+        tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=store_n)
         if TRACK_SECOND:
             tl.store(second_ptr + offs_n, second, mask=mask_n)
+        if WRITE_FLAGS:
+            bound = flag_scale * tl.sqrt(z_sqnorm) * tl.sqrt(tl.max(c_max, axis=0))
+            tl.store(flag_out_ptr + offs_n, ((second - best) <= bound).to(tl.int8), mask=mask_n)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
@@ -121,6 +133,48 @@ def _nearest_code_kernel(
             tl.store(second_ptr + out, second, mask=mask_n)
         if pid_s == 0:
             tl.store(dist_ptr + offs_n, z_sqnorm, mask=mask_n)
+        if WRITE_FLAGS:
+            if pid_n == 0:
+                tl.store(cmax_ptr + pid_s, tl.max(c_max, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "flag_scale"])
+def _reduce_splits_kernel(
+    score_ptr, part_index_ptr, second_ptr, zsq_ptr, cmax_ptr, flag_in_ptr,
+    index_ptr, dist_ptr, runner_up_ptr, flag_out_ptr,
+    N, S, flag_scale,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
+):
+    """Per row, the best of the S per-split winners (splits are in increasing code order and ties go
+    to the first, so the lowest index wins), its distance, and optionally the runner-up and the flag."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < S
+    rows = offs_n.to(tl.int64) * S
+    scores = tl.load(score_ptr + rows[:, None] + offs_s[None, :], mask=mask_n[:, None] & mask_s[None, :],
+                     other=float("inf"))
+    best, win = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    win = win.to(tl.int64)
+    index = tl.load(part_index_ptr + rows + win, mask=mask_n, other=0)
+    z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
+    dist = z_sqnorm + best
+    dist = tl.where(dist < 0.0, 0.0, dist)
+    store_n = mask_n
+    if HAS_FLAGS:
+        store_n = mask_n & (tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0) != 0)
+    tl.store(index_ptr + offs_n, index, mask=store_n)
+    tl.store(dist_ptr + offs_n, dist, mask=store_n)
+    if TRACK_SECOND:
+        own = tl.load(second_ptr + rows + win, mask=mask_n, other=float("inf"))
+        others = tl.where(offs_s[None, :] == win[:, None], float("inf"), scores)
+        runner_up = tl.minimum(own, tl.min(others, axis=1))
+        tl.store(runner_up_ptr + offs_n, runner_up, mask=mask_n)
+        if WRITE_FLAGS:
+            c_max = tl.max(tl.load(cmax_ptr + offs_s, mask=mask_s, other=0.0), axis=0)
+            bound = flag_scale * tl.sqrt(z_sqnorm) * tl.sqrt(c_max)
+            tl.store(flag_out_ptr + offs_n, ((runner_up - best) <= bound).to(tl.int8), mask=mask_n)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -176,7 +230,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _nearest_code_autotuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS"],
+    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS",
+         "WRITE_FLAGS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_nearest_code_kernel)
 
@@ -207,14 +262,27 @@ def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device
 
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
-            num_splits: int | None, track_second: bool, flags: torch.Tensor | None = None):
-    """One kernel pass: ``(indices, distances, runner_up_scores or None)``; with ``flags`` (int8 (N,)),
-    only the row blocks holding a flagged row are searched and the other rows' outputs are undefined."""
+            num_splits: int | None, track_second: bool = False, flag_scale: float | None = None,
+            flags: torch.Tensor | None = None,
+            out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One search pass: ``(indices, distances, runner_up or None, uncertain or None)``.
+
+    ``track_second``: also the runner-up score per row (the best score ``||c||^2 - 2 z.c`` of any other
+    code). ``flag_scale``: also int8 flags of the rows whose runner-up score is within
+    ``flag_scale * ||z|| * max ||c||`` of the best one. ``flags`` (int8 (N,)): search only the row
+    blocks that hold a flagged row and write only the flagged rows, into ``out = (indices, distances)``
+    when given (the other rows are left as they are) or into new tensors (the other rows undefined).
+    """
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
-    indices = torch.empty(n, dtype=torch.int64, device=device)
-    distances = torch.empty(n, dtype=torch.float32, device=device)
+    write_flags = flag_scale is not None
+    track_second = track_second or write_flags
+    if out is not None:
+        indices, distances = out
+    else:
+        indices = torch.empty(n, dtype=torch.int64, device=device)
+        distances = torch.empty(n, dtype=torch.float32, device=device)
     max_single_d = _MAX_SINGLE_D[z.dtype]
     if z.dtype == torch.float32 and input_precision == "ieee":
         max_single_d = _MAX_SINGLE_D_IEEE_FP32
@@ -229,22 +297,32 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     splits = triton.cdiv(k, codes_per_split)
     write_distance = splits == 1
 
+    runner_up = torch.empty(n, dtype=torch.float32, device=device) if track_second else None
+    uncertain = torch.empty(n, dtype=torch.int8, device=device) if write_flags else None
+    unused = c_sqnorm  # stands in for pointers a variant never touches
     if write_distance:
-        scores, part_index, stride_sn = distances, indices, 0  # scores unused
-        second = torch.empty(n, dtype=torch.float32, device=device) if track_second else distances
+        scores, part_index, second, stride_sn = unused, indices, runner_up, 0
+        z_sqnorm = distances
+        cmax = unused
     else:
         scores = torch.empty((n, splits), dtype=torch.float32, device=device)
         part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
-        second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else scores
+        second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else None
         stride_sn = splits
+        # Row norms go to the distances unless those must keep their unflagged rows.
+        z_sqnorm = torch.empty(n, dtype=torch.float32, device=device) if flags is not None else distances
+        cmax = torch.empty(splits, dtype=torch.float32, device=device) if write_flags else unused
 
     args = (
-        z, codebook, c_sqnorm, flags if flags is not None else c_sqnorm, scores, part_index, distances, second,
-        n, k, d, codes_per_split, next_power_of_2(n),
+        z, codebook, c_sqnorm, flags if flags is not None else unused,
+        scores, part_index, z_sqnorm, second if second is not None else unused,
+        uncertain if uncertain is not None else unused, cmax,
+        n, k, d, codes_per_split, next_power_of_2(n), float(flag_scale or 0.0),
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
     meta = dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None)
+                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
+                WRITE_FLAGS=write_flags)
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -252,21 +330,18 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
         _nearest_code_autotuned[grid](*args, **meta)
 
-    if write_distance:
-        return indices, distances, (second if track_second else None)
-    # Splits are in increasing code order and argmin keeps the first minimum: ties stay lowest-index.
-    winner = scores.argmin(1, keepdim=True)
-    indices = part_index.gather(1, winner).squeeze(1)
-    best = scores.gather(1, winner).squeeze(1)
-    dist = distances + best
-    distances = torch.where(dist < 0, torch.zeros_like(dist), dist)
-    runner_up = None
-    if track_second:
-        # Overall runner-up: the winner split's own runner-up, or the best of any other split.
-        others = scores.scatter(1, winner, float("inf")).min(1).values
-        runner_up = torch.minimum(second.gather(1, winner).squeeze(1), others)
-        runner_up = torch.where(torch.isnan(runner_up), torch.full_like(runner_up, float("inf")), runner_up)
-    return indices, distances, runner_up
+    if not write_distance:
+        block_s = next_power_of_2(splits)
+        block_n = max(1, min(128, 4096 // block_s))
+        _reduce_splits_kernel[(triton.cdiv(n, block_n),)](
+            scores, part_index, second if second is not None else unused, z_sqnorm, cmax,
+            flags if flags is not None else unused,
+            indices, distances, runner_up if runner_up is not None else unused,
+            uncertain if uncertain is not None else unused,
+            n, splits, float(flag_scale or 0.0),
+            BLOCK_N=block_n, BLOCK_S=block_s, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
+            WRITE_FLAGS=write_flags)
+    return indices, distances, runner_up, uncertain
 
 
 def nearest_code(
@@ -295,17 +370,11 @@ def nearest_code(
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device))
     c_sqnorm = code_sqnorms(codebook)
-    rescore = z.dtype == torch.float32 and input_precision == "tf32"
-    indices, distances, runner_up = _search(z, codebook, c_sqnorm, input_precision, num_splits, rescore)
-    if rescore:
-        # distances = ||z||^2 + best score, so runner_up - (distances - ||z||^2) is the score gap.
-        z_sqnorm = z.square().sum(1)  # fp32 input here
-        gap = runner_up - (distances - z_sqnorm)
-        bound = (_TF32_ERROR * tie_tolerance_scale * (1.0 + d * 2.0**-13)) * z_sqnorm.sqrt() * c_sqnorm.max().sqrt()
-        # No host sync: a second pass over the blocks that hold an uncertain row, merged with where().
-        uncertain = gap <= 2.0 * bound
-        exact_idx, exact_dist, _ = _search(z, codebook, c_sqnorm, "ieee", num_splits, False,
-                                           flags=uncertain.to(torch.int8))
-        indices = torch.where(uncertain, exact_idx, indices)
-        distances = torch.where(uncertain, exact_dist, distances)
+    if not (z.dtype == torch.float32 and input_precision == "tf32"):
+        return _search(z, codebook, c_sqnorm, input_precision, num_splits)[:2]
+    # tf32 pass that also flags rows whose runner-up is within twice the error bound, then an fp32
+    # pass over the flagged rows' blocks that overwrites just those rows: no host sync, no merge.
+    flag_scale = 2.0 * _TF32_ERROR * tie_tolerance_scale * (1.0 + d * 2.0**-13)
+    indices, distances, _, uncertain = _search(z, codebook, c_sqnorm, "tf32", num_splits, flag_scale=flag_scale)
+    _search(z, codebook, c_sqnorm, "ieee", num_splits, flags=uncertain, out=(indices, distances))
     return indices, distances

@@ -197,18 +197,19 @@ def test_runner_up_score_is_tracked(splits, kernel_device):
     c[100] = c[3]  # an exact duplicate: its runner-up gap must be zero
     z[0] = c[3] + 0.01
     c_sqnorm = c.pow(2).sum(1)
-    idx, dist, runner_up = _search(z, c, c_sqnorm, "ieee", splits, True)
+    idx, dist, runner_up, _ = _search(z, c, c_sqnorm, "ieee", splits, True)
     scores = c_sqnorm.double().cpu()[None, :] - 2 * z.double().cpu() @ c.double().cpu().t()
     two = scores.topk(2, dim=1, largest=False).values
     torch.testing.assert_close(runner_up.double().cpu(), two[:, 1], rtol=1e-5, atol=1e-4)
     assert idx[0].item() == 3 and runner_up[0].item() == pytest.approx(dist[0].item() - z[0].pow(2).sum().item(), abs=1e-4)
 
 
-def test_tf32_rescoring_returns_the_exact_indices(kernel_device):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
     z, c = _data(70, 130, 40, torch.float32, kernel_device, seed=10)
     exact_idx, exact_dist = kernels.nearest_code(z, c, precision="highest")
-    idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=2)
+    idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=splits)
     assert torch.equal(idx, exact_idx)
     torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
 
@@ -220,16 +221,58 @@ def test_bad_precision_is_rejected(kernel_device):
 
 
 def test_flagged_re_search_covers_flagged_rows(kernel_device):
+    from vqfast.kernels._common import code_sqnorms
     from vqfast.kernels.nearest import _search
 
     z, c = _data(70, 90, 20, torch.float32, kernel_device, seed=11)
     flags = torch.zeros(70, dtype=torch.int8, device=kernel_device)
     flags[[3, 40, 69]] = 1
-    c_sqnorm = c.square().sum(1)
-    idx, dist, _ = _search(z, c, c_sqnorm, "ieee", 1, False, flags=flags)
+    c_sqnorm = code_sqnorms(c)
+    idx, dist, _, _ = _search(z, c, c_sqnorm, "ieee", 1, False, flags=flags)
     ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
     for row in (3, 40, 69):
         assert idx[row] == ref_idx[row] and dist[row] == ref_dist[row]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_uncertain_rows_are_flagged_by_the_error_bound(splits, kernel_device):
+    from vqfast.kernels.nearest import _search
+
+    z, c = _data(90, 150, 24, torch.float32, kernel_device, seed=13)
+    c[7] = c[60]  # an exact tie: always flagged
+    z[5] = c[60] + 0.01
+    c_sqnorm = c.square().sum(1)
+    scale = 0.05
+    idx, dist, runner_up, uncertain = _search(z, c, c_sqnorm, "ieee", splits, flag_scale=scale)
+    z64, c64 = z.double().cpu(), c.double().cpu()
+    scores = (c64 * c64).sum(1)[None, :] - 2 * z64 @ c64.t()
+    two = scores.topk(2, dim=1, largest=False).values
+    gap = two[:, 1] - two[:, 0]
+    bound = scale * z64.norm(dim=1) * c64.norm(dim=1).max()
+    clear = (gap - bound).abs() > 1e-3 * bound  # rows away from the boundary, where rounding cannot matter
+    expected = gap <= bound
+    assert uncertain.dtype == torch.int8 and uncertain.shape == (90,)
+    assert torch.equal(uncertain.cpu().bool()[clear], expected[clear])
+    assert uncertain[5] == 1 and 0 < int(expected.sum()) < 90
+    torch.testing.assert_close(runner_up.double().cpu(), two[:, 1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_flagged_re_search_writes_only_flagged_rows_in_place(splits, kernel_device):
+    from vqfast.kernels.nearest import _search
+
+    z, c = _data(50, 80, 20, torch.float32, kernel_device, seed=14)
+    flags = torch.zeros(50, dtype=torch.int8, device=kernel_device)
+    flags[[0, 17, 49]] = 1
+    idx = torch.full((50,), -1, dtype=torch.int64, device=kernel_device)
+    dist = torch.full((50,), -1.0, device=kernel_device)
+    out = _search(z, c, c.square().sum(1), "ieee", splits, flags=flags, out=(idx, dist))
+    assert out[0] is idx and out[1] is dist
+    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
+    picked = flags.bool()
+    assert torch.equal(idx[picked], ref_idx[picked])
+    torch.testing.assert_close(dist[picked], ref_dist[picked], rtol=1e-6, atol=1e-6)
+    assert (idx[~picked] == -1).all() and (dist[~picked] == -1.0).all()
 
 
 def test_strided_indices_are_read_correctly(kernel_device):
@@ -299,6 +342,17 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
                                                   "INPUT_PRECISION": "tf32"})
     assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY)
     assert len(from_kwargs) < len(configs)
+
+
+@pytest.mark.parametrize("k,d,dtype", [(1, 1, torch.float32), (37, 130, torch.float32), (300, 20, torch.float16)])
+def test_code_sqnorms(k, d, dtype, kernel_device):
+    from vqfast.kernels._common import code_sqnorms
+
+    g = torch.Generator().manual_seed(15)
+    c = torch.randn(k, 2 * d, generator=g).to(dtype).to(kernel_device)[:, ::2]  # strided rows
+    out = code_sqnorms(c)
+    assert out.dtype == torch.float32 and out.shape == (k,)
+    torch.testing.assert_close(out.double().cpu(), c.double().cpu().square().sum(1), rtol=1e-6, atol=1e-6)
 
 
 def test_interpreter_can_run_loops():
