@@ -188,13 +188,14 @@ def test_headline_and_report_tables():
     recs = [
         bench.Record("headline", "headline", "vqfast", "bf16", 8192, 16384, 256, time_ms=2.0, tflops=34.4,
                      check="pass", check_error=1e-4),
+        bench.Record("headline", "headline", bench.GRAPH_PROVIDER, "bf16", 8192, 16384, 256, time_ms=1.9),
         bench.Record("headline", "headline", "cdist+argmin", "bf16", 8192, 16384, 256, time_ms=10.0),
         bench.Record("headline", "headline", "matmul+argmin", "bf16", 8192, 16384, 256, status="OOM"),
         bench.Record("headline", "headline", "z@c.T (cuBLAS)", "bf16", 8192, 16384, 256, time_ms=4.0),
     ]
     table = bench.headline_table(recs)
     row = table.splitlines()[2]
-    assert row.startswith("| 8,192 | 16,384 | 256 | bf16 | 2.00 | 10.0 | OOM | 4.00 | 5.00x | 0.50x | 34.4 | pass")
+    assert row.startswith("| 8,192 | 16,384 | 256 | bf16 | 2.00 | 1.90 | 10.0 | OOM | 4.00 | 5.00x | 0.50x | 34.4 | pass")
     md = bench.render_markdown(recs, {"gpu": "Test GPU"})
     assert "## Headline" in md and "Test GPU" in md and table in md
 
@@ -316,6 +317,15 @@ def test_meter_cuda_path_uses_do_bench_median_and_peak_memory(monkeypatch):
     assert seen == {"warmup": 5, "rep": 20, "return_mode": "median", "grad_to_none": [t]}
     assert meter.measure(lambda: None, est_bytes=80e6).status == "OOM (est. 0.1 GB)"
 
+    def fake_do_bench_cudagraph(fn, rep, grad_to_none=None, return_mode="mean"):
+        seen.update(graph_rep=rep, graph_return_mode=return_mode)
+        fn()
+        return 0.5
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
+    graphed = meter.measure(lambda: None, est_bytes=1e6, graph=True)
+    assert graphed.time_ms == 0.5 and seen["graph_rep"] == 20 and seen["graph_return_mode"] == "median"
+
 
 def test_plans_cover_the_spec():
     plan = bench.default_plan()
@@ -352,8 +362,9 @@ def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread):
                                    log=lambda s: None, cpu_memory_limit=3e5)
     parts = {r.part for r in records}
     assert parts == {"ceiling", *bench.PARTS}
-    fused = [r for r in records if r.provider == "vqfast" and r.part in ("headline", "nearest")]
+    fused = [r for r in records if r.provider in ("vqfast", bench.GRAPH_PROVIDER) and r.part in ("headline", "nearest")]
     assert fused and all(r.ok and r.check == "pass" for r in fused)
+    assert any(r.provider == bench.GRAPH_PROVIDER for r in fused)
     broadcast = {r.k: r.status for r in records if r.provider == "article (broadcast)"}
     assert broadcast[16] == "ok" and broadcast[256].startswith("OOM (est.")
     assert all(r.ok for r in records if r.part in ("gather", "usage", "train"))
