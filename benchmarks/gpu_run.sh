@@ -2,8 +2,8 @@
 # One-shot run on a GPU machine: install vqfast (offline), run the GPU tests, run the benchmark.
 # Everything it produces goes under $OUT (default: ./gpu-out).
 #
-#   bash benchmarks/gpu_run.sh            install + GPU tests + benchmark, within ~9.5 minutes in all
-#   bash benchmarks/gpu_run.sh tests      install + GPU tests only
+#   bash benchmarks/gpu_run.sh            install + test suite + benchmark, within ~9.5 minutes in all
+#   bash benchmarks/gpu_run.sh tests      install + the test suite only (compiled kernels on the GPU)
 #   bash benchmarks/gpu_run.sh bench      install + the full benchmark (its own ~8.5-minute budget)
 #   bash benchmarks/gpu_run.sh quick      install + `vqfast bench --quick`
 #   bash benchmarks/gpu_run.sh train      install + the article's models trained on CIFAR-10 .npz files in
@@ -55,13 +55,15 @@ fi
 
 STATUS=0
 if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  echo "== GPU tests"
-  TEST_LIMIT="${GPU_TEST_SECONDS:-420}"
-  timeout "$TEST_LIMIT" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 > "$OUT/pytest_gpu.log" 2>&1
+  # The whole suite: with CUDA present the kernel, op and layer tests run the compiled kernels on the GPU
+  # (not the interpreter), and the tests marked gpu run too.
+  echo "== test suite on the GPU"
+  TEST_LIMIT="${GPU_TEST_SECONDS:-480}"
+  timeout "$TEST_LIMIT" python3 -m pytest -q -p no:cacheprovider --durations=25 > "$OUT/pytest_gpu.log" 2>&1
   RC=$?
-  tail -25 "$OUT/pytest_gpu.log"
-  echo "pytest -m gpu exit code: $RC (5 = no GPU tests collected, 124 = stopped after ${TEST_LIMIT} s)" | tee -a "$OUT/pytest_gpu.log"
-  if [ "$RC" -ne 0 ] && [ "$RC" -ne 5 ]; then STATUS=1; fi
+  tail -40 "$OUT/pytest_gpu.log"
+  echo "pytest exit code: $RC (124 = stopped after ${TEST_LIMIT} s)" | tee -a "$OUT/pytest_gpu.log"
+  if [ "$RC" -ne 0 ]; then STATUS=1; fi
 fi
 
 if [ "$MODE" = train ]; then

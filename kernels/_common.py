@@ -89,9 +89,19 @@ def _row_sqnorm_kernel(c_ptr, out_ptr, K, D, stride_ck, stride_cd, BLOCK_K: tl.c
     tl.store(out_ptr + offs_k, acc, mask=mask_k)
 
 
+def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D), copied to a contiguous tensor when its column offsets ``(cols - 1) * stride(1)``
+    could pass 2**31: the kernels compute row offsets in int64 but column offsets in int32, which only a
+    column-major view of a huge tensor could overflow."""
+    if t.dim() == 2 and (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
+        return t.contiguous()
+    return t
+
+
 def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
     """Squared norms of the codebook rows in fp32: ``(codebook.float() ** 2).sum(1)``, in one launch
     (the search is latency-bound on small problems, where every launch counts)."""
+    codebook = int32_safe_columns(codebook)
     k, d = codebook.shape
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
     block_d = min(128, max(16, next_power_of_2(d)))

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, interpreting, next_power_of_2
+from vqfast.kernels._common import check_launchable, int32_safe_columns, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -49,6 +49,7 @@ def _blocks(n: int, d: int) -> tuple[int, int]:
 def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices`` (values assumed in range): (N, D) in the codebook's dtype."""
     check_launchable(codebook, indices)
+    codebook = int32_safe_columns(codebook)
     indices = indices.contiguous()  # the kernels read indices with unit stride
     n, d = indices.shape[0], codebook.shape[1]
     out = torch.empty((n, d), dtype=codebook.dtype, device=codebook.device)
@@ -68,6 +69,7 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``.
     """
     check_launchable(grad, indices)
+    grad = int32_safe_columns(grad)
     indices = indices.contiguous()
     n, d = grad.shape
     acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)

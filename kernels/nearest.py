@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_rows_and_codes, code_sqnorms, interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
+    check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory, multiprocessor_count,
+    next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -362,6 +363,7 @@ def nearest_code(
     re-search bound (for tests).
     """
     check_rows_and_codes(z, codebook)
+    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     n, d = z.shape
     if precision is None:
         precision = torch.get_float32_matmul_precision()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, interpreting, next_power_of_2
+from vqfast.kernels._common import check_launchable, int32_safe_columns, interpreting, next_power_of_2
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
     check_launchable(z, codebook, indices)
+    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     indices = indices.contiguous()  # the kernels read indices with unit stride
     n, d = z.shape
     z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
@@ -104,6 +105,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     tensor.
     """
     check_launchable(z, codebook, indices)
+    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     indices = indices.contiguous()
     n, d = z.shape
     grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)
@@ -114,7 +116,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
         coef = 2.0 / (n * d)
         grad_loss = grad_loss.reshape(1).to(torch.float32)
         has_gzq = grad_zq is not None
-        gzq = grad_zq if has_gzq else z
+        gzq = int32_safe_columns(grad_zq) if has_gzq else z
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
         _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, d,
                                   coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),

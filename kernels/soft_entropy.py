@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_rows_and_codes, code_sqnorms, interpreting, multiprocessor_count, next_power_of_2,
+    check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count, next_power_of_2,
 )
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
@@ -234,6 +234,7 @@ def soft_entropy_forward(
     All outputs are float32.
     """
     check_rows_and_codes(z, codebook)
+    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
@@ -270,6 +271,7 @@ def soft_entropy_backward(
     skips the codebook pass (dcodebook is then zeros).
     """
     check_rows_and_codes(z, codebook)
+    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device

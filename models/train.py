@@ -692,7 +692,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                 terms = train_step(train_module, x, optimizer, cfg.amp)
                 n = x.shape[0]
                 acc += torch.stack([
-                    torch.tensor(float(n), dtype=torch.float64, device=device),
+                    # torch.full, not torch.tensor: a host-to-device copy would sync every step.
+                    torch.full((), float(n), dtype=torch.float64, device=device),
                     terms["sse"].double(),
                     terms["objective"].double(),
                     terms.get("kl", terms["sse"].new_zeros(())).double(),
@@ -808,7 +809,8 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, run_dir:
     viz.save_reconstruction_grid(result["originals"], result["reconstructions"], run_dir / "reconstructions.png")
 
     if "indices" in result:
-        from vqfast import code_usage
+        # Indices were collected on the CPU: count them there, whatever backend the model used.
+        from vqfast.reference import code_usage
 
         idx = result["indices"].to(torch.int64)
         counts, entropy, perplexity = code_usage(idx, cfg.num_codes)
@@ -918,7 +920,7 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
     threshold = float(torch.quantile(res["sse"], 0.95))
     summary["threshold_p95"] = threshold
     if "indices" in res:
-        from vqfast import code_usage
+        from vqfast.reference import code_usage  # CPU indices, whatever backend the model used
 
         counts, _, perplexity = code_usage(res["indices"].to(torch.int64), cfg.num_codes)
         summary.update(codes_used=int((counts > 0).sum()), perplexity=float(perplexity))

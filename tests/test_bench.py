@@ -99,8 +99,8 @@ def test_tflops_and_gbps():
 
 
 def test_tolerance_follows_the_precision_rule():
-    assert bench.tolerance("fp32") == 1e-5
-    for p in ("tf32", "bf16", "fp16"):
+    assert bench.tolerance("fp32") == bench.tolerance("tf32") == 1e-5  # tf32 + fp32 re-check: exact
+    for p in ("bf16", "fp16"):
         assert bench.tolerance(p) == 1e-2
     with pytest.raises(ValueError):
         bench.tolerance("fp8")
@@ -410,12 +410,14 @@ def test_small_suite_on_gpu(tmp_path):
                                            bench.NearestPoint(256, 2048, 64, "tf32")])],
         gather=[(4096, 512, 64, "bf16")], usage=[(4096, 512)], layer=[(4, 64, 4, 4, 512)], train=[4],
         train_codes=256, train_dim=32, ceiling_size=1024, copy_bytes=1 << 24,
-        nearest_providers=bench.NEAREST_PROVIDERS, warmup_ms=5, rep_ms=10, budget_s=120,
+        # A generous budget: a cold machine compiles and autotunes every kernel here, and the test is
+        # about completeness, not speed.
+        nearest_providers=bench.NEAREST_PROVIDERS, warmup_ms=5, rep_ms=10, budget_s=300,
     )
     records = bench.run_benchmarks(plan, bench.PARTS, tmp_path, log=lambda s: None)
     bad = [r for r in records if not r.ok and r.provider != "vector-quantize-pytorch"]
     assert not bad, bad
-    fused = [r for r in records if r.provider == "vqfast" and r.part in ("headline", "nearest")]
+    fused = [r for r in records if r.provider in ("vqfast", bench.GRAPH_PROVIDER) and r.part in ("headline", "nearest")]
     assert fused and all(r.check == "pass" for r in fused), fused
     assert all(r.peak_mem_mb is not None for r in records if r.part != "ceiling")
     assert (tmp_path / "results.md").read_text().count("|") > 50

@@ -369,7 +369,8 @@ def test_restarts_keep_gradients(backend, device):
 def test_training_step_has_no_host_sync(monkeypatch):
     monkeypatch.setenv("VQFAST_BACKEND", "triton")
     vq = VectorQuantizer(64, 8, ema=True, init="kmeans").cuda()
-    z = torch.randn(4, 8, 6, 6, device="cuda")
+    # EMA codes get no gradient, so the encoder output must want one for the loss to have a graph.
+    z = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
     vq(z)  # k-means init runs once, outside the hot path
     vq(z)
     torch.cuda.synchronize()
@@ -413,7 +414,8 @@ def test_entropy_terms_off_by_default(backend, device):
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_entropy_terms_in_loss(backend, device, metric):
     torch.manual_seed(12)
-    kw = dict(metric=metric, dead_code_threshold=0.0)
+    # fp32 products: the comparison is with a float64 reference (the default tf32 logits differ by ~1e-3).
+    kw = dict(metric=metric, dead_code_threshold=0.0, precision="fp32")
     base = VectorQuantizer(10, 4, **kw).to(device)
     reg = VectorQuantizer(10, 4, sample_entropy_weight=0.3, batch_entropy_weight=0.7, entropy_temperature=0.5,
                           **kw).to(device)
@@ -443,8 +445,9 @@ def test_entropy_gradients_match_across_backends(monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("VQFAST_BACKEND", backend)
         dev = _device_for(backend)
+        # fp32 products on both sides (on a GPU the default would put the Triton side on tf32).
         vq = VectorQuantizer(9, 5, sample_entropy_weight=0.5, batch_entropy_weight=1.0,
-                             entropy_temperature=2.0).to(dev)
+                             entropy_temperature=2.0, precision="fp32").to(dev)
         vq.load_state_dict(vq0.state_dict())
         z = z0.to(dev).requires_grad_()
         _, loss, _ = vq(z)

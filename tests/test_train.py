@@ -29,10 +29,12 @@ from vqfast.models.train import (
 )
 
 # A VAE small enough for a few-second run; its noise draws make RNG restoration matter on resume.
+# On the CPU even where there is a GPU: the resume tests compare weights bit for bit, which cuDNN's and
+# the atomic scatter-adds' run-to-run differences would break.
 TINY_VAE = dict(model="vae", data="sample", limit=96, batch_size=32, latent_dim=16, epochs=2, progress=False,
-                eval_limit=64, grid_images=8)
+                eval_limit=64, grid_images=8, device="cpu")
 TINY_VQ = dict(model="vqvae", data="sample", limit=64, batch_size=16, num_codes=32, code_dim=16, epochs=1,
-               progress=False, eval_limit=32, grid_images=4)
+               progress=False, eval_limit=32, grid_images=4, device="cpu")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -58,7 +60,7 @@ def vae_reference(tmp_path_factory: pytest.TempPathFactory) -> train_mod.TrainRe
 def vq_run(tmp_path_factory: pytest.TempPathFactory) -> train_mod.TrainResult:
     """A short VQ-VAE run with the article's architecture (4,096 codes of 128 dims) on real images."""
     return train(TrainConfig(model="vqvae", data="sample", limit=512, batch_size=16, epochs=2, progress=False,
-                             eval_limit=500, out=str(tmp_path_factory.mktemp("vq_run"))))
+                             eval_limit=500, device="cpu", out=str(tmp_path_factory.mktemp("vq_run"))))
 
 
 def test_short_vqvae_run_reconstructs_better_than_the_mean_image(vq_run: train_mod.TrainResult) -> None:
