@@ -274,6 +274,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     blocks that hold a flagged row and write only the flagged rows, into ``out = (indices, distances)``
     when given (the other rows are left as they are) or into new tensors (the other rows undefined).
     """
+    if flags is not None and flag_scale is not None:
+        raise ValueError("a re-search of flagged rows cannot flag rows itself")
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device

@@ -68,13 +68,14 @@ def test_ties_go_to_lowest_index(splits, kernel_device):
     # integers keep every product exact, so the copies' scores tie exactly.
     g = torch.Generator().manual_seed(3)
     z = torch.randint(-3, 4, (9, 20), generator=g).float().to(kernel_device)
-    c = torch.randint(-3, 4, (200, 20), generator=g).float().to(kernel_device)
+    # 800 codes: on a GPU, splits are multiples of 256 codes, so 4 splits stay 4.
+    c = torch.randint(-3, 4, (800, 20), generator=g).float().to(kernel_device)
     c[150] = c[7]
-    c[190] = c[7]
+    c[790] = c[7]
     c[60] = c[40]
     z[0] = c[7]
     z[1] = c[40]
-    z[2] = c[190]
+    z[2] = c[790]
     idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
     assert idx[:3].tolist() == [7, 40, 7]
     assert dist[:3].abs().max() == 0
@@ -91,7 +92,8 @@ def test_strided_inputs(kernel_device):
     torch.testing.assert_close(dist, ref_dist)
 
 
-def test_nan_and_inf_never_give_out_of_range_indices(kernel_device):
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_nan_and_inf_never_give_out_of_range_indices(precision, kernel_device):
     z, c = _data(12, 50, 10, torch.float32, kernel_device, seed=5)
     z[0] = float("nan")
     z[1, 3] = float("nan")
@@ -99,7 +101,7 @@ def test_nan_and_inf_never_give_out_of_range_indices(kernel_device):
     c[4] = float("nan")  # a NaN code must never be chosen
     c[9, 2] = float("-inf")
     for splits in (1, 3):
-        idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+        idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
         assert ((idx >= 0) & (idx < 50)).all()
         assert not (idx == 4).any()
         assert torch.isnan(dist[0]) and torch.isnan(dist[1])
@@ -207,7 +209,7 @@ def test_runner_up_score_is_tracked(splits, kernel_device):
 @pytest.mark.parametrize("splits", [1, 2])
 def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
-    z, c = _data(70, 130, 40, torch.float32, kernel_device, seed=10)
+    z, c = _data(70, 600, 40, torch.float32, kernel_device, seed=10)  # 2 splits on a GPU too
     exact_idx, exact_dist = kernels.nearest_code(z, c, precision="highest")
     idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=splits)
     assert torch.equal(idx, exact_idx)
@@ -238,9 +240,11 @@ def test_flagged_re_search_covers_flagged_rows(kernel_device):
 def test_uncertain_rows_are_flagged_by_the_error_bound(splits, kernel_device):
     from vqfast.kernels.nearest import _search
 
-    z, c = _data(90, 150, 24, torch.float32, kernel_device, seed=13)
+    # 600 codes: on a GPU, splits are multiples of 256 codes, so 3 splits stay 3.
+    z, c = _data(90, 600, 24, torch.float32, kernel_device, seed=13)
     c[7] = c[60]  # an exact tie: always flagged
     z[5] = c[60] + 0.01
+    c[-1] *= 3  # the largest norm sits in the last split: the bound must take the maximum over all splits
     c_sqnorm = c.square().sum(1)
     scale = 0.05
     idx, dist, runner_up, uncertain = _search(z, c, c_sqnorm, "ieee", splits, flag_scale=scale)
@@ -261,7 +265,7 @@ def test_uncertain_rows_are_flagged_by_the_error_bound(splits, kernel_device):
 def test_flagged_re_search_writes_only_flagged_rows_in_place(splits, kernel_device):
     from vqfast.kernels.nearest import _search
 
-    z, c = _data(50, 80, 20, torch.float32, kernel_device, seed=14)
+    z, c = _data(50, 600, 20, torch.float32, kernel_device, seed=14)  # 3 splits on a GPU too
     flags = torch.zeros(50, dtype=torch.int8, device=kernel_device)
     flags[[0, 17, 49]] = 1
     idx = torch.full((50,), -1, dtype=torch.int64, device=kernel_device)
@@ -273,6 +277,8 @@ def test_flagged_re_search_writes_only_flagged_rows_in_place(splits, kernel_devi
     assert torch.equal(idx[picked], ref_idx[picked])
     torch.testing.assert_close(dist[picked], ref_dist[picked], rtol=1e-6, atol=1e-6)
     assert (idx[~picked] == -1).all() and (dist[~picked] == -1.0).all()
+    with pytest.raises(ValueError, match="flag"):
+        _search(z, c, c.square().sum(1), "ieee", splits, flags=flags, flag_scale=1.0)
 
 
 def test_strided_indices_are_read_correctly(kernel_device):
