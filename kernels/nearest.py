@@ -66,15 +66,16 @@ def _nearest_code_kernel(
     c_max = tl.zeros([BLOCK_K], tl.float32)
 
     if SINGLE_D:
+        # Rows that are not stored (unflagged ones in a re-search) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd,
-                          mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+                          mask=store_n[:, None] & (offs_d[None, :] < D), other=0.0)
         z_f32 = z_block.to(tl.float32)
         z_sqnorm = tl.sum(z_f32 * z_f32, axis=1)
     else:
         z_sqnorm = tl.zeros([BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
-            zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=mask_n[:, None] & (dd[None, :] < D),
+            zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=store_n[:, None] & (dd[None, :] < D),
                          other=0.0).to(tl.float32)
             z_sqnorm += tl.sum(zt * zt, axis=1)
 
@@ -91,7 +92,7 @@ def _nearest_code_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 zt = tl.load(z_rows + dd[None, :] * stride_zd,
-                             mask=mask_n[:, None] & (dd[None, :] < D), other=0.0)
+                             mask=store_n[:, None] & (dd[None, :] < D), other=0.0)
                 ct = tl.load(c_cols + dd[:, None] * stride_cd,
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)

@@ -268,7 +268,7 @@ def soft_entropy_backward(
     tensor, so no host sync is needed to read a gradient) define the loss as above, where ``H_i`` are
     the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
     equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
-    skips the codebook pass (dcodebook is then zeros).
+    skips the codebook pass (dcodebook is then an empty (0, D) tensor).
     """
     check_rows_and_codes(z, codebook)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
@@ -276,7 +276,7 @@ def soft_entropy_backward(
     k = codebook.shape[0]
     device = z.device
     dz = torch.zeros((n, d), dtype=torch.float32, device=device)
-    dc = torch.zeros((k, d), dtype=torch.float32, device=device)
+    dc = torch.zeros((k if codebook_grad else 0, d), dtype=torch.float32, device=device)
     if n == 0:
         return dz, dc
     input_precision, acc_precision = _precisions(z.dtype, precision)

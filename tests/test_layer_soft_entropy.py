@@ -151,3 +151,16 @@ def test_frozen_codebook_skips_its_gradient():
     ref = _reference(z, codebook, 1.5, "l2")
     (ref[0] - ref[1]).backward()
     torch.testing.assert_close(z.grad.double().cpu(), ref[2].grad, rtol=1e-3, atol=1e-5)
+
+
+def test_backward_without_codebook_gradient_allocates_none():
+    from vqfast.kernels.soft_entropy import soft_entropy_backward, soft_entropy_forward
+
+    torch.manual_seed(5)
+    z, c = torch.randn(19, 7).to(DEVICE), torch.randn(11, 7).to(DEVICE)
+    lse, ent, colsum = soft_entropy_forward(z, c, 0.5)
+    w, coef = torch.randn(11).to(DEVICE), torch.ones(1).to(DEVICE)
+    dz_full, dc_full = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5)
+    dz, dc = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5, codebook_grad=False)
+    assert dc_full.shape == (11, 7) and dc.shape == (0, 7)
+    assert torch.equal(dz, dz_full)

@@ -38,4 +38,6 @@ def soft_entropy_backward(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor,
 @soft_entropy_backward.register_fake
 def _(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
       scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
-    return z.new_empty(z.shape, dtype=torch.float32), codebook.new_empty(codebook.shape, dtype=torch.float32)
+    rows = codebook.shape[0] if codebook_grad else 0
+    return (z.new_empty(z.shape, dtype=torch.float32),
+            codebook.new_empty((rows, codebook.shape[1]), dtype=torch.float32))
