@@ -291,6 +291,36 @@ def test_kmeans_runs_once_and_survives_state_dict(backend, device):
     assert torch.equal(other.embeddings.weight, article.embeddings.weight)
 
 
+def test_kmeans_pools_the_first_batches(backend, device):
+    # Three batches from three separate clusters: pooled, k-means finds all three centres; on the first
+    # batch alone, only one.
+    torch.manual_seed(10)
+    centres = torch.tensor([[6.0, 0.0], [-6.0, 0.0], [0.0, 6.0]])
+    batches = [(centres[i] + 0.1 * torch.randn(40, 2)).to(device) for i in range(3)]
+
+    def nearest_centre_gaps(vq):
+        codes = vq.embeddings.weight.detach().cpu()
+        return torch.cdist(centres, codes).min(1).values
+
+    pooled = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    xavier = pooled.embeddings.weight.detach().clone()
+    for z in batches[:2]:
+        pooled(z)
+    assert not bool(pooled.initialized)  # still collecting: the codes are the initial ones
+    assert torch.equal(pooled.embeddings.weight, xavier)
+    pooled(batches[2])
+    assert bool(pooled.initialized)
+    assert (nearest_centre_gaps(pooled) < 0.5).all()
+    # Statistics start at the k-means step: one step counted, on the new codes.
+    assert float(pooled.usage_steps) == 1.0
+
+    single = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=1, dead_code_threshold=0.0).to(device)
+    single(batches[0])
+    assert (nearest_centre_gaps(single) > 3).sum() == 2
+    with pytest.raises(ValueError, match="kmeans_batches"):
+        VectorQuantizer(3, 2, init="kmeans", kmeans_batches=0)
+
+
 # -- dead-code restarts ---------------------------------------------------------------------------
 
 def _dead_code_setup(device, threshold: float, **kwargs):

@@ -145,7 +145,9 @@ class VectorQuantizer(nn.Module):
     Codebook learning: by the codebook loss (default) or, with ``ema=True``, by exponential moving
     averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``); the codebook then
     gets no gradient. ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
-    (``kmeans_iters`` Lloyd iterations on the first training batch). ``dead_code_threshold``: in
+    (``kmeans_iters`` Lloyd iterations on the rows of the first ``kmeans_batches`` training batches,
+    pooled; until then the layer quantizes with the xavier-normal codes, and its usage statistics start
+    over once k-means has run). ``dead_code_threshold``: in
     training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
@@ -182,6 +184,7 @@ class VectorQuantizer(nn.Module):
         decay: float = 0.99,
         eps: float = 1e-5,
         kmeans_iters: int = 10,
+        kmeans_batches: int = 1,
         dead_code_threshold: float = 0.01,
         usage_decay: float = 0.99,
         sample_entropy_weight: float = 0.0,
@@ -207,6 +210,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError("beta, eps and dead_code_threshold must be >= 0")
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if kmeans_batches < 1:
+            raise ValueError(f"kmeans_batches must be >= 1, got {kmeans_batches}")
         if entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
         self.num_embeddings = num_embeddings
@@ -219,6 +224,9 @@ class VectorQuantizer(nn.Module):
         self.decay = float(decay)
         self.eps = float(eps)
         self.kmeans_iters = int(kmeans_iters)
+        self.kmeans_batches = int(kmeans_batches)
+        # Rows of the training batches seen before k-means runs (not part of the state dict).
+        self._kmeans_pool: list[Tensor] = []
         self.dead_code_threshold = float(dead_code_threshold)
         self.usage_decay = float(usage_decay)
         self.sample_entropy_weight = float(sample_entropy_weight)
@@ -289,10 +297,11 @@ class VectorQuantizer(nn.Module):
         weight = self.embeddings.weight
         train = self.training and rows.shape[0] > 0
         if train and self._needs_init:
-            self._kmeans_init(rows)
+            self._collect_for_kmeans(rows)
 
         indices = self._search(rows, weight)
-        restarts = train and self.dead_code_threshold > 0
+        # No restarts while k-means is still collecting batches: it replaces every code anyway.
+        restarts = train and self.dead_code_threshold > 0 and not self._needs_init
         if self.ema and train:
             # EMA rewrites the codebook in place after this step, and the fused op saves it for the
             # backward: it gets a private copy (no gradient flows to EMA codes anyway).
@@ -352,11 +361,20 @@ class VectorQuantizer(nn.Module):
         return self._gather_rows(x.index_select(0, pick).contiguous())[:count]
 
     @torch.no_grad()
-    def _kmeans_init(self, rows: Tensor) -> None:
-        """Lloyd's k-means on this batch (pooled over ranks); empty clusters keep their seed row."""
-        x = self._data_rows(rows)
+    def _collect_for_kmeans(self, rows: Tensor) -> None:
+        self._kmeans_pool.append(self._data_rows(rows).clone())
+        if len(self._kmeans_pool) < self.kmeans_batches:
+            return
+        x = torch.cat(self._kmeans_pool)
+        self._kmeans_pool = []
+        self._kmeans_init(x)
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: Tensor) -> None:
+        """Lloyd's k-means on data rows ``x`` (pooled over ranks); empty clusters keep their seed row."""
         k = self.num_embeddings
         centroids = self._random_rows(x, k)
+        counts = torch.ones(k, dtype=torch.int64, device=x.device)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(x, centroids, metric=self.metric, precision="highest")[0]
             counts = self._all_reduce_(_bincount(assign, k))
@@ -368,6 +386,14 @@ class VectorQuantizer(nn.Module):
         self.embeddings.weight.copy_(centroids)
         if self.ema:
             self.ema_count.fill_(1.0)
+        # Usage measured on the codes k-means replaced says nothing about the new ones. Codes that own a
+        # cluster get the restart credit (a uniform share 1/K once this step's statistics are in), so
+        # codes fitted to earlier pooled batches are not re-seeded for missing from this one; codes
+        # with an empty cluster get none and are re-seeded at the end of this step.
+        self.usage.zero_()
+        self.usage_steps.zero_()
+        credit = (1.0 - self.usage_decay) / (self.usage_decay * k) if self.usage_decay > 0 else 0.0
+        self.restart_grace.copy_(torch.where(counts > 0, credit, 0.0))
         self.initialized.fill_(True)
         self._needs_init = False
 
