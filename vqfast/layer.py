@@ -167,7 +167,7 @@ class VectorQuantizer(nn.Module):
     the article's VQ-VAE (4,096 x 128 codes, CIFAR-10 10k, 10 epochs, Adam 1e-3, batch 64, one seed)
     this used all 4,096 codes on the training images at 20.09 dB PSNR on the first 1,000 test images;
     the article's settings (beta 1, no restarts, defects fixed) used 98 codes at 18.56 dB. (Same setup:
-    ``dead_code_threshold=0.1`` 20.37 dB, ``ema=True`` 20.44 dB, ``init="kmeans"`` 20.08 dB, all with
+    ``dead_code_threshold=0.1`` 20.37 dB, ``ema=True`` 20.44 dB, ``init="kmeans"`` 20.06 dB, all with
     4,096 codes; benchmarks/results/cpu-vqvae-defaults.)
     """
 
