@@ -189,8 +189,22 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                             num_splits=splits)
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    def fixed_config(launch):
+        def run():
+            previous = os.environ.get("VQFAST_AUTOTUNE")
+            os.environ["VQFAST_AUTOTUNE"] = "0"
+            try:
+                return launch()
+            finally:
+                if previous is None:
+                    del os.environ["VQFAST_AUTOTUNE"]
+                else:
+                    os.environ["VQFAST_AUTOTUNE"] = previous
+        return run
+
     cases = [
         ("nearest bf16 (65536, 65536, 256)", search(65536, 65536, 256, bf16, "high")),
+        ("nearest fp32 tf32, VQFAST_AUTOTUNE=0 (4096, 8192, 64)", fixed_config(search(4096, 8192, 64, fp32, "high"))),
         ("nearest fp32 tf32 + fp32 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "high")),
         ("nearest bf16 split codebook (1024, 262144, 64)", search(1024, 262144, 64, bf16, "high")),
     ]

@@ -15,6 +15,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """False when ``VQFAST_AUTOTUNE=0``: launchers then use one fixed configuration per problem instead
+    of compiling and timing every candidate (faster first calls; the test suite uses it on a GPU)."""
+    return os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def _interpreter_problem() -> str | None:
     """Why this Triton's CPU interpreter cannot run the kernels, or None when it can.

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory, multiprocessor_count,
-    next_power_of_2,
+    autotuning, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory,
+    multiprocessor_count, next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -230,8 +230,9 @@ def _prune_configs(configs, named_args, **kwargs):
                            meta["z_ptr"].element_size(), max_shared_memory())
 
 
+_AUTOTUNE_CONFIGS = _autotune_configs()
 _nearest_code_autotuned = triton.autotune(
-    configs=_autotune_configs(),
+    configs=_AUTOTUNE_CONFIGS,
     key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS",
          "WRITE_FLAGS"],
     prune_configs_by={"early_config_prune": _prune_configs},
@@ -330,6 +331,12 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
+    elif not autotuning():
+        # The first candidate that suits this problem, without timing the others.
+        cfg = _select_configs(_AUTOTUNE_CONFIGS, input_precision, block_d, single_d, z.element_size(),
+                              max_shared_memory())[0]
+        grid = (triton.cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
+        _nearest_code_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
         _nearest_code_autotuned[grid](*args, **meta)
