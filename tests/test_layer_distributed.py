@@ -1,5 +1,6 @@
 """Under torch.distributed (2 CPU processes, gloo), EMA statistics, k-means init and dead-code restarts are
-synchronised, so every rank holds the same codebook; without the sync they drift apart."""
+synchronised, so every rank holds the same codebook; without the sync they drift apart. The same holds
+for a torch.compile'd DDP model, which trains exactly like the eager one."""
 
 from __future__ import annotations
 
@@ -63,6 +64,32 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "same": same_on_all_ranks(vq.embeddings.weight),
                 "steps": int(vq.usage_steps),
             }
+        # torch.compile of the DDP model (k-means init, restarts and statistics all synchronised inside
+        # the compiled step) trains exactly like the eager DDP model.
+        import copy
+
+        runs = {}
+        torch.manual_seed(0)
+        eager_model = _Model(**CONFIGS["codebook-loss"])
+        models = {"eager": eager_model, "compiled": copy.deepcopy(eager_model)}
+        for mode, model in models.items():
+            step = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            if mode == "compiled":
+                torch._dynamo.reset()
+                step = torch.compile(step, backend="aot_eager")
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            torch.manual_seed(1000 + rank)
+            losses = []
+            for _ in range(4):
+                loss = step(torch.randn(16, 6) * (1 + rank) + 3 * rank)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+            runs[mode] = (torch.stack(losses), model.vq.embeddings.weight.detach().clone(),
+                          same_on_all_ranks(model.vq.embeddings.weight))
+        results["compile"] = runs
+
         # Restart candidates: every code but one is far from both ranks' data, so all but one are
         # re-seeded after one step, from rows gathered from both ranks.
         from vqfast import VectorQuantizer
@@ -103,6 +130,12 @@ def test_codebooks_identical_across_ranks(tmp_path):
             assert torch.equal(value, r1[name]["buffers"][key]), (name, key)
         # Statistics count both ranks' rows: 16 rows per rank per step.
         assert int(r0[name]["buffers"]["batch_counts"].sum()) == 32
+    for r in (r0, r1):
+        eager_losses, eager_weight, _ = r["compile"]["eager"]
+        compiled_losses, compiled_weight, compiled_same = r["compile"]["compiled"]
+        torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled_weight, eager_weight, rtol=1e-5, atol=1e-6)
+        assert compiled_same
     weight = r0["restart"]["weight"]
     assert torch.equal(weight, r1["restart"]["weight"])
     source = []
