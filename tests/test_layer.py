@@ -321,6 +321,20 @@ def test_kmeans_pools_the_first_batches(backend, device):
         VectorQuantizer(3, 2, init="kmeans", kmeans_batches=0)
 
 
+def test_kmeans_codes_keep_their_clusters_but_empty_ones_are_restarted(backend, device):
+    # Pooled batches of two exact points: the three seeds repeat one point, so one code owns no cluster.
+    # The code that owns A survives the B-only last batch (its k-means credit); the clusterless code is
+    # re-seeded from that batch, so the codebook ends with A once and B twice, whatever the seeds were.
+    a, b = torch.tensor([5.0, 0.0], device=device), torch.tensor([-5.0, 0.0], device=device)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        vq = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=2, kmeans_iters=3).to(device)
+        vq(a.repeat(40, 1))
+        vq(b.repeat(40, 1))
+        w = vq.embeddings.weight.detach()
+        assert [int((w == a).all(1).sum()), int((w == b).all(1).sum())] == [1, 2], seed
+
+
 # -- dead-code restarts ---------------------------------------------------------------------------
 
 def _dead_code_setup(device, threshold: float, **kwargs):
