@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_run.sh bench      install + the full benchmark (its own ~8.5-minute budget)
 #   bash benchmarks/gpu_run.sh quick      install + `vqfast bench --quick`
 #   bash benchmarks/gpu_run.sh train      install + the article's models trained on CIFAR-10 .npz files in
-#                                         $GPU_DATA (cifar10_train_10k.npz, cifar10_test_1k.npz): AE, VAE,
-#                                         VQ-VAE with vqfast and with the article's VQ step, batch 64 and 256
+#                                         $GPU_DATA (cifar10_train_10k.npz, cifar10_test_1k.npz): VQ-VAE with
+#                                         vqfast (its defaults and the article's settings) and with the
+#                                         article's VQ step at batch 64 and 256, then AE and VAE
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
 # GPU_RUN_SECONDS (default 570) bounds the whole script, so that it fits a 10-minute command limit:

@@ -1,8 +1,9 @@
 """The article's VQ step with its defects fixed, in plain PyTorch: the baseline vqfast is measured against.
 
-Fixed as DESIGN.md describes: the distance is the squared difference summed over D (the article takes a
-square root of signed differences), both losses come from the gathered codes ``q``, and the
-straight-through step is ``z + (q - z).detach()`` (the article's form has the value of ``z``).
+Fixed as the README ("Differences from the article") describes: the distance is the squared difference
+summed over D (the article takes a square root of signed differences), both losses come from the
+gathered codes ``q``, and the straight-through step is ``z + (q - z).detach()`` (the article's form has
+the value of ``z``).
 """
 
 from __future__ import annotations

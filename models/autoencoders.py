@@ -286,7 +286,8 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
 
     ``vq_preset`` sets the VQ-VAE's quantizer defaults: "vqfast" (the layer's own: beta 0.25 and
     dead-code restarts) or "article" (beta 1 and no restarts, the article's settings with its defects
-    fixed). ``beta`` and ``vq_kwargs`` override the preset. ``vq_impl="article"`` replaces the VQ layer
+    fixed). ``beta`` and ``vq_kwargs`` override the preset; an ``init`` in ``vq_kwargs`` also overrides
+    ``codebook_init``. ``vq_impl="article"`` replaces the VQ layer
     by the article's own VQ step with its defects fixed (:class:`vqfast.models.article.ArticleVQ`, plain
     PyTorch, builds the N x K x D distance tensor), for comparisons; it takes ``beta`` only.
     """
@@ -305,6 +306,8 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
             preset["beta"] = beta
         if vq_impl not in VQ_IMPLS:
             raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
+        if "init" in preset:
+            codebook_init = None  # an explicit layer init (e.g. uniform, kmeans) is not overwritten
         model = ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
         if vq_impl == "article":
             from vqfast.models.article import ArticleVQ

@@ -10,7 +10,8 @@ Reported numbers: the per-epoch "Average loss" is the summed squared error per i
 training batches, which is the quantity the article tabulates; MSE is per pixel and PSNR = 10 log10(1 / MSE).
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (rewritten atomically after every epoch),
-``metrics.jsonl``, ``train.log`` and the figures. ``resume`` continues from the checkpoint exactly:
+``metrics.jsonl``, ``train.log``, ``summary.json`` (for the VQ-VAE also ``codebook_usage.json``) and the
+figures. ``resume`` continues from the checkpoint exactly:
 model, optimizer, epoch and batch position, RNG states and the shuffling generator are all restored.
 Ctrl-C stops at the end of the current batch and saves a mid-epoch checkpoint (a second Ctrl-C
 aborts at once, leaving the last complete checkpoint).
@@ -980,7 +981,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
            "(for comparing speed and results; use with --vq-preset article)")
     a("--kl-weight", type=float, default=0.1, help="VAE weight of the KL term")
     a("--codebook-init", choices=("xavier_normal", "layer"), default="xavier_normal",
-      help="xavier_normal (the article's) or the VQ layer's own initialisation")
+      help="xavier_normal (the article's) or the VQ layer's own initialisation; "
+           "--vq-option init=... implies the latter")
     a("--vq-option", dest="vq_kwargs", type=_parse_kv, action="append", default=[], metavar="KEY=VALUE",
       help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible); repeatable")
     a("--backend", choices=("auto", "torch", "triton"), default="auto",

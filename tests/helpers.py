@@ -1,4 +1,4 @@
-"""Checks shared by the tests: the precision rule of DESIGN.md, computed in float64."""
+"""Checks shared by the tests: the precision rule of the README ("Precision"), computed in float64."""
 
 from __future__ import annotations
 

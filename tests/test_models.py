@@ -190,3 +190,13 @@ def test_both_vq_impls_start_from_the_same_weights_and_random_stream():
     assert torch.equal(article_next, layer_next)
     for name, value in article_state.items():
         assert torch.equal(value, layer_state[name]), name
+
+
+def test_an_explicit_layer_init_is_not_overwritten_by_the_articles():
+    from vqfast.models.autoencoders import build_model
+
+    torch.manual_seed(4)
+    uniform = build_model("vqvae", num_codes=64, code_dim=8, vq_kwargs={"init": "uniform"})
+    assert uniform.embeddings.weight.abs().max() <= 1 / 64
+    xavier = build_model("vqvae", num_codes=64, code_dim=8)
+    assert xavier.embeddings.weight.abs().max() > 1 / 64

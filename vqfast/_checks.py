@@ -39,7 +39,7 @@ def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "
         raise ValueError(f"code dimension D must be >= 1, got {_describe(codebook)}")
     for name, t in (("z", z), ("codebook", codebook)):
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got {t.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
     if z.dtype != codebook.dtype and not allow_mixed_dtypes:
         raise TypeError(
             f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}; "

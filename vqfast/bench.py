@@ -113,7 +113,7 @@ def nearest_bytes(n: int, k: int, d: int, elt: int) -> int:
 
 
 def tolerance(precision: str) -> float:
-    """Bound of the precision rule (DESIGN.md) for a vqfast search done at ``precision``: the fp32 one for
+    """Bound of the precision rule (README, "Precision") for a vqfast search done at ``precision``: the fp32 one for
     tf32 too, since vqfast searches near ties again with fp32 products and so claims the fp32 indices."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -341,7 +341,7 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
                "the inputs. A status instead of a time: `OOM` ran out of GPU memory, `OOM (est. X GB)` was "
                "skipped because its estimated memory exceeds 80% of the GPU, `skipped (time budget)` was not "
                "reached within the run's time budget. `check` compares vqfast's chosen distances with the "
-               "float64 minimum (DESIGN.md precision rule), with the largest relative error.\n")
+               "float64 minimum (the precision rule of the README), with the largest relative error.\n")
     ceil = [r for r in records if r.part == "ceiling"]
     if ceil:
         out += ["## Ceilings measured in this run", ""]

@@ -127,7 +127,8 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     Differentiable w.r.t. ``codebook``: the backward is ``zeros(K, D).index_add_(0, indices, grad)``
     accumulated in fp32. Raises ValueError for indices outside [0, K); that check reads the indices'
     range on the host (a device sync, skipped under ``torch.compile``): pass ``check_indices=False``
-    for indices known to be valid, such as those from :func:`nearest_code`.
+    for indices known to be valid, such as those from :func:`nearest_code`. The CPU backend (the
+    reference) checks them anyway, which costs no device sync there.
     """
     check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
@@ -146,7 +147,8 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
 
     ``counts`` is int64 (num_codes,); entropy (nats, 0 log 0 = 0) and perplexity are float32 scalars.
     No indices at all give entropy 0 and perplexity 1. Indices outside [0, num_codes) raise ValueError
-    (a host-side check, skipped with ``check_indices=False`` and under ``torch.compile``).
+    (a host-side check, skipped with ``check_indices=False`` and under ``torch.compile`` on the Triton
+    backend; the CPU backend always checks).
     """
     check_usage_inputs(indices, num_codes,
                        check_range=check_indices and not torch.compiler.is_compiling())
@@ -195,7 +197,7 @@ def quantize(
         z_q = z + (q - z).detach()    # value of the code, gradient straight through to z
 
     ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value = code), loss a float32
-    scalar, indices int64 shaped ``z.shape[:-1]``. With ``metric="cosine"`` both z and the codebook are
+    scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With ``metric="cosine"`` both z and the codebook are
     l2-normalised first (z_q is then the unit code). ``indices`` skips the search when given.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)

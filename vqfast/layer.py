@@ -152,11 +152,13 @@ class VectorQuantizer(nn.Module):
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
     can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
-    training step on. ``usage_decay`` is the decay of that running usage, reported by :meth:`codebook_usage`. ``metric``: "l2" or "cosine"
-    (codes and inputs l2-normalised). ``precision`` of the search on the GPU: "tf32" (default: tensor
-    cores, then rows whose two best codes are within the tf32 error bound are searched again in fp32,
-    so the indices are the exact ones), "fp32" (fp32 products throughout, slower) or "bf16" (fastest,
-    may pick a near-tied code). The CPU backend is always exact fp32.
+    training step on. ``usage_decay`` is the decay of that running usage, reported by
+    :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
+    ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose two best codes
+    are within the tf32 error bound are searched again in fp32, so the indices are the exact ones),
+    "fp32" (fp32 products throughout, slower) or "bf16" (inputs and codes rounded to bf16 on every
+    backend; fastest on the GPU, may pick a near-tied code). On the CPU, "tf32" and "fp32" are the exact
+    fp32 search (fp64 inputs: fp64).
     Under ``torch.distributed``, statistics are summed over ranks and the random rows that seed k-means
     and restarts are drawn from all ranks' batches and gathered to every rank, so every rank keeps the
     same codebook (``sync_distributed=False`` turns this off).
