@@ -831,7 +831,7 @@ def run_ceilings(ctx: Context) -> None:
             a = torch.randn(size, size, device=ctx.device).to(dtype)
             b = torch.randn(size, size, device=ctx.device).to(dtype)
             m = ctx.meter.measure(lambda: a @ b, est_bytes=size * size * a.element_size())
-            del a, b
+            a = b = None  # dropped; not del, which closures above would see as unbound
         rec = Record("ceiling", case, "torch", prec, size, size, size, m.time_ms, status=m.status)
         if rec.ok:
             rec.tflops = tflops(size, size, size, rec.time_ms)
@@ -841,7 +841,7 @@ def run_ceilings(ctx: Context) -> None:
     src = torch.empty(nbytes // 4, device=ctx.device)
     dst = torch.empty_like(src)
     m = ctx.meter.measure(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # dropped; not del, which closures above would see as unbound
     rec = Record("ceiling", case, "torch", "fp32", status=m.status, time_ms=m.time_ms,
                  note="GB/s counts the read and the write")
     if rec.ok:
@@ -904,7 +904,7 @@ def run_gather(ctx: Context) -> None:
                 if rec.ok:
                     rec.gbps = gbps(nbytes, rec.time_ms)
                 ctx.add(rec)
-        del codebook, indices, grad
+        codebook = indices = grad = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
 
 
@@ -925,7 +925,7 @@ def run_usage(ctx: Context) -> None:
             if rec.ok:
                 rec.gbps = gbps(8 * n + 16 * k, rec.time_ms)
             ctx.add(rec)
-        del indices
+        indices = None  # dropped (not del: the closures above refer to it)
         ctx.meter.free()
 
 
@@ -1008,7 +1008,7 @@ def run_layer(ctx: Context) -> None:
                 ctx.add(rec)
                 del layer, step
                 ctx.meter.free()
-            del z, g, codebook
+            z = g = codebook = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
 
 
@@ -1053,7 +1053,7 @@ def run_train(ctx: Context) -> None:
                 ctx.add(rec)
                 del model, opt, step
                 ctx.meter.free()
-            del x
+            x = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
 
 
