@@ -97,6 +97,8 @@ if [ "$MODE" = train ]; then
   train_run "vae-b64" vae --epochs "${VAE_EPOCHS:-20}"
   # Drop the checkpoints: the summaries, logs, metrics and pictures are what is kept.
   find "$RUNS" -name 'checkpoint*.pt' -delete
+  # One table (time per epoch, losses, test PSNR, codebook usage) and one loss-curve plot for all runs.
+  python3 benchmarks/training_table.py "$RUNS" > "$RUNS/training_table.log" 2>&1 || cat "$RUNS/training_table.log"
 fi
 
 if [ "$MODE" != tests ] && [ "$MODE" != train ]; then
