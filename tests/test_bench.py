@@ -421,3 +421,38 @@ def test_small_suite_on_gpu(tmp_path):
     assert fused and all(r.check == "pass" for r in fused), fused
     assert all(r.peak_mem_mb is not None for r in records if r.part != "ceiling")
     assert (tmp_path / "results.md").read_text().count("|") > 50
+
+
+def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {"gpu": "Test GPU", "driver": "555.1", "cuda": "12.4", "torch": "2.x", "triton": "3.x", "vqfast": "0.1"}
+    recs = [
+        bench.Record("headline", "headline", "vqfast", "bf16", 8192, 16384, 256, time_ms=2.0, tflops=34.4,
+                     check="pass", check_error=1e-4),
+        bench.Record("headline", "headline", "cdist+argmin", "bf16", 8192, 16384, 256, time_ms=10.0),
+        bench.Record("headline", "headline", "matmul+argmin", "bf16", 8192, 16384, 256, status="OOM"),
+        bench.Record("headline", "headline", "z@c.T (cuBLAS)", "bf16", 8192, 16384, 256, time_ms=4.0),
+    ]
+    results = tmp_path / "benchmarks" / "results" / "test-gpu"
+    bench.write_csv(results / "results.csv", recs, env)
+    back, back_env = bench.read_csv(results / "results.csv")
+    assert back == recs and back_env == env
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- headline-results:start -->\nold text\n<!-- headline-results:end -->\nafter\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "publish.py"
+    proc = subprocess.run([sys.executable, str(script), str(results), "--readme", str(readme)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "Measured on Test GPU (driver 555.1" in text and "benchmarks/results/test-gpu/results.md" in text
+    assert bench.headline_table(recs).splitlines()[2] in text
+    bare = tmp_path / "NO_MARKERS.md"
+    bare.write_text("nothing here\n")
+    proc = subprocess.run([sys.executable, str(script), str(results), "--readme", str(bare)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and bare.read_text() == "nothing here\n"

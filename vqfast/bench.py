@@ -244,6 +244,25 @@ def write_csv(path: Path, records: Sequence[Record], env: dict[str, str]) -> Non
             })
 
 
+def read_csv(path: Path) -> tuple[list[Record], dict[str, str]]:
+    """The records and environment :func:`write_csv` wrote (the environment of the first row)."""
+    def number(text: str) -> float | None:
+        return float(text) if text else None
+
+    records: list[Record] = []
+    env: dict[str, str] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not env:
+                env = {key: row.get(key, "") for key in ("gpu", "driver", "cuda", "torch", "triton", "vqfast")}
+            records.append(Record(
+                row["part"], row["case"], row["provider"], row["precision"], int(row["N"] or 0),
+                int(row["K"] or 0), int(row["D"] or 0), number(row["time_ms"]), number(row["tflops"]),
+                number(row["gbps"]), number(row["peak_mem_mb"]), row["status"], row["check"],
+                number(row["check_error"]), row["note"]))
+    return records, env
+
+
 def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
     seen = list(dict.fromkeys(values))
     return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]

@@ -1,0 +1,62 @@
+"""Put a benchmark run's headline table (and its TFLOP/s plot) into README.md.
+
+    python benchmarks/publish.py benchmarks/results/<gpu-name> [--readme README.md]
+
+Reads ``results.csv`` from the results folder that `vqfast bench` wrote and replaces the part of the
+README between ``<!-- headline-results:start -->`` and ``<!-- headline-results:end -->`` with the GPU,
+driver and versions, the headline table (vqfast next to cdist + argmin, the matmul form and the bare
+cuBLAS product) and the achieved-TFLOP/s plot when the folder has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+START = "<!-- headline-results:start -->"
+END = "<!-- headline-results:end -->"
+
+
+def headline_section(results: Path, readme: Path) -> str:
+    from vqfast import bench
+
+    records, env = bench.read_csv(results / "results.csv")
+    if not any(r.part == "headline" for r in records):
+        raise SystemExit(f"{results / 'results.csv'} has no headline measurements")
+    link = Path(os.path.relpath(results, readme.parent)).as_posix()
+    lines = [
+        f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
+        f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
+        f"{env.get('vqfast', '?')}; times in ms (medians of `triton.testing.do_bench`), all results in "
+        f"[{link}/results.md]({link}/results.md).",
+        "",
+        bench.headline_table(records).rstrip(),
+    ]
+    if (results / "nearest_tflops_vs_k.png").is_file():
+        lines += ["", f"![achieved TFLOP/s against K]({link}/nearest_tflops_vs_k.png)"]
+    return "\n".join(lines)
+
+
+def publish(results: Path, readme: Path) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise SystemExit(f"{readme} has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{headline_section(results, readme)}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a folder written by vqfast bench (holds results.csv)")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    args = parser.parse_args(argv)
+    publish(args.results, args.readme)
+    print(f"updated {args.readme} from {args.results / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
