@@ -52,6 +52,13 @@ def _logit_tile(
 
 
 @triton.jit
+def _log_probs(logits, lse, valid):
+    """``(log p, p)`` of a logit tile given each row's log-sum-exp ``lse``; both 0 where not ``valid``."""
+    log_p = tl.where(valid, logits - lse[:, None], 0.0)
+    return log_p, tl.where(valid, tl.exp(log_p), 0.0)
+
+
+@triton.jit
 def _row_stats_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd, scale,
@@ -102,7 +109,7 @@ def _col_sum_kernel(
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        p = tl.where(mask_n[:, None] & mask_k[None, :], tl.exp(logits - lse[:, None]), 0.0)
+        _, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
         acc += tl.sum(p, axis=0)
     # One row of partial sums per split, summed by the launcher: deterministic, no atomics.
     tl.store(out_ptr + pid_s.to(tl.int64) * K + offs_k, acc, mask=mask_k)
@@ -132,9 +139,7 @@ def _grad_rows_kernel(
         logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
-        valid = mask_n[:, None] & mask_k[None, :]
-        log_p = tl.where(valid, logits - lse[:, None], 0.0)
-        p = tl.where(valid, tl.exp(log_p), 0.0)
+        log_p, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
         w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0)
         r += tl.sum(p * w[None, :], axis=1)
         a = p * (w[None, :] - coef * (log_p + ent[:, None]))
@@ -177,9 +182,7 @@ def _grad_codes_kernel(
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)
-        valid = mask_n[:, None] & mask_k[None, :]
-        log_p = tl.where(valid, logits - lse[:, None], 0.0)
-        p = tl.where(valid, tl.exp(log_p), 0.0)
+        log_p, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
         g = p * (w[None, :] - r[:, None] - coef * (log_p + ent[:, None]))
         g_col += tl.sum(g, axis=0)
         z_out = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + offs_do[None, :] * stride_zd,
