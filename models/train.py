@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+from vqfast import reference
 from vqfast.layer import _bincount
 from vqfast.models.autoencoders import MODEL_NAMES, build_model, count_parameters
 from vqfast.models.data import DatasetUnavailable, dataset_label, describe_source, load_dataset
@@ -181,17 +182,6 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 def _psnr(mse: float) -> float:
     return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-
-
-def _entropy_from_counts(counts: torch.Tensor) -> tuple[int, float]:
-    """(codes used, perplexity) of a code histogram, with 0 log 0 = 0."""
-    counts = counts.to(torch.float64)
-    total = counts.sum()
-    if total <= 0:
-        return 0, 0.0
-    p = counts / total
-    entropy = -torch.special.xlogy(p, p).sum()
-    return int((counts > 0).sum()), float(entropy.exp())
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -771,8 +761,9 @@ def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cf
     if cfg.model == "vae":
         rec["kl_per_image"] = kl / n
     if counts is not None:
-        used, perplexity = _entropy_from_counts(counts.cpu())
-        rec.update(vq_loss=vq / n, codes_used=used, perplexity=perplexity)
+        counts = counts.cpu()
+        _, perplexity = reference.histogram_entropy(counts, torch.float64)
+        rec.update(vq_loss=vq / n, codes_used=int((counts > 0).sum()), perplexity=float(perplexity))
     return rec
 
 

@@ -1,5 +1,6 @@
 """The pure-PyTorch reference: exactness against float64 brute force, bounded memory, entropy terms."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -84,3 +85,13 @@ def test_soft_assignment_entropy_gradient_is_finite_at_low_temperature():
     sample, batch = reference.soft_assignment_entropy(z, c, temperature=0.05)
     (sample - batch).backward()
     assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()
+
+
+def test_histogram_entropy_skips_unused_codes_and_empty_histograms():
+    counts = torch.tensor([3, 0, 1, 0])
+    entropy, perplexity = reference.histogram_entropy(counts, torch.float64)
+    expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert entropy.item() == pytest.approx(expected, rel=1e-12)
+    assert perplexity.item() == pytest.approx(math.exp(expected), rel=1e-12)
+    entropy, perplexity = reference.histogram_entropy(torch.zeros(5, dtype=torch.int64))
+    assert entropy.item() == 0.0 and perplexity.item() == 1.0

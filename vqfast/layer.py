@@ -483,8 +483,7 @@ class VectorQuantizer(nn.Module):
         in_use = (share >= threshold) & (share > 0)
         entropy = -torch.special.xlogy(share, share).sum()
         counts = self.batch_counts.clone()
-        batch_share = counts.float() / counts.sum().clamp_min(1).float()
-        batch_entropy = -torch.special.xlogy(batch_share, batch_share).sum()
+        _, batch_perplexity = reference.histogram_entropy(counts)
         codes_used = int(in_use.sum())
         return {
             "counts": counts,
@@ -493,7 +492,7 @@ class VectorQuantizer(nn.Module):
             "fraction_used": codes_used / k,
             "perplexity": float(entropy.exp()),
             "batch_codes_used": int((counts > 0).sum()),
-            "batch_perplexity": float(batch_entropy.exp()),
+            "batch_perplexity": float(batch_perplexity),
             "steps": int(self.usage_steps),
         }
 

@@ -92,10 +92,19 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
 
     check_usage_inputs(indices, num_codes)
     counts = torch.bincount(indices.reshape(-1), minlength=num_codes)
-    total = counts.sum().clamp_min(1).to(torch.float32)
-    p = counts.to(torch.float32) / total
+    entropy, perplexity = histogram_entropy(counts)
+    return counts, entropy, perplexity
+
+
+def histogram_entropy(counts: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats, 0 log 0 = 0) and perplexity of a histogram, computed in ``dtype``; 0 for an empty one.
+
+    Plain PyTorch: ``p = counts / counts.sum(); e = -(p * p.log()).nansum(); e, e.exp()``
+    """
+    counts = counts.to(dtype)
+    p = counts / counts.sum().clamp_min(1)
     entropy = -torch.special.xlogy(p, p).sum()
-    return counts, entropy, entropy.exp()
+    return entropy, entropy.exp()
 
 
 def quantize(
