@@ -68,6 +68,25 @@ def check_launchable(*tensors: torch.Tensor) -> None:
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Row and code offsets inside a tile are int32 (pid * BLOCK + arange): the compute-bound kernels keep
+# them narrow for registers, so the row and code counts they accept stay below 2**31 by a block margin.
+MAX_ROWS = 2**31 - 2**16
+# CUDA limits the second and third grid dimensions to 65,535 programs.
+MAX_GRID_YZ = 65535
+
+
+def check_row_count(count: int, what: str) -> None:
+    """ValueError when ``count`` rows or codes would overflow the kernels' int32 tile offsets."""
+    if count > MAX_ROWS:
+        raise ValueError(f"{what} has {count} rows; the kernels take at most {MAX_ROWS} (2**31 - 2**16) per call: "
+                         "process it in chunks")
+
+
+def check_grid_yz(programs: int, what: str) -> None:
+    """ValueError when a launch would need more than CUDA's 65,535 programs along grid y or z."""
+    if programs > MAX_GRID_YZ:
+        raise ValueError(f"{what} needs {programs} column blocks; CUDA allows at most {MAX_GRID_YZ}")
+
 
 def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
     """The launchers' contract for a search: z (N, D) and a non-empty codebook (K, D) of one kernel
@@ -78,6 +97,8 @@ def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
     if codebook.shape[0] == 0:
         raise ValueError("the codebook must have at least one code")
+    check_row_count(z.shape[0], "z")
+    check_row_count(codebook.shape[0], "the codebook")
     check_launchable(z, codebook)
 
 

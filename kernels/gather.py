@@ -6,38 +6,46 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, int32_safe_columns, interpreting, next_power_of_2
+from vqfast.kernels._common import (
+    check_grid_yz, check_launchable, int32_safe_columns, interpreting, next_power_of_2,
+)
 
 
 @triton.jit
 def _gather_rows_kernel(
-    c_ptr, index_ptr, out_ptr, N, D,
+    c_ptr, index_ptr, out_ptr, N, K, D,
     stride_ck, stride_cd, stride_on,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit row numbers: memory-bound, so wide offsets cost nothing and N may pass 2**31.
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d[None, :] < D)
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    vals = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_d[None, :], vals, mask=mask)
+    # Unchecked indices (check_indices=False) outside [0, K) read nothing and give zero rows.
+    valid = (rows >= 0) & (rows < K)
+    vals = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask & valid[:, None],
+                   other=0.0)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_d[None, :], vals, mask=mask)
 
 
 @triton.jit
 def _scatter_add_rows_kernel(
-    grad_ptr, index_ptr, out_ptr, N, D,
+    grad_ptr, index_ptr, out_ptr, N, K, D,
     stride_gn, stride_gd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d[None, :] < D)
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
-    g = tl.load(grad_ptr + offs_n.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+    g = tl.load(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                 mask=mask, other=0.0).to(tl.float32)
-    tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask, sem="relaxed")
+    # Unchecked indices outside [0, K) must never write outside the output.
+    valid = (rows >= 0) & (rows < K)
+    tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask & valid[:, None], sem="relaxed")
 
 
 def _blocks(n: int, d: int) -> tuple[int, int]:
@@ -47,7 +55,8 @@ def _blocks(n: int, d: int) -> tuple[int, int]:
 
 
 def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``codebook[indices]`` for 1-D ``indices`` (values assumed in range): (N, D) in the codebook's dtype."""
+    """``codebook[indices]`` for 1-D ``indices``: (N, D) in the codebook's dtype. Callers check the
+    indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
     check_launchable(codebook, indices)
     codebook = int32_safe_columns(codebook)
     indices = indices.contiguous()  # the kernels read indices with unit stride
@@ -57,7 +66,8 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return out
     block_n, block_d = _blocks(n, d)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-    _gather_rows_kernel[grid](codebook, indices, out, n, d, codebook.stride(0), codebook.stride(1),
+    check_grid_yz(grid[1], "a gather")
+    _gather_rows_kernel[grid](codebook, indices, out, n, codebook.shape[0], d, codebook.stride(0), codebook.stride(1),
                               out.stride(0), BLOCK_N=block_n, BLOCK_D=block_d)
     return out
 
@@ -66,7 +76,8 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum rows of ``grad`` (N, D) into a (num_codes, D) tensor at ``indices``, accumulating in fp32.
 
-    Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``.
+    Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``; rows whose
+    index lies outside [0, K) are dropped (callers check the indices).
     """
     check_launchable(grad, indices)
     grad = int32_safe_columns(grad)
@@ -76,7 +87,8 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     if n > 0 and d > 0:
         block_n, block_d = _blocks(n, d)
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-        _scatter_add_rows_kernel[grid](grad, indices, acc, n, d, grad.stride(0), grad.stride(1),
+        check_grid_yz(grid[1], "a scatter-add")
+        _scatter_add_rows_kernel[grid](grad, indices, acc, n, num_codes, d, grad.stride(0), grad.stride(1),
                                        BLOCK_N=block_n, BLOCK_D=block_d)
     out_dtype = out_dtype or grad.dtype
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)

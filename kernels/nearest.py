@@ -27,6 +27,9 @@ _MAX_SINGLE_D_IEEE_FP32 = 32
 _LOOP_BLOCK_D = 64
 # Split granularity along K: a multiple of every BLOCK_K the autotuner may pick.
 _SPLIT_ALIGN = 256
+# Most codebook splits: the reducing kernel holds a row's split winners in registers (and CUDA allows
+# 65,535 programs along grid y). The automatic choice stays near 2 programs per SM.
+_MAX_SPLITS = 1024
 
 
 # Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
@@ -296,7 +299,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     interp = interpreting()
     nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
     splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
-    splits = max(1, min(int(splits), k))
+    splits = max(1, min(int(splits), k, _MAX_SPLITS))
     align = 1 if interp else _SPLIT_ALIGN
     codes_per_split = triton.cdiv(triton.cdiv(k, splits), align) * align
     splits = triton.cdiv(k, codes_per_split)
@@ -331,8 +334,10 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     if interp:
         grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
-    elif not autotuning():
-        # The first candidate that suits this problem, without timing the others.
+    elif not autotuning() or flags is not None:
+        # The first candidate that suits this problem, without timing the others. A re-search of
+        # flagged rows is not autotuned either: its work depends on how many rows the data flags, so
+        # timings from one call's flags would say little about the next call's.
         cfg = _select_configs(_AUTOTUNE_CONFIGS, input_precision, block_d, single_d, z.element_size(),
                               max_shared_memory())[0]
         grid = (triton.cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
@@ -369,7 +374,7 @@ def nearest_code(
     tf32 tensor cores, after which rows whose two best codes lie within the tf32 error bound are
     searched again in fp32, so the indices equal the "highest" ones. Default:
     ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the number of codebook splits
-    (default: chosen from the problem size and the GPU). ``tie_tolerance_scale`` multiplies the
+    (default: chosen from the problem size and the GPU; at most 1,024). ``tie_tolerance_scale`` multiplies the
     re-search bound (for tests).
     """
     check_rows_and_codes(z, codebook)

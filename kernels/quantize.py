@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, int32_safe_columns, interpreting, next_power_of_2
+from vqfast.kernels._common import (
+    check_grid_yz, check_launchable, check_row_count, int32_safe_columns, interpreting, next_power_of_2,
+)
 
 
 @triton.jit
 def _vq_forward_kernel(
-    z_ptr, c_ptr, index_ptr, zq_ptr, partial_ptr, N, D,
+    z_ptr, c_ptr, index_ptr, zq_ptr, partial_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -28,13 +30,16 @@ def _vq_forward_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    # Unchecked indices outside [0, K) read no code (a zero row) instead of reading out of bounds.
+    valid = mask_n & (rows >= 0) & (rows < K)
     offs_n64 = offs_n.to(tl.int64)
     sse = tl.zeros([BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_n[:, None] & (offs_d[None, :] < D)
         z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
-        q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+        q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd,
+                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
         q_out = q.to(z.dtype)
         tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask)
         diff = q.to(tl.float32) - z.to(tl.float32)
@@ -46,7 +51,7 @@ def _vq_forward_kernel(
 @triton.jit
 def _vq_backward_kernel(
     grad_zq_ptr, grad_loss_ptr, z_ptr, c_ptr, index_ptr, grad_z_ptr, grad_c_ptr,
-    N, D, coef_codebook, coef_commit,
+    N, K, D, coef_codebook, coef_commit,
     stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
     HAS_GRAD_ZQ: tl.constexpr, NEED_GRAD_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -55,10 +60,12 @@ def _vq_backward_kernel(
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d[None, :] < D)
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    # Unchecked indices outside [0, K) neither read nor write the codebook.
+    mask_c = mask & ((rows >= 0) & (rows < K))[:, None]
     offs_n64 = offs_n.to(tl.int64)
     g = tl.load(grad_loss_ptr).to(tl.float32)
     z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
-    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0)
     diff = q.to(tl.float32) - z.to(tl.float32)
     grad_z = -(g * coef_commit) * diff
     if HAS_GRAD_ZQ:
@@ -66,7 +73,7 @@ def _vq_backward_kernel(
                           mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_z_ptr + offs_n64[:, None] * D + offs_d[None, :], grad_z.to(z.dtype), mask=mask)
     if NEED_GRAD_C:
-        tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask,
+        tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask_c,
                       sem="relaxed")
 
 
@@ -80,6 +87,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
     check_launchable(z, codebook, indices)
+    check_row_count(z.shape[0], "z")
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     indices = indices.contiguous()  # the kernels read indices with unit stride
     n, d = z.shape
@@ -89,7 +97,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     block_n, block_d = _row_block(d)
     programs = triton.cdiv(n, block_n)
     partial = torch.empty(programs, dtype=torch.float32, device=z.device)
-    _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, d,
+    _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
                                     z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
                                     BLOCK_N=block_n, BLOCK_D=block_d)
     loss = partial.sum() * ((1.0 + beta) / (n * d))
@@ -105,6 +113,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     tensor.
     """
     check_launchable(z, codebook, indices)
+    check_row_count(z.shape[0], "z")
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     indices = indices.contiguous()
     n, d = z.shape
@@ -118,7 +127,8 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
         has_gzq = grad_zq is not None
         gzq = int32_safe_columns(grad_zq) if has_gzq else z
         grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-        _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, d,
+        check_grid_yz(grid[1], "the VQ backward")
+        _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, codebook.shape[0], d,
                                   coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
                                   codebook.stride(0), codebook.stride(1),
                                   HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count, next_power_of_2,
+    check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
+    next_power_of_2,
 )
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
@@ -198,11 +199,20 @@ def _grad_codes_kernel(
 
 
 
-def _config(d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps); fixed because the interpreter cannot autotune."""
+def _config(d: int, backward_precision: str | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps) of the forward passes, or of the backward passes when
+    ``backward_precision`` (their gradient products' precision) is given. Fixed, not autotuned; chosen
+    from ptxas's register counts for sm_90 (benchmarks/compile_check.py): the backward kernels hold
+    three tiles at once, and at 64 x 64 with 4 warps spill 1.4-3.3 KB per thread with fp32 (CUDA-core)
+    gradient products and use 244-255 registers (some spilling) with tf32 ones; 8 warps (tf32: at most
+    182 registers, no spills) or 32 x 32 tiles (fp32: at most 24 spilled bytes) fix that."""
     block_d = min(64, max(16, next_power_of_2(d)))
     if interpreting():
         return 16, 32, block_d, 4
+    if backward_precision == "ieee":
+        return 32, 32, block_d, 4
+    if backward_precision is not None:
+        return 64, 64, block_d, 8
     return 64, 64, block_d, 4
 
 
@@ -283,7 +293,7 @@ def soft_entropy_backward(
     if n == 0:
         return dz, dc
     input_precision, acc_precision = _precisions(z.dtype, precision)
-    block_n, block_k, block_d, warps = _config(d)
+    block_n, block_k, block_d, warps = _config(d, acc_precision)
     c_sqnorm = code_sqnorms(codebook)
     w = w.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).reshape(1).contiguous()
@@ -294,6 +304,7 @@ def soft_entropy_backward(
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
                 ACC_PRECISION=acc_precision, num_warps=warps)
     d_blocks = triton.cdiv(d, block_d)
+    check_grid_yz(d_blocks, "the soft-entropy backward")
     _grad_rows_kernel[(triton.cdiv(n, block_n), d_blocks)](
         z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
     if not codebook_grad:

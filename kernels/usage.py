@@ -10,10 +10,12 @@ from vqfast.kernels._common import check_launchable, interpreting
 
 
 @triton.jit
-def _bincount_kernel(index_ptr, counts_ptr, N, BLOCK: tl.constexpr):
+def _bincount_kernel(index_ptr, counts_ptr, N, K, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    # Unchecked indices outside [0, K) are not counted rather than written outside the histogram.
+    mask = mask & (idx >= 0) & (idx < K)
     tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask, sem="relaxed")
 
 
@@ -38,15 +40,15 @@ def _entropy_kernel(counts_ptr, out_ptr, K, BLOCK: tl.constexpr):
 
 
 def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices`` (values in range),
-    with a fixed output length."""
+    """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices``, with a fixed output
+    length. Callers check the indices; one outside [0, num_codes) is not counted."""
     check_launchable(indices)
     indices = indices.contiguous()  # the kernel reads indices with unit stride
     n = indices.shape[0]
     counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
     if n > 0:
         block = 128 if interpreting() else 1024
-        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, BLOCK=block)
+        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, num_codes, BLOCK=block)
     return counts
 
 

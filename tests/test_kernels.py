@@ -53,6 +53,15 @@ def test_nearest_code_fp16(n, k, d, kernel_device):
     assert ((dist.double().cpu() - d_chosen).abs() <= 1e-3 * scale).all()
 
 
+def test_forced_splits_are_capped(kernel_device):
+    """num_splits beyond the cap (1,024) runs with the cap, and the answer is unchanged."""
+    z, c = _data(3, 2100, 5, torch.float32, kernel_device, seed=7)
+    idx1, dist1 = kernels.nearest_code(z, c, precision="highest", num_splits=1)
+    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=2100)
+    assert torch.equal(idx, idx1)
+    torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_split_codebook_matches_single_pass(splits, kernel_device):
     z, c = _data(23, 301, 24, torch.float32, kernel_device, seed=2)
