@@ -229,7 +229,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
          lambda: quantize.quantize_backward(rows(32768, 128, fp32), torch.ones(()), rows(32768, 128, fp32),
                                             rows(4096, 128, fp32), idx(32768, 4096), 0.25)
          + quantize.quantize_forward(rows(32768, 128, fp32), rows(4096, 128, fp32), idx(32768, 4096), 0.25)),
-        ("soft entropy fp32 (8192, 4096, 128)", lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32)),
+        ("soft entropy fp32 tf32 (8192, 4096, 128)",
+         lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")),
     ]
     if not quick:
         cases += [
@@ -240,15 +241,20 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
              lambda: quantize.quantize_backward(None, torch.ones(()), rows(32768, 256, bf16),
                                                 rows(4096, 256, bf16), idx(32768, 4096), 0.25,
                                                 need_grad_codebook=False)),
-            ("soft entropy bf16 (8192, 4096, 256)", lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 256, bf16)),
+            ("soft entropy fp32 ieee (8192, 4096, 128)",
+             lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "ieee")),
+            ("soft entropy bf16, tf32 gradients (8192, 4096, 256)",
+             lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 256, bf16, "tf32")),
+            ("soft entropy bf16, fp32 gradients (8192, 4096, 256)",
+             lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 256, bf16, "ieee")),
         ]
     return cases
 
 
-def _soft_entropy(module, rows, n, k, d, dtype):
+def _soft_entropy(module, rows, n, k, d, dtype, precision):
     z, c = rows(n, d, dtype), rows(k, d, dtype)
-    lse, ent, _ = module.soft_entropy_forward(z, c, 0.5, precision="tf32")
-    return module.soft_entropy_backward(z, c, lse, ent, torch.ones(k), torch.ones(1), 0.5, precision="tf32")
+    lse, ent, _ = module.soft_entropy_forward(z, c, 0.5, precision=precision)
+    return module.soft_entropy_backward(z, c, lse, ent, torch.ones(k), torch.ones(1), 0.5, precision=precision)
 
 
 def _compiled_kernels() -> dict[int, tuple[str, object]]:

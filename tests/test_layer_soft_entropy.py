@@ -112,6 +112,34 @@ def test_fp16_inputs():
     torch.testing.assert_close(codebook.grad.double().cpu(), c64.grad, rtol=2e-2, atol=2e-3)
 
 
+# bf16 arithmetic is wrong under Triton's interpreter: that case needs a GPU.
+@pytest.mark.parametrize("precision", ["tf32", pytest.param("bf16", marks=pytest.mark.gpu)])
+def test_reduced_precision_modes_within_their_error_bound(precision):
+    """tf32 products (and bf16-rounded inputs for "bf16") against float64 on the inputs the mode sees.
+
+    A tf32 product z.c is off by at most 2**-9 |z| |c| (two operands each truncated to 10 bits), so
+    every logit by at most eps = 2 scale max|z| max|c| 2**-9; entropies then move by at most 4 eps, and
+    gradients by about that relative to their size plus the gradient products' own 2**-9.
+    (Under the interpreter the products are exact fp32, so there the bound is loose.)
+    """
+    torch.manual_seed(6)
+    z = (torch.randn(300, 40) * 0.15).to(DEVICE).requires_grad_()
+    codebook = (torch.randn(200, 40) * 0.15).to(DEVICE).requires_grad_()
+    temperature = 0.5
+    sample, batch = soft_assignment_entropy(z, codebook, temperature=temperature, precision=precision)
+    (sample - 2.0 * batch).backward()
+    seen = (lambda t: t.detach().bfloat16()) if precision == "bf16" else (lambda t: t.detach())
+    ref_sample, ref_batch, z64, c64 = _reference(seen(z), seen(codebook), temperature, "l2")
+    (ref_sample - 2.0 * ref_batch).backward()
+    eps = 2.0 / temperature * z64.norm(dim=1).max().item() * c64.norm(dim=1).max().item() * 2.0**-9
+    assert 4 * eps < 0.1  # the bound is informative at this size
+    torch.testing.assert_close(sample.double().cpu(), ref_sample.detach(), rtol=0, atol=4 * eps)
+    torch.testing.assert_close(batch.double().cpu(), ref_batch.detach(), rtol=0, atol=4 * eps)
+    for grad, ref in ((z.grad, z64.grad), (codebook.grad, c64.grad)):
+        torch.testing.assert_close(grad.double().cpu(), ref, rtol=0,
+                                   atol=(4 * eps + 2.0**-9) * ref.abs().max().item())
+
+
 def test_kernel_outputs_per_row():
     """The launcher's per-row logsumexp / entropy and column sums, directly."""
     from vqfast.kernels.soft_entropy import soft_entropy_forward
