@@ -1,5 +1,6 @@
 """Public ops: backend dispatch, argument errors, autograd through both backends."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,6 +190,92 @@ def test_other_argument_errors():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="same device"):
             vqfast.nearest_code(z, c.cuda())
+
+
+def test_arguments_checked_the_same_on_every_backend(monkeypatch):
+    """Names and values one backend would refuse are refused by the CPU backend too."""
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    z, c = _pair(n=6, k=5, d=3)
+    for bad in ("bf16", "fp32", "ieee"):
+        with pytest.raises(ValueError, match="precision must be None or one of"):
+            vqfast.nearest_code(z, c, precision=bad)
+        with pytest.raises(ValueError, match="precision must be None or one of"):
+            vqfast.quantize(z, c, precision=bad)
+    for beta in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            vqfast.quantize(z, c, beta=beta)
+    idx = torch.tensor([0, 3, 3])
+    for k in (np.int64(4), torch.tensor(4)):
+        assert vqfast.code_usage(idx, k)[0].tolist() == [1, 0, 0, 2]
+    with pytest.raises(ValueError, match="num_codes"):
+        vqfast.code_usage(idx, 4.0)
+    assert vqfast.resolve_backend("cpu") == "torch"
+    soft = vqfast.soft_assignment_entropy
+    with pytest.raises(TypeError, match="floating-point"):
+        soft(torch.ones(4, 3, dtype=torch.int64), c)
+    with pytest.raises(ValueError, match="metric"):
+        soft(z, c, metric="dot")
+    with pytest.raises(ValueError, match="2-D"):
+        soft(z, c[0])
+    with pytest.raises(ValueError, match="last dimension of z"):
+        soft(z, c[:, :2])
+    with pytest.raises(ValueError, match="at least one code"):
+        soft(z, c[:0])
+    for t in (float("nan"), 0.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            soft(z, c, temperature=t)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_checks_the_indices_it_is_given(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    z, c = (t.to(kernel_device) for t in _pair(n=6, k=5, d=3))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+        vqfast.quantize(z, c, indices=torch.tensor([0, 1, 2, 3, 4, 5], device=kernel_device))
+    with pytest.raises(ValueError, match="shape of z"):
+        vqfast.quantize(z, c, indices=torch.zeros(4, dtype=torch.int64, device=kernel_device))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        vqfast.quantize(z, c, indices=torch.zeros(6, device=kernel_device))
+    given = torch.tensor([4, 0, 0, 3, 2, 1], dtype=torch.int32, device=kernel_device)
+    z_q, _, idx = vqfast.quantize(z, c, indices=given)
+    assert idx.dtype == torch.int64 and torch.equal(idx.cpu(), given.long().cpu())
+    torch.testing.assert_close(z_q.cpu(), c.cpu()[given.long().cpu()])
+
+
+def test_unchecked_out_of_range_indices_never_touch_memory_outside_the_codebook(triton_backend, kernel_device):
+    """With the host-side check skipped, the kernels mask indices outside [0, K): no out-of-bounds read
+    or write (on a GPU that would be silent corruption or an illegal-address error)."""
+    z, c = (t.to(kernel_device).requires_grad_() for t in _pair(n=5, k=4, d=3))
+    bad = torch.tensor([0, 4, -1, 3, 1000], device=kernel_device)
+    rows = vqfast.gather(c, bad, check_indices=False)
+    assert torch.equal(rows[[0, 3]].detach().cpu(), c.detach().cpu()[[0, 3]])
+    assert (rows[[1, 2, 4]] == 0).all()
+    rows.sum().backward()
+    assert torch.equal(c.grad.cpu(), torch.tensor([[1.0] * 3, [0.0] * 3, [0.0] * 3, [1.0] * 3]))
+    c.grad = None
+    z_q, loss, _ = vqfast.quantize(z, c, indices=bad, check_indices=False)
+    assert (z_q[[1, 2, 4]] == 0).all() and torch.isfinite(loss)
+    (z_q.sum() + loss).backward()
+    assert torch.isfinite(c.grad).all() and torch.isfinite(z.grad).all()
+    counts, _, _ = vqfast.code_usage(bad, 4, check_indices=False)
+    assert counts.tolist() == [1, 0, 0, 1]
+
+
+def test_kernel_size_limits_raise_clear_errors(monkeypatch, kernel_device):
+    """Row counts past the int32 tile offsets and grids past CUDA's 65,535 programs along y are refused
+    (the limits are lowered here so that small tensors reach them)."""
+    from vqfast.kernels import _common, gather, nearest, quantize
+
+    z, c = (t.to(kernel_device) for t in _pair(n=20, k=8, d=3))
+    monkeypatch.setattr(_common, "MAX_ROWS", 10)
+    with pytest.raises(ValueError, match="z has 20 rows"):
+        nearest.nearest_code(z, c)
+    with pytest.raises(ValueError, match="z has 20 rows"):
+        quantize.quantize_forward(z, c, torch.zeros(20, dtype=torch.int64, device=kernel_device), 0.25)
+    monkeypatch.setattr(_common, "MAX_ROWS", 2**31 - 2**16)
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 0)
+    with pytest.raises(ValueError, match="CUDA allows at most 0"):
+        gather.gather_rows(c, torch.zeros(3, dtype=torch.int64, device=kernel_device))
 
 
 def test_quantize_mixed_dtypes_search_in_codebook_precision(monkeypatch):

@@ -6,6 +6,8 @@ import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 METRICS = ("l2", "cosine")
+# torch.set_float32_matmul_precision's names, which the functional ops follow.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -73,11 +75,34 @@ def check_gather_inputs(codebook: torch.Tensor, indices: torch.Tensor, check_ran
 
 def check_usage_inputs(indices: torch.Tensor, num_codes: int, check_range: bool = True) -> None:
     check_tensor(indices, "indices")
-    if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
-        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
+    num_codes = check_num_codes(num_codes)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
     if check_range and indices.numel() > 0:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")
+
+
+def check_matmul_precision(precision: str | None) -> None:
+    """Checked on every backend, so a name the GPU path would refuse fails on the CPU too."""
+    if precision is not None and precision not in MATMUL_PRECISIONS:
+        raise ValueError(
+            f"precision must be None or one of {MATMUL_PRECISIONS} (torch.set_float32_matmul_precision's "
+            f"names), got {precision!r}; for a bf16 search pass bf16 tensors"
+        )
+
+
+def check_num_codes(num_codes: object) -> int:
+    """``num_codes`` as a positive Python int (NumPy and 0-d tensor integers are accepted)."""
+    import operator
+
+    try:
+        if isinstance(num_codes, bool):
+            raise TypeError
+        value = operator.index(num_codes)
+    except TypeError:
+        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}") from None
+    if value < 1:
+        raise ValueError(f"num_codes must be a positive int, got {value}")
+    return value

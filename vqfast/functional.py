@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vqfast import reference
-from vqfast._checks import check_gather_inputs, check_search_inputs, check_usage_inputs
+from vqfast._checks import (
+    check_gather_inputs, check_matmul_precision, check_num_codes, check_search_inputs, check_usage_inputs,
+)
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "BACKENDS"]
 
@@ -30,8 +32,9 @@ def _triton_importable() -> bool:
     return True
 
 
-def resolve_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend an op on tensors of ``device`` / ``dtype`` runs on ("torch" or "triton")."""
+    device = torch.device(device)
     forced = os.environ.get("VQFAST_BACKEND", "").strip().lower()
     if forced not in ("", "auto") + BACKENDS:
         raise ValueError(f"VQFAST_BACKEND must be 'torch', 'triton' or 'auto', got {forced!r}")
@@ -86,6 +89,7 @@ def nearest_code(
     "highest" (full fp32), "high"/"medium" (tf32); default ``torch.get_float32_matmul_precision()``.
     """
     check_search_inputs(z, codebook, metric)
+    check_matmul_precision(precision)
     if resolve_backend(z.device, z.dtype) == "torch":
         return reference.nearest_code(z, codebook, metric=metric,
                                       compute_dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
@@ -150,6 +154,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     (a host-side check, skipped with ``check_indices=False`` and under ``torch.compile`` on the Triton
     backend; the CPU backend always checks).
     """
+    num_codes = check_num_codes(num_codes)
     check_usage_inputs(indices, num_codes,
                        check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(indices.device) == "torch":
@@ -186,6 +191,7 @@ def quantize(
     metric: str = "l2",
     precision: str | None = None,
     indices: Tensor | None = None,
+    check_indices: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The VQ step: nearest code, straight-through output and the two VQ-VAE losses.
 
@@ -197,10 +203,21 @@ def quantize(
         z_q = z + (q - z).detach()    # value of the code, gradient straight through to z
 
     ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value = code), loss a float32
-    scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With ``metric="cosine"`` both z and the codebook are
-    l2-normalised first (z_q is then the unit code). ``indices`` skips the search when given.
+    scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With
+    ``metric="cosine"`` both z and the codebook are l2-normalised first (z_q is then the unit code).
+    ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
+    ValueError, a host-side check that ``check_indices=False`` skips (as :func:`gather`).
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
+    check_matmul_precision(precision)
+    if not beta >= 0.0 or beta == float("inf"):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if indices is not None:
+        check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
+        if indices.shape != z.shape[:-1]:
+            raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
+                             f"got {tuple(indices.shape)}")
+        indices = indices.to(torch.int64)
     if metric == "cosine":
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(codebook, dim=-1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqfast import reference
+from vqfast._checks import check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import _ops, nearest_code, quantize, resolve_backend
 
@@ -27,8 +28,9 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 _RESTARTS_PER_STEP = 1024
 # The layer's precision names -> nearest_code's (torch.set_float32_matmul_precision names).
 _SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
-# ... and the soft-entropy kernel's (Triton's input_precision names).
-_KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "ieee"}
+# ... and the soft-entropy kernel's (Triton's input_precision names; for "bf16" it is the precision
+# of the fp32 gradient products, the logit products being bf16).
+_KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
@@ -103,10 +105,13 @@ def soft_assignment_entropy(
         avg = p.mean(0); batch_entropy = -(avg * avg.log()).sum()
 
     On the Triton backend the N x K matrix is never built: the kernels stream codebook tiles with an
-    online softmax, and the backward recomputes each tile. ``z`` is (..., D).
+    online softmax, and the backward recomputes each tile. ``z`` is (..., D). ``precision`` (Triton
+    backend): "fp32" = fp32 products throughout; "tf32" = tf32 tensor-core products; "bf16" = z and
+    the codes rounded to bf16 for the logits, tf32 products for the gradients.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     rows = z.reshape(-1, z.shape[-1])
@@ -314,8 +319,9 @@ class VectorQuantizer(nn.Module):
             codebook = weight.clone()
         else:
             codebook = weight
+        # The indices come from the search: valid by construction, and checking them would sync the host.
         z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
-                                      indices=indices)
+                                      indices=indices, check_indices=False)
         if self.ema:
             # quantize's loss is (1 + beta) * mse with gradient beta * dmse to z (the codebook is
             # detached); subtracting a constant leaves value beta * mse and the same gradient.
