@@ -13,13 +13,16 @@ Sources (:func:`load_dataset`):
 * ``"synthetic"``: procedurally generated smooth colour images (no files needed).
 * a path to an ``.npz`` file with ``x`` (N, 32, 32, 3) uint8 and optional ``y`` (or ``x_train`` /
   ``x_test`` pairs, chosen by ``train``), or to a folder in torchvision ``ImageFolder`` layout
-  (``root/class_name/image.png``; images are converted to RGB and resized to 32 x 32).
+  (``root/class_name/image.png``; images are converted to RGB and resized to 32 x 32). Only an ``.npz``
+  with ``x_test`` has a test split of its own (:func:`has_test_split`); for one with only ``x`` and for
+  a folder ``train=False`` gives the same images as ``train=True``.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +43,8 @@ __all__ = [
     "synthetic_images",
     "describe_source",
     "dataset_label",
+    "has_test_split",
+    "source_of",
 ]
 
 log = logging.getLogger("vqfast.models")
@@ -48,6 +53,8 @@ SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_sample_2k.np
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Long enough for a slow mirror, short enough that an offline machine falls back quickly.
 _DOWNLOAD_TIMEOUT_S = 30.0
+BUILTIN_SOURCES = ("cifar10", "svhn", "sample", "synthetic")
+IMAGE_SHAPE_HWC = (32, 32, 3)
 
 
 _WARNED: set[str] = set()  # fallback warnings already given in this process
@@ -89,31 +96,73 @@ class ImageArrayDataset(Dataset):
         return f"ImageArrayDataset({self.name}, n={len(self)})"
 
 
-def _npz_arrays(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    with np.load(path, allow_pickle=False) as data:
+def _npz_arrays(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    try:
+        return _read_npz(path, train)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's message here is about unpickling, which is never done
+        raise ValueError(f"{path} is not an .npz archive") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz archive (it holds a single array)")
+    return archive
+
+
+def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    with _open_npz(path) as data:
         keys = set(data.files)
-        split = "train" if train else "test"
+        split, other = ("train", "test") if train else ("test", "train")
         if f"x_{split}" in keys:
-            x = data[f"x_{split}"]
+            key = f"x_{split}"
             y = data[f"y_{split}"] if f"y_{split}" in keys else None
         elif "x" in keys:
-            x = data["x"]
+            key = "x"
             y = data["y"] if "y" in keys else None
+        elif f"x_{other}" in keys:
+            raise ValueError(f"{path} has 'x_{other}' but no 'x_{split}' array")
         else:
             raise ValueError(f"{path}: expected arrays 'x' (N, 32, 32, 3) uint8 and 'y', found {sorted(keys)}")
+        x = data[key]
         classes = tuple(str(c) for c in data["class_names"]) if "class_names" in keys else None
-    return x, y, classes
+    return key, x, y, classes
 
 
 def load_npz(path: str | Path, train: bool = True) -> ImageArrayDataset:
     """Images from an ``.npz`` with ``x`` (N, 32, 32, 3) uint8 and ``y`` (N,), or ``x_train``/``x_test``."""
     path = Path(path)
-    x, y, classes = _npz_arrays(path, train)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{path}: 'x' must be (N, H, W, 3), got {x.shape}")
+    key, x, y, classes = _npz_arrays(path, train)
+    # The models' fully connected layers and the per-pixel metrics are built for 32 x 32 RGB.
+    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE_HWC:
+        raise ValueError(f"{path}: {key!r} must hold 32 x 32 RGB images, shape (N, 32, 32, 3), got "
+                         f"{tuple(x.shape)}; the models take 32 x 32 inputs, so resize the images first (an "
+                         f"ImageFolder directory is resized automatically)")
     if x.dtype != np.uint8:
-        raise ValueError(f"{path}: 'x' must be uint8, got {x.dtype}")
+        raise ValueError(f"{path}: {key!r} must be uint8, got {x.dtype}")
     return ImageArrayDataset(x, y, channels_last=True, name=str(path), classes=classes)
+
+
+def has_test_split(source: str | Path) -> bool:
+    """Whether ``source`` has held-out test images of its own.
+
+    An ``.npz`` with only ``x`` (or only ``x_train``) and an ImageFolder directory have one set of images:
+    ``load_dataset(source, train=False)`` returns those same images (or fails), not held-out ones.
+    """
+    src = str(source)
+    if src in BUILTIN_SOURCES:
+        return True
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".npz":
+        try:
+            with _open_npz(path) as data:
+                return "x_test" in data.files
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+            return False  # unreadable: loading it reports why
+    return False
 
 
 def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
@@ -227,9 +276,19 @@ def dataset_label(ds: Dataset, source: str = "") -> str:
 def describe_source(source: str) -> str:
     """A short, file-name-safe label for a data source (used in output file names)."""
     p = Path(source)
-    if source in ("cifar10", "svhn", "sample", "synthetic"):
+    if source in BUILTIN_SOURCES:
         return source
     return p.stem if p.suffix else p.name
+
+
+def source_of(ds: Dataset, source: str) -> str:
+    """The source ``ds`` really came from: ``"sample"`` where ``"cifar10"`` fell back to the bundled sample."""
+    base = ds
+    while isinstance(base, Subset):
+        base = base.dataset
+    if str(source) == "cifar10" and str(getattr(base, "name", "")).startswith("cifar10-sample"):
+        return "sample"
+    return str(source)
 
 
 def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path = "data", download: bool = True,

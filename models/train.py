@@ -11,9 +11,10 @@ training batches, which is the quantity the article tabulates; MSE is per pixel 
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (rewritten atomically after every epoch),
 ``metrics.jsonl``, ``train.log``, ``summary.json`` (for the VQ-VAE also ``codebook_usage.json``) and the
-figures. ``resume`` continues from the checkpoint exactly:
-model, optimizer, epoch and batch position, RNG states and the shuffling generator are all restored.
-Ctrl-C stops at the end of the current batch and saves a mid-epoch checkpoint (a second Ctrl-C
+figures. A fresh run needs a new or empty folder (or ``overwrite``); options and data are checked
+before the folder is made. ``resume`` continues from the checkpoint exactly: model, optimizer, epoch
+and batch position and RNG states are restored, and each epoch's shuffling order depends only on
+(seed, epoch). Ctrl-C stops at the end of the current batch and saves a mid-epoch checkpoint (a second Ctrl-C
 aborts at once, leaving the last complete checkpoint).
 
 Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) the model is wrapped in DistributedDataParallel
@@ -32,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +46,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from vqfast import reference
 from vqfast.layer import _bincount
-from vqfast.models.autoencoders import MODEL_NAMES, build_model, count_parameters
-from vqfast.models.data import DatasetUnavailable, dataset_label, describe_source, load_dataset
+from vqfast.models.autoencoders import MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters
+from vqfast.models.data import (DatasetUnavailable, dataset_label, describe_source, has_test_split, load_dataset,
+                                source_of)
 
 __all__ = [
     "TrainConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "load_run",
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "train_step",
     "configure_train_parser",
     "train_main",
@@ -151,14 +155,68 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | argparse.Namespace) -> 
 
 
 def _validate(cfg: TrainConfig) -> None:
+    """Reject impossible options before anything is loaded or written; messages name the CLI option."""
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"model must be one of {MODEL_NAMES}, got {cfg.model!r}")
     if cfg.backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be auto, torch or triton, got {cfg.backend!r}")
-    if cfg.resolved_epochs() < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
-        raise ValueError("epochs must be >= 0, batch_size and lr > 0")
+        raise ValueError(f"--backend must be auto, torch or triton, got {cfg.backend!r}")
+    if cfg.vq_preset not in VQ_PRESETS:
+        raise ValueError(f"--vq-preset must be one of {VQ_PRESETS}, got {cfg.vq_preset!r}")
+    if cfg.vq_impl not in VQ_IMPLS:
+        raise ValueError(f"--vq-impl must be one of {VQ_IMPLS}, got {cfg.vq_impl!r}")
+    if cfg.resolved_epochs() < 0:
+        raise ValueError(f"--epochs must be >= 0, got {cfg.epochs}")
+    for option, value in (("--batch-size", cfg.batch_size), ("--latent-dim", cfg.latent_dim),
+                          ("--codes", cfg.num_codes), ("--code-dim", cfg.code_dim)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.beta is not None and not cfg.beta >= 0:
+        raise ValueError(f"--beta must be >= 0, got {cfg.beta}")
+    if not cfg.kl_weight >= 0:
+        raise ValueError(f"--kl-weight must be >= 0, got {cfg.kl_weight}")
     if cfg.limit is not None and cfg.limit <= 0:
-        raise ValueError(f"limit must be positive, got {cfg.limit}")
+        raise ValueError(f"--limit must be positive, got {cfg.limit}")
+    if cfg.eval_limit is not None and cfg.eval_limit <= 0:
+        raise ValueError(f"--eval-limit must be positive (0 on the command line: all images), got {cfg.eval_limit}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.num_workers}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.grid_images < 0:
+        raise ValueError(f"grid_images must be >= 0, got {cfg.grid_images}")
+    resolve_device(cfg.device)
+    if cfg.vq_kwargs:
+        _validate_vq_kwargs(cfg)
+
+
+# Set through their own options (--codes, --code-dim) or not expressible on the command line.
+_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group")
+
+
+def _validate_vq_kwargs(cfg: TrainConfig) -> None:
+    if cfg.model != "vqvae":
+        raise ValueError(f"--vq-option configures the VQ-VAE's quantizer; the {cfg.model} has none")
+    if cfg.vq_impl == "article":
+        raise ValueError("--vq-option configures vqfast's VectorQuantizer, which --vq-impl article replaces "
+                         "(the article's VQ step takes --beta only)")
+    import inspect
+
+    from vqfast import VectorQuantizer
+
+    known = [n for n in inspect.signature(VectorQuantizer.__init__).parameters if n not in _VQ_OPTIONS_EXCLUDED]
+    unknown = sorted(set(cfg.vq_kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"--vq-option: unknown VectorQuantizer option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
+    # Building one checks the values; the fork keeps the global random stream as it was.
+    kwargs = {**cfg.vq_kwargs, **({} if cfg.beta is None else {"beta": cfg.beta})}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            VectorQuantizer(cfg.num_codes, cfg.code_dim, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--vq-option: {exc}") from None
 
 
 def apply_backend(backend: str) -> None:
@@ -171,12 +229,17 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> the local CUDA device when there is one, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but no CUDA device is available")
+            raise ValueError(f"--device {device!r} requested but no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -204,6 +267,10 @@ def _print(msg: str, log_path: Path | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or was not written by vqfast's training."""
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
@@ -241,9 +308,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's remarks on a foreign file's pickle protocol: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except (PermissionError, MemoryError):
+        raise
+    except Exception as exc:  # truncated zip, foreign pickle, not a torch file: all the same to the caller
+        # Not torch's own message: for a foreign pickle it suggests weights_only=False, which runs its code.
+        raise CheckpointError(f"{path} is corrupt or not a vqfast checkpoint (torch.load failed with "
+                              f"{type(exc).__name__}); it cannot be resumed or evaluated") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a vqfast training checkpoint")
+        raise CheckpointError(f"{path} is corrupt or not a vqfast checkpoint (no {_FORMAT!r} format tag)")
     return state
 
 
@@ -414,12 +490,14 @@ class _StopRequest:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 256,
-                   amp: bool = False, keep_images: int = 0) -> dict[str, Any]:
+                   amp: bool = False, keep_images: int = 0, progress: bool = False,
+                   desc: str = "evaluate") -> dict[str, Any]:
     """Deterministic reconstruction of every image of ``dataset``.
 
     Returns ``sse`` (N,) float64 per-image summed squared error, ``labels`` (N,), ``mse`` (per pixel,
     over the set), ``psnr``, for the VQ-VAE ``indices`` (N, h, w), and the first ``keep_images``
-    originals/reconstructions as ``originals`` / ``reconstructions``.
+    originals/reconstructions as ``originals`` / ``reconstructions``. ``progress``: a progress bar
+    (``desc``) on stderr.
     """
     device = torch.device(device)
     was_training = model.training
@@ -428,6 +506,7 @@ def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | st
     sse_list, labels, indices = [], [], []
     originals, recons = [], []
     kept = 0
+    bar = _progress_bar(progress, desc, initial=0, total=len(loader))
     try:
         for x, y in loader:
             x = x.to(device)
@@ -446,8 +525,12 @@ def evaluate_model(model: nn.Module, dataset: Dataset, device: torch.device | st
                 originals.append(x[:take].cpu())
                 recons.append(recon[:take].cpu())
                 kept += take
+            if bar is not None:
+                bar.update(1)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     sse = torch.cat(sse_list)
     pixels = _PIXELS if len(dataset) == 0 else int(dataset[0][0].numel())
     mse = float(sse.sum() / (len(sse) * pixels))
@@ -486,9 +569,13 @@ def mean_image_mse(dataset: Dataset, mean: torch.Tensor, batch_size: int = 1024)
 def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the model of a run folder (or checkpoint file): ``(model, config, checkpoint)``."""
     state = load_checkpoint(run)
-    cfg = _as_config(state["config"])
-    model = build_model(cfg.model, **_model_kwargs(cfg))
-    model.load_state_dict(state["model_state"])
+    try:
+        cfg = _as_config(state["config"])
+        model = build_model(cfg.model, **_model_kwargs(cfg))
+        model.load_state_dict(state["model_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{run}: the checkpoint's model does not match its configuration "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     model.to(device).eval()
     return model, cfg, state
 
@@ -498,6 +585,51 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
 
 def _default_run_dir(model: str) -> Path:
     return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# What a fresh run writes besides the checkpoint and config; a replaced run's copies are removed first,
+# so that none of them (a VAE's samples.png under a new AE run, say) outlives the run it belonged to.
+_RUN_OUTPUTS = (METRICS_NAME, "train.log", "summary.json", "loss_curve.png", "reconstructions.png",
+                "codebook_usage.json", "codebook_usage.png", "samples.png", "blend.png")
+
+
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run goes into a new or empty folder; anything else needs ``overwrite``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} exists and is not a folder; choose another --out")
+    if overwrite or not run_dir.exists():
+        return
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
+                              f"overwrite=True (--overwrite) to replace it, or choose another folder")
+    if any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} is not empty and holds no vqfast run (no {CHECKPOINT_NAME}); choose "
+                              f"another folder, or pass overwrite=True (--overwrite) to train into it anyway "
+                              f"(the run's own files there, such as train.log and summary.json, are then replaced)")
+
+
+def _load_eval_set(cfg: TrainConfig) -> tuple[Dataset, bool]:
+    """The end-of-run evaluation images and whether they are held out from training.
+
+    A source without a test split of its own gives back its training images for ``train=False``;
+    the caller says so rather than report them as a test result.
+    """
+    source = cfg.eval_data or cfg.data
+    has_split = has_test_split(source)
+    ds = load_dataset(source, train=not has_split, root=cfg.data_root, download=cfg.download,
+                      limit=cfg.eval_limit, seed=cfg.seed)
+    return ds, has_split or cfg.eval_data is not None
+
+
+# The recipe for each epoch's shuffling seed; stored in checkpoints so that a resume can tell whether
+# a mid-epoch checkpoint's batch position refers to the same image order.
+_SHUFFLE_SCHEME = "seed-sequence(seed, epoch)"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling generator's seed for ``epoch``: independent streams for every (seed, epoch) pair."""
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any]) -> TrainConfig:
@@ -548,26 +680,44 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
         cfg = _merge_resumed(cfg, state["config"])
-    elif ckpt_path.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
-                              f"overwrite=True (--overwrite) to replace it, or choose another folder")
     epochs = cfg.resolved_epochs()
     cfg.epochs = epochs
+
+    # Everything that can fail on the options or the data is checked before the run folder is touched.
+    # Rank 0 goes first (it may download the data, so that the other ranks find it on disk) and tells
+    # the others whether it failed, so that they stop too instead of waiting for it.
+    train_set: Dataset | None = None
+    eval_set: Dataset | None = None
+    held_out = True
+    problem: Exception | None = None
+    if dist.is_main:
+        try:
+            if not cfg.resume:
+                _check_run_dir(run_dir, cfg.overwrite)
+            train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
+                                     limit=cfg.limit, seed=cfg.seed)
+            eval_set, held_out = _load_eval_set(cfg)
+        except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
+            problem = exc
+    failure = dist.broadcast_object(None if problem is None else f"{type(problem).__name__}: {problem}")
+    if problem is not None:
+        raise problem
+    if failure is not None:
+        raise RuntimeError(f"rank 0 could not start the run: {failure}")
+    if train_set is None:
+        train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
+                                 limit=cfg.limit, seed=cfg.seed)
+
     log_path = run_dir / "train.log" if dist.is_main else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
-            for stale in (METRICS_NAME, "train.log"):
+            for stale in _RUN_OUTPUTS:
                 (run_dir / stale).unlink(missing_ok=True)
         (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    # Rank 0 fetches the data first so that the other ranks find it on disk.
-    if not dist.is_main:
-        dist.barrier()
-    train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
-                             limit=cfg.limit, seed=cfg.seed)
-    if dist.is_main:
-        dist.barrier()
+        if not held_out:
+            _print(f"Note: {dataset_label(train_set, cfg.data)} has no test split, so the end-of-run evaluation "
+                   f"uses its training images (pass --eval-data for a held-out set)", log_path)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     np.random.seed(cfg.seed)
@@ -576,7 +726,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     torch.manual_seed(cfg.seed + dist.rank)  # but independent noise (VAE draws) per rank
 
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator()
     if dist.enabled:
         sampler: Sampler[int] = torch.utils.data.DistributedSampler(
             train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
@@ -596,11 +746,14 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
-        shuffle_gen.set_state(state["shuffle_state"])
         same_world = int(state.get("world_size", 1)) == dist.world_size
         if not same_world:
             print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
                   f"{dist.world_size}; the continuation will not be bit-identical", file=sys.stderr)
+        if start_batch and state.get("shuffle") != _SHUFFLE_SCHEME:
+            print("resume: the checkpoint was written by an older vqfast that shuffled differently; the rest "
+                  "of this epoch sees a different image order than the interrupted run would have",
+                  file=sys.stderr)
         mine = dist.rank if same_world else 0
         _set_rng_state(state["rng"][mine])
         history = list(state["history"])
@@ -619,7 +772,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
         train_module = DistributedDataParallel(train_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint_state(epoch: int, batch: int, shuffle_state: torch.Tensor, acc: torch.Tensor | None,
+    def checkpoint_state(epoch: int, batch: int, acc: torch.Tensor | None,
                          counts: torch.Tensor | None) -> dict[str, Any] | None:
         # Every rank's RNG state and partial sums, so that a resume is exact on every rank.
         rngs = dist.gather_objects(_rng_state())
@@ -634,7 +787,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             "optimizer_state": optimizer.state_dict(),
             "epoch": epoch,
             "batch": batch,
-            "shuffle_state": shuffle_state,
+            "shuffle": _SHUFFLE_SCHEME,
             "rng": rngs,
             "acc": accs,
             "code_counts": counts_all,
@@ -651,7 +804,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     if state is None:
         # An initial checkpoint, so that even an interrupt during the first epoch leaves one to load.
-        write_checkpoint(0, 0, shuffle_gen.get_state(), None, None)
+        write_checkpoint(0, 0, None, None)
     if dist.is_main:
         _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
                f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
@@ -664,7 +817,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             model.train()
             if dist.enabled:
                 sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            epoch_shuffle_state = shuffle_gen.get_state()
+            # Seeded afresh each epoch: how far the previous epoch's sampler ran (an interrupt stops it
+            # before its last draw) must not change this epoch's order, or a resume would not be exact.
+            shuffle_gen.manual_seed(_epoch_seed(cfg.seed, epoch))
             skip = start_batch if epoch == start_epoch else 0
             batches.skip = skip
             # [images, sse, objective, kl, vq_loss x images] accumulated on the device (no per-step sync)
@@ -676,36 +831,40 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             epoch_steps: list[torch.Tensor] = []
             t0 = time.perf_counter()
             done = skip
-            bar = _progress(loader, cfg.progress and dist.is_main, f"epoch {epoch + 1}/{epochs}", initial=skip,
-                            total=steps_per_epoch)
-            for x, _ in bar:
-                x = x.to(device, non_blocking=True)
-                terms = train_step(train_module, x, optimizer, cfg.amp)
-                n = x.shape[0]
-                acc += torch.stack([
-                    # torch.full, not torch.tensor: a host-to-device copy would sync every step.
-                    torch.full((), float(n), dtype=torch.float64, device=device),
-                    terms["sse"].double(),
-                    terms["objective"].double(),
-                    terms.get("kl", terms["sse"].new_zeros(())).double(),
-                    terms.get("vq_loss", terms["sse"].new_zeros(())).double() * n,
-                ])
-                if counts is not None:
-                    # Not torch.bincount: on CUDA it reads the indices' range on the host every step.
-                    counts += _bincount(terms["indices"], cfg.num_codes)
-                epoch_steps.append(terms["objective"].detach() / n)
-                done += 1
-                if hasattr(bar, "set_postfix") and (done % 10 == 0 or done == steps_per_epoch):
-                    bar.set_postfix(loss=f"{float(acc[2] / acc[0]):.3f}")
-                if dist.any(stop.requested, device):
-                    interrupted = True
-                    break
-            if hasattr(bar, "close"):
-                bar.close()
+            bar = _progress_bar(cfg.progress and dist.is_main, f"epoch {epoch + 1}/{epochs}", initial=skip,
+                                total=steps_per_epoch)
+            try:
+                for x, _ in loader:
+                    x = x.to(device, non_blocking=True)
+                    terms = train_step(train_module, x, optimizer, cfg.amp)
+                    n = x.shape[0]
+                    acc += torch.stack([
+                        # torch.full, not torch.tensor: a host-to-device copy would sync every step.
+                        torch.full((), float(n), dtype=torch.float64, device=device),
+                        terms["sse"].double(),
+                        terms["objective"].double(),
+                        terms.get("kl", terms["sse"].new_zeros(())).double(),
+                        terms.get("vq_loss", terms["sse"].new_zeros(())).double() * n,
+                    ])
+                    if counts is not None:
+                        # Not torch.bincount: on CUDA it reads the indices' range on the host every step.
+                        counts += _bincount(terms["indices"], cfg.num_codes)
+                    epoch_steps.append(terms["objective"].detach() / n)
+                    done += 1
+                    if bar is not None:
+                        bar.update(1)
+                        if done % 10 == 0 or done == steps_per_epoch:
+                            bar.set_postfix(loss=f"{float(acc[2] / acc[0]):.3f}")
+                    if dist.any(stop.requested, device):
+                        interrupted = True
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
             if epoch_steps:
                 step_losses.extend(torch.stack(epoch_steps).float().cpu().tolist())
             if interrupted and done < steps_per_epoch:
-                write_checkpoint(epoch, done, epoch_shuffle_state, acc, counts)
+                write_checkpoint(epoch, done, acc, counts)
                 if dist.is_main:
                     _print(f"Interrupted in epoch {epoch + 1} after batch {done}/{steps_per_epoch}; "
                            f"checkpoint saved to {ckpt_path} (continue with --resume)", log_path)
@@ -713,7 +872,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
                                    cfg, time.perf_counter() - t0)
             history.append(record)
-            write_checkpoint(epoch + 1, 0, shuffle_gen.get_state(), None, None)
+            write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:
                 _print(_epoch_line(record, cfg), log_path)
                 with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
@@ -728,19 +887,25 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     test_metrics = None
     if dist.is_main:
-        test_metrics = _finish_run(model, cfg, train_set, run_dir, device, history, step_losses, steps_per_epoch,
-                                   log_path)
+        assert eval_set is not None
+        test_metrics = _finish_run(model, cfg, train_set, eval_set, held_out, run_dir, device, history, step_losses,
+                                   steps_per_epoch, log_path)
     dist.barrier()
     return TrainResult(run_dir=run_dir, model=model, config=cfg, history=history, test_metrics=test_metrics,
                        step_losses=step_losses)
 
 
-def _progress(loader: DataLoader, enabled: bool, desc: str, initial: int, total: int):
-    if not enabled:
-        return loader
-    from tqdm.auto import tqdm
+def _progress_bar(enabled: bool, desc: str, initial: int, total: int):
+    """A bar advanced by hand, or None.
 
-    return tqdm(loader, desc=desc, initial=initial, total=total, leave=False, dynamic_ncols=True)
+    It is never given the DataLoader: some tqdm classes (``tqdm.auto``'s asyncio one) call ``iter`` on
+    their iterable when built, and every DataLoader iterator draws a seed from the shuffling generator.
+    """
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, initial=initial, total=total, leave=False, dynamic_ncols=True)
 
 
 def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cfg: TrainConfig,
@@ -778,23 +943,32 @@ def _epoch_line(rec: Mapping[str, Any], cfg: TrainConfig) -> str:
     return line + f" | {rec['seconds']:.1f} s"
 
 
-def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, run_dir: Path, device: torch.device,
-                history: list[dict[str, Any]], step_losses: list[float], steps_per_epoch: int,
-                log_path: Path | None) -> dict[str, Any]:
-    """Held-out evaluation and figures, written by rank 0 at the end of a run."""
+def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set: Dataset, held_out: bool,
+                run_dir: Path, device: torch.device, history: list[dict[str, Any]], step_losses: list[float],
+                steps_per_epoch: int, log_path: Path | None) -> dict[str, Any]:
+    """End-of-run evaluation on ``test_set`` and figures, written by rank 0.
+
+    ``held_out`` False: ``test_set`` holds training images (the source has no test split), and every
+    line and record says so.
+    """
     from vqfast.models import viz
 
     model.eval()
-    test_set = load_dataset(cfg.eval_data or cfg.data, train=False, root=cfg.data_root, download=cfg.download,
-                            limit=cfg.eval_limit, seed=cfg.seed)
     train_label, test_label = dataset_label(train_set, cfg.data), dataset_label(test_set, cfg.eval_data or cfg.data)
-    result = evaluate_model(model, test_set, device, batch_size=256, amp=cfg.amp, keep_images=cfg.grid_images)
+    result = evaluate_model(model, test_set, device, batch_size=256, amp=cfg.amp, keep_images=cfg.grid_images,
+                            progress=cfg.progress, desc="test" if held_out else "evaluation")
     baseline = mean_image_mse(test_set, mean_image(train_set))
-    test = {"event": "test", "epoch": len(history), "data": test_label, "images": result["n"], "mse": result["mse"],
-            "psnr": result["psnr"], "sse_per_image": float(result["sse"].mean()), "mean_image_mse": baseline}
-    lines = [f"Test ({test_label}, {result['n']} images): MSE/pixel {test['mse']:.5f} | "
-             f"PSNR {test['psnr']:.2f} dB | SSE/image {test['sse_per_image']:.3f} | predicting the mean "
-             f"training image instead: MSE/pixel {baseline:.5f}"]
+    test = {"event": "test", "epoch": len(history), "data": test_label, "held_out": held_out,
+            "images": result["n"], "mse": result["mse"], "psnr": result["psnr"],
+            "sse_per_image": float(result["sse"].mean()), "mean_image_mse": baseline}
+    if held_out:
+        head, which = f"Test ({test_label}, {result['n']} images)", "test"
+    else:
+        head = (f"Evaluation on {result['n']} TRAINING images, not a test ({test_label} has no test split; "
+                f"pass --eval-data for held-out images)")
+        which = "evaluated training"
+    lines = [f"{head}: MSE/pixel {test['mse']:.5f} | PSNR {test['psnr']:.2f} dB | SSE/image "
+             f"{test['sse_per_image']:.3f} | predicting the mean training image instead: MSE/pixel {baseline:.5f}"]
 
     viz.save_loss_curve(history, run_dir / "loss_curve.png", step_losses, steps_per_epoch,
                         title=f"{cfg.model} on {train_label}")
@@ -816,9 +990,10 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, run_dir:
                   "counts": counts.tolist()}
         (run_dir / "codebook_usage.json").write_text(json.dumps(report) + "\n")
         viz.save_code_histogram(counts, run_dir / "codebook_usage.png",
-                                title=f"code usage on {result['n']} test images: perplexity {float(perplexity):.1f}")
+                                title=f"code usage on {result['n']} {which} images: perplexity {float(perplexity):.1f}")
         test.update(codes_used=used, perplexity=float(perplexity))
-        lines.append(f"Codebook: {used}/{cfg.num_codes} codes used on the test images, perplexity {float(perplexity):.1f}")
+        lines.append(f"Codebook: {used}/{cfg.num_codes} codes used on the {which} images, "
+                     f"perplexity {float(perplexity):.1f}")
 
     if cfg.model == "vae":
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -879,36 +1054,68 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
             f.write(row + "\n")
 
 
+def _load_eval_source(source: str, split: str, data_root: str, download: bool,
+                      limit: int | None) -> tuple[Dataset, dict[str, Any]]:
+    """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
+    actually read: ``sample`` after CIFAR-10 fell back to it), ``split`` (``all`` for a source with a
+    single set of images) and ``notes`` on any difference from what was asked for."""
+    has_split = has_test_split(source)
+    ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
+                      limit=limit)
+    actual = source_of(ds, source)
+    info: dict[str, Any] = {"data": actual, "split": split if has_split else "all", "notes": []}
+    if actual != source:
+        info["requested_data"] = source
+        info["notes"].append(f"{source} was unavailable: scored the bundled CIFAR-10 sample ({split} split) instead")
+    if not has_split:
+        info["notes"].append(f"{source} has no separate train/test split: scored all its images")
+    return ds, info
+
+
 def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: str | None = None,
              data_root: str = "data", download: bool = True, limit: int | None = None, batch_size: int = 256,
              device: str = "auto", backend: str | None = None, amp: bool = False, out_dir: str | Path | None = None,
-             worst: int = 16) -> dict[str, Any]:
+             worst: int = 16, progress: bool = True) -> dict[str, Any]:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
 
     The anomaly score of an image is its summed squared reconstruction error. Writes
     ``eval-<source>-<split>.csv`` (one row per image) and ``eval-<source>-<split>.json`` (the summary)
-    and a grid of the ``worst`` reconstructed images to ``out_dir`` (default: the run folder).
+    and a grid of the ``worst`` reconstructed images to ``out_dir`` (default: the run folder), named
+    after the data actually scored: ``sample`` when CIFAR-10 was unavailable and the bundled sample was
+    used, split ``all`` for a source without a train/test split (an ``.npz`` with only ``x``, a folder).
     With ``ood`` (another source, e.g. ``svhn`` for a CIFAR-10 model) its images are scored too, and
     the summary gives the AUROC of the score separating them from ``data`` and the fraction of them
-    above the 95th percentile of ``data``'s scores.
+    above the 95th percentile of ``data``'s scores. Nothing is written unless every source loads.
     """
     from vqfast.models import viz
 
+    if split not in ("test", "train"):
+        raise ValueError(f"--split must be test or train, got {split!r}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if worst < 0:
+        raise ValueError(f"--worst must be >= 0, got {worst}")
     if backend:
         apply_backend(backend)  # a runtime choice: the backend a run was trained with is not reused
     dev = resolve_device(device)
     model, cfg, state = load_run(run, dev)
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     out = Path(out_dir) if out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    use_train_split = split == "train"
 
-    ds = load_dataset(data, train=use_train_split, root=data_root, download=download, limit=limit)
-    res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp)
-    name = describe_source(data)
+    ds, info = _load_eval_source(data, split, data_root, download, limit)
+    ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit)
+
+    res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,
+                         desc=f"{info['data']} {info['split']}")
+    name, split_label = describe_source(info["data"]), info["split"]
+    notes = list(info["notes"])
     summary: dict[str, Any] = {"run": str(run_dir), "model": cfg.model, "epochs_trained": int(state["epoch"]),
-                               "data": data, "split": split, "images": res["n"], "mse": res["mse"],
+                               "data": info["data"], "split": split_label, "images": res["n"], "mse": res["mse"],
                                "psnr": res["psnr"], **_score_summary(res["sse"])}
+    if "requested_data" in info:
+        summary["requested_data"] = info["requested_data"]
     threshold = float(torch.quantile(res["sse"], 0.95))
     summary["threshold_p95"] = threshold
     if "indices" in res:
@@ -916,25 +1123,37 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
 
         counts, _, perplexity = code_usage(res["indices"].to(torch.int64), cfg.num_codes)
         summary.update(codes_used=int((counts > 0).sum()), perplexity=float(perplexity))
-    _write_scores_csv(out / f"eval-{name}-{split}.csv", name, res, threshold)
     worst_idx = torch.argsort(res["sse"], descending=True)[:worst]
     summary["worst"] = [[int(i), float(res["sse"][i])] for i in worst_idx]
+
+    ood_res = None
+    if ood_ds is not None and ood_info is not None:
+        ood_res = evaluate_model(model, ood_ds, dev, batch_size=batch_size, amp=amp, progress=progress,
+                                 desc=f"{ood_info['data']} {ood_info['split']}")
+        notes += ood_info["notes"]
+        summary["ood"] = {"data": ood_info["data"], "split": ood_info["split"], "images": ood_res["n"],
+                          "mse": ood_res["mse"], "psnr": ood_res["psnr"], **_score_summary(ood_res["sse"]),
+                          "auroc": _auroc(res["sse"], ood_res["sse"]),
+                          "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
+        if "requested_data" in ood_info:
+            summary["ood"]["requested_data"] = ood_info["requested_data"]
+    if notes:
+        summary["notes"] = notes
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold)
     if worst > 0:
         xs = torch.stack([ds[int(i)][0] for i in worst_idx])
         with torch.no_grad(), _autocast(dev, amp):
             rec = model.reconstruct(xs.to(dev)).float().cpu()
-        viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split}-worst.png")
-
-    if ood:
-        ood_ds = load_dataset(ood, train=use_train_split, root=data_root, download=download, limit=limit)
-        ood_res = evaluate_model(model, ood_ds, dev, batch_size=batch_size, amp=amp)
-        ood_name = describe_source(ood)
-        _write_scores_csv(out / f"eval-{ood_name}-{split}.csv", ood_name, ood_res, threshold)
-        summary["ood"] = {"data": ood, "images": ood_res["n"], "mse": ood_res["mse"], "psnr": ood_res["psnr"],
-                          **_score_summary(ood_res["sse"]),
-                          "auroc": _auroc(res["sse"], ood_res["sse"]),
-                          "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
-    (out / f"eval-{name}-{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split_label}-worst.png")
+    if ood_res is not None and ood_info is not None:
+        ood_name = describe_source(ood_info["data"])
+        ood_file = f"eval-{ood_name}-{ood_info['split']}"
+        if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
+            ood_file += "-ood"
+        _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold)
+    (out / f"eval-{name}-{split_label}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -975,7 +1194,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
       help="xavier_normal (the article's) or the VQ layer's own initialisation; "
            "--vq-option init=... implies the latter")
     a("--vq-option", dest="vq_kwargs", type=_parse_kv, action="append", default=[], metavar="KEY=VALUE",
-      help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible); repeatable")
+      help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible); repeatable; "
+           "VQ-VAE with --vq-impl vqfast only")
     a("--backend", choices=("auto", "torch", "triton"), default="auto",
       help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -985,18 +1205,21 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
            "or a path to an ImageFolder directory or an .npz with x (N,32,32,3) uint8 and y")
     a("--data-root", default="data", help="where torchvision datasets live / are downloaded to")
     a("--no-download", dest="download", action="store_false", help="never download datasets")
-    a("--out", default=None, help="run folder (default runs/<model>-<timestamp>)")
+    a("--out", default=None,
+      help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
     a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     a("--limit", type=int, default=None, help="use at most this many training images")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--overwrite", action="store_true", help="replace an existing run in --out")
+    a("--overwrite", action="store_true",
+      help="start afresh in --out even if it holds a run or other files (a previous run's outputs are replaced)")
     a("--workers", dest="num_workers", type=int, default=0, help="DataLoader worker processes")
     a("--threads", type=int, default=None,
-      help="CPU threads for PyTorch (default: its own choice; 1 is often fastest on a busy machine)")
+      help="CPU threads for PyTorch, >= 1 (default: its own choice; 1 is often fastest on a busy machine)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--eval-data", default=None,
-      help="source for the end-of-run evaluation (default: the test split of --data; an .npz with only x/y "
-           "has no separate test split, so pass its held-out partner here)")
+      help="source for the end-of-run evaluation (default: the test split of --data; an .npz with only x/y or "
+           "an image folder has none, so pass its held-out partner here, or the evaluation uses training images "
+           "and says so)")
     a("--eval-limit", type=int, default=2000, help="test images for the end-of-run evaluation (0: all)")
 
 
@@ -1041,6 +1264,7 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     a("--amp", action="store_true")
     a("--out", dest="out_dir", default=None, help="folder for the CSV/JSON/PNG (default: the run folder)")
     a("--worst", type=int, default=16, help="how many worst-reconstructed images to show")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _format_eval(summary: Mapping[str, Any]) -> str:
@@ -1053,9 +1277,10 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
     lines.append("  worst images: " + ", ".join(f"#{i} ({s:.2f})" for i, s in summary["worst"][:5]))
     if "ood" in summary:
         o = summary["ood"]
-        lines.append(f"  {o['data']}: {o['images']} images, MSE/pixel {o['mse']:.5f}, PSNR {o['psnr']:.2f} dB, "
-                     f"score mean {o['score_mean']:.3f}; AUROC {o['auroc']:.3f}, "
+        lines.append(f"  {o['data']} {o['split']}: {o['images']} images, MSE/pixel {o['mse']:.5f}, PSNR "
+                     f"{o['psnr']:.2f} dB, score mean {o['score_mean']:.3f}; AUROC {o['auroc']:.3f}, "
                      f"{100 * o['flagged_at_p95']:.1f}% above the in-distribution 95th percentile")
+    lines += [f"  note: {note}" for note in summary.get("notes", ())]
     return "\n".join(lines)
 
 
@@ -1065,7 +1290,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
         summary = evaluate(args.run, data=args.data, split=args.split, ood=args.ood, data_root=args.data_root,
                            download=args.download, limit=args.limit, batch_size=args.batch_size,
                            device=args.device, backend=args.backend, amp=args.amp, out_dir=args.out_dir,
-                           worst=args.worst)
+                           worst=args.worst, progress=args.progress)
     except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -200,3 +200,52 @@ def test_synthetic_source_is_deterministic() -> None:
     assert torch.equal(a[5][0], b[5][0])
     assert not torch.equal(a[5][0], c[5][0])
     assert a[0][0].shape == (3, 32, 32)
+
+
+def test_npz_images_must_be_32x32_rgb(tmp_path: Path) -> None:
+    for shape in ((2, 64, 64, 3), (2, 32, 32, 4), (2, 32, 32), (2, 3, 32, 32)):
+        np.savez(tmp_path / "bad.npz", x=np.zeros(shape, dtype=np.uint8))
+        with pytest.raises(ValueError, match="32 x 32 RGB") as info:
+            load_dataset(str(tmp_path / "bad.npz"))
+        assert str(shape) in str(info.value)
+    np.savez(tmp_path / "pairs.npz", x_train=_images(2, seed=0), x_test=np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    assert len(load_dataset(str(tmp_path / "pairs.npz"), train=True)) == 2
+    with pytest.raises(ValueError, match="'x_test'.*\\(2, 16, 16, 3\\)"):
+        load_dataset(str(tmp_path / "pairs.npz"), train=False)
+
+
+def test_which_sources_have_a_test_split(tmp_path: Path) -> None:
+    for name in ("cifar10", "svhn", "sample", "synthetic"):
+        assert data_mod.has_test_split(name)
+    np.savez(tmp_path / "pairs.npz", x_train=_images(2, seed=0), x_test=_images(2, seed=1))
+    np.savez(tmp_path / "single.npz", x=_images(2, seed=0))
+    np.savez(tmp_path / "train_only.npz", x_train=_images(2, seed=0))
+    assert data_mod.has_test_split(tmp_path / "pairs.npz")
+    assert not data_mod.has_test_split(tmp_path / "single.npz")
+    assert not data_mod.has_test_split(tmp_path / "train_only.npz")
+    (tmp_path / "folder" / "cls").mkdir(parents=True)
+    assert not data_mod.has_test_split(tmp_path / "folder")
+    # one set of images: train=False gives the same ones back, or says there are none
+    single = load_dataset(str(tmp_path / "single.npz"), train=False)
+    assert torch.equal(single[1][0], load_dataset(str(tmp_path / "single.npz"))[1][0])
+    with pytest.raises(ValueError, match="has 'x_train' but no 'x_test'"):
+        load_dataset(str(tmp_path / "train_only.npz"), train=False)
+
+
+def test_source_of_tells_a_cifar10_fallback_apart(tmp_path: Path) -> None:
+    fallback = load_dataset("cifar10", train=False, root=tmp_path, download=False, limit=5)
+    assert data_mod.source_of(fallback, "cifar10") == "sample"
+    assert data_mod.source_of(load_dataset("sample", limit=5), "sample") == "sample"
+    assert data_mod.source_of(load_dataset("synthetic", limit=5), "synthetic") == "synthetic"
+
+
+def test_unreadable_npz_is_a_clear_error(tmp_path: Path) -> None:
+    np.savez(tmp_path / "good.npz", x=_images(4, seed=0))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:300])
+    (tmp_path / "text.npz").write_text("not an archive\n")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    for name in ("truncated", "text", "array"):
+        with pytest.raises(ValueError, match=f"{name}.npz is not a"):
+            load_dataset(str(tmp_path / f"{name}.npz"))
+        assert not data_mod.has_test_split(tmp_path / f"{name}.npz")

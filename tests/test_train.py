@@ -136,15 +136,48 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
         return out
 
     monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(TINY_VAE, tmp_path))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     state = load_checkpoint(tmp_path)
     assert (state["epoch"], state["batch"]) == (1, 2)
     monkeypatch.setattr(train_mod, "train_step", real_step)
     resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
     assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
     _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
+
+
+def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              vae_reference: train_mod.TrainResult) -> None:
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 1, batch 3 of 3: the loop stops before the sampler's pass ends
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(TINY_VAE, tmp_path))
+    state = load_checkpoint(tmp_path)
+    assert (state["epoch"], state["batch"]) == (1, 0)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
+    assert resumed.step_losses == vae_reference.step_losses
+    _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
+
+
+def test_progress_bar_does_not_change_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    quiet = train(_cfg(TINY_VQ, tmp_path / "quiet", eval_limit=16))
+    with_bar = train(_cfg(TINY_VQ, tmp_path / "bar", eval_limit=16, progress=True))
+    assert "epoch 1/1" in capsys.readouterr().err  # the bar was really drawn
+    assert with_bar.step_losses == quiet.step_losses
+    assert with_bar.history[0]["avg_loss"] == quiet.history[0]["avg_loss"]
+    _assert_same_weights(with_bar.model.state_dict(), quiet.model.state_dict())
 
 
 def test_checkpoint_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

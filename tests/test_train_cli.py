@@ -1,0 +1,282 @@
+"""Training and evaluation CLI: option checks, run folders, unreadable checkpoints, what evaluations say they scored."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqfast.models import train as train_mod
+from vqfast.models.train import (
+    CheckpointError,
+    TrainConfig,
+    configure_evaluate_parser,
+    configure_train_parser,
+    evaluate,
+    evaluate_main,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+    train_main,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY_AE = dict(model="ae", data="sample", limit=32, batch_size=16, latent_dim=16, epochs=1, progress=False,
+               eval_limit=16, grid_images=4, device="cpu")
+
+
+def _train_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    configure_train_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def _evaluate_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    configure_evaluate_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch tiny AE run to evaluate."""
+    return train(TrainConfig(**TINY_AE, out=str(tmp_path_factory.mktemp("ae_run") / "run"))).run_dir
+
+
+# ------------------------------------------------------------------------------------ option checks
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["vqvae", "--vq-option", "foo=1"], "--vq-option"),
+    (["vqvae", "--vq-option", "init=bogus"], "--vq-option"),
+    (["ae", "--vq-option", "init=uniform"], "--vq-option"),
+    (["vae", "--vq-option", "ema=true"], "--vq-option"),
+    (["vqvae", "--vq-impl", "article", "--vq-option", "init=uniform"], "--vq-option"),
+    (["vqvae", "--threads", "-1"], "--threads"),
+    (["vqvae", "--threads", "0"], "--threads"),
+    (["vqvae", "--device", "gpu"], "--device"),
+    (["vqvae", "--eval-limit", "-5"], "--eval-limit"),
+    (["vqvae", "--epochs", "-1"], "--epochs"),
+    (["vqvae", "--batch-size", "0"], "--batch-size"),
+    (["vqvae", "--lr", "0"], "--lr"),
+    (["vqvae", "--codes", "0"], "--codes"),
+    (["vqvae", "--workers", "-1"], "--workers"),
+    (["vqvae", "--limit", "0"], "--limit"),
+])
+def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    # argparse keeps the last value: the case's own options win over these small, quick settings
+    safe = ["--data", "sample", "--limit", "32", "--epochs", "0", "--out", str(out)]
+    assert train_main(_train_args(*safe, *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and option in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert torch.get_num_threads() == threads
+
+
+def test_bad_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert train_main(_train_args("ae", "--data", str(tmp_path / "missing.npz"), "--out", str(out))) == 2
+    assert "missing.npz" in capsys.readouterr().err and not out.exists()
+    # the evaluation source is checked before training, not after it
+    assert train_main(_train_args("ae", "--data", "sample", "--eval-data", str(tmp_path / "missing.npz"),
+                                  "--out", str(out))) == 2
+    assert "missing.npz" in capsys.readouterr().err and not out.exists()
+
+
+def test_vq_options_that_exist_are_accepted() -> None:
+    cfg = TrainConfig(model="vqvae", vq_kwargs={"init": "uniform", "dead_code_threshold": 0.0}, num_codes=8,
+                      code_dim=4)
+    train_mod._validate(cfg)  # no error
+    state = torch.get_rng_state()
+    train_mod._validate(cfg)
+    assert torch.equal(state, torch.get_rng_state())  # the check builds a layer without touching the seed
+
+
+# -------------------------------------------------------------------------------------- run folders
+
+
+def test_a_folder_with_other_files_is_not_written_into(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train.log").write_text("my own notes\n")
+    (out / "summary.json").write_text("{\"mine\": true}\n")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(TrainConfig(**TINY_AE, out=str(out)))
+    assert (out / "train.log").read_text() == "my own notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train.log"]
+    assert train_main(_train_args("ae", "--data", "sample", "--out", str(out))) == 2
+    # --overwrite is the explicit way in; files the run does not write stay
+    (out / "keep.txt").write_text("x")
+    train(TrainConfig(**TINY_AE, out=str(out), overwrite=True))
+    assert (out / "keep.txt").read_text() == "x"
+    assert "my own notes" not in (out / "train.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["model"] == "ae"
+
+
+def test_an_empty_existing_folder_is_fine(tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert len(train(TrainConfig(**TINY_AE, out=str(out))).history) == 1
+
+
+def test_overwrite_removes_the_previous_runs_outputs(tmp_path: Path) -> None:
+    (tmp_path / "samples.png").write_bytes(b"from an older VAE run")
+    train(TrainConfig(**TINY_AE, out=str(tmp_path), overwrite=True))
+    assert not (tmp_path / "samples.png").exists()  # an AE writes none: a VAE's would be misleading
+
+
+# ------------------------------------------------------------------------------- broken checkpoints
+
+
+def _broken_checkpoints(folder: Path) -> dict[str, Path]:
+    good = folder / "good.pt"
+    save_checkpoint({"format": "vqfast-run-1", "w": torch.arange(10_000.0)}, good)
+    data = good.read_bytes()
+    files = {"truncated": data[: len(data) // 2], "garbage": b"\x00\x01not a checkpoint" * 10,
+             "empty": b"", "foreign pickle": pickle.dumps({"format": "vqfast-run-1", "x": {1, 2}})}
+    paths = {}
+    for name, content in files.items():
+        path = folder / name.replace(" ", "_") / "checkpoint.pt"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        paths[name] = path
+    path = folder / "foreign_torch" / "checkpoint.pt"
+    path.parent.mkdir()
+    torch.save({"state_dict": {}}, path)
+    paths["foreign torch file"] = path
+    return paths
+
+
+def test_unreadable_checkpoints_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, path in _broken_checkpoints(tmp_path).items():
+        with pytest.raises(CheckpointError, match="corrupt or not a vqfast checkpoint") as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value), name
+        assert "weights_only" not in str(info.value), name
+        # evaluate and train --resume: a message and exit status 2, no traceback
+        assert evaluate_main(_evaluate_args(str(path.parent), "--data", "sample", "--no-progress")) == 2
+        err = capsys.readouterr().err
+        assert "corrupt or not a vqfast checkpoint" in err and "Traceback" not in err, name
+        assert train_main(_train_args("ae", "--resume", "--data", "sample", "--out", str(path.parent))) == 2
+        assert "corrupt or not a vqfast checkpoint" in capsys.readouterr().err, name
+
+
+def test_a_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path: Path, ae_run: Path) -> None:
+    state = load_checkpoint(ae_run)
+    state["model_state"] = {k: v[..., :1] for k, v in state["model_state"].items()}
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="does not match"):
+        train_mod.load_run(tmp_path)
+
+
+# ------------------------------------------------------------------- data without a test split
+
+
+def _write_npz(path: Path, n: int, seed: int, **extra: np.ndarray) -> Path:
+    x = np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, x=x, **extra)
+    return path
+
+
+def test_data_without_a_test_split_is_evaluated_on_training_images_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 32, seed=0)
+    result = train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, out=str(tmp_path / "a")))
+    out = capsys.readouterr().out
+    assert "no test split" in out and "TRAINING images" in out and "\nTest (" not in out
+    assert result.test_metrics is not None and result.test_metrics["held_out"] is False
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["test"]["held_out"] is False
+    assert "no test split" in (tmp_path / "a" / "train.log").read_text()
+
+    # with its held-out partner the result is a test again
+    held_out = _write_npz(tmp_path / "held_out.npz", 16, seed=1)
+    result = train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, eval_data=str(held_out),
+                               out=str(tmp_path / "b")))
+    out = capsys.readouterr().out
+    assert "Test (held_out.npz, 16 images)" in out and "TRAINING" not in out
+    assert result.test_metrics is not None and result.test_metrics["held_out"] is True
+
+
+def test_images_that_are_not_32x32_rgb_are_rejected_up_front(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "big.npz", x=np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    assert train_main(_train_args("ae", "--data", str(tmp_path / "big.npz"), "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "(4, 64, 64, 3)" in err and "32 x 32" in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_names_its_outputs_after_the_data_it_really_used(ae_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    # CIFAR-10 is not under tmp_path and may not be downloaded: the bundled sample is scored instead
+    summary = evaluate(ae_run, data="cifar10", data_root=str(tmp_path / "no-data"), download=False, limit=20,
+                       out_dir=out, worst=2, progress=False)
+    assert summary["data"] == "sample" and summary["requested_data"] == "cifar10"
+    assert any("bundled CIFAR-10 sample" in note for note in summary["notes"])
+    assert sorted(p.name for p in out.iterdir()) == ["eval-sample-test-worst.png", "eval-sample-test.csv",
+                                                     "eval-sample-test.json"]
+    assert json.loads((out / "eval-sample-test.json").read_text())["data"] == "sample"
+    rows = (out / "eval-sample-test.csv").read_text().splitlines()
+    assert rows[1].startswith("sample,0,")
+
+    assert evaluate_main(_evaluate_args(str(ae_run), "--data", "cifar10", "--data-root", str(tmp_path / "no-data"),
+                                        "--no-download", "--limit", "10", "--out", str(tmp_path / "e2"),
+                                        "--no-progress")) == 0
+    printed = capsys.readouterr().out
+    assert " on sample test:" in printed and "cifar10 was unavailable" in printed
+
+
+def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 12, seed=2)
+    summary = evaluate(ae_run, data=str(data), out_dir=tmp_path / "e", worst=0, progress=False)
+    assert summary["split"] == "all" and summary["images"] == 12
+    assert any("no separate train/test split" in note for note in summary["notes"])
+    assert (tmp_path / "e" / "eval-mine-all.json").is_file()
+
+
+def test_evaluate_writes_nothing_when_the_ood_source_is_missing(ae_run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    assert evaluate_main(_evaluate_args(str(ae_run), "--data", "sample", "--ood", "svhn", "--no-download",
+                                        "--data-root", str(tmp_path / "no-data"), "--out", str(out))) == 2
+    assert "SVHN" in capsys.readouterr().err
+    assert not out.exists()
+    before = sorted(p.name for p in ae_run.iterdir())
+    assert evaluate_main(_evaluate_args(str(ae_run), "--data", "sample", "--ood", "svhn", "--no-download",
+                                        "--data-root", str(tmp_path / "no-data"))) == 2
+    assert sorted(p.name for p in ae_run.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv, option", [(["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
+                                          (["--worst", "-1"], "--worst"), (["--device", "gpu"], "--device")])
+def test_evaluate_rejects_bad_options(ae_run: Path, tmp_path: Path, argv: list[str], option: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    assert evaluate_main(_evaluate_args(str(ae_run), "--data", "sample", "--out", str(out), *argv)) == 2
+    assert option in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluate_shows_a_progress_bar_unless_told_not_to(ae_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(ae_run), "--data", "sample", "--limit", "20", "--batch-size", "8", "--worst", "0",
+            "--out", str(tmp_path)]
+    assert evaluate_main(_evaluate_args(*args)) == 0
+    assert "sample test" in capsys.readouterr().err
+    assert evaluate_main(_evaluate_args(*args, "--no-progress")) == 0
+    assert capsys.readouterr().err == ""
