@@ -602,3 +602,69 @@ def test_restarts_per_step_are_bounded(backend, device, monkeypatch):
         assert (batch - code).abs().sum(1).min() < 1e-5
     vq(torch.randn(32, 2, device=device) + 5)
     assert (vq.embeddings.weight[4:] > -50).all()
+
+
+# -- rows holding NaN or inf --------------------------------------------------------------------
+
+def _with_bad_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` with a NaN row, an inf row and a row with one -inf entry inserted."""
+    bad = torch.zeros(3, rows.shape[1], device=rows.device)
+    bad[0, 0] = float("nan")
+    bad[1] = float("inf")
+    bad[2, -1] = -float("inf")
+    return torch.cat([rows[:5], bad[:2], rows[5:], bad[2:]])
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_nonfinite_rows_are_left_out_of_the_statistics(backend, device, ema):
+    """A bad row still gets a code and makes the loss NaN, but it neither moves an EMA code nor
+    counts as usage: the layer ends exactly where the finite rows alone would take it."""
+    torch.manual_seed(41)
+    K, D = 6, 3
+    clean = VectorQuantizer(K, D, ema=ema, decay=0.7, dead_code_threshold=0.0).to(device)
+    dirty = VectorQuantizer(K, D, ema=ema, decay=0.7, dead_code_threshold=0.0).to(device)
+    dirty.load_state_dict(clean.state_dict())
+    for _ in range(3):
+        rows = torch.randn(20, D, device=device)
+        _, clean_loss, clean_idx = clean(rows)
+        _, dirty_loss, dirty_idx = dirty(_with_bad_rows(rows))
+        assert torch.isfinite(clean_loss) and not torch.isfinite(dirty_loss)
+        assert ((dirty_idx >= 0) & (dirty_idx < K)).all()
+        assert torch.equal(torch.cat([dirty_idx[:5], dirty_idx[7:-1]]), clean_idx)
+    assert torch.isfinite(dirty.embeddings.weight).all()
+    for name, value in clean.state_dict().items():
+        torch.testing.assert_close(dirty.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert dirty.codebook_usage()["steps"] == 3
+
+
+def test_restarts_never_seed_from_nonfinite_rows(backend, device):
+    vq = _dead_code_setup(device, 0.5)
+    before = vq.embeddings.weight.detach().clone()
+    vq(torch.full((16, 2), float("nan"), device=device))  # every code is dead after this step ...
+    assert torch.equal(vq.embeddings.weight, before)  # ... but there is nothing usable to seed them from
+    for _ in range(4):
+        vq(_with_bad_rows(torch.randn(30, 2, device=device) + 5))
+    assert torch.isfinite(vq.embeddings.weight).all()
+    assert (vq.embeddings.weight[4:] > -50).all()  # revived from the finite rows
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_kmeans_ignores_nonfinite_rows(backend, device, metric):
+    torch.manual_seed(43)
+    vq = VectorQuantizer(8, 4, init="kmeans", metric=metric, dead_code_threshold=0.0).to(device)
+    z = _clustered(60, 8, 4, seed=44).to(device)
+    z[::3] = float("nan")  # a third of the rows, so many seeds are bad
+    z[1, 2] = float("inf")
+    vq(z)
+    assert bool(vq.initialized)
+    assert torch.isfinite(vq.embeddings.weight).all()
+    # The codes fit the finite rows far better than the initial (xavier-normal) ones do.
+    rows = z[torch.isfinite(z).all(1)]
+
+    def error(layer):
+        z_q = layer.eval()(rows)[0]
+        if metric == "l2":
+            return F.mse_loss(z_q, rows).item()
+        return (1 - F.cosine_similarity(z_q, rows)).mean().item()
+
+    assert error(vq) < 0.5 * error(VectorQuantizer(8, 4, metric=metric).to(device))

@@ -34,25 +34,32 @@ _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
-    """``torch.bincount(indices, minlength=num_codes)`` (int64), with a static output shape.
+    """``torch.bincount(indices, minlength=num_codes + 1)[:num_codes]`` (int64), with a static output
+    shape: index ``num_codes`` marks a row left out (see ``_statistics_indices``).
 
     ``torch.bincount``'s output length depends on the data, which ``torch.compile`` cannot trace; the
-    Triton path is the bincount kernel behind ``vqfast.code_usage``.
+    Triton path is the bincount kernel behind ``vqfast.code_usage``, which skips indices out of range.
     """
     flat = indices.reshape(-1)
     if resolve_backend(flat.device) == "triton":
         return _ops().bincount(flat, num_codes)
-    counts = torch.zeros(num_codes, dtype=torch.int64, device=flat.device)
-    return counts.index_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_codes + 1, dtype=torch.int64, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))[:num_codes]
 
 
 def _sum_rows(rows: Tensor, indices: Tensor, num_codes: int) -> Tensor:
-    """Per-code sums of ``rows`` (N, D) in fp32: ``zeros(K, D).index_add_(0, indices, rows.float())``."""
+    """Per-code sums of ``rows`` (N, D) in fp32, rows with index ``num_codes`` left out:
+    ``zeros(K + 1, D).index_add_(0, indices, rows.float())[:K]``."""
     rows = rows.float()
     if resolve_backend(rows.device, rows.dtype) == "triton":
         return _ops().scatter_add_rows(rows, indices.reshape(-1), num_codes, torch.float32)
-    out = torch.zeros(num_codes, rows.shape[1], dtype=torch.float32, device=rows.device)
-    return out.index_add_(0, indices.reshape(-1), rows)
+    out = torch.zeros(num_codes + 1, rows.shape[1], dtype=torch.float32, device=rows.device)
+    return out.index_add_(0, indices.reshape(-1), rows)[:num_codes]
+
+
+def _finite_rows(rows: Tensor) -> Tensor:
+    """Boolean (N,): rows without NaN or inf."""
+    return torch.isfinite(rows).all(dim=-1)
 
 
 class _SoftEntropy(torch.autograd.Function):
@@ -159,6 +166,9 @@ class VectorQuantizer(nn.Module):
     can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
     training step on. ``usage_decay`` is the decay of that running usage, reported by
     :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
+    Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
+    usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
+    code into NaN for good.
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose two best codes
     are within the tf32 error bound are searched again in fp32, so the indices are the exact ones),
     "fp32" (fp32 products throughout, slower) or "bf16" (inputs and codes rounded to bf16 on every
@@ -331,7 +341,7 @@ class VectorQuantizer(nn.Module):
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            counts = self._update_statistics(rows, indices)
+            counts = self._update_statistics(rows, self._statistics_indices(rows, indices))
             if restarts:
                 # After the search and the statistics: the new codes serve from the next step on, so
                 # their seed rows (this batch) cannot pick them right away and inflate their usage.
@@ -357,6 +367,11 @@ class VectorQuantizer(nn.Module):
     def _gather_rows(self, t: Tensor) -> Tensor:
         return all_gather_rows(t, self.process_group) if self.sync_distributed else t
 
+    def _statistics_indices(self, rows: Tensor, indices: Tensor) -> Tensor:
+        """``indices`` with rows holding NaN or inf set to K, which the statistics leave out: one bad
+        row (an overflow under autocast, say) would otherwise turn its EMA code into NaN for good."""
+        return torch.where(_finite_rows(rows), indices, self.num_embeddings)
+
     def _data_rows(self, rows: Tensor) -> Tensor:
         x = rows.detach().float()
         return F.normalize(x, dim=-1) if self.metric == "cosine" else x
@@ -379,12 +394,18 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, x: Tensor) -> None:
-        """Lloyd's k-means on data rows ``x`` (pooled over ranks); empty clusters keep their seed row."""
+        """Lloyd's k-means on data rows ``x`` (pooled over ranks); empty clusters keep their seed row.
+
+        Rows holding NaN or inf take no part; a code whose seed row is such a row starts from its
+        current value instead."""
         k = self.num_embeddings
-        centroids = self._random_rows(x, k)
+        seeds = self._random_rows(x, k)
+        current = self._data_rows(self.embeddings.weight)
+        centroids = torch.where(_finite_rows(seeds).unsqueeze(1), seeds, current)
         counts = torch.ones(k, dtype=torch.int64, device=x.device)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(x, centroids, metric=self.metric, precision="highest")[0]
+            assign = self._statistics_indices(x, assign)
             counts = self._all_reduce_(_bincount(assign, k))
             sums = self._all_reduce_(_sum_rows(x, assign, k))
             means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
@@ -426,10 +447,11 @@ class VectorQuantizer(nn.Module):
         budget = min(self.num_embeddings, _RESTARTS_PER_STEP)
         dead = self._dead_mask(counts)
         order = dead.to(torch.int64).cumsum(0) - 1
-        dead = dead & (order < budget)
         candidates = self._random_rows(self._data_rows(rows), budget)
         weight = self.embeddings.weight
         seeds = candidates.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
+        # A code whose drawn row holds NaN or inf stays as it is; it is still dead on a later step.
+        dead = dead & (order < budget) & _finite_rows(seeds)
         weight.copy_(torch.where(dead.unsqueeze(1), seeds, weight))
         # A restarted code starts over: no measured usage, and a grace credit of the uniform share 1/K
         # that decays like the usage, so it survives ln(dead_code_threshold) / ln(usage_decay) steps
