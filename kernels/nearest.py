@@ -225,8 +225,10 @@ def _select_configs(configs: list[triton.Config], input_precision: str, block_d:
     return [c for c in fallback if fits(c)][:1] or fallback[-1:]
 
 
-# Keyed on a power-of-two bucket of N (not N itself), so a ragged last batch reuses the tuned config.
-# The interpreter cannot benchmark, so it runs the plain kernel with a fixed configuration.
+# Keyed on a power-of-two bucket of N (not N itself), so a ragged last batch reuses the tuned config,
+# and on the codebook split (rows in one bucket may get different split counts, which change the
+# work per program). The interpreter cannot benchmark, so it runs the plain kernel with a fixed
+# configuration.
 def _prune_configs(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     return _select_configs(configs, meta["INPUT_PRECISION"], meta["BLOCK_D"], meta["SINGLE_D"],
@@ -236,7 +238,7 @@ def _prune_configs(configs, named_args, **kwargs):
 _AUTOTUNE_CONFIGS = _autotune_configs()
 _nearest_code_autotuned = triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
-    key=["N_BUCKET", "K", "D", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS",
+    key=["N_BUCKET", "K", "D", "codes_per_split", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS",
          "WRITE_FLAGS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_nearest_code_kernel)

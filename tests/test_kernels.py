@@ -359,6 +359,15 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
     assert len(from_kwargs) < len(configs)
 
 
+def test_autotuning_is_keyed_on_the_codebook_split():
+    # Two row counts in one power-of-two bucket can get different split counts, i.e. different work per
+    # program; a configuration tuned for one must not be reused for the other.
+    from vqfast.kernels import nearest
+
+    keys = nearest._nearest_code_autotuned.keys
+    assert {"N_BUCKET", "K", "D", "codes_per_split"} <= set(keys)
+
+
 @pytest.mark.parametrize("k,d,dtype", [(1, 1, torch.float32), (37, 130, torch.float32), (300, 20, torch.float16)])
 def test_code_sqnorms(k, d, dtype, kernel_device):
     from vqfast.kernels._common import code_sqnorms
