@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One-shot run on a GPU machine: install vqfast (offline), run the GPU tests, run the benchmark.
-# Everything it produces goes under $OUT (default: ./gpu-out).
+# One-shot run on a GPU machine: install vqfast (offline), then the GPU tests, the benchmark and the
+# training runs, each within its own time budget, the whole within GPU_RUN_SECONDS (default 570, so it
+# fits a 10-minute command limit).
 #
-#   bash benchmarks/gpu_run.sh            install + test suite + benchmark, within ~9.5 minutes in all
-#   bash benchmarks/gpu_run.sh tests      install + the test suite only (compiled kernels on the GPU)
-#   bash benchmarks/gpu_run.sh bench      install + the full benchmark (its own ~8.5-minute budget)
-#   bash benchmarks/gpu_run.sh quick      install + `vqfast bench --quick`
-#   bash benchmarks/gpu_run.sh train      install + the article's models trained on CIFAR-10 .npz files in
-#                                         $GPU_DATA (cifar10_train_10k.npz, cifar10_test_1k.npz): VQ-VAE with
-#                                         vqfast (its defaults and the article's settings) and with the
-#                                         article's VQ step at batch 64 and 256, then AE and VAE
+#   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
+#                                     (BENCH_SECONDS, default 240), then training runs in what is left
+#                                     when $GPU_DATA holds the data (see train)
+#   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
+#   bash benchmarks/gpu_run.sh bench  the full benchmark
+#   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
+#   bash benchmarks/gpu_run.sh train  the article's models trained on cifar10_train_10k.npz and evaluated
+#                                     on cifar10_test_1k.npz from $GPU_DATA (default ./gpu_data), most
+#                                     wanted first: VQ-VAE with vqfast's layer and with the article's VQ
+#                                     step at batch 64, the same at batch 256, AE and VAE (batch 64), then
+#                                     vqfast's layer with the article's settings at batch 64 and 256
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
-# GPU_RUN_SECONDS (default 570) bounds the whole script, so that it fits a 10-minute command limit:
-# the benchmark's --budget is what is left after installing and testing.
+# Everything is written under $GPU_WORK (default ./gpu-out/run) and packed, after every stage, into
+# $OUT/gpu-run.tar.gz (default ./gpu-out): one file, and a run stopped part-way keeps the stages it
+# finished. $GPU_WORK/benchmarks/results/<gpu-name>/ is the folder to copy into benchmarks/results/.
 set -uo pipefail
 
 MODE="${1:-all}"
@@ -25,15 +30,24 @@ esac
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
-mkdir -p "$OUT"
+WORK="${GPU_WORK:-$PWD/gpu-out/run}"
+mkdir -p "$OUT" "$WORK"
 # Compiled kernels and autotuning results are reused by later commands on the same machine.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
+export PYTHONUNBUFFERED=1
 START=$(date +%s)
 TOTAL="${GPU_RUN_SECONDS:-570}"
 elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( TOTAL - $(elapsed) )); }
+pack() {
+  # Checkpoints are large and say nothing the summaries, metrics and pictures do not.
+  tar czf "$OUT/gpu-run.tar.gz.part" --exclude='checkpoint*.pt' -C "$WORK" . \
+    && mv "$OUT/gpu-run.tar.gz.part" "$OUT/gpu-run.tar.gz"
+}
+STATUS=0
 
-{ nvidia-smi || echo "nvidia-smi not available"; } > "$OUT/nvidia-smi.txt" 2>&1
-python3 - > "$OUT/versions.txt" 2>&1 <<'EOF'
+{ nvidia-smi || echo "nvidia-smi not available"; } > "$WORK/nvidia-smi.txt" 2>&1
+python3 - > "$WORK/versions.txt" 2>&1 <<'EOF'
 import platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -45,86 +59,111 @@ try:
 except Exception as exc:
     print("triton missing:", exc)
 EOF
-cat "$OUT/versions.txt"
+cat "$WORK/versions.txt"
 
 echo "== install"
-if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1; then
-  tail -20 "$OUT/install.log"
-  echo "install failed; see $OUT/install.log" >&2
+if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1; then
+  tail -20 "$WORK/install.log"
+  echo "install failed; see install.log" >&2
+  pack
   exit 1
 fi
+pack
 
-STATUS=0
-if [ "$MODE" = all ] || [ "$MODE" = tests ]; then
-  # The whole suite: with CUDA present the kernel, op and layer tests run the compiled kernels on the GPU
-  # (not the interpreter), and the tests marked gpu run too.
-  echo "== test suite on the GPU"
-  TEST_LIMIT="${GPU_TEST_SECONDS:-480}"
-  timeout "$TEST_LIMIT" python3 -m pytest -q -p no:cacheprovider --durations=25 > "$OUT/pytest_gpu.log" 2>&1
-  RC=$?
-  tail -40 "$OUT/pytest_gpu.log"
-  echo "pytest exit code: $RC (124 = stopped after ${TEST_LIMIT} s)" | tee -a "$OUT/pytest_gpu.log"
-  if [ "$RC" -ne 0 ]; then STATUS=1; fi
-fi
+run_tests() {  # seconds, then pytest arguments
+  local limit=$1; shift
+  echo "== tests on the GPU (at most $limit s)"
+  # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
+  # interpreter), and the tests marked gpu run too.
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
+  local rc=$?
+  tail -40 "$WORK/pytest_gpu.log"
+  echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$WORK/pytest_gpu.log"
+  [ "$rc" -ne 0 ] && STATUS=1
+  pack
+}
 
-if [ "$MODE" = train ]; then
-  echo "== training runs"
-  DATA="${GPU_DATA:-$PWD/gpu_data}"
-  TRAIN_NPZ="$DATA/cifar10_train_10k.npz"
-  TEST_NPZ="$DATA/cifar10_test_1k.npz"
-  if [ ! -f "$TRAIN_NPZ" ] || [ ! -f "$TEST_NPZ" ]; then
-    echo "missing $TRAIN_NPZ or $TEST_NPZ" >&2
-    exit 2
+run_bench() {  # budget in seconds, then vqfast bench arguments
+  local budget=$1; shift
+  echo "== benchmark (budget $budget s)"
+  local slug
+  slug=$(python3 -c "from vqfast.bench import gpu_slug; print(gpu_slug())")
+  if [ "$budget" -lt 30 ]; then
+    echo "only $(left) s left; benchmark skipped" | tee "$WORK/bench.log"
+    STATUS=1
+    return
   fi
-  RUNS="$OUT/training"
-  mkdir -p "$RUNS"
-  COMMON=(--data "$TRAIN_NPZ" --eval-data "$TEST_NPZ" --eval-limit 0 --seed 0 --no-progress --no-download)
+  # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
+  local limit=$(( budget + 50 ))
+  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
+  timeout "$limit" python3 -m vqfast bench --out "$WORK/benchmarks/results/$slug" --budget "$budget" "$@" \
+    2>&1 | tee "$WORK/bench.log"
+  local rc=${PIPESTATUS[0]}
+  echo "vqfast bench exit code: $rc" | tee -a "$WORK/bench.log"
+  [ "$rc" -ne 0 ] && STATUS=1
+  pack
+}
+
+run_training() {
+  local data="${GPU_DATA:-$PWD/gpu_data}"
+  local train_npz="$data/cifar10_train_10k.npz" test_npz="$data/cifar10_test_1k.npz"
+  if [ ! -f "$train_npz" ] || [ ! -f "$test_npz" ]; then
+    echo "no training runs: missing $train_npz or $test_npz" | tee "$WORK/training-skipped.txt"
+    [ "$MODE" = train ] && STATUS=2
+    return
+  fi
+  echo "== training runs"
+  local runs="$WORK/training"
+  mkdir -p "$runs"
+  local common=(--data "$train_npz" --eval-data "$test_npz" --eval-limit 0 --seed 0 --no-progress --no-download)
+  local vq_epochs="${VQ_EPOCHS:-10}"
   train_run() {  # name, then vqfast train arguments
     local name=$1; shift
-    LEFT=$(( TOTAL - $(elapsed) ))
-    if [ "$LEFT" -lt 30 ]; then echo "skipped $name (time)" | tee -a "$RUNS/skipped.txt"; return; fi
-    timeout $(( LEFT - 10 )) python3 -m vqfast train "$@" "${COMMON[@]}" --out "$RUNS/$name" > "$RUNS/$name.log" 2>&1
-    echo "$name: exit $? after $(elapsed) s"; tail -3 "$RUNS/$name.log"
+    local remaining
+    remaining=$(left)
+    if [ "$remaining" -lt 40 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
+    timeout $(( remaining - 15 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
+      > "$runs/$name.log" 2>&1
+    echo "$name: exit $? after $(elapsed) s"; tail -3 "$runs/$name.log"
   }
-  for BATCH in 64 256; do
-    train_run "vqvae-vqfast-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH"
-    train_run "vqvae-article-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH" \
+  for batch in 64 256; do
+    train_run "vqvae-vqfast-b$batch" vqvae --epochs "$vq_epochs" --batch-size "$batch"
+    train_run "vqvae-article-b$batch" vqvae --epochs "$vq_epochs" --batch-size "$batch" \
       --vq-impl article --vq-preset article
-    train_run "vqvae-vqfast-article-settings-b$BATCH" vqvae --epochs "${VQ_EPOCHS:-10}" --batch-size "$BATCH" \
-      --vq-preset article
   done
   train_run "ae-b64" ae --epochs "${AE_EPOCHS:-20}"
   train_run "vae-b64" vae --epochs "${VAE_EPOCHS:-20}"
-  # Drop the checkpoints: the summaries, logs, metrics and pictures are what is kept.
-  find "$RUNS" -name 'checkpoint*.pt' -delete
+  for batch in 64 256; do
+    train_run "vqvae-vqfast-article-settings-b$batch" vqvae --epochs "$vq_epochs" --batch-size "$batch" \
+      --vq-preset article
+  done
   # One table (time per epoch, losses, test PSNR, codebook usage) and one loss-curve plot for all runs.
-  python3 benchmarks/training_table.py "$RUNS" > "$RUNS/training_table.log" 2>&1 || cat "$RUNS/training_table.log"
-fi
+  python3 benchmarks/training_table.py "$runs" > "$runs/training_table.log" 2>&1 || cat "$runs/training_table.log"
+  pack
+}
 
-if [ "$MODE" != tests ] && [ "$MODE" != train ]; then
-  echo "== benchmark"
-  SLUG=$(python3 -c "from vqfast.bench import gpu_slug; print(gpu_slug())")
-  RESULTS="$OUT/benchmarks/results/$SLUG"
-  LEFT=$(( TOTAL - $(elapsed) ))
-  if [ "$MODE" = quick ]; then
-    ARGS=(--quick)
-    BUDGET=$(( LEFT - 40 < 85 ? LEFT - 40 : 85 ))
-  else
-    ARGS=()
-    # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
-    BUDGET=$(( LEFT - 60 < 500 ? LEFT - 60 : 500 ))
-  fi
-  if [ "$BUDGET" -lt 30 ]; then
-    echo "only $LEFT s left; skipping the benchmark (run: bash benchmarks/gpu_run.sh bench)" | tee "$OUT/bench.log"
-    STATUS=1
-  else
-    timeout $(( LEFT - 5 )) python3 -m vqfast bench --out "$RESULTS" --budget "$BUDGET" ${ARGS[@]+"${ARGS[@]}"} "$@" \
-      2>&1 | tee "$OUT/bench.log"
-    RC=${PIPESTATUS[0]}
-    echo "vqfast bench exit code: $RC" | tee -a "$OUT/bench.log"
-    if [ "$RC" -ne 0 ]; then STATUS=1; fi
-  fi
-fi
+case "$MODE" in
+  all)
+    run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_kernels.py tests/test_functional.py \
+      tests/test_layer.py tests/test_layer_soft_entropy.py tests/test_layer_compile.py
+    budget=$(( $(left) - 60 ))
+    [ "$budget" -gt "${BENCH_SECONDS:-240}" ] && budget="${BENCH_SECONDS:-240}"
+    run_bench "$budget" "$@"
+    run_training
+    ;;
+  tests) run_tests $(( $(left) - 10 )) ;;
+  bench)
+    budget=$(( $(left) - 60 ))
+    [ "$budget" -gt 500 ] && budget=500
+    run_bench "$budget" "$@"
+    ;;
+  quick)
+    budget=$(( $(left) - 40 ))
+    [ "$budget" -gt 85 ] && budget=85
+    run_bench "$budget" --quick "$@"
+    ;;
+  train) run_training ;;
+esac
 
-echo "== done in $(elapsed) s; outputs under $OUT"
+echo "== done in $(elapsed) s; results in $WORK, packed into $OUT/gpu-run.tar.gz"
 exit $STATUS
