@@ -59,6 +59,13 @@ def check_launchable(*tensors: torch.Tensor) -> None:
             problem = _interpreter_problem()
             if problem is not None:
                 raise RuntimeError(problem)
+            if t.dtype == torch.bfloat16:
+                # NumPy has no bfloat16: the interpreter's bf16 products come out wrong (off by orders of
+                # magnitude), which would be a silent wrong answer.
+                raise RuntimeError(
+                    "Triton's CPU interpreter computes bfloat16 kernels wrongly; run bfloat16 tensors on a "
+                    "CUDA GPU, or on the CPU with the torch backend (VQFAST_BACKEND=torch)"
+                )
             continue
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got a tensor on {t.device}); "

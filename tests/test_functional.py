@@ -278,14 +278,64 @@ def test_kernel_size_limits_raise_clear_errors(monkeypatch, kernel_device):
         gather.gather_rows(c, torch.zeros(3, dtype=torch.int64, device=kernel_device))
 
 
-def test_quantize_mixed_dtypes_search_in_codebook_precision(monkeypatch):
-    monkeypatch.setenv("VQFAST_BACKEND", "torch")
-    z, c = _pair(n=20, k=10, d=8, seed=5)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_mixed_dtypes_search_in_the_wider_dtype(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    z, c = _pair(n=20, k=10, d=8, seed=5, device=kernel_device)
     z16 = z.half().requires_grad_()
     z_q, loss, idx = vqfast.quantize(z16, c)
     assert z_q.dtype == torch.float16 and loss.dtype == torch.float32
-    ref_idx, _ = reference.nearest_code(z16.detach().float(), c)
-    assert torch.equal(idx, ref_idx)
+    ref_idx, _ = reference.nearest_code(z16.detach().float().cpu(), c.cpu())
+    assert torch.equal(idx.cpu(), ref_idx)
+    # fp32 rows with an fp16 codebook: rounded to fp16, the row would overflow to inf and pick code 0.
+    z = torch.tensor([[70000.0, 1.0]], device=kernel_device)
+    c = torch.tensor([[60000.0, 100.0], [60000.0, 0.0]], device=kernel_device).half()
+    assert vqfast.quantize(z, c)[2].tolist() == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 50.0), (torch.float16, 1000.0)])
+def test_quantize_output_is_exactly_the_code(backend, dtype, scale, monkeypatch, kernel_device):
+    """z + (q - z).detach() rounds away from q when z is large; z_q must be the code itself."""
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    g = torch.Generator().manual_seed(21)
+    z = (torch.randn(300, 8, generator=g) * scale).to(dtype).to(kernel_device).requires_grad_()
+    c = torch.randn(16, 8, generator=g).to(dtype).to(kernel_device)
+    z_q, _, idx = vqfast.quantize(z, c)
+    assert torch.equal(z_q.detach(), c[idx])
+    grad = torch.randn(z.shape, generator=g).to(dtype).to(kernel_device)
+    z_q.backward(grad)
+    assert torch.equal(z.grad, grad)  # straight through, unchanged
+
+
+def test_quantize_output_is_exactly_the_code_in_bf16(torch_backend):
+    # (bf16 kernels need a GPU: under the interpreter this case runs on the reference only.)
+    g = torch.Generator().manual_seed(22)
+    z, c = torch.randn(1000, 8, generator=g).bfloat16(), torch.randn(16, 8, generator=g).bfloat16()
+    z_q, _, idx = vqfast.quantize(z, c)
+    assert torch.equal(z_q, c[idx])
+
+
+def test_quantize_on_the_cpu_always_checks_indices(torch_backend):
+    z, c = _pair(n=3, k=5, d=4)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+        vqfast.quantize(z, c, indices=torch.tensor([0, 5, -1]), check_indices=False)
+
+
+def test_beta_of_the_wrong_type_is_named(torch_backend):
+    z, c = _pair(n=3, k=5, d=4)
+    for beta in ("0.5", None):
+        with pytest.raises(TypeError, match="beta must be a finite number >= 0"):
+            vqfast.quantize(z, c, beta=beta)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
+def test_interpreter_refuses_bf16(triton_backend):
+    z, c = _pair(n=4, k=3, d=8)
+    with pytest.raises(RuntimeError, match="interpreter computes bfloat16 kernels wrongly"):
+        vqfast.nearest_code(z.bfloat16(), c.bfloat16())
+    with pytest.raises(RuntimeError, match="interpreter computes bfloat16 kernels wrongly"):
+        vqfast.gather(c.bfloat16(), torch.tensor([0, 2]))
 
 
 def test_public_ops_compile_without_graph_breaks(triton_backend, kernel_device):

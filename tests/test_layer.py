@@ -668,3 +668,60 @@ def test_kmeans_ignores_nonfinite_rows(backend, device, metric):
         return (1 - F.cosine_similarity(z_q, rows)).mean().item()
 
     assert error(vq) < 0.5 * error(VectorQuantizer(8, 4, metric=metric).to(device))
+
+
+# -- constructor arguments and dtype conversions ---------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    ({"num_embeddings": 16.0}, TypeError, "num_embeddings"),
+    ({"embedding_dim": 0}, ValueError, "embedding_dim"),
+    ({"channel_dim": 1.0}, TypeError, "channel_dim"),
+    ({"beta": float("nan")}, ValueError, "beta"),
+    ({"beta": float("inf")}, ValueError, "beta"),
+    ({"beta": "0.25"}, TypeError, "beta"),
+    ({"ema": "no"}, TypeError, "ema"),
+    ({"eps": float("nan")}, ValueError, "eps"),
+    ({"decay": 1.0}, ValueError, "decay"),
+    ({"usage_decay": -0.1}, ValueError, "usage_decay"),
+    ({"dead_code_threshold": float("nan")}, ValueError, "dead_code_threshold"),
+    ({"kmeans_iters": 2.5}, TypeError, "kmeans_iters"),
+    ({"kmeans_batches": 0}, ValueError, "kmeans_batches"),
+    ({"sample_entropy_weight": float("inf")}, ValueError, "sample_entropy_weight"),
+    ({"entropy_temperature": float("nan")}, ValueError, "entropy_temperature"),
+    ({"entropy_temperature": float("inf")}, ValueError, "entropy_temperature"),
+    ({"sync_distributed": "yes"}, TypeError, "sync_distributed"),
+])
+def test_constructor_names_the_bad_argument(kwargs, exc, name):
+    args = {"num_embeddings": 16, "embedding_dim": 8, **kwargs}
+    with pytest.raises(exc, match=name):
+        VectorQuantizer(**args)
+
+
+def test_constructor_accepts_numpy_and_tensor_numbers():
+    import numpy as np
+
+    vq = VectorQuantizer(np.int64(16), torch.tensor(8), beta=np.float32(0.5), ema=np.bool_(True))
+    assert (vq.num_embeddings, vq.embedding_dim, vq.beta, vq.ema) == (16, 8, 0.5, True)
+    assert type(vq.num_embeddings) is int and type(vq.beta) is float
+
+
+@pytest.mark.parametrize("convert", [nn.Module.half, nn.Module.bfloat16, lambda m: m.to(torch.float16)])
+def test_half_model_keeps_a_float32_codebook_and_statistics(convert, torch_backend):
+    """An fp16 running count overflows at 65,504 rows: EMA codes then froze without a word."""
+    torch.manual_seed(47)
+    model = nn.Sequential(nn.Linear(8, 8), VectorQuantizer(64, 8, ema=True, decay=0.5, dead_code_threshold=0.0))
+    convert(model)
+    vq = model[1]
+    assert model[0].weight.dtype != torch.float32
+    for t in (vq.embeddings.weight, vq.ema_count, vq.usage, vq.restart_grace, vq.usage_steps):
+        assert t.dtype == torch.float32
+    z = torch.randn(70000, 8).to(model[0].weight.dtype)
+    for _ in range(3):
+        vq(z)
+    before = vq.embeddings.weight.clone()
+    z_q, loss, _ = vq(z * 3 + 1)
+    assert z_q.dtype == z.dtype and torch.isfinite(loss)
+    assert torch.isfinite(vq.ema_count).all() and torch.isfinite(vq.embeddings.weight).all()
+    assert (vq.embeddings.weight != before).any(1).sum() > 32  # the averages still move the codes
+    model.double()  # wider types are kept
+    assert vq.embeddings.weight.dtype == torch.float64

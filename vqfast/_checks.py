@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -95,14 +98,50 @@ def check_matmul_precision(precision: str | None) -> None:
 
 def check_num_codes(num_codes: object) -> int:
     """``num_codes`` as a positive Python int (NumPy and 0-d tensor integers are accepted)."""
-    import operator
-
     try:
-        if isinstance(num_codes, bool):
+        return check_int(num_codes, "num_codes", minimum=1)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    """``value`` as a Python int (NumPy and 0-d tensor integers too; not bools or floats such as 2.5)."""
+    try:
+        if isinstance(value, bool):
             raise TypeError
-        value = operator.index(num_codes)
+        number = operator.index(value)
     except TypeError:
-        raise ValueError(f"num_codes must be a positive int, got {num_codes!r}") from None
-    if value < 1:
-        raise ValueError(f"num_codes must be a positive int, got {value}")
-    return value
+        kind = "a positive int" if minimum == 1 else "an int"
+        raise TypeError(f"{name} must be {kind}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
+
+
+def check_number(value: object, name: str, minimum: float | None = None, positive: bool = False,
+                 below: float | None = None) -> float:
+    """``value`` as a finite Python float, ``>= minimum`` (``> 0`` if ``positive``, ``< below``)."""
+    wanted = "a finite number"
+    if minimum is not None:
+        wanted += f" >= {minimum:g}"
+    if positive:
+        wanted += " > 0"
+    if below is not None:
+        wanted += f" and < {below:g}" if minimum is not None or positive else f" < {below:g}"
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {wanted}, got {value!r}") from None
+    if (not math.isfinite(number) or (minimum is not None and number < minimum) or (positive and number <= 0)
+            or (below is not None and number >= below)):
+        raise ValueError(f"{name} must be {wanted}, got {number}")
+    return number
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` as a bool (True/False, 0/1 or NumPy bools), never the truthiness of a string."""
+    if isinstance(value, (str, bytes)) or value not in (True, False):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from vqfast import reference
 from vqfast._checks import (
-    check_gather_inputs, check_matmul_precision, check_num_codes, check_search_inputs, check_usage_inputs,
+    check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
+    check_usage_inputs,
 )
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "BACKENDS"]
@@ -85,8 +86,13 @@ def nearest_code(
 
     Returns ``(indices, distances)``: int64 shaped ``z.shape[:-1]`` and float32 (squared L2 distance
     of the chosen code, or 1 - cos for ``metric="cosine"``). Ties go to the lowest index; every index
-    is in [0, K) even for NaN/inf inputs. ``precision`` for fp32 inputs on the Triton backend:
-    "highest" (full fp32), "high"/"medium" (tf32); default ``torch.get_float32_matmul_precision()``.
+    is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
+    on the Triton backend: "highest" (full fp32), "high"/"medium" (tf32); default
+    ``torch.get_float32_matmul_precision()``. The Triton backend takes the distance from the search's
+    expanded form ``||z||^2 + ||c||^2 - 2 z.c`` (fp32 accumulation; tf32 products for the rows the
+    tf32 search was sure of), so its absolute error scales with ``||z||^2 + ||c||^2`` and a tiny
+    distance can read as 0; the reference computes ``||z - c||^2`` directly. For an exact distance,
+    compute ``(z - codebook[indices]).pow(2).sum(-1)``.
     """
     check_search_inputs(z, codebook, metric)
     check_matmul_precision(precision)
@@ -206,14 +212,19 @@ def quantize(
     scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With
     ``metric="cosine"`` both z and the codebook are l2-normalised first (z_q is then the unit code).
     ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
-    ValueError, a host-side check that ``check_indices=False`` skips (as :func:`gather`).
+    ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as :func:`gather`;
+    the CPU backend always checks). z and the codebook may differ in dtype: the search then runs in
+    the wider one.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
-    if not beta >= 0.0 or beta == float("inf"):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    beta = check_number(beta, "beta", minimum=0.0)
+    wide = torch.float64 in (z.dtype, codebook.dtype)
+    backend = resolve_backend(z.device, torch.float64 if wide else z.dtype)
     if indices is not None:
-        check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
+        # The CPU backend always checks (the check costs no device sync there), as gather does.
+        check_range = (check_indices or backend == "torch") and not torch.compiler.is_compiling()
+        check_gather_inputs(codebook, indices, check_range=check_range)
         if indices.shape != z.shape[:-1]:
             raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
                              f"got {tuple(indices.shape)}")
@@ -223,10 +234,12 @@ def quantize(
         codebook = F.normalize(codebook, dim=-1)
     if indices is None:
         with torch.no_grad():
-            search_z = z.detach() if z.dtype == codebook.dtype else z.detach().to(codebook.dtype)
-            indices = nearest_code(search_z, codebook.detach(), precision=precision)[0]
-    wide = torch.float64 in (z.dtype, codebook.dtype)
-    if resolve_backend(z.device, torch.float64 if wide else z.dtype) == "torch":
+            # Mixed dtypes search in the wider one: rounding fp32 rows to an fp16 codebook's type could
+            # overflow them or pick another code.
+            search_dtype = torch.promote_types(z.dtype, codebook.dtype)
+            indices = nearest_code(z.detach().to(search_dtype), codebook.detach().to(search_dtype),
+                                   precision=precision)[0]
+    if backend == "torch":
         return reference.quantize(z, codebook, beta=beta, indices=indices)
     lead_shape = z.shape[:-1]
     z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))

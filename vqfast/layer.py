@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqfast import reference
-from vqfast._checks import check_search_inputs
+from vqfast._checks import check_bool, check_int, check_number, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import _ops, nearest_code, quantize, resolve_backend
 
@@ -146,7 +146,8 @@ class VectorQuantizer(nn.Module):
     channels at dim 1), (B, N, C) or (N, C) (channels last), or any layout with ``channel_dim`` given,
     and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the value of the nearest code
     and passes gradients straight to z; indices are int64 with the channel dimension removed. The
-    codebook is ``self.embeddings`` (an ``nn.Embedding``, always float32), so its weights move by name
+    codebook is ``self.embeddings`` (an ``nn.Embedding``, kept float32 when the model is converted
+    to fp16 or bf16, as are the running statistics), so its weights move by name
     (``embeddings.weight``) to and from the article's layer. Plain PyTorch for one step::
 
         q = codebook[argmin_k ||z - c_k||^2]
@@ -212,25 +213,28 @@ class VectorQuantizer(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, {embedding_dim}")
+        num_embeddings = check_int(num_embeddings, "num_embeddings", minimum=1)
+        embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
+        if channel_dim is not None:
+            channel_dim = check_int(channel_dim, "channel_dim")
+        beta = check_number(beta, "beta", minimum=0.0)
+        ema = check_bool(ema, "ema")
+        sync_distributed = check_bool(sync_distributed, "sync_distributed")
+        decay = check_number(decay, "decay", minimum=0.0, below=1.0)
+        usage_decay = check_number(usage_decay, "usage_decay", minimum=0.0, below=1.0)
+        eps = check_number(eps, "eps", minimum=0.0)
+        dead_code_threshold = check_number(dead_code_threshold, "dead_code_threshold", minimum=0.0)
+        kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
+        kmeans_batches = check_int(kmeans_batches, "kmeans_batches", minimum=1)
+        sample_entropy_weight = check_number(sample_entropy_weight, "sample_entropy_weight")
+        batch_entropy_weight = check_number(batch_entropy_weight, "batch_entropy_weight")
+        entropy_temperature = check_number(entropy_temperature, "entropy_temperature", positive=True)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        for name, value in (("decay", decay), ("usage_decay", usage_decay)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if eps < 0 or dead_code_threshold < 0 or beta < 0:
-            raise ValueError("beta, eps and dead_code_threshold must be >= 0")
-        if kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
-        if kmeans_batches < 1:
-            raise ValueError(f"kmeans_batches must be >= 1, got {kmeans_batches}")
-        if entropy_temperature <= 0:
-            raise ValueError(f"entropy_temperature must be > 0, got {entropy_temperature}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = float(beta)
@@ -525,6 +529,25 @@ class VectorQuantizer(nn.Module):
         }
 
     # -- state -----------------------------------------------------------------------------------
+
+    # Floating-point state that must not drop below float32: the codes (searched and averaged in fp32)
+    # and the running statistics (an fp16 count sum overflows at 65,504 rows, which froze EMA codes).
+    _FP32_BUFFERS = ("usage", "usage_steps", "restart_grace", "ema_count")
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.half()`` / ``.to(torch.bfloat16)`` convert the rest of a model; the codebook and the running
+        statistics stay float32 (wider types such as float64 are kept)."""
+        super()._apply(fn, recurse)
+        weight = self.embeddings.weight
+        if weight.is_floating_point() and weight.element_size() < 4:
+            weight.data = weight.data.float()
+            if weight.grad is not None:
+                weight.grad = weight.grad.float()
+        for name in self._FP32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.element_size() < 4:
+                self._buffers[name] = buf.float()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]

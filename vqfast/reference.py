@@ -123,7 +123,8 @@ def quantize(
         loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
         z_q = z + (q - z).detach()       # value of q, gradient to z
 
-    Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype.
+    Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype, and the
+    value of the code exactly (``z + (q - z)`` may round away from it).
     """
     if indices is None:
         with torch.no_grad():
@@ -134,8 +135,20 @@ def quantize(
     else:
         acc = torch.promote_types(z.dtype, torch.float32)  # losses in fp32 (fp64 for fp64 inputs)
         loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + beta * F.mse_loss(z.to(acc), q.detach().to(acc))
-    z_q = z + (q - z).detach()
-    return z_q, loss, indices
+    return _StraightThrough.apply(z, q), loss, indices
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``z + (q - z).detach()`` without its rounding: the value is exactly ``q`` (also where z is
+    large, inf or NaN), and the gradient goes to ``z`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
 
 
 def soft_assignment_entropy(
