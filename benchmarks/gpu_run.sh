@@ -46,7 +46,7 @@ pack() {
 }
 STATUS=0
 
-{ nvidia-smi || echo "nvidia-smi not available"; } > "$WORK/nvidia-smi.txt" 2>&1
+{ timeout 20 nvidia-smi || echo "nvidia-smi not available or stuck"; } > "$WORK/nvidia-smi.txt" 2>&1
 python3 - > "$WORK/versions.txt" 2>&1 <<'EOF'
 import platform, torch
 print("python", platform.python_version())
@@ -75,7 +75,7 @@ run_tests() {  # seconds, then pytest arguments
   echo "== tests on the GPU (at most $limit s)"
   # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
   # interpreter), and the tests marked gpu run too.
-  timeout "$limit" python3 -m pytest -q -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
+  timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
   local rc=$?
   tail -40 "$WORK/pytest_gpu.log"
   echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$WORK/pytest_gpu.log"
@@ -86,8 +86,6 @@ run_tests() {  # seconds, then pytest arguments
 run_bench() {  # budget in seconds, then vqfast bench arguments
   local budget=$1; shift
   echo "== benchmark (budget $budget s)"
-  local slug
-  slug=$(python3 -c "from vqfast.bench import gpu_slug; print(gpu_slug())")
   if [ "$budget" -lt 30 ]; then
     echo "only $(left) s left; benchmark skipped" | tee "$WORK/bench.log"
     STATUS=1
@@ -96,8 +94,9 @@ run_bench() {  # budget in seconds, then vqfast bench arguments
   # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
   local limit=$(( budget + 50 ))
   [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
-  timeout "$limit" python3 -m vqfast bench --out "$WORK/benchmarks/results/$slug" --budget "$budget" "$@" \
-    2>&1 | tee "$WORK/bench.log"
+  # Run from $WORK: the results land in its benchmarks/results/<gpu-name>/. On SIGTERM the benchmark
+  # writes what it measured; -k kills it if it cannot.
+  (cd "$WORK" && timeout -k 15 "$limit" python3 -m vqfast bench --budget "$budget" "$@") 2>&1 | tee "$WORK/bench.log"
   local rc=${PIPESTATUS[0]}
   echo "vqfast bench exit code: $rc" | tee -a "$WORK/bench.log"
   [ "$rc" -ne 0 ] && STATUS=1
@@ -122,7 +121,7 @@ run_training() {
     local remaining
     remaining=$(left)
     if [ "$remaining" -lt 40 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
-    timeout $(( remaining - 15 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
+    timeout -k 10 $(( remaining - 15 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
       > "$runs/$name.log" 2>&1
     echo "$name: exit $? after $(elapsed) s"; tail -3 "$runs/$name.log"
   }

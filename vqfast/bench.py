@@ -20,9 +20,11 @@ import datetime
 import functools
 import gc
 import math
+import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,8 +66,9 @@ QUICK_BUDGET_S = 85.0
 # Share of the remaining budget each part may use; time a part leaves unused goes to the later ones.
 PART_WEIGHTS = {"headline": 0.30, "nearest": 0.34, "gather": 0.05, "usage": 0.04, "layer": 0.12, "train": 0.12}
 
+COMPILE_PROVIDER = "torch.compile(matmul)"
 NEAREST_PROVIDERS = (
-    "vqfast", "torch.compile(matmul)", "matmul+argmin", "cdist+argmin", "article (broadcast)",
+    "vqfast", COMPILE_PROVIDER, "matmul+argmin", "cdist+argmin", "article (broadcast)",
     "z@c.T (cuBLAS)", "vector-quantize-pytorch",
 )
 # The same search replayed from a CUDA graph: GPU time without Python's launch cost, which is what
@@ -508,10 +511,12 @@ class Meter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def free(self) -> None:
+    def free(self, collect: bool = False) -> None:
         if self.cuda:
-            # Dropped tensors may sit in reference cycles (autograd graphs, exceptions) until collected.
-            gc.collect()
+            if collect:
+                # After an error the traceback's frames keep tensors alive in reference cycles. (Not on
+                # every call: with torch and inductor loaded, one collection takes ~0.3 s.)
+                gc.collect()
             torch.cuda.empty_cache()
 
     def _time(self, fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None, graph: bool) -> float:
@@ -519,7 +524,9 @@ class Meter:
             import triton.testing
 
             if graph:
-                return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, grad_to_none=grad_to_none,
+                # It replays its graph 10 times over, each replay ``rep`` ms long: a fifth of the rep
+                # keeps this column's cost near the others'.
+                return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms / 5, grad_to_none=grad_to_none,
                                                                return_mode="median"))
             return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
                                                  grad_to_none=grad_to_none, return_mode="median"))
@@ -536,6 +543,7 @@ class Meter:
         if est_bytes > self.memory_limit():
             return Measurement(status=f"OOM (est. {est_bytes / 1e9:.1f} GB)")
         result = Measurement()
+        failed = False
         try:
             fn()
             self.sync()
@@ -549,12 +557,12 @@ class Meter:
                 result.peak_mem_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
             result.time_ms = self._time(fn, grad_to_none, graph)
         except torch.cuda.OutOfMemoryError:
-            result = Measurement(status="OOM")
+            result, failed = Measurement(status="OOM"), True
         except Exception as exc:  # noqa: BLE001 - one failing provider must not end the run
-            result = Measurement(status=_error_status(exc))
+            result, failed = Measurement(status=_error_status(exc)), True
         finally:
             _clear_grads(grad_to_none)
-            self.free()
+            self.free(collect=failed)
         return result
 
 
@@ -672,7 +680,7 @@ def default_plan() -> Plan:
 
 
 def quick_plan() -> Plan:
-    """A few shapes, under 2 minutes: checks that everything runs."""
+    """A few shapes (85 s of measuring, no torch.compile provider): checks that everything runs."""
     return Plan(
         headline=_points([(1024, 4096, 128)], ["bf16", "fp32"]),
         # D=128 in bf16: the kernel variant the headline has already compiled.
@@ -681,6 +689,8 @@ def quick_plan() -> Plan:
         usage=[(1048576, 65536)],
         layer=[LAYER_SHAPES[0]],
         train=[64],
+        # torch.compile's first compile alone takes 20-40 s.
+        nearest_providers=tuple(p for p in NEAREST_PROVIDERS if p != COMPILE_PROVIDER),
         warmup_ms=10, rep_ms=40, budget_s=QUICK_BUDGET_S, mode="quick",
     )
 
@@ -879,12 +889,16 @@ def run_headline(ctx: Context) -> None:
 
 
 def run_nearest(ctx: Context) -> None:
-    for sweep, points in ctx.plan.sweeps:
+    for number, (sweep, points) in enumerate(ctx.plan.sweeps):
+        providers = ctx.plan.nearest_providers
+        if number > 0:
+            # torch.compile compiles afresh for every shape (5-40 s each): the first sweep shows it.
+            providers = tuple(p for p in providers if p != COMPILE_PROVIDER)
         for point in points:
             if not ctx.budget.allow():
-                ctx.skipped("nearest", sweep, ctx.plan.nearest_providers, point.precision, point.n, point.k, point.d)
+                ctx.skipped("nearest", sweep, providers, point.precision, point.n, point.k, point.d)
                 continue
-            for rec in measure_nearest(ctx, point, ctx.plan.nearest_providers):
+            for rec in measure_nearest(ctx, point, providers):
                 ctx.add(dataclasses.replace(rec, part="nearest", case=sweep))
 
 
@@ -902,7 +916,8 @@ def run_gather(ctx: Context) -> None:
         codebook = torch.randn(k, d, device=ctx.device).to(dtype).requires_grad_()
         indices = torch.randint(0, k, (n,), device=ctx.device)
         grad = torch.randn(n, d, device=ctx.device).to(dtype)
-        fwd_bytes = 8 * n + 2 * n * d * elt
+        # Indices, the rows written, and the codebook rows read: at most K distinct ones (repeats hit L2).
+        fwd_bytes = 8 * n + n * d * elt + min(n, k) * d * elt
         bwd_bytes = 8 * n + n * d * elt + k * d * elt
 
         def fwd(gather: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -1068,7 +1083,7 @@ def run_train(ctx: Context) -> None:
 
                 m = ctx.meter.measure(step, est)
                 rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
-                rec.note = origin
+                rec.note = f"{origin}; convolutions with cuDNN's default (TF32 allowed)"
                 ctx.add(rec)
                 del model, opt, step
                 ctx.meter.free()
@@ -1190,7 +1205,7 @@ def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
         "gpu": gpu, "gpu_memory": gpu_memory, "driver": driver, "cuda": str(torch.version.cuda),
         "torch": torch.__version__, "triton": triton_version, "vqfast": vqfast_version,
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "mode": mode,
+        "mode": mode, "autotune": os.environ.get("VQFAST_AUTOTUNE", "1"),
     }
 
 
@@ -1212,6 +1227,36 @@ def write_outputs(out_dir: Path, records: Sequence[Record], env: dict[str, str],
     return written
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (e.g. from ``timeout``) raises KeyboardInterrupt, so the results so far get written."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _frozen_gc(enabled: bool) -> Iterator[None]:
+    """``gc.freeze()`` for the run: the objects of torch, Triton and inductor are then never scanned,
+    so the collections that happen along the way stay short."""
+    if enabled:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.unfreeze()
+
+
 def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torch.device | None = None,
                    plots: bool = True, log: Callable[[str], None] | None = None,
                    cpu_memory_limit: float = 4e9) -> list[Record]:
@@ -1226,18 +1271,25 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
     ctx = Context(device, plan, meter, budget, log=log)
     log(f"vqfast bench ({plan.mode}): {env['gpu']}, driver {env['driver']}, torch {env['torch']}, "
         f"triton {env['triton']}; budget {plan.budget_s:.0f} s; writing to {out_dir}")
-    run_ceilings(ctx)
-    for part in parts:
-        budget.start_part(part)
-        t0 = time.monotonic()
+    with _stop_on_sigterm(), _frozen_gc(device.type == "cuda"):
         try:
-            PART_RUNNERS[part](ctx)
-        except Exception as exc:  # noqa: BLE001 - a bug in one part must not cost the others
-            log(traceback.format_exc())
-            ctx.add(Record(part, CRASHED, "-", "-", status=_error_status(exc)))
-            meter.free()
-        log(f"[{part}] done in {time.monotonic() - t0:.0f} s")
-        write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end
+            run_ceilings(ctx)
+            for part in parts:
+                budget.start_part(part)
+                t0 = time.monotonic()
+                try:
+                    PART_RUNNERS[part](ctx)
+                except Exception as exc:  # noqa: BLE001 - a bug in one part must not cost the others
+                    log(traceback.format_exc())
+                    ctx.add(Record(part, CRASHED, "-", "-", status=_error_status(exc)))
+                    meter.free(collect=True)
+                log(f"[{part}] done in {time.monotonic() - t0:.0f} s")
+                write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end
+        except KeyboardInterrupt:
+            # Ctrl-C, or SIGTERM from a time limit: keep what was measured.
+            log("stopped: writing what was measured so far")
+            write_outputs(out_dir, ctx.records, env, plots=False)
+            raise
     written = write_outputs(out_dir, ctx.records, env, plots=plots)
     if any(r.part == "headline" for r in ctx.records):
         log("\n" + headline_table(ctx.records))
@@ -1266,7 +1318,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "CUDA GPU; write results.csv, results.md and PNG plots.")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/results/<gpu-name>/ under the current directory)")
-    parser.add_argument("--quick", action="store_true", help="a few shapes only (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a few shapes only (85 s of measuring; under 2 minutes in all once Triton's cache is warm)")
     parser.add_argument("--only", type=parse_parts, default=PARTS, metavar="PARTS",
                         help=f"comma-separated parts to run, from: {','.join(PARTS)} (default: all)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
@@ -1278,7 +1330,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``vqfast bench``: 0 on success, 1 when a part stopped on an error, 2 without a CUDA GPU."""
+    """Entry point of ``vqfast bench``: 0 on success; 1 when a part stopped on an error, a vqfast row failed
+    its check or raised, or the run was stopped; 2 without a CUDA GPU."""
     if not torch.cuda.is_available():
         print("vqfast bench needs a CUDA GPU, and torch.cuda.is_available() is False here "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an "
@@ -1296,5 +1349,15 @@ def main(args: argparse.Namespace) -> int:
         plan.rep_ms = float(args.rep)
     parts = getattr(args, "only", None) or PARTS
     out = getattr(args, "out", None) or Path("benchmarks") / "results" / gpu_slug(torch.cuda.get_device_name())
-    records = run_benchmarks(plan, parts, Path(out), plots=not getattr(args, "no_plots", False))
-    return 1 if any(r.case == CRASHED for r in records) else 0
+    try:
+        records = run_benchmarks(plan, parts, Path(out), plots=not getattr(args, "no_plots", False))
+    except KeyboardInterrupt:
+        print("vqfast bench stopped; the tables hold what was measured", file=sys.stderr)
+        return 1
+    return 1 if any(r.case == CRASHED for r in records) or vqfast_failures(records) else 0
+
+
+def vqfast_failures(records: Sequence[Record]) -> list[Record]:
+    """vqfast's own rows that failed their correctness check or raised an error (not OOM or skips)."""
+    return [r for r in records if r.provider.startswith("vqfast")
+            and (r.check in ("fail", "error") or r.status.startswith("error"))]
