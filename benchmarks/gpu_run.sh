@@ -4,8 +4,9 @@
 # fits a 10-minute command limit).
 #
 #   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
-#                                     (BENCH_SECONDS, default 240), then training runs in what is left
-#                                     when $GPU_DATA holds the data (see train)
+#                                     without its nearest-code sweeps (BENCH_SECONDS, default 240;
+#                                     BENCH_PARTS), then training runs in what is left when $GPU_DATA
+#                                     holds the data (see train)
 #   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
 #   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
@@ -147,7 +148,8 @@ case "$MODE" in
       tests/test_layer.py tests/test_layer_soft_entropy.py tests/test_layer_compile.py
     budget=$(( $(left) - 60 ))
     [ "$budget" -gt "${BENCH_SECONDS:-240}" ] && budget="${BENCH_SECONDS:-240}"
-    run_bench "$budget" "$@"
+    # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
+    run_bench "$budget" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
