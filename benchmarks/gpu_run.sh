@@ -76,9 +76,11 @@ run_tests() {  # seconds, then pytest arguments
   echo "== tests on the GPU (at most $limit s)"
   # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
   # interpreter), and the tests marked gpu run too.
-  timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
+  # -v: each result is in the log as it happens, so a run stopped at its limit still says what failed.
+  timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
   local rc=$?
-  tail -40 "$WORK/pytest_gpu.log"
+  tail -15 "$WORK/pytest_gpu.log"
+  echo "-- failed so far:"; grep -E " (FAILED|ERROR)" "$WORK/pytest_gpu.log" | head -30
   echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$WORK/pytest_gpu.log"
   [ "$rc" -ne 0 ] && STATUS=1
   pack
