@@ -348,3 +348,24 @@ def test_public_ops_compile_without_graph_breaks(triton_backend, kernel_device):
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(z, c), step(z, c))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cosine_metric_with_zero_rows_keeps_gradients_finite(backend, monkeypatch, kernel_device):
+    """A zero row has no direction: it gets a code and no gradient through the normalisation
+    (F.normalize's gradient there is about 1e12)."""
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    z, c = _pair(n=6, k=5, d=4, seed=23, device=kernel_device)
+    z[2] = 0.0
+    c[1] = 0.0
+    z.requires_grad_()
+    c.requires_grad_()
+    z_q, loss, idx = vqfast.quantize(z, c, metric="cosine")
+    sample_h, batch_h = vqfast.soft_assignment_entropy(z, c, metric="cosine")
+    (z_q.sum() + loss + sample_h - batch_h).backward()
+    assert ((idx >= 0) & (idx < 5)).all()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()
+    assert (z.grad[2] == 0).all() and (c.grad[1] == 0).all()
+    assert z.grad.abs().max() < 100 and (z.grad[[0, 1, 3, 4, 5]] != 0).any()
+    # The other rows' values are F.normalize's.
+    torch.testing.assert_close(reference.unit_rows(z.detach()), torch.nn.functional.normalize(z.detach(), dim=-1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vqfast import reference
@@ -103,8 +102,8 @@ def nearest_code(
     rows = _rows(z)
     codes = codebook
     if metric == "cosine":
-        rows = F.normalize(rows, dim=-1)
-        codes = F.normalize(codebook, dim=-1)
+        rows = reference.unit_rows(rows)
+        codes = reference.unit_rows(codebook)
     precision = precision or _default_precision()
     indices, distances = _ops().nearest_code(rows.detach(), codes.detach(), precision, 0)
     if metric == "cosine":
@@ -210,7 +209,8 @@ def quantize(
 
     ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value = code), loss a float32
     scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With
-    ``metric="cosine"`` both z and the codebook are l2-normalised first (z_q is then the unit code).
+    ``metric="cosine"`` both z and the codebook are l2-normalised first (z_q is then the unit code; an
+    all-zero row stays zero and gets no gradient through the normalisation).
     ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
     ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as :func:`gather`;
     the CPU backend always checks). z and the codebook may differ in dtype: the search then runs in
@@ -230,8 +230,8 @@ def quantize(
                              f"got {tuple(indices.shape)}")
         indices = indices.to(torch.int64)
     if metric == "cosine":
-        z = F.normalize(z, dim=-1)
-        codebook = F.normalize(codebook, dim=-1)
+        z = reference.unit_rows(z)
+        codebook = reference.unit_rows(codebook)
     if indices is None:
         with torch.no_grad():
             # Mixed dtypes search in the wider one: rounding fp32 rows to an fp16 codebook's type could

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqfast import reference
@@ -131,8 +130,8 @@ def soft_assignment_entropy(
         return zero, zero
     scale = 1.0 / temperature
     if metric == "cosine":
-        rows = F.normalize(rows, dim=-1)
-        codebook = F.normalize(codebook, dim=-1)
+        rows = reference.unit_rows(rows)
+        codebook = reference.unit_rows(codebook)
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
@@ -378,7 +377,7 @@ class VectorQuantizer(nn.Module):
 
     def _data_rows(self, rows: Tensor) -> Tensor:
         x = rows.detach().float()
-        return F.normalize(x, dim=-1) if self.metric == "cosine" else x
+        return reference.unit_rows(x) if self.metric == "cosine" else x
 
     def _random_rows(self, x: Tensor, count: int) -> Tensor:
         """``count`` rows drawn with replacement from every rank's ``x`` (an equal share from each), the
@@ -414,7 +413,7 @@ class VectorQuantizer(nn.Module):
             sums = self._all_reduce_(_sum_rows(x, assign, k))
             means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
             if self.metric == "cosine":
-                means = F.normalize(means, dim=-1)
+                means = reference.unit_rows(means)
             centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
         self.embeddings.weight.copy_(centroids)
         if self.ema:

@@ -12,10 +12,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy"]
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
 
 # Elements of the (rows x K) distance block held at once: 2**22 fp32 values = 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (..., D) scaled to unit l2 norm; an all-zero row stays zero, with zero gradient.
+
+    Plain PyTorch: ``F.normalize(x, dim=-1)``, whose gradient at a zero row is about 1 / eps = 1e12
+    (the cosine metric then blew up on a zero encoder output, e.g. a ReLU row or padding).
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    return x / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero
 
 
 def _row_chunk(num_codes: int) -> int:
@@ -48,8 +59,8 @@ def nearest_code(
     rows = z.reshape(-1, z.shape[-1]).to(compute_dtype)
     codes = codebook.to(compute_dtype)
     if metric == "cosine":
-        rows = F.normalize(rows, dim=-1)
-        codes = F.normalize(codes, dim=-1)
+        rows = unit_rows(rows)
+        codes = unit_rows(codes)
     code_sq = codes.pow(2).sum(1)
     n = rows.shape[0]
     indices = torch.zeros(n, dtype=torch.int64, device=z.device)
@@ -171,8 +182,8 @@ def soft_assignment_entropy(
     rows = z.reshape(-1, z.shape[-1]).float()
     codes = codebook.float()
     if metric == "cosine":
-        rows = F.normalize(rows, dim=-1)
-        codes = F.normalize(codes, dim=-1)
+        rows = unit_rows(rows)
+        codes = unit_rows(codes)
     n = rows.shape[0]
     if n == 0:
         zero = (rows.sum() + codes.sum()) * 0.0
