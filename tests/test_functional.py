@@ -1,5 +1,7 @@
 """Public ops: backend dispatch, argument errors, autograd through both backends."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,9 @@ def test_code_usage_has_no_nan_for_unused_codes():
     assert counts.sum() == 4 and torch.isfinite(entropy)
     assert abs(entropy.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
     assert abs(perplexity.item() - 2.0) < 1e-5
+    # One code in use: entropy +0.0 (not -0.0, which prints as "-0.0" in reports), perplexity 1.
+    _, entropy, perplexity = vqfast.code_usage(torch.tensor([3, 3]), 5)
+    assert math.copysign(1.0, entropy.item()) == 1.0 and entropy.item() == 0.0 and perplexity.item() == 1.0
 
 
 @pytest.mark.parametrize(

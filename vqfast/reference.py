@@ -114,7 +114,8 @@ def histogram_entropy(counts: torch.Tensor, dtype: torch.dtype = torch.float32) 
     """
     counts = counts.to(dtype)
     p = counts / counts.sum().clamp_min(1)
-    entropy = -torch.special.xlogy(p, p).sum()
+    # + 0.0 turns the -0.0 of a one-code histogram into 0.0, as the Triton kernel gives.
+    entropy = -torch.special.xlogy(p, p).sum() + 0.0
     return entropy, entropy.exp()
 
 
