@@ -156,3 +156,37 @@ def test_tf32_search_on_adversarial_near_ties():
     fast, _ = kernels.nearest_code(z, c, precision="high")
     assert torch.equal(fast, exact)
     assert (exact == a).float().mean() > 0.9
+
+
+def _captured(fn):
+    """``fn`` warmed up on a side stream (compilation, autotuning), then captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
+                                             (torch.bfloat16, "highest")])
+def test_ops_replay_from_a_cuda_graph(monkeypatch, dtype, precision):
+    """No host synchronisation inside the search, quantize or the eval layer: they capture and replay,
+    which is how small (launch-bound) problems avoid the host's launch cost."""
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    z, c = _data(1024, 4096, 128, dtype, seed=5)
+    vq = vqfast.VectorQuantizer(4096, 128).cuda().eval()
+    graph, (idx, dist, z_q, loss, layer_idx) = _captured(
+        lambda: (*vqfast.nearest_code(z, c, precision=precision), *vqfast.quantize(z, c, precision=precision)[:2],
+                 vq(z.float())[2]))
+    z.copy_(_data(1024, 4096, 128, dtype, seed=6)[0])  # new inputs, same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_idx, ref_dist = vqfast.nearest_code(z, c, precision=precision)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+    ref_zq, ref_loss, _ = vqfast.quantize(z, c, precision=precision)
+    assert torch.equal(z_q, ref_zq) and torch.equal(loss, ref_loss)
+    assert torch.equal(layer_idx, vq(z.float())[2])
