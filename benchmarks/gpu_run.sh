@@ -62,6 +62,21 @@ except Exception as exc:
 EOF
 cat "$WORK/versions.txt"
 
+# Optional packages for an offline machine (vector-quantize-pytorch and what it needs, as wheels; see
+# benchmarks/README.md): installed beside the system's, first on the path.
+WHEELS="${GPU_WHEELS:-$PWD/.whl}"
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  echo "== extra wheels from $WHEELS"
+  SITE="${TMPDIR:-/tmp}/vqfast-gpu-site"
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELS"/*.whl > "$WORK/wheels.log" 2>&1; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c "import vector_quantize_pytorch as v; print('vector-quantize-pytorch', v.__file__)" 2>&1 | tail -1
+  else
+    tail -5 "$WORK/wheels.log"
+  fi
+fi
+
 echo "== install"
 if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1; then
   tail -20 "$WORK/install.log"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from vqfast import bench, reference
 
@@ -433,6 +434,33 @@ def test_torch_compile_is_measured_in_the_first_sweep_only(tmp_path, monkeypatch
     assert len(asked) == 2
     assert bench.COMPILE_PROVIDER in asked[0] and bench.COMPILE_PROVIDER not in asked[1]
     assert bench.COMPILE_PROVIDER not in bench.quick_plan().nearest_providers
+
+
+def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
+    """The optional provider's code paths, with a stand-in for the package (not installed here)."""
+
+    class FakeVectorQuantize(nn.Module):  # vector_quantize_pytorch.VectorQuantize's interface
+        def __init__(self, dim, codebook_size, accept_image_fmap=False):
+            super().__init__()
+            self.codebook = nn.Parameter(torch.randn(codebook_size, dim))
+            self.image = accept_image_fmap
+
+        def forward(self, x):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if self.image else x.reshape(-1, x.shape[-1])
+            idx = torch.cdist(rows, self.codebook).argmin(1)
+            q = self.codebook[idx]
+            loss = ((q.detach() - rows) ** 2).mean()
+            q = rows + (q - rows).detach()
+            q = q.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2) if self.image else q.reshape(x.shape)
+            return q, idx.reshape(x.shape[:-1] if not self.image else (x.shape[0], *x.shape[2:])), loss
+
+    monkeypatch.setattr(bench, "_vq_pytorch_class", lambda: FakeVectorQuantize)
+    records = bench.run_benchmarks(_tiny_plan(nearest_providers=("vqfast", "vector-quantize-pytorch")),
+                                   ("nearest", "layer"), tmp_path, device=torch.device("cpu"), log=lambda s: None,
+                                   plots=False)
+    theirs = [r for r in records if r.provider == "vector-quantize-pytorch"]
+    assert {r.part for r in theirs} == {"nearest", "layer"}
+    assert all(r.ok for r in theirs), [r.status for r in theirs]
 
 
 def test_failed_vqfast_rows_are_reported():

@@ -766,10 +766,12 @@ def _nearest_fn(provider: str, point: NearestPoint,
         precision = PRECISIONS[point.precision][1]
         return lambda z, c: vqfast.nearest_code(z, c, precision=precision)[0]
     if provider == "torch.compile(matmul)":
-        import torch._dynamo
+        # (Imported under its own name: "import torch._dynamo" would make torch a local of this function,
+        # unbound in the other branches' closures.)
+        import torch._dynamo as dynamo
 
         # A fresh compile per shape: recompilations would otherwise hit dynamo's limit and fall back.
-        torch._dynamo.reset()
+        dynamo.reset()
         return torch.compile(search_matmul, dynamic=False)
     if provider == "vector-quantize-pytorch":
         cls = _vq_pytorch_class()
