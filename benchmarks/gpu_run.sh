@@ -33,8 +33,12 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 WORK="${GPU_WORK:-$PWD/gpu-out/run}"
 mkdir -p "$OUT" "$WORK"
+# matplotlib's font cache, where it can be written and is kept between the processes of this run.
+export MPLCONFIGDIR="${MPLCONFIGDIR:-${TMPDIR:-/tmp}/vqfast-mpl}"
 # Compiled kernels and autotuning results are reused by later commands on the same machine.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
+# Autotuning results on disk too, so each training process does not tune the same sizes again.
+export TRITON_CACHE_AUTOTUNING=1
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 TOTAL="${GPU_RUN_SECONDS:-570}"
@@ -42,7 +46,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
 pack() {
   # Checkpoints are large and say nothing the summaries, metrics and pictures do not.
-  tar czf "$OUT/gpu-run.tar.gz.part" --exclude='checkpoint*.pt' -C "$WORK" . \
+  tar czf "$OUT/gpu-run.tar.gz.part" --exclude='checkpoint*.pt' --exclude='.checkpoint*' -C "$WORK" . \
     && mv "$OUT/gpu-run.tar.gz.part" "$OUT/gpu-run.tar.gz"
 }
 STATUS=0
@@ -138,8 +142,9 @@ run_training() {
     local name=$1; shift
     local remaining
     remaining=$(left)
-    if [ "$remaining" -lt 40 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
-    timeout -k 10 $(( remaining - 15 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
+    if [ "$remaining" -lt 60 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
+    # SIGINT, as Ctrl-C: the run finishes its batch, saves a checkpoint and keeps the finished epochs.
+    timeout -s INT -k 30 $(( remaining - 35 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
       > "$runs/$name.log" 2>&1
     echo "$name: exit $? after $(elapsed) s"; tail -3 "$runs/$name.log"
   }

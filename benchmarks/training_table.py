@@ -2,8 +2,9 @@
 
     python benchmarks/training_table.py RUNS_DIR [--out DIR]
 
-Reads every ``RUNS_DIR/*/`` that holds ``config.json``, ``metrics.jsonl`` and ``summary.json`` (what
-`vqfast train` writes; `benchmarks/gpu_run.sh train` puts its runs in ``$OUT/training``) and writes
+Reads every ``RUNS_DIR/*/`` that holds ``config.json`` and ``metrics.jsonl`` with at least one epoch
+(what `vqfast train` writes; `benchmarks/gpu_run.sh train` puts its runs in ``training/``; a run stopped
+before its end, without ``summary.json``, is marked "stopped") and writes
 ``training_summary.md`` (model, VQ step and settings, batch size, epochs, median time per epoch, the
 last epoch's "Average loss" and PSNR, test PSNR, codes used and perplexity) and
 ``training_loss_curves.png`` (the article's "Average loss" per epoch, one line per run) to ``--out``
@@ -26,6 +27,7 @@ class Run:
     config: dict
     epochs: list[dict] = field(default_factory=list)
     test: dict = field(default_factory=dict)
+    finished: bool = True
 
     @property
     def label(self) -> str:
@@ -39,10 +41,11 @@ class Run:
 def load_runs(root: Path) -> list[Run]:
     runs = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = [folder / n for n in ("config.json", "metrics.jsonl", "summary.json")]
+        files = [folder / n for n in ("config.json", "metrics.jsonl")]
         if not all(f.is_file() for f in files):
             continue
-        run = Run(folder.name, json.loads(files[0].read_text()))
+        # A run stopped by a time limit keeps the epochs it finished in metrics.jsonl.
+        run = Run(folder.name, json.loads(files[0].read_text()), finished=(folder / "summary.json").is_file())
         for line in files[1].read_text().splitlines():
             if not line.strip():
                 continue
@@ -68,7 +71,8 @@ def markdown(runs: list[Run]) -> str:
     for r in runs:
         last = r.epochs[-1]
         lines.append("| " + " | ".join([
-            r.name, r.label, str(r.config.get("batch_size", "")), str(len(r.epochs)),
+            r.name + ("" if r.finished else " (stopped)"), r.label, str(r.config.get("batch_size", "")),
+            str(len(r.epochs)),
             _fmt(statistics.median(e["seconds"] for e in r.epochs), ".2f"),
             _fmt(last.get("avg_loss"), ".3f"), _fmt(last.get("psnr"), ".2f"), _fmt(r.test.get("psnr"), ".2f"),
             _fmt(last.get("codes_used"), ","), _fmt(last.get("perplexity"), ",.0f"),

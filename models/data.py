@@ -92,6 +92,13 @@ class ImageArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index].float().div_(255.0), int(self.labels[index])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A DataLoader batch in one indexing and one conversion (per-image ``__getitem__`` calls took
+        a third of a second per 10,000 images, about as long as a GPU epoch of the VQ-VAE)."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images.index_select(0, index).float().div_(255.0)
+        return list(zip(images.unbind(0), self.labels.index_select(0, index).tolist()))
+
     def __repr__(self) -> str:
         return f"ImageArrayDataset({self.name}, n={len(self)})"
 

@@ -855,12 +855,18 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                         bar.update(1)
                         if done % 10 == 0 or done == steps_per_epoch:
                             bar.set_postfix(loss=f"{float(acc[2] / acc[0]):.3f}")
-                    if dist.any(stop.requested, device):
+                    # Under torchrun the ranks agree through an all-reduce and a host sync: every 20
+                    # steps (all ranks check at the same steps), not every step.
+                    check = not dist.enabled or done % 20 == 0 or done == steps_per_epoch
+                    if check and dist.any(stop.requested, device):
                         interrupted = True
                         break
             finally:
                 if bar is not None:
                     bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch's time is the GPU's, not its launches'
+            elapsed = time.perf_counter() - t0
             if epoch_steps:
                 step_losses.extend(torch.stack(epoch_steps).float().cpu().tolist())
             if interrupted and done < steps_per_epoch:
@@ -870,7 +876,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                            f"checkpoint saved to {ckpt_path} (continue with --resume)", log_path)
                 break
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
-                                   cfg, time.perf_counter() - t0)
+                                   cfg, elapsed)
             history.append(record)
             write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:

@@ -249,3 +249,21 @@ def test_unreadable_npz_is_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=f"{name}.npz is not a"):
             load_dataset(str(tmp_path / f"{name}.npz"))
         assert not data_mod.has_test_split(tmp_path / f"{name}.npz")
+
+
+def test_batches_come_whole_and_in_the_sampler_order():
+    """``__getitems__`` builds a DataLoader batch at once; it must equal the per-image path, in the same
+    order, also through a Subset."""
+    from torch.utils.data import DataLoader, RandomSampler, Subset
+
+    images, labels = _images(50, seed=3), np.arange(50) % 7
+    ds = data_mod.ImageArrayDataset(images, labels, channels_last=True)
+    for dataset in (ds, Subset(ds, list(range(3, 40)))):
+        order = list(RandomSampler(dataset, generator=torch.Generator().manual_seed(4)))
+        got = list(DataLoader(dataset, batch_size=8, sampler=order))
+        for b, (x, y) in enumerate(got):
+            chunk = order[8 * b: 8 * b + 8]
+            expected = [dataset[i] for i in chunk]
+            assert torch.equal(x, torch.stack([e[0] for e in expected]))
+            assert y.tolist() == [e[1] for e in expected] and y.dtype == torch.int64
+        assert sum(len(y) for _, y in got) == len(dataset)

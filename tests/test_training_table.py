@@ -8,16 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[float], test_psnr: float) -> None:
+def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[float], test_psnr: float | None,
+              finished: bool = True) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model": model, "vq_impl": impl, "vq_preset": "vqfast",
                                                     "batch_size": batch}))
     lines = [json.dumps({"epoch": i + 1, "avg_loss": loss, "psnr": 20.0 + i, "seconds": 2.0 + i,
                          "codes_used": 100 * (i + 1), "perplexity": 50.0 * (i + 1)})
              for i, loss in enumerate(losses)]
-    lines.append(json.dumps({"event": "test", "psnr": test_psnr, "codes_used": 77}))
+    if test_psnr is not None:
+        lines.append(json.dumps({"event": "test", "psnr": test_psnr, "codes_used": 77}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (folder / "summary.json").write_text("{}")
+    if finished:
+        (folder / "summary.json").write_text("{}")
 
 
 def test_table_and_plot_from_runs(tmp_path):
@@ -25,11 +28,14 @@ def test_table_and_plot_from_runs(tmp_path):
     _fake_run(tmp_path / "ae-b64", "ae", "vqfast", 64, [48.0, 20.0], 25.0)
     (tmp_path / "killed").mkdir()  # a run stopped before its first epoch: skipped
     (tmp_path / "killed" / "config.json").write_text("{}")
+    # Stopped by a time limit after two epochs: listed with what it finished.
+    _fake_run(tmp_path / "vae-b64", "vae", "vqfast", 64, [60.0, 40.0], None, finished=False)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_table.py"), str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "training_summary.md").read_text().splitlines()
-    assert len(table) == 4  # header, rule, two runs
+    assert len(table) == 5  # header, rule, three runs
+    assert any(line.startswith("| vae-b64 (stopped) | vae | 64 | 2 |") for line in table)
     vq = next(line for line in table if line.startswith("| vq-b64 "))
     assert "| vqvae, vqfast, vqfast settings | 64 | 3 | 3.00 | 40.000 | 22.00 | 21.50 | 300 | 150 | 77 |" in vq
     assert (tmp_path / "training_loss_curves.png").stat().st_size > 1000
