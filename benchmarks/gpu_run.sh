@@ -96,7 +96,14 @@ run_tests() {  # seconds, then pytest arguments
   # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
   # interpreter), and the tests marked gpu run too.
   # -v: each result is in the log as it happens, so a run stopped at its limit still says what failed.
-  timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 "$@" > "$WORK/pytest_gpu.log" 2>&1
+  # With pytest-xdist, several workers compile the kernels side by side (compiling, not the GPU, is
+  # what takes the time); GPU_TEST_WORKERS=0 runs them in one process.
+  local workers=()
+  if [ "${GPU_TEST_WORKERS:-4}" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then
+    workers=(-n "${GPU_TEST_WORKERS:-4}")
+  fi
+  timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 ${workers[@]+"${workers[@]}"} \
+    "$@" > "$WORK/pytest_gpu.log" 2>&1
   local rc=$?
   tail -15 "$WORK/pytest_gpu.log"
   echo "-- failed so far:"; grep -E " (FAILED|ERROR)" "$WORK/pytest_gpu.log" | head -30
