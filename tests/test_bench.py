@@ -532,3 +532,11 @@ def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(results), "--readme", str(bare)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and bare.read_text() == "nothing here\n"
+
+
+def test_gpu_run_script_parses_and_refuses_unknown_modes():
+    """The one-shot GPU script is only ever run on a rented GPU: a syntax error there costs the run."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(script), "no-such-mode"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
