@@ -748,7 +748,7 @@ def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
     return {
         "vqfast": 16.0 * n + 8.0 * k,
         GRAPH_PROVIDER: 16.0 * n + 8.0 * k,
-        "torch.compile(matmul)": nk * elt + 8.0 * n,
+        COMPILE_PROVIDER: nk * elt + 8.0 * n,
         "matmul+argmin": 2 * nk * elt + 8.0 * n,
         "cdist+argmin": 1.5 * nk * elt + (n + k) * (d + 2) * elt,
         "article (broadcast)": 2 * nk * d * elt + nk * elt,
@@ -765,7 +765,7 @@ def _nearest_fn(provider: str, point: NearestPoint,
 
         precision = PRECISIONS[point.precision][1]
         return lambda z, c: vqfast.nearest_code(z, c, precision=precision)[0]
-    if provider == "torch.compile(matmul)":
+    if provider == COMPILE_PROVIDER:
         # (Imported under its own name: "import torch._dynamo" would make torch a local of this function,
         # unbound in the other branches' closures.)
         import torch._dynamo as dynamo

@@ -344,7 +344,7 @@ class VectorQuantizer(nn.Module):
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            counts = self._update_statistics(rows, self._statistics_indices(rows, indices))
+            counts = self._update_statistics(rows, self._statistics_indices(_finite_rows(rows), indices))
             if restarts:
                 # After the search and the statistics: the new codes serve from the next step on, so
                 # their seed rows (this batch) cannot pick them right away and inflate their usage.
@@ -370,10 +370,11 @@ class VectorQuantizer(nn.Module):
     def _gather_rows(self, t: Tensor) -> Tensor:
         return all_gather_rows(t, self.process_group) if self.sync_distributed else t
 
-    def _statistics_indices(self, rows: Tensor, indices: Tensor) -> Tensor:
-        """``indices`` with rows holding NaN or inf set to K, which the statistics leave out: one bad
-        row (an overflow under autocast, say) would otherwise turn its EMA code into NaN for good."""
-        return torch.where(_finite_rows(rows), indices, self.num_embeddings)
+    def _statistics_indices(self, finite: Tensor, indices: Tensor) -> Tensor:
+        """``indices`` with rows that are not ``finite`` (hold NaN or inf) set to K, which the statistics
+        leave out: one bad row (an overflow under autocast, say) would otherwise turn its EMA code into
+        NaN for good."""
+        return torch.where(finite, indices, self.num_embeddings)
 
     def _data_rows(self, rows: Tensor) -> Tensor:
         x = rows.detach().float()
@@ -406,9 +407,10 @@ class VectorQuantizer(nn.Module):
         current = self._data_rows(self.embeddings.weight)
         centroids = torch.where(_finite_rows(seeds).unsqueeze(1), seeds, current)
         counts = torch.ones(k, dtype=torch.int64, device=x.device)
+        finite = _finite_rows(x)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(x, centroids, metric=self.metric, precision="highest")[0]
-            assign = self._statistics_indices(x, assign)
+            assign = self._statistics_indices(finite, assign)
             counts = self._all_reduce_(_bincount(assign, k))
             sums = self._all_reduce_(_sum_rows(x, assign, k))
             means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
