@@ -44,6 +44,8 @@ START=$(date +%s)
 TOTAL="${GPU_RUN_SECONDS:-570}"
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
+# Seconds for the next step: at most $1, and at most what is left minus a margin of $2.
+up_to() { local rest=$(( $(left) - $2 )); echo $(( rest < $1 ? rest : $1 )); }
 pack() {
   # Checkpoints are large and say nothing the summaries, metrics and pictures do not.
   tar czf "$OUT/gpu-run.tar.gz.part" --exclude='checkpoint*.pt' --exclude='.checkpoint*' -C "$WORK" . \
@@ -121,8 +123,8 @@ run_bench() {  # budget in seconds, then vqfast bench arguments
     return
   fi
   # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
-  local limit=$(( budget + 50 ))
-  [ "$limit" -gt $(( $(left) - 5 )) ] && limit=$(( $(left) - 5 ))
+  local limit
+  limit=$(up_to $(( budget + 50 )) 5)
   # Run from $WORK: the results land in its benchmarks/results/<gpu-name>/. On SIGTERM the benchmark
   # writes what it measured; -k kills it if it cannot.
   (cd "$WORK" && timeout -k 15 "$limit" python3 -m vqfast bench --budget "$budget" "$@") 2>&1 | tee "$WORK/bench.log"
@@ -175,23 +177,13 @@ case "$MODE" in
   all)
     run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer.py tests/test_layer_soft_entropy.py tests/test_layer_compile.py
-    budget=$(( $(left) - 60 ))
-    [ "$budget" -gt "${BENCH_SECONDS:-240}" ] && budget="${BENCH_SECONDS:-240}"
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
-    run_bench "$budget" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
+    run_bench "$(up_to "${BENCH_SECONDS:-240}" 60)" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
-  bench)
-    budget=$(( $(left) - 60 ))
-    [ "$budget" -gt 500 ] && budget=500
-    run_bench "$budget" "$@"
-    ;;
-  quick)
-    budget=$(( $(left) - 40 ))
-    [ "$budget" -gt 85 ] && budget=85
-    run_bench "$budget" --quick "$@"
-    ;;
+  bench) run_bench "$(up_to 500 60)" "$@" ;;
+  quick) run_bench "$(up_to 85 40)" --quick "$@" ;;
   train) run_training ;;
 esac
 
