@@ -374,3 +374,78 @@ def test_cosine_metric_with_zero_rows_keeps_gradients_finite(backend, monkeypatc
     assert z.grad.abs().max() < 100 and (z.grad[[0, 1, 3, 4, 5]] != 0).any()
     # The other rows' values are F.normalize's.
     torch.testing.assert_close(reference.unit_rows(z.detach()), torch.nn.functional.normalize(z.detach(), dim=-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_codebook_gradients_are_summed_in_fp32(backend, monkeypatch, kernel_device):
+    # fp16 counts exactly only up to 2,048: summed in fp16, 2,100 unit gradients into one row give 2,048.
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    n = 2100
+    c = torch.randn(3, 4, dtype=torch.float16, device=device, requires_grad=True)
+    vqfast.gather(c, torch.zeros(n, dtype=torch.int64, device=device)).sum().backward()
+    assert c.grad.dtype == torch.float16
+    assert c.grad[0].float().tolist() == [float(n)] * 4
+    assert c.grad[1:].abs().sum().item() == 0
+
+    c.grad = None
+    z = torch.zeros(n, 4, dtype=torch.float16, device=device)
+    _, loss, _ = vqfast.quantize(z, c, beta=0.0, indices=torch.zeros(n, dtype=torch.int64, device=device))
+    loss.backward()
+    # d/dc0 of mean((c0 - z)^2) over n * 4 elements, from n rows: 2 * c0 / 4 per element.
+    expected = (2 * c.detach()[0].float() / 4)
+    torch.testing.assert_close(c.grad[0].float(), expected, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_loss_uses_the_code_not_the_code_rounded_to_z(backend, monkeypatch, kernel_device):
+    # An fp16 z beside an fp32 codebook (the layer under .half()): 2049 rounds to 2048 in fp16.
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    z = torch.full((1, 1), 2048.0, dtype=torch.float16, device=device)
+    c = torch.tensor([[2049.0], [0.0]], device=device, requires_grad=True)
+    z_q, loss, idx = vqfast.quantize(z, c, beta=0.25)
+    assert idx.item() == 0 and z_q.dtype == torch.float16
+    assert loss.item() == pytest.approx(1.25)
+    loss.backward()
+    assert c.grad[:, 0].tolist() == [2.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_codebook_gets_no_gradient_when_only_z_q_is_used(backend, monkeypatch, kernel_device):
+    # A zero gradient is not "no gradient": AdamW's weight decay would still move the codebook.
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    z, c = _pair(device=device)
+    z.requires_grad_(True)
+    c.requires_grad_(True)
+    z_q, _, _ = vqfast.quantize(z, c)
+    (3 * z_q).sum().backward()
+    assert c.grad is None
+    torch.testing.assert_close(z.grad, torch.full_like(z, 3.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cosine_metric_with_fp16_rows_longer_than_the_fp16_range(backend, monkeypatch, kernel_device):
+    # Every element is finite, but the norm (80,000) is not representable in fp16.
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    z = torch.full((1, 4), 40000.0, dtype=torch.float16, device=device)
+    c = torch.tensor([[1.0, -1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float16, device=device)
+    idx, dist = vqfast.nearest_code(z, c, metric="cosine")
+    assert idx.item() == 1 and dist.item() == pytest.approx(0.0, abs=1e-3)
+    z_q, _, idx = vqfast.quantize(z, c, metric="cosine")
+    assert idx.item() == 1
+    torch.testing.assert_close(z_q.float(), torch.full((1, 4), 0.5, device=device))
+
+
+def test_reference_search_is_exact_far_from_the_origin(torch_backend):
+    # z, c = 1000 + randn: the plain expanded form ||c||^2 - 2 z.c in fp32 got about a quarter of these
+    # rows wrong; the reference shifts both by the codebook mean first.
+    g = torch.Generator().manual_seed(3)
+    z = 1000 + torch.randn(200, 4, generator=g)
+    c = 1000 + torch.randn(50, 4, generator=g)
+    idx, dist = vqfast.nearest_code(z, c)
+    exact = torch.cdist(z.double(), c.double()).pow(2)
+    assert torch.equal(idx, exact.argmin(1))
+    torch.testing.assert_close(dist.double(), exact.min(1).values, rtol=1e-4, atol=1e-4)

@@ -725,3 +725,79 @@ def test_half_model_keeps_a_float32_codebook_and_statistics(convert, torch_backe
     assert (vq.embeddings.weight != before).any(1).sum() > 32  # the averages still move the codes
     model.double()  # wider types are kept
     assert vq.embeddings.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("convert,dtype", [(nn.Module.half, torch.float16), (nn.Module.bfloat16, torch.bfloat16)])
+def test_converting_a_trained_model_keeps_the_exact_codes_and_statistics(convert, dtype, torch_backend):
+    # Converted first and upcast afterwards, the codes kept their fp16 rounding and a count above 65,504
+    # was already inf (the smoothed counts then NaN, and the EMA codes never moved again).
+    torch.manual_seed(48)
+    model = nn.Sequential(nn.Linear(8, 8), VectorQuantizer(8, 8, ema=True, dead_code_threshold=0.0))
+    vq = model[1]
+    with torch.no_grad():
+        vq.embeddings.weight.add_(1e-3 * torch.randn(8, 8))
+        vq.ema_count.fill_(1e5)
+        vq.usage_steps.fill_(3001)
+    vq.embeddings.weight.grad = torch.full((8, 8), 1.0 + 2**-20)
+    saved = {k: v.clone() for k, v in vq.state_dict().items()}
+    saved_grad = vq.embeddings.weight.grad.clone()
+    assert not torch.equal(saved["embeddings.weight"].to(dtype).float(), saved["embeddings.weight"])
+    convert(model)
+    assert model[0].weight.dtype == dtype
+    for key, value in vq.state_dict().items():
+        assert value.dtype == saved[key].dtype and torch.equal(value, saved[key]), key
+    assert torch.equal(vq.embeddings.weight.grad, saved_grad)
+    assert isinstance(vq.embeddings.weight, nn.Parameter) and not vq.embeddings.weight.requires_grad
+    before = vq.embeddings.weight.clone()
+    vq(torch.randn(64, 8).to(dtype))
+    assert torch.isfinite(vq.embeddings.weight).all() and not torch.equal(vq.embeddings.weight, before)
+
+
+def test_frozen_codebook_is_never_rewritten(torch_backend):
+    torch.manual_seed(49)
+    vq = VectorQuantizer(64, 4, init="kmeans", dead_code_threshold=0.5)
+    vq.embeddings.weight.requires_grad_(False)
+    frozen = vq.embeddings.weight.clone()
+    for _ in range(4):
+        vq(torch.randn(32, 4) + 5)  # far from every code: without the freeze most would be restarted
+    assert torch.equal(vq.embeddings.weight, frozen)
+    assert vq.codebook_usage()["steps"] == 4
+    vq.embeddings.weight.requires_grad_(True)  # unfrozen: k-means and restarts run again
+    vq(torch.randn(32, 4) + 5)
+    assert not torch.equal(vq.embeddings.weight, frozen)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((2, 8, 4, 4), None), ((2, 8, 3, 4, 4), None), ((5, 8, 3), 1)])
+def test_z_q_is_contiguous_when_z_is(shape, channel_dim, torch_backend):
+    vq = VectorQuantizer(16, 8, channel_dim=channel_dim)
+    z = torch.randn(*shape, requires_grad=True)
+    z_q, _, _ = vq(z)
+    assert z_q.is_contiguous()
+    z_q.view(shape[0], -1).sum().backward()  # the article's layer output can be viewed like this
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    cl = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    assert vq(cl)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_strict_loading_drops_statistics_the_layer_does_not_keep(torch_backend):
+    ema_layer = VectorQuantizer(16, 4, ema=True)
+    plain = VectorQuantizer(16, 4)
+    plain.load_state_dict(ema_layer.state_dict())  # strict
+    assert torch.equal(plain.embeddings.weight, ema_layer.embeddings.weight)
+    # The first EMA version also stored the running sums (codebook * smoothed counts).
+    old = dict(ema_layer.state_dict())
+    old["ema_sum"] = old["embeddings.weight"] * 2
+    again = VectorQuantizer(16, 4, ema=True)
+    again.load_state_dict(old)
+    assert torch.equal(again.embeddings.weight, ema_layer.embeddings.weight)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        plain.load_state_dict({**plain.state_dict(), "something_else": torch.zeros(1)})
+
+
+def test_repr_shows_the_settings_in_use():
+    text = repr(VectorQuantizer(16, 4, channel_dim=-1, init="kmeans", kmeans_iters=3, ema=True, decay=0.9,
+                                eps=1e-4, usage_decay=0.95, sync_distributed=False))
+    for part in ("channel_dim=-1", "kmeans_iters=3", "kmeans_batches=1", "decay=0.9", "eps=0.0001",
+                 "usage_decay=0.95", "sync_distributed=False"):
+        assert part in text, part
+    assert "decay=" not in repr(VectorQuantizer(16, 4)).replace("usage_decay", "")

@@ -192,3 +192,37 @@ def test_backward_without_codebook_gradient_allocates_none():
     dz, dc = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5, codebook_grad=False)
     assert dc_full.shape == (11, 7) and dc.shape == (0, 7)
     assert torch.equal(dz, dz_full)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_data_far_from_the_origin(backend, monkeypatch):
+    # The expanded distance ||z||^2 - 2 z.c + ||c||^2 of z, c = 1000 + randn loses every digit in fp32;
+    # both paths shift by the codebook mean first (distances unchanged), so they match float64.
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    z = (1000 + torch.randn(40, 4, generator=g)).requires_grad_()
+    c = (1000 + torch.randn(12, 4, generator=g)).requires_grad_()
+    sample, batch = soft_assignment_entropy(z.to(DEVICE if backend == "triton" else "cpu"),
+                                            c.to(DEVICE if backend == "triton" else "cpu"), temperature=0.1)
+    ref_sample, ref_batch, z64, c64 = _reference(z, c, 0.1, "l2")
+    torch.testing.assert_close(sample.double().cpu(), ref_sample, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(batch.double().cpu(), ref_batch, rtol=1e-3, atol=1e-4)
+    (sample + batch).backward()
+    (ref_sample + ref_batch).backward()
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(c.grad.double(), c64.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_float64_inputs_are_computed_in_float64(metric, monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    sample, batch = soft_assignment_entropy(z, c, temperature=0.5, metric=metric)
+    assert sample.dtype == batch.dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda a, b: soft_assignment_entropy(a, b, temperature=0.5, metric=metric), (z, c))
+    # A float64 z beside a float32 codebook is not rounded down to float32.
+    sample32, _ = soft_assignment_entropy(z, c.float(), temperature=0.5, metric=metric)
+    assert sample32.dtype == torch.float64

@@ -177,13 +177,16 @@ class _FusedQuantize(torch.autograd.Function):
         ctx.save_for_backward(z, codebook, indices)
         ctx.beta = beta
         ctx.mark_non_differentiable(indices)
+        # An unused loss then reaches backward as None, and the codebook gets no gradient at all (as
+        # with plain autograd) rather than a zero one that weight decay would still act on.
+        ctx.set_materialize_grads(False)
         return z_q, loss
 
     @staticmethod
     def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
         z, codebook, indices = ctx.saved_tensors
         if grad_loss is None:
-            grad_loss = torch.zeros((), dtype=torch.float32, device=z.device)
+            return grad_zq if ctx.needs_input_grad[0] else None, None, None, None
         need_c = ctx.needs_input_grad[1]
         grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta, need_c)
         return (grad_z if ctx.needs_input_grad[0] else None, grad_codebook if need_c else None, None, None)

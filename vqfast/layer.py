@@ -122,7 +122,8 @@ def soft_assignment_entropy(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     rows = z.reshape(-1, z.shape[-1])
     if rows.dtype != codebook.dtype:
-        rows, codebook = rows.float(), codebook.float()
+        wide = torch.promote_types(torch.promote_types(rows.dtype, codebook.dtype), torch.float32)
+        rows, codebook = rows.to(wide), codebook.to(wide)
     if resolve_backend(rows.device, rows.dtype) == "torch":
         return reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric)
     if rows.shape[0] == 0:
@@ -133,6 +134,9 @@ def soft_assignment_entropy(
         rows = reference.unit_rows(rows)
         codebook = reference.unit_rows(codebook)
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
+    else:
+        # As the reference does: the kernels' expanded distances cancel badly far from the origin.
+        rows, codebook = reference.centred(rows, codebook)
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
     return _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])
@@ -155,8 +159,9 @@ class VectorQuantizer(nn.Module):
         z_q = z + sg(q - z)
 
     Codebook learning: by the codebook loss (default) or, with ``ema=True``, by exponential moving
-    averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``); the codebook then
-    gets no gradient. ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
+    averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``; the running counts
+    start at 1, without Sonnet's bias correction); the codebook then gets no gradient. A codebook frozen
+    with ``requires_grad_(False)`` in codebook-loss mode is never rewritten (no k-means, no restarts). ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
     (``kmeans_iters`` Lloyd iterations on the rows of the first ``kmeans_batches`` training batches,
     pooled; until then the layer quantizes with the xavier-normal codes, and its usage statistics start
     over once k-means has run). ``dead_code_threshold``: in
@@ -311,17 +316,23 @@ class VectorQuantizer(nn.Module):
         # The codebook stays float32 under autocast; the layer picks its own precisions below.
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_q, loss, indices = self._quantize_rows(rows)
-        return z_q.reshape(z_last.shape).movedim(-1, cdim), loss, indices.reshape(z_last.shape[:-1])
+        z_q = z_q.reshape(z_last.shape).movedim(-1, cdim)
+        if z.is_contiguous() and not z_q.is_contiguous():
+            # Channels-first z gives channels-last rows; callers of a drop-in layer may .view() z_q.
+            z_q = z_q.contiguous()
+        return z_q, loss, indices.reshape(z_last.shape[:-1])
 
     def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight
         train = self.training and rows.shape[0] > 0
-        if train and self._needs_init:
+        # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
+        maintain = train and (self.ema or weight.requires_grad)
+        if maintain and self._needs_init:
             self._collect_for_kmeans(rows)
 
         indices = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.
-        restarts = train and self.dead_code_threshold > 0 and not self._needs_init
+        restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
         if self.ema and train:
             # EMA rewrites the codebook in place after this step, and the fused op saves it for the
             # backward: it gets a private copy (no gradient flows to EMA codes anyway).
@@ -538,25 +549,37 @@ class VectorQuantizer(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``.half()`` / ``.to(torch.bfloat16)`` convert the rest of a model; the codebook and the running
         statistics stay float32 (wider types such as float64 are kept)."""
-        super()._apply(fn, recurse)
+        protected = {id(self.embeddings.weight)} | {id(b) for n, b in self._buffers.items()
+                                                    if n in self._FP32_BUFFERS and b is not None}
         weight = self.embeddings.weight
-        if weight.is_floating_point() and weight.element_size() < 4:
-            weight.data = weight.data.float()
-            if weight.grad is not None:
-                weight.grad = weight.grad.float()
-        for name in self._FP32_BUFFERS:
-            buf = self._buffers.get(name)
-            if buf is not None and buf.is_floating_point() and buf.element_size() < 4:
-                self._buffers[name] = buf.float()
-        return self
+        if weight.grad is not None:
+            protected.add(id(weight.grad))
+
+        def keep_wide(t: Tensor) -> Tensor:
+            out = fn(t)
+            if (id(t) in protected and isinstance(out, Tensor) and out.is_floating_point()
+                    and out.element_size() < 4):
+                # From the original values: upcasting the converted copy would keep its rounding (and an
+                # fp16 count above 65,504 would already be inf).
+                return t.detach().to(device=out.device, dtype=torch.promote_types(t.dtype, torch.float32),
+                                     copy=True)
+            return out
+
+        return super()._apply(keep_wide, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
         # Checkpoints of the article's layer (or of an older VectorQuantizer) hold only the codes: keep
         # this layer's own statistics for whatever they lack, so that strict loading still works.
         missing = [name for name in self._buffers if prefix + name not in state_dict]
-        if missing:
+        # Statistics this layer does not keep: EMA counts loaded into a codebook-loss layer, and the
+        # running sums that the first EMA version stored (they equal codebook * smoothed counts).
+        extra = [prefix + name for name in ("ema_count", "ema_sum")
+                 if prefix + name in state_dict and name not in self._buffers]
+        if missing or extra:
             state_dict = dict(state_dict)
+            for key in extra:
+                del state_dict[key]
             for name in missing:
                 if name != "initialized":
                     state_dict[prefix + name] = self._buffers[name]
@@ -571,9 +594,19 @@ class VectorQuantizer(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        parts = [f"{self.num_embeddings}, {self.embedding_dim}", f"beta={self.beta}", f"metric={self.metric!r}",
-                 f"init={self.init!r}", f"ema={self.ema}", f"dead_code_threshold={self.dead_code_threshold}",
-                 f"precision={self.precision!r}"]
+        parts = [f"{self.num_embeddings}, {self.embedding_dim}", f"beta={self.beta}", f"metric={self.metric!r}"]
+        if self.channel_dim is not None:
+            parts.append(f"channel_dim={self.channel_dim}")
+        parts.append(f"init={self.init!r}")
+        if self.init == "kmeans":
+            parts.append(f"kmeans_iters={self.kmeans_iters}, kmeans_batches={self.kmeans_batches}")
+        parts.append(f"ema={self.ema}")
+        if self.ema:
+            parts.append(f"decay={self.decay}, eps={self.eps}")
+        parts += [f"dead_code_threshold={self.dead_code_threshold}", f"usage_decay={self.usage_decay}",
+                  f"precision={self.precision!r}"]
+        if not self.sync_distributed:
+            parts.append("sync_distributed=False")
         if self.sample_entropy_weight or self.batch_entropy_weight:
             parts.append(f"sample_entropy_weight={self.sample_entropy_weight}, "
                          f"batch_entropy_weight={self.batch_entropy_weight}, "

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows",
+           "centred"]
 
 # Elements of the (rows x K) distance block held at once: 2**22 fp32 values = 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -24,9 +25,33 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     Plain PyTorch: ``F.normalize(x, dim=-1)``, whose gradient at a zero row is about 1 / eps = 1e12
     (the cosine metric then blew up on a zero encoder output, e.g. a ReLU row or padding).
     """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    # The norm in fp32 at least: an fp16 row of finite elements can have a norm above 65,504.
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     nonzero = norm > 0
-    return x / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero
+    return (x / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero).to(x.dtype)
+
+
+def centred(rows: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and codes moved by one shift near the codebook's mean, which leaves every l2 distance unchanged.
+
+    The expanded form ||c||^2 - 2 z.c cancels catastrophically when the data sit far from the origin
+    (z, c = 1000 + randn: about a quarter of the rows got a wrong code in fp32); shifted, it does not.
+    The shift is the mean rounded to a power-of-two step no larger than the codes' spread, so data
+    already around the origin are not moved at all, and subtracting it is exact for data near it (ties
+    stay ties). NaN/inf codes are left out of it. No host synchronisation.
+    """
+    if codes.shape[0] == 0:
+        return rows, codes
+    # Detached: the distances do not depend on the shift, so neither do their gradients.
+    c = codes.detach()
+    finite = torch.isfinite(c).all(1, keepdim=True)
+    count = finite.sum().clamp_min(1)
+    mean = torch.where(finite, c, 0.0).sum(0) / count
+    spread = (torch.where(finite, c - mean, 0.0).pow(2).sum(0) / count).max().sqrt()
+    step = torch.exp2(torch.floor(torch.log2(spread)))
+    usable = (step > 0) & torch.isfinite(step)
+    shift = torch.where(usable, torch.round(mean / torch.where(usable, step, 1.0)) * step, 0.0)
+    return rows - shift.to(rows.dtype), codes - shift.to(codes.dtype)
 
 
 def _row_chunk(num_codes: int) -> int:
@@ -61,6 +86,8 @@ def nearest_code(
     if metric == "cosine":
         rows = unit_rows(rows)
         codes = unit_rows(codes)
+    else:
+        rows, codes = centred(rows, codes)
     code_sq = codes.pow(2).sum(1)
     n = rows.shape[0]
     indices = torch.zeros(n, dtype=torch.int64, device=z.device)
@@ -88,7 +115,17 @@ def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     from vqfast._checks import check_gather_inputs
 
     check_gather_inputs(codebook, indices)
-    return F.embedding(indices, codebook)
+    return _gather_wide(codebook, indices).to(codebook.dtype)
+
+
+def _gather_wide(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices]`` in fp32 at least, so that the codebook gradient is summed in fp32.
+
+    (A half-precision embedding's backward sums in half precision: 5,000 gradients of 1 into one fp16
+    row add up to 2,048.)
+    """
+    wide = torch.promote_types(codebook.dtype, torch.float32)
+    return F.embedding(indices, codebook.to(wide))
 
 
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,13 +178,15 @@ def quantize(
     if indices is None:
         with torch.no_grad():
             indices = nearest_code(z.detach(), codebook, metric=metric)[0]
-    q = F.embedding(indices, codebook).to(z.dtype)
+    # The losses see the code itself, in fp32 at least (fp64 for fp64 inputs), not the code rounded
+    # to z's dtype: an fp16 z beside an fp32 codebook would otherwise hide a code's distance from it.
+    q = _gather_wide(codebook, indices)
     if z.numel() == 0:
         loss = (z.sum() + codebook.sum()) * 0.0
     else:
-        acc = torch.promote_types(z.dtype, torch.float32)  # losses in fp32 (fp64 for fp64 inputs)
+        acc = torch.promote_types(q.dtype, z.dtype)
         loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + beta * F.mse_loss(z.to(acc), q.detach().to(acc))
-    return _StraightThrough.apply(z, q), loss, indices
+    return _StraightThrough.apply(z, q.detach().to(z.dtype)), loss, indices
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -180,11 +219,14 @@ def soft_assignment_entropy(
     """
     from torch.utils.checkpoint import checkpoint
 
-    rows = z.reshape(-1, z.shape[-1]).float()
-    codes = codebook.float()
+    dtype = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
+    rows = z.reshape(-1, z.shape[-1]).to(dtype)
+    codes = codebook.to(dtype)
     if metric == "cosine":
         rows = unit_rows(rows)
         codes = unit_rows(codes)
+    else:
+        rows, codes = centred(rows, codes)
     n = rows.shape[0]
     if n == 0:
         zero = (rows.sum() + codes.sum()) * 0.0
