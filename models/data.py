@@ -80,7 +80,10 @@ class ImageArrayDataset(Dataset):
         if labels is None:
             self.labels = torch.full((len(images),), -1, dtype=torch.int64)
         else:
-            self.labels = torch.as_tensor(np.asarray(labels)).reshape(-1).to(torch.int64)
+            labels = np.asarray(labels)
+            if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+                raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
+            self.labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
             if len(self.labels) != len(images):
                 raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
         self.name = name

@@ -47,7 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from vqfast import reference
 from vqfast.layer import _bincount
 from vqfast.models.autoencoders import MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters
-from vqfast.models.data import (DatasetUnavailable, dataset_label, describe_source, has_test_split, load_dataset,
+from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, has_test_split, load_dataset,
                                 source_of)
 
 __all__ = [
@@ -180,6 +180,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--limit must be positive, got {cfg.limit}")
     if cfg.eval_limit is not None and cfg.eval_limit <= 0:
         raise ValueError(f"--eval-limit must be positive (0 on the command line: all images), got {cfg.eval_limit}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
     if cfg.num_workers < 0:
         raise ValueError(f"--workers must be >= 0, got {cfg.num_workers}")
     if cfg.threads is not None and cfg.threads < 1:
@@ -223,6 +225,12 @@ def apply_backend(backend: str) -> None:
     """Select the VQ backend through ``VQFAST_BACKEND`` (``auto`` leaves the environment alone)."""
     if backend in ("torch", "triton"):
         os.environ["VQFAST_BACKEND"] = backend
+
+
+def _check_backend_on(backend: str | None, device: torch.device) -> None:
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("backend triton runs on CUDA devices; on the CPU use backend torch (or auto), or set "
+                         "TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -591,6 +599,8 @@ def _default_run_dir(model: str) -> Path:
 # so that none of them (a VAE's samples.png under a new AE run, say) outlives the run it belonged to.
 _RUN_OUTPUTS = (METRICS_NAME, "train.log", "summary.json", "loss_curve.png", "reconstructions.png",
                 "codebook_usage.json", "codebook_usage.png", "samples.png", "blend.png")
+# What `vqfast evaluate` writes into a run folder (eval-<data>-<split>.csv/.json, -worst.png).
+_EVAL_OUTPUTS = "eval-*"
 
 
 def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -633,19 +643,49 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any]) -> TrainConfig:
+    """The run's own settings for everything that defines its model and data stream.
+
+    An option left at its default takes the run's value; one set to something else that contradicts
+    the run is an error (it used to be dropped with a note, so a mistyped model name or data path
+    trained the old run on). A new ``lr`` is applied (and said); the run's is kept otherwise.
+    """
     saved_cfg = _as_config(saved)
-    changes = {}
+    defaults = TrainConfig(model=cfg.model)
+    conflicts = []
+    if cfg.model != saved_cfg.model:
+        conflicts.append(f"the model {cfg.model} (the run trains a {saved_cfg.model})")
     for name in _FROZEN_ON_RESUME:
         new, old = getattr(cfg, name), getattr(saved_cfg, name)
-        if new != old:
-            changes[name] = (new, old)
-        setattr(cfg, name, old)
-    if changes:
-        described = ", ".join(f"{k}={v[0]!r} (run has {v[1]!r})" for k, v in changes.items())
-        print(f"resume: keeping the run's settings; ignored {described}", file=sys.stderr)
+        if name == "data":
+            new, old = _absolute_source(new), _absolute_source(old)
+        if name != "model" and new != old and new != getattr(defaults, name):
+            conflicts.append(f"{_OPTION_NAMES.get(name, name)} {new!r} (the run has {old!r})")
+        setattr(cfg, name, getattr(saved_cfg, name))
+    if conflicts:
+        raise ValueError("--resume continues a run with its own model and data settings, but these differ: "
+                         + "; ".join(conflicts) + ". Leave them out, or start a new run in another --out")
+    if cfg.lr == defaults.lr:
+        cfg.lr = saved_cfg.lr
+    elif cfg.lr != saved_cfg.lr:
+        print(f"resume: learning rate {cfg.lr:g} from here on (the run used {saved_cfg.lr:g})", file=sys.stderr)
     if cfg.epochs is None:
         cfg.epochs = saved_cfg.resolved_epochs()
     return cfg
+
+
+# How the frozen settings are spelled on the command line, for messages.
+_OPTION_NAMES = {"batch_size": "--batch-size", "latent_dim": "--latent-dim", "num_codes": "--codes",
+                 "code_dim": "--code-dim", "beta": "--beta", "vq_preset": "--vq-preset", "vq_impl": "--vq-impl",
+                 "kl_weight": "--kl-weight", "codebook_init": "--codebook-init", "vq_kwargs": "--vq-option",
+                 "seed": "--seed", "data": "--data", "limit": "--limit"}
+
+
+def _absolute_source(source: str | None) -> str | None:
+    """A data source that names an existing file or folder, as an absolute path (so that a run can be
+    resumed or evaluated from another working directory); other sources unchanged."""
+    if source is None or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
@@ -668,11 +708,11 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
 
 def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     device = resolve_device(cfg.device, dist.local_rank)
-    if cfg.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("backend triton runs on CUDA devices; on the CPU use backend torch (or auto), or set "
-                         "TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
+    _check_backend_on(cfg.backend, device)
     if cfg.amp and device.type != "cuda":
         print("--amp: bf16 autocast is used on CUDA only; training in fp32 on the CPU", file=sys.stderr)
+    if cfg.resume and not cfg.out:
+        raise ValueError("--resume needs --out, the folder of the run to continue")
     run_dir = Path(cfg.out) if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
     ckpt_path = run_dir / CHECKPOINT_NAME
 
@@ -680,6 +720,12 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
         cfg = _merge_resumed(cfg, state["config"])
+        done = int(state["epoch"])
+        if cfg.resolved_epochs() < done:
+            raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
+                             f"has done; give the new total, at least {done}")
+    cfg.data = _absolute_source(cfg.data)
+    cfg.eval_data = _absolute_source(cfg.eval_data)
     epochs = cfg.resolved_epochs()
     cfg.epochs = epochs
 
@@ -714,10 +760,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         if not cfg.resume:
             for stale in _RUN_OUTPUTS:
                 (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if not held_out:
-            _print(f"Note: {dataset_label(train_set, cfg.data)} has no test split, so the end-of-run evaluation "
-                   f"uses its training images (pass --eval-data for a held-out set)", log_path)
+            for stale in run_dir.glob(_EVAL_OUTPUTS):
+                stale.unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     np.random.seed(cfg.seed)
@@ -745,6 +789,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr  # the run's, or a new one given on resume
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         same_world = int(state.get("world_size", 1)) == dist.world_size
         if not same_world:
@@ -806,6 +852,12 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         # An initial checkpoint, so that even an interrupt during the first epoch leaves one to load.
         write_checkpoint(0, 0, None, None)
     if dist.is_main:
+        # Written after the checkpoint: a run stopped before it leaves an empty folder, which a new run
+        # may use, rather than a config that neither a new run nor --resume would accept.
+        (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if not held_out:
+            _print(f"Note: {dataset_label(train_set, cfg.data)} has no test split, so the end-of-run evaluation "
+                   f"uses its training images (pass --eval-data for a held-out set)", log_path)
         _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
                f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
                f"{f' per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}", log_path)
@@ -1103,9 +1155,10 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if worst < 0:
         raise ValueError(f"--worst must be >= 0, got {worst}")
+    dev = resolve_device(device)
+    _check_backend_on(backend, dev)
     if backend:
         apply_backend(backend)  # a runtime choice: the backend a run was trained with is not reused
-    dev = resolve_device(device)
     model, cfg, state = load_run(run, dev)
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     out = Path(out_dir) if out_dir else run_dir
@@ -1248,7 +1301,9 @@ def train_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("Training interrupted.", file=sys.stderr)
         return 130
-    except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (DatasetUnavailable, OSError, ValueError) as exc:
+        # OSError: the file system's own complaints (a file where a folder should be, an unreadable
+        # image) name their path; a traceback would add nothing for the user.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -1297,7 +1352,10 @@ def evaluate_main(args: argparse.Namespace) -> int:
                            download=args.download, limit=args.limit, batch_size=args.batch_size,
                            device=args.device, backend=args.backend, amp=args.amp, out_dir=args.out_dir,
                            worst=args.worst, progress=args.progress)
-    except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
+    except KeyboardInterrupt:
+        print("Evaluation interrupted.", file=sys.stderr)
+        return 130
+    except (DatasetUnavailable, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(_format_eval(summary))

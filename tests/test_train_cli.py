@@ -68,6 +68,9 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["vqvae", "--codes", "0"], "--codes"),
     (["vqvae", "--workers", "-1"], "--workers"),
     (["vqvae", "--limit", "0"], "--limit"),
+    (["vqvae", "--seed", "-1"], "--seed"),
+    (["vqvae", "--seed", str(2**32)], "--seed"),
+    (["vqvae", "--resume", "--out", ""], "--resume needs --out"),
 ])
 def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,8 +134,82 @@ def test_an_empty_existing_folder_is_fine(tmp_path: Path) -> None:
 
 def test_overwrite_removes_the_previous_runs_outputs(tmp_path: Path) -> None:
     (tmp_path / "samples.png").write_bytes(b"from an older VAE run")
+    (tmp_path / "eval-sample-test.json").write_text('{"model": "vae"}')  # written by vqfast evaluate
     train(TrainConfig(**TINY_AE, out=str(tmp_path), overwrite=True))
     assert not (tmp_path / "samples.png").exists()  # an AE writes none: a VAE's would be misleading
+    assert not (tmp_path / "eval-sample-test.json").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_a_usable_folder(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**TINY_AE, out=str(out)))
+    assert list(out.iterdir()) == []  # not a config.json that neither a new run nor --resume would take
+    monkeypatch.undo()
+    assert len(train(TrainConfig(**TINY_AE, out=str(out))).history) == 1
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A one-epoch tiny AE run on an .npz given by a relative path, and that file."""
+    folder = tmp_path_factory.mktemp("npz_run")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "small.npz", x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+             y=np.arange(40) % 10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        run = train(TrainConfig(**{**TINY_AE, "data": "small.npz", "eval_data": "small.npz", "lr": 2e-3},
+                                out=str(folder / "run"))).run_dir
+    return run, folder / "small.npz"
+
+
+def test_resume_from_another_folder_finds_data_given_by_a_relative_path(npz_run, tmp_path, monkeypatch) -> None:
+    run, data = npz_run
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"] == str(data.resolve()) and saved["eval_data"] == str(data.resolve())
+    monkeypatch.chdir(tmp_path)
+    options = {k: v for k, v in TINY_AE.items() if k != "data"}  # left at its default: the run's
+    result = train(TrainConfig(**{**options, "epochs": 2}, out=str(run), resume=True))
+    assert len(result.history) == 2 and result.config.data == str(data.resolve())
+    assert result.config.lr == 2e-3  # the run's learning rate, not the default
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["vae"], "the model vae"),
+    (["ae", "--batch-size", "8"], "--batch-size 8"),
+    (["ae", "--data", "synthetic"], "--data 'synthetic'"),
+])
+def test_resume_refuses_options_that_contradict_the_run(npz_run, argv, named, capsys) -> None:
+    run, _ = npz_run
+    before = (run / "checkpoint.pt").read_bytes()
+    assert train_main(_train_args(*argv, "--resume", "--epochs", "3", "--out", str(run), "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and named in err, err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_applies_a_new_learning_rate(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY_AE, out=str(out)))
+    result = train(TrainConfig(**{**TINY_AE, "epochs": 2, "lr": 1e-4}, out=str(out), resume=True))
+    assert "learning rate 0.0001" in capsys.readouterr().err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert [g["lr"] for g in state["optimizer_state"]["param_groups"]] == [1e-4]
+    assert result.config.lr == 1e-4 and json.loads((out / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_resume_refuses_fewer_epochs_than_done(npz_run, capsys) -> None:
+    run, _ = npz_run
+    assert train_main(_train_args("ae", "--resume", "--epochs", "0", "--out", str(run))) == 2
+    assert "below the" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- broken checkpoints
