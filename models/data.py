@@ -180,7 +180,23 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    return datasets.ImageFolder(str(path), transform=transform)
+    return datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
+
+
+def _load_rgb(path: str):
+    """An image file as 8-bit RGB. 16-bit greyscale (PIL modes I;16 / I) is scaled down to 8 bits: PIL's
+    own conversion clips it, which turned almost every pixel of such an image white."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):
+            pixels = np.asarray(img, dtype=np.float64)
+            if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
+                raise ValueError(f"{path}: integer pixels outside the 16-bit range")
+            img = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
+        elif img.mode == "F":
+            raise ValueError(f"{path}: floating-point images are not supported; save it with 8-bit pixels")
+        return img.convert("RGB")
 
 
 @contextmanager

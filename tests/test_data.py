@@ -163,6 +163,9 @@ def test_npz_with_wrong_contents_is_rejected(tmp_path: Path) -> None:
     np.savez(tmp_path / "count.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.zeros(3))
     with pytest.raises(ValueError, match="labels"):
         load_dataset(str(tmp_path / "count.npz"))
+    np.savez(tmp_path / "names.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.array(["cat", "dog"]))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        load_dataset(str(tmp_path / "names.npz"))
 
 
 def test_image_folder(tmp_path: Path) -> None:
@@ -183,6 +186,20 @@ def test_image_folder(tmp_path: Path) -> None:
         assert ds[i][0].shape == (3, 32, 32)
     first = ds[0][0]  # cats/0.png, lossless PNG at native size
     torch.testing.assert_close(first, _as_chw_float(x[0]))
+
+
+def test_image_folder_scales_16_bit_greyscale(tmp_path: Path) -> None:
+    # PIL's own conversion to RGB clips 16-bit values at 255: such an image came out almost all white.
+    from PIL import Image
+
+    (tmp_path / "scans").mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(tmp_path / "scans" / "ramp.png")
+    assert Image.open(tmp_path / "scans" / "ramp.png").mode.startswith("I")
+    image = load_dataset(str(tmp_path))[0][0]
+    expected = torch.from_numpy(np.round(ramp / 257.0) / 255.0).float()
+    for channel in image:
+        torch.testing.assert_close(channel, expected)
 
 
 def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
