@@ -474,15 +474,20 @@ class _StopRequest:
         self.requested = False
         self._previous: Any = None
         self._installed = False
+        self._pid = os.getpid()
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nInterrupt received: stopping after this batch and saving a checkpoint "
-              "(press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
+        # DataLoader workers forked from this process inherit the handler (and the terminal's Ctrl-C):
+        # only the training process speaks.
+        if os.getpid() == self._pid:
+            print("\nInterrupt received: stopping after this batch and saving a checkpoint "
+                  "(press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "_StopRequest":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
             self._installed = True
@@ -883,6 +888,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             epoch_steps: list[torch.Tensor] = []
             t0 = time.perf_counter()
             done = skip
+            timed_images = 0  # images trained in this process (a resumed epoch's earlier ones took no time here)
             bar = _progress_bar(cfg.progress and dist.is_main, f"epoch {epoch + 1}/{epochs}", initial=skip,
                                 total=steps_per_epoch)
             try:
@@ -890,6 +896,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                     x = x.to(device, non_blocking=True)
                     terms = train_step(train_module, x, optimizer, cfg.amp)
                     n = x.shape[0]
+                    timed_images += n
                     acc += torch.stack([
                         # torch.full, not torch.tensor: a host-to-device copy would sync every step.
                         torch.full((), float(n), dtype=torch.float64, device=device),
@@ -927,8 +934,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                     _print(f"Interrupted in epoch {epoch + 1} after batch {done}/{steps_per_epoch}; "
                            f"checkpoint saved to {ckpt_path} (continue with --resume)", log_path)
                 break
+            timed = dist.all_sum(torch.full((), float(timed_images), dtype=torch.float64, device=device))
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
-                                   cfg, elapsed)
+                                   cfg, elapsed, float(timed))
             history.append(record)
             write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:
@@ -967,8 +975,10 @@ def _progress_bar(enabled: bool, desc: str, initial: int, total: int):
 
 
 def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cfg: TrainConfig,
-                  seconds: float) -> dict[str, Any]:
+                  seconds: float, timed_images: float | None = None) -> dict[str, Any]:
+    """One epoch's metrics; ``seconds`` is the time spent on ``timed_images`` of them (default: all)."""
     n, sse, objective, kl, vq = (float(v) for v in acc.cpu())
+    timed = n if timed_images is None else timed_images
     n = max(n, 1.0)
     mse = sse / (n * _PIXELS)
     rec: dict[str, Any] = {
@@ -979,7 +989,7 @@ def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cf
         "mse": mse,
         "psnr": _psnr(mse),
         "seconds": seconds,
-        "images_per_s": n / seconds if seconds > 0 else None,
+        "images_per_s": timed / seconds if seconds > 0 else None,
     }
     if cfg.model == "vae":
         rec["kl_per_image"] = kl / n
@@ -1335,7 +1345,8 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
              f"p90 {summary['score_p90']:.3f}, p99 {summary['score_p99']:.3f}, max {summary['score_max']:.3f}"]
     if "perplexity" in summary:
         lines.append(f"  codes used {summary['codes_used']}, perplexity {summary['perplexity']:.1f}")
-    lines.append("  worst images: " + ", ".join(f"#{i} ({s:.2f})" for i, s in summary["worst"][:5]))
+    if summary["worst"]:
+        lines.append("  worst images: " + ", ".join(f"#{i} ({s:.2f})" for i, s in summary["worst"][:5]))
     if "ood" in summary:
         o = summary["ood"]
         lines.append(f"  {o['data']} {o['split']}: {o['images']} images, MSE/pixel {o['mse']:.5f}, PSNR "

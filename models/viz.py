@@ -106,7 +106,8 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
     if positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first epoch (--epochs 0)
+        ax.legend(loc="upper left")
     psnr = [h.get("psnr") for h in history]
     if epochs and all(p is not None for p in psnr):
         ax2 = ax.twinx()

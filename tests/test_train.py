@@ -146,6 +146,9 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
     resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
     assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
     _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
+    # The resumed epoch's speed counts the one batch (32 images) trained after the resume, not all 96.
+    last = resumed.history[1]
+    assert last["images"] == 96 and last["images_per_s"] * last["seconds"] == pytest.approx(32)
 
 
 def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
