@@ -449,3 +449,46 @@ def test_reference_search_is_exact_far_from_the_origin(torch_backend):
     exact = torch.cdist(z.double(), c.double()).pow(2)
     assert torch.equal(idx, exact.argmin(1))
     torch.testing.assert_close(dist.double(), exact.min(1).values, rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_on_different_devices_are_refused():
+    # The meta device stands in for a second device on a CPU-only machine.
+    from vqfast.layer import soft_assignment_entropy
+
+    z, c = _pair()
+    on_meta = c.to("meta")
+    calls = {
+        "nearest_code": lambda: vqfast.nearest_code(z, on_meta),
+        "quantize": lambda: vqfast.quantize(z, on_meta),
+        "quantize indices": lambda: vqfast.quantize(z, c, indices=torch.zeros(30, dtype=torch.int64, device="meta")),
+        "gather": lambda: vqfast.gather(c, torch.zeros(3, dtype=torch.int64, device="meta")),
+        "soft_assignment_entropy": lambda: soft_assignment_entropy(z, on_meta),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="device") as info:
+            call()
+        assert "meta" in str(info.value) and "cpu" in str(info.value), name
+
+
+@pytest.mark.parametrize("global_precision, passes", [("highest", ["ieee"]), ("high", ["tf32", "ieee"]),
+                                                      ("medium", ["tf32", "ieee"])])
+def test_default_search_precision_follows_torch(triton_backend, kernel_device, monkeypatch, global_precision,
+                                                passes):
+    from vqfast.kernels import nearest
+
+    seen = []
+    real = nearest._search
+
+    def recording(z, codebook, c_sqnorm, input_precision, *args, **kwargs):
+        seen.append(input_precision)
+        return real(z, codebook, c_sqnorm, input_precision, *args, **kwargs)
+
+    monkeypatch.setattr(nearest, "_search", recording)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(global_precision)
+    try:
+        z, c = _pair(device=kernel_device)
+        vqfast.nearest_code(z, c)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == passes

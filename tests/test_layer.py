@@ -191,7 +191,17 @@ class PlainEMA:
         return idx, loss, q
 
 
-def test_ema_matches_plain_pytorch(backend, device):
+def test_ema_matches_plain_pytorch(backend, device, monkeypatch):
+    if backend == "triton":
+        # On the Triton backend the statistics come from the bincount and scatter-add kernels.
+        from vqfast import ops
+
+        calls = {"bincount": 0, "scatter_add_rows": 0}
+        for name in calls:
+            def counted(*args, _name=name, _real=getattr(ops, name), **kwargs):
+                calls[_name] += 1
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(ops, name, counted)
     torch.manual_seed(3)
     K, D, beta = 12, 5, 0.3
     vq = VectorQuantizer(K, D, beta=beta, ema=True, decay=0.9, eps=1e-3, dead_code_threshold=0.0).to(device)
@@ -216,6 +226,8 @@ def test_ema_matches_plain_pytorch(backend, device):
         # The straight-through output still has the value of the codes this step used.
         torch.testing.assert_close(z_q.double().cpu().reshape(-1, D), ref_q, rtol=1e-5, atol=1e-6)
     assert (vq.embeddings.weight.cpu() - initial).abs().max() > 1e-2
+    if backend == "triton":
+        assert calls == {"bincount": 4, "scatter_add_rows": 4}
 
 
 def test_ema_follows_codes_set_from_outside(backend, device):
@@ -544,18 +556,19 @@ def _chosen_gap(rows: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -
     return (chosen - best) / (rows.double().pow(2).sum(1) + best)
 
 
-def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_bf16_keeps_fp32_codebook(monkeypatch, autocast_dtype):
     monkeypatch.setenv("VQFAST_BACKEND", "torch")
     torch.manual_seed(15)
     enc = nn.Linear(6, 8)
     vq = VectorQuantizer(32, 8)
     x = torch.randn(4, 10, 6)
     exact = vq.embeddings.weight.detach().clone()  # (unused codes are restarted after the step)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=autocast_dtype):
         z = enc(x)
-        assert z.dtype == torch.bfloat16
+        assert z.dtype == autocast_dtype
         z_q, loss, idx = vq(z)
-    assert z_q.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert z_q.dtype == autocast_dtype and loss.dtype == torch.float32
     assert vq.embeddings.weight.dtype == torch.float32
     # fp32 mode searches exactly on the (bf16) values the encoder produced.
     rows = z.detach().float().reshape(-1, 8)
@@ -563,6 +576,27 @@ def test_autocast_bf16_keeps_fp32_codebook(monkeypatch):
     (z_q.float().sum() + loss).backward()
     assert vq.embeddings.weight.grad.dtype == torch.float32 and torch.isfinite(vq.embeddings.weight.grad).all()
     assert enc.weight.grad is not None and torch.isfinite(enc.weight.grad).all()
+
+
+def test_precision_option_changes_the_search(torch_backend):
+    # Codes 1 and 1 + 2**-10 and a row between them, nearer the second: in bf16 (8 significant bits)
+    # all three round to 1, and the tie goes to code 0; the fp32 search (tf32 mode too) finds code 1.
+    codes = torch.tensor([[1.0, 0.0], [1.0 + 2**-10, 0.0]])
+    z = torch.tensor([[1.0 + 2**-10 - 2**-12, 0.0]])
+    picked = {}
+    for precision in ("fp32", "tf32", "bf16"):
+        vq = VectorQuantizer(2, 2, precision=precision, dead_code_threshold=0.0).eval()
+        with torch.no_grad():
+            vq.embeddings.weight.copy_(codes)
+        picked[precision] = vq(z)[2].item()
+    assert picked == {"fp32": 1, "tf32": 1, "bf16": 0}
+
+
+def test_uniform_init_is_within_one_over_k():
+    torch.manual_seed(50)
+    weight = VectorQuantizer(512, 16, init="uniform").embeddings.weight.detach()
+    assert weight.abs().max() <= 1 / 512
+    assert weight.min() < -0.9 / 512 and weight.max() > 0.9 / 512  # spread over the range, not a constant
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])

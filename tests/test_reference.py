@@ -95,3 +95,23 @@ def test_histogram_entropy_skips_unused_codes_and_empty_histograms():
     assert perplexity.item() == pytest.approx(math.exp(expected), rel=1e-12)
     entropy, perplexity = reference.histogram_entropy(torch.zeros(5, dtype=torch.int64))
     assert entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
+def test_cosine_quantize_matches_the_public_op(monkeypatch):
+    # The oracle's cosine step normalises z and the codes itself, as vqfast.quantize does.
+    import vqfast
+
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    g = torch.Generator().manual_seed(9)
+    z = (3 * torch.randn(20, 6, generator=g)).requires_grad_()
+    c = (5 * torch.randn(7, 6, generator=g)).requires_grad_()
+    zq_ref, loss_ref, idx_ref = reference.quantize(z, c, beta=0.5, metric="cosine")
+    zq, loss, idx = vqfast.quantize(z, c, beta=0.5, metric="cosine")
+    assert torch.equal(idx_ref, idx)
+    torch.testing.assert_close(zq_ref, zq)
+    torch.testing.assert_close(zq_ref.norm(dim=1), torch.ones(20))
+    torch.testing.assert_close(loss_ref, loss)
+    g_ref = torch.autograd.grad(loss_ref + zq_ref.sum(), (z, c))
+    g_pub = torch.autograd.grad(loss + zq.sum(), (z, c))
+    for a, b in zip(g_ref, g_pub):
+        torch.testing.assert_close(a, b)

@@ -330,7 +330,7 @@ class VectorQuantizer(nn.Module):
         if maintain and self._needs_init:
             self._collect_for_kmeans(rows)
 
-        indices = self._search(rows, weight)
+        indices, distances = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
         if self.ema and train:
@@ -355,14 +355,16 @@ class VectorQuantizer(nn.Module):
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            counts = self._update_statistics(rows, self._statistics_indices(_finite_rows(rows), indices))
+            # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
+            finite = torch.isfinite(distances)
+            counts = self._update_statistics(rows, self._statistics_indices(finite, indices))
             if restarts:
                 # After the search and the statistics: the new codes serve from the next step on, so
                 # their seed rows (this batch) cannot pick them right away and inflate their usage.
                 self._restart_dead_codes(rows, counts)
         return z_q, loss, indices
 
-    def _search(self, rows: Tensor, weight: Tensor) -> Tensor:
+    def _search(self, rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         rows = rows.detach()
         weight = weight.detach()
         if self.precision == "bf16":
@@ -371,7 +373,7 @@ class VectorQuantizer(nn.Module):
             dtype = torch.promote_types(torch.promote_types(rows.dtype, weight.dtype), torch.float32)
             rows, weight = rows.to(dtype), weight.to(dtype)
         with torch.no_grad():
-            return nearest_code(rows, weight, metric=self.metric, precision=_SEARCH_PRECISION[self.precision])[0]
+            return nearest_code(rows, weight, metric=self.metric, precision=_SEARCH_PRECISION[self.precision])
 
     # -- codebook maintenance (no gradients, no host syncs) --------------------------------------
 

@@ -175,6 +175,9 @@ def quantize(
     Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype, and the
     value of the code exactly (``z + (q - z)`` may round away from it).
     """
+    if metric == "cosine":
+        # As vqfast.quantize: the code and the losses are those of the l2-normalised vectors.
+        z, codebook = unit_rows(z), unit_rows(codebook)
     if indices is None:
         with torch.no_grad():
             indices = nearest_code(z.detach(), codebook, metric=metric)[0]
