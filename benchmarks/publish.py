@@ -5,7 +5,8 @@
 Reads ``results.csv`` from the results folder that `vqfast bench` wrote and replaces the part of the
 README between ``<!-- headline-results:start -->`` and ``<!-- headline-results:end -->`` with the GPU,
 driver and versions, the headline table (vqfast next to cdist + argmin, the matmul form and the bare
-cuBLAS product) and the achieved-TFLOP/s plot when the folder has it.
+cuBLAS product), the speed goals with what the run measured, and the achieved-TFLOP/s plot when the
+folder has it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def headline_section(results: Path, readme: Path) -> str:
         f"[{link}/results.md]({link}/results.md).",
         "",
         bench.headline_table(records).rstrip(),
+        "",
+        "Speed goals (targets set for an H100; peaks and copy bandwidth measured in the same run):",
+        "",
+        bench.goals_table(records).rstrip(),
     ]
     if (results / "nearest_tflops_vs_k.png").is_file():
         lines += ["", f"![achieved TFLOP/s against K]({link}/nearest_tflops_vs_k.png)"]

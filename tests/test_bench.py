@@ -333,8 +333,13 @@ def test_meter_cuda_path_uses_do_bench_median_and_peak_memory(monkeypatch):
 
 def test_plans_cover_the_spec():
     plan = bench.default_plan()
-    assert {(p.n, p.k, p.d) for p in plan.headline} == {(1024, 4096, 128), (8192, 16384, 256), (65536, 65536, 256)}
-    assert {p.precision for p in plan.headline} == {"fp32", "bf16"}
+    headline = {(p.n, p.k, p.d, p.precision) for p in plan.headline}
+    assert {(n, k, d) for n, k, d, _ in headline} == {(1024, 4096, 128), (8192, 16384, 256), (65536, 65536, 256),
+                                                     (1024, 262144, 64)}
+    # Every point a speed goal is judged at: tf32 at the large shape, the small one in every dtype.
+    assert {(65536, 65536, 256, p) for p in ("bf16", "fp32", "tf32")} <= headline
+    assert {(1024, 4096, 128, p) for p in bench.PRECISIONS} <= headline
+    assert (1024, 262144, 64, "bf16") in headline
     swept = [p for _, points in plan.sweeps for p in points]
     assert min(p.k for p in swept) == 1024 and max(p.k for p in swept) == 262144
     assert min(p.d for p in swept) == 8 and max(p.d for p in swept) == 1024
@@ -540,3 +545,57 @@ def test_gpu_run_script_parses_and_refuses_unknown_modes():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "no-such-mode"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def _goal_records(fast: bool) -> list[bench.Record]:
+    """A run's records at the goal shapes; ``fast`` meets every goal, otherwise each misses."""
+    R = bench.Record
+    large, small, few = (65536, 65536, 256), (1024, 4096, 128), (1024, 262144, 64)
+    f = 1.0 if fast else 2.0
+    recs = [
+        R("ceiling", "matmul 8192³", "torch", "bf16", 8192, 8192, 8192, 1.0, tflops=700.0),
+        R("ceiling", "device copy 1024 MiB", "torch", "fp32", time_ms=1.0, gbps=3000.0),
+        R("headline", "headline", "z@c.T (cuBLAS)", "bf16", *large, 4.4),
+        R("headline", "headline", "cdist+argmin", "fp32", *large, 76.0),
+        R("layer", "(128, 256, 16, 16)", "vector-quantize-pytorch", "fp32", 32768, 65536, 256, 125.0,
+          peak_mem_mb=49000.0),
+        R("layer", "(64, 128, 4, 4)", "vector-quantize-pytorch", "fp32", 1024, 4096, 128, 3.0, peak_mem_mb=300.0),
+    ]
+    for prec, ms in (("bf16", 3.5), ("tf32", 6.0)):
+        recs.append(R("headline", "headline", "vqfast", prec, *large, ms * f,
+                      tflops=bench.tflops(*large, ms * f), check="pass"))
+    for prec in bench.PRECISIONS:
+        recs.append(R("headline", "headline", "vqfast", prec, *small, 0.02 * f))
+        recs.append(R("headline", "headline", bench.GRAPH_PROVIDER, prec, *small, 0.01))
+    recs.append(R("headline", "headline", "vqfast", "bf16", *few, 0.08 * f, tflops=bench.tflops(*few, 0.08 * f)))
+    recs.append(R("layer", "(128, 256, 16, 16)", "vqfast", "fp32", 32768, 65536, 256, 10.0 * f,
+                  peak_mem_mb=500.0 * f * f))
+    recs.append(R("layer", "(64, 128, 4, 4)", "vqfast", "fp32", 1024, 4096, 128, 0.9 * f, peak_mem_mb=10.0))
+    recs.append(R("gather", "fwd", "vqfast", "fp32", 1048576, 65536, 128, 1.0, gbps=2400.0 / f))
+    recs.append(R("usage", "bincount+entropy", "vqfast", "int64", 1048576, 65536, 0, 1.0, gbps=2200.0 / f))
+    return recs
+
+
+def test_goals_table_says_what_is_met_and_by_how_much_the_rest_misses():
+    met = bench.goals_table(_goal_records(fast=True))
+    rows = [line for line in met.splitlines() if line.startswith("| ") and "verdict" not in line
+            and "---" not in line]
+    assert len(rows) == 8 and all(row.rstrip().endswith("| met |") for row in rows), met
+    missed = bench.goals_table(_goal_records(fast=False))
+    rows = {line.split("|")[1].strip()[:3]: line for line in missed.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    # bf16 at 7 ms: 314 TFLOP/s is 43 % short of 550, and slower than the 4.4 ms bare product.
+    assert "missed by 43%" in rows["1. "] and "1.59x the bare product's time" in rows["1. "]
+    assert "missed by 39%" in rows["2. "] and "6.3x, not 10x" in rows["2. "]
+    assert "missed by 60%" in rows["3a."] and "graph 10" in rows["3a."]
+    assert "missed by" in rows["3b."]
+    assert missed.count("missed") >= 8
+    # Nothing measured: every goal says so instead of passing.
+    empty = bench.goals_table([])
+    assert "met |" not in empty.replace("not met |", "")
+    assert "not measured in this run" in empty
+
+
+def test_results_markdown_has_the_goals_section():
+    md = bench.render_markdown(_goal_records(fast=True), {"gpu": "test"})
+    assert "## Speed goals" in md and "3b. bf16 search 1,024 x 262,144 x 64" in md

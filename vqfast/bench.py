@@ -355,6 +355,154 @@ def headline_table(records: Sequence[Record]) -> str:
     return format_markdown_table(headers, rows)
 
 
+# Shapes the speed goals are judged at (see goals_table).
+GOAL_LARGE = (65536, 65536, 256)
+GOAL_SMALL = (1024, 4096, 128)
+GOAL_FEW_ROWS = (1024, 262144, 64)
+GOAL_LAYER_CASE, GOAL_LAYER_K = "(128, 256, 16, 16)", 65536
+ARTICLE_LAYER_CASE, ARTICLE_LAYER_K = "(64, 128, 4, 4)", 4096
+SMALL_TARGET_MS = 0.025
+
+
+def _find(records: Sequence[Record], part: str, provider: str, shape: tuple[int, int, int] | None = None,
+          precision: str | None = None, case: str | None = None, k: int | None = None) -> Record | None:
+    for r in records:
+        if (r.part == part and r.provider == provider and (shape is None or (r.n, r.k, r.d) == shape)
+                and (precision is None or r.precision == precision) and (case is None or r.case == case)
+                and (k is None or r.k == k)):
+            return r
+    return None
+
+
+def _ceiling(records: Sequence[Record], precision: str | None = None, copy: bool = False) -> float | None:
+    for r in records:
+        if r.part == "ceiling" and r.ok:
+            if copy and r.case.startswith("device copy"):
+                return r.gbps
+            if not copy and r.precision == precision and r.case.startswith("matmul"):
+                return r.tflops
+    return None
+
+
+def _shortfall(value: float, target: float, higher_is_better: bool = True) -> str:
+    """'met', or how far ``value`` is from ``target`` in percent of the target."""
+    if (value >= target) if higher_is_better else (value <= target):
+        return "met"
+    return f"missed by {abs(value - target) / target:.0%}"
+
+
+def _combine(verdicts: Sequence[str]) -> str:
+    misses = [v for v in verdicts if v != "met"]
+    return "met" if not misses else "; ".join(misses)
+
+
+def goals_table(records: Sequence[Record]) -> str:
+    """The speed goals, each with what this run measured and whether (or by how much) it falls short.
+
+    Targets are the project's H100 goals; ceilings (peak TFLOP/s, copy bandwidth) come from this run,
+    so on another GPU the ratio columns still say how close to that GPU's limits vqfast runs."""
+    rows: list[list[str]] = []
+    missing = "not measured in this run"
+
+    # 1. bf16 search at the large shape: faster than cuBLAS's bare product, >= 550 TFLOP/s (aim 650).
+    fused = _find(records, "headline", "vqfast", GOAL_LARGE, "bf16")
+    bare = _find(records, "headline", "z@c.T (cuBLAS)", GOAL_LARGE, "bf16")
+    if fused is not None and fused.ok and fused.tflops:
+        verdicts = [_shortfall(fused.tflops, 550.0)]
+        got = f"{fused.time_ms:.2f} ms, {fused.tflops:.0f} TFLOP/s"
+        if bare is not None and bare.ok:
+            got += f"; z@c.T {bare.time_ms:.2f} ms"
+            if fused.time_ms >= bare.time_ms:
+                verdicts.append(f"{fused.time_ms / bare.time_ms:.2f}x the bare product's time")
+        else:
+            verdicts.append("z@c.T not measured")
+        rows.append(["1. bf16 search at 65,536 x 65,536 x 256", got,
+                     "< z@c.T time, >= 550 TFLOP/s (aim 650)", _combine(verdicts)])
+    else:
+        rows.append(["1. bf16 search at 65,536 x 65,536 x 256", fused.status if fused else missing,
+                     "< z@c.T time, >= 550 TFLOP/s (aim 650)", "not met"])
+
+    # 2. fp32 data, tf32 products with the exact re-check: >= 300 TFLOP/s, >= 10x cdist + argmin (fp32).
+    tf32 = _find(records, "headline", "vqfast", GOAL_LARGE, "tf32")
+    cdist = _find(records, "headline", "cdist+argmin", GOAL_LARGE, "fp32")
+    target = ">= 300 TFLOP/s, >= 10x faster than fp32 cdist+argmin, exact fp32 indices"
+    if tf32 is not None and tf32.ok and tf32.tflops:
+        verdicts = [_shortfall(tf32.tflops, 300.0)]
+        got = f"{tf32.time_ms:.2f} ms, {tf32.tflops:.0f} TFLOP/s, check {tf32.check or '?'}"
+        if cdist is not None and cdist.ok:
+            speedup = cdist.time_ms / tf32.time_ms
+            got += f"; {speedup:.1f}x cdist+argmin"
+            verdicts.append("met" if speedup >= 10 else f"{speedup:.1f}x, not 10x, faster than cdist+argmin")
+        else:
+            verdicts.append(f"cdist+argmin: {cdist.status if cdist else missing}")
+        if tf32.check != "pass":
+            verdicts.append(f"distance check {tf32.check or 'missing'}")
+        rows.append(["2. tf32 search (exact indices) at 65,536 x 65,536 x 256", got, target, _combine(verdicts)])
+    else:
+        rows.append(["2. tf32 search (exact indices) at 65,536 x 65,536 x 256",
+                     tf32.status if tf32 else missing, target, "not met"])
+
+    # 3a. latency of a small search in every dtype (eager; the CUDA-graph replay beside it).
+    small = []
+    worst = None
+    for prec in PRECISIONS:
+        r = _find(records, "headline", "vqfast", GOAL_SMALL, prec)
+        if r is None or not r.ok:
+            continue
+        graph = _find(records, "headline", GRAPH_PROVIDER, GOAL_SMALL, prec)
+        small.append(f"{prec} {r.time_ms * 1000:.0f} µs" + (f" (graph {graph.time_ms * 1000:.0f})"
+                                                           if graph is not None and graph.ok else ""))
+        worst = r.time_ms if worst is None else max(worst, r.time_ms)
+    rows.append(["3a. small search 1,024 x 4,096 x 128, any dtype", ", ".join(small) or missing,
+                 "<= 25 µs", _shortfall(worst, SMALL_TARGET_MS, higher_is_better=False) if worst else "not met"])
+
+    # 3b. few rows, huge codebook (split across programs): >= 50 % of this run's bf16 peak.
+    few = _find(records, "headline", "vqfast", GOAL_FEW_ROWS, "bf16")
+    peak = _ceiling(records, "bf16")
+    if few is not None and few.ok and few.tflops and peak:
+        rows.append(["3b. bf16 search 1,024 x 262,144 x 64", f"{few.tflops:.0f} TFLOP/s = "
+                     f"{few.tflops / peak:.0%} of the measured {peak:.0f}", ">= 50 % of the bf16 peak",
+                     _shortfall(few.tflops / peak, 0.5)])
+    else:
+        rows.append(["3b. bf16 search 1,024 x 262,144 x 64", few.status if few else missing,
+                     ">= 50 % of the bf16 peak", "not met"])
+
+    # 4. layer forward + backward against vector-quantize-pytorch.
+    for case, k, speed, label in ((GOAL_LAYER_CASE, GOAL_LAYER_K, 10.0, "4. layer fwd+bwd (128, 256, 16, 16), K 65,536"),
+                                  (ARTICLE_LAYER_CASE, ARTICLE_LAYER_K, 3.0, "4. layer fwd+bwd (64, 128, 4, 4), K 4,096")):
+        ours = _find(records, "layer", "vqfast", case=case, k=k)
+        theirs = _find(records, "layer", "vector-quantize-pytorch", case=case, k=k)
+        target = f">= {speed:g}x faster than vector-quantize-pytorch" + (", <= 2 % of its extra memory"
+                                                                        if speed == 10.0 else "")
+        if ours is None or not ours.ok or theirs is None or not theirs.ok:
+            why = "vqfast: " + (ours.status if ours else missing) + "; vector-quantize-pytorch: " + (
+                theirs.status if theirs else "not installed or not measured")
+            rows.append([label, why, target, "not met"])
+            continue
+        ratio = theirs.time_ms / ours.time_ms
+        got = f"{ours.time_ms:.2f} ms vs {theirs.time_ms:.2f} ms ({ratio:.1f}x)"
+        verdicts = [_shortfall(ratio, speed)]
+        if speed == 10.0 and ours.peak_mem_mb is not None and theirs.peak_mem_mb:
+            share = ours.peak_mem_mb / theirs.peak_mem_mb
+            got += f", memory {ours.peak_mem_mb:.0f} vs {theirs.peak_mem_mb:.0f} MB ({share:.1%})"
+            verdicts.append(_shortfall(share, 0.02, higher_is_better=False).replace("missed", "memory missed"))
+        rows.append([label, got, target, _combine(verdicts)])
+
+    # 5. memory-bound kernels at N >= 10^6: >= 70 % of this run's copy bandwidth.
+    copy = _ceiling(records, copy=True)
+    for part, label in (("gather", "5. gather / scatter-add, N >= 10⁶"), ("usage", "5. code usage, N >= 10⁶")):
+        measured = [r for r in records if r.part == part and r.provider == "vqfast" and r.n >= 1_000_000 and r.ok
+                    and r.gbps]
+        if not measured or not copy:
+            rows.append([label, missing if not measured else "no copy ceiling", ">= 70 % of the copy bandwidth",
+                         "not met"])
+            continue
+        got = ", ".join(f"{r.case} {r.precision} {r.gbps:.0f} GB/s ({r.gbps / copy:.0%})" for r in measured)
+        rows.append([label, got, f">= 70 % of the measured {copy:.0f} GB/s",
+                     _combine([_shortfall(r.gbps / copy, 0.7) for r in measured])])
+    return format_markdown_table(["goal", "measured", "target", "verdict"], rows)
+
+
 def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
     """The whole report: environment, ceilings, headline, then one table per part."""
     out = ["# vqfast benchmark results", ""]
@@ -374,6 +522,11 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
     if any(r.part == "headline" for r in records):
         out += ["## Headline: nearest-code search", ""]
         out.append(headline_table(records))
+    if any(r.part in ("headline", "layer", "gather", "usage") for r in records):
+        out += ["## Speed goals", "",
+                "Each goal with what this run measured; a goal that is not met says by how much (in percent "
+                "of the target). Peak TFLOP/s and copy bandwidth are this run's ceilings.", ""]
+        out.append(goals_table(records))
     nearest = [r for r in records if r.part == "nearest"]
     if nearest:
         out += ["## Nearest-code search sweeps", ""]
@@ -663,7 +816,11 @@ def default_plan() -> Plan:
     """About 9 minutes on an H100 (the budget trims it if compilation is slower than expected)."""
     k_values = [1024, 4096, 16384, 65536, 262144]
     return Plan(
-        headline=_points(HEADLINE_SHAPES, ["bf16", "fp32"]),
+        # The headline shapes, then the other points the speed goals are judged at: tf32 at the large
+        # shape, the small shape in the two remaining dtypes, few rows with a huge codebook.
+        headline=_points(HEADLINE_SHAPES, ["bf16", "fp32"]) + [
+            NearestPoint(*GOAL_LARGE, "tf32"), NearestPoint(*GOAL_FEW_ROWS, "bf16"),
+            NearestPoint(*GOAL_SMALL, "tf32"), NearestPoint(*GOAL_SMALL, "fp16")],
         # Most telling sweeps first: a time budget cut loses the tail.
         sweeps=[
             ("K sweep (N=8192, D=256)", _points([(8192, k, 256) for k in k_values], ["bf16"])),
