@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -173,3 +175,59 @@ def _max_shared_memory(active, device: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# -- launch configurations of the memory-bound kernels --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Rows (or elements) per program and warps of one launch."""
+
+    block: int
+    num_warps: int
+
+
+def row_tile_configs(block_d: int) -> list[LaunchConfig]:
+    """Candidates for the row kernels (gather, scatter-add, the fused VQ step): 2,048 to 8,192 elements
+    per program, 4 or 8 warps. The first (4,096 elements, 4 warps) is the fixed choice; under the
+    interpreter, 16 rows keep the tests quick."""
+    if interpreting():
+        return [LaunchConfig(16, 4)]
+    fixed = LaunchConfig(max(1, 4096 // block_d), 4)
+    others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)]
+    return [fixed] + [c for c in others if c != fixed]
+
+
+_TUNED: dict[tuple, LaunchConfig] = {}
+
+
+def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[LaunchConfig], object]) -> LaunchConfig:
+    """The configuration to launch with for problems of this ``key`` (name, size bucket, dtypes, device).
+
+    The first candidate under the interpreter, with ``VQFAST_AUTOTUNE=0`` or when there is one;
+    otherwise the fastest by ``triton.testing.do_bench`` of ``trial(config)``, measured on the first
+    call with this key and remembered. ``trial`` launches the kernel on the real inputs but into
+    scratch outputs, so that kernels that accumulate (atomics) leave the real output untouched; this
+    is why the memory-bound kernels are tuned here rather than by ``triton.autotune``, whose timing runs
+    would write the real output.
+    """
+    if len(configs) == 1 or interpreting() or not autotuning():
+        return configs[0]
+    if key not in _TUNED:
+        times = [triton.testing.do_bench(lambda c=c: trial(c), warmup=5, rep=20) for c in configs]
+        _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+    return _TUNED[key]
+
+
+def scratch_trial(launch: Callable[..., object], *outputs: torch.Tensor) -> Callable[[LaunchConfig], object]:
+    """A ``trial`` for :func:`tuned_config` that calls ``launch(config, *scratch)`` with scratch tensors
+    shaped like ``outputs`` (made on the first timing run only, so no memory is spent once tuned)."""
+    scratch: list[torch.Tensor] = []
+
+    def trial(cfg: LaunchConfig) -> object:
+        if not scratch:
+            scratch.extend(torch.zeros_like(t) for t in outputs)
+        return launch(cfg, *scratch)
+
+    return trial

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_grid_yz, check_launchable, check_row_count, int32_safe_columns, interpreting, next_power_of_2,
+    LaunchConfig, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
+    row_tile_configs, scratch_trial, tuned_config,
 )
 
 
@@ -77,9 +78,8 @@ def _vq_backward_kernel(
                       sem="relaxed")
 
 
-def _row_block(d: int) -> tuple[int, int]:
-    block_d = min(128, max(16, next_power_of_2(d)))
-    return (16 if interpreting() else max(1, 4096 // block_d)), block_d
+def _block_d(d: int) -> int:
+    return min(128, max(16, next_power_of_2(d)))
 
 
 def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
@@ -94,12 +94,19 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
     if n == 0:
         return z_q, torch.zeros((), dtype=torch.float32, device=z.device)
-    block_n, block_d = _row_block(d)
-    programs = triton.cdiv(n, block_n)
-    partial = torch.empty(programs, dtype=torch.float32, device=z.device)
-    _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
-                                    z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-                                    BLOCK_N=block_n, BLOCK_D=block_d)
+    block_d = _block_d(d)
+
+    def launch(cfg: LaunchConfig) -> torch.Tensor:
+        programs = triton.cdiv(n, cfg.block)
+        partial = torch.empty(programs, dtype=torch.float32, device=z.device)
+        _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
+                                        z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+                                        BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+        return partial
+
+    # Timing runs write z_q too (the final launch overwrites it) and partial sums of their own.
+    key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device)
+    partial = launch(tuned_config(key, row_tile_configs(block_d), launch))
     loss = partial.sum() * ((1.0 + beta) / (n * d))
     return z_q, loss
 
@@ -121,18 +128,25 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     c_shape = codebook.shape if need_grad_codebook else (0, d)
     grad_c = torch.zeros(c_shape, dtype=torch.float32, device=z.device)
     if n > 0:
-        block_n, block_d = _row_block(d)
+        block_d = _block_d(d)
         coef = 2.0 / (n * d)
         grad_loss = grad_loss.reshape(1).to(torch.float32)
         has_gzq = grad_zq is not None
         gzq = int32_safe_columns(grad_zq) if has_gzq else z
-        grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-        check_grid_yz(grid[1], "the VQ backward")
-        _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, grad_z, grad_c, n, codebook.shape[0], d,
-                                  coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
-                                  codebook.stride(0), codebook.stride(1),
-                                  HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
-                                  BLOCK_N=block_n, BLOCK_D=block_d)
+        check_grid_yz(triton.cdiv(d, block_d), "the VQ backward")
+
+        def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z, into_c: torch.Tensor = grad_c) -> None:
+            grid = (triton.cdiv(n, cfg.block), triton.cdiv(d, block_d))
+            _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, into_z, into_c, n, codebook.shape[0],
+                                      d, coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
+                                      codebook.stride(0), codebook.stride(1),
+                                      HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
+                                      BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+
+        # The codebook gradient accumulates (atomics): timing runs go to scratch tensors.
+        key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype, has_gzq,
+               need_grad_codebook, z.device)
+        launch(tuned_config(key, row_tile_configs(block_d), scratch_trial(launch, grad_z, grad_c)))
     elif grad_zq is not None:
         grad_z.copy_(grad_zq)
     return grad_z, (grad_c if codebook.dtype == torch.float32 else grad_c.to(codebook.dtype))

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import check_launchable, interpreting
+from vqfast.kernels._common import LaunchConfig, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config
 
 
 @triton.jit
@@ -47,9 +47,23 @@ def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     n = indices.shape[0]
     counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
     if n > 0:
-        block = 128 if interpreting() else 1024
-        _bincount_kernel[(triton.cdiv(n, block),)](indices, counts, n, num_codes, BLOCK=block)
+        def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
+            _bincount_kernel[(triton.cdiv(n, cfg.block),)](indices, into, n, num_codes, BLOCK=cfg.block,
+                                                           num_warps=cfg.num_warps)
+
+        # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
+        # collide on one code, and so the best block, depends on it.
+        key = ("bincount", next_power_of_2(n), num_codes, indices.device)
+        launch(tuned_config(key, _bincount_configs(), scratch_trial(launch, counts)))
     return counts
+
+
+def _bincount_configs() -> list[LaunchConfig]:
+    """Indices per program and warps; the first is the fixed choice (128 under the interpreter)."""
+    if interpreting():
+        return [LaunchConfig(128, 4)]
+    return [LaunchConfig(1024, 4), LaunchConfig(512, 4), LaunchConfig(2048, 4), LaunchConfig(4096, 8),
+            LaunchConfig(1024, 8)]
 
 
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

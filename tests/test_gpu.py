@@ -58,6 +58,32 @@ def test_autotuned_search(monkeypatch, dtype, precision, tol, n, k, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autotuned_memory_bound_kernels(monkeypatch, dtype):
+    # Gather, scatter-add, the fused VQ step and bincount time their candidates on the first call of a
+    # problem size; the accumulating ones time into scratch buffers, so the results must be exact.
+    from vqfast.kernels import _common
+
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    monkeypatch.setattr(_common, "_TUNED", {})
+    n, k, d = 70000, 3000, 96
+    z, c = _data(n, k, d, dtype, seed=8)
+    idx = torch.randint(0, k, (n,), device="cuda")
+    grad = torch.randn(n, d, device="cuda").to(dtype)
+    assert torch.equal(kernels.gather_rows(c, idx), c[idx])
+    expected = torch.zeros(k, d, device="cuda").index_add_(0, idx, grad.float())
+    torch.testing.assert_close(kernels.scatter_add_rows(grad, idx, k, torch.float32), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(kernels.bincount(idx, k), torch.bincount(idx, minlength=k))
+    z_q, loss = kernels.quantize_forward(z, c, idx, 0.25)
+    diff = c[idx].float() - z.float()
+    assert torch.equal(z_q, c[idx])
+    torch.testing.assert_close(loss, 1.25 * diff.pow(2).mean(), rtol=1e-4, atol=0)
+    _, gc = kernels.quantize_backward(None, torch.ones((), device="cuda"), z, c, idx, 0.25)
+    expected = torch.zeros(k, d, device="cuda").index_add_(0, idx, 2 * diff / (n * d))
+    torch.testing.assert_close(gc.float(), expected.to(dtype).float(), rtol=1e-2, atol=1e-6)
+    assert len(_common._TUNED) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_codebook_few_rows_many_codes(dtype):
     z, c = _data(1024, 262144, 64, dtype, seed=1)
     idx_auto, dist_auto = kernels.nearest_code(z, c, precision="highest")

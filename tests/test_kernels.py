@@ -396,3 +396,77 @@ def test_interpreter_can_run_loops():
 
     if interpreting():
         assert _interpreter_problem() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes the GPU timer around the CPU interpreter")
+def test_memory_bound_kernels_tune_their_launch_once_per_problem(monkeypatch):
+    # On a GPU the gather, scatter-add, fused VQ step and bincount launchers time their candidate
+    # configurations on the first call of a problem size and keep the fastest. Here the interpreter runs
+    # the kernels and a fake timer names the winner: every candidate must compute the right result, and
+    # the timing runs of accumulating kernels must not leak into the real output.
+    import triton.testing
+
+    from vqfast.kernels import _common, gather, quantize, usage
+
+    # The launchers see a GPU's candidate lists (their device check is the interpreter's business here).
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(usage, "interpreting", lambda: False)
+    for module in (gather, quantize, usage):
+        monkeypatch.setattr(module, "check_launchable", lambda *tensors: None)
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    monkeypatch.setattr(_common, "_TUNED", {})
+    timings: list[int] = []
+    # Problems in the order below: gather, scatter-add, bincount (5 candidates), VQ forward, VQ backward
+    # (6 each); the second candidate of each is the fastest.
+    fake_ms = [2, 1, 2, 2, 2, 2] * 2 + [2, 1, 2, 2, 2] + [2, 1, 2, 2, 2, 2] * 2
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        timings.append(len(timings))
+        return float(fake_ms[len(timings) - 1])
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    g = torch.Generator().manual_seed(40)
+    n, k, d = 50, 7, 20
+    codebook = torch.randn(k, d, generator=g)
+    indices = torch.randint(0, k, (n,), generator=g)
+    grad = torch.randn(n, d, generator=g)
+    z = torch.randn(n, d, generator=g)
+
+    for _ in range(2):  # the second round reuses the tuned configurations without timing
+        before = len(timings)
+        out = kernels.gather_rows(codebook, indices)
+        assert torch.equal(out, codebook[indices])
+        summed = kernels.scatter_add_rows(grad, indices, k)
+        torch.testing.assert_close(summed, torch.zeros(k, d).index_add_(0, indices, grad))
+        counts = kernels.bincount(indices, k)
+        assert torch.equal(counts, torch.bincount(indices, minlength=k))
+        z_q, loss = kernels.quantize_forward(z, codebook, indices, 0.25)
+        torch.testing.assert_close(loss, 1.25 * (codebook[indices] - z).pow(2).mean())
+        gz, gc = kernels.quantize_backward(None, torch.ones(()), z, codebook, indices, 0.25)
+        diff = codebook[indices] - z
+        torch.testing.assert_close(gc, torch.zeros(k, d).index_add_(0, indices, 2 * diff / (n * d)))
+        torch.testing.assert_close(gz, -0.25 * 2 * diff / (n * d))
+        if before:
+            assert len(timings) == before
+    tuned = _common._TUNED
+    assert len(tuned) == 5 and len(timings) == len(fake_ms)
+    block_d = 32
+    row_configs = _common.row_tile_configs(block_d)
+    assert len(row_configs) == 6 and row_configs[0] == _common.LaunchConfig(4096 // block_d, 4)
+    for key, cfg in tuned.items():
+        expected = usage._bincount_configs()[1] if key[0] == "bincount" else row_configs[1]
+        assert cfg == expected, key
+
+
+def test_memory_bound_kernels_use_the_fixed_configuration_without_autotuning(monkeypatch):
+    from vqfast.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "0")
+
+    def never(*args, **kwargs):
+        raise AssertionError("timed although autotuning is off")
+
+    configs = _common.row_tile_configs(64)
+    assert _common.tuned_config(("x",), configs, never) == configs[0] == _common.LaunchConfig(64, 4)
