@@ -3,6 +3,7 @@
 Marked ``gpu``; skipped on machines without CUDA.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,18 @@ def test_ops_replay_from_a_cuda_graph(monkeypatch, dtype, precision):
     ref_zq, ref_loss, _ = vqfast.quantize(z, c, precision=precision)
     assert torch.equal(z_q, ref_zq) and torch.equal(loss, ref_loss)
     assert torch.equal(layer_idx, vq(z.float())[2])
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
+    from vqfast.models.train import TrainConfig, train
+
+    result = train(TrainConfig(model="vqvae", data="sample", limit=256, batch_size=32, epochs=2, device="cuda",
+                               backend="triton", amp=amp, num_codes=512, progress=False, eval_limit=128,
+                               out=str(tmp_path / "run")))
+    first, last = result.history[0], result.history[-1]
+    assert np.isfinite(last["avg_loss"]) and last["avg_loss"] < first["avg_loss"]
+    assert last["codes_used"] > 16
+    assert result.test_metrics is not None and np.isfinite(result.test_metrics["mse"])
+    for name in ("reconstructions.png", "codebook_usage.png", "loss_curve.png", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).is_file()

@@ -151,7 +151,10 @@ def test_build_model_rejects_unknown_names() -> None:
 def test_vq_presets():
     from vqfast.models.autoencoders import build_model
 
+    import vqfast
+
     default = build_model("vqvae", num_codes=16, code_dim=8)
+    assert isinstance(default.quantizer, vqfast.VectorQuantizer)  # the model is built on the layer
     assert default.quantizer.beta == 0.25 and default.quantizer.dead_code_threshold > 0
     article = build_model("vqvae", num_codes=16, code_dim=8, vq_preset="article")
     assert article.quantizer.beta == 1.0 and article.quantizer.dead_code_threshold == 0

@@ -97,7 +97,10 @@ def test_vqvae_run_outputs(vq_run: train_mod.TrainResult) -> None:
     assert 1.0 <= usage["perplexity"] <= usage["codes_used"]
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model"] == "vqvae" and cfg["num_codes"] == 4096 and cfg["epochs"] == 2
-    assert "Average loss" in (d / "train.log").read_text()
+    epoch_lines = [line for line in (d / "train.log").read_text().splitlines() if line.startswith("====> Epoch")]
+    assert len(epoch_lines) == 2
+    for line in epoch_lines:
+        assert "Average loss" in line and "MSE/pixel" in line and "PSNR" in line and "dB" in line, line
 
 
 def test_vae_run_outputs_and_metrics(vae_reference: train_mod.TrainResult) -> None:
@@ -346,6 +349,10 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
     assert r0["history"][0]["avg_loss"] == r1["history"][0]["avg_loss"]
     state = load_checkpoint(run_dir)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["epoch"] == 1
+    # Rank 0 alone writes the outputs: one log line per event, one metrics record per epoch and test.
+    log = (run_dir / "train.log").read_text()
+    assert log.count("====> Epoch: 1") == 1 and log.count("Training vqvae") == 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     _assert_same_weights(state["model_state"], r0["state"])
     # training changed the weights
     torch.manual_seed(TINY_VQ.get("seed", 0))

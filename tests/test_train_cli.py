@@ -357,3 +357,10 @@ def test_evaluate_shows_a_progress_bar_unless_told_not_to(ae_run: Path, tmp_path
     assert "sample test" in capsys.readouterr().err
     assert evaluate_main(_evaluate_args(*args, "--no-progress")) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_amp_on_the_cpu_says_so_and_trains_in_fp32(tmp_path: Path, capsys) -> None:
+    result = train(TrainConfig(**TINY_AE, amp=True, out=str(tmp_path / "run")))
+    assert "--amp: bf16 autocast is used on CUDA only" in capsys.readouterr().err
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["avg_loss"])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
