@@ -347,6 +347,7 @@ def test_plans_cover_the_spec():
     assert len({p.n for p in swept}) >= 3
     assert plan.layer == [(64, 128, 4, 4, 4096), (32, 256, 16, 16, 16384), (128, 256, 16, 16, 65536)]
     assert plan.train == [64, 256] and (plan.train_codes, plan.train_dim) == (4096, 128)
+    assert plan.kmeans == [(131072, 65536, 256)]  # "K = 65,536 initialises in seconds"
     quick = bench.quick_plan()
     assert quick.budget_s < plan.budget_s and quick.mode == "quick"
     assert len(quick.headline) + sum(len(p) for _, p in quick.sweeps) <= 6
@@ -356,7 +357,7 @@ def _tiny_plan(**overrides) -> bench.Plan:
     kw = dict(
         headline=bench._points([(32, 64, 8)], ["fp32", "bf16"]),
         sweeps=[("K sweep (N=32, D=8)", bench._points([(32, 16, 8), (32, 64, 8), (32, 256, 8)], ["fp32"]))],
-        gather=[(64, 16, 8, "fp32")], usage=[(100, 10)], layer=[(2, 8, 2, 2, 16)], train=[2],
+        gather=[(64, 16, 8, "fp32")], usage=[(100, 10)], layer=[(2, 8, 2, 2, 16)], train=[2], kmeans=[(64, 16, 8)],
         train_codes=16, train_dim=8, ceiling_size=64, copy_bytes=1 << 16,
         nearest_providers=tuple(p for p in bench.NEAREST_PROVIDERS if p != "torch.compile(matmul)"),
         budget_s=120, mode="test",
@@ -377,6 +378,8 @@ def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread):
     broadcast = {r.k: r.status for r in records if r.provider == "article (broadcast)"}
     assert broadcast[16] == "ok" and broadcast[256].startswith("OOM (est.")
     assert all(r.ok for r in records if r.part in ("gather", "usage", "train"))
+    kmeans = [r for r in records if r.case.startswith("k-means init (64 rows")]
+    assert len(kmeans) == 1 and kmeans[0].ok and (kmeans[0].k, kmeans[0].d) == (16, 8)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"results.csv", "results.md", "nearest_time_vs_k.png", "nearest_tflops_vs_k.png"} <= names
     with open(tmp_path / "results.csv", newline="") as f:

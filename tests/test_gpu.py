@@ -116,6 +116,23 @@ def test_more_than_2_pow_31_elements():
     assert counts.sum().item() == n
 
 
+def test_codebook_with_more_than_2_pow_31_elements():
+    # K * D > 2**31: the codes past the 32-bit offset range must be searched, gathered and scattered into.
+    k, d = (1 << 31) // 64 + 4099, 64
+    g = torch.Generator(device="cuda").manual_seed(9)
+    c = torch.empty(k, d, device="cuda", dtype=torch.bfloat16)
+    c.normal_(generator=g)
+    assert c.numel() > 2**31
+    far = torch.arange(k - 300, k, device="cuda")
+    z = c[far].clone()  # each row is one of the last codes: its own code is the unique nearest
+    idx, dist = kernels.nearest_code(z, c)
+    assert torch.equal(idx, far)
+    assert (dist <= 1e-2 * (z.float() ** 2).sum(1)).all()
+    assert torch.equal(kernels.gather_rows(c, far), z)
+    summed = kernels.scatter_add_rows(torch.ones(300, d, device="cuda"), far, k, torch.float32)
+    assert (summed[far] == 1).all() and summed.sum().item() == 300 * d
+
+
 def test_nan_inputs_on_gpu():
     z, c = _data(300, 700, 32, torch.bfloat16, seed=3)
     z[0] = float("nan")

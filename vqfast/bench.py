@@ -793,6 +793,8 @@ class Plan:
     usage: list[tuple[int, int]]  # (N, K)
     layer: list[tuple[int, int, int, int, int]]  # (B, C, H, W, K)
     train: list[int]  # batch sizes
+    # (N, K, D): a fresh layer's first training forward with init="kmeans" (k-means on N rows, then the step)
+    kmeans: list[tuple[int, int, int]] = field(default_factory=list)
     train_codes: int = 4096
     train_dim: int = 128
     ceiling_size: int = 8192
@@ -833,6 +835,7 @@ def default_plan() -> Plan:
         usage=[(65536, 4096), (1048576, 65536), (16777216, 262144)],
         layer=list(LAYER_SHAPES),
         train=[64, 256],
+        kmeans=[(131072, 65536, 256)],
     )
 
 
@@ -1203,6 +1206,44 @@ def run_layer(ctx: Context) -> None:
                 ctx.meter.free()
             z = g = codebook = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
+    for n, k, d in ctx.plan.kmeans:
+        run_kmeans_init(ctx, n, k, d)
+
+
+def run_kmeans_init(ctx: Context, n: int, k: int, d: int) -> None:
+    """Wall time of a fresh ``VectorQuantizer(k, d, init="kmeans")``'s first training forward on n rows:
+    the k-means initialisation (10 Lloyd iterations, exact fp32 search) and the step. It runs once per
+    layer, so it is timed once (after one untimed run that compiles and autotunes the search)."""
+    from vqfast import VectorQuantizer
+
+    iterations = VectorQuantizer.__init__.__kwdefaults__["kmeans_iters"]
+    case = f"k-means init ({n:,} rows, {iterations} iterations)"
+    if not ctx.budget.allow():
+        ctx.skipped("layer", case, ["vqfast"], "fp32", n, k, d)
+        return
+    rec = Record("layer", case, "vqfast", "fp32", n, k, d,
+                 note="k-means init: one timed run of a fresh layer's first training forward")
+    try:
+        _seeded()
+        rows = torch.randn(n, d, device=ctx.device)
+
+        def first_forward() -> None:
+            VectorQuantizer(k, d, init="kmeans").to(ctx.device)(rows)
+
+        with matmul_precision("highest"):
+            first_forward()
+            ctx.meter.sync()
+            t0 = time.perf_counter()
+            first_forward()
+            ctx.meter.sync()
+        rec.time_ms = (time.perf_counter() - t0) * 1e3
+    except torch.cuda.OutOfMemoryError:
+        rec.status = "OOM"
+    except Exception as exc:  # noqa: BLE001
+        rec.status = _error_status(exc)
+    rows = None
+    ctx.add(rec)
+    ctx.meter.free(collect=not rec.ok)
 
 
 def run_train(ctx: Context) -> None:
