@@ -194,25 +194,6 @@ def test_backward_without_codebook_gradient_allocates_none():
     assert torch.equal(dz, dz_full)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_data_far_from_the_origin(backend, monkeypatch):
-    # The expanded distance ||z||^2 - 2 z.c + ||c||^2 of z, c = 1000 + randn loses every digit in fp32;
-    # both paths shift by the codebook mean first (distances unchanged), so they match float64.
-    monkeypatch.setenv("VQFAST_BACKEND", backend)
-    g = torch.Generator().manual_seed(4)
-    z = (1000 + torch.randn(40, 4, generator=g)).requires_grad_()
-    c = (1000 + torch.randn(12, 4, generator=g)).requires_grad_()
-    sample, batch = soft_assignment_entropy(z.to(DEVICE if backend == "triton" else "cpu"),
-                                            c.to(DEVICE if backend == "triton" else "cpu"), temperature=0.1)
-    ref_sample, ref_batch, z64, c64 = _reference(z, c, 0.1, "l2")
-    torch.testing.assert_close(sample.double().cpu(), ref_sample, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(batch.double().cpu(), ref_batch, rtol=1e-3, atol=1e-4)
-    (sample + batch).backward()
-    (ref_sample + ref_batch).backward()
-    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(c.grad.double(), c64.grad, rtol=1e-2, atol=1e-3)
-
-
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_float64_inputs_are_computed_in_float64(metric, monkeypatch):
     monkeypatch.setenv("VQFAST_BACKEND", "torch")

@@ -115,3 +115,44 @@ def test_cosine_quantize_matches_the_public_op(monkeypatch):
     g_pub = torch.autograd.grad(loss + zq.sum(), (z, c))
     for a, b in zip(g_ref, g_pub):
         torch.testing.assert_close(a, b)
+
+
+def _far_from_origin(g):
+    z = 1000 + torch.randn(600, 4, generator=g)
+    return z, 1000 + torch.randn(50, 4, generator=g)
+
+
+def _two_clusters(g):
+    # Codes half near 0, half near 2; rows near the first half (a shift towards the mean would hurt).
+    codes = torch.cat([1e-3 * torch.randn(256, 8, generator=g), 2 + 1e-3 * torch.randn(256, 8, generator=g)])
+    return 1e-3 * torch.randn(600, 8, generator=g), codes
+
+
+def _outlier_code(g):
+    z, codes = _far_from_origin(g)
+    codes[7] = 1e5  # one far code must not spoil the search among the others
+    return z, codes
+
+
+@pytest.mark.parametrize("make", [_far_from_origin, _two_clusters, _outlier_code])
+def test_fp32_search_picks_the_exactly_nearest_code(make):
+    # The fp32 expanded form ||c||^2 - 2 z.c cancels on such data (the first case: a quarter of the rows
+    # got a farther code); rows within its rounding bound of a tie are ranked again in float64.
+    g = torch.Generator().manual_seed(12)
+    z, codes = make(g)
+    idx, dist = reference.nearest_code(z, codes)
+    exact = torch.cdist(z.double(), codes.double()).pow(2)
+    chosen = exact.gather(1, idx[:, None])[:, 0]
+    assert torch.equal(chosen, exact.min(1).values)
+    torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_search_compiles_without_graph_breaks():
+    # The float64 re-check of uncertain rows depends on the data; as a custom op it stays opaque to
+    # torch.compile instead of breaking the graph.
+    g = torch.Generator().manual_seed(13)
+    z, codes = _far_from_origin(g)
+    compiled = torch.compile(reference.nearest_code, fullgraph=True, backend="eager")
+    idx, dist = compiled(z, codes)
+    eager_idx, eager_dist = reference.nearest_code(z, codes)
+    assert torch.equal(idx, eager_idx) and torch.equal(dist, eager_dist)

@@ -134,9 +134,6 @@ def soft_assignment_entropy(
         rows = reference.unit_rows(rows)
         codebook = reference.unit_rows(codebook)
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
-    else:
-        # As the reference does: the kernels' expanded distances cancel badly far from the origin.
-        rows, codebook = reference.centred(rows, codebook)
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
     return _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])

@@ -12,8 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows",
-           "centred"]
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
 
 # Elements of the (rows x K) distance block held at once: 2**22 fp32 values = 16 MiB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -29,29 +28,6 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     nonzero = norm > 0
     return (x / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero).to(x.dtype)
-
-
-def centred(rows: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows and codes moved by one shift near the codebook's mean, which leaves every l2 distance unchanged.
-
-    The expanded form ||c||^2 - 2 z.c cancels catastrophically when the data sit far from the origin
-    (z, c = 1000 + randn: about a quarter of the rows got a wrong code in fp32); shifted, it does not.
-    The shift is the mean rounded to a power-of-two step no larger than the codes' spread, so data
-    already around the origin are not moved at all, and subtracting it is exact for data near it (ties
-    stay ties). NaN/inf codes are left out of it. No host synchronisation.
-    """
-    if codes.shape[0] == 0:
-        return rows, codes
-    # Detached: the distances do not depend on the shift, so neither do their gradients.
-    c = codes.detach()
-    finite = torch.isfinite(c).all(1, keepdim=True)
-    count = finite.sum().clamp_min(1)
-    mean = torch.where(finite, c, 0.0).sum(0) / count
-    spread = (torch.where(finite, c - mean, 0.0).pow(2).sum(0) / count).max().sqrt()
-    step = torch.exp2(torch.floor(torch.log2(spread)))
-    usable = (step > 0) & torch.isfinite(step)
-    shift = torch.where(usable, torch.round(mean / torch.where(usable, step, 1.0)) * step, 0.0)
-    return rows - shift.to(rows.dtype), codes - shift.to(codes.dtype)
 
 
 def _row_chunk(num_codes: int) -> int:
@@ -74,31 +50,68 @@ def nearest_code(
 
     ``metric="l2"``: squared Euclidean distance; ``"cosine"``: 1 - cos(z, c). Ties go to the lowest
     index; NaN distances never win (a row whose distances are all NaN gets index 0 and distance NaN).
-    ``compute_dtype`` is float32 (exact fp32 arithmetic) or float64. Returns ``(indices, distances)``:
-    int64 shaped like ``z[..., 0]`` and float32.
+    ``compute_dtype`` is float32 or float64: codes are ranked by ``||c||^2 - 2 z.c`` in it, and with
+    float32 the rows whose two best codes are within its rounding bound are ranked again in float64,
+    so the indices are those of exact distances also for data far from the origin. Returns
+    ``(indices, distances)``: int64 shaped like ``z[..., 0]`` and float32 (``||z - c||^2`` computed
+    directly).
     """
     from vqfast._checks import check_search_inputs
 
     check_search_inputs(z, codebook, metric)
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     lead_shape = z.shape[:-1]
-    rows = z.reshape(-1, z.shape[-1]).to(compute_dtype)
+    # A custom op: its data-dependent re-check (which rows, how many) stays out of torch.compile's graph.
+    indices, distances = torch.ops.vqfast.reference_nearest_code(z.reshape(-1, z.shape[-1]), codebook, metric,
+                                                                 compute_dtype)
+    return indices.reshape(lead_shape), distances.reshape(lead_shape)
+
+
+@torch.library.custom_op("vqfast::reference_nearest_code", mutates_args=())
+def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
+                       compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_code` of rows ``z`` (N, D), inputs already checked."""
+    rows = z.to(compute_dtype)
     codes = codebook.to(compute_dtype)
     if metric == "cosine":
         rows = unit_rows(rows)
         codes = unit_rows(codes)
-    else:
-        rows, codes = centred(rows, codes)
     code_sq = codes.pow(2).sum(1)
     n = rows.shape[0]
     indices = torch.zeros(n, dtype=torch.int64, device=z.device)
     distances = torch.empty(n, dtype=torch.float32, device=z.device)
     step = _row_chunk(codes.shape[0])
+    recheck = compute_dtype != torch.float64
+    if recheck:
+        codes64 = codes.double()
+        code_sq64 = codes64.pow(2).sum(1)
+        # Bound on the fp32 rounding of ||c||^2 - 2 z.c: (D + 2) unit roundoffs of the magnitudes summed.
+        rounding = (codes.shape[1] + 2) * torch.finfo(torch.float32).eps
+        c_norm = code_sq64.max().sqrt()
     for start in range(0, n, step):
         block = rows[start : start + step]
         # ||c||^2 - 2 z.c ranks codes exactly like ||z - c||^2 (||z||^2 is constant per row).
         scores = torch.addmm(code_sq, block, codes.t(), beta=1, alpha=-2)
         scores = torch.where(scores.isnan(), math.inf, scores)
-        idx = scores.argmin(1)
+        if recheck and scores.shape[1] > 1:
+            # The expanded form cancels when the data sit far from the origin (z, c = 1000 + randn: a
+            # quarter of the rows got a farther code). Rows whose two best scores are within twice its
+            # rounding bound are ranked again in float64, so the indices are those of exact distances.
+            two = scores.topk(2, dim=1, largest=False).values
+            z_norm = block.double().pow(2).sum(1).sqrt()
+            bound = rounding * (c_norm * c_norm + 2 * z_norm * c_norm)
+            unsure = ((two[:, 1] - two[:, 0]).double() <= 2 * bound) | ~torch.isfinite(two[:, 1])
+            if unsure.any():
+                rows64 = block[unsure].double()
+                exact = torch.addmm(code_sq64, rows64, codes64.t(), beta=1, alpha=-2)
+                exact = torch.where(exact.isnan(), math.inf, exact)
+                idx = scores.argmin(1)
+                idx[unsure] = exact.argmin(1)
+            else:
+                idx = scores.argmin(1)
+        else:
+            idx = scores.argmin(1)
         # Recompute the chosen distance directly: no cancellation from the expanded form.
         chosen = codes.index_select(0, idx)
         diff = block - chosen
@@ -107,7 +120,14 @@ def nearest_code(
         distances[start : start + step] = dist.to(torch.float32)
     if metric == "cosine":
         distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
-    return indices.reshape(lead_shape), distances.reshape(lead_shape)
+    return indices, distances
+
+
+@_nearest_code_rows.register_fake
+def _(z: torch.Tensor, codebook: torch.Tensor, metric: str,
+      compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    n = z.shape[0]
+    return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=torch.float32)
 
 
 def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -228,8 +248,6 @@ def soft_assignment_entropy(
     if metric == "cosine":
         rows = unit_rows(rows)
         codes = unit_rows(codes)
-    else:
-        rows, codes = centred(rows, codes)
     n = rows.shape[0]
     if n == 0:
         zero = (rows.sum() + codes.sum()) * 0.0
