@@ -766,7 +766,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             for stale in _RUN_OUTPUTS:
                 (run_dir / stale).unlink(missing_ok=True)
             for stale in run_dir.glob(_EVAL_OUTPUTS):
-                stale.unlink(missing_ok=True)
+                if stale.is_file():  # a folder of the user's that happens to match is left alone
+                    stale.unlink()
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     np.random.seed(cfg.seed)

@@ -602,3 +602,30 @@ def test_goals_table_says_what_is_met_and_by_how_much_the_rest_misses():
 def test_results_markdown_has_the_goals_section():
     md = bench.render_markdown(_goal_records(fast=True), {"gpu": "test"})
     assert "## Speed goals" in md and "3b. bf16 search 1,024 x 262,144 x 64" in md
+
+
+def test_goals_with_failed_or_missing_points_are_never_met():
+    recs = [r for r in _goal_records(fast=True)
+            if not (r.part == "headline" and r.provider == "vqfast" and r.precision in ("fp16", "tf32")
+                    and (r.n, r.k, r.d) == (1024, 4096, 128))]
+    R = bench.Record
+    recs += [R("headline", "headline", "vqfast", "fp16", 1024, 4096, 128, status="error: RuntimeError: boom"),
+             R("headline", "headline", "vqfast", "tf32", 1024, 4096, 128, status="OOM"),
+             R("gather", "fwd+bwd", "vqfast", "fp32", 1048576, 65536, 128, status="error: RuntimeError: bad"),
+             R("usage", "bincount+entropy", "vqfast", "int64", 16777216, 262144, 0, status="skipped (time budget)")]
+    table = bench.goals_table(recs)
+    rows = {line.split("|")[1].strip()[:3]: line for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    # The dtypes that were measured are fast enough, but the goal covers every dtype.
+    assert "| met |" not in rows["3a."] and "fp16: not met (error: RuntimeError: boom)" in rows["3a."]
+    assert "tf32: not met (OOM)" in rows["3a."]
+    lines = table.splitlines()
+    gather_row = next(line for line in lines if "gather / scatter-add" in line)
+    assert "| met |" not in gather_row and "not met (error: RuntimeError: bad)" in gather_row
+    usage_row = next(line for line in lines if "code usage" in line)
+    assert "not measured (skipped (time budget))" in usage_row
+    # A run of one part only: the other goals were not measured, which is not a miss.
+    layer_only = bench.goals_table([r for r in _goal_records(fast=True) if r.part == "layer"])
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in layer_only.splitlines()
+                if line.startswith("| ") and "---" not in line and "verdict" not in line]
+    assert verdicts == ["not measured"] * 4 + ["met", "met"] + ["not measured"] * 2

@@ -135,9 +135,10 @@ def test_an_empty_existing_folder_is_fine(tmp_path: Path) -> None:
 def test_overwrite_removes_the_previous_runs_outputs(tmp_path: Path) -> None:
     (tmp_path / "samples.png").write_bytes(b"from an older VAE run")
     (tmp_path / "eval-sample-test.json").write_text('{"model": "vae"}')  # written by vqfast evaluate
+    (tmp_path / "eval-notes").mkdir()  # a folder of the user's that matches the pattern
     train(TrainConfig(**TINY_AE, out=str(tmp_path), overwrite=True))
     assert not (tmp_path / "samples.png").exists()  # an AE writes none: a VAE's would be misleading
-    assert not (tmp_path / "eval-sample-test.json").exists()
+    assert not (tmp_path / "eval-sample-test.json").exists() and (tmp_path / "eval-notes").is_dir()
 
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_a_usable_folder(tmp_path: Path, monkeypatch) -> None:
