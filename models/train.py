@@ -37,7 +37,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -647,15 +647,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any]) -> TrainConfig:
+def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection[str] | None = None) -> TrainConfig:
     """The run's own settings for everything that defines its model and data stream.
 
-    An option left at its default takes the run's value; one set to something else that contradicts
-    the run is an error (it used to be dropped with a note, so a mistyped model name or data path
-    trained the old run on). A new ``lr`` is applied (and said); the run's is kept otherwise.
+    An option not given takes the run's value; a given one that contradicts the run is an error (it
+    used to be dropped with a note, so a mistyped model name or data path trained the old run on). A
+    given ``lr`` is applied (and said); the run's is kept otherwise. ``given`` None: the fields that
+    differ from their defaults count as given.
     """
     saved_cfg = _as_config(saved)
     defaults = TrainConfig(model=cfg.model)
+
+    def was_given(name: str) -> bool:
+        return name in given if given is not None else getattr(cfg, name) != getattr(defaults, name)
+
     conflicts = []
     if cfg.model != saved_cfg.model:
         conflicts.append(f"the model {cfg.model} (the run trains a {saved_cfg.model})")
@@ -663,13 +668,13 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any]) -> TrainConfig:
         new, old = getattr(cfg, name), getattr(saved_cfg, name)
         if name == "data":
             new, old = _absolute_source(new), _absolute_source(old)
-        if name != "model" and new != old and new != getattr(defaults, name):
+        if name != "model" and new != old and was_given(name):
             conflicts.append(f"{_OPTION_NAMES.get(name, name)} {new!r} (the run has {old!r})")
         setattr(cfg, name, getattr(saved_cfg, name))
     if conflicts:
         raise ValueError("--resume continues a run with its own model and data settings, but these differ: "
                          + "; ".join(conflicts) + ". Leave them out, or start a new run in another --out")
-    if cfg.lr == defaults.lr:
+    if not was_given("lr"):
         cfg.lr = saved_cfg.lr
     elif cfg.lr != saved_cfg.lr:
         print(f"resume: learning rate {cfg.lr:g} from here on (the run used {saved_cfg.lr:g})", file=sys.stderr)
@@ -693,9 +698,12 @@ def _absolute_source(source: str | None) -> str | None:
     return str(Path(source).expanduser().resolve())
 
 
-def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
+def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None = None) -> TrainResult:
     """Train one model as described by ``config`` (a :class:`TrainConfig` or a dict of its fields).
 
+    ``given``: the fields the caller set on purpose (the CLI passes the options on its command line).
+    On resume, a given field that contradicts the run is an error and a given ``lr`` applies; without
+    ``given``, every field that differs from its default counts as given.
     Raises ``KeyboardInterrupt`` after saving a checkpoint when interrupted with Ctrl-C.
     """
     cfg = _as_config(config)
@@ -705,13 +713,13 @@ def train(config: TrainConfig | Mapping[str, Any]) -> TrainResult:
         torch.set_num_threads(cfg.threads)
     dist = _init_distributed(cfg.device)
     try:
-        return _train(cfg, dist)
+        return _train(cfg, dist, given)
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
+def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) -> TrainResult:
     device = resolve_device(cfg.device, dist.local_rank)
     _check_backend_on(cfg.backend, device)
     if cfg.amp and device.type != "cuda":
@@ -724,7 +732,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     state: dict[str, Any] | None = None
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
-        cfg = _merge_resumed(cfg, state["config"])
+        cfg = _merge_resumed(cfg, state["config"], given)
         done = int(state["epoch"])
         if cfg.resolved_epochs() < done:
             raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
@@ -1246,22 +1254,23 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("model", choices=MODEL_NAMES, help="which autoencoder to train")
     a("--epochs", type=int, default=None,
       help="epochs to train (default: the article's: ae 20, vae 10, vqvae 30); with --resume, the new total")
-    a("--batch-size", type=int, default=64)
-    a("--lr", type=float, default=1e-3, help="Adam learning rate")
-    a("--latent-dim", type=int, default=1024, help="latent size of the AE and VAE")
-    a("--codes", dest="num_codes", type=int, default=4096, help="VQ-VAE codebook size")
-    a("--code-dim", type=int, default=128, help="VQ-VAE code dimension")
+    a("--batch-size", type=int, default=None, help="images per batch (default 64)")
+    a("--lr", type=float, default=None, help="Adam learning rate (default 1e-3; with --resume: the run's, "
+      "or this new one from here on)")
+    a("--latent-dim", type=int, default=None, help="latent size of the AE and VAE (default 1024)")
+    a("--codes", dest="num_codes", type=int, default=None, help="VQ-VAE codebook size (default 4096)")
+    a("--code-dim", type=int, default=None, help="VQ-VAE code dimension (default 128)")
     a("--beta", type=float, default=None,
       help="VQ commitment weight (default: the preset's, 0.25 for vqfast, 1.0 for article)")
-    a("--vq-preset", choices=("vqfast", "article"), default="vqfast",
-      help="VQ-VAE quantizer settings: vqfast (beta 0.25, dead-code restarts: keeps the codebook alive) or "
-           "article (beta 1, no restarts: the article's settings with its defects fixed)")
-    a("--vq-impl", choices=("vqfast", "article"), default="vqfast",
-      help="VQ step: vqfast's VectorQuantizer, or the article's plain-PyTorch VQ step with its defects fixed "
-           "(for comparing speed and results; use with --vq-preset article)")
-    a("--kl-weight", type=float, default=0.1, help="VAE weight of the KL term")
-    a("--codebook-init", choices=("xavier_normal", "layer"), default="xavier_normal",
-      help="xavier_normal (the article's) or the VQ layer's own initialisation; "
+    a("--vq-preset", choices=("vqfast", "article"), default=None,
+      help="VQ-VAE quantizer settings: vqfast (the default; beta 0.25, dead-code restarts: keeps the codebook "
+           "alive) or article (beta 1, no restarts: the article's settings with its defects fixed)")
+    a("--vq-impl", choices=("vqfast", "article"), default=None,
+      help="VQ step: vqfast's VectorQuantizer (the default), or the article's plain-PyTorch VQ step with its "
+           "defects fixed (for comparing speed and results; use with --vq-preset article)")
+    a("--kl-weight", type=float, default=None, help="VAE weight of the KL term (default 0.1)")
+    a("--codebook-init", choices=("xavier_normal", "layer"), default=None,
+      help="xavier_normal (the article's, the default) or the VQ layer's own initialisation; "
            "--vq-option init=... implies the latter")
     a("--vq-option", dest="vq_kwargs", type=_parse_kv, action="append", default=[], metavar="KEY=VALUE",
       help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible); repeatable; "
@@ -1269,9 +1278,9 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--backend", choices=("auto", "torch", "triton"), default="auto",
       help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--seed", type=int, default=0)
-    a("--data", default="cifar10",
-      help="cifar10 (falls back to the bundled sample when unavailable), svhn, sample, synthetic, "
+    a("--seed", type=int, default=None, help="random seed (default 0)")
+    a("--data", default=None,
+      help="(default cifar10) cifar10 (falls back to the bundled sample when unavailable), svhn, sample, synthetic, "
            "or a path to an ImageFolder directory or an .npz with x (N,32,32,3) uint8 and y")
     a("--data-root", default="data", help="where torchvision datasets live / are downloaded to")
     a("--no-download", dest="download", action="store_false", help="never download datasets")
@@ -1295,7 +1304,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    # Options left out parse as None (or an empty list) and take TrainConfig's defaults.
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["vq_kwargs"] = dict(values.get("vq_kwargs") or [])
     if values.get("codebook_init") == "layer":
         values["codebook_init"] = None
@@ -1304,11 +1314,19 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return _as_config(values)
 
 
+def _given_options(args: argparse.Namespace) -> set[str]:
+    """The TrainConfig fields set on the command line (the model positional always is)."""
+    given = {k for k, v in vars(args).items() if v is not None and k != "vq_kwargs"}
+    if getattr(args, "vq_kwargs", None):
+        given.add("vq_kwargs")
+    return given
+
+
 def train_main(args: argparse.Namespace) -> int:
     """Run ``vqfast train`` with parsed ``args``; returns the exit status (130 after Ctrl-C)."""
     try:
         cfg = _config_from_args(args)
-        train(cfg)
+        train(cfg, given=_given_options(args))
     except KeyboardInterrupt:
         print("Training interrupted.", file=sys.stderr)
         return 130

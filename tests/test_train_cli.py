@@ -186,6 +186,7 @@ def test_resume_from_another_folder_finds_data_given_by_a_relative_path(npz_run,
 @pytest.mark.parametrize("argv, named", [
     (["vae"], "the model vae"),
     (["ae", "--batch-size", "8"], "--batch-size 8"),
+    (["ae", "--batch-size", "64"], "--batch-size 64"),  # the default value, but given: still a contradiction
     (["ae", "--data", "synthetic"], "--data 'synthetic'"),
 ])
 def test_resume_refuses_options_that_contradict_the_run(npz_run, argv, named, capsys) -> None:
@@ -205,6 +206,20 @@ def test_resume_applies_a_new_learning_rate(tmp_path: Path, capsys) -> None:
     state = load_checkpoint(out / "checkpoint.pt")
     assert [g["lr"] for g in state["optimizer_state"]["param_groups"]] == [1e-4]
     assert result.config.lr == 1e-4 and json.loads((out / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_resume_applies_a_learning_rate_given_on_the_command_line_even_the_default(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "lr": 3e-4}, out=str(out)))
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--lr", "0.001", "--out", str(out),
+                                  "--no-progress", "--data", "sample", "--limit", "32", "--batch-size", "16",
+                                  "--latent-dim", "16", "--eval-limit", "16")) == 0
+    assert "learning rate 0.001 from here on (the run used 0.0003)" in capsys.readouterr().err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert [g["lr"] for g in state["optimizer_state"]["param_groups"]] == [1e-3]
+    # Left out, it is the run's.
+    assert train_main(_train_args("ae", "--resume", "--epochs", "3", "--out", str(out), "--no-progress")) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["lr"] == 1e-3
 
 
 def test_resume_refuses_fewer_epochs_than_done(npz_run, capsys) -> None:
