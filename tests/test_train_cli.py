@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -380,3 +381,21 @@ def test_amp_on_the_cpu_says_so_and_trains_in_fp32(tmp_path: Path, capsys) -> No
     assert "--amp: bf16 autocast is used on CUDA only" in capsys.readouterr().err
     assert len(result.history) == 1 and np.isfinite(result.history[0]["avg_loss"])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+def test_evaluate_on_svhn_the_articles_generalisation_experiment(ae_run: Path, tmp_path: Path, monkeypatch) -> None:
+    # SVHN's own test file, written here in its .mat layout (no download); CIFAR-10 training, SVHN test.
+    import torchvision.datasets.svhn as svhn
+    from scipy.io import savemat
+
+    monkeypatch.setattr(svhn, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    savemat(tmp_path / "test_32x32.mat", {"X": x.transpose(1, 2, 3, 0), "y": (np.arange(20) % 10 + 1)[:, None]})
+    summary = evaluate(ae_run, data="svhn", data_root=str(tmp_path), download=False, device="cpu",
+                       out_dir=tmp_path / "eval", progress=False, ood="sample")
+    assert summary["data"] == "svhn" and summary["images"] == 20
+    scores = np.loadtxt(tmp_path / "eval" / "eval-svhn-test.csv", delimiter=",", skiprows=1, usecols=3)  # sse
+    assert len(scores) == 20 and summary["score_mean"] == pytest.approx(scores.mean(), rel=1e-5)
+    assert summary["mse"] == pytest.approx(scores.mean() / 3072, rel=1e-5)
+    assert 0.0 <= summary["ood"]["auroc"] <= 1.0
