@@ -202,6 +202,16 @@ def test_image_folder_scales_16_bit_greyscale(tmp_path: Path) -> None:
         torch.testing.assert_close(channel, expected)
 
 
+def test_image_folder_with_an_unreadable_file_fails_when_loaded(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.fromarray(_images(1, seed=9)[0]).save(tmp_path / "cats" / "good.png")
+    (tmp_path / "cats" / "broken.png").write_bytes(b"not a png at all" * 20)
+    with pytest.raises(ValueError, match="broken.png is not a readable image"):
+        load_dataset(str(tmp_path))
+
+
 def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither"):
         load_dataset(str(tmp_path / "nothing-here"))
