@@ -187,9 +187,12 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     # stops the run before training rather than in the middle of an epoch.
     for file, _ in folder.samples:
         try:
-            Image.open(file).close()  # parses the header only
-        except (OSError, ValueError) as exc:
+            with Image.open(file) as img:  # parses the header only
+                mode = img.mode
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{file} is not a readable image ({exc}); remove it or replace it") from None
+        if mode == "F":
+            raise ValueError(f"{file}: floating-point images are not supported; save it with 8-bit pixels")
     return folder
 
 
@@ -198,7 +201,11 @@ def _load_rgb(path: str):
     own conversion clips it, which turned almost every pixel of such an image white."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # not an OSError: the CLI would show a traceback
+        raise ValueError(f"{path}: {exc}") from None
+    with img:
         if img.mode.startswith("I"):
             pixels = np.asarray(img, dtype=np.float64)
             if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:

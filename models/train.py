@@ -668,6 +668,10 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
         new, old = getattr(cfg, name), getattr(saved_cfg, name)
         if name == "data":
             new, old = _absolute_source(new), _absolute_source(old)
+        elif name == "beta":
+            old = _effective_beta(saved_cfg)  # the run's None meant its preset's beta
+        elif name == "codebook_init":
+            new, old = new or "layer", old or "layer"  # as the command line spells None
         if name != "model" and new != old and was_given(name):
             conflicts.append(f"{_OPTION_NAMES.get(name, name)} {new!r} (the run has {old!r})")
         setattr(cfg, name, getattr(saved_cfg, name))
@@ -681,6 +685,15 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     if cfg.epochs is None:
         cfg.epochs = saved_cfg.resolved_epochs()
     return cfg
+
+
+def _effective_beta(cfg: TrainConfig) -> float | None:
+    """The VQ-VAE's commitment weight: --beta, else a --vq-option beta, else the preset's (as build_model)."""
+    if cfg.beta is not None:
+        return cfg.beta
+    if "beta" in (cfg.vq_kwargs or {}):
+        return cfg.vq_kwargs["beta"]
+    return 1.0 if cfg.vq_preset == "article" else 0.25
 
 
 # How the frozen settings are spelled on the command line, for messages.

@@ -210,6 +210,10 @@ def test_image_folder_with_an_unreadable_file_fails_when_loaded(tmp_path: Path) 
     (tmp_path / "cats" / "broken.png").write_bytes(b"not a png at all" * 20)
     with pytest.raises(ValueError, match="broken.png is not a readable image"):
         load_dataset(str(tmp_path))
+    (tmp_path / "cats" / "broken.png").unlink()
+    Image.fromarray(np.zeros((32, 32), dtype=np.float32)).save(tmp_path / "cats" / "depth.tif")
+    with pytest.raises(ValueError, match="depth.tif: floating-point images are not supported"):
+        load_dataset(str(tmp_path))
 
 
 def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:

@@ -134,7 +134,28 @@ def _outlier_code(g):
     return z, codes
 
 
-@pytest.mark.parametrize("make", [_far_from_origin, _two_clusters, _outlier_code])
+def _nan_code(g):
+    z, codes = _far_from_origin(g)
+    codes[7] = float("nan")  # must not switch the re-check off (a NaN bound compares False)
+    return z, codes
+
+
+def _huge_offset(g):
+    # 1e7 + randn: even float64's ||c||^2 - 2 z.c cancels here; the direct form does not.
+    return 1e7 + torch.randn(300, 32, generator=g), 1e7 + torch.randn(40, 32, generator=g)
+
+
+def _duplicated_codes(g):
+    # Restarts seed several codes from one row: exact ties, which the lowest index must win.
+    codes = torch.randn(64, 8, generator=g)
+    codes[40:48] = codes[3]
+    codes[50] = codes[9]
+    z = torch.cat([codes[3:4] + 1e-3 * torch.randn(100, 8, generator=g), torch.randn(200, 8, generator=g)])
+    return z, codes
+
+
+@pytest.mark.parametrize("make", [_far_from_origin, _two_clusters, _outlier_code, _nan_code, _huge_offset,
+                                  _duplicated_codes])
 def test_fp32_search_picks_the_exactly_nearest_code(make):
     # The fp32 expanded form ||c||^2 - 2 z.c cancels on such data (the first case: a quarter of the rows
     # got a farther code); rows within its rounding bound of a tie are ranked again in float64.
@@ -142,9 +163,23 @@ def test_fp32_search_picks_the_exactly_nearest_code(make):
     z, codes = make(g)
     idx, dist = reference.nearest_code(z, codes)
     exact = torch.cdist(z.double(), codes.double()).pow(2)
+    exact = torch.where(exact.isnan(), torch.inf, exact)
     chosen = exact.gather(1, idx[:, None])[:, 0]
     assert torch.equal(chosen, exact.min(1).values)
+    assert torch.equal(idx, exact.argmin(1))  # ties (equal codes) go to the lowest index
     torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_search_is_exact_far_from_the_origin():
+    # float64 inputs always run here, on any device; 1e8 + randn cancels in float64's expanded form.
+    import vqfast
+
+    g = torch.Generator().manual_seed(14)
+    z = 1e8 + torch.randn(300, 8, generator=g, dtype=torch.float64)
+    codes = 1e8 + torch.randn(60, 8, generator=g, dtype=torch.float64)
+    idx, _ = vqfast.nearest_code(z, codes)
+    exact = ((z[:, None, :] - codes[None]) ** 2).sum(-1)
+    assert torch.equal(idx, exact.argmin(1))
 
 
 def test_reference_search_compiles_without_graph_breaks():

@@ -223,6 +223,19 @@ def test_resume_applies_a_learning_rate_given_on_the_command_line_even_the_defau
     assert load_checkpoint(out / "checkpoint.pt")["config"]["lr"] == 1e-3
 
 
+def test_resume_accepts_the_runs_own_beta_and_names_layer_init_as_given(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    tiny_vq = dict(model="vqvae", data="sample", limit=32, batch_size=16, num_codes=16, code_dim=8, epochs=1,
+                   progress=False, eval_limit=16, grid_images=4, device="cpu")
+    train(TrainConfig(**tiny_vq, out=str(out)))  # beta left to the vqfast preset: 0.25
+    common = ["--out", str(out), "--no-progress", "--eval-limit", "16"]
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "2", "--beta", "0.25", *common)) == 0
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--beta", "1.0", *common)) == 2
+    assert "--beta 1.0 (the run has 0.25)" in capsys.readouterr().err
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--codebook-init", "layer", *common)) == 2
+    assert "--codebook-init 'layer' (the run has 'xavier_normal')" in capsys.readouterr().err
+
+
 def test_resume_refuses_fewer_epochs_than_done(npz_run, capsys) -> None:
     run, _ = npz_run
     assert train_main(_train_args("ae", "--resume", "--epochs", "0", "--out", str(run))) == 2

@@ -395,6 +395,8 @@ def _absent(rec: Record | None) -> str:
     """The verdict of a goal whose measurement is missing (not run, skipped) or failed."""
     if rec is None:
         return "not measured"
+    if rec.ok:
+        return "not measured (the record lacks the figure the goal needs)"
     if rec.status.startswith("skipped"):
         return f"not measured ({rec.status})"
     return f"not met ({rec.status})"
@@ -493,7 +495,8 @@ def goals_table(records: Sequence[Record]) -> str:
             why = "vqfast: " + (ours.status if ours else missing) + "; vector-quantize-pytorch: " + (
                 theirs.status if theirs else "not installed or not measured")
             verdict = _absent(ours) if ours is None or not ours.ok else (
-                "not measured (no vector-quantize-pytorch)" if theirs is None else _absent(theirs))
+                "not measured (no vector-quantize-pytorch)" if theirs is None
+                else f"not measured (vector-quantize-pytorch: {theirs.status})")
             rows.append([label, why, target, verdict])
             continue
         ratio = theirs.time_ms / ours.time_ms

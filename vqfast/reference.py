@@ -82,36 +82,39 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
     indices = torch.zeros(n, dtype=torch.int64, device=z.device)
     distances = torch.empty(n, dtype=torch.float32, device=z.device)
     step = _row_chunk(codes.shape[0])
-    recheck = compute_dtype != torch.float64
-    if recheck:
-        codes64 = codes.double()
-        code_sq64 = codes64.pow(2).sum(1)
-        # Bound on the fp32 rounding of ||c||^2 - 2 z.c: (D + 2) unit roundoffs of the magnitudes summed.
-        rounding = (codes.shape[1] + 2) * torch.finfo(torch.float32).eps
-        c_norm = code_sq64.max().sqrt()
+    codes64 = codes.double()
+    code_sq64 = codes64.pow(2).sum(1)
+    # Largest finite code norm (NaN/inf codes never win, in any pass), for the rounding bounds.
+    c_norm = torch.where(torch.isfinite(code_sq64), code_sq64, 0.0).max().sqrt()
     for start in range(0, n, step):
         block = rows[start : start + step]
         # ||c||^2 - 2 z.c ranks codes exactly like ||z - c||^2 (||z||^2 is constant per row).
         scores = torch.addmm(code_sq, block, codes.t(), beta=1, alpha=-2)
         scores = torch.where(scores.isnan(), math.inf, scores)
-        if recheck and scores.shape[1] > 1:
-            # The expanded form cancels when the data sit far from the origin (z, c = 1000 + randn: a
-            # quarter of the rows got a farther code). Rows whose two best scores are within twice its
-            # rounding bound are ranked again in float64, so the indices are those of exact distances.
-            two = scores.topk(2, dim=1, largest=False).values
-            z_norm = block.double().pow(2).sum(1).sqrt()
-            bound = rounding * (c_norm * c_norm + 2 * z_norm * c_norm)
-            unsure = ((two[:, 1] - two[:, 0]).double() <= 2 * bound) | ~torch.isfinite(two[:, 1])
+        idx = scores.argmin(1)
+        if scores.shape[1] > 1:
+            # The expanded form cancels when the data sit far from the origin (z, c = 1000 + randn in fp32:
+            # a quarter of the rows got a farther code). Rows whose two best scores lie within its
+            # rounding bound are ranked again: in float64 (after an fp32 pass), then, among the codes
+            # still within the float64 bound of the best, by the direct form ||z - c||^2, whose error
+            # scales with the distance, not with the offset. (The row norms come from the search's
+            # dtype: close enough for a bound; one that overflows only sends its row to the re-check.)
+            z_norm = block.pow(2).sum(1).double().sqrt()
+            bound = _rounding_bound(z_norm, c_norm, compute_dtype, codes.shape[1])
+            unsure = _near_tie(scores, bound)
             if unsure.any():
-                rows64 = block[unsure].double()
-                exact = torch.addmm(code_sq64, rows64, codes64.t(), beta=1, alpha=-2)
-                exact = torch.where(exact.isnan(), math.inf, exact)
-                idx = scores.argmin(1)
-                idx[unsure] = exact.argmin(1)
-            else:
-                idx = scores.argmin(1)
-        else:
-            idx = scores.argmin(1)
+                sub = block[unsure].double()
+                if compute_dtype == torch.float32:
+                    sub_scores = torch.addmm(code_sq64, sub, codes64.t(), beta=1, alpha=-2)
+                    sub_scores = torch.where(sub_scores.isnan(), math.inf, sub_scores)
+                    sub_bound = _rounding_bound(z_norm[unsure], c_norm, torch.float64, codes.shape[1])
+                else:
+                    sub_scores, sub_bound = scores[unsure], bound[unsure]
+                sub_idx = sub_scores.argmin(1)
+                still = _near_tie(sub_scores, sub_bound)
+                if still.any():
+                    sub_idx[still] = _direct_argmin(sub[still], codes64, sub_scores[still], sub_bound[still])
+                idx[unsure] = sub_idx
         # Recompute the chosen distance directly: no cancellation from the expanded form.
         chosen = codes.index_select(0, idx)
         diff = block - chosen
@@ -121,6 +124,37 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
     if metric == "cosine":
         distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     return indices, distances
+
+
+def _rounding_bound(z_norm: torch.Tensor, c_norm: torch.Tensor, dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """Per row, a bound on the rounding of ``||c||^2 - 2 z.c`` computed in ``dtype`` for any code: (D + 2)
+    roundoffs of ||c||^2 + 2 ||z|| ||c|| plus as many smallest normal numbers (underflow); float64.
+    2.02, not 2: the row norms come from a sum in the search's dtype."""
+    info = torch.finfo(dtype)
+    return (dim + 2) * (info.eps * (c_norm * c_norm + 2.02 * z_norm * c_norm) + info.tiny)
+
+
+def _near_tie(scores: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Rows whose two best scores are within twice ``bound``; a NaN gap counts as a near tie."""
+    two = scores.topk(2, dim=1, largest=False).values.double()
+    return ~(two[:, 1] - two[:, 0] > 2 * bound)
+
+
+def _direct_argmin(rows64: torch.Tensor, codes64: torch.Tensor, scores: torch.Tensor,
+                   bound: torch.Tensor) -> torch.Tensor:
+    """argmin_k ||z - c_k||^2 in float64 from the differences themselves, over the codes whose ``scores``
+    are within twice ``bound`` of the row's best (the others cannot win); NaN never wins, ties go to the
+    lowest index. Equal codes (restarts seed several from one row) leave few candidates per row."""
+    candidates = scores <= (scores.min(1).values + 2 * bound)[:, None]
+    candidates |= ~torch.isfinite(scores.min(1).values)[:, None]  # rows holding NaN/inf: all (they all lose)
+    r, k = candidates.nonzero(as_tuple=True)
+    direct = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=rows64.device)
+    step = max(1, _BLOCK_ELEMENTS // max(codes64.shape[1], 1))
+    for start in range(0, r.shape[0], step):
+        rr, kk = r[start : start + step], k[start : start + step]
+        d = (rows64[rr] - codes64[kk]).pow(2).sum(1)
+        direct[rr, kk] = torch.where(d.isnan(), math.inf, d)
+    return direct.argmin(1)
 
 
 @_nearest_code_rows.register_fake
