@@ -188,6 +188,12 @@ class LaunchConfig:
     num_warps: int
 
 
+def row_block_d(d: int) -> int:
+    """Columns per program of the row kernels (gather, scatter-add, the fused VQ step); larger D takes
+    several programs along grid y."""
+    return min(128, max(16, next_power_of_2(d)))
+
+
 def row_tile_configs(block_d: int) -> list[LaunchConfig]:
     """Candidates for the row kernels (gather, scatter-add, the fused VQ step): 2,048 to 8,192 elements
     per program, 4 or 8 warps, at most 32 elements per thread (with 64, ptxas gives the VQ backward 255

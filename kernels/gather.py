@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_tile_configs,
-    scratch_trial, tuned_config,
+    LaunchConfig, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_block_d,
+    row_tile_configs, scratch_trial, tuned_config,
 )
 
 
@@ -49,10 +49,6 @@ def _scatter_add_rows_kernel(
     tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask & valid[:, None], sem="relaxed")
 
 
-def _block_d(d: int) -> int:
-    return min(128, max(16, next_power_of_2(d)))
-
-
 def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices``: (N, D) in the codebook's dtype. Callers check the
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
@@ -63,7 +59,7 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, d), dtype=codebook.dtype, device=codebook.device)
     if n == 0 or d == 0:
         return out
-    block_d = _block_d(d)
+    block_d = row_block_d(d)
     check_grid_yz(triton.cdiv(d, block_d), "a gather")
 
     def launch(cfg: LaunchConfig) -> None:
@@ -91,7 +87,7 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     n, d = grad.shape
     acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)
     if n > 0 and d > 0:
-        block_d = _block_d(d)
+        block_d = row_block_d(d)
         check_grid_yz(triton.cdiv(d, block_d), "a scatter-add")
 
         def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     LaunchConfig, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
-    row_tile_configs, scratch_trial, tuned_config,
+    row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
 
 
@@ -78,10 +78,6 @@ def _vq_backward_kernel(
                       sem="relaxed")
 
 
-def _block_d(d: int) -> int:
-    return min(128, max(16, next_power_of_2(d)))
-
-
 def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
@@ -94,7 +90,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
     if n == 0:
         return z_q, torch.zeros((), dtype=torch.float32, device=z.device)
-    block_d = _block_d(d)
+    block_d = row_block_d(d)
 
     def launch(cfg: LaunchConfig) -> torch.Tensor:
         programs = triton.cdiv(n, cfg.block)
@@ -128,7 +124,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     c_shape = codebook.shape if need_grad_codebook else (0, d)
     grad_c = torch.zeros(c_shape, dtype=torch.float32, device=z.device)
     if n > 0:
-        block_d = _block_d(d)
+        block_d = row_block_d(d)
         coef = 2.0 / (n * d)
         grad_loss = grad_loss.reshape(1).to(torch.float32)
         has_gzq = grad_zq is not None

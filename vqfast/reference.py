@@ -145,8 +145,9 @@ def _direct_argmin(rows64: torch.Tensor, codes64: torch.Tensor, scores: torch.Te
     """argmin_k ||z - c_k||^2 in float64 from the differences themselves, over the codes whose ``scores``
     are within twice ``bound`` of the row's best (the others cannot win); NaN never wins, ties go to the
     lowest index. Equal codes (restarts seed several from one row) leave few candidates per row."""
-    candidates = scores <= (scores.min(1).values + 2 * bound)[:, None]
-    candidates |= ~torch.isfinite(scores.min(1).values)[:, None]  # rows holding NaN/inf: all (they all lose)
+    best = scores.min(1).values
+    candidates = scores <= (best + 2 * bound)[:, None]
+    candidates |= ~torch.isfinite(best)[:, None]  # rows holding NaN/inf: all (they all lose)
     r, k = candidates.nonzero(as_tuple=True)
     direct = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=rows64.device)
     step = max(1, _BLOCK_ELEMENTS // max(codes64.shape[1], 1))
