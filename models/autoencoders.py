@@ -278,6 +278,21 @@ VQ_PRESETS = ("vqfast", "article")
 VQ_IMPLS = ("vqfast", "article")
 
 
+def vq_layer_options(vq_preset: str = "vqfast", beta: float | None = None,
+                     vq_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The VQ-VAE quantizer's keyword arguments: the preset's ("vqfast": beta 0.25 and the layer's own
+    dead-code restarts; "article": beta 1 and no restarts), then ``vq_kwargs``, then ``beta``."""
+    if vq_preset not in VQ_PRESETS:
+        raise ValueError(f"vq_preset must be one of {VQ_PRESETS}, got {vq_preset!r}")
+    options: dict[str, Any] = {"beta": 0.25}
+    if vq_preset == "article":
+        options = {"beta": 1.0, "dead_code_threshold": 0.0}
+    options.update(vq_kwargs or {})
+    if beta is not None:
+        options["beta"] = beta
+    return options
+
+
 def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_dim: int = 128,
                 beta: float | None = None, kl_weight: float = 0.1,
                 codebook_init: str | None = "xavier_normal", vq_kwargs: dict[str, Any] | None = None,
@@ -296,14 +311,7 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
     if name == "vae":
         return ConvVAE(latent_dim, kl_weight=kl_weight)
     if name == "vqvae":
-        if vq_preset not in VQ_PRESETS:
-            raise ValueError(f"vq_preset must be one of {VQ_PRESETS}, got {vq_preset!r}")
-        preset: dict[str, Any] = {"beta": 0.25}
-        if vq_preset == "article":
-            preset = {"beta": 1.0, "dead_code_threshold": 0.0}
-        preset.update(vq_kwargs or {})
-        if beta is not None:
-            preset["beta"] = beta
+        preset = vq_layer_options(vq_preset, beta, vq_kwargs)
         if vq_impl not in VQ_IMPLS:
             raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
         if "init" in preset:

@@ -179,21 +179,32 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     """A torchvision ``ImageFolder`` (``path/class/img.ext``), resized to ``size`` x ``size``, as tensors."""
     from torchvision import datasets, transforms
 
-    from PIL import Image
-
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
     folder = datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
     # Every file's header is read now (a few seconds for 50,000 images), so that an unreadable file
     # stops the run before training rather than in the middle of an epoch.
     for file, _ in folder.samples:
         try:
-            with Image.open(file) as img:  # parses the header only
-                mode = img.mode
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            _open_image(file).close()  # parses the header only; its own refusals name the file
+        except OSError as exc:
             raise ValueError(f"{file} is not a readable image ({exc}); remove it or replace it") from None
-        if mode == "F":
-            raise ValueError(f"{file}: floating-point images are not supported; save it with 8-bit pixels")
     return folder
+
+
+def _open_image(path: str):
+    """``PIL.Image.open(path)``, refusing what the loader cannot turn into 8-bit RGB: a floating-point
+    image, and one over PIL's size limit (its error is not an OSError, so the CLI would show a
+    traceback)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if img.mode == "F":
+        img.close()
+        raise ValueError(f"{path}: floating-point images are not supported; save it with 8-bit pixels")
+    return img
 
 
 def _load_rgb(path: str):
@@ -201,18 +212,12 @@ def _load_rgb(path: str):
     own conversion clips it, which turned almost every pixel of such an image white."""
     from PIL import Image
 
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as exc:  # not an OSError: the CLI would show a traceback
-        raise ValueError(f"{path}: {exc}") from None
-    with img:
+    with _open_image(path) as img:
         if img.mode.startswith("I"):
             pixels = np.asarray(img, dtype=np.float64)
             if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
                 raise ValueError(f"{path}: integer pixels outside the 16-bit range")
             img = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
-        elif img.mode == "F":
-            raise ValueError(f"{path}: floating-point images are not supported; save it with 8-bit pixels")
         return img.convert("RGB")
 
 

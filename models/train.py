@@ -46,7 +46,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from vqfast import reference
 from vqfast.layer import _bincount
-from vqfast.models.autoencoders import MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters
+from vqfast.models.autoencoders import (MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters,
+                                       vq_layer_options)
 from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, has_test_split, load_dataset,
                                 source_of)
 
@@ -669,7 +670,8 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
         if name == "data":
             new, old = _absolute_source(new), _absolute_source(old)
         elif name == "beta":
-            old = _effective_beta(saved_cfg)  # the run's None meant its preset's beta
+            # The run's None meant its preset's beta.
+            old = vq_layer_options(saved_cfg.vq_preset, saved_cfg.beta, saved_cfg.vq_kwargs)["beta"]
         elif name == "codebook_init":
             new, old = new or "layer", old or "layer"  # as the command line spells None
         if name != "model" and new != old and was_given(name):
@@ -685,15 +687,6 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     if cfg.epochs is None:
         cfg.epochs = saved_cfg.resolved_epochs()
     return cfg
-
-
-def _effective_beta(cfg: TrainConfig) -> float | None:
-    """The VQ-VAE's commitment weight: --beta, else a --vq-option beta, else the preset's (as build_model)."""
-    if cfg.beta is not None:
-        return cfg.beta
-    if "beta" in (cfg.vq_kwargs or {}):
-        return cfg.vq_kwargs["beta"]
-    return 1.0 if cfg.vq_preset == "article" else 0.25
 
 
 # How the frozen settings are spelled on the command line, for messages.
