@@ -4,7 +4,7 @@
 # fits a 10-minute command limit).
 #
 #   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
-#                                     without its nearest-code sweeps (BENCH_SECONDS, default 240;
+#                                     without its nearest-code sweeps (BENCH_SECONDS, default 300;
 #                                     BENCH_PARTS), then training runs in what is left when $GPU_DATA
 #                                     holds the data (see train)
 #   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
@@ -74,7 +74,7 @@ WHEELS="${GPU_WHEELS:-$PWD/.whl}"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   echo "== extra wheels from $WHEELS"
   SITE="${TMPDIR:-/tmp}/vqfast-gpu-site"
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check --upgrade --target "$SITE" \
       "$WHEELS"/*.whl > "$WORK/wheels.log" 2>&1; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     python3 -c "import vector_quantize_pytorch as v; print('vector-quantize-pytorch', v.__file__)" 2>&1 | tail -1
@@ -84,7 +84,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 
 echo "== install"
-if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$WORK/install.log" 2>&1; then
+if ! python3 -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . > "$WORK/install.log" 2>&1; then
   tail -20 "$WORK/install.log"
   echo "install failed; see install.log" >&2
   pack
@@ -178,7 +178,7 @@ case "$MODE" in
     run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer.py tests/test_layer_soft_entropy.py tests/test_layer_compile.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
-    run_bench "$(up_to "${BENCH_SECONDS:-240}" 60)" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
+    run_bench "$(up_to "${BENCH_SECONDS:-300}" 60)" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
