@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -222,10 +222,22 @@ def _validate_vq_kwargs(cfg: TrainConfig) -> None:
             raise ValueError(f"--vq-option: {exc}") from None
 
 
-def apply_backend(backend: str) -> None:
-    """Select the VQ backend through ``VQFAST_BACKEND`` (``auto`` leaves the environment alone)."""
-    if backend in ("torch", "triton"):
-        os.environ["VQFAST_BACKEND"] = backend
+@contextmanager
+def selected_backend(backend: str | None) -> Iterator[None]:
+    """Select the VQ backend through ``VQFAST_BACKEND`` for the duration of the block, then restore the
+    caller's setting (``auto`` or None leaves the environment alone)."""
+    if backend not in ("torch", "triton"):
+        yield
+        return
+    previous = os.environ.get("VQFAST_BACKEND")
+    os.environ["VQFAST_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("VQFAST_BACKEND", None)
+        else:
+            os.environ["VQFAST_BACKEND"] = previous
 
 
 def _check_backend_on(backend: str | None, device: torch.device) -> None:
@@ -714,12 +726,12 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
     """
     cfg = _as_config(config)
     _validate(cfg)
-    apply_backend(cfg.backend)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = _init_distributed(cfg.device)
     try:
-        return _train(cfg, dist, given)
+        with selected_backend(cfg.backend):
+            return _train(cfg, dist, given)
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
@@ -1182,63 +1194,63 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
         raise ValueError(f"--worst must be >= 0, got {worst}")
     dev = resolve_device(device)
     _check_backend_on(backend, dev)
-    if backend:
-        apply_backend(backend)  # a runtime choice: the backend a run was trained with is not reused
-    model, cfg, state = load_run(run, dev)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    out = Path(out_dir) if out_dir else run_dir
+    # A runtime choice, restored afterwards: the backend a run was trained with is not reused.
+    with selected_backend(backend):
+        model, cfg, state = load_run(run, dev)
+        run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+        out = Path(out_dir) if out_dir else run_dir
 
-    ds, info = _load_eval_source(data, split, data_root, download, limit)
-    ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit)
+        ds, info = _load_eval_source(data, split, data_root, download, limit)
+        ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit)
 
-    res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,
-                         desc=f"{info['data']} {info['split']}")
-    name, split_label = describe_source(info["data"]), info["split"]
-    notes = list(info["notes"])
-    summary: dict[str, Any] = {"run": str(run_dir), "model": cfg.model, "epochs_trained": int(state["epoch"]),
-                               "data": info["data"], "split": split_label, "images": res["n"], "mse": res["mse"],
-                               "psnr": res["psnr"], **_score_summary(res["sse"])}
-    if "requested_data" in info:
-        summary["requested_data"] = info["requested_data"]
-    threshold = float(torch.quantile(res["sse"], 0.95))
-    summary["threshold_p95"] = threshold
-    if "indices" in res:
-        from vqfast.reference import code_usage  # CPU indices, whatever backend the model used
+        res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,
+                             desc=f"{info['data']} {info['split']}")
+        name, split_label = describe_source(info["data"]), info["split"]
+        notes = list(info["notes"])
+        summary: dict[str, Any] = {"run": str(run_dir), "model": cfg.model, "epochs_trained": int(state["epoch"]),
+                                   "data": info["data"], "split": split_label, "images": res["n"], "mse": res["mse"],
+                                   "psnr": res["psnr"], **_score_summary(res["sse"])}
+        if "requested_data" in info:
+            summary["requested_data"] = info["requested_data"]
+        threshold = float(torch.quantile(res["sse"], 0.95))
+        summary["threshold_p95"] = threshold
+        if "indices" in res:
+            from vqfast.reference import code_usage  # CPU indices, whatever backend the model used
 
-        counts, _, perplexity = code_usage(res["indices"].to(torch.int64), cfg.num_codes)
-        summary.update(codes_used=int((counts > 0).sum()), perplexity=float(perplexity))
-    worst_idx = torch.argsort(res["sse"], descending=True)[:worst]
-    summary["worst"] = [[int(i), float(res["sse"][i])] for i in worst_idx]
+            counts, _, perplexity = code_usage(res["indices"].to(torch.int64), cfg.num_codes)
+            summary.update(codes_used=int((counts > 0).sum()), perplexity=float(perplexity))
+        worst_idx = torch.argsort(res["sse"], descending=True)[:worst]
+        summary["worst"] = [[int(i), float(res["sse"][i])] for i in worst_idx]
 
-    ood_res = None
-    if ood_ds is not None and ood_info is not None:
-        ood_res = evaluate_model(model, ood_ds, dev, batch_size=batch_size, amp=amp, progress=progress,
-                                 desc=f"{ood_info['data']} {ood_info['split']}")
-        notes += ood_info["notes"]
-        summary["ood"] = {"data": ood_info["data"], "split": ood_info["split"], "images": ood_res["n"],
-                          "mse": ood_res["mse"], "psnr": ood_res["psnr"], **_score_summary(ood_res["sse"]),
-                          "auroc": _auroc(res["sse"], ood_res["sse"]),
-                          "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
-        if "requested_data" in ood_info:
-            summary["ood"]["requested_data"] = ood_info["requested_data"]
-    if notes:
-        summary["notes"] = notes
+        ood_res = None
+        if ood_ds is not None and ood_info is not None:
+            ood_res = evaluate_model(model, ood_ds, dev, batch_size=batch_size, amp=amp, progress=progress,
+                                     desc=f"{ood_info['data']} {ood_info['split']}")
+            notes += ood_info["notes"]
+            summary["ood"] = {"data": ood_info["data"], "split": ood_info["split"], "images": ood_res["n"],
+                              "mse": ood_res["mse"], "psnr": ood_res["psnr"], **_score_summary(ood_res["sse"]),
+                              "auroc": _auroc(res["sse"], ood_res["sse"]),
+                              "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
+            if "requested_data" in ood_info:
+                summary["ood"]["requested_data"] = ood_info["requested_data"]
+        if notes:
+            summary["notes"] = notes
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold)
-    if worst > 0:
-        xs = torch.stack([ds[int(i)][0] for i in worst_idx])
-        with torch.no_grad(), _autocast(dev, amp):
-            rec = model.reconstruct(xs.to(dev)).float().cpu()
-        viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split_label}-worst.png")
-    if ood_res is not None and ood_info is not None:
-        ood_name = describe_source(ood_info["data"])
-        ood_file = f"eval-{ood_name}-{ood_info['split']}"
-        if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
-            ood_file += "-ood"
-        _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold)
-    (out / f"eval-{name}-{split_label}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        out.mkdir(parents=True, exist_ok=True)
+        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold)
+        if worst > 0:
+            xs = torch.stack([ds[int(i)][0] for i in worst_idx])
+            with torch.no_grad(), _autocast(dev, amp):
+                rec = model.reconstruct(xs.to(dev)).float().cpu()
+            viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split_label}-worst.png")
+        if ood_res is not None and ood_info is not None:
+            ood_name = describe_source(ood_info["data"])
+            ood_file = f"eval-{ood_name}-{ood_info['split']}"
+            if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
+                ood_file += "-ood"
+            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold)
+        (out / f"eval-{name}-{split_label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -225,6 +225,56 @@ def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture
+def tf32_rounding_interpreter(monkeypatch):
+    """Triton's interpreter computes a ``tl.dot`` with ``input_precision="tf32"`` in full fp32, which
+    hides what the tf32 re-check is for. This truncates fp32 operands of such products to tf32's 10
+    mantissa bits (truncation: the worst case the re-check's error bound covers); counts the products."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if "TF32" in str(input_precision).upper() and a.dtype.scalar == tl.float32:
+            calls.append(a.data.shape)
+            a, b = (interpreter.TensorHandle(
+                (x.data.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32),
+                x.dtype.scalar) for x in (a, b))
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs the "
+                                                       "same inputs on the real tensor cores")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits):
+    # Each row sits just off the midpoint of two codes: its two distances differ by ~3e-3 of ~32, which
+    # fp32 products resolve and tf32 products (error ~0.25 here) do not.
+    g = torch.Generator().manual_seed(6)
+    k, d, n = 300, 64, 400
+    c = torch.randn(k, d, generator=g)
+    a = torch.randint(0, k, (n,), generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (n,), generator=g)) % k
+    z = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
+    exact, _ = reference.nearest_code(z, c)
+    fp32, _ = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    assert torch.equal(fp32, exact) and (exact == a).float().mean() > 0.9
+    tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0, num_splits=splits)
+    assert tf32_rounding_interpreter, "the tf32 products did not go through the emulation"
+    assert (tf32_only != exact).sum() > n // 10  # the emulated rounding does change the answer
+    rechecked, dist = kernels.nearest_code(z, c, precision="high", num_splits=splits)
+    assert torch.equal(rechecked, exact)
+    d_chosen = ((z.double() - c[rechecked].double()) ** 2).sum(1)
+    # Distances of rows the tf32 pass was sure of keep its error: 2**-8 |z||c| at most.
+    bound = 2.0**-8 * z.double().norm(dim=1) * c[rechecked].double().norm(dim=1) + 1e-6
+    assert ((dist.double() - d_chosen).abs() <= bound).all()
+
+
 def test_bad_precision_is_rejected(kernel_device):
     z, c = _data(4, 5, 8, torch.float32, kernel_device)
     with pytest.raises(ValueError, match="precision"):

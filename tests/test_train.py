@@ -273,7 +273,7 @@ def test_evaluated_model_is_the_trained_one(vq_run: train_mod.TrainResult) -> No
 
 
 def test_cli_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQFAST_BACKEND", "auto")  # restored after the test, whatever --backend sets
+    monkeypatch.setenv("VQFAST_BACKEND", "auto")
     parser = argparse.ArgumentParser()
     configure_train_parser(parser)
     args = parser.parse_args(["vqvae", "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--codes", "32",
@@ -285,8 +285,13 @@ def test_cli_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.Mon
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("vqvae", 1, 16, 2e-3)
     assert (cfg.num_codes, cfg.code_dim, cfg.beta, cfg.codebook_init) == (32, 8, 0.25, None)
     assert cfg.vq_kwargs == {"init": "uniform"} and cfg.backend == "torch" and cfg.seed == 3
+    seen = []
+    inner = train_mod._train
+    monkeypatch.setattr(train_mod, "_train", lambda *a, **k: (seen.append(os.environ.get("VQFAST_BACKEND")),
+                                                               inner(*a, **k))[1])
     assert train_main(args) == 0
-    assert os.environ.get("VQFAST_BACKEND") == "torch"
+    # --backend holds while the run trains; afterwards the caller's setting is back.
+    assert seen == ["torch"] and os.environ.get("VQFAST_BACKEND") == "auto"
     assert load_checkpoint(tmp_path)["epoch"] == 1
     defaults = train_mod._config_from_args(parser.parse_args(["ae"]))
     assert defaults.resolved_epochs() == 20 and defaults.latent_dim == 1024 and defaults.kl_weight == 0.1
@@ -360,3 +365,16 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
 
     init = build_model("vqvae", num_codes=32, code_dim=16).state_dict()
     assert not torch.equal(init["encoder.0.weight"], r0["state"]["encoder.0.weight"])
+
+
+def test_selected_backend_restores_the_callers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VQFAST_BACKEND", raising=False)
+    with train_mod.selected_backend("torch"):
+        assert os.environ["VQFAST_BACKEND"] == "torch"
+    assert "VQFAST_BACKEND" not in os.environ
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError), train_mod.selected_backend("torch"):
+        raise RuntimeError("a failed run")
+    assert os.environ["VQFAST_BACKEND"] == "triton"
+    with train_mod.selected_backend("auto"):
+        assert os.environ["VQFAST_BACKEND"] == "triton"
