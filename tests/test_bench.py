@@ -372,10 +372,28 @@ def _tiny_plan(**overrides) -> bench.Plan:
     return bench.Plan(**kw)
 
 
-def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread):
+class _MemoryMeter(bench.Meter):
+    """A CPU meter that reports a peak memory, as the CUDA one does, so that every record kind is
+    checked for carrying it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tracks_memory = True
+
+    def reset_peak(self) -> float:
+        return 0.0
+
+    def peak_mib(self, base: float) -> float:
+        return 0.0
+
+
+def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(bench, "Meter", _MemoryMeter)
     # 2 * 32 * 256 * 8 * 4 bytes = 524 kB for the broadcast form at K=256: above the limit, so skipped.
     records = bench.run_benchmarks(_tiny_plan(), bench.PARTS, tmp_path, device=torch.device("cpu"),
                                    log=lambda s: None, cpu_memory_limit=3e5)
+    # Every measured record has its peak memory where the meter gives one (on a GPU: always).
+    assert all(r.peak_mem_mb is not None for r in records if r.ok and r.part != "ceiling")
     parts = {r.part for r in records}
     assert parts == {"ceiling", *bench.PARTS}
     fused = [r for r in records if r.provider in ("vqfast", bench.GRAPH_PROVIDER) and r.part in ("headline", "nearest")]

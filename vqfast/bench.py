@@ -682,6 +682,8 @@ class Meter:
         self.rep_ms = rep_ms
         self.cpu_memory_limit = cpu_memory_limit
         self.cuda = device.type == "cuda"
+        # Whether measure() makes its extra run for the peak memory (the CUDA allocator's figure).
+        self.tracks_memory = self.cuda
 
     def memory_limit(self) -> float:
         """Bytes an extra allocation may take before it is skipped as an obvious OOM."""
@@ -745,7 +747,7 @@ class Meter:
             self.sync()
             _clear_grads(grad_to_none)
             self.free()
-            if self.cuda:
+            if self.tracks_memory:
                 base = self.reset_peak()
                 fn()
                 self.sync()
