@@ -4,8 +4,9 @@
 # fits a 10-minute command limit).
 #
 #   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
-#                                     without its nearest-code sweeps (BENCH_SECONDS, default 300;
-#                                     BENCH_PARTS), then training runs in what is left when $GPU_DATA
+#                                     without its nearest-code sweeps (BENCH_SECONDS, default 300,
+#                                     less when fewer than TRAIN_RESERVE_SECONDS=170 would be left after
+#                                     it; BENCH_PARTS), then training runs in what is left when $GPU_DATA
 #                                     holds the data (see train)
 #   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
@@ -178,7 +179,9 @@ case "$MODE" in
     run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer.py tests/test_layer_soft_entropy.py tests/test_layer_compile.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
-    run_bench "$(up_to "${BENCH_SECONDS:-300}" 60)" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
+    # At most BENCH_SECONDS, and at most what leaves ~2 minutes of training (one VQ-VAE run) after the
+    # bench's 50 s of overrun margin.
+    run_bench "$(up_to "${BENCH_SECONDS:-300}" "${TRAIN_RESERVE_SECONDS:-170}")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;

@@ -97,7 +97,7 @@ class TrainConfig:
     kl_weight: float = 0.1
     codebook_init: str | None = "xavier_normal"  # None: the layer's own initialisation
     vq_kwargs: dict[str, Any] = field(default_factory=dict)
-    backend: str = "auto"  # auto | torch | triton (sets VQFAST_BACKEND)
+    backend: str = "auto"  # auto | torch | triton (VQFAST_BACKEND while train() runs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     data: str = "cifar10"  # cifar10 | svhn | sample | synthetic | path to a folder / .npz

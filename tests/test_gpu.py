@@ -43,8 +43,9 @@ def test_nearest_code_precision_modes(dtype, precision, tol, n, k, d):
     scale = (z[rows].double() ** 2).sum(1) + d_chosen
     # The indices of the tf32 modes are the fp32 ones (re-searched near ties), but a row the tf32 pass
     # was sure of keeps its tf32 distance: operands with 10 mantissa bits (truncated, 2**-10 each) put
-    # at most 2**-8 * |z||c| into -2 z.c, and |z||c| <= 1.5 * scale since |c|**2 <= 2|z|**2 + 2 d.
-    dist_tol = 1.5 * 2.0**-8 if dtype == torch.float32 and precision != "highest" else tol
+    # about 2**-8 * |z||c| into -2 z.c, fp32 accumulation over D a little more (the kernel's own bound:
+    # factor 1 + D * 2**-13), and |z||c| <= 1.5 * scale since |c|**2 <= 2|z|**2 + 2 d.
+    dist_tol = 1.5 * 2.0**-8 * (1 + d * 2.0**-13) if dtype == torch.float32 and precision != "highest" else tol
     assert ((dist[rows].double() - d_chosen).abs() <= dist_tol * scale + 1e-6).all()
 
 
