@@ -201,6 +201,14 @@ def test_headline_and_report_tables():
     assert row.startswith("| 8,192 | 16,384 | 256 | bf16 | 2.00 | 1.90 | 10.0 | OOM | 4.00 | 5.00x | 0.50x | 34.4 | pass")
     md = bench.render_markdown(recs, {"gpu": "Test GPU"})
     assert "## Headline" in md and "Test GPU" in md and table in md
+    # Measured goal points first, the table still reads small to large, fp32 before tf32 before bf16.
+    first = [bench.Record("headline", "headline", "vqfast", p, *shape, time_ms=1.0)
+             for shape, p in (((65536, 65536, 256), "bf16"), ((1024, 4096, 128), "bf16"),
+                              ((1024, 4096, 128), "tf32"), ((1024, 4096, 128), "fp32"))]
+    keys = [line.split("|")[1:5] for line in bench.headline_table(first + recs).splitlines()[2:]]
+    assert [[cell.strip() for cell in key] for key in keys] == [
+        ["1,024", "4,096", "128", "fp32"], ["1,024", "4,096", "128", "tf32"], ["1,024", "4,096", "128", "bf16"],
+        ["8,192", "16,384", "256", "bf16"], ["65,536", "65,536", "256", "bf16"]]
 
 
 def test_budget_splits_time_and_rolls_over():
