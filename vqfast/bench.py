@@ -362,9 +362,14 @@ def headline_table(records: Sequence[Record]) -> str:
 GOAL_LARGE = (65536, 65536, 256)
 GOAL_SMALL = (1024, 4096, 128)
 GOAL_FEW_ROWS = (1024, 262144, 64)
-GOAL_LAYER_CASE, GOAL_LAYER_K = "(128, 256, 16, 16)", 65536
-ARTICLE_LAYER_CASE, ARTICLE_LAYER_K = "(64, 128, 4, 4)", 4096
+GOAL_LAYER = (128, 256, 16, 16, 65536)  # (B, C, H, W, K)
+ARTICLE_LAYER = (64, 128, 4, 4, 4096)
 SMALL_TARGET_MS = 0.025
+
+
+def _layer_case(b: int, c: int, h: int, w: int) -> str:
+    """The ``case`` of a layer record: its input shape (B, C, H, W)."""
+    return f"({b}, {c}, {h}, {w})"
 
 
 def _find(records: Sequence[Record], part: str, provider: str, shape: tuple[int, int, int] | None = None,
@@ -488,8 +493,9 @@ def goals_table(records: Sequence[Record]) -> str:
                      ">= 50 % of the bf16 peak", _absent(few) if few is None or not few.ok else "not measured (no bf16 ceiling)"])
 
     # 4. layer forward + backward against vector-quantize-pytorch.
-    for case, k, speed, label in ((GOAL_LAYER_CASE, GOAL_LAYER_K, 10.0, "4. layer fwd+bwd (128, 256, 16, 16), K 65,536"),
-                                  (ARTICLE_LAYER_CASE, ARTICLE_LAYER_K, 3.0, "4. layer fwd+bwd (64, 128, 4, 4), K 4,096")):
+    for shape, speed in ((GOAL_LAYER, 10.0), (ARTICLE_LAYER, 3.0)):
+        case, k = _layer_case(*shape[:4]), shape[4]
+        label = f"4. layer fwd+bwd {case}, K {k:,}"
         ours = _find(records, "layer", "vqfast", case=case, k=k)
         theirs = _find(records, "layer", "vector-quantize-pytorch", case=case, k=k)
         target = f">= {speed:g}x faster than vector-quantize-pytorch" + (", <= 2 % of its extra memory"
@@ -854,8 +860,8 @@ class Plan:
     mode: str = "default"
 
 
-HEADLINE_SHAPES = [(1024, 4096, 128), (8192, 16384, 256), (65536, 65536, 256)]
-LAYER_SHAPES = [(64, 128, 4, 4, 4096), (32, 256, 16, 16, 16384), (128, 256, 16, 16, 65536)]
+HEADLINE_SHAPES = [GOAL_SMALL, (8192, 16384, 256), GOAL_LARGE]
+LAYER_SHAPES = [ARTICLE_LAYER, (32, 256, 16, 16, 16384), GOAL_LAYER]
 
 
 def default_plan() -> Plan:
@@ -881,7 +887,7 @@ def default_plan() -> Plan:
         gather=[(1048576, 65536, 128, "fp32"), (65536, 16384, 256, "fp32"), (65536, 16384, 256, "bf16")],
         usage=[(1048576, 65536), (16777216, 262144), (65536, 4096)],
         # Goal 4's two shapes (the largest against vector-quantize-pytorch, then the article's), then the middle one.
-        layer=[LAYER_SHAPES[2], LAYER_SHAPES[0], LAYER_SHAPES[1]],
+        layer=[GOAL_LAYER, ARTICLE_LAYER, LAYER_SHAPES[1]],
         train=[64, 256],
         kmeans=[(131072, 65536, 256)],
     )
@@ -1204,7 +1210,7 @@ def _layer_module(provider: str, k: int, c: int) -> nn.Module | None:
 
 def run_layer(ctx: Context) -> None:
     for b, c, h, w, k in ctx.plan.layer:
-        case = f"({b}, {c}, {h}, {w})"
+        case = _layer_case(b, c, h, w)
         n = b * h * w
         if not ctx.budget.allow():
             ctx.skipped("layer", case, ctx.plan.layer_providers, "fp32", n, k, c)

@@ -158,11 +158,11 @@ class VectorQuantizer(nn.Module):
     Codebook learning: by the codebook loss (default) or, with ``ema=True``, by exponential moving
     averages as in the VQ-VAE paper (``decay``, Laplace-smoothed counts with ``eps``; the running counts
     start at 1, without Sonnet's bias correction); the codebook then gets no gradient. A codebook frozen
-    with ``requires_grad_(False)`` in codebook-loss mode is never rewritten (no k-means, no restarts). ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans"
-    (``kmeans_iters`` Lloyd iterations on the rows of the first ``kmeans_batches`` training batches,
-    pooled; until then the layer quantizes with the xavier-normal codes, and its usage statistics start
-    over once k-means has run). ``dead_code_threshold``: in
-    training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
+    with ``requires_grad_(False)`` in codebook-loss mode is never rewritten (no k-means, no restarts).
+    ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans" (``kmeans_iters`` Lloyd
+    iterations on the rows of the first ``kmeans_batches`` training batches, pooled; until then the layer
+    quantizes with the xavier-normal codes, and its usage statistics start over once k-means has run).
+    ``dead_code_threshold``: in training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
     can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
