@@ -213,7 +213,7 @@ _TUNED: dict[tuple, LaunchConfig] = {}
 def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[LaunchConfig], object]) -> LaunchConfig:
     """The configuration to launch with for problems of this ``key`` (name, size bucket, dtypes, device).
 
-    The first candidate under the interpreter, with ``VQFAST_AUTOTUNE=0`` or when there is one;
+    The first candidate under the interpreter, with ``VQFAST_AUTOTUNE=0`` or when it is the only one;
     otherwise the fastest by the driver's ``triton.testing.do_bench`` of ``trial(config)``, measured on the first
     call with this key and remembered. ``trial`` launches the kernel on the real inputs but into
     scratch outputs, so that kernels that accumulate (atomics) leave the real output untouched; this
