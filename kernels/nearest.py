@@ -6,7 +6,9 @@ registers. When there are few row blocks (few rows, many codes), the codebook is
 programs and a second small kernel reduces the per-split winners. The fp32 search with tf32 products
 flags, in the same kernels, the rows whose two best codes are closer than the tf32 error bound, and a
 second pass searches only those rows' blocks again with fp32 products, writing in place: a handful of
-launches and no host synchronisation, which is what small (latency-bound) problems need.
+launches and no host synchronisation, which is what small (latency-bound) problems need. The
+distance of the chosen code is then summed directly, ||z - c||^2, by whichever kernel writes the
+index (the search, or the reduction of the splits).
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ _SPLIT_ALIGN = 256
 _MAX_SPLITS = 1024
 
 
+# Columns per step of the distance epilogue: a (BLOCK_N x 32) fp32 slice stays in registers.
+_DIST_BLOCK_D = 32
+
+
+@triton.jit
+def _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
+                        BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr):
+    """``||z - c[index]||^2`` per row, summed directly in fp32: unlike the search's expanded form
+    ``||z||^2 + ||c||^2 - 2 z.c`` it does not cancel (data far from the origin, tiny distances) and
+    carries no tf32 error. One gather of the chosen codes, N x D reads in all."""
+    c_rows = c_ptr + index.to(tl.int64)[:, None] * stride_ck
+    offs_d = tl.arange(0, DIST_BLOCK_D)
+    acc = tl.zeros([BLOCK_N, DIST_BLOCK_D], tl.float32)
+    for d0 in range(0, D, DIST_BLOCK_D):
+        dd = d0 + offs_d
+        mask = mask_n[:, None] & (dd[None, :] < D)
+        zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+        ct = tl.load(c_rows + dd[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        diff = zt - ct
+        acc += diff * diff
+    return tl.sum(acc, axis=1)
+
+
 # Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
 # kernel instead of compiling (and autotuning) another variant.
 @triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "flag_scale"])
@@ -40,7 +65,7 @@ def _nearest_code_kernel(
     score_ptr, index_ptr, dist_ptr, second_ptr, flag_out_ptr, cmax_ptr,
     N, K, D, codes_per_split, N_BUCKET, flag_scale,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr,
     TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
 ):
@@ -72,10 +97,9 @@ def _nearest_code_kernel(
         # Rows that are not stored (unflagged ones in a re-search) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd,
                           mask=store_n[:, None] & (offs_d[None, :] < D), other=0.0)
-        z_f32 = z_block.to(tl.float32)
-        z_sqnorm = tl.sum(z_f32 * z_f32, axis=1)
-    else:
-        z_sqnorm = tl.zeros([BLOCK_N], tl.float32)
+    # ||z||^2 only scales the tf32 error bound: the distances come from the epilogue below.
+    z_sqnorm = tl.zeros([BLOCK_N], tl.float32)
+    if WRITE_FLAGS:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=store_n[:, None] & (dd[None, :] < D),
@@ -120,9 +144,8 @@ def _nearest_code_kernel(
         best = tl.where(improved, tile_best, best)
 
     if WRITE_DISTANCE:
-        dist = z_sqnorm + best
-        # Rounding can push a near-zero distance below 0; NaN (from NaN in z) is kept.
-        dist = tl.where(dist < 0.0, 0.0, dist)
+        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, store_n, D,
+                                   BLOCK_N, DIST_BLOCK_D)
         tl.store(dist_ptr + offs_n, dist, mask=store_n)
         tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=store_n)
         if TRACK_SECOND:
@@ -136,19 +159,19 @@ def _nearest_code_kernel(
         tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
         if TRACK_SECOND:
             tl.store(second_ptr + out, second, mask=mask_n)
-        if pid_s == 0:
-            tl.store(dist_ptr + offs_n, z_sqnorm, mask=mask_n)
         if WRITE_FLAGS:
+            if pid_s == 0:
+                tl.store(dist_ptr + offs_n, z_sqnorm, mask=mask_n)
             if pid_n == 0:
                 tl.store(cmax_ptr + pid_s, tl.max(c_max, axis=0))
 
 
-@triton.jit(do_not_specialize=["N", "flag_scale"])
+@triton.jit(do_not_specialize=["N", "flag_scale", "stride_zn"])
 def _reduce_splits_kernel(
-    score_ptr, part_index_ptr, second_ptr, zsq_ptr, cmax_ptr, flag_in_ptr,
+    score_ptr, part_index_ptr, second_ptr, zsq_ptr, cmax_ptr, flag_in_ptr, z_ptr, c_ptr,
     index_ptr, dist_ptr, runner_up_ptr, flag_out_ptr,
-    N, S, flag_scale,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    N, S, D, flag_scale, stride_zn, stride_zd, stride_ck, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
 ):
     """Per row, the best of the S per-split winners (splits are in increasing code order and ties go
@@ -163,12 +186,15 @@ def _reduce_splits_kernel(
     best, win = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
     win = win.to(tl.int64)
     index = tl.load(part_index_ptr + rows + win, mask=mask_n, other=0)
-    z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
-    dist = z_sqnorm + best
-    dist = tl.where(dist < 0.0, 0.0, dist)
+    if WRITE_FLAGS:
+        # Read before the distances are stored: the row norms may share their buffer.
+        z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
     store_n = mask_n
     if HAS_FLAGS:
         store_n = mask_n & (tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0) != 0)
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, store_n, D,
+                               BLOCK_N, DIST_BLOCK_D)
     tl.store(index_ptr + offs_n, index, mask=store_n)
     tl.store(dist_ptr + offs_n, dist, mask=store_n)
     if TRACK_SECOND:
@@ -312,15 +338,16 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     unused = c_sqnorm  # stands in for pointers a variant never touches
     if write_distance:
         scores, part_index, second, stride_sn = unused, indices, runner_up, 0
-        z_sqnorm = distances
+        z_sqnorm = distances  # the kernel writes the distances themselves here
         cmax = unused
     else:
         scores = torch.empty((n, splits), dtype=torch.float32, device=device)
         part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
         second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else None
         stride_sn = splits
-        # Row norms go to the distances unless those must keep their unflagged rows.
-        z_sqnorm = torch.empty(n, dtype=torch.float32, device=device) if flags is not None else distances
+        # Row norms (for the flags' error bound) are parked in the distances, which the reduction
+        # then overwrites; a re-search of flagged rows (flags given) never writes flags.
+        z_sqnorm = distances if write_flags else unused
         cmax = torch.empty(splits, dtype=torch.float32, device=device) if write_flags else unused
 
     args = (
@@ -330,7 +357,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         n, k, d, codes_per_split, next_power_of_2(n), float(flag_scale or 0.0),
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
-    meta = dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
+    dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
+    meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
                 WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
                 WRITE_FLAGS=write_flags)
     if interp:
@@ -350,14 +378,17 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
 
     if not write_distance:
         block_s = next_power_of_2(splits)
-        block_n = max(1, min(128, 4096 // block_s))
+        # Few rows per program: with splits there are few rows in all, and the distance epilogue's
+        # gather wants many programs in flight more than wide ones.
+        block_n = max(1, min(32, 4096 // block_s))
         _reduce_splits_kernel[(triton.cdiv(n, block_n),)](
             scores, part_index, second if second is not None else unused, z_sqnorm, cmax,
-            flags if flags is not None else unused,
+            flags if flags is not None else unused, z, codebook,
             indices, distances, runner_up if runner_up is not None else unused,
             uncertain if uncertain is not None else unused,
-            n, splits, float(flag_scale or 0.0),
-            BLOCK_N=block_n, BLOCK_S=block_s, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
+            n, splits, d, float(flag_scale or 0.0),
+            z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+            BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
             WRITE_FLAGS=write_flags)
     return indices, distances, runner_up, uncertain
 

@@ -271,14 +271,25 @@ def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_i
     assert (tf32_only[:ties] != exact[:ties]).sum() > ties // 10  # the emulated rounding changes the answer
     rechecked, dist = kernels.nearest_code(z, c, precision="high", num_splits=splits)
     assert torch.equal(rechecked, exact)
-    # Rows the tf32 pass was sure of keep its distance: off by at most 2**-8 |z||c| from the products
-    # (2**-10 per truncated operand, doubled by -2 z.c), a little more from fp32 accumulation over D.
+    # The distances are summed directly from the chosen codes, so none carries the tf32 error.
+    assert torch.equal(dist, fp32_dist)
     d_chosen = ((z.double() - c[rechecked].double()) ** 2).sum(1)
-    scale = z.double().pow(2).sum(1) + d_chosen
-    bound = 2.0**-8 * (1 + d * 2.0**-13) * z.double().norm(dim=1) * c[rechecked].double().norm(dim=1) + 1e-5 * scale
-    assert ((dist.double() - d_chosen).abs() <= bound).all()
-    kept = (dist[ties:] - fp32_dist[ties:]).abs() > 1e-5 * scale[ties:].float()
-    assert kept.any()  # some plain rows did keep a tf32 distance, so the bound above was tested
+    assert ((dist.double() - d_chosen).abs() <= 1e-5 * d_chosen).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_distances_are_exact_far_from_the_origin(splits, kernel_device):
+    # z, c = 1000 + randn: ||z||^2 + ||c||^2 - 2 z.c cancels ~2e7 down to ~64, far below fp32's
+    # resolution of the terms (~2), so only a direct sum gives the distance to fp32 rounding.
+    g = torch.Generator().manual_seed(12)
+    z = (1000.0 + torch.randn(40, 32, generator=g)).to(kernel_device)
+    c = (1000.0 + torch.randn(70, 32, generator=g)).to(kernel_device)
+    z[5] = c[17]  # an exact hit has distance 0
+    for precision in ("highest", "high"):
+        idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
+        d_chosen = ((z.double() - c[idx].double()) ** 2).sum(1)
+        assert ((dist.double() - d_chosen).abs() <= 1e-5 * d_chosen).all()
+        assert idx[5] == 17 and dist[5] == 0
 
 
 def test_bad_precision_is_rejected(kernel_device):

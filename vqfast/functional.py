@@ -87,11 +87,9 @@ def nearest_code(
     of the chosen code, or 1 - cos for ``metric="cosine"``). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
     on the Triton backend: "highest" (full fp32), "high"/"medium" (tf32); default
-    ``torch.get_float32_matmul_precision()``. The Triton backend takes the distance from the search's
-    expanded form ``||z||^2 + ||c||^2 - 2 z.c`` (fp32 accumulation; tf32 products for the rows the
-    tf32 search was sure of), so its absolute error scales with ``||z||^2 + ||c||^2`` and a tiny
-    distance can read as 0; the reference computes ``||z - c||^2`` directly. For an exact distance,
-    compute ``(z - codebook[indices]).pow(2).sum(-1)``.
+    ``torch.get_float32_matmul_precision()``. Codes are ranked by ``||c||^2 - 2 z.c``; the returned
+    distance is summed directly, ``(z - codebook[indices]).pow(2).sum(-1)`` in fp32, on both backends
+    and in every precision mode.
     """
     check_search_inputs(z, codebook, metric)
     check_matmul_precision(precision)
