@@ -15,7 +15,8 @@ figures. A fresh run needs a new or empty folder (or ``overwrite``); options and
 before the folder is made. ``resume`` continues from the checkpoint exactly: model, optimizer, epoch
 and batch position and RNG states are restored, and each epoch's shuffling order depends only on
 (seed, epoch). Ctrl-C stops at the end of the current batch and saves a mid-epoch checkpoint (a second Ctrl-C
-aborts at once, leaving the last complete checkpoint).
+aborts at once, leaving the last complete checkpoint); once the last batch has run, the run writes its
+summary and pictures first.
 
 Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) the model is wrapped in DistributedDataParallel
 (NCCL on CUDA, Gloo on CPU), each rank reads its DistributedSampler shard, and rank 0 writes outputs.
@@ -481,10 +482,14 @@ def train_step(loss_module: nn.Module, x: torch.Tensor, optimizer: torch.optim.O
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the current batch, checkpoint, stop. Second Ctrl-C: KeyboardInterrupt now."""
+    """First Ctrl-C: finish the current batch, checkpoint, stop. Second Ctrl-C: KeyboardInterrupt now.
+
+    ``finishing`` (set once every epoch is trained): the first Ctrl-C lets the run write its summary.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.finishing = False
         self._previous: Any = None
         self._installed = False
         self._pid = os.getpid()
@@ -496,8 +501,10 @@ class _StopRequest:
         # DataLoader workers forked from this process inherit the handler (and the terminal's Ctrl-C):
         # only the training process speaks.
         if os.getpid() == self._pid:
-            print("\nInterrupt received: stopping after this batch and saving a checkpoint "
-                  "(press Ctrl-C again to abort at once).", file=sys.stderr, flush=True)
+            doing = ("finishing the run's summary" if self.finishing
+                     else "stopping after this batch and saving a checkpoint")
+            print(f"\nInterrupt received: {doing} (press Ctrl-C again to abort at once).", file=sys.stderr,
+                  flush=True)
 
     def __enter__(self) -> "_StopRequest":
         self._pid = os.getpid()
@@ -722,7 +729,8 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
     ``given``: the fields the caller set on purpose (the CLI passes the options on its command line).
     On resume, a given field that contradicts the run is an error and a given ``lr`` applies; without
     ``given``, every field that differs from its default counts as given.
-    Raises ``KeyboardInterrupt`` after saving a checkpoint when interrupted with Ctrl-C.
+    Raises ``KeyboardInterrupt`` after saving a checkpoint when interrupted with Ctrl-C before the last
+    batch; a Ctrl-C in the last batch or during the summary lets the run finish (a second one aborts).
     """
     cfg = _as_config(config)
     _validate(cfg)
@@ -970,20 +978,22 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                 _print(_epoch_line(record, cfg), log_path)
                 with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-            if interrupted:
+            if interrupted and epoch + 1 < epochs:
                 if dist.is_main:
                     _print(f"Interrupted after epoch {epoch + 1}; checkpoint saved to {ckpt_path}", log_path)
                 break
 
-    if interrupted:
-        raise KeyboardInterrupt
-
-    test_metrics = None
-    if dist.is_main:
-        assert eval_set is not None
-        test_metrics = _finish_run(model, cfg, train_set, eval_set, held_out, run_dir, device, history, step_losses,
-                                   steps_per_epoch, log_path)
-    dist.barrier()
+        # Interrupted before the last epoch ended: stop here. Interrupted in its last batch (or, from
+        # here on, while the summary is written): the training is complete, so the run is finished.
+        if interrupted and not (history and history[-1]["epoch"] == epochs):
+            raise KeyboardInterrupt
+        stop.finishing = True
+        test_metrics = None
+        if dist.is_main:
+            assert eval_set is not None
+            test_metrics = _finish_run(model, cfg, train_set, eval_set, held_out, run_dir, device, history,
+                                       step_losses, steps_per_epoch, log_path)
+        dist.barrier()
     return TrainResult(run_dir=run_dir, model=model, config=cfg, history=history, test_metrics=test_metrics,
                        step_losses=step_losses)
 

@@ -177,6 +177,39 @@ def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, mo
     _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
 
 
+@pytest.mark.parametrize("when", ["last batch", "summary"])
+def test_ctrl_c_after_the_last_step_lets_the_run_finish(when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       vae_reference: train_mod.TrainResult) -> None:
+    # The training is complete: the run writes its summary and pictures instead of stopping without them.
+    if when == "last batch":
+        real_step = train_mod.train_step
+        calls = {"n": 0}
+
+        def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+            out = real_step(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 6:  # epoch 2, batch 3 of 3
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+
+        monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    else:
+        real_finish = train_mod._finish_run
+
+        def ctrl_c_then_finish(*args: Any, **kwargs: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGINT)
+            return real_finish(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "_finish_run", ctrl_c_then_finish)
+    before = signal.getsignal(signal.SIGINT)
+    result = train(_cfg(TINY_VAE, tmp_path))
+    assert signal.getsignal(signal.SIGINT) is before
+    assert result.test_metrics is not None and (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "samples.png").is_file()
+    assert [h["avg_loss"] for h in result.history] == [h["avg_loss"] for h in vae_reference.history]
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+
+
 def test_progress_bar_does_not_change_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     quiet = train(_cfg(TINY_VQ, tmp_path / "quiet", eval_limit=16))
     with_bar = train(_cfg(TINY_VQ, tmp_path / "bar", eval_limit=16, progress=True))
