@@ -142,7 +142,7 @@ def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
     block_d = min(128, max(16, next_power_of_2(d)))
     block_k = 16 if interpreting() else max(1, 4096 // block_d)
-    _row_sqnorm_kernel[(triton.cdiv(k, block_k),)](codebook, out, k, d, codebook.stride(0), codebook.stride(1),
+    _row_sqnorm_kernel[(cdiv(k, block_k),)](codebook, out, k, d, codebook.stride(0), codebook.stride(1),
                                                   BLOCK_K=block_k, BLOCK_D=block_d)
     return out
 
@@ -175,6 +175,12 @@ def _max_shared_memory(active, device: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers. Not ``triton.cdiv``: that is a constexpr function, which costs
+    about 4 us per call from host code (Triton 3.6-3.8), and a small search is bound by host time."""
+    return -(-a // b)
 
 
 # -- launch configurations of the memory-bound kernels --------------------------------------------------

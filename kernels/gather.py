@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_block_d,
+    LaunchConfig, cdiv, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_block_d,
     row_tile_configs, scratch_trial, tuned_config,
 )
 
@@ -60,10 +60,10 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     if n == 0 or d == 0:
         return out
     block_d = row_block_d(d)
-    check_grid_yz(triton.cdiv(d, block_d), "a gather")
+    check_grid_yz(cdiv(d, block_d), "a gather")
 
     def launch(cfg: LaunchConfig) -> None:
-        grid = (triton.cdiv(n, cfg.block), triton.cdiv(d, block_d))
+        grid = (cdiv(n, cfg.block), cdiv(d, block_d))
         _gather_rows_kernel[grid](codebook, indices, out, n, codebook.shape[0], d, codebook.stride(0),
                                   codebook.stride(1), out.stride(0), BLOCK_N=cfg.block, BLOCK_D=block_d,
                                   num_warps=cfg.num_warps)
@@ -88,10 +88,10 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)
     if n > 0 and d > 0:
         block_d = row_block_d(d)
-        check_grid_yz(triton.cdiv(d, block_d), "a scatter-add")
+        check_grid_yz(cdiv(d, block_d), "a scatter-add")
 
         def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
-            grid = (triton.cdiv(n, cfg.block), triton.cdiv(d, block_d))
+            grid = (cdiv(n, cfg.block), cdiv(d, block_d))
             _scatter_add_rows_kernel[grid](grad, indices, into, n, num_codes, d, grad.stride(0), grad.stride(1),
                                            BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
 

@@ -13,12 +13,14 @@ index (the search, or the reduction of the splits).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    autotuning, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory,
+    autotuning, cdiv, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory,
     multiprocessor_count, next_power_of_2,
 )
 
@@ -271,6 +273,14 @@ _nearest_code_autotuned = triton.autotune(
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
 
+
+@functools.lru_cache(maxsize=None)
+def _first_config(input_precision: str, block_d: int, single_d: bool, element_bytes: int,
+                  shared_memory_limit: int) -> triton.Config:
+    """The first candidate that suits a problem (cached: small searches are bound by host time)."""
+    return _select_configs(_AUTOTUNE_CONFIGS, input_precision, block_d, single_d, element_bytes,
+                           shared_memory_limit)[0]
+
 # Bound on |tf32 score - exact score| is TF32_ERROR * (1 + D * 2**-13) * ||z|| * max ||c||: tf32 keeps
 # 10 mantissa bits (2**-11 relative rounding per operand, 2**-10 if truncated), and the score has a
 # factor 2 on z.c. A row whose runner-up is within twice that bound is searched again in fp32.
@@ -287,12 +297,12 @@ def _input_precision(dtype: torch.dtype, precision: str) -> str:
 
 
 def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device) -> int:
-    row_blocks = triton.cdiv(n_rows, block_n)
+    row_blocks = cdiv(n_rows, block_n)
     target_programs = 2 * multiprocessor_count(device)
     if row_blocks >= target_programs:
         return 1
-    max_splits = triton.cdiv(n_codes, _SPLIT_ALIGN)
-    return max(1, min(max_splits, triton.cdiv(target_programs, row_blocks)))
+    max_splits = cdiv(n_codes, _SPLIT_ALIGN)
+    return max(1, min(max_splits, cdiv(target_programs, row_blocks)))
 
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
@@ -329,8 +339,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
     splits = max(1, min(int(splits), k, _MAX_SPLITS))
     align = 1 if interp else _SPLIT_ALIGN
-    codes_per_split = triton.cdiv(triton.cdiv(k, splits), align) * align
-    splits = triton.cdiv(k, codes_per_split)
+    codes_per_split = cdiv(cdiv(k, splits), align) * align
+    splits = cdiv(k, codes_per_split)
     write_distance = splits == 1
 
     runner_up = torch.empty(n, dtype=torch.float32, device=device) if track_second else None
@@ -362,18 +372,17 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
                 WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
                 WRITE_FLAGS=write_flags)
     if interp:
-        grid = (triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
+        grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
     elif not autotuning() or flags is not None:
         # The first candidate that suits this problem, without timing the others. A re-search of
         # flagged rows is not autotuned either: its work depends on how many rows the data flags, so
         # timings from one call's flags would say little about the next call's.
-        cfg = _select_configs(_AUTOTUNE_CONFIGS, input_precision, block_d, single_d, z.element_size(),
-                              max_shared_memory())[0]
-        grid = (triton.cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
+        cfg = _first_config(input_precision, block_d, single_d, z.element_size(), max_shared_memory())
+        grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        grid = lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
         _nearest_code_autotuned[grid](*args, **meta)
 
     if not write_distance:
@@ -381,7 +390,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         # Few rows per program: with splits there are few rows in all, and the distance epilogue's
         # gather wants many programs in flight more than wide ones.
         block_n = max(1, min(32, 4096 // block_s))
-        _reduce_splits_kernel[(triton.cdiv(n, block_n),)](
+        _reduce_splits_kernel[(cdiv(n, block_n),)](
             scores, part_index, second if second is not None else unused, z_sqnorm, cmax,
             flags if flags is not None else unused, z, codebook,
             indices, distances, runner_up if runner_up is not None else unused,

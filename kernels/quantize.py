@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
+    LaunchConfig, cdiv, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
     row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
 
@@ -93,7 +93,7 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     block_d = row_block_d(d)
 
     def launch(cfg: LaunchConfig) -> torch.Tensor:
-        programs = triton.cdiv(n, cfg.block)
+        programs = cdiv(n, cfg.block)
         partial = torch.empty(programs, dtype=torch.float32, device=z.device)
         _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
                                         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
@@ -129,10 +129,10 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
         grad_loss = grad_loss.reshape(1).to(torch.float32)
         has_gzq = grad_zq is not None
         gzq = int32_safe_columns(grad_zq) if has_gzq else z
-        check_grid_yz(triton.cdiv(d, block_d), "the VQ backward")
+        check_grid_yz(cdiv(d, block_d), "the VQ backward")
 
         def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z, into_c: torch.Tensor = grad_c) -> None:
-            grid = (triton.cdiv(n, cfg.block), triton.cdiv(d, block_d))
+            grid = (cdiv(n, cfg.block), cdiv(d, block_d))
             _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, into_z, into_c, n, codebook.shape[0],
                                       d, coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
                                       codebook.stride(0), codebook.stride(1),

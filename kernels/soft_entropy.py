@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
+    cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
     next_power_of_2,
 )
 
@@ -228,9 +228,9 @@ def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> tup
     """``(splits, rows_per_split)``: row splits so that code-parallel passes still fill the GPU when K
     is small, each a whole number of ``block_n`` row blocks (so the last split may hold fewer)."""
     target = 2 * multiprocessor_count(device)
-    splits = max(1, min(triton.cdiv(rows, block_n), triton.cdiv(target, max(programs, 1))))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_n) * block_n
-    return triton.cdiv(rows, rows_per_split), rows_per_split
+    splits = max(1, min(cdiv(rows, block_n), cdiv(target, max(programs, 1))))
+    rows_per_split = cdiv(cdiv(rows, splits), block_n) * block_n
+    return cdiv(rows, rows_per_split), rows_per_split
 
 
 def soft_entropy_forward(
@@ -261,9 +261,9 @@ def soft_entropy_forward(
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
                 num_warps=warps)
-    _row_stats_kernel[(triton.cdiv(n, block_n),)](z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
+    _row_stats_kernel[(cdiv(n, block_n),)](z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
                                                   float(scale), **meta)
-    code_blocks = triton.cdiv(k, block_k)
+    code_blocks = cdiv(k, block_k)
     splits, rows_per_split = _splits(n, block_n, code_blocks, device)
     partial = torch.empty((splits, k), dtype=torch.float32, device=device)
     _col_sum_kernel[(code_blocks, splits)](z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
@@ -303,13 +303,13 @@ def soft_entropy_backward(
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
                 ACC_PRECISION=acc_precision, num_warps=warps)
-    d_blocks = triton.cdiv(d, block_d)
+    d_blocks = cdiv(d, block_d)
     check_grid_yz(d_blocks, "the soft-entropy backward")
-    _grad_rows_kernel[(triton.cdiv(n, block_n), d_blocks)](
+    _grad_rows_kernel[(cdiv(n, block_n), d_blocks)](
         z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
     if not codebook_grad:
         return dz, dc
-    code_blocks = triton.cdiv(k, block_k)
+    code_blocks = cdiv(k, block_k)
     splits, rows_per_split = _splits(n, block_n, code_blocks * d_blocks, device)
     _grad_codes_kernel[(code_blocks, d_blocks, splits)](
         z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale), **meta)

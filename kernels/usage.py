@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import LaunchConfig, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config
+from vqfast.kernels._common import (
+    LaunchConfig, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config,
+)
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
     if n > 0:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
-            _bincount_kernel[(triton.cdiv(n, cfg.block),)](indices, into, n, num_codes, BLOCK=cfg.block,
+            _bincount_kernel[(cdiv(n, cfg.block),)](indices, into, n, num_codes, BLOCK=cfg.block,
                                                            num_warps=cfg.num_warps)
 
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
