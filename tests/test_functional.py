@@ -30,6 +30,46 @@ def test_backend_resolution(monkeypatch):
         vqfast.resolve_backend(torch.device("cpu"))
 
 
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_custom_ops(triton_backend, kernel_device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vqfast import ops
+
+    z, c = _pair(device=kernel_device)
+    assert ops.for_call() is ops.direct
+    idx, dist = vqfast.nearest_code(z, c)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    # A dispatch mode (a profiler's counter, say) sees the op, and the answer is the same.
+    with Seen() as seen:
+        assert ops.for_call() is ops
+        idx2, dist2 = vqfast.nearest_code(z, c)
+        vqfast.quantize(z, c)
+    assert seen.ops.count("vqfast.nearest_code.default") == 2 and "vqfast.quantize_forward.default" in seen.ops
+    assert torch.equal(idx2, idx) and torch.equal(dist2, dist)
+    # Fake tensors get the ops' fake implementations (no kernel runs on them).
+    with FakeTensorMode() as mode:
+        fz, fc = mode.from_tensor(z), mode.from_tensor(c)
+        fidx, fdist = vqfast.nearest_code(fz, fc)
+    assert fidx.shape == idx.shape and fidx.dtype == torch.int64 and fdist.dtype == torch.float32
+
+    class Tagged(torch.Tensor):
+        pass
+
+    # A tensor subclass goes through the registered op (so its own dispatch could see the call).
+    sub_idx, sub_dist = ops.direct.nearest_code(z.as_subclass(Tagged), c, "highest", 0)
+    assert torch.equal(sub_idx.as_subclass(torch.Tensor), idx)
+
+
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("VQFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -194,14 +194,14 @@ class PlainEMA:
 def test_ema_matches_plain_pytorch(backend, device, monkeypatch):
     if backend == "triton":
         # On the Triton backend the statistics come from the bincount and scatter-add kernels.
-        from vqfast import ops
+        from vqfast import kernels
 
         calls = {"bincount": 0, "scatter_add_rows": 0}
         for name in calls:
-            def counted(*args, _name=name, _real=getattr(ops, name), **kwargs):
+            def counted(*args, _name=name, _real=getattr(kernels, name), **kwargs):
                 calls[_name] += 1
                 return _real(*args, **kwargs)
-            monkeypatch.setattr(ops, name, counted)
+            monkeypatch.setattr(kernels, name, counted)
     torch.manual_seed(3)
     K, D, beta = 12, 5, 0.3
     vq = VectorQuantizer(K, D, beta=beta, ema=True, decay=0.9, eps=1e-3, dead_code_threshold=0.0).to(device)

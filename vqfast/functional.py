@@ -66,7 +66,7 @@ def _ops():
     # Imported lazily: importing vqfast must not need triton.
     from vqfast import ops
 
-    return ops
+    return ops.for_call()
 
 
 def _rows(t: Tensor) -> Tensor:

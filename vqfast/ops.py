@@ -3,11 +3,17 @@
 Registering them through ``torch.library`` gives each op a fake (meta) implementation, so
 ``torch.compile`` traces models that use vqfast without graph breaks; the kernels themselves stay
 opaque to the compiler. Nothing here runs a kernel or queries CUDA at import time.
+
+:func:`for_call` picks, per call, the registered ops or :data:`direct` (the same launchers without the
+dispatcher): eager calls skip the custom-op machinery, about 30 us of host time per op, which small,
+launch-bound problems pay in full.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from typing import Optional
 
 import torch
@@ -21,12 +27,14 @@ def on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
-def nearest_code(z: Tensor, codebook: Tensor, precision: str, num_splits: int) -> tuple[Tensor, Tensor]:
+def _nearest_code(z: Tensor, codebook: Tensor, precision: str, num_splits: int) -> tuple[Tensor, Tensor]:
     """Fused search on rows ``z`` (N, D); ``num_splits`` <= 0 lets the launcher choose."""
     with on_device(z):
         return kernels.nearest_code(z, codebook, precision=precision,
                                     num_splits=num_splits if num_splits > 0 else None)
+
+
+nearest_code = torch.library.custom_op("vqfast::nearest_code", _nearest_code, mutates_args=())
 
 
 @nearest_code.register_fake
@@ -35,10 +43,12 @@ def _(z: Tensor, codebook: Tensor, precision: str, num_splits: int) -> tuple[Ten
     return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::gather_rows", mutates_args=())
-def gather_rows(codebook: Tensor, indices: Tensor) -> Tensor:
+def _gather_rows(codebook: Tensor, indices: Tensor) -> Tensor:
     with on_device(codebook):
         return kernels.gather_rows(codebook, indices)
+
+
+gather_rows = torch.library.custom_op("vqfast::gather_rows", _gather_rows, mutates_args=())
 
 
 @gather_rows.register_fake
@@ -46,10 +56,12 @@ def _(codebook: Tensor, indices: Tensor) -> Tensor:
     return codebook.new_empty((indices.shape[0], codebook.shape[1]))
 
 
-@torch.library.custom_op("vqfast::scatter_add_rows", mutates_args=())
-def scatter_add_rows(grad: Tensor, indices: Tensor, num_codes: int, out_dtype: torch.dtype) -> Tensor:
+def _scatter_add_rows(grad: Tensor, indices: Tensor, num_codes: int, out_dtype: torch.dtype) -> Tensor:
     with on_device(grad):
         return kernels.scatter_add_rows(grad, indices, num_codes, out_dtype)
+
+
+scatter_add_rows = torch.library.custom_op("vqfast::scatter_add_rows", _scatter_add_rows, mutates_args=())
 
 
 @scatter_add_rows.register_fake
@@ -57,12 +69,14 @@ def _(grad: Tensor, indices: Tensor, num_codes: int, out_dtype: torch.dtype) -> 
     return grad.new_empty((num_codes, grad.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("vqfast::code_usage", mutates_args=())
-def code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
+def _code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     """Returns ``(counts, stats)`` with ``stats = [entropy, perplexity]`` (outputs may not alias)."""
     with on_device(indices):
         counts, entropy, perplexity = kernels.code_usage(indices, num_codes)
         return counts, torch.stack([entropy, perplexity])
+
+
+code_usage = torch.library.custom_op("vqfast::code_usage", _code_usage, mutates_args=())
 
 
 @code_usage.register_fake
@@ -70,11 +84,13 @@ def _(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     return indices.new_empty(num_codes, dtype=torch.int64), indices.new_empty(2, dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::bincount", mutates_args=())
-def bincount(indices: Tensor, num_codes: int) -> Tensor:
+def _bincount(indices: Tensor, num_codes: int) -> Tensor:
     """``torch.bincount(indices, minlength=num_codes)`` with a static length (traceable)."""
     with on_device(indices):
         return kernels.bincount(indices, num_codes)
+
+
+bincount = torch.library.custom_op("vqfast::bincount", _bincount, mutates_args=())
 
 
 @bincount.register_fake
@@ -82,10 +98,12 @@ def _(indices: Tensor, num_codes: int) -> Tensor:
     return indices.new_empty(num_codes, dtype=torch.int64)
 
 
-@torch.library.custom_op("vqfast::quantize_forward", mutates_args=())
-def quantize_forward(z: Tensor, codebook: Tensor, indices: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _quantize_forward(z: Tensor, codebook: Tensor, indices: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     with on_device(z):
         return kernels.quantize_forward(z, codebook, indices, beta)
+
+
+quantize_forward = torch.library.custom_op("vqfast::quantize_forward", _quantize_forward, mutates_args=())
 
 
 @quantize_forward.register_fake
@@ -93,12 +111,14 @@ def _(z: Tensor, codebook: Tensor, indices: Tensor, beta: float) -> tuple[Tensor
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("vqfast::quantize_backward", mutates_args=())
-def quantize_backward(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
+def _quantize_backward(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
                       indices: Tensor, beta: float, need_grad_codebook: bool) -> tuple[Tensor, Tensor]:
     """``(dz, dcodebook)``; dcodebook is (0, D) when ``need_grad_codebook`` is False."""
     with on_device(z):
         return kernels.quantize_backward(grad_zq, grad_loss, z, codebook, indices, beta, need_grad_codebook)
+
+
+quantize_backward = torch.library.custom_op("vqfast::quantize_backward", _quantize_backward, mutates_args=())
 
 
 @quantize_backward.register_fake
@@ -106,3 +126,39 @@ def _(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
       indices: Tensor, beta: float, need_grad_codebook: bool) -> tuple[Tensor, Tensor]:
     c_shape = codebook.shape if need_grad_codebook else (0, codebook.shape[1])
     return torch.empty_like(z, memory_format=torch.contiguous_format), codebook.new_empty(c_shape)
+
+
+def _plain(t: object) -> bool:
+    return not isinstance(t, Tensor) or type(t) in (Tensor, torch.nn.Parameter)
+
+
+def _direct(op, launcher):
+    """``launcher`` for plain tensors; ``op`` (the registered custom op) for tensor subclasses, whose
+    own dispatch must see the call."""
+    def call(*args):
+        return launcher(*args) if all(_plain(a) for a in args) else op(*args)
+
+    call.__name__ = call.__qualname__ = launcher.__name__.lstrip("_")
+    call.__doc__ = launcher.__doc__
+    return call
+
+
+# The same ops, called without the dispatcher.
+direct = types.SimpleNamespace(
+    nearest_code=_direct(nearest_code, _nearest_code),
+    gather_rows=_direct(gather_rows, _gather_rows),
+    scatter_add_rows=_direct(scatter_add_rows, _scatter_add_rows),
+    code_usage=_direct(code_usage, _code_usage),
+    bincount=_direct(bincount, _bincount),
+    quantize_forward=_direct(quantize_forward, _quantize_forward),
+    quantize_backward=_direct(quantize_backward, _quantize_backward),
+)
+
+
+def for_call():
+    """This module (its custom ops) while anything traces or intercepts calls: torch.compile and
+    torch.export, fake tensors and other dispatch modes (profilers' counters), torch.jit.trace; else
+    :data:`direct`."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return sys.modules[__name__]
+    return direct
