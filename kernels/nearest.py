@@ -168,7 +168,7 @@ def _nearest_code_kernel(
                 tl.store(cmax_ptr + pid_s, tl.max(c_max, axis=0))
 
 
-@triton.jit(do_not_specialize=["N", "flag_scale", "stride_zn"])
+@triton.jit(do_not_specialize=["N", "flag_scale"])
 def _reduce_splits_kernel(
     score_ptr, part_index_ptr, second_ptr, zsq_ptr, cmax_ptr, flag_in_ptr, z_ptr, c_ptr,
     index_ptr, dist_ptr, runner_up_ptr, flag_out_ptr,
