@@ -135,8 +135,9 @@ def _plain(t: object) -> bool:
 def _direct(op, launcher):
     """``launcher`` for plain tensors; ``op`` (the registered custom op) for tensor subclasses, whose
     own dispatch must see the call."""
-    def call(*args):
-        return launcher(*args) if all(_plain(a) for a in args) else op(*args)
+    def call(*args, **kwargs):
+        plain = all(_plain(a) for a in args) and all(_plain(a) for a in kwargs.values())
+        return launcher(*args, **kwargs) if plain else op(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = launcher.__name__.lstrip("_")
     call.__doc__ = launcher.__doc__
@@ -155,7 +156,7 @@ direct = types.SimpleNamespace(
 )
 
 
-def for_call():
+def for_call() -> types.ModuleType | types.SimpleNamespace:
     """This module (its custom ops) while anything traces or intercepts calls: torch.compile and
     torch.export, fake tensors and other dispatch modes (profilers' counters), torch.jit.trace; else
     :data:`direct`."""
