@@ -188,9 +188,6 @@ def _reduce_splits_kernel(
     best, win = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
     win = win.to(tl.int64)
     index = tl.load(part_index_ptr + rows + win, mask=mask_n, other=0)
-    if WRITE_FLAGS:
-        # Read before the distances are stored: the row norms may share their buffer.
-        z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
     store_n = mask_n
     if HAS_FLAGS:
         store_n = mask_n & (tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0) != 0)
@@ -205,6 +202,7 @@ def _reduce_splits_kernel(
         runner_up = tl.minimum(own, tl.min(others, axis=1))
         tl.store(runner_up_ptr + offs_n, runner_up, mask=mask_n)
         if WRITE_FLAGS:
+            z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
             c_max = tl.max(tl.load(cmax_ptr + offs_s, mask=mask_s, other=0.0), axis=0)
             bound = flag_scale * tl.sqrt(z_sqnorm) * tl.sqrt(c_max)
             tl.store(flag_out_ptr + offs_n, ((runner_up - best) <= bound).to(tl.int8), mask=mask_n)
@@ -355,9 +353,9 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
         second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else None
         stride_sn = splits
-        # Row norms (for the flags' error bound) are parked in the distances, which the reduction
-        # then overwrites; a re-search of flagged rows (flags given) never writes flags.
-        z_sqnorm = distances if write_flags else unused
+        # Row norms, for the flags' error bound only (a re-search of flagged rows never writes flags).
+        # Their own buffer: the reduction stores distances while other threads may still read norms.
+        z_sqnorm = torch.empty(n, dtype=torch.float32, device=device) if write_flags else unused
         cmax = torch.empty(splits, dtype=torch.float32, device=device) if write_flags else unused
 
     args = (

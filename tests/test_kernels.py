@@ -283,7 +283,7 @@ def test_distances_are_exact_far_from_the_origin(splits, kernel_device):
     # resolution of the terms (~2), so only a direct sum gives the distance to fp32 rounding.
     g = torch.Generator().manual_seed(12)
     z = (1000.0 + torch.randn(40, 32, generator=g)).to(kernel_device)
-    c = (1000.0 + torch.randn(70, 32, generator=g)).to(kernel_device)
+    c = (1000.0 + torch.randn(700, 32, generator=g)).to(kernel_device)  # 3 splits also on a GPU (256-aligned)
     z[5] = c[17]  # an exact hit has distance 0
     for precision in ("highest", "high"):
         idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
