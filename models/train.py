@@ -484,7 +484,8 @@ def train_step(loss_module: nn.Module, x: torch.Tensor, optimizer: torch.optim.O
 class _StopRequest:
     """First Ctrl-C: finish the current batch, checkpoint, stop. Second Ctrl-C: KeyboardInterrupt now.
 
-    ``finishing`` (set once every epoch is trained): the first Ctrl-C lets the run write its summary.
+    ``finishing`` (set for the run's last batch and its summary): the first Ctrl-C lets the run end
+    normally, summary included.
     """
 
     def __init__(self) -> None:
@@ -501,7 +502,7 @@ class _StopRequest:
         # DataLoader workers forked from this process inherit the handler (and the terminal's Ctrl-C):
         # only the training process speaks.
         if os.getpid() == self._pid:
-            doing = ("finishing the run's summary" if self.finishing
+            doing = ("finishing the run and its summary" if self.finishing
                      else "stopping after this batch and saving a checkpoint")
             print(f"\nInterrupt received: {doing} (press Ctrl-C again to abort at once).", file=sys.stderr,
                   flush=True)
@@ -928,6 +929,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                                 total=steps_per_epoch)
             try:
                 for x, _ in loader:
+                    # In the run's last batch a Ctrl-C no longer stops it short: say so if one comes.
+                    stop.finishing = epoch + 1 == epochs and done + 1 == steps_per_epoch
                     x = x.to(device, non_blocking=True)
                     terms = train_step(train_module, x, optimizer, cfg.amp)
                     n = x.shape[0]

@@ -179,6 +179,7 @@ def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, mo
 
 @pytest.mark.parametrize("when", ["last batch", "summary"])
 def test_ctrl_c_after_the_last_step_lets_the_run_finish(when: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str],
                                                        vae_reference: train_mod.TrainResult) -> None:
     # The training is complete: the run writes its summary and pictures instead of stopping without them.
     if when == "last batch":
@@ -208,6 +209,8 @@ def test_ctrl_c_after_the_last_step_lets_the_run_finish(when: str, tmp_path: Pat
     assert (tmp_path / "samples.png").is_file()
     assert [h["avg_loss"] for h in result.history] == [h["avg_loss"] for h in vae_reference.history]
     assert load_checkpoint(tmp_path)["epoch"] == 2
+    err = capsys.readouterr().err
+    assert "finishing the run and its summary" in err and "stopping after this batch" not in err
 
 
 def test_progress_bar_does_not_change_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
