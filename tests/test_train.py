@@ -126,19 +126,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path,
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1 + 1 + 1 + 1  # 2 epochs, 2 tests
 
 
-def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          vae_reference: train_mod.TrainResult) -> None:
+def _ctrl_c_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Any:
+    """Make training send itself SIGINT (as Ctrl-C) right after its ``step``-th train step (from 1);
+    returns the real ``train_step``, to put back."""
     real_step = train_mod.train_step
     calls = {"n": 0}
 
     def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
         out = real_step(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, batch 2 of 3
+        if calls["n"] == step:
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
     monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    return real_step
+
+
+def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          vae_reference: train_mod.TrainResult) -> None:
+    real_step = _ctrl_c_after_step(monkeypatch, 5)  # epoch 2, batch 2 of 3
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(TINY_VAE, tmp_path))
@@ -156,17 +163,8 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
 
 def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               vae_reference: train_mod.TrainResult) -> None:
-    real_step = train_mod.train_step
-    calls = {"n": 0}
-
-    def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
-        out = real_step(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 1, batch 3 of 3: the loop stops before the sampler's pass ends
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    # Epoch 1, batch 3 of 3: the loop stops before the sampler's pass ends.
+    real_step = _ctrl_c_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(TINY_VAE, tmp_path))
     state = load_checkpoint(tmp_path)
@@ -183,17 +181,7 @@ def test_ctrl_c_after_the_last_step_lets_the_run_finish(when: str, tmp_path: Pat
                                                        vae_reference: train_mod.TrainResult) -> None:
     # The training is complete: the run writes its summary and pictures instead of stopping without them.
     if when == "last batch":
-        real_step = train_mod.train_step
-        calls = {"n": 0}
-
-        def step_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
-            out = real_step(*args, **kwargs)
-            calls["n"] += 1
-            if calls["n"] == 6:  # epoch 2, batch 3 of 3
-                os.kill(os.getpid(), signal.SIGINT)
-            return out
-
-        monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+        _ctrl_c_after_step(monkeypatch, 6)  # epoch 2, batch 3 of 3
     else:
         real_finish = train_mod._finish_run
 
