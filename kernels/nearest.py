@@ -101,7 +101,10 @@ def _nearest_code_kernel(
                           mask=store_n[:, None] & (offs_d[None, :] < D), other=0.0)
     # ||z||^2 only scales the tf32 error bound: the distances come from the epilogue below.
     z_sqnorm = tl.zeros([BLOCK_N], tl.float32)
-    if WRITE_FLAGS:
+    if WRITE_FLAGS and SINGLE_D:
+        z_f32 = z_block.to(tl.float32)
+        z_sqnorm = tl.sum(z_f32 * z_f32, axis=1)
+    elif WRITE_FLAGS:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=store_n[:, None] & (dd[None, :] < D),
