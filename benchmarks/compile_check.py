@@ -179,7 +179,7 @@ def _blocks_per_sm(regs: int, warps: int, shared: int, limits: dict) -> int:
 
 
 def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    from vqfast.kernels import gather, nearest, quantize, soft_entropy, usage
+    from vqfast.kernels import gather, nearest, quantize, soft_entropy, upkeep, usage
 
     def rows(n, d, dtype):
         return torch.randn(n, d).to(dtype)
@@ -231,6 +231,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
          + quantize.quantize_forward(rows(32768, 128, fp32), rows(4096, 128, fp32), idx(32768, 4096), 0.25)),
         ("soft entropy fp32 tf32 (8192, 4096, 128)",
          lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")),
+        ("codebook upkeep: counts, statistics, restarts with EMA (32768 rows, 65536 codes of 256)",
+         lambda: _upkeep(usage, upkeep, rows, 32768, 65536, 256)),
     ]
     if not quick:
         cases += [
@@ -257,14 +259,23 @@ def _soft_entropy(module, rows, n, k, d, dtype, precision):
     return module.soft_entropy_backward(z, c, lse, ent, torch.ones(k), torch.ones(1), 0.5, precision=precision)
 
 
+def _upkeep(usage, upkeep, rows, n, k, d):
+    counts = usage.finite_row_counts(torch.randint(0, k, (n,)), torch.rand(n), k)
+    state = dict(usage=torch.zeros(k), grace=torch.zeros(k), batch_counts=torch.zeros(k, dtype=torch.int64),
+                 steps=torch.zeros(()))
+    upkeep.update_code_usage(counts, *state.values(), 0.99)
+    upkeep.update_code_usage(counts, *state.values(), 0.99, 0.01 / k, rows(1024, d, torch.float32),
+                             rows(k, d, torch.float32), torch.ones(k))
+
+
 def _compiled_kernels() -> dict[int, tuple[str, object]]:
     """Every compiled kernel so far, by identity: ``{id: (kernel name, CompiledKernel)}``."""
     from triton.runtime.jit import JITFunction
 
-    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, usage
+    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, upkeep, usage
 
     found = {}
-    for module in (_common, gather, nearest, quantize, soft_entropy, usage):
+    for module in (_common, gather, nearest, quantize, soft_entropy, upkeep, usage):
         for value in vars(module).values():
             fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # autotuners wrap one
             if isinstance(fn, JITFunction):
@@ -287,9 +298,9 @@ def _constants(kernel) -> dict:
 
 def _patch_launch_checks(sms: int) -> None:
     """The launchers insist on CUDA tensors and ask the GPU for its size; answer for the target."""
-    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, usage
+    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, upkeep, usage
 
-    for module in (_common, gather, quantize, usage):
+    for module in (_common, gather, quantize, upkeep, usage):
         module.check_launchable = lambda *tensors: None
     for module in (nearest, soft_entropy):
         module.multiprocessor_count = lambda device: sms
@@ -340,7 +351,8 @@ def markdown(report: Report) -> str:
     ]
     for v in report.variants:
         consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
-                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C"))
+                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
+                                         "FINITE_ONLY", "FIND_DEAD", "HAS_EMA", "CODES_PER_PROGRAM"))
         lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
                      f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
                      f"{v.occupancy:.0%} |")

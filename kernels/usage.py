@@ -12,13 +12,20 @@ from vqfast.kernels._common import (
 
 
 @triton.jit
-def _bincount_kernel(index_ptr, counts_ptr, N, K, BLOCK: tl.constexpr):
+def _bincount_kernel(index_ptr, dist_ptr, counts_ptr, N, K, FINITE_ONLY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     # Unchecked indices outside [0, K) are not counted rather than written outside the histogram.
     mask = mask & (idx >= 0) & (idx < K)
+    if FINITE_ONLY:
+        # A NaN or inf distance marks a row holding NaN or inf; FLT_MAX also excludes NaN.
+        dist = tl.load(dist_ptr + offs, mask=mask, other=0.0)
+        mask = mask & (tl.abs(dist) <= 3.4028234663852886e38)
     tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask, sem="relaxed")
+    if FINITE_ONLY:
+        # One atomic per program for the total: one per row would all collide on a single address.
+        tl.atomic_add(counts_ptr + K, tl.sum(mask.to(tl.int64), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -44,18 +51,37 @@ def _entropy_kernel(counts_ptr, out_ptr, K, BLOCK: tl.constexpr):
 def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices``, with a fixed output
     length. Callers check the indices; one outside [0, num_codes) is not counted."""
+    return _count(indices, None, num_codes)
+
+
+def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Code counts of the rows whose search distance is finite, then their number: int64 (K + 1,).
+
+    ``ok = distances.isfinite(); torch.cat([torch.bincount(indices[ok], minlength=K), ok.sum()[None]])``
+    (indices outside [0, K) are not counted). A row holding NaN or inf has a NaN or inf distance, so
+    this leaves such rows out of the usage statistics without another pass over the rows.
+    """
+    if distances.shape != indices.shape or distances.dtype != torch.float32:
+        raise ValueError(f"distances must be float32 shaped like indices {tuple(indices.shape)}, "
+                         f"got {distances.dtype} {tuple(distances.shape)}")
+    return _count(indices, distances.contiguous(), num_codes)
+
+
+def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int) -> torch.Tensor:
     check_launchable(indices)
     indices = indices.contiguous()  # the kernel reads indices with unit stride
     n = indices.shape[0]
-    counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device)
+    finite_only = distances is not None
+    counts = torch.zeros(num_codes + finite_only, dtype=torch.int64, device=indices.device)
     if n > 0:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
-            _bincount_kernel[(cdiv(n, cfg.block),)](indices, into, n, num_codes, BLOCK=cfg.block,
-                                                           num_warps=cfg.num_warps)
+            _bincount_kernel[(cdiv(n, cfg.block),)](indices, distances if finite_only else indices, into, n,
+                                                    num_codes, FINITE_ONLY=finite_only, BLOCK=cfg.block,
+                                                    num_warps=cfg.num_warps)
 
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
-        key = ("bincount", next_power_of_2(n), num_codes, indices.device)
+        key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
         launch(tuned_config(key, _bincount_configs(), scratch_trial(launch, counts)))
     return counts
 

@@ -238,6 +238,24 @@ def test_ops_replay_from_a_cuda_graph(monkeypatch, dtype, precision):
     assert torch.equal(layer_idx, vq(z.float())[2])
 
 
+def test_codebook_upkeep_on_a_large_codebook_replays_from_a_cuda_graph():
+    """The statistics and restarts of 70,000 codes (69 programs, 1,024 seed rows) match the reference,
+    and need no host synchronisation: the update captures and replays."""
+    from test_upkeep import _assert_same_update, _run, _upkeep_state
+
+    k = 70000
+    state = _upkeep_state(k, 64, 1024, seed=3, device="cuda")
+    want = {name: t.cpu().clone() for name, t in state.items()}
+    before = want["weight"].clone()
+    graph, _ = _captured(lambda: _run(kernels.update_code_usage, state, 0.5 / k))
+    graph.replay()  # the second step (the warm-up run was the first)
+    torch.cuda.synchronize()
+    for _ in range(2):
+        _run(reference.update_code_usage, want, 0.5 / k)
+    _assert_same_update(state, want)
+    assert int((want["weight"] != before).any(dim=1).sum()) > 1024  # both steps restarted codes
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
     from vqfast.models.train import TrainConfig, train

@@ -56,6 +56,14 @@ def _sum_rows(rows: Tensor, indices: Tensor, num_codes: int) -> Tensor:
     return out.index_add_(0, indices.reshape(-1), rows)[:num_codes]
 
 
+def _upkeep_ops():
+    """The codebook-upkeep custom ops (or their direct launchers, for eager calls)."""
+    # Imported lazily: importing vqfast must not need triton.
+    from vqfast import ops_layer
+
+    return ops_layer.for_call()
+
+
 def _finite_rows(rows: Tensor) -> Tensor:
     """Boolean (N,): rows without NaN or inf."""
     return torch.isfinite(rows).all(dim=-1)
@@ -352,13 +360,7 @@ class VectorQuantizer(nn.Module):
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
-            finite = torch.isfinite(distances)
-            counts = self._update_statistics(rows, self._statistics_indices(finite, indices))
-            if restarts:
-                # After the search and the statistics: the new codes serve from the next step on, so
-                # their seed rows (this batch) cannot pick them right away and inflate their usage.
-                self._restart_dead_codes(rows, counts)
+            self._update_statistics(rows, indices, distances, restarts)
         return z_q, loss, indices
 
     def _search(self, rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -441,41 +443,10 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._needs_init = False
 
-    def _usage_share(self, with_grace: bool = False) -> Tensor:
+    def _usage_share(self) -> Tensor:
         """Bias-corrected running usage share of every code (0 before the first training step)."""
         correction = 1.0 - self.usage_decay ** self.usage_steps
-        usage = self.usage + self.restart_grace if with_grace else self.usage
-        return torch.where(self.usage_steps > 0, usage / correction.clamp_min(1e-12), 0.0)
-
-    def _dead_mask(self, counts: Tensor) -> Tensor:
-        """Codes below the usage threshold that this batch did not use (their gradient of this step
-        would otherwise land on the new code)."""
-        threshold = self.dead_code_threshold / self.num_embeddings
-        return (self._usage_share(with_grace=True) < threshold) & (self.usage_steps > 0) & (counts == 0)
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, rows: Tensor, counts: Tensor) -> None:
-        # Always computed and applied with masks: testing "any dead?" would cost a host sync per step.
-        # At most _RESTARTS_PER_STEP codes (the lowest-index dead ones) are re-seeded per step, so the
-        # rows drawn (and, under DDP, gathered from the ranks) stay small when K is large; the others
-        # follow on the next steps.
-        budget = min(self.num_embeddings, _RESTARTS_PER_STEP)
-        dead = self._dead_mask(counts)
-        order = dead.to(torch.int64).cumsum(0) - 1
-        candidates = self._random_rows(self._data_rows(rows), budget)
-        weight = self.embeddings.weight
-        seeds = candidates.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
-        # A code whose drawn row holds NaN or inf stays as it is; it is still dead on a later step.
-        dead = dead & (order < budget) & _finite_rows(seeds)
-        weight.copy_(torch.where(dead.unsqueeze(1), seeds, weight))
-        # A restarted code starts over: no measured usage, and a grace credit of the uniform share 1/K
-        # that decays like the usage, so it survives ln(dead_code_threshold) / ln(usage_decay) steps
-        # unused (460 with the defaults) before it can be restarted again.
-        fresh = (1.0 - self.usage_decay ** self.usage_steps) / self.num_embeddings
-        self.usage.copy_(torch.where(dead, 0.0, self.usage))
-        self.restart_grace.copy_(torch.where(dead, fresh, self.restart_grace))
-        if self.ema:
-            self.ema_count.copy_(torch.where(dead, 1.0, self.ema_count))
+        return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
 
     def _smoothed_counts(self) -> Tensor:
         """Laplace-smoothed running counts: (N_k + eps) / (n + K eps) * n, n = sum_k N_k, so that rarely
@@ -484,27 +455,46 @@ class VectorQuantizer(nn.Module):
         return (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
 
     @torch.no_grad()
-    def _update_statistics(self, rows: Tensor, indices: Tensor) -> Tensor:
-        """Updates the running statistics (and the EMA codebook); returns this step's code counts."""
+    def _update_statistics(self, rows: Tensor, indices: Tensor, distances: Tensor, restarts: bool) -> None:
+        """After the search and the loss: the running statistics, the EMA codebook and the dead-code
+        restarts of this training step (in place, without host synchronisation)."""
         k = self.num_embeddings
-        counts = self._all_reduce_(_bincount(indices, k))
-        self.batch_counts.copy_(counts)
-        counts_f = counts.to(torch.float32)
-        share = counts_f / counts_f.sum().clamp_min(1.0)
-        self.usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
-        self.restart_grace.mul_(self.usage_decay)
-        self.usage_steps.add_(1.0)
+        # The kernels keep fp32 statistics; a layer converted to float64 keeps them in plain PyTorch.
+        wide = torch.float64 in (self.usage.dtype, self.embeddings.weight.dtype)
+        triton = resolve_backend(indices.device, torch.float64 if wide else None) == "triton"
+        # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
+        # counts: (K + 1,), this step's code counts and then their total, summed over ranks.
+        counting = _upkeep_ops().finite_row_counts if triton else reference.finite_row_counts
+        counts = self._all_reduce_(counting(indices, distances, k))
         if self.ema:
-            sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
-            weight = self.embeddings.weight
-            # The paper's running sums m = codebook * smoothed counts; m <- decay m + (1 - decay) sums.
-            running_sums = weight.float() * self._smoothed_counts().unsqueeze(1)
-            running_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-            self.ema_count.mul_(self.decay).add_(counts_f, alpha=1.0 - self.decay)
-            smoothed = self._smoothed_counts().unsqueeze(1)
-            # (Only eps = 0 with a never-used code gives 0: that code keeps its value.)
-            weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
-        return counts
+            self._update_ema(rows, self._statistics_indices(torch.isfinite(distances), indices), counts[:k])
+        seeds = None
+        if restarts:
+            # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
+            # right away and inflate their usage. At most _RESTARTS_PER_STEP codes are re-seeded per
+            # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
+            # ranks) stay few when K is large; the others follow on the next steps.
+            seeds = self._data_rows(self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP)))
+        update = _upkeep_ops().update_code_usage if triton else reference.update_code_usage
+        # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
+        # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
+        # it can be restarted again.
+        update(counts, self.usage, self.restart_grace, self.batch_counts, self.usage_steps, self.usage_decay,
+               self.dead_code_threshold / k if restarts else 0.0, seeds, self.embeddings.weight if restarts else None,
+               self.ema_count if self.ema and restarts else None)
+
+    def _update_ema(self, rows: Tensor, indices: Tensor, counts: Tensor) -> None:
+        """The EMA codebook step: running counts and running sums of the rows assigned to each code."""
+        k = self.num_embeddings
+        sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
+        weight = self.embeddings.weight
+        # The paper's running sums m = codebook * smoothed counts; m <- decay m + (1 - decay) sums.
+        running_sums = weight.float() * self._smoothed_counts().unsqueeze(1)
+        running_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        self.ema_count.mul_(self.decay).add_(counts.to(torch.float32), alpha=1.0 - self.decay)
+        smoothed = self._smoothed_counts().unsqueeze(1)
+        # (Only eps = 0 with a never-used code gives 0: that code keeps its value.)
+        weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
 
     # -- reporting -------------------------------------------------------------------------------
 

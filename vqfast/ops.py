@@ -156,10 +156,13 @@ direct = types.SimpleNamespace(
 )
 
 
+def intercepted() -> bool:
+    """True while anything traces or intercepts calls: torch.compile and torch.export, fake tensors and
+    other dispatch modes (profilers' counters), torch.jit.trace. Those must see the custom ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def for_call() -> types.ModuleType | types.SimpleNamespace:
-    """This module (its custom ops) while anything traces or intercepts calls: torch.compile and
-    torch.export, fake tensors and other dispatch modes (profilers' counters), torch.jit.trace; else
-    :data:`direct`."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
-        return sys.modules[__name__]
-    return direct
+    """This module (its custom ops) while anything traces or intercepts calls (:func:`intercepted`),
+    else :data:`direct`."""
+    return sys.modules[__name__] if intercepted() else direct

@@ -6,11 +6,16 @@ without a graph break. Importing this module imports Triton; nothing runs at imp
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from vqfast import kernels
 from vqfast.kernels import soft_entropy as _soft_entropy
-from vqfast.ops import on_device
+from vqfast.ops import _direct, intercepted, on_device
 
 
 @torch.library.custom_op("vqfast::soft_entropy_forward", mutates_args=())
@@ -41,3 +46,50 @@ def _(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Te
     rows = codebook.shape[0] if codebook_grad else 0
     return (z.new_empty(z.shape, dtype=torch.float32),
             codebook.new_empty((rows, codebook.shape[1]), dtype=torch.float32))
+
+
+
+def _finite_row_counts(indices: Tensor, distances: Tensor, num_codes: int) -> Tensor:
+    """Code counts of the rows with a finite distance, then their number (K + 1,)."""
+    with on_device(indices):
+        return kernels.finite_row_counts(indices, distances, num_codes)
+
+
+finite_row_counts = torch.library.custom_op("vqfast::finite_row_counts", _finite_row_counts, mutates_args=())
+
+
+@finite_row_counts.register_fake
+def _(indices: Tensor, distances: Tensor, num_codes: int) -> Tensor:
+    return indices.new_empty(num_codes + 1, dtype=torch.int64)
+
+
+def _update_code_usage(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps: Tensor,
+                       usage_decay: float, dead_threshold: float, seeds: Optional[Tensor], weight: Optional[Tensor],
+                       ema_count: Optional[Tensor]) -> None:
+    """Running usage statistics and dead-code restarts of one training step, in place."""
+    with on_device(usage):
+        kernels.update_code_usage(counts, usage, grace, batch_counts, steps, usage_decay, dead_threshold,
+                                  seeds, weight, ema_count)
+
+
+update_code_usage = torch.library.custom_op(
+    "vqfast::update_code_usage", _update_code_usage,
+    mutates_args=("usage", "grace", "batch_counts", "steps", "weight", "ema_count"))
+
+
+@update_code_usage.register_fake
+def _(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps: Tensor, usage_decay: float,
+      dead_threshold: float, seeds: Optional[Tensor], weight: Optional[Tensor], ema_count: Optional[Tensor]) -> None:
+    return None
+
+
+# The upkeep ops without the dispatcher, for eager calls (see vqfast.ops.for_call).
+direct = types.SimpleNamespace(
+    finite_row_counts=_direct(finite_row_counts, _finite_row_counts),
+    update_code_usage=_direct(update_code_usage, _update_code_usage),
+)
+
+
+def for_call() -> types.ModuleType | types.SimpleNamespace:
+    """This module's custom ops while anything traces or intercepts calls, else :data:`direct`."""
+    return sys.modules[__name__] if intercepted() else direct

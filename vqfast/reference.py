@@ -211,6 +211,65 @@ def histogram_entropy(counts: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return entropy, entropy.exp()
 
 
+
+def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Code counts of the rows with a finite search distance, then their number: int64 (K + 1,).
+
+    A row holding NaN or inf has a NaN or inf distance; indices outside [0, K) are not counted either.
+    """
+    ok = torch.isfinite(distances) & (indices >= 0) & (indices < num_codes)
+    # Rows left out land in the extra slot K, which is then overwritten with the count of the others.
+    counts = torch.zeros(num_codes + 1, dtype=torch.int64, device=indices.device)
+    counts.index_add_(0, torch.where(ok, indices, num_codes), ok.to(torch.int64))
+    return torch.cat([counts[:num_codes], ok.sum().reshape(1)])
+
+
+@torch.no_grad()
+def update_code_usage(
+    counts: torch.Tensor,
+    usage: torch.Tensor,
+    grace: torch.Tensor,
+    batch_counts: torch.Tensor,
+    steps: torch.Tensor,
+    usage_decay: float,
+    dead_threshold: float = 0.0,
+    seeds: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ema_count: torch.Tensor | None = None,
+) -> None:
+    """One training step's update of a codebook's usage statistics, then its dead-code restarts (in place).
+
+    ``counts`` is (K + 1,): this step's code counts, then their total (:func:`finite_row_counts`).
+    ``usage`` is an EMA of per-step usage shares, ``grace`` a credit that restarted codes get, both
+    decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
+    ``1 - usage_decay ** steps``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused in this
+    batch whose corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the n-th dead
+    code by index (n < S) takes seed row n unless that row holds NaN or inf, and then starts over with
+    no usage, a grace credit of ``(1 - usage_decay ** steps) / K`` and an ``ema_count`` of 1.
+    No host synchronisation: the restarts are applied with masks.
+    """
+    k = usage.shape[0]
+    total = counts[k].to(torch.float32).clamp_min(1.0)
+    counts = counts[:k]
+    steps.add_(1.0)
+    batch_counts.copy_(counts)
+    usage.mul_(usage_decay).add_(counts.to(torch.float32) / total, alpha=1.0 - usage_decay)
+    grace.mul_(usage_decay)
+    if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
+        return
+    correction = (1.0 - usage_decay ** steps).clamp_min(1e-12)
+    dead = ((usage + grace) / correction < dead_threshold) & (steps > 0) & (counts == 0)
+    budget = seeds.shape[0]
+    order = dead.to(torch.int64).cumsum(0) - 1
+    chosen = seeds.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
+    dead = dead & (order < budget) & torch.isfinite(chosen).all(dim=1)
+    weight.copy_(torch.where(dead.unsqueeze(1), chosen, weight))
+    usage.copy_(torch.where(dead, 0.0, usage))
+    grace.copy_(torch.where(dead, (1.0 - usage_decay ** steps) / k, grace))
+    if ema_count is not None:
+        ema_count.copy_(torch.where(dead, 1.0, ema_count))
+
+
 def quantize(
     z: torch.Tensor,
     codebook: torch.Tensor,

@@ -1,0 +1,181 @@
+"""Codebook upkeep after a training step: running usage statistics and dead-code restarts.
+
+Two launches replace the thirty-odd elementwise PyTorch ops this takes in plain PyTorch
+(:func:`vqfast.reference.update_code_usage`), which on small problems cost more host time than the
+search itself. Each program owns a contiguous block of codes:
+
+1. ``_update_usage_kernel`` updates the running usage and restart credit of its codes, and flags the
+   dead ones (counting them per block);
+2. ``_restart_codes_kernel`` numbers the dead codes in index order (the dead codes of the blocks before
+   its own, then a running count inside it) and re-seeds the first ``num_seeds`` of them from the seed
+   rows, the n-th dead code from row n.
+
+The numbering needs every block's count, hence two launches rather than one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import cdiv, check_launchable, interpreting, next_power_of_2
+
+# Largest finite float32: |x| <= it is False for NaN and +-inf alike.
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+# Blocks of codes are sized so that the second kernel sums at most this many per-block counts.
+_MAX_BLOCKS = 256
+
+
+@triton.jit
+def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, steps_ptr, dead_ptr,
+                         dead_per_block_ptr, K, usage_decay, usage_rate, log2_usage_decay, dead_threshold,
+                         FIND_DEAD: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    # Slot K holds the number of rows counted (finite rows only).
+    total = tl.maximum(tl.load(counts_ptr + K).to(tl.float32), 1.0)
+    steps = tl.load(steps_ptr)
+    # Bias correction of the running share, as Adam's: 1 - decay ** steps.
+    correction = tl.maximum(1.0 - tl.exp2(steps * log2_usage_decay), 1e-12)
+    dead_count = tl.zeros([BLOCK], tl.int32)
+    for c0 in range(0, CODES_PER_PROGRAM, BLOCK):
+        offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        counts = tl.load(counts_ptr + offs, mask=mask, other=0)
+        usage = tl.load(usage_ptr + offs, mask=mask, other=0.0) * usage_decay
+        usage = usage + usage_rate * (counts.to(tl.float32) / total)
+        grace = tl.load(grace_ptr + offs, mask=mask, other=0.0) * usage_decay
+        tl.store(usage_ptr + offs, usage, mask=mask)
+        tl.store(grace_ptr + offs, grace, mask=mask)
+        tl.store(batch_counts_ptr + offs, counts, mask=mask)
+        if FIND_DEAD:
+            # Unused in this batch too: this step's gradient of a used code would land on its new value.
+            # (steps >= 1: it counts this step.)
+            dead = mask & ((usage + grace) / correction < dead_threshold) & (counts == 0)
+            tl.store(dead_ptr + offs, dead.to(tl.int8), mask=mask)
+            dead_count += dead.to(tl.int32)
+    if FIND_DEAD:
+        tl.store(dead_per_block_ptr + pid, tl.sum(dead_count, axis=0))
+
+
+@triton.jit
+def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, usage_ptr, grace_ptr, ema_count_ptr,
+                          steps_ptr, K, D, num_seeds, stride_seed, stride_wk, stride_wd, log2_usage_decay,
+                          HAS_EMA: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, NUM_BLOCKS_P2: tl.constexpr,
+                          BLOCK_CODES: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    blocks = tl.arange(0, NUM_BLOCKS_P2)
+    before = tl.sum(tl.load(dead_per_block_ptr + blocks, mask=blocks < pid, other=0), axis=0)
+    # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
+    fresh = (1.0 - tl.exp2(tl.load(steps_ptr) * log2_usage_decay)) / K
+    for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
+        offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
+        mask = offs < K
+        dead = tl.load(dead_ptr + offs, mask=mask, other=0).to(tl.int32)
+        order = before + tl.cumsum(dead, axis=0) - 1
+        take = (dead != 0) & (order < num_seeds)
+        before += tl.sum(dead, axis=0)
+        if tl.sum(take.to(tl.int32), axis=0) > 0:
+            seed_rows = seeds_ptr + tl.where(take, order, 0).to(tl.int64)[:, None] * stride_seed
+            code_rows = weight_ptr + offs.to(tl.int64)[:, None] * stride_wk
+            # A seed row holding NaN or inf leaves its code as it is (still dead, for a later step).
+            bad = tl.zeros([BLOCK_CODES], tl.int32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                seed = tl.load(seed_rows + cols[None, :], mask=take[:, None] & (cols[None, :] < D), other=0.0)
+                bad += tl.sum((~(tl.abs(seed) <= _FLT_MAX)).to(tl.int32), axis=1)
+            ok = take & (bad == 0)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                m2 = ok[:, None] & (cols[None, :] < D)
+                seed = tl.load(seed_rows + cols[None, :], mask=m2, other=0.0)
+                tl.store(code_rows + cols[None, :] * stride_wd, seed.to(weight_ptr.dtype.element_ty), mask=m2)
+            zeros = tl.zeros([BLOCK_CODES], tl.float32)
+            tl.store(usage_ptr + offs, zeros, mask=ok)
+            tl.store(grace_ptr + offs, zeros + fresh, mask=ok)
+            if HAS_EMA:
+                tl.store(ema_count_ptr + offs, zeros + 1.0, mask=ok)
+
+
+def _codes_per_program(num_codes: int) -> int:
+    """Codes per program: a power of two, at least one tile, and at most _MAX_BLOCKS programs."""
+    return max(32 if interpreting() else 1024, next_power_of_2(cdiv(num_codes, _MAX_BLOCKS)))
+
+
+def _check_vector(t: torch.Tensor, name: str, length: int, dtype: torch.dtype) -> None:
+    if t.shape != (length,) or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({length},), "
+                         f"got {t.dtype} {tuple(t.shape)}")
+
+
+def update_code_usage(
+    counts: torch.Tensor,
+    usage: torch.Tensor,
+    grace: torch.Tensor,
+    batch_counts: torch.Tensor,
+    steps: torch.Tensor,
+    usage_decay: float,
+    dead_threshold: float = 0.0,
+    seeds: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ema_count: torch.Tensor | None = None,
+) -> None:
+    """One training step's update of the usage statistics, in place, then dead-code restarts.
+
+    ``counts`` (K + 1,) int64: this step's code counts, then their total (:func:`finite_row_counts`).
+    ``usage``, ``grace`` (K,) fp32, ``batch_counts`` (K,) int64 and ``steps`` (() fp32) are the
+    running statistics; with ``seeds`` (S, D) fp32 and ``weight`` (K, D), the first S dead codes (those
+    unused in this batch whose bias-corrected ``usage + grace`` share is below ``dead_threshold``, by
+    index) whose seed row is finite take seed rows 0, 1, ... and start over (usage 0, grace
+    ``(1 - usage_decay ** steps) / K``, ``ema_count`` 1). What it computes, in plain PyTorch, is
+    :func:`vqfast.reference.update_code_usage`.
+    """
+    k = usage.shape[0]
+    check_launchable(counts, usage, grace, batch_counts, steps)
+    _check_vector(counts, "counts", k + 1, torch.int64)
+    _check_vector(grace, "grace", k, torch.float32)
+    _check_vector(usage, "usage", k, torch.float32)
+    _check_vector(batch_counts, "batch_counts", k, torch.int64)
+    if steps.shape != () or steps.dtype != torch.float32:
+        raise ValueError(f"steps must be a float32 scalar tensor, got {steps.dtype} {tuple(steps.shape)}")
+    if not 0.0 <= usage_decay < 1.0:
+        raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
+    restart = seeds is not None and dead_threshold > 0 and seeds.shape[0] > 0
+    if restart:
+        if weight is None or weight.dim() != 2 or weight.shape[0] != k or seeds.dim() != 2 \
+                or seeds.shape[1] != weight.shape[1] or seeds.dtype != torch.float32:
+            raise ValueError(f"seeds (S, D) float32 and weight ({k}, D) expected, got seeds "
+                             f"{seeds.dtype} {tuple(seeds.shape)} and weight "
+                             f"{None if weight is None else tuple(weight.shape)}")
+        check_launchable(seeds, weight)
+        if ema_count is not None:
+            _check_vector(ema_count, "ema_count", k, torch.float32)
+            check_launchable(ema_count)
+        seeds = seeds.contiguous()
+    # The step counter first: both kernels read the new count, and no kernel may write what another
+    # of its programs reads.
+    steps.add_(1.0)
+    per_program = _codes_per_program(k)
+    programs = cdiv(k, per_program)
+    log2_decay = math.log2(usage_decay) if usage_decay > 0 else float("-inf")
+    # Without restarts the first kernel writes no flags: it gets a stand-in pointer.
+    dead = torch.empty(k, dtype=torch.int8, device=usage.device) if restart else counts
+    dead_per_block = torch.empty(programs, dtype=torch.int32, device=usage.device) if restart else counts
+    block = min(per_program, 16 if interpreting() else 1024)
+    _update_usage_kernel[(programs,)](counts, usage, grace, batch_counts, steps, dead, dead_per_block, k,
+                                      usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold,
+                                      FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block,
+                                      num_warps=4)
+    if not restart:
+        return
+    d = weight.shape[1]
+    block_codes = 8 if interpreting() else 256
+    block_d = 16
+    _restart_codes_kernel[(programs,)](dead, dead_per_block, seeds, weight, usage, grace,
+                                       ema_count if ema_count is not None else usage, steps, k, d,
+                                       seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1),
+                                       log2_decay, HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
+                                       NUM_BLOCKS_P2=max(2, next_power_of_2(programs)),
+                                       BLOCK_CODES=min(block_codes, per_program), BLOCK_D=block_d, num_warps=4)

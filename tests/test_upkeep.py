@@ -1,0 +1,163 @@
+"""The codebook-upkeep kernels (usage statistics, dead-code restarts), run for real against vqfast.reference."""
+
+import math
+
+import pytest
+import torch
+
+from vqfast import VectorQuantizer, kernels, reference
+
+DECAY = 0.99
+
+
+def _upkeep_state(k, d, num_seeds, seed, device, weight_layout="rows"):
+    """Running statistics of a codebook halfway through training, with about half its codes below a
+    dead threshold of 0.5 / K, some of them used in this batch, and a few NaN or inf seed rows."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 5, (k + 1,), generator=g) * (torch.rand(k + 1, generator=g) < 0.4)
+    counts[k] = counts[:k].sum()
+    steps = torch.tensor(float(torch.randint(1, 60, (), generator=g)))
+    # The kernel sees the bias correction of the next step; shares then spread over [0, 1 / K).
+    correction = 1.0 - DECAY ** (steps + 1)
+    usage = torch.rand(k, generator=g) * correction / k
+    grace = torch.rand(k, generator=g) * correction / k * (torch.rand(k, generator=g) < 0.2)
+    seeds = torch.randn(num_seeds, d, generator=g)
+    if num_seeds > 2:
+        seeds[1, d // 2] = float("nan")
+        seeds[2, 0] = float("inf")
+    if weight_layout == "columns":  # a column-major view: the kernel must follow both strides
+        weight = torch.randn(d, k, generator=g).t()
+    else:
+        weight = torch.randn(k, d, generator=g)
+    state = dict(counts=counts, usage=usage, grace=grace, batch_counts=torch.zeros(k, dtype=torch.int64),
+                 steps=steps, seeds=seeds, weight=weight, ema_count=torch.rand(k, generator=g) + 0.5)
+    return {name: t.to(device) for name, t in state.items()}
+
+
+def _copy(state):
+    return {name: t.clone() for name, t in state.items()}  # clone keeps the strides
+
+
+def _run(fn, state, threshold, restarts=True, ema=True, decay=DECAY):
+    fn(state["counts"], state["usage"], state["grace"], state["batch_counts"], state["steps"], decay,
+       threshold if restarts else 0.0, state["seeds"] if restarts else None, state["weight"] if restarts else None,
+       state["ema_count"] if ema and restarts else None)
+
+
+def _assert_same_update(got, want):
+    assert torch.equal(got["steps"].cpu(), want["steps"].cpu())
+    assert torch.equal(got["batch_counts"].cpu(), want["batch_counts"].cpu())
+    # exp2/log2 for the bias correction and fused multiply-adds: a few fp32 ulps, no more.
+    torch.testing.assert_close(got["usage"].cpu(), want["usage"].cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got["grace"].cpu(), want["grace"].cpu(), rtol=1e-6, atol=0)
+    assert torch.equal(got["weight"].cpu(), want["weight"].cpu())
+    assert torch.equal(got["ema_count"].cpu(), want["ema_count"].cpu())
+
+
+@pytest.mark.parametrize("k,d,num_seeds", [(1, 1, 1), (37, 40, 37), (300, 17, 20), (1000, 3, 1000), (2500, 130, 64)])
+def test_update_and_restarts_match_reference(k, d, num_seeds, kernel_device):
+    state = _upkeep_state(k, d, num_seeds, seed=k, device=kernel_device)
+    before = state["weight"].clone()
+    want = _copy(state)
+    threshold = 0.5 / k
+    _run(kernels.update_code_usage, state, threshold)
+    _run(reference.update_code_usage, want, threshold)
+    _assert_same_update(state, want)
+    restarted = (state["weight"] != before).any(dim=1)
+    assert torch.equal(restarted, (want["weight"] != before).any(dim=1))
+    if k > 1:
+        # The case is not vacuous: codes were restarted, and where the seed rows ran out, others stayed dead.
+        assert 0 < int(restarted.sum()) <= num_seeds
+        assert (state["usage"][restarted] == 0).all()
+
+
+def test_restarts_take_the_lowest_index_dead_codes_and_seed_rows_in_order(kernel_device):
+    k, d = 40, 6
+    state = _upkeep_state(k, d, 5, seed=1, device=kernel_device)
+    state["seeds"] = torch.arange(5 * d, dtype=torch.float32, device=kernel_device).reshape(5, d)
+    state["usage"].zero_()
+    state["grace"].zero_()
+    state["counts"].zero_()
+    state["counts"][[3, 10]] = 2  # used in this batch: not dead
+    state["counts"][k] = 4
+    before = state["weight"].clone()
+    _run(kernels.update_code_usage, state, 0.5 / k)
+    restarted = [0, 1, 2, 4, 5]
+    assert torch.equal(state["weight"][restarted].cpu(), state["seeds"].cpu())
+    # Codes 3 and 10 were used; code 6 onwards are dead too, but this step had only five seed rows.
+    assert torch.equal(state["weight"][[3] + list(range(6, k))].cpu(), before[[3] + list(range(6, k))].cpu())
+    fresh = (1.0 - DECAY ** state["steps"].item()) / k
+    torch.testing.assert_close(state["grace"][restarted].cpu(), torch.full((5,), fresh), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_statistics_only_update_and_weight_strides(decay, kernel_device):
+    state = _upkeep_state(300, 9, 32, seed=5, device=kernel_device, weight_layout="columns")
+    want = _copy(state)
+    _run(kernels.update_code_usage, state, 0.0, restarts=False, decay=decay)
+    _run(reference.update_code_usage, want, 0.0, restarts=False, decay=decay)
+    _assert_same_update(state, want)
+    assert torch.equal(state["weight"].cpu(), want["weight"].cpu())
+    state = _upkeep_state(300, 9, 32, seed=6, device=kernel_device, weight_layout="columns")
+    want = _copy(state)
+    _run(kernels.update_code_usage, state, 0.5 / 300, ema=False, decay=decay)
+    _run(reference.update_code_usage, want, 0.5 / 300, ema=False, decay=decay)
+    _assert_same_update(state, want)
+
+
+@pytest.mark.parametrize("n,k", [(0, 5), (1, 1), (1000, 37), (257, 3000)])
+def test_finite_row_counts(n, k, kernel_device):
+    g = torch.Generator().manual_seed(n + k)
+    indices = torch.randint(-2, k + 2, (n,), generator=g)
+    distances = torch.rand(n, generator=g)
+    distances[torch.rand(n, generator=g) < 0.1] = float("nan")
+    distances[torch.rand(n, generator=g) < 0.1] = float("inf")
+    got = kernels.finite_row_counts(indices.to(kernel_device), distances.to(kernel_device), k)
+    want = reference.finite_row_counts(indices, distances, k)
+    assert got.shape == (k + 1,) and got.dtype == torch.int64
+    assert torch.equal(got.cpu(), want)
+    ok = distances.isfinite() & (indices >= 0) & (indices < k)
+    assert int(want[k]) == int(ok.sum()) and int(want[:k].sum()) == int(ok.sum())
+
+
+def test_bad_arguments_are_rejected(kernel_device):
+    state = _upkeep_state(10, 4, 3, seed=0, device=kernel_device)
+    with pytest.raises(ValueError, match="counts"):
+        kernels.update_code_usage(state["counts"][:10], state["usage"], state["grace"], state["batch_counts"],
+                                  state["steps"], DECAY)
+    with pytest.raises(ValueError, match="usage_decay"):
+        kernels.update_code_usage(state["counts"], state["usage"], state["grace"], state["batch_counts"],
+                                  state["steps"], 1.0)
+    with pytest.raises(ValueError, match="seeds"):
+        kernels.update_code_usage(state["counts"], state["usage"], state["grace"], state["batch_counts"],
+                                  state["steps"], DECAY, 0.05, state["seeds"][:, :3], state["weight"])
+    with pytest.raises(ValueError, match="distances"):
+        kernels.finite_row_counts(torch.zeros(3, dtype=torch.int64, device=kernel_device),
+                                  torch.zeros(4, device=kernel_device), 5)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_layer_upkeep_is_the_same_on_both_backends(ema, monkeypatch):
+    """Training steps with restarts: the Triton upkeep (interpreted on CPU) leaves the layer in the state
+    the plain-PyTorch one does."""
+    k, d = 60, 8
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, d, generator=g) * 3  # six clusters for 60 codes: most codes die and restart
+    batches = [(centres[torch.randint(6, (50,), generator=g)] + 0.1 * torch.randn(50, d, generator=g))
+               for _ in range(4)]
+    states = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        torch.manual_seed(1)
+        vq = VectorQuantizer(k, d, ema=ema, dead_code_threshold=0.5)
+        for rows in batches:
+            vq(rows)
+        states[backend] = {name: t.clone() for name, t in vq.state_dict().items()}
+    torch_state, triton_state = states["torch"], states["triton"]
+    assert torch_state.keys() == triton_state.keys()
+    for name in torch_state:
+        torch.testing.assert_close(triton_state[name], torch_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Restarts happened: some codes now sit on the data (within the noise of a cluster).
+    near = torch.cdist(torch_state["embeddings.weight"], centres).min(dim=1).values < 1.0
+    assert int(near.sum()) > 6
+    assert math.isclose(float(torch_state["usage_steps"]), 4.0)
