@@ -90,9 +90,14 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
         block = rows[start : start + step]
         # ||c||^2 - 2 z.c ranks codes exactly like ||z - c||^2 (||z||^2 is constant per row).
         scores = torch.addmm(code_sq, block, codes.t(), beta=1, alpha=-2)
-        scores = torch.where(scores.isnan(), math.inf, scores)
-        idx = scores.argmin(1)
-        if scores.shape[1] > 1:
+        scores.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)  # NaN never wins
+        if scores.shape[1] == 1:
+            idx = torch.zeros(scores.shape[0], dtype=torch.int64, device=z.device)
+        else:
+            # The two best scores rank the row and size its gap; where they differ by more than the
+            # rounding bound (below), the best is unique, so topk's first index is the argmin.
+            best_two = scores.topk(2, dim=1, largest=False)
+            idx = best_two.indices[:, 0].clone()
             # The expanded form cancels when the data sit far from the origin (z, c = 1000 + randn in fp32:
             # a quarter of the rows got a farther code). Rows whose two best scores lie within its
             # rounding bound are ranked again: in float64 (after an fp32 pass), then, among the codes
@@ -101,7 +106,7 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
             # dtype: close enough for a bound; one that overflows only sends its row to the re-check.)
             z_norm = block.pow(2).sum(1).double().sqrt()
             bound = _rounding_bound(z_norm, c_norm, compute_dtype, codes.shape[1])
-            unsure = _near_tie(scores, bound)
+            unsure = _near_tie(best_two.values, bound)
             if unsure.any():
                 sub = block[unsure].double()
                 if compute_dtype == torch.float32:
@@ -111,7 +116,7 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
                 else:
                     sub_scores, sub_bound = scores[unsure], bound[unsure]
                 sub_idx = sub_scores.argmin(1)
-                still = _near_tie(sub_scores, sub_bound)
+                still = _near_tie(sub_scores.topk(2, dim=1, largest=False).values, sub_bound)
                 if still.any():
                     sub_idx[still] = _direct_argmin(sub[still], codes64, sub_scores[still], sub_bound[still])
                 idx[unsure] = sub_idx
@@ -134,9 +139,10 @@ def _rounding_bound(z_norm: torch.Tensor, c_norm: torch.Tensor, dtype: torch.dty
     return (dim + 2) * (info.eps * (c_norm * c_norm + 2.02 * z_norm * c_norm) + info.tiny)
 
 
-def _near_tie(scores: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """Rows whose two best scores are within twice ``bound``; a NaN gap counts as a near tie."""
-    two = scores.topk(2, dim=1, largest=False).values.double()
+def _near_tie(best_two: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Rows whose two best scores ``best_two`` (N, 2, ascending) are within twice ``bound``; a NaN gap
+    (both best scores infinite) counts as a near tie."""
+    two = best_two.double()
     return ~(two[:, 1] - two[:, 0] > 2 * bound)
 
 
