@@ -1,7 +1,35 @@
 """vqfast: exact, fast vector quantization for PyTorch (fused Triton kernels, drop-in VQ layer)."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from vqfast._version import __version__
-from vqfast.functional import code_usage, gather, nearest_code, quantize, resolve_backend
-from vqfast.layer import VectorQuantizer, soft_assignment_entropy
+
+if TYPE_CHECKING:
+    from vqfast.functional import code_usage, gather, nearest_code, quantize, resolve_backend
+    from vqfast.layer import VectorQuantizer, soft_assignment_entropy
 
 __all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "VectorQuantizer", "soft_assignment_entropy"]
+
+# The public names load on first use: importing torch takes seconds, which `vqfast --version`,
+# `vqfast --help` and a bare `import vqfast` need not pay.
+_HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "code_usage": "vqfast.functional",
+          "quantize": "vqfast.functional", "resolve_backend": "vqfast.functional",
+          "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'vqfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    # The public names and the submodules loaded so far, not this module's own helpers.
+    helpers = {"annotations", "importlib", "TYPE_CHECKING", "Any"}
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_") and n not in helpers})

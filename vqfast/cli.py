@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vqfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    # Imported here, not at module level: `vqfast --version` stays fast and CUDA is never queried.
+    # Imported here, not at module level: importing vqfast.cli needs no torch, and CUDA is never queried.
     from vqfast import bench as bench_mod
     from vqfast.models import train as train_mod
 
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --version first, on its own: the full parser imports the training and benchmark code (and torch).
+    early = argparse.ArgumentParser(prog="vqfast", add_help=False)
+    early.add_argument("--version", action="version", version=f"vqfast {__version__}")
+    early.parse_known_args(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
