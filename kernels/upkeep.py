@@ -1,6 +1,6 @@
 """Codebook upkeep after a training step: running usage statistics and dead-code restarts.
 
-Two launches replace the thirty-odd elementwise PyTorch ops this takes in plain PyTorch
+Two launches replace the fifty-odd elementwise PyTorch ops this takes in plain PyTorch
 (:func:`vqfast.reference.update_code_usage`), which on small problems cost more host time than the
 search itself. Each program owns a contiguous block of codes:
 
@@ -126,11 +126,11 @@ def update_code_usage(
 
     ``counts`` (K + 1,) int64: this step's code counts, then their total (:func:`finite_row_counts`).
     ``usage``, ``grace`` (K,) fp32, ``batch_counts`` (K,) int64 and ``steps`` (() fp32) are the
-    running statistics; with ``seeds`` (S, D) fp32 and ``weight`` (K, D), the first S dead codes (those
-    unused in this batch whose bias-corrected ``usage + grace`` share is below ``dead_threshold``, by
-    index) whose seed row is finite take seed rows 0, 1, ... and start over (usage 0, grace
-    ``(1 - usage_decay ** steps) / K``, ``ema_count`` 1). What it computes, in plain PyTorch, is
-    :func:`vqfast.reference.update_code_usage`.
+    running statistics. With ``seeds`` (S, D) fp32 and ``weight`` (K, D) fp32 or fp64, codes unused in
+    this batch whose bias-corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the
+    n-th dead code by index (n < S) takes seed row n unless that row holds NaN or inf (it then stays
+    dead), and starts over: usage 0, grace ``(1 - usage_decay ** steps) / K``, ``ema_count`` 1. What it
+    computes, in plain PyTorch, is :func:`vqfast.reference.update_code_usage`.
     """
     k = usage.shape[0]
     check_launchable(counts, usage, grace, batch_counts, steps)
@@ -144,11 +144,13 @@ def update_code_usage(
         raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
     restart = seeds is not None and dead_threshold > 0 and seeds.shape[0] > 0
     if restart:
+        # A narrower codebook could overflow a finite seed row into inf when storing it.
         if weight is None or weight.dim() != 2 or weight.shape[0] != k or seeds.dim() != 2 \
-                or seeds.shape[1] != weight.shape[1] or seeds.dtype != torch.float32:
-            raise ValueError(f"seeds (S, D) float32 and weight ({k}, D) expected, got seeds "
+                or seeds.shape[1] != weight.shape[1] or seeds.dtype != torch.float32 \
+                or weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"seeds (S, D) float32 and weight ({k}, D) float32 or float64 expected, got seeds "
                              f"{seeds.dtype} {tuple(seeds.shape)} and weight "
-                             f"{None if weight is None else tuple(weight.shape)}")
+                             f"{None if weight is None else (weight.dtype, tuple(weight.shape))}")
         check_launchable(seeds, weight)
         if ema_count is not None:
             _check_vector(ema_count, "ema_count", k, torch.float32)

@@ -47,9 +47,10 @@ def _run(fn, state, threshold, restarts=True, ema=True, decay=DECAY):
 def _assert_same_update(got, want):
     assert torch.equal(got["steps"].cpu(), want["steps"].cpu())
     assert torch.equal(got["batch_counts"].cpu(), want["batch_counts"].cpu())
-    # exp2/log2 for the bias correction and fused multiply-adds: a few fp32 ulps, no more.
-    torch.testing.assert_close(got["usage"].cpu(), want["usage"].cpu(), rtol=1e-6, atol=0)
-    torch.testing.assert_close(got["grace"].cpu(), want["grace"].cpu(), rtol=1e-6, atol=0)
+    # The bias correction 1 - decay ** steps by exp2/log2 against torch's pow: about 1e-6 apart at
+    # steps = 1 (both about 1e-6 from the exact value); the rest is fused multiply-adds.
+    torch.testing.assert_close(got["usage"].cpu(), want["usage"].cpu(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["grace"].cpu(), want["grace"].cpu(), rtol=1e-5, atol=0)
     assert torch.equal(got["weight"].cpu(), want["weight"].cpu())
     assert torch.equal(got["ema_count"].cpu(), want["ema_count"].cpu())
 
@@ -87,7 +88,7 @@ def test_restarts_take_the_lowest_index_dead_codes_and_seed_rows_in_order(kernel
     # Codes 3 and 10 were used; code 6 onwards are dead too, but this step had only five seed rows.
     assert torch.equal(state["weight"][[3] + list(range(6, k))].cpu(), before[[3] + list(range(6, k))].cpu())
     fresh = (1.0 - DECAY ** state["steps"].item()) / k
-    torch.testing.assert_close(state["grace"][restarted].cpu(), torch.full((5,), fresh), rtol=1e-6, atol=0)
+    torch.testing.assert_close(state["grace"][restarted].cpu(), torch.full((5,), fresh), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.9])
@@ -131,6 +132,9 @@ def test_bad_arguments_are_rejected(kernel_device):
     with pytest.raises(ValueError, match="seeds"):
         kernels.update_code_usage(state["counts"], state["usage"], state["grace"], state["batch_counts"],
                                   state["steps"], DECAY, 0.05, state["seeds"][:, :3], state["weight"])
+    with pytest.raises(ValueError, match="float32 or float64"):  # fp16 could turn a finite seed into inf
+        kernels.update_code_usage(state["counts"], state["usage"], state["grace"], state["batch_counts"],
+                                  state["steps"], DECAY, 0.05, state["seeds"], state["weight"].half())
     with pytest.raises(ValueError, match="distances"):
         kernels.finite_row_counts(torch.zeros(3, dtype=torch.int64, device=kernel_device),
                                   torch.zeros(4, device=kernel_device), 5)
@@ -161,3 +165,17 @@ def test_layer_upkeep_is_the_same_on_both_backends(ema, monkeypatch):
     near = torch.cdist(torch_state["embeddings.weight"], centres).min(dim=1).values < 1.0
     assert int(near.sum()) > 6
     assert math.isclose(float(torch_state["usage_steps"]), 4.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_graph_that_saved_the_codebook_fails_after_a_restart(backend, monkeypatch):
+    """Restarts rewrite the codebook in place; like any in-place op they must make autograd refuse a
+    graph that saved the old codes, not let it use the new ones silently."""
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(40, 4)
+    regulariser = (vq.embeddings.weight ** 2).sum()  # saves the codebook for its backward
+    vq(torch.randn(30, 4) * 0.01 + 5.0)  # one far cluster: most codes unused, restarted after the step
+    assert int(vq.codebook_usage()["steps"]) == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        regulariser.backward()

@@ -23,7 +23,7 @@ __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
 INITS = ("xavier_normal", "uniform", "kmeans")
 PRECISIONS = ("fp32", "tf32", "bf16")
-# Dead codes re-seeded per training step at most (see _restart_dead_codes).
+# Dead codes re-seeded per training step at most (see _update_statistics).
 _RESTARTS_PER_STEP = 1024
 # The layer's precision names -> nearest_code's (torch.set_float32_matmul_precision names).
 _SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
@@ -392,12 +392,15 @@ class VectorQuantizer(nn.Module):
         x = rows.detach().float()
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
-    def _random_rows(self, x: Tensor, count: int) -> Tensor:
+    def _random_rows(self, x: Tensor, count: int, prepare: Any = None) -> Tensor:
         """``count`` rows drawn with replacement from every rank's ``x`` (an equal share from each), the
-        same on every rank."""
+        same on every rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks)."""
         world = world_size(self.process_group) if self.sync_distributed else 1
         pick = torch.randint(x.shape[0], (-(-count // world),), device=x.device)
-        return self._gather_rows(x.index_select(0, pick).contiguous())[:count]
+        drawn = x.index_select(0, pick)
+        if prepare is not None:
+            drawn = prepare(drawn)
+        return self._gather_rows(drawn.contiguous())[:count]
 
     @torch.no_grad()
     def _collect_for_kmeans(self, rows: Tensor) -> None:
@@ -474,7 +477,7 @@ class VectorQuantizer(nn.Module):
             # right away and inflate their usage. At most _RESTARTS_PER_STEP codes are re-seeded per
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
             # ranks) stay few when K is large; the others follow on the next steps.
-            seeds = self._data_rows(self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP)))
+            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows)
         update = _upkeep_ops().update_code_usage if triton else reference.update_code_usage
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before

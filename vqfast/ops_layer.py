@@ -83,10 +83,23 @@ def _(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps:
     return None
 
 
+def _update_code_usage_eager(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps: Tensor,
+                             usage_decay: float, dead_threshold: float, seeds: Optional[Tensor],
+                             weight: Optional[Tensor], ema_count: Optional[Tensor]) -> None:
+    """:func:`update_code_usage` called directly, then the version counters of what it wrote bumped as an
+    in-place PyTorch op would (the dispatcher does this for the custom op): a graph that saved the
+    codebook before a restart then fails in backward instead of using the new codes silently."""
+    _update_code_usage(counts, usage, grace, batch_counts, steps, usage_decay, dead_threshold, seeds, weight,
+                       ema_count)
+    for t in (usage, grace, batch_counts, steps, weight, ema_count):
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
 # The upkeep ops without the dispatcher, for eager calls (see vqfast.ops.for_call).
 direct = types.SimpleNamespace(
     finite_row_counts=_direct(finite_row_counts, _finite_row_counts),
-    update_code_usage=_direct(update_code_usage, _update_code_usage),
+    update_code_usage=_direct(update_code_usage, _update_code_usage_eager),
 )
 
 
