@@ -266,6 +266,7 @@ def _upkeep(usage, upkeep, rows, n, k, d):
     upkeep.update_code_usage(counts, *state.values(), 0.99)
     upkeep.update_code_usage(counts, *state.values(), 0.99, 0.01 / k, rows(1024, d, torch.float32),
                              rows(k, d, torch.float32), torch.ones(k))
+    upkeep.ema_update(rows(k, d, torch.float32), torch.ones(k), rows(k, d, torch.float32), counts, 0.99, 1e-5)
 
 
 def _compiled_kernels() -> dict[int, tuple[str, object]]:

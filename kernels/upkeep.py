@@ -99,6 +99,62 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
                 tl.store(ema_count_ptr + offs, zeros + 1.0, mask=ok)
 
 
+@triton.jit
+def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_ptr, K, D, stride_wk, stride_wd,
+                       stride_sk, decay, rate, eps, BLOCK_CODES: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_CODES + tl.arange(0, BLOCK_CODES)
+    mask = offs < K
+    # Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, before and after this step's counts.
+    total = tl.load(total_ptr)
+    count = tl.load(ema_count_ptr + offs, mask=mask, other=0.0)
+    smoothed = (count + eps) / (total + K * eps) * total
+    count = count * decay + rate * tl.load(counts_ptr + offs, mask=mask, other=0).to(tl.float32)
+    total = total * decay + rate * tl.load(counts_ptr + K).to(tl.float32)
+    new_smoothed = (count + eps) / (total + K * eps) * total
+    tl.store(ema_count_ptr + offs, count, mask=mask)
+    keep = new_smoothed > 0  # only eps = 0 with a never-used code: it keeps its value
+    inv = tl.where(keep, new_smoothed, 1.0)
+    rows = offs.to(tl.int64)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        m2 = mask[:, None] & (cols[None, :] < D)
+        w_ptrs = weight_ptr + rows * stride_wk + cols[None, :] * stride_wd
+        w = tl.load(w_ptrs, mask=m2, other=0.0).to(tl.float32)
+        sums = tl.load(sums_ptr + rows * stride_sk + cols[None, :], mask=m2, other=0.0)
+        # The running sums are the codes times their smoothed counts (they are not stored).
+        running = w * smoothed[:, None] * decay + rate * sums
+        w = tl.where(keep[:, None], running / inv[:, None], w)
+        tl.store(w_ptrs, w.to(weight_ptr.dtype.element_ty), mask=m2)
+
+
+def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+               decay: float, eps: float) -> None:
+    """The EMA codebook step of the VQ-VAE paper, in place, in one launch (plus the sum of the counts).
+
+    ``weight`` (K, D) fp32 codes, ``ema_count`` (K,) fp32 running counts, ``sums`` (K, D) fp32 sums of
+    this step's rows per code, ``counts`` (K + 1,) int64 (:func:`finite_row_counts`). The running sums
+    are ``weight * smoothed(ema_count)``; both decay by ``decay`` towards this step's sums and counts,
+    and the codes become their ratio. Plain PyTorch: :func:`vqfast.reference.ema_update`.
+    """
+    k = ema_count.shape[0]
+    check_launchable(weight, ema_count, sums, counts)
+    _check_vector(ema_count, "ema_count", k, torch.float32)
+    _check_vector(counts, "counts", k + 1, torch.int64)
+    if weight.dtype != torch.float32 or weight.shape[0] != k or sums.shape != weight.shape \
+            or sums.dtype != torch.float32 or sums.stride(1) != 1:
+        raise ValueError(f"weight ({k}, D) float32 and sums of its shape (float32, unit column stride) expected, "
+                         f"got {weight.dtype} {tuple(weight.shape)} and {sums.dtype} {tuple(sums.shape)}")
+    if not 0.0 <= decay < 1.0 or eps < 0:
+        raise ValueError(f"decay must be in [0, 1) and eps >= 0, got {decay}, {eps}")
+    total = ema_count.sum()
+    d = weight.shape[1]
+    block_codes = 16 if interpreting() else 64
+    block_d = min(64, max(16, next_power_of_2(d)))
+    _ema_update_kernel[(cdiv(k, block_codes),)](weight, sums, ema_count, counts, total, k, d, weight.stride(0),
+                                               weight.stride(1), sums.stride(0), decay, 1.0 - decay, eps,
+                                               BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4)
+
+
 def _codes_per_program(num_codes: int) -> int:
     """Codes per program: a power of two, at least one tile, and at most _MAX_BLOCKS programs."""
     return max(32 if interpreting() else 1024, next_power_of_2(cdiv(num_codes, _MAX_BLOCKS)))

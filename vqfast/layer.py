@@ -9,6 +9,7 @@ graph (``torch.compile(fullgraph=True)``) and keeps identical codebooks on every
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -451,12 +452,6 @@ class VectorQuantizer(nn.Module):
         correction = 1.0 - self.usage_decay ** self.usage_steps
         return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
 
-    def _smoothed_counts(self) -> Tensor:
-        """Laplace-smoothed running counts: (N_k + eps) / (n + K eps) * n, n = sum_k N_k, so that rarely
-        used codes never divide by ~0."""
-        total = self.ema_count.sum()
-        return (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
-
     @torch.no_grad()
     def _update_statistics(self, rows: Tensor, indices: Tensor, distances: Tensor, restarts: bool) -> None:
         """After the search and the loss: the running statistics, the EMA codebook and the dead-code
@@ -470,7 +465,11 @@ class VectorQuantizer(nn.Module):
         counting = _upkeep_ops().finite_row_counts if triton else reference.finite_row_counts
         counts = self._all_reduce_(counting(indices, distances, k))
         if self.ema:
-            self._update_ema(rows, self._statistics_indices(torch.isfinite(distances), indices), counts[:k])
+            # Distances are >= 0, so "< inf" is False exactly for the NaN and inf ones (one op, not isfinite's few).
+            sums = self._all_reduce_(_sum_rows(self._data_rows(rows), self._statistics_indices(distances < math.inf,
+                                                                                                indices), k))
+            ema_step = _upkeep_ops().ema_update if triton else reference.ema_update
+            ema_step(self.embeddings.weight, self.ema_count, sums, counts, self.decay, self.eps)
         seeds = None
         if restarts:
             # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
@@ -485,19 +484,6 @@ class VectorQuantizer(nn.Module):
         update(counts, self.usage, self.restart_grace, self.batch_counts, self.usage_steps, self.usage_decay,
                self.dead_code_threshold / k if restarts else 0.0, seeds, self.embeddings.weight if restarts else None,
                self.ema_count if self.ema and restarts else None)
-
-    def _update_ema(self, rows: Tensor, indices: Tensor, counts: Tensor) -> None:
-        """The EMA codebook step: running counts and running sums of the rows assigned to each code."""
-        k = self.num_embeddings
-        sums = self._all_reduce_(_sum_rows(self._data_rows(rows), indices, k))
-        weight = self.embeddings.weight
-        # The paper's running sums m = codebook * smoothed counts; m <- decay m + (1 - decay) sums.
-        running_sums = weight.float() * self._smoothed_counts().unsqueeze(1)
-        running_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-        self.ema_count.mul_(self.decay).add_(counts.to(torch.float32), alpha=1.0 - self.decay)
-        smoothed = self._smoothed_counts().unsqueeze(1)
-        # (Only eps = 0 with a never-used code gives 0: that code keeps its value.)
-        weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
 
     # -- reporting -------------------------------------------------------------------------------
 

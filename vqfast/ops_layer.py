@@ -96,10 +96,33 @@ def _update_code_usage_eager(counts: Tensor, usage: Tensor, grace: Tensor, batch
             torch.autograd.graph.increment_version(t)
 
 
+def _ema_update(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: float, eps: float) -> None:
+    """The EMA codebook step, in place."""
+    with on_device(weight):
+        kernels.ema_update(weight, ema_count, sums, counts, decay, eps)
+
+
+ema_update = torch.library.custom_op("vqfast::ema_update", _ema_update, mutates_args=("weight", "ema_count"))
+
+
+@ema_update.register_fake
+def _(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: float, eps: float) -> None:
+    return None
+
+
+def _ema_update_eager(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: float,
+                      eps: float) -> None:
+    """:func:`ema_update` called directly, with the version counters bumped (as for restarts)."""
+    _ema_update(weight, ema_count, sums, counts, decay, eps)
+    torch.autograd.graph.increment_version(weight)
+    torch.autograd.graph.increment_version(ema_count)
+
+
 # The upkeep ops without the dispatcher, for eager calls (see vqfast.ops.for_call).
 direct = types.SimpleNamespace(
     finite_row_counts=_direct(finite_row_counts, _finite_row_counts),
     update_code_usage=_direct(update_code_usage, _update_code_usage_eager),
+    ema_update=_direct(ema_update, _ema_update_eager),
 )
 
 

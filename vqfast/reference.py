@@ -230,6 +230,35 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
     return torch.cat([counts[:num_codes], ok.sum().reshape(1)])
 
 
+
+def _smoothed_counts(counts: torch.Tensor, eps: float) -> torch.Tensor:
+    """Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, n = sum_k N_k: a rarely used code never
+    divides by ~0."""
+    total = counts.sum()
+    return (counts + eps) / (total + counts.shape[0] * eps) * total
+
+
+@torch.no_grad()
+def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+               decay: float, eps: float) -> None:
+    """The EMA codebook step of the VQ-VAE paper, in place.
+
+    ``counts`` is (K + 1,) (:func:`finite_row_counts`); ``sums`` (K, D) the sums of this step's rows
+    per code. The running sums are not stored: they equal ``weight * smoothed(ema_count)`` at every
+    step, so codes set from outside never disagree with the averages::
+
+        m = decay * weight * smoothed(ema_count) + (1 - decay) * sums
+        ema_count = decay * ema_count + (1 - decay) * counts
+        weight = m / smoothed(ema_count)          # a code with smoothed count 0 (eps = 0) keeps its value
+    """
+    k = ema_count.shape[0]
+    running_sums = weight.float() * _smoothed_counts(ema_count, eps).unsqueeze(1)
+    running_sums.mul_(decay).add_(sums, alpha=1.0 - decay)
+    ema_count.mul_(decay).add_(counts[:k].to(ema_count.dtype), alpha=1.0 - decay)
+    smoothed = _smoothed_counts(ema_count, eps).unsqueeze(1)
+    weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
+
+
 @torch.no_grad()
 def update_code_usage(
     counts: torch.Tensor,
