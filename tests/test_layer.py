@@ -194,17 +194,18 @@ class PlainEMA:
 def test_ema_matches_plain_pytorch(backend, device, monkeypatch):
     if backend == "triton":
         # On the Triton backend the statistics come from the bincount (of the rows with a finite
-        # distance) and scatter-add kernels.
+        # distance) and scatter-add kernels, the averages from the EMA kernel (20 codes: two programs
+        # under the interpreter).
         from vqfast import kernels
 
-        calls = {"finite_row_counts": 0, "scatter_add_rows": 0}
+        calls = {"finite_row_counts": 0, "scatter_add_rows": 0, "ema_update": 0}
         for name in calls:
             def counted(*args, _name=name, _real=getattr(kernels, name), **kwargs):
                 calls[_name] += 1
                 return _real(*args, **kwargs)
             monkeypatch.setattr(kernels, name, counted)
     torch.manual_seed(3)
-    K, D, beta = 12, 5, 0.3
+    K, D, beta = 20, 5, 0.3
     vq = VectorQuantizer(K, D, beta=beta, ema=True, decay=0.9, eps=1e-3, dead_code_threshold=0.0).to(device)
     assert not vq.embeddings.weight.requires_grad
     initial = vq.embeddings.weight.detach().cpu().clone()
@@ -228,7 +229,7 @@ def test_ema_matches_plain_pytorch(backend, device, monkeypatch):
         torch.testing.assert_close(z_q.double().cpu().reshape(-1, D), ref_q, rtol=1e-5, atol=1e-6)
     assert (vq.embeddings.weight.cpu() - initial).abs().max() > 1e-2
     if backend == "triton":
-        assert calls == {"finite_row_counts": 4, "scatter_add_rows": 4}
+        assert calls == {"finite_row_counts": 4, "scatter_add_rows": 4, "ema_update": 4}
 
 
 def test_ema_follows_codes_set_from_outside(backend, device):

@@ -181,24 +181,28 @@ def test_a_graph_that_saved_the_codebook_fails_after_a_restart(backend, monkeypa
         regulariser.backward()
 
 
-@pytest.mark.parametrize("k,d,eps,layout", [(1, 1, 1e-5, "rows"), (37, 40, 1e-5, "rows"), (300, 17, 0.0, "rows"),
-                                            (100, 130, 1e-3, "columns")])
-def test_ema_update_matches_reference(k, d, eps, layout, kernel_device):
+@pytest.mark.parametrize("k,d,eps,decay,layout", [(1, 1, 1e-5, 0.9, "rows"), (37, 40, 1e-5, 0.9, "rows"),
+                                                  (300, 17, 0.0, 0.9, "rows"), (100, 130, 1e-3, 0.9, "columns"),
+                                                  (50, 128, 0.5, 0.0, "rows"), (20, 3, 0.5, 0.7, "rows")])
+def test_ema_update_matches_reference(k, d, eps, decay, layout, kernel_device):
     g = torch.Generator().manual_seed(k + d)
     counts = torch.randint(1, 6, (k + 1,), generator=g) * (torch.rand(k + 1, generator=g) < 0.6)
     ema_count = torch.rand(k, generator=g) * 3 + 0.1
     if eps == 0:
-        # Never used: smoothed count 0 before and after, so the code keeps its value.
+        # Never used: smoothed count 0 before and after, so the code keeps its value; and unused for
+        # thousands of steps, below the reference's floor of 1e-30 on the divisor.
         ema_count[::7] = 0.0
         counts[:k:7] = 0
+        ema_count[3::7] = 1e-32
+        counts[3:k:7] = 0
     counts[0 if k == 1 else 1] = 3  # at least one code is used and moves
     counts[k] = counts[:k].sum()
     sums = torch.randn(k, d, generator=g) * counts[:k, None]
     weight = torch.randn(d, k, generator=g).t() if layout == "columns" else torch.randn(k, d, generator=g)
     got = [t.clone().to(kernel_device) for t in (weight, ema_count, sums, counts)]
     want = [t.clone() for t in (weight, ema_count, sums, counts)]
-    kernels.ema_update(*got, 0.9, eps)
-    reference.ema_update(*want, 0.9, eps)
+    kernels.ema_update(*got, decay, eps)
+    reference.ema_update(*want, decay, eps)
     # The kernel updates the total of the counts instead of summing the new counts: a few ulps apart.
     torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-6)

@@ -458,7 +458,8 @@ class VectorQuantizer(nn.Module):
         restarts of this training step (in place, without host synchronisation)."""
         k = self.num_embeddings
         # The kernels keep fp32 statistics; a layer converted to float64 keeps them in plain PyTorch.
-        wide = torch.float64 in (self.usage.dtype, self.embeddings.weight.dtype)
+        wide = torch.float64 in (self.usage.dtype, self.embeddings.weight.dtype,
+                                 self.ema_count.dtype if self.ema else None)
         triton = resolve_backend(indices.device, torch.float64 if wide else None) == "triton"
         # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
         # counts: (K + 1,), this step's code counts and then their total, summed over ranks.

@@ -230,7 +230,6 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
     return torch.cat([counts[:num_codes], ok.sum().reshape(1)])
 
 
-
 def _smoothed_counts(counts: torch.Tensor, eps: float) -> torch.Tensor:
     """Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, n = sum_k N_k: a rarely used code never
     divides by ~0."""
