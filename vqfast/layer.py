@@ -466,9 +466,10 @@ class VectorQuantizer(nn.Module):
         counting = _upkeep_ops().finite_row_counts if triton else reference.finite_row_counts
         counts = self._all_reduce_(counting(indices, distances, k))
         if self.ema:
-            # Distances are >= 0, so "< inf" is False exactly for the NaN and inf ones (one op, not isfinite's few).
-            sums = self._all_reduce_(_sum_rows(self._data_rows(rows), self._statistics_indices(distances < math.inf,
-                                                                                                indices), k))
+            # Distances are >= 0, so "< inf" is False exactly for the NaN and inf ones (one op, where
+            # isfinite takes several).
+            finite = distances < math.inf
+            sums = self._all_reduce_(_sum_rows(self._data_rows(rows), self._statistics_indices(finite, indices), k))
             ema_step = _upkeep_ops().ema_update if triton else reference.ema_update
             ema_step(self.embeddings.weight, self.ema_count, sums, counts, self.decay, self.eps)
         seeds = None
