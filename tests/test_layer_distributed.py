@@ -1,5 +1,6 @@
 """Under torch.distributed (2 CPU processes, gloo), EMA statistics, k-means init and dead-code restarts are
-synchronised, so every rank holds the same codebook; without the sync they drift apart. The same holds
+synchronised, so every rank holds the same codebook (on the torch backend, and on the Triton kernels
+where the interpreter runs them); without the sync they drift apart. The same holds
 for a torch.compile'd DDP model, which trains exactly like the eager one."""
 
 from __future__ import annotations
@@ -44,26 +45,34 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from vqfast.distributed import same_on_all_ranks
 
         results = {}
-        for name, kwargs in CONFIGS.items():
-            torch.manual_seed(0)  # same initial weights everywhere
-            model = _Model(**kwargs)
-            # No buffer broadcast from rank 0: the layer itself must keep the ranks identical.
-            ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-            torch.manual_seed(1000 + rank)  # different data and random draws on every rank
-            for step in range(4):
-                x = torch.randn(16, 6) * (1 + rank) + 3 * rank
-                loss = ddp(x)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            vq = model.vq
-            results[name] = {
-                "weight": vq.embeddings.weight.detach().clone(),
-                "buffers": {k: v.clone() for k, v in vq.named_buffers()},
-                "same": same_on_all_ranks(vq.embeddings.weight),
-                "steps": int(vq.usage_steps),
-            }
+        # The Triton kernels too (interpreted) where the interpreter runs them: the statistics kernels
+        # take the all-reduced counts.
+        backends = ["torch", "triton"] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else ["torch"]
+        for backend in backends:
+            os.environ["VQFAST_BACKEND"] = backend
+            for name, kwargs in CONFIGS.items():
+                if backend == "triton" and name == "ema-unsynced":
+                    continue
+                torch.manual_seed(0)  # same initial weights everywhere
+                model = _Model(**kwargs)
+                # No buffer broadcast from rank 0: the layer itself must keep the ranks identical.
+                ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+                opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+                torch.manual_seed(1000 + rank)  # different data and random draws on every rank
+                for step in range(4):
+                    x = torch.randn(16, 6) * (1 + rank) + 3 * rank
+                    loss = ddp(x)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                vq = model.vq
+                results[name if backend == "torch" else f"{name} (triton)"] = {
+                    "weight": vq.embeddings.weight.detach().clone(),
+                    "buffers": {k: v.clone() for k, v in vq.named_buffers()},
+                    "same": same_on_all_ranks(vq.embeddings.weight),
+                    "steps": int(vq.usage_steps),
+                }
+        os.environ["VQFAST_BACKEND"] = "torch"
         # torch.compile of the DDP model (k-means init, restarts and statistics all synchronised inside
         # the compiled step) trains exactly like the eager DDP model.
         import copy
@@ -122,7 +131,10 @@ def test_codebooks_identical_across_ranks(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
-    for name in ("ema", "codebook-loss"):
+    names = ["ema", "codebook-loss"]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # set by conftest.py without a GPU
+        names += ["ema (triton)", "codebook-loss (triton)"]
+    for name in names:
         assert r0[name]["steps"] == r1[name]["steps"] == 4
         assert torch.equal(r0[name]["weight"], r1[name]["weight"]), name
         assert r0[name]["same"] and r1[name]["same"]
