@@ -10,7 +10,7 @@ graph (``torch.compile(fullgraph=True)``) and keeps identical codebooks on every
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -393,7 +393,7 @@ class VectorQuantizer(nn.Module):
         x = rows.detach().float()
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
-    def _random_rows(self, x: Tensor, count: int, prepare: Any = None) -> Tensor:
+    def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """``count`` rows drawn with replacement from every rank's ``x`` (an equal share from each), the
         same on every rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks)."""
         world = world_size(self.process_group) if self.sync_distributed else 1
@@ -461,17 +461,17 @@ class VectorQuantizer(nn.Module):
         wide = torch.float64 in (self.usage.dtype, self.embeddings.weight.dtype,
                                  self.ema_count.dtype if self.ema else None)
         triton = resolve_backend(indices.device, torch.float64 if wide else None) == "triton"
+        # The kernels' ops and the reference share names and signatures.
+        upkeep = _upkeep_ops() if triton else reference
         # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
         # counts: (K + 1,), this step's code counts and then their total, summed over ranks.
-        counting = _upkeep_ops().finite_row_counts if triton else reference.finite_row_counts
-        counts = self._all_reduce_(counting(indices, distances, k))
+        counts = self._all_reduce_(upkeep.finite_row_counts(indices, distances, k))
         if self.ema:
             # Distances are >= 0, so "< inf" is False exactly for the NaN and inf ones (one op, where
             # isfinite takes several).
             finite = distances < math.inf
             sums = self._all_reduce_(_sum_rows(self._data_rows(rows), self._statistics_indices(finite, indices), k))
-            ema_step = _upkeep_ops().ema_update if triton else reference.ema_update
-            ema_step(self.embeddings.weight, self.ema_count, sums, counts, self.decay, self.eps)
+            upkeep.ema_update(self.embeddings.weight, self.ema_count, sums, counts, self.decay, self.eps)
         seeds = None
         if restarts:
             # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
@@ -479,13 +479,13 @@ class VectorQuantizer(nn.Module):
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
             # ranks) stay few when K is large; the others follow on the next steps.
             seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows)
-        update = _upkeep_ops().update_code_usage if triton else reference.update_code_usage
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
         # it can be restarted again.
-        update(counts, self.usage, self.restart_grace, self.batch_counts, self.usage_steps, self.usage_decay,
-               self.dead_code_threshold / k if restarts else 0.0, seeds, self.embeddings.weight if restarts else None,
-               self.ema_count if self.ema and restarts else None)
+        upkeep.update_code_usage(counts, self.usage, self.restart_grace, self.batch_counts, self.usage_steps,
+                                 self.usage_decay, self.dead_code_threshold / k if restarts else 0.0, seeds,
+                                 self.embeddings.weight if restarts else None,
+                                 self.ema_count if self.ema and restarts else None)
 
     # -- reporting -------------------------------------------------------------------------------
 

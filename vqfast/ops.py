@@ -12,6 +12,7 @@ launch-bound problems pay in full.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
 from typing import Optional
@@ -132,12 +133,24 @@ def _plain(t: object) -> bool:
     return not isinstance(t, Tensor) or type(t) in (Tensor, torch.nn.Parameter)
 
 
-def _direct(op, launcher):
+def _direct(op, launcher, mutates: tuple[str, ...] = ()):
     """``launcher`` for plain tensors; ``op`` (the registered custom op) for tensor subclasses, whose
-    own dispatch must see the call."""
+    own dispatch must see the call. ``mutates`` names the arguments the launcher writes in place: their
+    version counters are bumped afterwards, as the dispatcher does for the op, so that a graph that
+    saved one of them fails in backward instead of silently using the new values."""
+    params = list(inspect.signature(launcher).parameters)
+    positions = [(params.index(name), name) for name in mutates]
+
     def call(*args, **kwargs):
         plain = all(_plain(a) for a in args) and all(_plain(a) for a in kwargs.values())
-        return launcher(*args, **kwargs) if plain else op(*args, **kwargs)
+        if not plain:
+            return op(*args, **kwargs)
+        out = launcher(*args, **kwargs)
+        for position, name in positions:
+            t = args[position] if position < len(args) else kwargs.get(name)
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
+        return out
 
     call.__name__ = call.__qualname__ = launcher.__name__.lstrip("_")
     call.__doc__ = launcher.__doc__

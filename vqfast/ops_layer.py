@@ -48,7 +48,6 @@ def _(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Te
             codebook.new_empty((rows, codebook.shape[1]), dtype=torch.float32))
 
 
-
 def _finite_row_counts(indices: Tensor, distances: Tensor, num_codes: int) -> Tensor:
     """Code counts of the rows with a finite distance, then their number (K + 1,)."""
     with on_device(indices):
@@ -72,9 +71,9 @@ def _update_code_usage(counts: Tensor, usage: Tensor, grace: Tensor, batch_count
                                   seeds, weight, ema_count)
 
 
-update_code_usage = torch.library.custom_op(
-    "vqfast::update_code_usage", _update_code_usage,
-    mutates_args=("usage", "grace", "batch_counts", "steps", "weight", "ema_count"))
+_UPDATE_CODE_USAGE_WRITES = ("usage", "grace", "batch_counts", "steps", "weight", "ema_count")
+update_code_usage = torch.library.custom_op("vqfast::update_code_usage", _update_code_usage,
+                                            mutates_args=_UPDATE_CODE_USAGE_WRITES)
 
 
 @update_code_usage.register_fake
@@ -83,26 +82,14 @@ def _(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps:
     return None
 
 
-def _update_code_usage_eager(counts: Tensor, usage: Tensor, grace: Tensor, batch_counts: Tensor, steps: Tensor,
-                             usage_decay: float, dead_threshold: float, seeds: Optional[Tensor],
-                             weight: Optional[Tensor], ema_count: Optional[Tensor]) -> None:
-    """:func:`update_code_usage` called directly, then the version counters of what it wrote bumped as an
-    in-place PyTorch op would (the dispatcher does this for the custom op): a graph that saved the
-    codebook before a restart then fails in backward instead of using the new codes silently."""
-    _update_code_usage(counts, usage, grace, batch_counts, steps, usage_decay, dead_threshold, seeds, weight,
-                       ema_count)
-    for t in (usage, grace, batch_counts, steps, weight, ema_count):
-        if t is not None:
-            torch.autograd.graph.increment_version(t)
-
-
 def _ema_update(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: float, eps: float) -> None:
     """The EMA codebook step, in place."""
     with on_device(weight):
         kernels.ema_update(weight, ema_count, sums, counts, decay, eps)
 
 
-ema_update = torch.library.custom_op("vqfast::ema_update", _ema_update, mutates_args=("weight", "ema_count"))
+_EMA_UPDATE_WRITES = ("weight", "ema_count")
+ema_update = torch.library.custom_op("vqfast::ema_update", _ema_update, mutates_args=_EMA_UPDATE_WRITES)
 
 
 @ema_update.register_fake
@@ -110,19 +97,11 @@ def _(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: fl
     return None
 
 
-def _ema_update_eager(weight: Tensor, ema_count: Tensor, sums: Tensor, counts: Tensor, decay: float,
-                      eps: float) -> None:
-    """:func:`ema_update` called directly, with the version counters bumped (as for restarts)."""
-    _ema_update(weight, ema_count, sums, counts, decay, eps)
-    torch.autograd.graph.increment_version(weight)
-    torch.autograd.graph.increment_version(ema_count)
-
-
 # The upkeep ops without the dispatcher, for eager calls (see vqfast.ops.for_call).
 direct = types.SimpleNamespace(
     finite_row_counts=_direct(finite_row_counts, _finite_row_counts),
-    update_code_usage=_direct(update_code_usage, _update_code_usage_eager),
-    ema_update=_direct(ema_update, _ema_update_eager),
+    update_code_usage=_direct(update_code_usage, _update_code_usage, mutates=_UPDATE_CODE_USAGE_WRITES),
+    ema_update=_direct(ema_update, _ema_update, mutates=_EMA_UPDATE_WRITES),
 )
 
 

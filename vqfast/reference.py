@@ -217,7 +217,6 @@ def histogram_entropy(counts: torch.Tensor, dtype: torch.dtype = torch.float32) 
     return entropy, entropy.exp()
 
 
-
 def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes: int) -> torch.Tensor:
     """Code counts of the rows with a finite search distance, then their number: int64 (K + 1,).
 
@@ -291,15 +290,15 @@ def update_code_usage(
     grace.mul_(usage_decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
         return
-    correction = (1.0 - usage_decay ** steps).clamp_min(1e-12)
-    dead = ((usage + grace) / correction < dead_threshold) & (steps > 0) & (counts == 0)
+    decayed = 1.0 - usage_decay ** steps  # the bias correction, and K times a restarted code's credit
+    dead = ((usage + grace) / decayed.clamp_min(1e-12) < dead_threshold) & (steps > 0) & (counts == 0)
     budget = seeds.shape[0]
     order = dead.to(torch.int64).cumsum(0) - 1
     chosen = seeds.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
     dead = dead & (order < budget) & torch.isfinite(chosen).all(dim=1)
     weight.copy_(torch.where(dead.unsqueeze(1), chosen, weight))
     usage.copy_(torch.where(dead, 0.0, usage))
-    grace.copy_(torch.where(dead, (1.0 - usage_decay ** steps) / k, grace))
+    grace.copy_(torch.where(dead, decayed / k, grace))
     if ema_count is not None:
         ema_count.copy_(torch.where(dead, 1.0, ema_count))
 
