@@ -3,12 +3,16 @@
 For a block of BLOCK_N rows of z, a program streams the codebook in (BLOCK_D x BLOCK_K) tiles, forms
 ||c||^2 - 2 z.c on the tensor cores (fp32 accumulation) and keeps the best (score, index) per row in
 registers. When there are few row blocks (few rows, many codes), the codebook is split across
-programs and a second small kernel reduces the per-split winners. The fp32 search with tf32 products
-flags, in the same kernels, the rows whose two best codes are closer than the tf32 error bound, and a
-second pass searches only those rows' blocks again with fp32 products, writing in place: a handful of
-launches and no host synchronisation, which is what small (latency-bound) problems need. The
-distance of the chosen code is then summed directly, ||z - c||^2, by whichever kernel writes the
-index (the search, or the reduction of the splits).
+programs and a second small kernel reduces the per-split winners.
+
+The fp32 search with tf32 products keeps each row's three best scores and checks them against a bound
+on the tf32 error, computed from the data (the norms of what tf32 drops from each row and code): most
+rows are sure; a row whose runner-up is within the bound but whose third code is not is decided
+between its two best codes by the direct form ||z - c||^2 in fp32, in the same kernel; the few rows
+with three codes in doubt go to a list, built on the device, that an fp32 search works through. So
+the search costs about one tf32 pass, in a fixed number of launches and with no host synchronisation,
+which is what small (latency-bound) problems need. Whichever kernel writes an index also sums the
+chosen code's distance directly, ||z - c||^2.
 """
 
 from __future__ import annotations
@@ -59,58 +63,47 @@ def _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, m
     return tl.sum(acc, axis=1)
 
 
-# Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
-# kernel instead of compiling (and autotuning) another variant.
-@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "flag_scale"])
-def _nearest_code_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, flag_in_ptr,
-    score_ptr, index_ptr, dist_ptr, second_ptr, flag_out_ptr, cmax_ptr,
-    N, K, D, codes_per_split, N_BUCKET, flag_scale,
-    stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
-    SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr,
-    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    # 64-bit row offsets: N * D may exceed 2**31.
-    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+@triton.jit
+def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
+    """The three lowest scores, and the indices of the two lowest, of two ascending lists: the running
+    one ``b`` and a tile's ``t``. Ties go to ``b``: its codes come first, so the lowest index wins."""
+    take = t1 < b1
+    n1 = tl.where(take, t1, b1)
+    j1 = tl.where(take, a1, i1)
+    # The head of each list once the winner is taken from it, and the element after that head.
+    b_head = tl.where(take, b1, b2)
+    b_head_index = tl.where(take, i1, i2)
+    b_next = tl.where(take, b2, b3)
+    t_head = tl.where(take, t2, t1)
+    t_head_index = tl.where(take, a2, a1)
+    t_next = tl.where(take, t3, t2)
+    take2 = t_head < b_head
+    n2 = tl.where(take2, t_head, b_head)
+    j2 = tl.where(take2, t_head_index, b_head_index)
+    n3 = tl.where(take2, tl.minimum(b_head, t_next), tl.minimum(b_next, t_head))
+    return n1, j1, n2, j2, n3
+
+
+@triton.jit
+def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end, D,
+                stride_zd, stride_ck, stride_cd,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BEST_THREE: tl.constexpr):
+    """Streams codes [k_begin, k_end) past a block of rows: per row the best score ``||c||^2 - 2 z.c``
+    and its index, and with BEST_THREE also the runner-up (score and index), the third score and the
+    largest ``||c||^2`` and ``||c - tf32(c)||^2`` seen (for the tf32 error bound)."""
     offs_d = tl.arange(0, BLOCK_D)
-
-    k_begin = pid_s * codes_per_split
-    k_end = tl.minimum(k_begin + codes_per_split, K)
-    store_n = mask_n
-    if HAS_FLAGS:
-        # Re-search of flagged rows only: blocks without one skip the codebook loop, and only flagged
-        # rows are written, so no host-side list of rows is needed.
-        flags = tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0)
-        store_n = mask_n & (flags != 0)
-        k_end = tl.where(tl.max(flags, axis=0) > 0, k_end, k_begin)
-
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     second = tl.full([BLOCK_N], float("inf"), tl.float32)
-    # Largest ||c||^2 among the codes seen, for the tf32 error bound.
+    second_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
+    third = tl.full([BLOCK_N], float("inf"), tl.float32)
     c_max = tl.zeros([BLOCK_K], tl.float32)
-
+    c_resid_max = tl.zeros([BLOCK_K], tl.float32)
     if SINGLE_D:
-        # Rows that are not stored (unflagged ones in a re-search) are not read either.
-        z_block = tl.load(z_rows + offs_d[None, :] * stride_zd,
-                          mask=store_n[:, None] & (offs_d[None, :] < D), other=0.0)
-    # ||z||^2 only scales the tf32 error bound: the distances come from the epilogue below.
-    z_sqnorm = tl.zeros([BLOCK_N], tl.float32)
-    if WRITE_FLAGS and SINGLE_D:
-        z_f32 = z_block.to(tl.float32)
-        z_sqnorm = tl.sum(z_f32 * z_f32, axis=1)
-    elif WRITE_FLAGS:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            zt = tl.load(z_rows + dd[None, :] * stride_zd, mask=store_n[:, None] & (dd[None, :] < D),
-                         other=0.0).to(tl.float32)
-            z_sqnorm += tl.sum(zt * zt, axis=1)
-
+        # Rows that are not searched (past the end, or not listed) are not read either.
+        z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
+                          other=0.0)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
@@ -124,91 +117,261 @@ def _nearest_code_kernel(
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 zt = tl.load(z_rows + dd[None, :] * stride_zd,
-                             mask=store_n[:, None] & (dd[None, :] < D), other=0.0)
+                             mask=load_n[:, None] & (dd[None, :] < D), other=0.0)
                 ct = tl.load(c_cols + dd[:, None] * stride_cd,
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
         # Padding codes get +inf so they never win.
         c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
-        if WRITE_FLAGS:
-            c_max = tl.maximum(c_max, tl.where(mask_k, c_sqnorm, 0.0))
         score = c_sqnorm[None, :] - 2.0 * acc
         # NaN never wins: a row whose scores are all NaN keeps a valid index.
         score = tl.where(score == score, score, float("inf"))
         tile_best, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         tile_arg = tile_arg.to(tl.int32)
-        tile_index = tile_arg + k0
-        if TRACK_SECOND:
-            # Runner-up score, so reduced-precision searches can spot rows whose winner is uncertain.
+        if BEST_THREE:
+            c_max = tl.maximum(c_max, tl.where(mask_k, c_sqnorm, 0.0))
+            c_resid_max = tl.maximum(c_resid_max, tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0))
             cols = tl.arange(0, BLOCK_K)
-            others = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
-            second = tl.minimum(tl.minimum(second, tl.min(others, axis=1)), tl.maximum(best, tile_best))
-        # Strict '<' across tiles keeps the lowest index on ties, since tiles go in increasing order.
-        improved = tile_best < best
-        best_index = tl.where(improved, tile_index, best_index)
-        best = tl.where(improved, tile_best, best)
+            rest = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
+            tile_second, tile_arg2 = tl.min(rest, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            tile_arg2 = tile_arg2.to(tl.int32)
+            rest = tl.where(cols[None, :] == tile_arg2[:, None], float("inf"), rest)
+            tile_third = tl.min(rest, axis=1)
+            best, best_index, second, second_index, third = _merge_best_three(
+                best, best_index, second, second_index, third,
+                tile_best, tile_arg + k0, tile_second, tile_arg2 + k0, tile_third)
+        else:
+            # Strict '<' across tiles keeps the lowest index on ties, since tiles go in increasing order.
+            improved = tile_best < best
+            best_index = tl.where(improved, tile_arg + k0, best_index)
+            best = tl.where(improved, tile_best, best)
+    return best, best_index, second, second_index, third, tl.max(c_max, axis=0), tl.max(c_resid_max, axis=0)
+
+
+@triton.jit
+def _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``||z||^2`` and ``||z - tf32(z)||^2`` per row in fp32. tf32 by truncation to 10 mantissa bits:
+    its error bounds that of rounding to nearest, whichever the tensor cores do."""
+    offs_d = tl.arange(0, BLOCK_D)
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    resid = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        x = tl.load(z_rows + dd[None, :] * stride_zd, mask=mask_n[:, None] & (dd[None, :] < D),
+                    other=0.0).to(tl.float32)
+        r = x - (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        sq += tl.sum(x * x, axis=1)
+        resid += tl.sum(r * r, axis=1)
+    return sq, resid
+
+
+@triton.jit
+def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
+                 offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                 stride_zd, stride_ck, stride_cd,
+                 index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
+                 BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr):
+    """After a tf32 search: writes each row's index and distance, and sorts the rows by how sure the
+    tf32 scores are (status 0, 1, 2). ``bound`` bounds |tf32 score - exact score| of any code.
+    0: the runner-up is more than twice the bound behind, so the best is the exact one.
+    1: only the third code is that far behind: the exact nearest is one of the two best, so both are
+       scored by the direct form ||z - c||^2 in fp32 and the nearer is kept (lower index on ties).
+    2: a third code is within twice the bound: the row is appended to the list that the fp32 re-search
+       reads (one atomic per program; its (score, index) slot is set to "none yet")."""
+    z_norm = tl.sqrt(z_sqnorm)
+    c_norm = tl.sqrt(c_max)
+    bound = (err_resid * (tl.sqrt(z_resid) * c_norm + z_norm * tl.sqrt(c_resid_max))
+             + err_dot * z_norm * c_norm + err_norm * c_max)
+    # NaN gaps (rows of NaN, or of infinities) compare false: such rows keep what the search found.
+    uncertain = (second - best) <= 2.0 * bound
+    hard = uncertain & ((third - best) <= 2.0 * bound)
+    pair = uncertain & (hard == 0)
+    best_index = best_index.to(tl.int64)
+    # A pair row's runner-up is a real code (its score is finite); the clamp only guards the address.
+    second_index = tl.minimum(second_index.to(tl.int64), K - 1)
+    dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, mask_n, D,
+                               BLOCK_N, DIST_BLOCK_D)
+    dist2 = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, second_index, mask_n & pair, D,
+                                BLOCK_N, DIST_BLOCK_D)
+    swap = pair & ((dist2 < dist) | ((dist2 == dist) & (second_index < best_index)))
+    tl.store(index_ptr + offs_n, tl.where(swap, second_index, best_index), mask=mask_n)
+    tl.store(dist_ptr + offs_n, tl.where(swap, dist2, dist), mask=mask_n)
+    tl.store(status_ptr + offs_n, tl.where(hard, 2, tl.where(pair, 1, 0)).to(tl.int8), mask=mask_n)
+    listed = (hard & mask_n).to(tl.int32)
+    start = tl.atomic_add(count_ptr, tl.sum(listed, axis=0))
+    slot = start + tl.cumsum(listed, axis=0) - 1
+    tl.store(list_ptr + slot, offs_n, mask=listed != 0)
+    tl.store(packed_ptr + slot, tl.full([BLOCK_N], 0x7FFFFFFFFFFFFFFF, tl.int64), mask=listed != 0)
+
+
+# Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
+# kernel instead of compiling (and autotuning) another variant.
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "err_resid", "err_dot", "err_norm"])
+def _nearest_code_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, c_resid_ptr,
+    score_ptr, index_ptr, dist_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr,
+    status_ptr, count_ptr, list_ptr, packed_ptr,
+    N, K, D, codes_per_split, N_BUCKET, err_resid, err_dot, err_norm,
+    stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr,
+):
+    """One block of rows against one split of the codebook. WRITE_DISTANCE (one split): the final index
+    and distance; otherwise the split's winner for the reduction. RECHECK (fp32 data, tf32 products):
+    also the runner-up and third score, and the norms of the tf32 error bound (see ``_settle_rows``)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # 64-bit row offsets: N * D may exceed 2**31.
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    k_begin = pid_s * codes_per_split
+    k_end = tl.minimum(k_begin + codes_per_split, K)
+    best, best_index, second, second_index, third, c_max, c_resid_max = _scan_codes(
+        z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
+        BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK)
 
     if WRITE_DISTANCE:
-        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, store_n, D,
-                                   BLOCK_N, DIST_BLOCK_D)
-        tl.store(dist_ptr + offs_n, dist, mask=store_n)
-        tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=store_n)
-        if TRACK_SECOND:
-            tl.store(second_ptr + offs_n, second, mask=mask_n)
-        if WRITE_FLAGS:
-            bound = flag_scale * tl.sqrt(z_sqnorm) * tl.sqrt(tl.max(c_max, axis=0))
-            tl.store(flag_out_ptr + offs_n, ((second - best) <= bound).to(tl.int8), mask=mask_n)
+        if RECHECK:
+            z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
+            _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
+                         offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                         stride_zd, stride_ck, stride_cd,
+                         index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
+        else:
+            dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, mask_n, D,
+                                       BLOCK_N, DIST_BLOCK_D)
+            tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+            tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=mask_n)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
         tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
-        if TRACK_SECOND:
+        if RECHECK:
             tl.store(second_ptr + out, second, mask=mask_n)
-        if WRITE_FLAGS:
+            tl.store(second_index_ptr + out, second_index, mask=mask_n)
+            tl.store(third_ptr + out, third, mask=mask_n)
             if pid_s == 0:
-                tl.store(dist_ptr + offs_n, z_sqnorm, mask=mask_n)
+                z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
+                tl.store(znorm_ptr + offs_n, z_sqnorm, mask=mask_n)
+                tl.store(znorm_ptr + N + offs_n, z_resid, mask=mask_n)
             if pid_n == 0:
-                tl.store(cmax_ptr + pid_s, tl.max(c_max, axis=0))
+                tl.store(cmax_ptr + 2 * pid_s, c_max)
+                tl.store(cmax_ptr + 2 * pid_s + 1, c_resid_max)
 
 
-@triton.jit(do_not_specialize=["N", "flag_scale"])
+@triton.jit(do_not_specialize=["N", "err_resid", "err_dot", "err_norm"])
 def _reduce_splits_kernel(
-    score_ptr, part_index_ptr, second_ptr, zsq_ptr, cmax_ptr, flag_in_ptr, z_ptr, c_ptr,
-    index_ptr, dist_ptr, runner_up_ptr, flag_out_ptr,
-    N, S, D, flag_scale, stride_zn, stride_zd, stride_ck, stride_cd,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
-    TRACK_SECOND: tl.constexpr, HAS_FLAGS: tl.constexpr, WRITE_FLAGS: tl.constexpr,
+    score_ptr, part_index_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr, z_ptr, c_ptr,
+    index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
+    N, S, K, D, err_resid, err_dot, err_norm, stride_zn, stride_zd, stride_ck, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK_D: tl.constexpr, RECHECK: tl.constexpr,
 ):
     """Per row, the best of the S per-split winners (splits are in increasing code order and ties go
-    to the first, so the lowest index wins), its distance, and optionally the runner-up and the flag."""
+    to the first, so the lowest index wins) and its distance; with RECHECK the best three of the splits'
+    best three, then ``_settle_rows``."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
+    mask = mask_n[:, None] & mask_s[None, :]
     rows = offs_n.to(tl.int64) * S
-    scores = tl.load(score_ptr + rows[:, None] + offs_s[None, :], mask=mask_n[:, None] & mask_s[None, :],
-                     other=float("inf"))
+    parts = rows[:, None] + offs_s[None, :]
+    scores = tl.load(score_ptr + parts, mask=mask, other=float("inf"))
     best, win = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
     win = win.to(tl.int64)
     index = tl.load(part_index_ptr + rows + win, mask=mask_n, other=0)
-    store_n = mask_n
-    if HAS_FLAGS:
-        store_n = mask_n & (tl.load(flag_in_ptr + offs_n, mask=mask_n, other=0) != 0)
     z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
-    dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, store_n, D,
-                               BLOCK_N, DIST_BLOCK_D)
-    tl.store(index_ptr + offs_n, index, mask=store_n)
-    tl.store(dist_ptr + offs_n, dist, mask=store_n)
-    if TRACK_SECOND:
-        own = tl.load(second_ptr + rows + win, mask=mask_n, other=float("inf"))
-        others = tl.where(offs_s[None, :] == win[:, None], float("inf"), scores)
-        runner_up = tl.minimum(own, tl.min(others, axis=1))
-        tl.store(runner_up_ptr + offs_n, runner_up, mask=mask_n)
-        if WRITE_FLAGS:
-            z_sqnorm = tl.load(zsq_ptr + offs_n, mask=mask_n, other=0.0)
-            c_max = tl.max(tl.load(cmax_ptr + offs_s, mask=mask_s, other=0.0), axis=0)
-            bound = flag_scale * tl.sqrt(z_sqnorm) * tl.sqrt(c_max)
-            tl.store(flag_out_ptr + offs_n, ((runner_up - best) <= bound).to(tl.int8), mask=mask_n)
+    if RECHECK:
+        # Each split's list is ascending: take the winner's head off its list, then the runner-up's.
+        is_win = offs_s[None, :] == win[:, None]
+        firsts = tl.where(is_win, tl.load(second_ptr + parts, mask=mask, other=float("inf")), scores)
+        first_index = tl.where(is_win, tl.load(second_index_ptr + parts, mask=mask, other=0).to(tl.int64),
+                               tl.load(part_index_ptr + parts, mask=mask, other=0))
+        after = tl.where(is_win, tl.load(third_ptr + parts, mask=mask, other=float("inf")),
+                         tl.load(second_ptr + parts, mask=mask, other=float("inf")))
+        second, runner = tl.min(firsts, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        is_runner = offs_s[None, :] == runner[:, None]
+        second_index = tl.sum(tl.where(is_runner, first_index, 0), axis=1)
+        third = tl.min(tl.where(is_runner, after, firsts), axis=1)
+        z_sqnorm = tl.load(znorm_ptr + offs_n, mask=mask_n, other=0.0)
+        z_resid = tl.load(znorm_ptr + N + offs_n, mask=mask_n, other=0.0)
+        c_max = tl.max(tl.load(cmax_ptr + 2 * offs_s, mask=mask_s, other=0.0), axis=0)
+        c_resid_max = tl.max(tl.load(cmax_ptr + 2 * offs_s + 1, mask=mask_s, other=0.0), axis=0)
+        _settle_rows(best, index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
+                     offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                     stride_zd, stride_ck, stride_cd,
+                     index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
+    else:
+        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
+                                   BLOCK_N, DIST_BLOCK_D)
+        tl.store(index_ptr + offs_n, index, mask=mask_n)
+        tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+
+
+@triton.jit
+def _research_listed_rows_kernel(
+    z_ptr, c_ptr, c_sqnorm_ptr, count_ptr, list_ptr, packed_ptr,
+    K, D, codes_per_split, stride_zn, stride_zd, stride_ck, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 search of the rows the tf32 pass listed. The list's length is known only on the device, so
+    a fixed grid of programs takes its row blocks in turn, each program against one codebook split; the
+    splits' winners meet in one 64-bit atomic minimum per row of (order-preserving score bits, index),
+    which also keeps the lowest index on ties."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    count = tl.load(count_ptr)
+    k_begin = pid_s * codes_per_split
+    k_end = tl.minimum(k_begin + codes_per_split, K)
+    for start in range(pid * BLOCK_N, count, tl.num_programs(0) * BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        mask_n = slots < count
+        rows = tl.load(list_ptr + slots, mask=mask_n, other=0)
+        z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
+        best, best_index, _, _, _, _, _ = _scan_codes(
+            z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, k_begin, k_end, D, stride_zd, stride_ck,
+            stride_cd, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False)
+        bits = best.to(tl.int32, bitcast=True)
+        # Negative floats: flip all but the sign bit, so that integer order is float order.
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        tl.atomic_min(packed_ptr + slots, (key.to(tl.int64) << 32) | best_index.to(tl.int64), mask=mask_n)
+
+
+@triton.jit
+def _write_listed_rows_kernel(
+    z_ptr, c_ptr, count_ptr, list_ptr, packed_ptr, index_ptr, dist_ptr,
+    D, stride_zn, stride_zd, stride_ck, stride_cd,
+    BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
+):
+    """The re-searched rows' indices (the low half of the packed minimum) and their distances."""
+    count = tl.load(count_ptr)
+    for start in range(tl.program_id(0) * BLOCK_N, count, tl.num_programs(0) * BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        mask_n = slots < count
+        rows = tl.load(list_ptr + slots, mask=mask_n, other=0).to(tl.int64)
+        index = tl.load(packed_ptr + slots, mask=mask_n, other=0) & 0xFFFFFFFF
+        z_rows = z_ptr + rows[:, None] * stride_zn
+        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
+                                   BLOCK_N, DIST_BLOCK_D)
+        tl.store(index_ptr + rows, index, mask=mask_n)
+        tl.store(dist_ptr + rows, dist, mask=mask_n)
+
+
+@triton.jit
+def _code_norms_kernel(c_ptr, sqnorm_ptr, resid_ptr, count_ptr, K, D, stride_ck, stride_cd,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``||c||^2`` and ``||c - tf32(c)||^2`` per code, and a zeroed list length for the tf32 pass (one
+    launch fewer than a separate fill)."""
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    sq, resid = _row_tf32_norms(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck, offs_k < K, D, stride_cd,
+                                BLOCK_K, BLOCK_D)
+    tl.store(sqnorm_ptr + offs_k, sq, mask=offs_k < K)
+    tl.store(resid_ptr + offs_k, resid, mask=offs_k < K)
+    if pid == 0:
+        tl.store(count_ptr, 0)
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -267,9 +430,9 @@ def _prune_configs(configs, named_args, **kwargs):
 _AUTOTUNE_CONFIGS = _autotune_configs()
 _nearest_code_autotuned = triton.autotune(
     configs=_AUTOTUNE_CONFIGS,
-    key=["N_BUCKET", "K", "D", "codes_per_split", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "TRACK_SECOND", "HAS_FLAGS",
-         "WRITE_FLAGS"],
+    key=["N_BUCKET", "K", "D", "codes_per_split", "SINGLE_D", "INPUT_PRECISION", "WRITE_DISTANCE", "RECHECK"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    reset_to_zero=["count_ptr"],
 )(_nearest_code_kernel)
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
@@ -282,10 +445,17 @@ def _first_config(input_precision: str, block_d: int, single_d: bool, element_by
     return _select_configs(_AUTOTUNE_CONFIGS, input_precision, block_d, single_d, element_bytes,
                            shared_memory_limit)[0]
 
-# Bound on |tf32 score - exact score| is TF32_ERROR * (1 + D * 2**-13) * ||z|| * max ||c||: tf32 keeps
-# 10 mantissa bits (2**-11 relative rounding per operand, 2**-10 if truncated), and the score has a
-# factor 2 on z.c. A row whose runner-up is within twice that bound is searched again in fp32.
-_TF32_ERROR = 2.0 * 2.0**-9
+# The tf32 error bound (see _settle_rows). A tf32 score differs from the exact ||c||^2 - 2 z.c by
+#   2 |z.c - tf32(z).tf32(c)| + |fl(||c||^2) - ||c||^2|
+#   <= 2 (||z - tf32(z)|| ||c|| + ||z|| ||c - tf32(c)||) + 2 * D 2**-22 ||z|| ||c|| + D 2**-23 ||c||^2,
+# the first term by z.c - z'.c' = (z - z').c + z'.(c - c') and Cauchy-Schwarz with the residuals
+# themselves (measured per row and per code, a few times tighter than the worst case 2**-10 ||z|| ||c||
+# for typical data), the others bounding fp32 accumulation and the norms with 4x and 2x slack. The
+# factor covers the rounding of the bound's own arithmetic.
+_BOUND_SLACK = 1.0 + 2.0**-10
+# At most this many codebook splits in the fp32 re-search of listed rows (how many rows are listed is
+# only known on the device; a few splits keep the GPU busy when they are few).
+_MAX_RESEARCH_SPLITS = 16
 
 
 def _input_precision(dtype: torch.dtype, precision: str) -> str:
@@ -306,30 +476,49 @@ def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device
     return max(1, min(max_splits, cdiv(target_programs, row_blocks)))
 
 
-def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
-            num_splits: int | None, track_second: bool = False, flag_scale: float | None = None,
-            flags: torch.Tensor | None = None,
-            out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """One search pass: ``(indices, distances, runner_up or None, uncertain or None)``.
+def _split_codes(n_codes: int, splits: int, interp: bool) -> tuple[int, int]:
+    """``(codes_per_split, splits)`` for about ``splits`` splits of whole alignment units."""
+    splits = max(1, min(int(splits), n_codes, _MAX_SPLITS))
+    align = 1 if interp else _SPLIT_ALIGN
+    codes_per_split = cdiv(cdiv(n_codes, splits), align) * align
+    return codes_per_split, cdiv(n_codes, codes_per_split)
 
-    ``track_second``: also the runner-up score per row (the best score ``||c||^2 - 2 z.c`` of any other
-    code). ``flag_scale``: also int8 flags of the rows whose runner-up score is within
-    ``flag_scale * ||z|| * max ||c||`` of the best one. ``flags`` (int8 (N,)): search only the row
-    blocks that hold a flagged row and write only the flagged rows, into ``out = (indices, distances)``
-    when given (the other rows are left as they are) or into new tensors (the other rows undefined).
-    """
-    if flags is not None and flag_scale is not None:
-        raise ValueError("a re-search of flagged rows cannot flag rows itself")
+
+class _Recheck:
+    """Buffers of the tf32 search's re-check: codebook norms, the bound's factors, per-row status
+    (0 sure, 1 decided between its two best codes, 2 searched again in fp32) and the list of rows to
+    search again, with its length and a packed (score, index) slot per entry."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float):
+        n, d = z.shape
+        k = codebook.shape[0]
+        device = z.device
+        self.c_sqnorm = torch.empty(k, dtype=torch.float32, device=device)
+        self.c_resid = torch.empty(k, dtype=torch.float32, device=device)
+        self.count = torch.empty(1, dtype=torch.int32, device=device)
+        self.rows = torch.empty(n, dtype=torch.int32, device=device)
+        self.packed = torch.empty(n, dtype=torch.int64, device=device)
+        self.status = torch.empty(n, dtype=torch.int8, device=device)
+        scale = tolerance_scale * _BOUND_SLACK
+        self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23)
+        # The blocks of code_sqnorms: the same summation order, so the fp32 search of listed rows sees
+        # the very norms that a search with precision="highest" sees.
+        block_d = min(128, max(16, next_power_of_2(d)))
+        block_k = 16 if interpreting() else max(1, 4096 // block_d)
+        _code_norms_kernel[(cdiv(k, block_k),)](codebook, self.c_sqnorm, self.c_resid, self.count, k, d,
+                                                 codebook.stride(0), codebook.stride(1),
+                                                 BLOCK_K=block_k, BLOCK_D=block_d)
+
+
+def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
+            num_splits: int | None, recheck: _Recheck | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One search pass: ``(indices, distances)``. With ``recheck`` (tf32 products) it also settles the
+    rows the tf32 scores leave in doubt, or lists them in ``recheck`` for ``_research_listed_rows``."""
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
-    write_flags = flag_scale is not None
-    track_second = track_second or write_flags
-    if out is not None:
-        indices, distances = out
-    else:
-        indices = torch.empty(n, dtype=torch.int64, device=device)
-        distances = torch.empty(n, dtype=torch.float32, device=device)
+    indices = torch.empty(n, dtype=torch.int64, device=device)
+    distances = torch.empty(n, dtype=torch.float32, device=device)
     max_single_d = _MAX_SINGLE_D[z.dtype]
     if z.dtype == torch.float32 and input_precision == "ieee":
         max_single_d = _MAX_SINGLE_D_IEEE_FP32
@@ -338,47 +527,50 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     interp = interpreting()
     nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
     splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
-    splits = max(1, min(int(splits), k, _MAX_SPLITS))
-    align = 1 if interp else _SPLIT_ALIGN
-    codes_per_split = cdiv(cdiv(k, splits), align) * align
-    splits = cdiv(k, codes_per_split)
+    codes_per_split, splits = _split_codes(k, splits, interp)
     write_distance = splits == 1
+    checking = recheck is not None
 
-    runner_up = torch.empty(n, dtype=torch.float32, device=device) if track_second else None
-    uncertain = torch.empty(n, dtype=torch.int8, device=device) if write_flags else None
     unused = c_sqnorm  # stands in for pointers a variant never touches
     if write_distance:
-        scores, part_index, second, stride_sn = unused, indices, runner_up, 0
-        z_sqnorm = distances  # the kernel writes the distances themselves here
-        cmax = unused
+        scores, part_index, second, second_index, third, znorm, cmax, stride_sn = (unused,) * 7 + (0,)
+        part_index = indices
     else:
         scores = torch.empty((n, splits), dtype=torch.float32, device=device)
         part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
-        second = torch.empty((n, splits), dtype=torch.float32, device=device) if track_second else None
         stride_sn = splits
-        # Row norms, for the flags' error bound only (a re-search of flagged rows never writes flags).
-        # Their own buffer: the reduction stores distances while other threads may still read norms.
-        z_sqnorm = torch.empty(n, dtype=torch.float32, device=device) if write_flags else unused
-        cmax = torch.empty(splits, dtype=torch.float32, device=device) if write_flags else unused
+        if checking:
+            second = torch.empty((n, splits), dtype=torch.float32, device=device)
+            second_index = torch.empty((n, splits), dtype=torch.int32, device=device)
+            third = torch.empty((n, splits), dtype=torch.float32, device=device)
+            znorm = torch.empty((2, n), dtype=torch.float32, device=device)
+            cmax = torch.empty((splits, 2), dtype=torch.float32, device=device)
+        else:
+            second, second_index, third, znorm, cmax = (unused,) * 5
+    if checking:
+        c_resid, status, count, row_list, packed = (recheck.c_resid, recheck.status, recheck.count, recheck.rows,
+                                                    recheck.packed)
+        err_resid, err_dot, err_norm = recheck.errors
+    else:
+        # The autotuner zeroes ``count_ptr`` before each timing run (the tf32 pass appends to a list);
+        # elsewhere it gets an output that the kernel then overwrites in full.
+        c_resid, status, count, row_list, packed = unused, unused, part_index, unused, unused
+        err_resid = err_dot = err_norm = 0.0
 
     args = (
-        z, codebook, c_sqnorm, flags if flags is not None else unused,
-        scores, part_index, z_sqnorm, second if second is not None else unused,
-        uncertain if uncertain is not None else unused, cmax,
-        n, k, d, codes_per_split, next_power_of_2(n), float(flag_scale or 0.0),
+        z, codebook, c_sqnorm, c_resid,
+        scores, part_index, distances, second, second_index, third, znorm, cmax,
+        status, count, row_list, packed,
+        n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
     dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
     meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
-                WRITE_FLAGS=write_flags)
+                WRITE_DISTANCE=write_distance, RECHECK=checking)
     if interp:
         grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
-    elif not autotuning() or flags is not None:
-        # The first candidate that suits this problem, without timing the others. A re-search of
-        # flagged rows is not autotuned either: its work depends on how many rows the data flags, so
-        # timings from one call's flags would say little about the next call's.
+    elif not autotuning():
         cfg = _first_config(input_precision, block_d, single_d, z.element_size(), max_shared_memory())
         grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -392,15 +584,45 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         # gather wants many programs in flight more than wide ones.
         block_n = max(1, min(32, 4096 // block_s))
         _reduce_splits_kernel[(cdiv(n, block_n),)](
-            scores, part_index, second if second is not None else unused, z_sqnorm, cmax,
-            flags if flags is not None else unused, z, codebook,
-            indices, distances, runner_up if runner_up is not None else unused,
-            uncertain if uncertain is not None else unused,
-            n, splits, d, float(flag_scale or 0.0),
+            scores, part_index, second, second_index, third, znorm, cmax, z, codebook,
+            indices, distances, status, count, row_list, packed,
+            n, splits, k, d, err_resid, err_dot, err_norm,
             z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-            BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, TRACK_SECOND=track_second, HAS_FLAGS=flags is not None,
-            WRITE_FLAGS=write_flags)
-    return indices, distances, runner_up, uncertain
+            BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking)
+    return indices, distances
+
+
+def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Recheck,
+                          indices: torch.Tensor, distances: torch.Tensor) -> None:
+    """fp32 search (fp32 products) of the rows ``recheck`` lists, written into ``indices`` and
+    ``distances`` in place; two launches whatever the list's length, no host synchronisation."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    interp = interpreting()
+    single_d = d <= _MAX_SINGLE_D_IEEE_FP32
+    block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
+    if interp:
+        cfg = dict(_INTERPRETER_CONFIG)
+        launch = {}
+    else:
+        # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
+        # list would say little about the next call's.
+        first = _first_config("ieee", block_d, single_d, z.element_size(), max_shared_memory())
+        cfg = dict(first.kwargs)
+        launch = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+    # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
+    codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
+    programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))
+    _research_listed_rows_kernel[(programs, splits)](
+        z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed,
+        k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION="ieee", **cfg, **launch)
+    block_n = 32
+    programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
+    _write_listed_rows_kernel[(programs,)](
+        z, codebook, recheck.count, recheck.rows, recheck.packed, indices, distances,
+        d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+        BLOCK_N=block_n, DIST_BLOCK_D=min(_DIST_BLOCK_D, max(16, next_power_of_2(d))))
 
 
 def nearest_code(
@@ -414,27 +636,33 @@ def nearest_code(
 
     Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
     building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
-    tf32 tensor cores, after which rows whose two best codes lie within the tf32 error bound are
-    searched again in fp32, so the indices equal the "highest" ones. Default:
-    ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the number of codebook splits
-    (default: chosen from the problem size and the GPU; at most 1,024). ``tie_tolerance_scale`` multiplies the
-    re-search bound (for tests).
+    tf32 tensor cores, then a check against a bound on the tf32 error: a row whose best code is in doubt
+    but whose third is not is decided between its two best codes by the direct form ``||z - c||^2`` in
+    fp32, and a row with three codes in doubt is searched again with fp32 products, so the indices are
+    those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the
+    number of codebook splits (default: chosen from the problem size and the GPU; at most 1,024).
+    ``tie_tolerance_scale`` multiplies the error bound (for tests).
     """
+    indices, distances, _ = _nearest_code_with_status(z, codebook, precision, num_splits, tie_tolerance_scale)
+    return indices, distances
+
+
+def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None,
+                              num_splits: int | None = None, tie_tolerance_scale: float = 1.0,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`nearest_code`, and for the tf32 search the int8 status of each row (see ``_Recheck``)."""
     check_rows_and_codes(z, codebook)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
-    n, d = z.shape
+    n = z.shape[0]
     if precision is None:
         precision = torch.get_float32_matmul_precision()
     input_precision = _input_precision(z.dtype, precision)
     if n == 0:
         return (torch.empty(0, dtype=torch.int64, device=z.device),
-                torch.empty(0, dtype=torch.float32, device=z.device))
-    c_sqnorm = code_sqnorms(codebook)
+                torch.empty(0, dtype=torch.float32, device=z.device), None)
     if not (z.dtype == torch.float32 and input_precision == "tf32"):
-        return _search(z, codebook, c_sqnorm, input_precision, num_splits)[:2]
-    # tf32 pass that also flags rows whose runner-up is within twice the error bound, then an fp32
-    # pass over the flagged rows' blocks that overwrites just those rows: no host sync, no merge.
-    flag_scale = 2.0 * _TF32_ERROR * tie_tolerance_scale * (1.0 + d * 2.0**-13)
-    indices, distances, _, uncertain = _search(z, codebook, c_sqnorm, "tf32", num_splits, flag_scale=flag_scale)
-    _search(z, codebook, c_sqnorm, "ieee", num_splits, flags=uncertain, out=(indices, distances))
-    return indices, distances
+        return (*_search(z, codebook, code_sqnorms(codebook), input_precision, num_splits), None)
+    recheck = _Recheck(z, codebook, tie_tolerance_scale)
+    indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck)
+    _research_listed_rows(z, codebook, recheck, indices, distances)
+    return indices, distances, recheck.status

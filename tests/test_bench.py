@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -140,6 +141,22 @@ def test_chosen_distance_error_accepts_a_tied_alternative():
     z = torch.zeros(1, 2)  # codes 0 and 1 are exactly tied
     assert bench.chosen_distance_error(z, c, torch.tensor([1])) == 0.0
     assert bench.chosen_distance_error(z, c, torch.tensor([2])) > 1.0
+
+
+def test_tf32_recheck_shares_name_both_classes(kernel_device):
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    c = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)).to(kernel_device)
+    z[:8] = c[3]  # eight rows on an exact tie of two equal codes: decided between the two
+    c[30] = c[3]
+    c[31] = c[5]  # and one row on a tie of three equal codes: searched again
+    c[32] = c[5]
+    z[8] = c[5]
+    note = bench.tf32_recheck_shares(z, c)
+    match = re.fullmatch(r"tf32 re-check: ([0-9.]+) % of rows decided between two codes, "
+                         r"([0-9.]+) % searched again in fp32", note)
+    assert match, note
+    pair, again = float(match.group(1)), float(match.group(2))
+    assert 12.5 <= pair <= 100 - again and again >= 100 / 64
 
 
 def test_format_markdown_table():

@@ -19,7 +19,7 @@ KERNELS = {
     "_row_sqnorm_kernel", "_nearest_code_kernel", "_reduce_splits_kernel", "_gather_rows_kernel", "_scatter_add_rows_kernel", "_bincount_kernel",
     "_entropy_kernel", "_vq_forward_kernel", "_vq_backward_kernel", "_row_stats_kernel", "_col_sum_kernel",
     "_grad_rows_kernel", "_grad_codes_kernel", "_update_usage_kernel", "_restart_codes_kernel",
-    "_ema_update_kernel",
+    "_ema_update_kernel", "_code_norms_kernel", "_research_listed_rows_kernel", "_write_listed_rows_kernel",
 }
 
 

@@ -510,20 +510,25 @@ def test_tensors_on_different_devices_are_refused():
         assert "meta" in str(info.value) and "cpu" in str(info.value), name
 
 
-@pytest.mark.parametrize("global_precision, passes", [("highest", ["ieee"]), ("high", ["tf32", "ieee"]),
-                                                      ("medium", ["tf32", "ieee"])])
+@pytest.mark.parametrize("global_precision, passes", [("highest", ["ieee"]), ("high", ["tf32", "fp32 re-search"]),
+                                                      ("medium", ["tf32", "fp32 re-search"])])
 def test_default_search_precision_follows_torch(triton_backend, kernel_device, monkeypatch, global_precision,
                                                 passes):
     from vqfast.kernels import nearest
 
     seen = []
-    real = nearest._search
+    real_search, real_research = nearest._search, nearest._research_listed_rows
 
     def recording(z, codebook, c_sqnorm, input_precision, *args, **kwargs):
         seen.append(input_precision)
-        return real(z, codebook, c_sqnorm, input_precision, *args, **kwargs)
+        return real_search(z, codebook, c_sqnorm, input_precision, *args, **kwargs)
+
+    def recording_research(*args, **kwargs):
+        seen.append("fp32 re-search")
+        return real_research(*args, **kwargs)
 
     monkeypatch.setattr(nearest, "_search", recording)
+    monkeypatch.setattr(nearest, "_research_listed_rows", recording_research)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(global_precision)
     try:

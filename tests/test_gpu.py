@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 DTYPES_PRECISIONS = [
     (torch.float32, "highest", 1e-5),
-    # tf32 products, then an fp32 search of every row near a tie: the fp32 indices, so the fp32 bound.
+    # tf32 products, then near ties settled in fp32 (two codes by the direct form, more by an fp32 search).
     (torch.float32, "high", 1e-5),
     (torch.float32, "medium", 1e-5),
     (torch.float16, "highest", 1e-2),
@@ -183,10 +183,21 @@ def test_code_usage_million_indices():
 
 
 def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
     z, c = _data(1_000_000, 4096, 64, torch.float32, seed=5)
     exact, _ = kernels.nearest_code(z, c, precision="highest")
-    fast, _ = kernels.nearest_code(z, c, precision="high")
-    assert torch.equal(fast, exact)
+    fast, _, status = _nearest_code_with_status(z, c, precision="high")
+    shares = torch.bincount(status.long(), minlength=3)
+    assert shares[1] > 0 and shares[0] > 0.5 * z.shape[0]  # the bound leaves most rows sure
+    # A row decided between two codes by the direct form ||z - c||^2 may differ from the fp32 search
+    # (expanded form) only where both codes are equally near to within fp32 rounding.
+    differ = (fast != exact).nonzero().flatten()
+    assert differ.numel() <= 1e-3 * z.shape[0]
+    if differ.numel():
+        assert (status[differ] == 1).all()
+        assert chosen_gap(z[differ], c, fast[differ]).max() <= 1e-5
+        assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5
 
 
 def test_tf32_search_on_adversarial_near_ties():

@@ -200,19 +200,51 @@ def test_fused_quantize_matches_reference(n, k, d, dtype, with_grad_zq, kernel_d
     torch.testing.assert_close(gc.double().cpu(), c_ref.grad, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_runner_up_score_is_tracked(splits, kernel_device):
-    from vqfast.kernels.nearest import _search
+def _tf32_bound(z, c):
+    """The tf32 search's bound on |tf32 score - exact score| per row (kernels/nearest.py), in float64."""
+    def truncated(x):
+        return (x.float().cpu().view(torch.int32) & -8192).view(torch.float32)
 
-    z, c = _data(45, 170, 24, torch.float32, kernel_device, seed=9)
-    c[100] = c[3]  # an exact duplicate: its runner-up gap must be zero
-    z[0] = c[3] + 0.01
-    c_sqnorm = c.pow(2).sum(1)
-    idx, dist, runner_up, _ = _search(z, c, c_sqnorm, "ieee", splits, True)
-    scores = c_sqnorm.double().cpu()[None, :] - 2 * z.double().cpu() @ c.double().cpu().t()
-    two = scores.topk(2, dim=1, largest=False).values
-    torch.testing.assert_close(runner_up.double().cpu(), two[:, 1], rtol=1e-5, atol=1e-4)
-    assert idx[0].item() == 3 and runner_up[0].item() == pytest.approx(dist[0].item() - z[0].pow(2).sum().item(), abs=1e-4)
+    z64, c64 = z.double().cpu(), c.double().cpu()
+    z_norm, c_norm = z64.norm(dim=1), c64.norm(dim=1).max()
+    z_resid = (z64 - truncated(z).double()).norm(dim=1)
+    c_resid = (c64 - truncated(c).double()).norm(dim=1).max()
+    d = z.shape[1]
+    return (1 + 2**-10) * (2 * (z_resid * c_norm + z_norm * c_resid) + 2 * d * 2**-22 * z_norm * c_norm
+                           + d * 2**-23 * c_norm**2)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device):
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # 600 codes: on a GPU, splits are multiples of 256 codes, so 3 splits stay 3 ([0, 256), [256, 512),
+    # [512, 600)); under the interpreter they are [0, 200), [200, 400), [400, 600).
+    z, c = _data(90, 600, 24, torch.float32, kernel_device, seed=13)
+    c[260] = c[7]  # two equal codes in different splits: a row next to them is decided between the two
+    z[5] = c[7] + 0.01
+    c[300] = c[100]  # three equal codes, one per split: a row next to them is searched again
+    c[520] = c[100]
+    z[6] = c[100] + 0.01
+    c[-1] *= 3  # the largest norm sits in the last split: the bound must take the maximum over all splits
+    idx, dist, status = _nearest_code_with_status(z, c, precision="high", num_splits=splits)
+
+    scores = (c.double().cpu() ** 2).sum(1)[None, :] - 2 * z.double().cpu() @ c.double().cpu().t()
+    best3 = scores.topk(3, dim=1, largest=False).values
+    limit = 2 * _tf32_bound(z, c)
+    gap2, gap3 = best3[:, 1] - best3[:, 0], best3[:, 2] - best3[:, 0]
+    expected = torch.where(gap3 <= limit, 2, torch.where(gap2 <= limit, 1, 0))
+    # Rows away from a class boundary, where the kernels' fp32 rounding cannot change the class.
+    clear = ((gap2 - limit).abs() > 1e-3 * limit) & ((gap3 - limit).abs() > 1e-3 * limit)
+    assert status.dtype == torch.int8 and status.shape == (90,)
+    assert torch.equal(status.cpu().long()[clear], expected[clear])
+    assert status[5] == 1 and status[6] == 2 and int((expected == 0).sum()) > 45 and int((expected == 1).sum()) > 2
+    # Ties go to the lowest index whichever way a row is settled; all rows get the nearest code.
+    assert idx[5] == 7 and idx[6] == 100
+    ref_idx, _ = reference.nearest_code(z.cpu(), c.cpu())
+    assert torch.equal(idx.cpu(), ref_idx)
+    d_chosen = ((z.double() - c[idx].double()) ** 2).sum(1)
+    assert ((dist.double() - d_chosen).abs() <= 1e-5 * d_chosen).all()
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -254,23 +286,43 @@ def tf32_rounding_interpreter(monkeypatch):
                                                        "same inputs on the real tensor cores")
 @pytest.mark.parametrize("splits", [1, 3])
 def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits):
-    # 200 rows each just off the midpoint of two codes: their two distances differ by ~3e-3 of ~32, which
-    # fp32 products resolve and tf32 products (bound 2**-8 |z||c|, ~0.17 here) do not. Then 100 plain
-    # random rows, which the tf32 pass is sure of.
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # 120 rows each just off the midpoint of two codes: their two distances differ by ~3e-3 of ~32, which
+    # fp32 products resolve and tf32 products do not. 40 rows just off a point equally far from three
+    # codes. Then 60 plain random rows, which the tf32 pass is sure of.
     g = torch.Generator().manual_seed(6)
-    k, d, ties, plain = 300, 64, 200, 100
+    k, d, ties, triples, plain = 300, 64, 120, 40, 60
     c = torch.randn(k, d, generator=g)
     a = torch.randint(0, k, (ties,), generator=g)
     b = (a + 1 + torch.randint(0, k - 1, (ties,), generator=g)) % k
-    z = torch.cat([0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b]), torch.randn(plain, d, generator=g)])
+    pairs = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
+    three = torch.randperm(k, generator=g)[: 3 * triples].view(triples, 3)
+    p, q, r = (c[three[:, i]].double() for i in range(3))
+    # The point p + x (q - p) + y (r - p) equally far from p, q and r: a 2 x 2 linear system per row.
+    u, v = q - p, r - p
+    gram = torch.stack([torch.stack([(u * u).sum(1), (u * v).sum(1)], 1),
+                        torch.stack([(u * v).sum(1), (v * v).sum(1)], 1)], 1)
+    xy = torch.linalg.solve(gram, 0.5 * torch.stack([(u * u).sum(1), (v * v).sum(1)], 1))
+    centre = p + xy[:, :1] * u + xy[:, 1:] * v
+    triple_rows = (centre + 1e-5 * (p - centre)).float()
+    z = torch.cat([pairs, triple_rows, torch.randn(plain, d, generator=g)])
     exact, _ = reference.nearest_code(z, c)
     fp32, fp32_dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
     assert torch.equal(fp32, exact) and (exact[:ties] == a).float().mean() > 0.9
+    # (A few centres are nearer to a fourth code: those rows are plain ones.)
+    designed = exact[ties:ties + triples] == three[:, 0]
+    assert designed.float().mean() > 0.8
     tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0, num_splits=splits)
     assert tf32_rounding_interpreter, "the tf32 products did not go through the emulation"
     assert (tf32_only[:ties] != exact[:ties]).sum() > ties // 10  # the emulated rounding changes the answer
-    rechecked, dist = kernels.nearest_code(z, c, precision="high", num_splits=splits)
+    assert (tf32_only[ties:ties + triples] != exact[ties:ties + triples])[designed].sum() > triples // 10
+    rechecked, dist, status = _nearest_code_with_status(z, c, precision="high", num_splits=splits)
     assert torch.equal(rechecked, exact)
+    # The pairs are settled between their two codes, the triples searched again, the plain rows sure.
+    assert (status[:ties] == 1).float().mean() > 0.9
+    assert (status[ties:ties + triples][designed] == 2).float().mean() > 0.9
+    assert (status[ties + triples:] == 0).float().mean() > 0.8
     # The distances are summed directly from the chosen codes, so none carries the tf32 error.
     assert torch.equal(dist, fp32_dist)
     d_chosen = ((z.double() - c[rechecked].double()) ** 2).sum(1)
@@ -298,63 +350,44 @@ def test_bad_precision_is_rejected(kernel_device):
         kernels.nearest_code(z, c, precision="fast")
 
 
-def test_flagged_re_search_covers_flagged_rows(kernel_device):
-    from vqfast.kernels._common import code_sqnorms
-    from vqfast.kernels.nearest import _search
+@pytest.mark.parametrize("listed", [3, 40])
+def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
+    from vqfast.kernels.nearest import _Recheck, _research_listed_rows
 
+    # 40 listed rows are 3 row blocks of the interpreter's 16: the fixed grid loops over the list.
     z, c = _data(70, 90, 20, torch.float32, kernel_device, seed=11)
-    flags = torch.zeros(70, dtype=torch.int8, device=kernel_device)
-    flags[[3, 40, 69]] = 1
-    c_sqnorm = code_sqnorms(c)
-    idx, dist, _, _ = _search(z, c, c_sqnorm, "ieee", 1, False, flags=flags)
+    recheck = _Recheck(z, c, 1.0)
+    rows = torch.randperm(70, generator=torch.Generator().manual_seed(0))[:listed].to(kernel_device)
+    recheck.count.fill_(listed)
+    recheck.rows[:listed] = rows.int()
+    recheck.packed[:listed] = torch.iinfo(torch.int64).max
+    idx = torch.full((70,), -1, dtype=torch.int64, device=kernel_device)
+    dist = torch.full((70,), -1.0, device=kernel_device)
+    _research_listed_rows(z, c, recheck, idx, dist)
     ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
-    for row in (3, 40, 69):
-        assert idx[row] == ref_idx[row] and dist[row] == ref_dist[row]
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-def test_uncertain_rows_are_flagged_by_the_error_bound(splits, kernel_device):
-    from vqfast.kernels.nearest import _search
-
-    # 600 codes: on a GPU, splits are multiples of 256 codes, so 3 splits stay 3.
-    z, c = _data(90, 600, 24, torch.float32, kernel_device, seed=13)
-    c[7] = c[60]  # an exact tie: always flagged
-    z[5] = c[60] + 0.01
-    c[-1] *= 3  # the largest norm sits in the last split: the bound must take the maximum over all splits
-    c_sqnorm = c.square().sum(1)
-    scale = 0.05
-    idx, dist, runner_up, uncertain = _search(z, c, c_sqnorm, "ieee", splits, flag_scale=scale)
-    z64, c64 = z.double().cpu(), c.double().cpu()
-    scores = (c64 * c64).sum(1)[None, :] - 2 * z64 @ c64.t()
-    two = scores.topk(2, dim=1, largest=False).values
-    gap = two[:, 1] - two[:, 0]
-    bound = scale * z64.norm(dim=1) * c64.norm(dim=1).max()
-    clear = (gap - bound).abs() > 1e-3 * bound  # rows away from the boundary, where rounding cannot matter
-    expected = gap <= bound
-    assert uncertain.dtype == torch.int8 and uncertain.shape == (90,)
-    assert torch.equal(uncertain.cpu().bool()[clear], expected[clear])
-    assert uncertain[5] == 1 and 0 < int(expected.sum()) < 90
-    torch.testing.assert_close(runner_up.double().cpu(), two[:, 1], rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-def test_flagged_re_search_writes_only_flagged_rows_in_place(splits, kernel_device):
-    from vqfast.kernels.nearest import _search
-
-    z, c = _data(50, 600, 20, torch.float32, kernel_device, seed=14)  # 3 splits on a GPU too
-    flags = torch.zeros(50, dtype=torch.int8, device=kernel_device)
-    flags[[0, 17, 49]] = 1
-    idx = torch.full((50,), -1, dtype=torch.int64, device=kernel_device)
-    dist = torch.full((50,), -1.0, device=kernel_device)
-    out = _search(z, c, c.square().sum(1), "ieee", splits, flags=flags, out=(idx, dist))
-    assert out[0] is idx and out[1] is dist
-    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
-    picked = flags.bool()
+    picked = torch.zeros(70, dtype=torch.bool, device=kernel_device)
+    picked[rows] = True
     assert torch.equal(idx[picked], ref_idx[picked])
     torch.testing.assert_close(dist[picked], ref_dist[picked], rtol=1e-6, atol=1e-6)
     assert (idx[~picked] == -1).all() and (dist[~picked] == -1.0).all()
-    with pytest.raises(ValueError, match="flag"):
-        _search(z, c, c.square().sum(1), "ieee", splits, flags=flags, flag_scale=1.0)
+
+
+def test_listed_rows_keep_the_lowest_index_across_splits(kernel_device):
+    from vqfast.kernels.nearest import _Recheck, _research_listed_rows
+
+    # Equal codes at both ends of the codebook land in different splits; their (score, index) pairs meet
+    # in the packed atomic minimum, where the lower index must win, also for negative scores.
+    z, c = _data(4, 600, 8, torch.float32, kernel_device, seed=15)
+    c[599] = c[2]
+    z[:] = c[2] + 1e-3  # ||c||^2 - 2 z.c < 0 at the nearest code
+    recheck = _Recheck(z, c, 1.0)
+    recheck.count.fill_(4)
+    recheck.rows[:4] = torch.arange(4, dtype=torch.int32)
+    recheck.packed[:4] = torch.iinfo(torch.int64).max
+    idx = torch.empty(4, dtype=torch.int64, device=kernel_device)
+    dist = torch.empty(4, device=kernel_device)
+    _research_listed_rows(z, c, recheck, idx, dist)
+    assert idx.tolist() == [2, 2, 2, 2]
 
 
 def test_strided_indices_are_read_correctly(kernel_device):
@@ -444,6 +477,22 @@ def test_code_sqnorms(k, d, dtype, kernel_device):
     out = code_sqnorms(c)
     assert out.dtype == torch.float32 and out.shape == (k,)
     torch.testing.assert_close(out.double().cpu(), c.double().cpu().square().sum(1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (37, 130), (300, 20)])
+def test_tf32_norms_match_the_plain_norms_and_measure_what_tf32_drops(k, d, kernel_device):
+    from vqfast.kernels._common import code_sqnorms
+    from vqfast.kernels.nearest import _Recheck
+
+    g = torch.Generator().manual_seed(16)
+    c = torch.randn(k, 2 * d, generator=g).to(kernel_device)[:, ::2]  # strided rows
+    recheck = _Recheck(torch.zeros(3, d, device=kernel_device), c, 1.0)
+    # Bit for bit: rows re-searched after the tf32 pass must rank codes as precision="highest" does.
+    assert torch.equal(recheck.c_sqnorm, code_sqnorms(c))
+    kept = (c.cpu().contiguous().view(torch.int32) & -8192).view(torch.float32)  # tf32: 10 mantissa bits
+    torch.testing.assert_close(recheck.c_resid.double().cpu(), (c.cpu() - kept).double().square().sum(1),
+                               rtol=1e-6, atol=0)
+    assert recheck.count.item() == 0  # the list starts empty
 
 
 def test_views_whose_column_offsets_pass_int32_are_made_contiguous():

@@ -960,8 +960,8 @@ def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
     """Extra bytes a search is expected to allocate (for the obvious-OOM guard)."""
     nk = float(n) * k
     return {
-        "vqfast": 16.0 * n + 8.0 * k,
-        GRAPH_PROVIDER: 16.0 * n + 8.0 * k,
+        "vqfast": 25.0 * n + 8.0 * k,  # indices, distances; tf32: row status and list of rows in doubt
+        GRAPH_PROVIDER: 25.0 * n + 8.0 * k,
         COMPILE_PROVIDER: nk * elt + 8.0 * n,
         "matmul+argmin": 2 * nk * elt + 8.0 * n,
         "cdist+argmin": 1.5 * nk * elt + (n + k) * (d + 2) * elt,
@@ -1060,7 +1060,26 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             rec.note = _error_status(exc)
         finally:
             ctx.meter.free()
+    if provider == "vqfast" and point.precision == "tf32" and rec.ok and z.is_cuda and not rec.note:
+        try:
+            rec.note = tf32_recheck_shares(z, c)
+        except Exception as exc:  # noqa: BLE001
+            rec.note = f"tf32 re-check shares: {_error_status(exc)}"
+        finally:
+            ctx.meter.free()
     return rec
+
+
+def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor) -> str:
+    """How the tf32 search settled the rows of ``(z, c)``: the share decided between their two best
+    codes and the share searched again with fp32 products (the re-check's cost depends on them)."""
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    status = _nearest_code_with_status(z, c, precision="high")[2]
+    counts = torch.bincount(status.long(), minlength=3).tolist()
+    total = max(1, sum(counts))
+    return (f"tf32 re-check: {100 * counts[1] / total:.2f} % of rows decided between two codes, "
+            f"{100 * counts[2] / total:.3f} % searched again in fp32")
 
 
 def run_ceilings(ctx: Context) -> None:

@@ -180,8 +180,8 @@ class VectorQuantizer(nn.Module):
     Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
     code into NaN for good.
-    ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose two best codes
-    are within the tf32 error bound are searched again in fp32, so the indices are the exact ones),
+    ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
+    in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (fp32 products throughout, slower) or "bf16" (inputs and codes rounded to bf16 on every
     backend; fastest on the GPU, may pick a near-tied code). On the CPU, "tf32" and "fp32" are the exact
     fp32 search (fp64 inputs: fp64).
