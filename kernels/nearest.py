@@ -167,7 +167,7 @@ def _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                 offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                 offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
                  stride_zd, stride_ck, stride_cd,
                  index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
                  BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr):
@@ -178,10 +178,12 @@ def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resi
        scored by the direct form ||z - c||^2 in fp32 and the nearer is kept (lower index on ties).
     2: a third code is within twice the bound: the row is appended to the list that the fp32 re-search
        reads (one atomic per program; its (score, index) slot is set to "none yet")."""
-    z_norm = tl.sqrt(z_sqnorm)
-    c_norm = tl.sqrt(c_max)
-    bound = (err_resid * (tl.sqrt(z_resid) * c_norm + z_norm * tl.sqrt(c_resid_max))
-             + err_dot * z_norm * c_norm + err_norm * c_max)
+    # err_tiny = D * 2**-126 covers squares and products that underflow (GPUs flush subnormals to
+    # zero), and sqrt_rn is exact rounding: tl.sqrt is an approximation that flushes subnormal inputs.
+    z_norm = tl.sqrt_rn(z_sqnorm + err_tiny)
+    c_norm = tl.sqrt_rn(c_max + err_tiny)
+    bound = (err_resid * (tl.sqrt_rn(z_resid + err_tiny) * c_norm + z_norm * tl.sqrt_rn(c_resid_max + err_tiny))
+             + err_dot * z_norm * c_norm + err_norm * c_max + 4.0 * err_tiny)
     # NaN gaps (rows of NaN, or of infinities) compare false: such rows keep what the search found.
     uncertain = (second - best) <= 2.0 * bound
     hard = uncertain & ((third - best) <= 2.0 * bound)
@@ -206,12 +208,13 @@ def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resi
 
 # Sizes that change from call to call are not specialised on, so a new batch size reuses the compiled
 # kernel instead of compiling (and autotuning) another variant.
-@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "err_resid", "err_dot", "err_norm"])
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "err_resid", "err_dot", "err_norm",
+                               "err_tiny"])
 def _nearest_code_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr, c_resid_ptr,
     score_ptr, index_ptr, dist_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr,
     status_ptr, count_ptr, list_ptr, packed_ptr,
-    N, K, D, codes_per_split, N_BUCKET, err_resid, err_dot, err_norm,
+    N, K, D, codes_per_split, N_BUCKET, err_resid, err_dot, err_norm, err_tiny,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr,
@@ -235,7 +238,7 @@ def _nearest_code_kernel(
         if RECHECK:
             z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
             _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                         offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                         offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
                          stride_zd, stride_ck, stride_cd,
                          index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
         else:
@@ -254,17 +257,17 @@ def _nearest_code_kernel(
             if pid_s == 0:
                 z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
                 tl.store(znorm_ptr + offs_n, z_sqnorm, mask=mask_n)
-                tl.store(znorm_ptr + N + offs_n, z_resid, mask=mask_n)
+                tl.store(znorm_ptr + N + offs_n.to(tl.int64), z_resid, mask=mask_n)
             if pid_n == 0:
                 tl.store(cmax_ptr + 2 * pid_s, c_max)
                 tl.store(cmax_ptr + 2 * pid_s + 1, c_resid_max)
 
 
-@triton.jit(do_not_specialize=["N", "err_resid", "err_dot", "err_norm"])
+@triton.jit(do_not_specialize=["N", "err_resid", "err_dot", "err_norm", "err_tiny"])
 def _reduce_splits_kernel(
     score_ptr, part_index_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr, z_ptr, c_ptr,
     index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
-    N, S, K, D, err_resid, err_dot, err_norm, stride_zn, stride_zd, stride_ck, stride_cd,
+    N, S, K, D, err_resid, err_dot, err_norm, err_tiny, stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK_D: tl.constexpr, RECHECK: tl.constexpr,
 ):
     """Per row, the best of the S per-split winners (splits are in increasing code order and ties go
@@ -295,11 +298,11 @@ def _reduce_splits_kernel(
         second_index = tl.sum(tl.where(is_runner, first_index, 0), axis=1)
         third = tl.min(tl.where(is_runner, after, firsts), axis=1)
         z_sqnorm = tl.load(znorm_ptr + offs_n, mask=mask_n, other=0.0)
-        z_resid = tl.load(znorm_ptr + N + offs_n, mask=mask_n, other=0.0)
+        z_resid = tl.load(znorm_ptr + N + offs_n.to(tl.int64), mask=mask_n, other=0.0)
         c_max = tl.max(tl.load(cmax_ptr + 2 * offs_s, mask=mask_s, other=0.0), axis=0)
         c_resid_max = tl.max(tl.load(cmax_ptr + 2 * offs_s + 1, mask=mask_s, other=0.0), axis=0)
         _settle_rows(best, index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                     offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm,
+                     offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
                      stride_zd, stride_ck, stride_cd,
                      index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
@@ -500,7 +503,7 @@ class _Recheck:
         self.packed = torch.empty(n, dtype=torch.int64, device=device)
         self.status = torch.empty(n, dtype=torch.int8, device=device)
         scale = tolerance_scale * _BOUND_SLACK
-        self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23)
+        self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the fp32 search of listed rows sees
         # the very norms that a search with precision="highest" sees.
         block_d = min(128, max(16, next_power_of_2(d)))
@@ -550,18 +553,18 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     if checking:
         c_resid, status, count, row_list, packed = (recheck.c_resid, recheck.status, recheck.count, recheck.rows,
                                                     recheck.packed)
-        err_resid, err_dot, err_norm = recheck.errors
+        err_resid, err_dot, err_norm, err_tiny = recheck.errors
     else:
         # The autotuner zeroes ``count_ptr`` before each timing run (the tf32 pass appends to a list);
         # elsewhere it gets an output that the kernel then overwrites in full.
         c_resid, status, count, row_list, packed = unused, unused, part_index, unused, unused
-        err_resid = err_dot = err_norm = 0.0
+        err_resid = err_dot = err_norm = err_tiny = 0.0
 
     args = (
         z, codebook, c_sqnorm, c_resid,
         scores, part_index, distances, second, second_index, third, znorm, cmax,
         status, count, row_list, packed,
-        n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm,
+        n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm, err_tiny,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
     )
     dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
@@ -586,7 +589,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         _reduce_splits_kernel[(cdiv(n, block_n),)](
             scores, part_index, second, second_index, third, znorm, cmax, z, codebook,
             indices, distances, status, count, row_list, packed,
-            n, splits, k, d, err_resid, err_dot, err_norm,
+            n, splits, k, d, err_resid, err_dot, err_norm, err_tiny,
             z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
             BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking)
     return indices, distances

@@ -215,6 +215,23 @@ def test_tf32_search_on_adversarial_near_ties():
     assert (exact == a).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("scale", [1e-18, 1e-20])
+def test_tf32_search_on_tiny_near_ties(scale):
+    # As above, scaled down until the squares of what tf32 drops are subnormal or underflow, which GPUs
+    # flush to zero: the bound's absolute term must still send these rows to the fp32 re-check.
+    g = torch.Generator(device="cuda").manual_seed(6)
+    k, d, n = 2048, 256, 20000
+    c = torch.randn(k, d, device="cuda", generator=g)
+    a = torch.randint(0, k, (n,), device="cuda", generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
+    z = (0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])) * scale
+    c = c * scale
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _ = kernels.nearest_code(z, c, precision="high")
+    assert torch.equal(fast, exact)
+    assert (exact == a).float().mean() > 0.9
+
+
 def _captured(fn):
     """``fn`` warmed up on a side stream (compilation, autotuning), then captured in a CUDA graph."""
     stream = torch.cuda.Stream()

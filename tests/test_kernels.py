@@ -211,7 +211,7 @@ def _tf32_bound(z, c):
     c_resid = (c64 - truncated(c).double()).norm(dim=1).max()
     d = z.shape[1]
     return (1 + 2**-10) * (2 * (z_resid * c_norm + z_norm * c_resid) + 2 * d * 2**-22 * z_norm * c_norm
-                           + d * 2**-23 * c_norm**2)
+                           + d * 2**-23 * c_norm**2 + 4 * d * 2**-126)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -226,7 +226,12 @@ def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device):
     c[300] = c[100]  # three equal codes, one per split: a row next to them is searched again
     c[520] = c[100]
     z[6] = c[100] + 0.01
-    c[-1] *= 3  # the largest norm sits in the last split: the bound must take the maximum over all splits
+    c[11] = c[10]  # three equal codes in one tile: the tile's own third score must count
+    c[12] = c[10]
+    z[7] = c[10] + 0.01
+    # The largest norm sits in the middle of the last split, in neither its first nor its last tile: the
+    # bound must take the maximum over all tiles and splits.
+    c[570] *= 3
     idx, dist, status = _nearest_code_with_status(z, c, precision="high", num_splits=splits)
 
     scores = (c.double().cpu() ** 2).sum(1)[None, :] - 2 * z.double().cpu() @ c.double().cpu().t()
@@ -238,9 +243,10 @@ def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device):
     clear = ((gap2 - limit).abs() > 1e-3 * limit) & ((gap3 - limit).abs() > 1e-3 * limit)
     assert status.dtype == torch.int8 and status.shape == (90,)
     assert torch.equal(status.cpu().long()[clear], expected[clear])
-    assert status[5] == 1 and status[6] == 2 and int((expected == 0).sum()) > 45 and int((expected == 1).sum()) > 2
+    assert status[5] == 1 and status[6] == 2 and status[7] == 2
+    assert int((expected == 0).sum()) > 45 and int((expected == 1).sum()) > 2
     # Ties go to the lowest index whichever way a row is settled; all rows get the nearest code.
-    assert idx[5] == 7 and idx[6] == 100
+    assert idx[5] == 7 and idx[6] == 100 and idx[7] == 10
     ref_idx, _ = reference.nearest_code(z.cpu(), c.cpu())
     assert torch.equal(idx.cpu(), ref_idx)
     d_chosen = ((z.double() - c[idx].double()) ** 2).sum(1)
@@ -327,6 +333,27 @@ def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_i
     assert torch.equal(dist, fp32_dist)
     d_chosen = ((z.double() - c[rechecked].double()) ** 2).sum(1)
     assert ((dist.double() - d_chosen).abs() <= 1e-5 * d_chosen).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
+                                                       "tiny inputs on the real tensor cores")
+def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # Rows just off the midpoint of two codes, scaled by 1e-20: the squares of what tf32 drops underflow
+    # fp32, so the bound needs its absolute term; every row must still get the fp32 index.
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(300, 64, generator=g)
+    a = torch.randint(0, 300, (60,), generator=g)
+    b = (a + 1 + torch.randint(0, 299, (60,), generator=g)) % 300
+    z = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
+    z, c = z * 1e-20, c * 1e-20
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    assert (exact == a).all()
+    tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0)
+    assert (tf32_only != exact).sum() > 6  # the emulated rounding changes the answer
+    rechecked, _, status = _nearest_code_with_status(z, c, precision="high")
+    assert torch.equal(rechecked, exact) and (status != 0).all()
 
 
 @pytest.mark.parametrize("splits", [1, 3])
