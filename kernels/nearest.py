@@ -9,7 +9,8 @@ The fp32 search with tf32 products keeps each row's three best scores and checks
 on the tf32 error, computed from the data (the norms of what tf32 drops from each row and code): most
 rows are sure; a row whose runner-up is within the bound but whose third code is not is decided
 between its two best codes by the direct form ||z - c||^2 in fp32, in the same kernel; the few rows
-with three codes in doubt go to a list, built on the device, that an fp32 search works through. So
+with three codes in doubt go to a list, built on the device, that an fp32-accurate search (tf32x3
+products) works through. So
 the search costs about one tf32 pass, in a fixed number of launches and with no host synchronisation,
 which is what small (latency-bound) problems need. Whichever kernel writes an index also sums the
 chosen code's distance directly, ||z - c||^2.
@@ -32,6 +33,10 @@ from vqfast.kernels._common import (
 # (CUDA-core FMA products) keeps slices small.
 _MAX_SINGLE_D = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 _MAX_SINGLE_D_IEEE_FP32 = 32
+# tf32x3 products (the re-search of listed rows) stage more in shared memory: on sm_90 a whole D of 128
+# in one tile asks for 256 KiB (compile_check.py), over the 227 KiB there; a D of 64, or a D loop of
+# 64-column slices, takes 128 KiB.
+_MAX_SINGLE_D_TF32X3 = 64
 _LOOP_BLOCK_D = 64
 # Split granularity along K: a multiple of every BLOCK_K the autotuner may pick.
 _SPLIT_ALIGN = 256
@@ -319,7 +324,7 @@ def _research_listed_rows_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """fp32 search of the rows the tf32 pass listed. The list's length is known only on the device, so
+    """fp32-accurate search of the rows the tf32 pass listed. The list's length is known only on the device, so
     a fixed grid of programs takes its row blocks in turn, each program against one codebook split; the
     splits' winners meet in one 64-bit atomic minimum per row of (order-preserving score bits, index),
     which also keeps the lowest index on ties."""
@@ -457,8 +462,14 @@ def _first_config(input_precision: str, block_d: int, single_d: bool, element_by
 # factor covers the rounding of the bound's own arithmetic.
 _BOUND_SLACK = 1.0 + 2.0**-10
 # At most this many codebook splits in the fp32 re-search of listed rows (how many rows are listed is
-# only known on the device; a few splits keep the GPU busy when they are few).
-_MAX_RESEARCH_SPLITS = 16
+# only known on the device; splits keep the GPU busy when they are few: 64 against 16 took 4.75 against
+# 5.4 ms on the H200 in the case below).
+_MAX_RESEARCH_SPLITS = 64
+# Products of that re-search: "tf32x3" (each fp32 operand split into a tf32 part and a tf32 remainder,
+# three tensor-core products: about fp32's accuracy) or "ieee" (fp32 on the CUDA cores, as
+# precision="highest"). Measured on an H200 at (65,536, 65,536, 256), 1,379 listed rows: 1.05 ms with
+# tf32x3 against 4.75 ms with ieee (64 splits), and the same indices as precision="highest" for all.
+_RESEARCH_PRECISION = "tf32x3"
 
 
 def _input_precision(dtype: torch.dtype, precision: str) -> str:
@@ -504,8 +515,8 @@ class _Recheck:
         self.status = torch.empty(n, dtype=torch.int8, device=device)
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
-        # The blocks of code_sqnorms: the same summation order, so the fp32 search of listed rows sees
-        # the very norms that a search with precision="highest" sees.
+        # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
+        # very norms that a search with precision="highest" sees.
         block_d = min(128, max(16, next_power_of_2(d)))
         block_k = 16 if interpreting() else max(1, 4096 // block_d)
         _code_norms_kernel[(cdiv(k, block_k),)](codebook, self.c_sqnorm, self.c_resid, self.count, k, d,
@@ -597,12 +608,14 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
 
 def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Recheck,
                           indices: torch.Tensor, distances: torch.Tensor) -> None:
-    """fp32 search (fp32 products) of the rows ``recheck`` lists, written into ``indices`` and
-    ``distances`` in place; two launches whatever the list's length, no host synchronisation."""
+    """fp32-accurate search (tf32x3 products, see ``_RESEARCH_PRECISION``) of the rows ``recheck``
+    lists, written into ``indices`` and ``distances`` in place; two launches whatever the list's length,
+    no host synchronisation."""
     n, d = z.shape
     k = codebook.shape[0]
     interp = interpreting()
-    single_d = d <= _MAX_SINGLE_D_IEEE_FP32
+    precision = _RESEARCH_PRECISION
+    single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
     block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
     if interp:
         cfg = dict(_INTERPRETER_CONFIG)
@@ -610,7 +623,7 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
     else:
         # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
         # list would say little about the next call's.
-        first = _first_config("ieee", block_d, single_d, z.element_size(), max_shared_memory())
+        first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
         cfg = dict(first.kwargs)
         launch = dict(num_warps=first.num_warps, num_stages=first.num_stages)
     # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
@@ -619,7 +632,7 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
     _research_listed_rows_kernel[(programs, splits)](
         z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed,
         k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION="ieee", **cfg, **launch)
+        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **launch)
     block_n = 32
     programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
     _write_listed_rows_kernel[(programs,)](
@@ -641,8 +654,8 @@ def nearest_code(
     building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
     tf32 tensor cores, then a check against a bound on the tf32 error: a row whose best code is in doubt
     but whose third is not is decided between its two best codes by the direct form ``||z - c||^2`` in
-    fp32, and a row with three codes in doubt is searched again with fp32 products, so the indices are
-    those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the
+    fp32, and a row with three codes in doubt is searched again with fp32-accurate tf32x3 products (on
+    the CPU interpreter: fp32), so the indices are those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the
     number of codebook splits (default: chosen from the problem size and the GPU; at most 1,024).
     ``tie_tolerance_scale`` multiplies the error bound (for tests).
     """

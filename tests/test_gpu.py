@@ -190,12 +190,13 @@ def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
     fast, _, status = _nearest_code_with_status(z, c, precision="high")
     shares = torch.bincount(status.long(), minlength=3)
     assert shares[1] > 0 and shares[0] > 0.5 * z.shape[0]  # the bound leaves most rows sure
-    # A row decided between two codes by the direct form ||z - c||^2 may differ from the fp32 search
-    # (expanded form) only where both codes are equally near to within fp32 rounding.
+    # A row settled by the re-check (between two codes by the direct form ||z - c||^2, or searched again
+    # with tf32x3 products) may differ from the fp32 search (expanded form, fp32 products) only where
+    # both codes are equally near to within fp32 rounding.
     differ = (fast != exact).nonzero().flatten()
     assert differ.numel() <= 1e-3 * z.shape[0]
     if differ.numel():
-        assert (status[differ] == 1).all()
+        assert (status[differ] != 0).all()
         assert chosen_gap(z[differ], c, fast[differ]).max() <= 1e-5
         assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5
 

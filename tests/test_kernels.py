@@ -514,7 +514,7 @@ def test_tf32_norms_match_the_plain_norms_and_measure_what_tf32_drops(k, d, kern
     g = torch.Generator().manual_seed(16)
     c = torch.randn(k, 2 * d, generator=g).to(kernel_device)[:, ::2]  # strided rows
     recheck = _Recheck(torch.zeros(3, d, device=kernel_device), c, 1.0)
-    # Bit for bit: rows re-searched after the tf32 pass must rank codes as precision="highest" does.
+    # Bit for bit: rows searched again after the tf32 pass see the norms precision="highest" sees.
     assert torch.equal(recheck.c_sqnorm, code_sqnorms(c))
     kept = (c.cpu().contiguous().view(torch.int32) & -8192).view(torch.float32)  # tf32: 10 mantissa bits
     torch.testing.assert_close(recheck.c_resid.double().cpu(), (c.cpu() - kept).double().square().sum(1),

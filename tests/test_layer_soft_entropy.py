@@ -25,8 +25,9 @@ def _triton_backend(monkeypatch):
 
 
 def _reference(z, codebook, temperature, metric):
-    z64 = z.detach().double().requires_grad_()
-    c64 = codebook.detach().double().requires_grad_()
+    # On the CPU, where the results are compared.
+    z64 = z.detach().double().cpu().requires_grad_()
+    c64 = codebook.detach().double().cpu().requires_grad_()
     # The reference works in fp32; a float64 re-run of its formula is the tighter oracle.
     rows, codes = z64, c64
     if metric == "cosine":

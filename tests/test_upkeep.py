@@ -140,6 +140,15 @@ def test_bad_arguments_are_rejected(kernel_device):
                                   torch.zeros(4, device=kernel_device), 5)
 
 
+def _device_for(backend: str) -> torch.device:
+    """Where the layer runs on ``backend``: the Triton kernels on the GPU when there is one (else
+    interpreted on the CPU), the reference on the CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the restarts draw rows from the device's random "
+                    "generator, so the backends agree on one device only: the CPU, with the kernels interpreted; "
+                    "test_gpu.py checks the kernels against the reference on the GPU")
 @pytest.mark.parametrize("ema", [False, True])
 def test_layer_upkeep_is_the_same_on_both_backends(ema, monkeypatch):
     """Training steps with restarts: the Triton upkeep (interpreted on CPU) leaves the layer in the state
@@ -172,10 +181,11 @@ def test_a_graph_that_saved_the_codebook_fails_after_a_restart(backend, monkeypa
     """Restarts rewrite the codebook in place; like any in-place op they must make autograd refuse a
     graph that saved the old codes, not let it use the new ones silently."""
     monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = _device_for(backend)
     torch.manual_seed(0)
-    vq = VectorQuantizer(40, 4)
+    vq = VectorQuantizer(40, 4).to(device)
     regulariser = (vq.embeddings.weight ** 2).sum()  # saves the codebook for its backward
-    vq(torch.randn(30, 4) * 0.01 + 5.0)  # one far cluster: most codes unused, restarted after the step
+    vq(torch.randn(30, 4, device=device) * 0.01 + 5.0)  # one far cluster: most codes unused, then restarted
     assert int(vq.codebook_usage()["steps"]) == 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         regulariser.backward()
