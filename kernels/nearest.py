@@ -5,15 +5,15 @@ For a block of BLOCK_N rows of z, a program streams the codebook in (BLOCK_D x B
 registers. When there are few row blocks (few rows, many codes), the codebook is split across
 programs and a second small kernel reduces the per-split winners.
 
-The fp32 search with tf32 products keeps each row's three best scores and checks them against a bound
-on the tf32 error, computed from the data (the norms of what tf32 drops from each row and code): most
-rows are sure; a row whose runner-up is within the bound but whose third code is not is decided
-between its two best codes by the direct form ||z - c||^2 in fp32, in the same kernel; the few rows
-with three codes in doubt go to a list, built on the device, that an fp32-accurate search (tf32x3
-products) works through. So
-the search costs about one tf32 pass, in a fixed number of launches and with no host synchronisation,
-which is what small (latency-bound) problems need. Whichever kernel writes an index also sums the
-chosen code's distance directly, ||z - c||^2.
+The fp32 search with tf32 products ranks codes by a lower bound of their exact score: the tf32 score
+minus a bound on its error for that row and code, computed from the data (their norms and what tf32
+drops from each). The nearest code is among the codes whose lower bound is at most the best code's
+upper bound, and the three lowest lower bounds say how many there are: one, and the row is sure; two,
+and the same kernel decides between them by the direct form ||z - c||^2 in fp32; more (a few rows),
+and the row goes to a list, built on the device, that a search with fp32-accurate tf32x3 products
+works through. So the search costs about one tf32 pass, in a fixed number of launches and with no
+host synchronisation, which is what small (latency-bound) problems need. Whichever kernel writes an
+index also sums the chosen code's distance directly, ||z - c||^2.
 """
 
 from __future__ import annotations
@@ -90,21 +90,20 @@ def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
 
 
 @triton.jit
-def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end, D,
-                stride_zd, stride_ck, stride_cd,
+def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err,
+                err_norm, err_tiny, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, BEST_THREE: tl.constexpr):
     """Streams codes [k_begin, k_end) past a block of rows: per row the best score ``||c||^2 - 2 z.c``
-    and its index, and with BEST_THREE also the runner-up (score and index), the third score and the
-    largest ``||c||^2`` and ``||c - tf32(c)||^2`` seen (for the tf32 error bound)."""
+    and its index. With BEST_THREE the codes are ranked instead by a lower bound of their exact score,
+    the tf32 score minus the bound on its error for that code and row (``_code_error``), and the
+    runner-up (lower bound and index) and the third lower bound are kept too."""
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     second = tl.full([BLOCK_N], float("inf"), tl.float32)
     second_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     third = tl.full([BLOCK_N], float("inf"), tl.float32)
-    c_max = tl.zeros([BLOCK_K], tl.float32)
-    c_resid_max = tl.zeros([BLOCK_K], tl.float32)
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
@@ -131,11 +130,17 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end
         score = c_sqnorm[None, :] - 2.0 * acc
         # NaN never wins: a row whose scores are all NaN keeps a valid index.
         score = tl.where(score == score, score, float("inf"))
+        if BEST_THREE:
+            error = _code_error(row_err[:, None], row_resid_err[:, None],
+                                tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
+                                tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
+                                tl.where(mask_k, c_sqnorm, 0.0)[None, :], err_norm, err_tiny)
+            # inf - inf (padding, or a row of infinities) is NaN: such a code never wins either.
+            score = score - error
+            score = tl.where(score == score, score, float("inf"))
         tile_best, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         tile_arg = tile_arg.to(tl.int32)
         if BEST_THREE:
-            c_max = tl.maximum(c_max, tl.where(mask_k, c_sqnorm, 0.0))
-            c_resid_max = tl.maximum(c_resid_max, tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0))
             cols = tl.arange(0, BLOCK_K)
             rest = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
             tile_second, tile_arg2 = tl.min(rest, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -150,7 +155,27 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end
             improved = tile_best < best
             best_index = tl.where(improved, tile_arg + k0, best_index)
             best = tl.where(improved, tile_best, best)
-    return best, best_index, second, second_index, third, tl.max(c_max, axis=0), tl.max(c_resid_max, axis=0)
+    return best, best_index, second, second_index, third
+
+
+@triton.jit
+def _code_error(row_err, row_resid_err, c_norm, c_resid, c_sqnorm, err_norm, err_tiny):
+    """Bound on |tf32 score - exact score| of a row against a code (broadcasting): the row's factors
+    (``_row_errors``) times the code's norm and tf32 residual norm, plus the rounding of ``||c||^2``
+    and the underflow term (see the comment above ``_BOUND_SLACK``)."""
+    return row_err * c_norm + row_resid_err * c_resid + (err_norm * c_sqnorm + 4.0 * err_tiny)
+
+
+@triton.jit
+def _row_errors(z_rows, mask_n, D, stride_zd, err_resid, err_dot, err_tiny,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row, the factors of the tf32 error bound that multiply a code's norm and its tf32 residual
+    norm: err_resid ||z - tf32(z)|| + err_dot ||z||, and err_resid ||z||."""
+    z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, BLOCK_D)
+    # err_tiny = D * 2**-126 covers squares and products that underflow (GPUs flush subnormals to
+    # zero), and sqrt_rn is exact rounding: tl.sqrt is an approximation that flushes subnormal inputs.
+    z_norm = tl.sqrt_rn(z_sqnorm + err_tiny)
+    return err_resid * tl.sqrt_rn(z_resid + err_tiny) + err_dot * z_norm, err_resid * z_norm
 
 
 @triton.jit
@@ -171,27 +196,22 @@ def _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                 offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
-                 stride_zd, stride_ck, stride_cd,
+def _settle_rows(best, best_index, second, second_index, third, upper,
+                 offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
                  index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
                  BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr):
-    """After a tf32 search: writes each row's index and distance, and sorts the rows by how sure the
-    tf32 scores are (status 0, 1, 2). ``bound`` bounds |tf32 score - exact score| of any code.
-    0: the runner-up is more than twice the bound behind, so the best is the exact one.
-    1: only the third code is that far behind: the exact nearest is one of the two best, so both are
-       scored by the direct form ||z - c||^2 in fp32 and the nearer is kept (lower index on ties).
-    2: a third code is within twice the bound: the row is appended to the list that the fp32 re-search
-       reads (one atomic per program; its (score, index) slot is set to "none yet")."""
-    # err_tiny = D * 2**-126 covers squares and products that underflow (GPUs flush subnormals to
-    # zero), and sqrt_rn is exact rounding: tl.sqrt is an approximation that flushes subnormal inputs.
-    z_norm = tl.sqrt_rn(z_sqnorm + err_tiny)
-    c_norm = tl.sqrt_rn(c_max + err_tiny)
-    bound = (err_resid * (tl.sqrt_rn(z_resid + err_tiny) * c_norm + z_norm * tl.sqrt_rn(c_resid_max + err_tiny))
-             + err_dot * z_norm * c_norm + err_norm * c_max + 4.0 * err_tiny)
-    # NaN gaps (rows of NaN, or of infinities) compare false: such rows keep what the search found.
-    uncertain = (second - best) <= 2.0 * bound
-    hard = uncertain & ((third - best) <= 2.0 * bound)
+    """After a tf32 search that ranked codes by a lower bound of their exact score (``best``,
+    ``second``, ``third``: the three lowest), with ``upper`` an upper bound of the best exact score:
+    the nearest code is among the codes whose lower bound is at most ``upper``. Writes each row's index
+    and distance, and sorts the rows by how many such codes there are (status 0, 1, 2).
+    0: one; it is the nearest.
+    1: two: both are scored by the direct form ||z - c||^2 in fp32 and the nearer is kept (lower index
+       on ties).
+    2: three or more: the row is appended to the list that ``_research_listed_rows`` searches (one
+       atomic per program; its (score, index) slot is set to "none yet")."""
+    # A row without a finite bound (NaN or infinite data) keeps what the search found.
+    uncertain = (upper < float("inf")) & (second <= upper)
+    hard = uncertain & (third <= upper)
     pair = uncertain & (hard == 0)
     best_index = best_index.to(tl.int64)
     # A pair row's runner-up is a real code (its score is finite); the clamp only guards the address.
@@ -216,8 +236,8 @@ def _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resi
 @triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "err_resid", "err_dot", "err_norm",
                                "err_tiny"])
 def _nearest_code_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, c_resid_ptr,
-    score_ptr, index_ptr, dist_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr,
+    z_ptr, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr,
+    score_ptr, index_ptr, dist_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr,
     status_ptr, count_ptr, list_ptr, packed_ptr,
     N, K, D, codes_per_split, N_BUCKET, err_resid, err_dot, err_norm, err_tiny,
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
@@ -226,7 +246,8 @@ def _nearest_code_kernel(
 ):
     """One block of rows against one split of the codebook. WRITE_DISTANCE (one split): the final index
     and distance; otherwise the split's winner for the reduction. RECHECK (fp32 data, tf32 products):
-    also the runner-up and third score, and the norms of the tf32 error bound (see ``_settle_rows``)."""
+    codes ranked by a lower bound of their exact score, the three lowest bounds, the two best codes and an
+    upper bound of the best exact score (see ``_settle_rows``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -235,16 +256,27 @@ def _nearest_code_kernel(
     z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
     k_begin = pid_s * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
-    best, best_index, second, second_index, third, c_max, c_resid_max = _scan_codes(
-        z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_resid_ptr, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
+    row_err = tl.zeros([BLOCK_N], tl.float32)
+    row_resid_err = tl.zeros([BLOCK_N], tl.float32)
+    if RECHECK:
+        row_err, row_resid_err = _row_errors(z_rows, mask_n, D, stride_zd, err_resid, err_dot, err_tiny,
+                                             BLOCK_N, DIST_BLOCK_D)
+    best, best_index, second, second_index, third = _scan_codes(
+        z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm, err_tiny,
+        k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
         BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK)
+    if RECHECK:
+        # An upper bound of the best exact score: the best code's tf32 score plus its error.
+        chosen = best_index.to(tl.int64)
+        upper = best + 2.0 * _code_error(row_err, row_resid_err,
+                                         tl.load(c_norm_ptr + chosen, mask=mask_n, other=0.0),
+                                         tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
+                                         tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
 
     if WRITE_DISTANCE:
         if RECHECK:
-            z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
-            _settle_rows(best, best_index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                         offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
-                         stride_zd, stride_ck, stride_cd,
+            _settle_rows(best, best_index, second, second_index, third, upper,
+                         offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
                          index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
         else:
             dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, mask_n, D,
@@ -259,25 +291,19 @@ def _nearest_code_kernel(
             tl.store(second_ptr + out, second, mask=mask_n)
             tl.store(second_index_ptr + out, second_index, mask=mask_n)
             tl.store(third_ptr + out, third, mask=mask_n)
-            if pid_s == 0:
-                z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, DIST_BLOCK_D)
-                tl.store(znorm_ptr + offs_n, z_sqnorm, mask=mask_n)
-                tl.store(znorm_ptr + N + offs_n.to(tl.int64), z_resid, mask=mask_n)
-            if pid_n == 0:
-                tl.store(cmax_ptr + 2 * pid_s, c_max)
-                tl.store(cmax_ptr + 2 * pid_s + 1, c_resid_max)
+            tl.store(upper_ptr + out, upper, mask=mask_n)
 
 
-@triton.jit(do_not_specialize=["N", "err_resid", "err_dot", "err_norm", "err_tiny"])
+@triton.jit(do_not_specialize=["N"])
 def _reduce_splits_kernel(
-    score_ptr, part_index_ptr, second_ptr, second_index_ptr, third_ptr, znorm_ptr, cmax_ptr, z_ptr, c_ptr,
+    score_ptr, part_index_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr, z_ptr, c_ptr,
     index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr,
-    N, S, K, D, err_resid, err_dot, err_norm, err_tiny, stride_zn, stride_zd, stride_ck, stride_cd,
+    N, S, K, D, stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK_D: tl.constexpr, RECHECK: tl.constexpr,
 ):
     """Per row, the best of the S per-split winners (splits are in increasing code order and ties go
     to the first, so the lowest index wins) and its distance; with RECHECK the best three of the splits'
-    best three, then ``_settle_rows``."""
+    best three and the lowest upper bound, then ``_settle_rows``."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_s = tl.arange(0, BLOCK_S)
@@ -302,13 +328,9 @@ def _reduce_splits_kernel(
         is_runner = offs_s[None, :] == runner[:, None]
         second_index = tl.sum(tl.where(is_runner, first_index, 0), axis=1)
         third = tl.min(tl.where(is_runner, after, firsts), axis=1)
-        z_sqnorm = tl.load(znorm_ptr + offs_n, mask=mask_n, other=0.0)
-        z_resid = tl.load(znorm_ptr + N + offs_n.to(tl.int64), mask=mask_n, other=0.0)
-        c_max = tl.max(tl.load(cmax_ptr + 2 * offs_s, mask=mask_s, other=0.0), axis=0)
-        c_resid_max = tl.max(tl.load(cmax_ptr + 2 * offs_s + 1, mask=mask_s, other=0.0), axis=0)
-        _settle_rows(best, index, second, second_index, third, z_sqnorm, z_resid, c_max, c_resid_max,
-                     offs_n, mask_n, z_rows, c_ptr, K, D, err_resid, err_dot, err_norm, err_tiny,
-                     stride_zd, stride_ck, stride_cd,
+        upper = tl.min(tl.load(upper_ptr + parts, mask=mask, other=float("inf")), axis=1)
+        _settle_rows(best, index, second, second_index, third, upper,
+                     offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
                      index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
         dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
@@ -338,9 +360,11 @@ def _research_listed_rows_kernel(
         mask_n = slots < count
         rows = tl.load(list_ptr + slots, mask=mask_n, other=0)
         z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
-        best, best_index, _, _, _, _, _ = _scan_codes(
-            z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, k_begin, k_end, D, stride_zd, stride_ck,
-            stride_cd, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False)
+        unused = tl.zeros([BLOCK_N], tl.float32)
+        best, best_index, _, _, _ = _scan_codes(
+            z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, c_sqnorm_ptr, unused, unused, 0.0, 0.0,
+            k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
+            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False)
         bits = best.to(tl.int32, bitcast=True)
         # Negative floats: flip all but the sign bit, so that integer order is float order.
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -368,16 +392,18 @@ def _write_listed_rows_kernel(
 
 
 @triton.jit
-def _code_norms_kernel(c_ptr, sqnorm_ptr, resid_ptr, count_ptr, K, D, stride_ck, stride_cd,
+def _code_norms_kernel(c_ptr, sqnorm_ptr, norm_ptr, resid_ptr, count_ptr, K, D, tiny, stride_ck, stride_cd,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``||c||^2`` and ``||c - tf32(c)||^2`` per code, and a zeroed list length for the tf32 pass (one
-    launch fewer than a separate fill)."""
+    """``||c||^2`` per code, and for the tf32 error bound ``||c||`` and ``||c - tf32(c)||`` (``tiny`` =
+    D 2**-126 added under the roots covers squares that underflow); a zeroed list length for the tf32
+    pass too (one launch fewer than a separate fill)."""
     pid = tl.program_id(0)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     sq, resid = _row_tf32_norms(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck, offs_k < K, D, stride_cd,
                                 BLOCK_K, BLOCK_D)
     tl.store(sqnorm_ptr + offs_k, sq, mask=offs_k < K)
-    tl.store(resid_ptr + offs_k, resid, mask=offs_k < K)
+    tl.store(norm_ptr + offs_k, tl.sqrt_rn(sq + tiny), mask=offs_k < K)
+    tl.store(resid_ptr + offs_k, tl.sqrt_rn(resid + tiny), mask=offs_k < K)
     if pid == 0:
         tl.store(count_ptr, 0)
 
@@ -432,7 +458,15 @@ def _select_configs(configs: list[triton.Config], input_precision: str, block_d:
 def _prune_configs(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     return _select_configs(configs, meta["INPUT_PRECISION"], meta["BLOCK_D"], meta["SINGLE_D"],
-                           meta["z_ptr"].element_size(), max_shared_memory())
+                           meta["z_ptr"].element_size(), _shared_memory_for_tiles(meta["RECHECK"]))
+
+
+# The tf32 pass's per-code error bound stages about 32 KiB more (compile_check.py, Triton 3.6, sm_90).
+_RECHECK_SHARED_BYTES = 32768
+
+
+def _shared_memory_for_tiles(recheck: bool) -> int:
+    return max_shared_memory() - (_RECHECK_SHARED_BYTES if recheck else 0)
 
 
 _AUTOTUNE_CONFIGS = _autotune_configs()
@@ -458,8 +492,11 @@ def _first_config(input_precision: str, block_d: int, single_d: bool, element_by
 #   <= 2 (||z - tf32(z)|| ||c|| + ||z|| ||c - tf32(c)||) + 2 * D 2**-22 ||z|| ||c|| + D 2**-23 ||c||^2,
 # the first term by z.c - z'.c' = (z - z').c + z'.(c - c') and Cauchy-Schwarz with the residuals
 # themselves (measured per row and per code, a few times tighter than the worst case 2**-10 ||z|| ||c||
-# for typical data), the others bounding fp32 accumulation and the norms with 4x and 2x slack. The
-# factor covers the rounding of the bound's own arithmetic.
+# for typical data), the others bounding fp32 accumulation and the norms with 4x and 2x slack, plus
+# 4 D 2**-126 for squares and products that underflow. The bound is taken per code: one based on the
+# largest code norm sent nearly every row to the re-search when a few codes were far larger than the
+# rest (data rows restarted among small initial codes). The factor covers the rounding of the bound's
+# own arithmetic.
 _BOUND_SLACK = 1.0 + 2.0**-10
 # At most this many codebook splits in the fp32 re-search of listed rows (how many rows are listed is
 # only known on the device; splits keep the GPU busy when they are few: 64 against 16 took 4.75 against
@@ -508,6 +545,7 @@ class _Recheck:
         k = codebook.shape[0]
         device = z.device
         self.c_sqnorm = torch.empty(k, dtype=torch.float32, device=device)
+        self.c_norm = torch.empty(k, dtype=torch.float32, device=device)
         self.c_resid = torch.empty(k, dtype=torch.float32, device=device)
         self.count = torch.empty(1, dtype=torch.int32, device=device)
         self.rows = torch.empty(n, dtype=torch.int32, device=device)
@@ -519,8 +557,8 @@ class _Recheck:
         # very norms that a search with precision="highest" sees.
         block_d = min(128, max(16, next_power_of_2(d)))
         block_k = 16 if interpreting() else max(1, 4096 // block_d)
-        _code_norms_kernel[(cdiv(k, block_k),)](codebook, self.c_sqnorm, self.c_resid, self.count, k, d,
-                                                 codebook.stride(0), codebook.stride(1),
+        _code_norms_kernel[(cdiv(k, block_k),)](codebook, self.c_sqnorm, self.c_norm, self.c_resid, self.count,
+                                                 k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1),
                                                  BLOCK_K=block_k, BLOCK_D=block_d)
 
 
@@ -547,7 +585,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
 
     unused = c_sqnorm  # stands in for pointers a variant never touches
     if write_distance:
-        scores, part_index, second, second_index, third, znorm, cmax, stride_sn = (unused,) * 7 + (0,)
+        scores, part_index, second, second_index, third, upper, stride_sn = (unused,) * 6 + (0,)
         part_index = indices
     else:
         scores = torch.empty((n, splits), dtype=torch.float32, device=device)
@@ -557,23 +595,22 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
             second = torch.empty((n, splits), dtype=torch.float32, device=device)
             second_index = torch.empty((n, splits), dtype=torch.int32, device=device)
             third = torch.empty((n, splits), dtype=torch.float32, device=device)
-            znorm = torch.empty((2, n), dtype=torch.float32, device=device)
-            cmax = torch.empty((splits, 2), dtype=torch.float32, device=device)
+            upper = torch.empty((n, splits), dtype=torch.float32, device=device)
         else:
-            second, second_index, third, znorm, cmax = (unused,) * 5
+            second, second_index, third, upper = (unused,) * 4
     if checking:
-        c_resid, status, count, row_list, packed = (recheck.c_resid, recheck.status, recheck.count, recheck.rows,
-                                                    recheck.packed)
+        c_norm, c_resid, status, count, row_list, packed = (recheck.c_norm, recheck.c_resid, recheck.status,
+                                                            recheck.count, recheck.rows, recheck.packed)
         err_resid, err_dot, err_norm, err_tiny = recheck.errors
     else:
         # The autotuner zeroes ``count_ptr`` before each timing run (the tf32 pass appends to a list);
         # elsewhere it gets an output that the kernel then overwrites in full.
-        c_resid, status, count, row_list, packed = unused, unused, part_index, unused, unused
+        c_norm, c_resid, status, count, row_list, packed = unused, unused, unused, part_index, unused, unused
         err_resid = err_dot = err_norm = err_tiny = 0.0
 
     args = (
-        z, codebook, c_sqnorm, c_resid,
-        scores, part_index, distances, second, second_index, third, znorm, cmax,
+        z, codebook, c_sqnorm, c_norm, c_resid,
+        scores, part_index, distances, second, second_index, third, upper,
         status, count, row_list, packed,
         n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm, err_tiny,
         z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
@@ -585,7 +622,7 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
     elif not autotuning():
-        cfg = _first_config(input_precision, block_d, single_d, z.element_size(), max_shared_memory())
+        cfg = _first_config(input_precision, block_d, single_d, z.element_size(), _shared_memory_for_tiles(checking))
         grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
@@ -598,10 +635,9 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
         # gather wants many programs in flight more than wide ones.
         block_n = max(1, min(32, 4096 // block_s))
         _reduce_splits_kernel[(cdiv(n, block_n),)](
-            scores, part_index, second, second_index, third, znorm, cmax, z, codebook,
+            scores, part_index, second, second_index, third, upper, z, codebook,
             indices, distances, status, count, row_list, packed,
-            n, splits, k, d, err_resid, err_dot, err_norm, err_tiny,
-            z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+            n, splits, k, d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
             BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking)
     return indices, distances
 
@@ -652,11 +688,12 @@ def nearest_code(
 
     Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
     building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
-    tf32 tensor cores, then a check against a bound on the tf32 error: a row whose best code is in doubt
-    but whose third is not is decided between its two best codes by the direct form ``||z - c||^2`` in
-    fp32, and a row with three codes in doubt is searched again with fp32-accurate tf32x3 products (on
-    the CPU interpreter: fp32), so the indices are those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits`` forces the
-    number of codebook splits (default: chosen from the problem size and the GPU; at most 1,024).
+    tf32 tensor cores, then a check against a bound on the tf32 error: a row with two codes in doubt is
+    decided between them by the direct form ``||z - c||^2`` in fp32, and a row with three or more is
+    searched again with fp32-accurate tf32x3 products (on the CPU interpreter: fp32), so the indices
+    are those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits``
+    forces the number of codebook splits (default: chosen from the problem size and the GPU; at most
+    1,024).
     ``tie_tolerance_scale`` multiplies the error bound (for tests).
     """
     indices, distances, _ = _nearest_code_with_status(z, codebook, precision, num_splits, tie_tolerance_scale)
