@@ -1,92 +1,150 @@
-"""Where the time goes on the GPU: tf32 search stages, the layer step, eager host cost."""
-import cProfile, io, json, os, pstats, time
+"""Where the time goes on a GPU: the stages of the tf32 search, the layer's training step, the eager
+host cost of a small search.
+
+    OUT=<folder> python benchmarks/gpu_probe.py
+
+Writes ``probe.json`` (figures as they come), ``layer_profile_<K>.txt`` (torch.profiler, by CUDA
+time) and ``small_profile.txt`` (cProfile of 300 small bf16 searches) to $OUT (default /tmp). About a
+minute on an H200 with a cold Triton cache. Uses the search's internals (``vqfast.kernels.nearest``)
+to time its stages apart; results from one run are in benchmarks/results/nvidia-h200/probe/.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import os
+import pstats
+import time
+from typing import Any
+
 import torch
 from triton.testing import do_bench
 
 OUT = os.environ.get("OUT", "/tmp")
-res = {}
-def log(key, value):
-    res[key] = value
+RESULTS: dict[str, Any] = {}
+
+
+def log(key: str, value: Any) -> None:
+    RESULTS[key] = value
     print(key, value, flush=True)
-    with open(f"{OUT}/probe.json", "w") as f:
-        json.dump(res, f, indent=1)
+    with open(os.path.join(OUT, "probe.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
 
-import vqfast
-from vqfast.kernels import nearest
-t0 = time.time()
-torch.manual_seed(0)
-# 1. tf32 search stages at goal 2's shape
-N = K = 65536; D = 256
-z = torch.randn(N, D, device="cuda"); c = torch.randn(K, D, device="cuda")
-nearest.nearest_code(z, c, precision="high"); torch.cuda.synchronize()
-log("tf32 full ms", do_bench(lambda: nearest.nearest_code(z, c, precision="high")))
-def pass1():
-    r = nearest._Recheck(z, c, 1.0)
-    return nearest._search(z, c, r.c_sqnorm, "tf32", None, r)
-log("tf32 pass1 (norms + search + settle) ms", do_bench(pass1))
-r = nearest._Recheck(z, c, 1.0); idx, dist = nearest._search(z, c, r.c_sqnorm, "tf32", None, r)
-log("listed rows", int(r.count.item()))
-exact = nearest.nearest_code(z, c, precision="highest")[0]
-listed = r.rows[: int(r.count.item())].long()
-for prec, splits in (("ieee", 16), ("ieee", 64), ("tf32x3", 16), ("tf32x3", 64)):
-    nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = prec, splits
-    try:
-        r.packed.fill_(2**63 - 1)
-        i2, d2 = idx.clone(), dist.clone()
-        nearest._research_listed_rows(z, c, r, i2, d2)
-        wrong = int((i2[listed] != exact[listed]).sum())
-        t = do_bench(lambda: nearest._research_listed_rows(z, c, r, i2, d2))
-        log(f"research {prec} splits {splits}", {"ms": t, "listed rows differing from highest": wrong})
-    except Exception as exc:
-        log(f"research {prec} splits {splits}", repr(exc)[:400])
-nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = "ieee", 16
-log("bf16 search ms", do_bench(lambda: nearest.nearest_code(z.bfloat16(), c.bfloat16())))
-del z, c, exact
-log("t after search stages s", time.time() - t0)
 
-# 2. the layer step of the benchmark, profiled
-from vqfast import VectorQuantizer
-for (b, ch, h, w, k) in ((128, 256, 16, 16, 65536), (64, 128, 4, 4, 4096)):
+def tf32_stages(n: int = 65536, k: int = 65536, d: int = 256) -> None:
+    """The tf32 pass (norms, search, settling, list) apart from the re-search of the listed rows, and
+    the re-search with fp32 and tf32x3 products and 16 or 64 codebook splits."""
+    from vqfast.kernels import nearest
+
     torch.manual_seed(0)
-    x = torch.randn(b, ch, h, w, device="cuda", requires_grad=True)
-    g = torch.randn(b, ch, h, w, device="cuda"); one = torch.ones((), device="cuda")
-    layer = VectorQuantizer(k, ch).cuda()
-    def step():
-        zq, loss, _ = layer(x)
-        torch.autograd.backward([zq, loss], [g, one])
-    for _ in range(3):
-        step()
+    z = torch.randn(n, d, device="cuda")
+    c = torch.randn(k, d, device="cuda")
+    nearest.nearest_code(z, c, precision="high")
     torch.cuda.synchronize()
-    log(f"layer {b}x{ch}x{h}x{w} K={k} ms", do_bench(step, grad_to_none=[x, *layer.parameters()]))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    log("tf32 full ms", do_bench(lambda: nearest.nearest_code(z, c, precision="high")))
+
+    def first_pass():
+        recheck = nearest._Recheck(z, c, 1.0)
+        return nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
+
+    log("tf32 pass1 (norms + search + settle) ms", do_bench(first_pass))
+    recheck = nearest._Recheck(z, c, 1.0)
+    idx, dist = nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
+    listed_count = int(recheck.count.item())
+    log("listed rows", listed_count)
+    exact = nearest.nearest_code(z, c, precision="highest")[0]
+    listed = recheck.rows[:listed_count].long()
+    saved = nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS
+    try:
+        for precision, splits in (("ieee", 16), ("ieee", 64), ("tf32x3", 16), ("tf32x3", 64)):
+            nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = precision, splits
+            try:
+                recheck.packed.fill_(torch.iinfo(torch.int64).max)
+                idx2, dist2 = idx.clone(), dist.clone()
+                nearest._research_listed_rows(z, c, recheck, idx2, dist2)
+                wrong = int((idx2[listed] != exact[listed]).sum())
+                ms = do_bench(lambda: nearest._research_listed_rows(z, c, recheck, idx2, dist2))
+                log(f"research {precision} splits {splits}", {"ms": ms, "listed rows differing from highest": wrong})
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+                log(f"research {precision} splits {splits}", repr(exc)[:400])
+    finally:
+        nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = saved
+    zb, cb = z.bfloat16(), c.bfloat16()
+    log("bf16 search ms", do_bench(lambda: nearest.nearest_code(zb, cb)))
+
+
+def layer_steps() -> None:
+    """The benchmark's layer step (forward and backward of the default VectorQuantizer), timed and
+    profiled."""
+    from vqfast import VectorQuantizer
+
+    for b, ch, h, w, k in ((128, 256, 16, 16, 65536), (64, 128, 4, 4, 4096)):
+        torch.manual_seed(0)
+        x = torch.randn(b, ch, h, w, device="cuda", requires_grad=True)
+        grad = torch.randn(b, ch, h, w, device="cuda")
+        one = torch.ones((), device="cuda")
+        layer = VectorQuantizer(k, ch).cuda()
+
+        def step(layer=layer, x=x, grad=grad, one=one):
+            z_q, loss, _ = layer(x)
+            torch.autograd.backward([z_q, loss], [grad, one])
+
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    with open(f"{OUT}/layer_profile_{k}.txt", "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    log(f"layer {k} profiled", True)
-    del layer, x, g
-log("t after layer s", time.time() - t0)
+        log(f"layer {b}x{ch}x{h}x{w} K={k} ms", do_bench(step, grad_to_none=[x, *layer.parameters()]))
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        with open(os.path.join(OUT, f"layer_profile_{k}.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
-# 3. eager cost of a small search
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    zs = torch.randn(1024, 128, device="cuda").to(dtype); cs = torch.randn(4096, 128, device="cuda").to(dtype)
-    for _ in range(20):
-        vqfast.nearest_code(zs, cs)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(300):
-        vqfast.nearest_code(zs, cs)
-    host = (time.perf_counter() - t) / 300 * 1e6
-    torch.cuda.synchronize()
-    total = (time.perf_counter() - t) / 300 * 1e6
-    log(f"small {dtype} eager us per call (host, with drain)", [round(host, 1), round(total, 1)])
-    if dtype == torch.bfloat16:
-        pr = cProfile.Profile(); pr.enable()
+
+def small_searches() -> None:
+    """Host time per eager call of a small search, and where it goes (cProfile, bf16)."""
+    import vqfast
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        z = torch.randn(1024, 128, device="cuda").to(dtype)
+        c = torch.randn(4096, 128, device="cuda").to(dtype)
+        for _ in range(20):
+            vqfast.nearest_code(z, c)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         for _ in range(300):
-            vqfast.nearest_code(zs, cs)
-        pr.disable(); torch.cuda.synchronize()
-        s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
-        with open(f"{OUT}/small_profile.txt", "w") as f:
-            f.write(s.getvalue())
-log("t total s", time.time() - t0)
+            vqfast.nearest_code(z, c)
+        host = (time.perf_counter() - start) / 300 * 1e6
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - start) / 300 * 1e6
+        log(f"small {dtype} eager us per call (host, with drain)", [round(host, 1), round(total, 1)])
+        if dtype == torch.bfloat16:
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(300):
+                vqfast.nearest_code(z, c)
+            profile.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+            with open(os.path.join(OUT, "small_profile.txt"), "w") as f:
+                f.write(text.getvalue())
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_probe.py needs a CUDA GPU")
+    start = time.time()
+    tf32_stages()
+    log("t after search stages s", time.time() - start)
+    layer_steps()
+    log("t after layer s", time.time() - start)
+    small_searches()
+    log("t total s", time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
