@@ -422,6 +422,24 @@ def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
     assert (idx[~picked] == -1).all() and (dist[~picked] == -1.0).all()
 
 
+def test_listed_rows_unpack_indices_past_16_bits(kernel_device):
+    from vqfast.kernels.nearest import _write_listed_rows_kernel
+
+    z = torch.randn(3, 1, generator=torch.Generator().manual_seed(2)).to(kernel_device)
+    c = torch.randn(70_002, 1, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+    count = torch.tensor([2], dtype=torch.int32, device=kernel_device)
+    rows = torch.tensor([2, 0, 1], dtype=torch.int32, device=kernel_device)
+    key = 0x3F800000 << 32  # the order-preserving bits of 1.0 in the high half
+    packed = torch.tensor([key | 70_001, key | 65_536, -1], dtype=torch.int64, device=kernel_device)
+    idx = torch.full((3,), -1, dtype=torch.int64, device=kernel_device)
+    dist = torch.full((3,), -1.0, device=kernel_device)
+    _write_listed_rows_kernel[(1,)](z, c, count, rows, packed, idx, dist, 1, z.stride(0), z.stride(1),
+                                    c.stride(0), c.stride(1), BLOCK_N=32, DIST_BLOCK_D=16)
+    assert idx.tolist() == [65_536, -1, 70_001]  # row 1 is not listed
+    expected = torch.stack([(z[0] - c[65_536]).square().sum(), (z[2] - c[70_001]).square().sum()])
+    torch.testing.assert_close(dist[[0, 2]], expected)
+
+
 def test_listed_rows_keep_the_lowest_index_across_splits(kernel_device):
     from vqfast.kernels.nearest import _Recheck, _research_listed_rows
 
