@@ -276,6 +276,25 @@ def test_a_few_large_codes_leave_the_other_rows_sure(splits, kernel_device):
     assert torch.equal(idx.cpu(), reference.nearest_code(z.cpu(), c.cpu())[0])
 
 
+def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device):
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # Entries k / 256 with |k| < 1024 are exact in tf32, so the residual terms of the bound vanish and
+    # only fp32 accumulation and the rounding of ||c||^2 remain: rows whose two best scores are that
+    # close must still be decided between the two codes.
+    g = torch.Generator().manual_seed(19)
+    c = torch.randint(-1023, 1024, (400, 64), generator=g).float() / 256
+    z = torch.randint(-1023, 1024, (120, 64), generator=g).float() / 256
+    z[:40] = 0.5 * (c[:40] + c[40:80])  # midpoints, rounded to the grid: near ties of two codes
+    z[:40] = (z[:40] * 256).round() / 256
+    z, c = z.to(kernel_device), c.to(kernel_device)
+    idx, _, status = _nearest_code_with_status(z, c, precision="high")
+    expected, clear = _tf32_classes(z, c)
+    assert torch.equal(status.cpu().long()[clear], expected[clear])
+    assert int((expected[clear] == 1).sum()) >= 3
+    assert torch.equal(idx.cpu(), reference.nearest_code(z.cpu(), c.cpu())[0])
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
