@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
 #   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
+#   bash benchmarks/gpu_run.sh probe  benchmarks/gpu_probe.py: the tf32 search's stages, the layer step
+#                                     under torch.profiler, the eager cost of a small search (about a
+#                                     minute; in `all` mode too, after the benchmark, when GPU_PROBE=1)
 #   bash benchmarks/gpu_run.sh train  the article's models trained on cifar10_train_10k.npz and evaluated
 #                                     on cifar10_test_1k.npz from $GPU_DATA (default ./gpu_data), most
 #                                     wanted first: VQ-VAE with vqfast's layer and with the article's VQ
@@ -26,8 +29,8 @@ set -uo pipefail
 MODE="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$MODE" in
-  all|tests|bench|quick|train) ;;
-  *) echo "usage: $0 [all|tests|bench|quick|train] [vqfast bench options]" >&2; exit 2 ;;
+  all|tests|bench|quick|probe|train) ;;
+  *) echo "usage: $0 [all|tests|bench|quick|probe|train] [vqfast bench options]" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.."
@@ -135,6 +138,21 @@ run_bench() {  # budget in seconds, then vqfast bench arguments
   pack
 }
 
+run_probe() {  # seconds
+  if [ "$1" -lt 30 ]; then
+    echo "only $(left) s left; probe skipped" | tee "$WORK/probe-skipped.txt"
+    return
+  fi
+  echo "== probe (at most $1 s)"
+  mkdir -p "$WORK/probe"
+  OUT="$WORK/probe" timeout -k 15 "$1" python3 benchmarks/gpu_probe.py > "$WORK/probe/probe.log" 2>&1
+  local rc=$?
+  tail -25 "$WORK/probe/probe.log"
+  echo "gpu_probe exit code: $rc" | tee -a "$WORK/probe/probe.log"
+  [ "$rc" -ne 0 ] && STATUS=1
+  pack
+}
+
 run_training() {
   local data="${GPU_DATA:-$PWD/gpu_data}"
   local train_npz="$data/cifar10_train_10k.npz" test_npz="$data/cifar10_test_1k.npz"
@@ -182,11 +200,13 @@ case "$MODE" in
     # At most BENCH_SECONDS, and at most what leaves ~2 minutes of training (one VQ-VAE run) after the
     # bench's 50 s of overrun margin.
     run_bench "$(up_to "${BENCH_SECONDS:-300}" "${TRAIN_RESERVE_SECONDS:-170}")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
+    if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 120 10)"; fi
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
   bench) run_bench "$(up_to 500 60)" "$@" ;;
   quick) run_bench "$(up_to 85 40)" --quick "$@" ;;
+  probe) run_probe "$(up_to 300 10)" ;;
   train) run_training ;;
 esac
 
