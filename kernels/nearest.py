@@ -208,10 +208,12 @@ def _settle_rows(best, best_index, second, second_index, third, upper,
     1: two: both are scored by the direct form ||z - c||^2 in fp32 and the nearer is kept (lower index
        on ties).
     2: three or more: the row is appended to the list that ``_research_listed_rows`` searches (one
-       atomic per program; its (score, index) slot is set to "none yet")."""
-    # A row without a finite bound (NaN or infinite data) keeps what the search found.
-    uncertain = (upper < float("inf")) & (second <= upper)
-    hard = uncertain & (third <= upper)
+       atomic per program; its (score, index) slot is set to "none yet"). So is a row without a finite
+       bound: with ||z||^2 past fp32's range (|z_i| > ~1.8e19) every lower bound is -inf, while the
+       fp32 search still ranks its codes (rows of NaN get index 0 there, as from the search)."""
+    bounded = upper < float("inf")
+    uncertain = bounded & (second <= upper)
+    hard = (uncertain & (third <= upper)) | (bounded == 0)
     pair = uncertain & (hard == 0)
     best_index = best_index.to(tl.int64)
     # A pair row's runner-up is a real code (its score is finite); the clamp only guards the address.

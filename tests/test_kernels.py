@@ -398,6 +398,45 @@ def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
     assert torch.equal(rechecked, exact) and (status != 0).all()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
+                                                       "near ties on the real tensor cores")
+@pytest.mark.parametrize("exact_side", ["rows", "codes"])
+def test_tf32_bound_covers_what_tf32_drops_from_each_side(tf32_rounding_interpreter, exact_side):
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # Rows just off midpoints of two codes, with one side exact in tf32 (entries on a 1/512 grid): the
+    # other side's residual term alone must cover the tf32 error, for rows and codes alike.
+    g = torch.Generator().manual_seed(3)
+    k, d, n = 64, 32, 120
+    c = torch.randn(k, d, generator=g)
+    a = torch.randint(0, k, (n,), generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (n,), generator=g)) % k
+    if exact_side == "codes":
+        c = (c * 512).round() / 512
+    z = 0.5 * (c[a] + c[b]) + 1e-4 * torch.randn(n, d, generator=g)
+    if exact_side == "rows":
+        z = (z * 512).round() / 512
+    exact, _ = reference.nearest_code(z, c)
+    tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0)
+    assert (tf32_only != exact).sum() > n // 20  # the emulated rounding changes the answer
+    rechecked, _, status = _nearest_code_with_status(z, c, precision="high")
+    assert torch.equal(rechecked, exact) and (status != 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rows_past_fp32_range_still_get_the_nearest_code(splits, kernel_device):
+    # ||z||^2 overflows fp32 (|z_0| > 1.8e19) while ||c||^2 - 2 z.c does not: the tf32 bound is infinite,
+    # so the rows go to the fp32 re-search, which ranks the codes as precision="highest" does.
+    c = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    z = torch.zeros(3, 8, device=kernel_device)
+    z[:, 0] = torch.tensor([3e19, 1e20, -5e19])
+    exact, _ = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    expected = ((c.double() ** 2).sum(1)[None, :] - 2 * z.double() @ c.double().t()).argmin(1)
+    assert torch.equal(exact.cpu(), expected.cpu())
+    idx, _ = kernels.nearest_code(z, c, precision="high", num_splits=splits)
+    assert torch.equal(idx, exact)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_distances_are_exact_far_from_the_origin(splits, kernel_device):
     # z, c = 1000 + randn: ||z||^2 + ||c||^2 - 2 z.c cancels ~2e7 down to ~64, far below fp32's
