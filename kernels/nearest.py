@@ -69,6 +69,16 @@ def _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, m
 
 
 @triton.jit
+def _store_choice(rows, index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd, index_ptr, dist_ptr,
+                  BLOCK_N: tl.constexpr, DIST_BLOCK_D: tl.constexpr):
+    """Writes ``index`` and the distance of that code (``_chosen_code_sqdist``) at ``rows``."""
+    index = index.to(tl.int64)
+    dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D, BLOCK_N, DIST_BLOCK_D)
+    tl.store(index_ptr + rows, index, mask=mask_n)
+    tl.store(dist_ptr + rows, dist, mask=mask_n)
+
+
+@triton.jit
 def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
     """The three lowest scores, and the indices of the two lowest, of two ascending lists: the running
     one ``b`` and a tile's ``t``. Ties go to ``b``: its codes come first, so the lowest index wins."""
@@ -281,10 +291,8 @@ def _nearest_code_kernel(
                          offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
                          index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
         else:
-            dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, best_index, mask_n, D,
-                                       BLOCK_N, DIST_BLOCK_D)
-            tl.store(dist_ptr + offs_n, dist, mask=mask_n)
-            tl.store(index_ptr + offs_n, best_index.to(tl.int64), mask=mask_n)
+            _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
+                          index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
@@ -335,10 +343,8 @@ def _reduce_splits_kernel(
                      offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
                      index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
-        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
-                                   BLOCK_N, DIST_BLOCK_D)
-        tl.store(index_ptr + offs_n, index, mask=mask_n)
-        tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+        _store_choice(offs_n, index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
+                      index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
 
 
 @triton.jit
@@ -386,11 +392,8 @@ def _write_listed_rows_kernel(
         mask_n = slots < count
         rows = tl.load(list_ptr + slots, mask=mask_n, other=0).to(tl.int64)
         index = tl.load(packed_ptr + slots, mask=mask_n, other=0) & 0xFFFFFFFF
-        z_rows = z_ptr + rows[:, None] * stride_zn
-        dist = _chosen_code_sqdist(z_rows, stride_zd, c_ptr, stride_ck, stride_cd, index, mask_n, D,
-                                   BLOCK_N, DIST_BLOCK_D)
-        tl.store(index_ptr + rows, index, mask=mask_n)
-        tl.store(dist_ptr + rows, dist, mask=mask_n)
+        _store_choice(rows, index, mask_n, z_ptr + rows[:, None] * stride_zn, c_ptr, D, stride_zd, stride_ck,
+                      stride_cd, index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
 
 
 @triton.jit
