@@ -66,6 +66,8 @@ class Report:
     torch: str
     variants: list[Variant] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    # Launches made through vqfast's direct launch path that were compared with Triton's own path.
+    direct_launches_compared: int = 0
     seconds: float = 0.0
 
 
@@ -78,19 +80,33 @@ class _Utils:
                 "max_num_regs": self.limits["regs"], "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
-        # (module, function, registers, spills, max threads per block): nothing is loaded.
-        return None, None, 0, 0, 1024
+        # (module, function, registers, spills, max threads per block): nothing is loaded. The module
+        # is not None, as on a GPU, so that Triton sets a compiled kernel's launcher up only once.
+        return "stand-in module", None, 0, 0, 1024
 
     def unload_module(self, module):
         pass
 
 
 class _NoLaunch:
+    """A compiled kernel's launcher that launches nothing; while ``record`` is a list, it notes each
+    call: which compiled kernel, the grid and the arguments (tensors by dtype, shape and alignment)."""
+
+    record: list | None = None
+
     def __init__(self, src, metadata):
         pass
 
-    def __call__(self, *args, **kwargs):
-        pass
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        if _NoLaunch.record is not None:
+            _NoLaunch.record.append((id(self), (grid_x, grid_y, grid_z), tuple(_describe(a) for a in args)))
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.data_ptr() % 16)
+    return value
 
 
 class StandInDriver:
@@ -337,8 +353,52 @@ def run(arch: int, quick: bool) -> Report:
             v.occupancy = v.blocks_per_sm * v.num_warps * 32 / limits["threads"]
             report.variants.append(v)
         print(f"{case}: {sum(v.case == case for v in report.variants)} variants", file=sys.stderr)
+    _check_direct_launches(report, _cases(quick) + _misaligned_cases())
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _misaligned_cases() -> list[tuple[str, Callable[[], object]]]:
+    """Inputs whose addresses are not multiples of 16 bytes: Triton compiles other variants for them."""
+    from vqfast.kernels import gather, nearest
+
+    def search():
+        z = torch.randn(1025, 100).to(torch.bfloat16)[1:]  # 200 bytes in
+        c = torch.randn(3001, 100).to(torch.bfloat16)[1:]
+        return nearest.nearest_code(z, c)
+
+    return [("nearest bf16 misaligned (1024, 3000, 100)", search),
+            ("gather misaligned (1000, 300, 37)",
+             lambda: gather.gather_rows(torch.randn(301, 37)[1:], torch.randint(0, 300, (1000,))))]
+
+
+def _check_direct_launches(report: Report, cases: list[tuple[str, Callable[[], object]]]) -> None:
+    """Each case through Triton's launch path, then through vqfast's direct one (kernels/_launch.py):
+    every launch must reach the same compiled kernel with the same grid and arguments. A failure goes
+    to ``report.failures``."""
+    from vqfast.kernels import _launch
+
+    direct = _launch._DIRECT
+    try:
+        for case, run_case in cases:
+            records = {}
+            for mode in ("warm-up", "triton", "direct"):
+                _launch._DIRECT = direct and mode != "triton"
+                _NoLaunch.record = records[mode] = []
+                torch.manual_seed(0)
+                try:
+                    run_case()
+                except Exception as exc:
+                    report.failures.append({"case": f"{case} ({mode} launches)", "error": repr(exc)[:2000]})
+                    break
+            else:
+                if not records["direct"] or records["direct"] != records["triton"]:
+                    report.failures.append({"case": case, "error": "direct launches differ from Triton's: "
+                                            f"{records['direct'][:3]} against {records['triton'][:3]}"[:2000]})
+                report.direct_launches_compared += len(records["direct"])
+    finally:
+        _launch._DIRECT = direct
+        _NoLaunch.record = None
 
 
 def markdown(report: Report) -> str:
@@ -346,6 +406,10 @@ def markdown(report: Report) -> str:
         f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
         "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
         "memory and threads.",
+        "",
+        f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "
+        f"{report.direct_launches_compared}, all the same compiled kernel, grid and arguments unless listed "
+        "under Failures.",
         "",
         "| kernel | case | constants | warps | stages | MMA | regs | spill st/ld (B) | smem (KiB) | blocks/SM | occupancy |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -376,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "compile_report.json").write_text(json.dumps(asdict(report), indent=1))
         (args.out / "compile_report.md").write_text(text)
     print(text)
-    print(f"{len(report.variants)} variants compiled, {len(report.failures)} failures, {report.seconds:.0f} s",
+    print(f"{len(report.variants)} variants compiled, {len(report.failures)} failures, "
+          f"{report.direct_launches_compared} direct launches compared with Triton's, {report.seconds:.0f} s",
           file=sys.stderr)
     return 1 if report.failures else 0
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vqfast.kernels._launch import launch_kernel
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -142,8 +144,8 @@ def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
     block_d = min(128, max(16, next_power_of_2(d)))
     block_k = 16 if interpreting() else max(1, 4096 // block_d)
-    _row_sqnorm_kernel[(cdiv(k, block_k),)](codebook, out, k, d, codebook.stride(0), codebook.stride(1),
-                                                  BLOCK_K=block_k, BLOCK_D=block_d)
+    launch_kernel(_row_sqnorm_kernel, (cdiv(k, block_k),), codebook, out, k, d, codebook.stride(0),
+                  codebook.stride(1), BLOCK_K=block_k, BLOCK_D=block_d)
     return out
 
 

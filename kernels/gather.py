@@ -10,6 +10,7 @@ from vqfast.kernels._common import (
     LaunchConfig, cdiv, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_block_d,
     row_tile_configs, scratch_trial, tuned_config,
 )
+from vqfast.kernels._launch import launch_kernel
 
 
 @triton.jit
@@ -64,9 +65,9 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
     def launch(cfg: LaunchConfig) -> None:
         grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-        _gather_rows_kernel[grid](codebook, indices, out, n, codebook.shape[0], d, codebook.stride(0),
-                                  codebook.stride(1), out.stride(0), BLOCK_N=cfg.block, BLOCK_D=block_d,
-                                  num_warps=cfg.num_warps)
+        launch_kernel(_gather_rows_kernel, grid, codebook, indices, out, n, codebook.shape[0], d, codebook.stride(0),
+                      codebook.stride(1), out.stride(0), BLOCK_N=cfg.block, BLOCK_D=block_d,
+                      num_warps=cfg.num_warps)
 
     # Timing runs write the real output too: the final launch overwrites it.
     key = ("gather", next_power_of_2(n), d, codebook.dtype, codebook.device)
@@ -92,8 +93,8 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
 
         def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
             grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-            _scatter_add_rows_kernel[grid](grad, indices, into, n, num_codes, d, grad.stride(0), grad.stride(1),
-                                           BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+            launch_kernel(_scatter_add_rows_kernel, grid, grad, indices, into, n, num_codes, d, grad.stride(0),
+                          grad.stride(1), BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
 
         key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device)
         launch(tuned_config(key, row_tile_configs(block_d), scratch_trial(launch, acc)))

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vqfast.kernels._launch import launch_kernel
 from vqfast.kernels._common import (
     autotuning, cdiv, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory,
     multiprocessor_count, next_power_of_2,
@@ -562,9 +563,9 @@ class _Recheck:
         # very norms that a search with precision="highest" sees.
         block_d = min(128, max(16, next_power_of_2(d)))
         block_k = 16 if interpreting() else max(1, 4096 // block_d)
-        _code_norms_kernel[(cdiv(k, block_k),)](codebook, self.c_sqnorm, self.c_norm, self.c_resid, self.count,
-                                                 k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1),
-                                                 BLOCK_K=block_k, BLOCK_D=block_d)
+        launch_kernel(_code_norms_kernel, (cdiv(k, block_k),), codebook, self.c_sqnorm, self.c_norm,
+                      self.c_resid, self.count, k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1),
+                      BLOCK_K=block_k, BLOCK_D=block_d)
 
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
@@ -629,19 +630,21 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     elif not autotuning():
         cfg = _first_config(input_precision, block_d, single_d, z.element_size(), _shared_memory_for_tiles(checking))
         grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
-        _nearest_code_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_kernel(_nearest_code_kernel, grid, *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
     else:
         grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
-        _nearest_code_autotuned[grid](*args, **meta)
+        launch_kernel(_nearest_code_autotuned, grid, *args, **meta)
 
     if not write_distance:
         block_s = next_power_of_2(splits)
         # Few rows per program: with splits there are few rows in all, and the distance epilogue's
         # gather wants many programs in flight more than wide ones.
         block_n = max(1, min(32, 4096 // block_s))
-        _reduce_splits_kernel[(cdiv(n, block_n),)](
-            scores, part_index, second, second_index, third, upper, z, codebook,
-            indices, distances, status, count, row_list, packed,
+        launch_kernel(
+            _reduce_splits_kernel, (cdiv(n, block_n),),
+            scores, part_index, second, second_index, third, upper, z, codebook, indices, distances, status, count,
+            row_list, packed,
             n, splits, k, d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
             BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking)
     return indices, distances
@@ -660,23 +663,25 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
     block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
     if interp:
         cfg = dict(_INTERPRETER_CONFIG)
-        launch = {}
+        options = {}
     else:
         # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
         # list would say little about the next call's.
         first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
         cfg = dict(first.kwargs)
-        launch = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+        options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
     # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
     codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
     programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))
-    _research_listed_rows_kernel[(programs, splits)](
+    launch_kernel(
+        _research_listed_rows_kernel, (programs, splits),
         z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed,
         k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **launch)
+        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **options)
     block_n = 32
     programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
-    _write_listed_rows_kernel[(programs,)](
+    launch_kernel(
+        _write_listed_rows_kernel, (programs,),
         z, codebook, recheck.count, recheck.rows, recheck.packed, indices, distances,
         d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
         BLOCK_N=block_n, DIST_BLOCK_D=min(_DIST_BLOCK_D, max(16, next_power_of_2(d))))

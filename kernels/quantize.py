@@ -19,6 +19,7 @@ from vqfast.kernels._common import (
     LaunchConfig, cdiv, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
     row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
+from vqfast.kernels._launch import launch_kernel
 
 
 @triton.jit
@@ -95,9 +96,9 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     def launch(cfg: LaunchConfig) -> torch.Tensor:
         programs = cdiv(n, cfg.block)
         partial = torch.empty(programs, dtype=torch.float32, device=z.device)
-        _vq_forward_kernel[(programs,)](z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
-                                        z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-                                        BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+        launch_kernel(_vq_forward_kernel, (programs,), z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
+                      z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
+                      BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
         return partial
 
     # Timing runs write z_q too (the final launch overwrites it) and partial sums of their own.
@@ -133,11 +134,11 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
 
         def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z, into_c: torch.Tensor = grad_c) -> None:
             grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-            _vq_backward_kernel[grid](gzq, grad_loss, z, codebook, indices, into_z, into_c, n, codebook.shape[0],
-                                      d, coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
-                                      codebook.stride(0), codebook.stride(1),
-                                      HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
-                                      BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+            launch_kernel(_vq_backward_kernel, grid, gzq, grad_loss, z, codebook, indices, into_z, into_c, n,
+                          codebook.shape[0], d, coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
+                          codebook.stride(0), codebook.stride(1),
+                          HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
+                          BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
 
         # The codebook gradient accumulates (atomics): timing runs go to scratch tensors.
         key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype, has_gzq,

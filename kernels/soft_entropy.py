@@ -27,6 +27,7 @@ from vqfast.kernels._common import (
     cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
     next_power_of_2,
 )
+from vqfast.kernels._launch import launch_kernel
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
 
@@ -261,13 +262,13 @@ def soft_entropy_forward(
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
                 num_warps=warps)
-    _row_stats_kernel[(cdiv(n, block_n),)](z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
-                                                  float(scale), **meta)
+    launch_kernel(_row_stats_kernel, (cdiv(n, block_n),), z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
+                  float(scale), **meta)
     code_blocks = cdiv(k, block_k)
     splits, rows_per_split = _splits(n, block_n, code_blocks, device)
     partial = torch.empty((splits, k), dtype=torch.float32, device=device)
-    _col_sum_kernel[(code_blocks, splits)](z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
-                                           *strides, float(scale), **meta)
+    launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
+                  *strides, float(scale), **meta)
     return lse, ent, partial.sum(0)
 
 
@@ -305,12 +306,13 @@ def soft_entropy_backward(
                 ACC_PRECISION=acc_precision, num_warps=warps)
     d_blocks = cdiv(d, block_d)
     check_grid_yz(d_blocks, "the soft-entropy backward")
-    _grad_rows_kernel[(cdiv(n, block_n), d_blocks)](
-        z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
+    launch_kernel(_grad_rows_kernel, (cdiv(n, block_n), d_blocks),
+                  z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
     if not codebook_grad:
         return dz, dc
     code_blocks = cdiv(k, block_k)
     splits, rows_per_split = _splits(n, block_n, code_blocks * d_blocks, device)
-    _grad_codes_kernel[(code_blocks, d_blocks, splits)](
-        z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale), **meta)
+    launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
+                  z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale),
+                  **meta)
     return dz, dc

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import cdiv, check_launchable, interpreting, next_power_of_2
+from vqfast.kernels._launch import launch_kernel
 
 # Largest finite float32: |x| <= it is False for NaN and +-inf alike.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -152,9 +153,9 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     # 32 x 64 elements per program: 64 registers on sm_90 (50 % occupancy); 64 codes took 138 (19 %).
     block_codes = 16 if interpreting() else 32
     block_d = min(64, max(16, next_power_of_2(d)))
-    _ema_update_kernel[(cdiv(k, block_codes),)](weight, sums, ema_count, counts, total, k, d, weight.stride(0),
-                                               weight.stride(1), sums.stride(0), decay, 1.0 - decay, eps,
-                                               BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4)
+    launch_kernel(_ema_update_kernel, (cdiv(k, block_codes),), weight, sums, ema_count, counts, total, k, d,
+                  weight.stride(0), weight.stride(1), sums.stride(0), decay, 1.0 - decay, eps,
+                  BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4)
 
 
 def _codes_per_program(num_codes: int) -> int:
@@ -224,18 +225,18 @@ def update_code_usage(
     dead = torch.empty(k, dtype=torch.int8, device=usage.device) if restart else counts
     dead_per_block = torch.empty(programs, dtype=torch.int32, device=usage.device) if restart else counts
     block = min(per_program, 16 if interpreting() else 1024)
-    _update_usage_kernel[(programs,)](counts, usage, grace, batch_counts, steps, dead, dead_per_block, k,
-                                      usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold,
-                                      FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block,
-                                      num_warps=4)
+    launch_kernel(_update_usage_kernel, (programs,), counts, usage, grace, batch_counts, steps, dead, dead_per_block, k,
+                  usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold,
+                  FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block,
+                  num_warps=4)
     if not restart:
         return
     d = weight.shape[1]
     block_codes = 8 if interpreting() else 256
     block_d = 16
-    _restart_codes_kernel[(programs,)](dead, dead_per_block, seeds, weight, usage, grace,
-                                       ema_count if ema_count is not None else usage, steps, k, d,
-                                       seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1),
-                                       log2_decay, HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
-                                       NUM_BLOCKS_P2=max(2, next_power_of_2(programs)),
-                                       BLOCK_CODES=min(block_codes, per_program), BLOCK_D=block_d, num_warps=4)
+    launch_kernel(_restart_codes_kernel, (programs,), dead, dead_per_block, seeds, weight, usage, grace,
+                  ema_count if ema_count is not None else usage, steps, k, d,
+                  seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1),
+                  log2_decay, HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
+                  NUM_BLOCKS_P2=max(2, next_power_of_2(programs)),
+                  BLOCK_CODES=min(block_codes, per_program), BLOCK_D=block_d, num_warps=4)

@@ -9,6 +9,7 @@ import triton.language as tl
 from vqfast.kernels._common import (
     LaunchConfig, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config,
 )
+from vqfast.kernels._launch import launch_kernel
 
 
 @triton.jit
@@ -75,9 +76,9 @@ def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int
     counts = torch.zeros(num_codes + finite_only, dtype=torch.int64, device=indices.device)
     if n > 0:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
-            _bincount_kernel[(cdiv(n, cfg.block),)](indices, distances if finite_only else indices, into, n,
-                                                    num_codes, FINITE_ONLY=finite_only, BLOCK=cfg.block,
-                                                    num_warps=cfg.num_warps)
+            launch_kernel(_bincount_kernel, (cdiv(n, cfg.block),), indices, distances if finite_only else indices,
+                          into, n, num_codes, FINITE_ONLY=finite_only, BLOCK=cfg.block,
+                          num_warps=cfg.num_warps)
 
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
@@ -103,5 +104,5 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     counts = bincount(indices, num_codes)
     out = torch.empty(2, dtype=torch.float32, device=indices.device)
     block = 128 if interpreting() else 1024
-    _entropy_kernel[(1,)](counts, out, num_codes, BLOCK=block)
+    launch_kernel(_entropy_kernel, (1,), counts, out, num_codes, BLOCK=block)
     return counts, out[0], out[1]

@@ -37,6 +37,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "compile_report.json").read_text())
     assert report["arch"] == 90 and not report["failures"]
+    # The direct launch path (kernels/_launch.py) reached the compiled kernels Triton's path reaches, with
+    # the same grids and arguments, aligned and misaligned inputs alike (a difference is a failure).
+    assert report["direct_launches_compared"] >= 20
     variants = report["variants"]
     assert {v["kernel"] for v in variants} == KERNELS
     assert all(v["registers"] > 0 and v["blocks_per_sm"] >= 1 for v in variants)

@@ -1,0 +1,140 @@
+"""Kernel launches with less host time than ``kernel[grid](...)``.
+
+A small search is bound by the time Python spends launching kernels, and much of that is in Triton's
+generic launch path: per call it binds the arguments by name, builds the compiled-kernel cache key,
+looks the autotuner's choice up through a dict of every argument, and prepares launch hooks. ``launch``
+remembers, per launch signature, the compiled kernel (and the autotuner's choice) that Triton's own path
+picked the first time, and from then on calls that compiled kernel's launcher directly with the same
+arguments. The signature is taken with Triton's own per-argument specialisation function (dtype and
+16-byte alignment of tensors, integer width and divisibility by 16, the value 1), taken in its finest form
+(Triton's own specialisation function for other argument types), so two calls that Triton would compile
+differently never share an entry.
+
+Equivalent to ``kernel[grid](*args, **meta)``; Triton's path runs whenever the shortcut does not apply
+(the interpreter, launch hooks installed, ``TRITON_DEBUG``, arguments Triton cannot specialise).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import triton
+
+try:  # Triton 3.3 and later; without them every launch takes Triton's own path.
+    from triton import knobs as _knobs
+    from triton._C.libtriton import native_specialize_impl as _native_specialize
+    from triton.backends.compiler import BaseBackend as _BaseBackend
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover - older Triton
+    _knobs = _native_specialize = _BaseBackend = _JITFunction = None
+
+# Switch for comparisons (benchmarks/host_cost.py) and for tests of Triton's path.
+_DIRECT = _native_specialize is not None
+
+
+class _KernelInfo:
+    """What a direct launch needs to know of a kernel, found once."""
+
+    __slots__ = ("direct", "arg_names", "key_positions")
+
+    def __init__(self, kernel: Any):
+        autotuner = hasattr(kernel, "configs")
+        fn = kernel.fn if autotuner else kernel
+        # Under TRITON_INTERPRET=1 the decorator makes interpreted functions, which launch no compiled code.
+        self.direct = _DIRECT and isinstance(fn, _JITFunction) and not getattr(fn, "pre_run_hooks", None)
+        self.arg_names = tuple(fn.arg_names) if self.direct else ()
+        # An autotuner chooses by the values of its key arguments, not only by their specialisation.
+        self.key_positions = tuple(self.arg_names.index(k) for k in kernel.keys if k in self.arg_names) \
+            if autotuner and self.direct else ()
+
+
+class _Entry:
+    __slots__ = ("compiled", "meta_names", "config")
+
+    def __init__(self, compiled: Any, meta_names: tuple[str, ...], config: Any):
+        self.compiled = compiled
+        self.meta_names = meta_names  # the kernel's parameters after the positional ones, in order
+        self.config = config  # the autotuner's choice, or None
+
+
+_KERNELS: dict[int, _KernelInfo] = {}
+_ENTRIES: dict[tuple, _Entry] = {}
+
+
+def _hooks_idle() -> bool:
+    """No launch hooks (profilers such as Proton install them; a direct call would skip them) and no
+    debug mode (it changes what Triton compiles)."""
+    runtime = _knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return runtime.add_stages_inspection_hook is None and not runtime.debug
+
+
+def _signature(args: Sequence[Any], tensor: type = torch.Tensor) -> tuple:
+    """What Triton specialises a kernel on, per argument, at least as finely as Triton itself does
+    (tests/test_launch.py holds it against ``native_specialize_impl``): for tensors the dtype and whether
+    the address is a multiple of 16, for integers the value 1, divisibility by 16 and the width (i32,
+    i64, u64); other values through Triton's own function. Written out for tensors and integers because
+    Triton's function takes about 2 us per tensor, three times as long."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if type(a) is tensor else
+                  (a == 1, a % 16 == 0, -0x80000000 <= a < 0x80000000, a < 0x8000000000000000) if type(a) is int else
+                  _other_signature(a) for a in args])
+
+
+def _other_signature(value: Any) -> Any:
+    if value is None or type(value) is float or type(value) is bool:
+        return type(value)
+    return _native_specialize(_BaseBackend, value, False, True, True)
+
+
+def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any, **meta: Any) -> None:
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it is known.
+
+    ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` of one. With an autotuner, ``grid``
+    may be a function of the chosen configuration's meta-parameters, as for ``kernel[grid]``."""
+    info = _KERNELS.get(id(kernel))
+    if info is None:
+        info = _KERNELS[id(kernel)] = _KernelInfo(kernel)
+    if not (info.direct and _DIRECT and _hooks_idle()):
+        kernel[grid](*args, **meta)
+        return
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    try:
+        signature = _signature(args)
+    except Exception:  # a value Triton's specialisation does not take: its own path says what is wrong
+        kernel[grid](*args, **meta)
+        return
+    nargs = len(args)
+    # (Key arguments passed by name are among the meta items already.)
+    key = (id(kernel), device, signature, tuple(meta.items()),
+           tuple(args[i] for i in info.key_positions if i < nargs))
+    entry = _ENTRIES.get(key)
+    if entry is None:
+        _first_launch(kernel, info, key, grid, args, meta)
+        return
+    config = entry.config
+    full_meta = meta if config is None else {**meta, **config.kwargs}
+    if callable(grid):
+        grid = grid(full_meta)
+    compiled = entry.compiled
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                 driver.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *[full_meta[name] for name in entry.meta_names])
+
+
+def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: tuple, meta: dict) -> None:
+    """Triton's own launch (compiling, autotuning), then the entry for the next calls like it."""
+    compiled = kernel[grid](*args, **meta)
+    if hasattr(compiled, "result"):  # a compilation future (asynchronous compile mode)
+        compiled = compiled.result()
+    config = getattr(kernel, "best_config", None) if hasattr(kernel, "configs") else None
+    if compiled is None or (config is not None and config.pre_hook is not None):
+        return
+    full_meta = {**meta, **(config.kwargs if config is not None else {})}
+    meta_names = info.arg_names[len(args):]
+    if not all(name in full_meta for name in meta_names):
+        return  # a parameter left to its default value: only Triton's path fills it in
+    _ENTRIES[key] = _Entry(compiled, meta_names, config)
