@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import itertools
 import math
 import os
 import platform
@@ -76,6 +77,8 @@ NEAREST_PROVIDERS = (
 GRAPH_PROVIDER = "vqfast (CUDA graph)"
 HEADLINE_PROVIDERS = ("vqfast", GRAPH_PROVIDER, "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)")
 LAYER_PROVIDERS = ("vqfast", "matmul+argmin", "article (fixed)", "vector-quantize-pytorch")
+# Input batches the layer benchmark feeds in turn.
+LAYER_BATCHES = 4
 TRAIN_PROVIDERS = ("vqfast", "article (fixed)", "no VQ")
 
 # ``case`` of the record left by a part that stopped on an unexpected exception.
@@ -1236,7 +1239,9 @@ def run_layer(ctx: Context) -> None:
             continue
         with matmul_precision("highest"):
             _seeded()
-            z = torch.randn(b, c, h, w, device=ctx.device, requires_grad=True)
+            # A few batches in turn, as in training: with one batch fed over and over, dead-code
+            # restarts would soon put codes on its very rows and make the search unlike a real one.
+            zs = [torch.randn(b, c, h, w, device=ctx.device, requires_grad=True) for _ in range(LAYER_BATCHES)]
             g = torch.randn(b, c, h, w, device=ctx.device)
             one = torch.ones((), device=ctx.device)
             codebook = None
@@ -1268,16 +1273,18 @@ def run_layer(ctx: Context) -> None:
                         else:
                             weight.copy_(codebook)
 
-                def step(layer: nn.Module = layer) -> None:
-                    z_q, loss, _ = layer(z)
+                steps = itertools.count()
+
+                def step(layer: nn.Module = layer, steps: Iterator[int] = steps) -> None:
+                    z_q, loss, _ = layer(zs[next(steps) % len(zs)])
                     torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
 
-                m = ctx.meter.measure(step, est, grad_to_none=[z, *layer.parameters()])
+                m = ctx.meter.measure(step, est, grad_to_none=[*zs, *layer.parameters()])
                 rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
                 ctx.add(rec)
                 del layer, step
                 ctx.meter.free()
-            z = g = codebook = None  # dropped; not del, which closures above would see as unbound
+            zs = g = codebook = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
     for n, k, d in ctx.plan.kmeans:
         run_kmeans_init(ctx, n, k, d)
