@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import itertools
 import json
 import os
 import pstats
@@ -82,19 +83,21 @@ def layer_steps() -> None:
 
     for b, ch, h, w, k in ((128, 256, 16, 16, 65536), (64, 128, 4, 4, 4096)):
         torch.manual_seed(0)
-        x = torch.randn(b, ch, h, w, device="cuda", requires_grad=True)
+        # Four batches in turn, as the benchmark's layer part feeds them.
+        xs = [torch.randn(b, ch, h, w, device="cuda", requires_grad=True) for _ in range(4)]
         grad = torch.randn(b, ch, h, w, device="cuda")
         one = torch.ones((), device="cuda")
         layer = VectorQuantizer(k, ch).cuda()
+        steps = itertools.count()
 
-        def step(layer=layer, x=x, grad=grad, one=one):
-            z_q, loss, _ = layer(x)
+        def step(layer=layer, xs=xs, grad=grad, one=one, steps=steps):
+            z_q, loss, _ = layer(xs[next(steps) % len(xs)])
             torch.autograd.backward([z_q, loss], [grad, one])
 
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        log(f"layer {b}x{ch}x{h}x{w} K={k} ms", do_bench(step, grad_to_none=[x, *layer.parameters()]))
+        log(f"layer {b}x{ch}x{h}x{w} K={k} ms", do_bench(step, grad_to_none=[*xs, *layer.parameters()]))
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
@@ -105,22 +108,29 @@ def layer_steps() -> None:
 
 
 def small_searches() -> None:
-    """Host time per eager call of a small search, and where it goes (cProfile, bf16)."""
+    """Host time per eager call of a small search, with vqfast's direct launches and with Triton's
+    launch path (kernels/_launch.py), and where it goes (cProfile, bf16)."""
     import vqfast
+    from vqfast.kernels import _launch
 
+    direct = _launch._DIRECT
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         z = torch.randn(1024, 128, device="cuda").to(dtype)
         c = torch.randn(4096, 128, device="cuda").to(dtype)
-        for _ in range(20):
-            vqfast.nearest_code(z, c)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(300):
-            vqfast.nearest_code(z, c)
-        host = (time.perf_counter() - start) / 300 * 1e6
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - start) / 300 * 1e6
-        log(f"small {dtype} eager us per call (host, with drain)", [round(host, 1), round(total, 1)])
+        for mode in ("direct", "triton"):
+            _launch._DIRECT = direct and mode == "direct"
+            for _ in range(20):
+                vqfast.nearest_code(z, c)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(300):
+                vqfast.nearest_code(z, c)
+            host = (time.perf_counter() - start) / 300 * 1e6
+            torch.cuda.synchronize()
+            total = (time.perf_counter() - start) / 300 * 1e6
+            log(f"small {dtype} eager us per call, {mode} launches (host, with drain)",
+                [round(host, 1), round(total, 1)])
+        _launch._DIRECT = direct
         if dtype == torch.bfloat16:
             profile = cProfile.Profile()
             profile.enable()

@@ -419,9 +419,16 @@ def _autotune_configs() -> list[triton.Config]:
     for block_n, block_k, warps, stages in [
         (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3),
         (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 8, 3), (128, 128, 8, 2),
+        *_TENSOR_CORE_ONLY,
     ]:
         configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
     return configs
+
+
+# Two programs per SM at D = 256 in 16-bit (96 KiB of shared memory each; the others take 160 KiB or
+# more), so that one program's tensor-core work can overlap the other's argmin. Not for exact fp32
+# products, where (128, 64) with one stage spills (compile_check.py).
+_TENSOR_CORE_ONLY = ((128, 64, 8, 1), (64, 64, 4, 2))
 
 
 # Used when no listed configuration fits a GPU's shared memory (consumer GPUs have ~100 KB).
@@ -449,7 +456,8 @@ def _select_configs(configs: list[triton.Config], input_precision: str, block_d:
 
     chosen = [c for c in configs if fits(c)]
     if input_precision == "ieee":
-        chosen = [c for c in chosen if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps]
+        chosen = [c for c in chosen if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps
+                  and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) not in _TENSOR_CORE_ONLY]
     if chosen:
         return chosen
     fallback = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)

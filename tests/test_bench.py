@@ -679,3 +679,22 @@ def test_goals_with_failed_or_missing_points_are_never_met():
     verdicts = [line.rsplit("|", 2)[1].strip() for line in layer_only.splitlines()
                 if line.startswith("| ") and "---" not in line and "verdict" not in line]
     assert verdicts == ["not measured"] * 4 + ["met", "met"] + ["not measured"] * 2
+
+
+def test_search_tile_note_names_the_autotuners_choice(monkeypatch):
+    import triton
+
+    from vqfast.kernels import _launch, nearest
+
+    class Tuner:
+        best_config = triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+
+    monkeypatch.setattr(nearest, "_nearest_code_autotuned", Tuner())
+    monkeypatch.delenv("VQFAST_AUTOTUNE", raising=False)
+    direct_during_run = []
+    note = bench.search_tile_note(lambda: direct_during_run.append(_launch._DIRECT))
+    assert note == "search tile 128x64, 8 warps, 3 stages"
+    assert direct_during_run == [False]  # through the autotuner, which reports its choice
+    assert _launch._DIRECT is (_launch._native_specialize is not None)
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "0")
+    assert bench.search_tile_note(lambda: None) == ""

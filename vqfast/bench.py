@@ -1063,14 +1063,41 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             rec.note = _error_status(exc)
         finally:
             ctx.meter.free()
-    if provider == "vqfast" and point.precision == "tf32" and rec.ok and z.is_cuda and not rec.note:
-        try:
-            rec.note = tf32_recheck_shares(z, c)
-        except Exception as exc:  # noqa: BLE001
-            rec.note = f"tf32 re-check shares: {_error_status(exc)}"
-        finally:
-            ctx.meter.free()
+    if provider == "vqfast" and rec.ok and z.is_cuda and not rec.note:
+        notes = [search_tile_note(lambda: search(z, c))]
+        if point.precision == "tf32":
+            try:
+                notes.append(tf32_recheck_shares(z, c))
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"tf32 re-check shares: {_error_status(exc)}")
+            finally:
+                ctx.meter.free()
+        rec.note = "; ".join(n for n in notes if n)
     return rec
+
+
+def search_tile_note(run_search: Callable[[], object]) -> str:
+    """The search kernel's launch configuration that the autotuner chose for this problem, e.g.
+    "search tile 128x64, 8 warps, 3 stages" (empty with ``VQFAST_AUTOTUNE=0`` or on failure).
+
+    Runs the search once more through Triton's own launch path, whose autotuner then reports the
+    choice for this problem's key (direct launches skip the autotuner once it has chosen)."""
+    from vqfast.kernels import _launch, nearest
+    from vqfast.kernels._common import autotuning
+
+    if not autotuning():
+        return ""
+    direct = _launch._DIRECT
+    try:
+        _launch._DIRECT = False
+        run_search()
+        cfg = nearest._nearest_code_autotuned.best_config
+        return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}, {cfg.num_warps} warps, "
+                f"{cfg.num_stages} stages")
+    except Exception:  # noqa: BLE001 - a note only
+        return ""
+    finally:
+        _launch._DIRECT = direct
 
 
 def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor) -> str:
