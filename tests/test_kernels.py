@@ -569,7 +569,7 @@ def test_autotuning_skips_configs_that_overflow_shared_memory():
     assert all(_shared_memory_bytes(*key(c), 256, True, 2) <= H100_SHARED_MEMORY for c in chosen)
     # A GPU with ~100 KB per block still gets a configuration that fits.
     small = _select_configs(configs, "tf32", 256, True, 2, 101376)
-    assert len(small) == 1 and _shared_memory_bytes(*key(small[0]), 256, True, 2) <= 101376
+    assert small and all(_shared_memory_bytes(*key(c), 256, True, 2) <= 101376 for c in small)
 
 
 def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
