@@ -104,17 +104,32 @@ def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
 def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err,
                 err_norm, err_tiny, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, BEST_THREE: tl.constexpr):
+                INPUT_PRECISION: tl.constexpr, BEST_THREE: tl.constexpr, SLOTS: tl.constexpr,
+                K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr):
     """Streams codes [k_begin, k_end) past a block of rows: per row the best score ``||c||^2 - 2 z.c``
     and its index. With BEST_THREE the codes are ranked instead by a lower bound of their exact score,
     the tf32 score minus the bound on its error for that code and row (``_code_error``), and the
-    runner-up (lower bound and index) and the third lower bound are kept too."""
+    runner-up (lower bound and index) and the third lower bound are kept too.
+
+    With SLOTS (the plain search on tensor cores) each (row, column) slot of the tile keeps its own
+    running minimum and the start of the tile it came from, and the rows are reduced once, after the
+    last tile: per score one compare and two selects, against a minimum with its index across each
+    tile's columns (compare-and-select chains over values and indices, then shuffles) per tile.
+
+    K_ALIGN, a power of two dividing k_begin and k_end, and EVEN_D (D == BLOCK_D, one slice) let the
+    loads go unmasked: when BLOCK_K divides K_ALIGN every tile is full, and the per-element masks (and
+    their selects) leave the loop."""
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     second = tl.full([BLOCK_N], float("inf"), tl.float32)
     second_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     third = tl.full([BLOCK_N], float("inf"), tl.float32)
+    use_slots: tl.constexpr = SLOTS and not BEST_THREE and INPUT_PRECISION != "ieee"
+    if use_slots:
+        slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+        slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
+    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
@@ -125,8 +140,15 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
         c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if SINGLE_D:
-            c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd,
-                             mask=mask_k[None, :] & (offs_d[:, None] < D), other=0.0)
+            if full_tiles and EVEN_D:
+                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd)
+            elif full_tiles:
+                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=offs_d[:, None] < D, other=0.0)
+            elif EVEN_D:
+                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=mask_k[None, :], other=0.0)
+            else:
+                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd,
+                                 mask=mask_k[None, :] & (offs_d[:, None] < D), other=0.0)
             acc = tl.dot(z_block, c_tile, acc, input_precision=INPUT_PRECISION)
         else:
             for d0 in range(0, D, BLOCK_D):
@@ -136,36 +158,65 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
                 ct = tl.load(c_cols + dd[:, None] * stride_cd,
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
-        # Padding codes get +inf so they never win.
-        c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
-        score = c_sqnorm[None, :] - 2.0 * acc
-        # NaN never wins: a row whose scores are all NaN keeps a valid index.
-        score = tl.where(score == score, score, float("inf"))
-        if BEST_THREE:
-            error = _code_error(row_err[:, None], row_resid_err[:, None],
-                                tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
-                                tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
-                                tl.where(mask_k, c_sqnorm, 0.0)[None, :], err_norm, err_tiny)
-            # inf - inf (padding, or a row of infinities) is NaN: such a code never wins either.
-            score = score - error
-            score = tl.where(score == score, score, float("inf"))
-        tile_best, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        tile_arg = tile_arg.to(tl.int32)
-        if BEST_THREE:
-            cols = tl.arange(0, BLOCK_K)
-            rest = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
-            tile_second, tile_arg2 = tl.min(rest, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            tile_arg2 = tile_arg2.to(tl.int32)
-            rest = tl.where(cols[None, :] == tile_arg2[:, None], float("inf"), rest)
-            tile_third = tl.min(rest, axis=1)
-            best, best_index, second, second_index, third = _merge_best_three(
-                best, best_index, second, second_index, third,
-                tile_best, tile_arg + k0, tile_second, tile_arg2 + k0, tile_third)
+        if full_tiles:
+            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
         else:
-            # Strict '<' across tiles keeps the lowest index on ties, since tiles go in increasing order.
-            improved = tile_best < best
-            best_index = tl.where(improved, tile_arg + k0, best_index)
-            best = tl.where(improved, tile_best, best)
+            # Padding codes get +inf so they never win.
+            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
+        score = c_sqnorm[None, :] - 2.0 * acc
+        if use_slots:
+            # A NaN score compares false and never replaces a slot's minimum; strict '<' keeps a
+            # slot's earliest tile on ties.
+            better = score < slot_best
+            slot_best = tl.where(better, score, slot_best)
+            slot_start = tl.where(better, k0, slot_start)
+        else:
+            best, best_index, second, second_index, third = _merge_tile(
+                score, k0, offs_k, mask_k, c_sqnorm, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
+                err_tiny, best, best_index, second, second_index, third, BLOCK_K, BEST_THREE)
+    if use_slots:
+        # The lowest index among the slots that hold the row's minimum: each slot holds the earliest
+        # code with its own minimum, so this is the lowest index of all codes with that score. A row
+        # whose scores are all NaN or +inf gets k_begin (column 0 of the first tile), as without slots.
+        best = tl.min(slot_best, axis=1)
+        cols = tl.arange(0, BLOCK_K)
+        best_index = tl.min(tl.where(slot_best == best[:, None], slot_start + cols[None, :], k_end), axis=1)
+    return best, best_index, second, second_index, third
+
+
+@triton.jit
+def _merge_tile(score, k0, offs_k, mask_k, c_sqnorm, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
+                err_tiny, best, best_index, second, second_index, third, BLOCK_K: tl.constexpr,
+                BEST_THREE: tl.constexpr):
+    """One tile's scores merged into the running best per row (and, with BEST_THREE, the lower bounds'
+    best three), by a minimum with its index across the tile's columns."""
+    # NaN never wins: a row whose scores are all NaN keeps a valid index.
+    score = tl.where(score == score, score, float("inf"))
+    if BEST_THREE:
+        error = _code_error(row_err[:, None], row_resid_err[:, None],
+                            tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
+                            tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)[None, :],
+                            tl.where(mask_k, c_sqnorm, 0.0)[None, :], err_norm, err_tiny)
+        # inf - inf (padding, or a row of infinities) is NaN: such a code never wins either.
+        score = score - error
+        score = tl.where(score == score, score, float("inf"))
+    tile_best, tile_arg = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    tile_arg = tile_arg.to(tl.int32)
+    if BEST_THREE:
+        cols = tl.arange(0, BLOCK_K)
+        rest = tl.where(cols[None, :] == tile_arg[:, None], float("inf"), score)
+        tile_second, tile_arg2 = tl.min(rest, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        tile_arg2 = tile_arg2.to(tl.int32)
+        rest = tl.where(cols[None, :] == tile_arg2[:, None], float("inf"), rest)
+        tile_third = tl.min(rest, axis=1)
+        best, best_index, second, second_index, third = _merge_best_three(
+            best, best_index, second, second_index, third,
+            tile_best, tile_arg + k0, tile_second, tile_arg2 + k0, tile_third)
+    else:
+        # Strict '<' across tiles keeps the lowest index on ties, since tiles go in increasing order.
+        improved = tile_best < best
+        best_index = tl.where(improved, tile_arg + k0, best_index)
+        best = tl.where(improved, tile_best, best)
     return best, best_index, second, second_index, third
 
 
@@ -256,6 +307,7 @@ def _nearest_code_kernel(
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr,
+    SLOTS: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """One block of rows against one split of the codebook. WRITE_DISTANCE (one split): the final index
     and distance; otherwise the split's winner for the reduction. RECHECK (fp32 data, tf32 products):
@@ -277,7 +329,7 @@ def _nearest_code_kernel(
     best, best_index, second, second_index, third = _scan_codes(
         z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm, err_tiny,
         k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
-        BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK)
+        BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK, SLOTS, K_ALIGN, EVEN_D)
     if RECHECK:
         # An upper bound of the best exact score: the best code's tf32 score plus its error.
         chosen = best_index.to(tl.int64)
@@ -353,7 +405,7 @@ def _research_listed_rows_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr, count_ptr, list_ptr, packed_ptr,
     K, D, codes_per_split, stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """fp32-accurate search of the rows the tf32 pass listed. The list's length is known only on the device, so
     a fixed grid of programs takes its row blocks in turn, each program against one codebook split; the
@@ -373,7 +425,7 @@ def _research_listed_rows_kernel(
         best, best_index, _, _, _ = _scan_codes(
             z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, c_sqnorm_ptr, unused, unused, 0.0, 0.0,
             k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
-            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False)
+            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False, SLOTS, 1, False)
         bits = best.to(tl.int32, bitcast=True)
         # Negative floats: flip all but the sign bit, so that integer order is float order.
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -421,8 +473,16 @@ def _autotune_configs() -> list[triton.Config]:
         (64, 64, 4, 4), (128, 64, 4, 3), (64, 256, 8, 3), (128, 128, 8, 2),
         *_TENSOR_CORE_ONLY,
     ]:
-        configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
+        configs.append(_config(block_n, block_k, warps, stages))
     return configs
+
+
+def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    # Slot-wise minima (see _scan_codes) hold two more values per score in registers: only for tiles of
+    # at most 32 scores per thread.
+    slots = block_n * block_k <= 32 * 32 * warps
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SLOTS": slots}, num_warps=warps,
+                         num_stages=stages)
 
 
 # Two programs per SM at D = 256 in 16-bit (96 KiB of shared memory each; the others take 160 KiB or
@@ -460,8 +520,7 @@ def _select_configs(configs: list[triton.Config], input_precision: str, block_d:
                   and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) not in _TENSOR_CORE_ONLY]
     if chosen:
         return chosen
-    fallback = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-                for n, k, w, st in _FALLBACK_CONFIGS]
+    fallback = [_config(n, k, w, st) for n, k, w, st in _FALLBACK_CONFIGS]
     return [c for c in fallback if fits(c)][:1] or fallback[-1:]
 
 
@@ -491,7 +550,7 @@ _nearest_code_autotuned = triton.autotune(
     reset_to_zero=["count_ptr"],
 )(_nearest_code_kernel)
 
-_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "SLOTS": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -539,6 +598,14 @@ def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device
         return 1
     max_splits = cdiv(n_codes, _SPLIT_ALIGN)
     return max(1, min(max_splits, cdiv(target_programs, row_blocks)))
+
+
+def _power_of_two_dividing(*values: int, cap: int = 256) -> int:
+    """The largest power of two up to ``cap`` that divides every value."""
+    p = cap
+    while p > 1 and any(v % p for v in values):
+        p //= 2
+    return p
 
 
 def _split_codes(n_codes: int, splits: int, interp: bool) -> tuple[int, int]:
@@ -631,7 +698,8 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     )
     dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
     meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, RECHECK=checking)
+                WRITE_DISTANCE=write_distance, RECHECK=checking, K_ALIGN=_power_of_two_dividing(k, codes_per_split),
+                EVEN_D=single_d and d == block_d)
     if interp:
         grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -678,6 +746,9 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
         first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
         cfg = dict(first.kwargs)
         options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+    # Minima with indices per tile: tf32x3 products already take ~254 registers when D is looped over,
+    # with no room for slot-wise minima, and the listed rows are few.
+    cfg["SLOTS"] = False
     # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
     codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
     programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))

@@ -72,13 +72,15 @@ def test_split_codebook_matches_single_pass(splits, kernel_device):
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-def test_ties_go_to_lowest_index(splits, kernel_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ties_go_to_lowest_index(splits, dtype, kernel_device):
     # Duplicate codes in different tiles and different splits: the first copy must win. Small
-    # integers keep every product exact, so the copies' scores tie exactly.
+    # integers keep every product exact, so the copies' scores tie exactly. (fp16 runs the tensor-core
+    # search with slot-wise minima; exact fp32 the per-tile minima.)
     g = torch.Generator().manual_seed(3)
-    z = torch.randint(-3, 4, (9, 20), generator=g).float().to(kernel_device)
+    z = torch.randint(-3, 4, (9, 20), generator=g).to(dtype).to(kernel_device)
     # 800 codes: on a GPU, splits are multiples of 256 codes, so 4 splits stay 4.
-    c = torch.randint(-3, 4, (800, 20), generator=g).float().to(kernel_device)
+    c = torch.randint(-3, 4, (800, 20), generator=g).to(dtype).to(kernel_device)
     c[150] = c[7]
     c[790] = c[7]
     c[60] = c[40]
@@ -101,9 +103,10 @@ def test_strided_inputs(kernel_device):
     torch.testing.assert_close(dist, ref_dist)
 
 
-@pytest.mark.parametrize("precision", ["highest", "high"])
-def test_nan_and_inf_never_give_out_of_range_indices(precision, kernel_device):
-    z, c = _data(12, 50, 10, torch.float32, kernel_device, seed=5)
+@pytest.mark.parametrize("precision,dtype", [("highest", torch.float32), ("high", torch.float32),
+                                             ("high", torch.float16)])
+def test_nan_and_inf_never_give_out_of_range_indices(precision, dtype, kernel_device):
+    z, c = _data(12, 50, 10, dtype, kernel_device, seed=5)
     z[0] = float("nan")
     z[1, 3] = float("nan")
     z[2, 0] = float("inf")
@@ -117,6 +120,39 @@ def test_nan_and_inf_never_give_out_of_range_indices(precision, kernel_device):
         clean = torch.arange(3, 12)
         ref_idx, _ = reference.nearest_code(z[clean].cpu(), c.cpu())
         assert torch.equal(idx[clean].cpu(), ref_idx)
+        if dtype == torch.float16:
+            # Rows of NaN keep index 0, as the per-tile minimum gives them.
+            assert idx[0] == 0
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_slotwise_and_per_tile_minima_agree(splits, monkeypatch):
+    """The 16-bit search's two ways of keeping the running minimum (SLOTS, see _scan_codes) give the
+    same indices and distances: random rows, exact ties across tiles and splits, NaN and inf rows, a
+    NaN code, and a split shorter than a tile."""
+    from vqfast.kernels import _common, nearest
+
+    if not _common.interpreting():
+        pytest.skip("the interpreter's fixed configuration is what is switched here; on a GPU the autotuner "
+                    "chooses, and the other tests cover the configuration it takes")
+    g = torch.Generator().manual_seed(11)
+    z = torch.randint(-3, 4, (45, 24), generator=g).half()
+    c = torch.randint(-3, 4, (203, 24), generator=g).half()
+    c[100] = c[3]
+    c[170] = c[3]
+    z[:5] = c[3]
+    z[5] = float("nan")
+    z[6, 2] = float("inf")
+    c[50, 1] = float("nan")
+    z[7:20] = torch.randn(13, 24, generator=g).half()
+    results = {}
+    for slots in (True, False):
+        monkeypatch.setitem(nearest._INTERPRETER_CONFIG, "SLOTS", slots)
+        results[slots] = kernels.nearest_code(z, c, num_splits=splits)
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], results[False][1], equal_nan=True)
+    assert results[True][0][:5].tolist() == [3] * 5 and results[True][0][5] == 0
+    assert not (results[True][0] == 50).any()
 
 
 def test_empty_rows(kernel_device):
