@@ -57,6 +57,9 @@ class Variant:
     blocks_per_sm: int = -1
     occupancy: float = float("nan")
     mma: str = ""
+    # SASS instructions in the innermost loop that holds a warpgroup MMA (the search's main loop), per
+    # thread and iteration; -1 where there is none.
+    loop_instructions: int = -1
 
 
 @dataclass
@@ -174,6 +177,45 @@ def _resources(ptx: str, arch: int) -> tuple[int, int, int]:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return (int(regs.group(1)) if regs else -1,
             int(spills.group(1)) if spills else -1, int(spills.group(2)) if spills else -1)
+
+
+def _mma_loop_instructions(cubin: bytes) -> int:
+    """Instructions in the innermost loop that contains an HGMMA, from ``nvdisasm`` of the cubin: what
+    one thread issues per tile of the search (MMA, loads, addresses and the epilogue's argmin), a
+    static measure of the epilogue's cost beside the tensor-core work. -1 without such a loop."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not tool.exists():
+        return -1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(tool), "-c", str(path)], capture_output=True, text=True).stdout
+    instructions: list[tuple[int, str]] = []
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    for line in sass.splitlines():
+        text = line.strip()
+        label = re.match(r"\.L_x_(\d+):", text)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", text)
+        if found:
+            address = int(found.group(1), 16)
+            for name in pending:
+                labels[name] = address
+            pending = []
+            instructions.append((address, found.group(2)))
+    best = -1
+    for address, text in instructions:
+        branch = re.search(r"BRA\s.*?\.L_x_(\d+)", text)
+        start = labels.get(branch.group(1)) if branch else None
+        if start is None or start >= address:
+            continue  # not a backward branch
+        body = [t for a, t in instructions if start <= a <= address]
+        if any("HGMMA" in t for t in body) and (best < 0 or len(body) < best):
+            best = len(body)
+    return best
 
 
 def _mma_kind(ptx: str) -> str:
@@ -349,6 +391,8 @@ def run(arch: int, quick: bool) -> Report:
                         num_stages=meta.num_stages, shared_bytes=meta.shared)
             v.registers, v.spill_stores, v.spill_loads = _resources(kernel.asm["ptx"], arch)
             v.mma = _mma_kind(kernel.asm["ptx"])
+            if v.mma == "wgmma" and arch >= 90:
+                v.loop_instructions = _mma_loop_instructions(kernel.asm["cubin"])
             v.blocks_per_sm = _blocks_per_sm(v.registers, v.num_warps, v.shared_bytes, limits)
             v.occupancy = v.blocks_per_sm * v.num_warps * 32 / limits["threads"]
             report.variants.append(v)
@@ -405,22 +449,24 @@ def markdown(report: Report) -> str:
     lines = [
         f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
         "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
-        "memory and threads.",
+        "memory and threads; MMA loop instr. = SASS instructions per thread in the innermost loop holding a "
+        "warpgroup MMA (nvdisasm), the search's main loop.",
         "",
         f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "
         f"{report.direct_launches_compared}, all the same compiled kernel, grid and arguments unless listed "
         "under Failures.",
         "",
-        "| kernel | case | constants | warps | stages | MMA | regs | spill st/ld (B) | smem (KiB) | blocks/SM | occupancy |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| kernel | case | constants | warps | stages | MMA | regs | spill st/ld (B) | smem (KiB) | blocks/SM | occupancy "
+        "| MMA loop instr. |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in report.variants:
         consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
-                           or k in ("INPUT_PRECISION", "SINGLE_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
+                           or k in ("INPUT_PRECISION", "SINGLE_D", "SLOTS", "K_ALIGN", "EVEN_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
                                          "FINITE_ONLY", "FIND_DEAD", "HAS_EMA", "CODES_PER_PROGRAM"))
         lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
                      f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
-                     f"{v.occupancy:.0%} |")
+                     f"{v.occupancy:.0%} | {v.loop_instructions if v.loop_instructions >= 0 else ''} |")
     if report.failures:
         lines += ["", "Failures:", ""] + [f"- {f['case']}: {f['error'].splitlines()[0]}" for f in report.failures]
     return "\n".join(lines) + "\n"

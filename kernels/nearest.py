@@ -129,7 +129,9 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
     if use_slots:
         slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
         slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
-    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
+    # (Not in the tf32 pass with its bound: there, at ~255 registers, unmasked loads made ptxas spill.)
+    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0 and not BEST_THREE
+    even_d: tl.constexpr = EVEN_D and not BEST_THREE
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
@@ -140,11 +142,11 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
         c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if SINGLE_D:
-            if full_tiles and EVEN_D:
+            if full_tiles and even_d:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd)
             elif full_tiles:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=offs_d[:, None] < D, other=0.0)
-            elif EVEN_D:
+            elif even_d:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=mask_k[None, :], other=0.0)
             else:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd,

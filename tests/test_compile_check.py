@@ -49,6 +49,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert len(search) >= 8
     tensor_core = [v for v in search if v["constants"].get("INPUT_PRECISION") == "tf32"]
     assert tensor_core and all(v["mma"] == "wgmma" for v in tensor_core)
+    # Their main loop is found in the SASS and counted (tuning note 15 compares these counts).
+    assert all(v["loop_instructions"] > 0 for v in tensor_core)
     # VQFAST_AUTOTUNE=0: one configuration per pass (tf32 search, fp32 re-search), not eight.
     fixed = [v for v in search if "VQFAST_AUTOTUNE=0" in v["case"]]
     assert 1 <= len(fixed) <= 2
