@@ -450,7 +450,8 @@ def markdown(report: Report) -> str:
         f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
         "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
         "memory and threads; MMA loop instr. = SASS instructions per thread in the innermost loop holding a "
-        "warpgroup MMA (nvdisasm), the search's main loop.",
+        "warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices where D is looped over, "
+        "without the epilogue).",
         "",
         f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "
         f"{report.direct_launches_compared}, all the same compiled kernel, grid and arguments unless listed "
