@@ -430,15 +430,21 @@ def _check_direct_launches(report: Report, cases: list[tuple[str, Callable[[], o
                 _launch._DIRECT = direct and mode != "triton"
                 _NoLaunch.record = records[mode] = []
                 torch.manual_seed(0)
+                before = _launch.direct_launches
                 try:
                     run_case()
                 except Exception as exc:
                     report.failures.append({"case": f"{case} ({mode} launches)", "error": repr(exc)[:2000]})
                     break
+                taken = _launch.direct_launches - before
             else:
                 if not records["direct"] or records["direct"] != records["triton"]:
                     report.failures.append({"case": case, "error": "direct launches differ from Triton's: "
                                             f"{records['direct'][:3]} against {records['triton'][:3]}"[:2000]})
+                elif taken != len(records["direct"]):
+                    # Otherwise the comparison would hold trivially, Triton's path against itself.
+                    report.failures.append({"case": case, "error": f"only {taken} of {len(records['direct'])} "
+                                            "launches went through the direct path after a warm-up run"})
                 report.direct_launches_compared += len(records["direct"])
     finally:
         _launch._DIRECT = direct

@@ -36,17 +36,23 @@ _DIRECT = _native_specialize is not None
 class _KernelInfo:
     """What a direct launch needs to know of a kernel, found once."""
 
-    __slots__ = ("direct", "arg_names", "key_positions")
+    __slots__ = ("direct", "fn", "arg_names", "value_positions")
 
     def __init__(self, kernel: Any):
         autotuner = hasattr(kernel, "configs")
         fn = kernel.fn if autotuner else kernel
-        # Under TRITON_INTERPRET=1 the decorator makes interpreted functions, which launch no compiled code.
-        self.direct = _DIRECT and isinstance(fn, _JITFunction) and not getattr(fn, "pre_run_hooks", None)
+        self.fn = fn
+        # Under TRITON_INTERPRET=1 the decorator makes interpreted functions, which launch no compiled code;
+        # other backends (ROCm) specialise on more than _signature sees.
+        self.direct = (_DIRECT and isinstance(fn, _JITFunction)
+                       and triton.runtime.driver.active.get_current_target().backend == "cuda")
         self.arg_names = tuple(fn.arg_names) if self.direct else ()
-        # An autotuner chooses by the values of its key arguments, not only by their specialisation.
-        self.key_positions = tuple(self.arg_names.index(k) for k in kernel.keys if k in self.arg_names) \
-            if autotuner and self.direct else ()
+        # Arguments keyed by value: constexpr parameters given positionally (Triton compiles one kernel per
+        # value), and an autotuner's key arguments (it chooses by their values).
+        positions = {p.num for p in fn.params if p.is_constexpr} if self.direct else set()
+        if autotuner and self.direct:
+            positions |= {self.arg_names.index(k) for k in kernel.keys if k in self.arg_names}
+        self.value_positions = tuple(sorted(positions))
 
 
 class _Entry:
@@ -60,16 +66,30 @@ class _Entry:
 
 _KERNELS: dict[int, _KernelInfo] = {}
 _ENTRIES: dict[tuple, _Entry] = {}
+# Launches made through a cached compiled kernel (benchmarks/compile_check.py checks they happen).
+direct_launches = 0
 
 
 def _hooks_idle() -> bool:
-    """No launch hooks (profilers such as Proton install them; a direct call would skip them) and no
-    debug mode (it changes what Triton compiles)."""
+    """No launch hooks (profilers such as Proton install them; a direct call would skip them), and no
+    debug or instrumentation mode (they change what Triton compiles)."""
     runtime = _knobs.runtime
     for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return False
-    return runtime.add_stages_inspection_hook is None and not runtime.debug
+    return (getattr(runtime, "add_stages_inspection_hook", None) is None and not runtime.debug
+            and not getattr(_knobs.compilation, "instrumentation_mode", ""))
+
+
+def _globals_unchanged(fn: Any) -> bool:
+    """The globals the kernel read when compiled still hold their values (Triton's path raises if not)."""
+    for (name, _), (value, namespace) in getattr(fn, "used_global_vals", {}).items():
+        if namespace.get(name, _MISSING) != value:
+            return False
+    return True
+
+
+_MISSING = object()
 
 
 def _signature(args: Sequence[Any], tensor: type = torch.Tensor) -> tuple:
@@ -97,7 +117,7 @@ def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any
     info = _KERNELS.get(id(kernel))
     if info is None:
         info = _KERNELS[id(kernel)] = _KernelInfo(kernel)
-    if not (info.direct and _DIRECT and _hooks_idle()):
+    if not (info.direct and _DIRECT and _hooks_idle() and not info.fn.pre_run_hooks and _globals_unchanged(info.fn)):
         kernel[grid](*args, **meta)
         return
     driver = triton.runtime.driver.active
@@ -108,9 +128,9 @@ def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any
         kernel[grid](*args, **meta)
         return
     nargs = len(args)
-    # (Key arguments passed by name are among the meta items already.)
+    # (Those passed by name are among the meta items already.)
     key = (id(kernel), device, signature, tuple(meta.items()),
-           tuple(args[i] for i in info.key_positions if i < nargs))
+           tuple(args[i] for i in info.value_positions if i < nargs))
     entry = _ENTRIES.get(key)
     if entry is None:
         _first_launch(kernel, info, key, grid, args, meta)
@@ -120,6 +140,8 @@ def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any
     if callable(grid):
         grid = grid(full_meta)
     compiled = entry.compiled
+    global direct_launches
+    direct_launches += 1
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                  driver.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
                  *args, *[full_meta[name] for name in entry.meta_names])
@@ -137,4 +159,20 @@ def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: t
     meta_names = info.arg_names[len(args):]
     if not all(name in full_meta for name in meta_names):
         return  # a parameter left to its default value: only Triton's path fills it in
+    if config is not None and not _compiled_with(compiled, info.arg_names, config):
+        return  # another thread's launch moved the autotuner's best_config meanwhile
     _ENTRIES[key] = _Entry(compiled, meta_names, config)
+
+
+def _compiled_with(compiled: Any, arg_names: tuple[str, ...], config: Any) -> bool:
+    """Whether ``compiled`` was built with ``config``'s meta-parameters and warps."""
+    try:
+        constants = {}
+        for key, value in compiled.src.constants.items():
+            index = key[0] if isinstance(key, tuple) else key
+            constants[arg_names[index] if isinstance(index, int) else index] = value
+        return (all(constants.get(name, _MISSING) == value for name, value in config.kwargs.items())
+                and compiled.metadata.num_warps == config.num_warps
+                and compiled.metadata.num_stages == config.num_stages)
+    except Exception:  # noqa: BLE001 - unknown layout: do not cache
+        return False
