@@ -103,13 +103,21 @@ class _NoLaunch:
     def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
                  exit_hook, *args):
         if _NoLaunch.record is not None:
-            _NoLaunch.record.append((id(self), (grid_x, grid_y, grid_z), tuple(_describe(a) for a in args)))
+            _NoLaunch.record.append((id(self), (grid_x, grid_y, grid_z), _describe(args)))
 
 
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return (str(value.dtype), tuple(value.shape), value.data_ptr() % 16)
-    return value
+def _describe(args: tuple) -> tuple:
+    """The arguments with each tensor as (dtype, shape, address mod 16, which distinct tensor of the call
+    it is), so that two runs on fresh tensors compare equal, swapped or aliased tensors do not."""
+    order: dict[int, int] = {}
+    out = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            which = order.setdefault(value.data_ptr(), len(order))
+            out.append((str(value.dtype), tuple(value.shape), value.data_ptr() % 16, which))
+        else:
+            out.append(value)
+    return tuple(out)
 
 
 class StandInDriver:
