@@ -118,7 +118,8 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
 
     K_ALIGN, a power of two dividing k_begin and k_end, and EVEN_D (D == BLOCK_D, one slice) let the
     loads go unmasked: when BLOCK_K divides K_ALIGN every tile is full, and the per-element masks (and
-    their selects) leave the loop."""
+    their selects) leave the loop. (The launcher passes K_ALIGN = 1 and EVEN_D = False for the tf32
+    pass with its bound: there, at ~255 registers, unmasked loads made ptxas spill.)"""
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
@@ -129,9 +130,7 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
     if use_slots:
         slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
         slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
-    # (Not in the tf32 pass with its bound: there, at ~255 registers, unmasked loads made ptxas spill.)
-    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0 and not BEST_THREE
-    even_d: tl.constexpr = EVEN_D and not BEST_THREE
+    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
@@ -142,11 +141,11 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
         c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if SINGLE_D:
-            if full_tiles and even_d:
+            if full_tiles and EVEN_D:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd)
             elif full_tiles:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=offs_d[:, None] < D, other=0.0)
-            elif even_d:
+            elif EVEN_D:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=mask_k[None, :], other=0.0)
             else:
                 c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd,
@@ -408,7 +407,7 @@ def _research_listed_rows_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr, count_ptr, list_ptr, packed_ptr,
     K, D, codes_per_split, stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """fp32-accurate search of the rows the tf32 pass listed. The list's length is known only on the device, so
     a fixed grid of programs takes its row blocks in turn, each program against one codebook split; the
@@ -428,7 +427,7 @@ def _research_listed_rows_kernel(
         best, best_index, _, _, _ = _scan_codes(
             z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, c_sqnorm_ptr, unused, unused, 0.0, 0.0,
             k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
-            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False, SLOTS, 1, False)
+            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False, False, 1, False)
         bits = best.to(tl.int32, bitcast=True)
         # Negative floats: flip all but the sign bit, so that integer order is float order.
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -701,8 +700,10 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     )
     dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
     meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, RECHECK=checking, K_ALIGN=_power_of_two_dividing(k, codes_per_split),
-                EVEN_D=single_d and d == block_d)
+                WRITE_DISTANCE=write_distance, RECHECK=checking,
+                # Unmasked whole tiles (see _scan_codes), except in the tf32 pass with its bound.
+                K_ALIGN=1 if checking else _power_of_two_dividing(k, codes_per_split),
+                EVEN_D=single_d and d == block_d and not checking)
     if interp:
         grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -749,9 +750,9 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
         first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
         cfg = dict(first.kwargs)
         options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
-    # Minima with indices per tile: tf32x3 products already take ~254 registers when D is looped over,
-    # with no room for slot-wise minima, and the listed rows are few.
-    cfg["SLOTS"] = False
+    # Minima with indices per tile (SLOTS False in the kernel): tf32x3 products already take ~254
+    # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few.
+    cfg.pop("SLOTS", None)
     # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
     codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
     programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))
