@@ -353,14 +353,11 @@ def _compiled_kernels() -> dict[int, tuple[str, object]]:
 
 
 def _constants(kernel) -> dict:
-    names = kernel.src.fn.arg_names
-    out = {}
-    for key, value in kernel.src.constants.items():
-        index = key[0] if isinstance(key, tuple) else key
-        name = names[index] if isinstance(index, int) else str(index)
-        if name.isupper():  # the tl.constexpr parameters; lower-case ones are specialised values (1, None)
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+    from vqfast.kernels._launch import compiled_constants
+
+    # The tl.constexpr parameters (upper case); lower-case ones are specialised values (1, None).
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in compiled_constants(kernel).items() if name.isupper()}
 
 
 def _patch_launch_checks(sms: int) -> None:
@@ -430,17 +427,16 @@ def _check_direct_launches(report: Report, cases: list[tuple[str, Callable[[], o
     to ``report.failures``."""
     from vqfast.kernels import _launch
 
-    direct = _launch._DIRECT
     try:
         for case, run_case in cases:
             records = {}
             for mode in ("warm-up", "triton", "direct"):
-                _launch._DIRECT = direct and mode != "triton"
                 _NoLaunch.record = records[mode] = []
                 torch.manual_seed(0)
                 before = _launch.direct_launches
                 try:
-                    run_case()
+                    with _launch.launch_path(direct=mode != "triton"):
+                        run_case()
                 except Exception as exc:
                     report.failures.append({"case": f"{case} ({mode} launches)", "error": repr(exc)[:2000]})
                     break
@@ -455,7 +451,6 @@ def _check_direct_launches(report: Report, cases: list[tuple[str, Callable[[], o
                                             "launches went through the direct path after a warm-up run"})
                 report.direct_launches_compared += len(records["direct"])
     finally:
-        _launch._DIRECT = direct
         _NoLaunch.record = None
 
 

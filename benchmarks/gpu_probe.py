@@ -113,24 +113,22 @@ def small_searches() -> None:
     import vqfast
     from vqfast.kernels import _launch
 
-    direct = _launch._DIRECT
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         z = torch.randn(1024, 128, device="cuda").to(dtype)
         c = torch.randn(4096, 128, device="cuda").to(dtype)
         for mode in ("direct", "triton"):
-            _launch._DIRECT = direct and mode == "direct"
-            for _ in range(20):
-                vqfast.nearest_code(z, c)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(300):
-                vqfast.nearest_code(z, c)
-            host = (time.perf_counter() - start) / 300 * 1e6
-            torch.cuda.synchronize()
-            total = (time.perf_counter() - start) / 300 * 1e6
+            with _launch.launch_path(direct=mode == "direct"):
+                for _ in range(20):
+                    vqfast.nearest_code(z, c)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(300):
+                    vqfast.nearest_code(z, c)
+                host = (time.perf_counter() - start) / 300 * 1e6
+                torch.cuda.synchronize()
+                total = (time.perf_counter() - start) / 300 * 1e6
             log(f"small {dtype} eager us per call, {mode} launches (host, with drain)",
                 [round(host, 1), round(total, 1)])
-        _launch._DIRECT = direct
         if dtype == torch.bfloat16:
             profile = cProfile.Profile()
             profile.enable()

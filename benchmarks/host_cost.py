@@ -70,20 +70,16 @@ def measure(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, flo
     """Best time per call in microseconds, with direct launches and with Triton's path, in turn."""
     from vqfast.kernels import _launch
 
-    direct = _launch._DIRECT
     best = {"direct": float("inf"), "triton": float("inf")}
-    try:
-        for _ in range(5):
-            fn()  # compile and fill every cache first
-        for _ in range(repeats):
-            for mode in best:
-                _launch._DIRECT = direct and mode == "direct"
+    for _ in range(5):
+        fn()  # compile and fill every cache first
+    for _ in range(repeats):
+        for mode in best:
+            with _launch.launch_path(direct=mode == "direct"):
                 start = time.process_time()
                 for _ in range(calls):
                     fn()
                 best[mode] = min(best[mode], (time.process_time() - start) / calls * 1e6)
-    finally:
-        _launch._DIRECT = direct
     return best
 
 

@@ -2,21 +2,23 @@
 
 A small search is bound by the time Python spends launching kernels, and much of that is in Triton's
 generic launch path: per call it binds the arguments by name, builds the compiled-kernel cache key,
-looks the autotuner's choice up through a dict of every argument, and prepares launch hooks. ``launch``
-remembers, per launch signature, the compiled kernel (and the autotuner's choice) that Triton's own path
-picked the first time, and from then on calls that compiled kernel's launcher directly with the same
-arguments. The signature is taken with Triton's own per-argument specialisation function (dtype and
-16-byte alignment of tensors, integer width and divisibility by 16, the value 1), taken in its finest form
-(Triton's own specialisation function for other argument types), so two calls that Triton would compile
+looks the autotuner's choice up through a dict of every argument, and prepares launch hooks.
+``launch_kernel`` remembers, per launch signature, the compiled kernel (and the autotuner's choice) that
+Triton's own path picked the first time, and from then on calls that compiled kernel's launcher directly
+with the same arguments. The signature holds what Triton specialises on (dtype and 16-byte alignment of
+tensors; the value 1, divisibility by 16 and width of integers; the values of constexprs and of an
+autotuner's key arguments), at least as finely as Triton does, so two calls that Triton would compile
 differently never share an entry.
 
 Equivalent to ``kernel[grid](*args, **meta)``; Triton's path runs whenever the shortcut does not apply
-(the interpreter, launch hooks installed, ``TRITON_DEBUG``, arguments Triton cannot specialise).
+(the interpreter, launch hooks installed, debug or instrumentation mode, arguments Triton cannot
+specialise).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -29,8 +31,20 @@ try:  # Triton 3.3 and later; without them every launch takes Triton's own path.
 except ImportError:  # pragma: no cover - older Triton
     _knobs = _native_specialize = _BaseBackend = _JITFunction = None
 
-# Switch for comparisons (benchmarks/host_cost.py) and for tests of Triton's path.
+# Switch for comparisons and tests of Triton's path (see ``launch_path``).
 _DIRECT = _native_specialize is not None
+
+
+@contextlib.contextmanager
+def launch_path(direct: bool) -> Iterator[None]:
+    """Within the block, launches go directly (where they can) or all through Triton's own path."""
+    global _DIRECT
+    saved = _DIRECT
+    _DIRECT = saved and direct
+    try:
+        yield
+    finally:
+        _DIRECT = saved
 
 
 class _KernelInfo:
@@ -117,7 +131,8 @@ def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any
     info = _KERNELS.get(id(kernel))
     if info is None:
         info = _KERNELS[id(kernel)] = _KernelInfo(kernel)
-    if not (info.direct and _DIRECT and _hooks_idle() and not info.fn.pre_run_hooks and _globals_unchanged(info.fn)):
+    if not (info.direct and _DIRECT and _hooks_idle() and not info.fn.pre_run_hooks
+            and _globals_unchanged(info.fn)):
         kernel[grid](*args, **meta)
         return
     driver = triton.runtime.driver.active
@@ -159,18 +174,26 @@ def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: t
     meta_names = info.arg_names[len(args):]
     if not all(name in full_meta for name in meta_names):
         return  # a parameter left to its default value: only Triton's path fills it in
-    if config is not None and not _compiled_with(compiled, info.arg_names, config):
+    if config is not None and not _compiled_with(compiled, config):
         return  # another thread's launch moved the autotuner's best_config meanwhile
     _ENTRIES[key] = _Entry(compiled, meta_names, config)
 
 
-def _compiled_with(compiled: Any, arg_names: tuple[str, ...], config: Any) -> bool:
+def compiled_constants(compiled: Any) -> dict[str, Any]:
+    """The values a compiled kernel was specialised on, by parameter name: its constexprs, and
+    arguments compiled in as constants (an integer 1, None)."""
+    names = compiled.src.fn.arg_names
+    out = {}
+    for key, value in compiled.src.constants.items():
+        index = key[0] if isinstance(key, tuple) else key
+        out[names[index] if isinstance(index, int) else str(index)] = value
+    return out
+
+
+def _compiled_with(compiled: Any, config: Any) -> bool:
     """Whether ``compiled`` was built with ``config``'s meta-parameters and warps."""
     try:
-        constants = {}
-        for key, value in compiled.src.constants.items():
-            index = key[0] if isinstance(key, tuple) else key
-            constants[arg_names[index] if isinstance(index, int) else index] = value
+        constants = compiled_constants(compiled)
         return (all(constants.get(name, _MISSING) == value for name, value in config.kwargs.items())
                 and compiled.metadata.num_warps == config.num_warps
                 and compiled.metadata.num_stages == config.num_stages)

@@ -1087,17 +1087,14 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
 
     if not autotuning():
         return ""
-    direct = _launch._DIRECT
     try:
-        _launch._DIRECT = False
-        run_search()
+        with _launch.launch_path(direct=False):
+            run_search()
         cfg = nearest._nearest_code_autotuned.best_config
         return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}, {cfg.num_warps} warps, "
                 f"{cfg.num_stages} stages")
     except Exception:  # noqa: BLE001 - a note only
         return ""
-    finally:
-        _launch._DIRECT = direct
 
 
 def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor) -> str:
