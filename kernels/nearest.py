@@ -111,26 +111,29 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
     the tf32 score minus the bound on its error for that code and row (``_code_error``), and the
     runner-up (lower bound and index) and the third lower bound are kept too.
 
-    With SLOTS (the plain search on tensor cores) each (row, column) slot of the tile keeps its own
-    running minimum and the start of the tile it came from, and the rows are reduced once, after the
-    last tile: per score one compare and two selects, against a minimum with its index across each
-    tile's columns (compare-and-select chains over values and indices, then shuffles) per tile.
+    With SLOTS (tensor-core products) each (row, column) slot of the tile keeps its own running minimum
+    and the start of the tile it came from, and the rows are reduced once, after the last tile: per
+    score one compare and two selects, against a minimum with its index across each tile's columns
+    (compare-and-select chains over values and indices, then shuffles) per tile. With BEST_THREE a slot
+    also keeps its second-lowest bound (one minimum and one select more), and ``_slot_best_three``
+    takes the row's three lowest from the slots' pairs.
 
     K_ALIGN, a power of two dividing k_begin and k_end, and EVEN_D (D == BLOCK_D, one slice) let the
     loads go unmasked: when BLOCK_K divides K_ALIGN every tile is full, and the per-element masks (and
-    their selects) leave the loop. (The launcher passes K_ALIGN = 1 and EVEN_D = False for the tf32
-    pass with its bound: there, at ~255 registers, unmasked loads made ptxas spill.)"""
+    their selects) leave the loop."""
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     second = tl.full([BLOCK_N], float("inf"), tl.float32)
     second_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
     third = tl.full([BLOCK_N], float("inf"), tl.float32)
-    use_slots: tl.constexpr = SLOTS and not BEST_THREE and INPUT_PRECISION != "ieee"
+    use_slots: tl.constexpr = SLOTS and INPUT_PRECISION != "ieee"
     if use_slots:
         slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
         slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
-    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
+        slot_second = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    # (Not in the tf32 pass without slots: at ~255 registers there, unmasked loads made ptxas spill.)
+    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0 and (use_slots or not BEST_THREE)
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
@@ -166,9 +169,22 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
             c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
         score = c_sqnorm[None, :] - 2.0 * acc
         if use_slots:
-            # A NaN score compares false and never replaces a slot's minimum; strict '<' keeps a
-            # slot's earliest tile on ties.
+            if BEST_THREE:
+                if full_tiles:
+                    c_norm = tl.load(c_norm_ptr + offs_k)
+                    c_resid = tl.load(c_resid_ptr + offs_k)
+                    c_term = c_sqnorm
+                else:
+                    c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
+                    c_resid = tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)
+                    c_term = tl.where(mask_k, c_sqnorm, 0.0)
+                score = score - _code_error(row_err[:, None], row_resid_err[:, None], c_norm[None, :],
+                                            c_resid[None, :], c_term[None, :], err_norm, err_tiny)
+            # A NaN score compares false and never replaces a slot's minimum (and minimum() ignores a
+            # NaN operand); strict '<' keeps a slot's earliest tile on ties.
             better = score < slot_best
+            if BEST_THREE:
+                slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
             slot_best = tl.where(better, score, slot_best)
             slot_start = tl.where(better, k0, slot_start)
         else:
@@ -181,8 +197,30 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
         # whose scores are all NaN or +inf gets k_begin (column 0 of the first tile), as without slots.
         best = tl.min(slot_best, axis=1)
         cols = tl.arange(0, BLOCK_K)
-        best_index = tl.min(tl.where(slot_best == best[:, None], slot_start + cols[None, :], k_end), axis=1)
+        codes = slot_start + cols[None, :]
+        best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
+        if BEST_THREE:
+            second, second_index, third = _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end)
     return best, best_index, second, second_index, third
+
+
+@triton.jit
+def _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end):
+    """The second- and third-lowest bounds of a row, and the index of the second, from each slot's two
+    lowest bounds (``slot_best`` at code ``codes``, ``slot_second``), given the lowest (``best`` at
+    ``best_index``). A slot's third bound is not kept: when the winning slot also holds the row's
+    second-lowest, its third could be the row's third. The third then comes out equal to the second
+    (the winning slot's second stays among the candidates), which moves the row from "decided between
+    two codes" to "searched again" and never the other way; the second's index, not kept either, is
+    then reported as the best's (a valid code that nothing reads)."""
+    is_win = codes == best_index[:, None]
+    # Each slot's lowest bound once the row's best is taken out of its slot.
+    heads = tl.where(is_win, slot_second, slot_best)
+    second = tl.min(heads, axis=1)
+    second_index = tl.min(tl.where(is_win, k_end, tl.where(heads == second[:, None], codes, k_end)), axis=1)
+    third = tl.min(tl.where(codes == second_index[:, None], slot_second, heads), axis=1)
+    second_index = tl.where(second_index < k_end, second_index, best_index)
+    return second, second_index, third
 
 
 @triton.jit
@@ -227,7 +265,8 @@ def _code_error(row_err, row_resid_err, c_norm, c_resid, c_sqnorm, err_norm, err
     """Bound on |tf32 score - exact score| of a row against a code (broadcasting): the row's factors
     (``_row_errors``) times the code's norm and tf32 residual norm, plus the rounding of ``||c||^2``
     and the underflow term (see the comment above ``_BOUND_SLACK``)."""
-    return row_err * c_norm + row_resid_err * c_resid + (err_norm * c_sqnorm + 4.0 * err_tiny)
+    # Nested so that it compiles to a chain of fused multiply-adds (its rounding is in _BOUND_SLACK).
+    return row_err * c_norm + (row_resid_err * c_resid + (err_norm * c_sqnorm + 4.0 * err_tiny))
 
 
 @triton.jit
@@ -480,8 +519,8 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    # Slot-wise minima (see _scan_codes) hold two more values per score in registers: only for tiles of
-    # at most 32 scores per thread.
+    # Slot-wise minima (see _scan_codes) hold two more values per score in registers (three in the tf32
+    # pass): only for tiles of at most 32 scores per thread.
     slots = block_n * block_k <= 32 * 32 * warps
     return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SLOTS": slots}, num_warps=warps,
                          num_stages=stages)
@@ -701,9 +740,9 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
     dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
     meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
                 WRITE_DISTANCE=write_distance, RECHECK=checking,
-                # Unmasked whole tiles (see _scan_codes), except in the tf32 pass with its bound.
-                K_ALIGN=1 if checking else _power_of_two_dividing(k, codes_per_split),
-                EVEN_D=single_d and d == block_d and not checking)
+                # Unmasked whole tiles (see _scan_codes).
+                K_ALIGN=_power_of_two_dividing(k, codes_per_split),
+                EVEN_D=single_d and d == block_d)
     if interp:
         grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
         _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
