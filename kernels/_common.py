@@ -225,12 +225,18 @@ def row_tile_configs(block_d: int) -> list[LaunchConfig]:
     per program, 4 or 8 warps, at most 32 elements per thread (with 64, ptxas gives the VQ backward 255
     registers and spills, at 12 % occupancy: benchmarks/compile_check.py). The first (4,096 elements,
     4 warps) is the fixed choice; under the interpreter, 16 rows keep the tests quick."""
-    if interpreting():
-        return [LaunchConfig(16, 4)]
+    return list(_row_tile_configs(block_d, interpreting()))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
+    # Made once per block width: building the frozen dataclasses cost ~10 us per launcher call.
+    if interp:
+        return (LaunchConfig(16, 4),)
     fixed = LaunchConfig(max(1, 4096 // block_d), 4)
     others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)
               if elements <= 32 * 32 * warps]
-    return [fixed] + [c for c in others if c != fixed]
+    return (fixed, *[c for c in others if c != fixed])
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}
