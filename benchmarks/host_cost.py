@@ -6,6 +6,8 @@ included (autotuner cache, argument binding and specialisation, the compiled ker
 call), on CPU tensors with the compile-only driver of ``compile_check.py``: kernels are compiled for
 sm_90 on first use and every launch stops just before the CUDA driver. What it leaves out is the
 driver's ``cuLaunchKernel`` (a few us per launch) and CUDA allocations (``torch.empty`` on the GPU).
+Each case repeats one problem, as a training or inference loop does: after the warm-up calls it runs
+on the search's cached plan and prepared launches (tuning note 17 of benchmarks/README.md).
 
     python benchmarks/host_cost.py [--calls 50] [--repeats 40] [--profile]
 

@@ -10,13 +10,15 @@ from typing import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-from vqfast.kernels._launch import launch_kernel
+from vqfast.kernels._launch import PreparedLaunch
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` when the kernels
+    were defined)."""
+    return _INTERPRETED
 
 
 def autotuning() -> bool:
@@ -136,16 +138,32 @@ def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Triton decides when it defines a kernel whether the interpreter runs it (reading TRITON_INTERPRET),
+# so this is read off a kernel rather than the variable: a later change of the variable changes
+# nothing, and reading it cost about 1 us per launcher call.
+_INTERPRETED = not isinstance(_row_sqnorm_kernel, JITFunction)
+
+
+def _sqnorm_blocks(d: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_K)`` of ``_row_sqnorm_kernel`` for codes of ``d`` columns."""
+    block_d = min(128, max(16, next_power_of_2(d)))
+    return block_d, 16 if interpreting() else max(1, 4096 // block_d)
+
+
+@functools.lru_cache(maxsize=256)
+def _sqnorm_launch(k: int, d: int, stride_k: int, stride_d: int, interp: bool) -> PreparedLaunch:
+    block_d, block_k = _sqnorm_blocks(d)
+    return PreparedLaunch(_row_sqnorm_kernel, (cdiv(k, block_k),), (k, d, stride_k, stride_d),
+                          dict(BLOCK_K=block_k, BLOCK_D=block_d))
+
+
 def code_sqnorms(codebook: torch.Tensor) -> torch.Tensor:
     """Squared norms of the codebook rows in fp32: ``(codebook.float() ** 2).sum(1)``, in one launch
     (the search is latency-bound on small problems, where every launch counts)."""
     codebook = int32_safe_columns(codebook)
     k, d = codebook.shape
     out = torch.empty(k, dtype=torch.float32, device=codebook.device)
-    block_d = min(128, max(16, next_power_of_2(d)))
-    block_k = 16 if interpreting() else max(1, 4096 // block_d)
-    launch_kernel(_row_sqnorm_kernel, (cdiv(k, block_k),), codebook, out, k, d, codebook.stride(0),
-                  codebook.stride(1), BLOCK_K=block_k, BLOCK_D=block_d)
+    _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())(codebook, out)
     return out
 
 
@@ -207,12 +225,18 @@ def row_tile_configs(block_d: int) -> list[LaunchConfig]:
     per program, 4 or 8 warps, at most 32 elements per thread (with 64, ptxas gives the VQ backward 255
     registers and spills, at 12 % occupancy: benchmarks/compile_check.py). The first (4,096 elements,
     4 warps) is the fixed choice; under the interpreter, 16 rows keep the tests quick."""
-    if interpreting():
-        return [LaunchConfig(16, 4)]
+    return list(_row_tile_configs(block_d, interpreting()))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
+    # Made once per block width: building the frozen dataclasses cost ~10 us per launcher call.
+    if interp:
+        return (LaunchConfig(16, 4),)
     fixed = LaunchConfig(max(1, 4096 // block_d), 4)
     others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)
               if elements <= 32 * 32 * warps]
-    return [fixed] + [c for c in others if c != fixed]
+    return (fixed, *[c for c in others if c != fixed])
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

@@ -18,6 +18,7 @@ specialise).
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -58,7 +59,9 @@ class _KernelInfo:
         self.fn = fn
         # Under TRITON_INTERPRET=1 the decorator makes interpreted functions, which launch no compiled code;
         # other backends (ROCm) specialise on more than _signature sees.
-        self.direct = (_DIRECT and isinstance(fn, _JITFunction)
+        # (Not ``_DIRECT``: launch_kernel reads it per call, and a kernel first seen inside
+        # ``launch_path(direct=False)`` must not stay on Triton's path afterwards.)
+        self.direct = (_native_specialize is not None and isinstance(fn, _JITFunction)
                        and triton.runtime.driver.active.get_current_target().backend == "cuda")
         self.arg_names = tuple(fn.arg_names) if self.direct else ()
         # Arguments keyed by value: constexpr parameters given positionally (Triton compiles one kernel per
@@ -76,6 +79,15 @@ class _Entry:
         self.compiled = compiled
         self.meta_names = meta_names  # the kernel's parameters after the positional ones, in order
         self.config = config  # the autotuner's choice, or None
+
+    def launch_tail(self, grid: Any, meta: dict) -> tuple[tuple[int, int, int], list]:
+        """The 3-D grid and the values of the parameters after the positional arguments."""
+        config = self.config
+        full_meta = meta if config is None else {**meta, **config.kwargs}
+        if callable(grid):
+            grid = grid(full_meta)
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        return grid, [full_meta[name] for name in self.meta_names]
 
 
 _KERNELS: dict[int, _KernelInfo] = {}
@@ -123,43 +135,120 @@ def _other_signature(value: Any) -> Any:
     return _native_specialize(_BaseBackend, value, False, True, True)
 
 
+def _kernel_info(kernel: Any) -> _KernelInfo:
+    info = _KERNELS.get(id(kernel))
+    if info is None:
+        info = _KERNELS[id(kernel)] = _KernelInfo(kernel)
+    return info
+
+
+def _direct_now(info: _KernelInfo) -> bool:
+    """Whether a launch of this kernel may skip Triton's path at this moment."""
+    return (info.direct and _DIRECT and _hooks_idle() and not info.fn.pre_run_hooks
+            and _globals_unchanged(info.fn))
+
+
+def _entry_key(kernel: Any, info: _KernelInfo, device: Any, args: Sequence[Any], meta: dict) -> tuple:
+    """The key of ``_ENTRIES``; raises for a value Triton's specialisation does not take."""
+    nargs = len(args)
+    # (Those passed by name are among the meta items already.)
+    return (id(kernel), device, _signature(args), tuple(meta.items()),
+            tuple(args[i] for i in info.value_positions if i < nargs))
+
+
 def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any, **meta: Any) -> None:
     """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it is known.
 
     ``kernel`` is a ``triton.jit`` function or a ``triton.autotune`` of one. With an autotuner, ``grid``
     may be a function of the chosen configuration's meta-parameters, as for ``kernel[grid]``."""
-    info = _KERNELS.get(id(kernel))
-    if info is None:
-        info = _KERNELS[id(kernel)] = _KernelInfo(kernel)
-    if not (info.direct and _DIRECT and _hooks_idle() and not info.fn.pre_run_hooks
-            and _globals_unchanged(info.fn)):
+    info = _kernel_info(kernel)
+    if not _direct_now(info):
         kernel[grid](*args, **meta)
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
     try:
-        signature = _signature(args)
+        key = _entry_key(kernel, info, device, args, meta)
     except Exception:  # a value Triton's specialisation does not take: its own path says what is wrong
         kernel[grid](*args, **meta)
         return
-    nargs = len(args)
-    # (Those passed by name are among the meta items already.)
-    key = (id(kernel), device, signature, tuple(meta.items()),
-           tuple(args[i] for i in info.value_positions if i < nargs))
     entry = _ENTRIES.get(key)
     if entry is None:
         _first_launch(kernel, info, key, grid, args, meta)
         return
-    config = entry.config
-    full_meta = meta if config is None else {**meta, **config.kwargs}
-    if callable(grid):
-        grid = grid(full_meta)
+    grid, tail = entry.launch_tail(grid, meta)
     compiled = entry.compiled
     global direct_launches
     direct_launches += 1
-    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                 driver.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *[full_meta[name] for name in entry.meta_names])
+    compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+class PreparedLaunch:
+    """``launch_kernel(kernel, grid, *tensors, *scalars, **meta)`` for a launcher that repeats one launch
+    (one problem shape): the grid, the arguments after the tensors and the meta-parameters are fixed
+    here, so a call keys only what can change, the tensors' dtypes and 16-byte alignment and the device,
+    instead of every argument (launch_kernel's key of a 30-argument search costs ~10 us).
+
+    ``layout`` (indices into the call's tensors) lets a kernel that takes one tensor in several places
+    be called with each tensor once: its dtype and alignment are then read once.
+    """
+
+    __slots__ = ("kernel", "info", "grid", "scalars", "meta", "layout", "_ready")
+
+    def __init__(self, kernel: Any, grid: tuple | Callable[[dict], tuple], scalars: Sequence[Any] = (),
+                 meta: dict | None = None, layout: Sequence[int] | None = None):
+        self.kernel = kernel
+        self.info = _kernel_info(kernel)
+        self.grid = grid
+        self.scalars = tuple(scalars)
+        self.meta = dict(meta or {})
+        self.layout = None if layout is None else _picker(tuple(layout))
+        # (device, dtypes and alignment of the tensors) -> (compiled kernel, 3-D grid, arguments after
+        # the tensors, then the meta-parameters in the compiled kernel's order)
+        self._ready: dict[tuple, tuple] = {}
+
+    def __call__(self, *tensors: Any) -> None:
+        args = tensors if self.layout is None else self.layout(tensors)
+        if not _direct_now(self.info):
+            self.kernel[self.grid](*args, *self.scalars, **self.meta)
+            return
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        try:
+            key = (device, tuple([(type(t), t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))
+            ready = self._ready.get(key)
+        except Exception:  # not tensors: launch_kernel's path says what is wrong
+            ready = key = None
+        if ready is None:
+            self._first_call(key, device, args)
+            return
+        compiled, grid, tail = ready
+        global direct_launches
+        direct_launches += 1
+        compiled.run(grid[0], grid[1], grid[2], driver.get_current_stream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
+
+    def _first_call(self, key: tuple | None, device: Any, args: tuple) -> None:
+        """launch_kernel's launch (which makes the entry, if it can), then the entry kept for this key."""
+        full_args = (*args, *self.scalars)
+        launch_kernel(self.kernel, self.grid, *full_args, **self.meta)
+        if key is None:
+            return
+        try:
+            entry = _ENTRIES.get(_entry_key(self.kernel, self.info, device, full_args, self.meta))
+        except Exception:
+            return
+        if entry is not None:
+            grid, tail = entry.launch_tail(self.grid, self.meta)
+            self._ready[key] = (entry.compiled, grid, (*self.scalars, *tail))
+
+
+def _picker(layout: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    if len(layout) == 1:
+        index = layout[0]
+        return lambda tensors: (tensors[index],)
+    return operator.itemgetter(*layout)
 
 
 def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: tuple, meta: dict) -> None:

@@ -24,10 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._launch import launch_kernel
+from vqfast.kernels import _common
+from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
-    autotuning, cdiv, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, max_shared_memory,
-    multiprocessor_count, next_power_of_2,
+    _row_sqnorm_kernel, _sqnorm_blocks, autotuning, cdiv, check_rows_and_codes, int32_safe_columns, interpreting,
+    max_shared_memory, multiprocessor_count, next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -662,8 +663,11 @@ class _Recheck:
     (0 sure, 1 decided between its two best codes, 2 searched again in fp32) and the list of rows to
     search again, with its length and a packed (score, index) slot per entry."""
 
-    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float):
-        n, d = z.shape
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float,
+                 plan: _RecheckPlan | None = None):
+        if plan is None:
+            plan = _RecheckPlan(z, codebook, tolerance_scale)
+        n = z.shape[0]
         k = codebook.shape[0]
         device = z.device
         self.c_sqnorm = torch.empty(k, dtype=torch.float32, device=device)
@@ -673,140 +677,192 @@ class _Recheck:
         self.rows = torch.empty(n, dtype=torch.int32, device=device)
         self.packed = torch.empty(n, dtype=torch.int64, device=device)
         self.status = torch.empty(n, dtype=torch.int8, device=device)
+        self.errors = plan.errors
+        plan.norms(codebook, self.c_sqnorm, self.c_norm, self.c_resid, self.count)
+
+
+class _RecheckPlan:
+    """What ``_Recheck`` computes from the problem alone: the bound's factors and the norms' launch."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float):
+        d = z.shape[1]
+        k = codebook.shape[0]
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
         # very norms that a search with precision="highest" sees.
         block_d = min(128, max(16, next_power_of_2(d)))
         block_k = 16 if interpreting() else max(1, 4096 // block_d)
-        launch_kernel(_code_norms_kernel, (cdiv(k, block_k),), codebook, self.c_sqnorm, self.c_norm,
-                      self.c_resid, self.count, k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1),
-                      BLOCK_K=block_k, BLOCK_D=block_d)
+        self.norms = PreparedLaunch(_code_norms_kernel, (cdiv(k, block_k),),
+                                    (k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1)),
+                                    dict(BLOCK_K=block_k, BLOCK_D=block_d))
+
+
+# The tensors of one search pass, in the order _SearchPlan.__call__ gathers them, and the search and
+# reduce kernels' tensor parameters, in their order.
+_PASS_TENSORS = ("z", "codebook", "c_sqnorm", "indices", "distances", "scores", "part_index", "second", "second_index",
+                 "third", "upper", "c_norm", "c_resid", "status", "count", "row_list", "packed")
+_SEARCH_TENSORS = ("z", "codebook", "c_sqnorm", "c_norm", "c_resid", "scores", "part_index", "distances", "second",
+                   "second_index", "third", "upper", "status", "count", "row_list", "packed")
+_REDUCE_TENSORS = ("scores", "part_index", "second", "second_index", "third", "upper", "z", "codebook", "indices",
+                   "distances", "status", "count", "row_list", "packed")
+
+
+class _SearchPlan:
+    """One search pass for one problem (shapes, strides, dtypes, device, precision, splits): the
+    launch arithmetic, done once; calling it allocates the outputs and launches (see ``_search``)."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, input_precision: str, num_splits: int | None,
+                 errors: tuple[float, float, float, float] | None):
+        n, d = z.shape
+        k = codebook.shape[0]
+        device = z.device
+        max_single_d = _MAX_SINGLE_D[z.dtype]
+        if z.dtype == torch.float32 and input_precision == "ieee":
+            max_single_d = _MAX_SINGLE_D_IEEE_FP32
+        single_d = d <= max_single_d
+        block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
+        interp = interpreting()
+        nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
+        splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
+        codes_per_split, splits = _split_codes(k, splits, interp)
+        write_distance = splits == 1
+        checking = errors is not None
+        self.n, self.splits, self.write_distance, self.checking = n, splits, write_distance, checking
+
+        # Stand-ins for pointers a variant never touches: c_sqnorm, except ``count_ptr`` without the
+        # re-check: the autotuner zeroes it before each timing run (the tf32 pass appends to a list), so
+        # it gets an output that the kernel then overwrites in full.
+        stand_in = {}
+        if write_distance:
+            stand_in.update(scores="c_sqnorm", part_index="indices", second="c_sqnorm", second_index="c_sqnorm",
+                            third="c_sqnorm", upper="c_sqnorm")
+        elif not checking:
+            stand_in.update(second="c_sqnorm", second_index="c_sqnorm", third="c_sqnorm", upper="c_sqnorm")
+        if not checking:
+            stand_in.update(c_norm="c_sqnorm", c_resid="c_sqnorm", status="c_sqnorm", row_list="c_sqnorm",
+                            packed="c_sqnorm", count=stand_in.get("part_index", "part_index"))
+        present = [name for name in _PASS_TENSORS if name not in stand_in]
+
+        def layout(names: tuple[str, ...]) -> list[int]:
+            return [present.index(stand_in.get(name, name)) for name in names]
+
+        err_resid, err_dot, err_norm, err_tiny = errors if checking else (0.0,) * 4
+        scalars = (n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm, err_tiny,
+                   z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), 0 if write_distance else splits)
+        dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
+        meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
+                    WRITE_DISTANCE=write_distance, RECHECK=checking,
+                    # Unmasked whole tiles (see _scan_codes).
+                    K_ALIGN=_power_of_two_dividing(k, codes_per_split),
+                    EVEN_D=single_d and d == block_d)
+        if interp:
+            grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
+            kernel = _nearest_code_kernel
+            meta.update(_INTERPRETER_CONFIG)
+        elif not autotuning():
+            cfg = _first_config(input_precision, block_d, single_d, z.element_size(), _shared_memory_for_tiles(checking))
+            grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
+            kernel = _nearest_code_kernel
+            meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
+            kernel = _nearest_code_autotuned
+        self.search = PreparedLaunch(kernel, grid, scalars, meta, layout(_SEARCH_TENSORS))
+
+        self.reduce = None
+        if not write_distance:
+            block_s = next_power_of_2(splits)
+            # Few rows per program: with splits there are few rows in all, and the distance epilogue's
+            # gather wants many programs in flight more than wide ones.
+            block_n = max(1, min(32, 4096 // block_s))
+            self.reduce = PreparedLaunch(
+                _reduce_splits_kernel, (cdiv(n, block_n),),
+                (n, splits, k, d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1)),
+                dict(BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking),
+                layout(_REDUCE_TENSORS))
+
+    def __call__(self, z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor,
+                 recheck: _Recheck | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.n
+        device = z.device
+        indices = torch.empty(n, dtype=torch.int64, device=device)
+        distances = torch.empty(n, dtype=torch.float32, device=device)
+        tensors = [z, codebook, c_sqnorm, indices, distances]
+        if not self.write_distance:
+            shape = (n, self.splits)
+            tensors += (torch.empty(shape, dtype=torch.float32, device=device),  # scores
+                        torch.empty(shape, dtype=torch.int64, device=device))  # part_index
+            if self.checking:
+                tensors += (torch.empty(shape, dtype=torch.float32, device=device),  # second
+                            torch.empty(shape, dtype=torch.int32, device=device),  # second_index
+                            torch.empty(shape, dtype=torch.float32, device=device),  # third
+                            torch.empty(shape, dtype=torch.float32, device=device))  # upper
+        if self.checking:
+            tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
+        self.search(*tensors)
+        if self.reduce is not None:
+            self.reduce(*tensors)
+        return indices, distances
 
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
-            num_splits: int | None, recheck: _Recheck | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            num_splits: int | None, recheck: _Recheck | None = None,
+            plan: _SearchPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One search pass: ``(indices, distances)``. With ``recheck`` (tf32 products) it also settles the
-    rows the tf32 scores leave in doubt, or lists them in ``recheck`` for ``_research_listed_rows``."""
-    n, d = z.shape
-    k = codebook.shape[0]
-    device = z.device
-    indices = torch.empty(n, dtype=torch.int64, device=device)
-    distances = torch.empty(n, dtype=torch.float32, device=device)
-    max_single_d = _MAX_SINGLE_D[z.dtype]
-    if z.dtype == torch.float32 and input_precision == "ieee":
-        max_single_d = _MAX_SINGLE_D_IEEE_FP32
-    single_d = d <= max_single_d
-    block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
-    interp = interpreting()
-    nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
-    splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
-    codes_per_split, splits = _split_codes(k, splits, interp)
-    write_distance = splits == 1
-    checking = recheck is not None
+    rows the tf32 scores leave in doubt, or lists them in ``recheck`` for ``_research_listed_rows``.
+    ``plan``: this problem's ``_SearchPlan``, if the caller holds it."""
+    if plan is None:
+        plan = _SearchPlan(z, codebook, input_precision, num_splits, None if recheck is None else recheck.errors)
+    return plan(z, codebook, c_sqnorm, recheck)
 
-    unused = c_sqnorm  # stands in for pointers a variant never touches
-    if write_distance:
-        scores, part_index, second, second_index, third, upper, stride_sn = (unused,) * 6 + (0,)
-        part_index = indices
-    else:
-        scores = torch.empty((n, splits), dtype=torch.float32, device=device)
-        part_index = torch.empty((n, splits), dtype=torch.int64, device=device)
-        stride_sn = splits
-        if checking:
-            second = torch.empty((n, splits), dtype=torch.float32, device=device)
-            second_index = torch.empty((n, splits), dtype=torch.int32, device=device)
-            third = torch.empty((n, splits), dtype=torch.float32, device=device)
-            upper = torch.empty((n, splits), dtype=torch.float32, device=device)
+
+class _ResearchPlan:
+    """The two launches of ``_research_listed_rows`` for one problem."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor):
+        n, d = z.shape
+        k = codebook.shape[0]
+        interp = interpreting()
+        precision = _RESEARCH_PRECISION
+        single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
+        block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
+        if interp:
+            cfg = dict(_INTERPRETER_CONFIG)
+            options = {}
         else:
-            second, second_index, third, upper = (unused,) * 4
-    if checking:
-        c_norm, c_resid, status, count, row_list, packed = (recheck.c_norm, recheck.c_resid, recheck.status,
-                                                            recheck.count, recheck.rows, recheck.packed)
-        err_resid, err_dot, err_norm, err_tiny = recheck.errors
-    else:
-        # The autotuner zeroes ``count_ptr`` before each timing run (the tf32 pass appends to a list);
-        # elsewhere it gets an output that the kernel then overwrites in full.
-        c_norm, c_resid, status, count, row_list, packed = unused, unused, unused, part_index, unused, unused
-        err_resid = err_dot = err_norm = err_tiny = 0.0
-
-    args = (
-        z, codebook, c_sqnorm, c_norm, c_resid,
-        scores, part_index, distances, second, second_index, third, upper,
-        status, count, row_list, packed,
-        n, k, d, codes_per_split, next_power_of_2(n), err_resid, err_dot, err_norm, err_tiny,
-        z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1), stride_sn,
-    )
-    dist_block_d = min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))
-    meta = dict(BLOCK_D=block_d, DIST_BLOCK_D=dist_block_d, SINGLE_D=single_d, INPUT_PRECISION=input_precision,
-                WRITE_DISTANCE=write_distance, RECHECK=checking,
-                # Unmasked whole tiles (see _scan_codes).
-                K_ALIGN=_power_of_two_dividing(k, codes_per_split),
-                EVEN_D=single_d and d == block_d)
-    if interp:
-        grid = (cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]), splits)
-        _nearest_code_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
-    elif not autotuning():
-        cfg = _first_config(input_precision, block_d, single_d, z.element_size(), _shared_memory_for_tiles(checking))
-        grid = (cdiv(n, cfg.kwargs["BLOCK_N"]), splits)
-        launch_kernel(_nearest_code_kernel, grid, *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages)
-    else:
-        grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
-        launch_kernel(_nearest_code_autotuned, grid, *args, **meta)
-
-    if not write_distance:
-        block_s = next_power_of_2(splits)
-        # Few rows per program: with splits there are few rows in all, and the distance epilogue's
-        # gather wants many programs in flight more than wide ones.
-        block_n = max(1, min(32, 4096 // block_s))
-        launch_kernel(
-            _reduce_splits_kernel, (cdiv(n, block_n),),
-            scores, part_index, second, second_index, third, upper, z, codebook, indices, distances, status, count,
-            row_list, packed,
-            n, splits, k, d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-            BLOCK_N=block_n, BLOCK_S=block_s, DIST_BLOCK_D=dist_block_d, RECHECK=checking)
-    return indices, distances
+            # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
+            # list would say little about the next call's.
+            first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
+            cfg = dict(first.kwargs)
+            options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+        # Minima with indices per tile (SLOTS False in the kernel): tf32x3 products already take ~254
+        # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few.
+        cfg.pop("SLOTS", None)
+        # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
+        codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
+        programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))
+        self.research = PreparedLaunch(
+            _research_listed_rows_kernel, (programs, splits),
+            (k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1)),
+            dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **options))
+        block_n = 32
+        programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
+        self.write = PreparedLaunch(
+            _write_listed_rows_kernel, (programs,),
+            (d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1)),
+            dict(BLOCK_N=block_n, DIST_BLOCK_D=min(_DIST_BLOCK_D, max(16, next_power_of_2(d)))))
 
 
 def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Recheck,
-                          indices: torch.Tensor, distances: torch.Tensor) -> None:
+                          indices: torch.Tensor, distances: torch.Tensor, plan: _ResearchPlan | None = None) -> None:
     """fp32-accurate search (tf32x3 products, see ``_RESEARCH_PRECISION``) of the rows ``recheck``
     lists, written into ``indices`` and ``distances`` in place; two launches whatever the list's length,
     no host synchronisation."""
-    n, d = z.shape
-    k = codebook.shape[0]
-    interp = interpreting()
-    precision = _RESEARCH_PRECISION
-    single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
-    block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
-    if interp:
-        cfg = dict(_INTERPRETER_CONFIG)
-        options = {}
-    else:
-        # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
-        # list would say little about the next call's.
-        first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
-        cfg = dict(first.kwargs)
-        options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
-    # Minima with indices per tile (SLOTS False in the kernel): tf32x3 products already take ~254
-    # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few.
-    cfg.pop("SLOTS", None)
-    # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
-    codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
-    programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))
-    launch_kernel(
-        _research_listed_rows_kernel, (programs, splits),
-        z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed,
-        k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **options)
-    block_n = 32
-    programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
-    launch_kernel(
-        _write_listed_rows_kernel, (programs,),
-        z, codebook, recheck.count, recheck.rows, recheck.packed, indices, distances,
-        d, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-        BLOCK_N=block_n, DIST_BLOCK_D=min(_DIST_BLOCK_D, max(16, next_power_of_2(d))))
+    if plan is None:
+        plan = _ResearchPlan(z, codebook)
+    plan.research(z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed)
+    plan.write(z, codebook, recheck.count, recheck.rows, recheck.packed, indices, distances)
 
 
 def nearest_code(
@@ -832,22 +888,85 @@ def nearest_code(
     return indices, distances
 
 
+class _Plan:
+    """Everything a search computes from its problem before allocating and launching: the checks'
+    verdict (a plan exists only for inputs that passed them), whether an input is copied first
+    (``int32_safe_columns``), and the plans of the passes."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, precision: str, num_splits: int | None,
+                 tie_tolerance_scale: float):
+        check_rows_and_codes(z, codebook)
+        safe_z, safe_codebook = int32_safe_columns(z), int32_safe_columns(codebook)
+        self.copy_z, self.copy_codebook = safe_z is not z, safe_codebook is not codebook
+        z, codebook = safe_z, safe_codebook
+        self.input_precision = _input_precision(z.dtype, precision)
+        self.empty = z.shape[0] == 0
+        self.checking = z.dtype == torch.float32 and self.input_precision == "tf32"
+        if self.empty:
+            return
+        if self.checking:
+            self.recheck = _RecheckPlan(z, codebook, tie_tolerance_scale)
+            self.search = _SearchPlan(z, codebook, "tf32", num_splits, self.recheck.errors)
+            self.research = _ResearchPlan(z, codebook)
+        else:
+            k, d = codebook.shape
+            block_d, block_k = _sqnorm_blocks(d)
+            self.sqnorms = PreparedLaunch(_row_sqnorm_kernel, (cdiv(k, block_k),),
+                                          (k, d, codebook.stride(0), codebook.stride(1)),
+                                          dict(BLOCK_K=block_k, BLOCK_D=block_d))
+            self.search = _SearchPlan(z, codebook, self.input_precision, num_splits, None)
+
+
+# Plans by problem: a small search is bound by host time, and the checks and launch arithmetic of a
+# problem give the same answer on every call. Bounded, since a stream of distinct shapes (ragged
+# batches) would otherwise grow it without end.
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_splits: int | None,
+              tie_tolerance_scale: float) -> tuple:
+    """What a ``_Plan`` is computed from: the inputs' shapes, strides, dtypes and devices, the
+    arguments, the switches it reads (autotuning, the interpreter's configuration, the row limit, which
+    tests lower) and, for the shared memory a configuration may use, Triton's driver and device."""
+    if interpreting():
+        where = tuple(_INTERPRETER_CONFIG.items())
+    else:
+        driver = triton.runtime.driver.active
+        where = (driver, driver.get_current_device())
+    return (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device,
+            codebook.device, precision, num_splits, tie_tolerance_scale, autotuning(), _common.MAX_ROWS, where)
+
+
 def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None,
                               num_splits: int | None = None, tie_tolerance_scale: float = 1.0,
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`nearest_code`, and for the tf32 search the int8 status of each row (see ``_Recheck``)."""
-    check_rows_and_codes(z, codebook)
-    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
-    n = z.shape[0]
     if precision is None:
         precision = torch.get_float32_matmul_precision()
-    input_precision = _input_precision(z.dtype, precision)
-    if n == 0:
+    try:
+        key = _plan_key(z, codebook, precision, num_splits, tie_tolerance_scale)
+        plan = _PLANS.get(key)
+    except Exception:  # not tensors, or an unhashable argument: _Plan's checks say what is wrong
+        key = plan = None
+    if plan is None:
+        plan = _Plan(z, codebook, precision, num_splits, tie_tolerance_scale)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                del _PLANS[next(iter(_PLANS))]
+            _PLANS[key] = plan
+    if plan.copy_z:
+        z = z.contiguous()
+    if plan.copy_codebook:
+        codebook = codebook.contiguous()
+    if plan.empty:
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device), None)
-    if not (z.dtype == torch.float32 and input_precision == "tf32"):
-        return (*_search(z, codebook, code_sqnorms(codebook), input_precision, num_splits), None)
-    recheck = _Recheck(z, codebook, tie_tolerance_scale)
-    indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck)
-    _research_listed_rows(z, codebook, recheck, indices, distances)
+    if not plan.checking:
+        c_sqnorm = torch.empty(codebook.shape[0], dtype=torch.float32, device=codebook.device)
+        plan.sqnorms(codebook, c_sqnorm)
+        return (*_search(z, codebook, c_sqnorm, plan.input_precision, num_splits, plan=plan.search), None)
+    recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck)
+    indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck, plan=plan.search)
+    _research_listed_rows(z, codebook, recheck, indices, distances, plan=plan.research)
     return indices, distances, recheck.status

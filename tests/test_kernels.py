@@ -825,3 +825,81 @@ def test_memory_bound_kernels_use_the_fixed_configuration_without_autotuning(mon
 
     configs = _common.row_tile_configs(64)
     assert _common.tuned_config(("x",), configs, never) == configs[0] == _common.LaunchConfig(64, 4)
+
+
+def _plan_summary(plan):
+    """What a search plan launches with: its kernels' grids, arguments after the tensors, meta-parameters
+    and tensor layouts."""
+    out = [plan.copy_z, plan.copy_codebook, plan.input_precision, plan.empty, plan.checking]
+    launches = [getattr(plan, "sqnorms", None), getattr(getattr(plan, "recheck", None), "norms", None)]
+    search = getattr(plan, "search", None)
+    if search is not None:
+        launches += [search.search, search.reduce]
+    research = getattr(plan, "research", None)
+    if research is not None:
+        launches += [research.research, research.write]
+    for launch in launches:
+        if launch is not None:
+            grid = launch.grid if isinstance(launch.grid, tuple) else launch.grid({"BLOCK_N": 64})
+            layout = launch.layout((tuple(range(20)))) if launch.layout is not None else None
+            out.append((launch.kernel, grid, launch.scalars, launch.meta, layout))
+    return out
+
+
+def test_search_plans_are_keyed_on_what_they_are_computed_from(kernel_device, monkeypatch):
+    """A search keeps a plan per problem (checks passed, launch arithmetic done); inputs that differ in
+    shape, strides, dtype or arguments must never reuse another problem's plan, and a reused plan is the
+    plan those inputs would get anew."""
+    from vqfast.kernels import _common, nearest
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 24, generator=g).to(kernel_device)
+    c = torch.randn(30, 24, generator=g).to(kernel_device)
+    z_cols = z.t().contiguous().t()  # the same values and shape, column-major
+    c_cols = c.t().contiguous().t()
+    c_rows = torch.randn(30, 48, generator=g).to(kernel_device)[:, ::2]  # every other column
+    c_rows.copy_(c)
+    ref = torch.cdist(z.double().cpu(), c.double().cpu()).argmin(1)
+    variants = [
+        (z, c, "highest", None, 1.0), (z_cols, c, "highest", None, 1.0), (z, c_cols, "highest", None, 1.0),
+        (z, c_rows, "highest", None, 1.0), (z, c, "high", None, 1.0), (z, c, "high", 2, 1.0),
+        (z, c, "high", None, 2.0), (z.half(), c.half(), "highest", None, 1.0), (z[:20], c, "highest", None, 1.0),
+        (z, c[:20], "highest", None, 1.0),
+    ]
+    keys = [nearest._plan_key(*v) for v in variants]
+    assert len(set(keys)) == len(keys)
+    for _ in range(2):  # the second round through the plans of the first
+        for zz, cc, precision, splits, scale in variants:
+            idx, _ = kernels.nearest_code(zz, cc, precision=precision, num_splits=splits, tie_tolerance_scale=scale)
+            want = torch.cdist(zz.double().cpu(), cc.double().cpu()).argmin(1)
+            assert torch.equal(idx.cpu(), want), (zz.stride(), cc.stride(), precision)
+    assert torch.equal(kernels.nearest_code(z_cols, c_rows, precision="highest")[0].cpu(), ref)
+    for v in variants:
+        cached = nearest._PLANS[nearest._plan_key(*v)]
+        assert _plan_summary(cached) == _plan_summary(nearest._Plan(*v)), v[2:]
+    # The switches a plan reads are in its key too.
+    key = nearest._plan_key(*variants[0])
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "0" if _common.autotuning() else "1")
+    assert nearest._plan_key(*variants[0]) != key
+    monkeypatch.undo()
+    if _common.interpreting():
+        monkeypatch.setitem(nearest._INTERPRETER_CONFIG, "SLOTS", not nearest._INTERPRETER_CONFIG["SLOTS"])
+        assert nearest._plan_key(*variants[0]) != key
+        monkeypatch.undo()
+    # A plan exists only for inputs that passed the checks, as they stand now: a lowered row limit
+    # refuses inputs it accepted before.
+    monkeypatch.setattr(_common, "MAX_ROWS", 10)
+    with pytest.raises(ValueError, match="z has 40 rows"):
+        kernels.nearest_code(z, c, precision="highest")
+
+
+def test_search_plans_are_bounded(kernel_device, monkeypatch):
+    from vqfast.kernels import nearest
+
+    monkeypatch.setattr(nearest, "_PLANS", {})
+    monkeypatch.setattr(nearest, "_MAX_PLANS", 3)
+    c = torch.randn(5, 4, device=kernel_device)
+    for n in range(1, 6):
+        kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
+    assert len(nearest._PLANS) == 3
+    assert [key[0][0] for key in nearest._PLANS] == [3, 4, 5]  # the oldest go first

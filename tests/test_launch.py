@@ -68,3 +68,85 @@ def test_launches_give_the_same_results_either_way(monkeypatch):
     for a, b, t in zip(first, again, triton_path):
         assert torch.equal(a, b) and torch.equal(a, t)
     assert torch.equal(first[0].cpu(), torch.cdist(z.double().cpu(), c.double().cpu()).argmin(1))
+
+
+class _FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _FakeCompiled:
+    function = packed_metadata = None
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def run(self, *launch):
+        self.runs.append(launch)
+
+
+def _fake_direct_launches(monkeypatch):
+    """A direct launch path without a GPU: a driver that names device 0, and a launch_kernel that makes
+    the entry of each launch it is given (with a compiled kernel that records its launches) and notes
+    that the call came through it."""
+    import types
+
+    from triton.runtime.jit import JITFunction
+
+    def kernel_fn(x_ptr, y_ptr, n, BLOCK):
+        pass
+
+    kernel = JITFunction(kernel_fn)
+    info = _launch._KernelInfo.__new__(_launch._KernelInfo)
+    info.direct, info.fn, info.arg_names, info.value_positions = True, kernel, ("x_ptr", "y_ptr", "n", "BLOCK"), ()
+    monkeypatch.setitem(_launch._KERNELS, id(kernel), info)
+    monkeypatch.setattr(_launch, "_direct_now", lambda info: True)
+    monkeypatch.setattr(_launch, "triton", types.SimpleNamespace(
+        runtime=types.SimpleNamespace(driver=types.SimpleNamespace(active=_FakeDriver()))))
+    monkeypatch.setattr(_launch, "_ENTRIES", {})
+    slow, runs = [], []
+
+    def launch_kernel(kernel, grid, *args, **meta):
+        slow.append(args)
+        key = _launch._entry_key(kernel, info, 0, args, meta)
+        _launch._ENTRIES[key] = _launch._Entry(_FakeCompiled(runs), ("BLOCK",), None)
+
+    monkeypatch.setattr(_launch, "launch_kernel", launch_kernel)
+    return kernel, slow, runs
+
+
+def test_prepared_launches_key_tensors_by_dtype_and_alignment(monkeypatch):
+    """A prepared launch reuses a compiled kernel only for tensors of the dtypes and 16-byte alignment it
+    was made for: other ones go through launch_kernel, which keys them as Triton does."""
+    kernel, slow, runs = _fake_direct_launches(monkeypatch)
+    launch = _launch.PreparedLaunch(kernel, (3,), (10,), {"BLOCK": 16})
+    base = torch.zeros(64)
+    launch(base, base[4:])
+    assert len(slow) == 1 and not runs
+    launch(torch.zeros(8), torch.zeros(8))  # the same dtypes and alignment: direct
+    assert len(slow) == 1 and len(runs) == 1
+    assert runs[0][:3] == (3, 1, 1) and runs[0][-2:] == (10, 16)
+    for x, y in ((base[1:], base), (base, base[2:]), (base.half(), base), (base, base.long()),
+                 (torch.nn.Parameter(base), base)):
+        before = len(slow)
+        launch(x, y)
+        assert len(slow) == before + 1, (x, y)
+        launch(x.detach().clone() if x.data_ptr() % 16 == 0 else x, y)  # now known: direct
+        assert len(slow) == before + 1, (x, y)
+
+
+def test_prepared_launch_layouts_place_each_tensor_where_the_kernel_takes_it(monkeypatch):
+    kernel, slow, runs = _fake_direct_launches(monkeypatch)
+    launch = _launch.PreparedLaunch(kernel, (lambda meta: (8 // meta["BLOCK"], 2)), (5,), {"BLOCK": 4},
+                                    layout=(1, 1))
+    a, b = torch.zeros(4), torch.ones(4)
+    launch(a, b)
+    assert len(slow) == 1 and slow[0][0] is b and slow[0][1] is b and slow[0][2:] == (5,)
+    launch(b, a)
+    assert len(slow) == 1 and runs[0][:3] == (2, 2, 1)
+    assert runs[0][-4] is a and runs[0][-3] is a and runs[0][-2:] == (5, 4)
+    launch(b, torch.zeros(8)[2:])  # the tensor the kernel takes is misaligned now
+    assert len(slow) == 2

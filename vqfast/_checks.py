@@ -29,25 +29,28 @@ def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "
     check_tensor(codebook, "codebook")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if codebook.dim() != 2:
+    # Shapes and dtypes read once: this runs on every call, and small calls are bound by host time.
+    c_shape, z_shape = codebook.shape, z.shape
+    if len(c_shape) != 2:
         raise ValueError(f"codebook must be 2-D (K, D), got {_describe(codebook)}")
-    if codebook.shape[0] == 0:
+    if c_shape[0] == 0:
         raise ValueError(f"codebook must have at least one code (K >= 1), got {_describe(codebook)}")
-    if z.dim() < 1:
+    if not z_shape:
         raise ValueError(f"z must have at least one dimension (..., D), got {_describe(z)}")
-    if z.shape[-1] != codebook.shape[1]:
+    if z_shape[-1] != c_shape[1]:
         raise ValueError(
-            f"last dimension of z ({z.shape[-1]}) must equal the codebook dimension D ({codebook.shape[1]}); "
+            f"last dimension of z ({z_shape[-1]}) must equal the codebook dimension D ({c_shape[1]}); "
             f"z: {_describe(z)}, codebook: {_describe(codebook)}"
         )
-    if codebook.shape[1] == 0:
+    if c_shape[1] == 0:
         raise ValueError(f"code dimension D must be >= 1, got {_describe(codebook)}")
-    for name, t in (("z", z), ("codebook", codebook)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
-    if z.dtype != codebook.dtype and not allow_mixed_dtypes:
+    z_dtype, c_dtype = z.dtype, codebook.dtype
+    for name, dtype in (("z", z_dtype), ("codebook", c_dtype)):
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {dtype}")
+    if z_dtype != c_dtype and not allow_mixed_dtypes:
         raise TypeError(
-            f"z and codebook must have the same dtype, got z {z.dtype} and codebook {codebook.dtype}; "
+            f"z and codebook must have the same dtype, got z {z_dtype} and codebook {c_dtype}; "
             "cast one of them (e.g. codebook.to(z.dtype))"
         )
     if z.device != codebook.device:

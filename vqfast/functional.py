@@ -24,17 +24,25 @@ __all__ = ["nearest_code", "gather", "code_usage", "quantize", "resolve_backend"
 BACKENDS = ("torch", "triton")
 
 
+_TRITON_IMPORTED = False
+
+
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
+    # Once imported, triton stays importable: later calls skip the import statement (~1 us each).
+    global _TRITON_IMPORTED
+    if not _TRITON_IMPORTED:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        _TRITON_IMPORTED = True
     return True
 
 
 def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend an op on tensors of ``device`` / ``dtype`` runs on ("torch" or "triton")."""
-    device = torch.device(device)
+    if type(device) is not torch.device:
+        device = torch.device(device)
     forced = os.environ.get("VQFAST_BACKEND", "").strip().lower()
     if forced not in ("", "auto") + BACKENDS:
         raise ValueError(f"VQFAST_BACKEND must be 'torch', 'triton' or 'auto', got {forced!r}")
@@ -62,11 +70,18 @@ def _default_precision() -> str:
     return torch.get_float32_matmul_precision()
 
 
-def _ops():
-    # Imported lazily: importing vqfast must not need triton.
-    from vqfast import ops
+_OPS_MODULE = None
 
-    return ops.for_call()
+
+def _ops():
+    # Imported lazily (importing vqfast must not need triton), once: an import statement per call costs
+    # about 1 us, and small searches are bound by host time.
+    global _OPS_MODULE
+    if _OPS_MODULE is None:
+        from vqfast import ops
+
+        _OPS_MODULE = ops
+    return _OPS_MODULE.for_call()
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -96,16 +111,22 @@ def nearest_code(
     if resolve_backend(z.device, z.dtype) == "torch":
         return reference.nearest_code(z, codebook, metric=metric,
                                       compute_dtype=torch.float64 if z.dtype == torch.float64 else torch.float32)
-    lead_shape = z.shape[:-1]
-    rows = _rows(z)
+    # Rows already (N, D) need no reshape either way (about 3 us each, and a small search is bound by
+    # host time); nor does a tensor without autograd need detaching.
+    flat = z.dim() == 2
+    rows = z if flat else _rows(z)
     codes = codebook
     if metric == "cosine":
         rows = reference.unit_rows(rows)
         codes = reference.unit_rows(codebook)
     precision = precision or _default_precision()
-    indices, distances = _ops().nearest_code(rows.detach(), codes.detach(), precision, 0)
+    indices, distances = _ops().nearest_code(rows.detach() if rows.requires_grad else rows,
+                                             codes.detach() if codes.requires_grad else codes, precision, 0)
     if metric == "cosine":
         distances = distances * 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
+    if flat:
+        return indices, distances
+    lead_shape = z.shape[:-1]
     return indices.reshape(lead_shape), distances.reshape(lead_shape)
 
 

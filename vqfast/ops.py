@@ -129,8 +129,8 @@ def _(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
     return torch.empty_like(z, memory_format=torch.contiguous_format), codebook.new_empty(c_shape)
 
 
-def _plain(t: object) -> bool:
-    return not isinstance(t, Tensor) or type(t) in (Tensor, torch.nn.Parameter)
+# Tensors the launchers take as they are; subclasses go through the custom op.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _direct(op, launcher, mutates: tuple[str, ...] = ()):
@@ -142,9 +142,9 @@ def _direct(op, launcher, mutates: tuple[str, ...] = ()):
     positions = [(params.index(name), name) for name in mutates]
 
     def call(*args, **kwargs):
-        plain = all(_plain(a) for a in args) and all(_plain(a) for a in kwargs.values())
-        if not plain:
-            return op(*args, **kwargs)
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(a, Tensor) and type(a) not in _PLAIN_TYPES:
+                return op(*args, **kwargs)
         out = launcher(*args, **kwargs)
         for position, name in positions:
             t = args[position] if position < len(args) else kwargs.get(name)
