@@ -592,6 +592,59 @@ _nearest_code_autotuned = triton.autotune(
     reset_to_zero=["count_ptr"],
 )(_nearest_code_kernel)
 
+# fp32 with tf32 products at 128 < D <= 256 (goal 2's shape has D = 256): a whole D per tile, the row
+# block's z loaded once and only code tiles streamed, or 64-column slices of both, which reload the row
+# block's slices for every code tile (at 128 x 64 tiles, 3x the bytes from L2 per product). A whole
+# D of fp32 fits in shared memory only beside small code tiles and few stages, so which is faster is
+# left to the autotuner: these candidates carry SINGLE_D and BLOCK_D themselves.
+_WIDE_TF32_MAX_D = 256
+_WIDE_TF32_WHOLE_D = ((128, 64, 8, 1), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 4))
+
+
+def _wide_tf32_configs() -> list[triton.Config]:
+    def with_d(c: triton.Config, single_d: bool, block_d: int) -> triton.Config:
+        return triton.Config({**c.kwargs, "SINGLE_D": single_d, "BLOCK_D": block_d}, num_warps=c.num_warps,
+                             num_stages=c.num_stages)
+
+    return ([with_d(c, False, _LOOP_BLOCK_D) for c in _AUTOTUNE_CONFIGS]
+            + [with_d(_config(*c), True, _WIDE_TF32_MAX_D) for c in _WIDE_TF32_WHOLE_D])
+
+
+def _prune_wide_tf32_configs(configs, named_args, **kwargs):
+    """``_prune_configs`` for candidates that carry their own SINGLE_D and BLOCK_D: the D-slice ones as
+    usual (with the fallback if none fits), the whole-D ones that fit."""
+    meta = {**named_args, **kwargs}
+    element_bytes = meta["z_ptr"].element_size()
+    limit = _shared_memory_for_tiles(meta["RECHECK"])
+    whole = [c for c in configs if c.kwargs["SINGLE_D"]
+             and _shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.kwargs["BLOCK_D"],
+                                      True, element_bytes) <= limit]
+    sliced = [c for c in configs if not c.kwargs["SINGLE_D"]]
+    if not sliced and whole:
+        return whole
+    chosen = _select_configs(sliced, meta["INPUT_PRECISION"], _LOOP_BLOCK_D, False, element_bytes, limit)
+    chosen = [c if "SINGLE_D" in c.kwargs else
+              triton.Config({**c.kwargs, "SINGLE_D": False, "BLOCK_D": _LOOP_BLOCK_D}, num_warps=c.num_warps,
+                            num_stages=c.num_stages) for c in chosen]
+    return chosen + whole
+
+
+_nearest_code_wide_tf32_autotuned = triton.autotune(
+    configs=_wide_tf32_configs(),
+    key=["N_BUCKET", "K", "D", "codes_per_split", "INPUT_PRECISION", "WRITE_DISTANCE", "RECHECK"],
+    prune_configs_by={"early_config_prune": _prune_wide_tf32_configs},
+    reset_to_zero=["count_ptr"],
+)(_nearest_code_kernel)
+
+# The autotuner of the last autotuned search pass (benchmarks report its choice).
+_last_search_autotuner = None
+
+
+def last_search_autotuner():
+    """The ``triton.autotune`` object the last autotuned search pass launched through, or None."""
+    return _last_search_autotuner
+
+
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "SLOTS": True}
 
 
@@ -768,6 +821,11 @@ class _SearchPlan:
         else:
             grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
             kernel = _nearest_code_autotuned
+            if checking and z.dtype == torch.float32 and max_single_d < d <= _WIDE_TF32_MAX_D:
+                kernel = _nearest_code_wide_tf32_autotuned
+                del meta["SINGLE_D"], meta["BLOCK_D"]
+                meta["EVEN_D"] = d == _WIDE_TF32_MAX_D  # (read by whole-D candidates only)
+        self.tuner = kernel if kernel is not _nearest_code_kernel else None
         self.search = PreparedLaunch(kernel, grid, scalars, meta, layout(_SEARCH_TENSORS))
 
         self.reduce = None
@@ -800,6 +858,9 @@ class _SearchPlan:
                             torch.empty(shape, dtype=torch.float32, device=device))  # upper
         if self.checking:
             tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
+        if self.tuner is not None:
+            global _last_search_autotuner
+            _last_search_autotuner = self.tuner
         self.search(*tensors)
         if self.reduce is not None:
             self.reduce(*tensors)

@@ -689,12 +689,20 @@ def test_search_tile_note_names_the_autotuners_choice(monkeypatch):
     class Tuner:
         best_config = triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
 
+    class WideTuner:
+        best_config = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "SINGLE_D": True, "BLOCK_D": 256},
+                                    num_warps=4, num_stages=4)
+
     monkeypatch.setattr(nearest, "_nearest_code_autotuned", Tuner())
+    monkeypatch.setattr(nearest, "_last_search_autotuner", None)
     monkeypatch.delenv("VQFAST_AUTOTUNE", raising=False)
     direct_during_run = []
     note = bench.search_tile_note(lambda: direct_during_run.append(_launch._DIRECT))
     assert note == "search tile 128x64, 8 warps, 3 stages"
     assert direct_during_run == [False]  # through the autotuner, which reports its choice
+    # The search names the autotuner it launched through; those candidates say how D is covered.
+    note = bench.search_tile_note(lambda: setattr(nearest, "_last_search_autotuner", WideTuner()))
+    assert note == "search tile 64x32, whole D, 4 warps, 4 stages"
     assert _launch._DIRECT is (_launch._native_specialize is not None)
     monkeypatch.setenv("VQFAST_AUTOTUNE", "0")
     assert bench.search_tile_note(lambda: None) == ""

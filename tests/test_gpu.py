@@ -182,6 +182,31 @@ def test_code_usage_million_indices():
     torch.testing.assert_close(entropy.cpu(), ref_entropy, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [200, 256])
+def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
+    # fp32 with tf32 products at 128 < D <= 256: candidates with a whole D per tile and with 64-column
+    # slices. The autotuner runs the fastest only, so each one is run here on its own.
+    from vqfast.kernels import _launch, nearest
+
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    tuner = nearest._nearest_code_wide_tf32_autotuned
+    z, c = _data(3000, 5000, d, torch.float32, seed=8)
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    candidates = nearest._prune_wide_tf32_configs(tuner.configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
+    assert any(cfg.kwargs["SINGLE_D"] for cfg in candidates) and not all(cfg.kwargs["SINGLE_D"] for cfg in candidates)
+    for cfg in candidates:
+        monkeypatch.setattr(tuner, "configs", [cfg])
+        tuner.cache.clear()
+        with _launch.launch_path(direct=False):  # through the autotuner, which now has this one candidate
+            idx, _ = kernels.nearest_code(z, c, precision="high")
+        assert tuner.best_config is cfg
+        differ = (idx != exact).nonzero().flatten()
+        assert differ.numel() <= 3, cfg
+        if differ.numel():
+            assert chosen_gap(z[differ], c, idx[differ]).max() <= 1e-5, cfg
+    tuner.cache.clear()
+
+
 def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
     from vqfast.kernels.nearest import _nearest_code_with_status
 

@@ -695,6 +695,35 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
     assert (64, 128, 3) in big and checked
 
 
+def test_wide_tf32_candidates_cover_d_whole_and_in_slices(monkeypatch):
+    """fp32 with tf32 products at 128 < D <= 256: the autotuner weighs a whole D per tile (only the code
+    tiles streamed) against 64-column slices; each candidate carries its SINGLE_D and BLOCK_D, and
+    those kept fit in shared memory with the re-check's extra staging."""
+    from vqfast.kernels import nearest
+
+    z = torch.empty(4, 256)
+    limit = H100_SHARED_MEMORY - nearest._RECHECK_SHARED_BYTES
+    monkeypatch.setattr(nearest, "max_shared_memory", lambda: H100_SHARED_MEMORY)
+    configs = nearest._wide_tf32_configs()
+    chosen = nearest._prune_wide_tf32_configs(configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
+    whole = [c for c in chosen if c.kwargs["SINGLE_D"]]
+    sliced = [c for c in chosen if not c.kwargs["SINGLE_D"]]
+    assert whole and sliced and all(c.kwargs["BLOCK_D"] == 256 for c in whole)
+    assert all(c.kwargs["BLOCK_D"] == nearest._LOOP_BLOCK_D for c in sliced)
+    for c in chosen:
+        need = nearest._shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                            c.kwargs["BLOCK_D"], c.kwargs["SINGLE_D"], 4)
+        assert need <= limit
+    # A whole D of fp32 beside three stages of 64-code tiles would not fit: not a candidate.
+    assert nearest._shared_memory_bytes(128, 64, 3, 256, True, 4) > limit
+    assert all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) != (128, 64, 3) for c in whole)
+    # With little shared memory the slices' fallback remains, still saying how it covers D.
+    monkeypatch.setattr(nearest, "max_shared_memory", lambda: 65536)
+    small = nearest._prune_wide_tf32_configs(configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
+    assert small and all(c.kwargs["SINGLE_D"] is False and c.kwargs["BLOCK_D"] == 64 for c in small)
+    assert set(nearest._nearest_code_wide_tf32_autotuned.keys) >= {"N_BUCKET", "K", "D", "codes_per_split"}
+
+
 def test_autotuning_is_keyed_on_the_codebook_split():
     # Two row counts in one power-of-two bucket can get different split counts, i.e. different work per
     # program; a configuration tuned for one must not be reused for the other.

@@ -1090,8 +1090,11 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
     try:
         with _launch.launch_path(direct=False):
             run_search()
-        cfg = nearest._nearest_code_autotuned.best_config
-        return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}, {cfg.num_warps} warps, "
+        cfg = (nearest.last_search_autotuner() or nearest._nearest_code_autotuned).best_config
+        slices = ""
+        if "SINGLE_D" in cfg.kwargs:  # the candidates that choose between a whole D and slices of it
+            slices = ", whole D" if cfg.kwargs["SINGLE_D"] else f", D in slices of {cfg.kwargs['BLOCK_D']}"
+        return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}{slices}, {cfg.num_warps} warps, "
                 f"{cfg.num_stages} stages")
     except Exception:  # noqa: BLE001 - a note only
         return ""
