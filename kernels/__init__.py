@@ -9,7 +9,7 @@ from vqfast.kernels.nearest import nearest_code
 from vqfast.kernels.quantize import quantize_backward, quantize_forward
 from vqfast.kernels.soft_entropy import soft_entropy_backward, soft_entropy_forward
 from vqfast.kernels.upkeep import ema_update, update_code_usage
-from vqfast.kernels.usage import bincount, code_usage, finite_row_counts
+from vqfast.kernels.usage import bincount, code_usage, code_usage_stats, finite_row_counts
 
-__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "bincount", "code_usage", "quantize_forward", "quantize_backward",
+__all__ = ["nearest_code", "gather_rows", "scatter_add_rows", "bincount", "code_usage", "code_usage_stats", "quantize_forward", "quantize_backward",
            "soft_entropy_forward", "soft_entropy_backward", "finite_row_counts", "update_code_usage", "ema_update"]

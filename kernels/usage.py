@@ -30,29 +30,42 @@ def _bincount_kernel(index_ptr, dist_ptr, counts_ptr, N, K, FINITE_ONLY: tl.cons
 
 
 @triton.jit
-def _entropy_kernel(counts_ptr, out_ptr, K, BLOCK: tl.constexpr):
-    # One program: K is at most a few million, and this keeps the result on the device.
-    total = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        total += tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float32)
-    n = tl.sum(total, axis=0)
-    inv_n = 1.0 / tl.maximum(n, 1.0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        p = tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float32) * inv_n
-        # 0 log 0 = 0: unused codes contribute nothing (log is taken of 1 there).
-        acc += tl.where(p > 0.0, -p * tl.log(tl.where(p > 0.0, p, 1.0)), 0.0)
-    entropy = tl.sum(acc, axis=0)
-    tl.store(out_ptr, entropy)
-    tl.store(out_ptr + 1, tl.exp(entropy))
+def _entropy_kernel(counts_ptr, ticket_ptr, partial_ptr, out_ptr, K, BLOCK: tl.constexpr,
+                    PARTIAL_BLOCK: tl.constexpr):
+    """Entropy and perplexity of the histogram ``counts`` (K,), by every program over its block of codes,
+    with the formula H = (n log n - sum c log c) / n: each program writes its block's n and sum c log c
+    (float64), and the last program to finish (a ticket taken with an atomic, zeroed by the caller)
+    adds them up in program order, so the result does not depend on which programs finish first. A
+    histogram with one used code gives exactly 0: its one term is n log n, computed as the total's."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    c = tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float64)
+    # c log c is 0 for c in {0, 1}; log is taken of 1 there.
+    c_log_c = tl.where(c > 1.0, c * tl.log(tl.where(c > 1.0, c, 1.0)), 0.0)
+    tl.store(partial_ptr + 2 * pid, tl.sum(c, axis=0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(c_log_c, axis=0))
+    # acq_rel: this program's partials are visible to whichever program takes the last ticket, and that
+    # one sees every other program's.
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    programs = tl.num_programs(0)
+    if ticket == programs - 1:
+        n = tl.zeros([PARTIAL_BLOCK], tl.float64)
+        total = tl.zeros([PARTIAL_BLOCK], tl.float64)
+        for p0 in range(0, programs, PARTIAL_BLOCK):
+            p = p0 + tl.arange(0, PARTIAL_BLOCK)
+            n += tl.load(partial_ptr + 2 * p, mask=p < programs, other=0.0)
+            total += tl.load(partial_ptr + 2 * p + 1, mask=p < programs, other=0.0)
+        n_all = tl.sum(n, axis=0)
+        n_log_n = tl.where(n_all > 1.0, n_all * tl.log(tl.where(n_all > 1.0, n_all, 1.0)), 0.0)
+        entropy = tl.maximum((n_log_n - tl.sum(total, axis=0)) / tl.maximum(n_all, 1.0), 0.0).to(tl.float32)
+        tl.store(out_ptr, entropy)
+        tl.store(out_ptr + 1, tl.exp(entropy))
 
 
 def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices``, with a fixed output
     length. Callers check the indices; one outside [0, num_codes) is not counted."""
-    return _count(indices, None, num_codes)
+    return _count(indices, None, num_codes)[:num_codes]
 
 
 def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -73,7 +86,8 @@ def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int
     indices = indices.contiguous()  # the kernel reads indices with unit stride
     n = indices.shape[0]
     finite_only = distances is not None
-    counts = torch.zeros(num_codes + finite_only, dtype=torch.int64, device=indices.device)
+    # One slot more: the number of rows counted (finite_only), or the entropy kernel's ticket.
+    counts = torch.zeros(num_codes + 1, dtype=torch.int64, device=indices.device)
     if n > 0:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
             launch_kernel(_bincount_kernel, (cdiv(n, cfg.block),), indices, distances if finite_only else indices,
@@ -101,8 +115,18 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     Equivalent to ``c = torch.bincount(indices, minlength=K); p = c / c.sum();
     h = -(p * p.log()).nansum(); (c, h, h.exp())``.
     """
-    counts = bincount(indices, num_codes)
-    out = torch.empty(2, dtype=torch.float32, device=indices.device)
+    counts, stats = code_usage_stats(indices, num_codes)
+    return counts, stats[0], stats[1]
+
+
+def code_usage_stats(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`code_usage` as ``(counts, stats)`` with ``stats`` = [entropy, perplexity] (fp32 (2,))."""
+    with_ticket = _count(indices, None, num_codes)  # slot num_codes: zero, the ticket
+    counts, ticket = with_ticket[:num_codes], with_ticket[num_codes:]
     block = 128 if interpreting() else 1024
-    launch_kernel(_entropy_kernel, (1,), counts, out, num_codes, BLOCK=block)
-    return counts, out[0], out[1]
+    programs = cdiv(num_codes, block)
+    partial = torch.empty(2 * programs, dtype=torch.float64, device=indices.device)
+    stats = torch.empty(2, dtype=torch.float32, device=indices.device)
+    launch_kernel(_entropy_kernel, (programs,), counts, ticket, partial, stats, num_codes, BLOCK=block,
+                  PARTIAL_BLOCK=min(1024, next_power_of_2(programs)))
+    return counts, stats

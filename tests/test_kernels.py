@@ -205,6 +205,31 @@ def test_code_usage_uniform_and_single(kernel_device):
     assert math.isclose(perplexity.item(), 64.0, rel_tol=1e-4)
     _, entropy, perplexity = kernels.code_usage(torch.full((50,), 3, device=kernel_device), 10)
     assert entropy.item() == 0.0 and perplexity.item() == 1.0
+    # One used code among many blocks of codes (each program of the entropy kernel takes a block).
+    _, entropy, perplexity = kernels.code_usage(torch.full((70,), 2900, device=kernel_device), 3000)
+    assert entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
+@pytest.mark.parametrize("k", [129, 1000, 5000])
+def test_code_usage_entropy_over_many_blocks(k, kernel_device):
+    """The entropy kernel's programs each take a block of codes (128 under the interpreter, 1,024 on a
+    GPU) and the last to finish adds their partial sums in program order: the result matches the float64
+    entropy of the histogram and does not change from call to call."""
+    g = torch.Generator().manual_seed(12)
+    # Skewed usage: many unused codes, a few heavy ones, and codes used once (c log c = 0).
+    idx = torch.cat([torch.randint(0, k, (3000,), generator=g), torch.full((5000,), k - 1),
+                     torch.randint(0, 7, (2000,), generator=g)]).to(kernel_device)
+    counts, entropy, perplexity = kernels.code_usage(idx, k)
+    p = torch.bincount(idx.cpu(), minlength=k).double() / idx.numel()
+    expected = float(-torch.special.xlogy(p, p).sum())
+    assert counts.shape == (k,) and int(counts.sum()) == idx.numel()
+    assert abs(entropy.item() - expected) <= 1e-6 * expected
+    assert math.isclose(perplexity.item(), math.exp(expected), rel_tol=1e-6)
+    again = kernels.code_usage(idx, k)
+    assert torch.equal(again[1], entropy) and torch.equal(again[2], perplexity)
+    # Indices outside [0, k) (unchecked) are left out of the counts and of the entropy alike.
+    counts_out, entropy_out, _ = kernels.code_usage(torch.cat([idx, torch.tensor([-1, k], device=kernel_device)]), k)
+    assert torch.equal(counts_out, counts) and torch.equal(entropy_out, entropy)
 
 
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 19, 20), (130, 50, 150)])

@@ -73,8 +73,7 @@ def _(grad: Tensor, indices: Tensor, num_codes: int, out_dtype: torch.dtype) -> 
 def _code_usage(indices: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
     """Returns ``(counts, stats)`` with ``stats = [entropy, perplexity]`` (outputs may not alias)."""
     with on_device(indices):
-        counts, entropy, perplexity = kernels.code_usage(indices, num_codes)
-        return counts, torch.stack([entropy, perplexity])
+        return kernels.code_usage_stats(indices, num_codes)
 
 
 code_usage = torch.library.custom_op("vqfast::code_usage", _code_usage, mutates_args=())
