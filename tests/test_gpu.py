@@ -193,8 +193,11 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
     z, c = _data(3000, 5000, d, torch.float32, seed=8)
     exact, _ = kernels.nearest_code(z, c, precision="highest")
     candidates = nearest._prune_wide_tf32_configs(tuner.configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
-    assert any(cfg.kwargs["SINGLE_D"] for cfg in candidates) and not all(cfg.kwargs["SINGLE_D"] for cfg in candidates)
-    for cfg in candidates:
+    whole = [cfg for cfg in candidates if cfg.kwargs["SINGLE_D"]]
+    assert whole and len(whole) < len(candidates)
+    # (Every whole-D candidate, at an even and an odd D; of the sliced ones, which other tests cover at
+    # other D, the first: each candidate is one more compile.)
+    for cfg in whole + ([candidates[0]] if d == 256 else []):
         monkeypatch.setattr(tuner, "configs", [cfg])
         tuner.cache.clear()
         with _launch.launch_path(direct=False):  # through the autotuner, which now has this one candidate
