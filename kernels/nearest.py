@@ -516,19 +516,25 @@ def _autotune_configs() -> list[triton.Config]:
         *_TENSOR_CORE_ONLY,
     ]:
         configs.append(_config(block_n, block_k, warps, stages))
+    # The per-tile minimum at (128, 64, 8 warps, 1 stage) too: ~95 registers against ~160 with slots,
+    # which is what lets two programs share an SM (see _TENSOR_CORE_ONLY).
+    configs.append(_config(128, 64, 8, 1, slots=False))
     return configs
 
 
-def _config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+def _config(block_n: int, block_k: int, warps: int, stages: int, slots: bool | None = None) -> triton.Config:
     # Slot-wise minima (see _scan_codes) hold two more values per score in registers (three in the tf32
-    # pass): only for tiles of at most 32 scores per thread.
-    slots = block_n * block_k <= 32 * 32 * warps
+    # pass): by default only for tiles of at most 32 scores per thread.
+    if slots is None:
+        slots = block_n * block_k <= 32 * 32 * warps
     return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SLOTS": slots}, num_warps=warps,
                          num_stages=stages)
 
 
 # Two programs per SM at D = 256 in 16-bit (96 KiB of shared memory each; the others take 160 KiB or
-# more), so that one program's tensor-core work can overlap the other's argmin. Not for exact fp32
+# more), so that one program's tensor-core work can overlap the other's argmin. With 8 warps that also
+# needs at most 128 registers per thread, which slot-wise minima exceed (155-163 on sm_90, one program
+# per SM): _autotune_configs adds the same tile with the per-tile minimum. Not for exact fp32
 # products, where (128, 64) with one stage spills (compile_check.py).
 _TENSOR_CORE_ONLY = ((128, 64, 8, 1), (64, 64, 4, 2))
 
