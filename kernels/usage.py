@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, check_launchable, interpreting, next_power_of_2, scratch_trial,
+    tuned_config,
 )
-from vqfast.kernels._launch import launch_kernel
+from vqfast.kernels._launch import PreparedLaunch
 
 
 @triton.jit
@@ -70,21 +73,40 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
 
 def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int) -> torch.Tensor:
     check_launchable(indices)
-    indices = indices.contiguous()  # the kernel reads indices with unit stride
-    n = indices.shape[0]
     finite_only = distances is not None
-    counts = torch.zeros(num_codes + finite_only, dtype=torch.int64, device=indices.device)
-    if n > 0:
+    key = (indices.shape, num_codes, finite_only, indices.device, interpreting())
+    plan = _COUNT_PLANS.get(key)
+    if plan is None:
+        plan = _COUNT_PLANS.add(key, _CountPlan(indices, num_codes, finite_only))
+    indices = indices.contiguous()  # the kernel reads indices with unit stride
+    counts = torch.zeros(plan.length, dtype=torch.int64, device=indices.device)
+    launches = plan.launches
+    if launches is not None:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
-            launch_kernel(_bincount_kernel, (cdiv(n, cfg.block),), indices, distances if finite_only else indices,
-                          into, n, num_codes, FINITE_ONLY=finite_only, BLOCK=cfg.block,
-                          num_warps=cfg.num_warps)
+            launches[cfg](indices, distances if finite_only else indices, into)
 
+        launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, counts)))
+    return counts
+
+
+class _CountPlan:
+    """What ``_count`` computes from its problem (see ``PlanCache``)."""
+
+    def __init__(self, indices: torch.Tensor, num_codes: int, finite_only: bool):
+        n = indices.shape[0]
+        self.length = num_codes + finite_only
+        self.launches = None
+        if n == 0:
+            return
+        self.configs = _bincount_configs()
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
-        key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
-        launch(tuned_config(key, _bincount_configs(), scratch_trial(launch, counts)))
-    return counts
+        self.tune_key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
+        self.launches = RowLaunches(_bincount_kernel, n, None, (n, num_codes), dict(FINITE_ONLY=finite_only),
+                                    block_name="BLOCK")
+
+
+_COUNT_PLANS = PlanCache()
 
 
 def _bincount_configs() -> list[LaunchConfig]:
@@ -103,6 +125,10 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     """
     counts = bincount(indices, num_codes)
     out = torch.empty(2, dtype=torch.float32, device=indices.device)
-    block = 128 if interpreting() else 1024
-    launch_kernel(_entropy_kernel, (1,), counts, out, num_codes, BLOCK=block)
+    _entropy_launch(num_codes, interpreting())(counts, out)
     return counts, out[0], out[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _entropy_launch(num_codes: int, interp: bool) -> PreparedLaunch:
+    return PreparedLaunch(_entropy_kernel, (1,), (num_codes,), dict(BLOCK=128 if interp else 1024))
