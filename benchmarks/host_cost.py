@@ -7,10 +7,13 @@ call), on CPU tensors with the compile-only driver of ``compile_check.py``: kern
 sm_90 on first use and every launch stops just before the CUDA driver. What it leaves out is the
 driver's ``cuLaunchKernel`` (a few us per launch) and CUDA allocations (``torch.empty`` on the GPU).
 Each case repeats one problem, as a training or inference loop does: after the warm-up calls it runs
-on the search's cached plan and prepared launches (tuning note 17 of benchmarks/README.md).
+on the launchers' cached plans and prepared launches (tuning notes 17 and 18 of benchmarks/README.md).
+The layer's case is a training step; its CPU tensor arithmetic (the rows' copies, the gradient
+accumulation) is real work here that a GPU would do asynchronously, so it stays small.
 
-    python benchmarks/host_cost.py [--calls 50] [--repeats 40] [--profile]
+    python benchmarks/host_cost.py [--calls 50] [--repeats 40] [--case TEXT] [--profile]
 
+``--case`` keeps the cases whose name contains TEXT; ``--profile`` profiles the first case kept.
 Prints, per case, the best time per call over ``--repeats`` runs of ``--calls`` calls, with the direct
 launches of ``vqfast.kernels._launch`` and with Triton's own launch path, measured in turn (short runs,
 best of many: the shared machines this runs on are noisy).
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--profile", action="store_true", help="cProfile of the first case")
+    parser.add_argument("--profile", action="store_true", help="cProfile of the first case measured")
+    parser.add_argument("--case", action="append", default=None, metavar="TEXT",
+                        help="measure only the cases whose name contains TEXT (repeatable)")
     args = parser.parse_args(argv)
     sms = compile_check.SM_LIMITS[90]["sms"]
     triton.runtime.driver.set_active(compile_check.StandInDriver(90, lambda exc: None))
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     vqfast.layer.resolve_backend = vqfast.functional.resolve_backend
     torch.set_num_threads(1)
     cases = _cases()
+    if args.case:
+        cases = [(name, fn) for name, fn in cases if any(text in name for text in args.case)]
     print("host time per call, launches stubbed (us): direct launches / Triton's launch path")
     for name, fn in cases:
         best = measure(fn, args.calls, args.repeats)

@@ -138,6 +138,14 @@ def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def int32_safe_strides(t: torch.Tensor) -> tuple[bool, tuple[int, ...]]:
+    """Whether ``int32_safe_columns(t)`` copies ``t``, and the strides of the tensor it returns (a plan
+    needs them without making the copy)."""
+    if t.dim() == 2 and (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
+        return True, (t.shape[1], 1)
+    return False, t.stride()
+
+
 # Triton decides when it defines a kernel whether the interpreter runs it (reading TRITON_INTERPRET),
 # so this is read off a kernel rather than the variable: a later change of the variable changes
 # nothing, and reading it cost about 1 us per launcher call.
@@ -237,6 +245,58 @@ def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
     others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)
               if elements <= 32 * 32 * warps]
     return (fixed, *[c for c in others if c != fixed])
+
+
+class PlanCache:
+    """Launch plans by problem, as ``kernels/nearest.py`` keeps its searches': what a launcher computes
+    from a problem's shapes, strides, dtypes and arguments before it allocates and launches (block
+    sizes, grids, prepared launches), so that a repeated small problem, which is bound by host time,
+    computes it once. A plan holds no tensor, only what its key determines. Bounded, since a stream of
+    distinct shapes (ragged batches) would otherwise grow it without end: the oldest goes first."""
+
+    __slots__ = ("plans", "limit")
+
+    def __init__(self, limit: int = 256):
+        self.plans: dict[tuple, object] = {}
+        self.limit = limit
+
+    def get(self, key: tuple) -> object | None:
+        return self.plans.get(key)
+
+    def add(self, key: tuple, plan: object) -> object:
+        if len(self.plans) >= self.limit:
+            del self.plans[next(iter(self.plans))]
+        self.plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self.plans.clear()
+
+
+class RowLaunches:
+    """Prepared launches of one row kernel (gather, scatter-add, the fused VQ step) for one problem, one
+    per launch configuration, made on first use: the configuration is chosen per call (``tuned_config``
+    honours ``VQFAST_AUTOTUNE`` as it changes), the rest of the launch is fixed by the problem."""
+
+    __slots__ = ("kernel", "rows", "grid_y", "scalars", "meta", "layout", "block_name", "_by_config")
+
+    def __init__(self, kernel: object, rows: int, grid_y: int | None, scalars: Sequence[object], meta: dict,
+                 layout: Sequence[int] | None = None, block_name: str = "BLOCK_N"):
+        self.kernel, self.rows, self.grid_y = kernel, rows, grid_y
+        self.scalars, self.meta, self.layout, self.block_name = tuple(scalars), meta, layout, block_name
+        self._by_config: dict[LaunchConfig, PreparedLaunch] = {}
+
+    def programs(self, cfg: LaunchConfig) -> int:
+        return cdiv(self.rows, cfg.block)
+
+    def __getitem__(self, cfg: LaunchConfig) -> PreparedLaunch:
+        launch = self._by_config.get(cfg)
+        if launch is None:
+            grid = (self.programs(cfg),) if self.grid_y is None else (self.programs(cfg), self.grid_y)
+            launch = self._by_config[cfg] = PreparedLaunch(
+                self.kernel, grid, self.scalars, {**self.meta, self.block_name: cfg.block, "num_warps": cfg.num_warps},
+                self.layout)
+        return launch
 
 
 _TUNED: dict[tuple, LaunchConfig] = {}

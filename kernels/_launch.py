@@ -110,7 +110,9 @@ def _hooks_idle() -> bool:
 def _globals_unchanged(fn: Any) -> bool:
     """The globals the kernel read when compiled still hold their values (Triton's path raises if not)."""
     for (name, _), (value, namespace) in getattr(fn, "used_global_vals", {}).items():
-        if namespace.get(name, _MISSING) != value:
+        # Identity first: a ``tl.constexpr`` global compares through Python code (~3 us per launch).
+        current = namespace.get(name, _MISSING)
+        if current is not value and current != value:
             return False
     return True
 

@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, cdiv, check_grid_yz, check_launchable, int32_safe_columns, next_power_of_2, row_block_d,
-    row_tile_configs, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, int32_safe_strides,
+    next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
-from vqfast.kernels._launch import launch_kernel
 
 
 @triton.jit
@@ -54,25 +54,46 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices``: (N, D) in the codebook's dtype. Callers check the
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
     check_launchable(codebook, indices)
-    codebook = int32_safe_columns(codebook)
+    key = (codebook.shape, codebook.stride(), indices.shape, codebook.dtype, codebook.device, _common.interpreting())
+    plan = _GATHER_PLANS.get(key)
+    if plan is None:
+        plan = _GATHER_PLANS.add(key, _GatherPlan(codebook, indices))
+    if plan.copy_codebook:
+        codebook = codebook.contiguous()
     indices = indices.contiguous()  # the kernels read indices with unit stride
-    n, d = indices.shape[0], codebook.shape[1]
-    out = torch.empty((n, d), dtype=codebook.dtype, device=codebook.device)
-    if n == 0 or d == 0:
+    out = torch.empty(plan.shape, dtype=codebook.dtype, device=codebook.device)
+    launches = plan.launches
+    if launches is None:
         return out
-    block_d = row_block_d(d)
-    check_grid_yz(cdiv(d, block_d), "a gather")
 
     def launch(cfg: LaunchConfig) -> None:
-        grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-        launch_kernel(_gather_rows_kernel, grid, codebook, indices, out, n, codebook.shape[0], d, codebook.stride(0),
-                      codebook.stride(1), out.stride(0), BLOCK_N=cfg.block, BLOCK_D=block_d,
-                      num_warps=cfg.num_warps)
+        launches[cfg](codebook, indices, out)
 
     # Timing runs write the real output too: the final launch overwrites it.
-    key = ("gather", next_power_of_2(n), d, codebook.dtype, codebook.device)
-    launch(tuned_config(key, row_tile_configs(block_d), launch))
+    launch(tuned_config(plan.tune_key, plan.configs, launch))
     return out
+
+
+class _GatherPlan:
+    """What ``gather_rows`` computes from its problem (see ``PlanCache``)."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor):
+        self.copy_codebook, c_strides = int32_safe_strides(codebook)
+        n, d = indices.shape[0], codebook.shape[1]
+        self.shape = (n, d)
+        self.launches = None
+        if n == 0 or d == 0:
+            return
+        block_d = row_block_d(d)
+        check_grid_yz(cdiv(d, block_d), "a gather")
+        self.configs = row_tile_configs(block_d)
+        self.tune_key = ("gather", next_power_of_2(n), d, codebook.dtype, codebook.device)
+        # (The output is contiguous: its row stride is d.)
+        self.launches = RowLaunches(_gather_rows_kernel, n, cdiv(d, block_d),
+                                    (n, codebook.shape[0], d, c_strides[0], c_strides[1], d), dict(BLOCK_D=block_d))
+
+
+_GATHER_PLANS = PlanCache()
 
 
 def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
@@ -83,20 +104,40 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     index lies outside [0, K) are dropped (callers check the indices).
     """
     check_launchable(grad, indices)
-    grad = int32_safe_columns(grad)
+    key = (grad.shape, grad.stride(), num_codes, grad.dtype, grad.device, _common.interpreting())
+    plan = _SCATTER_PLANS.get(key)
+    if plan is None:
+        plan = _SCATTER_PLANS.add(key, _ScatterPlan(grad, num_codes))
+    if plan.copy_grad:
+        grad = grad.contiguous()
     indices = indices.contiguous()
-    n, d = grad.shape
-    acc = torch.zeros((num_codes, d), dtype=torch.float32, device=grad.device)
-    if n > 0 and d > 0:
-        block_d = row_block_d(d)
-        check_grid_yz(cdiv(d, block_d), "a scatter-add")
-
+    acc = torch.zeros(plan.shape, dtype=torch.float32, device=grad.device)
+    launches = plan.launches
+    if launches is not None:
         def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
-            grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-            launch_kernel(_scatter_add_rows_kernel, grid, grad, indices, into, n, num_codes, d, grad.stride(0),
-                          grad.stride(1), BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+            launches[cfg](grad, indices, into)
 
-        key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device)
-        launch(tuned_config(key, row_tile_configs(block_d), scratch_trial(launch, acc)))
+        launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, acc)))
     out_dtype = out_dtype or grad.dtype
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
+
+
+class _ScatterPlan:
+    """What ``scatter_add_rows`` computes from its problem (see ``PlanCache``)."""
+
+    def __init__(self, grad: torch.Tensor, num_codes: int):
+        self.copy_grad, g_strides = int32_safe_strides(grad)
+        n, d = grad.shape
+        self.shape = (num_codes, d)
+        self.launches = None
+        if n == 0 or d == 0:
+            return
+        block_d = row_block_d(d)
+        check_grid_yz(cdiv(d, block_d), "a scatter-add")
+        self.configs = row_tile_configs(block_d)
+        self.tune_key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device)
+        self.launches = RowLaunches(_scatter_add_rows_kernel, n, cdiv(d, block_d),
+                                    (n, num_codes, d, g_strides[0], g_strides[1]), dict(BLOCK_D=block_d))
+
+
+_SCATTER_PLANS = PlanCache()

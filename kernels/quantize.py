@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, cdiv, check_grid_yz, check_launchable, check_row_count, int32_safe_columns, next_power_of_2,
-    row_block_d, row_tile_configs, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_row_count, int32_safe_strides,
+    next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
-from vqfast.kernels._launch import launch_kernel
 
 
 @triton.jit
@@ -84,28 +84,56 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
     check_launchable(z, codebook, indices)
-    check_row_count(z.shape[0], "z")
-    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
+    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, beta,
+           _common.MAX_ROWS, _common.interpreting())
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        plan = _FORWARD_PLANS.add(key, _ForwardPlan(z, codebook, beta))
+    if plan.copy_z:
+        z = z.contiguous()
+    if plan.copy_codebook:
+        codebook = codebook.contiguous()
     indices = indices.contiguous()  # the kernels read indices with unit stride
-    n, d = z.shape
-    z_q = torch.empty((n, d), dtype=z.dtype, device=z.device)
-    if n == 0:
+    z_q = torch.empty(plan.shape, dtype=z.dtype, device=z.device)
+    launches = plan.launches
+    if launches is None:
         return z_q, torch.zeros((), dtype=torch.float32, device=z.device)
-    block_d = row_block_d(d)
 
     def launch(cfg: LaunchConfig) -> torch.Tensor:
-        programs = cdiv(n, cfg.block)
-        partial = torch.empty(programs, dtype=torch.float32, device=z.device)
-        launch_kernel(_vq_forward_kernel, (programs,), z, codebook, indices, z_q, partial, n, codebook.shape[0], d,
-                      z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1),
-                      BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+        partial = torch.empty(launches.programs(cfg), dtype=torch.float32, device=z.device)
+        launches[cfg](z, codebook, indices, z_q, partial)
         return partial
 
     # Timing runs write z_q too (the final launch overwrites it) and partial sums of their own.
-    key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device)
-    partial = launch(tuned_config(key, row_tile_configs(block_d), launch))
-    loss = partial.sum() * ((1.0 + beta) / (n * d))
-    return z_q, loss
+    partial = launch(tuned_config(plan.tune_key, plan.configs, launch))
+    # In place (the sum is a fresh tensor), by a float32 CPU scalar: the product is the one a Python
+    # float gives (the scalar is rounded to float32 either way) without wrapping it in a tensor per call.
+    return z_q, partial.sum().mul_(plan.scale)
+
+
+class _ForwardPlan:
+    """What ``quantize_forward`` computes from its problem (see ``PlanCache``); made only for inputs
+    that passed the checks."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, beta: float):
+        check_row_count(z.shape[0], "z")
+        self.copy_z, z_strides = int32_safe_strides(z)
+        self.copy_codebook, c_strides = int32_safe_strides(codebook)
+        n, d = z.shape
+        self.shape = (n, d)
+        self.launches = None
+        if n == 0:
+            return
+        block_d = row_block_d(d)
+        self.configs = row_tile_configs(block_d)
+        self.tune_key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device)
+        self.scale = torch.tensor((1.0 + beta) / (n * d), dtype=torch.float32, device="cpu")
+        self.launches = RowLaunches(_vq_forward_kernel, n, None,
+                                    (n, codebook.shape[0], d, z_strides[0], z_strides[1], c_strides[0], c_strides[1]),
+                                    dict(BLOCK_D=block_d))
+
+
+_FORWARD_PLANS = PlanCache()
 
 
 def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: torch.Tensor,
@@ -117,33 +145,68 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     tensor.
     """
     check_launchable(z, codebook, indices)
-    check_row_count(z.shape[0], "z")
-    z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
+    has_gzq = grad_zq is not None
+    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, beta,
+           bool(need_grad_codebook), (grad_zq.shape, grad_zq.stride()) if has_gzq else None, _common.MAX_ROWS,
+           _common.interpreting())
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook))
+    if plan.copy_z:
+        z = z.contiguous()
+    if plan.copy_codebook:
+        codebook = codebook.contiguous()
     indices = indices.contiguous()
-    n, d = z.shape
-    grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)
-    c_shape = codebook.shape if need_grad_codebook else (0, d)
-    grad_c = torch.zeros(c_shape, dtype=torch.float32, device=z.device)
-    if n > 0:
-        block_d = row_block_d(d)
-        coef = 2.0 / (n * d)
-        grad_loss = grad_loss.reshape(1).to(torch.float32)
-        has_gzq = grad_zq is not None
-        gzq = int32_safe_columns(grad_zq) if has_gzq else z
-        check_grid_yz(cdiv(d, block_d), "the VQ backward")
+    device = z.device
+    grad_z = torch.empty(plan.shape, dtype=z.dtype, device=device)
+    grad_c = torch.zeros(plan.c_shape, dtype=torch.float32, device=device)
+    launches = plan.launches
+    if launches is not None:
+        if grad_loss.dim() or grad_loss.dtype != torch.float32:
+            grad_loss = grad_loss.reshape(1).to(torch.float32)
+        gzq = (grad_zq.contiguous() if plan.copy_gzq else grad_zq) if has_gzq else z
 
         def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z, into_c: torch.Tensor = grad_c) -> None:
-            grid = (cdiv(n, cfg.block), cdiv(d, block_d))
-            launch_kernel(_vq_backward_kernel, grid, gzq, grad_loss, z, codebook, indices, into_z, into_c, n,
-                          codebook.shape[0], d, coef, coef * beta, gzq.stride(0), gzq.stride(1), z.stride(0), z.stride(1),
-                          codebook.stride(0), codebook.stride(1),
-                          HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook,
-                          BLOCK_N=cfg.block, BLOCK_D=block_d, num_warps=cfg.num_warps)
+            launches[cfg](gzq, grad_loss, z, codebook, indices, into_z, into_c)
 
         # The codebook gradient accumulates (atomics): timing runs go to scratch tensors.
-        key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype, has_gzq,
-               need_grad_codebook, z.device)
-        launch(tuned_config(key, row_tile_configs(block_d), scratch_trial(launch, grad_z, grad_c)))
-    elif grad_zq is not None:
+        launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, grad_z, grad_c)))
+    elif has_gzq:
         grad_z.copy_(grad_zq)
     return grad_z, (grad_c if codebook.dtype == torch.float32 else grad_c.to(codebook.dtype))
+
+
+class _BackwardPlan:
+    """What ``quantize_backward`` computes from its problem (see ``PlanCache``); made only for inputs
+    that passed the checks."""
+
+    def __init__(self, grad_zq: torch.Tensor | None, z: torch.Tensor, codebook: torch.Tensor, beta: float,
+                 need_grad_codebook: bool):
+        check_row_count(z.shape[0], "z")
+        self.copy_z, z_strides = int32_safe_strides(z)
+        self.copy_codebook, c_strides = int32_safe_strides(codebook)
+        n, d = z.shape
+        self.shape = (n, d)
+        self.c_shape = codebook.shape if need_grad_codebook else (0, d)
+        self.copy_gzq = False
+        self.launches = None
+        if n == 0:
+            return
+        block_d = row_block_d(d)
+        coef = 2.0 / (n * d)
+        has_gzq = grad_zq is not None
+        g_strides = z_strides
+        if has_gzq:
+            self.copy_gzq, g_strides = int32_safe_strides(grad_zq)
+        check_grid_yz(cdiv(d, block_d), "the VQ backward")
+        self.configs = row_tile_configs(block_d)
+        self.tune_key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype,
+                         has_gzq, need_grad_codebook, z.device)
+        self.launches = RowLaunches(
+            _vq_backward_kernel, n, cdiv(d, block_d),
+            (n, codebook.shape[0], d, coef, coef * beta, g_strides[0], g_strides[1], z_strides[0], z_strides[1],
+             c_strides[0], c_strides[1]),
+            dict(HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook, BLOCK_D=block_d))
+
+
+_BACKWARD_PLANS = PlanCache()

@@ -15,14 +15,15 @@ The numbering needs every block's count, hence two launches rather than one.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import cdiv, check_launchable, interpreting, next_power_of_2
-from vqfast.kernels._launch import launch_kernel
+from vqfast.kernels._common import PlanCache, cdiv, check_launchable, interpreting, next_power_of_2
+from vqfast.kernels._launch import PreparedLaunch
 
 # Largest finite float32: |x| <= it is False for NaN and +-inf alike.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -149,13 +150,19 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     if not 0.0 <= decay < 1.0 or eps < 0:
         raise ValueError(f"decay must be in [0, 1) and eps >= 0, got {decay}, {eps}")
     total = ema_count.sum()
-    d = weight.shape[1]
+    _ema_launch(k, weight.shape[1], weight.stride(0), weight.stride(1), sums.stride(0), decay, eps,
+                interpreting())(weight, sums, ema_count, counts, total)
+
+
+@functools.lru_cache(maxsize=256)
+def _ema_launch(k: int, d: int, stride_wk: int, stride_wd: int, stride_sk: int, decay: float, eps: float,
+                interp: bool) -> PreparedLaunch:
     # 32 x 64 elements per program: 64 registers on sm_90 (50 % occupancy); 64 codes took 138 (19 %).
-    block_codes = 16 if interpreting() else 32
+    block_codes = 16 if interp else 32
     block_d = min(64, max(16, next_power_of_2(d)))
-    launch_kernel(_ema_update_kernel, (cdiv(k, block_codes),), weight, sums, ema_count, counts, total, k, d,
-                  weight.stride(0), weight.stride(1), sums.stride(0), decay, 1.0 - decay, eps,
-                  BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4)
+    return PreparedLaunch(_ema_update_kernel, (cdiv(k, block_codes),),
+                          (k, d, stride_wk, stride_wd, stride_sk, decay, 1.0 - decay, eps),
+                          dict(BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4))
 
 
 def _codes_per_program(num_codes: int) -> int:
@@ -215,28 +222,49 @@ def update_code_usage(
             _check_vector(ema_count, "ema_count", k, torch.float32)
             check_launchable(ema_count)
         seeds = seeds.contiguous()
+    key = (k, usage_decay, dead_threshold, restart, usage.device, interpreting(),
+           (seeds.shape, seeds.stride(), weight.shape, weight.stride(), ema_count is not None) if restart else None)
+    plan = _USAGE_PLANS.get(key)
+    if plan is None:
+        plan = _USAGE_PLANS.add(key, _UsagePlan(k, usage_decay, dead_threshold, seeds, weight, ema_count, restart))
     # The step counter first: both kernels read the new count, and no kernel may write what another
     # of its programs reads.
     steps.add_(1.0)
-    per_program = _codes_per_program(k)
-    programs = cdiv(k, per_program)
-    log2_decay = math.log2(usage_decay) if usage_decay > 0 else float("-inf")
-    # Without restarts the first kernel writes no flags: it gets a stand-in pointer.
-    dead = torch.empty(k, dtype=torch.int8, device=usage.device) if restart else counts
-    dead_per_block = torch.empty(programs, dtype=torch.int32, device=usage.device) if restart else counts
-    block = min(per_program, 16 if interpreting() else 1024)
-    launch_kernel(_update_usage_kernel, (programs,), counts, usage, grace, batch_counts, steps, dead, dead_per_block, k,
-                  usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold,
-                  FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block,
-                  num_warps=4)
     if not restart:
+        # Without restarts the first kernel writes no flags: it gets a stand-in pointer.
+        plan.update(counts, usage, grace, batch_counts, steps, counts, counts)
         return
-    d = weight.shape[1]
-    block_codes = 8 if interpreting() else 256
-    block_d = 16
-    launch_kernel(_restart_codes_kernel, (programs,), dead, dead_per_block, seeds, weight, usage, grace,
-                  ema_count if ema_count is not None else usage, steps, k, d,
-                  seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1),
-                  log2_decay, HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
-                  NUM_BLOCKS_P2=max(2, next_power_of_2(programs)),
-                  BLOCK_CODES=min(block_codes, per_program), BLOCK_D=block_d, num_warps=4)
+    dead = torch.empty(k, dtype=torch.int8, device=usage.device)
+    dead_per_block = torch.empty(plan.programs, dtype=torch.int32, device=usage.device)
+    plan.update(counts, usage, grace, batch_counts, steps, dead, dead_per_block)
+    plan.restart(dead, dead_per_block, seeds, weight, usage, grace, ema_count if ema_count is not None else usage,
+                 steps)
+
+
+class _UsagePlan:
+    """The launches of ``update_code_usage`` for one problem (see ``PlanCache``); its tensors' shapes
+    and dtypes are checked on every call."""
+
+    def __init__(self, k: int, usage_decay: float, dead_threshold: float, seeds: torch.Tensor | None,
+                 weight: torch.Tensor | None, ema_count: torch.Tensor | None, restart: bool):
+        per_program = _codes_per_program(k)
+        programs = self.programs = cdiv(k, per_program)
+        log2_decay = math.log2(usage_decay) if usage_decay > 0 else float("-inf")
+        block = min(per_program, 16 if interpreting() else 1024)
+        self.update = PreparedLaunch(_update_usage_kernel, (programs,),
+                                     (k, usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold),
+                                     dict(FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block, num_warps=4))
+        self.restart = None
+        if not restart:
+            return
+        d = weight.shape[1]
+        block_codes = 8 if interpreting() else 256
+        self.restart = PreparedLaunch(
+            _restart_codes_kernel, (programs,),
+            (k, d, seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1), log2_decay),
+            dict(HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
+                 NUM_BLOCKS_P2=max(2, next_power_of_2(programs)), BLOCK_CODES=min(block_codes, per_program),
+                 BLOCK_D=16, num_warps=4))
+
+
+_USAGE_PLANS = PlanCache()

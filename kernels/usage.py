@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial,
+    tuned_config,
 )
-from vqfast.kernels._launch import launch_kernel
+from vqfast.kernels._launch import PreparedLaunch
 
 
 @triton.jit
@@ -83,22 +86,41 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
 
 def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int) -> torch.Tensor:
     check_launchable(indices)
-    indices = indices.contiguous()  # the kernel reads indices with unit stride
-    n = indices.shape[0]
     finite_only = distances is not None
-    # One slot more: the number of rows counted (finite_only), or the entropy kernel's ticket.
-    counts = torch.zeros(num_codes + 1, dtype=torch.int64, device=indices.device)
-    if n > 0:
+    key = (indices.shape, num_codes, finite_only, indices.device, interpreting())
+    plan = _COUNT_PLANS.get(key)
+    if plan is None:
+        plan = _COUNT_PLANS.add(key, _CountPlan(indices, num_codes, finite_only))
+    indices = indices.contiguous()  # the kernel reads indices with unit stride
+    counts = torch.zeros(plan.length, dtype=torch.int64, device=indices.device)
+    launches = plan.launches
+    if launches is not None:
         def launch(cfg: LaunchConfig, into: torch.Tensor = counts) -> None:
-            launch_kernel(_bincount_kernel, (cdiv(n, cfg.block),), indices, distances if finite_only else indices,
-                          into, n, num_codes, FINITE_ONLY=finite_only, BLOCK=cfg.block,
-                          num_warps=cfg.num_warps)
+            launches[cfg](indices, distances if finite_only else indices, into)
 
+        launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, counts)))
+    return counts
+
+
+class _CountPlan:
+    """What ``_count`` computes from its problem (see ``PlanCache``)."""
+
+    def __init__(self, indices: torch.Tensor, num_codes: int, finite_only: bool):
+        n = indices.shape[0]
+        # One slot more: the number of rows counted (finite_only), or the entropy kernel's ticket.
+        self.length = num_codes + 1
+        self.launches = None
+        if n == 0:
+            return
+        self.configs = _bincount_configs()
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
-        key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
-        launch(tuned_config(key, _bincount_configs(), scratch_trial(launch, counts)))
-    return counts
+        self.tune_key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
+        self.launches = RowLaunches(_bincount_kernel, n, None, (n, num_codes), dict(FINITE_ONLY=finite_only),
+                                    block_name="BLOCK")
+
+
+_COUNT_PLANS = PlanCache()
 
 
 def _bincount_configs() -> list[LaunchConfig]:
@@ -123,10 +145,16 @@ def code_usage_stats(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tenso
     """:func:`code_usage` as ``(counts, stats)`` with ``stats`` = [entropy, perplexity] (fp32 (2,))."""
     with_ticket = _count(indices, None, num_codes)  # slot num_codes: zero, the ticket
     counts, ticket = with_ticket[:num_codes], with_ticket[num_codes:]
-    block = 128 if interpreting() else 1024
-    programs = cdiv(num_codes, block)
-    partial = torch.empty(2 * programs, dtype=torch.float64, device=indices.device)
+    launch = _entropy_launch(num_codes, interpreting())
+    partial = torch.empty(2 * launch.grid[0], dtype=torch.float64, device=indices.device)
     stats = torch.empty(2, dtype=torch.float32, device=indices.device)
-    launch_kernel(_entropy_kernel, (programs,), counts, ticket, partial, stats, num_codes, BLOCK=block,
-                  PARTIAL_BLOCK=min(1024, next_power_of_2(programs)))
+    launch(counts, ticket, partial, stats)
     return counts, stats
+
+
+@functools.lru_cache(maxsize=256)
+def _entropy_launch(num_codes: int, interp: bool) -> PreparedLaunch:
+    block = 128 if interp else 1024
+    programs = cdiv(num_codes, block)
+    return PreparedLaunch(_entropy_kernel, (programs,), (num_codes,),
+                          dict(BLOCK=block, PARTIAL_BLOCK=min(1024, next_power_of_2(programs))))

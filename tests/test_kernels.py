@@ -957,3 +957,151 @@ def test_search_plans_are_bounded(kernel_device, monkeypatch):
         kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
     assert len(nearest._PLANS) == 3
     assert [key[0][0] for key in nearest._PLANS] == [3, 4, 5]  # the oldest go first
+
+
+def _launcher_cases(device):
+    """Calls of the planned launchers that differ in one thing a plan is computed from (shape, stride,
+    dtype, scalar argument, flag), each a function that builds its inputs afresh and returns the
+    launcher's outputs (for the upkeep launchers, the tensors they update in place)."""
+    g = torch.Generator().manual_seed(61)
+    n, k, d = 40, 9, 12
+    z = torch.randn(n, 2 * d, generator=g)
+    c = torch.randn(k, 2 * d, generator=g)
+    idx = torch.randint(0, k, (n,), generator=g)
+    grad = torch.randn(n, 2 * d, generator=g)
+    dist = torch.rand(n, generator=g)
+    seeds = torch.randn(k, d, generator=g)
+    on = lambda t: t.to(device)  # noqa: E731
+    zs, cs, gs = on(z[:, :d]), on(c[:, :d]), on(grad[:, :d])  # row stride 2 D
+    zc, cc = on(z[:, :d].contiguous()), on(c[:, :d].contiguous())
+    z_cols, c_cols = on(z[:, :d].t().contiguous().t()), on(c[:, :d].t().contiguous().t())  # column-major
+    i = on(idx)
+
+    def usage(decay=0.9, threshold=0.05, restart=True, ema=False, count_seeds=k, wide=False, strided=False):
+        def run():
+            counts = torch.cat([torch.bincount(idx[:n // 2], minlength=k), torch.tensor([n // 2])])
+            state = [on(counts), on(torch.rand(k, generator=torch.Generator().manual_seed(1)) * 0.01),
+                     on(torch.zeros(k)), on(torch.zeros(k, dtype=torch.int64)), on(torch.tensor(3.0))]
+            weight = on(torch.randn(k, 2 * d if strided else d, generator=torch.Generator().manual_seed(2)))
+            weight = weight[:, :d] if strided else weight
+            weight = weight.double() if wide else weight
+            ema_count = on(torch.ones(k)) if ema else None
+            kernels.update_code_usage(*state, decay, threshold, on(seeds[:count_seeds]) if restart else None,
+                                      weight if restart else None, ema_count if restart else None)
+            return (*state[1:], weight, ema_count)
+        return run
+
+    def ema(decay=0.9, eps=1e-5, strided=False):
+        def run():
+            counts = on(torch.cat([torch.bincount(idx, minlength=k), torch.tensor([n])]))
+            weight = on(torch.randn(k, 2 * d, generator=torch.Generator().manual_seed(3)))
+            weight = weight[:, :d] if strided else weight.clone()[:, :d].contiguous()
+            ema_count = on(torch.ones(k))
+            kernels.ema_update(weight, ema_count, on(torch.randn(k, d, generator=torch.Generator().manual_seed(4))),
+                               counts, decay, eps)
+            return weight, ema_count
+        return run
+
+    ones = on(torch.ones(()))
+    return {
+        "fwd": lambda: kernels.quantize_forward(zc, cc, i, 0.25),
+        "fwd beta": lambda: kernels.quantize_forward(zc, cc, i, 0.5),
+        "fwd strided z": lambda: kernels.quantize_forward(zs, cc, i, 0.25),
+        "fwd column-major codebook": lambda: kernels.quantize_forward(zc, c_cols, i, 0.25),
+        "fwd fewer rows": lambda: kernels.quantize_forward(zc[:7], cc, i[:7], 0.25),
+        "fwd fp16 z": lambda: kernels.quantize_forward(zc.half(), cc, i, 0.25),
+        "fwd no rows": lambda: kernels.quantize_forward(zc[:0], cc, i[:0], 0.25),
+        "bwd": lambda: kernels.quantize_backward(gs, ones, zc, cc, i, 0.25),
+        "bwd beta": lambda: kernels.quantize_backward(gs, ones, zc, cc, i, 0.5),
+        "bwd no grad_zq": lambda: kernels.quantize_backward(None, ones, zc, cc, i, 0.25),
+        "bwd contiguous grad_zq": lambda: kernels.quantize_backward(gs.contiguous(), ones, zc, cc, i, 0.25),
+        "bwd no codebook grad": lambda: kernels.quantize_backward(gs, ones, zc, cc, i, 0.25, False),
+        "bwd column-major z": lambda: kernels.quantize_backward(gs, ones, z_cols, cc, i, 0.25),
+        "bwd strided codebook": lambda: kernels.quantize_backward(gs, ones, zc, cs, i, 0.25),
+        "bwd fewer codes": lambda: kernels.quantize_backward(gs, ones, zc, cc[:k - 2], i.clamp_max(k - 3), 0.25),
+        "bwd no rows": lambda: kernels.quantize_backward(gs[:0], ones, zc[:0], cc, i[:0], 0.25),
+        "gather": lambda: kernels.gather_rows(cc, i),
+        "gather strided": lambda: kernels.gather_rows(cs, i),
+        "gather fewer rows": lambda: kernels.gather_rows(cc, i[:5]),
+        "gather fp16": lambda: kernels.gather_rows(cc.half(), i),
+        "scatter": lambda: kernels.scatter_add_rows(gs.contiguous(), i, k),
+        "scatter strided": lambda: kernels.scatter_add_rows(gs, i, k),
+        "scatter more codes": lambda: kernels.scatter_add_rows(gs.contiguous(), i, k + 3),
+        "scatter fp16 out": lambda: kernels.scatter_add_rows(gs.contiguous(), i, k, torch.float16),
+        "bincount": lambda: kernels.bincount(i, k),
+        "bincount more codes": lambda: kernels.bincount(i, k + 5),
+        "bincount fewer rows": lambda: kernels.bincount(i[:11], k),
+        "finite counts": lambda: kernels.finite_row_counts(i, on(dist), k),
+        "finite counts inf": lambda: kernels.finite_row_counts(i, on(dist.masked_fill(dist > 0.5, math.inf)), k),
+        "code usage": lambda: kernels.code_usage(i, k),
+        "code usage more codes": lambda: kernels.code_usage(i, k + 4),
+        "usage": usage(),
+        "usage decay": usage(decay=0.5),
+        "usage threshold": usage(threshold=0.2),
+        "usage no restarts": usage(restart=False),
+        "usage fewer seeds": usage(count_seeds=2),
+        "usage ema": usage(ema=True),
+        "usage fp64 codes": usage(wide=True),
+        "usage strided codes": usage(strided=True),
+        "ema": ema(),
+        "ema decay": ema(decay=0.5),
+        "ema eps": ema(eps=0.5),
+        "ema strided codes": ema(strided=True),
+    }
+
+
+def _fresh_plans(monkeypatch):
+    from vqfast.kernels import _common, gather, quantize, upkeep, usage
+
+    for module, name in ((quantize, "_FORWARD_PLANS"), (quantize, "_BACKWARD_PLANS"), (gather, "_GATHER_PLANS"),
+                         (gather, "_SCATTER_PLANS"), (usage, "_COUNT_PLANS"), (upkeep, "_USAGE_PLANS")):
+        monkeypatch.setattr(module, name, _common.PlanCache())
+    upkeep._ema_launch.cache_clear()
+    usage._entropy_launch.cache_clear()
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def test_launcher_plans_key_everything_they_depend_on(kernel_device, monkeypatch):
+    # Each call on a fresh set of plans, then all of them again on the plans the others left: a key
+    # that missed something a plan depends on would hand a call another problem's plan.
+    cases = {name: (lambda run=run: _as_tuple(run())) for name, run in _launcher_cases(kernel_device).items()}
+    fresh = {}
+    for name, run in cases.items():
+        _fresh_plans(monkeypatch)
+        fresh[name] = run()
+    for _ in range(2):
+        for name, run in cases.items():
+            outputs = run()
+            assert len(outputs) == len(fresh[name]), name
+            for got, want in zip(outputs, fresh[name]):
+                assert (got is None) == (want is None), name
+                if got is not None:
+                    assert got.dtype == want.dtype and got.shape == want.shape, name
+                    assert torch.equal(got, want), name
+
+
+def test_launcher_plans_are_bounded_and_follow_the_switches(kernel_device, monkeypatch):
+    from vqfast.kernels import _common, quantize
+
+    plans = _common.PlanCache(limit=3)
+    monkeypatch.setattr(quantize, "_FORWARD_PLANS", plans)
+    c = torch.randn(5, 4, device=kernel_device)
+    for n in range(1, 6):
+        kernels.quantize_forward(torch.randn(n, 4, device=kernel_device), c,
+                                 torch.zeros(n, dtype=torch.int64, device=kernel_device), 0.25)
+    assert len(plans.plans) == 3
+    assert [key[0][0] for key in plans.plans] == [3, 4, 5]  # the oldest go first
+    # A plan exists only for inputs that passed the checks as they stand: a lowered row limit refuses
+    # a problem it planned before.
+    z = torch.randn(40, 4, device=kernel_device)
+    idx = torch.zeros(40, dtype=torch.int64, device=kernel_device)
+    kernels.quantize_forward(z, c, idx, 0.25)
+    kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, c, idx, 0.25)
+    monkeypatch.setattr(_common, "MAX_ROWS", 10)
+    with pytest.raises(ValueError, match="z has 40 rows"):
+        kernels.quantize_forward(z, c, idx, 0.25)
+    with pytest.raises(ValueError, match="z has 40 rows"):
+        kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, c, idx, 0.25)

@@ -837,3 +837,83 @@ def test_repr_shows_the_settings_in_use():
                  "usage_decay=0.95", "sync_distributed=False"):
         assert part in text, part
     assert "decay=" not in repr(VectorQuantizer(16, 4)).replace("usage_decay", "")
+
+
+def _layer_steps(layer, inputs, frozen):
+    """Training steps of ``layer`` on ``inputs``: per step the outputs, the input's gradient and its
+    strides; then the parameters, their gradients and the buffers."""
+    steps = []
+    for step, base in enumerate(inputs):
+        z = base.clone().requires_grad_(True) if base.is_contiguous() else base.detach().requires_grad_(True)
+        torch.manual_seed(10 + step)  # the restarts' random rows
+        z_q, loss, indices = layer(z)
+        weights = torch.linspace(-1.0, 1.0, z_q.numel()).reshape(z_q.shape).to(z_q.dtype)
+        ((z_q * weights).sum() + loss).backward()
+        steps.append((z_q.detach(), z_q.stride(), loss.detach(), indices, z.grad, z.grad.stride()))
+    state = {name: t.detach().clone() for name, t in layer.state_dict().items()}
+    grad = layer.embeddings.weight.grad
+    return steps, state, None if grad is None else grad.clone()
+
+
+@pytest.mark.parametrize("shape,channel_dim,kwargs", [
+    ((6, 4, 3, 5), None, {}),
+    ((6, 4, 3, 5), None, {"ema": True}),
+    ((6, 4, 3, 5), None, {"dead_code_threshold": 0.0}),
+    ((6, 4, 3, 5), None, {"beta": 1.0, "frozen": True}),
+    ((6, 4, 3, 5), None, {"transposed": True}),
+    ((6, 4, 3, 5), None, {"dtype": torch.float16}),
+    ((7, 9, 4), None, {}),
+    ((30, 4), None, {"ema": True}),
+    ((5, 4, 3), 1, {"precision": "fp32"}),
+])
+def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, shape, channel_dim, kwargs):
+    # The eager l2 step on the kernels runs in one autograd node (_LayoutQuantize); the generic step
+    # (quantize on the rows, then the layout's reshapes) must give the very same bits: outputs,
+    # gradients, codebook, statistics.
+    kwargs = dict(kwargs)
+    frozen, transposed = kwargs.pop("frozen", False), kwargs.pop("transposed", False)
+    dtype = kwargs.pop("dtype", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    if transposed:
+        inputs = [torch.randn(shape[0], shape[3], shape[2], shape[1], generator=g).permute(0, 3, 2, 1)
+                  for _ in range(3)]
+    else:
+        inputs = [torch.randn(*shape, generator=g) for _ in range(3)]
+    inputs = [x.to(dtype) for x in inputs]
+    # Far from the initial codes, so most codes stay unused and get restarted.
+    inputs[0] = inputs[0] * 3.0
+
+    def make():
+        torch.manual_seed(0)
+        layer = VectorQuantizer(12, 4, channel_dim=channel_dim, **kwargs)
+        if frozen:
+            layer.embeddings.weight.requires_grad_(False)
+        return layer
+
+    fused_calls = []
+    fused_step = VectorQuantizer._fused_step
+
+    def counting(self, z, cdim):
+        out = fused_step(self, z, cdim)
+        fused_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
+    fused = _layer_steps(make(), inputs, frozen)
+    assert fused_calls == [True] * 3
+    monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim: None)
+    generic = _layer_steps(make(), inputs, frozen)
+    for got, want in zip(fused[0], generic[0]):
+        for a, b in zip(got, want):
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+            else:
+                assert a == b
+    assert fused[1].keys() == generic[1].keys()
+    for name in fused[1]:
+        assert torch.equal(fused[1][name], generic[1][name]), name
+    assert (fused[2] is None) == (generic[2] is None)
+    if fused[2] is not None:
+        assert torch.equal(fused[2], generic[2])
+    if not frozen and not kwargs.get("ema"):
+        assert fused[2] is not None

@@ -263,6 +263,10 @@ def quantize(
                                    precision=precision)[0]
     if backend == "torch":
         return reference.quantize(z, codebook, beta=beta, indices=indices)
+    if z.dim() == 2:
+        # Rows already: the reshapes would change nothing and cost an autograd node each way.
+        z_q, loss = _FusedQuantize.apply(z, codebook, indices, float(beta))
+        return z_q, loss, indices
     lead_shape = z.shape[:-1]
     z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))
     return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)

@@ -57,12 +57,67 @@ def _sum_rows(rows: Tensor, indices: Tensor, num_codes: int) -> Tensor:
     return out.index_add_(0, indices.reshape(-1), rows)[:num_codes]
 
 
+_OPS_LAYER_MODULE = None
+
+
 def _upkeep_ops():
     """The codebook-upkeep custom ops (or their direct launchers, for eager calls)."""
-    # Imported lazily: importing vqfast must not need triton.
-    from vqfast import ops_layer
+    # Imported lazily (importing vqfast must not need triton), once: an import statement costs ~1 us.
+    global _OPS_LAYER_MODULE
+    if _OPS_LAYER_MODULE is None:
+        from vqfast import ops_layer
 
-    return ops_layer.for_call()
+        _OPS_LAYER_MODULE = ops_layer
+    return _OPS_LAYER_MODULE.for_call()
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast may be on for ``device_type`` (always True while compiling, or for a device type
+    that autocast does not know: the context then decides, or says what is wrong)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _LayoutQuantize(torch.autograd.Function):
+    """quantize's fused step (``_FusedQuantize``) for a layer input ``z`` in its own layout: takes ``z``
+    (for its gradient) and its rows (N, D), detached, and returns ``z_q`` in ``z``'s layout, as
+    ``VectorQuantizer.forward`` builds it; the backward takes the rows of z_q's gradient and returns z's
+    gradient in z's layout. The values are those of ``quantize`` on the rows followed by the layout's
+    reshape and permute, which move values only. ``copy``: the codebook is saved for the backward as
+    a private copy (dead-code restarts rewrite it in place after the step), while its gradient goes to
+    the codebook itself."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codebook: Tensor, rows: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
+                cdim: int, last_shape: torch.Size, copy: bool):
+        z_q, loss = _ops().quantize_forward(rows, codebook, indices, beta)
+        ctx.save_for_backward(rows, codebook.clone() if copy else codebook, indices)
+        ctx.beta, ctx.cdim, ctx.last_shape = beta, cdim, last_shape
+        ctx.set_materialize_grads(False)
+        z_q = z_q.reshape(last_shape).movedim(-1, cdim)
+        if z.is_contiguous() and not z_q.is_contiguous():
+            z_q = z_q.contiguous()
+        return z_q, loss
+
+    @staticmethod
+    def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
+        rows, codebook, indices = ctx.saved_tensors
+        need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None:
+            return grad_zq if need_z else None, None, None, None, None, None, None, None
+        cdim = ctx.cdim
+        grad_rows = None if grad_zq is None else grad_zq.movedim(cdim, -1).reshape(rows.shape)
+        grad_z, grad_codebook = _ops().quantize_backward(grad_rows, grad_loss, rows, codebook, indices, ctx.beta,
+                                                         need_c)
+        return (grad_z.reshape(ctx.last_shape).movedim(-1, cdim) if need_z else None,
+                grad_codebook if need_c else None, None, None, None, None, None, None)
 
 
 def _finite_rows(rows: Tensor) -> Tensor:
@@ -317,16 +372,64 @@ class VectorQuantizer(nn.Module):
                 f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim={self.embedding_dim} "
                 f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
             )
+        # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
+        # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)
+        if _autocast_on(z.device.type):
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                return self._quantize_layout(z, cdim)
+        return self._quantize_layout(z, cdim)
+
+    def _quantize_layout(self, z: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+        fused = self._fused_step(z, cdim)
+        if fused is not None:
+            return fused
         z_last = z.movedim(cdim, -1)
         rows = z_last.reshape(-1, self.embedding_dim)
-        # The codebook stays float32 under autocast; the layer picks its own precisions below.
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            z_q, loss, indices = self._quantize_rows(rows)
+        z_q, loss, indices = self._quantize_rows(rows)
         z_q = z_q.reshape(z_last.shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
             # Channels-first z gives channels-last rows; callers of a drop-in layer may .view() z_q.
             z_q = z_q.contiguous()
         return z_q, loss, indices.reshape(z_last.shape[:-1])
+
+    def _fused_step(self, z: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The step of ``_quantize_rows`` with the input's layout inside one autograd node, for eager
+        calls on the kernels with the l2 metric and no entropy terms; None where it does not apply.
+
+        The same kernels on the same rows give the same values; what it saves is host time: the
+        permutes and reshapes of z and z_q, the codebook copy and the checks of the public ops each
+        cost an operation in the forward and a node in the backward, ~10-30 us apiece on a small
+        problem, which is bound by host time."""
+        weight = self.embeddings.weight
+        if (self.metric != "l2" or self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0
+                or z.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES
+                or torch.compiler.is_compiling() or resolve_backend(z.device, z.dtype) != "triton"):
+            return None
+        # Detached: the search, the statistics and the kernels read the rows; the gradient reaches z
+        # through _LayoutQuantize's backward.
+        z_last = z.detach().movedim(cdim, -1)
+        z_last_shape = z_last.shape
+        rows = z_last.reshape(-1, self.embedding_dim)
+        train = self.training and rows.shape[0] > 0
+        maintain = train and (self.ema or weight.requires_grad)
+        if maintain and self._needs_init:
+            self._collect_for_kmeans(rows)
+        # The public search checks z and the codebook (shapes, device) as quantize would; the dtypes
+        # are the kernels' (above), so quantize's own checks would pass too.
+        indices, distances = self._search(rows, weight)
+        beta = check_number(self.beta, "beta", minimum=0.0)
+        restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
+        if self.ema and train:
+            # As in _quantize_rows: a private copy, without gradient.
+            codebook, copy = weight.detach().clone(), False
+        else:
+            codebook, copy = weight, restarts
+        z_q, loss = _LayoutQuantize.apply(z, codebook, rows, indices, beta, cdim, z_last_shape, copy)
+        if self.ema:
+            loss = loss - loss.detach() / (1.0 + self.beta)
+        if train:
+            self._update_statistics(rows, indices, distances, restarts)
+        return z_q, loss, indices.reshape(z_last_shape[:-1])
 
     def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight
@@ -372,8 +475,8 @@ class VectorQuantizer(nn.Module):
         else:
             dtype = torch.promote_types(torch.promote_types(rows.dtype, weight.dtype), torch.float32)
             rows, weight = rows.to(dtype), weight.to(dtype)
-        with torch.no_grad():
-            return nearest_code(rows, weight, metric=self.metric, precision=_SEARCH_PRECISION[self.precision])
+        # (No torch.no_grad(): the inputs are detached, so nothing is recorded either way.)
+        return nearest_code(rows, weight, metric=self.metric, precision=_SEARCH_PRECISION[self.precision])
 
     # -- codebook maintenance (no gradients, no host syncs) --------------------------------------
 
@@ -401,7 +504,8 @@ class VectorQuantizer(nn.Module):
         drawn = x.index_select(0, pick)
         if prepare is not None:
             drawn = prepare(drawn)
-        return self._gather_rows(drawn.contiguous())[:count]
+        drawn = self._gather_rows(drawn.contiguous())
+        return drawn if drawn.shape[0] == count else drawn[:count]
 
     @torch.no_grad()
     def _collect_for_kmeans(self, rows: Tensor) -> None:
@@ -457,9 +561,12 @@ class VectorQuantizer(nn.Module):
         """After the search and the loss: the running statistics, the EMA codebook and the dead-code
         restarts of this training step (in place, without host synchronisation)."""
         k = self.num_embeddings
+        # Looked up once: each attribute lookup through nn.Module.__getattr__ costs ~1 us.
+        buffers = self._buffers
+        usage, weight = buffers["usage"], self.embeddings.weight
+        ema_count = buffers["ema_count"] if self.ema else None
         # The kernels keep fp32 statistics; a layer converted to float64 keeps them in plain PyTorch.
-        wide = torch.float64 in (self.usage.dtype, self.embeddings.weight.dtype,
-                                 self.ema_count.dtype if self.ema else None)
+        wide = torch.float64 in (usage.dtype, weight.dtype, ema_count.dtype if self.ema else None)
         triton = resolve_backend(indices.device, torch.float64 if wide else None) == "triton"
         # The kernels' ops and the reference share names and signatures.
         upkeep = _upkeep_ops() if triton else reference
@@ -471,7 +578,7 @@ class VectorQuantizer(nn.Module):
             # isfinite takes several).
             finite = distances < math.inf
             sums = self._all_reduce_(_sum_rows(self._data_rows(rows), self._statistics_indices(finite, indices), k))
-            upkeep.ema_update(self.embeddings.weight, self.ema_count, sums, counts, self.decay, self.eps)
+            upkeep.ema_update(weight, ema_count, sums, counts, self.decay, self.eps)
         seeds = None
         if restarts:
             # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
@@ -482,10 +589,10 @@ class VectorQuantizer(nn.Module):
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
         # it can be restarted again.
-        upkeep.update_code_usage(counts, self.usage, self.restart_grace, self.batch_counts, self.usage_steps,
-                                 self.usage_decay, self.dead_code_threshold / k if restarts else 0.0, seeds,
-                                 self.embeddings.weight if restarts else None,
-                                 self.ema_count if self.ema and restarts else None)
+        upkeep.update_code_usage(counts, usage, buffers["restart_grace"], buffers["batch_counts"],
+                                 buffers["usage_steps"], self.usage_decay,
+                                 self.dead_code_threshold / k if restarts else 0.0, seeds,
+                                 weight if restarts else None, ema_count if restarts else None)
 
     # -- reporting -------------------------------------------------------------------------------
 
