@@ -959,6 +959,34 @@ def test_search_plans_are_bounded(kernel_device, monkeypatch):
     assert [key[0][0] for key in nearest._PLANS] == [3, 4, 5]  # the oldest go first
 
 
+class _EvictedMeanwhile(dict):
+    """Plans as another thread leaves them: between finding the oldest plan and dropping it, the other
+    thread drops that same plan."""
+
+    def __iter__(self):
+        oldest = next(dict.__iter__(self))
+        dict.__delitem__(self, oldest)
+        return iter([oldest])
+
+
+def test_plan_eviction_tolerates_a_concurrent_eviction(kernel_device, monkeypatch):
+    # Launchers run in several threads at once (nn.DataParallel replicas, threaded servers); a full
+    # plan cache must not turn one thread's eviction of a plan another thread dropped into a KeyError.
+    from vqfast.kernels import _common, nearest
+
+    cache = _common.PlanCache(limit=2)
+    cache.plans = _EvictedMeanwhile()
+    for i in range(4):
+        cache.add(("plan", i), i)
+    assert cache.get(("plan", 3)) == 3 and len(cache.plans) <= 2
+    monkeypatch.setattr(nearest, "_PLANS", _EvictedMeanwhile())
+    monkeypatch.setattr(nearest, "_MAX_PLANS", 1)
+    c = torch.randn(5, 4, device=kernel_device)
+    for n in (1, 2, 3):
+        idx, _ = kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
+        assert idx.shape == (n,)
+
+
 def _launcher_cases(device):
     """Calls of the planned launchers that differ in one thing a plan is computed from (shape, stride,
     dtype, scalar argument, flag), each a function that builds its inputs afresh and returns the
