@@ -210,6 +210,17 @@ def test_code_usage_uniform_and_single(kernel_device):
     assert entropy.item() == 0.0 and perplexity.item() == 1.0
 
 
+def test_code_usage_of_no_codes_is_zero_entropy(kernel_device):
+    # The launcher (and torch.ops.vqfast.code_usage, which takes num_codes unchecked) with K = 0: no
+    # counts, entropy 0 and perplexity 1, not whatever the stats buffer held.
+    for indices in (torch.zeros(0, dtype=torch.int64), torch.tensor([0, 3])):
+        for _ in range(3):
+            torch.empty(64, dtype=torch.float32, device=kernel_device).fill_(7.0)  # leave garbage around
+            counts, entropy, perplexity = kernels.code_usage(indices.to(kernel_device), 0)
+            assert counts.shape == (0,)
+            assert entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
 @pytest.mark.parametrize("k", [129, 1000, 5000])
 def test_code_usage_entropy_over_many_blocks(k, kernel_device):
     """The entropy kernel's programs each take a block of codes (128 under the interpreter, 1,024 on a
