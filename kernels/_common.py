@@ -247,6 +247,21 @@ def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
     return (fixed, *[c for c in others if c != fixed])
 
 
+def store(plans: dict, key: tuple, plan: object, limit: int) -> None:
+    """``plans[key] = plan``, first dropping the oldest plan when ``plans`` holds ``limit`` of them.
+
+    Launchers run in several threads at once (``nn.DataParallel`` replicas, threaded servers): two of
+    them may pick the same oldest key, or one may add a plan while another looks for the oldest. The
+    eviction then gives way (the dict may briefly exceed ``limit`` by a plan per thread) rather than
+    raise KeyError or "dictionary changed size during iteration" from a launcher call."""
+    if len(plans) >= limit:
+        try:
+            del plans[next(iter(plans))]
+        except (KeyError, RuntimeError, StopIteration):
+            pass
+    plans[key] = plan
+
+
 class PlanCache:
     """Launch plans by problem, as ``kernels/nearest.py`` keeps its searches': what a launcher computes
     from a problem's shapes, strides, dtypes and arguments before it allocates and launches (block
@@ -264,9 +279,7 @@ class PlanCache:
         return self.plans.get(key)
 
     def add(self, key: tuple, plan: object) -> object:
-        if len(self.plans) >= self.limit:
-            del self.plans[next(iter(self.plans))]
-        self.plans[key] = plan
+        store(self.plans, key, plan, self.limit)
         return plan
 
     def clear(self) -> None:

@@ -1019,9 +1019,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
     if plan is None:
         plan = _Plan(z, codebook, precision, num_splits, tie_tolerance_scale)
         if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                del _PLANS[next(iter(_PLANS))]
-            _PLANS[key] = plan
+            _common.store(_PLANS, key, plan, _MAX_PLANS)
     if plan.copy_z:
         z = z.contiguous()
     if plan.copy_codebook:

@@ -155,6 +155,8 @@ def code_usage_stats(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tenso
 @functools.lru_cache(maxsize=256)
 def _entropy_launch(num_codes: int, interp: bool) -> PreparedLaunch:
     block = 128 if interp else 1024
-    programs = cdiv(num_codes, block)
+    # At least one program: with no codes it still writes the stats (entropy 0, perplexity 1), which
+    # a grid of none would leave as uninitialised memory.
+    programs = max(1, cdiv(num_codes, block))
     return PreparedLaunch(_entropy_kernel, (programs,), (num_codes,),
                           dict(BLOCK=block, PARTIAL_BLOCK=min(1024, next_power_of_2(programs))))

@@ -210,6 +210,17 @@ def test_code_usage_uniform_and_single(kernel_device):
     assert entropy.item() == 0.0 and perplexity.item() == 1.0
 
 
+def test_code_usage_of_no_codes_is_zero_entropy(kernel_device):
+    # The launcher (and torch.ops.vqfast.code_usage, which takes num_codes unchecked) with K = 0: no
+    # counts, entropy 0 and perplexity 1, not whatever the stats buffer held.
+    for indices in (torch.zeros(0, dtype=torch.int64), torch.tensor([0, 3])):
+        for _ in range(3):
+            torch.empty(64, dtype=torch.float32, device=kernel_device).fill_(7.0)  # leave garbage around
+            counts, entropy, perplexity = kernels.code_usage(indices.to(kernel_device), 0)
+            assert counts.shape == (0,)
+            assert entropy.item() == 0.0 and perplexity.item() == 1.0
+
+
 @pytest.mark.parametrize("k", [129, 1000, 5000])
 def test_code_usage_entropy_over_many_blocks(k, kernel_device):
     """The entropy kernel's programs each take a block of codes (128 under the interpreter, 1,024 on a
@@ -957,6 +968,34 @@ def test_search_plans_are_bounded(kernel_device, monkeypatch):
         kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
     assert len(nearest._PLANS) == 3
     assert [key[0][0] for key in nearest._PLANS] == [3, 4, 5]  # the oldest go first
+
+
+class _EvictedMeanwhile(dict):
+    """Plans as another thread leaves them: between finding the oldest plan and dropping it, the other
+    thread drops that same plan."""
+
+    def __iter__(self):
+        oldest = next(dict.__iter__(self))
+        dict.__delitem__(self, oldest)
+        return iter([oldest])
+
+
+def test_plan_eviction_tolerates_a_concurrent_eviction(kernel_device, monkeypatch):
+    # Launchers run in several threads at once (nn.DataParallel replicas, threaded servers); a full
+    # plan cache must not turn one thread's eviction of a plan another thread dropped into a KeyError.
+    from vqfast.kernels import _common, nearest
+
+    cache = _common.PlanCache(limit=2)
+    cache.plans = _EvictedMeanwhile()
+    for i in range(4):
+        cache.add(("plan", i), i)
+    assert cache.get(("plan", 3)) == 3 and len(cache.plans) <= 2
+    monkeypatch.setattr(nearest, "_PLANS", _EvictedMeanwhile())
+    monkeypatch.setattr(nearest, "_MAX_PLANS", 1)
+    c = torch.randn(5, 4, device=kernel_device)
+    for n in (1, 2, 3):
+        idx, _ = kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
+        assert idx.shape == (n,)
 
 
 def _launcher_cases(device):
