@@ -642,12 +642,13 @@ _nearest_code_wide_tf32_autotuned = triton.autotune(
     reset_to_zero=["count_ptr"],
 )(_nearest_code_kernel)
 
-# The autotuner of the last autotuned search pass (benchmarks report its choice).
+# The autotuner of the last search pass, None if it was not autotuned (benchmarks report its choice).
 _last_search_autotuner = None
 
 
 def last_search_autotuner():
-    """The ``triton.autotune`` object the last autotuned search pass launched through, or None."""
+    """The ``triton.autotune`` object the last search pass launched through, or None (no pass, or a
+    fixed configuration)."""
     return _last_search_autotuner
 
 
@@ -864,9 +865,8 @@ class _SearchPlan:
                             torch.empty(shape, dtype=torch.float32, device=device))  # upper
         if self.checking:
             tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
-        if self.tuner is not None:
-            global _last_search_autotuner
-            _last_search_autotuner = self.tuner
+        global _last_search_autotuner
+        _last_search_autotuner = self.tuner
         self.search(*tensors)
         if self.reduce is not None:
             self.reduce(*tensors)
@@ -1025,6 +1025,8 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
     if plan.copy_codebook:
         codebook = codebook.contiguous()
     if plan.empty:
+        global _last_search_autotuner
+        _last_search_autotuner = None  # no pass ran: no tile to report
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device), None)
     if not plan.checking:

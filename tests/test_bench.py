@@ -693,15 +693,20 @@ def test_search_tile_note_names_the_autotuners_choice(monkeypatch):
         best_config = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "SINGLE_D": True, "BLOCK_D": 256},
                                     num_warps=4, num_stages=4)
 
-    monkeypatch.setattr(nearest, "_nearest_code_autotuned", Tuner())
+    def search(tuner):
+        direct_during_run.append(_launch._DIRECT)
+        nearest._last_search_autotuner = tuner  # as a search pass records the autotuner it launched
+
     monkeypatch.setattr(nearest, "_last_search_autotuner", None)
     monkeypatch.delenv("VQFAST_AUTOTUNE", raising=False)
     direct_during_run = []
-    note = bench.search_tile_note(lambda: direct_during_run.append(_launch._DIRECT))
+    note = bench.search_tile_note(lambda: search(Tuner()))
     assert note == "search tile 128x64, 8 warps, 3 stages"
     assert direct_during_run == [False]  # through the autotuner, which reports its choice
+    # A run without an autotuned pass (no rows) has no tile to report, whatever ran before.
+    assert bench.search_tile_note(lambda: search(None)) == ""
     # The search names the autotuner it launched through; those candidates say how D is covered.
-    note = bench.search_tile_note(lambda: setattr(nearest, "_last_search_autotuner", WideTuner()))
+    note = bench.search_tile_note(lambda: search(WideTuner()))
     assert note == "search tile 64x32, whole D, 4 warps, 4 stages"
     assert _launch._DIRECT is (_launch._native_specialize is not None)
     monkeypatch.setenv("VQFAST_AUTOTUNE", "0")

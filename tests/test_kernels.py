@@ -731,6 +731,23 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
     assert (64, 128, 3) in big and checked
 
 
+def test_searches_record_the_autotuner_they_launched_through(monkeypatch, kernel_device):
+    """The benchmark's tile note reads it: a pass on a fixed configuration, or no pass at all (no rows),
+    records None rather than leaving the previous problem's autotuner."""
+    from vqfast.kernels import _common, nearest
+
+    c = torch.randn(40, 8, device=kernel_device)
+    monkeypatch.setattr(nearest, "_last_search_autotuner", object())
+    nearest.nearest_code(torch.empty(0, 8, device=kernel_device), c)
+    assert nearest.last_search_autotuner() is None
+    monkeypatch.setattr(nearest, "_last_search_autotuner", object())
+    nearest.nearest_code(torch.randn(5, 8, device=kernel_device), c)
+    if _common.interpreting() or not _common.autotuning():
+        assert nearest.last_search_autotuner() is None
+    else:
+        assert nearest.last_search_autotuner() is nearest._nearest_code_autotuned
+
+
 def test_wide_tf32_candidates_cover_d_whole_and_in_slices(monkeypatch):
     """fp32 with tf32 products at 128 < D <= 256: the autotuner weighs a whole D per tile (only the code
     tiles streamed) against 64-column slices; each candidate carries its SINGLE_D and BLOCK_D, and

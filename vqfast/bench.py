@@ -1090,7 +1090,10 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
     try:
         with _launch.launch_path(direct=False):
             run_search()
-        cfg = (nearest.last_search_autotuner() or nearest._nearest_code_autotuned).best_config
+        tuner = nearest.last_search_autotuner()
+        if tuner is None:  # no pass ran (no rows), or none was autotuned
+            return ""
+        cfg = tuner.best_config
         slices = ""
         if "SINGLE_D" in cfg.kwargs:  # the candidates that choose between a whole D and slices of it
             slices = ", whole D" if cfg.kwargs["SINGLE_D"] else f", D in slices of {cfg.kwargs['BLOCK_D']}"
