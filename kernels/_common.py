@@ -133,9 +133,7 @@ def int32_safe_columns(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D), copied to a contiguous tensor when its column offsets ``(cols - 1) * stride(1)``
     could pass 2**31: the kernels compute row offsets in int64 but column offsets in int32, which only a
     column-major view of a huge tensor could overflow."""
-    if t.dim() == 2 and (t.shape[1] - 1) * abs(t.stride(1)) >= 2**31:
-        return t.contiguous()
-    return t
+    return t.contiguous() if int32_safe_strides(t)[0] else t
 
 
 def int32_safe_strides(t: torch.Tensor) -> tuple[bool, tuple[int, ...]]:
@@ -247,21 +245,6 @@ def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
     return (fixed, *[c for c in others if c != fixed])
 
 
-def store(plans: dict, key: tuple, plan: object, limit: int) -> None:
-    """``plans[key] = plan``, first dropping the oldest plan when ``plans`` holds ``limit`` of them.
-
-    Launchers run in several threads at once (``nn.DataParallel`` replicas, threaded servers): two of
-    them may pick the same oldest key, or one may add a plan while another looks for the oldest. The
-    eviction then gives way (the dict may briefly exceed ``limit`` by a plan per thread) rather than
-    raise KeyError or "dictionary changed size during iteration" from a launcher call."""
-    if len(plans) >= limit:
-        try:
-            del plans[next(iter(plans))]
-        except (KeyError, RuntimeError, StopIteration):
-            pass
-    plans[key] = plan
-
-
 class PlanCache:
     """Launch plans by problem, as ``kernels/nearest.py`` keeps its searches': what a launcher computes
     from a problem's shapes, strides, dtypes and arguments before it allocates and launches (block
@@ -279,7 +262,19 @@ class PlanCache:
         return self.plans.get(key)
 
     def add(self, key: tuple, plan: object) -> object:
-        store(self.plans, key, plan, self.limit)
+        """``plans[key] = plan``, first dropping the oldest plan when the cache is full.
+
+        Launchers run in several threads at once (``nn.DataParallel`` replicas, threaded servers): two of
+        them may pick the same oldest key, or one may add a plan while another looks for the oldest. The
+        eviction then gives way (the cache may briefly exceed its limit by a plan per thread) rather than
+        raise KeyError or "dictionary changed size during iteration" from a launcher call."""
+        plans = self.plans
+        if len(plans) >= self.limit:
+            try:
+                del plans[next(iter(plans))]
+            except (KeyError, RuntimeError, StopIteration):
+                pass
+        plans[key] = plan
         return plan
 
     def clear(self) -> None:

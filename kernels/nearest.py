@@ -27,7 +27,7 @@ import triton.language as tl
 from vqfast.kernels import _common
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
-    _row_sqnorm_kernel, _sqnorm_blocks, autotuning, cdiv, check_rows_and_codes, int32_safe_columns, interpreting,
+    PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, int32_safe_columns, interpreting,
     max_shared_memory, multiprocessor_count, next_power_of_2,
 )
 
@@ -751,8 +751,7 @@ class _RecheckPlan:
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
         # very norms that a search with precision="highest" sees.
-        block_d = min(128, max(16, next_power_of_2(d)))
-        block_k = 16 if interpreting() else max(1, 4096 // block_d)
+        block_d, block_k = _sqnorm_blocks(d)
         self.norms = PreparedLaunch(_code_norms_kernel, (cdiv(k, block_k),),
                                     (k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1)),
                                     dict(BLOCK_K=block_k, BLOCK_D=block_d))
@@ -977,18 +976,13 @@ class _Plan:
             self.research = _ResearchPlan(z, codebook)
         else:
             k, d = codebook.shape
-            block_d, block_k = _sqnorm_blocks(d)
-            self.sqnorms = PreparedLaunch(_row_sqnorm_kernel, (cdiv(k, block_k),),
-                                          (k, d, codebook.stride(0), codebook.stride(1)),
-                                          dict(BLOCK_K=block_k, BLOCK_D=block_d))
+            self.sqnorms = _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())
             self.search = _SearchPlan(z, codebook, self.input_precision, num_splits, None)
 
 
 # Plans by problem: a small search is bound by host time, and the checks and launch arithmetic of a
-# problem give the same answer on every call. Bounded, since a stream of distinct shapes (ragged
-# batches) would otherwise grow it without end.
-_PLANS: dict[tuple, _Plan] = {}
-_MAX_PLANS = 256
+# problem give the same answer on every call.
+_PLANS = PlanCache()
 
 
 def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_splits: int | None,
@@ -1019,7 +1013,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
     if plan is None:
         plan = _Plan(z, codebook, precision, num_splits, tie_tolerance_scale)
         if key is not None:
-            _common.store(_PLANS, key, plan, _MAX_PLANS)
+            _PLANS.add(key, plan)
     if plan.copy_z:
         z = z.contiguous()
     if plan.copy_codebook:

@@ -957,7 +957,7 @@ def test_search_plans_are_keyed_on_what_they_are_computed_from(kernel_device, mo
             assert torch.equal(idx.cpu(), want), (zz.stride(), cc.stride(), precision)
     assert torch.equal(kernels.nearest_code(z_cols, c_rows, precision="highest")[0].cpu(), ref)
     for v in variants:
-        cached = nearest._PLANS[nearest._plan_key(*v)]
+        cached = nearest._PLANS.get(nearest._plan_key(*v))
         assert _plan_summary(cached) == _plan_summary(nearest._Plan(*v)), v[2:]
     # The switches a plan reads are in its key too.
     key = nearest._plan_key(*variants[0])
@@ -976,15 +976,14 @@ def test_search_plans_are_keyed_on_what_they_are_computed_from(kernel_device, mo
 
 
 def test_search_plans_are_bounded(kernel_device, monkeypatch):
-    from vqfast.kernels import nearest
+    from vqfast.kernels import _common, nearest
 
-    monkeypatch.setattr(nearest, "_PLANS", {})
-    monkeypatch.setattr(nearest, "_MAX_PLANS", 3)
+    monkeypatch.setattr(nearest, "_PLANS", _common.PlanCache(limit=3))
     c = torch.randn(5, 4, device=kernel_device)
     for n in range(1, 6):
         kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
-    assert len(nearest._PLANS) == 3
-    assert [key[0][0] for key in nearest._PLANS] == [3, 4, 5]  # the oldest go first
+    assert len(nearest._PLANS.plans) == 3
+    assert [key[0][0] for key in nearest._PLANS.plans] == [3, 4, 5]  # the oldest go first
 
 
 class _EvictedMeanwhile(dict):
@@ -1007,8 +1006,8 @@ def test_plan_eviction_tolerates_a_concurrent_eviction(kernel_device, monkeypatc
     for i in range(4):
         cache.add(("plan", i), i)
     assert cache.get(("plan", 3)) == 3 and len(cache.plans) <= 2
-    monkeypatch.setattr(nearest, "_PLANS", _EvictedMeanwhile())
-    monkeypatch.setattr(nearest, "_MAX_PLANS", 1)
+    monkeypatch.setattr(nearest, "_PLANS", _common.PlanCache(limit=1))
+    nearest._PLANS.plans = _EvictedMeanwhile()
     c = torch.randn(5, 4, device=kernel_device)
     for n in (1, 2, 3):
         idx, _ = kernels.nearest_code(torch.randn(n, 4, device=kernel_device), c, precision="highest")
