@@ -410,15 +410,10 @@ class VectorQuantizer(nn.Module):
         z_last = z.detach().movedim(cdim, -1)
         z_last_shape = z_last.shape
         rows = z_last.reshape(-1, self.embedding_dim)
-        train = self.training and rows.shape[0] > 0
-        maintain = train and (self.ema or weight.requires_grad)
-        if maintain and self._needs_init:
-            self._collect_for_kmeans(rows)
         # The public search checks z and the codebook (shapes, device) as quantize would; the dtypes
         # are the kernels' (above), so quantize's own checks would pass too.
-        indices, distances = self._search(rows, weight)
+        train, indices, distances, restarts = self._start_step(rows, weight)
         beta = check_number(self.beta, "beta", minimum=0.0)
-        restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
         if self.ema and train:
             # As in _quantize_rows: a private copy, without gradient.
             codebook, copy = weight.detach().clone(), False
@@ -431,17 +426,22 @@ class VectorQuantizer(nn.Module):
             self._update_statistics(rows, indices, distances, restarts)
         return z_q, loss, indices.reshape(z_last_shape[:-1])
 
-    def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        weight = self.embeddings.weight
+    def _start_step(self, rows: Tensor, weight: Tensor) -> tuple[bool, Tensor, Tensor, bool]:
+        """The start of a step on ``rows``, shared by both step paths: k-means collection, the search,
+        and whether restarts follow. ``(train, indices, distances, restarts)``."""
         train = self.training and rows.shape[0] > 0
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and self._needs_init:
             self._collect_for_kmeans(rows)
-
         indices, distances = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
+        return train, indices, distances, restarts
+
+    def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        weight = self.embeddings.weight
+        train, indices, distances, restarts = self._start_step(rows, weight)
         if self.ema and train:
             # EMA rewrites the codebook in place after this step, and the fused op saves it for the
             # backward: it gets a private copy (no gradient flows to EMA codes anyway).
