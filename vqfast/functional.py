@@ -101,7 +101,9 @@ def nearest_code(
     Returns ``(indices, distances)``: int64 shaped ``z.shape[:-1]`` and float32 (squared L2 distance
     of the chosen code, or 1 - cos for ``metric="cosine"``). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
-    on the Triton backend: "highest" (full fp32), "high"/"medium" (tf32); default
+    on the Triton backend: "highest" (tf32 tensor cores, then every row in doubt within the tf32 error
+    bound settled with fp32 products), "high"/"medium" (the same, with fp32-accurate tf32x3 products
+    for rows in doubt among three or more codes); both give the indices of an fp32 search. Default
     ``torch.get_float32_matmul_precision()``. Codes are ranked by ``||c||^2 - 2 z.c``; the returned
     distance is summed directly, ``(z - codebook[indices]).pow(2).sum(-1)`` in fp32, on both backends
     and in every precision mode.
