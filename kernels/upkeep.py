@@ -107,12 +107,13 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     offs = tl.program_id(0) * BLOCK_CODES + tl.arange(0, BLOCK_CODES)
     mask = offs < K
     # Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, before and after this step's counts.
+    # No counts yet with eps = 0: every smoothed count is 0 (not 0 / 0).
     total = tl.load(total_ptr)
     count = tl.load(ema_count_ptr + offs, mask=mask, other=0.0)
-    smoothed = (count + eps) / (total + K * eps) * total
+    smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
     count = count * decay + rate * tl.load(counts_ptr + offs, mask=mask, other=0).to(tl.float32)
     total = total * decay + rate * tl.load(counts_ptr + K).to(tl.float32)
-    new_smoothed = (count + eps) / (total + K * eps) * total
+    new_smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
     tl.store(ema_count_ptr + offs, count, mask=mask)
     keep = new_smoothed > 0  # only eps = 0 with a never-used code: it keeps its value
     # The floor of 1e-30 is the reference's (a code unused for thousands of steps with eps = 0).

@@ -538,3 +538,65 @@ def test_default_search_precision_follows_torch(triton_backend, kernel_device, m
     finally:
         torch.set_float32_matmul_precision(previous)
     assert seen == passes
+
+
+def test_reference_search_and_entropies_ignore_autocast(torch_backend):
+    # Under autocast the reference's products would run in bf16, past the fp32 bound that sends near
+    # ties to float64: rows then got a farther code.
+    g = torch.Generator().manual_seed(31)
+    z, c = torch.randn(1000, 16, generator=g), torch.randn(256, 16, generator=g)
+    idx, dist = vqfast.nearest_code(z, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_ac, dist_ac = vqfast.nearest_code(z, c)
+        z_q, _, idx_q = vqfast.quantize(z, c)
+        entropies_ac = vqfast.soft_assignment_entropy(3 * z[:500], 3 * c[:64])
+    exact = torch.cdist(z.double(), c.double()).argmin(1)
+    assert torch.equal(idx, exact) and torch.equal(idx_ac, exact) and torch.equal(idx_q, exact)
+    assert torch.equal(dist_ac, dist)
+    for got, want in zip(entropies_ac, vqfast.soft_assignment_entropy(3 * z[:500], 3 * c[:64])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["quantize", "gather"])
+def test_triton_backward_refuses_a_second_derivative(triton_backend, kernel_device, op):
+    # The kernels' backward is not differentiable: create_graph=True must fail loudly, not return a
+    # gradient that silently drops the second-order terms.
+    z0, c0 = _pair(n=6, k=4, d=3, seed=33, device=kernel_device)
+    z, c = z0.clone().requires_grad_(), c0.clone().requires_grad_()
+    if op == "quantize":
+        out = vqfast.quantize(z, c)[1] + (z**3).sum()
+        (grad,) = torch.autograd.grad(out, z, create_graph=True)
+    else:
+        out = (vqfast.gather(c, torch.tensor([0, 2, 2], device=kernel_device)) ** 3).sum()
+        (grad,) = torch.autograd.grad(out, c, create_graph=True)
+    # The first derivative itself is right (and may take part in a graph that is not differentiated).
+    z_ref, c_ref = z0.cpu().clone().requires_grad_(), c0.cpu().clone().requires_grad_()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQFAST_BACKEND", "torch")
+        if op == "quantize":
+            out_ref = vqfast.quantize(z_ref, c_ref)[1] + (z_ref**3).sum()
+            (grad_ref,) = torch.autograd.grad(out_ref, z_ref)
+        else:
+            out_ref = (vqfast.gather(c_ref, torch.tensor([0, 2, 2])) ** 3).sum()
+            (grad_ref,) = torch.autograd.grad(out_ref, c_ref)
+    torch.testing.assert_close(grad.detach().cpu(), grad_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        (grad**2).sum().backward()
+
+
+@pytest.mark.parametrize("temperature", ["1", None, torch.tensor([0.5, 0.5]), 0.0, float("inf")])
+def test_soft_entropy_temperature_errors_name_the_argument(temperature):
+    z, c = _pair(n=4, k=3, d=2)
+    with pytest.raises((TypeError, ValueError), match="temperature"):
+        vqfast.soft_assignment_entropy(z, c, temperature=temperature)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_cosine_rows_far_from_unit_scale_are_not_taken_for_zero(scale):
+    # Their fp32 norm overflows or underflows unless the row is scaled first.
+    rows = torch.tensor([[3.0, 3.0], [1.0, -2.0]]) * scale
+    unit = reference.unit_rows(rows)
+    torch.testing.assert_close(unit, (rows.double() / rows.double().norm(dim=-1, keepdim=True)).float())
+    idx, dist = vqfast.nearest_code(rows, torch.tensor([[1.0, 2.0], [2.0, -1.0]]), metric="cosine")
+    assert idx.tolist() == [0, 1]
+    assert dist[0] < 0.06

@@ -917,3 +917,16 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, s
         assert torch.equal(fused[2], generic[2])
     if not frozen and not kwargs.get("ema"):
         assert fused[2] is not None
+
+
+def test_ema_without_smoothing_survives_a_batch_of_nan_rows(backend, device):
+    # decay 0 and eps 0 leave every running count at 0 after a batch of NaN rows only; the next batch's
+    # codes must come out finite (the smoothed counts were 0 / 0 once).
+    torch.manual_seed(45)
+    vq = VectorQuantizer(4, 3, ema=True, decay=0.0, eps=0.0, dead_code_threshold=0.0).to(device)
+    vq(torch.full((8, 3), float("nan"), device=device))
+    assert (vq.ema_count == 0).all()
+    for _ in range(2):
+        _, _, idx = vq(torch.randn(8, 3, device=device))
+        assert torch.isfinite(vq.embeddings.weight).all()
+    assert idx.unique().numel() > 1

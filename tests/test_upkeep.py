@@ -219,3 +219,21 @@ def test_ema_update_matches_reference(k, d, eps, decay, layout, kernel_device):
     assert not torch.allclose(want[0], weight)  # the codes moved
     if eps == 0:
         assert torch.equal(got[0][::7].cpu(), weight[::7])
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_ema_update_with_no_counts_yet_and_eps_0_stays_finite(decay, kernel_device):
+    # All running counts 0 with eps = 0 (after a batch of NaN rows only): the smoothed counts are 0, not
+    # 0 / 0, so the codes this step uses become their means and the others keep their values.
+    k, d = 5, 3
+    weight = torch.randn(k, d)
+    counts = torch.tensor([2, 0, 1, 0, 0, 3])
+    sums = torch.randn(k, d) * counts[:k, None]
+    for update in (kernels.ema_update, reference.ema_update):
+        w, ema_count = weight.clone().to(kernel_device), torch.zeros(k, device=kernel_device)
+        update(w, ema_count, sums.to(kernel_device), counts.to(kernel_device), decay, 0.0)
+        w = w.cpu()
+        assert torch.isfinite(w).all(), update
+        used = counts[:k] > 0
+        torch.testing.assert_close(w[used], sums[used] / counts[:k][used, None].float(), msg=str(update))
+        assert torch.equal(w[~used], weight[~used]), update

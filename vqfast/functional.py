@@ -8,7 +8,9 @@ float64 tensors always use the reference.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -99,7 +101,9 @@ def nearest_code(
         indices = d.argmin(1); distances = d.min(1).values
 
     Returns ``(indices, distances)``: int64 shaped ``z.shape[:-1]`` and float32 (squared L2 distance
-    of the chosen code, or 1 - cos for ``metric="cosine"``). Ties go to the lowest index; every index
+    of the chosen code, or 1 - cos for ``metric="cosine"``, which l2-normalises rows and codes first:
+    an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
+    rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
     on the Triton backend: "highest" (tf32 tensor cores, then every row in doubt within the tf32 error
     bound settled with fp32 products), "high"/"medium" (the same, with fp32-accurate tf32x3 products
@@ -132,6 +136,41 @@ def nearest_code(
     return indices.reshape(lead_shape), distances.reshape(lead_shape)
 
 
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Passes gradients through; differentiating them again raises."""
+
+    @staticmethod
+    def forward(ctx, num_anchors: int, *tensors: Tensor):  # type: ignore[override]
+        return tuple(g.clone() for g in tensors[num_anchors:])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        raise RuntimeError("vqfast's Triton backward is not differentiable: a second derivative through it "
+                           "(create_graph=True) needs the CPU backend (VQFAST_BACKEND=torch)")
+
+
+def first_order_only(backward: Callable) -> Callable:
+    """For an autograd Function's ``backward`` whose kernels have no backward of their own: runs it
+    without recording, and under ``create_graph=True`` returns gradients that raise if differentiated
+    again. (``torch.autograd.function.once_differentiable`` looks only at the incoming gradients, so a
+    second derivative through the saved inputs, as a gradient penalty takes, came out silently wrong.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grad_outputs: Tensor | None) -> Any:
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        anchors = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, Tensor) and t.requires_grad]
+        present = [g for g in grads if isinstance(g, Tensor)]
+        if not anchors or not present:
+            return grads
+        refused = iter(_SecondDerivativeRefused.apply(len(anchors), *anchors, *present))
+        return tuple(next(refused) if isinstance(g, Tensor) else g for g in grads)
+
+    return wrapper
+
+
 class _GatherRows(torch.autograd.Function):
     """``codebook[indices]``; backward scatter-adds the output gradient into the chosen rows (fp32)."""
 
@@ -143,6 +182,7 @@ class _GatherRows(torch.autograd.Function):
         return _ops().gather_rows(codebook, indices)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (indices,) = ctx.saved_tensors
         grad_codebook = None
@@ -204,6 +244,7 @@ class _FusedQuantize(torch.autograd.Function):
         return z_q, loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
         z, codebook, indices = ctx.saved_tensors
         if grad_loss is None:

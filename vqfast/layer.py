@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from vqfast import reference
 from vqfast._checks import check_bool, check_int, check_number, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
-from vqfast.functional import _ops, nearest_code, quantize, resolve_backend
+from vqfast.functional import _ops, first_order_only, nearest_code, quantize, resolve_backend
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
@@ -107,6 +107,7 @@ class _LayoutQuantize(torch.autograd.Function):
         return z_q, loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
         rows, codebook, indices = ctx.saved_tensors
         need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -143,6 +144,7 @@ class _SoftEntropy(torch.autograd.Function):
         return sample_entropy, batch_entropy
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_sample: Tensor | None, grad_batch: Tensor | None):  # type: ignore[override]
         from vqfast import ops_layer
 
@@ -180,8 +182,7 @@ def soft_assignment_entropy(
     the codes rounded to bf16 for the logits, tf32 products for the gradients.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    temperature = check_number(temperature, "temperature", positive=True)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     rows = z.reshape(-1, z.shape[-1])
@@ -226,6 +227,9 @@ class VectorQuantizer(nn.Module):
     ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans" (``kmeans_iters`` Lloyd
     iterations on the rows of the first ``kmeans_batches`` training batches, pooled; until then the layer
     quantizes with the xavier-normal codes, and its usage statistics start over once k-means has run).
+    A state dict says whether its codebook is initialised (the ``initialized`` buffer): loading one
+    saved before k-means ran makes this layer run k-means on its next training batches, whatever its
+    own ``init``; a state dict without that buffer (e.g. the article's layer's) counts as initialised.
     ``dead_code_threshold``: in training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
@@ -606,7 +610,8 @@ class VectorQuantizer(nn.Module):
         ``codes_used`` / ``fraction_used`` (codes whose running share is at least
         ``dead_code_threshold / K``, or 1 % of the uniform share when restarts are off),
         ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
-        ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards seen).
+        ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards since the
+        statistics started: the first, or the one that ran k-means).
         Reading the numbers syncs the host, so call it for logging, not inside the training step.
         """
         k = self.num_embeddings

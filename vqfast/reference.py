@@ -24,10 +24,15 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     Plain PyTorch: ``F.normalize(x, dim=-1)``, whose gradient at a zero row is about 1 / eps = 1e12
     (the cosine metric then blew up on a zero encoder output, e.g. a ReLU row or padding).
     """
-    # The norm in fp32 at least: an fp16 row of finite elements can have a norm above 65,504.
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    # In fp32 at least (an fp16 row of finite elements can have a norm above 65,504), and scaled to a
+    # largest element of 1 first, so that the norm of a finite row neither overflows (|x| > 1.8e19 in
+    # fp32) nor underflows to 0 (|x| < 1e-23) and such a row is not taken for a zero row.
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    largest = wide.abs().amax(dim=-1, keepdim=True)
+    scaled = wide / torch.where(largest > 0, largest, torch.ones_like(largest))
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
     nonzero = norm > 0
-    return (x / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero).to(x.dtype)
+    return (scaled / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero).to(x.dtype)
 
 
 def _row_chunk(num_codes: int) -> int:
@@ -48,7 +53,8 @@ def nearest_code(
         d = torch.cdist(z, codebook) ** 2          # (N, K), never built whole here
         indices = d.argmin(1); distances = d.gather(1, indices[:, None])[:, 0]
 
-    ``metric="l2"``: squared Euclidean distance; ``"cosine"``: 1 - cos(z, c). Ties go to the lowest
+    ``metric="l2"``: squared Euclidean distance; ``"cosine"``: 1 - cos(z, c) (rows and codes scaled by
+    :func:`unit_rows`, so an all-zero row or code stays zero and is 0.5 from every unit one). Ties go to the lowest
     index; NaN distances never win (a row whose distances are all NaN gets index 0 and distance NaN).
     ``compute_dtype`` is float32 or float64: codes are ranked by ``||c||^2 - 2 z.c`` in it, and with
     float32 the rows whose two best codes are within its rounding bound are ranked again in float64,
@@ -72,6 +78,13 @@ def nearest_code(
 def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
                        compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nearest_code` of rows ``z`` (N, D), inputs already checked."""
+    # Under autocast, addmm would run in 16 bits, past what the rounding bounds below cover.
+    with torch.autocast(z.device.type, enabled=False):
+        return _nearest_code_rows_exact(z, codebook, metric, compute_dtype)
+
+
+def _nearest_code_rows_exact(z: torch.Tensor, codebook: torch.Tensor, metric: str,
+                             compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     rows = z.to(compute_dtype)
     codes = codebook.to(compute_dtype)
     if metric == "cosine":
@@ -233,7 +246,9 @@ def _smoothed_counts(counts: torch.Tensor, eps: float) -> torch.Tensor:
     """Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, n = sum_k N_k: a rarely used code never
     divides by ~0."""
     total = counts.sum()
-    return (counts + eps) / (total + counts.shape[0] * eps) * total
+    denominator = total + counts.shape[0] * eps
+    # No counts yet with eps = 0: every smoothed count is 0 (not 0 / 0).
+    return torch.where(denominator > 0, (counts + eps) / denominator * total, 0.0)
 
 
 @torch.no_grad()
@@ -381,6 +396,12 @@ def soft_assignment_entropy(
         return zero, zero
 
     def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast the product would run in 16 bits; the Triton kernels keep fp32 (or tf32).
+        with torch.autocast(block.device.type, enabled=False):
+            return _soft_block_terms(block, codes_, metric, temperature)
+
+    def _soft_block_terms(block: torch.Tensor, codes_: torch.Tensor, metric: str,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         d = block.pow(2).sum(1, keepdim=True) - 2 * block @ codes_.t() + codes_.pow(2).sum(1)
         if metric == "cosine":
             d = d * 0.5
