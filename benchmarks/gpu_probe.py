@@ -1,5 +1,5 @@
-"""Where the time goes on a GPU: the stages of the tf32 search, the search's precision modes at a
-small and a middle shape, the layer's training step, the eager host cost of a small search.
+"""Where the time goes on a GPU: the stages of the tf32 search, the layer's training step, the eager
+host cost of a small search.
 
     OUT=<folder> python benchmarks/gpu_probe.py
 
@@ -74,57 +74,6 @@ def tf32_stages(n: int = 65536, k: int = 65536, d: int = 256) -> None:
         nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = saved
     zb, cb = z.bfloat16(), c.bfloat16()
     log("bf16 search ms", do_bench(lambda: nearest.nearest_code(zb, cb)))
-    # precision="highest": the same tf32 pass, the listed rows searched again with fp32 products.
-    log("fp32 highest full ms", do_bench(lambda: nearest.nearest_code(z, c, precision="highest")))
-
-
-def _graph_us(fn) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph (no host cost), in microseconds."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return 1000 * do_bench(graph.replay)
-
-
-def search_modes() -> None:
-    """The search's modes side by side at a small and a middle shape: one pass of fp32 products
-    ("ieee"), the tf32 pass with fp32 ("highest") or tf32x3 ("high") re-search, bf16; CUDA-graph time,
-    rows listed, and the kernels' CUDA time (torch.profiler) at the small shape."""
-    from vqfast.kernels import nearest
-
-    for n, k, d in ((1024, 4096, 128), (8192, 16384, 256)):
-        torch.manual_seed(0)
-        z = torch.randn(n, d, device="cuda")
-        c = torch.randn(k, d, device="cuda")
-        recheck = nearest._Recheck(z, c, 1.0)
-        nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
-        log(f"modes {n}x{k}x{d} listed rows", int(recheck.count.item()))
-        for label, zz, cc, precision in (("fp32 ieee", z, c, "ieee"), ("fp32 highest", z, c, "highest"),
-                                         ("fp32 high", z, c, "high"), ("bf16", z.bfloat16(), c.bfloat16(), "highest")):
-            def call(zz=zz, cc=cc, precision=precision):
-                return nearest.nearest_code(zz, cc, precision=precision)
-
-            try:
-                call()
-                torch.cuda.synchronize()
-                result = {"graph us": round(_graph_us(call), 1), "eager us": round(1000 * do_bench(call), 1)}
-                if n == 1024:
-                    activities = [torch.profiler.ProfilerActivity.CUDA]
-                    with torch.profiler.profile(activities=activities) as prof:
-                        for _ in range(10):
-                            call()
-                        torch.cuda.synchronize()
-                    result["kernels us per call"] = {
-                        e.key[:40]: round(e.device_time_total / 10, 1) for e in prof.key_averages()
-                        if e.device_time_total > 0}
-                log(f"modes {n}x{k}x{d} {label}", result)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the next mode
-                log(f"modes {n}x{k}x{d} {label}", repr(exc)[:400])
 
 
 def layer_steps() -> None:
@@ -199,8 +148,6 @@ def main() -> None:
     start = time.time()
     tf32_stages()
     log("t after search stages s", time.time() - start)
-    search_modes()
-    log("t after search modes s", time.time() - start)
     layer_steps()
     log("t after layer s", time.time() - start)
     small_searches()

@@ -677,28 +677,20 @@ _BOUND_SLACK = 1.0 + 2.0**-10
 # only known on the device; splits keep the GPU busy when they are few: 64 against 16 took 4.75 against
 # 5.4 ms on the H200 in the case below).
 _MAX_RESEARCH_SPLITS = 64
-# Products of that re-search for precision "high": "tf32x3" (each fp32 operand split into a tf32 part
-# and a tf32 remainder, three tensor-core products: about fp32's accuracy) rather than "ieee" (fp32 on
-# the CUDA cores, which precision="highest" keeps). Measured on an H200 at (65,536, 65,536, 256),
-# 1,379 listed rows: 1.05 ms with tf32x3 against 4.75 ms with ieee (64 splits), and the same indices
-# as a search with fp32 products for all.
+# Products of that re-search: "tf32x3" (each fp32 operand split into a tf32 part and a tf32 remainder,
+# three tensor-core products: about fp32's accuracy) or "ieee" (fp32 on the CUDA cores, as
+# precision="highest"). Measured on an H200 at (65,536, 65,536, 256), 1,379 listed rows: 1.05 ms with
+# tf32x3 against 4.75 ms with ieee (64 splits), and the same indices as precision="highest" for all.
 _RESEARCH_PRECISION = "tf32x3"
 
 
-def _pass_precisions(dtype: torch.dtype, precision: str) -> tuple[str, str | None]:
-    """``(products of the search pass, products of the re-search of listed rows or None)``.
-
-    fp32 inputs: "ieee" = one pass of fp32 products on the CUDA cores; "highest" = a pass of tf32
-    products whose error bound lists the rows in doubt, searched again with fp32 products; "high",
-    "medium" and "tf32" = the same pass, the listed rows searched again with tf32x3 products."""
+def _input_precision(dtype: torch.dtype, precision: str) -> str:
     if precision not in ("highest", "ieee", "high", "medium", "tf32"):
         raise ValueError(f"precision must be 'highest', 'high', 'medium' or 'tf32', got {precision!r}")
     if dtype != torch.float32:
         # 16-bit operands: the products are exact either way; "tf32" is Triton's default path for them.
-        return "tf32", None
-    if precision == "ieee":
-        return "ieee", None
-    return "tf32", "ieee" if precision == "highest" else _RESEARCH_PRECISION
+        return "tf32"
+    return "ieee" if precision in ("highest", "ieee") else "tf32"
 
 
 def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device) -> int:
@@ -894,11 +886,11 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
 class _ResearchPlan:
     """The two launches of ``_research_listed_rows`` for one problem."""
 
-    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None):
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor):
         n, d = z.shape
         k = codebook.shape[0]
         interp = interpreting()
-        precision = self.precision = precision or _RESEARCH_PRECISION
+        precision = _RESEARCH_PRECISION
         single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
         block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
         if interp:
@@ -930,8 +922,8 @@ class _ResearchPlan:
 
 def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Recheck,
                           indices: torch.Tensor, distances: torch.Tensor, plan: _ResearchPlan | None = None) -> None:
-    """fp32-accurate search (fp32 or tf32x3 products, as ``plan`` says; default ``_RESEARCH_PRECISION``)
-    of the rows ``recheck`` lists, written into ``indices`` and ``distances`` in place; two launches whatever the list's length,
+    """fp32-accurate search (tf32x3 products, see ``_RESEARCH_PRECISION``) of the rows ``recheck``
+    lists, written into ``indices`` and ``distances`` in place; two launches whatever the list's length,
     no host synchronisation."""
     if plan is None:
         plan = _ResearchPlan(z, codebook)
@@ -949,13 +941,11 @@ def nearest_code(
     """Nearest codebook row (squared L2) for each row of ``z`` (N, D): ``(indices int64, distances fp32)``.
 
     Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
-    building ``d``. ``precision`` (fp32 inputs only): every mode but "ieee" searches with tf32 tensor
-    cores, then checks each row against a bound on the tf32 error: a row with two codes in doubt is
+    building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
+    tf32 tensor cores, then a check against a bound on the tf32 error: a row with two codes in doubt is
     decided between them by the direct form ``||z - c||^2`` in fp32, and a row with three or more is
-    searched again over the whole codebook, with fp32 products (CUDA cores) for "highest" and with
-    fp32-accurate tf32x3 products for "high"/"medium" (on the CPU interpreter both are fp32), so the
-    indices are those of an fp32 search. "ieee" is one exhaustive search with fp32 products (CUDA
-    cores), several times slower. Default: ``torch.get_float32_matmul_precision()``. ``num_splits``
+    searched again with fp32-accurate tf32x3 products (on the CPU interpreter: fp32), so the indices
+    are those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits``
     forces the number of codebook splits (default: chosen from the problem size and the GPU; at most
     1,024).
     ``tie_tolerance_scale`` multiplies the error bound (for tests).
@@ -975,15 +965,15 @@ class _Plan:
         safe_z, safe_codebook = int32_safe_columns(z), int32_safe_columns(codebook)
         self.copy_z, self.copy_codebook = safe_z is not z, safe_codebook is not codebook
         z, codebook = safe_z, safe_codebook
-        self.input_precision, research_precision = _pass_precisions(z.dtype, precision)
+        self.input_precision = _input_precision(z.dtype, precision)
         self.empty = z.shape[0] == 0
-        self.checking = research_precision is not None
+        self.checking = z.dtype == torch.float32 and self.input_precision == "tf32"
         if self.empty:
             return
         if self.checking:
             self.recheck = _RecheckPlan(z, codebook, tie_tolerance_scale)
             self.search = _SearchPlan(z, codebook, "tf32", num_splits, self.recheck.errors)
-            self.research = _ResearchPlan(z, codebook, research_precision)
+            self.research = _ResearchPlan(z, codebook)
         else:
             k, d = codebook.shape
             self.sqnorms = _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())

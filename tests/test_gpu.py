@@ -16,8 +16,6 @@ from vqfast import kernels, reference
 pytestmark = pytest.mark.gpu
 
 DTYPES_PRECISIONS = [
-    (torch.float32, "ieee", 1e-5),  # one pass of fp32 products
-    # tf32 products, rows in doubt settled in fp32 (the direct form between two codes, fp32 products among more).
     (torch.float32, "highest", 1e-5),
     # tf32 products, then near ties settled in fp32 (two codes by the direct form, more by an fp32 search).
     (torch.float32, "high", 1e-5),
@@ -193,7 +191,7 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     tuner = nearest._nearest_code_wide_tf32_autotuned
     z, c = _data(3000, 5000, d, torch.float32, seed=8)
-    exact, _ = kernels.nearest_code(z, c, precision="ieee")
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
     candidates = nearest._prune_wide_tf32_configs(tuner.configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
     whole = [cfg for cfg in candidates if cfg.kwargs["SINGLE_D"]]
     assert whole and len(whole) < len(candidates)
@@ -216,20 +214,19 @@ def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     z, c = _data(1_000_000, 4096, 64, torch.float32, seed=5)
-    exact, _ = kernels.nearest_code(z, c, precision="ieee")
-    for precision in ("high", "highest"):
-        fast, _, status = _nearest_code_with_status(z, c, precision=precision)
-        shares = torch.bincount(status.long(), minlength=3)
-        assert shares[1] > 0 and shares[0] > 0.5 * z.shape[0]  # the bound leaves most rows sure
-        # A row settled by the re-check (between two codes by the direct form ||z - c||^2, or searched
-        # again with tf32x3 or fp32 products) may differ from the one-pass fp32 search (expanded form)
-        # only where both codes are equally near to within fp32 rounding.
-        differ = (fast != exact).nonzero().flatten()
-        assert differ.numel() <= 1e-3 * z.shape[0], precision
-        if differ.numel():
-            assert (status[differ] != 0).all(), precision
-            assert chosen_gap(z[differ], c, fast[differ]).max() <= 1e-5, precision
-            assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5, precision
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _, status = _nearest_code_with_status(z, c, precision="high")
+    shares = torch.bincount(status.long(), minlength=3)
+    assert shares[1] > 0 and shares[0] > 0.5 * z.shape[0]  # the bound leaves most rows sure
+    # A row settled by the re-check (between two codes by the direct form ||z - c||^2, or searched again
+    # with tf32x3 products) may differ from the fp32 search (expanded form, fp32 products) only where
+    # both codes are equally near to within fp32 rounding.
+    differ = (fast != exact).nonzero().flatten()
+    assert differ.numel() <= 1e-3 * z.shape[0]
+    if differ.numel():
+        assert (status[differ] != 0).all()
+        assert chosen_gap(z[differ], c, fast[differ]).max() <= 1e-5
+        assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5
 
 
 def test_tf32_search_on_adversarial_near_ties():
@@ -241,10 +238,9 @@ def test_tf32_search_on_adversarial_near_ties():
     b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
     mid = 0.5 * (c[a] + c[b])
     z = mid + 1e-5 * (c[a] - c[b])
-    exact, _ = kernels.nearest_code(z, c, precision="ieee")
-    for precision in ("high", "highest"):
-        fast, _ = kernels.nearest_code(z, c, precision=precision)
-        assert torch.equal(fast, exact), precision
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _ = kernels.nearest_code(z, c, precision="high")
+    assert torch.equal(fast, exact)
     assert (exact == a).float().mean() > 0.9
 
 
@@ -259,10 +255,9 @@ def test_tf32_search_on_tiny_near_ties(scale):
     b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
     z = (0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])) * scale
     c = c * scale
-    exact, _ = kernels.nearest_code(z, c, precision="ieee")
-    for precision in ("high", "highest"):
-        fast, _ = kernels.nearest_code(z, c, precision=precision)
-        assert torch.equal(fast, exact), precision
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    fast, _ = kernels.nearest_code(z, c, precision="high")
+    assert torch.equal(fast, exact)
     assert (exact == a).float().mean() > 0.9
 
 

@@ -27,11 +27,10 @@ def _data(n, k, d, dtype, device, seed=0):
     return z, c
 
 
-@pytest.mark.parametrize("precision", ["highest", "ieee"])
 @pytest.mark.parametrize("n,k,d", SHAPES)
-def test_nearest_code_fp32_exact(n, k, d, precision, kernel_device):
+def test_nearest_code_fp32_exact(n, k, d, kernel_device):
     z, c = _data(n, k, d, torch.float32, kernel_device)
-    idx, dist = kernels.nearest_code(z, c, precision=precision)
+    idx, dist = kernels.nearest_code(z, c, precision="highest")
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
     assert idx.shape == (n,) and dist.shape == (n,)
     assert chosen_gap(z, c, idx).max() <= 1e-5
@@ -54,27 +53,6 @@ def test_nearest_code_fp16(n, k, d, kernel_device):
     assert ((dist.double().cpu() - d_chosen).abs() <= 1e-3 * scale).all()
 
 
-def test_ieee_precision_is_one_pass_of_fp32_products(monkeypatch, kernel_device):
-    """precision="ieee": one exhaustive pass with fp32 products, no tf32 pass and no re-search."""
-    from vqfast.kernels import nearest
-
-    seen = []
-    real_search = nearest._search
-
-    def recording(z, codebook, c_sqnorm, input_precision, *args, **kwargs):
-        seen.append(input_precision)
-        return real_search(z, codebook, c_sqnorm, input_precision, *args, **kwargs)
-
-    monkeypatch.setattr(nearest, "_search", recording)
-    monkeypatch.setattr(nearest, "_research_listed_rows", lambda *args, **kwargs: seen.append("re-search"))
-    z, c = _data(9, 40, 12, torch.float32, kernel_device, seed=3)
-    idx, _ = kernels.nearest_code(z, c, precision="ieee")
-    assert seen == ["ieee"]
-    assert chosen_gap(z, c, idx).max() <= 1e-5
-    kernels.nearest_code(z, c, precision="highest")
-    assert seen == ["ieee", "tf32", "re-search"]
-
-
 def test_forced_splits_are_capped(kernel_device):
     """num_splits beyond the cap (1,024) runs with the cap, and the answer is unchanged."""
     z, c = _data(3, 2100, 5, torch.float32, kernel_device, seed=7)
@@ -84,12 +62,11 @@ def test_forced_splits_are_capped(kernel_device):
     torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["highest", "ieee"])
 @pytest.mark.parametrize("splits", [2, 3, 7])
-def test_split_codebook_matches_single_pass(splits, precision, kernel_device):
+def test_split_codebook_matches_single_pass(splits, kernel_device):
     z, c = _data(23, 301, 24, torch.float32, kernel_device, seed=2)
-    idx1, dist1 = kernels.nearest_code(z, c, precision=precision, num_splits=1)
-    idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
+    idx1, dist1 = kernels.nearest_code(z, c, precision="highest", num_splits=1)
+    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
     assert torch.equal(idx, idx1)
     torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
 
@@ -409,13 +386,12 @@ def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device):
     assert torch.equal(idx.cpu(), reference.nearest_code(z.cpu(), c.cpu())[0])
 
 
-@pytest.mark.parametrize("precision", ["high", "highest"])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_tf32_rescoring_returns_the_exact_indices(splits, precision, kernel_device):
+def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
     z, c = _data(70, 600, 40, torch.float32, kernel_device, seed=10)  # 2 splits on a GPU too
-    exact_idx, exact_dist = kernels.nearest_code(z, c, precision="ieee")
-    idx, dist = kernels.nearest_code(z, c, precision=precision, tie_tolerance_scale=1e9, num_splits=splits)
+    exact_idx, exact_dist = kernels.nearest_code(z, c, precision="highest")
+    idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=splits)
     assert torch.equal(idx, exact_idx)
     torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
 
@@ -550,7 +526,7 @@ def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
     b = (a + 1 + torch.randint(0, 299, (60,), generator=g)) % 300
     z = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
     z, c = z * 1e-20, c * 1e-20
-    exact, _ = kernels.nearest_code(z, c, precision="ieee")
+    exact, _ = kernels.nearest_code(z, c, precision="highest")
     assert (exact == a).all()
     tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0)
     assert (tf32_only != exact).sum() > 6  # the emulated rounding changes the answer
@@ -586,11 +562,11 @@ def test_tf32_bound_covers_what_tf32_drops_from_each_side(tf32_rounding_interpre
 @pytest.mark.parametrize("splits", [1, 3])
 def test_rows_past_fp32_range_still_get_the_nearest_code(splits, kernel_device):
     # ||z||^2 overflows fp32 (|z_0| > 1.8e19) while ||c||^2 - 2 z.c does not: the tf32 bound is infinite,
-    # so the rows go to the fp32 re-search, which ranks the codes as a search with fp32 products does.
+    # so the rows go to the fp32 re-search, which ranks the codes as precision="highest" does.
     c = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).to(kernel_device)
     z = torch.zeros(3, 8, device=kernel_device)
     z[:, 0] = torch.tensor([3e19, 1e20, -5e19])
-    exact, _ = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
+    exact, _ = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
     expected = ((c.double() ** 2).sum(1)[None, :] - 2 * z.double() @ c.double().t()).argmin(1)
     assert torch.equal(exact.cpu(), expected.cpu())
     idx, _ = kernels.nearest_code(z, c, precision="high", num_splits=splits)
@@ -632,7 +608,7 @@ def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
     idx = torch.full((70,), -1, dtype=torch.int64, device=kernel_device)
     dist = torch.full((70,), -1.0, device=kernel_device)
     _research_listed_rows(z, c, recheck, idx, dist)
-    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="ieee")
+    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
     picked = torch.zeros(70, dtype=torch.bool, device=kernel_device)
     picked[rows] = True
     assert torch.equal(idx[picked], ref_idx[picked])

@@ -105,9 +105,7 @@ def nearest_code(
     an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
     rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
-    on the Triton backend: "highest" (tf32 tensor cores, then every row in doubt within the tf32 error
-    bound settled with fp32 products), "high"/"medium" (the same, with fp32-accurate tf32x3 products
-    for rows in doubt among three or more codes); both give the indices of an fp32 search. Default
+    on the Triton backend: "highest" (full fp32), "high"/"medium" (tf32); default
     ``torch.get_float32_matmul_precision()``. Codes are ranked by ``||c||^2 - 2 z.c``; the returned
     distance is summed directly, ``(z - codebook[indices]).pow(2).sum(-1)`` in fp32, on both backends
     and in every precision mode.

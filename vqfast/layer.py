@@ -241,8 +241,7 @@ class VectorQuantizer(nn.Module):
     code into NaN for good.
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
-    "fp32" (the same pass, rows in doubt among three or more codes searched again with fp32 rather
-    than tf32x3 products) or "bf16" (inputs and codes rounded to bf16 on every
+    "fp32" (fp32 products throughout, slower) or "bf16" (inputs and codes rounded to bf16 on every
     backend; fastest on the GPU, may pick a near-tied code). On the CPU, "tf32" and "fp32" are the exact
     fp32 search (fp64 inputs: fp64).
     Under ``torch.distributed``, statistics are summed over ranks and the random rows that seed k-means
