@@ -277,10 +277,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     if not quick:
         cases += [
             ("nearest fp16 (8192, 16384, 128)", search(8192, 16384, 128, fp16, "high")),
-            ("nearest fp32 highest: tf32 + fp32 re-search (8192, 16384, 256)",
-             search(8192, 16384, 256, fp32, "highest")),
-            ("nearest fp32 ieee, one pass (8192, 16384, 256)", search(8192, 16384, 256, fp32, "ieee")),
-            ("nearest fp32 ieee, one pass (4096, 4096, 17)", search(4096, 4096, 17, fp32, "ieee")),
+            ("nearest fp32 highest (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
+            ("nearest fp32 highest (4096, 4096, 17)", search(4096, 4096, 17, fp32, "highest")),
             ("nearest bf16 odd D (5000, 3000, 100)", search(5000, 3000, 100, bf16, "high")),
             ("nearest bf16 D loop (8192, 8192, 1024)", search(8192, 8192, 1024, bf16, "high")),
             ("nearest fp32 tf32 small (1024, 4096, 128)", search(1024, 4096, 128, fp32, "high")),
