@@ -1,5 +1,6 @@
-"""Where the time goes on a GPU: the stages of the tf32 search, the layer's training step, the eager
-host cost of a small search.
+"""Where the time goes on a GPU: the stages of the tf32 search, the search's modes at a small and a
+middle shape (kernel by kernel at the small one), the layer's training step, the eager host cost of a
+small search.
 
     OUT=<folder> python benchmarks/gpu_probe.py
 
@@ -76,6 +77,54 @@ def tf32_stages(n: int = 65536, k: int = 65536, d: int = 256) -> None:
     log("bf16 search ms", do_bench(lambda: nearest.nearest_code(zb, cb)))
 
 
+def _graph_us(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (no host cost), in microseconds."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1000 * do_bench(graph.replay)
+
+
+def search_modes() -> None:
+    """The search's modes side by side at a small and a middle shape: fp32 products ("highest"), the
+    tf32 pass with its re-check ("high"), bf16; CUDA-graph and eager time, the rows the tf32 pass
+    lists, and at the small shape each kernel's CUDA time (torch.profiler)."""
+    from vqfast.kernels import nearest
+
+    for n, k, d in ((1024, 4096, 128), (8192, 16384, 256)):
+        torch.manual_seed(0)
+        z = torch.randn(n, d, device="cuda")
+        c = torch.randn(k, d, device="cuda")
+        recheck = nearest._Recheck(z, c, 1.0)
+        nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
+        log(f"modes {n}x{k}x{d} listed rows", int(recheck.count.item()))
+        for label, zz, cc, precision in (("fp32 highest", z, c, "highest"), ("fp32 high", z, c, "high"),
+                                         ("bf16", z.bfloat16(), c.bfloat16(), "highest")):
+            def call(zz=zz, cc=cc, precision=precision):
+                return nearest.nearest_code(zz, cc, precision=precision)
+
+            try:
+                call()
+                torch.cuda.synchronize()
+                result = {"graph us": round(_graph_us(call), 1), "eager us": round(1000 * do_bench(call), 1)}
+                if n == 1024:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            call()
+                        torch.cuda.synchronize()
+                    result["kernels us per call"] = {
+                        e.key[:40]: round(e.device_time_total / 10, 1) for e in prof.key_averages()
+                        if e.device_time_total > 0}
+                log(f"modes {n}x{k}x{d} {label}", result)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next mode
+                log(f"modes {n}x{k}x{d} {label}", repr(exc)[:400])
+
+
 def layer_steps() -> None:
     """The benchmark's layer step (forward and backward of the default VectorQuantizer), timed and
     profiled."""
@@ -148,6 +197,8 @@ def main() -> None:
     start = time.time()
     tf32_stages()
     log("t after search stages s", time.time() - start)
+    search_modes()
+    log("t after search modes s", time.time() - start)
     layer_steps()
     log("t after layer s", time.time() - start)
     small_searches()
