@@ -56,6 +56,34 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_row_indices(indices: torch.Tensor, rows: int | None, device: torch.device) -> None:
+    """``indices``: 1-D int32 or int64 on ``device``, with ``rows`` entries when given (one per row of
+    the other input). The kernels read exactly that many whole numbers, so anything else would be
+    truncated or read past the end."""
+    if (indices.dtype not in _INDEX_DTYPES or indices.dim() != 1 or (rows is not None and indices.shape[0] != rows)
+            or indices.device != device):
+        wanted = "1-D int32 or int64" + (f" with {rows} entries" if rows is not None else "") + f" on {device}"
+        raise ValueError(f"indices must be {wanted}, got {indices.dtype} of shape {tuple(indices.shape)} "
+                         f"on {indices.device}")
+
+
+def check_matrices(*named: tuple[str, torch.Tensor]) -> None:
+    """Each tensor 2-D, all with the same number of columns and on the same device."""
+    for name, t in named:
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{name} and {first_name} must have the same number of columns, got "
+                             f"{tuple(t.shape)} and {tuple(first.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{name} and {first_name} must be on the same device, got {t.device} and {first.device}")
+
+
 def check_launchable(*tensors: torch.Tensor) -> None:
     """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
     for t in tensors:

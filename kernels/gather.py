@@ -8,8 +8,8 @@ import triton.language as tl
 
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, int32_safe_strides,
-    next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_indices,
+    int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
 )
 
 
@@ -54,6 +54,7 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices``: (N, D) in the codebook's dtype. Callers check the
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
     check_launchable(codebook, indices)
+    check_row_indices(indices, None, codebook.device)
     key = (codebook.shape, codebook.stride(), indices.shape, codebook.dtype, codebook.device, _common.interpreting())
     plan = _GATHER_PLANS.get(key)
     if plan is None:
@@ -78,6 +79,7 @@ class _GatherPlan:
     """What ``gather_rows`` computes from its problem (see ``PlanCache``)."""
 
     def __init__(self, codebook: torch.Tensor, indices: torch.Tensor):
+        check_matrices(("codebook", codebook))
         self.copy_codebook, c_strides = int32_safe_strides(codebook)
         n, d = indices.shape[0], codebook.shape[1]
         self.shape = (n, d)
@@ -108,6 +110,7 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     plan = _SCATTER_PLANS.get(key)
     if plan is None:
         plan = _SCATTER_PLANS.add(key, _ScatterPlan(grad, num_codes))
+    check_row_indices(indices, grad.shape[0], grad.device)
     if plan.copy_grad:
         grad = grad.contiguous()
     indices = indices.contiguous()
@@ -126,6 +129,7 @@ class _ScatterPlan:
     """What ``scatter_add_rows`` computes from its problem (see ``PlanCache``)."""
 
     def __init__(self, grad: torch.Tensor, num_codes: int):
+        check_matrices(("grad", grad))
         self.copy_grad, g_strides = int32_safe_strides(grad)
         n, d = grad.shape
         self.shape = (num_codes, d)

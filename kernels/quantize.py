@@ -17,8 +17,9 @@ import triton.language as tl
 
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_row_count, int32_safe_strides,
-    next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_count,
+    check_row_indices, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
+    tuned_config,
 )
 
 
@@ -84,11 +85,12 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
     check_launchable(z, codebook, indices)
-    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, beta,
+    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
            _common.MAX_ROWS, _common.interpreting())
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _FORWARD_PLANS.add(key, _ForwardPlan(z, codebook, beta))
+    check_row_indices(indices, z.shape[0], z.device)
     if plan.copy_z:
         z = z.contiguous()
     if plan.copy_codebook:
@@ -116,6 +118,7 @@ class _ForwardPlan:
     that passed the checks."""
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, beta: float):
+        check_matrices(("z", z), ("codebook", codebook))
         check_row_count(z.shape[0], "z")
         self.copy_z, z_strides = int32_safe_strides(z)
         self.copy_codebook, c_strides = int32_safe_strides(codebook)
@@ -146,12 +149,13 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     """
     check_launchable(z, codebook, indices)
     has_gzq = grad_zq is not None
-    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, beta,
+    key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
            bool(need_grad_codebook), (grad_zq.shape, grad_zq.stride()) if has_gzq else None, _common.MAX_ROWS,
            _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
         plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook))
+    check_row_indices(indices, z.shape[0], z.device)
     if plan.copy_z:
         z = z.contiguous()
     if plan.copy_codebook:
@@ -182,6 +186,10 @@ class _BackwardPlan:
 
     def __init__(self, grad_zq: torch.Tensor | None, z: torch.Tensor, codebook: torch.Tensor, beta: float,
                  need_grad_codebook: bool):
+        check_matrices(("z", z), ("codebook", codebook))
+        if grad_zq is not None and (grad_zq.shape != z.shape or grad_zq.device != z.device):
+            raise ValueError(f"grad_zq must have z's shape {tuple(z.shape)} on {z.device}, got "
+                             f"{tuple(grad_zq.shape)} on {grad_zq.device}")
         check_row_count(z.shape[0], "z")
         self.copy_z, z_strides = int32_safe_strides(z)
         self.copy_codebook, c_strides = int32_safe_strides(codebook)

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, interpreting, next_power_of_2, scratch_trial,
-    tuned_config,
+    LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
+    scratch_trial, tuned_config,
 )
 from vqfast.kernels._launch import PreparedLaunch
 
@@ -78,7 +78,7 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
     (indices outside [0, K) are not counted). A row holding NaN or inf has a NaN or inf distance, so
     this leaves such rows out of the usage statistics without another pass over the rows.
     """
-    if distances.shape != indices.shape or distances.dtype != torch.float32:
+    if distances.shape != indices.shape or distances.dtype != torch.float32 or distances.device != indices.device:
         raise ValueError(f"distances must be float32 shaped like indices {tuple(indices.shape)}, "
                          f"got {distances.dtype} {tuple(distances.shape)}")
     return _count(indices, distances.contiguous(), num_codes)
@@ -86,6 +86,7 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
 
 def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int) -> torch.Tensor:
     check_launchable(indices)
+    check_row_indices(indices, None, indices.device)
     finite_only = distances is not None
     key = (indices.shape, num_codes, finite_only, indices.device, interpreting())
     plan = _COUNT_PLANS.get(key)

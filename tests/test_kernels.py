@@ -1160,3 +1160,35 @@ def test_launcher_plans_are_bounded_and_follow_the_switches(kernel_device, monke
         kernels.quantize_forward(z, c, idx, 0.25)
     with pytest.raises(ValueError, match="z has 40 rows"):
         kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, c, idx, 0.25)
+
+
+def test_launchers_refuse_indices_and_shapes_they_would_misread(kernel_device):
+    """The launchers read exactly N whole-number indices and D columns: other shapes, lengths or dtypes
+    raise instead of being truncated or read past the end."""
+    c = torch.arange(12.0, device=kernel_device).reshape(4, 3)
+    z = torch.randn(4, 3, device=kernel_device)
+    i2 = torch.tensor([[0, 1], [1, 1]], device=kernel_device)
+    short = torch.tensor([0], device=kernel_device)
+    calls = {
+        "bincount 2-D": lambda: kernels.bincount(i2, 3),
+        "code_usage 2-D": lambda: kernels.code_usage(i2, 3),
+        "gather 2-D": lambda: kernels.gather_rows(c, i2),
+        "gather float": lambda: kernels.gather_rows(c, torch.tensor([1.7, 2.2], device=kernel_device)),
+        "gather 1-D codebook": lambda: kernels.gather_rows(torch.randn(5, device=kernel_device), short),
+        "scatter short": lambda: kernels.scatter_add_rows(torch.ones(6, 3, device=kernel_device), short, 3),
+        "forward short": lambda: kernels.quantize_forward(z, c, short, 0.25),
+        "forward D": lambda: kernels.quantize_forward(torch.randn(4, 8, device=kernel_device), torch.randn(3, 4, device=kernel_device),
+                                                      torch.tensor([0, 1, 2, 0], device=kernel_device), 0.25),
+        "backward short": lambda: kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, c, short, 0.25),
+        "backward grad_zq": lambda: kernels.quantize_backward(torch.ones(3, 3, device=kernel_device),
+                                                              torch.ones((), device=kernel_device), z, c,
+                                                              torch.tensor([0, 1, 2, 3], device=kernel_device), 0.25),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="indices|columns|2-D|grad_zq"):
+            call()
+            pytest.fail(name)
+    # The same launchers with valid arguments (int32 indices too).
+    idx = torch.tensor([3, 0, 0, 2], dtype=torch.int32, device=kernel_device)
+    assert torch.equal(kernels.gather_rows(c, idx), c[idx.long()])
+    assert kernels.bincount(idx, 4).tolist() == [2, 0, 1, 1]
