@@ -226,6 +226,14 @@ class ConvVQVAE(nn.Module):
         """The codebook (``num_embeddings`` x ``embedding_dim``)."""
         return self.quantizer.embeddings
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The article's model holds its codebook at the top (``embeddings.weight``); the rest of its
+        # names are this model's, so its checkpoints load as they are.
+        article_key, key = prefix + "embeddings.weight", prefix + "quantizer.embeddings.weight"
+        if article_key in state_dict and key not in state_dict:
+            state_dict[key] = state_dict.pop(article_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> continuous latents (B, embedding_dim, 4, 4), before quantization."""
         return self.encoder_output(self.encoder(x))

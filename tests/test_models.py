@@ -203,3 +203,25 @@ def test_an_explicit_layer_init_is_not_overwritten_by_the_articles():
     assert uniform.embeddings.weight.abs().max() <= 1 / 64
     xavier = build_model("vqvae", num_codes=64, code_dim=8)
     assert xavier.embeddings.weight.abs().max() > 1 / 64
+
+
+def test_a_checkpoint_of_the_articles_model_loads_by_name():
+    # The article's ConvDQ_VAE keeps its codebook at the top level, as ``embeddings.weight``, and has
+    # none of the layer's statistics buffers.
+    from vqfast.models.autoencoders import build_model
+
+    torch.manual_seed(5)
+    source = build_model("vqvae", num_codes=32, code_dim=8, vq_preset="article")
+    article_state = {("embeddings.weight" if name == "quantizer.embeddings.weight" else name): value
+                     for name, value in source.state_dict().items() if not name.startswith("quantizer.")
+                     or name == "quantizer.embeddings.weight"}
+    assert "embeddings.weight" in article_state and not any(k.startswith("quantizer.") for k in article_state)
+    torch.manual_seed(6)
+    model = build_model("vqvae", num_codes=32, code_dim=8, vq_preset="article")
+    model.load_state_dict(article_state)
+    assert torch.equal(model.embeddings.weight, source.embeddings.weight)
+    assert bool(model.quantizer.initialized)  # loaded codes are not overwritten by a k-means init
+    x = torch.rand(3, 3, 32, 32)
+    model.eval(), source.eval()
+    assert torch.equal(model(x)[2], source(x)[2])
+    torch.testing.assert_close(model(x)[0], source(x)[0])
