@@ -170,6 +170,18 @@ def test_fp32_search_picks_the_exactly_nearest_code(make):
     torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e20, 3e21])
+def test_fp32_rows_whose_squared_norm_overflows_get_the_nearest_code(scale):
+    # ||z||^2 is inf in fp32 and ~1e40 in float64, where the direct form's squares no longer tell the
+    # codes apart; the expanded form ||c||^2 - 2 z.c (finite, ~1e20) still ranks them exactly.
+    g = torch.Generator().manual_seed(15)
+    z = torch.randn(40, 5, generator=g) * scale
+    codes = torch.randn(7, 5, generator=g)
+    idx, _ = reference.nearest_code(z, codes)
+    exact = (codes.double().pow(2).sum(1)[None] - 2 * z.double() @ codes.double().t()).argmin(1)
+    assert torch.equal(idx, exact)
+
+
 def test_float64_search_is_exact_far_from_the_origin():
     # float64 inputs always run here, on any device; 1e8 + randn cancels in float64's expanded form.
     import vqfast

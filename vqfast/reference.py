@@ -125,7 +125,11 @@ def _nearest_code_rows_exact(z: torch.Tensor, codebook: torch.Tensor, metric: st
                 if compute_dtype == torch.float32:
                     sub_scores = torch.addmm(code_sq64, sub, codes64.t(), beta=1, alpha=-2)
                     sub_scores = torch.where(sub_scores.isnan(), math.inf, sub_scores)
-                    sub_bound = _rounding_bound(z_norm[unsure], c_norm, torch.float64, codes.shape[1])
+                    # The row norms again in float64: a row past 1.8e19 has an infinite fp32 norm, which
+                    # would leave every code in doubt for the direct form, whose float64 squares cannot
+                    # tell codes apart next to ||z||^2 ~ 1e40 while the expanded form can.
+                    sub_norm = sub.pow(2).sum(1).sqrt()
+                    sub_bound = _rounding_bound(sub_norm, c_norm, torch.float64, codes.shape[1])
                 else:
                     sub_scores, sub_bound = scores[unsure], bound[unsure]
                 sub_idx = sub_scores.argmin(1)
