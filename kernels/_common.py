@@ -343,7 +343,8 @@ def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[L
 
     The first candidate under the interpreter, with ``VQFAST_AUTOTUNE=0`` or when it is the only one;
     otherwise the fastest by the driver's ``triton.testing.do_bench`` of ``trial(config)``, measured on the first
-    call with this key and remembered. ``trial`` launches the kernel on the real inputs but into
+    call with this key and remembered (a candidate that does not compile or fit this GPU is skipped).
+    ``trial`` launches the kernel on the real inputs but into
     scratch outputs, so that kernels that accumulate (atomics) leave the real output untouched; this
     is why the memory-bound kernels are tuned here rather than by ``triton.autotune``, whose timing runs
     would write the real output.
@@ -351,8 +352,19 @@ def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[L
     if len(configs) == 1 or interpreting() or not autotuning():
         return configs[0]
     if key not in _TUNED:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
         bench = _benchmarker()
-        times = [bench(lambda c=c: trial(c), warmup=5, rep=20) for c in configs]
+        times, failures = [], []
+        for c in configs:
+            try:
+                times.append(bench(lambda c=c: trial(c), warmup=5, rep=20))
+            except (OutOfResources, CompilationError) as exc:  # this GPU cannot run that candidate: skip it
+                times.append(float("inf"))
+                failures.append(exc)
+        if len(failures) == len(configs):
+            raise failures[0]
         _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
     return _TUNED[key]
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
-    next_power_of_2,
+    next_power_of_2, scratch_trial, tuned_config,
 )
 from vqfast.kernels._launch import launch_kernel
 
@@ -200,21 +200,31 @@ def _grad_codes_kernel(
 
 
 
-def _config(d: int, backward_precision: str | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_D, num_warps) of the forward passes, or of the backward passes when
-    ``backward_precision`` (their gradient products' precision) is given. Fixed, not autotuned; chosen
-    from ptxas's register counts for sm_90 (benchmarks/compile_check.py): the backward kernels hold
-    three tiles at once, and at 64 x 64 with 4 warps spill 1.4-3.3 KB per thread with fp32 (CUDA-core)
-    gradient products and use 244-255 registers (some spilling) with tf32 ones; 8 warps (tf32: at most
-    182 registers, no spills) or 32 x 32 tiles (fp32: at most 24 spilled bytes) fix that."""
+# Tile candidates (BLOCK_N, BLOCK_K, num_warps), the first the fixed choice (VQFAST_AUTOTUNE=0). Each
+# pass is timed on the first call of a problem size (``tuned_config``). Chosen from ptxas's register
+# counts for sm_90 (benchmarks/compile_check.py): the backward kernels hold three tiles at once, and
+# at 64 x 64 with 4 warps spill 1.4-3.3 KB per thread with fp32 (CUDA-core) gradient products and use
+# 244-255 registers (some spilling) with tf32 ones; 8 warps (tf32: at most 182 registers, no spills)
+# or 32 x 32 tiles (fp32: at most 24 spilled bytes) fix that.
+_FORWARD_TILES = ((64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 64, 4))
+_BACKWARD_TILES = {"tf32": ((64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8)),
+                   "ieee": ((32, 32, 4), (32, 64, 4), (64, 32, 4), (16, 64, 4))}
+
+
+def _configs(d: int, backward_precision: str | None = None) -> list[tuple[int, int, int, int]]:
+    """Candidate (BLOCK_N, BLOCK_K, BLOCK_D, num_warps) of the forward passes, or of the backward
+    passes when ``backward_precision`` (their gradient products' precision) is given; one under the
+    interpreter."""
     block_d = min(64, max(16, next_power_of_2(d)))
     if interpreting():
-        return 16, 32, block_d, 4
-    if backward_precision == "ieee":
-        return 32, 32, block_d, 4
-    if backward_precision is not None:
-        return 64, 64, block_d, 8
-    return 64, 64, block_d, 4
+        return [(16, 32, block_d, 4)]
+    tiles = _FORWARD_TILES if backward_precision is None else _BACKWARD_TILES[backward_precision]
+    return [(bn, bk, block_d, warps) for bn, bk, warps in tiles]
+
+
+def _config(d: int, backward_precision: str | None = None) -> tuple[int, int, int, int]:
+    """The fixed choice among :func:`_configs` (the first)."""
+    return _configs(d, backward_precision)[0]
 
 
 def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
@@ -257,18 +267,31 @@ def soft_entropy_forward(
     if n == 0:
         return lse, ent, torch.zeros(k, dtype=torch.float32, device=device)
     input_precision, _ = _precisions(z.dtype, precision)
-    block_n, block_k, block_d, warps = _config(d)
+    configs = _configs(d)
     c_sqnorm = code_sqnorms(codebook)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
-    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
-                num_warps=warps)
-    launch_kernel(_row_stats_kernel, (cdiv(n, block_n),), z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
-                  float(scale), **meta)
-    code_blocks = cdiv(k, block_k)
-    splits, rows_per_split = _splits(n, block_n, code_blocks, device)
-    partial = torch.empty((splits, k), dtype=torch.float32, device=device)
-    launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, partial, n, k, d, rows_per_split,
-                  *strides, float(scale), **meta)
+    tune = (next_power_of_2(n), k, d, z.dtype, input_precision, device)
+
+    def meta(cfg: tuple[int, int, int, int]) -> dict:
+        block_n, block_k, block_d, warps = cfg
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
+                    num_warps=warps)
+
+    def row_stats(cfg: tuple[int, int, int, int]) -> None:
+        # Every launch writes all of lse and ent, so timing runs may write the real outputs.
+        launch_kernel(_row_stats_kernel, (cdiv(n, cfg[0]),), z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
+                      float(scale), **meta(cfg))
+
+    def col_sums(cfg: tuple[int, int, int, int]) -> torch.Tensor:
+        code_blocks = cdiv(k, cfg[1])
+        splits, rows_per_split = _splits(n, cfg[0], code_blocks, device)
+        partial = torch.empty((splits, k), dtype=torch.float32, device=device)
+        launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, partial, n, k, d,
+                      rows_per_split, *strides, float(scale), **meta(cfg))
+        return partial
+
+    row_stats(tuned_config(("soft_entropy_rows", *tune), configs, row_stats))
+    partial = col_sums(tuned_config(("soft_entropy_columns", *tune), configs, col_sums))
     return lse, ent, partial.sum(0)
 
 
@@ -294,7 +317,7 @@ def soft_entropy_backward(
     if n == 0:
         return dz, dc
     input_precision, acc_precision = _precisions(z.dtype, precision)
-    block_n, block_k, block_d, warps = _config(d, acc_precision)
+    configs = _configs(d, acc_precision)
     c_sqnorm = code_sqnorms(codebook)
     w = w.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).reshape(1).contiguous()
@@ -302,17 +325,31 @@ def soft_entropy_backward(
     ent = ent.contiguous()
     r = torch.empty(n, dtype=torch.float32, device=device)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
-    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
-                ACC_PRECISION=acc_precision, num_warps=warps)
-    d_blocks = cdiv(d, block_d)
+    d_blocks = cdiv(d, configs[0][2])  # (BLOCK_D is the same in every candidate)
     check_grid_yz(d_blocks, "the soft-entropy backward")
-    launch_kernel(_grad_rows_kernel, (cdiv(n, block_n), d_blocks),
-                  z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta)
+    tune = (next_power_of_2(n), k, d, z.dtype, input_precision, acc_precision, device)
+
+    def meta(cfg: tuple[int, int, int, int]) -> dict:
+        block_n, block_k, block_d, warps = cfg
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
+                    ACC_PRECISION=acc_precision, num_warps=warps)
+
+    def grad_rows(cfg: tuple[int, int, int, int]) -> None:
+        # Stores every element of dz and r: timing runs may write the real outputs.
+        launch_kernel(_grad_rows_kernel, (cdiv(n, cfg[0]), d_blocks),
+                      z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta(cfg))
+
+    grad_rows(tuned_config(("soft_entropy_grad_rows", *tune), configs, grad_rows))
     if not codebook_grad:
         return dz, dc
-    code_blocks = cdiv(k, block_k)
-    splits, rows_per_split = _splits(n, block_n, code_blocks * d_blocks, device)
-    launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
-                  z, codebook, c_sqnorm, lse, ent, w, coef, r, dc, n, k, d, rows_per_split, *strides, float(scale),
-                  **meta)
+
+    def grad_codes(cfg: tuple[int, int, int, int], into: torch.Tensor = dc) -> None:
+        code_blocks = cdiv(k, cfg[1])
+        splits, rows_per_split = _splits(n, cfg[0], code_blocks * d_blocks, device)
+        launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
+                      z, codebook, c_sqnorm, lse, ent, w, coef, r, into, n, k, d, rows_per_split, *strides,
+                      float(scale), **meta(cfg))
+
+    # Atomic sums: timing runs add into a scratch output.
+    grad_codes(tuned_config(("soft_entropy_grad_codes", *tune), configs, scratch_trial(grad_codes, dc)))
     return dz, dc

@@ -208,3 +208,66 @@ def test_float64_inputs_are_computed_in_float64(metric, monkeypatch):
     # A float64 z beside a float32 codebook is not rounded down to float32.
     sample32, _ = soft_assignment_entropy(z, c.float(), temperature=0.5, metric=metric)
     assert sample32.dtype == torch.float64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes the GPU timer around the CPU interpreter")
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_each_pass_tunes_its_tiles_once_per_problem(monkeypatch, precision):
+    # On a GPU the four passes time their candidate tiles on the first call of a problem and keep the
+    # fastest. Here the interpreter runs them and a fake timer makes the second candidate the fastest:
+    # the results must still be right, and the codebook pass's timing runs must not add into its output.
+    from vqfast.kernels import _common, soft_entropy
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(soft_entropy, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "check_launchable", lambda *tensors: None)  # the interpreter's business here
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    monkeypatch.setattr(_common, "_TUNED", {})
+    timings = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        timings.append(len(timings))
+        return 1.0 if len(timings) % 4 == 2 else 2.0
+
+    monkeypatch.setattr(_common, "_benchmarker", lambda: fake_do_bench)
+    torch.manual_seed(50)
+    z = (torch.randn(40, 20) * 0.5).requires_grad_()
+    codebook = (torch.randn(30, 20) * 0.5).requires_grad_()
+    for round_ in range(2):  # the second reuses the tuned tiles without timing
+        z.grad = codebook.grad = None
+        sample, batch = soft_assignment_entropy(z, codebook, temperature=0.5, precision=precision)
+        (sample - 2 * batch).backward()
+        ref_sample, ref_batch, z64, c64 = _reference(z, codebook, 0.5, "l2")
+        (ref_sample - 2 * ref_batch).backward()
+        torch.testing.assert_close(sample.double(), ref_sample.detach(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(batch.double(), ref_batch.detach(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(codebook.grad.double(), c64.grad, rtol=1e-4, atol=1e-5)
+        assert len(timings) == 16  # four passes, four candidates each, all in the first round
+    backward = "ieee" if precision == "fp32" else "tf32"
+    for key, cfg in _common._TUNED.items():
+        tiles = soft_entropy._FORWARD_TILES if key[0] in ("soft_entropy_rows", "soft_entropy_columns") \
+            else soft_entropy._BACKWARD_TILES[backward]
+        assert cfg[:2] == tiles[1][:2] and cfg[3] == tiles[1][2], key
+    assert len(_common._TUNED) == 4
+
+
+def test_a_candidate_that_does_not_fit_is_skipped(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from vqfast.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    monkeypatch.setattr(_common, "_TUNED", {})
+    monkeypatch.setattr(_common, "_benchmarker", lambda: lambda fn, warmup, rep: fn())
+
+    def trial(cfg):
+        if cfg != "fits":
+            raise OutOfResources(300000, 232448, "shared memory")
+        return 3.0
+
+    assert _common.tuned_config(("fit",), ["big", "fits", "bigger"], trial) == "fits"
+    with pytest.raises(OutOfResources):
+        _common.tuned_config(("none",), ["big", "bigger"], trial)
