@@ -224,12 +224,20 @@ def test_each_pass_tunes_its_tiles_once_per_problem(monkeypatch, precision):
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     monkeypatch.setattr(_common, "_TUNED", {})
     timings = []
+    real_tuned_config = soft_entropy.tuned_config
+    trial_in_pass = []
+
+    def tuned_config(key, configs, trial):
+        trial_in_pass.clear()
+        return real_tuned_config(key, configs, trial)
 
     def fake_do_bench(fn, warmup, rep):
         fn()
         timings.append(len(timings))
-        return 1.0 if len(timings) % 4 == 2 else 2.0
+        trial_in_pass.append(1)
+        return 1.0 if len(trial_in_pass) == 2 else 2.0
 
+    monkeypatch.setattr(soft_entropy, "tuned_config", tuned_config)
     monkeypatch.setattr(_common, "_benchmarker", lambda: fake_do_bench)
     torch.manual_seed(50)
     z = (torch.randn(40, 20) * 0.5).requires_grad_()
@@ -244,8 +252,9 @@ def test_each_pass_tunes_its_tiles_once_per_problem(monkeypatch, precision):
         torch.testing.assert_close(batch.double(), ref_batch.detach(), rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(codebook.grad.double(), c64.grad, rtol=1e-4, atol=1e-5)
-        assert len(timings) == 16  # four passes, four candidates each, all in the first round
     backward = "ieee" if precision == "fp32" else "tf32"
+    # Four passes, each timing its candidates, all in the first round.
+    assert len(timings) == 2 * len(soft_entropy._FORWARD_TILES) + 2 * len(soft_entropy._BACKWARD_TILES[backward])
     for key, cfg in _common._TUNED.items():
         tiles = soft_entropy._FORWARD_TILES if key[0] in ("soft_entropy_rows", "soft_entropy_columns") \
             else soft_entropy._BACKWARD_TILES[backward]
