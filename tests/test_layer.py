@@ -930,3 +930,29 @@ def test_ema_without_smoothing_survives_a_batch_of_nan_rows(backend, device):
         _, _, idx = vq(torch.randn(8, 3, device=device))
         assert torch.isfinite(vq.embeddings.weight).all()
     assert idx.unique().numel() > 1
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_layer_first_derivative_with_create_graph_and_no_silent_second(backend, device, entropy):
+    # create_graph=True through the layer gives the first derivative of both backends; differentiating
+    # it again works on the torch backend and raises on the Triton one (its kernels have no backward).
+    torch.manual_seed(47)
+    kwargs = dict(sample_entropy_weight=0.1, batch_entropy_weight=0.1) if entropy else {}
+    vq = VectorQuantizer(6, 4, dead_code_threshold=0.0, **kwargs).to(device)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    z_q, loss, _ = vq(x)
+    (grad,) = torch.autograd.grad((z_q**2).sum() + loss + (x**3).sum(), x, create_graph=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VQFAST_BACKEND", "torch")
+        ref = VectorQuantizer(6, 4, dead_code_threshold=0.0, **kwargs)
+        ref.load_state_dict(vq.state_dict())
+        x_ref = x.detach().cpu().requires_grad_()
+        z_ref, loss_ref, _ = ref(x_ref)
+        (grad_ref,) = torch.autograd.grad((z_ref**2).sum() + loss_ref + (x_ref**3).sum(), x_ref)
+    torch.testing.assert_close(grad.detach().cpu(), grad_ref, rtol=1e-4, atol=1e-5)
+    if backend == "torch":
+        (grad**2).sum().backward()
+        assert torch.isfinite(x.grad).all()
+    else:
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            (grad**2).sum().backward()
