@@ -100,9 +100,12 @@ def search_modes() -> None:
         torch.manual_seed(0)
         z = torch.randn(n, d, device="cuda")
         c = torch.randn(k, d, device="cuda")
-        recheck = nearest._Recheck(z, c, 1.0)
-        nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
-        log(f"modes {n}x{k}x{d} listed rows", int(recheck.count.item()))
+        try:
+            recheck = nearest._Recheck(z, c, 1.0)
+            nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
+            log(f"modes {n}x{k}x{d} listed rows", int(recheck.count.item()))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the modes
+            log(f"modes {n}x{k}x{d} listed rows", repr(exc)[:400])
         for label, zz, cc, precision in (("fp32 highest", z, c, "highest"), ("fp32 high", z, c, "high"),
                                          ("bf16", z.bfloat16(), c.bfloat16(), "highest")):
             def call(zz=zz, cc=cc, precision=precision):

@@ -353,14 +353,14 @@ def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[L
         return configs[0]
     if key not in _TUNED:
         from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources
+        from triton.runtime.errors import OutOfResources, PTXASError
 
         bench = _benchmarker()
         times, failures = [], []
         for c in configs:
             try:
                 times.append(bench(lambda c=c: trial(c), warmup=5, rep=20))
-            except (OutOfResources, CompilationError) as exc:  # this GPU cannot run that candidate: skip it
+            except (OutOfResources, CompilationError, PTXASError) as exc:  # this GPU cannot run that candidate
                 times.append(float("inf"))
                 failures.append(exc)
         if len(failures) == len(configs):

@@ -150,7 +150,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     check_launchable(z, codebook, indices)
     has_gzq = grad_zq is not None
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           bool(need_grad_codebook), (grad_zq.shape, grad_zq.stride()) if has_gzq else None, _common.MAX_ROWS,
+           bool(need_grad_codebook), (grad_zq.shape, grad_zq.stride(), grad_zq.device) if has_gzq else None, _common.MAX_ROWS,
            _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:

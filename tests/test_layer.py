@@ -932,20 +932,22 @@ def test_ema_without_smoothing_survives_a_batch_of_nan_rows(backend, device):
     assert idx.unique().numel() > 1
 
 
-@pytest.mark.parametrize("entropy", [False, True])
-def test_layer_first_derivative_with_create_graph_and_no_silent_second(backend, device, entropy):
+@pytest.mark.parametrize("kwargs", [{}, dict(ema=True), dict(dead_code_threshold=0.0),
+                                    dict(sample_entropy_weight=0.1, batch_entropy_weight=0.1)])
+def test_layer_first_derivative_with_create_graph_and_no_silent_second(backend, device, kwargs):
     # create_graph=True through the layer gives the first derivative of both backends; differentiating
-    # it again works on the torch backend and raises on the Triton one (its kernels have no backward).
+    # it again works on the torch backend and raises on the Triton one (its kernels have no backward),
+    # also where the layer saves only detached rows and a private codebook copy (restarts on, EMA).
     torch.manual_seed(47)
-    kwargs = dict(sample_entropy_weight=0.1, batch_entropy_weight=0.1) if entropy else {}
-    vq = VectorQuantizer(6, 4, dead_code_threshold=0.0, **kwargs).to(device)
+    vq = VectorQuantizer(6, 4, **kwargs).to(device)
+    start = {name: value.clone() for name, value in vq.state_dict().items()}  # (a step updates the codes)
     x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     z_q, loss, _ = vq(x)
     (grad,) = torch.autograd.grad((z_q**2).sum() + loss + (x**3).sum(), x, create_graph=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VQFAST_BACKEND", "torch")
-        ref = VectorQuantizer(6, 4, dead_code_threshold=0.0, **kwargs)
-        ref.load_state_dict(vq.state_dict())
+        ref = VectorQuantizer(6, 4, **kwargs)
+        ref.load_state_dict(start)
         x_ref = x.detach().cpu().requires_grad_()
         z_ref, loss_ref, _ = ref(x_ref)
         (grad_ref,) = torch.autograd.grad((z_ref**2).sum() + loss_ref + (x_ref**3).sum(), x_ref)
@@ -956,3 +958,17 @@ def test_layer_first_derivative_with_create_graph_and_no_silent_second(backend, 
     else:
         with pytest.raises(RuntimeError, match="not differentiable"):
             (grad**2).sum().backward()
+
+
+def test_straight_through_alone_stays_twice_differentiable(backend, device):
+    # With the VQ loss unused, the gradient to the input is the incoming one passed through (exact), so
+    # its derivative is too, on both backends.
+    torch.manual_seed(48)
+    vq = VectorQuantizer(6, 4, dead_code_threshold=0.0).to(device)
+    x = torch.randn(5, 4, device=device, requires_grad=True)
+    z_q, _, _ = vq(x)
+    (grad,) = torch.autograd.grad((z_q**3).sum(), x, create_graph=True)
+    (grad**2).sum().backward()
+    z_q = z_q.detach()
+    # d/dx sum((3 z_q^2)^2) through the straight-through step: 36 z_q^3.
+    torch.testing.assert_close(x.grad, 36 * z_q**3, rtol=1e-5, atol=1e-5)

@@ -138,8 +138,8 @@ class _SecondDerivativeRefused(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises."""
 
     @staticmethod
-    def forward(ctx, num_anchors: int, *tensors: Tensor):  # type: ignore[override]
-        return tuple(g.clone() for g in tensors[num_anchors:])
+    def forward(ctx, *grads: Tensor):  # type: ignore[override]
+        return tuple(g.clone() for g in grads)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
@@ -148,23 +148,32 @@ class _SecondDerivativeRefused(torch.autograd.Function):
 
 
 def first_order_only(backward: Callable) -> Callable:
-    """For an autograd Function's ``backward`` whose kernels have no backward of their own: runs it
-    without recording, and under ``create_graph=True`` returns gradients that raise if differentiated
-    again. (``torch.autograd.function.once_differentiable`` looks only at the incoming gradients, so a
-    second derivative through the saved inputs, as a gradient penalty takes, came out silently wrong.)"""
+    """For an autograd Function's ``backward`` whose kernels have no backward of their own. In plain
+    training (grad mode off in the backward) it just calls it. Under ``create_graph=True`` it runs it
+    without recording and, when an input of the Function needs a gradient, returns gradients that
+    raise if differentiated again; a gradient passed through unchanged (the straight-through one)
+    stays differentiable, being exact. (``torch.autograd.function.once_differentiable`` looks only at
+    the incoming gradients, so a second derivative through the inputs, as a gradient penalty takes,
+    came out silently wrong.)"""
 
     @functools.wraps(backward)
     def wrapper(ctx: Any, *grad_outputs: Tensor | None) -> Any:
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grad_outputs)
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled():
-            return grads
-        anchors = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, Tensor) and t.requires_grad]
-        present = [g for g in grads if isinstance(g, Tensor)]
-        if not anchors or not present:
-            return grads
-        refused = iter(_SecondDerivativeRefused.apply(len(anchors), *anchors, *present))
-        return tuple(next(refused) if isinstance(g, Tensor) else g for g in grads)
+        single = not isinstance(grads, tuple)
+        grads = (grads,) if single else grads
+        if not any(ctx.needs_input_grad):
+            return grads[0] if single else grads
+        incoming = {id(g) for g in grad_outputs if g is not None}
+        refuse = [isinstance(g, Tensor) and id(g) not in incoming for g in grads]
+        if any(refuse):
+            # Leaves that require grad, so the clones carry the refusing node whatever the inputs were.
+            leaves = [g.detach().requires_grad_() for g, r in zip(grads, refuse) if r]
+            refused = iter(_SecondDerivativeRefused.apply(*leaves))
+            grads = tuple(next(refused) if r else g for g, r in zip(grads, refuse))
+        return grads[0] if single else grads
 
     return wrapper
 

@@ -7,6 +7,7 @@ on a laptop).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -79,8 +80,16 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
                        compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`nearest_code` of rows ``z`` (N, D), inputs already checked."""
     # Under autocast, addmm would run in 16 bits, past what the rounding bounds below cover.
-    with torch.autocast(z.device.type, enabled=False):
+    with _autocast_off(z.device):
         return _nearest_code_rows_exact(z, codebook, metric, compute_dtype)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast turned off on ``device`` (nothing to turn off where autocast does not exist, e.g. meta)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def _nearest_code_rows_exact(z: torch.Tensor, codebook: torch.Tensor, metric: str,
@@ -401,7 +410,7 @@ def soft_assignment_entropy(
 
     def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Under autocast the product would run in 16 bits; the Triton kernels keep fp32 (or tf32).
-        with torch.autocast(block.device.type, enabled=False):
+        with _autocast_off(block.device):
             return _soft_block_terms(block, codes_, metric, temperature)
 
     def _soft_block_terms(block: torch.Tensor, codes_: torch.Tensor, metric: str,
