@@ -28,9 +28,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     # In fp32 at least (an fp16 row of finite elements can have a norm above 65,504), and scaled to a
     # largest element of 1 first, so that the norm of a finite row neither overflows (|x| > 1.8e19 in
     # fp32) nor underflows to 0 (|x| < 1e-23) and such a row is not taken for a zero row.
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    largest = wide.abs().amax(dim=-1, keepdim=True)
-    scaled = wide / torch.where(largest > 0, largest, torch.ones_like(largest))
+    wide = torch.promote_types(x.dtype, torch.float32)
+    largest = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=wide)
+    scaled = x / torch.where(largest > 0, largest, torch.ones_like(largest))
     norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
     nonzero = norm > 0
     return (scaled / torch.where(nonzero, norm, torch.ones_like(norm)) * nonzero).to(x.dtype)
