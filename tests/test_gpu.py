@@ -313,6 +313,43 @@ def test_codebook_upkeep_on_a_large_codebook_replays_from_a_cuda_graph():
     assert int((want["weight"] != before).any(dim=1).sum()) > 1024  # both steps restarted codes
 
 
+@pytest.mark.parametrize("restarts", [False, True])
+def test_layer_training_step_replays_from_a_cuda_graph(restarts):
+    """A training step of the layer (forward, statistics, restarts, backward into the codebook) has no
+    host synchronisation: it captures, and each replay equals an eager step on the same batch (with
+    restarts, whose random seeds differ between the graph and eager runs, only that it runs)."""
+    import copy
+
+    torch.manual_seed(9)
+    eager = vqfast.VectorQuantizer(512, 64, dead_code_threshold=0.5 if restarts else 0.0).cuda()
+    graphed = copy.deepcopy(eager)
+    xs = [torch.randn(256, 64, device="cuda") * (1 + i) for i in range(4)]
+    static = xs[0].clone()
+
+    def step(layer, x):
+        z_q, loss, idx = layer(x)
+        (z_q.square().sum() + loss).backward()
+        return idx
+
+    graph, idx_graph = _captured(lambda: step(graphed, static))  # its warm-up ran a step on xs[0]
+    step(eager, xs[0])
+    for x in xs[1:]:
+        static.copy_(x)
+        graph.replay()
+        idx_eager = step(eager, x)
+        torch.cuda.synchronize()
+        assert ((idx_graph >= 0) & (idx_graph < 512)).all()
+        if not restarts:
+            assert torch.equal(idx_graph, idx_eager)
+    assert torch.isfinite(graphed.embeddings.weight).all() and torch.isfinite(graphed.embeddings.weight.grad).all()
+    if not restarts:
+        torch.testing.assert_close(graphed.embeddings.weight.grad, eager.embeddings.weight.grad)
+        buffers = dict(graphed.named_buffers())
+        for name, value in eager.named_buffers():
+            torch.testing.assert_close(buffers[name], value, msg=name)
+        assert graphed.codebook_usage()["steps"] == 4
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
     from vqfast.models.train import TrainConfig, train
