@@ -224,11 +224,6 @@ def _configs(d: int, backward_precision: str | None = None) -> list[tuple[int, i
     return [(bn, bk, block_d, warps) for bn, bk, warps in tiles]
 
 
-def _config(d: int, backward_precision: str | None = None) -> tuple[int, int, int, int]:
-    """The fixed choice among :func:`_configs` (the first)."""
-    return _configs(d, backward_precision)[0]
-
-
 def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
