@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -246,12 +246,17 @@ def _open_torchvision(factory, name: str, root: Path, download: bool):
     key = (name.split(" ")[0], str(root.resolve()))
     if key in _FAILED_DOWNLOADS:
         raise DatasetUnavailable(_FAILED_DOWNLOADS[key])
+    root_existed = root.exists()
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return factory(download=True)
     except Exception as exc:  # urllib, socket, SSL and checksum errors all mean "not available here"
         message = f"{name} is not under {root} and could not be downloaded: {type(exc).__name__}: {exc}"
         _FAILED_DOWNLOADS[key] = message
+        if not root_existed:
+            # The download made the folder; a failed one leaves nothing behind (rmdir: only if empty).
+            with suppress(OSError):
+                root.rmdir()
         raise DatasetUnavailable(message) from exc
 
 

@@ -127,6 +127,22 @@ def test_failed_download_falls_back_with_a_message(tmp_path: Path, monkeypatch: 
     assert "could not be downloaded" in caplog.text and "name resolution" in caplog.text
 
 
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
+
+    def offline(self) -> None:
+        Path(self.root).mkdir(parents=True, exist_ok=True)  # as torchvision's download does first
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    kept.mkdir()
+    for root in (fresh, kept):
+        load_dataset("cifar10", train=False, root=root, download=True)
+    assert not fresh.exists()  # made by the failed download: removed
+    assert kept.is_dir()  # there before: left alone
+
+
 def test_bundled_sample() -> None:
     train = load_dataset("sample", train=True)
     test = load_dataset("sample", train=False)
