@@ -349,7 +349,9 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     """The dataset named by ``source`` (see the module docstring), optionally cut to ``limit`` images.
 
     ``fallback``: when CIFAR-10 is neither on disk nor downloadable, warn and use the bundled sample
-    rather than fail, so training runs on any machine. ``limit`` keeps the first ``limit`` images.
+    rather than fail, so training runs on any machine. ``limit`` keeps the first ``limit`` images of
+    CIFAR-10, SVHN, the sample and .npz files (stored in no particular class order), and ``limit``
+    evenly spaced ones of a folder, whose images come sorted by class (the first ones would be one class).
     """
     src = str(source)
     if src == "cifar10":
@@ -389,5 +391,8 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     if limit is not None and limit < len(ds):
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        ds = Subset(ds, range(limit))
+        if src not in ("cifar10", "svhn", "sample", "synthetic") and Path(src).expanduser().is_dir():
+            ds = Subset(ds, [i * len(ds) // limit for i in range(limit)])
+        else:
+            ds = Subset(ds, range(limit))
     return ds

@@ -1163,13 +1163,15 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
 
 
 def _load_eval_source(source: str, split: str, data_root: str, download: bool,
-                      limit: int | None) -> tuple[Dataset, dict[str, Any]]:
+                      limit: int | None, seed: int = 0) -> tuple[Dataset, dict[str, Any]]:
     """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
     actually read: ``sample`` after CIFAR-10 fell back to it), ``split`` (``all`` for a source with a
     single set of images) and ``notes`` on any difference from what was asked for."""
     has_split = has_test_split(source)
+    # The run's seed: synthetic images are drawn from it (its test split from seed + 1), so another
+    # seed would score other images, and the test split of seed - 1 is this run's training set.
     ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
-                      limit=limit)
+                      limit=limit, seed=seed)
     actual = source_of(ds, source)
     info: dict[str, Any] = {"data": actual, "split": split if has_split else "all", "notes": []}
     if actual != source:
@@ -1213,8 +1215,9 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
         run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
         out = Path(out_dir) if out_dir else run_dir
 
-        ds, info = _load_eval_source(data, split, data_root, download, limit)
-        ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit)
+        ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed)
+        ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit,
+                                                                          cfg.seed)
 
         res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,
                              desc=f"{info['data']} {info['split']}")

@@ -204,6 +204,34 @@ def test_image_folder(tmp_path: Path) -> None:
     torch.testing.assert_close(first, _as_chw_float(x[0]))
 
 
+def test_a_limited_image_folder_spans_its_classes(tmp_path: Path) -> None:
+    # A folder's images come sorted by class: the first ones would all be the first class.
+    from PIL import Image
+
+    x = _images(12, seed=9)
+    for c, cls in enumerate(("a", "b", "c")):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(x[4 * c + i]).save(tmp_path / cls / f"{i}.png")
+    ds = load_dataset(str(tmp_path), limit=3)
+    assert sorted(ds[i][1] for i in range(3)) == [0, 1, 2]
+    assert len(load_dataset(str(tmp_path), limit=12)) == 12
+    # The other sources keep their first images.
+    first = load_dataset("sample", limit=5)
+    assert torch.equal(first[4][0], load_dataset("sample")[4][0])
+
+
+def test_synthetic_evaluation_uses_the_runs_seed(tmp_path: Path) -> None:
+    # The test split of seed s is drawn from s + 1: evaluated with another seed, a run trained with
+    # seed 1 was scored on its own training images.
+    from vqfast.models.train import _load_eval_source
+
+    train = load_dataset("synthetic", train=True, limit=64, seed=1)
+    scored, _ = _load_eval_source("synthetic", "test", str(tmp_path), False, 64, seed=1)
+    assert not torch.equal(train[0][0], scored[0][0])
+    assert torch.equal(scored[0][0], load_dataset("synthetic", train=False, limit=64, seed=1)[0][0])
+
+
 def test_image_folder_scales_16_bit_greyscale(tmp_path: Path) -> None:
     # PIL's own conversion to RGB clips 16-bit values at 255: such an image came out almost all white.
     from PIL import Image
