@@ -700,6 +700,11 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     if conflicts:
         raise ValueError("--resume continues a run with its own model and data settings, but these differ: "
                          + "; ".join(conflicts) + ". Leave them out, or start a new run in another --out")
+    # Where the data came from too, unless given anew: data_root is stored absolute, and a run that
+    # did not download must not start downloading (it could then train on other images).
+    for name in ("data_root", "download"):
+        if not was_given(name):
+            setattr(cfg, name, getattr(saved_cfg, name))
     if not was_given("lr"):
         cfg.lr = saved_cfg.lr
     elif cfg.lr != saved_cfg.lr:
@@ -766,6 +771,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                              f"has done; give the new total, at least {done}")
     cfg.data = _absolute_source(cfg.data)
     cfg.eval_data = _absolute_source(cfg.eval_data)
+    cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
     epochs = cfg.resolved_epochs()
     cfg.epochs = epochs
 
@@ -793,6 +799,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
     if train_set is None:
         train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
                                  limit=cfg.limit, seed=cfg.seed)
+    # A run that fell back to the bundled sample keeps training on it when resumed, even where CIFAR-10
+    # has become available since.
+    cfg.data = source_of(train_set, cfg.data)
 
     log_path = run_dir / "train.log" if dist.is_main else None
     if dist.is_main:

@@ -402,3 +402,27 @@ def test_selected_backend_restores_the_callers_setting(monkeypatch: pytest.Monke
     assert os.environ["VQFAST_BACKEND"] == "triton"
     with train_mod.selected_backend("auto"):
         assert os.environ["VQFAST_BACKEND"] == "triton"
+
+
+def test_a_run_that_fell_back_to_the_sample_resumes_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trained offline on the bundled sample; CIFAR-10 then becomes available (here: a stand-in) and the
+    # run is resumed from another working directory: it must go on with the same images.
+    from vqfast.models import data as data_mod
+
+    base = dict(model="ae", data="cifar10", data_root="nodata", download=False, latent_dim=32, batch_size=32,
+                limit=64, epochs=1, progress=False, threads=1, out=str(tmp_path / "run"), eval_limit=32)
+    monkeypatch.chdir(tmp_path)
+    first = train_mod.train(base)
+    assert first.history[-1]["images"] == 64
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"] == "sample" and Path(saved["data_root"]).is_absolute() and saved["download"] is False
+    monkeypatch.setattr(data_mod, "load_cifar10",
+                        lambda root, train=True, download=True: data_mod.synthetic_images(256, seed=7))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = train_mod.train(dict(model="ae", out=str(tmp_path / "run"), resume=True, epochs=2, progress=False,
+                                   threads=1), given={"model", "out", "resume", "epochs", "progress", "threads"})
+    assert resumed.history[-1]["images"] == 64
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "synthetic" not in log
