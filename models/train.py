@@ -859,8 +859,12 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
             saved_counts = state["code_counts"][mine]
             counts_init = None if saved_counts is None else saved_counts.to(device)
         if dist.is_main:
-            where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
-            _print(f"Resuming {run_dir} at {where} of {epochs}", log_path)
+            if start_epoch >= epochs and not start_batch:
+                _print(f"{run_dir} has already trained for {epochs} epoch{'s' if epochs != 1 else ''} (give a larger "
+                       f"--epochs to train on); evaluating it again", log_path)
+            else:
+                where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
+                _print(f"Resuming {run_dir} at {where} of {epochs}", log_path)
 
     train_module: nn.Module = _LossModule(model)
     if dist.enabled:
