@@ -834,6 +834,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
     history: list[dict[str, Any]] = []
     step_losses: list[float] = []
     start_epoch, start_batch = 0, 0
+    seconds_before = 0.0  # time already spent on a resumed epoch's earlier batches
     acc_init: torch.Tensor | None = None
     counts_init: torch.Tensor | None = None
     if state is not None:
@@ -842,6 +843,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr  # the run's, or a new one given on resume
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
+        seconds_before = float(state.get("epoch_seconds", 0.0)) if start_batch else 0.0
         same_world = int(state.get("world_size", 1)) == dist.world_size
         if not same_world:
             print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
@@ -873,7 +875,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
         train_module = DistributedDataParallel(train_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint_state(epoch: int, batch: int, acc: torch.Tensor | None,
-                         counts: torch.Tensor | None) -> dict[str, Any] | None:
+                         counts: torch.Tensor | None, epoch_seconds: float = 0.0) -> dict[str, Any] | None:
         # Every rank's RNG state and partial sums, so that a resume is exact on every rank.
         rngs = dist.gather_objects(_rng_state())
         accs = dist.gather_objects(None if acc is None else acc.cpu())
@@ -891,6 +893,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
             "rng": rngs,
             "acc": accs,
             "code_counts": counts_all,
+            # The interrupted epoch's time so far, so that its record counts all of it.
+            "epoch_seconds": epoch_seconds,
             "history": history,
             "step_losses": step_losses,
             "world_size": dist.world_size,
@@ -937,7 +941,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
             epoch_steps: list[torch.Tensor] = []
             t0 = time.perf_counter()
             done = skip
-            timed_images = 0  # images trained in this process (a resumed epoch's earlier ones took no time here)
+            timed_images: int | None = 0  # images trained in this process (a resumed epoch's earlier ones took no time here)
             bar = _progress_bar(cfg.progress and dist.is_main, f"epoch {epoch + 1}/{epochs}", initial=skip,
                                 total=steps_per_epoch)
             try:
@@ -977,17 +981,22 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the epoch's time is the GPU's, not its launches'
             elapsed = time.perf_counter() - t0
+            if skip and seconds_before > 0:
+                # A resumed epoch: its earlier batches' time was saved with them.
+                elapsed += seconds_before
+                timed_images = None
             if epoch_steps:
                 step_losses.extend(torch.stack(epoch_steps).float().cpu().tolist())
             if interrupted and done < steps_per_epoch:
-                write_checkpoint(epoch, done, acc, counts)
+                write_checkpoint(epoch, done, acc, counts, elapsed)
                 if dist.is_main:
                     _print(f"Interrupted in epoch {epoch + 1} after batch {done}/{steps_per_epoch}; "
                            f"checkpoint saved to {ckpt_path} (continue with --resume)", log_path)
                 break
-            timed = dist.all_sum(torch.full((), float(timed_images), dtype=torch.float64, device=device))
+            timed = None if timed_images is None else float(
+                dist.all_sum(torch.full((), float(timed_images), dtype=torch.float64, device=device)))
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
-                                   cfg, elapsed, float(timed))
+                                   cfg, elapsed, timed)
             history.append(record)
             write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:
