@@ -751,6 +751,24 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
             torch.distributed.destroy_process_group()
 
 
+# The settings of one model only, by the models they apply to.
+_MODEL_OPTIONS = {"latent_dim": ("ae", "vae"), "kl_weight": ("vae",), "num_codes": ("vqvae",), "code_dim": ("vqvae",),
+                  "beta": ("vqvae",), "vq_preset": ("vqvae",), "vq_impl": ("vqvae",), "codebook_init": ("vqvae",),
+                  "vq_kwargs": ("vqvae",)}
+
+
+def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> None:
+    """An option of another model is an error rather than silently ignored (and then frozen on resume).
+    ``given`` as for :func:`train`: None counts the fields that differ from their defaults."""
+    defaults = TrainConfig(model=cfg.model)
+    wrong = [name for name, models in _MODEL_OPTIONS.items()
+             if cfg.model not in models
+             and (name in given if given is not None else getattr(cfg, name) != getattr(defaults, name))]
+    if wrong:
+        names = ", ".join(_OPTION_NAMES.get(name, name) for name in wrong)
+        raise ValueError(f"{names} do{'es' if len(wrong) == 1 else ''} not apply to the {cfg.model} model")
+
+
 def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) -> TrainResult:
     device = resolve_device(cfg.device, dist.local_rank)
     _check_backend_on(cfg.backend, device)
@@ -758,6 +776,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
         print("--amp: bf16 autocast is used on CUDA only; training in fp32 on the CPU", file=sys.stderr)
     if cfg.resume and not cfg.out:
         raise ValueError("--resume needs --out, the folder of the run to continue")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    _check_model_options(cfg, given)
     run_dir = Path(cfg.out) if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
     ckpt_path = run_dir / CHECKPOINT_NAME
 

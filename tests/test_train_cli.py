@@ -72,6 +72,12 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["vqvae", "--seed", "-1"], "--seed"),
     (["vqvae", "--seed", str(2**32)], "--seed"),
     (["vqvae", "--resume", "--out", ""], "--resume needs --out"),
+    (["vqvae", "--resume", "--overwrite"], "--overwrite"),
+    # Options of another model: an error, not silently ignored (and then frozen on resume).
+    (["ae", "--codes", "7"], "--codes"),
+    (["ae", "--kl-weight", "5"], "--kl-weight"),
+    (["vae", "--vq-impl", "article"], "--vq-impl"),
+    (["vqvae", "--latent-dim", "7"], "--latent-dim"),
 ])
 def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
