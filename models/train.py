@@ -320,7 +320,23 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             os.close(fd)
     except OSError:
         pass
+    _remove_stale_temporaries(path)
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by processes killed mid-write (SIGKILL, power loss): a
+    checkpoint's can be hundreds of MB. A file whose writer is still alive is left alone."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive under another user (PermissionError), or not ours to judge
+            pass
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -231,6 +231,24 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left behind
 
 
+def test_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    # A process killed mid-write (SIGKILL) leaves its temporary behind; the next save removes it, but
+    # not one whose writer is still alive.
+    import subprocess
+    import sys
+
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])  # its pid is free once it has exited
+    dead_pid.wait()
+    path = tmp_path / "checkpoint.pt"
+    dead = tmp_path / f".checkpoint.pt.{dead_pid.pid}.tmp"
+    alive = tmp_path / f".checkpoint.pt.{os.getppid()}.tmp"
+    dead.write_bytes(b"\x00" * 100)
+    alive.write_bytes(b"\x00" * 100)
+    save_checkpoint({"format": "vqfast-run-1", "epoch": 1}, path)
+    assert not dead.exists() and alive.exists()
+    assert load_checkpoint(path)["epoch"] == 1
+
+
 def test_interrupt_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     real_save = torch.save
