@@ -411,17 +411,12 @@ def soft_assignment_entropy(
     def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Under autocast the product would run in 16 bits; the Triton kernels keep fp32 (or tf32).
         with _autocast_off(block.device):
-            return _soft_block_terms(block, codes_, metric, temperature)
-
-    def _soft_block_terms(block: torch.Tensor, codes_: torch.Tensor, metric: str,
-                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        d = block.pow(2).sum(1, keepdim=True) - 2 * block @ codes_.t() + codes_.pow(2).sum(1)
-        if metric == "cosine":
-            d = d * 0.5
-        logits = -d / temperature
-        logp = torch.log_softmax(logits, dim=1)
-        p = logp.exp()
-        return -(p * logp).sum(), p.sum(0)
+            d = block.pow(2).sum(1, keepdim=True) - 2 * block @ codes_.t() + codes_.pow(2).sum(1)
+            if metric == "cosine":
+                d = d * 0.5
+            logp = torch.log_softmax(-d / temperature, dim=1)
+            p = logp.exp()
+            return -(p * logp).sum(), p.sum(0)
 
     step = _row_chunk(codes.shape[0])
     sample_sum = rows.new_zeros(())
