@@ -354,6 +354,7 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     evenly spaced ones of a folder, whose images come sorted by class (the first ones would be one class).
     """
     src = str(source)
+    by_class = False  # a folder's images come sorted by class
     if src == "cifar10":
         try:
             ds: Dataset = load_cifar10(root, train=train, download=download)
@@ -379,6 +380,7 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
         path = Path(src).expanduser()
         if path.is_dir():
             ds = load_image_folder(path)
+            by_class = True
         elif path.is_file() and path.suffix == ".npz":
             ds = load_npz(path, train=train)
         elif path.exists():
@@ -391,8 +393,5 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     if limit is not None and limit < len(ds):
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        if src not in ("cifar10", "svhn", "sample", "synthetic") and Path(src).expanduser().is_dir():
-            ds = Subset(ds, [i * len(ds) // limit for i in range(limit)])
-        else:
-            ds = Subset(ds, range(limit))
+        ds = Subset(ds, [i * len(ds) // limit for i in range(limit)] if by_class else range(limit))
     return ds

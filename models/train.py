@@ -693,10 +693,9 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     differ from their defaults count as given.
     """
     saved_cfg = _as_config(saved)
-    defaults = TrainConfig(model=cfg.model)
 
     def was_given(name: str) -> bool:
-        return name in given if given is not None else getattr(cfg, name) != getattr(defaults, name)
+        return _was_given(cfg, name, given)
 
     conflicts = []
     if cfg.model != saved_cfg.model:
@@ -773,13 +772,19 @@ _MODEL_OPTIONS = {"latent_dim": ("ae", "vae"), "kl_weight": ("vae",), "num_codes
                   "vq_kwargs": ("vqvae",)}
 
 
+def _was_given(cfg: TrainConfig, name: str, given: Collection[str] | None) -> bool:
+    """Whether the caller set field ``name`` on purpose: it is in ``given``, or with ``given`` None, it
+    differs from its default."""
+    if given is not None:
+        return name in given
+    return getattr(cfg, name) != getattr(TrainConfig(model=cfg.model), name)
+
+
 def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> None:
     """An option of another model is an error rather than silently ignored (and then frozen on resume).
-    ``given`` as for :func:`train`: None counts the fields that differ from their defaults."""
-    defaults = TrainConfig(model=cfg.model)
+    ``given`` as for :func:`train`."""
     wrong = [name for name, models in _MODEL_OPTIONS.items()
-             if cfg.model not in models
-             and (name in given if given is not None else getattr(cfg, name) != getattr(defaults, name))]
+             if cfg.model not in models and _was_given(cfg, name, given)]
     if wrong:
         names = ", ".join(_OPTION_NAMES.get(name, name) for name in wrong)
         raise ValueError(f"{names} do{'es' if len(wrong) == 1 else ''} not apply to the {cfg.model} model")
