@@ -79,8 +79,8 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
     this leaves such rows out of the usage statistics without another pass over the rows.
     """
     if distances.shape != indices.shape or distances.dtype != torch.float32 or distances.device != indices.device:
-        raise ValueError(f"distances must be float32 shaped like indices {tuple(indices.shape)}, "
-                         f"got {distances.dtype} {tuple(distances.shape)}")
+        raise ValueError(f"distances must be float32 shaped like indices {tuple(indices.shape)} on {indices.device}, "
+                         f"got {distances.dtype} {tuple(distances.shape)} on {distances.device}")
     return _count(indices, distances.contiguous(), num_codes)
 
 
