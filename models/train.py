@@ -20,6 +20,9 @@ summary and pictures first.
 
 Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) the model is wrapped in DistributedDataParallel
 (NCCL on CUDA, Gloo on CPU), each rank reads its DistributedSampler shard, and rank 0 writes outputs.
+``batch_size`` is per process, as in PyTorch's own DDP examples: the global batch is ``batch_size`` times
+the number of processes. The shards are equal, so up to ``world_size - 1`` images (a different few each
+epoch) are left out of an epoch rather than repeated.
 """
 
 from __future__ import annotations
@@ -639,8 +642,8 @@ def _default_run_dir(model: str) -> Path:
 
 # What a fresh run writes besides the checkpoint and config; a replaced run's copies are removed first,
 # so that none of them (a VAE's samples.png under a new AE run, say) outlives the run it belonged to.
-_RUN_OUTPUTS = (METRICS_NAME, "train.log", "summary.json", "loss_curve.png", "reconstructions.png",
-                "codebook_usage.json", "codebook_usage.png", "samples.png", "blend.png")
+_RUN_OUTPUTS = (METRICS_NAME, METRICS_NAME + ".tmp", "train.log", "summary.json", "loss_curve.png",
+                "reconstructions.png", "codebook_usage.json", "codebook_usage.png", "samples.png", "blend.png")
 # What `vqfast evaluate` writes into a run folder (eval-<data>-<split>.csv/.json, -worst.png).
 _EVAL_OUTPUTS = "eval-*"
 
@@ -830,6 +833,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                 _check_run_dir(run_dir, cfg.overwrite)
             train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
                                      limit=cfg.limit, seed=cfg.seed)
+            if len(train_set) < dist.world_size:  # each process needs an image per epoch
+                raise ValueError(f"{len(train_set)} training image{'s' if len(train_set) != 1 else ''} cannot be "
+                                 f"shared among {dist.world_size} processes")
             eval_set, held_out = _load_eval_set(cfg)
         except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
             problem = exc
@@ -864,8 +870,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
 
     shuffle_gen = torch.Generator()
     if dist.enabled:
+        # drop_last: without it the sampler pads the shards with repeated images, which the epoch's averages
+        # would count twice. With it, at most world_size - 1 images (a different few each epoch) sit out.
         sampler: Sampler[int] = torch.utils.data.DistributedSampler(
-            train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
+            train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     else:
         sampler = RandomSampler(train_set, generator=shuffle_gen)
     batches = _ResumableBatchSampler(sampler, cfg.batch_size)
@@ -960,7 +968,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                    f"uses its training images (pass --eval-data for a held-out set)", log_path)
         _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
                f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
-               f"{f' per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}", log_path)
+               f"{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}",
+               log_path)
 
     is_vq = cfg.model == "vqvae"
     interrupted = False
@@ -1115,6 +1124,27 @@ def _epoch_line(rec: Mapping[str, Any], cfg: TrainConfig) -> str:
     return line + f" | {rec['seconds']:.1f} s"
 
 
+def _record_test(path: Path, test: dict[str, Any]) -> None:
+    """Append ``test`` to the metrics file, replacing a record of the same test at the same epoch.
+
+    Resuming a finished run evaluates it again: its metrics keep one record of that test, the new one.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+    def same_test(line: str) -> bool:
+        try:
+            old = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return (isinstance(old, dict) and old.get("event") == "test" and old.get("epoch") == test["epoch"]
+                and old.get("data") == test["data"])
+
+    kept = [line for line in lines if line.strip() and not same_test(line)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in [*kept, json.dumps(test)]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set: Dataset, held_out: bool,
                 run_dir: Path, device: torch.device, history: list[dict[str, Any]], step_losses: list[float],
                 steps_per_epoch: int, log_path: Path | None) -> dict[str, Any]:
@@ -1179,8 +1209,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
             full = torch.cat([x1.unsqueeze(0), strip, x2.unsqueeze(0)])
             viz.save_blend_strip(full, run_dir / "blend.png")
 
-    with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
-        f.write(json.dumps(test) + "\n")
+    _record_test(run_dir / METRICS_NAME, test)
     summary = {"model": cfg.model, "parameters": count_parameters(model), "epochs": len(history),
                "train_data": train_label, "train_images": len(train_set),
                "final_train": history[-1] if history else None, "test": test}
@@ -1352,7 +1381,7 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("model", choices=MODEL_NAMES, help="which autoencoder to train")
     a("--epochs", type=int, default=None,
       help="epochs to train (default: the article's: ae 20, vae 10, vqvae 30); with --resume, the new total")
-    a("--batch-size", type=int, default=None, help="images per batch (default 64)")
+    a("--batch-size", type=int, default=None, help="images per batch (default 64; under torchrun, per process)")
     a("--lr", type=float, default=None, help="Adam learning rate (default 1e-3; with --resume: the run's, "
       "or this new one from here on)")
     a("--latent-dim", type=int, default=None, help="latent size of the AE and VAE (default 1024)")

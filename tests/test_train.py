@@ -272,6 +272,22 @@ def test_interrupt_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path
     assert len(result.history) == 1
 
 
+def test_resuming_a_finished_run_evaluates_it_again_without_a_second_record(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    first = train(_cfg(TINY_VQ, tmp_path, eval_limit=16))
+    again = train(_cfg(TINY_VQ, tmp_path, eval_limit=16, resume=True))
+    assert "has already trained for 1 epoch" in capsys.readouterr().out
+    assert again.history == first.history
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.get("event", "epoch"), e["epoch"]) for e in events] == [("epoch", 1), ("test", 1)]
+    assert events[1]["mse"] == pytest.approx(again.test_metrics["mse"])
+    # Training on keeps the earlier test record: each epoch's test stays in the history.
+    train(_cfg(TINY_VQ, tmp_path, eval_limit=16, resume=True, epochs=2))
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.get("event", "epoch"), e["epoch"]) for e in events] == [("epoch", 1), ("test", 1), ("epoch", 2), ("test", 2)]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
 def test_existing_run_is_not_overwritten_by_accident(tmp_path: Path) -> None:
     train(_cfg(TINY_VQ, tmp_path, eval_limit=16))
     with pytest.raises(FileExistsError, match="resume"):
@@ -379,7 +395,8 @@ def _distributed_worker(rank: int, world: int, port: int, run_dir: str, result_d
     torch.set_num_threads(1)
     from vqfast.models.train import train as run
 
-    result = run(TrainConfig(**{**TINY_VQ, "out": run_dir, "device": "cpu", "batch_size": 8}))
+    # 63 images: the two equal shards hold 31 each, and one image sits the epoch out.
+    result = run(TrainConfig(**{**TINY_VQ, "out": run_dir, "device": "cpu", "batch_size": 8, "limit": 63}))
     torch.save({"state": result.model.state_dict(), "history": result.history},
                Path(result_dir) / f"rank{rank}.pt")
 
@@ -393,8 +410,8 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
     r0 = torch.load(result_dir / "rank0.pt", weights_only=True)
     r1 = torch.load(result_dir / "rank1.pt", weights_only=True)
     _assert_same_weights(r0["state"], r1["state"])
-    # metrics are summed over both ranks' shards: every one of the 64 images counted once
-    assert r0["history"][0]["images"] == 64 == r1["history"][0]["images"]
+    # metrics are summed over both ranks' shards: 62 of the 63 images, none counted twice
+    assert r0["history"][0]["images"] == 62 == r1["history"][0]["images"]
     assert r0["history"][0]["avg_loss"] == r1["history"][0]["avg_loss"]
     state = load_checkpoint(run_dir)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["epoch"] == 1
@@ -409,6 +426,14 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
 
     init = build_model("vqvae", num_codes=32, code_dim=16).state_dict()
     assert not torch.equal(init["encoder.0.weight"], r0["state"]["encoder.0.weight"])
+
+
+def test_fewer_images_than_processes_is_an_error_before_the_run_folder(tmp_path: Path) -> None:
+    # Rank 0's checks alone (no process group): with 3 images, 4 ranks cannot each get one.
+    four_ranks = train_mod._Dist(rank=0, world_size=4)
+    with pytest.raises(ValueError, match="3 training images cannot be shared among 4 processes"):
+        train_mod._train(_cfg(TINY_VQ, tmp_path / "run", limit=3), four_ranks)
+    assert not (tmp_path / "run").exists()
 
 
 def test_selected_backend_restores_the_callers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
