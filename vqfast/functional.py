@@ -108,7 +108,9 @@ def nearest_code(
     on the Triton backend: "highest" (full fp32), "high"/"medium" (tf32); default
     ``torch.get_float32_matmul_precision()``. Codes are ranked by ``||c||^2 - 2 z.c``; the returned
     distance is summed directly, ``(z - codebook[indices]).pow(2).sum(-1)`` in fp32, on both backends
-    and in every precision mode.
+    and in every precision mode. Out of fp32's range: codes with elements beyond about 1e19 (``||c||^2``
+    overflows) score inf on the Triton backend and are passed over (a row where every code does gets
+    index 0); the CPU reference ranks them in float64.
     """
     check_search_inputs(z, codebook, metric)
     check_matmul_precision(precision)
