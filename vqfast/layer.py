@@ -418,14 +418,10 @@ class VectorQuantizer(nn.Module):
         # are the kernels' (above), so quantize's own checks would pass too.
         train, indices, distances, restarts = self._start_step(rows, weight)
         beta = check_number(self.beta, "beta", minimum=0.0)
-        if self.ema and train:
-            # As in _quantize_rows: a private copy, without gradient.
-            codebook, copy = weight.detach().clone(), False
-        else:
-            codebook, copy = weight, restarts
+        codebook, copy = self._step_codebook(weight, train, restarts)
+        # The op copies the codebook itself when asked: one autograd node fewer than a clone.
         z_q, loss = _LayoutQuantize.apply(z, codebook, rows, indices, beta, cdim, z_last_shape, copy)
-        if self.ema:
-            loss = loss - loss.detach() / (1.0 + self.beta)
+        loss = self._ema_loss(loss)
         if train:
             self._update_statistics(rows, indices, distances, restarts)
         return z_q, loss, indices.reshape(z_last_shape[:-1])
@@ -443,26 +439,32 @@ class VectorQuantizer(nn.Module):
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
         return train, indices, distances, restarts
 
+    def _step_codebook(self, weight: Tensor, train: bool, restarts: bool) -> tuple[Tensor, bool]:
+        """The codebook a step quantizes with, and whether it must be copied (differentiably) first.
+
+        The step's op saves the codebook for its backward, and the upkeep after the step rewrites the
+        parameter in place. EMA rewrites it: the step gets a private copy, without gradient (none flows
+        to EMA codes). Restarts rewrite rows of it: the step gets a differentiable copy, so that the
+        gradient still reaches the parameter."""
+        if self.ema and train:
+            return weight.detach().clone(), False
+        return weight, restarts
+
+    def _ema_loss(self, loss: Tensor) -> Tensor:
+        """With EMA, quantize's loss (1 + beta) * mse, whose gradient to z is beta * dmse (the codebook is
+        detached), minus a constant: value beta * mse, same gradient. Unchanged without EMA."""
+        return loss - loss.detach() / (1.0 + self.beta) if self.ema else loss
+
     def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight
         train, indices, distances, restarts = self._start_step(rows, weight)
-        if self.ema and train:
-            # EMA rewrites the codebook in place after this step, and the fused op saves it for the
-            # backward: it gets a private copy (no gradient flows to EMA codes anyway).
-            codebook = weight.detach().clone()
-        elif restarts:
-            # Restarts rewrite rows in place after this step; the copy is differentiable, so the
-            # gradient still reaches the parameter.
-            codebook = weight.clone()
-        else:
-            codebook = weight
+        codebook, copy = self._step_codebook(weight, train, restarts)
+        if copy:
+            codebook = codebook.clone()
         # The indices come from the search: valid by construction, and checking them would sync the host.
         z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
                                       indices=indices, check_indices=False)
-        if self.ema:
-            # quantize's loss is (1 + beta) * mse with gradient beta * dmse to z (the codebook is
-            # detached); subtracting a constant leaves value beta * mse and the same gradient.
-            loss = loss - loss.detach() / (1.0 + self.beta)
+        loss = self._ema_loss(loss)
         if self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0:
             sample_h, batch_h = soft_assignment_entropy(rows, codebook, self.entropy_temperature, self.metric,
                                                         self.precision)
