@@ -335,6 +335,36 @@ def test_kmeans_pools_the_first_batches(backend, device):
         VectorQuantizer(3, 2, init="kmeans", kmeans_batches=0)
 
 
+def test_kmeans_pool_travels_in_the_state_dict(backend, device):
+    # A checkpoint taken while k-means pools batches: the loaded layer runs the same k-means.
+    torch.manual_seed(10)
+    centres = torch.tensor([[6.0, 0.0], [-6.0, 0.0], [0.0, 6.0]])
+    batches = [(centres[i] + 0.1 * torch.randn(40, 2)).to(device) for i in range(3)]
+    pooled = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    pooled(batches[0])
+    state = pooled.state_dict()
+    assert state["kmeans_pool"].shape == (40, 2) and int(state["kmeans_pool_batches"]) == 1
+    resumed = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    resumed.load_state_dict(state)
+    for layer in (pooled, resumed):
+        torch.manual_seed(11)  # the same k-means seeds
+        for z in batches[1:]:
+            layer(z)
+        assert bool(layer.initialized)
+    assert torch.equal(resumed.embeddings.weight, pooled.embeddings.weight)
+    assert resumed.state_dict()["kmeans_pool"].shape == (0, 2)  # consumed by k-means
+    # A layer without k-means drops the pool (strict loading still works); a malformed pool is an error.
+    VectorQuantizer(3, 2).to(device).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="kmeans_pool"):
+        resumed.load_state_dict({**state, "kmeans_pool": torch.zeros(5, 3)})
+    # Codes from elsewhere (no pool in their state) start a fresh pool.
+    article = ArticleVQ(3, 2).to(device)
+    fresh = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    fresh(batches[0])
+    fresh.load_state_dict(article.state_dict())
+    assert fresh.state_dict()["kmeans_pool"].shape == (0, 2) and int(fresh.state_dict()["kmeans_pool_batches"]) == 0
+
+
 def test_kmeans_codes_keep_their_clusters_but_empty_ones_are_restarted(backend, device):
     # Pooled batches of two exact points: the three seeds repeat one point, so one code owns no cluster.
     # The code that owns A survives the B-only last batch (its k-means credit); the clusterless code is

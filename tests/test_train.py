@@ -163,6 +163,28 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
     assert last["images_per_s"] * last["seconds"] == pytest.approx(96)
 
 
+@pytest.mark.parametrize("vq_kwargs, stop_after", [
+    (None, 3),  # the defaults: restarts draw from the RNG and read the running usage
+    ({"init": "kmeans", "kmeans_batches": 2, "kmeans_iters": 2}, 1),  # stopped while k-means pools batches
+], ids=["defaults", "kmeans-pooling"])
+def test_vqvae_ctrl_c_mid_epoch_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 vq_kwargs: dict[str, Any] | None, stop_after: int) -> None:
+    changes = dict(epochs=2, eval_limit=16, **({"vq_kwargs": vq_kwargs} if vq_kwargs else {}))
+    reference = train(_cfg(TINY_VQ, tmp_path / "reference", **changes))
+    real_step = _ctrl_c_after_step(monkeypatch, stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(TINY_VQ, tmp_path / "run", **changes))
+    state = load_checkpoint(tmp_path / "run")
+    assert (state["epoch"], state["batch"]) == (0, stop_after)
+    if vq_kwargs:
+        assert state["model_state"]["quantizer.kmeans_pool_batches"] == 1
+        assert state["model_state"]["quantizer.kmeans_pool"].shape == (16 * 4 * 4, 16)  # one batch of 4 x 4 latent grids
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = train(_cfg(TINY_VQ, tmp_path / "run", resume=True, **changes))
+    assert resumed.step_losses == reference.step_losses
+    _assert_same_weights(resumed.model.state_dict(), reference.model.state_dict())
+
+
 def test_ctrl_c_in_the_last_batch_of_an_epoch_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               vae_reference: train_mod.TrainResult) -> None:
     # Epoch 1, batch 3 of 3: the loop stops before the sampler's pass ends.

@@ -33,6 +33,21 @@ _SEARCH_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "highest"}
 _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
+_KMEANS_POOL_KEYS = ("kmeans_pool", "kmeans_pool_batches")
+
+
+def _save_kmeans_pool(module: "VectorQuantizer", state_dict: dict[str, Any], prefix: str, local_metadata) -> None:
+    """State-dict hook of a k-means layer: the rows pooled so far (float32 (R, D), R = 0 once k-means
+    ran or before the first batch) and the number of batches they came from (int64 scalar)."""
+    if module.init != "kmeans":
+        return
+    weight = module.embeddings.weight
+    pool = (torch.cat(module._kmeans_pool) if module._kmeans_pool
+            else torch.zeros(0, module.embedding_dim, device=weight.device))
+    state_dict[prefix + _KMEANS_POOL_KEYS[0]] = pool
+    state_dict[prefix + _KMEANS_POOL_KEYS[1]] = torch.tensor(module._kmeans_pool_batches, dtype=torch.int64)
+
+
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
     """``torch.bincount(indices, minlength=num_codes + 1)[:num_codes]`` (int64), with a static output
     shape: index ``num_codes`` marks a row left out (see ``_statistics_indices``).
@@ -230,6 +245,8 @@ class VectorQuantizer(nn.Module):
     A state dict says whether its codebook is initialised (the ``initialized`` buffer): loading one
     saved before k-means ran makes this layer run k-means on its next training batches, whatever its
     own ``init``; a state dict without that buffer (e.g. the article's layer's) counts as initialised.
+    A k-means layer's state dict also holds the rows pooled so far (``kmeans_pool``, float32 (R, D), and
+    ``kmeans_pool_batches``), so a checkpoint taken while it pools resumes with the same k-means.
     ``dead_code_threshold``: in training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
@@ -315,8 +332,12 @@ class VectorQuantizer(nn.Module):
         self.eps = float(eps)
         self.kmeans_iters = int(kmeans_iters)
         self.kmeans_batches = int(kmeans_batches)
-        # Rows of the training batches seen before k-means runs (not part of the state dict).
+        # Rows of the training batches pooled before k-means runs, and how many batches they came from.
+        # In the state dict of a k-means layer ("kmeans_pool", "kmeans_pool_batches"), so that a checkpoint
+        # taken while it pools resumes with the same k-means (see _save_kmeans_pool).
         self._kmeans_pool: list[Tensor] = []
+        self._kmeans_pool_batches = 0
+        self.register_state_dict_post_hook(_save_kmeans_pool)
         self.dead_code_threshold = float(dead_code_threshold)
         self.usage_decay = float(usage_decay)
         self.sample_entropy_weight = float(sample_entropy_weight)
@@ -516,10 +537,12 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _collect_for_kmeans(self, rows: Tensor) -> None:
         self._kmeans_pool.append(self._data_rows(rows).clone())
-        if len(self._kmeans_pool) < self.kmeans_batches:
+        self._kmeans_pool_batches += 1
+        if self._kmeans_pool_batches < self.kmeans_batches:
             return
         x = torch.cat(self._kmeans_pool)
         self._kmeans_pool = []
+        self._kmeans_pool_batches = 0
         self._kmeans_init(x)
 
     @torch.no_grad()
@@ -667,9 +690,30 @@ class VectorQuantizer(nn.Module):
         # this layer's own statistics for whatever they lack, so that strict loading still works.
         missing = [name for name in self._buffers if prefix + name not in state_dict]
         # Statistics this layer does not keep: EMA counts loaded into a codebook-loss layer, and the
-        # running sums that the first EMA version stored (they equal codebook * smoothed counts).
+        # running sums that the first EMA version stored (they equal codebook * smoothed counts); and the
+        # k-means pool (not buffers: restored here, or dropped by a layer that runs no k-means).
         extra = [prefix + name for name in ("ema_count", "ema_sum")
                  if prefix + name in state_dict and name not in self._buffers]
+        extra += [prefix + name for name in _KMEANS_POOL_KEYS if prefix + name in state_dict]
+        pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
+        if self.init == "kmeans":
+            if pool_key in state_dict:
+                pool = state_dict[pool_key]
+                batches = int(state_dict.get(batches_key, 0))
+                if not (isinstance(pool, Tensor) and pool.dim() == 2 and pool.shape[1] == self.embedding_dim
+                        and batches >= 0 and (batches > 0 or pool.shape[0] == 0)):
+                    error_msgs.append(f"{pool_key}: expected rows of {self.embedding_dim} values and the number of "
+                                      f"batches they came from, got "
+                                      f"{tuple(pool.shape) if isinstance(pool, Tensor) else type(pool).__name__} "
+                                      f"from {batches}")
+                else:
+                    weight = self.embeddings.weight
+                    self._kmeans_pool = [pool.to(device=weight.device, dtype=torch.float32, copy=True)] if batches else []
+                    self._kmeans_pool_batches = batches
+            elif prefix + "embeddings.weight" in state_dict:
+                # Codes from elsewhere (older checkpoints, the article's layer): whatever this layer had pooled
+                # belongs to a run they do not come from.
+                self._kmeans_pool, self._kmeans_pool_batches = [], 0
         if missing or extra:
             state_dict = dict(state_dict)
             for key in extra:
