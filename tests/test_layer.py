@@ -489,6 +489,43 @@ def test_cosine_metric(backend, device):
     assert vq.embeddings.weight.grad is not None and vq.embeddings.weight.grad.abs().sum() > 0
 
 
+def test_cosine_ema_averages_unit_rows(backend, device):
+    # Under the cosine metric the statistics work on l2-normalised rows: rows whose norms differ by 100x
+    # weigh alike in the EMA averages (the paper's update on unit rows, assignment by cosine).
+    torch.manual_seed(21)
+    K, D, decay, eps = 12, 4, 0.8, 1e-3
+    vq = VectorQuantizer(K, D, metric="cosine", ema=True, decay=decay, eps=eps, dead_code_threshold=0.0).to(device)
+    weight = vq.embeddings.weight.detach().cpu().double().clone()
+    count = torch.ones(K, dtype=torch.float64)
+    for step in range(3):
+        rows = torch.randn(60, D) * 10 ** (2 * torch.rand(60, 1) - 1)
+        _, _, idx = vq(rows.to(device))
+        unit = F.normalize(rows.double(), dim=1)
+        expected_idx = (unit @ F.normalize(weight, dim=1).t()).argmax(1)
+        assert torch.equal(idx.cpu(), expected_idx), step
+        onehot = F.one_hot(expected_idx, K).double()
+        n_before = count.sum()
+        sums = decay * weight * ((count + eps) / (n_before + K * eps) * n_before)[:, None] + (1 - decay) * onehot.t() @ unit
+        count = decay * count + (1 - decay) * onehot.sum(0)
+        n = count.sum()
+        weight = sums / ((count + eps) / (n + K * eps) * n)[:, None]
+        torch.testing.assert_close(vq.embeddings.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_restarts_seed_unit_codes(backend, device):
+    torch.manual_seed(22)
+    vq = VectorQuantizer(16, 3, metric="cosine", dead_code_threshold=0.5).to(device)
+    rows = (torch.randn(40, 3) * 50).to(device)  # far from unit norm
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(F.normalize(torch.randn(16, 3), dim=1))
+    before = vq.embeddings.weight.detach().clone()
+    vq(rows)
+    restarted = (vq.embeddings.weight.detach() != before).any(1)
+    assert restarted.any()
+    torch.testing.assert_close(vq.embeddings.weight.detach()[restarted].norm(dim=1),
+                               torch.ones(int(restarted.sum()), device=device))
+
+
 # -- diversity (entropy) term ---------------------------------------------------------------------
 
 def test_entropy_terms_off_by_default(backend, device):
@@ -547,6 +584,23 @@ def test_entropy_gradients_match_across_backends(monkeypatch):
 
 # -- usage statistics -----------------------------------------------------------------------------
 
+def test_codes_used_counts_only_codes_above_the_restart_threshold(backend, device):
+    # Running shares 0.599, 0.4 and 0.001: the last is below dead_code_threshold / K = 0.5 / 16, so two
+    # codes are in use by the running share although the last batch used three.
+    K = 16
+    vq = VectorQuantizer(K, 2, dead_code_threshold=0.5).to(device)
+    counts = torch.zeros(K, dtype=torch.int64)
+    counts[0], counts[1], counts[2] = 599, 400, 1
+    with torch.no_grad():
+        vq.usage.copy_(counts.float() / counts.sum())
+        vq.usage_steps.fill_(10_000.0)  # long trained: the bias correction is 1
+        vq.batch_counts.copy_(counts)
+    stats = vq.codebook_usage()
+    assert stats["batch_codes_used"] == 3
+    assert stats["codes_used"] == 2 and stats["fraction_used"] == 2 / K
+    torch.testing.assert_close(stats["usage"].cpu(), counts.float() / 1000)
+
+
 def test_usage_statistics(backend, device):
     torch.manual_seed(14)
     K = 16
@@ -573,6 +627,15 @@ def test_usage_statistics(backend, device):
     stats = vq.codebook_usage()
     torch.testing.assert_close(stats["usage"].double().cpu(), running, rtol=1e-5, atol=1e-7)
     assert stats["steps"] == 2
+    # Now the running share and the last batch's differ: each figure must come from its own.
+    used = running[running > 0]
+    assert stats["perplexity"] == pytest.approx(math.exp(-(used * used.log()).sum().item()), rel=1e-5)
+    used2 = share2[share2 > 0]
+    assert stats["batch_perplexity"] == pytest.approx(math.exp(-(used2 * used2.log()).sum().item()), rel=1e-5)
+    assert stats["batch_perplexity"] != pytest.approx(stats["perplexity"], rel=1e-3)
+    assert stats["batch_codes_used"] == int((share2 > 0).sum())
+    # Restarts off: a code counts as used from 1 % of the uniform share 1/K on.
+    assert stats["codes_used"] == int((running >= 0.01 / K).sum())
 
     vq.eval()
     vq(torch.randn(40, 3, device=device))
