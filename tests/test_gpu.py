@@ -11,7 +11,7 @@ import torch
 
 import vqfast
 from helpers import chosen_gap
-from vqfast import kernels, reference
+from vqfast import bench, kernels, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -225,8 +225,11 @@ def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
     assert differ.numel() <= 1e-3 * z.shape[0]
     if differ.numel():
         assert (status[differ] != 0).all()
-        assert chosen_gap(z[differ], c, fast[differ]).max() <= 1e-5
+        # Not the 1e-5 of the precision rule, which tf32 rounding alone can meet: at most fp32-level
+        # slack beyond the fp32 search's own pick (the benchmark's criterion, EXACT_CHECK_SLACK).
         assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5
+        report = bench.agreement_with_fp32(z, c, fast)
+        assert report.differ == differ.numel() and report.wrong == 0, report
 
 
 def test_tf32_search_on_adversarial_near_ties():

@@ -164,9 +164,10 @@ def chosen_distance_error(
 # Largest problem (2·N·K·D) whose tf32 indices are compared on every row with an fp32 search's.
 EXACT_CHECK_MAX_FLOP = 2.0**41
 # A tf32 pick counts as wrong when its code is farther than the fp32 search's by more than this, relative
-# to ||z||^2 + d: well above fp32's rounding of the scores (~1e-8 here) and well below tf32's (~1e-5),
-# which the distance check's 1e-5 tolerance can let through.
-EXACT_CHECK_SLACK = 1e-7
+# to ||z||^2 + d: far above fp32's rounding of the scores (~1e-8 for randn data at D = 64 to 256) and
+# below what tf32 rounding alone makes of a near tie (up to ~1e-4), which the distance check's 1e-5
+# tolerance can let through.
+EXACT_CHECK_SLACK = 1e-6
 
 
 @dataclass
