@@ -1,7 +1,8 @@
 """Under torch.distributed (2 CPU processes, gloo), EMA statistics, k-means init and dead-code restarts are
 synchronised, so every rank holds the same codebook (on the torch backend, and on the Triton kernels
 where the interpreter runs them); without the sync they drift apart. The same holds
-for a torch.compile'd DDP model, which trains exactly like the eager one."""
+for a torch.compile'd DDP model, which trains exactly like the eager one. And the codebook they share
+is the right one: ranks fed the halves of each batch end where one process fed the whole batches does."""
 
 from __future__ import annotations
 
@@ -112,6 +113,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         batch = torch.randn(16, 2) + (5.0 if rank == 0 else -5.0)
         vq(batch)
         results["restart"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
+
+        # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
+        half = 32 // world
+        batches = [x[rank * half:(rank + 1) * half] for x in _value_batches()]
+        results["values"] = {}
+        for backend, name in _value_runs():
+            os.environ["VQFAST_BACKEND"] = backend
+            results["values"][backend, name] = _value_run(VALUE_CONFIGS[name], batches, rank, ddp=True)
+        os.environ["VQFAST_BACKEND"] = "torch"
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks leave together: a rank that tears gloo down while its peer is still reading the
         # last collective makes the peer abort.
@@ -126,11 +136,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_codebooks_identical_across_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+_NEEDS_GLOO = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    """What each of the two ranks ends with (one spawn for the module: starting the ranks costs more
+    than their runs)."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@_NEEDS_GLOO
+def test_codebooks_identical_across_ranks(rank_results):
+    r0, r1 = rank_results
     names = ["ema", "codebook-loss"]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # set by conftest.py without a GPU
         names += ["ema (triton)", "codebook-loss (triton)"]
@@ -159,3 +179,90 @@ def test_codebooks_identical_across_ranks(tmp_path):
     # The control: without the sync the ranks' codebooks differ (so the check above can fail).
     assert not torch.equal(r0["ema-unsynced"]["weight"], r1["ema-unsynced"]["weight"])
     assert not r0["ema-unsynced"]["same"]
+
+
+# Identical codebooks are not enough: a sync that scales the summed statistics (by the world size,
+# say) keeps the ranks identical, and wrong. Two ranks fed the halves of each batch must end where one
+# process fed the whole batches does. No restarts: their rows are random draws, which differ anyway.
+# EMA decay 0.5: each step moves the codes far, so a wrong sum shows in the codes, not only in the
+# last digits.
+VALUE_CONFIGS = {
+    "ema": dict(ema=True, decay=0.5, dead_code_threshold=0, usage_decay=0.5),
+    "ema-kmeans": dict(ema=True, decay=0.5, init="kmeans", kmeans_iters=2, dead_code_threshold=0, usage_decay=0.5),
+    "codebook-loss": dict(dead_code_threshold=0, usage_decay=0.5),
+    "codebook-loss-kmeans": dict(init="kmeans", kmeans_iters=2, dead_code_threshold=0, usage_decay=0.5),
+}
+# Rank r draws its k-means seed rows after torch.manual_seed(_SEED_ROWS_SEED + r).
+_SEED_ROWS_SEED = 100
+
+
+def _value_runs() -> list[tuple[str, str]]:
+    """(backend, config) pairs: the EMA statistics kernels too (interpreted) where the interpreter runs them."""
+    runs = [("torch", name) for name in VALUE_CONFIGS]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        runs += [("triton", name) for name in VALUE_CONFIGS if VALUE_CONFIGS[name].get("ema")]
+    return runs
+
+
+def _value_batches() -> list[torch.Tensor]:
+    """Two fixed batches of 32 rows (rank r gets rows 16 r to 16 r + 15 of each)."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(32, 3, generator=g) * 2 + torch.tensor([1.0, -1.0, 0.5]) for _ in range(2)]
+
+
+def _value_run(kwargs: dict, batches: list[torch.Tensor], rank: int = 0, ddp: bool = False,
+               seed_rows: torch.Tensor | None = None) -> dict:
+    """Trains a fresh layer (the same codes in every process) on ``batches``; returns its state."""
+    from vqfast import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, **kwargs)
+    if seed_rows is not None:
+        # k-means seeds are random rows, drawn on each rank from its own half: given the rows the ranks
+        # drew, one process must reach the same centroids.
+        vq._random_rows = lambda x, count, prepare=None: seed_rows[:count]
+    # The codebook-loss gradient is averaged by DDP, the EMA statistics by the layer.
+    step = nn.parallel.DistributedDataParallel(vq, broadcast_buffers=False) if ddp and not vq.ema else vq
+    opt = None if vq.ema else torch.optim.SGD(vq.parameters(), lr=0.5)
+    torch.manual_seed(_SEED_ROWS_SEED + rank)
+    indices = []
+    for x in batches:
+        _, loss, idx = step(x)
+        if opt is not None:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        indices.append(idx)
+    return {"weight": vq.embeddings.weight.detach().clone(),
+            **{k: v.clone() for k, v in vq.named_buffers()},
+            "indices": indices}
+
+
+def _drawn_seed_rows(k: int, world: int) -> torch.Tensor:
+    """The k-means seed rows of the distributed run: each rank draws ceil(k / world) of its own rows
+    with its own seed, gathered interleaved (row i * world + r is rank r's row i)."""
+    half = 32 // world
+    x = _value_batches()[0]
+    drawn = []
+    for rank in range(world):
+        torch.manual_seed(_SEED_ROWS_SEED + rank)
+        drawn.append(x[rank * half:(rank + 1) * half][torch.randint(half, (-(-k // world),))])
+    return torch.stack(drawn, 1).flatten(0, 1)[:k]
+
+
+@_NEEDS_GLOO
+def test_synced_statistics_match_one_process(rank_results, monkeypatch):
+    batches = _value_batches()
+    for backend, name in _value_runs():
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        kwargs = VALUE_CONFIGS[name]
+        seed_rows = _drawn_seed_rows(8, 2) if kwargs.get("init") == "kmeans" else None
+        expected = _value_run(kwargs, batches, seed_rows=seed_rows)
+        assert int(expected["batch_counts"].sum()) == 32 and int(expected["usage_steps"]) == 2
+        runs = [r["values"][backend, name] for r in rank_results]
+        # The ranks' codes for their halves are the codes of the whole batch.
+        indices = [torch.cat(pair) for pair in zip(*(run["indices"] for run in runs))]
+        for run in runs:
+            # Sums over the ranks' halves are added in another order than one sum over the batch.
+            torch.testing.assert_close({**run, "indices": indices}, expected, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, run_name=f"{name} ({backend})": f"{run_name}: {m}")
