@@ -903,6 +903,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                   "of this epoch sees a different image order than the interrupted run would have",
                   file=sys.stderr)
         mine = dist.rank if same_world else 0
+        pools = state.get("kmeans_pools")
+        if pools and pools[mine]:
+            # This rank's own k-means pool: model_state holds rank 0's.
+            model.load_state_dict(pools[mine], strict=False)
         _set_rng_state(state["rng"][mine])
         history = list(state["history"])
         step_losses = list(state["step_losses"])
@@ -928,6 +932,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
                          counts: torch.Tensor | None, epoch_seconds: float = 0.0) -> dict[str, Any] | None:
         # Every rank's RNG state and partial sums, so that a resume is exact on every rank.
         rngs = dist.gather_objects(_rng_state())
+        # Every rank pools its own rows for k-means (while a k-means layer still collects batches).
+        pools = dist.gather_objects(_kmeans_pools(model)) if dist.enabled else None
         accs = dist.gather_objects(None if acc is None else acc.cpu())
         counts_all = dist.gather_objects(None if counts is None else counts.cpu())
         if not dist.is_main:
@@ -941,6 +947,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
             "batch": batch,
             "shuffle": _SHUFFLE_SCHEME,
             "rng": rngs,
+            "kmeans_pools": pools,
             "acc": accs,
             "code_counts": counts_all,
             # The interrupted epoch's time so far, so that its record counts all of it.
@@ -1072,6 +1079,19 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
         dist.barrier()
     return TrainResult(run_dir=run_dir, model=model, config=cfg, history=history, test_metrics=test_metrics,
                        step_losses=step_losses)
+
+
+def _kmeans_pools(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries of the k-means pools of ``model``'s VectorQuantizers (on the CPU)."""
+    from vqfast.layer import _KMEANS_POOL_KEYS, VectorQuantizer
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, VectorQuantizer) and module.init == "kmeans":
+            prefix = f"{name}." if name else ""
+            out.update({k: v.cpu() for k, v in module.state_dict(prefix=prefix).items()
+                        if k[len(prefix):] in _KMEANS_POOL_KEYS})
+    return out
 
 
 def _progress_bar(enabled: bool, desc: str, initial: int, total: int):

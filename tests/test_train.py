@@ -417,10 +417,25 @@ def _distributed_worker(rank: int, world: int, port: int, run_dir: str, result_d
     torch.set_num_threads(1)
     from vqfast.models.train import train as run
 
-    # 63 images: the two equal shards hold 31 each, and one image sits the epoch out.
-    result = run(TrainConfig(**{**TINY_VQ, "out": run_dir, "device": "cpu", "batch_size": 8, "limit": 63}))
-    torch.save({"state": result.model.state_dict(), "history": result.history},
-               Path(result_dir) / f"rank{rank}.pt")
+    # One process group for the runs below (a run that finds one uses it and leaves it up).
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # 63 images: the two equal shards hold 31 each, and one image sits the epoch out.
+        result = run(TrainConfig(**{**TINY_VQ, "out": run_dir, "device": "cpu", "batch_size": 8, "limit": 63}))
+        # k-means pooling 6 batches, 4 per epoch: the checkpoint after epoch 1 holds each rank's own pool
+        # of 4, and the resumed run must match the uninterrupted one.
+        pooling = {**TINY_VQ, "device": "cpu", "batch_size": 8, "eval_limit": 8,
+                   "vq_kwargs": {"init": "kmeans", "kmeans_batches": 6, "kmeans_iters": 2}}
+        whole = run(TrainConfig(**{**pooling, "out": run_dir + "-kmeans-whole", "epochs": 2}))
+        run(TrainConfig(**{**pooling, "out": run_dir + "-kmeans-split", "epochs": 1}))
+        resumed = run(TrainConfig(**{**pooling, "out": run_dir + "-kmeans-split", "epochs": 2, "resume": True}))
+        torch.save({"state": result.model.state_dict(), "history": result.history,
+                    "kmeans_whole": whole.model.state_dict(), "kmeans_resumed": resumed.model.state_dict(),
+                    "kmeans_losses": (whole.step_losses, resumed.step_losses)},
+                   Path(result_dir) / f"rank{rank}.pt")
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None:
@@ -432,6 +447,13 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
     r0 = torch.load(result_dir / "rank0.pt", weights_only=True)
     r1 = torch.load(result_dir / "rank1.pt", weights_only=True)
     _assert_same_weights(r0["state"], r1["state"])
+    for r in (r0, r1):  # resumed while k-means pooled: each rank got its own pool back
+        _assert_same_weights(r["kmeans_resumed"], r["kmeans_whole"])
+    assert r0["kmeans_losses"][0] == r0["kmeans_losses"][1]  # (the step losses kept are rank 0's)
+    state = load_checkpoint(Path(str(run_dir) + "-kmeans-split"))
+    pools = [p["quantizer.kmeans_pool"] for p in state["kmeans_pools"]]
+    assert [int(p["quantizer.kmeans_pool_batches"]) for p in state["kmeans_pools"]] == [0, 0]  # k-means ran
+    assert all(p.shape[0] == 0 for p in pools)
     # metrics are summed over both ranks' shards: 62 of the 63 images, none counted twice
     assert r0["history"][0]["images"] == 62 == r1["history"][0]["images"]
     assert r0["history"][0]["avg_loss"] == r1["history"][0]["avg_loss"]
