@@ -342,7 +342,7 @@ def test_kmeans_pool_travels_in_the_state_dict(backend, device):
     batches = [(centres[i] + 0.1 * torch.randn(40, 2)).to(device) for i in range(3)]
     pooled = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
     pooled(batches[0])
-    state = pooled.state_dict()
+    state = {k: v.clone() for k, v in pooled.state_dict().items()}  # (buffers change in place later)
     assert state["kmeans_pool"].shape == (40, 2) and int(state["kmeans_pool_batches"]) == 1
     resumed = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
     resumed.load_state_dict(state)
@@ -352,17 +352,42 @@ def test_kmeans_pool_travels_in_the_state_dict(backend, device):
             layer(z)
         assert bool(layer.initialized)
     assert torch.equal(resumed.embeddings.weight, pooled.embeddings.weight)
-    assert resumed.state_dict()["kmeans_pool"].shape == (0, 2)  # consumed by k-means
-    # A layer without k-means drops the pool (strict loading still works); a malformed pool is an error.
-    VectorQuantizer(3, 2).to(device).load_state_dict(state)
+    # Consumed by k-means: the keys are gone, those of a trained layer are its parameters and buffers.
+    assert resumed.state_dict().keys() == VectorQuantizer(3, 2).state_dict().keys()
+    # Any layer that loads the pooling state pools on (its codes are not initialised); a malformed pool
+    # is an error.
+    uniform = VectorQuantizer(3, 2, init="uniform").to(device)
+    uniform.load_state_dict(state)
+    assert int(uniform.state_dict()["kmeans_pool_batches"]) == 1
     with pytest.raises(RuntimeError, match="kmeans_pool"):
         resumed.load_state_dict({**state, "kmeans_pool": torch.zeros(5, 3)})
-    # Codes from elsewhere (no pool in their state) start a fresh pool.
+    with pytest.raises(RuntimeError, match="kmeans_pool"):
+        resumed.load_state_dict({**state, "kmeans_pool_batches": torch.ones(2)})
+    # Codes from elsewhere (no pool in their state) end the pooling; so does a pool beside initialised codes.
     article = ArticleVQ(3, 2).to(device)
     fresh = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
     fresh(batches[0])
     fresh.load_state_dict(article.state_dict())
-    assert fresh.state_dict()["kmeans_pool"].shape == (0, 2) and int(fresh.state_dict()["kmeans_pool_batches"]) == 0
+    assert "kmeans_pool" not in fresh.state_dict() and fresh._kmeans_pool_batches == 0
+    orphan = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    orphan.load_state_dict({**state, "initialized": torch.tensor(True)})
+    assert "kmeans_pool" not in orphan.state_dict()
+
+
+def test_kmeans_pool_moves_with_the_layer_and_suits_distributed_checkpoints(torch_backend):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    vq = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3)
+    assert "kmeans_pool" not in get_model_state_dict(vq)  # not pooling yet
+    vq(torch.randn(10, 2))
+    saved = get_model_state_dict(vq)
+    assert saved["kmeans_pool"].shape == (10, 2) and int(saved["kmeans_pool_batches"]) == 1
+    # Loaded on the CPU and then moved, as load_run does: the pool follows the codes (meta stands in for
+    # a GPU), and keeps its float32 rows when the model is converted.
+    moved = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3)
+    moved.load_state_dict(vq.state_dict())
+    moved.to("meta").half()
+    assert moved.kmeans_pool.device.type == "meta" and moved.kmeans_pool.dtype == torch.float32
 
 
 def test_kmeans_codes_keep_their_clusters_but_empty_ones_are_restarted(backend, device):

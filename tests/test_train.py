@@ -451,9 +451,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
         _assert_same_weights(r["kmeans_resumed"], r["kmeans_whole"])
     assert r0["kmeans_losses"][0] == r0["kmeans_losses"][1]  # (the step losses kept are rank 0's)
     state = load_checkpoint(Path(str(run_dir) + "-kmeans-split"))
-    pools = [p["quantizer.kmeans_pool"] for p in state["kmeans_pools"]]
-    assert [int(p["quantizer.kmeans_pool_batches"]) for p in state["kmeans_pools"]] == [0, 0]  # k-means ran
-    assert all(p.shape[0] == 0 for p in pools)
+    assert state["kmeans_pools"] == [{}, {}]  # k-means ran: no rank pools any more
     # metrics are summed over both ranks' shards: 62 of the 63 images, none counted twice
     assert r0["history"][0]["images"] == 62 == r1["history"][0]["images"]
     assert r0["history"][0]["avg_loss"] == r1["history"][0]["avg_loss"]

@@ -37,15 +37,12 @@ _KMEANS_POOL_KEYS = ("kmeans_pool", "kmeans_pool_batches")
 
 
 def _save_kmeans_pool(module: "VectorQuantizer", state_dict: dict[str, Any], prefix: str, local_metadata) -> None:
-    """State-dict hook of a k-means layer: the rows pooled so far (float32 (R, D), R = 0 once k-means
-    ran or before the first batch) and the number of batches they came from (int64 scalar)."""
-    if module.init != "kmeans":
-        return
-    weight = module.embeddings.weight
-    pool = (torch.cat(module._kmeans_pool) if module._kmeans_pool
-            else torch.zeros(0, module.embedding_dim, device=weight.device))
-    state_dict[prefix + _KMEANS_POOL_KEYS[0]] = pool
-    state_dict[prefix + _KMEANS_POOL_KEYS[1]] = torch.tensor(module._kmeans_pool_batches, dtype=torch.int64)
+    """State-dict hook: while the layer pools batches for k-means, the rows pooled so far and how many
+    batches they came from (``kmeans_pool``, ``kmeans_pool_batches``). Absent otherwise, so the keys of
+    a trained layer are those of its parameters and buffers alone."""
+    if module._kmeans_pool_batches > 0:
+        state_dict[prefix + _KMEANS_POOL_KEYS[0]] = module.kmeans_pool
+        state_dict[prefix + _KMEANS_POOL_KEYS[1]] = module.kmeans_pool_batches
 
 
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
@@ -245,8 +242,9 @@ class VectorQuantizer(nn.Module):
     A state dict says whether its codebook is initialised (the ``initialized`` buffer): loading one
     saved before k-means ran makes this layer run k-means on its next training batches, whatever its
     own ``init``; a state dict without that buffer (e.g. the article's layer's) counts as initialised.
-    A k-means layer's state dict also holds the rows pooled so far (``kmeans_pool``, float32 (R, D), and
-    ``kmeans_pool_batches``), so a checkpoint taken while it pools resumes with the same k-means.
+    While the layer pools batches for k-means, its state dict also holds the rows pooled so far
+    (``kmeans_pool``, float32 (R, D), and ``kmeans_pool_batches``), so a checkpoint taken in between
+    resumes with the same k-means.
     ``dead_code_threshold``: in training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
     at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
@@ -333,8 +331,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = int(kmeans_iters)
         self.kmeans_batches = int(kmeans_batches)
         # Rows of the training batches pooled before k-means runs, and how many batches they came from.
-        # In the state dict of a k-means layer ("kmeans_pool", "kmeans_pool_batches"), so that a checkpoint
-        # taken while it pools resumes with the same k-means (see _save_kmeans_pool).
+        # In the state dict while the layer pools ("kmeans_pool", "kmeans_pool_batches"), so that a checkpoint
+        # taken in between resumes with the same k-means (see _save_kmeans_pool).
         self._kmeans_pool: list[Tensor] = []
         self._kmeans_pool_batches = 0
         self.register_state_dict_post_hook(_save_kmeans_pool)
@@ -534,6 +532,18 @@ class VectorQuantizer(nn.Module):
         drawn = self._gather_rows(drawn.contiguous())
         return drawn if drawn.shape[0] == count else drawn[:count]
 
+    @property
+    def kmeans_pool(self) -> Tensor:
+        """The rows pooled for k-means so far, float32 (R, D) (R = 0 when the layer is not pooling)."""
+        if self._kmeans_pool:
+            return torch.cat(self._kmeans_pool)
+        return torch.zeros(0, self.embedding_dim, device=self.embeddings.weight.device)
+
+    @property
+    def kmeans_pool_batches(self) -> Tensor:
+        """How many training batches ``kmeans_pool`` holds (int64 scalar)."""
+        return torch.tensor(self._kmeans_pool_batches, dtype=torch.int64)
+
     @torch.no_grad()
     def _collect_for_kmeans(self, rows: Tensor) -> None:
         self._kmeans_pool.append(self._data_rows(rows).clone())
@@ -682,7 +692,11 @@ class VectorQuantizer(nn.Module):
                                      copy=True)
             return out
 
-        return super()._apply(keep_wide, recurse)
+        out = super()._apply(keep_wide, recurse)
+        # The pool follows the codes' device (it is not a buffer); its rows stay float32.
+        device = self.embeddings.weight.device
+        self._kmeans_pool = [p.to(device) for p in getattr(self, "_kmeans_pool", ())]
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
@@ -694,26 +708,11 @@ class VectorQuantizer(nn.Module):
         # k-means pool (not buffers: restored here, or dropped by a layer that runs no k-means).
         extra = [prefix + name for name in ("ema_count", "ema_sum")
                  if prefix + name in state_dict and name not in self._buffers]
-        extra += [prefix + name for name in _KMEANS_POOL_KEYS if prefix + name in state_dict]
         pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
-        if self.init == "kmeans":
-            if pool_key in state_dict:
-                pool = state_dict[pool_key]
-                batches = int(state_dict.get(batches_key, 0))
-                if not (isinstance(pool, Tensor) and pool.dim() == 2 and pool.shape[1] == self.embedding_dim
-                        and batches >= 0 and (batches > 0 or pool.shape[0] == 0)):
-                    error_msgs.append(f"{pool_key}: expected rows of {self.embedding_dim} values and the number of "
-                                      f"batches they came from, got "
-                                      f"{tuple(pool.shape) if isinstance(pool, Tensor) else type(pool).__name__} "
-                                      f"from {batches}")
-                else:
-                    weight = self.embeddings.weight
-                    self._kmeans_pool = [pool.to(device=weight.device, dtype=torch.float32, copy=True)] if batches else []
-                    self._kmeans_pool_batches = batches
-            elif prefix + "embeddings.weight" in state_dict:
-                # Codes from elsewhere (older checkpoints, the article's layer): whatever this layer had pooled
-                # belongs to a run they do not come from.
-                self._kmeans_pool, self._kmeans_pool_batches = [], 0
+        extra += [key for key in (pool_key, batches_key) if key in state_dict]
+        pool, batches = state_dict.get(pool_key), state_dict.get(batches_key)
+        # A state of the whole layer (not just its pool, as a distributed resume loads per rank).
+        whole = prefix + "initialized" in state_dict or prefix + "embeddings.weight" in state_dict
         if missing or extra:
             state_dict = dict(state_dict)
             for key in extra:
@@ -728,8 +727,29 @@ class VectorQuantizer(nn.Module):
             # Loaded codes (e.g. from the article's layer) must not be overwritten by k-means.
             self._needs_init = False
             state_dict[key] = torch.tensor(True)
+        if pool is not None and self._needs_init:
+            self._load_kmeans_pool(pool, batches, pool_key, error_msgs)
+        elif whole or pool is not None:
+            # Codes loaded or initialised (a pool beside them would never be used), or a layer saved
+            # while not pooling: whatever this layer had pooled belongs to another run.
+            self._kmeans_pool, self._kmeans_pool_batches = [], 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _load_kmeans_pool(self, pool: Any, batches: Any, key: str, error_msgs: list[str]) -> None:
+        try:
+            count = int(batches)
+        except (TypeError, ValueError, RuntimeError):  # absent, or not a single number
+            count = 0
+        if not (isinstance(pool, Tensor) and pool.dim() == 2 and pool.shape[1] == self.embedding_dim and count > 0):
+            shape = tuple(pool.shape) if isinstance(pool, Tensor) else type(pool).__name__
+            error_msgs.append(f"{key}: expected float rows of {self.embedding_dim} values and a positive number of "
+                              f"batches they came from, got {shape} from {batches!r}")
+            return
+        # As pooled (float32 data rows); a pool saved with more batches than this layer's kmeans_batches
+        # runs k-means on its next training batch.
+        self._kmeans_pool = [pool.to(device=self.embeddings.weight.device, dtype=torch.float32, copy=True)]
+        self._kmeans_pool_batches = count
 
     def extra_repr(self) -> str:
         parts = [f"{self.num_embeddings}, {self.embedding_dim}", f"beta={self.beta}", f"metric={self.metric!r}"]
