@@ -30,7 +30,8 @@ def headline_section(results: Path, readme: Path) -> str:
     lines = [
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
-        f"{env.get('vqfast', '?')}; times in ms (medians of `triton.testing.do_bench`), all results in "
+        f"{env.get('vqfast', '?')}; times in ms (medians of `triton.testing.do_bench`; \"back to back\": the "
+        f"wall-clock time per call of eager calls one after another), all results in "
         f"[{link}/results.md]({link}/results.md).",
         "",
         bench.headline_table(records).rstrip(),
