@@ -696,6 +696,14 @@ def test_goals_table_says_what_is_met_and_by_how_much_the_rest_misses():
     assert "not measured in this run" in empty
 
 
+def test_results_without_back_to_back_timing_are_judged_on_do_bench_and_say_so():
+    old = [r for r in _goal_records(fast=True) if r.provider != bench.WALL_PROVIDER]
+    row = next(line for line in bench.goals_table(old).splitlines() if line.startswith("| 3a."))
+    assert "judged on do_bench's time" in row and "| met |" not in row and "fp32 15 µs" in row
+    assert "back to back" not in bench.headline_table(old)
+    assert "back to back" in bench.headline_table(_goal_records(fast=True))
+
+
 def test_results_markdown_has_the_goals_section():
     md = bench.render_markdown(_goal_records(fast=True), {"gpu": "test"})
     assert "## Speed goals" in md and "3b. bf16 search 1,024 x 262,144 x 64" in md
