@@ -1428,7 +1428,7 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=None, help="random seed (default 0)")
     a("--data", default=None,
       help="(default cifar10) cifar10 (falls back to the bundled sample when unavailable), svhn, sample, synthetic, "
-           "or a path to an ImageFolder directory or an .npz with x (N,32,32,3) uint8 and y")
+           "or a path to an ImageFolder directory or an .npz with x (N,32,32,3) uint8 and an optional y")
     a("--data-root", default="data", help="where torchvision datasets live / are downloaded to")
     a("--no-download", dest="download", action="store_false", help="never download datasets")
     a("--out", default=None,

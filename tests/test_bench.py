@@ -153,7 +153,7 @@ def test_tf32_recheck_shares_name_both_classes(kernel_device):
     z[8] = c[5]
     note = bench.tf32_recheck_shares(z, c)
     match = re.fullmatch(r"tf32 re-check: ([0-9.]+) % of rows decided between two codes, "
-                         r"([0-9.]+) % searched again in fp32", note)
+                         r"([0-9.]+) % searched again \(tf32x3\)", note)
     assert match, note
     pair, again = float(match.group(1)), float(match.group(2))
     assert 12.5 <= pair <= 100 - again and again >= 100 / 64

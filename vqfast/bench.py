@@ -1243,14 +1243,15 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
 
 def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor) -> str:
     """How the tf32 search settled the rows of ``(z, c)``: the share decided between their two best
-    codes and the share searched again with fp32 products (the re-check's cost depends on them)."""
+    codes and the share searched again with fp32-accurate tf32x3 products (the re-check's cost depends on
+    them)."""
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     status = _nearest_code_with_status(z, c, precision="high")[2]
     counts = torch.bincount(status.long(), minlength=3).tolist()
     total = max(1, sum(counts))
     return (f"tf32 re-check: {100 * counts[1] / total:.2f} % of rows decided between two codes, "
-            f"{100 * counts[2] / total:.3f} % searched again in fp32")
+            f"{100 * counts[2] / total:.3f} % searched again (tf32x3)")
 
 
 def run_ceilings(ctx: Context) -> None:
