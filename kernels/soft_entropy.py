@@ -224,6 +224,12 @@ def _configs(d: int, backward_precision: str | None = None) -> list[tuple[int, i
     return [(bn, bk, block_d, warps) for bn, bk, warps in tiles]
 
 
+def _meta(cfg: tuple[int, int, int, int], **precisions: str) -> dict:
+    """Launch arguments of a (BLOCK_N, BLOCK_K, BLOCK_D, num_warps) candidate, with the pass's precisions."""
+    block_n, block_k, block_d, warps = cfg
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, **precisions)
+
+
 def _precisions(dtype: torch.dtype, precision: str) -> tuple[str, str]:
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
@@ -270,9 +276,7 @@ def soft_entropy_forward(
     tune = (next_power_of_2(n), k, d, z.dtype, input_precision, device)
 
     def meta(cfg: tuple[int, int, int, int]) -> dict:
-        block_n, block_k, block_d, warps = cfg
-        return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
-                    num_warps=warps)
+        return _meta(cfg, INPUT_PRECISION=input_precision)
 
     def row_stats(cfg: tuple[int, int, int, int]) -> None:
         # Every launch writes all of lse and ent, so timing runs may write the real outputs.
@@ -327,9 +331,7 @@ def soft_entropy_backward(
     tune = (next_power_of_2(n), k, d, z.dtype, input_precision, acc_precision, device)
 
     def meta(cfg: tuple[int, int, int, int]) -> dict:
-        block_n, block_k, block_d, warps = cfg
-        return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, INPUT_PRECISION=input_precision,
-                    ACC_PRECISION=acc_precision, num_warps=warps)
+        return _meta(cfg, INPUT_PRECISION=input_precision, ACC_PRECISION=acc_precision)
 
     def grad_rows(cfg: tuple[int, int, int, int]) -> None:
         # Stores every element of dz and r: timing runs may write the real outputs.

@@ -1082,12 +1082,13 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
 
 
 def _kmeans_pools(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state-dict entries of the k-means pools of ``model``'s VectorQuantizers (on the CPU)."""
+    """The state-dict entries of the k-means pools of ``model``'s VectorQuantizers (on the CPU); a layer
+    has them while it pools, whatever its ``init`` (see ``vqfast.layer._save_kmeans_pool``)."""
     from vqfast.layer import _KMEANS_POOL_KEYS, VectorQuantizer
 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if isinstance(module, VectorQuantizer) and module.init == "kmeans":
+        if isinstance(module, VectorQuantizer):
             prefix = f"{name}." if name else ""
             out.update({k: v.cpu() for k, v in module.state_dict(prefix=prefix).items()
                         if k[len(prefix):] in _KMEANS_POOL_KEYS})

@@ -705,7 +705,7 @@ class VectorQuantizer(nn.Module):
         missing = [name for name in self._buffers if prefix + name not in state_dict]
         # Statistics this layer does not keep: EMA counts loaded into a codebook-loss layer, and the
         # running sums that the first EMA version stored (they equal codebook * smoothed counts); and the
-        # k-means pool (not buffers: restored here, or dropped by a layer that runs no k-means).
+        # k-means pool (not buffers: restored below while the layer pools, dropped otherwise).
         extra = [prefix + name for name in ("ema_count", "ema_sum")
                  if prefix + name in state_dict and name not in self._buffers]
         pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
