@@ -758,6 +758,23 @@ def test_restarts_per_step_are_bounded(backend, device, monkeypatch):
     assert (vq.embeddings.weight[4:] > -50).all()
 
 
+def test_restarted_codes_start_from_different_rows(backend, device):
+    # 3 batch rows, at least 5 dead codes (the 4 far ones and a near one no row picks): three are
+    # re-seeded, each from its own row (drawn with replacement, two would often share one and stay
+    # identical); the others wait for the next step.
+    for seed in range(5):
+        vq = _dead_code_setup(device, 0.5)
+        torch.manual_seed(seed)
+        before = vq.embeddings.weight.detach().clone()
+        batch = torch.randn(3, 2, device=device) + 5
+        vq(batch)
+        weight = vq.embeddings.weight.detach()
+        changed = (weight != before).any(1)
+        assert int(changed.sum()) == 3 and (weight[7] == -100).all()
+        seeded = (weight[changed][:, None, :] - batch[None]).abs().sum(-1) < 1e-5  # (code, row)
+        assert (seeded.sum(1) == 1).all() and (seeded.sum(0) == 1).all()
+
+
 # -- rows holding NaN or inf --------------------------------------------------------------------
 
 def _with_bad_rows(rows: torch.Tensor) -> torch.Tensor:

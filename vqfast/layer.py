@@ -247,7 +247,8 @@ class VectorQuantizer(nn.Module):
     resumes with the same k-means.
     ``dead_code_threshold``: in training, codes whose running usage share falls below this fraction of the uniform share 1/K (and
     that the current batch did not use) are re-seeded from random encoder outputs of the current batch
-    at the end of the step (at most 1,024 per step, lowest index first), with a grace period before they
+    at the end of the step (lowest index first, at most 1,024 per step and no more than the batch has
+    rows, each from a different row), with a grace period before they
     can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
     training step on. ``usage_decay`` is the decay of that running usage, reported by
     :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
@@ -522,10 +523,18 @@ class VectorQuantizer(nn.Module):
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
     def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        """``count`` rows drawn with replacement from every rank's ``x`` (an equal share from each), the
-        same on every rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks)."""
+        """``count`` rows drawn from every rank's ``x`` (an equal share from each), the same on every
+        rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks). A rank draws
+        without replacement when it has rows enough (``x[torch.randperm(len(x))[:share]]``), else with
+        replacement: codes seeded from one row are identical, and all but the lowest-index one would
+        lose every tie and stay unused."""
         world = world_size(self.process_group) if self.sync_distributed else 1
-        pick = torch.randint(x.shape[0], (-(-count // world),), device=x.device)
+        share = -(-count // world)
+        n = x.shape[0]
+        if share <= n:
+            pick = torch.randperm(n, device=x.device)[:share]
+        else:
+            pick = torch.randint(n, (share,), device=x.device)
         drawn = x.index_select(0, pick)
         if prepare is not None:
             drawn = prepare(drawn)
@@ -623,8 +632,11 @@ class VectorQuantizer(nn.Module):
             # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
             # right away and inflate their usage. At most _RESTARTS_PER_STEP codes are re-seeded per
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
-            # ranks) stay few when K is large; the others follow on the next steps.
-            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows)
+            # ranks) stay few when K is large; the others follow on the next steps. Nor are more codes
+            # re-seeded than the batch has rows, so that no two of them start from the same row.
+            world = world_size(self.process_group) if self.sync_distributed else 1
+            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP, rows.shape[0] * world),
+                                      prepare=self._data_rows)
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
         # it can be restarted again.
