@@ -240,13 +240,14 @@ def _value_run(kwargs: dict, batches: list[torch.Tensor], rank: int = 0, ddp: bo
 
 def _drawn_seed_rows(k: int, world: int) -> torch.Tensor:
     """The k-means seed rows of the distributed run: each rank draws ceil(k / world) of its own rows
-    with its own seed, gathered interleaved (row i * world + r is rank r's row i)."""
+    (distinct rows: it has enough) with its own seed, gathered interleaved (row i * world + r is rank
+    r's row i)."""
     half = 32 // world
     x = _value_batches()[0]
     drawn = []
     for rank in range(world):
         torch.manual_seed(_SEED_ROWS_SEED + rank)
-        drawn.append(x[rank * half:(rank + 1) * half][torch.randint(half, (-(-k // world),))])
+        drawn.append(x[rank * half:(rank + 1) * half][torch.randperm(half)[:-(-k // world)]])
     return torch.stack(drawn, 1).flatten(0, 1)[:k]
 
 
