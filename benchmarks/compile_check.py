@@ -272,13 +272,16 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("nearest bf16 (65536, 65536, 256)", search(65536, 65536, 256, bf16, "high")),
         ("nearest fp32 tf32, VQFAST_AUTOTUNE=0 (4096, 8192, 64)", fixed_config(search(4096, 8192, 64, fp32, "high"))),
         ("nearest fp32 tf32 + tf32x3 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "high")),
+        # The same tf32 pass; the listed rows searched again with fp32 products.
+        ("nearest fp32 highest: tf32 + fp32 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
         ("nearest bf16 split codebook (1024, 262144, 64)", search(1024, 262144, 64, bf16, "high")),
     ]
     if not quick:
         cases += [
             ("nearest fp16 (8192, 16384, 128)", search(8192, 16384, 128, fp16, "high")),
-            ("nearest fp32 highest (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
-            ("nearest fp32 highest (4096, 4096, 17)", search(4096, 4096, 17, fp32, "highest")),
+            ("nearest fp32 products, ieee (8192, 16384, 256)", search(8192, 16384, 256, fp32, "ieee")),
+            ("nearest fp32 products, ieee (4096, 4096, 17)", search(4096, 4096, 17, fp32, "ieee")),
+            ("nearest fp32 highest, odd D (4096, 4096, 17)", search(4096, 4096, 17, fp32, "highest")),
             ("nearest bf16 odd D (5000, 3000, 100)", search(5000, 3000, 100, bf16, "high")),
             ("nearest bf16 D loop (8192, 8192, 1024)", search(8192, 8192, 1024, bf16, "high")),
             ("nearest fp32 tf32 small (1024, 4096, 128)", search(1024, 4096, 128, fp32, "high")),

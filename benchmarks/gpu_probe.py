@@ -56,31 +56,33 @@ def tf32_stages(n: int = 65536, k: int = 65536, d: int = 256) -> None:
     idx, dist = nearest._search(z, c, recheck.c_sqnorm, "tf32", None, recheck)
     listed_count = int(recheck.count.item())
     log("listed rows", listed_count)
-    exact = nearest.nearest_code(z, c, precision="highest")[0]
+    exact = nearest.nearest_code(z, c, precision="ieee")[0]
     listed = recheck.rows[:listed_count].long()
-    saved = nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS
+    saved = nearest._MAX_RESEARCH_SPLITS
     try:
-        for precision, splits in (("ieee", 16), ("ieee", 64), ("tf32x3", 16), ("tf32x3", 64)):
-            nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = precision, splits
+        for products, splits in (("ieee", 16), ("ieee", 64), ("tf32x3", 16), ("tf32x3", 64)):
+            nearest._MAX_RESEARCH_SPLITS = splits
             try:
+                plan = nearest._ResearchPlan(z, c, products)
                 recheck.packed.fill_(torch.iinfo(torch.int64).max)
                 idx2, dist2 = idx.clone(), dist.clone()
-                nearest._research_listed_rows(z, c, recheck, idx2, dist2)
+                nearest._research_listed_rows(z, c, recheck, idx2, dist2, plan=plan)
                 wrong = int((idx2[listed] != exact[listed]).sum())
-                ms = do_bench(lambda: nearest._research_listed_rows(z, c, recheck, idx2, dist2))
-                log(f"research {precision} splits {splits}", {"ms": ms, "listed rows differing from highest": wrong})
+                ms = do_bench(lambda: nearest._research_listed_rows(z, c, recheck, idx2, dist2, plan=plan))
+                log(f"research {products} splits {splits}", {"ms": ms, "listed rows differing from ieee": wrong})
             except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
-                log(f"research {precision} splits {splits}", repr(exc)[:400])
+                log(f"research {products} splits {splits}", repr(exc)[:400])
     finally:
-        nearest._RESEARCH_PRECISION, nearest._MAX_RESEARCH_SPLITS = saved
+        nearest._MAX_RESEARCH_SPLITS = saved
     zb, cb = z.bfloat16(), c.bfloat16()
     log("bf16 search ms", do_bench(lambda: nearest.nearest_code(zb, cb)))
 
 
 def search_modes() -> None:
-    """The search's modes side by side at a small and a middle shape: fp32 products ("highest"), the
-    tf32 pass with its re-check ("high"), bf16; CUDA-graph and eager time, the rows the tf32 pass
-    lists, and at the small shape each kernel's CUDA time (torch.profiler)."""
+    """The search's modes side by side at a small and a middle shape: fp32 products ("ieee"), the
+    tf32 pass with its re-check and an fp32 ("highest") or tf32x3 ("high") re-search, bf16;
+    CUDA-graph and eager time, the rows the tf32 pass lists, and at the small shape each kernel's CUDA
+    time (torch.profiler)."""
     from vqfast.kernels import nearest
 
     for n, k, d in ((1024, 4096, 128), (8192, 16384, 256)):
@@ -93,7 +95,8 @@ def search_modes() -> None:
             log(f"modes {n}x{k}x{d} listed rows", int(recheck.count.item()))
         except Exception as exc:  # noqa: BLE001 - report and go on with the modes
             log(f"modes {n}x{k}x{d} listed rows", repr(exc)[:400])
-        for label, zz, cc, precision in (("fp32 highest", z, c, "highest"), ("fp32 high", z, c, "high"),
+        for label, zz, cc, precision in (("fp32 ieee", z, c, "ieee"), ("fp32 highest", z, c, "highest"),
+                                         ("fp32 high", z, c, "high"),
                                          ("bf16", z.bfloat16(), c.bfloat16(), "highest")):
             def call(zz=zz, cc=cc, precision=precision):
                 return nearest.nearest_code(zz, cc, precision=precision)

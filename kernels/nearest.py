@@ -5,14 +5,17 @@ For a block of BLOCK_N rows of z, a program streams the codebook in (BLOCK_D x B
 registers. When there are few row blocks (few rows, many codes), the codebook is split across
 programs and a second small kernel reduces the per-split winners.
 
-The fp32 search with tf32 products ranks codes by a lower bound of their exact score: the tf32 score
-minus a bound on its error for that row and code, computed from the data (their norms and what tf32
-drops from each). The nearest code is among the codes whose lower bound is at most the best code's
-upper bound, and the three lowest lower bounds say how many there are: one, and the row is sure; two,
-and the same kernel decides between them by the direct form ||z - c||^2 in fp32; more (a few rows),
-and the row goes to a list, built on the device, that a search with fp32-accurate tf32x3 products
-works through. So the search costs about one tf32 pass, in a fixed number of launches and with no
-host synchronisation, which is what small (latency-bound) problems need. Whichever kernel writes an
+The fp32 search (precision "highest", "high" or "medium") scores codes with tf32 products and ranks
+them by a lower bound of their exact score: the tf32 score minus a bound on its error for that row
+and code, computed from the data (their norms and what tf32 drops from each). The nearest code is
+among the codes whose lower bound is at most the best code's upper bound, and the three lowest lower
+bounds say how many there are: one, and the row is sure; two, and the same kernel decides between
+them by the direct form ||z - c||^2 in fp32; more (a few rows), and the row goes to a list, built on
+the device, that a second search works through: with full fp32 products on the CUDA cores for
+"highest", with fp32-accurate tf32x3 products for "high"/"medium". So the search costs about one tf32
+pass, in a fixed number of launches and with no host synchronisation, which is what small
+(latency-bound) problems need; precision "ieee" scores every code with fp32 products instead (the
+slow, plain search that tests and benchmarks check the others against). Whichever kernel writes an
 index also sums the chosen code's distance directly, ||z - c||^2.
 """
 
@@ -677,20 +680,23 @@ _BOUND_SLACK = 1.0 + 2.0**-10
 # only known on the device; splits keep the GPU busy when they are few: 64 against 16 took 4.75 against
 # 5.4 ms on the H200 in the case below).
 _MAX_RESEARCH_SPLITS = 64
-# Products of that re-search: "tf32x3" (each fp32 operand split into a tf32 part and a tf32 remainder,
-# three tensor-core products: about fp32's accuracy) or "ieee" (fp32 on the CUDA cores, as
-# precision="highest"). Measured on an H200 at (65,536, 65,536, 256), 1,379 listed rows: 1.05 ms with
-# tf32x3 against 4.75 ms with ieee (64 splits), and the same indices as precision="highest" for all.
-_RESEARCH_PRECISION = "tf32x3"
+# Products of that re-search by precision: "ieee" (fp32 on the CUDA cores) for "highest", "tf32x3" (each
+# fp32 operand split into a tf32 part and a tf32 remainder, three tensor-core products: about fp32's
+# accuracy) otherwise. Measured on an H200 at (65,536, 65,536, 256), 1,379 listed rows: 1.05 ms with
+# tf32x3 against 4.75 ms with ieee (64 splits), each giving the index of the all-fp32 search on all.
+_RESEARCH_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32x3", "tf32": "tf32x3"}
+PRECISIONS = ("highest", "high", "medium", "tf32", "ieee")
 
 
 def _input_precision(dtype: torch.dtype, precision: str) -> str:
-    if precision not in ("highest", "ieee", "high", "medium", "tf32"):
-        raise ValueError(f"precision must be 'highest', 'high', 'medium' or 'tf32', got {precision!r}")
+    """Triton's input precision of the first search pass: "ieee" (fp32 products for every code) only
+    for precision "ieee"; the others search with tf32 products and the error bound."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if dtype != torch.float32:
         # 16-bit operands: the products are exact either way; "tf32" is Triton's default path for them.
         return "tf32"
-    return "ieee" if precision in ("highest", "ieee") else "tf32"
+    return "ieee" if precision == "ieee" else "tf32"
 
 
 def _choose_splits(n_rows: int, n_codes: int, block_n: int, device: torch.device) -> int:
@@ -884,13 +890,15 @@ def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, inp
 
 
 class _ResearchPlan:
-    """The two launches of ``_research_listed_rows`` for one problem."""
+    """The two launches of ``_research_listed_rows`` for one problem, with ``products`` "ieee" or
+    "tf32x3" (Triton's input precision)."""
 
-    def __init__(self, z: torch.Tensor, codebook: torch.Tensor):
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, products: str = "ieee"):
         n, d = z.shape
         k = codebook.shape[0]
         interp = interpreting()
-        precision = _RESEARCH_PRECISION
+        precision = products
+        self.products = products
         single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
         block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
         if interp:
@@ -903,7 +911,8 @@ class _ResearchPlan:
             cfg = dict(first.kwargs)
             options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
         # Minima with indices per tile (SLOTS False in the kernel): tf32x3 products already take ~254
-        # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few.
+        # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few
+        # (and slots are for tensor-core products only).
         cfg.pop("SLOTS", None)
         # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
         codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
@@ -922,9 +931,9 @@ class _ResearchPlan:
 
 def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Recheck,
                           indices: torch.Tensor, distances: torch.Tensor, plan: _ResearchPlan | None = None) -> None:
-    """fp32-accurate search (tf32x3 products, see ``_RESEARCH_PRECISION``) of the rows ``recheck``
-    lists, written into ``indices`` and ``distances`` in place; two launches whatever the list's length,
-    no host synchronisation."""
+    """fp32 search (fp32 products unless ``plan`` says tf32x3, see ``_RESEARCH_PRECISION``) of the rows
+    ``recheck`` lists, written into ``indices`` and ``distances`` in place; two launches whatever the
+    list's length, no host synchronisation."""
     if plan is None:
         plan = _ResearchPlan(z, codebook)
     plan.research(z, codebook, recheck.c_sqnorm, recheck.count, recheck.rows, recheck.packed)
@@ -941,11 +950,13 @@ def nearest_code(
     """Nearest codebook row (squared L2) for each row of ``z`` (N, D): ``(indices int64, distances fp32)``.
 
     Equivalent to ``d = torch.cdist(z, codebook) ** 2; i = d.argmin(1); (i, d[arange(N), i])`` without
-    building ``d``. ``precision`` (fp32 inputs only): "highest" = full fp32 products; "high"/"medium" =
-    tf32 tensor cores, then a check against a bound on the tf32 error: a row with two codes in doubt is
-    decided between them by the direct form ``||z - c||^2`` in fp32, and a row with three or more is
-    searched again with fp32-accurate tf32x3 products (on the CPU interpreter: fp32), so the indices
-    are those of an fp32 search. Default: ``torch.get_float32_matmul_precision()``. ``num_splits``
+    building ``d``. ``precision`` (fp32 inputs only; default ``torch.get_float32_matmul_precision()``):
+    every mode but "ieee" scores the codes with tf32 tensor-core products and checks each row against a
+    bound on their error: a row with two codes in doubt is decided between them by the direct form
+    ``||z - c||^2`` in fp32, and a row with three or more is searched again, with full fp32 products
+    for "highest" and with fp32-accurate tf32x3 products for "high"/"medium" (on the CPU interpreter:
+    fp32 for both), so the indices are those of an fp32 search. "ieee" scores every code with fp32
+    products on the CUDA cores (several times slower; what the others are checked against). ``num_splits``
     forces the number of codebook splits (default: chosen from the problem size and the GPU; at most
     1,024).
     ``tie_tolerance_scale`` multiplies the error bound (for tests).
@@ -973,7 +984,7 @@ class _Plan:
         if self.checking:
             self.recheck = _RecheckPlan(z, codebook, tie_tolerance_scale)
             self.search = _SearchPlan(z, codebook, "tf32", num_splits, self.recheck.errors)
-            self.research = _ResearchPlan(z, codebook)
+            self.research = _ResearchPlan(z, codebook, _RESEARCH_PRECISION[precision])
         else:
             k, d = codebook.shape
             self.sqnorms = _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())

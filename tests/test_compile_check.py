@@ -51,6 +51,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert tensor_core and all(v["mma"] == "wgmma" for v in tensor_core)
     # Their main loop is found in the SASS and counted (tuning note 15 compares these counts).
     assert all(v["loop_instructions"] > 0 for v in tensor_core)
+    # The listed rows' re-search compiles with fp32 products ("highest") and with tf32x3 ("high").
+    research = {v["constants"].get("INPUT_PRECISION") for v in variants if v["kernel"] == "_research_listed_rows_kernel"}
+    assert research == {"ieee", "tf32x3"}
     # VQFAST_AUTOTUNE=0: one configuration per pass (tf32 search, fp32 re-search), not eight.
     fixed = [v for v in search if "VQFAST_AUTOTUNE=0" in v["case"]]
     assert 1 <= len(fixed) <= 2

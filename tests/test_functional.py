@@ -510,21 +510,23 @@ def test_tensors_on_different_devices_are_refused():
         assert "meta" in str(info.value) and "cpu" in str(info.value), name
 
 
-@pytest.mark.parametrize("global_precision, passes", [("highest", ["ieee"]), ("high", ["tf32", "fp32 re-search"]),
-                                                      ("medium", ["tf32", "fp32 re-search"])])
+@pytest.mark.parametrize("global_precision, passes", [("highest", ["tf32", "re-search ieee"]),
+                                                      ("high", ["tf32", "re-search tf32x3"]),
+                                                      ("medium", ["tf32", "re-search tf32x3"])])
 def test_default_search_precision_follows_torch(triton_backend, kernel_device, monkeypatch, global_precision,
                                                 passes):
+    # Every mode runs the tf32 pass; "highest" searches the listed rows again with fp32 products.
     from vqfast.kernels import nearest
 
     seen = []
     real_search, real_research = nearest._search, nearest._research_listed_rows
 
-    def recording(z, codebook, c_sqnorm, input_precision, *args, **kwargs):
+    def recording(z, c, c_sqnorm, input_precision, *args, **kwargs):
         seen.append(input_precision)
-        return real_search(z, codebook, c_sqnorm, input_precision, *args, **kwargs)
+        return real_search(z, c, c_sqnorm, input_precision, *args, **kwargs)
 
     def recording_research(*args, **kwargs):
-        seen.append("fp32 re-search")
+        seen.append(f"re-search {kwargs['plan'].products}")
         return real_research(*args, **kwargs)
 
     monkeypatch.setattr(nearest, "_search", recording)

@@ -16,8 +16,11 @@ from vqfast import bench, kernels, reference
 pytestmark = pytest.mark.gpu
 
 DTYPES_PRECISIONS = [
+    # fp32 products for every code.
+    (torch.float32, "ieee", 1e-5),
+    # tf32 products, then near ties settled in fp32 (two codes by the direct form, more by an fp32
+    # search: fp32 products for "highest", tf32x3 for "high").
     (torch.float32, "highest", 1e-5),
-    # tf32 products, then near ties settled in fp32 (two codes by the direct form, more by an fp32 search).
     (torch.float32, "high", 1e-5),
     (torch.float32, "medium", 1e-5),
     (torch.float16, "highest", 1e-2),
@@ -44,8 +47,8 @@ def test_nearest_code_precision_modes(dtype, precision, tol, n, k, d):
     assert ((dist[rows].double() - d_chosen).abs() <= 1e-5 * d_chosen + 1e-6).all()
 
 
-@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "highest", 1e-5), (torch.float32, "high", 1e-5),
-                                                 (torch.bfloat16, "highest", 1e-2)])
+@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "ieee", 1e-5), (torch.float32, "highest", 1e-5),
+                                                 (torch.float32, "high", 1e-5), (torch.bfloat16, "highest", 1e-2)])
 @pytest.mark.parametrize("n,k,d", [(3000, 5000, 128), (700, 20000, 64)])
 def test_autotuned_search(monkeypatch, dtype, precision, tol, n, k, d):
     # The rest of the suite runs with VQFAST_AUTOTUNE=0 (one configuration); here every candidate is
@@ -191,7 +194,7 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     tuner = nearest._nearest_code_wide_tf32_autotuned
     z, c = _data(3000, 5000, d, torch.float32, seed=8)
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
     candidates = nearest._prune_wide_tf32_configs(tuner.configs, {"z_ptr": z}, INPUT_PRECISION="tf32", RECHECK=True)
     whole = [cfg for cfg in candidates if cfg.kwargs["SINGLE_D"]]
     assert whole and len(whole) < len(candidates)
@@ -210,16 +213,17 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
     tuner.cache.clear()
 
 
-def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows():
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows(precision):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     z, c = _data(1_000_000, 4096, 64, torch.float32, seed=5)
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
-    fast, _, status = _nearest_code_with_status(z, c, precision="high")
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
+    fast, _, status = _nearest_code_with_status(z, c, precision=precision)
     shares = torch.bincount(status.long(), minlength=3)
     assert shares[1] > 0 and shares[0] > 0.5 * z.shape[0]  # the bound leaves most rows sure
     # A row settled by the re-check (between two codes by the direct form ||z - c||^2, or searched again
-    # with tf32x3 products) may differ from the fp32 search (expanded form, fp32 products) only where
+    # with tf32x3 or fp32 products) may differ from the fp32 search (expanded form, fp32 products) only where
     # both codes are equally near to within fp32 rounding.
     differ = (fast != exact).nonzero().flatten()
     assert differ.numel() <= 1e-3 * z.shape[0]
@@ -241,9 +245,10 @@ def test_tf32_search_on_adversarial_near_ties():
     b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
     mid = 0.5 * (c[a] + c[b])
     z = mid + 1e-5 * (c[a] - c[b])
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
-    fast, _ = kernels.nearest_code(z, c, precision="high")
-    assert torch.equal(fast, exact)
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
+    for precision in ("high", "highest"):
+        fast, _ = kernels.nearest_code(z, c, precision=precision)
+        assert torch.equal(fast, exact), precision
     assert (exact == a).float().mean() > 0.9
 
 
@@ -258,9 +263,10 @@ def test_tf32_search_on_tiny_near_ties(scale):
     b = (a + 1 + torch.randint(0, k - 1, (n,), device="cuda", generator=g)) % k
     z = (0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])) * scale
     c = c * scale
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
-    fast, _ = kernels.nearest_code(z, c, precision="high")
-    assert torch.equal(fast, exact)
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
+    for precision in ("high", "highest"):
+        fast, _ = kernels.nearest_code(z, c, precision=precision)
+        assert torch.equal(fast, exact), precision
     assert (exact == a).float().mean() > 0.9
 
 

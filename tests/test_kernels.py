@@ -27,10 +27,12 @@ def _data(n, k, d, dtype, device, seed=0):
     return z, c
 
 
+@pytest.mark.parametrize("precision", ["highest", "ieee"])
 @pytest.mark.parametrize("n,k,d", SHAPES)
-def test_nearest_code_fp32_exact(n, k, d, kernel_device):
+def test_nearest_code_fp32_exact(n, k, d, precision, kernel_device):
+    """Both fp32 searches: the tf32 pass with its re-check ("highest") and fp32 products throughout."""
     z, c = _data(n, k, d, torch.float32, kernel_device)
-    idx, dist = kernels.nearest_code(z, c, precision="highest")
+    idx, dist = kernels.nearest_code(z, c, precision=precision)
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
     assert idx.shape == (n,) and dist.shape == (n,)
     assert chosen_gap(z, c, idx).max() <= 1e-5
@@ -68,11 +70,12 @@ def test_forced_splits_are_capped(kernel_device):
     torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["highest", "ieee"])
 @pytest.mark.parametrize("splits", [2, 3, 7])
-def test_split_codebook_matches_single_pass(splits, kernel_device):
+def test_split_codebook_matches_single_pass(splits, precision, kernel_device):
     z, c = _data(23, 301, 24, torch.float32, kernel_device, seed=2)
-    idx1, dist1 = kernels.nearest_code(z, c, precision="highest", num_splits=1)
-    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    idx1, dist1 = kernels.nearest_code(z, c, precision=precision, num_splits=1)
+    idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
     assert torch.equal(idx, idx1)
     torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
 
@@ -110,7 +113,7 @@ def test_strided_inputs(kernel_device):
 
 
 @pytest.mark.parametrize("precision,dtype", [("highest", torch.float32), ("high", torch.float32),
-                                             ("high", torch.float16)])
+                                             ("ieee", torch.float32), ("high", torch.float16)])
 def test_nan_and_inf_never_give_out_of_range_indices(precision, dtype, kernel_device):
     z, c = _data(12, 50, 10, dtype, kernel_device, seed=5)
     z[0] = float("nan")
@@ -396,7 +399,7 @@ def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device):
 def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
     z, c = _data(70, 600, 40, torch.float32, kernel_device, seed=10)  # 2 splits on a GPU too
-    exact_idx, exact_dist = kernels.nearest_code(z, c, precision="highest")
+    exact_idx, exact_dist = kernels.nearest_code(z, c, precision="ieee")
     idx, dist = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=1e9, num_splits=splits)
     assert torch.equal(idx, exact_idx)
     torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
@@ -447,8 +450,9 @@ def _near_tie_rows(c, ties, triples, g):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs the "
                                                        "same inputs on the real tensor cores")
+@pytest.mark.parametrize("precision", ["high", "highest"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits):
+def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits, precision):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # 120 rows each just off the midpoint of two codes: their two distances differ by ~3e-3 of ~32, which
@@ -460,7 +464,7 @@ def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_i
     a, _, pairs, three, triple_rows = _near_tie_rows(c, ties, triples, g)
     z = torch.cat([pairs, triple_rows, torch.randn(plain, d, generator=g)])
     exact, _ = reference.nearest_code(z, c)
-    fp32, fp32_dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    fp32, fp32_dist = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
     assert torch.equal(fp32, exact) and (exact[:ties] == a).float().mean() > 0.9
     # (A few centres are nearer to a fourth code: those rows are plain ones.)
     designed = exact[ties:ties + triples] == three[:, 0]
@@ -469,7 +473,8 @@ def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_i
     assert tf32_rounding_interpreter, "the tf32 products did not go through the emulation"
     assert (tf32_only[:ties] != exact[:ties]).sum() > ties // 10  # the emulated rounding changes the answer
     assert (tf32_only[ties:ties + triples] != exact[ties:ties + triples])[designed].sum() > triples // 10
-    rechecked, dist, status = _nearest_code_with_status(z, c, precision="high", num_splits=splits)
+    # "highest" differs from "high" only in the products of the re-search (fp32, not tf32x3).
+    rechecked, dist, status = _nearest_code_with_status(z, c, precision=precision, num_splits=splits)
     assert torch.equal(rechecked, exact)
     # The pairs are settled between their two codes, the triples searched again, the plain rows sure.
     assert (status[:ties] == 1).float().mean() > 0.9
@@ -539,8 +544,9 @@ def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
     b = (a + 1 + torch.randint(0, 299, (60,), generator=g)) % 300
     z = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
     z, c = z * 1e-20, c * 1e-20
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
     assert (exact == a).all()
+    assert torch.equal(kernels.nearest_code(z, c, precision="highest")[0], exact)
     tf32_only, _ = kernels.nearest_code(z, c, precision="high", tie_tolerance_scale=0.0)
     assert (tf32_only != exact).sum() > 6  # the emulated rounding changes the answer
     rechecked, _, status = _nearest_code_with_status(z, c, precision="high")
@@ -594,7 +600,7 @@ def test_tf32_pair_rows_break_exact_ties_by_index(tf32_rounding_interpreter, spl
     idx, dist, status = _nearest_code_with_status(z, c, precision="high", num_splits=splits)
     assert idx[[3, 17]].tolist() == [0, 1] and status[[3, 17]].tolist() == [1, 1]
     assert dist[[3, 17]].tolist() == [0.0625, 0.25]
-    exact, _ = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    exact, _ = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
     assert torch.equal(idx, exact)
     assert torch.equal(exact.cpu(), reference.nearest_code(z.cpu(), c.cpu(), compute_dtype=torch.float64)[0])
 
@@ -618,7 +624,7 @@ def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d
     a, _, pairs, three, triple_rows = _near_tie_rows(c, ties, triples, g)
     z = torch.cat([pairs, triple_rows])
     padded = (z[:, :64] == 0).all(1)
-    exact, _ = kernels.nearest_code(z, c, precision="highest")
+    exact, _ = kernels.nearest_code(z, c, precision="ieee")
     assert torch.equal(exact, reference.nearest_code(z, c)[0]) and (exact[:ties] == a).all()
     designed = exact[ties:] == three[:, 0]  # (the others are nearer to a fourth code)
     assert int(designed.sum()) >= triples // 2
@@ -658,7 +664,7 @@ def test_distances_are_exact_far_from_the_origin(splits, kernel_device):
     z = (1000.0 + torch.randn(40, 32, generator=g)).to(kernel_device)
     c = (1000.0 + torch.randn(700, 32, generator=g)).to(kernel_device)  # 3 splits also on a GPU (256-aligned)
     z[5] = c[17]  # an exact hit has distance 0
-    for precision in ("highest", "high"):
+    for precision in ("ieee", "highest", "high"):
         idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
         d_chosen = ((z.double() - c[idx].double()) ** 2).sum(1)
         assert ((dist.double() - d_chosen).abs() <= 1e-5 * d_chosen).all()
@@ -685,7 +691,7 @@ def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
     idx = torch.full((70,), -1, dtype=torch.int64, device=kernel_device)
     dist = torch.full((70,), -1.0, device=kernel_device)
     _research_listed_rows(z, c, recheck, idx, dist)
-    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="highest")
+    ref_idx, ref_dist = kernels.nearest_code(z, c, precision="ieee")
     picked = torch.zeros(70, dtype=torch.bool, device=kernel_device)
     picked[rows] = True
     assert torch.equal(idx[picked], ref_idx[picked])
@@ -1023,7 +1029,7 @@ def test_search_plans_are_keyed_on_what_they_are_computed_from(kernel_device, mo
         (z, c, "highest", None, 1.0), (z_cols, c, "highest", None, 1.0), (z, c_cols, "highest", None, 1.0),
         (z, c_rows, "highest", None, 1.0), (z, c, "high", None, 1.0), (z, c, "high", 2, 1.0),
         (z, c, "high", None, 2.0), (z.half(), c.half(), "highest", None, 1.0), (z[:20], c, "highest", None, 1.0),
-        (z, c[:20], "highest", None, 1.0),
+        (z, c[:20], "highest", None, 1.0), (z, c, "ieee", None, 1.0), (z_cols, c_rows, "ieee", None, 1.0),
     ]
     keys = [nearest._plan_key(*v) for v in variants]
     assert len(set(keys)) == len(keys)
@@ -1269,3 +1275,24 @@ def test_launchers_refuse_indices_and_shapes_they_would_misread(kernel_device):
     idx = torch.tensor([3, 0, 0, 2], dtype=torch.int32, device=kernel_device)
     assert torch.equal(kernels.gather_rows(c, idx), c[idx.long()])
     assert kernels.bincount(idx, 4).tolist() == [2, 0, 1, 1]
+
+
+def test_each_fp32_mode_runs_its_own_passes(kernel_device):
+    """"ieee" scores every code with fp32 products in one pass; the other modes run the tf32 pass with its
+    re-check and search the listed rows again, with fp32 products for "highest" and tf32x3 otherwise."""
+    from vqfast.kernels import nearest
+
+    z, c = _data(9, 40, 12, torch.float32, kernel_device, seed=4)
+    plain = nearest._Plan(z, c, "ieee", None, 1.0)
+    assert not plain.checking and plain.search.search.meta["INPUT_PRECISION"] == "ieee"
+    assert nearest._nearest_code_with_status(z, c, "ieee")[2] is None
+    for precision, products in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32x3")):
+        plan = nearest._Plan(z, c, precision, None, 1.0)
+        assert plan.checking and plan.search.search.meta["INPUT_PRECISION"] == "tf32"
+        assert plan.research.research.meta["INPUT_PRECISION"] == products
+        assert nearest._nearest_code_with_status(z, c, precision)[2] is not None
+    # 16-bit inputs: one pass, exact products on the tensor cores, whatever the mode.
+    half = nearest._Plan(z.half(), c.half(), "highest", None, 1.0)
+    assert not half.checking and half.search.search.meta["INPUT_PRECISION"] == "tf32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        kernels.nearest_code(z, c, precision="fp64")

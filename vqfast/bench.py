@@ -172,7 +172,7 @@ EXACT_CHECK_SLACK = 1e-6
 
 @dataclass
 class Agreement:
-    """How the indices of a search compare with precision="highest" on every row."""
+    """How the indices of a search compare with those of the plain fp32 search on every row."""
 
     rows: int
     differ: int
@@ -183,7 +183,7 @@ class Agreement:
     NOTE_START = "indices on all"
 
     def note(self) -> str:
-        text = f"{self.NOTE_START} {self.rows:,} rows vs precision='highest': {self.differ:,} differ"
+        text = f"{self.NOTE_START} {self.rows:,} rows vs fp32 products: {self.differ:,} differ"
         if self.differ:
             text += (f", {self.wrong:,} farther by more than {EXACT_CHECK_SLACK:.0e} relative "
                      f"(largest excess {self.worst:.1e})")
@@ -192,13 +192,19 @@ class Agreement:
 
 @torch.no_grad()
 def agreement_with_fp32(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> Agreement:
-    """Compare ``indices`` (a search of fp32 ``z`` in ``codebook``) with those of an fp32 search
-    (precision="highest") on every row; rows that differ are settled in float64: the pick is wrong when
-    its code is farther than the fp32 search's by more than ``EXACT_CHECK_SLACK`` (relative to
-    ||z||^2 + d)."""
+    """Compare ``indices`` (a search of fp32 ``z`` in ``codebook``) with those of the plain fp32
+    search on every row (on a GPU the kernel with fp32 products for every code, precision "ieee"; on
+    the CPU the reference); rows that differ are settled in float64: the pick is wrong when its code
+    is farther than the fp32 search's by more than ``EXACT_CHECK_SLACK`` (relative to ||z||^2 + d)."""
     import vqfast
 
-    reference = vqfast.nearest_code(z, codebook, precision="highest")[0].reshape(-1)
+    if z.is_cuda:
+        from vqfast.kernels import nearest_code as kernel_nearest_code
+
+        with torch.cuda.device(z.device):
+            reference = kernel_nearest_code(z, codebook, precision="ieee")[0].reshape(-1)
+    else:
+        reference = vqfast.nearest_code(z, codebook)[0].reshape(-1)
     indices = indices.reshape(-1)
     rows = (indices != reference).nonzero().reshape(-1)
     if rows.numel() == 0:
@@ -522,7 +528,7 @@ def goals_table(records: Sequence[Record]) -> str:
         if agreement:
             got += f"; {agreement}"
         else:
-            verdicts.append("indices not compared with precision='highest' on every row")
+            verdicts.append("indices not compared with the fp32 search's on every row")
         if tf32.check != "pass":
             verdicts.append(f"check {tf32.check or 'missing'} (distances, or indices farther than fp32's)")
         rows.append(["2. tf32 search (exact indices) at 65,536 x 65,536 x 256", got, target, _combine(verdicts)])
@@ -1170,7 +1176,8 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             err = chosen_distance_error(rows, c, indices, rows=ctx.plan.check_rows)
             rec.check_error = err
             rec.check = "pass" if err <= tolerance(point.precision) else "fail"
-            if provider == "vqfast" and point.precision == "tf32" and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP:
+            # fp32 data in either mode: the tf32 pass and its re-check must give the fp32 search's indices.
+            if provider == "vqfast" and point.precision in ("tf32", "fp32") and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP:
                 agreement = agreement_with_fp32(z, c, indices)
                 rec.note = agreement.note()
                 if agreement.wrong:
@@ -1182,9 +1189,9 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             ctx.meter.free()
     if provider == "vqfast" and rec.ok and z.is_cuda and rec.check != "error":
         notes = [search_tile_note(lambda: search(z, c))]
-        if point.precision == "tf32":
+        if point.precision in ("tf32", "fp32"):
             try:
-                notes.append(tf32_recheck_shares(z, c))
+                notes.append(tf32_recheck_shares(z, c, PRECISIONS[point.precision][1]))
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"tf32 re-check shares: {_error_status(exc)}")
             finally:
@@ -1242,17 +1249,17 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
         return ""
 
 
-def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor) -> str:
-    """How the tf32 search settled the rows of ``(z, c)``: the share decided between their two best
-    codes and the share searched again with fp32-accurate tf32x3 products (the re-check's cost depends on
-    them)."""
-    from vqfast.kernels.nearest import _nearest_code_with_status
+def tf32_recheck_shares(z: torch.Tensor, c: torch.Tensor, precision: str = "high") -> str:
+    """How the tf32 pass of an fp32 search settled the rows of ``(z, c)``: the share decided between
+    their two best codes and the share searched again, with fp32 products for ``precision`` "highest"
+    and fp32-accurate tf32x3 products otherwise (the re-check's cost depends on them)."""
+    from vqfast.kernels.nearest import _RESEARCH_PRECISION, _nearest_code_with_status
 
-    status = _nearest_code_with_status(z, c, precision="high")[2]
+    status = _nearest_code_with_status(z, c, precision=precision)[2]
     counts = torch.bincount(status.long(), minlength=3).tolist()
     total = max(1, sum(counts))
     return (f"tf32 re-check: {100 * counts[1] / total:.2f} % of rows decided between two codes, "
-            f"{100 * counts[2] / total:.3f} % searched again (tf32x3)")
+            f"{100 * counts[2] / total:.3f} % searched again ({_RESEARCH_PRECISION[precision]})")
 
 
 def run_ceilings(ctx: Context) -> None:
