@@ -756,7 +756,7 @@ class _RecheckPlan:
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
-        # very norms that a search with precision="highest" sees.
+        # very norms that the plain fp32 search (precision="ieee") sees.
         block_d, block_k = _sqnorm_blocks(d)
         self.norms = PreparedLaunch(_code_norms_kernel, (cdiv(k, block_k),),
                                     (k, d, d * 2.0**-126, codebook.stride(0), codebook.stride(1)),

@@ -85,7 +85,8 @@ def test_split_codebook_matches_single_pass(splits, precision, kernel_device):
 def test_ties_go_to_lowest_index(splits, dtype, kernel_device):
     # Duplicate codes in different tiles and different splits: the first copy must win. Small
     # integers keep every product exact, so the copies' scores tie exactly. (fp16 runs the tensor-core
-    # search with slot-wise minima; exact fp32 the per-tile minima.)
+    # search with slot-wise minima, and so does fp32's tf32 pass with its re-check; fp32 products
+    # ("ieee") the per-tile minima.)
     g = torch.Generator().manual_seed(3)
     z = torch.randint(-3, 4, (9, 20), generator=g).to(dtype).to(kernel_device)
     # 800 codes: on a GPU, splits are multiples of 256 codes, so 4 splits stay 4.
@@ -96,8 +97,9 @@ def test_ties_go_to_lowest_index(splits, dtype, kernel_device):
     z[0] = c[7]
     z[1] = c[40]
     z[2] = c[790]
-    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
-    assert idx[:3].tolist() == [7, 40, 7]
+    for precision in ("highest", "ieee") if dtype == torch.float32 else ("highest",):
+        idx, dist = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
+        assert idx[:3].tolist() == [7, 40, 7], precision
     assert dist[:3].abs().max() == 0
 
 
@@ -645,15 +647,16 @@ def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d
 @pytest.mark.parametrize("splits", [1, 3])
 def test_rows_past_fp32_range_still_get_the_nearest_code(splits, kernel_device):
     # ||z||^2 overflows fp32 (|z_0| > 1.8e19) while ||c||^2 - 2 z.c does not: the tf32 bound is infinite,
-    # so the rows go to the fp32 re-search, which ranks the codes as precision="highest" does.
+    # so the rows go to the re-search, which ranks the codes as the plain fp32 search ("ieee") does.
     c = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).to(kernel_device)
     z = torch.zeros(3, 8, device=kernel_device)
     z[:, 0] = torch.tensor([3e19, 1e20, -5e19])
-    exact, _ = kernels.nearest_code(z, c, precision="highest", num_splits=splits)
+    exact, _ = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
     expected = ((c.double() ** 2).sum(1)[None, :] - 2 * z.double() @ c.double().t()).argmin(1)
     assert torch.equal(exact.cpu(), expected.cpu())
-    idx, _ = kernels.nearest_code(z, c, precision="high", num_splits=splits)
-    assert torch.equal(idx, exact)
+    for precision in ("high", "highest"):
+        idx, _ = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
+        assert torch.equal(idx, exact), precision
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -677,9 +680,10 @@ def test_bad_precision_is_rejected(kernel_device):
         kernels.nearest_code(z, c, precision="fast")
 
 
+@pytest.mark.parametrize("products", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("listed", [3, 40])
-def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
-    from vqfast.kernels.nearest import _Recheck, _research_listed_rows
+def test_listed_rows_are_searched_again_in_place(listed, products, kernel_device):
+    from vqfast.kernels.nearest import _Recheck, _research_listed_rows, _ResearchPlan
 
     # 40 listed rows are 3 row blocks of the interpreter's 16: the fixed grid loops over the list.
     z, c = _data(70, 90, 20, torch.float32, kernel_device, seed=11)
@@ -690,7 +694,7 @@ def test_listed_rows_are_searched_again_in_place(listed, kernel_device):
     recheck.packed[:listed] = torch.iinfo(torch.int64).max
     idx = torch.full((70,), -1, dtype=torch.int64, device=kernel_device)
     dist = torch.full((70,), -1.0, device=kernel_device)
-    _research_listed_rows(z, c, recheck, idx, dist)
+    _research_listed_rows(z, c, recheck, idx, dist, plan=_ResearchPlan(z, c, products))
     ref_idx, ref_dist = kernels.nearest_code(z, c, precision="ieee")
     picked = torch.zeros(70, dtype=torch.bool, device=kernel_device)
     picked[rows] = True
@@ -717,8 +721,9 @@ def test_listed_rows_unpack_indices_past_16_bits(kernel_device):
     torch.testing.assert_close(dist[[0, 2]], expected)
 
 
-def test_listed_rows_keep_the_lowest_index_across_splits(kernel_device):
-    from vqfast.kernels.nearest import _Recheck, _research_listed_rows
+@pytest.mark.parametrize("products", ["ieee", "tf32x3"])
+def test_listed_rows_keep_the_lowest_index_across_splits(products, kernel_device):
+    from vqfast.kernels.nearest import _Recheck, _research_listed_rows, _ResearchPlan
 
     # Equal codes at both ends of the codebook land in different splits; their (score, index) pairs meet
     # in the packed atomic minimum, where the lower index must win, also for negative scores.
@@ -731,7 +736,7 @@ def test_listed_rows_keep_the_lowest_index_across_splits(kernel_device):
     recheck.packed[:4] = torch.iinfo(torch.int64).max
     idx = torch.empty(4, dtype=torch.int64, device=kernel_device)
     dist = torch.empty(4, device=kernel_device)
-    _research_listed_rows(z, c, recheck, idx, dist)
+    _research_listed_rows(z, c, recheck, idx, dist, plan=_ResearchPlan(z, c, products))
     assert idx.tolist() == [2, 2, 2, 2]
 
 
@@ -888,7 +893,7 @@ def test_tf32_norms_match_the_plain_norms_and_measure_what_tf32_drops(k, d, kern
     g = torch.Generator().manual_seed(16)
     c = torch.randn(k, 2 * d, generator=g).to(kernel_device)[:, ::2]  # strided rows
     recheck = _Recheck(torch.zeros(3, d, device=kernel_device), c, 1.0)
-    # Bit for bit: rows searched again after the tf32 pass see the norms precision="highest" sees.
+    # Bit for bit: rows searched again after the tf32 pass see the norms the plain fp32 search sees.
     assert torch.equal(recheck.c_sqnorm, code_sqnorms(c))
     kept = (c.cpu().contiguous().view(torch.int32) & -8192).view(torch.float32)  # tf32: 10 mantissa bits
     tiny = d * 2.0**-126  # under the roots, for squares that underflow

@@ -113,6 +113,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         batch = torch.randn(16, 2) + (5.0 if rank == 0 else -5.0)
         vq(batch)
         results["restart"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
+        # Batches of different sizes (4 rows on rank 0, 3 on rank 1) for 15 dead codes: the ranks gather
+        # seed rows of one shape and re-seed the same 7 codes, one from each row.
+        torch.manual_seed(0)
+        vq = VectorQuantizer(16, 2, dead_code_threshold=0.5, usage_decay=0.5)
+        with torch.no_grad():
+            vq.embeddings.weight.fill_(100.0)
+            vq.embeddings.weight[0] = 0.0
+        torch.manual_seed(3000 + rank)
+        batch = torch.randn(4 - rank, 2) + (5.0 if rank == 0 else -5.0)
+        vq(batch)
+        results["restart-uneven"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
 
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
@@ -179,6 +190,18 @@ def test_codebooks_identical_across_ranks(rank_results):
     # The control: without the sync the ranks' codebooks differ (so the check above can fail).
     assert not torch.equal(r0["ema-unsynced"]["weight"], r1["ema-unsynced"]["weight"])
     assert not r0["ema-unsynced"]["same"]
+
+
+@_NEEDS_GLOO
+def test_restarts_with_batches_of_different_sizes_on_the_ranks(rank_results):
+    r0, r1 = (r["restart-uneven"] for r in rank_results)
+    weight = r0["weight"]
+    assert torch.equal(weight, r1["weight"])
+    rows = torch.cat([r0["batch"], r1["batch"]])
+    restarted = weight[1:][(weight[1:] != 100.0).any(1)]
+    assert restarted.shape[0] == rows.shape[0] == 7
+    hits = (restarted[:, None, :] - rows[None]).abs().sum(-1) < 1e-6  # (code, row)
+    assert (hits.sum(0) == 1).all() and (hits.sum(1) == 1).all()
 
 
 # Identical codebooks are not enough: a sync that scales the summed statistics (by the world size,

@@ -50,8 +50,10 @@ __all__ = [
 
 PARTS = ("headline", "nearest", "gather", "usage", "layer", "train")
 
-# name -> (input dtype, torch.set_float32_matmul_precision value). "tf32" is fp32 data searched with
-# tf32 products; 16-bit inputs ignore the matmul precision.
+# name -> (input dtype, torch.set_float32_matmul_precision value). "fp32" and "tf32" are both fp32 data,
+# which vqfast searches with tf32 products and an fp32 re-check either way (the listed rows again with
+# fp32 or tf32x3 products), and the torch forms with fp32 or tf32 products; 16-bit inputs ignore the
+# matmul precision.
 PRECISIONS: dict[str, tuple[torch.dtype, str]] = {
     "fp32": (torch.float32, "highest"),
     "tf32": (torch.float32, "high"),
@@ -196,22 +198,22 @@ def agreement_with_fp32(z: torch.Tensor, codebook: torch.Tensor, indices: torch.
     search on every row (on a GPU the kernel with fp32 products for every code, precision "ieee"; on
     the CPU the reference); rows that differ are settled in float64: the pick is wrong when its code
     is farther than the fp32 search's by more than ``EXACT_CHECK_SLACK`` (relative to ||z||^2 + d)."""
-    import vqfast
+    from vqfast import reference
 
     if z.is_cuda:
         from vqfast.kernels import nearest_code as kernel_nearest_code
 
         with torch.cuda.device(z.device):
-            reference = kernel_nearest_code(z, codebook, precision="ieee")[0].reshape(-1)
+            plain = kernel_nearest_code(z, codebook, precision="ieee")[0].reshape(-1)
     else:
-        reference = vqfast.nearest_code(z, codebook)[0].reshape(-1)
+        plain = reference.nearest_code(z, codebook)[0].reshape(-1)
     indices = indices.reshape(-1)
-    rows = (indices != reference).nonzero().reshape(-1)
+    rows = (indices != plain).nonzero().reshape(-1)
     if rows.numel() == 0:
         return Agreement(indices.numel(), 0, 0, 0.0)
     zs = z.index_select(0, rows).double()
     mine = (zs - codebook.index_select(0, indices.index_select(0, rows)).double()).pow(2).sum(1)
-    theirs = (zs - codebook.index_select(0, reference.index_select(0, rows)).double()).pow(2).sum(1)
+    theirs = (zs - codebook.index_select(0, plain.index_select(0, rows)).double()).pow(2).sum(1)
     excess = (mine - theirs) / (zs.pow(2).sum(1) + theirs).clamp_min(1e-300)
     return Agreement(indices.numel(), int(rows.numel()), int((excess > EXACT_CHECK_SLACK).sum()),
                      max(0.0, float(excess.max())))

@@ -527,19 +527,20 @@ class VectorQuantizer(nn.Module):
     def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """``count`` rows drawn from every rank's ``x`` (an equal share from each), the same on every
         rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks). A rank draws
-        without replacement when it has rows enough (``x[torch.randperm(len(x))[:share]]``), else with
-        replacement: codes seeded from one row are identical, and all but the lowest-index one would
-        lose every tie and stay unused."""
+        its share without replacement (``x[torch.randperm(len(x))[:share]]``): codes seeded from one
+        row would be identical, and all but the lowest-index one would lose every tie and stay unused.
+        A rank with fewer rows than its share fills the rest with NaN rows, which k-means and the
+        restarts pass over (those codes keep their values; dead ones wait for a later step). The
+        share depends on ``count`` and the world size only, so ranks with batches of different sizes
+        gather rows of the same shape."""
         world = world_size(self.process_group) if self.sync_distributed else 1
         share = -(-count // world)
         n = x.shape[0]
-        if share <= n:
-            pick = torch.randperm(n, device=x.device)[:share]
-        else:
-            pick = torch.randint(n, (share,), device=x.device)
-        drawn = x.index_select(0, pick)
+        drawn = x.index_select(0, torch.randperm(n, device=x.device)[:share])
         if prepare is not None:
             drawn = prepare(drawn)
+        if share > n:
+            drawn = torch.cat([drawn, drawn.new_full((share - n, drawn.shape[1]), math.nan)])
         drawn = self._gather_rows(drawn.contiguous())
         return drawn if drawn.shape[0] == count else drawn[:count]
 
@@ -634,11 +635,9 @@ class VectorQuantizer(nn.Module):
             # Drawn from this batch, but they serve from the next step on: their rows cannot pick them
             # right away and inflate their usage. At most _RESTARTS_PER_STEP codes are re-seeded per
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
-            # ranks) stay few when K is large; the others follow on the next steps. Nor are more codes
-            # re-seeded than the batch has rows, so that no two of them start from the same row.
-            world = world_size(self.process_group) if self.sync_distributed else 1
-            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP, rows.shape[0] * world),
-                                      prepare=self._data_rows)
+            # ranks) stay few when K is large; the others follow on the next steps, as do those beyond
+            # the batch's rows (no two codes start from the same row).
+            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows)
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
         # it can be restarted again.
