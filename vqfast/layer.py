@@ -258,9 +258,8 @@ class VectorQuantizer(nn.Module):
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
-    fp32 products instead of tf32x3,
-    and the soft-entropy products in fp32) or "bf16" (inputs and codes rounded to bf16 on every
-    backend; fastest on the GPU, may pick a near-tied code). On the CPU, "tf32" and "fp32" are the exact
+    fp32 products instead of tf32x3, and the soft-entropy products in fp32) or "bf16" (inputs and codes
+    rounded to bf16 on every backend; fastest on the GPU, may pick a near-tied code). On the CPU, "tf32" and "fp32" are the exact
     fp32 search (fp64 inputs: fp64).
     Under ``torch.distributed``, statistics are summed over ranks and the random rows that seed k-means
     and restarts are drawn from all ranks' batches and gathered to every rank, so every rank keeps the
