@@ -609,6 +609,41 @@ def test_tf32_pair_rows_break_exact_ties_by_index(tf32_rounding_interpreter, spl
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
                                                        "near ties on the real tensor cores")
+def test_tf32_modes_give_the_plain_fp32_indices_on_random_problems(tf32_rounding_interpreter):
+    """"highest" and "high" against the plain fp32 search ("ieee") on random problems under emulated tf32
+    rounding: odd K and D, scales from 1e-3 to 1e3, data off the origin, plain rows and near ties of
+    two and three codes. A row may differ only where the two picks are equally near to within fp32
+    rounding (the benchmark's criterion: 1e-6 of ||z||^2 + d)."""
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    statuses = torch.zeros(3, dtype=torch.int64)
+    for seed in range(12):
+        g = torch.Generator().manual_seed(100 + seed)
+        k, d = int(torch.randint(4, 400, (1,), generator=g)), int(torch.randint(1, 150, (1,), generator=g))
+        scale = 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
+        shift = 3 * float(torch.randn(1, generator=g))
+        c = torch.randn(k, d, generator=g)
+        _, _, pairs, _, triple_rows = _near_tie_rows(c, 20, min(10, k // 3), g)
+        z = torch.cat([torch.randn(30, d, generator=g), pairs, triple_rows])
+        z, c = (z + shift) * scale, (c + shift) * scale
+        plain, _ = kernels.nearest_code(z, c, precision="ieee")
+        for precision in ("highest", "high"):
+            idx, dist, status = _nearest_code_with_status(z, c, precision=precision)
+            statuses += torch.bincount(status.long(), minlength=3)
+            rows = (idx != plain).nonzero().flatten()
+            zs = z[rows].double()
+            mine = ((zs - c[idx[rows]].double()) ** 2).sum(1)
+            theirs = ((zs - c[plain[rows]].double()) ** 2).sum(1)
+            assert ((mine - theirs) <= 1e-6 * (zs.pow(2).sum(1) + theirs)).all(), (seed, precision, k, d, scale)
+            d_chosen = ((z.double() - c[idx].double()) ** 2).sum(1)
+            assert ((dist.double() - d_chosen).abs() <= 1e-5 * (d_chosen + 1e-30)).all()
+    assert tf32_rounding_interpreter, "the tf32 products did not go through the emulation"
+    # Every way of settling a row was taken: sure, decided between two codes, searched again.
+    assert (statuses > 100).all(), statuses
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
+                                                       "near ties on the real tensor cores")
 @pytest.mark.parametrize("d", [70, 130])
 def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d):
     from vqfast.kernels.nearest import _nearest_code_with_status
