@@ -53,6 +53,13 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
         c = torch.randn(4096, 128).to(dtype)
         out.append((f"nearest_code {name} (1024, 4096, 128)",
                     lambda z=z, c=c, p=precision: vqfast.nearest_code(z, c, precision=p)))
+    # The plain fp32 search (fp32 products for every code), through the kernel's entry point.
+    from vqfast import kernels
+
+    z = torch.randn(1024, 128)
+    c = torch.randn(4096, 128)
+    out.append(("kernels.nearest_code fp32 ieee (1024, 4096, 128)",
+                lambda: kernels.nearest_code(z, c, precision="ieee")))
     z = torch.randn(1024, 128)
     c = torch.randn(4096, 128)
     out.append(("quantize fp32 highest, forward (1024, 4096, 128)",

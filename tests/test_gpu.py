@@ -89,11 +89,12 @@ def test_autotuned_memory_bound_kernels(monkeypatch, dtype):
     assert len(_common._TUNED) == 5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_codebook_few_rows_many_codes(dtype):
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "ieee"),
+                                             (torch.bfloat16, "highest")])
+def test_split_codebook_few_rows_many_codes(dtype, precision):
     z, c = _data(1024, 262144, 64, dtype, seed=1)
-    idx_auto, dist_auto = kernels.nearest_code(z, c, precision="highest")
-    idx_one, dist_one = kernels.nearest_code(z, c, precision="highest", num_splits=1)
+    idx_auto, dist_auto = kernels.nearest_code(z, c, precision=precision)
+    idx_one, dist_one = kernels.nearest_code(z, c, precision=precision, num_splits=1)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     rows = torch.arange(0, 1024, 8, device="cuda")
     assert chosen_gap(z[rows].float(), c.float(), idx_auto[rows]).max() <= tol

@@ -130,7 +130,8 @@ def nearest_bytes(n: int, k: int, d: int, elt: int) -> int:
 
 def tolerance(precision: str) -> float:
     """Bound of the precision rule (README, "Precision") for a vqfast search done at ``precision``: the fp32 one for
-    tf32 too, since vqfast searches near ties again with fp32 products and so claims the fp32 indices."""
+    tf32 too, since vqfast settles near ties in fp32 (the direct form, or a re-search with fp32 or
+    tf32x3 products) and so claims the fp32 indices."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return 1e-2 if precision in ("bf16", "fp16") else 1e-5

@@ -237,8 +237,10 @@ class VectorQuantizer(nn.Module):
     start at 1, without Sonnet's bias correction); the codebook then gets no gradient. A codebook frozen
     with ``requires_grad_(False)`` in codebook-loss mode is never rewritten (no k-means, no restarts).
     ``init``: "xavier_normal" (the article), "uniform" (+-1/K) or "kmeans" (``kmeans_iters`` Lloyd
-    iterations on the rows of the first ``kmeans_batches`` training batches, pooled; until then the layer
-    quantizes with the xavier-normal codes, and its usage statistics start over once k-means has run).
+    iterations on the rows of the first ``kmeans_batches`` training batches, pooled, from K distinct seed
+    rows; until then the layer quantizes with the xavier-normal codes, and its usage statistics start
+    over once k-means has run. With fewer pooled rows than K, the codes left without a seed row keep
+    their values, and restarts re-seed those that stay unused).
     A state dict says whether its codebook is initialised (the ``initialized`` buffer): loading one
     saved before k-means ran makes this layer run k-means on its next training batches, whatever its
     own ``init``; a state dict without that buffer (e.g. the article's layer's) counts as initialised.
@@ -531,7 +533,8 @@ class VectorQuantizer(nn.Module):
         A rank with fewer rows than its share fills the rest with NaN rows, which k-means and the
         restarts pass over (those codes keep their values; dead ones wait for a later step). The
         share depends on ``count`` and the world size only, so ranks with batches of different sizes
-        gather rows of the same shape."""
+        gather rows of the same shape. ``randperm`` sorts random keys for all of ``x``'s rows: O(N) per
+        training step (on a 2-core AMD EPYC: 0.13 ms at 32K rows, 7.6 ms at 1M; one radix sort on a GPU)."""
         world = world_size(self.process_group) if self.sync_distributed else 1
         share = -(-count // world)
         n = x.shape[0]
@@ -570,8 +573,8 @@ class VectorQuantizer(nn.Module):
     def _kmeans_init(self, x: Tensor) -> None:
         """Lloyd's k-means on data rows ``x`` (pooled over ranks); empty clusters keep their seed row.
 
-        Rows holding NaN or inf take no part; a code whose seed row is such a row starts from its
-        current value instead."""
+        Rows holding NaN or inf take no part; a code whose seed row is such a row (or that has none:
+        fewer rows than codes, see ``_random_rows``) starts from its current value instead."""
         k = self.num_embeddings
         seeds = self._random_rows(x, k)
         current = self._data_rows(self.embeddings.weight)
