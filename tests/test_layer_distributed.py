@@ -102,28 +102,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         # Restart candidates: every code but one is far from both ranks' data, so all but one are
         # re-seeded after one step, from rows gathered from both ranks.
-        from vqfast import VectorQuantizer
-
-        torch.manual_seed(0)
-        vq = VectorQuantizer(8, 2, dead_code_threshold=0.5, usage_decay=0.5)
-        with torch.no_grad():
-            vq.embeddings.weight.fill_(100.0)
-            vq.embeddings.weight[0] = 0.0
-        torch.manual_seed(2000 + rank)
-        batch = torch.randn(16, 2) + (5.0 if rank == 0 else -5.0)
-        vq(batch)
-        results["restart"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
+        results["restart"] = _restart_step(8, 16, 2000 + rank, rank)
         # Batches of different sizes (4 rows on rank 0, 3 on rank 1) for 15 dead codes: the ranks gather
         # seed rows of one shape and re-seed the same 7 codes, one from each row.
-        torch.manual_seed(0)
-        vq = VectorQuantizer(16, 2, dead_code_threshold=0.5, usage_decay=0.5)
-        with torch.no_grad():
-            vq.embeddings.weight.fill_(100.0)
-            vq.embeddings.weight[0] = 0.0
-        torch.manual_seed(3000 + rank)
-        batch = torch.randn(4 - rank, 2) + (5.0 if rank == 0 else -5.0)
-        vq(batch)
-        results["restart-uneven"] = {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
+        results["restart-uneven"] = _restart_step(16, 4 - rank, 3000 + rank, rank)
 
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
@@ -139,6 +121,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _restart_step(k: int, rows: int, seed: int, rank: int) -> dict:
+    """One training step of a layer with K codes of which only code 0 (at the origin) is near this rank's
+    ``rows`` rows (around +5 on rank 0, -5 on rank 1): the codes after the step and the batch."""
+    from vqfast import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(k, 2, dead_code_threshold=0.5, usage_decay=0.5)
+    with torch.no_grad():
+        vq.embeddings.weight.fill_(100.0)
+        vq.embeddings.weight[0] = 0.0
+    torch.manual_seed(seed)
+    batch = torch.randn(rows, 2) + (5.0 if rank == 0 else -5.0)
+    vq(batch)
+    return {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
 
 
 def _free_port() -> int:
