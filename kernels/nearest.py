@@ -897,9 +897,8 @@ class _ResearchPlan:
         n, d = z.shape
         k = codebook.shape[0]
         interp = interpreting()
-        precision = products
         self.products = products
-        single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if precision == "ieee" else _MAX_SINGLE_D_TF32X3)
+        single_d = d <= (_MAX_SINGLE_D_IEEE_FP32 if products == "ieee" else _MAX_SINGLE_D_TF32X3)
         block_d = max(16, next_power_of_2(d)) if single_d else _LOOP_BLOCK_D
         if interp:
             cfg = dict(_INTERPRETER_CONFIG)
@@ -907,7 +906,7 @@ class _ResearchPlan:
         else:
             # Not autotuned: its work depends on how many rows the data lists, so timings from one call's
             # list would say little about the next call's.
-            first = _first_config(precision, block_d, single_d, z.element_size(), max_shared_memory())
+            first = _first_config(products, block_d, single_d, z.element_size(), max_shared_memory())
             cfg = dict(first.kwargs)
             options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
         # Minima with indices per tile (SLOTS False in the kernel): tf32x3 products already take ~254
@@ -920,7 +919,7 @@ class _ResearchPlan:
         self.research = PreparedLaunch(
             _research_listed_rows_kernel, (programs, splits),
             (k, d, codes_per_split, z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1)),
-            dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=precision, **cfg, **options))
+            dict(BLOCK_D=block_d, SINGLE_D=single_d, INPUT_PRECISION=products, **cfg, **options))
         block_n = 32
         programs = max(1, min(cdiv(n, block_n), 2 * multiprocessor_count(z.device)))
         self.write = PreparedLaunch(

@@ -164,7 +164,8 @@ def chosen_distance_error(
     return float(err.max())
 
 
-# Largest problem (2·N·K·D) whose tf32 indices are compared on every row with an fp32 search's.
+# Largest problem (2·N·K·D) whose indices from fp32 data (the fp32 and tf32 rows, both searched with
+# the tf32 pass) are compared on every row with the plain fp32 search's.
 EXACT_CHECK_MAX_FLOP = 2.0**41
 # A tf32 pick counts as wrong when its code is farther than the fp32 search's by more than this, relative
 # to ||z||^2 + d: far above fp32's rounding of the scores (~1e-8 for randn data at D = 64 to 256) and
