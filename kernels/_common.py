@@ -22,9 +22,29 @@ def interpreting() -> bool:
 
 
 def autotuning() -> bool:
-    """False when ``VQFAST_AUTOTUNE=0``: launchers then use one fixed configuration per problem instead
-    of compiling and timing every candidate (faster first calls; the test suite uses it on a GPU)."""
-    return os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
+    """False when ``VQFAST_AUTOTUNE=0`` or under ``torch.use_deterministic_algorithms(True)``: launchers
+    then use one fixed configuration per problem instead of compiling and timing every candidate (faster
+    first calls; the test suite uses it on a GPU). Deterministic mode needs it because the tile decides
+    the order of some fp32 sums (the loss's partial sums, the distance epilogue's reductions), and a
+    choice by timing may differ from one process to the next."""
+    return not torch.are_deterministic_algorithms_enabled() and os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
+
+
+def deterministic() -> bool:
+    """``torch.are_deterministic_algorithms_enabled()``: launchers whose kernels add floats atomically
+    (the codebook gradients, the EMA sums) then sum in a fixed order instead."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def index_add_rows(rows: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``torch.zeros(K, D).index_add_(0, indices, rows.float())`` in fp32, rows whose index lies outside
+    [0, K) dropped, without a host synchronisation: the fixed-order sum of deterministic mode, by
+    PyTorch's own ``index_add_`` (deterministic on CUDA in that mode)."""
+    # Rows with an index out of range go to one spare row, cut off afterwards (a mask would need a sync).
+    spare = torch.where((indices >= 0) & (indices < num_codes), indices, num_codes)
+    acc = torch.zeros((num_codes + 1, rows.shape[1]), dtype=torch.float32, device=rows.device)
+    acc.index_add_(0, spare, rows.to(torch.float32))
+    return acc[:num_codes]
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,7 +361,7 @@ _TUNED: dict[tuple, LaunchConfig] = {}
 def tuned_config(key: tuple, configs: Sequence[LaunchConfig], trial: Callable[[LaunchConfig], object]) -> LaunchConfig:
     """The configuration to launch with for problems of this ``key`` (name, size bucket, dtypes, device).
 
-    The first candidate under the interpreter, with ``VQFAST_AUTOTUNE=0`` or when it is the only one;
+    The first candidate under the interpreter, when ``autotuning()`` is off or when it is the only one;
     otherwise the fastest by the driver's ``triton.testing.do_bench`` of ``trial(config)``, measured on the first
     call with this key and remembered (a candidate that does not compile or fit this GPU is skipped).
     ``trial`` launches the kernel on the real inputs but into

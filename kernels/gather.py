@@ -9,7 +9,8 @@ import triton.language as tl
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_indices,
-    int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial, tuned_config,
+    deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
+    tuned_config,
 )
 
 
@@ -103,7 +104,8 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     """Sum rows of ``grad`` (N, D) into a (num_codes, D) tensor at ``indices``, accumulating in fp32.
 
     Equivalent to ``torch.zeros(K, D).index_add_(0, indices, grad.float()).to(out_dtype)``; rows whose
-    index lies outside [0, K) are dropped (callers check the indices).
+    index lies outside [0, K) are dropped (callers check the indices). The kernel adds atomically, in
+    no fixed order; under ``torch.use_deterministic_algorithms(True)`` it is that ``index_add_``.
     """
     check_launchable(grad, indices)
     key = (grad.shape, grad.stride(), num_codes, grad.dtype, grad.device, _common.interpreting())
@@ -114,8 +116,12 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     if plan.copy_grad:
         grad = grad.contiguous()
     indices = indices.contiguous()
-    acc = torch.zeros(plan.shape, dtype=torch.float32, device=grad.device)
     launches = plan.launches
+    if launches is not None and deterministic():
+        acc = index_add_rows(grad, indices, plan.shape[0])
+        launches = None
+    else:
+        acc = torch.zeros(plan.shape, dtype=torch.float32, device=grad.device)
     if launches is not None:
         def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
             launches[cfg](grad, indices, into)

@@ -18,7 +18,7 @@ import triton.language as tl
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_count,
-    check_row_indices, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
+    check_row_indices, deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
     tuned_config,
 )
 
@@ -145,16 +145,20 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring).
 
     With ``need_grad_codebook=False`` the scatter-add is skipped and ``dcodebook`` is an empty (0, D)
-    tensor.
+    tensor. The kernel adds into ``dcodebook`` atomically, in no fixed order; under
+    ``torch.use_deterministic_algorithms(True)`` the kernel writes ``dz`` only and ``dcodebook`` is summed
+    by ``index_add_`` instead.
     """
     check_launchable(z, codebook, indices)
     has_gzq = grad_zq is not None
+    # Deterministic mode: the kernel writes dz only, and the codebook gradient is summed in a fixed order.
+    fixed_order = bool(need_grad_codebook) and deterministic()
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           bool(need_grad_codebook), (grad_zq.shape, grad_zq.stride(), grad_zq.device) if has_gzq else None, _common.MAX_ROWS,
-           _common.interpreting())
+           bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.device) if has_gzq else None,
+           _common.MAX_ROWS, _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
-        plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook))
+        plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook, fixed_order))
     check_row_indices(indices, z.shape[0], z.device)
     if plan.copy_z:
         z = z.contiguous()
@@ -163,7 +167,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     indices = indices.contiguous()
     device = z.device
     grad_z = torch.empty(plan.shape, dtype=z.dtype, device=device)
-    grad_c = torch.zeros(plan.c_shape, dtype=torch.float32, device=device)
+    grad_c = None if plan.fixed_order else torch.zeros(plan.c_shape, dtype=torch.float32, device=device)
     launches = plan.launches
     if launches is not None:
         if grad_loss.dim() or grad_loss.dtype != torch.float32:
@@ -177,7 +181,21 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
         launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, grad_z, grad_c)))
     elif has_gzq:
         grad_z.copy_(grad_zq)
+    if plan.fixed_order:
+        grad_c = _codebook_grad_in_order(grad_loss, z, codebook, indices, plan.coef_codebook)
     return grad_z, (grad_c if codebook.dtype == torch.float32 else grad_c.to(codebook.dtype))
+
+
+def _codebook_grad_in_order(grad_loss: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                            coef: float) -> torch.Tensor:
+    """The backward kernel's codebook gradient, ``dcodebook[indices] += g * coef * (q - z)`` in fp32, as a
+    fixed-order sum (``index_add_rows``) for deterministic mode."""
+    k = codebook.shape[0]
+    # Indices outside [0, K) read code 0 here; index_add_rows drops their rows.
+    q = codebook.index_select(0, indices.clamp(0, max(k - 1, 0))).to(torch.float32)
+    # (g * coef) first, in fp32, as the kernel forms it.
+    step = grad_loss.reshape(()).to(torch.float32) * coef
+    return index_add_rows(q.sub_(z.to(torch.float32)).mul_(step), indices, k)
 
 
 class _BackwardPlan:
@@ -185,7 +203,7 @@ class _BackwardPlan:
     that passed the checks."""
 
     def __init__(self, grad_zq: torch.Tensor | None, z: torch.Tensor, codebook: torch.Tensor, beta: float,
-                 need_grad_codebook: bool):
+                 need_grad_codebook: bool, fixed_order: bool = False):
         check_matrices(("z", z), ("codebook", codebook))
         if grad_zq is not None and (grad_zq.shape != z.shape or grad_zq.device != z.device):
             raise ValueError(f"grad_zq must have z's shape {tuple(z.shape)} on {z.device}, got "
@@ -196,6 +214,8 @@ class _BackwardPlan:
         n, d = z.shape
         self.shape = (n, d)
         self.c_shape = codebook.shape if need_grad_codebook else (0, d)
+        self.fixed_order = fixed_order  # the codebook gradient summed outside the kernel (deterministic mode)
+        self.coef_codebook = 2.0 / (n * d) if n else 0.0
         self.copy_gzq = False
         self.launches = None
         if n == 0:
@@ -214,7 +234,7 @@ class _BackwardPlan:
             _vq_backward_kernel, n, cdiv(d, block_d),
             (n, codebook.shape[0], d, coef, coef * beta, g_strides[0], g_strides[1], z_strides[0], z_strides[1],
              c_strides[0], c_strides[1]),
-            dict(HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook, BLOCK_D=block_d))
+            dict(HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook and not fixed_order, BLOCK_D=block_d))
 
 
 _BACKWARD_PLANS = PlanCache()

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, int32_safe_columns, interpreting, multiprocessor_count,
-    next_power_of_2, scratch_trial, tuned_config,
+    cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, deterministic, int32_safe_columns, interpreting,
+    multiprocessor_count, next_power_of_2, scratch_trial, tuned_config,
 )
 from vqfast.kernels._launch import launch_kernel
 
@@ -306,7 +306,8 @@ def soft_entropy_backward(
     tensor, so no host sync is needed to read a gradient) define the loss as above, where ``H_i`` are
     the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
     equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
-    skips the codebook pass (dcodebook is then an empty (0, D) tensor).
+    skips the codebook pass (dcodebook is then an empty (0, D) tensor). That pass splits the rows across
+    programs that add into dcodebook atomically, except under ``torch.use_deterministic_algorithms(True)``.
     """
     check_rows_and_codes(z, codebook)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
@@ -344,7 +345,9 @@ def soft_entropy_backward(
 
     def grad_codes(cfg: tuple[int, int, int, int], into: torch.Tensor = dc) -> None:
         code_blocks = cdiv(k, cfg[1])
-        splits, rows_per_split = _splits(n, cfg[0], code_blocks * d_blocks, device)
+        # Row splits add into one output atomically, in no fixed order; deterministic mode takes one split,
+        # whose single addition to zero is exact.
+        splits, rows_per_split = (1, n) if deterministic() else _splits(n, cfg[0], code_blocks * d_blocks, device)
         launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
                       z, codebook, c_sqnorm, lse, ent, w, coef, r, into, n, k, d, rows_per_split, *strides,
                       float(scale), **meta(cfg))
