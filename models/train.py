@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -109,6 +109,7 @@ class TrainConfig:
     download: bool = True
     out: str | None = None  # run folder; None: runs/<model>-<timestamp>
     amp: bool = False  # bf16 autocast (CUDA only)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) while training
     limit: int | None = None  # at most this many training images
     resume: bool = False
     overwrite: bool = False  # start afresh even if the run folder holds a checkpoint
@@ -242,6 +243,28 @@ def selected_backend(backend: str | None) -> Iterator[None]:
             os.environ.pop("VQFAST_BACKEND", None)
         else:
             os.environ["VQFAST_BACKEND"] = previous
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the block when ``enabled``, with the cuBLAS
+    setting that mode requires on CUDA (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, unless already set); the
+    caller's settings are restored afterwards. vqfast's kernels then sum in a fixed order too."""
+    if not enabled:
+        yield
+        return
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _check_backend_on(backend: str | None, device: torch.device) -> None:
@@ -720,7 +743,8 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
                          + "; ".join(conflicts) + ". Leave them out, or start a new run in another --out")
     # Where the data came from too, unless given anew: data_root is stored absolute, and a run that
     # did not download must not start downloading (it could then train on other images).
-    for name in ("data_root", "download"):
+    # deterministic too: a resumed run continues as it started unless told otherwise.
+    for name in ("data_root", "download", "deterministic"):
         if not was_given(name):
             setattr(cfg, name, getattr(saved_cfg, name))
     if not was_given("lr"):
@@ -762,8 +786,8 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
         torch.set_num_threads(cfg.threads)
     dist = _init_distributed(cfg.device)
     try:
-        with selected_backend(cfg.backend):
-            return _train(cfg, dist, given)
+        with selected_backend(cfg.backend), ExitStack() as settings:
+            return _train(cfg, dist, given, settings)
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
@@ -793,7 +817,10 @@ def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> Non
         raise ValueError(f"{names} do{'es' if len(wrong) == 1 else ''} not apply to the {cfg.model} model")
 
 
-def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) -> TrainResult:
+def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
+           settings: ExitStack | None = None) -> TrainResult:
+    """:func:`train` within its backend; ``settings`` holds what the run switches on for its duration
+    (deterministic mode, once a resumed run's own setting is known)."""
     device = resolve_device(cfg.device, dist.local_rank)
     _check_backend_on(cfg.backend, device)
     if cfg.amp and device.type != "cuda":
@@ -814,6 +841,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None) 
         if cfg.resolved_epochs() < done:
             raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
                              f"has done; give the new total, at least {done}")
+    if settings is not None:
+        settings.enter_context(deterministic_algorithms(cfg.deterministic))
     cfg.data = _absolute_source(cfg.data)
     cfg.eval_data = _absolute_source(cfg.eval_data)
     cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
@@ -1435,6 +1464,9 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--out", default=None,
       help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
     a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    a("--deterministic", action="store_true", default=None,
+      help="torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same GPU and "
+           "software (vqfast then sums codebook gradients without atomics; somewhat slower)")
     a("--limit", type=int, default=None, help="use at most this many training images")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true",

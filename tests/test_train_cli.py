@@ -418,3 +418,38 @@ def test_evaluate_on_svhn_the_articles_generalisation_experiment(ae_run: Path, t
     assert len(scores) == 20 and summary["score_mean"] == pytest.approx(scores.mean(), rel=1e-5)
     assert summary["mse"] == pytest.approx(scores.mean() / 3072, rel=1e-5)
     assert 0.0 <= summary["ood"]["auroc"] <= 1.0
+
+
+def test_deterministic_trains_in_torchs_deterministic_mode_and_restores_it(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    real_build = train_mod.build_model
+
+    def spy(*args, **kwargs):  # the mode while the run builds its model
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    out = tmp_path / "run"
+    args = _train_args("vqvae", "--data", "sample", "--limit", "32", "--batch-size", "16", "--codes", "16",
+                       "--code-dim", "8", "--epochs", "1", "--eval-limit", "16", "--device", "cpu", "--no-progress",
+                       "--deterministic", "--out", str(out))
+    assert train_main(args) == 0
+    assert seen == [(True, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert json.loads((out / "config.json").read_text())["deterministic"] is True
+    # A resumed run keeps its setting unless given anew.
+    seen.clear()
+    resume = _train_args("vqvae", "--epochs", "2", "--eval-limit", "16", "--device", "cpu", "--no-progress",
+                         "--resume", "--out", str(out))
+    assert train_main(resume) == 0
+    assert seen == [(True, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert json.loads((out / "config.json").read_text())["deterministic"] is True
+    # Without the option the run leaves the mode as it found it (off here).
+    seen.clear()
+    assert train_main(_train_args("ae", "--data", "sample", "--limit", "16", "--batch-size", "16", "--latent-dim", "8",
+                                  "--epochs", "1", "--eval-limit", "16", "--device", "cpu", "--no-progress",
+                                  "--out", str(tmp_path / "plain"))) == 0
+    assert seen == [(False, None)]
