@@ -251,9 +251,9 @@ class ConvVQVAE(nn.Module):
         return self.quantize(self.encode(x))[2]
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, H, W) -> images."""
-        z_q = self.embeddings(indices).permute(0, 3, 1, 2)
-        return self.decode(z_q)
+        """Code indices (B, H, W) -> images: the decoder of the codes the quantizer would output for them
+        (unit codes with the cosine metric); indices outside [0, num_embeddings) raise ValueError."""
+        return self.decode(self.quantizer.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(reconstruction, vq_loss, indices)``."""

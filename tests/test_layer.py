@@ -134,6 +134,42 @@ def test_layouts(backend, device, shape, channel_dim, cdim):
     torch.testing.assert_close(loss, ref_loss)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape,channel_dim", [
+    ((2, 6, 3, 5), None), ((2, 7, 6), None), ((9, 6), None), ((2, 6, 11), 1), ((2, 3, 6, 4), -2),
+])
+def test_codes_from_indices_give_forwards_output(backend, device, shape, channel_dim, metric):
+    torch.manual_seed(3)
+    vq = VectorQuantizer(13, 6, channel_dim=channel_dim, metric=metric).to(device).eval()
+    z = torch.randn(*shape, device=device)
+    z_q, _, idx = vq(z)
+    codes = vq.codes_from_indices(idx)
+    assert codes.shape == z.shape and codes.is_contiguous()
+    assert torch.equal(codes, z_q)
+    # Differentiable with respect to the codebook: each use of a code adds its output gradient.
+    codes = vq.codes_from_indices(idx.reshape(-1)[:5].reshape(5), check_indices=False)
+    if metric == "l2":
+        codes.sum().backward()
+        expected = torch.bincount(idx.reshape(-1)[:5].cpu(), minlength=13).float()[:, None].expand(13, 6)
+        torch.testing.assert_close(vq.embeddings.weight.grad.cpu(), expected)
+
+
+def test_codes_from_indices_reject_bad_indices():
+    vq = VectorQuantizer(8, 4)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+        vq.codes_from_indices(torch.tensor([[0, 8]]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
+        vq.codes_from_indices(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="indices"):
+        vq.codes_from_indices(torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="indices"):
+        vq.codes_from_indices([0, 1])
+    with pytest.raises(ValueError, match="0-dimensional"):
+        vq.codes_from_indices(torch.tensor(3))
+    with pytest.raises(ValueError, match="out of range"):
+        VectorQuantizer(8, 4, channel_dim=3).codes_from_indices(torch.tensor([1, 2]))
+
+
 def test_bad_inputs():
     vq = VectorQuantizer(8, 4)
     with pytest.raises(ValueError, match="channels at dim 1, expected embedding_dim=4"):

@@ -107,6 +107,16 @@ def test_vae_sample_and_blend(images: torch.Tensor) -> None:
     torch.testing.assert_close(batched[:, 2], vae.blend(images[2], images[6], torch.linspace(0, 1, 5)))
 
 
+def test_vqvae_decodes_indices_as_its_quantizer_outputs_them_also_with_the_cosine_metric(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = ConvVQVAE(num_embeddings=64, embedding_dim=16, metric="cosine").eval()
+    with torch.no_grad():
+        recon, _, idx = model(images[:4])
+        torch.testing.assert_close(model.decode_indices(idx), recon)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 64\)"):
+        model.decode_indices(torch.full((1, 4, 4), 64))
+
+
 def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = ConvVQVAE(num_embeddings=64, embedding_dim=16)

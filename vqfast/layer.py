@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from vqfast import reference
 from vqfast._checks import check_bool, check_int, check_number, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
-from vqfast.functional import _ops, first_order_only, nearest_code, quantize, resolve_backend
+from vqfast.functional import _ops, first_order_only, gather, nearest_code, quantize, resolve_backend
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
@@ -379,11 +379,36 @@ class VectorQuantizer(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def _channel_dim(self, z: Tensor) -> int:
+        return self._channel_dim_of(z.dim(), f"z of shape {tuple(z.shape)}")
+
+    def _channel_dim_of(self, ndim: int, what: str) -> int:
+        """Where the channels are in an input of ``ndim`` dimensions (``what`` names it in errors)."""
         if self.channel_dim is not None:
-            if not -z.dim() <= self.channel_dim < z.dim():
-                raise ValueError(f"channel_dim={self.channel_dim} is out of range for z of shape {tuple(z.shape)}")
-            return self.channel_dim % z.dim()
-        return 1 if z.dim() >= 4 else z.dim() - 1
+            if not -ndim <= self.channel_dim < ndim:
+                raise ValueError(f"channel_dim={self.channel_dim} is out of range for {what}")
+            return self.channel_dim % ndim
+        return 1 if ndim >= 4 else ndim - 1
+
+    def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
+        """The ``z_q`` that :meth:`forward` returns for these ``indices``, in the same layout: the codes with
+        the channel dimension put back where forward finds it, e.g. (B, C, H, W) for (B, H, W) indices,
+        (B, N, C) for (B, N) and (N, C) for (N,) (or at ``channel_dim``); unit codes for the cosine metric.
+        For decoding indices that did not come from an encoder (a prior's samples, stored tokens).
+
+        Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. The codebook's dtype
+        (float32), differentiable with respect to the codebook. Indices outside [0, K) raise ValueError,
+        a host-side check that ``check_indices=False`` skips on the GPU (as :func:`vqfast.gather`).
+        """
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dim() == 0:
+            raise ValueError("indices must have at least a batch dimension, got a 0-dimensional tensor")
+        channel_dim = self._channel_dim_of(indices.dim() + 1, f"codes from indices of shape {tuple(indices.shape)}")
+        weight = self.embeddings.weight
+        if self.metric == "cosine":
+            weight = reference.unit_rows(weight)
+        codes = gather(weight, indices, check_indices=check_indices)
+        return codes.movedim(-1, channel_dim).contiguous()
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring)."""
