@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -293,11 +295,58 @@ def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
     return (fixed, *[c for c in others if c != fixed])
 
 
+class KeptBuffers:
+    """Scratch buffers of one plan (a search's split winners, its re-check lists, the codebook norms),
+    allocated on a plan's first call from a given thread and stream and reused by its later calls
+    there: a small search is bound by host time, and each ``torch.empty`` costs about as much as a
+    prepared launch. Nothing carries over between calls (every launch writes what it later reads, as
+    with fresh ``torch.empty``). Per thread and stream because calls from two threads, or on two streams,
+    may run interleaved on the GPU, while calls from one thread on one stream run in order. Fresh
+    buffers instead while a CUDA graph is captured (the graph keeps the addresses; two graphs
+    replayed at once must not share them), beyond ``limit`` bytes (large problems are not bound by
+    host time) and beyond ``max_keys`` threads and streams per plan."""
+
+    __slots__ = ("specs", "keep", "max_keys", "kept")
+
+    def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], limit: int = 2 << 20, max_keys: int = 4):
+        self.specs = tuple(specs)
+        nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs)
+        self.keep = nbytes <= limit
+        self.max_keys = max_keys
+        self.kept: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def get(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The buffers, uninitialised, on ``device``."""
+        key = _stream_key(device) if self.keep else None
+        if key is None:
+            return self._new(device)
+        buffers = self.kept.get(key)
+        if buffers is None:
+            buffers = self._new(device)
+            if len(self.kept) < self.max_keys:
+                self.kept[key] = buffers
+        return buffers
+
+    def _new(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.specs)
+
+
+def _stream_key(device: torch.device) -> tuple | None:
+    """(thread, device, current stream) for kept buffers, or None while the stream captures a CUDA graph."""
+    if device.type != "cuda":
+        return threading.get_ident(), device, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return threading.get_ident(), index, torch._C._cuda_getCurrentRawStream(index)
+
+
 class PlanCache:
     """Launch plans by problem, as ``kernels/nearest.py`` keeps its searches': what a launcher computes
     from a problem's shapes, strides, dtypes and arguments before it allocates and launches (block
     sizes, grids, prepared launches), so that a repeated small problem, which is bound by host time,
-    computes it once. A plan holds no tensor, only what its key determines. Bounded, since a stream of
+    computes it once. A plan holds only what its key determines, and scratch buffers (``KeptBuffers``)
+    that no call reads before it writes them. Bounded, since a stream of
     distinct shapes (ragged batches) would otherwise grow it without end: the oldest goes first."""
 
     __slots__ = ("plans", "limit")

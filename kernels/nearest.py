@@ -30,8 +30,8 @@ import triton.language as tl
 from vqfast.kernels import _common
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
-    PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, int32_safe_columns, interpreting,
-    max_shared_memory, multiprocessor_count, next_power_of_2,
+    KeptBuffers, PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, int32_safe_columns,
+    interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -733,16 +733,10 @@ class _Recheck:
                  plan: _RecheckPlan | None = None):
         if plan is None:
             plan = _RecheckPlan(z, codebook, tolerance_scale)
-        n = z.shape[0]
-        k = codebook.shape[0]
         device = z.device
-        self.c_sqnorm = torch.empty(k, dtype=torch.float32, device=device)
-        self.c_norm = torch.empty(k, dtype=torch.float32, device=device)
-        self.c_resid = torch.empty(k, dtype=torch.float32, device=device)
-        self.count = torch.empty(1, dtype=torch.int32, device=device)
-        self.rows = torch.empty(n, dtype=torch.int32, device=device)
-        self.packed = torch.empty(n, dtype=torch.int64, device=device)
-        self.status = torch.empty(n, dtype=torch.int8, device=device)
+        self.c_sqnorm, self.c_norm, self.c_resid, self.count, self.rows, self.packed = plan.scratch.get(device)
+        # Returned to the caller: fresh on every call.
+        self.status = torch.empty(z.shape[0], dtype=torch.int8, device=device)
         self.errors = plan.errors
         plan.norms(codebook, self.c_sqnorm, self.c_norm, self.c_resid, self.count)
 
@@ -751,8 +745,12 @@ class _RecheckPlan:
     """What ``_Recheck`` computes from the problem alone: the bound's factors and the norms' launch."""
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float):
-        d = z.shape[1]
+        n, d = z.shape
         k = codebook.shape[0]
+        f32 = torch.float32
+        # c_sqnorm, c_norm, c_resid, count, rows, packed
+        self.scratch = KeptBuffers([((k,), f32), ((k,), f32), ((k,), f32), ((1,), torch.int32), ((n,), torch.int32),
+                                    ((n,), torch.int64)])
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
@@ -794,6 +792,12 @@ class _SearchPlan:
         write_distance = splits == 1
         checking = errors is not None
         self.n, self.splits, self.write_distance, self.checking = n, splits, write_distance, checking
+        # The split winners: scores, part_index, then with the re-check second, second_index, third, upper.
+        shape = (n, splits)
+        specs = [] if write_distance else [(shape, torch.float32), (shape, torch.int64)]
+        if specs and checking:
+            specs += [(shape, torch.float32), (shape, torch.int32), (shape, torch.float32), (shape, torch.float32)]
+        self.scratch = KeptBuffers(specs)
 
         # Stand-ins for pointers a variant never touches: c_sqnorm, except ``count_ptr`` without the
         # re-check: the autotuner zeroes it before each timing run (the tf32 pass appends to a list), so
@@ -860,14 +864,7 @@ class _SearchPlan:
         distances = torch.empty(n, dtype=torch.float32, device=device)
         tensors = [z, codebook, c_sqnorm, indices, distances]
         if not self.write_distance:
-            shape = (n, self.splits)
-            tensors += (torch.empty(shape, dtype=torch.float32, device=device),  # scores
-                        torch.empty(shape, dtype=torch.int64, device=device))  # part_index
-            if self.checking:
-                tensors += (torch.empty(shape, dtype=torch.float32, device=device),  # second
-                            torch.empty(shape, dtype=torch.int32, device=device),  # second_index
-                            torch.empty(shape, dtype=torch.float32, device=device),  # third
-                            torch.empty(shape, dtype=torch.float32, device=device))  # upper
+            tensors += self.scratch.get(device)
         if self.checking:
             tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
         global _last_search_autotuner
@@ -987,6 +984,7 @@ class _Plan:
         else:
             k, d = codebook.shape
             self.sqnorms = _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())
+            self.sqnorm_scratch = KeptBuffers([((k,), torch.float32)])
             self.search = _SearchPlan(z, codebook, self.input_precision, num_splits, None)
 
 
@@ -1034,7 +1032,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device), None)
     if not plan.checking:
-        c_sqnorm = torch.empty(codebook.shape[0], dtype=torch.float32, device=codebook.device)
+        (c_sqnorm,) = plan.sqnorm_scratch.get(codebook.device)
         plan.sqnorms(codebook, c_sqnorm)
         return (*_search(z, codebook, c_sqnorm, plan.input_precision, num_splits, plan=plan.search), None)
     recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck)

@@ -377,3 +377,45 @@ def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
     assert result.test_metrics is not None and np.isfinite(result.test_metrics["mse"])
     for name in ("reconstructions.png", "codebook_usage.png", "loss_curve.png", "checkpoint.pt"):
         assert (tmp_path / "run" / name).is_file()
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.bfloat16, "highest")])
+def test_kept_search_buffers_across_streams_and_a_cuda_graph(dtype, precision):
+    """A search plan keeps its scratch per thread and stream, and not in a CUDA graph: calls interleaved
+    on two streams without synchronising, and a graph replayed between eager calls, each give their own
+    indices (a shared buffer would mix the calls' codebook norms and split winners)."""
+    from vqfast.kernels import _common
+
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    codebooks = [torch.randn(4096, 128, device="cuda", generator=gen).to(dtype) for _ in range(2)]
+    zs = [torch.randn(1024, 128, device="cuda", generator=gen).to(dtype) for _ in range(8)]
+    want = [kernels.nearest_code(z.float(), codebooks[i % 2].float(), precision="ieee")[0] for i, z in enumerate(zs)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = []
+    for i, z in enumerate(zs):
+        with torch.cuda.stream(streams[i % 2]):
+            got.append(kernels.nearest_code(z, codebooks[i % 2], precision=precision)[0])
+    torch.cuda.synchronize()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (idx, ref) in enumerate(zip(got, want)):
+        if dtype == torch.float32:
+            assert torch.equal(idx, ref), i
+        else:
+            assert chosen_gap(zs[i].float(), codebooks[i % 2].float(), idx).max() <= tol, i
+    static_z = zs[0].clone()
+    kernels.nearest_code(static_z, codebooks[0], precision=precision)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert _common._stream_key(static_z.device) is None
+        static_idx, _ = kernels.nearest_code(static_z, codebooks[0], precision=precision)
+    static_z.copy_(zs[2])
+    graph.replay()
+    eager, _ = kernels.nearest_code(zs[4], codebooks[0], precision=precision)
+    graph.replay()
+    torch.cuda.synchronize()
+    for idx, i in ((static_idx, 2), (eager, 4)):
+        assert chosen_gap(zs[i].float(), codebooks[0].float(), idx).max() <= tol
+        if dtype == torch.float32:
+            assert torch.equal(idx, want[i])

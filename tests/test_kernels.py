@@ -1109,6 +1109,70 @@ def test_search_plans_are_bounded(kernel_device, monkeypatch):
     assert [key[0][0] for key in nearest._PLANS.plans] == [3, 4, 5]  # the oldest go first
 
 
+def test_kept_buffers_are_per_thread_and_bounded(kernel_device):
+    import threading
+
+    from vqfast.kernels._common import KeptBuffers
+
+    kept = KeptBuffers([((3, 2), torch.float32), ((5,), torch.int64)], max_keys=2)
+    first = kept.get(kernel_device)
+    assert [(t.shape, t.dtype, t.device.type) for t in first] == [
+        ((3, 2), torch.float32, kernel_device.type), ((5,), torch.int64, kernel_device.type)]
+    assert all(a is b for a, b in zip(first, kept.get(kernel_device)))  # the same thread: reused
+    # Two more threads at once get their own; the second of them is a third key, over max_keys: fresh
+    # buffers on every call.
+    together = threading.Barrier(2)
+    others = {}
+
+    def other(name: str) -> None:
+        together.wait()
+        if name == "late":
+            together.wait()  # after "early" has kept its buffers
+        others[name] = (kept.get(kernel_device), kept.get(kernel_device))
+        if name == "early":
+            together.wait()
+
+    threads = [threading.Thread(target=other, args=(name,)) for name in ("early", "late")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    early, late = others["early"], others["late"]
+    assert not any(t is f for t, f in zip(early[0] + late[0], first + first))
+    assert all(x is y for x, y in zip(*early)) and not any(x is y for x, y in zip(*late))
+    assert len(kept.kept) == 2
+    big = KeptBuffers([((1 << 20,), torch.float32)], limit=1 << 20)  # 4 MiB: over the limit, never kept
+    assert big.get(kernel_device)[0] is not big.get(kernel_device)[0] and not big.kept
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
+                                             (torch.float16, "highest"), (torch.float32, "ieee")])
+def test_repeated_searches_on_kept_buffers_match_fresh_ones(kernel_device, dtype, precision, monkeypatch):
+    """Later calls of a plan reuse its scratch (split winners, re-check lists, codebook norms): data that
+    changes between calls of one shape, and a change back, give what a search on fresh buffers gives."""
+    from vqfast.kernels import _common, nearest
+
+    g = torch.Generator().manual_seed(11)
+    data = [(torch.randn(37, 20, generator=g).to(dtype).to(kernel_device),
+             (torch.randn(50, 20, generator=g) * scale).to(dtype).to(kernel_device)) for scale in (1.0, 3.0, 0.5)]
+    fresh = []
+    with monkeypatch.context() as m:
+        m.setattr(_common.KeptBuffers, "get", lambda self, device: self._new(device))
+        for z, c in data:
+            fresh.append(nearest._nearest_code_with_status(z, c, precision, 3))
+    for z, c in (*data, data[0]):
+        want = fresh[[i for i, (zz, _) in enumerate(data) if zz is z][0]]
+        got = nearest._nearest_code_with_status(z, c, precision, 3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (got[2] is None) == (want[2] is None) and (got[2] is None or torch.equal(got[2], want[2]))
+    plan = nearest._PLANS.get(nearest._plan_key(*data[0], precision, 3, 1.0))
+    kept = [plan.search.scratch] + ([plan.recheck.scratch] if plan.checking else [plan.sqnorm_scratch])
+    assert all(len(k.kept) == 1 for k in kept)  # all of it reused from this thread's first call
+    # The status goes to the caller: a fresh tensor on every call.
+    if plan.checking:
+        assert nearest._nearest_code_with_status(*data[0], precision, 3)[2] is not got[2]
+
+
 class _EvictedMeanwhile(dict):
     """Plans as another thread leaves them: between finding the oldest plan and dropping it, the other
     thread drops that same plan."""
