@@ -174,7 +174,9 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
             grad_loss = grad_loss.reshape(1).to(torch.float32)
         gzq = (grad_zq.contiguous() if plan.copy_gzq else grad_zq) if has_gzq else z
 
-        def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z, into_c: torch.Tensor = grad_c) -> None:
+        # (Deterministic mode: the kernel leaves the codebook gradient alone; any fp32 tensor stands in.)
+        def launch(cfg: LaunchConfig, into_z: torch.Tensor = grad_z,
+                   into_c: torch.Tensor = grad_loss if grad_c is None else grad_c) -> None:
             launches[cfg](gzq, grad_loss, z, codebook, indices, into_z, into_c)
 
         # The codebook gradient accumulates (atomics): timing runs go to scratch tensors.
@@ -191,8 +193,10 @@ def _codebook_grad_in_order(grad_loss: torch.Tensor, z: torch.Tensor, codebook: 
     """The backward kernel's codebook gradient, ``dcodebook[indices] += g * coef * (q - z)`` in fp32, as a
     fixed-order sum (``index_add_rows``) for deterministic mode."""
     k = codebook.shape[0]
+    if k == 0:
+        return torch.zeros((0, codebook.shape[1]), dtype=torch.float32, device=codebook.device)
     # Indices outside [0, K) read code 0 here; index_add_rows drops their rows.
-    q = codebook.index_select(0, indices.clamp(0, max(k - 1, 0))).to(torch.float32)
+    q = codebook.index_select(0, indices.clamp(0, k - 1)).to(torch.float32)
     # (g * coef) first, in fp32, as the kernel forms it.
     step = grad_loss.reshape(()).to(torch.float32) * coef
     return index_add_rows(q.sub_(z.to(torch.float32)).mul_(step), indices, k)

@@ -159,7 +159,7 @@ def _grad_rows_kernel(
 @triton.jit
 def _grad_codes_kernel(
     z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dc_ptr, N, K, D, rows_per_split,
-    stride_zn, stride_zd, stride_ck, stride_cd, scale,
+    stride_dc_split, stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_PRECISION: tl.constexpr,
 ):
@@ -193,9 +193,10 @@ def _grad_codes_kernel(
     c_out = tl.load(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck + offs_do[None, :] * stride_cd,
                     mask=mask_k[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
     dc = (2.0 * scale) * (acc - c_out * g_col[:, None])
-    # Row splits of the same code block add into one fp32 output.
-    tl.atomic_add(dc_ptr + offs_k.to(tl.int64)[:, None] * D + offs_do[None, :], dc,
-                  mask=mask_k[:, None] & mask_do[None, :], sem="relaxed")
+    # Row splits of the same code block add into one fp32 output (stride_dc_split 0), or each into its
+    # own zeroed slice, summed afterwards in split order (deterministic mode).
+    tl.atomic_add(dc_ptr + pid_s.to(tl.int64) * stride_dc_split + offs_k.to(tl.int64)[:, None] * D + offs_do[None, :],
+                  dc, mask=mask_k[:, None] & mask_do[None, :], sem="relaxed")
 
 
 
@@ -307,7 +308,8 @@ def soft_entropy_backward(
     the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
     equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
     skips the codebook pass (dcodebook is then an empty (0, D) tensor). That pass splits the rows across
-    programs that add into dcodebook atomically, except under ``torch.use_deterministic_algorithms(True)``.
+    programs that add into dcodebook atomically; under ``torch.use_deterministic_algorithms(True)`` each
+    split adds into its own slice, and the slices are summed in order.
     """
     check_rows_and_codes(z, codebook)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
@@ -343,15 +345,21 @@ def soft_entropy_backward(
     if not codebook_grad:
         return dz, dc
 
-    def grad_codes(cfg: tuple[int, int, int, int], into: torch.Tensor = dc) -> None:
+    def grad_codes(cfg: tuple[int, int, int, int], into: torch.Tensor = dc) -> torch.Tensor:
         code_blocks = cdiv(k, cfg[1])
-        # Row splits add into one output atomically, in no fixed order; deterministic mode takes one split,
-        # whose single addition to zero is exact.
-        splits, rows_per_split = (1, n) if deterministic() else _splits(n, cfg[0], code_blocks * d_blocks, device)
+        splits, rows_per_split = _splits(n, cfg[0], code_blocks * d_blocks, device)
+        split_stride = 0
+        if deterministic() and splits > 1:
+            # Row splits add into one output atomically, in no fixed order: here each adds into its own
+            # zeroed slice (a single exact addition), and the slices are summed in order. At most ~2
+            # programs per SM of BLOCK_K x BLOCK_D each, so a few MB.
+            into = torch.zeros((splits, k, d), dtype=torch.float32, device=device)
+            split_stride = k * d
         launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
-                      z, codebook, c_sqnorm, lse, ent, w, coef, r, into, n, k, d, rows_per_split, *strides,
-                      float(scale), **meta(cfg))
+                      z, codebook, c_sqnorm, lse, ent, w, coef, r, into, n, k, d, rows_per_split, split_stride,
+                      *strides, float(scale), **meta(cfg))
+        return into.sum(0) if split_stride else into
 
     # Atomic sums: timing runs add into a scratch output.
-    grad_codes(tuned_config(("soft_entropy_grad_codes", *tune), configs, scratch_trial(grad_codes, dc)))
+    dc = grad_codes(tuned_config(("soft_entropy_grad_codes", *tune), configs, scratch_trial(grad_codes, dc)))
     return dz, dc

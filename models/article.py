@@ -52,3 +52,8 @@ class ArticleVQ(nn.Module):
         loss = F.mse_loss(q, flat.detach()) + self.beta * F.mse_loss(flat, q.detach())
         z_q = flat + (q - flat).detach()
         return z_q.view(b, h, w, c).permute(0, 3, 1, 2), loss, indices.view(b, h, w)
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """The codes at ``indices`` (B, H, W) as (B, C, H, W), like ``VectorQuantizer.codes_from_indices``
+        (an index outside [0, K) raises, as ``nn.Embedding`` does)."""
+        return self.embeddings(indices).permute(0, 3, 1, 2)

@@ -251,8 +251,9 @@ class ConvVQVAE(nn.Module):
         return self.quantize(self.encode(x))[2]
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, H, W) -> images: the decoder of the codes the quantizer would output for them
-        (unit codes with the cosine metric); indices outside [0, num_embeddings) raise ValueError."""
+        """Code indices (B, H, W) -> images: the decoder of the codes the quantizer outputs for them (unit
+        codes with the cosine metric). Indices outside [0, num_embeddings) raise ValueError (except
+        under ``torch.compile``, where the range is not checked)."""
         return self.decode(self.quantizer.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

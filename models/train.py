@@ -257,6 +257,10 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if workspace is None:
+        if torch.cuda.is_initialized():
+            # PyTorch reads the setting once, when it first sizes a cuBLAS workspace.
+            print("--deterministic: CUDA was already in use in this process, so CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                  "may come too late for cuBLAS; set it before starting Python", file=sys.stderr)
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     torch.use_deterministic_algorithms(True)
     try:
@@ -1464,9 +1468,10 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--out", default=None,
       help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
     a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    a("--deterministic", action="store_true", default=None,
-      help="torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same GPU and "
-           "software (vqfast then sums codebook gradients without atomics; somewhat slower)")
+    a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+      help="train under torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same "
+           "GPU and software (vqfast then sums codebook gradients without atomics; somewhat slower); "
+           "a resumed run keeps its setting unless given")
     a("--limit", type=int, default=None, help="use at most this many training images")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true",

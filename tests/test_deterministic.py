@@ -28,16 +28,17 @@ def deterministic_mode():
 
 @pytest.fixture
 def launched(monkeypatch):
-    """(kernel name, meta-parameters) of every prepared launch and ``launch_kernel`` call, in order."""
-    seen: list[tuple[str, dict, tuple]] = []
+    """(kernel name, meta-parameters, grid, arguments) of every prepared launch and ``launch_kernel``
+    call, in order (the arguments of ``launch_kernel`` calls only)."""
+    seen: list[tuple[str, dict, tuple, tuple]] = []
     prepared_call = _launch.PreparedLaunch.__call__
 
     def record_prepared(self, *tensors):
-        seen.append((_name(self.kernel), self.meta, self.grid))
+        seen.append((_name(self.kernel), self.meta, self.grid, ()))
         return prepared_call(self, *tensors)
 
     def record_launch(kernel, grid, *args, **meta):
-        seen.append((_name(kernel), meta, grid))
+        seen.append((_name(kernel), meta, grid, args))
         return launch_kernel(kernel, grid, *args, **meta)
 
     launch_kernel = soft_entropy.launch_kernel
@@ -72,7 +73,7 @@ def test_scatter_add_sums_in_order(dtype, launched, kernel_device):
     grad, idx = _rows(n, k, d, kernel_device)
     grad = grad.to(dtype)
     atomic = kernels.scatter_add_rows(grad, idx, k, torch.float32)
-    assert [name for name, _, _ in launched] == ["_scatter_add_rows_kernel"]
+    assert [name for name, *_ in launched] == ["_scatter_add_rows_kernel"]
     launched.clear()
     enabled = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -81,7 +82,7 @@ def test_scatter_add_sums_in_order(dtype, launched, kernel_device):
         ordered_16 = kernels.scatter_add_rows(grad, idx, k)
     finally:
         torch.use_deterministic_algorithms(enabled)
-    assert "_scatter_add_rows_kernel" not in [name for name, _, _ in launched]
+    assert "_scatter_add_rows_kernel" not in [name for name, *_ in launched]
     valid = idx < k
     expected = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx[valid].cpu(), grad[valid].double().cpu())
     assert ordered.shape == (k, d) and ordered.dtype == torch.float32 and ordered.is_contiguous()
@@ -98,14 +99,14 @@ def test_quantize_backward_sums_the_codebook_gradient_in_order(with_grad_zq, lau
     grad_zq = torch.randn(n, d).to(kernel_device) if with_grad_zq else None
     grad_loss = torch.tensor(1.7, device=kernel_device)
     gz_atomic, gc_atomic = kernels.quantize_backward(grad_zq, grad_loss, z, codebook, idx, beta)
-    assert [meta["NEED_GRAD_C"] for name, meta, _ in launched if name == "_vq_backward_kernel"] == [True]
+    assert [meta["NEED_GRAD_C"] for name, meta, *_ in launched if name == "_vq_backward_kernel"] == [True]
     launched.clear()
     torch.use_deterministic_algorithms(True)
     try:
         gz, gc = kernels.quantize_backward(grad_zq, grad_loss, z, codebook, idx, beta)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert [meta["NEED_GRAD_C"] for name, meta, _ in launched if name == "_vq_backward_kernel"] == [False]
+    assert [meta["NEED_GRAD_C"] for name, meta, *_ in launched if name == "_vq_backward_kernel"] == [False]
     assert torch.equal(gz, gz_atomic)
     valid = (idx < k).cpu()
     diff = codebook.double().cpu()[idx.cpu()[valid]] - z.double().cpu()[valid]
@@ -129,30 +130,42 @@ def test_quantize_backward_in_order_for_a_16_bit_codebook_and_no_rows(determinis
     gz, gc = kernels.quantize_backward(None, torch.ones((), device=kernel_device), empty, codebook,
                                        torch.empty(0, dtype=torch.int64, device=kernel_device), 0.25)
     assert gz.shape == (0, d) and torch.equal(gc.cpu(), torch.zeros(k, d, dtype=torch.float16))
+    # No codes (every index out of range, unchecked): an empty codebook gradient, as without the mode.
+    no_codes = torch.empty(0, d, dtype=torch.float16, device=kernel_device)
+    gz, gc = kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, no_codes, idx.to(kernel_device),
+                                       0.25)
+    assert gz.shape == (9, d) and gc.shape == (0, d) and gc.dtype == torch.float16
 
 
-def test_soft_entropy_codebook_pass_takes_one_row_split(launched, kernel_device):
+def test_soft_entropy_codebook_pass_sums_its_row_splits_in_order(launched, kernel_device):
     from vqfast.kernels.soft_entropy import soft_entropy_backward, soft_entropy_forward
 
     g = torch.Generator().manual_seed(4)
-    # Many rows and few codes: several row splits unless deterministic.
-    z, c = torch.randn(300, 9, generator=g).to(kernel_device), torch.randn(5, 9, generator=g).to(kernel_device)
-    w, coef = torch.randn(5, generator=g).to(kernel_device), torch.ones(1, device=kernel_device)
+    # Many rows and few codes: several row splits, which add into one output atomically unless
+    # deterministic.
+    k, d = 5, 9
+    z, c = torch.randn(300, d, generator=g).to(kernel_device), torch.randn(k, d, generator=g).to(kernel_device)
+    w, coef = torch.randn(k, generator=g).to(kernel_device), torch.ones(1, device=kernel_device)
     lse, ent, _ = soft_entropy_forward(z, c, 0.5)
 
-    def codes_pass_splits() -> int:
-        (grid,) = [grid for name, _, grid in launched if name == "_grad_codes_kernel"]
+    def codes_pass() -> tuple[int, torch.Tensor, int]:
+        """(row splits, output, stride between the splits' outputs) of the codebook pass."""
+        (found,) = [(grid, args) for name, _, grid, args in launched if name == "_grad_codes_kernel"]
         launched.clear()
-        return grid[2]
+        grid, args = found
+        return grid[2], args[8], args[13]
 
     dz_split, dc_split = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5)
-    assert codes_pass_splits() > 1
+    splits, out, stride = codes_pass()
+    assert splits > 1 and stride == 0 and out is dc_split
     torch.use_deterministic_algorithms(True)
     try:
         dz, dc = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert codes_pass_splits() == 1
+    ordered_splits, out, stride = codes_pass()
+    assert ordered_splits == splits and stride == k * d and out.shape == (splits, k, d)
+    assert torch.equal(dc, out.sum(0))
     assert torch.equal(dz, dz_split)
     torch.testing.assert_close(dc, dc_split, rtol=1e-5, atol=1e-6)
 

@@ -115,6 +115,11 @@ def test_vqvae_decodes_indices_as_its_quantizer_outputs_them_also_with_the_cosin
         torch.testing.assert_close(model.decode_indices(idx), recon)
     with pytest.raises(ValueError, match=r"must lie in \[0, 64\)"):
         model.decode_indices(torch.full((1, 4, 4), 64))
+    # The article's VQ step (fixed) in the same model decodes its indices too.
+    article = build_model("vqvae", num_codes=16, code_dim=8, vq_impl="article").eval()
+    with torch.no_grad():
+        recon, _, idx = article(images[:2])
+        torch.testing.assert_close(article.decode_indices(idx), recon)
 
 
 def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch.Tensor) -> None:

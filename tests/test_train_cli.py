@@ -447,6 +447,12 @@ def test_deterministic_trains_in_torchs_deterministic_mode_and_restores_it(tmp_p
     assert seen == [(True, ":4096:8")]
     assert not torch.are_deterministic_algorithms_enabled()
     assert json.loads((out / "config.json").read_text())["deterministic"] is True
+    # ... and gives it up when told.
+    seen.clear()
+    assert train_main(_train_args("vqvae", "--epochs", "3", "--eval-limit", "16", "--device", "cpu", "--no-progress",
+                                  "--resume", "--no-deterministic", "--out", str(out))) == 0
+    assert seen == [(False, None)]
+    assert json.loads((out / "config.json").read_text())["deterministic"] is False
     # Without the option the run leaves the mode as it found it (off here).
     seen.clear()
     assert train_main(_train_args("ae", "--data", "sample", "--limit", "16", "--batch-size", "16", "--latent-dim", "8",

@@ -390,14 +390,17 @@ class VectorQuantizer(nn.Module):
         return 1 if ndim >= 4 else ndim - 1
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
-        """The ``z_q`` that :meth:`forward` returns for these ``indices``, in the same layout: the codes with
-        the channel dimension put back where forward finds it, e.g. (B, C, H, W) for (B, H, W) indices,
-        (B, N, C) for (B, N) and (N, C) for (N,) (or at ``channel_dim``); unit codes for the cosine metric.
-        For decoding indices that did not come from an encoder (a prior's samples, stored tokens).
+        """The values of the ``z_q`` that :meth:`forward` returns for these ``indices``, in the same layout:
+        the codes with the channel dimension put back where forward finds it, e.g. (B, C, H, W) for
+        (B, H, W) indices, (B, N, C) for (B, N) and (N, C) for (N,) (or at ``channel_dim``); unit codes
+        for the cosine metric. For decoding indices that did not come from an encoder (a prior's
+        samples, stored tokens). The codes as they are now: a training forward that rewrote the codebook
+        afterwards (EMA, restarts) returned the codes before that.
 
-        Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. The codebook's dtype
-        (float32), differentiable with respect to the codebook. Indices outside [0, K) raise ValueError,
-        a host-side check that ``check_indices=False`` skips on the GPU (as :func:`vqfast.gather`).
+        Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. In the codebook's
+        dtype (float32; forward's ``z_q`` is in z's), differentiable with respect to the codebook.
+        Indices outside [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips
+        on the GPU and that ``torch.compile`` leaves out (as in :func:`vqfast.gather`).
         """
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
