@@ -218,3 +218,27 @@ def test_repeated_gpu_sums_are_bitwise_equal(deterministic_mode):
     for _ in range(5):
         for a, b in zip(first, sums()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_deterministic_sums_in_a_cuda_graph(deterministic_mode):
+    """The fixed-order sums (PyTorch's index_add_ in this mode) can be captured and replayed."""
+    n, k, d = 50_000, 32, 64
+    grad, idx = _rows(n, k, d, "cuda", seed=6)
+    z, codebook = torch.randn(n, d, device="cuda"), torch.randn(k, d, device="cuda")
+    one = torch.ones((), device="cuda")
+
+    def sums():
+        return kernels.scatter_add_rows(grad, idx, k, torch.float32), kernels.quantize_backward(
+            None, one, z, codebook, idx, 0.25)[1]
+
+    eager = sums()  # also the warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sums()
+    grad.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], 2.0 * eager[0])  # doubling is exact in fp32
+    assert torch.equal(captured[1], eager[1])
