@@ -201,7 +201,9 @@ def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
     from vqfast._checks import check_gather_inputs
 
-    check_gather_inputs(codebook, indices)
+    # (Under torch.compile the range is data the graph cannot branch on; the compiled indexing checks
+    # its bounds itself.)
+    check_gather_inputs(codebook, indices, check_range=not torch.compiler.is_compiling())
     return _gather_wide(codebook, indices).to(codebook.dtype)
 
 
@@ -225,8 +227,16 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     """
     from vqfast._checks import check_usage_inputs
 
-    check_usage_inputs(indices, num_codes)
-    counts = torch.bincount(indices.reshape(-1), minlength=num_codes)
+    compiling = torch.compiler.is_compiling()
+    check_usage_inputs(indices, num_codes, check_range=not compiling)
+    flat = indices.reshape(-1)
+    if compiling:
+        # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
+        # index_add_ gives num_codes counts (and checks its indices' bounds).
+        counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int64))
+    else:
+        counts = torch.bincount(flat, minlength=num_codes)
     entropy, perplexity = histogram_entropy(counts)
     return counts, entropy, perplexity
 
