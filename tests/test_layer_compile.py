@@ -112,8 +112,10 @@ def test_public_ops_compile_without_graph_breaks(monkeypatch, backend):
                         (compiled,)):
             torch.testing.assert_close(c, e, msg=name)
     if backend == "torch":  # compiled, the CPU backend skips its range check, but the indexing still fails
-        bad = torch.tensor([0, 16], device=device)
-        for op in (lambda i: vqfast.gather(codebook, i), lambda i: vqfast.code_usage(i, 16)):
+        # (On the CPU: on a GPU a bad index is a device-side assert, which ends the process's CUDA use.)
+        bad = torch.tensor([0, 16])
+        cpu_codebook = codebook.cpu()
+        for op in (lambda i: vqfast.gather(cpu_codebook, i), lambda i: vqfast.code_usage(i, 16)):
             torch._dynamo.reset()
             with pytest.raises(IndexError):
                 torch.compile(op, fullgraph=True, backend="aot_eager")(bad)
