@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -304,14 +305,15 @@ class KeptBuffers:
     may run interleaved on the GPU, while calls from one thread on one stream run in order. Fresh
     buffers instead while a CUDA graph is captured (the graph keeps the addresses; two graphs
     replayed at once must not share them), beyond ``limit`` bytes (large problems are not bound by
-    host time) and beyond ``max_keys`` threads and streams per plan."""
+    host time), beyond ``max_keys`` threads and streams per plan, and once all plans together keep
+    ``KEPT_BUDGET`` bytes (plans dropped from their cache give theirs back)."""
 
-    __slots__ = ("specs", "keep", "max_keys", "kept")
+    __slots__ = ("specs", "nbytes", "keep", "max_keys", "kept", "__weakref__")
 
     def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], limit: int = 2 << 20, max_keys: int = 4):
         self.specs = tuple(specs)
-        nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs)
-        self.keep = nbytes <= limit
+        self.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs)
+        self.keep = self.nbytes <= limit
         self.max_keys = max_keys
         self.kept: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
@@ -323,12 +325,23 @@ class KeptBuffers:
         buffers = self.kept.get(key)
         if buffers is None:
             buffers = self._new(device)
-            if len(self.kept) < self.max_keys:
+            if len(self.kept) < self.max_keys and _KEPT_BYTES[0] + self.nbytes <= KEPT_BUDGET:
                 self.kept[key] = buffers
+                _KEPT_BYTES[0] += self.nbytes
+                weakref.finalize(self, _give_back, self.nbytes)
         return buffers
 
     def _new(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.specs)
+
+
+# Bytes that all KeptBuffers together may keep, and how many they keep (approximate under threads).
+KEPT_BUDGET = 256 << 20
+_KEPT_BYTES = [0]
+
+
+def _give_back(nbytes: int) -> None:
+    _KEPT_BYTES[0] -= nbytes
 
 
 def _stream_key(device: torch.device) -> tuple | None:

@@ -1145,6 +1145,27 @@ def test_kept_buffers_are_per_thread_and_bounded(kernel_device):
     assert big.get(kernel_device)[0] is not big.get(kernel_device)[0] and not big.kept
 
 
+def test_kept_buffers_share_a_budget_and_give_it_back(kernel_device, monkeypatch):
+    import gc
+
+    from vqfast.kernels import _common
+
+    spec = [((250,), torch.float32)]  # 1,000 bytes each
+    plans = [_common.KeptBuffers(spec) for _ in range(4)]
+    gc.disable()  # (so that no other plan gives its bytes back meanwhile)
+    try:
+        monkeypatch.setattr(_common, "KEPT_BUDGET", _common._KEPT_BYTES[0] + 3000)
+        for plan in plans:
+            plan.get(kernel_device)
+    finally:
+        gc.enable()
+    assert [len(p.kept) for p in plans] == [1, 1, 1, 0]  # the fourth is over the budget: fresh buffers
+    del plans[0]
+    gc.collect()
+    plans[-1].get(kernel_device)
+    assert len(plans[-1].kept) == 1  # a dropped plan gave its bytes back
+
+
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.float32, "high"),
                                              (torch.float16, "highest"), (torch.float32, "ieee")])
 def test_repeated_searches_on_kept_buffers_match_fresh_ones(kernel_device, dtype, precision, monkeypatch):
