@@ -265,10 +265,13 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Rows (or elements) per program and warps of one launch."""
+    """Rows (or elements) per program and warps of one launch; ``stream``: the kernel marks the data
+    it passes through once as streaming (loads evicted first from L2, stores with the streaming cache
+    hint) and the data it reuses (codebook rows, atomic targets) as worth keeping."""
 
     block: int
     num_warps: int
+    stream: bool = False
 
 
 def row_block_d(d: int) -> int:
@@ -280,9 +283,15 @@ def row_block_d(d: int) -> int:
 def row_tile_configs(block_d: int) -> list[LaunchConfig]:
     """Candidates for the row kernels (gather, scatter-add, the fused VQ step): 2,048 to 8,192 elements
     per program, 4 or 8 warps, at most 32 elements per thread (with 64, ptxas gives the VQ backward 255
-    registers and spills, at 12 % occupancy: benchmarks/compile_check.py). The first (4,096 elements,
-    4 warps) is the fixed choice; under the interpreter, 16 rows keep the tests quick."""
+    registers and spills, at 12 % occupancy: benchmarks/compile_check.py), each with and without the
+    streaming cache hints. The first (4,096 elements, 4 warps, no hints) is the fixed choice; under the
+    interpreter, 16 rows keep the tests quick."""
     return list(_row_tile_configs(block_d, interpreting()))
+
+
+def with_streaming_twins(configs: Sequence[LaunchConfig]) -> tuple[LaunchConfig, ...]:
+    """``configs``, then each of them with ``stream=True``."""
+    return (*configs, *[LaunchConfig(c.block, c.num_warps, True) for c in configs])
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,7 +302,7 @@ def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
     fixed = LaunchConfig(max(1, 4096 // block_d), 4)
     others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)
               if elements <= 32 * 32 * warps]
-    return (fixed, *[c for c in others if c != fixed])
+    return with_streaming_twins((fixed, *[c for c in others if c != fixed]))
 
 
 class KeptBuffers:
@@ -412,7 +421,8 @@ class RowLaunches:
         if launch is None:
             grid = (self.programs(cfg),) if self.grid_y is None else (self.programs(cfg), self.grid_y)
             launch = self._by_config[cfg] = PreparedLaunch(
-                self.kernel, grid, self.scalars, {**self.meta, self.block_name: cfg.block, "num_warps": cfg.num_warps},
+                self.kernel, grid, self.scalars,
+                {**self.meta, self.block_name: cfg.block, "num_warps": cfg.num_warps, "STREAM": cfg.stream},
                 self.layout)
         return launch
 

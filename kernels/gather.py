@@ -18,34 +18,37 @@ from vqfast.kernels._common import (
 def _gather_rows_kernel(
     c_ptr, index_ptr, out_ptr, N, K, D,
     stride_ck, stride_cd, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr,
 ):
     # 64-bit row numbers: memory-bound, so wide offsets cost nothing and N may pass 2**31.
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d[None, :] < D)
-    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0, eviction_policy="evict_first" if STREAM else "").to(tl.int64)
     # Unchecked indices (check_indices=False) outside [0, K) read nothing and give zero rows.
     valid = (rows >= 0) & (rows < K)
+    # (STREAM: codes are read many times, so they stay in L2; the output is written once.)
     vals = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask & valid[:, None],
-                   other=0.0)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_d[None, :], vals, mask=mask)
+                   other=0.0, eviction_policy="evict_last" if STREAM else "")
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_d[None, :], vals, mask=mask,
+             cache_modifier=".cs" if STREAM else "")
 
 
 @triton.jit
 def _scatter_add_rows_kernel(
     grad_ptr, index_ptr, out_ptr, N, K, D,
     stride_gn, stride_gd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d[None, :] < D)
-    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0, eviction_policy="evict_first" if STREAM else "").to(tl.int64)
+    # (STREAM: the gradient passes through once; the output, where the atomics land, stays in L2.)
     g = tl.load(grad_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0, eviction_policy="evict_first" if STREAM else "").to(tl.float32)
     # Unchecked indices outside [0, K) must never write outside the output.
     valid = (rows >= 0) & (rows < K)
     tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask & valid[:, None], sem="relaxed")

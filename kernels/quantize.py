@@ -27,8 +27,9 @@ from vqfast.kernels._common import (
 def _vq_forward_kernel(
     z_ptr, c_ptr, index_ptr, zq_ptr, partial_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr,
 ):
+    # (STREAM: z and z_q pass through once; the codes are read many times and stay in L2.)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -40,11 +41,14 @@ def _vq_forward_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_n[:, None] & (offs_d[None, :] < D)
-        z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
+        z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0,
+                    eviction_policy="evict_first" if STREAM else "")
         q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0,
+                    eviction_policy="evict_last" if STREAM else "")
         q_out = q.to(z.dtype)
-        tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask)
+        tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask,
+                 cache_modifier=".cs" if STREAM else "")
         diff = q.to(tl.float32) - z.to(tl.float32)
         sse += tl.sum(diff * diff, axis=1)
     # Per-program partial sums (summed afterwards) keep the loss deterministic.
@@ -57,7 +61,10 @@ def _vq_backward_kernel(
     N, K, D, coef_codebook, coef_commit,
     stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
     HAS_GRAD_ZQ: tl.constexpr, NEED_GRAD_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
+    # (STREAM: z, dz_q and dz pass through once; the codes and their gradient, where the atomics land,
+    # stay in L2.)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
@@ -67,14 +74,17 @@ def _vq_backward_kernel(
     mask_c = mask & ((rows >= 0) & (rows < K))[:, None]
     offs_n64 = offs_n.to(tl.int64)
     g = tl.load(grad_loss_ptr).to(tl.float32)
-    z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0)
-    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0)
+    z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0,
+                eviction_policy="evict_first" if STREAM else "")
+    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0,
+                eviction_policy="evict_last" if STREAM else "")
     diff = q.to(tl.float32) - z.to(tl.float32)
     grad_z = -(g * coef_commit) * diff
     if HAS_GRAD_ZQ:
         grad_z += tl.load(grad_zq_ptr + offs_n64[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                          mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_z_ptr + offs_n64[:, None] * D + offs_d[None, :], grad_z.to(z.dtype), mask=mask)
+                          mask=mask, other=0.0, eviction_policy="evict_first" if STREAM else "").to(tl.float32)
+    tl.store(grad_z_ptr + offs_n64[:, None] * D + offs_d[None, :], grad_z.to(z.dtype), mask=mask,
+             cache_modifier=".cs" if STREAM else "")
     if NEED_GRAD_C:
         tl.atomic_add(grad_c_ptr + rows[:, None] * D + offs_d[None, :], (g * coef_codebook) * diff, mask=mask_c,
                       sem="relaxed")

@@ -10,21 +10,23 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
-    scratch_trial, tuned_config,
+    scratch_trial, tuned_config, with_streaming_twins,
 )
 from vqfast.kernels._launch import PreparedLaunch
 
 
 @triton.jit
-def _bincount_kernel(index_ptr, dist_ptr, counts_ptr, N, K, FINITE_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+def _bincount_kernel(index_ptr, dist_ptr, counts_ptr, N, K, FINITE_ONLY: tl.constexpr, BLOCK: tl.constexpr,
+                     STREAM: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    idx = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    # (STREAM: the indices pass through once; the histogram, where the atomics land, stays in L2.)
+    idx = tl.load(index_ptr + offs, mask=mask, other=0, eviction_policy="evict_first" if STREAM else "").to(tl.int64)
     # Unchecked indices outside [0, K) are not counted rather than written outside the histogram.
     mask = mask & (idx >= 0) & (idx < K)
     if FINITE_ONLY:
         # A NaN or inf distance marks a row holding NaN or inf; FLT_MAX also excludes NaN.
-        dist = tl.load(dist_ptr + offs, mask=mask, other=0.0)
+        dist = tl.load(dist_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first" if STREAM else "")
         mask = mask & (tl.abs(dist) <= 3.4028234663852886e38)
     tl.atomic_add(counts_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=mask, sem="relaxed")
     if FINITE_ONLY:
@@ -128,8 +130,8 @@ def _bincount_configs() -> list[LaunchConfig]:
     """Indices per program and warps; the first is the fixed choice (128 under the interpreter)."""
     if interpreting():
         return [LaunchConfig(128, 4)]
-    return [LaunchConfig(1024, 4), LaunchConfig(512, 4), LaunchConfig(2048, 4), LaunchConfig(4096, 8),
-            LaunchConfig(1024, 8)]
+    return list(with_streaming_twins((LaunchConfig(1024, 4), LaunchConfig(512, 4), LaunchConfig(2048, 4),
+                                      LaunchConfig(4096, 8), LaunchConfig(1024, 8))))
 
 
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

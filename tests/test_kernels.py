@@ -974,9 +974,10 @@ def test_memory_bound_kernels_tune_their_launch_once_per_problem(monkeypatch):
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     monkeypatch.setattr(_common, "_TUNED", {})
     timings: list[int] = []
-    # Problems in the order below: gather, scatter-add, bincount, VQ forward, VQ backward (5 candidates
-    # each); the second candidate of each is the fastest.
-    fake_ms = [2, 1, 2, 2, 2] * 5
+    # Problems in the order below: gather, scatter-add, bincount, VQ forward, VQ backward (10 candidates
+    # each: five tiles, then the same with the streaming cache hints); the streaming twin of the second
+    # tile is the fastest of each.
+    fake_ms = [2, 2, 2, 2, 2, 2, 1, 2, 2, 2] * 5
 
     def fake_do_bench(fn, warmup, rep):
         fn()
@@ -1011,11 +1012,14 @@ def test_memory_bound_kernels_tune_their_launch_once_per_problem(monkeypatch):
     assert len(tuned) == 5 and len(timings) == len(fake_ms)
     block_d = 32
     row_configs = _common.row_tile_configs(block_d)
-    assert len(row_configs) == 5 and row_configs[0] == _common.LaunchConfig(4096 // block_d, 4)
+    assert len(row_configs) == 10 and row_configs[0] == _common.LaunchConfig(4096 // block_d, 4)
+    assert [c.stream for c in row_configs] == [False] * 5 + [True] * 5
+    assert [(c.block, c.num_warps) for c in row_configs[5:]] == [(c.block, c.num_warps) for c in row_configs[:5]]
     # At most 32 elements per thread: 8,192-element tiles only with 8 warps.
     assert all(c.block * block_d <= 32 * 32 * c.num_warps for c in row_configs)
     for key, cfg in tuned.items():
-        expected = usage._bincount_configs()[1] if key[0] == "bincount" else row_configs[1]
+        expected = usage._bincount_configs()[6] if key[0] == "bincount" else row_configs[6]
+        assert expected.stream
         assert cfg == expected, key
 
 
