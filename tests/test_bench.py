@@ -777,3 +777,17 @@ def test_layer_goal_shows_the_graph_replay_beside_the_eager_step():
     # The verdict is the eager step's (1.8 ms against 3.0: missed); the graph replay is reported beside it.
     assert "1.80 ms vs 3.00 ms (1.7x); in a CUDA graph 0.50 ms (6.0x)" in row and "| met |" not in row
     assert bench.GRAPH_PROVIDER in bench.LAYER_PROVIDERS
+
+
+def test_memory_tile_note_names_the_choices_made_during_a_measurement(monkeypatch):
+    from vqfast.kernels import _common
+
+    tuned = {("gather", 1024, 128): _common.LaunchConfig(32, 4)}
+    monkeypatch.setattr(_common, "_TUNED", tuned)
+    before = set(tuned)
+    assert bench.tiles_tuned_since(before) == ""
+    tuned[("scatter_add", 1024, 64, 128)] = _common.LaunchConfig(64, 8, True)
+    tuned[("bincount", False, 1024, 64)] = _common.LaunchConfig(2048, 4)
+    tuned[("soft_entropy_rows", 1024)] = (64, 64, 64, 4)  # the soft-entropy passes' tuples are left out
+    assert bench.tiles_tuned_since(before) == ("scatter_add: 64 rows x 8 warps, streaming hints; "
+                                               "bincount: 2048 indices x 4 warps")

@@ -1351,14 +1351,35 @@ def run_gather(ctx: Context) -> None:
         gathers = {"vqfast": lambda: vqfast.gather(codebook, indices, check_indices=False), "torch": lambda: F.embedding(indices, codebook)}
         for case, wrap, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes)):
             for provider, g in gathers.items():
+                tuned_before = set(_tuned_keys())
                 m = ctx.meter.measure(wrap(g), est_bytes=2 * n * d * elt + k * d * 4, grad_to_none=[codebook])
                 rec = Record("gather", case, provider, prec, n, k, d, m.time_ms, peak_mem_mb=m.peak_mem_mb,
-                             status=m.status)
+                             status=m.status, note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "")
                 if rec.ok:
                     rec.gbps = gbps(nbytes, rec.time_ms)
                 ctx.add(rec)
         codebook = indices = grad = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
+
+
+def _tuned_keys() -> list:
+    from vqfast.kernels import _common
+
+    return list(_common._TUNED)
+
+
+def tiles_tuned_since(before: set) -> str:
+    """The launch configurations that the memory-bound launchers chose by timing since ``before`` (the
+    keys of their choices then), e.g. "scatter_add: 32 rows x 4 warps, streaming hints"."""
+    from vqfast.kernels import _common
+
+    chosen = []
+    for key, cfg in list(_common._TUNED.items()):
+        if key not in before and isinstance(cfg, _common.LaunchConfig):
+            unit = "indices" if key[0] == "bincount" else "rows"
+            chosen.append(f"{key[0]}: {cfg.block} {unit} x {cfg.num_warps} warps"
+                          + (", streaming hints" if cfg.stream else ""))
+    return "; ".join(chosen)
 
 
 def run_usage(ctx: Context) -> None:
@@ -1372,9 +1393,11 @@ def run_usage(ctx: Context) -> None:
         indices = torch.randint(0, k, (n,), device=ctx.device)
         for provider, fn in (("vqfast", lambda: vqfast.code_usage(indices, k, check_indices=False)),
                              ("torch", lambda: _torch_code_usage(indices, k))):
+            tuned_before = set(_tuned_keys())
             m = ctx.meter.measure(fn, est_bytes=16 * k)
             rec = Record("usage", "bincount+entropy", provider, "int64", n, k, 0, m.time_ms,
-                         peak_mem_mb=m.peak_mem_mb, status=m.status)
+                         peak_mem_mb=m.peak_mem_mb, status=m.status,
+                         note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "")
             if rec.ok:
                 rec.gbps = gbps(8 * n + 16 * k, rec.time_ms)
             ctx.add(rec)
