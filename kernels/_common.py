@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
-import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -267,7 +268,7 @@ def cdiv(a: int, b: int) -> int:
 class LaunchConfig:
     """Rows (or elements) per program and warps of one launch; ``stream``: the kernel marks the data
     it passes through once as streaming (loads evicted first from L2, stores with the streaming cache
-    hint) and the data it reuses (codebook rows, atomic targets) as worth keeping."""
+    hint), so that what it reuses (codebook rows, the targets of its atomics) stays in L2."""
 
     block: int
     num_warps: int
@@ -280,87 +281,141 @@ def row_block_d(d: int) -> int:
     return min(128, max(16, next_power_of_2(d)))
 
 
-def row_tile_configs(block_d: int) -> list[LaunchConfig]:
+# Data streamed through a kernel from which its tiles get twins with streaming cache hints: well over
+# the L2 of an H100 or H200 (50-60 MB), where what passes through once would evict what is reused.
+# Below it the hints would only push a small output out of L2 before the next kernel reads it, a cost
+# that timing the kernel alone cannot see.
+STREAMING_MIN_BYTES = 128 << 20
+
+
+def row_tile_configs(block_d: int, streamed_bytes: int = 0) -> list[LaunchConfig]:
     """Candidates for the row kernels (gather, scatter-add, the fused VQ step): 2,048 to 8,192 elements
     per program, 4 or 8 warps, at most 32 elements per thread (with 64, ptxas gives the VQ backward 255
-    registers and spills, at 12 % occupancy: benchmarks/compile_check.py), each with and without the
-    streaming cache hints. The first (4,096 elements, 4 warps, no hints) is the fixed choice; under the
-    interpreter, 16 rows keep the tests quick."""
-    return list(_row_tile_configs(block_d, interpreting()))
+    registers and spills, at 12 % occupancy: benchmarks/compile_check.py); when ``streamed_bytes`` reach
+    ``STREAMING_MIN_BYTES``, each also with the streaming cache hints. The first (4,096 elements, 4
+    warps, no hints) is the fixed choice; under the interpreter, 16 rows keep the tests quick."""
+    return list(_row_tile_configs(block_d, interpreting(), streamed_bytes >= STREAMING_MIN_BYTES))
 
 
-def with_streaming_twins(configs: Sequence[LaunchConfig]) -> tuple[LaunchConfig, ...]:
-    """``configs``, then each of them with ``stream=True``."""
-    return (*configs, *[LaunchConfig(c.block, c.num_warps, True) for c in configs])
+def with_streaming_twins(configs: Sequence[LaunchConfig], streaming: bool = True) -> tuple[LaunchConfig, ...]:
+    """``configs``, then (with ``streaming``) each of them with ``stream=True``."""
+    return (*configs, *[LaunchConfig(c.block, c.num_warps, True) for c in configs if streaming])
 
 
 @functools.lru_cache(maxsize=None)
-def _row_tile_configs(block_d: int, interp: bool) -> tuple[LaunchConfig, ...]:
+def _row_tile_configs(block_d: int, interp: bool, streaming: bool) -> tuple[LaunchConfig, ...]:
     # Made once per block width: building the frozen dataclasses cost ~10 us per launcher call.
     if interp:
         return (LaunchConfig(16, 4),)
     fixed = LaunchConfig(max(1, 4096 // block_d), 4)
     others = [LaunchConfig(max(1, elements // block_d), warps) for elements in (2048, 4096, 8192) for warps in (4, 8)
               if elements <= 32 * 32 * warps]
-    return with_streaming_twins((fixed, *[c for c in others if c != fixed]))
+    return with_streaming_twins((fixed, *[c for c in others if c != fixed]), streaming)
 
 
 class KeptBuffers:
-    """Scratch buffers of one plan (a search's split winners, its re-check lists, the codebook norms),
-    allocated on a plan's first call from a given thread and stream and reused by its later calls
-    there: a small search is bound by host time, and each ``torch.empty`` costs about as much as a
-    prepared launch. Nothing carries over between calls (every launch writes what it later reads, as
-    with fresh ``torch.empty``). Per thread and stream because calls from two threads, or on two streams,
-    may run interleaved on the GPU, while calls from one thread on one stream run in order. Fresh
-    buffers instead while a CUDA graph is captured (the graph keeps the addresses; two graphs
-    replayed at once must not share them), beyond ``limit`` bytes (large problems are not bound by
-    host time), beyond ``max_keys`` threads and streams per plan, and once all plans together keep
-    ``KEPT_BUDGET`` bytes (plans dropped from their cache give theirs back)."""
+    """Scratch buffers of one plan (a search's codebook norms, split winners and re-check lists), made on
+    a plan's first call on a device and stream and handed to its later calls there: a small search is
+    bound by host time, and each ``torch.empty`` costs about as much as a prepared launch.
 
-    __slots__ = ("specs", "nbytes", "keep", "max_keys", "kept", "__weakref__")
+    A call takes the buffers (:meth:`take`) and gives them back when it has launched its kernels
+    (:meth:`give_back`). Calls on one stream run in order on the GPU, so the next call's kernels start
+    after the last one's are done with them; a call that finds them taken (another thread on the same
+    stream) gets fresh ones. Nothing carries over between calls: every kernel writes what it later
+    reads, as with fresh ``torch.empty``. Fresh buffers, never kept, while a CUDA graph is captured
+    (the graph keeps their addresses), inside :func:`fresh_scratch` (the registered custom ops, which
+    compiled code and CUDA-graph trees call, so that no kept buffer lands in a graph's private memory
+    pool), above ``limit`` bytes (large problems are not bound by host time), beyond ``max_keys``
+    streams per plan, and once the plans of a device keep ``KEPT_BUDGET`` bytes (a plan dropped from its
+    cache gives its bytes back; :func:`release_scratch` frees them all)."""
+
+    __slots__ = ("specs", "nbytes", "keep", "max_keys", "kept", "owned", "__weakref__")
 
     def __init__(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], limit: int = 2 << 20, max_keys: int = 4):
         self.specs = tuple(specs)
-        self.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs)
-        self.keep = self.nbytes <= limit
+        # As the caching allocator rounds them: 512-byte blocks.
+        self.nbytes = sum(cdiv(math.prod(shape) * dtype.itemsize, 512) * 512 for shape, dtype in self.specs)
+        self.keep = bool(self.specs) and self.nbytes <= limit
         self.max_keys = max_keys
-        self.kept: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.kept: dict[tuple, tuple[torch.Tensor, ...]] = {}  # the buffers not taken, by (device, stream)
+        self.owned: dict[tuple, object] = {}  # every key this plan keeps buffers for -> its byte count's release
+        _ALL_KEPT.add(self)
 
-    def get(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The buffers, uninitialised, on ``device``."""
-        key = _stream_key(device) if self.keep else None
+    def take(self, device: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple | None]:
+        """``(buffers, token)``: uninitialised buffers on ``device`` for one call, and what to hand
+        :meth:`give_back` once the call has launched its kernels (None: fresh buffers, nothing to give)."""
+        key = _scratch_key(device) if self.keep and _KEEP_SCRATCH.get() else None
         if key is None:
-            return self._new(device)
-        buffers = self.kept.get(key)
-        if buffers is None:
-            buffers = self._new(device)
-            if len(self.kept) < self.max_keys and _KEPT_BYTES[0] + self.nbytes <= KEPT_BUDGET:
-                self.kept[key] = buffers
-                _KEPT_BYTES[0] += self.nbytes
-                weakref.finalize(self, _give_back, self.nbytes)
-        return buffers
+            return self._new(device), None
+        buffers = self.kept.pop(key, None)
+        if buffers is not None:
+            return buffers, key
+        budget_key = key[0]
+        if key in self.owned or len(self.owned) >= self.max_keys or \
+                _KEPT_BYTES.get(budget_key, 0) + self.nbytes > KEPT_BUDGET:
+            return self._new(device), None  # taken by another thread, or no room to keep more
+        _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) + self.nbytes
+        self.owned[key] = weakref.finalize(self, _release_bytes, budget_key, self.nbytes)
+        return self._new(device), key
+
+    def give_back(self, token: tuple | None, buffers: tuple[torch.Tensor, ...]) -> None:
+        if token is not None and token in self.owned:
+            self.kept[token] = buffers
+
+    def release(self) -> None:
+        """Drop every kept buffer (those taken right now are dropped when given back)."""
+        owned, self.owned = self.owned, {}
+        self.kept = {}
+        for release in owned.values():
+            release()
 
     def _new(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.specs)
+        return fresh_buffers(self.specs, device)
 
 
-# Bytes that all KeptBuffers together may keep, and how many they keep (approximate under threads).
+def fresh_buffers(specs: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``torch.empty`` of every (shape, dtype) in ``specs``."""
+    return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs)
+
+
+# Bytes that the KeptBuffers of one device may keep together, and how many they keep (approximate
+# when threads race).
 KEPT_BUDGET = 256 << 20
-_KEPT_BYTES = [0]
+_KEPT_BYTES: dict[object, int] = {}
+_ALL_KEPT: "weakref.WeakSet[KeptBuffers]" = weakref.WeakSet()
+_KEEP_SCRATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("vqfast_keep_scratch", default=True)
 
 
-def _give_back(nbytes: int) -> None:
-    _KEPT_BYTES[0] -= nbytes
+def _release_bytes(budget_key: object, nbytes: int) -> None:
+    _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) - nbytes
 
 
-def _stream_key(device: torch.device) -> tuple | None:
-    """(thread, device, current stream) for kept buffers, or None while the stream captures a CUDA graph."""
+@contextlib.contextmanager
+def fresh_scratch() -> Iterator[None]:
+    """Within the block, launchers allocate their scratch buffers per call instead of keeping them."""
+    token = _KEEP_SCRATCH.set(False)
+    try:
+        yield
+    finally:
+        _KEEP_SCRATCH.reset(token)
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers that search plans keep between calls (``KeptBuffers``), e.g. before
+    ``torch.cuda.empty_cache()``; later calls allocate them again."""
+    for kept in list(_ALL_KEPT):
+        kept.release()
+
+
+def _scratch_key(device: torch.device) -> tuple | None:
+    """(device, current stream) for kept buffers, or None while the current stream captures a CUDA graph.
+    The current device's: Triton launches on it (the public ops make it the tensors' device)."""
     if device.type != "cuda":
-        return threading.get_ident(), device, None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+        return (device.type,), None
+    index = torch.cuda.current_device()
     if torch.cuda.is_current_stream_capturing():
         return None
-    return threading.get_ident(), index, torch._C._cuda_getCurrentRawStream(index)
+    return ("cuda", index), torch._C._cuda_getCurrentRawStream(index)
 
 
 class PlanCache:

@@ -28,9 +28,9 @@ def _gather_rows_kernel(
     rows = tl.load(index_ptr + offs_n, mask=mask_n, other=0, eviction_policy="evict_first" if STREAM else "").to(tl.int64)
     # Unchecked indices (check_indices=False) outside [0, K) read nothing and give zero rows.
     valid = (rows >= 0) & (rows < K)
-    # (STREAM: codes are read many times, so they stay in L2; the output is written once.)
+    # (STREAM: the output is written once; the codes, read many times, stay in L2.)
     vals = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask & valid[:, None],
-                   other=0.0, eviction_policy="evict_last" if STREAM else "")
+                   other=0.0)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_d[None, :], vals, mask=mask,
              cache_modifier=".cs" if STREAM else "")
 
@@ -92,7 +92,8 @@ class _GatherPlan:
             return
         block_d = row_block_d(d)
         check_grid_yz(cdiv(d, block_d), "a gather")
-        self.configs = row_tile_configs(block_d)
+        # (The rows written pass through once.)
+        self.configs = row_tile_configs(block_d, n * d * codebook.element_size())
         self.tune_key = ("gather", next_power_of_2(n), d, codebook.dtype, codebook.device)
         # (The output is contiguous: its row stride is d.)
         self.launches = RowLaunches(_gather_rows_kernel, n, cdiv(d, block_d),
@@ -147,7 +148,8 @@ class _ScatterPlan:
             return
         block_d = row_block_d(d)
         check_grid_yz(cdiv(d, block_d), "a scatter-add")
-        self.configs = row_tile_configs(block_d)
+        # (The gradient rows read pass through once.)
+        self.configs = row_tile_configs(block_d, n * d * grad.element_size())
         self.tune_key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device)
         self.launches = RowLaunches(_scatter_add_rows_kernel, n, cdiv(d, block_d),
                                     (n, num_codes, d, g_strides[0], g_strides[1]), dict(BLOCK_D=block_d))

@@ -22,6 +22,7 @@ index also sums the chosen code's distance directly, ||z - c||^2.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import torch
 import triton
@@ -30,8 +31,8 @@ import triton.language as tl
 from vqfast.kernels import _common
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
-    KeptBuffers, PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, int32_safe_columns,
-    interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
+    KeptBuffers, PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, fresh_buffers,
+    int32_safe_columns, interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -730,11 +731,13 @@ class _Recheck:
     search again, with its length and a packed (score, index) slot per entry."""
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float,
-                 plan: _RecheckPlan | None = None):
+                 plan: _RecheckPlan | None = None, scratch: Sequence[torch.Tensor] | None = None):
         if plan is None:
             plan = _RecheckPlan(z, codebook, tolerance_scale)
         device = z.device
-        self.c_sqnorm, self.c_norm, self.c_resid, self.count, self.rows, self.packed = plan.scratch.get(device)
+        if scratch is None:
+            scratch = fresh_buffers(plan.scratch_specs, device)
+        self.c_sqnorm, self.c_norm, self.c_resid, self.count, self.rows, self.packed = scratch
         # Returned to the caller: fresh on every call.
         self.status = torch.empty(z.shape[0], dtype=torch.int8, device=device)
         self.errors = plan.errors
@@ -749,8 +752,8 @@ class _RecheckPlan:
         k = codebook.shape[0]
         f32 = torch.float32
         # c_sqnorm, c_norm, c_resid, count, rows, packed
-        self.scratch = KeptBuffers([((k,), f32), ((k,), f32), ((k,), f32), ((1,), torch.int32), ((n,), torch.int32),
-                                    ((n,), torch.int64)])
+        self.scratch_specs = [((k,), f32), ((k,), f32), ((k,), f32), ((1,), torch.int32), ((n,), torch.int32),
+                              ((n,), torch.int64)]
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
@@ -797,7 +800,7 @@ class _SearchPlan:
         specs = [] if write_distance else [(shape, torch.float32), (shape, torch.int64)]
         if specs and checking:
             specs += [(shape, torch.float32), (shape, torch.int32), (shape, torch.float32), (shape, torch.float32)]
-        self.scratch = KeptBuffers(specs)
+        self.scratch_specs = specs
 
         # Stand-ins for pointers a variant never touches: c_sqnorm, except ``count_ptr`` without the
         # re-check: the autotuner zeroes it before each timing run (the tf32 pass appends to a list), so
@@ -857,14 +860,15 @@ class _SearchPlan:
                 layout(_REDUCE_TENSORS))
 
     def __call__(self, z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor,
-                 recheck: _Recheck | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 recheck: _Recheck | None, scratch: Sequence[torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.n
         device = z.device
         indices = torch.empty(n, dtype=torch.int64, device=device)
         distances = torch.empty(n, dtype=torch.float32, device=device)
         tensors = [z, codebook, c_sqnorm, indices, distances]
         if not self.write_distance:
-            tensors += self.scratch.get(device)
+            tensors += scratch if scratch is not None else fresh_buffers(self.scratch_specs, device)
         if self.checking:
             tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
         global _last_search_autotuner
@@ -877,13 +881,15 @@ class _SearchPlan:
 
 def _search(z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, input_precision: str,
             num_splits: int | None, recheck: _Recheck | None = None,
-            plan: _SearchPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            plan: _SearchPlan | None = None, scratch: Sequence[torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """One search pass: ``(indices, distances)``. With ``recheck`` (tf32 products) it also settles the
     rows the tf32 scores leave in doubt, or lists them in ``recheck`` for ``_research_listed_rows``.
-    ``plan``: this problem's ``_SearchPlan``, if the caller holds it."""
+    ``plan``: this problem's ``_SearchPlan``, if the caller holds it; ``scratch``: its split buffers
+    (``plan.scratch_specs``; fresh ones when None)."""
     if plan is None:
         plan = _SearchPlan(z, codebook, input_precision, num_splits, None if recheck is None else recheck.errors)
-    return plan(z, codebook, c_sqnorm, recheck)
+    return plan(z, codebook, c_sqnorm, recheck, scratch)
 
 
 class _ResearchPlan:
@@ -981,11 +987,15 @@ class _Plan:
             self.recheck = _RecheckPlan(z, codebook, tie_tolerance_scale)
             self.search = _SearchPlan(z, codebook, "tf32", num_splits, self.recheck.errors)
             self.research = _ResearchPlan(z, codebook, _RESEARCH_PRECISION[precision])
+            first = self.recheck.scratch_specs
         else:
             k, d = codebook.shape
             self.sqnorms = _sqnorm_launch(k, d, codebook.stride(0), codebook.stride(1), interpreting())
-            self.sqnorm_scratch = KeptBuffers([((k,), torch.float32)])
+            first = [((k,), torch.float32)]  # c_sqnorm
             self.search = _SearchPlan(z, codebook, self.input_precision, num_splits, None)
+        # Every scratch buffer of a call: the re-check's (or the codebook norms), then the split winners.
+        self.scratch = KeptBuffers([*first, *self.search.scratch_specs])
+        self.first_scratch = len(first)
 
 
 # Plans by problem: a small search is bound by host time, and the checks and launch arithmetic of a
@@ -1031,11 +1041,19 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
         _last_search_autotuner = None  # no pass ran: no tile to report
         return (torch.empty(0, dtype=torch.int64, device=z.device),
                 torch.empty(0, dtype=torch.float32, device=z.device), None)
-    if not plan.checking:
-        (c_sqnorm,) = plan.sqnorm_scratch.get(codebook.device)
-        plan.sqnorms(codebook, c_sqnorm)
-        return (*_search(z, codebook, c_sqnorm, plan.input_precision, num_splits, plan=plan.search), None)
-    recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck)
-    indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck, plan=plan.search)
-    _research_listed_rows(z, codebook, recheck, indices, distances, plan=plan.research)
-    return indices, distances, recheck.status
+    scratch, token = plan.scratch.take(codebook.device)
+    try:
+        first, splits = scratch[:plan.first_scratch], scratch[plan.first_scratch:]
+        if not plan.checking:
+            (c_sqnorm,) = first
+            plan.sqnorms(codebook, c_sqnorm)
+            return (*_search(z, codebook, c_sqnorm, plan.input_precision, num_splits, plan=plan.search,
+                             scratch=splits), None)
+        recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck, first)
+        indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck, plan=plan.search,
+                                     scratch=splits)
+        _research_listed_rows(z, codebook, recheck, indices, distances, plan=plan.research)
+        return indices, distances, recheck.status
+    finally:
+        # Every kernel of this call is launched: the next call on this stream runs after them.
+        plan.scratch.give_back(token, scratch)

@@ -29,7 +29,7 @@ def _vq_forward_kernel(
     stride_zn, stride_zd, stride_ck, stride_cd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr,
 ):
-    # (STREAM: z and z_q pass through once; the codes are read many times and stay in L2.)
+    # (STREAM: z and z_q pass through once; the codes, read many times, stay in L2.)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -44,8 +44,7 @@ def _vq_forward_kernel(
         z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0,
                     eviction_policy="evict_first" if STREAM else "")
         q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd,
-                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0,
-                    eviction_policy="evict_last" if STREAM else "")
+                    mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
         q_out = q.to(z.dtype)
         tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask,
                  cache_modifier=".cs" if STREAM else "")
@@ -76,8 +75,7 @@ def _vq_backward_kernel(
     g = tl.load(grad_loss_ptr).to(tl.float32)
     z = tl.load(z_ptr + offs_n64[:, None] * stride_zn + offs_d[None, :] * stride_zd, mask=mask, other=0.0,
                 eviction_policy="evict_first" if STREAM else "")
-    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0,
-                eviction_policy="evict_last" if STREAM else "")
+    q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0)
     diff = q.to(tl.float32) - z.to(tl.float32)
     grad_z = -(g * coef_commit) * diff
     if HAS_GRAD_ZQ:
@@ -138,7 +136,7 @@ class _ForwardPlan:
         if n == 0:
             return
         block_d = row_block_d(d)
-        self.configs = row_tile_configs(block_d)
+        self.configs = row_tile_configs(block_d, n * d * z.element_size())  # (z read, z_q written once)
         self.tune_key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device)
         self.scale = torch.tensor((1.0 + beta) / (n * d), dtype=torch.float32, device="cpu")
         self.launches = RowLaunches(_vq_forward_kernel, n, None,
@@ -241,7 +239,7 @@ class _BackwardPlan:
         if has_gzq:
             self.copy_gzq, g_strides = int32_safe_strides(grad_zq)
         check_grid_yz(cdiv(d, block_d), "the VQ backward")
-        self.configs = row_tile_configs(block_d)
+        self.configs = row_tile_configs(block_d, n * d * z.element_size())  # (z read, dz written once)
         self.tune_key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype,
                          has_gzq, need_grad_codebook, z.device)
         self.launches = RowLaunches(

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
-    scratch_trial, tuned_config, with_streaming_twins,
+    STREAMING_MIN_BYTES, scratch_trial, tuned_config, with_streaming_twins,
 )
 from vqfast.kernels._launch import PreparedLaunch
 
@@ -115,7 +115,7 @@ class _CountPlan:
         self.launches = None
         if n == 0:
             return
-        self.configs = _bincount_configs()
+        self.configs = _bincount_configs(n * indices.element_size() >= STREAMING_MIN_BYTES)
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
         self.tune_key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
@@ -126,12 +126,14 @@ class _CountPlan:
 _COUNT_PLANS = PlanCache()
 
 
-def _bincount_configs() -> list[LaunchConfig]:
-    """Indices per program and warps; the first is the fixed choice (128 under the interpreter)."""
+def _bincount_configs(streaming: bool = False) -> list[LaunchConfig]:
+    """Indices per program and warps, with their streaming twins when ``streaming`` (enough indices
+    to pass through L2, ``STREAMING_MIN_BYTES``); the first is the fixed choice (128 under the
+    interpreter)."""
     if interpreting():
         return [LaunchConfig(128, 4)]
     return list(with_streaming_twins((LaunchConfig(1024, 4), LaunchConfig(512, 4), LaunchConfig(2048, 4),
-                                      LaunchConfig(4096, 8), LaunchConfig(1024, 8))))
+                                      LaunchConfig(4096, 8), LaunchConfig(1024, 8)), streaming))
 
 
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

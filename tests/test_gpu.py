@@ -381,7 +381,7 @@ def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
 
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "highest"), (torch.bfloat16, "highest")])
 def test_kept_search_buffers_across_streams_and_a_cuda_graph(dtype, precision):
-    """A search plan keeps its scratch per thread and stream, and not in a CUDA graph: calls interleaved
+    """A search plan keeps its scratch per stream, and not in a CUDA graph: calls interleaved
     on two streams without synchronising, and a graph replayed between eager calls, each give their own
     indices (a shared buffer would mix the calls' codebook norms and split winners)."""
     from vqfast.kernels import _common
@@ -408,7 +408,7 @@ def test_kept_search_buffers_across_streams_and_a_cuda_graph(dtype, precision):
     kernels.nearest_code(static_z, codebooks[0], precision=precision)  # warm-up outside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        assert _common._stream_key(static_z.device) is None
+        assert _common._scratch_key(static_z.device) is None
         static_idx, _ = kernels.nearest_code(static_z, codebooks[0], precision=precision)
     static_z.copy_(zs[2])
     graph.replay()

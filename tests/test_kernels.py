@@ -973,6 +973,9 @@ def test_memory_bound_kernels_tune_their_launch_once_per_problem(monkeypatch):
         monkeypatch.setattr(module, "check_launchable", lambda *tensors: None)
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     monkeypatch.setattr(_common, "_TUNED", {})
+    # Streaming twins for these small problems too (real ones get them from 128 MiB streamed).
+    monkeypatch.setattr(_common, "STREAMING_MIN_BYTES", 0)
+    monkeypatch.setattr(usage, "STREAMING_MIN_BYTES", 0)
     timings: list[int] = []
     # Problems in the order below: gather, scatter-add, bincount, VQ forward, VQ backward (10 candidates
     # each: five tiles, then the same with the streaming cache hints); the streaming twin of the second
@@ -1011,14 +1014,14 @@ def test_memory_bound_kernels_tune_their_launch_once_per_problem(monkeypatch):
     tuned = _common._TUNED
     assert len(tuned) == 5 and len(timings) == len(fake_ms)
     block_d = 32
-    row_configs = _common.row_tile_configs(block_d)
+    row_configs = _common.row_tile_configs(block_d, 1 << 30)
     assert len(row_configs) == 10 and row_configs[0] == _common.LaunchConfig(4096 // block_d, 4)
     assert [c.stream for c in row_configs] == [False] * 5 + [True] * 5
     assert [(c.block, c.num_warps) for c in row_configs[5:]] == [(c.block, c.num_warps) for c in row_configs[:5]]
     # At most 32 elements per thread: 8,192-element tiles only with 8 warps.
     assert all(c.block * block_d <= 32 * 32 * c.num_warps for c in row_configs)
     for key, cfg in tuned.items():
-        expected = usage._bincount_configs()[6] if key[0] == "bincount" else row_configs[6]
+        expected = usage._bincount_configs(True)[6] if key[0] == "bincount" else row_configs[6]
         assert expected.stream
         assert cfg == expected, key
 
@@ -1034,6 +1037,10 @@ def test_memory_bound_kernels_use_the_fixed_configuration_without_autotuning(mon
 
     configs = _common.row_tile_configs(64)
     assert _common.tuned_config(("x",), configs, never) == configs[0] == _common.LaunchConfig(64, 4)
+    # Streaming twins only where the data streamed through a kernel outgrows L2.
+    assert len(configs) == 5 and not any(c.stream for c in configs)
+    assert len(_common.row_tile_configs(64, _common.STREAMING_MIN_BYTES - 1)) == 5
+    assert [c.stream for c in _common.row_tile_configs(64, _common.STREAMING_MIN_BYTES)] == [False] * 5 + [True] * 5
 
 
 def _plan_summary(plan):
@@ -1113,40 +1120,60 @@ def test_search_plans_are_bounded(kernel_device, monkeypatch):
     assert [key[0][0] for key in nearest._PLANS.plans] == [3, 4, 5]  # the oldest go first
 
 
-def test_kept_buffers_are_per_thread_and_bounded(kernel_device):
-    import threading
-
+def test_kept_buffers_are_taken_and_given_back(kernel_device):
     from vqfast.kernels._common import KeptBuffers
 
-    kept = KeptBuffers([((3, 2), torch.float32), ((5,), torch.int64)], max_keys=2)
-    first = kept.get(kernel_device)
+    kept = KeptBuffers([((3, 2), torch.float32), ((5,), torch.int64)])
+    first, token = kept.take(kernel_device)
     assert [(t.shape, t.dtype, t.device.type) for t in first] == [
         ((3, 2), torch.float32, kernel_device.type), ((5,), torch.int64, kernel_device.type)]
-    assert all(a is b for a, b in zip(first, kept.get(kernel_device)))  # the same thread: reused
-    # Two more threads at once get their own; the second of them is a third key, over max_keys: fresh
-    # buffers on every call.
-    together = threading.Barrier(2)
-    others = {}
-
-    def other(name: str) -> None:
-        together.wait()
-        if name == "late":
-            together.wait()  # after "early" has kept its buffers
-        others[name] = (kept.get(kernel_device), kept.get(kernel_device))
-        if name == "early":
-            together.wait()
-
-    threads = [threading.Thread(target=other, args=(name,)) for name in ("early", "late")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    early, late = others["early"], others["late"]
-    assert not any(t is f for t, f in zip(early[0] + late[0], first + first))
-    assert all(x is y for x, y in zip(*early)) and not any(x is y for x, y in zip(*late))
-    assert len(kept.kept) == 2
+    # While one call holds them (another thread on the same stream, say), a second call gets fresh
+    # buffers, and nothing to give back.
+    other, other_token = kept.take(kernel_device)
+    assert other_token is None and not any(a is b for a, b in zip(first, other))
+    kept.give_back(other_token, other)
+    kept.give_back(token, first)
+    again, token = kept.take(kernel_device)
+    assert all(a is b for a, b in zip(first, again))  # the next call reuses them
+    kept.give_back(token, again)
     big = KeptBuffers([((1 << 20,), torch.float32)], limit=1 << 20)  # 4 MiB: over the limit, never kept
-    assert big.get(kernel_device)[0] is not big.get(kernel_device)[0] and not big.kept
+    for _ in range(2):
+        buffers, token = big.take(kernel_device)
+        assert token is None
+        big.give_back(token, buffers)
+    assert not big.kept and not big.owned
+
+
+def test_kept_buffers_not_in_fresh_scratch_blocks_and_released_on_request(kernel_device):
+    from vqfast.kernels import _common
+
+    kept = _common.KeptBuffers([((4,), torch.float32)])
+    with _common.fresh_scratch():
+        buffers, token = kept.take(kernel_device)
+    assert token is None and not kept.owned
+    buffers, token = kept.take(kernel_device)
+    kept.give_back(token, buffers)
+    assert kept.kept and kept.owned
+    key = next(iter(kept.owned))[0]
+    assert _common._KEPT_BYTES[key] >= 512
+    _common.release_scratch()  # every plan's
+    assert not kept.kept and not kept.owned and _common._KEPT_BYTES[key] == 0
+
+
+def test_only_direct_calls_keep_search_scratch(kernel_device, monkeypatch):
+    """The registered custom op (what compiled code and CUDA-graph trees call) searches on fresh scratch
+    buffers; eager calls of the public op keep them."""
+    import vqfast
+    from vqfast import ops
+    from vqfast.kernels import nearest
+
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    z, c = torch.randn(9, 6, device=kernel_device), torch.randn(11, 6, device=kernel_device)
+    idx, _ = torch.ops.vqfast.nearest_code(z, c, "highest", 0)
+    plan = nearest._PLANS.get(nearest._plan_key(z, c, "highest", None, 1.0))
+    assert not plan.scratch.owned
+    assert torch.equal(vqfast.nearest_code(z, c, precision="highest")[0], idx)
+    assert plan.scratch.owned and ops.for_call() is ops.direct
 
 
 def test_kept_buffers_share_a_budget_and_give_it_back(kernel_device, monkeypatch):
@@ -1154,19 +1181,20 @@ def test_kept_buffers_share_a_budget_and_give_it_back(kernel_device, monkeypatch
 
     from vqfast.kernels import _common
 
-    spec = [((250,), torch.float32)]  # 1,000 bytes each
+    spec = [((250,), torch.float32)]  # 1,000 bytes: 1,024 as the allocator rounds them
     plans = [_common.KeptBuffers(spec) for _ in range(4)]
     gc.disable()  # (so that no other plan gives its bytes back meanwhile)
     try:
-        monkeypatch.setattr(_common, "KEPT_BUDGET", _common._KEPT_BYTES[0] + 3000)
+        budget_key = _common._scratch_key(kernel_device)[0]
+        monkeypatch.setattr(_common, "KEPT_BUDGET", _common._KEPT_BYTES.get(budget_key, 0) + 3 * 1024)
         for plan in plans:
-            plan.get(kernel_device)
+            plan.give_back(*reversed(plan.take(kernel_device)))
     finally:
         gc.enable()
     assert [len(p.kept) for p in plans] == [1, 1, 1, 0]  # the fourth is over the budget: fresh buffers
     del plans[0]
     gc.collect()
-    plans[-1].get(kernel_device)
+    plans[-1].give_back(*reversed(plans[-1].take(kernel_device)))
     assert len(plans[-1].kept) == 1  # a dropped plan gave its bytes back
 
 
@@ -1181,18 +1209,20 @@ def test_repeated_searches_on_kept_buffers_match_fresh_ones(kernel_device, dtype
     data = [(torch.randn(37, 20, generator=g).to(dtype).to(kernel_device),
              (torch.randn(50, 20, generator=g) * scale).to(dtype).to(kernel_device)) for scale in (1.0, 3.0, 0.5)]
     fresh = []
-    with monkeypatch.context() as m:
-        m.setattr(_common.KeptBuffers, "get", lambda self, device: self._new(device))
+    with _common.fresh_scratch():
         for z, c in data:
             fresh.append(nearest._nearest_code_with_status(z, c, precision, 3))
+    plan = nearest._PLANS.get(nearest._plan_key(*data[0], precision, 3, 1.0))
     for z, c in (*data, data[0]):
         want = fresh[[i for i, (zz, _) in enumerate(data) if zz is z][0]]
         got = nearest._nearest_code_with_status(z, c, precision, 3)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert (got[2] is None) == (want[2] is None) and (got[2] is None or torch.equal(got[2], want[2]))
-    plan = nearest._PLANS.get(nearest._plan_key(*data[0], precision, 3, 1.0))
-    kept = [plan.search.scratch] + ([plan.recheck.scratch] if plan.checking else [plan.sqnorm_scratch])
-    assert all(len(k.kept) == 1 for k in kept)  # all of it reused from this thread's first call
+        # Junk left in the kept buffers must not reach the next call: each kernel writes before it reads.
+        for buffers in plan.scratch.kept.values():
+            for t in buffers:
+                t.fill_(-math.inf if t.is_floating_point() else 7)
+    assert len(plan.scratch.kept) == 1  # all of it reused from the first call, and given back
     # The status goes to the caller: a fresh tensor on every call.
     if plan.checking:
         assert nearest._nearest_code_with_status(*data[0], precision, 3)[2] is not got[2]

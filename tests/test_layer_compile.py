@@ -111,14 +111,20 @@ def test_public_ops_compile_without_graph_breaks(monkeypatch, backend):
         for e, c in zip(eager if isinstance(eager, tuple) else (eager,), compiled if isinstance(compiled, tuple) else
                         (compiled,)):
             torch.testing.assert_close(c, e, msg=name)
-    if backend == "torch":  # compiled, the CPU backend skips its range check, but the indexing still fails
+    if backend == "torch":  # compiled, the CPU backend checks the range where the graph runs
         # (On the CPU: on a GPU a bad index is a device-side assert, which ends the process's CUDA use.)
-        bad = torch.tensor([0, 16])
         cpu_codebook = codebook.cpu()
-        for op in (lambda i: vqfast.gather(cpu_codebook, i), lambda i: vqfast.code_usage(i, 16)):
-            torch._dynamo.reset()
-            with pytest.raises(IndexError):
-                torch.compile(op, fullgraph=True, backend="aot_eager")(bad)
+        for bad in (torch.tensor([0, 16]), torch.tensor([0, -1])):
+            for op in (lambda i: vqfast.gather(cpu_codebook, i), lambda i: vqfast.code_usage(i, 16),
+                       lambda i: vqfast.quantize(torch.zeros(2, 4), cpu_codebook, indices=i)):
+                torch._dynamo.reset()
+                with pytest.raises(RuntimeError, match=r"must lie in \[0, 16\)"):
+                    torch.compile(op, fullgraph=True, backend="aot_eager")(bad)
+        # Inductor's own index_add_ wraps a negative index into range (counting it as code 15): the
+        # assertion must stop it there too.
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"must lie in \[0, 16\)"):
+            torch.compile(lambda i: vqfast.code_usage(i, 16), fullgraph=True)(torch.tensor([0, -1]))
     # The gradient of a compiled gather reaches the codebook as in eager.
     torch._dynamo.reset()
     leaf = codebook.clone().requires_grad_()

@@ -1349,9 +1349,10 @@ def run_gather(ctx: Context) -> None:
             return lambda: gather().backward(grad)
 
         gathers = {"vqfast": lambda: vqfast.gather(codebook, indices, check_indices=False), "torch": lambda: F.embedding(indices, codebook)}
+        # (The fwd+bwd row names the gather's tile too, chosen while the fwd row was measured.)
+        tuned_before = set(_tuned_keys())
         for case, wrap, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes)):
             for provider, g in gathers.items():
-                tuned_before = set(_tuned_keys())
                 m = ctx.meter.measure(wrap(g), est_bytes=2 * n * d * elt + k * d * 4, grad_to_none=[codebook])
                 rec = Record("gather", case, provider, prec, n, k, d, m.time_ms, peak_mem_mb=m.peak_mem_mb,
                              status=m.status, note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "")

@@ -209,8 +209,8 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     accumulated in fp32. Raises ValueError for indices outside [0, K); that check reads the indices'
     range on the host (a device sync, skipped under ``torch.compile``): pass ``check_indices=False``
     for indices known to be valid, such as those from :func:`nearest_code`. The CPU backend (the
-    reference) checks them anyway, which costs no device sync there, except under ``torch.compile``,
-    whose compiled indexing checks its bounds itself.
+    reference) checks them anyway, which costs no device sync there; under ``torch.compile`` it checks
+    them with an assertion inside the compiled graph instead.
     """
     check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
@@ -230,9 +230,9 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     ``counts`` is int64 (num_codes,); entropy (nats, 0 log 0 = 0) and perplexity are float32 scalars.
     No indices at all give entropy 0 and perplexity 1. Indices outside [0, num_codes) raise ValueError
     (a host-side check, skipped with ``check_indices=False`` on the Triton backend, where such an index
-    is then left out of the counts; the CPU backend checks anyway). Under ``torch.compile`` neither
-    backend checks first: the CPU backend's compiled counting still fails on such an index, the Triton
-    kernel leaves it out.
+    is then left out of the counts; the CPU backend checks anyway). Under ``torch.compile`` the Triton
+    backend does not check (the kernel leaves such an index out), the CPU backend checks with an
+    assertion inside the compiled graph.
     """
     num_codes = check_num_codes(num_codes)
     check_usage_inputs(indices, num_codes,
@@ -292,7 +292,7 @@ def quantize(
     all-zero row stays zero and gets no gradient through the normalisation).
     ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
     ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as :func:`gather`;
-    the CPU backend checks anyway, except under ``torch.compile``). z and the codebook may differ in
+    the CPU backend checks anyway). z and the codebook may differ in
     dtype: the search then runs in the wider one.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
@@ -301,9 +301,12 @@ def quantize(
     wide = torch.float64 in (z.dtype, codebook.dtype)
     backend = resolve_backend(z.device, torch.float64 if wide else z.dtype)
     if indices is not None:
-        # The CPU backend always checks (the check costs no device sync there), as gather does.
-        check_range = (check_indices or backend == "torch") and not torch.compiler.is_compiling()
-        check_gather_inputs(codebook, indices, check_range=check_range)
+        # The CPU backend always checks (the check costs no device sync there), as gather does, under
+        # torch.compile with an assertion inside the graph.
+        compiling = torch.compiler.is_compiling()
+        check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and not compiling)
+        if compiling and backend == "torch":
+            reference._assert_in_range(indices, codebook.shape[0])
         if indices.shape != z.shape[:-1]:
             raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
                              f"got {tuple(indices.shape)}")

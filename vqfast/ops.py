@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from vqfast import kernels
+from vqfast.kernels import _common as kernels_common
 
 
 def on_device(t: Tensor):
@@ -35,7 +36,14 @@ def _nearest_code(z: Tensor, codebook: Tensor, precision: str, num_splits: int) 
                                     num_splits=num_splits if num_splits > 0 else None)
 
 
-nearest_code = torch.library.custom_op("vqfast::nearest_code", _nearest_code, mutates_args=())
+def _nearest_code_op(z: Tensor, codebook: Tensor, precision: str, num_splits: int) -> tuple[Tensor, Tensor]:
+    """The registered op's search: with fresh scratch buffers, which compiled code and CUDA-graph trees
+    (whose warm-up runs allocate from a graph's private memory pool) must not keep between calls."""
+    with kernels_common.fresh_scratch():
+        return _nearest_code(z, codebook, precision, num_splits)
+
+
+nearest_code = torch.library.custom_op("vqfast::nearest_code", _nearest_code_op, mutates_args=())
 
 
 @nearest_code.register_fake

@@ -201,10 +201,18 @@ def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
     from vqfast._checks import check_gather_inputs
 
-    # (Under torch.compile the range is data the graph cannot branch on; the compiled indexing checks
-    # its bounds itself.)
-    check_gather_inputs(codebook, indices, check_range=not torch.compiler.is_compiling())
+    compiling = torch.compiler.is_compiling()
+    check_gather_inputs(codebook, indices, check_range=not compiling)
+    if compiling:
+        # The range is data a compiled graph cannot branch on, and compiled indexing may wrap negative
+        # indices: an assertion checked where the graph runs instead.
+        _assert_in_range(indices, codebook.shape[0])
     return _gather_wide(codebook, indices).to(codebook.dtype)
+
+
+def _assert_in_range(indices: torch.Tensor, num_codes: int) -> None:
+    torch._assert_async(((indices >= 0) & (indices < num_codes)).all(),
+                        f"indices must lie in [0, {num_codes})")
 
 
 def _gather_wide(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -232,7 +240,9 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     flat = indices.reshape(-1)
     if compiling:
         # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
-        # index_add_ gives num_codes counts (and checks its indices' bounds).
+        # index_add_ gives num_codes counts, after an assertion on the range checked where the graph runs
+        # (compiled index_add_ wraps negative indices).
+        _assert_in_range(flat, num_codes)
         counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int64))
     else:
