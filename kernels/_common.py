@@ -7,6 +7,7 @@ import contextvars
 import functools
 import math
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -347,25 +348,29 @@ class KeptBuffers:
         key = _scratch_key(device) if self.keep and _KEEP_SCRATCH.get() else None
         if key is None:
             return self._new(device), None
-        buffers = self.kept.pop(key, None)
+        buffers = self.kept.pop(key, None)  # (atomic: two threads never both get them)
         if buffers is not None:
             return buffers, key
+        buffers = self._new(device)  # before any bookkeeping, which an out-of-memory error would leave wrong
         budget_key = key[0]
-        if key in self.owned or len(self.owned) >= self.max_keys or \
-                _KEPT_BYTES.get(budget_key, 0) + self.nbytes > KEPT_BUDGET:
-            return self._new(device), None  # taken by another thread, or no room to keep more
-        _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) + self.nbytes
-        self.owned[key] = weakref.finalize(self, _release_bytes, budget_key, self.nbytes)
-        return self._new(device), key
+        with _KEPT_LOCK:
+            if key in self.owned or len(self.owned) >= self.max_keys or \
+                    _KEPT_BYTES.get(budget_key, 0) + self.nbytes > KEPT_BUDGET:
+                return buffers, None  # taken by another thread, or no room to keep more
+            _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) + self.nbytes
+            self.owned[key] = weakref.finalize(self, _release_bytes, budget_key, self.nbytes)
+        return buffers, key
 
     def give_back(self, token: tuple | None, buffers: tuple[torch.Tensor, ...]) -> None:
-        if token is not None and token in self.owned:
-            self.kept[token] = buffers
+        with _KEPT_LOCK:
+            if token is not None and token in self.owned:
+                self.kept[token] = buffers
 
     def release(self) -> None:
         """Drop every kept buffer (those taken right now are dropped when given back)."""
-        owned, self.owned = self.owned, {}
-        self.kept = {}
+        with _KEPT_LOCK:
+            owned, self.owned = self.owned, {}
+            self.kept = {}
         for release in owned.values():
             release()
 
@@ -386,8 +391,14 @@ _ALL_KEPT: "weakref.WeakSet[KeptBuffers]" = weakref.WeakSet()
 _KEEP_SCRATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("vqfast_keep_scratch", default=True)
 
 
+# Guards the byte counts and each plan's set of keys (not the hot path: a call that finds its buffers
+# kept takes them without it).
+_KEPT_LOCK = threading.Lock()
+
+
 def _release_bytes(budget_key: object, nbytes: int) -> None:
-    _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) - nbytes
+    with _KEPT_LOCK:
+        _KEPT_BYTES[budget_key] = _KEPT_BYTES.get(budget_key, 0) - nbytes
 
 
 @contextlib.contextmanager
@@ -408,12 +419,14 @@ def release_scratch() -> None:
 
 
 def _scratch_key(device: torch.device) -> tuple | None:
-    """(device, current stream) for kept buffers, or None while the current stream captures a CUDA graph.
-    The current device's: Triton launches on it (the public ops make it the tensors' device)."""
+    """(device, current stream) for kept buffers; None while the current stream captures a CUDA graph,
+    or when ``device`` is not the current device (Triton launches on the current device's stream; the
+    public ops make the tensors' device current, a direct call of a launcher may not). Keyed by the raw
+    stream handle: two ``torch.cuda.ExternalStream`` objects of one handle count as one stream."""
     if device.type != "cuda":
         return (device.type,), None
     index = torch.cuda.current_device()
-    if torch.cuda.is_current_stream_capturing():
+    if (device.index is not None and device.index != index) or torch.cuda.is_current_stream_capturing():
         return None
     return ("cuda", index), torch._C._cuda_getCurrentRawStream(index)
 

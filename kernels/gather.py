@@ -59,7 +59,8 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
     check_launchable(codebook, indices)
     check_row_indices(indices, None, codebook.device)
-    key = (codebook.shape, codebook.stride(), indices.shape, codebook.dtype, codebook.device, _common.interpreting())
+    key = (codebook.shape, codebook.stride(), indices.shape, indices.dtype, codebook.dtype, codebook.device,
+           _common.interpreting())
     plan = _GATHER_PLANS.get(key)
     if plan is None:
         plan = _GATHER_PLANS.add(key, _GatherPlan(codebook, indices))
@@ -92,9 +93,10 @@ class _GatherPlan:
             return
         block_d = row_block_d(d)
         check_grid_yz(cdiv(d, block_d), "a gather")
-        # (The rows written pass through once.)
-        self.configs = row_tile_configs(block_d, n * d * codebook.element_size())
-        self.tune_key = ("gather", next_power_of_2(n), d, codebook.dtype, codebook.device)
+        # (The rows written and the indices pass through once.)
+        self.configs = row_tile_configs(block_d, n * (d * codebook.element_size() + indices.element_size()))
+        self.tune_key = ("gather", next_power_of_2(n), d, codebook.dtype, indices.dtype, codebook.device,
+                         self.configs[-1].stream)
         # (The output is contiguous: its row stride is d.)
         self.launches = RowLaunches(_gather_rows_kernel, n, cdiv(d, block_d),
                                     (n, codebook.shape[0], d, c_strides[0], c_strides[1], d), dict(BLOCK_D=block_d))
@@ -148,9 +150,10 @@ class _ScatterPlan:
             return
         block_d = row_block_d(d)
         check_grid_yz(cdiv(d, block_d), "a scatter-add")
-        # (The gradient rows read pass through once.)
-        self.configs = row_tile_configs(block_d, n * d * grad.element_size())
-        self.tune_key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device)
+        # (The gradient rows and the indices pass through once; int64 indices assumed.)
+        self.configs = row_tile_configs(block_d, n * (d * grad.element_size() + 8))
+        self.tune_key = ("scatter_add", next_power_of_2(n), num_codes, d, grad.dtype, grad.device,
+                         self.configs[-1].stream)
         self.launches = RowLaunches(_scatter_add_rows_kernel, n, cdiv(d, block_d),
                                     (n, num_codes, d, g_strides[0], g_strides[1]), dict(BLOCK_D=block_d))
 

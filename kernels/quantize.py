@@ -136,8 +136,9 @@ class _ForwardPlan:
         if n == 0:
             return
         block_d = row_block_d(d)
-        self.configs = row_tile_configs(block_d, n * d * z.element_size())  # (z read, z_q written once)
-        self.tune_key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device)
+        self.configs = row_tile_configs(block_d, 2 * n * d * z.element_size())  # (z read, z_q written once)
+        self.tune_key = ("quantize_forward", next_power_of_2(n), d, z.dtype, codebook.dtype, z.device,
+                         self.configs[-1].stream)
         self.scale = torch.tensor((1.0 + beta) / (n * d), dtype=torch.float32, device="cpu")
         self.launches = RowLaunches(_vq_forward_kernel, n, None,
                                     (n, codebook.shape[0], d, z_strides[0], z_strides[1], c_strides[0], c_strides[1]),
@@ -239,9 +240,10 @@ class _BackwardPlan:
         if has_gzq:
             self.copy_gzq, g_strides = int32_safe_strides(grad_zq)
         check_grid_yz(cdiv(d, block_d), "the VQ backward")
-        self.configs = row_tile_configs(block_d, n * d * z.element_size())  # (z read, dz written once)
+        # (z and dz_q read, dz written once)
+        self.configs = row_tile_configs(block_d, (3 if has_gzq else 2) * n * d * z.element_size())
         self.tune_key = ("quantize_backward", next_power_of_2(n), codebook.shape[0], d, z.dtype, codebook.dtype,
-                         has_gzq, need_grad_codebook, z.device)
+                         has_gzq, need_grad_codebook, z.device, self.configs[-1].stream)
         self.launches = RowLaunches(
             _vq_backward_kernel, n, cdiv(d, block_d),
             (n, codebook.shape[0], d, coef, coef * beta, g_strides[0], g_strides[1], z_strides[0], z_strides[1],

@@ -90,7 +90,7 @@ def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int
     check_launchable(indices)
     check_row_indices(indices, None, indices.device)
     finite_only = distances is not None
-    key = (indices.shape, num_codes, finite_only, indices.device, interpreting())
+    key = (indices.shape, indices.dtype, num_codes, finite_only, indices.device, interpreting())
     plan = _COUNT_PLANS.get(key)
     if plan is None:
         plan = _COUNT_PLANS.add(key, _CountPlan(indices, num_codes, finite_only))
@@ -115,10 +115,13 @@ class _CountPlan:
         self.launches = None
         if n == 0:
             return
-        self.configs = _bincount_configs(n * indices.element_size() >= STREAMING_MIN_BYTES)
+        # (The indices, and the distances with finite_only, pass through once.)
+        streamed = n * (indices.element_size() + (4 if finite_only else 0))
+        self.configs = _bincount_configs(streamed >= STREAMING_MIN_BYTES)
         # Atomic counts: timing runs count into a scratch histogram. K is in the key: how often atomics
         # collide on one code, and so the best block, depends on it.
-        self.tune_key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.device)
+        self.tune_key = ("bincount", finite_only, next_power_of_2(n), num_codes, indices.dtype, indices.device,
+                         self.configs[-1].stream)
         self.launches = RowLaunches(_bincount_kernel, n, None, (n, num_codes), dict(FINITE_ONLY=finite_only),
                                     block_name="BLOCK")
 

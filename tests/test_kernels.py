@@ -1455,3 +1455,26 @@ def test_each_fp32_mode_runs_its_own_passes(kernel_device):
     assert not half.checking and half.search.search.meta["INPUT_PRECISION"] == "tf32"
     with pytest.raises(ValueError, match="precision must be one of"):
         kernels.nearest_code(z, c, precision="fp64")
+
+
+def test_kept_buffers_survive_a_failed_allocation_and_count_each_key_once(kernel_device, monkeypatch):
+    from vqfast.kernels import _common
+
+    kept = _common.KeptBuffers([((8,), torch.float32)])
+    budget_key = _common._scratch_key(kernel_device)[0]
+    before = _common._KEPT_BYTES.get(budget_key, 0)
+
+    def out_of_memory(self, device):
+        raise torch.OutOfMemoryError("no memory")
+
+    monkeypatch.setattr(_common.KeptBuffers, "_new", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        kept.take(kernel_device)
+    monkeypatch.undo()
+    assert not kept.owned and _common._KEPT_BYTES.get(budget_key, 0) == before  # nothing recorded
+    buffers, token = kept.take(kernel_device)
+    assert token is not None  # the stream can still keep its buffers
+    kept.give_back(token, buffers)
+    assert _common._KEPT_BYTES[budget_key] == before + 512
+    kept.release()
+    assert _common._KEPT_BYTES[budget_key] == before

@@ -210,7 +210,8 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     range on the host (a device sync, skipped under ``torch.compile``): pass ``check_indices=False``
     for indices known to be valid, such as those from :func:`nearest_code`. The CPU backend (the
     reference) checks them anyway, which costs no device sync there; under ``torch.compile`` it checks
-    them with an assertion inside the compiled graph instead.
+    them with an assertion inside the compiled graph instead (with ``VQFAST_BACKEND=torch`` on a GPU,
+    a device-side assertion, fatal to the process's CUDA context, as bad indices in compiled code are).
     """
     check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
@@ -232,7 +233,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     (a host-side check, skipped with ``check_indices=False`` on the Triton backend, where such an index
     is then left out of the counts; the CPU backend checks anyway). Under ``torch.compile`` the Triton
     backend does not check (the kernel leaves such an index out), the CPU backend checks with an
-    assertion inside the compiled graph.
+    assertion inside the compiled graph (as :func:`gather`).
     """
     num_codes = check_num_codes(num_codes)
     check_usage_inputs(indices, num_codes,
