@@ -10,14 +10,17 @@ from vqfast._version import __version__
 if TYPE_CHECKING:
     from vqfast.functional import code_usage, gather, nearest_code, quantize, resolve_backend
     from vqfast.layer import VectorQuantizer, soft_assignment_entropy
+    from vqfast.residual import ResidualVectorQuantizer
 
-__all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "VectorQuantizer", "soft_assignment_entropy"]
+__all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "VectorQuantizer",
+           "ResidualVectorQuantizer", "soft_assignment_entropy"]
 
 # The public names load on first use: importing torch takes seconds, which `vqfast --version`,
 # `vqfast --help` and a bare `import vqfast` need not pay.
 _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "code_usage": "vqfast.functional",
           "quantize": "vqfast.functional", "resolve_backend": "vqfast.functional",
-          "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer"}
+          "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer",
+          "ResidualVectorQuantizer": "vqfast.residual"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,135 @@
+"""ResidualVectorQuantizer: stages on residuals, straight-through output, fewer stages, quantizer dropout,
+decoding from indices."""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqfast import ResidualVectorQuantizer, reference
+
+
+def _triton_usable() -> bool:
+    if find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def device(request, monkeypatch) -> torch.device:
+    if request.param == "triton" and not _triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("VQFAST_BACKEND", request.param)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.device("cuda" if request.param == "triton" and not interp else "cpu")
+
+
+def _manual(rvq: ResidualVectorQuantizer, z: torch.Tensor, stages: int):
+    """The plain loop over (N, C) rows, with the reference search: codes sum, summed loss, indices."""
+    residual, total, loss, indices = z, torch.zeros_like(z), 0.0, []
+    for vq in list(rvq.quantizers)[:stages]:
+        codebook = vq.embeddings.weight.detach()
+        idx, _ = reference.nearest_code(residual, codebook)
+        q = codebook[idx]
+        loss = loss + (1 + vq.beta) * F.mse_loss(q, residual)
+        total, residual = total + q, residual - q
+        indices.append(idx)
+    return total, loss, torch.stack(indices, dim=-1)
+
+
+@pytest.mark.parametrize("stages", [None, 1, 2])
+def test_stages_quantize_what_the_previous_ones_left(device, stages):
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(3, 20, 6).to(device).eval()
+    z = torch.randn(4, 6, 5, 3, device=device)  # (B, C, H, W)
+    z_q, loss, indices = rvq(z, stages)
+    used = stages or 3
+    rows = z.movedim(1, -1).reshape(-1, 6)
+    total, manual_loss, manual_indices = _manual(rvq, rows, used)
+    assert z_q.shape == z.shape and indices.shape == (4, 5, 3, 3) and indices.dtype == torch.int64
+    assert torch.equal(indices.reshape(-1, 3)[:, :used], manual_indices)
+    assert bool((indices[..., used:] == -1).all())
+    torch.testing.assert_close(z_q.movedim(1, -1).reshape(-1, 6), total)
+    torch.testing.assert_close(loss, manual_loss)
+    assert torch.equal(rvq.codes_from_indices(indices), z_q)
+
+
+def test_more_stages_quantize_more_finely(device):
+    torch.manual_seed(1)
+    rvq = ResidualVectorQuantizer(4, 64, 4).to(device).eval()
+    with torch.no_grad():
+        for vq in rvq.quantizers:  # codebooks that hold the zero code, so no stage can add error
+            vq.embeddings.weight[0] = 0.0
+    z = torch.randn(300, 4, device=device)
+    errors = [float((rvq(z, n)[0] - z).pow(2).mean()) for n in (1, 2, 3, 4)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
+
+
+def test_gradients_go_straight_to_z_and_to_every_stage(device):
+    torch.manual_seed(2)
+    rvq = ResidualVectorQuantizer(3, 16, 5, dead_code_threshold=0.0).to(device)
+    z = torch.randn(7, 5, device=device, requires_grad=True)
+    z_q, loss, indices = rvq(z)
+    z_q.sum().backward(retain_graph=True)
+    assert torch.equal(z.grad, torch.ones_like(z))  # the output's gradient, unchanged, to z
+    z.grad = None
+    loss.backward()
+    for stage, vq in enumerate(rvq.quantizers):
+        grad = vq.embeddings.weight.grad
+        used = torch.unique(indices[:, stage])
+        assert grad is not None and bool((grad[used].abs().sum(1) > 0).all()), stage
+    assert z.grad is not None and float(z.grad.abs().sum()) > 0  # the commitment terms reach z
+
+
+def test_quantizer_dropout_draws_the_stages_from_the_layers_own_generator():
+    torch.manual_seed(3)
+    a = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, dropout_seed=7, dead_code_threshold=0.0)
+    b = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, dropout_seed=7, dead_code_threshold=0.0)
+    z = torch.randn(10, 3)
+
+    def used_stages(rvq):
+        return [int((rvq(z)[2][0] >= 0).sum()) for _ in range(12)]
+
+    torch.manual_seed(99)  # the global generator does not decide
+    drawn = used_stages(a)
+    assert len(set(drawn)) > 1 and all(1 <= n <= 4 for n in drawn)
+    assert used_stages(b) == drawn  # same seed, same draws: the same stages on every rank
+    state = a.state_dict()
+    next_draws = used_stages(a)
+    b.load_state_dict(state)
+    assert used_stages(b) == next_draws  # a resumed run draws on as the uninterrupted one
+    a.eval()
+    assert used_stages(a) == [4] * 12  # no dropout in eval
+    half = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=0.5, dead_code_threshold=0.0)
+    counts = used_stages(half) + used_stages(half) + used_stages(half)
+    assert 4 in counts and any(n < 4 for n in counts)
+
+
+def test_codes_from_indices_and_bad_arguments():
+    torch.manual_seed(4)
+    rvq = ResidualVectorQuantizer(3, 10, 4).eval()
+    z = torch.randn(2, 7, 4)  # (B, N, C)
+    z_q, _, indices = rvq(z, 2)
+    assert indices.shape == (2, 7, 3) and torch.equal(rvq.codes_from_indices(indices), z_q)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
+        rvq.codes_from_indices(torch.full((2, 3), 10))
+    with pytest.raises(ValueError, match="-1"):
+        rvq.codes_from_indices(torch.full((2, 3), -2))
+    with pytest.raises(ValueError, match="num_quantizers=3"):
+        rvq.codes_from_indices(torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at most the layer's 3"):
+        rvq(z, 4)
+    with pytest.raises(ValueError, match="num_quantizers must be an int >= 1"):
+        rvq(z, 0)
+    with pytest.raises(ValueError, match="probability"):
+        ResidualVectorQuantizer(2, 4, 4, quantizer_dropout=1.5)
+    with pytest.raises(ValueError, match="num_quantizers must be an int >= 1"):
+        ResidualVectorQuantizer(0, 4, 4)
+    # Keyword arguments reach every stage.
+    cosine = ResidualVectorQuantizer(2, 4, 4, metric="cosine", beta=0.5, channel_dim=1)
+    assert all(vq.metric == "cosine" and vq.beta == 0.5 and vq.channel_dim == 1 for vq in cosine.quantizers)
+    assert len(rvq.codebook_usage()) == 3

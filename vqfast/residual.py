@@ -1,0 +1,131 @@
+"""Residual vector quantization: a stack of :class:`vqfast.VectorQuantizer` layers, each quantizing what
+the previous ones left (as in SoundStream and EnCodec audio codecs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vqfast._checks import check_int, check_number
+from vqfast.layer import VectorQuantizer
+
+
+class _Sum(torch.autograd.Function):
+    """The value of ``codes`` with the gradient of ``z``: a straight-through output that equals the sum of
+    the codes exactly (``z + (codes - z).detach()`` would round it)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codes: Tensor) -> Tensor:  # type: ignore[override]
+        return codes.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """``num_quantizers`` VectorQuantizers in a chain: the first quantizes ``z``, each next one the
+    residual ``z - (sum of the codes so far)``, and ``z_q`` is the sum of all the codes.
+
+    Plain PyTorch for one step::
+
+        r = z; q_sum = 0; loss = 0
+        for vq in quantizers:
+            q, l, i = vq(r)            # each stage: its own codebook loss, and commitment of r to q
+            q_sum = q_sum + q.detach(); r = r - q.detach(); loss = loss + l
+        z_q = z + (q_sum - z).detach() # straight through, as one step
+
+    ``forward(z, num_quantizers=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout whose
+    value is exactly the sum of the codes and whose gradient goes to ``z`` unchanged, ``loss`` the sum
+    of the stages' losses, and ``indices`` int64 shaped like z without its channel dimension plus a
+    last dimension of ``num_quantizers``. ``num_quantizers`` (at most the layer's) uses only the first
+    stages, e.g. for a lower bitrate at inference; the indices of unused stages are -1.
+    ``quantizer_dropout``: in training, the probability that a batch uses only the first n stages, n
+    drawn uniformly from 1 to ``num_quantizers`` (SoundStream's quantizer dropout, so that one model
+    serves every bitrate). n is drawn from a generator of the layer's own, seeded with
+    ``dropout_seed`` and kept in its state dict, so every rank of a distributed run (whose stages
+    synchronise their statistics) draws the same n and a resumed run draws what it would have.
+    Every other keyword argument (``beta``, ``ema``, ``init``, ``dead_code_threshold``, ``metric``,
+    ``precision``, ``channel_dim``, ...) goes to each stage; the stages are ``self.quantizers``.
+    """
+
+    def __init__(self, num_quantizers: int, num_embeddings: int, embedding_dim: int, *,
+                 quantizer_dropout: float = 0.0, dropout_seed: int = 0, **vq_kwargs: Any) -> None:
+        super().__init__()
+        num_quantizers = check_int(num_quantizers, "num_quantizers", minimum=1)
+        self.quantizer_dropout = check_number(quantizer_dropout, "quantizer_dropout", minimum=0.0)
+        if self.quantizer_dropout > 1.0:
+            raise ValueError(f"quantizer_dropout must be a probability in [0, 1], got {quantizer_dropout}")
+        self.num_quantizers = num_quantizers
+        self.quantizers = nn.ModuleList(VectorQuantizer(num_embeddings, embedding_dim, **vq_kwargs)
+                                        for _ in range(num_quantizers))
+        self._dropout_generator = torch.Generator().manual_seed(check_int(dropout_seed, "dropout_seed", minimum=0))
+
+    def _stages_for(self, num_quantizers: int | None) -> int:
+        if num_quantizers is not None:
+            n = check_int(num_quantizers, "num_quantizers", minimum=1)
+            if n > self.num_quantizers:
+                raise ValueError(f"num_quantizers must be at most the layer's {self.num_quantizers}, got {n}")
+            return n
+        if self.training and self.quantizer_dropout > 0.0:
+            # A CPU generator: no device sync.
+            draw = torch.rand((), generator=self._dropout_generator)
+            n = torch.randint(1, self.num_quantizers + 1, (), generator=self._dropout_generator)
+            if float(draw) < self.quantizer_dropout:
+                return int(n)
+        return self.num_quantizers
+
+    def forward(self, z: Tensor, num_quantizers: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z`` with the first ``num_quantizers`` stages (all by default; see the class docstring)."""
+        stages = self._stages_for(num_quantizers)
+        residual = z
+        codes_sum = loss = None
+        indices = []
+        for vq in self.quantizers[:stages]:
+            z_q, stage_loss, stage_indices = vq(residual)
+            codes = z_q.detach()  # the value of each stage's output is its code
+            codes_sum = codes if codes_sum is None else codes_sum + codes
+            loss = stage_loss if loss is None else loss + stage_loss
+            residual = residual - codes
+            indices.append(stage_indices)
+        if stages < self.num_quantizers:
+            unused = torch.full_like(indices[0], -1)
+            indices += [unused] * (self.num_quantizers - stages)
+        return _Sum.apply(z, codes_sum), loss, torch.stack(indices, dim=-1)
+
+    def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
+        """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., num_quantizers): the sum of each
+        stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks' dtype,
+        differentiable with respect to the codebooks. Other indices outside [0, K) raise ValueError (a
+        host-side check that ``check_indices=False`` skips on the GPU)."""
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
+            raise ValueError(f"indices must end in a dimension of num_quantizers={self.num_quantizers}, got shape "
+                             f"{tuple(indices.shape)}")
+        if check_indices and indices.numel() and int(indices.min()) < -1:
+            raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(indices.min())}")
+        total = None
+        for stage, vq in enumerate(self.quantizers):
+            stage_indices = indices[..., stage]
+            used = stage_indices >= 0
+            codes = vq.codes_from_indices(stage_indices.clamp_min(0), check_indices=check_indices)
+            channel_dim = vq._channel_dim_of(stage_indices.dim() + 1, "codes")
+            codes = torch.where(used.unsqueeze(channel_dim), codes, 0.0)
+            total = codes if total is None else total + codes
+        return total
+
+    def codebook_usage(self) -> list[dict[str, Any]]:
+        """Each stage's :meth:`VectorQuantizer.codebook_usage`, in order."""
+        return [vq.codebook_usage() for vq in self.quantizers]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"dropout_generator": self._dropout_generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._dropout_generator.set_state(state["dropout_generator"])
+
+    def extra_repr(self) -> str:
+        return f"num_quantizers={self.num_quantizers}, quantizer_dropout={self.quantizer_dropout}"
