@@ -133,3 +133,16 @@ def test_codes_from_indices_and_bad_arguments():
     cosine = ResidualVectorQuantizer(2, 4, 4, metric="cosine", beta=0.5, channel_dim=1)
     assert all(vq.metric == "cosine" and vq.beta == 0.5 and vq.channel_dim == 1 for vq in cosine.quantizers)
     assert len(rvq.codebook_usage()) == 3
+
+
+def test_compiles_without_graph_breaks(device):
+    torch.manual_seed(5)
+    rvq = ResidualVectorQuantizer(3, 16, 4, dead_code_threshold=0.0).to(device)
+    z = torch.randn(8, 4, device=device)
+    compiled = torch.compile(rvq, fullgraph=True, backend="aot_eager")
+    for train in (True, False):
+        rvq.train(train)
+        torch._dynamo.reset()
+        eager, got = rvq(z), compiled(z)
+        assert torch.equal(got[2], eager[2]) and torch.equal(got[0], eager[0])
+        torch.testing.assert_close(got[1], eager[1])
