@@ -83,6 +83,36 @@ def test_gradients_go_straight_to_z_and_to_every_stage(device):
         used = torch.unique(indices[:, stage])
         assert grad is not None and bool((grad[used].abs().sum(1) > 0).all()), stage
     assert z.grad is not None and float(z.grad.abs().sum()) > 0  # the commitment terms reach z
+    # ... every stage's, the later ones through their residuals: with no commitment in the first
+    # stage, z still gets the second's.
+    rvq.quantizers[0].beta = 0.0
+    z.grad = None
+    rvq(z)[1].backward()
+    assert float(z.grad.abs().sum()) > 0
+
+
+def test_half_precision_inputs_are_chained_in_fp32(device):
+    torch.manual_seed(6)
+    rvq = ResidualVectorQuantizer(3, 32, 8).to(device).eval()
+    z = torch.randn(64, 8, device=device)
+    half = z.half()
+    z_q, _, indices = rvq(half)
+    wide_q, _, wide_indices = rvq(half.float())
+    assert z_q.dtype == torch.float16 and torch.equal(indices, wide_indices)
+    assert torch.equal(z_q, wide_q.half()) and torch.equal(rvq.codes_from_indices(indices).half(), z_q)
+
+
+def test_kmeans_stages_pool_the_residuals_of_initialised_stages():
+    torch.manual_seed(7)
+    rvq = ResidualVectorQuantizer(2, 8, 4, init="kmeans", kmeans_batches=2, kmeans_iters=2)
+    first, second = rvq.quantizers
+    states = []
+    for _ in range(3):
+        rvq(torch.randn(64, 4))
+        states.append((not first._needs_init, not second._needs_init))
+    # The second stage starts pooling in the batch where the first runs k-means, so it runs its own a
+    # batch later, on residuals of the first stage's k-means codes only.
+    assert states == [(False, False), (True, False), (True, True)]
 
 
 def test_quantizer_dropout_draws_the_stages_from_the_layers_own_generator():
@@ -96,12 +126,21 @@ def test_quantizer_dropout_draws_the_stages_from_the_layers_own_generator():
 
     torch.manual_seed(99)  # the global generator does not decide
     drawn = used_stages(a)
-    assert len(set(drawn)) > 1 and all(1 <= n <= 4 for n in drawn)
     assert used_stages(b) == drawn  # same seed, same draws: the same stages on every rank
+    assert set(drawn + used_stages(a) + used_stages(a)) == {1, 2, 3, 4}  # uniform over 1..num_quantizers
     state = a.state_dict()
     next_draws = used_stages(a)
-    b.load_state_dict(state)
-    assert used_stages(b) == next_draws  # a resumed run draws on as the uninterrupted one
+    resumed = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, dropout_seed=123, dead_code_threshold=0.0)
+    resumed.load_state_dict(state)
+    assert used_stages(resumed) == next_draws  # a resumed run draws on as the uninterrupted one
+    # The generator's state survives a checkpoint mapped to another device or dtype, and a state dict
+    # without it keeps the layer's own; anything else is a clear error.
+    converted = {k: (v.to(torch.float32) if k.endswith("_extra_state") else v) for k, v in state.items()}
+    resumed.load_state_dict(converted)
+    assert used_stages(resumed) == next_draws
+    resumed.load_state_dict({k: v for k, v in state.items() if not k.endswith("_extra_state")})
+    with pytest.raises(ValueError, match="dropout generator's state"):
+        resumed.load_state_dict({**state, "_extra_state": {"seed": 1}})
     a.eval()
     assert used_stages(a) == [4] * 12  # no dropout in eval
     half = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=0.5, dead_code_threshold=0.0)

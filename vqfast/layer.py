@@ -339,6 +339,9 @@ class VectorQuantizer(nn.Module):
         # taken in between resumes with the same k-means (see _save_kmeans_pool).
         self._kmeans_pool: list[Tensor] = []
         self._kmeans_pool_batches = 0
+        # Set by a residual chain while an earlier stage is not initialised: this stage's input is not
+        # yet what it will be, so it pools nothing (and, not initialised, restarts nothing).
+        self._kmeans_paused = False
         self.register_state_dict_post_hook(_save_kmeans_pool)
         self.dead_code_threshold = float(dead_code_threshold)
         self.usage_decay = float(usage_decay)
@@ -483,7 +486,7 @@ class VectorQuantizer(nn.Module):
         train = self.training and rows.shape[0] > 0
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
-        if maintain and self._needs_init:
+        if maintain and self._needs_init and not self._kmeans_paused:
             self._collect_for_kmeans(rows)
         indices, distances = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.

@@ -37,18 +37,27 @@ class ResidualVectorQuantizer(nn.Module):
             q_sum = q_sum + q.detach(); r = r - q.detach(); loss = loss + l
         z_q = z + (q_sum - z).detach() # straight through, as one step
 
-    ``forward(z, num_quantizers=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout whose
-    value is exactly the sum of the codes and whose gradient goes to ``z`` unchanged, ``loss`` the sum
-    of the stages' losses, and ``indices`` int64 shaped like z without its channel dimension plus a
-    last dimension of ``num_quantizers``. ``num_quantizers`` (at most the layer's) uses only the first
+    ``forward(z, num_quantizers=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout and
+    dtype, whose value is the sum of the codes (summed in fp32 at least, then cast) and whose gradient
+    goes to ``z`` once, unchanged (as in EnCodec, where vector-quantize-pytorch's ``ResidualVQ`` passes
+    it once per stage); ``loss`` the sum of the stages' losses, every stage's commitment term reaching
+    ``z`` through its residual (as in vector-quantize-pytorch, where EnCodec's later stages commit
+    nothing to the encoder); ``indices`` int64 shaped like z without its channel dimension plus a last
+    dimension of ``num_quantizers``. ``num_quantizers`` (at most the layer's) uses only the first
     stages, e.g. for a lower bitrate at inference; the indices of unused stages are -1.
-    ``quantizer_dropout``: in training, the probability that a batch uses only the first n stages, n
-    drawn uniformly from 1 to ``num_quantizers`` (SoundStream's quantizer dropout, so that one model
-    serves every bitrate). n is drawn from a generator of the layer's own, seeded with
-    ``dropout_seed`` and kept in its state dict, so every rank of a distributed run (whose stages
-    synchronise their statistics) draws the same n and a resumed run draws what it would have.
+    ``quantizer_dropout``: in training, the probability that a batch (the whole batch, not each
+    sample) uses only the first n stages, n drawn uniformly from 1 to ``num_quantizers``
+    (SoundStream's quantizer dropout, so that one model serves every bitrate); the loss is then the
+    sum over those n stages. n is drawn on the host from a generator of the layer's own, seeded with
+    ``dropout_seed`` and kept in its state dict, so every rank of a distributed run draws the same n
+    (the stages synchronise their statistics) and a resumed run draws what it would have. Stages left
+    out get no gradient: under DistributedDataParallel pass ``find_unused_parameters=True``. The draw
+    is a graph break under ``torch.compile`` (and each n its own graph), so ``fullgraph=True`` needs
+    ``quantizer_dropout=0`` or eval mode.
     Every other keyword argument (``beta``, ``ema``, ``init``, ``dead_code_threshold``, ``metric``,
-    ``precision``, ``channel_dim``, ...) goes to each stage; the stages are ``self.quantizers``.
+    ``precision``, ``channel_dim``, ...) goes to each stage; the stages are ``self.quantizers``. With
+    ``init="kmeans"`` a stage pools its rows only once the stages before it are initialised (from the
+    batch in which the last of them runs k-means), so it clusters the residuals of their k-means codes.
     """
 
     def __init__(self, num_quantizers: int, num_embeddings: int, embedding_dim: int, *,
@@ -80,11 +89,19 @@ class ResidualVectorQuantizer(nn.Module):
     def forward(self, z: Tensor, num_quantizers: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z`` with the first ``num_quantizers`` stages (all by default; see the class docstring)."""
         stages = self._stages_for(num_quantizers)
-        residual = z
+        # In fp32 at least: 16-bit residuals and sums would round away what later stages refine.
+        residual = z.to(torch.promote_types(z.dtype, torch.float32)) if z.is_floating_point() else z
         codes_sum = loss = None
         indices = []
+        earlier_pending = False
         for vq in self.quantizers[:stages]:
-            z_q, stage_loss, stage_indices = vq(residual)
+            # k-means of a stage must see the residuals of the earlier stages' k-means codes.
+            vq._kmeans_paused = earlier_pending
+            try:
+                z_q, stage_loss, stage_indices = vq(residual)
+            finally:
+                vq._kmeans_paused = False  # (for calls of the stage on its own)
+            earlier_pending = earlier_pending or vq._needs_init
             codes = z_q.detach()  # the value of each stage's output is its code
             codes_sum = codes if codes_sum is None else codes_sum + codes
             loss = stage_loss if loss is None else loss + stage_loss
@@ -93,13 +110,14 @@ class ResidualVectorQuantizer(nn.Module):
         if stages < self.num_quantizers:
             unused = torch.full_like(indices[0], -1)
             indices += [unused] * (self.num_quantizers - stages)
-        return _Sum.apply(z, codes_sum), loss, torch.stack(indices, dim=-1)
+        return _Sum.apply(z, codes_sum.to(z.dtype)), loss, torch.stack(indices, dim=-1)
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., num_quantizers): the sum of each
-        stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks' dtype,
-        differentiable with respect to the codebooks. Other indices outside [0, K) raise ValueError (a
-        host-side check that ``check_indices=False`` skips on the GPU)."""
+        stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks' dtype (float32:
+        forward's ``z_q`` is this cast to z's dtype), differentiable with respect to the codebooks. Other
+        indices outside [0, K) raise ValueError (a host-side check that ``check_indices=False`` skips on
+        the GPU)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
@@ -121,11 +139,26 @@ class ResidualVectorQuantizer(nn.Module):
         """Each stage's :meth:`VectorQuantizer.codebook_usage`, in order."""
         return [vq.codebook_usage() for vq in self.quantizers]
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"dropout_generator": self._dropout_generator.get_state()}
+    def get_extra_state(self) -> Tensor:
+        """The quantizer-dropout generator's state (a uint8 tensor), saved as ``_extra_state``."""
+        return self._dropout_generator.get_state()
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._dropout_generator.set_state(state["dropout_generator"])
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Tensor):
+            raise ValueError(f"_extra_state must be the dropout generator's state, a uint8 tensor; got {type(state).__name__}")
+        expected = self._dropout_generator.get_state().shape
+        if state.shape != expected:
+            raise ValueError(f"_extra_state must be the dropout generator's state, shaped {tuple(expected)}; "
+                             f"got {tuple(state.shape)}")
+        # (A checkpoint loaded onto a GPU, or converted, still gives the generator its CPU bytes.)
+        self._dropout_generator.set_state(state.to("cpu", torch.uint8))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state dict saved without the generator (e.g. by hand from the stages) keeps the current one.
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"num_quantizers={self.num_quantizers}, quantizer_dropout={self.quantizer_dropout}"
