@@ -429,6 +429,7 @@ def _tiny_plan(**overrides) -> bench.Plan:
         headline=bench._points([(32, 64, 8)], ["fp32", "tf32", "bf16"]),
         sweeps=[("K sweep (N=32, D=8)", bench._points([(32, 16, 8), (32, 64, 8), (32, 256, 8)], ["fp32"]))],
         gather=[(64, 16, 8, "fp32")], usage=[(100, 10)], layer=[(2, 8, 2, 2, 16)], train=[2], kmeans=[(64, 16, 8)],
+        rvq=[(2, 8, 6, 16, 3)],
         train_codes=16, train_dim=8, ceiling_size=64, copy_bytes=1 << 16,
         nearest_providers=tuple(p for p in bench.NEAREST_PROVIDERS if p != "torch.compile(matmul)"),
         budget_s=120, mode="test",
@@ -475,6 +476,8 @@ def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread, monkeypatch):
     assert all(r.ok for r in records if r.part in ("gather", "usage", "train"))
     kmeans = [r for r in records if r.case.startswith("k-means init (64 rows")]
     assert len(kmeans) == 1 and kmeans[0].ok and (kmeans[0].k, kmeans[0].d) == (16, 8)
+    residual = [r for r in records if r.case.startswith("residual VQ, 3 x 16 codes")]
+    assert [(r.provider, r.ok, r.n, r.k, r.d) for r in residual] == [("vqfast", True, 12, 16, 8)]
     names = {p.name for p in tmp_path.iterdir()}
     assert {"results.csv", "results.md", "nearest_time_vs_k.png", "nearest_tflops_vs_k.png"} <= names
     with open(tmp_path / "results.csv", newline="") as f:
@@ -557,12 +560,28 @@ def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
             q = q.reshape(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2) if self.image else q.reshape(x.shape)
             return q, idx.reshape(x.shape[:-1] if not self.image else (x.shape[0], *x.shape[2:])), loss
 
-    monkeypatch.setattr(bench, "_vq_pytorch_class", lambda: FakeVectorQuantize)
+    class FakeResidualVQ(nn.Module):  # vector_quantize_pytorch.ResidualVQ's interface, on (B, T, C)
+        def __init__(self, dim, num_quantizers, codebook_size):
+            super().__init__()
+            self.stages = nn.ModuleList(FakeVectorQuantize(dim, codebook_size) for _ in range(num_quantizers))
+
+        def forward(self, x):
+            residual, out, indices, losses = x, 0, [], []
+            for stage in self.stages:
+                q, idx, loss = stage(residual)
+                residual, out = residual - q.detach(), out + q
+                indices.append(idx)
+                losses.append(loss)
+            return out, torch.stack(indices, -1), torch.stack(losses)
+
+    fakes = {"VectorQuantize": FakeVectorQuantize, "ResidualVQ": FakeResidualVQ}
+    monkeypatch.setattr(bench, "_vq_pytorch_class", lambda name="VectorQuantize": fakes[name])
     records = bench.run_benchmarks(_tiny_plan(nearest_providers=("vqfast", "vector-quantize-pytorch")),
                                    ("nearest", "layer"), tmp_path, device=torch.device("cpu"), log=lambda s: None,
                                    plots=False)
     theirs = [r for r in records if r.provider == "vector-quantize-pytorch"]
     assert {r.part for r in theirs} == {"nearest", "layer"}
+    assert any(r.case.startswith("residual VQ") for r in theirs)
     assert all(r.ok for r in theirs), [r.status for r in theirs]
 
 

@@ -739,12 +739,12 @@ def build_vqvae(variant: str, num_codes: int, code_dim: int, beta: float = 1.0) 
 
 
 @functools.lru_cache(maxsize=None)
-def _vq_pytorch_class() -> type | None:
+def _vq_pytorch_class(name: str = "VectorQuantize") -> type | None:
     try:
-        from vector_quantize_pytorch import VectorQuantize
+        import vector_quantize_pytorch
     except Exception:  # noqa: BLE001 - optional dependency, absent or broken
         return None
-    return VectorQuantize
+    return getattr(vector_quantize_pytorch, name, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -961,6 +961,8 @@ class Plan:
     train: list[int]  # batch sizes
     # (N, K, D): a fresh layer's first training forward with init="kmeans" (k-means on N rows, then the step)
     kmeans: list[tuple[int, int, int]] = field(default_factory=list)
+    # (B, C, T, K, stages): residual VQ on (B, C, T) sequences, as in audio codecs
+    rvq: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     train_codes: int = 4096
     train_dim: int = 128
     ceiling_size: int = 8192
@@ -1006,6 +1008,8 @@ def default_plan() -> Plan:
         layer=[GOAL_LAYER, ARTICLE_LAYER, LAYER_SHAPES[1]],
         train=[64, 256],
         kmeans=[(131072, 65536, 256)],
+        # An EnCodec-sized residual VQ (8 stages of 1,024 codes, 128 dims) on 64 sequences of 256 frames.
+        rvq=[(64, 128, 256, 1024, 8)],
     )
 
 
@@ -1496,6 +1500,76 @@ def run_layer(ctx: Context) -> None:
         ctx.meter.free()
     for n, k, d in ctx.plan.kmeans:
         run_kmeans_init(ctx, n, k, d)
+    for shape in ctx.plan.rvq:
+        run_residual(ctx, *shape)
+
+
+RVQ_PROVIDERS = ("vqfast", "vector-quantize-pytorch")
+
+
+def _residual_module(provider: str, k: int, c: int, stages: int) -> nn.Module | None:
+    """A residual VQ of ``stages`` x K codes of dimension C on (B, C, T) input: ``(z_q, loss, indices)``;
+    None when the provider is not installed."""
+    if provider == "vqfast":
+        from vqfast import ResidualVectorQuantizer
+
+        return ResidualVectorQuantizer(stages, k, c, channel_dim=1)
+    cls = _vq_pytorch_class("ResidualVQ")
+    if cls is None:
+        return None
+    inner = cls(dim=c, num_quantizers=stages, codebook_size=k)
+
+    class _Adapter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q, idx, losses = self.inner(z.transpose(1, 2))  # it takes (B, T, C)
+            return q.transpose(1, 2), losses.sum(), idx
+
+    return _Adapter()
+
+
+def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> None:
+    """Forward + backward of a residual VQ (layer part), vqfast's against vector-quantize-pytorch's
+    ``ResidualVQ`` with its defaults, at fp32 and the stages' default settings."""
+    case = f"residual VQ, {stages} x {k:,} codes, ({b}, {c}, {t})"
+    n = b * t
+    if not ctx.budget.allow():
+        ctx.skipped("layer", case, list(RVQ_PROVIDERS), "fp32", n, k, c)
+        return
+    with matmul_precision("highest"):
+        _seeded()
+        zs = [torch.randn(b, c, t, device=ctx.device, requires_grad=True) for _ in range(LAYER_BATCHES)]
+        g = torch.randn(b, c, t, device=ctx.device)
+        one = torch.ones((), device=ctx.device)
+        for provider in RVQ_PROVIDERS:
+            rec = Record("layer", case, provider, "fp32", n, k, c)
+            if provider == "vqfast":
+                rec.note = "residual VQ: ResidualVectorQuantizer(channel_dim=1), every stage at its defaults"
+            try:
+                layer = _residual_module(provider, k, c, stages)
+            except Exception as exc:  # noqa: BLE001
+                rec.status = _error_status(exc)
+                ctx.add(rec)
+                continue
+            if layer is None:
+                continue
+            layer = layer.to(ctx.device)
+            steps = itertools.count()
+
+            def step(layer: nn.Module = layer, steps: Iterator[int] = steps) -> None:
+                z_q, loss, _ = layer(zs[next(steps) % len(zs)])
+                torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
+
+            m = ctx.meter.measure(step, 3.0 * n * k * 4, grad_to_none=[*zs, *layer.parameters()])
+            rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+            ctx.add(rec)
+            del layer, step
+            ctx.meter.free()
+        zs = g = None
+    ctx.meter.free()
 
 
 def run_kmeans_init(ctx: Context, n: int, k: int, d: int) -> None:
