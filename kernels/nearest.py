@@ -731,15 +731,16 @@ class _Recheck:
     search again, with its length and a packed (score, index) slot per entry."""
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, tolerance_scale: float,
-                 plan: _RecheckPlan | None = None, scratch: Sequence[torch.Tensor] | None = None):
+                 plan: _RecheckPlan | None = None, scratch: Sequence[torch.Tensor] | None = None,
+                 fresh_status: bool = True):
         if plan is None:
             plan = _RecheckPlan(z, codebook, tolerance_scale)
         device = z.device
         if scratch is None:
             scratch = fresh_buffers(plan.scratch_specs, device)
-        self.c_sqnorm, self.c_norm, self.c_resid, self.count, self.rows, self.packed = scratch
-        # Returned to the caller: fresh on every call.
-        self.status = torch.empty(z.shape[0], dtype=torch.int8, device=device)
+        self.c_sqnorm, self.c_norm, self.c_resid, self.count, self.rows, self.packed, status = scratch
+        # A status that goes back to the caller is a fresh tensor; otherwise the scratch one.
+        self.status = torch.empty(z.shape[0], dtype=torch.int8, device=device) if fresh_status else status
         self.errors = plan.errors
         plan.norms(codebook, self.c_sqnorm, self.c_norm, self.c_resid, self.count)
 
@@ -751,9 +752,9 @@ class _RecheckPlan:
         n, d = z.shape
         k = codebook.shape[0]
         f32 = torch.float32
-        # c_sqnorm, c_norm, c_resid, count, rows, packed
+        # c_sqnorm, c_norm, c_resid, count, rows, packed, status
         self.scratch_specs = [((k,), f32), ((k,), f32), ((k,), f32), ((1,), torch.int32), ((n,), torch.int32),
-                              ((n,), torch.int64)]
+                              ((n,), torch.int64), ((n,), torch.int8)]
         scale = tolerance_scale * _BOUND_SLACK
         self.errors = (2.0 * scale, 2.0 * scale * d * 2.0**-22, scale * d * 2.0**-23, scale * d * 2.0**-126)
         # The blocks of code_sqnorms: the same summation order, so the search of listed rows sees the
@@ -963,7 +964,8 @@ def nearest_code(
     1,024).
     ``tie_tolerance_scale`` multiplies the error bound (for tests).
     """
-    indices, distances, _ = _nearest_code_with_status(z, codebook, precision, num_splits, tie_tolerance_scale)
+    indices, distances, _ = _nearest_code_with_status(z, codebook, precision, num_splits, tie_tolerance_scale,
+                                                      want_status=False)
     return indices, distances
 
 
@@ -1019,8 +1021,9 @@ def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_split
 
 def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None,
                               num_splits: int | None = None, tie_tolerance_scale: float = 1.0,
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`nearest_code`, and for the tf32 search the int8 status of each row (see ``_Recheck``)."""
+                              want_status: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`nearest_code`, and for the tf32 search the int8 status of each row (see ``_Recheck``; with
+    ``want_status=False`` the status is a scratch buffer, not to be read)."""
     if precision is None:
         precision = torch.get_float32_matmul_precision()
     try:
@@ -1049,7 +1052,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
             plan.sqnorms(codebook, c_sqnorm)
             return (*_search(z, codebook, c_sqnorm, plan.input_precision, num_splits, plan=plan.search,
                              scratch=splits), None)
-        recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck, first)
+        recheck = _Recheck(z, codebook, tie_tolerance_scale, plan.recheck, first, fresh_status=want_status)
         indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck, plan=plan.search,
                                      scratch=splits)
         _research_listed_rows(z, codebook, recheck, indices, distances, plan=plan.research)
