@@ -69,8 +69,13 @@ def test_autotuned_memory_bound_kernels(monkeypatch, dtype):
     # problem size; the accumulating ones time into scratch buffers, so the results must be exact.
     from vqfast.kernels import _common
 
+    from vqfast.kernels import usage
+
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
     monkeypatch.setattr(_common, "_TUNED", {})
+    # Every candidate timed, the streaming-hint twins included (real problems get them from 128 MiB).
+    monkeypatch.setattr(_common, "STREAMING_MIN_BYTES", 0)
+    monkeypatch.setattr(usage, "STREAMING_MIN_BYTES", 0)
     n, k, d = 70000, 3000, 96
     z, c = _data(n, k, d, dtype, seed=8)
     idx = torch.randint(0, k, (n,), device="cuda")
