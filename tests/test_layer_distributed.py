@@ -36,6 +36,20 @@ class _Model(nn.Module):
         return (z_q - 1).pow(2).mean() + loss
 
 
+class _ResidualModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from vqfast import ResidualVectorQuantizer
+
+        self.encoder = nn.Linear(6, 4)
+        self.rvq = ResidualVectorQuantizer(3, 12, 4, quantizer_dropout=0.5, init="kmeans", kmeans_iters=2,
+                                           dead_code_threshold=0.5, usage_decay=0.5)
+
+    def forward(self, x):
+        z_q, loss, indices = self.rvq(self.encoder(x))
+        return (z_q - 1).pow(2).mean() + loss, int((indices[0] >= 0).sum())
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -99,6 +113,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             runs[mode] = (torch.stack(losses), model.vq.embeddings.weight.detach().clone(),
                           same_on_all_ranks(model.vq.embeddings.weight))
         results["compile"] = runs
+
+        # A residual VQ with quantizer dropout under DDP: the ranks must draw the same stages (the used
+        # stages synchronise their statistics, so different draws would hang the collectives) and keep
+        # identical codebooks in every stage.
+        torch.manual_seed(0)
+        model = _ResidualModel()
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        torch.manual_seed(4000 + rank)
+        used = []
+        for _ in range(6):
+            loss, stages = ddp(torch.randn(16, 6) * (1 + rank) + 3 * rank)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            used.append(stages)
+        results["residual"] = {"used": used, "weights": [q.embeddings.weight.detach().clone() for q in model.rvq.quantizers]}
 
         # Restart candidates: every code but one is far from both ranks' data, so all but one are
         # re-seeded after one step, from rows gathered from both ranks.
@@ -188,6 +219,14 @@ def test_codebooks_identical_across_ranks(rank_results):
     # The control: without the sync the ranks' codebooks differ (so the check above can fail).
     assert not torch.equal(r0["ema-unsynced"]["weight"], r1["ema-unsynced"]["weight"])
     assert not r0["ema-unsynced"]["same"]
+
+
+@_NEEDS_GLOO
+def test_residual_stages_and_codebooks_identical_across_ranks(rank_results):
+    r0, r1 = (r["residual"] for r in rank_results)
+    assert r0["used"] == r1["used"] and len(set(r0["used"])) > 1  # dropout drew, the same on both ranks
+    for stage, (w0, w1) in enumerate(zip(r0["weights"], r1["weights"])):
+        assert torch.equal(w0, w1), stage
 
 
 @_NEEDS_GLOO
