@@ -1470,8 +1470,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
       help="train under torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same "
-           "GPU and software (vqfast then sums codebook gradients without atomics; somewhat slower); "
-           "a resumed run keeps its setting unless given")
+           "GPU and software (vqfast then sums its codebook gradients in a fixed order); a resumed run keeps "
+           "its setting unless given")
     a("--limit", type=int, default=None, help="use at most this many training images")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true",

@@ -158,6 +158,8 @@ def test_codes_from_indices_and_bad_arguments():
         rvq.codes_from_indices(torch.full((2, 3), 10))
     with pytest.raises(ValueError, match="-1"):
         rvq.codes_from_indices(torch.full((2, 3), -2))
+    with pytest.raises(ValueError, match="-1"):  # on the CPU checked anyway, as gather does
+        rvq.codes_from_indices(torch.full((2, 3), -2), check_indices=False)
     with pytest.raises(ValueError, match="num_quantizers=3"):
         rvq.codes_from_indices(torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="at most the layer's 3"):

@@ -403,7 +403,8 @@ class VectorQuantizer(nn.Module):
         Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. In the codebook's
         dtype (float32; forward's ``z_q`` is in z's), differentiable with respect to the codebook.
         Indices outside [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips
-        on the GPU and that ``torch.compile`` leaves out (as in :func:`vqfast.gather`).
+        on the GPU (as in :func:`vqfast.gather`, which under ``torch.compile`` checks with an assertion
+        inside the graph on the CPU backend and not at all on the Triton backend).
         """
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")

@@ -43,8 +43,9 @@ class ResidualVectorQuantizer(nn.Module):
     it once per stage); ``loss`` the sum of the stages' losses, every stage's commitment term reaching
     ``z`` through its residual (as in vector-quantize-pytorch, where EnCodec's later stages commit
     nothing to the encoder); ``indices`` int64 shaped like z without its channel dimension plus a last
-    dimension of ``num_quantizers``. ``num_quantizers`` (at most the layer's) uses only the first
-    stages, e.g. for a lower bitrate at inference; the indices of unused stages are -1.
+    dimension of the layer's ``num_quantizers``. The ``num_quantizers`` argument (at most the layer's)
+    runs only the first stages, e.g. for a lower bitrate at inference; the indices of stages not run
+    are -1.
     ``quantizer_dropout``: in training, the probability that a batch (the whole batch, not each
     sample) uses only the first n stages, n drawn uniformly from 1 to ``num_quantizers``
     (SoundStream's quantizer dropout, so that one model serves every bitrate); the loss is then the
@@ -113,17 +114,18 @@ class ResidualVectorQuantizer(nn.Module):
         return _Sum.apply(z, codes_sum.to(z.dtype)), loss, torch.stack(indices, dim=-1)
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
-        """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., num_quantizers): the sum of each
-        stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks' dtype (float32:
-        forward's ``z_q`` is this cast to z's dtype), differentiable with respect to the codebooks. Other
-        indices outside [0, K) raise ValueError (a host-side check that ``check_indices=False`` skips on
-        the GPU)."""
+        """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
+        sum of each stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks'
+        dtype (float32: for fp32, fp16 and bf16 z, forward's ``z_q`` is this cast to z's dtype),
+        differentiable with respect to the codebooks. Other indices outside [0, K) raise ValueError (a
+        host-side check that ``check_indices=False`` skips on the GPU, as in :func:`vqfast.gather`)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
             raise ValueError(f"indices must end in a dimension of num_quantizers={self.num_quantizers}, got shape "
                              f"{tuple(indices.shape)}")
-        if check_indices and indices.numel() and int(indices.min()) < -1:
+        if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
+                and indices.numel() and int(indices.min()) < -1):
             raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(indices.min())}")
         total = None
         for stage, vq in enumerate(self.quantizers):
