@@ -75,6 +75,16 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
         (z_q.sum() + loss).backward()
 
     out.append(("VectorQuantizer(64, 8) forward + backward, x (64, 8, 4, 4)", layer_step))
+    # The same for a residual VQ of 4 such stages (sequences (B, C, T), as audio codecs use it): its host
+    # time is about one layer step per stage.
+    residual = vqfast.ResidualVectorQuantizer(4, 64, 8, channel_dim=1)
+    seq = torch.randn(16, 8, 16, requires_grad=True)
+
+    def residual_step():
+        z_q, loss, _ = residual(seq)
+        (z_q.sum() + loss).backward()
+
+    out.append(("ResidualVectorQuantizer(4, 64, 8) forward + backward, x (16, 8, 16)", residual_step))
     return out
 
 
