@@ -32,7 +32,7 @@ def autotuning() -> bool:
     first calls; the test suite uses it on a GPU). Deterministic mode needs it because the tile decides
     the order of some fp32 sums (the loss's partial sums, the distance epilogue's reductions), and a
     choice by timing may differ from one process to the next."""
-    return not torch.are_deterministic_algorithms_enabled() and os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
+    return not deterministic() and os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
 
 
 def deterministic() -> bool:

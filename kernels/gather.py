@@ -125,14 +125,13 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     launches = plan.launches
     if launches is not None and deterministic():
         acc = index_add_rows(grad, indices, plan.shape[0])
-        launches = None
     else:
         acc = torch.zeros(plan.shape, dtype=torch.float32, device=grad.device)
-    if launches is not None:
-        def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
-            launches[cfg](grad, indices, into)
+        if launches is not None:
+            def launch(cfg: LaunchConfig, into: torch.Tensor = acc) -> None:
+                launches[cfg](grad, indices, into)
 
-        launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, acc)))
+            launch(tuned_config(plan.tune_key, plan.configs, scratch_trial(launch, acc)))
     out_dtype = out_dtype or grad.dtype
     return acc if out_dtype == torch.float32 else acc.to(out_dtype)
 

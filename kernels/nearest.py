@@ -1023,7 +1023,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
                               num_splits: int | None = None, tie_tolerance_scale: float = 1.0,
                               want_status: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`nearest_code`, and for the tf32 search the int8 status of each row (see ``_Recheck``; with
-    ``want_status=False`` the status is a scratch buffer, not to be read)."""
+    ``want_status=False`` the status goes to a scratch buffer and None is returned)."""
     if precision is None:
         precision = torch.get_float32_matmul_precision()
     try:
@@ -1056,7 +1056,7 @@ def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision
         indices, distances = _search(z, codebook, recheck.c_sqnorm, "tf32", num_splits, recheck, plan=plan.search,
                                      scratch=splits)
         _research_listed_rows(z, codebook, recheck, indices, distances, plan=plan.research)
-        return indices, distances, recheck.status
+        return indices, distances, (recheck.status if want_status else None)
     finally:
         # Every kernel of this call is launched: the next call on this stream runs after them.
         plan.scratch.give_back(token, scratch)

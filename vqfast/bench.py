@@ -1424,19 +1424,38 @@ def _layer_module(provider: str, k: int, c: int) -> nn.Module | None:
         cls = _vq_pytorch_class()
         if cls is None:
             return None
-        inner = cls(dim=c, codebook_size=k, accept_image_fmap=True)
-
-        class _Adapter(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                q, idx, loss = self.inner(z)
-                return q, loss.sum(), idx
-
-        return _Adapter()
+        return _TheirLayer(cls(dim=c, codebook_size=k, accept_image_fmap=True))
     raise ValueError(f"unknown layer provider {provider!r}")
+
+
+class _TheirLayer(nn.Module):
+    """A vector-quantize-pytorch layer (``(q, indices, losses)``) as ``(z_q, loss, indices)``; with
+    ``channels_last`` it is given (B, C, T) input as the (B, T, C) it takes."""
+
+    def __init__(self, inner: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.inner = inner
+        self.channels_last = channels_last
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            q, idx, losses = self.inner(z.transpose(1, 2))
+            return q.transpose(1, 2), losses.sum(), idx
+        q, idx, losses = self.inner(z)
+        return q, losses.sum(), idx
+
+
+def _fwd_bwd_step(layer: nn.Module, zs: list[torch.Tensor], g: torch.Tensor,
+                  one: torch.Tensor) -> Callable[[], None]:
+    """A training step of ``layer`` without the optimizer: the batches ``zs`` in turn, backward from
+    ``g`` into z_q and 1 into the loss."""
+    steps = itertools.count()
+
+    def step() -> None:
+        z_q, loss, _ = layer(zs[next(steps) % len(zs)])
+        torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
+
+    return step
 
 
 def run_layer(ctx: Context) -> None:
@@ -1484,12 +1503,7 @@ def run_layer(ctx: Context) -> None:
                         else:
                             weight.copy_(codebook)
 
-                steps = itertools.count()
-
-                def step(layer: nn.Module = layer, steps: Iterator[int] = steps) -> None:
-                    z_q, loss, _ = layer(zs[next(steps) % len(zs)])
-                    torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
-
+                step = _fwd_bwd_step(layer, zs, g, one)
                 m = ctx.meter.measure(step, est, grad_to_none=[*zs, *layer.parameters()],
                                       graph=provider == GRAPH_PROVIDER)
                 rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
@@ -1517,18 +1531,7 @@ def _residual_module(provider: str, k: int, c: int, stages: int) -> nn.Module | 
     cls = _vq_pytorch_class("ResidualVQ")
     if cls is None:
         return None
-    inner = cls(dim=c, num_quantizers=stages, codebook_size=k)
-
-    class _Adapter(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            q, idx, losses = self.inner(z.transpose(1, 2))  # it takes (B, T, C)
-            return q.transpose(1, 2), losses.sum(), idx
-
-    return _Adapter()
+    return _TheirLayer(cls(dim=c, num_quantizers=stages, codebook_size=k), channels_last=True)
 
 
 def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> None:
@@ -1557,12 +1560,7 @@ def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> N
             if layer is None:
                 continue
             layer = layer.to(ctx.device)
-            steps = itertools.count()
-
-            def step(layer: nn.Module = layer, steps: Iterator[int] = steps) -> None:
-                z_q, loss, _ = layer(zs[next(steps) % len(zs)])
-                torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
-
+            step = _fwd_bwd_step(layer, zs, g, one)
             m = ctx.meter.measure(step, 3.0 * n * k * 4, grad_to_none=[*zs, *layer.parameters()])
             rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
             ctx.add(rec)

@@ -293,8 +293,8 @@ def quantize(
     all-zero row stays zero and gets no gradient through the normalisation).
     ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
     ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as :func:`gather`;
-    the CPU backend checks anyway). z and the codebook may differ in
-    dtype: the search then runs in the wider one.
+    the CPU backend checks anyway). z and the codebook may differ in dtype: the search then runs in
+    the wider one.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
