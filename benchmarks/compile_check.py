@@ -255,18 +255,24 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                             num_splits=splits)
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    def fixed_config(launch):
+    def with_env(name, value, launch):
         def run():
-            previous = os.environ.get("VQFAST_AUTOTUNE")
-            os.environ["VQFAST_AUTOTUNE"] = "0"
+            previous = os.environ.get(name)
+            os.environ[name] = value
             try:
                 return launch()
             finally:
                 if previous is None:
-                    del os.environ["VQFAST_AUTOTUNE"]
+                    del os.environ[name]
                 else:
-                    os.environ["VQFAST_AUTOTUNE"] = previous
+                    os.environ[name] = previous
         return run
+
+    def fixed_config(launch):
+        return with_env("VQFAST_AUTOTUNE", "0", launch)
+
+    def tma(launch):
+        return with_env("VQFAST_TMA_SEARCH", "1", launch)
 
     cases = [
         ("nearest bf16 (65536, 65536, 256)", search(65536, 65536, 256, bf16, "high")),
@@ -275,6 +281,10 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
         # The same tf32 pass; the listed rows searched again with fp32 products.
         ("nearest fp32 highest: tf32 + fp32 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
         ("nearest bf16 split codebook (1024, 262144, 64)", search(1024, 262144, 64, bf16, "high")),
+        # The opt-in TMA kernel (kernels/nearest_tma.py) at the shapes of goals 1 and 3b.
+        ("nearest bf16 TMA search (65536, 65536, 256)", tma(search(65536, 65536, 256, bf16, "high"))),
+        ("nearest bf16 TMA search, split codebook (1024, 262144, 64)",
+         tma(search(1024, 262144, 64, bf16, "high"))),
     ]
     if not quick:
         cases += [
@@ -289,6 +299,10 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
              search(65536, 4096, 128, fp32, "high")),
             # Masked tiles (K and D fill no tile), where the tf32 pass is tightest on registers.
             ("nearest fp32 tf32, odd K and D (4096, 3001, 200)", search(4096, 3001, 200, fp32, "high")),
+            ("nearest fp16 TMA search, odd K and D (5000, 3001, 200)",
+             tma(search(5000, 3001, 200, fp16, "high"))),
+            ("nearest bf16 TMA search, VQFAST_AUTOTUNE=0 (8192, 16384, 128)",
+             tma(fixed_config(search(8192, 16384, 128, bf16, "high")))),
         ]
     idx = lambda n, k: torch.randint(0, k, (n,))  # noqa: E731
     cases += [
@@ -344,10 +358,10 @@ def _compiled_kernels() -> dict[int, tuple[str, object]]:
     """Every compiled kernel so far, by identity: ``{id: (kernel name, CompiledKernel)}``."""
     from triton.runtime.jit import JITFunction
 
-    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, upkeep, usage
+    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage
 
     found = {}
-    for module in (_common, gather, nearest, quantize, soft_entropy, upkeep, usage):
+    for module in (_common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage):
         for value in vars(module).values():
             fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # autotuners wrap one
             if isinstance(fn, JITFunction):
@@ -365,14 +379,15 @@ def _constants(kernel) -> dict:
             for name, value in compiled_constants(kernel).items() if name.isupper()}
 
 
-def _patch_launch_checks(sms: int) -> None:
+def _patch_launch_checks(sms: int, arch: int) -> None:
     """The launchers insist on CUDA tensors and ask the GPU for its size; answer for the target."""
-    from vqfast.kernels import _common, gather, nearest, quantize, soft_entropy, upkeep, usage
+    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage
 
     for module in (_common, gather, quantize, upkeep, usage):
         module.check_launchable = lambda *tensors: None
     for module in (nearest, soft_entropy):
         module.multiprocessor_count = lambda device: sms
+    nearest_tma._gpu_supports_it = lambda device: arch >= 90
     # The cases are small (to run quickly on a CPU), but every candidate, the streaming twins of the
     # memory-bound tiles included, must compile for the target.
     _common.STREAMING_MIN_BYTES = usage.STREAMING_MIN_BYTES = 0
@@ -384,7 +399,7 @@ def run(arch: int, quick: bool) -> Report:
     limits = SM_LIMITS[arch]
     errors: list[BaseException] = []
     triton.runtime.driver.set_active(StandInDriver(arch, errors.append))
-    _patch_launch_checks(limits["sms"])
+    _patch_launch_checks(limits["sms"], arch)
     torch.manual_seed(0)
     seen: set[int] = set()
     for case, launch in _cases(quick):
@@ -410,7 +425,8 @@ def run(arch: int, quick: bool) -> Report:
             v.occupancy = v.blocks_per_sm * v.num_warps * 32 / limits["threads"]
             report.variants.append(v)
         print(f"{case}: {sum(v.case == case for v in report.variants)} variants", file=sys.stderr)
-    _check_direct_launches(report, _cases(quick) + _misaligned_cases())
+    # (The TMA search launches through Triton's path only: its descriptors are made per call.)
+    _check_direct_launches(report, [c for c in _cases(quick) if " TMA" not in c[0]] + _misaligned_cases())
     report.seconds = time.perf_counter() - start
     return report
 
@@ -481,7 +497,7 @@ def markdown(report: Report) -> str:
     for v in report.variants:
         consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
                            or k in ("INPUT_PRECISION", "SINGLE_D", "SLOTS", "K_ALIGN", "EVEN_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
-                                         "FINITE_ONLY", "FIND_DEAD", "HAS_EMA", "CODES_PER_PROGRAM", "STREAM"))
+                                         "FINITE_ONLY", "FIND_DEAD", "HAS_EMA", "CODES_PER_PROGRAM", "STREAM", "WARP_SPECIALIZE"))
         lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
                      f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
                      f"{v.occupancy:.0%} | {v.loop_instructions if v.loop_instructions >= 0 else ''} |")

@@ -22,6 +22,7 @@ index also sums the chosen code's distance directly, ||z - c||^2.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import torch
@@ -847,6 +848,14 @@ class _SearchPlan:
                 meta["EVEN_D"] = d == _WIDE_TF32_MAX_D  # (read by whole-D candidates only)
         self.tuner = kernel if kernel is not _nearest_code_kernel else None
         self.search = PreparedLaunch(kernel, grid, scalars, meta, layout(_SEARCH_TENSORS))
+        # The opt-in TMA and warp-specialised kernel for 16-bit rows (nearest_tma.py); calls whose
+        # inputs TMA cannot read at their addresses take the kernel above.
+        self.tma = None
+        if not checking:
+            from vqfast.kernels import nearest_tma
+
+            if nearest_tma.suits(z, codebook, input_precision):
+                self.tma = nearest_tma.TmaSearch(z, codebook, splits, codes_per_split, meta["K_ALIGN"], dist_block_d)
 
         self.reduce = None
         if not write_distance:
@@ -873,8 +882,15 @@ class _SearchPlan:
         if self.checking:
             tensors += (recheck.c_norm, recheck.c_resid, recheck.status, recheck.count, recheck.rows, recheck.packed)
         global _last_search_autotuner
-        _last_search_autotuner = self.tuner
-        self.search(*tensors)
+        if self.tma is not None and nearest_tma_aligned(z, codebook):
+            _last_search_autotuner = self.tma.tuner
+            if self.write_distance:
+                self.tma(z, codebook, c_sqnorm, c_sqnorm, indices, distances)
+            else:
+                self.tma(z, codebook, c_sqnorm, tensors[5], tensors[6], distances)
+        else:
+            _last_search_autotuner = self.tuner
+            self.search(*tensors)
         if self.reduce is not None:
             self.reduce(*tensors)
         return indices, distances
@@ -1016,7 +1032,19 @@ def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_split
         driver = triton.runtime.driver.active
         where = (driver, driver.get_current_device())
     return (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device,
-            codebook.device, precision, num_splits, tie_tolerance_scale, autotuning(), _common.MAX_ROWS, where)
+            codebook.device, precision, num_splits, tie_tolerance_scale, autotuning(), _common.MAX_ROWS, where,
+            tma_search_enabled())
+
+
+def tma_search_enabled() -> bool:
+    """``VQFAST_TMA_SEARCH=1``: 16-bit searches that suit it run the TMA, warp-specialised kernel of
+    ``nearest_tma.py``."""
+    return os.environ.get("VQFAST_TMA_SEARCH", "0") not in ("", "0")
+
+
+def nearest_tma_aligned(z: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """TMA reads from 16-byte aligned addresses only: checked per call (a view may start anywhere)."""
+    return z.data_ptr() % 16 == 0 and codebook.data_ptr() % 16 == 0
 
 
 def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None,

@@ -20,6 +20,7 @@ KERNELS = {
     "_entropy_kernel", "_vq_forward_kernel", "_vq_backward_kernel", "_row_stats_kernel", "_col_sum_kernel",
     "_grad_rows_kernel", "_grad_codes_kernel", "_update_usage_kernel", "_restart_codes_kernel",
     "_ema_update_kernel", "_code_norms_kernel", "_research_listed_rows_kernel", "_write_listed_rows_kernel",
+    "_nearest_code_tma_kernel",
 }
 
 
@@ -58,6 +59,16 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     fixed = [v for v in search if "VQFAST_AUTOTUNE=0" in v["case"]]
     assert 1 <= len(fixed) <= 2
     assert "| _nearest_code_kernel |" in (tmp_path / "compile_report.md").read_text()
+    # The opt-in TMA search (VQFAST_TMA_SEARCH=1) compiles its candidates on the tensor cores; with
+    # Triton 3.6 they include warp-specialised ones (more warps than the configuration asks for: the
+    # loading group), which other versions leave out (kernels/nearest_tma.py).
+    tma = [v for v in variants if v["kernel"] == "_nearest_code_tma_kernel"]
+    assert tma and all(v["mma"] == "wgmma" and v["loop_instructions"] > 0 and v["spill_stores"] == 0 for v in tma)
+    specialised = [v for v in tma if v["constants"]["WARP_SPECIALIZE"]]
+    if report["triton"].startswith("3.6."):
+        assert specialised and all(v["num_warps"] == 12 for v in specialised)
+    else:
+        assert not specialised
     # The memory-bound kernels compile every tile their launchers time (5 each), each within the
     # register file without spilling.
     for kernel, candidates in (("_gather_rows_kernel", 10), ("_scatter_add_rows_kernel", 10), ("_vq_forward_kernel", 10),

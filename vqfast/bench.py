@@ -83,7 +83,12 @@ GRAPH_PROVIDER = "vqfast (CUDA graph)"
 # Measured at small problems only (WALL_MAX_FLOP), where host time can matter.
 WALL_PROVIDER = "vqfast (back to back)"
 WALL_MAX_FLOP = 2.0**31
-HEADLINE_PROVIDERS = ("vqfast", WALL_PROVIDER, GRAPH_PROVIDER, "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)")
+# The opt-in 16-bit search with TMA loads and warp specialisation (VQFAST_TMA_SEARCH=1,
+# kernels/nearest_tma.py), at the shapes of goals 1 and 3b (each new shape autotunes 5 candidates).
+TMA_PROVIDER = "vqfast (TMA, warp-specialized)"
+TMA_POINTS = ((65536, 65536, 256), (1024, 262144, 64))
+HEADLINE_PROVIDERS = ("vqfast", WALL_PROVIDER, GRAPH_PROVIDER, "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)",
+                      TMA_PROVIDER)
 # The layer's training step (forward and backward) replayed from a CUDA graph as well: what capturing
 # a training step (torch.cuda.graph, torch.compile(mode="reduce-overhead")) leaves of its cost.
 LAYER_PROVIDERS = ("vqfast", GRAPH_PROVIDER, "matmul+argmin", "article (fixed)", "vector-quantize-pytorch")
@@ -412,10 +417,12 @@ def headline_table(records: Sequence[Record]) -> str:
             groups.setdefault((r.n, r.k, r.d, r.precision), {})[r.provider] = r
     # The back-to-back column where the run has one (it is measured at small problems only).
     wall = [WALL_PROVIDER] if any(r.part == "headline" and r.provider == WALL_PROVIDER for r in records) else []
+    # The opt-in TMA search, where the run measured it (at a few shapes, see TMA_POINTS).
+    tma = [TMA_PROVIDER] if any(r.part == "headline" and r.provider == TMA_PROVIDER for r in records) else []
     headers = ["N", "K", "D", "precision", "vqfast (ms)", *(["vqfast, back to back (ms)"] if wall else []),
                "vqfast, CUDA graph (ms)", "cdist+argmin (ms)",
                "‖c‖²−2z·cᵀ+argmin (ms)", "z @ c.T alone (ms)", "speed-up vs cdist", "vqfast / z@c.T",
-               "vqfast TFLOP/s", "check"]
+               "vqfast TFLOP/s", "check", *(["VQFAST_TMA_SEARCH=1 (ms, TFLOP/s, check)"] if tma else [])]
     rows = []
     # By problem size, then precision: the run measures goal points first, the table reads small to large.
     order = list(PRECISIONS)
@@ -427,9 +434,17 @@ def headline_table(records: Sequence[Record]) -> str:
             *(g[p].cell() if p in g else "" for p in ("vqfast", *wall, GRAPH_PROVIDER, "cdist+argmin",
                                                       "matmul+argmin", "z@c.T (cuBLAS)")),
             _ratio(g.get("cdist+argmin"), fused), _ratio(fused, g.get("z@c.T (cuBLAS)")),
-            _tflops_cell(g), _check_cell(g),
+            _tflops_cell(g), _check_cell(g), *([_tma_cell(g.get(TMA_PROVIDER))] if tma else []),
         ])
     return format_markdown_table(headers, rows)
+
+
+def _tma_cell(r: Record | None) -> str:
+    if r is None:
+        return ""
+    if not r.ok:
+        return r.cell()
+    return f"{r.cell()}, {r.tflops:.1f}, {r.check or '?'}"
 
 
 # Shapes the speed goals are judged at (see goals_table).
@@ -489,6 +504,17 @@ def _combine(verdicts: Sequence[str]) -> str:
     return "met" if not misses else "; ".join(misses)
 
 
+def _tma_note(records: Sequence[Record], shape: tuple[int, int, int], peak: float | None = None) -> str:
+    """The opt-in TMA search at a goal's shape, where measured: the verdicts judge the default search."""
+    r = _find(records, "headline", TMA_PROVIDER, shape, "bf16")
+    if r is None:
+        return ""
+    if not r.ok or not r.tflops:
+        return f"; VQFAST_TMA_SEARCH=1: {r.status}"
+    share = f" = {r.tflops / peak:.0%}" if peak else ""
+    return f"; VQFAST_TMA_SEARCH=1: {r.time_ms:.2f} ms, {r.tflops:.0f} TFLOP/s{share}, check {r.check or '?'}"
+
+
 def goals_table(records: Sequence[Record]) -> str:
     """The speed goals, each with what this run measured and whether (or by how much) it falls short.
 
@@ -509,6 +535,7 @@ def goals_table(records: Sequence[Record]) -> str:
                 verdicts.append(f"{fused.time_ms / bare.time_ms:.2f}x the bare product's time")
         else:
             verdicts.append("z@c.T not measured")
+        got += _tma_note(records, GOAL_LARGE)
         rows.append(["1. bf16 search at 65,536 x 65,536 x 256", got,
                      "< z@c.T time, >= 550 TFLOP/s (aim 650)", _combine(verdicts)])
     else:
@@ -575,8 +602,8 @@ def goals_table(records: Sequence[Record]) -> str:
     peak = _ceiling(records, "bf16")
     if few is not None and few.ok and few.tflops and peak:
         rows.append(["3b. bf16 search 1,024 x 262,144 x 64", f"{few.tflops:.0f} TFLOP/s = "
-                     f"{few.tflops / peak:.0%} of the measured {peak:.0f}", ">= 50 % of the bf16 peak",
-                     _shortfall(few.tflops / peak, 0.5)])
+                     f"{few.tflops / peak:.0%} of the measured {peak:.0f}" + _tma_note(records, GOAL_FEW_ROWS, peak),
+                     ">= 50 % of the bf16 peak", _shortfall(few.tflops / peak, 0.5)])
     else:
         rows.append(["3b. bf16 search 1,024 x 262,144 x 64", few.status if few else missing,
                      ">= 50 % of the bf16 peak", _absent(few) if few is None or not few.ok else "not measured (no bf16 ceiling)"])
@@ -932,6 +959,20 @@ def matmul_precision(value: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the duration of the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 # --------------------------------------------------------------------------------------------------
 # Plan: what to measure
 # --------------------------------------------------------------------------------------------------
@@ -1081,6 +1122,7 @@ def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
     nk = float(n) * k
     return {
         "vqfast": 25.0 * n + 8.0 * k,  # indices, distances; tf32: row status and list of rows in doubt
+        TMA_PROVIDER: 25.0 * n + 8.0 * k,
         GRAPH_PROVIDER: 25.0 * n + 8.0 * k,
         WALL_PROVIDER: 25.0 * n + 8.0 * k,
         COMPILE_PROVIDER: nk * elt + 8.0 * n,
@@ -1090,6 +1132,11 @@ def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
         "z@c.T (cuBLAS)": nk * elt,
         "vector-quantize-pytorch": 3 * nk * 4,
     }.get(provider, 0.0)
+
+
+def _tma_point(point: NearestPoint) -> bool:
+    """Whether the opt-in TMA search is measured at ``point`` (16-bit, at TMA_POINTS)."""
+    return point.precision in ("bf16", "fp16") and (point.n, point.k, point.d) in TMA_POINTS
 
 
 def _nearest_fn(provider: str, point: NearestPoint,
@@ -1102,6 +1149,16 @@ def _nearest_fn(provider: str, point: NearestPoint,
 
         precision = PRECISIONS[point.precision][1]
         return lambda z, c: vqfast.nearest_code(z, c, precision=precision)[0]
+    if provider == TMA_PROVIDER:
+        if not _tma_point(point):
+            return None
+        import vqfast
+
+        def run_tma(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            with environment("VQFAST_TMA_SEARCH", "1"):
+                return vqfast.nearest_code(z, c)[0]
+
+        return run_tma
     if provider == COMPILE_PROVIDER:
         # (Imported under its own name: "import torch._dynamo" would make torch a local of this function,
         # unbound in the other branches' closures.)
@@ -1173,7 +1230,7 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
     if rec.ok:
         rec.tflops = tflops(n, k, d, rec.time_ms)
         rec.gbps = gbps(nearest_bytes(n, k, d, elt), rec.time_ms)
-    if provider in ("vqfast", GRAPH_PROVIDER) and rec.ok:
+    if provider in ("vqfast", GRAPH_PROVIDER, TMA_PROVIDER) and rec.ok:
         try:
             rows = z
             if provider == GRAPH_PROVIDER and z.is_cuda:
@@ -1195,7 +1252,7 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             rec.note = _error_status(exc)
         finally:
             ctx.meter.free()
-    if provider == "vqfast" and rec.ok and z.is_cuda and rec.check != "error":
+    if provider in ("vqfast", TMA_PROVIDER) and rec.ok and z.is_cuda and rec.check != "error":
         notes = [search_tile_note(lambda: search(z, c))]
         if point.precision in ("tf32", "fp32"):
             try:
@@ -1251,6 +1308,9 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
         slices = ""
         if "SINGLE_D" in cfg.kwargs:  # the candidates that choose between a whole D and slices of it
             slices = ", whole D" if cfg.kwargs["SINGLE_D"] else f", D in slices of {cfg.kwargs['BLOCK_D']}"
+        if cfg.kwargs.get("WARP_SPECIALIZE"):  # the TMA search: num_warps per group of consumer warps
+            return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}, warp-specialized, "
+                    f"{cfg.num_warps} warps per group, {cfg.num_stages} stages")
         return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}{slices}, {cfg.num_warps} warps, "
                 f"{cfg.num_stages} stages")
     except Exception:  # noqa: BLE001 - a note only
@@ -1305,7 +1365,9 @@ def run_ceilings(ctx: Context) -> None:
 def run_headline(ctx: Context) -> None:
     for point in ctx.plan.headline:
         if not ctx.budget.allow():
-            ctx.skipped("headline", "headline", ctx.plan.headline_providers, point.precision, point.n, point.k, point.d)
+            providers = [p for p in ctx.plan.headline_providers
+                         if p != TMA_PROVIDER or _tma_point(point)]
+            ctx.skipped("headline", "headline", providers, point.precision, point.n, point.k, point.d)
             continue
         for rec in measure_nearest(ctx, point, ctx.plan.headline_providers):
             ctx.add(dataclasses.replace(rec, part="headline", case="headline"))

@@ -1,0 +1,219 @@
+"""The 16-bit nearest-code search with TMA loads and warp specialisation (sm_90 and newer), opt-in.
+
+The search kernel of ``nearest.py`` runs each code tile's product and then its argmin in the same
+warps: on sm_90 the tensor cores wait while the argmin issues, and the argmin waits for the product
+(benchmarks/README.md, tuning notes 15 and 20). This kernel loads its tiles through tensor
+descriptors (TMA, the loads take no registers or address arithmetic) and asks Triton to specialise
+the warps of the code loop: one group of warps issues the loads, and two groups of four warps each
+take half of the row block, each with its own products and argmin, so that one group's argmin can
+run while the other's product is on the tensor cores (what FlashAttention-3 calls ping-pong).
+
+It covers what the goal shapes need and nothing more: bf16/fp16 inputs (exact products, no re-check),
+D up to 256 in one tile, rows and codes whose layout TMA can read (last stride 1, row strides and base
+addresses multiples of 16 bytes). ``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of
+compute capability 9.0 or newer with a Triton that has tensor descriptors and warp specialisation;
+other searches, and calls whose inputs are not 16-byte aligned, take the usual kernel. The results
+are the same as the usual kernel's: the same scores, slot-wise minima and ties to the lowest index,
+the same split winners for ``_reduce_splits_kernel`` and the same distance epilogue.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
+from vqfast.kernels.nearest import _store_choice, tma_search_enabled
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4
+    TensorDescriptor = None
+
+# One tile holds a whole D: TMA boxes are at most 256 elements along each dimension.
+MAX_D = 256
+_TMA_ALIGN_BYTES = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_supports_it() -> bool:
+    return TensorDescriptor is not None and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _device_supports_it(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_layout(t: torch.Tensor) -> bool:
+    """Whether TMA can read the (rows, D) matrix ``t`` as laid out (the base address is checked per call)."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % _TMA_ALIGN_BYTES == 0
+
+
+def suits(z: torch.Tensor, codebook: torch.Tensor, input_precision: str) -> bool:
+    """Whether a search of ``z`` against ``codebook`` (as ``_SearchPlan`` sees them) may use this kernel."""
+    if not tma_search_enabled() or not _triton_supports_it():
+        return False
+    if z.dtype not in (torch.float16, torch.bfloat16) or codebook.dtype != z.dtype or input_precision == "ieee":
+        return False
+    d = z.shape[1]
+    if d > MAX_D or not (_tma_layout(z) and _tma_layout(codebook)):
+        return False
+    return interpreting() or _gpu_supports_it(z.device)
+
+
+def _gpu_supports_it(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or newer (TMA; warp specialisation)."""
+    if device.type != "cuda":
+        return False
+    return _device_supports_it(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn"])
+def _nearest_code_tma_kernel(
+    z_desc, c_desc, z_ptr, c_ptr, c_sqnorm_ptr, score_ptr, index_ptr, dist_ptr,
+    N, K, D, codes_per_split, N_BUCKET, stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
+    WRITE_DISTANCE: tl.constexpr, K_ALIGN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """One block of rows against one split of the codebook, as ``_nearest_code_kernel`` without the
+    re-check: slot-wise running minima of ``||c||^2 - 2 z.c`` over the split's code tiles. TMA fills
+    rows past N, codes past K and columns past D with zeros; codes past the split's end score +inf
+    through their norm, so they never win."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row0 = pid_n * BLOCK_N
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_begin = pid_s * codes_per_split
+    k_end = tl.minimum(k_begin + codes_per_split, K)
+    z_block = z_desc.load([row0, 0])
+    slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
+    slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
+    full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        c_tile = c_desc.load([k0, 0])
+        acc = tl.dot(z_block, c_tile.T)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if full_tiles:
+            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
+        else:
+            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=offs_k < k_end, other=float("inf"))
+        score = c_sqnorm[None, :] - 2.0 * acc
+        # As in _scan_codes: a NaN score never replaces a slot's minimum, and '<' keeps a slot's
+        # earliest tile on ties.
+        better = score < slot_best
+        slot_best = tl.where(better, score, slot_best)
+        slot_start = tl.where(better, k0, slot_start)
+    best = tl.min(slot_best, axis=1)
+    codes = slot_start + tl.arange(0, BLOCK_K)[None, :]
+    best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    if WRITE_DISTANCE:
+        _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
+                      index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
+    else:
+        out = offs_n.to(tl.int64) * stride_sn + pid_s
+        tl.store(score_ptr + out, best, mask=mask_n)
+        tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """A candidate's tile sizes are its descriptors' block shapes (set before each launch)."""
+    nargs["z_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    nargs["c_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_D"]]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages, warp-specialised). With warp specialisation `num_warps` is each
+# group's: Triton adds the loading warps, and two groups of four take 64 rows each (12 warps in all,
+# checked with Triton 3.6 for sm_90; with 8 it does not specialise). The unspecialised TMA tiles are
+# there for comparison and as a fallback the autotuner may prefer.
+_SPECIALISED = ((128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 128, 4, 2, True), (128, 128, 4, 3, True))
+_UNSPECIALISED = ((128, 64, 8, 3, False), (128, 128, 8, 2, False))
+
+
+def _warp_specialisation_compiles() -> bool:
+    """Triton 3.6 specialises this kernel's warps for sm_90 (benchmarks/compile_check.py). Triton 3.8's
+    pass fails on it ("descriptor block and tensor must have the same number of elements": it splits
+    the row block between the two groups but not its descriptor), so other versions get the
+    unspecialised TMA tiles only."""
+    return triton.__version__.split(".")[:2] == ["3", "6"]
+
+
+_CANDIDATES = (_SPECIALISED if _warp_specialisation_compiles() else ()) + _UNSPECIALISED
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "WARP_SPECIALIZE": True}
+
+
+def _config(block_n: int, block_k: int, warps: int, stages: int, specialised: bool) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "WARP_SPECIALIZE": specialised},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+
+def shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, element_bytes: int) -> int:
+    """The row block once, a code tile per stage, and 2 KiB for barriers and reductions (Triton 3.6,
+    sm_90: 164,544 bytes for 128 x 64 tiles, 3 stages, D = 256)."""
+    return (block_n + stages * block_k) * block_d * element_bytes + 2048
+
+
+def _prune(configs, named_args, **kwargs):
+    meta = {**named_args, **kwargs}
+    limit = max_shared_memory()
+    element_bytes = meta["z_ptr"].element_size()
+    fitting = [c for c in configs if shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                                         meta["BLOCK_D"], element_bytes) <= limit]
+    return fitting or configs[-1:]
+
+
+_CONFIGS = [_config(*c) for c in _CANDIDATES]
+_tma_search_autotuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["N_BUCKET", "K", "D", "codes_per_split", "WRITE_DISTANCE"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_nearest_code_tma_kernel)
+
+
+class TmaSearch:
+    """The search pass of one problem through this kernel: ``__call__(z, codebook, c_sqnorm, scores,
+    index_out, distances)`` with ``scores`` ignored when the pass writes the distance (one split)."""
+
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, splits: int, codes_per_split: int,
+                 k_align: int, dist_block_d: int):
+        n, d = z.shape
+        k = codebook.shape[0]
+        self.n, self.k, self.d = n, k, d
+        self.block_d = max(16, next_power_of_2(d))
+        self.write_distance = splits == 1
+        self.scalars = (n, k, d, codes_per_split, next_power_of_2(n), z.stride(0), z.stride(1),
+                        codebook.stride(0), codebook.stride(1), 0 if self.write_distance else splits)
+        self.meta = dict(BLOCK_D=self.block_d, DIST_BLOCK_D=dist_block_d, WRITE_DISTANCE=self.write_distance,
+                         K_ALIGN=k_align)
+        self.options: dict = {}
+        if interpreting():
+            self.kernel = _nearest_code_tma_kernel
+            self.meta.update(_INTERPRETER_CONFIG)
+            self.blocks = (_INTERPRETER_CONFIG["BLOCK_N"], _INTERPRETER_CONFIG["BLOCK_K"])
+            self.grid = (cdiv(n, self.blocks[0]), splits)
+        elif not autotuning():
+            first = _prune(_CONFIGS, {"z_ptr": z}, BLOCK_D=self.block_d)[0]
+            self.kernel = _nearest_code_tma_kernel
+            self.meta.update(first.kwargs)
+            self.options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
+            self.blocks = (first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"])
+            self.grid = (cdiv(n, self.blocks[0]), splits)
+        else:
+            self.kernel = _tma_search_autotuned
+            self.blocks = (128, 64)  # replaced by the pre-hook of the candidate being launched
+            self.grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
+        self.tuner = self.kernel if self.kernel is _tma_search_autotuned else None
+
+    def __call__(self, z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, scores: torch.Tensor,
+                 index_out: torch.Tensor, distances: torch.Tensor) -> None:
+        block_n, block_k = self.blocks
+        z_desc = TensorDescriptor(z, [self.n, self.d], [z.stride(0), 1], [block_n, self.block_d])
+        c_desc = TensorDescriptor(codebook, [self.k, self.d], [codebook.stride(0), 1], [block_k, self.block_d])
+        self.kernel[self.grid](z_desc, c_desc, z, codebook, c_sqnorm, scores, index_out, distances,
+                               *self.scalars, **self.meta, **self.options)

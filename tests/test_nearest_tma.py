@@ -1,0 +1,194 @@
+"""The opt-in TMA, warp-specialised search of 16-bit rows (kernels/nearest_tma.py, VQFAST_TMA_SEARCH=1).
+
+On the CPU the kernel runs through Triton's interpreter (which reads tensor descriptors and ignores
+warp specialisation), in fp16; the GPU tests run every autotuning candidate in bf16 and fp16.
+"""
+
+import pytest
+import torch
+
+from helpers import chosen_gap
+from vqfast import kernels, reference
+from vqfast.kernels import nearest_tma
+
+HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """Switches the TMA search on and counts the calls that take it."""
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "1")
+    calls = []
+    launch = nearest_tma.TmaSearch.__call__
+
+    def counted(self, *args):
+        calls.append(self)
+        return launch(self, *args)
+
+    monkeypatch.setattr(nearest_tma.TmaSearch, "__call__", counted)
+    return calls
+
+
+def _rows(n, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype).to(device)
+
+
+def _usual_search(monkeypatch, z, c, splits):
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "0")
+    try:
+        return kernels.nearest_code(z, c, num_splits=splits)
+    finally:
+        monkeypatch.setenv("VQFAST_TMA_SEARCH", "1")
+
+
+@pytest.mark.parametrize("n,k,d,splits", [
+    (1, 1, 8, None), (1, 5, 16, None), (37, 19, 24, None), (64, 64, 64, None), (50, 300, 200, 3),
+    (33, 70, 40, 2), (129, 97, 256, None), (100, 1000, 48, 4), (7, 3, 8, 3),
+])
+def test_tma_search_matches_the_usual_kernel_and_the_fp64_minimum(tma_calls, monkeypatch, kernel_device,
+                                                                   n, k, d, splits):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    z = _rows(n, d, torch.float16, kernel_device, 1)
+    c = _rows(k, d, torch.float16, kernel_device, 2)
+    idx, dist = kernels.nearest_code(z, c, num_splits=splits)
+    assert len(tma_calls) == 1
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32 and idx.shape == (n,)
+    # 16-bit inputs multiply exactly in fp32: over their own values it is an fp32 search.
+    assert chosen_gap(z, c, idx).max() <= 1e-5
+    direct = ((z.double() - c.double()[idx]) ** 2).sum(1)
+    torch.testing.assert_close(dist.double(), direct, rtol=1e-5, atol=1e-5)
+    usual_idx, usual_dist = _usual_search(monkeypatch, z, c, splits)
+    assert len(tma_calls) == 1
+    if kernel_device.type == "cpu":
+        # The same tiles, scores, slots and epilogue as the usual kernel: the same answer, bit for bit.
+        assert torch.equal(idx, usual_idx)
+        assert torch.equal(dist, usual_dist)
+    else:
+        # Other tiles on the GPU: products summed in another order may flip near ties only.
+        same = idx == usual_idx
+        assert same.float().mean() > 0.99
+        torch.testing.assert_close(dist[same], usual_dist[same], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tma_search_ties_go_to_the_lowest_index_across_tiles_and_splits(tma_calls, kernel_device, splits):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    k, d = 200, 16
+    c = torch.randn(k, d).half()
+    z = torch.randn(6, d).half()
+    # Every row's nearest code appears three times, in different tiles (and splits), the first at 70
+    # (or 5). Two of the copies are 32 codes apart: the same column of consecutive tiles (the
+    # interpreter's tiles are 32 wide, with or without splits), so one slot sees both.
+    for code in (70, 102, 199):
+        c[code] = z[0]
+    c[[5, 37, 140]] = z[1]
+    z[2:] = z[0]
+    idx, dist = kernels.nearest_code(z.to(kernel_device), c.to(kernel_device), num_splits=splits)
+    assert len(tma_calls) == 1
+    assert idx.tolist() == [70, 5, 70, 70, 70, 70]
+    assert dist.cpu().eq(0).all()
+
+
+def test_tma_search_with_nan_and_inf(tma_calls, kernel_device):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    k, d = 70, 24
+    z = torch.randn(5, d).half()
+    c = torch.randn(k, d).half()
+    z[1, 3] = float("nan")
+    z[2, 0] = float("inf")
+    c[4, 2] = float("nan")  # a NaN code scores NaN for every row and is passed over
+    c[10] = z[0]
+    idx, dist = kernels.nearest_code(z.to(kernel_device), c.to(kernel_device))
+    assert len(tma_calls) == 1
+    idx, dist = idx.cpu(), dist.cpu()
+    assert ((idx >= 0) & (idx < k)).all()
+    assert idx[0] == 10 and dist[0] == 0
+    assert dist[1].isnan() and not dist[2].isfinite()
+    finite = torch.tensor([0, 3, 4])
+    assert (idx[finite] != 4).all()
+    ref_idx, _ = reference.nearest_code(z[finite].double(), torch.cat([c[:4], c[5:]]).double())
+    assert torch.equal(idx[finite], ref_idx + (ref_idx >= 4).long())
+
+
+def test_tma_search_is_not_used_where_tma_cannot_read_the_inputs(tma_calls, kernel_device):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    z = _rows(40, 64, torch.float16, kernel_device, 3)
+    c = _rows(90, 64, torch.float16, kernel_device, 4)
+    others = [
+        (z[:, :12].contiguous(), c[:, :12].contiguous()),  # rows of 24 bytes
+        (z.t().contiguous().t(), c),                       # columns not contiguous
+        (z.float(), c.float()),                            # fp32: the tf32 pass with its re-check
+        (z[:, :12], c[:, :12]),                            # strided rows of 128 bytes, but 24 read
+    ]
+    flat = torch.cat([torch.zeros(1, dtype=torch.float16, device=kernel_device), z.flatten()])
+    misaligned = flat[1:].view(40, 64)  # 2 bytes past a 16-byte boundary
+    for a, b in others + [(misaligned, c)]:
+        before = len(tma_calls)
+        idx, _ = kernels.nearest_code(a, b)
+        ref_idx, _ = reference.nearest_code(a.double().cpu(), b.double().cpu())
+        assert torch.equal(idx.cpu(), ref_idx)
+        taken = len(tma_calls) - before
+        # The strided (40, 12) view has 128-byte rows and a contiguous last dimension: TMA reads it.
+        assert taken == (1 if a.shape[1] == 12 and a.stride(0) == 64 else 0), (a.shape, a.stride(), a.dtype)
+
+
+def test_tma_search_is_off_by_default_and_the_switch_is_part_of_the_plan(monkeypatch, kernel_device):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    calls = []
+    launch = nearest_tma.TmaSearch.__call__
+    monkeypatch.setattr(nearest_tma.TmaSearch, "__call__", lambda self, *a: calls.append(1) or launch(self, *a))
+    monkeypatch.delenv("VQFAST_TMA_SEARCH", raising=False)
+    z = _rows(20, 32, torch.float16, kernel_device, 5)
+    c = _rows(30, 32, torch.float16, kernel_device, 6)
+    first, _ = kernels.nearest_code(z, c)
+    assert not calls
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "1")
+    second, _ = kernels.nearest_code(z, c)  # same shapes: a plan of its own
+    assert calls and torch.equal(first, second)
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "0")
+    kernels.nearest_code(z, c)
+    assert len(calls) == 1
+
+
+def test_tma_shared_memory_estimate_and_pruning():
+    # 128 x 64 tiles, 3 stages, D = 256 in bf16: the row block and three code tiles (Triton 3.6, sm_90
+    # asks for 164,544 bytes; the estimate's 2 KiB cover barriers and reductions).
+    assert nearest_tma.shared_memory_bytes(128, 64, 3, 256, 2) == (128 + 3 * 64) * 256 * 2 + 2048
+    assert 164544 <= nearest_tma.shared_memory_bytes(128, 64, 3, 256, 2) <= 232448
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="TMA and warp specialisation need compute capability 9.0")
+@pytest.mark.parametrize("dtype,n,k,d,splits", [
+    (torch.bfloat16, 3000, 5000, 256, None), (torch.bfloat16, 1000, 20000, 64, None), (torch.float16, 777, 3001, 200, 5),
+])
+def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, splits):
+    from vqfast.kernels import _launch
+
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    tuner = nearest_tma._tma_search_autotuned
+    z = _rows(n, d, dtype, "cuda", 7)
+    c = _rows(k, d, dtype, "cuda", 8)
+    usual, usual_dist = _usual_search(monkeypatch, z, c, splits)
+    candidates = nearest_tma._prune(tuner.configs, {"z_ptr": z}, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+    assert any(cfg.kwargs["WARP_SPECIALIZE"] for cfg in candidates)
+    for cfg in candidates:
+        monkeypatch.setattr(tuner, "configs", [cfg])
+        tuner.cache.clear()
+        with _launch.launch_path(direct=False):
+            idx, dist = kernels.nearest_code(z, c, num_splits=splits)
+        assert tuner.best_config is cfg
+        assert chosen_gap(z, c, idx).max() <= 1e-5, cfg
+        # The same fp32 scores as the usual kernel, summed in another order by the tensor cores: the
+        # indices may differ on near ties only, and each distance is that of its own index.
+        assert (idx != usual).float().mean() < 1e-3, cfg
+        direct = ((z.double() - c.double()[idx]) ** 2).sum(1)
+        torch.testing.assert_close(dist.double(), direct, rtol=1e-4, atol=1e-4)
+    tuner.cache.clear()
+    assert tma_calls
