@@ -725,6 +725,29 @@ def test_results_without_back_to_back_timing_are_judged_on_do_bench_and_say_so()
     assert "back to back" in bench.headline_table(_goal_records(fast=True))
 
 
+def test_the_opt_in_tma_search_is_a_column_and_a_note_beside_the_default_search():
+    recs = _goal_records(fast=False)
+    assert "VQFAST_TMA_SEARCH" not in bench.headline_table(recs) + bench.goals_table(recs)
+    large, few = (65536, 65536, 256), (1024, 262144, 64)
+    recs += [bench.Record("headline", "headline", bench.TMA_PROVIDER, "bf16", *large, 4.0,
+                          tflops=bench.tflops(*large, 4.0), check="pass"),
+             bench.Record("headline", "headline", bench.TMA_PROVIDER, "bf16", *few, status="OOM")]
+    table = bench.headline_table(recs)
+    assert "VQFAST_TMA_SEARCH=1 (ms, TFLOP/s, check)" in table.splitlines()[0]
+    row = next(line for line in table.splitlines() if line.startswith("| 65,536 | 65,536 | 256 | bf16"))
+    assert row.rstrip().endswith(f"| 4.00, {bench.tflops(*large, 4.0):.1f}, pass |")
+    goals = {line[2:5]: line for line in bench.goals_table(recs).splitlines() if line.startswith("| ")}
+    # The verdicts judge the default search (7 ms here); the opt-in one is quoted beside it.
+    assert "VQFAST_TMA_SEARCH=1: 4.00 ms, 550 TFLOP/s, check pass" in goals["1. "]
+    assert "missed by 43%" in goals["1. "]
+    assert "VQFAST_TMA_SEARCH=1: OOM" in goals["3b."]
+    # Measured only at those points, in 16-bit: elsewhere the provider has nothing to run.
+    for point, runs in (((*large, "bf16"), True), ((*few, "fp16"), True), ((*large, "fp32"), False),
+                        ((1024, 4096, 128, "bf16"), False)):
+        assert (bench._nearest_fn(bench.TMA_PROVIDER, bench.NearestPoint(*point), torch.device("cpu"))
+                is not None) == runs, point
+
+
 def test_results_markdown_has_the_goals_section():
     md = bench.render_markdown(_goal_records(fast=True), {"gpu": "test"})
     assert "## Speed goals" in md and "3b. bf16 search 1,024 x 262,144 x 64" in md
