@@ -11,7 +11,7 @@ run while the other's product is on the tensor cores (what FlashAttention-3 call
 It covers what the goal shapes need and nothing more: bf16/fp16 inputs (exact products, no re-check),
 D up to 256 in one tile, rows and codes whose layout TMA can read (last stride 1, row strides and base
 addresses multiples of 16 bytes). ``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of
-compute capability 9.0 or newer with a Triton that has tensor descriptors and warp specialisation;
+compute capability 9.x with a Triton that has tensor descriptors and warp specialisation;
 other searches, and calls whose inputs are not 16-byte aligned, take the usual kernel. The results
 are the same as the usual kernel's: the same scores, slot-wise minima and ties to the lowest index,
 the same split winners for ``_reduce_splits_kernel`` and the same distance epilogue.
@@ -34,6 +34,9 @@ try:
 except ImportError:  # Triton < 3.4
     TensorDescriptor = None
 
+# Searches that took this kernel so far (the benchmark checks that its provider timed this kernel).
+launches = 0
+
 # One tile holds a whole D: TMA boxes are at most 256 elements along each dimension.
 MAX_D = 256
 _TMA_ALIGN_BYTES = 16
@@ -46,12 +49,16 @@ def _triton_supports_it() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _device_supports_it(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # sm_90 only: the candidates are sized for its 227 KiB of shared memory (sm_120 has ~99 KiB) and
+    # compiled for it (benchmarks/compile_check.py); other TMA-capable GPUs are untried.
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 def _tma_layout(t: torch.Tensor) -> bool:
     """Whether TMA can read the (rows, D) matrix ``t`` as laid out (the base address is checked per call)."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % _TMA_ALIGN_BYTES == 0
+    # (Rows that overlap, e.g. an expanded tensor with stride 0, are left to the default kernel.)
+    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * t.element_size()) % _TMA_ALIGN_BYTES == 0)
 
 
 def suits(z: torch.Tensor, codebook: torch.Tensor, input_precision: str) -> bool:
@@ -67,7 +74,7 @@ def suits(z: torch.Tensor, codebook: torch.Tensor, input_precision: str) -> bool
 
 
 def _gpu_supports_it(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9.0 or newer (TMA; warp specialisation)."""
+    """A CUDA device of compute capability 9.x (TMA; warp specialisation)."""
     if device.type != "cuda":
         return False
     return _device_supports_it(device.index if device.index is not None else torch.cuda.current_device())
@@ -163,9 +170,12 @@ def _prune(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     limit = max_shared_memory()
     element_bytes = meta["z_ptr"].element_size()
-    fitting = [c for c in configs if shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
-                                                         meta["BLOCK_D"], element_bytes) <= limit]
-    return fitting or configs[-1:]
+    def need(c: triton.Config) -> int:
+        return shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, meta["BLOCK_D"],
+                                   element_bytes)
+
+    # (On sm_90 every D up to 256 has candidates that fit; the smallest is the last resort.)
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
 _CONFIGS = [_config(*c) for c in _CANDIDATES]
@@ -212,6 +222,8 @@ class TmaSearch:
 
     def __call__(self, z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, scores: torch.Tensor,
                  index_out: torch.Tensor, distances: torch.Tensor) -> None:
+        global launches
+        launches += 1
         block_n, block_k = self.blocks
         z_desc = TensorDescriptor(z, [self.n, self.d], [z.stride(0), 1], [block_n, self.block_d])
         c_desc = TensorDescriptor(codebook, [self.k, self.d], [codebook.stride(0), 1], [block_k, self.block_d])

@@ -741,11 +741,21 @@ def test_the_opt_in_tma_search_is_a_column_and_a_note_beside_the_default_search(
     assert "VQFAST_TMA_SEARCH=1: 4.00 ms, 550 TFLOP/s, check pass" in goals["1. "]
     assert "missed by 43%" in goals["1. "]
     assert "VQFAST_TMA_SEARCH=1: OOM" in goals["3b."]
-    # Measured only at those points, in 16-bit: elsewhere the provider has nothing to run.
-    for point, runs in (((*large, "bf16"), True), ((*few, "fp16"), True), ((*large, "fp32"), False),
-                        ((1024, 4096, 128, "bf16"), False)):
-        assert (bench._nearest_fn(bench.TMA_PROVIDER, bench.NearestPoint(*point), torch.device("cpu"))
-                is not None) == runs, point
+    # Measured only at those points, in 16-bit, on a GPU: elsewhere the provider has nothing to run.
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    for point, device, runs in (((*large, "bf16"), gpu, True), ((*few, "fp16"), gpu, True),
+                                ((*large, "bf16"), cpu, False), ((*large, "fp32"), gpu, False),
+                                ((1024, 4096, 128, "bf16"), gpu, False)):
+        assert (bench._nearest_fn(bench.TMA_PROVIDER, bench.NearestPoint(*point), device) is not None) == runs, point
+
+
+def test_the_tma_provider_fails_where_the_default_kernel_would_run_in_its_place(monkeypatch):
+    # (Inputs the TMA kernel cannot read: fp32 rows go to the default search, which must not be timed
+    # under the TMA search's name.)
+    run = bench._nearest_fn(bench.TMA_PROVIDER, bench.NearestPoint(65536, 65536, 256, "bf16"), torch.device("cuda"))
+    z, c = torch.randn(8, 16), torch.randn(5, 16)
+    with pytest.raises(RuntimeError, match="does not run here"):
+        run(z, c)
 
 
 def test_results_markdown_has_the_goals_section():

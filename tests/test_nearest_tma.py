@@ -156,11 +156,23 @@ def test_tma_search_is_off_by_default_and_the_switch_is_part_of_the_plan(monkeyp
     assert len(calls) == 1
 
 
-def test_tma_shared_memory_estimate_and_pruning():
-    # 128 x 64 tiles, 3 stages, D = 256 in bf16: the row block and three code tiles (Triton 3.6, sm_90
-    # asks for 164,544 bytes; the estimate's 2 KiB cover barriers and reductions).
-    assert nearest_tma.shared_memory_bytes(128, 64, 3, 256, 2) == (128 + 3 * 64) * 256 * 2 + 2048
+def test_tma_candidates_are_pruned_by_shared_memory(monkeypatch):
+    # Triton 3.6 for sm_90 asks for 164,544 bytes at 128 x 64 tiles, 3 stages, D = 256 in bf16: the
+    # estimate must not be below what the compiler asks for.
     assert 164544 <= nearest_tma.shared_memory_bytes(128, 64, 3, 256, 2) <= 232448
+    configs = [nearest_tma._config(*c) for c in nearest_tma._SPECIALISED + nearest_tma._UNSPECIALISED]
+    z = torch.empty(1, 256, dtype=torch.bfloat16)
+
+    def tiles(limit, block_d):
+        monkeypatch.setattr(nearest_tma, "max_shared_memory", lambda: limit)
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in
+                nearest_tma._prune(configs, {"z_ptr": z}, BLOCK_D=block_d)]
+
+    # sm_90's 227 KiB: at D = 256 every candidate but 128 x 128 with 3 stages (264 KiB) fits.
+    assert tiles(232448, 256) == [(128, 64, 3), (128, 64, 4), (128, 128, 2), (128, 64, 3), (128, 128, 2)]
+    assert len(tiles(232448, 64)) == len(configs)
+    # Where none fits, the smallest is left (and compiles or fails as such).
+    assert tiles(100_000, 256) == [(128, 64, 3)]
 
 
 @pytest.mark.gpu
@@ -177,7 +189,10 @@ def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, 
     c = _rows(k, d, dtype, "cuda", 8)
     usual, usual_dist = _usual_search(monkeypatch, z, c, splits)
     candidates = nearest_tma._prune(tuner.configs, {"z_ptr": z}, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
-    assert any(cfg.kwargs["WARP_SPECIALIZE"] for cfg in candidates)
+    # Warp-specialised candidates with the Triton they compile with (3.6), unspecialised TMA tiles always.
+    specialised = [cfg for cfg in candidates if cfg.kwargs["WARP_SPECIALIZE"]]
+    assert bool(specialised) == nearest_tma._warp_specialisation_compiles()
+    assert len(specialised) < len(candidates)
     for cfg in candidates:
         monkeypatch.setattr(tuner, "configs", [cfg])
         tuner.cache.clear()
