@@ -285,6 +285,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("nearest bf16 TMA search (65536, 65536, 256)", tma(search(65536, 65536, 256, bf16, "high"))),
         ("nearest bf16 TMA search, split codebook (1024, 262144, 64)",
          tma(search(1024, 262144, 64, bf16, "high"))),
+        # ... and its tf32 pass with the re-check (goal 2's shape), then the tf32x3 re-search as usual.
+        ("nearest fp32 tf32 TMA search (65536, 65536, 256)", tma(search(65536, 65536, 256, fp32, "high"))),
     ]
     if not quick:
         cases += [
@@ -303,6 +305,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
              tma(search(5000, 3001, 200, fp16, "high"))),
             ("nearest bf16 TMA search, VQFAST_AUTOTUNE=0 (8192, 16384, 128)",
              tma(fixed_config(search(8192, 16384, 128, bf16, "high")))),
+            ("nearest fp32 tf32 TMA search, one split (65536, 4096, 128)", tma(search(65536, 4096, 128, fp32, "high"))),
+            ("nearest fp32 tf32 TMA search, odd K and D (4096, 3001, 200)", tma(search(4096, 3001, 200, fp32, "high"))),
         ]
     idx = lambda n, k: torch.randint(0, k, (n,))  # noqa: E731
     cases += [

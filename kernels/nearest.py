@@ -794,8 +794,14 @@ class _SearchPlan:
         nominal_block_n = _INTERPRETER_CONFIG["BLOCK_N"] if interp else 128
         splits = num_splits if num_splits is not None else _choose_splits(n, k, nominal_block_n, device)
         codes_per_split, splits = _split_codes(k, splits, interp)
-        write_distance = splits == 1
         checking = errors is not None
+        from vqfast.kernels import nearest_tma
+
+        # The opt-in TMA and warp-specialised kernel (nearest_tma.py). Its tf32 pass always leaves the
+        # settling of rows to the reduction kernel, even with one split: Triton 3.6 cannot specialise
+        # the warps of a kernel whose epilogue appends to the list of rows.
+        use_tma = nearest_tma.suits(z, codebook, input_precision, checking)
+        write_distance = splits == 1 and not (use_tma and checking)
         self.n, self.splits, self.write_distance, self.checking = n, splits, write_distance, checking
         # The split winners: scores, part_index, then with the re-check second, second_index, third, upper.
         shape = (n, splits)
@@ -848,14 +854,14 @@ class _SearchPlan:
                 meta["EVEN_D"] = d == _WIDE_TF32_MAX_D  # (read by whole-D candidates only)
         self.tuner = kernel if kernel is not _nearest_code_kernel else None
         self.search = PreparedLaunch(kernel, grid, scalars, meta, layout(_SEARCH_TENSORS))
-        # The opt-in TMA and warp-specialised kernel for 16-bit rows (nearest_tma.py); calls whose
-        # inputs TMA cannot read at their addresses take the kernel above.
         self.tma = None
-        if not checking:
-            from vqfast.kernels import nearest_tma
-
-            if nearest_tma.suits(z, codebook, input_precision):
-                self.tma = nearest_tma.TmaSearch(z, codebook, splits, codes_per_split, meta["K_ALIGN"], dist_block_d)
+        if use_tma:
+            # (Calls whose inputs TMA cannot read at their addresses take the kernel above.)
+            self.tma = nearest_tma.TmaSearch(
+                z, codebook, splits, scalars,
+                dict(DIST_BLOCK_D=dist_block_d, WRITE_DISTANCE=write_distance, RECHECK=checking,
+                     K_ALIGN=_power_of_two_dividing(k, codes_per_split)),
+                layout(_SEARCH_TENSORS))
 
         self.reduce = None
         if not write_distance:
@@ -884,10 +890,7 @@ class _SearchPlan:
         global _last_search_autotuner
         if self.tma is not None and nearest_tma_aligned(z, codebook):
             _last_search_autotuner = self.tma.tuner
-            if self.write_distance:
-                self.tma(z, codebook, c_sqnorm, c_sqnorm, indices, distances)
-            else:
-                self.tma(z, codebook, c_sqnorm, tensors[5], tensors[6], distances)
+            self.tma(tensors)
         else:
             _last_search_autotuner = self.tuner
             self.search(*tensors)

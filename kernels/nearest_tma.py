@@ -1,4 +1,4 @@
-"""The 16-bit nearest-code search with TMA loads and warp specialisation (sm_90 and newer), opt-in.
+"""The nearest-code search pass with TMA loads and warp specialisation (sm_90), opt-in.
 
 The search kernel of ``nearest.py`` runs each code tile's product and then its argmin in the same
 warps: on sm_90 the tensor cores wait while the argmin issues, and the argmin waits for the product
@@ -8,13 +8,17 @@ the warps of the code loop: one group of warps issues the loads, and two groups 
 take half of the row block, each with its own products and argmin, so that one group's argmin can
 run while the other's product is on the tensor cores (what FlashAttention-3 calls ping-pong).
 
-It covers what the goal shapes need and nothing more: bf16/fp16 inputs (exact products, no re-check),
-D up to 256 in one tile, rows and codes whose layout TMA can read (last stride 1, row strides and base
-addresses multiples of 16 bytes). ``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of
-compute capability 9.x with a Triton that has tensor descriptors and warp specialisation;
-other searches, and calls whose inputs are not 16-byte aligned, take the usual kernel. The results
-are the same as the usual kernel's: the same scores, slot-wise minima and ties to the lowest index,
-the same split winners for ``_reduce_splits_kernel`` and the same distance epilogue.
+It covers what the goal shapes need: bf16/fp16 rows (exact products), and fp32 rows in the tf32
+pass with its re-check (the same lower bounds, each slot's two lowest, the same settling and list of
+rows for the re-search); D up to 256 in one tile; rows and codes whose layout TMA can read (last
+stride 1, rows that do not overlap, row strides and base addresses multiples of 16 bytes).
+``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of compute capability 9.x with a Triton
+that has tensor descriptors; other searches, and calls whose inputs are not 16-byte aligned, take the
+usual kernel. The results are the usual kernel's: the same scores or bounds, slot-wise minima and ties
+to the lowest index, the same split winners for ``_reduce_splits_kernel`` and the same epilogues. Two
+things Triton 3.6's warp specialisation cannot take are moved out of this kernel in the tf32 pass: the
+rows' norms for the bound (a reduction before the loop) come from a launch before it, and the rows are
+settled (the epilogue that appends to the list) by the reduction kernel, with one split too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
-from vqfast.kernels.nearest import _store_choice, tma_search_enabled
+from vqfast.kernels._launch import PreparedLaunch
+from vqfast.kernels.nearest import (
+    _code_error, _code_norms_kernel, _settle_rows, _slot_best_three, _store_choice, tma_search_enabled,
+)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -61,11 +68,15 @@ def _tma_layout(t: torch.Tensor) -> bool:
             and (t.stride(0) * t.element_size()) % _TMA_ALIGN_BYTES == 0)
 
 
-def suits(z: torch.Tensor, codebook: torch.Tensor, input_precision: str) -> bool:
-    """Whether a search of ``z`` against ``codebook`` (as ``_SearchPlan`` sees them) may use this kernel."""
-    if not tma_search_enabled() or not _triton_supports_it():
+def suits(z: torch.Tensor, codebook: torch.Tensor, input_precision: str, recheck: bool) -> bool:
+    """Whether a search pass of ``z`` against ``codebook`` (as ``_SearchPlan`` sees them) may use this
+    kernel: 16-bit rows, or fp32 rows in the tf32 pass with its re-check (``recheck``)."""
+    if not tma_search_enabled() or not _triton_supports_it() or codebook.dtype != z.dtype:
         return False
-    if z.dtype not in (torch.float16, torch.bfloat16) or codebook.dtype != z.dtype or input_precision == "ieee":
+    if recheck:
+        if z.dtype != torch.float32 or input_precision != "tf32":
+            return False
+    elif z.dtype not in (torch.float16, torch.bfloat16):
         return False
     d = z.shape[1]
     if d > MAX_D or not (_tma_layout(z) and _tma_layout(codebook)):
@@ -80,53 +91,105 @@ def _gpu_supports_it(device: torch.device) -> bool:
     return _device_supports_it(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn"])
+@triton.jit(do_not_specialize=["N", "codes_per_split", "N_BUCKET", "stride_sn", "err_resid", "err_dot", "err_norm",
+                               "err_tiny"])
 def _nearest_code_tma_kernel(
-    z_desc, c_desc, z_ptr, c_ptr, c_sqnorm_ptr, score_ptr, index_ptr, dist_ptr,
-    N, K, D, codes_per_split, N_BUCKET, stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
+    z_desc, c_desc, z_norm_ptr, z_resid_ptr,
+    z_ptr, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr,
+    score_ptr, index_ptr, dist_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr,
+    status_ptr, count_ptr, list_ptr, packed_ptr,
+    N, K, D, codes_per_split, N_BUCKET, err_resid, err_dot, err_norm, err_tiny,
+    stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
-    WRITE_DISTANCE: tl.constexpr, K_ALIGN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr, K_ALIGN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """One block of rows against one split of the codebook, as ``_nearest_code_kernel`` without the
-    re-check: slot-wise running minima of ``||c||^2 - 2 z.c`` over the split's code tiles. TMA fills
-    rows past N, codes past K and columns past D with zeros; codes past the split's end score +inf
-    through their norm, so they never win."""
+    """``_nearest_code_kernel`` (the same parameters after the two descriptors, the same outputs) with
+    the code tiles read through TMA and the code loop warp-specialised: one block of rows against one
+    split of the codebook, slot-wise running minima of ``||c||^2 - 2 z.c`` (with RECHECK, fp32 rows
+    with tf32 products: of its lower bound, keeping each slot's two lowest, then ``_settle_rows``). TMA
+    fills rows past N, codes past K and columns past D with zeros; codes past the split's end score
+    +inf through their norm, so they never win."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row0 = pid_n * BLOCK_N
     offs_n = row0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
     k_begin = pid_s * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
+    row_err = tl.zeros([BLOCK_N], tl.float32)
+    row_resid_err = tl.zeros([BLOCK_N], tl.float32)
+    if RECHECK:
+        # The factors of _row_errors from the rows' norms, computed by a launch before this one:
+        # Triton 3.6's warp specialisation fails on a kernel that reduces over rows before its loop.
+        z_norm = tl.load(z_norm_ptr + offs_n, mask=mask_n, other=0.0)
+        row_err = err_resid * tl.load(z_resid_ptr + offs_n, mask=mask_n, other=0.0) + err_dot * z_norm
+        row_resid_err = err_resid * z_norm
     z_block = z_desc.load([row0, 0])
     slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
+    slot_second = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0
     for k0 in tl.range(k_begin, k_end, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         c_tile = c_desc.load([k0, 0])
-        acc = tl.dot(z_block, c_tile.T)
+        acc = tl.dot(z_block, c_tile.T, input_precision="tf32")
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
         if full_tiles:
             c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
         else:
-            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=offs_k < k_end, other=float("inf"))
+            # Padding codes get +inf so they never win.
+            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
         score = c_sqnorm[None, :] - 2.0 * acc
-        # As in _scan_codes: a NaN score never replaces a slot's minimum, and '<' keeps a slot's
-        # earliest tile on ties.
+        if RECHECK:
+            if full_tiles:
+                c_norm = tl.load(c_norm_ptr + offs_k)
+                c_resid = tl.load(c_resid_ptr + offs_k)
+                c_term = c_sqnorm
+            else:
+                c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
+                c_resid = tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)
+                c_term = tl.where(mask_k, c_sqnorm, 0.0)
+            score = score - _code_error(row_err[:, None], row_resid_err[:, None], c_norm[None, :],
+                                        c_resid[None, :], c_term[None, :], err_norm, err_tiny)
+        # As in _scan_codes: a NaN score never replaces a slot's minimum (and minimum() ignores a NaN
+        # operand), and '<' keeps a slot's earliest tile on ties.
         better = score < slot_best
+        if RECHECK:
+            slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
         slot_best = tl.where(better, score, slot_best)
         slot_start = tl.where(better, k0, slot_start)
     best = tl.min(slot_best, axis=1)
     codes = slot_start + tl.arange(0, BLOCK_K)[None, :]
     best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
-    z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
+    second = tl.full([BLOCK_N], float("inf"), tl.float32)
+    second_index = best_index
+    third = second
+    if RECHECK:
+        second, second_index, third = _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end)
+        # An upper bound of the best exact score: the best code's tf32 score plus its error.
+        chosen = best_index.to(tl.int64)
+        upper = best + 2.0 * _code_error(row_err, row_resid_err,
+                                         tl.load(c_norm_ptr + chosen, mask=mask_n, other=0.0),
+                                         tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
+                                         tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
     if WRITE_DISTANCE:
-        _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
-                      index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
+        if RECHECK:
+            _settle_rows(best, best_index, second, second_index, third, upper,
+                         offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
+                         index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
+        else:
+            _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
+                          index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
         tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
+        if RECHECK:
+            tl.store(second_ptr + out, second, mask=mask_n)
+            tl.store(second_index_ptr + out, second_index, mask=mask_n)
+            tl.store(third_ptr + out, third, mask=mask_n)
+            tl.store(upper_ptr + out, upper, mask=mask_n)
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -138,9 +201,13 @@ def _set_block_shapes(nargs: dict) -> None:
 # (BLOCK_N, BLOCK_K, warps, stages, warp-specialised). With warp specialisation `num_warps` is each
 # group's: Triton adds the loading warps, and two groups of four take 64 rows each (12 warps in all,
 # checked with Triton 3.6 for sm_90; with 8 it does not specialise). The unspecialised TMA tiles are
-# there for comparison and as a fallback the autotuner may prefer.
-_SPECIALISED = ((128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 128, 4, 2, True), (128, 128, 4, 3, True))
-_UNSPECIALISED = ((128, 64, 8, 3, False), (128, 128, 8, 2, False))
+# there for comparison and as a fallback the autotuner may prefer. 16-bit rows:
+_SPECIALISED_16 = ((128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 128, 4, 2, True), (128, 128, 4, 3, True))
+_UNSPECIALISED_16 = ((128, 64, 8, 3, False), (128, 128, 8, 2, False))
+# fp32 rows with tf32 products and the re-check (each slot keeps two bounds and a start): 4-byte tiles,
+# so at D = 256 only 32-code tiles leave room for two stages beside the row block.
+_SPECIALISED_TF32 = ((128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 32, 4, 2, True), (128, 32, 4, 3, True))
+_UNSPECIALISED_TF32 = ((128, 64, 8, 2, False), (128, 32, 8, 2, False))
 
 
 def _warp_specialisation_compiles() -> bool:
@@ -151,81 +218,108 @@ def _warp_specialisation_compiles() -> bool:
     return triton.__version__.split(".")[:2] == ["3", "6"]
 
 
-_CANDIDATES = (_SPECIALISED if _warp_specialisation_compiles() else ()) + _UNSPECIALISED
-_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "WARP_SPECIALIZE": True}
-
-
 def _config(block_n: int, block_k: int, warps: int, stages: int, specialised: bool) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "WARP_SPECIALIZE": specialised},
                          num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
 
 
-def shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, element_bytes: int) -> int:
-    """The row block once, a code tile per stage, and 2 KiB for barriers and reductions (Triton 3.6,
-    sm_90: 164,544 bytes for 128 x 64 tiles, 3 stages, D = 256)."""
-    return (block_n + stages * block_k) * block_d * element_bytes + 2048
+def _configs(specialised: tuple, unspecialised: tuple) -> list[triton.Config]:
+    return [_config(*c) for c in (specialised if _warp_specialisation_compiles() else ()) + unspecialised]
+
+
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "WARP_SPECIALIZE": True}
+# The re-check's epilogue (the two codes' distances, the list of rows) stages more in shared memory.
+_RECHECK_SHARED_BYTES = 8192
+
+
+def shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, element_bytes: int,
+                        recheck: bool = False) -> int:
+    """The row block once, a code tile per stage, and 2 KiB for barriers and reductions (8 KiB more
+    with the re-check). Triton 3.6, sm_90: 164,544 bytes for 16-bit 128 x 64 tiles, 3 stages, D = 256."""
+    return ((block_n + stages * block_k) * block_d * element_bytes + 2048
+            + (_RECHECK_SHARED_BYTES if recheck else 0))
 
 
 def _prune(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     limit = max_shared_memory()
     element_bytes = meta["z_ptr"].element_size()
+
     def need(c: triton.Config) -> int:
         return shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, meta["BLOCK_D"],
-                                   element_bytes)
+                                   element_bytes, meta["RECHECK"])
 
     # (On sm_90 every D up to 256 has candidates that fit; the smallest is the last resort.)
     return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
-_CONFIGS = [_config(*c) for c in _CANDIDATES]
+_CONFIGS_16 = _configs(_SPECIALISED_16, _UNSPECIALISED_16)
+_CONFIGS_TF32 = _configs(_SPECIALISED_TF32, _UNSPECIALISED_TF32)
+_KEY = ["N_BUCKET", "K", "D", "codes_per_split", "WRITE_DISTANCE", "RECHECK"]
 _tma_search_autotuned = triton.autotune(
-    configs=_CONFIGS,
-    key=["N_BUCKET", "K", "D", "codes_per_split", "WRITE_DISTANCE"],
-    prune_configs_by={"early_config_prune": _prune},
+    configs=_CONFIGS_16, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+)(_nearest_code_tma_kernel)
+# The tf32 pass appends the rows it cannot settle to a list: the autotuner zeroes its length before
+# each timing run (and after the last).
+_tma_tf32_search_autotuned = triton.autotune(
+    configs=_CONFIGS_TF32, key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["count_ptr"],
 )(_nearest_code_tma_kernel)
 
 
 class TmaSearch:
-    """The search pass of one problem through this kernel: ``__call__(z, codebook, c_sqnorm, scores,
-    index_out, distances)`` with ``scores`` ignored when the pass writes the distance (one split)."""
+    """The search pass of one problem through this kernel, in place of ``_SearchPlan``'s launch of
+    ``_nearest_code_kernel``: the same scalars and tensors (``layout`` picks the kernel's 16 tensors
+    from the pass's list, as ``PreparedLaunch`` does), plus the two descriptors made per call."""
 
-    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, splits: int, codes_per_split: int,
-                 k_align: int, dist_block_d: int):
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, splits: int, scalars: tuple, meta: dict,
+                 layout: list[int]):
         n, d = z.shape
         k = codebook.shape[0]
         self.n, self.k, self.d = n, k, d
         self.block_d = max(16, next_power_of_2(d))
-        self.write_distance = splits == 1
-        self.scalars = (n, k, d, codes_per_split, next_power_of_2(n), z.stride(0), z.stride(1),
-                        codebook.stride(0), codebook.stride(1), 0 if self.write_distance else splits)
-        self.meta = dict(BLOCK_D=self.block_d, DIST_BLOCK_D=dist_block_d, WRITE_DISTANCE=self.write_distance,
-                         K_ALIGN=k_align)
+        self.scalars, self.layout = scalars, layout
+        recheck = meta["RECHECK"]
+        self.meta = dict(meta, BLOCK_D=self.block_d)
         self.options: dict = {}
+        tuner = _tma_tf32_search_autotuned if recheck else _tma_search_autotuned
         if interpreting():
             self.kernel = _nearest_code_tma_kernel
             self.meta.update(_INTERPRETER_CONFIG)
             self.blocks = (_INTERPRETER_CONFIG["BLOCK_N"], _INTERPRETER_CONFIG["BLOCK_K"])
             self.grid = (cdiv(n, self.blocks[0]), splits)
         elif not autotuning():
-            first = _prune(_CONFIGS, {"z_ptr": z}, BLOCK_D=self.block_d)[0]
+            first = _prune(tuner.configs, {"z_ptr": z}, BLOCK_D=self.block_d, RECHECK=recheck)[0]
             self.kernel = _nearest_code_tma_kernel
             self.meta.update(first.kwargs)
             self.options = dict(num_warps=first.num_warps, num_stages=first.num_stages)
             self.blocks = (first.kwargs["BLOCK_N"], first.kwargs["BLOCK_K"])
             self.grid = (cdiv(n, self.blocks[0]), splits)
         else:
-            self.kernel = _tma_search_autotuned
+            self.kernel = tuner
             self.blocks = (128, 64)  # replaced by the pre-hook of the candidate being launched
             self.grid = lambda cfg: (cdiv(n, cfg["BLOCK_N"]), splits)  # noqa: E731
-        self.tuner = self.kernel if self.kernel is _tma_search_autotuned else None
+        self.tuner = self.kernel if self.kernel is tuner else None
+        self.row_norms = None
+        if recheck:
+            # ||z||, ||z - tf32(z)|| and ||z||^2 per row, as _row_errors sums them (blocks of DIST_BLOCK_D
+            # columns, err_tiny under the roots); the launch also zeroes the list's length once more.
+            err_tiny = scalars[8]
+            self.row_norms = PreparedLaunch(_code_norms_kernel, (cdiv(n, 32),),
+                                            (n, d, err_tiny, z.stride(0), z.stride(1)),
+                                            dict(BLOCK_K=32, BLOCK_D=meta["DIST_BLOCK_D"]))
 
-    def __call__(self, z: torch.Tensor, codebook: torch.Tensor, c_sqnorm: torch.Tensor, scores: torch.Tensor,
-                 index_out: torch.Tensor, distances: torch.Tensor) -> None:
+    def __call__(self, tensors: list[torch.Tensor]) -> None:
         global launches
         launches += 1
+        z, codebook = tensors[0], tensors[1]
+        if self.row_norms is not None:
+            z_sqnorm, z_norm, z_resid = torch.empty((3, self.n), dtype=torch.float32, device=z.device)
+            count = tensors[self.layout[13]]
+            self.row_norms(z, z_sqnorm, z_norm, z_resid, count)
+        else:
+            z_norm = z_resid = tensors[2]  # (not read)
         block_n, block_k = self.blocks
         z_desc = TensorDescriptor(z, [self.n, self.d], [z.stride(0), 1], [block_n, self.block_d])
         c_desc = TensorDescriptor(codebook, [self.k, self.d], [codebook.stride(0), 1], [block_k, self.block_d])
-        self.kernel[self.grid](z_desc, c_desc, z, codebook, c_sqnorm, scores, index_out, distances,
-                               *self.scalars, **self.meta, **self.options)
+        self.kernel[self.grid](z_desc, c_desc, z_norm, z_resid, *[tensors[i] for i in self.layout], *self.scalars,
+                               **self.meta, **self.options)

@@ -54,3 +54,46 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tf32_rounding_interpreter(monkeypatch):
+    """Triton's interpreter computes a ``tl.dot`` with ``input_precision="tf32"`` in full fp32, which
+    hides what the tf32 re-check is for. This truncates fp32 operands of such products to tf32's 10
+    mantissa bits (truncation: the worst case the re-check's error bound covers); counts the products."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    calls = []
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        # Plain tf32 only (not tf32x3), and only for fp32 operands: 16-bit products ignore the setting.
+        if str(input_precision).upper().endswith(".TF32") and a.dtype.scalar == tl.float32:
+            calls.append(a.data.shape)
+            a, b = (interpreter.TensorHandle(
+                (x.data.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32),
+                x.dtype.scalar) for x in (a, b))
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return calls
+
+
+@pytest.fixture(params=["default", "tma"])
+def search_kernel(request, monkeypatch):
+    """Runs a search test twice: with the default search kernel, and with the opt-in TMA one
+    (``VQFAST_TMA_SEARCH=1``, kernels/nearest_tma.py), which must then have run."""
+    if request.param == "default":
+        monkeypatch.delenv("VQFAST_TMA_SEARCH", raising=False)
+        yield request.param
+        return
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA search needs a GPU of compute capability 9.x")
+    from vqfast.kernels import nearest_tma
+
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "1")
+    before = nearest_tma.launches
+    yield request.param
+    assert nearest_tma.launches > before, "the TMA search never ran"

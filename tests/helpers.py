@@ -39,3 +39,21 @@ def unambiguous_rows(z: torch.Tensor, codebook: torch.Tensor, rel_gap: float = 1
     two = d.topk(2, dim=1, largest=False).values
     scale = (z.detach().double().cpu() ** 2).sum(1) + two[:, 0]
     return (two[:, 1] - two[:, 0]) > rel_gap * scale.clamp_min(1e-30)
+
+
+def near_tie_rows(c, ties, triples, g):
+    """Rows just off the midpoint of two random codes ``a`` and ``b``, nearer to ``a``; and rows just off
+    the point equally far from three codes ``three`` (one triple per row), nearer to the first."""
+    k = c.shape[0]
+    a = torch.randint(0, k, (ties,), generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (ties,), generator=g)) % k
+    pairs = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
+    three = torch.randperm(k, generator=g)[: 3 * triples].view(triples, 3)
+    p, q, r = (c[three[:, i]].double() for i in range(3))
+    # The point p + x (q - p) + y (r - p) equally far from p, q and r: a 2 x 2 linear system per row.
+    u, v = q - p, r - p
+    gram = torch.stack([torch.stack([(u * u).sum(1), (u * v).sum(1)], 1),
+                        torch.stack([(u * v).sum(1), (v * v).sum(1)], 1)], 1)
+    xy = torch.linalg.solve(gram, 0.5 * torch.stack([(u * u).sum(1), (v * v).sum(1)], 1))
+    centre = p + xy[:, :1] * u + xy[:, 1:] * v
+    return a, b, pairs, three, (centre + 1e-5 * (p - centre)).float()

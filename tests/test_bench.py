@@ -741,11 +741,16 @@ def test_the_opt_in_tma_search_is_a_column_and_a_note_beside_the_default_search(
     assert "VQFAST_TMA_SEARCH=1: 4.00 ms, 550 TFLOP/s, check pass" in goals["1. "]
     assert "missed by 43%" in goals["1. "]
     assert "VQFAST_TMA_SEARCH=1: OOM" in goals["3b."]
+    assert "VQFAST_TMA_SEARCH" not in goals["2. "]
+    recs.append(bench.Record("headline", "headline", bench.TMA_PROVIDER, "tf32", *large, 8.0,
+                             tflops=bench.tflops(*large, 8.0), check="pass"))
+    row = next(line for line in bench.goals_table(recs).splitlines() if line.startswith("| 2. "))
+    assert "VQFAST_TMA_SEARCH=1: 8.00 ms, 275 TFLOP/s, check pass" in row
     # Measured only at those points, in 16-bit, on a GPU: elsewhere the provider has nothing to run.
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     for point, device, runs in (((*large, "bf16"), gpu, True), ((*few, "fp16"), gpu, True),
-                                ((*large, "bf16"), cpu, False), ((*large, "fp32"), gpu, False),
-                                ((1024, 4096, 128, "bf16"), gpu, False)):
+                                ((*large, "tf32"), gpu, True), ((*large, "bf16"), cpu, False),
+                                ((*large, "fp32"), gpu, False), ((1024, 4096, 128, "bf16"), gpu, False)):
         assert (bench._nearest_fn(bench.TMA_PROVIDER, bench.NearestPoint(*point), device) is not None) == runs, point
 
 

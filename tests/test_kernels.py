@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import chosen_gap, fp64_distances, unambiguous_rows
+from helpers import chosen_gap, fp64_distances, near_tie_rows, unambiguous_rows
 from vqfast import kernels, reference
 
 SHAPES = [  # (N, K, D): degenerate, odd and round
@@ -318,7 +318,7 @@ def _assert_tf32_classes(status, z, c):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device):
+def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # 600 codes: on a GPU, splits are multiples of 256 codes, so 3 splits stay 3 ([0, 256), [256, 512),
@@ -363,7 +363,7 @@ def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_a_few_large_codes_leave_the_other_rows_sure(splits, kernel_device):
+def test_a_few_large_codes_leave_the_other_rows_sure(splits, kernel_device, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # Small codes with a few large ones among them, as after restarts put codes on data rows in a fresh
@@ -379,7 +379,7 @@ def test_a_few_large_codes_leave_the_other_rows_sure(splits, kernel_device):
     assert torch.equal(idx.cpu(), reference.nearest_code(z.cpu(), c.cpu())[0])
 
 
-def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device):
+def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # Entries k / 256 with |k| < 1024 are exact in tf32, so the residual terms of the bound vanish and
@@ -398,7 +398,7 @@ def test_tf32_bound_covers_accumulation_on_tf32_exact_data(kernel_device):
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
+def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device, search_kernel):
     # A huge tolerance sends every row through the exact re-search: the result must be the fp32 one.
     z, c = _data(70, 600, 40, torch.float32, kernel_device, seed=10)  # 2 splits on a GPU too
     exact_idx, exact_dist = kernels.nearest_code(z, c, precision="ieee")
@@ -407,54 +407,11 @@ def test_tf32_rescoring_returns_the_exact_indices(splits, kernel_device):
     torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture
-def tf32_rounding_interpreter(monkeypatch):
-    """Triton's interpreter computes a ``tl.dot`` with ``input_precision="tf32"`` in full fp32, which
-    hides what the tf32 re-check is for. This truncates fp32 operands of such products to tf32's 10
-    mantissa bits (truncation: the worst case the re-check's error bound covers); counts the products."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-    calls = []
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        # Plain tf32 only (not tf32x3), and only for fp32 operands: 16-bit products ignore the setting.
-        if str(input_precision).upper().endswith(".TF32") and a.dtype.scalar == tl.float32:
-            calls.append(a.data.shape)
-            a, b = (interpreter.TensorHandle(
-                (x.data.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32),
-                x.dtype.scalar) for x in (a, b))
-        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-    return calls
-
-
-def _near_tie_rows(c, ties, triples, g):
-    """Rows just off the midpoint of two random codes ``a`` and ``b``, nearer to ``a``; and rows just off
-    the point equally far from three codes ``three`` (one triple per row), nearer to the first."""
-    k = c.shape[0]
-    a = torch.randint(0, k, (ties,), generator=g)
-    b = (a + 1 + torch.randint(0, k - 1, (ties,), generator=g)) % k
-    pairs = 0.5 * (c[a] + c[b]) + 1e-5 * (c[a] - c[b])
-    three = torch.randperm(k, generator=g)[: 3 * triples].view(triples, 3)
-    p, q, r = (c[three[:, i]].double() for i in range(3))
-    # The point p + x (q - p) + y (r - p) equally far from p, q and r: a 2 x 2 linear system per row.
-    u, v = q - p, r - p
-    gram = torch.stack([torch.stack([(u * u).sum(1), (u * v).sum(1)], 1),
-                        torch.stack([(u * v).sum(1), (v * v).sum(1)], 1)], 1)
-    xy = torch.linalg.solve(gram, 0.5 * torch.stack([(u * u).sum(1), (v * v).sum(1)], 1))
-    centre = p + xy[:, :1] * u + xy[:, 1:] * v
-    return a, b, pairs, three, (centre + 1e-5 * (p - centre)).float()
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs the "
                                                        "same inputs on the real tensor cores")
 @pytest.mark.parametrize("precision", ["high", "highest"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits, precision):
+def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_interpreter, splits, precision, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # 120 rows each just off the midpoint of two codes: their two distances differ by ~3e-3 of ~32, which
@@ -463,7 +420,7 @@ def test_tf32_recheck_gives_the_fp32_indices_under_tf32_rounding(tf32_rounding_i
     g = torch.Generator().manual_seed(6)
     k, d, ties, triples, plain = 300, 64, 120, 40, 60
     c = torch.randn(k, d, generator=g)
-    a, _, pairs, three, triple_rows = _near_tie_rows(c, ties, triples, g)
+    a, _, pairs, three, triple_rows = near_tie_rows(c, ties, triples, g)
     z = torch.cat([pairs, triple_rows, torch.randn(plain, d, generator=g)])
     exact, _ = reference.nearest_code(z, c)
     fp32, fp32_dist = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
@@ -535,7 +492,7 @@ def test_tf32_slotwise_and_per_tile_bounds_agree(tf32_rounding_interpreter, spli
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
                                                        "tiny inputs on the real tensor cores")
-def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
+def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # Rows just off the midpoint of two codes, scaled by 1e-20: the squares of what tf32 drops underflow
@@ -558,7 +515,7 @@ def test_tf32_recheck_holds_for_tiny_inputs(tf32_rounding_interpreter):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
                                                        "near ties on the real tensor cores")
 @pytest.mark.parametrize("exact_side", ["rows", "codes"])
-def test_tf32_bound_covers_what_tf32_drops_from_each_side(tf32_rounding_interpreter, exact_side):
+def test_tf32_bound_covers_what_tf32_drops_from_each_side(tf32_rounding_interpreter, exact_side, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # Rows just off midpoints of two codes, with one side exact in tf32 (entries on a 1/512 grid): the
@@ -609,7 +566,7 @@ def test_tf32_pair_rows_break_exact_ties_by_index(tf32_rounding_interpreter, spl
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
                                                        "near ties on the real tensor cores")
-def test_tf32_modes_give_the_plain_fp32_indices_on_random_problems(tf32_rounding_interpreter):
+def test_tf32_modes_give_the_plain_fp32_indices_on_random_problems(tf32_rounding_interpreter, search_kernel):
     """"highest" and "high" against the plain fp32 search ("ieee") on random problems under emulated tf32
     rounding: odd K and D, scales from 1e-3 to 1e3, data off the origin, plain rows and near ties of
     two and three codes. A row may differ only where the two picks are equally near to within fp32
@@ -623,7 +580,7 @@ def test_tf32_modes_give_the_plain_fp32_indices_on_random_problems(tf32_rounding
         scale = 10.0 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
         shift = 3 * float(torch.randn(1, generator=g))
         c = torch.randn(k, d, generator=g)
-        _, _, pairs, _, triple_rows = _near_tie_rows(c, 20, min(10, k // 3), g)
+        _, _, pairs, _, triple_rows = near_tie_rows(c, 20, min(10, k // 3), g)
         z = torch.cat([torch.randn(30, d, generator=g), pairs, triple_rows])
         z, c = (z + shift) * scale, (c + shift) * scale
         plain, _ = kernels.nearest_code(z, c, precision="ieee")
@@ -644,13 +601,14 @@ def test_tf32_modes_give_the_plain_fp32_indices_on_random_problems(tf32_rounding
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; test_gpu.py runs "
                                                        "near ties on the real tensor cores")
-@pytest.mark.parametrize("d", [70, 130])
-def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d):
+@pytest.mark.parametrize("d", [68, 132])
+def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d, search_kernel):
     from vqfast.kernels.nearest import _nearest_code_with_status
 
     # Past D = 64 the re-search of listed rows loops over 64-column slices, and past D = 128 so does the
-    # tf32 pass with its bound; an odd D leaves the last slice partial. Near ties of two codes (settled
-    # in the tf32 pass) and of three (searched again) take both.
+    # tf32 pass with its bound; a D that is no multiple of 64 leaves the last slice partial (and rows of
+    # 16-byte multiples, which the TMA kernel reads). Near ties of two codes (settled in the tf32 pass)
+    # and of three (searched again) take both.
     g = torch.Generator().manual_seed(31)
     k, ties, triples = 64, 32, 8
     c = torch.randn(k, d, generator=g)
@@ -658,7 +616,7 @@ def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d
         # Half the codes zero in the first slice, and so the rows between two of them: all their tf32
         # error comes from the later slices, which the bound must count too.
         c[k // 2:, :64] = 0
-    a, _, pairs, three, triple_rows = _near_tie_rows(c, ties, triples, g)
+    a, _, pairs, three, triple_rows = near_tie_rows(c, ties, triples, g)
     z = torch.cat([pairs, triple_rows])
     padded = (z[:, :64] == 0).all(1)
     exact, _ = kernels.nearest_code(z, c, precision="ieee")
@@ -669,8 +627,10 @@ def test_tf32_recheck_at_wide_d_under_tf32_rounding(tf32_rounding_interpreter, d
     assert (tf32_only != exact).sum() >= 4  # the emulated rounding changes the answer
     if d > 128:
         assert int(padded.sum()) >= 4 and (tf32_only != exact)[padded].any()
-    # The tf32 products ran on 64-column slices past D = 128, on whole rows below.
-    assert {shape[1] for shape in tf32_rounding_interpreter} == {64 if d > 128 else 128}
+    # The tf32 products ran on 64-column slices past D = 128, on whole rows below (the TMA kernel: whole
+    # rows up to D = 256).
+    whole = 1 << (d - 1).bit_length()
+    assert {shape[1] for shape in tf32_rounding_interpreter} == {whole if search_kernel == "tma" or d <= 128 else 64}
     rechecked, dist, status = _nearest_code_with_status(z, c, precision="high")
     assert torch.equal(rechecked, exact)
     assert (status[:ties] == 1).float().mean() > 0.8

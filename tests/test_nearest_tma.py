@@ -1,13 +1,15 @@
-"""The opt-in TMA, warp-specialised search of 16-bit rows (kernels/nearest_tma.py, VQFAST_TMA_SEARCH=1).
+"""The opt-in TMA, warp-specialised search (kernels/nearest_tma.py, VQFAST_TMA_SEARCH=1): 16-bit rows,
+and fp32 rows in the tf32 pass with its re-check.
 
 On the CPU the kernel runs through Triton's interpreter (which reads tensor descriptors and ignores
-warp specialisation), in fp16; the GPU tests run every autotuning candidate in bf16 and fp16.
+warp specialisation; tf32 products are emulated by truncation where it matters); the GPU tests run
+every autotuning candidate.
 """
 
 import pytest
 import torch
 
-from helpers import chosen_gap
+from helpers import chosen_gap, near_tie_rows
 from vqfast import kernels, reference
 from vqfast.kernels import nearest_tma
 
@@ -119,22 +121,74 @@ def test_tma_search_is_not_used_where_tma_cannot_read_the_inputs(tma_calls, kern
         pytest.skip("TMA needs compute capability 9.0")
     z = _rows(40, 64, torch.float16, kernel_device, 3)
     c = _rows(90, 64, torch.float16, kernel_device, 4)
-    others = [
-        (z[:, :12].contiguous(), c[:, :12].contiguous()),  # rows of 24 bytes
-        (z.t().contiguous().t(), c),                       # columns not contiguous
-        (z.float(), c.float()),                            # fp32: the tf32 pass with its re-check
-        (z[:, :12], c[:, :12]),                            # strided rows of 128 bytes, but 24 read
-    ]
     flat = torch.cat([torch.zeros(1, dtype=torch.float16, device=kernel_device), z.flatten()])
     misaligned = flat[1:].view(40, 64)  # 2 bytes past a 16-byte boundary
-    for a, b in others + [(misaligned, c)]:
+    # (rows, codes, precision, whether the TMA kernel runs)
+    cases = [
+        (z[:, :12].contiguous(), c[:, :12].contiguous(), None, False),  # rows of 24 bytes
+        (z.t().contiguous().t(), c, None, False),                       # columns not contiguous
+        (misaligned, c, None, False),
+        (z[:1].expand(40, 64), c, None, False),                         # rows that overlap (stride 0)
+        (z[:, :12], c[:, :12], None, True),                             # strided rows of 128 bytes, 24 read
+        (z.float(), c.float(), "highest", True),                        # fp32: the tf32 pass
+        (z.float(), c.float(), "high", True),
+        (z.float(), c.float(), "ieee", False),                          # fp32 products: the default kernel
+        (z[:, :13].float().contiguous(), c[:, :13].float().contiguous(), "high", False),  # rows of 52 bytes
+    ]
+    for a, b, precision, runs in cases:
         before = len(tma_calls)
-        idx, _ = kernels.nearest_code(a, b)
+        idx, _ = kernels.nearest_code(a, b, precision=precision)
         ref_idx, _ = reference.nearest_code(a.double().cpu(), b.double().cpu())
         assert torch.equal(idx.cpu(), ref_idx)
-        taken = len(tma_calls) - before
-        # The strided (40, 12) view has 128-byte rows and a contiguous last dimension: TMA reads it.
-        assert taken == (1 if a.shape[1] == 12 and a.stride(0) == 64 else 0), (a.shape, a.stride(), a.dtype)
+        assert len(tma_calls) - before == int(runs), (a.shape, a.stride(), a.dtype, precision)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tf32 emulated in the interpreter; the GPU test below runs "
+                                                       "every candidate on the real tensor cores")
+@pytest.mark.parametrize("precision,splits", [("high", 1), ("high", 3), ("highest", 1), ("highest", 2)])
+def test_tma_tf32_pass_matches_the_default_kernel_under_tf32_rounding(tf32_rounding_interpreter, tma_calls, monkeypatch,
+                                                                      precision, splits):
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # Rows just off the midpoint of two codes and of three (decided between two codes, and searched
+    # again), then plain random rows and a few far from the origin.
+    g = torch.Generator().manual_seed(11)
+    k, d = 300, 64
+    c = torch.randn(k, d, generator=g)
+    _, _, pairs, _, triple_rows = near_tie_rows(c, 40, 20, g)
+    z = torch.cat([pairs, triple_rows, torch.randn(30, d, generator=g), torch.randn(5, d, generator=g) + 30.0])
+    z[3, 5] = float("nan")
+    tma = _nearest_code_with_status(z, c, precision, splits)
+    assert len(tma_calls) == 1 and tf32_rounding_interpreter
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "0")
+    usual = _nearest_code_with_status(z, c, precision, splits)
+    # The same bounds, slots and settling (one split's rows settled by the reduction kernel instead):
+    # the same indices, distances and row status, bit for bit.
+    for ours, theirs in zip(tma, usual):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    status = tma[2]
+    assert set(status.tolist()) == {0, 1, 2}
+    exact, _ = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
+    finite = torch.arange(z.shape[0]) != 3
+    assert torch.equal(tma[0][finite], exact[finite])
+
+
+@pytest.mark.parametrize("shift", [0.0, 8.0])
+def test_tma_tf32_pass_lists_rows_for_the_research(tma_calls, kernel_device, shift):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # Far from the origin compared with its spread, most rows are in doubt and searched again.
+    z = _rows(200, 96, torch.float32, kernel_device, 12) + shift
+    c = _rows(700, 96, torch.float32, kernel_device, 13) + shift
+    idx, dist, status = _nearest_code_with_status(z, c, "high")
+    assert len(tma_calls) == 1
+    exact, exact_dist = kernels.nearest_code(z, c, precision="ieee")
+    assert torch.equal(idx, exact)
+    torch.testing.assert_close(dist, exact_dist, rtol=1e-6, atol=1e-6)
+    if shift:
+        assert (status == 2).float().mean() > 0.5
 
 
 def test_tma_search_is_off_by_default_and_the_switch_is_part_of_the_plan(monkeypatch, kernel_device):
@@ -160,17 +214,23 @@ def test_tma_candidates_are_pruned_by_shared_memory(monkeypatch):
     # Triton 3.6 for sm_90 asks for 164,544 bytes at 128 x 64 tiles, 3 stages, D = 256 in bf16: the
     # estimate must not be below what the compiler asks for.
     assert 164544 <= nearest_tma.shared_memory_bytes(128, 64, 3, 256, 2) <= 232448
-    configs = [nearest_tma._config(*c) for c in nearest_tma._SPECIALISED + nearest_tma._UNSPECIALISED]
-    z = torch.empty(1, 256, dtype=torch.bfloat16)
+    configs = [nearest_tma._config(*c) for c in nearest_tma._SPECIALISED_16 + nearest_tma._UNSPECIALISED_16]
+    tf32_configs = [nearest_tma._config(*c) for c in nearest_tma._SPECIALISED_TF32 + nearest_tma._UNSPECIALISED_TF32]
 
-    def tiles(limit, block_d):
+    def tiles(limit, block_d, candidates=configs, dtype=torch.bfloat16, recheck=False):
         monkeypatch.setattr(nearest_tma, "max_shared_memory", lambda: limit)
+        z = torch.empty(1, block_d, dtype=dtype)
         return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in
-                nearest_tma._prune(configs, {"z_ptr": z}, BLOCK_D=block_d)]
+                nearest_tma._prune(candidates, {"z_ptr": z}, BLOCK_D=block_d, RECHECK=recheck)]
 
-    # sm_90's 227 KiB: at D = 256 every candidate but 128 x 128 with 3 stages (264 KiB) fits.
+    # sm_90's 227 KiB: at D = 256 every 16-bit candidate but 128 x 128 with 3 stages (264 KiB) fits.
     assert tiles(232448, 256) == [(128, 64, 3), (128, 64, 4), (128, 128, 2), (128, 64, 3), (128, 128, 2)]
     assert len(tiles(232448, 64)) == len(configs)
+    # fp32 at D = 256: the 128 KiB row block leaves room for two stages of 32 codes only (Triton 3.6 asks
+    # for 197,222 bytes there); at D = 128 everything fits.
+    assert tiles(232448, 256, tf32_configs, torch.float32, True) == [(128, 32, 2), (128, 32, 2)]
+    assert 197222 <= nearest_tma.shared_memory_bytes(128, 32, 2, 256, 4, True) <= 232448
+    assert len(tiles(232448, 128, tf32_configs, torch.float32, True)) == len(tf32_configs)
     # Where none fits, the smallest is left (and compiles or fails as such).
     assert tiles(100_000, 256) == [(128, 64, 3)]
 
@@ -179,16 +239,22 @@ def test_tma_candidates_are_pruned_by_shared_memory(monkeypatch):
 @pytest.mark.skipif(not HAS_HOPPER, reason="TMA and warp specialisation need compute capability 9.0")
 @pytest.mark.parametrize("dtype,n,k,d,splits", [
     (torch.bfloat16, 3000, 5000, 256, None), (torch.bfloat16, 1000, 20000, 64, None), (torch.float16, 777, 3001, 200, 5),
+    (torch.float32, 3000, 5000, 256, None), (torch.float32, 777, 3001, 200, 5), (torch.float32, 5000, 2000, 128, None),
 ])
 def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, splits):
     from vqfast.kernels import _launch
 
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
-    tuner = nearest_tma._tma_search_autotuned
+    recheck = dtype == torch.float32
+    tuner = nearest_tma._tma_tf32_search_autotuned if recheck else nearest_tma._tma_search_autotuned
     z = _rows(n, d, dtype, "cuda", 7)
     c = _rows(k, d, dtype, "cuda", 8)
     usual, usual_dist = _usual_search(monkeypatch, z, c, splits)
-    candidates = nearest_tma._prune(tuner.configs, {"z_ptr": z}, BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+    if recheck:
+        # fp32 rows: the tf32 pass and its re-check give the indices of the fp32 search.
+        usual, usual_dist = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
+    candidates = nearest_tma._prune(tuner.configs, {"z_ptr": z}, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+                                    RECHECK=recheck)
     # Warp-specialised candidates with the Triton they compile with (3.6), unspecialised TMA tiles always.
     specialised = [cfg for cfg in candidates if cfg.kwargs["WARP_SPECIALIZE"]]
     assert bool(specialised) == nearest_tma._warp_specialisation_compiles()
@@ -200,8 +266,10 @@ def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, 
             idx, dist = kernels.nearest_code(z, c, num_splits=splits)
         assert tuner.best_config is cfg
         assert chosen_gap(z, c, idx).max() <= 1e-5, cfg
-        # The same fp32 scores as the usual kernel, summed in another order by the tensor cores: the
-        # indices may differ on near ties only, and each distance is that of its own index.
+        if recheck:
+            assert torch.equal(idx, usual), cfg
+        # 16-bit: the same fp32 scores as the usual kernel, summed in another order by the tensor cores:
+        # the indices may differ on near ties only, and each distance is that of its own index.
         assert (idx != usual).float().mean() < 1e-3, cfg
         direct = ((z.double() - c.double()[idx]) ** 2).sum(1)
         torch.testing.assert_close(dist.double(), direct, rtol=1e-4, atol=1e-4)
