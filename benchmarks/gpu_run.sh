@@ -14,6 +14,9 @@
 #   bash benchmarks/gpu_run.sh probe  benchmarks/gpu_probe.py: the tf32 search's stages, the layer step
 #                                     under torch.profiler, the eager cost of a small search (about a
 #                                     minute; in `all` mode too, after the benchmark, when GPU_PROBE=1)
+#   bash benchmarks/gpu_run.sh tma    the opt-in TMA search (VQFAST_TMA_SEARCH=1, tuning note 26): its GPU
+#                                     tests (every candidate alone; GPU_TEST_SECONDS, default 200), then
+#                                     the benchmark's headline, which times it beside the default search
 #   bash benchmarks/gpu_run.sh train  the article's models trained on cifar10_train_10k.npz and evaluated
 #                                     on cifar10_test_1k.npz from $GPU_DATA (default ./gpu_data), most
 #                                     wanted first: VQ-VAE with vqfast's layer and with the article's VQ
@@ -29,8 +32,8 @@ set -uo pipefail
 MODE="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$MODE" in
-  all|tests|bench|quick|probe|train) ;;
-  *) echo "usage: $0 [all|tests|bench|quick|probe|train] [vqfast bench options]" >&2; exit 2 ;;
+  all|tests|bench|quick|probe|train|tma) ;;
+  *) echo "usage: $0 [all|tests|bench|quick|probe|train|tma] [vqfast bench options]" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.."
@@ -204,6 +207,10 @@ case "$MODE" in
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
+  tma)
+    run_tests "$(up_to "${GPU_TEST_SECONDS:-200}" 150)" tests/test_nearest_tma.py tests/test_kernels.py -k tma
+    run_bench "$(up_to "${BENCH_SECONDS:-300}" 60)" --only headline "$@"
+    ;;
   bench) run_bench "$(up_to 500 60)" "$@" ;;
   quick) run_bench "$(up_to 85 40)" --quick "$@" ;;
   probe) run_probe "$(up_to 300 10)" ;;

@@ -501,7 +501,8 @@ def _code_norms_kernel(c_ptr, sqnorm_ptr, norm_ptr, resid_ptr, count_ptr, K, D, 
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """``||c||^2`` per code, and for the tf32 error bound ``||c||`` and ``||c - tf32(c)||`` (``tiny`` =
     D 2**-126 added under the roots covers squares that underflow); a zeroed list length for the tf32
-    pass too (one launch fewer than a separate fill)."""
+    pass too (one launch fewer than a separate fill). The TMA search (nearest_tma.py) runs it on the
+    rows too, with the bound's own ``err_tiny``, for the factors ``_row_errors`` computes."""
     pid = tl.program_id(0)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     sq, resid = _row_tf32_norms(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck, offs_k < K, D, stride_cd,
@@ -1040,8 +1041,8 @@ def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_split
 
 
 def tma_search_enabled() -> bool:
-    """``VQFAST_TMA_SEARCH=1``: 16-bit searches that suit it run the TMA, warp-specialised kernel of
-    ``nearest_tma.py``."""
+    """``VQFAST_TMA_SEARCH=1``: search passes that suit it (16-bit rows, the tf32 pass of fp32 rows)
+    run the TMA, warp-specialised kernel of ``nearest_tma.py``."""
     return os.environ.get("VQFAST_TMA_SEARCH", "0") not in ("", "0")
 
 

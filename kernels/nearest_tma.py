@@ -33,7 +33,7 @@ import triton.language as tl
 from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels.nearest import (
-    _code_error, _code_norms_kernel, _settle_rows, _slot_best_three, _store_choice, tma_search_enabled,
+    _SEARCH_TENSORS, _code_error, _code_norms_kernel, _slot_best_three, _store_choice, tma_search_enabled,
 )
 
 try:
@@ -103,12 +103,14 @@ def _nearest_code_tma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr, K_ALIGN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``_nearest_code_kernel`` (the same parameters after the two descriptors, the same outputs) with
-    the code tiles read through TMA and the code loop warp-specialised: one block of rows against one
-    split of the codebook, slot-wise running minima of ``||c||^2 - 2 z.c`` (with RECHECK, fp32 rows
-    with tf32 products: of its lower bound, keeping each slot's two lowest, then ``_settle_rows``). TMA
-    fills rows past N, codes past K and columns past D with zeros; codes past the split's end score
-    +inf through their norm, so they never win."""
+    """``_nearest_code_kernel`` (the same parameters after four more, the same outputs) with the code
+    tiles read through TMA and the code loop warp-specialised: one block of rows against one split of
+    the codebook, slot-wise running minima of ``||c||^2 - 2 z.c`` (with RECHECK, fp32 rows with tf32
+    products: of its lower bound, keeping each slot's two lowest, from the rows' norms in ``z_norm_ptr``
+    and ``z_resid_ptr``). With RECHECK it always writes split winners, which ``_reduce_splits_kernel``
+    settles (see the module's docstring). TMA fills rows past N, codes past K and columns past D with
+    zeros; codes past the split's end score +inf through their norm, so they never win."""
+    tl.static_assert(not (RECHECK and WRITE_DISTANCE), "the tf32 pass leaves the rows to _reduce_splits_kernel")
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row0 = pid_n * BLOCK_N
@@ -174,13 +176,8 @@ def _nearest_code_tma_kernel(
                                          tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
                                          tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
     if WRITE_DISTANCE:
-        if RECHECK:
-            _settle_rows(best, best_index, second, second_index, third, upper,
-                         offs_n, mask_n, z_rows, c_ptr, K, D, stride_zd, stride_ck, stride_cd,
-                         index_ptr, dist_ptr, status_ptr, count_ptr, list_ptr, packed_ptr, BLOCK_N, DIST_BLOCK_D)
-        else:
-            _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
-                          index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
+        _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
+                      index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
         out = offs_n.to(tl.int64) * stride_sn + pid_s
         tl.store(score_ptr + out, best, mask=mask_n)
@@ -228,7 +225,8 @@ def _configs(specialised: tuple, unspecialised: tuple) -> list[triton.Config]:
 
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "WARP_SPECIALIZE": True}
-# The re-check's epilogue (the two codes' distances, the list of rows) stages more in shared memory.
+# A margin for the tf32 pass's larger epilogue (three bounds and two indices per row; Triton 3.6 asks
+# for 197,222 bytes at 128 x 32 tiles, 2 stages, D = 256, against 196,608 for the tiles).
 _RECHECK_SHARED_BYTES = 8192
 
 
@@ -259,10 +257,8 @@ _KEY = ["N_BUCKET", "K", "D", "codes_per_split", "WRITE_DISTANCE", "RECHECK"]
 _tma_search_autotuned = triton.autotune(
     configs=_CONFIGS_16, key=_KEY, prune_configs_by={"early_config_prune": _prune},
 )(_nearest_code_tma_kernel)
-# The tf32 pass appends the rows it cannot settle to a list: the autotuner zeroes its length before
-# each timing run (and after the last).
 _tma_tf32_search_autotuned = triton.autotune(
-    configs=_CONFIGS_TF32, key=_KEY, prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["count_ptr"],
+    configs=_CONFIGS_TF32, key=_KEY, prune_configs_by={"early_config_prune": _prune},
 )(_nearest_code_tma_kernel)
 
 
@@ -279,6 +275,8 @@ class TmaSearch:
         self.block_d = max(16, next_power_of_2(d))
         self.scalars, self.layout = scalars, layout
         recheck = meta["RECHECK"]
+        if recheck and meta["WRITE_DISTANCE"]:
+            raise ValueError("the tf32 pass through the TMA kernel writes split winners (WRITE_DISTANCE=False)")
         self.meta = dict(meta, BLOCK_D=self.block_d)
         self.options: dict = {}
         tuner = _tma_tf32_search_autotuned if recheck else _tma_search_autotuned
@@ -302,7 +300,8 @@ class TmaSearch:
         self.row_norms = None
         if recheck:
             # ||z||, ||z - tf32(z)|| and ||z||^2 per row, as _row_errors sums them (blocks of DIST_BLOCK_D
-            # columns, err_tiny under the roots); the launch also zeroes the list's length once more.
+            # columns, err_tiny under the roots); the launch also zeroes the list's length once more
+            # (which the pass does not touch: _reduce_splits_kernel appends to it).
             err_tiny = scalars[8]
             self.row_norms = PreparedLaunch(_code_norms_kernel, (cdiv(n, 32),),
                                             (n, d, err_tiny, z.stride(0), z.stride(1)),
@@ -314,7 +313,7 @@ class TmaSearch:
         z, codebook = tensors[0], tensors[1]
         if self.row_norms is not None:
             z_sqnorm, z_norm, z_resid = torch.empty((3, self.n), dtype=torch.float32, device=z.device)
-            count = tensors[self.layout[13]]
+            count = tensors[self.layout[_SEARCH_TENSORS.index("count")]]
             self.row_norms(z, z_sqnorm, z_norm, z_resid, count)
         else:
             z_norm = z_resid = tensors[2]  # (not read)

@@ -173,6 +173,32 @@ def test_tma_tf32_pass_matches_the_default_kernel_under_tf32_rounding(tf32_round
     assert torch.equal(tma[0][finite], exact[finite])
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tma_tf32_pass_falls_back_for_misaligned_rows_with_the_same_answer(tma_calls, monkeypatch, kernel_device,
+                                                                          splits):
+    if kernel_device.type == "cuda" and not HAS_HOPPER:
+        pytest.skip("TMA needs compute capability 9.0")
+    from vqfast.kernels.nearest import _nearest_code_with_status
+
+    # A plan made for the TMA kernel (one split: split winners and the reduction kernel) meets rows 4
+    # bytes off a 16-byte boundary: the default kernel runs with that plan's split buffers.
+    z = _rows(120, 32, torch.float32, kernel_device, 14)
+    c = _rows(300, 32, torch.float32, kernel_device, 15)
+    aligned = _nearest_code_with_status(z, c, "high", splits)
+    assert len(tma_calls) == 1
+    flat = torch.cat([torch.zeros(1, device=kernel_device), z.flatten()])
+    shifted = flat[1:].view(120, 32)
+    moved = _nearest_code_with_status(shifted, c, "high", splits)
+    assert len(tma_calls) == 1
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "0")
+    usual = _nearest_code_with_status(z, c, "high", splits)
+    if kernel_device.type == "cpu":  # (on a GPU the tiles, and so the bounds' last bits, may differ)
+        for a, b, u in zip(aligned, moved, usual):
+            assert torch.equal(a, u) and torch.equal(b, u)
+    exact, _ = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
+    assert torch.equal(aligned[0], exact) and torch.equal(moved[0], exact)
+
+
 @pytest.mark.parametrize("shift", [0.0, 8.0])
 def test_tma_tf32_pass_lists_rows_for_the_research(tma_calls, kernel_device, shift):
     if kernel_device.type == "cuda" and not HAS_HOPPER:

@@ -84,7 +84,7 @@ GRAPH_PROVIDER = "vqfast (CUDA graph)"
 WALL_PROVIDER = "vqfast (back to back)"
 WALL_MAX_FLOP = 2.0**31
 # The opt-in search with TMA loads and warp specialisation (VQFAST_TMA_SEARCH=1, kernels/nearest_tma.py),
-# at the shapes of goals 1, 2 (tf32) and 3b (each new shape autotunes its 6 candidates).
+# at the shapes of goals 1, 2 (tf32) and 3b (each new shape autotunes its candidates: compile time).
 TMA_PROVIDER = "vqfast (VQFAST_TMA_SEARCH=1)"
 TMA_POINTS = ((65536, 65536, 256), (1024, 262144, 64))
 HEADLINE_PROVIDERS = ("vqfast", WALL_PROVIDER, GRAPH_PROVIDER, "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)",
@@ -513,7 +513,9 @@ def _tma_note(records: Sequence[Record], shape: tuple[int, int, int], peak: floa
     if not r.ok or not r.tflops:
         return f"; VQFAST_TMA_SEARCH=1: {r.status}"
     share = f" = {r.tflops / peak:.0%}" if peak else ""
-    return f"; VQFAST_TMA_SEARCH=1: {r.time_ms:.2f} ms, {r.tflops:.0f} TFLOP/s{share}, check {r.check or '?'}"
+    agreement = next((part for part in r.note.split("; ") if part.startswith(Agreement.NOTE_START)), "")
+    return (f"; VQFAST_TMA_SEARCH=1: {r.time_ms:.2f} ms, {r.tflops:.0f} TFLOP/s{share}, check {r.check or '?'}"
+            + (f" ({agreement})" if agreement else ""))
 
 
 def goals_table(records: Sequence[Record]) -> str:
@@ -1254,7 +1256,8 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             rec.check_error = err
             rec.check = "pass" if err <= tolerance(point.precision) else "fail"
             # fp32 data in either mode: the tf32 pass and its re-check must give the fp32 search's indices.
-            if provider == "vqfast" and point.precision in ("tf32", "fp32") and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP:
+            if (provider in ("vqfast", TMA_PROVIDER) and point.precision in ("tf32", "fp32")
+                    and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP):
                 agreement = agreement_with_fp32(z, c, indices)
                 rec.note = agreement.note()
                 if agreement.wrong:
@@ -1268,7 +1271,8 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
         notes = [search_tile_note(lambda: search(z, c))]
         if point.precision in ("tf32", "fp32"):
             try:
-                notes.append(tf32_recheck_shares(z, c, PRECISIONS[point.precision][1]))
+                with environment("VQFAST_TMA_SEARCH", "1" if provider == TMA_PROVIDER else "0"):
+                    notes.append(tf32_recheck_shares(z, c, PRECISIONS[point.precision][1]))
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"tf32 re-check shares: {_error_status(exc)}")
             finally:
