@@ -301,3 +301,47 @@ def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, 
         torch.testing.assert_close(dist.double(), direct, rtol=1e-4, atol=1e-4)
     tuner.cache.clear()
     assert tma_calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="TMA and warp specialisation need compute capability 9.0")
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "highest"), (torch.float32, "high")])
+def test_tma_search_replays_from_a_cuda_graph(tma_calls, dtype, precision):
+    # The descriptors are made on the host per call and passed by value: a captured search must read
+    # the captured buffers' new contents on replay (and the tf32 pass's extra launches replay too).
+    from test_gpu import _captured
+
+    z = _rows(4096, 128, dtype, "cuda", 16)
+    c = _rows(3000, 128, dtype, "cuda", 17)
+    graph, (idx, dist) = _captured(lambda: kernels.nearest_code(z, c, precision=precision))
+    assert len(tma_calls) == 2  # the warm-up and the capture
+    z.copy_(_rows(4096, 128, dtype, "cuda", 18))
+    idx.fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_idx, ref_dist = kernels.nearest_code(z, c, precision=precision)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="TMA and warp specialisation need compute capability 9.0")
+def test_a_layer_training_step_with_the_tma_search(tma_calls, monkeypatch):
+    # The layer's default tf32 search (fp32 data) through the TMA kernel: the same indices as with the
+    # default kernel (both give the fp32 search's), so the same loss and gradients.
+    import vqfast
+
+    def step():
+        torch.manual_seed(0)
+        vq = vqfast.VectorQuantizer(4096, 128, dead_code_threshold=0).cuda()
+        z = torch.randn(64, 128, 8, 8, device="cuda", requires_grad=True)
+        z_q, loss, idx = vq(z)
+        (loss + z_q.square().mean()).backward()
+        return idx, loss.detach(), z.grad, vq.embeddings.weight.grad
+
+    with_tma = step()
+    assert tma_calls
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "0")
+    usual = step()
+    assert torch.equal(with_tma[0], usual[0])
+    for a, b in zip(with_tma[1:], usual[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
