@@ -12,10 +12,11 @@ It covers what the goal shapes need: bf16/fp16 rows (exact products), and fp32 r
 pass with its re-check (the same lower bounds, each slot's two lowest, the same settling and list of
 rows for the re-search); D up to 256 in one tile; rows and codes whose layout TMA can read (last
 stride 1, rows that do not overlap, row strides and base addresses multiples of 16 bytes).
-``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of compute capability 9.x with a Triton
-that has tensor descriptors; other searches, and calls whose inputs are not 16-byte aligned, take the
-usual kernel. The results are the usual kernel's: the same scores or bounds, slot-wise minima and ties
-to the lowest index, the same split winners for ``_reduce_splits_kernel`` and the same epilogues. Two
+``VQFAST_TMA_SEARCH=1`` turns it on for such searches on GPUs of compute capability 9.x with Triton
+3.6 or newer (tensor descriptors, warp specialisation); other searches, and calls whose inputs are not
+16-byte aligned, take the usual kernel. The results are the usual kernel's: the same scores or bounds,
+slot-wise minima and ties to the lowest index, the same split winners for ``_reduce_splits_kernel``
+and the same epilogues. Two
 things Triton 3.6's warp specialisation cannot take are moved out of this kernel in the tf32 pass: the
 rows' norms for the bound (a reduction before the loop) come from a launch before it, and the rows are
 settled (the epilogue that appends to the list) by the reduction kernel, with one split too.
@@ -38,7 +39,7 @@ from vqfast.kernels.nearest import (
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton < 3.4
+except ImportError:  # older Triton
     TensorDescriptor = None
 
 # Searches that took this kernel so far (the benchmark checks that its provider timed this kernel).
@@ -51,7 +52,14 @@ _TMA_ALIGN_BYTES = 16
 
 @functools.lru_cache(maxsize=None)
 def _triton_supports_it() -> bool:
-    return TensorDescriptor is not None and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    """Tensor descriptors and ``tl.range(warp_specialize=...)``, in a Triton this kernel was compiled with
+    (3.6 and 3.8; older ones are untried)."""
+    try:
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (version >= (3, 6) and TensorDescriptor is not None
+            and "warp_specialize" in inspect.signature(tl.range.__init__).parameters)
 
 
 @functools.lru_cache(maxsize=None)

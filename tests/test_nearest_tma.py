@@ -345,3 +345,15 @@ def test_a_layer_training_step_with_the_tma_search(tma_calls, monkeypatch):
     assert torch.equal(with_tma[0], usual[0])
     for a, b in zip(with_tma[1:], usual[1:]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("version,supported", [("3.6.0", True), ("3.8.1", True), ("3.10.0", True), ("3.5.1", False),
+                                               ("3.4.0", False), ("2.3.1", False), ("3.7.0+git1234", True)])
+def test_tma_search_needs_a_triton_it_was_compiled_with(monkeypatch, version, supported):
+    monkeypatch.setattr(nearest_tma.triton, "__version__", version)
+    nearest_tma._triton_supports_it.cache_clear()
+    try:
+        assert nearest_tma._triton_supports_it() == supported
+    finally:
+        monkeypatch.undo()
+        nearest_tma._triton_supports_it.cache_clear()
