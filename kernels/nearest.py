@@ -107,6 +107,92 @@ def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
 
 
 @triton.jit
+def _tile_scores(acc, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
+                 err_tiny, FULL_TILES: tl.constexpr, BOUND: tl.constexpr):
+    """A code tile's scores ``||c||^2 - 2 z.c`` from its products ``acc``, and the codes' ``||c||^2``;
+    with BOUND, minus the bound on their tf32 error (``_code_error``): lower bounds of the exact scores.
+    Codes past the split (``mask_k`` false; FULL_TILES: none) score +inf through their norm."""
+    if FULL_TILES:
+        c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
+    else:
+        # Padding codes get +inf so they never win.
+        c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
+    score = c_sqnorm[None, :] - 2.0 * acc
+    if BOUND:
+        if FULL_TILES:
+            c_norm = tl.load(c_norm_ptr + offs_k)
+            c_resid = tl.load(c_resid_ptr + offs_k)
+            c_term = c_sqnorm
+        else:
+            c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
+            c_resid = tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)
+            c_term = tl.where(mask_k, c_sqnorm, 0.0)
+        score = score - _code_error(row_err[:, None], row_resid_err[:, None], c_norm[None, :],
+                                    c_resid[None, :], c_term[None, :], err_norm, err_tiny)
+    return score, c_sqnorm
+
+
+@triton.jit
+def _update_slots(score, k0, slot_best, slot_start, slot_second, BEST_THREE: tl.constexpr):
+    """Each (row, column) slot's running minimum and the start of its tile (with BEST_THREE also its
+    second-lowest), after one more tile's scores."""
+    # A NaN score compares false and never replaces a slot's minimum (and minimum() ignores a NaN
+    # operand); strict '<' keeps a slot's earliest tile on ties.
+    better = score < slot_best
+    if BEST_THREE:
+        slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
+    slot_best = tl.where(better, score, slot_best)
+    slot_start = tl.where(better, k0, slot_start)
+    return slot_best, slot_start, slot_second
+
+
+@triton.jit
+def _reduce_slots(slot_best, slot_start, slot_second, k_end, BLOCK_K: tl.constexpr, BEST_THREE: tl.constexpr):
+    """Per row, from the slots after the last tile: the best score and its index (with BEST_THREE also
+    the second and third lowest and the second's index, ``_slot_best_three``; otherwise +inf and the
+    best's index, which nothing reads)."""
+    # The lowest index among the slots that hold the row's minimum: each slot holds the earliest code
+    # with its own minimum, so this is the lowest index of all codes with that score. A row whose
+    # scores are all NaN or +inf gets the split's first code (column 0 of its first tile).
+    best = tl.min(slot_best, axis=1)
+    codes = slot_start + tl.arange(0, BLOCK_K)[None, :]
+    best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
+    second = tl.full(best.shape, float("inf"), tl.float32)
+    second_index = best_index
+    third = second
+    if BEST_THREE:
+        second, second_index, third = _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end)
+    return best, best_index, second, second_index, third
+
+
+@triton.jit
+def _upper_bound(best, best_index, mask_n, row_err, row_resid_err, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr,
+                 err_norm, err_tiny):
+    """An upper bound of each row's best exact score: the best code's tf32 score plus its error."""
+    chosen = best_index.to(tl.int64)
+    return best + 2.0 * _code_error(row_err, row_resid_err,
+                                    tl.load(c_norm_ptr + chosen, mask=mask_n, other=0.0),
+                                    tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
+                                    tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
+
+
+@triton.jit
+def _store_split_winners(offs_n, mask_n, pid_s, stride_sn, best, best_index, second, second_index, third, upper,
+                         score_ptr, index_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr,
+                         RECHECK: tl.constexpr):
+    """One split's winners per row, for ``_reduce_splits_kernel``: the best score and index, with
+    RECHECK also the second and third lower bounds, the second's index and the upper bound."""
+    out = offs_n.to(tl.int64) * stride_sn + pid_s
+    tl.store(score_ptr + out, best, mask=mask_n)
+    tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
+    if RECHECK:
+        tl.store(second_ptr + out, second, mask=mask_n)
+        tl.store(second_index_ptr + out, second_index, mask=mask_n)
+        tl.store(third_ptr + out, third, mask=mask_n)
+        tl.store(upper_ptr + out, upper, mask=mask_n)
+
+
+@triton.jit
 def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err,
                 err_norm, err_tiny, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
@@ -168,45 +254,20 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
                 ct = tl.load(c_cols + dd[:, None] * stride_cd,
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
-        if full_tiles:
-            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
-        else:
-            # Padding codes get +inf so they never win.
-            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
-        score = c_sqnorm[None, :] - 2.0 * acc
+        # (Without slots, _merge_tile subtracts the bound itself.)
+        score, c_sqnorm = _tile_scores(acc, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
+                                       row_resid_err, err_norm, err_tiny, full_tiles, use_slots and BEST_THREE)
         if use_slots:
-            if BEST_THREE:
-                if full_tiles:
-                    c_norm = tl.load(c_norm_ptr + offs_k)
-                    c_resid = tl.load(c_resid_ptr + offs_k)
-                    c_term = c_sqnorm
-                else:
-                    c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
-                    c_resid = tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)
-                    c_term = tl.where(mask_k, c_sqnorm, 0.0)
-                score = score - _code_error(row_err[:, None], row_resid_err[:, None], c_norm[None, :],
-                                            c_resid[None, :], c_term[None, :], err_norm, err_tiny)
-            # A NaN score compares false and never replaces a slot's minimum (and minimum() ignores a
-            # NaN operand); strict '<' keeps a slot's earliest tile on ties.
-            better = score < slot_best
-            if BEST_THREE:
-                slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
-            slot_best = tl.where(better, score, slot_best)
-            slot_start = tl.where(better, k0, slot_start)
+            slot_best, slot_start, slot_second = _update_slots(score, k0, slot_best, slot_start, slot_second,
+                                                               BEST_THREE)
         else:
             best, best_index, second, second_index, third = _merge_tile(
                 score, k0, offs_k, mask_k, c_sqnorm, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
                 err_tiny, best, best_index, second, second_index, third, BLOCK_K, BEST_THREE)
     if use_slots:
-        # The lowest index among the slots that hold the row's minimum: each slot holds the earliest
-        # code with its own minimum, so this is the lowest index of all codes with that score. A row
-        # whose scores are all NaN or +inf gets k_begin (column 0 of the first tile), as without slots.
-        best = tl.min(slot_best, axis=1)
-        cols = tl.arange(0, BLOCK_K)
-        codes = slot_start + cols[None, :]
-        best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
-        if BEST_THREE:
-            second, second_index, third = _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end)
+        # (A row whose scores are all NaN or +inf gets k_begin, as without slots.)
+        best, best_index, second, second_index, third = _reduce_slots(slot_best, slot_start, slot_second, k_end,
+                                                                      BLOCK_K, BEST_THREE)
     return best, best_index, second, second_index, third
 
 
@@ -377,13 +438,10 @@ def _nearest_code_kernel(
         z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm, err_tiny,
         k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
         BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK, SLOTS, K_ALIGN, EVEN_D)
+    upper = best  # (read with RECHECK only)
     if RECHECK:
-        # An upper bound of the best exact score: the best code's tf32 score plus its error.
-        chosen = best_index.to(tl.int64)
-        upper = best + 2.0 * _code_error(row_err, row_resid_err,
-                                         tl.load(c_norm_ptr + chosen, mask=mask_n, other=0.0),
-                                         tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
-                                         tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
+        upper = _upper_bound(best, best_index, mask_n, row_err, row_resid_err, c_sqnorm_ptr, c_norm_ptr,
+                             c_resid_ptr, err_norm, err_tiny)
 
     if WRITE_DISTANCE:
         if RECHECK:
@@ -394,14 +452,8 @@ def _nearest_code_kernel(
             _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
                           index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
-        out = offs_n.to(tl.int64) * stride_sn + pid_s
-        tl.store(score_ptr + out, best, mask=mask_n)
-        tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
-        if RECHECK:
-            tl.store(second_ptr + out, second, mask=mask_n)
-            tl.store(second_index_ptr + out, second_index, mask=mask_n)
-            tl.store(third_ptr + out, third, mask=mask_n)
-            tl.store(upper_ptr + out, upper, mask=mask_n)
+        _store_split_winners(offs_n, mask_n, pid_s, stride_sn, best, best_index, second, second_index, third, upper,
+                             score_ptr, index_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr, RECHECK)
 
 
 @triton.jit(do_not_specialize=["N"])

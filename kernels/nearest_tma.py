@@ -34,7 +34,8 @@ import triton.language as tl
 from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels.nearest import (
-    _SEARCH_TENSORS, _code_error, _code_norms_kernel, _slot_best_three, _store_choice, tma_search_enabled,
+    _SEARCH_TENSORS, _code_norms_kernel, _reduce_slots, _shared_memory_bytes, _store_choice, _store_split_winners,
+    _tile_scores, _update_slots, _upper_bound, tma_search_enabled,
 )
 
 try:
@@ -144,57 +145,21 @@ def _nearest_code_tma_kernel(
         c_tile = c_desc.load([k0, 0])
         acc = tl.dot(z_block, c_tile.T, input_precision="tf32")
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        if full_tiles:
-            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
-        else:
-            # Padding codes get +inf so they never win.
-            c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
-        score = c_sqnorm[None, :] - 2.0 * acc
-        if RECHECK:
-            if full_tiles:
-                c_norm = tl.load(c_norm_ptr + offs_k)
-                c_resid = tl.load(c_resid_ptr + offs_k)
-                c_term = c_sqnorm
-            else:
-                c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
-                c_resid = tl.load(c_resid_ptr + offs_k, mask=mask_k, other=0.0)
-                c_term = tl.where(mask_k, c_sqnorm, 0.0)
-            score = score - _code_error(row_err[:, None], row_resid_err[:, None], c_norm[None, :],
-                                        c_resid[None, :], c_term[None, :], err_norm, err_tiny)
-        # As in _scan_codes: a NaN score never replaces a slot's minimum (and minimum() ignores a NaN
-        # operand), and '<' keeps a slot's earliest tile on ties.
-        better = score < slot_best
-        if RECHECK:
-            slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
-        slot_best = tl.where(better, score, slot_best)
-        slot_start = tl.where(better, k0, slot_start)
-    best = tl.min(slot_best, axis=1)
-    codes = slot_start + tl.arange(0, BLOCK_K)[None, :]
-    best_index = tl.min(tl.where(slot_best == best[:, None], codes, k_end), axis=1)
-    second = tl.full([BLOCK_N], float("inf"), tl.float32)
-    second_index = best_index
-    third = second
+        score, _ = _tile_scores(acc, offs_k, offs_k < k_end, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
+                                row_resid_err, err_norm, err_tiny, full_tiles, RECHECK)
+        slot_best, slot_start, slot_second = _update_slots(score, k0, slot_best, slot_start, slot_second, RECHECK)
+    best, best_index, second, second_index, third = _reduce_slots(slot_best, slot_start, slot_second, k_end,
+                                                                  BLOCK_K, RECHECK)
+    upper = best  # (read with RECHECK only)
     if RECHECK:
-        second, second_index, third = _slot_best_three(slot_best, slot_second, codes, best, best_index, k_end)
-        # An upper bound of the best exact score: the best code's tf32 score plus its error.
-        chosen = best_index.to(tl.int64)
-        upper = best + 2.0 * _code_error(row_err, row_resid_err,
-                                         tl.load(c_norm_ptr + chosen, mask=mask_n, other=0.0),
-                                         tl.load(c_resid_ptr + chosen, mask=mask_n, other=0.0),
-                                         tl.load(c_sqnorm_ptr + chosen, mask=mask_n, other=0.0), err_norm, err_tiny)
+        upper = _upper_bound(best, best_index, mask_n, row_err, row_resid_err, c_sqnorm_ptr, c_norm_ptr,
+                             c_resid_ptr, err_norm, err_tiny)
     if WRITE_DISTANCE:
         _store_choice(offs_n, best_index, mask_n, z_rows, c_ptr, D, stride_zd, stride_ck, stride_cd,
                       index_ptr, dist_ptr, BLOCK_N, DIST_BLOCK_D)
     else:
-        out = offs_n.to(tl.int64) * stride_sn + pid_s
-        tl.store(score_ptr + out, best, mask=mask_n)
-        tl.store(index_ptr + out, best_index.to(tl.int64), mask=mask_n)
-        if RECHECK:
-            tl.store(second_ptr + out, second, mask=mask_n)
-            tl.store(second_index_ptr + out, second_index, mask=mask_n)
-            tl.store(third_ptr + out, third, mask=mask_n)
-            tl.store(upper_ptr + out, upper, mask=mask_n)
+        _store_split_winners(offs_n, mask_n, pid_s, stride_sn, best, best_index, second, second_index, third, upper,
+                             score_ptr, index_ptr, second_ptr, second_index_ptr, third_ptr, upper_ptr, RECHECK)
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -240,9 +205,10 @@ _RECHECK_SHARED_BYTES = 8192
 
 def shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, element_bytes: int,
                         recheck: bool = False) -> int:
-    """The row block once, a code tile per stage, and 2 KiB for barriers and reductions (8 KiB more
-    with the re-check). Triton 3.6, sm_90: 164,544 bytes for 16-bit 128 x 64 tiles, 3 stages, D = 256."""
-    return ((block_n + stages * block_k) * block_d * element_bytes + 2048
+    """As the default kernel with a whole D per tile (the row block once, a code tile per stage, 2 KiB
+    for barriers and reductions), 8 KiB more with the re-check. Triton 3.6, sm_90: 164,544 bytes for
+    16-bit 128 x 64 tiles, 3 stages, D = 256."""
+    return (_shared_memory_bytes(block_n, block_k, stages, block_d, True, element_bytes)
             + (_RECHECK_SHARED_BYTES if recheck else 0))
 
 
