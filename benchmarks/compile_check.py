@@ -245,6 +245,7 @@ def _blocks_per_sm(regs: int, warps: int, shared: int, limits: dict) -> int:
 
 
 def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from vqfast.bench import environment
     from vqfast.kernels import gather, nearest, quantize, soft_entropy, upkeep, usage
 
     def rows(n, d, dtype):
@@ -257,15 +258,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     def with_env(name, value, launch):
         def run():
-            previous = os.environ.get(name)
-            os.environ[name] = value
-            try:
+            with environment(name, value):
                 return launch()
-            finally:
-                if previous is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = previous
         return run
 
     def fixed_config(launch):

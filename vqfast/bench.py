@@ -1536,6 +1536,18 @@ def _fwd_bwd_step(layer: nn.Module, zs: list[torch.Tensor], g: torch.Tensor,
     return step
 
 
+def _built_on_device(ctx: Context, rec: Record, build: Callable[[], nn.Module | None]) -> nn.Module | None:
+    """``build()`` on the run's device; None where the provider is not available here, or where building
+    failed (``rec`` then holds the error and is added to the run)."""
+    try:
+        layer = build()
+    except Exception as exc:  # noqa: BLE001 - one failing provider must not end the run
+        rec.status = _error_status(exc)
+        ctx.add(rec)
+        return None
+    return None if layer is None else layer.to(ctx.device)
+
+
 def run_layer(ctx: Context) -> None:
     for b, c, h, w, k in ctx.plan.layer:
         case = _layer_case(b, c, h, w)
@@ -1563,15 +1575,9 @@ def run_layer(ctx: Context) -> None:
                     rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
                     ctx.add(rec)
                     continue
-                try:
-                    layer = _layer_module(provider, k, c)
-                except Exception as exc:  # noqa: BLE001
-                    rec.status = _error_status(exc)
-                    ctx.add(rec)
-                    continue
+                layer = _built_on_device(ctx, rec, lambda: _layer_module(provider, k, c))
                 if layer is None:
                     continue
-                layer = layer.to(ctx.device)
                 weight = getattr(getattr(layer, "embeddings", None), "weight", None)
                 if weight is not None:
                     # Same codebook for every provider, so each solves the same search.
@@ -1629,15 +1635,9 @@ def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> N
             rec = Record("layer", case, provider, "fp32", n, k, c)
             if provider == "vqfast":
                 rec.note = "residual VQ: ResidualVectorQuantizer(channel_dim=1), every stage at its defaults"
-            try:
-                layer = _residual_module(provider, k, c, stages)
-            except Exception as exc:  # noqa: BLE001
-                rec.status = _error_status(exc)
-                ctx.add(rec)
-                continue
+            layer = _built_on_device(ctx, rec, lambda: _residual_module(provider, k, c, stages))
             if layer is None:
                 continue
-            layer = layer.to(ctx.device)
             step = _fwd_bwd_step(layer, zs, g, one)
             m = ctx.meter.measure(step, 3.0 * n * k * 4, grad_to_none=[*zs, *layer.parameters()])
             rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
