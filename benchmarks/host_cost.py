@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sms = compile_check.SM_LIMITS[90]["sms"]
     triton.runtime.driver.set_active(compile_check.StandInDriver(90, lambda exc: None))
-    compile_check._patch_launch_checks(sms)
+    compile_check._patch_launch_checks(sms, 90)
     import vqfast.functional
     import vqfast.layer
 

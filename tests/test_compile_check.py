@@ -77,3 +77,16 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         assert len(compiled) >= candidates, kernel
         assert {v["constants"].get("STREAM") for v in compiled} == {False, True}, kernel  # the streaming twins
         assert all(v["spill_stores"] == 0 for v in compiled), kernel
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="needs ptxas (bundled with Triton's Linux wheels)")
+def test_host_cost_script_runs(tmp_path):
+    """benchmarks/host_cost.py (host time of eager calls, launches stubbed) runs on compile_check's driver."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_cost.py"), "--calls", "1", "--repeats", "1",
+                           "--case", "fp32 ieee", "--case", "VectorQuantizer(64"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timed = [line for line in proc.stdout.splitlines() if line.endswith(tuple("0123456789"))]
+    assert len(timed) == 2 and all(" / " in line for line in timed), proc.stdout
