@@ -97,6 +97,20 @@ def _autocast_on(device_type: str) -> bool:
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_mask(mask: Tensor, z: Tensor, cdim: int) -> None:
+    """A layer's ``mask``: a bool tensor on z's device, shaped like z without its channel dimension."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True for the rows to quantize), got {mask.dtype}")
+    expected = z.shape[:cdim] + z.shape[cdim + 1:]
+    if mask.shape != expected:
+        raise ValueError(f"mask must have the shape of z without its channel dimension {tuple(expected)} "
+                         f"(z {tuple(z.shape)}, channels at dim {cdim}); got {tuple(mask.shape)}")
+    if mask.device != z.device:
+        raise ValueError(f"mask is on {mask.device}, z on {z.device}: they must be on the same device")
+
+
 class _LayoutQuantize(torch.autograd.Function):
     """quantize's fused step (``_FusedQuantize``) for a layer input ``z`` in its own layout: takes ``z``
     (for its gradient) and its rows (N, D), detached, and returns ``z_q`` in ``z``'s layout, as
@@ -257,6 +271,14 @@ class VectorQuantizer(nn.Module):
     Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
     code into NaN for good.
+    ``forward(z, mask=...)``: a bool tensor shaped like the indices (e.g. (B, T) padding masks of
+    sequences), True for the rows to quantize. The others (padding, whatever they hold) keep
+    ``z_q = z`` with its gradient, get index -1, and take no part in the loss (a mean over the kept
+    rows, 0 when none is kept), the diversity terms, the statistics, the EMA averages, k-means or the
+    restart seeds. Without a host sync, except where the kept rows are selected: on the batches that
+    k-means pools and with the diversity terms on. A masked step computes its loss and ``z_q`` with
+    PyTorch ops around the search and ``vqfast.gather`` (a few N x D temporaries) rather than the
+    fused step.
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
@@ -417,8 +439,9 @@ class VectorQuantizer(nn.Module):
         codes = gather(weight, indices, check_indices=check_indices)
         return codes.movedim(-1, channel_dim).contiguous()
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring)."""
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
+        shaped like the indices, True for the rows to quantize (padding False)."""
         if not isinstance(z, Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() < 2:
@@ -431,20 +454,23 @@ class VectorQuantizer(nn.Module):
                 f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim={self.embedding_dim} "
                 f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
             )
+        if mask is not None:
+            _check_mask(mask, z, cdim)
         # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
         # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)
         if _autocast_on(z.device.type):
             with torch.autocast(device_type=z.device.type, enabled=False):
-                return self._quantize_layout(z, cdim)
-        return self._quantize_layout(z, cdim)
+                return self._quantize_layout(z, cdim, mask)
+        return self._quantize_layout(z, cdim, mask)
 
-    def _quantize_layout(self, z: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
-        fused = self._fused_step(z, cdim)
-        if fused is not None:
-            return fused
+    def _quantize_layout(self, z: Tensor, cdim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        if mask is None:
+            fused = self._fused_step(z, cdim)
+            if fused is not None:
+                return fused
         z_last = z.movedim(cdim, -1)
         rows = z_last.reshape(-1, self.embedding_dim)
-        z_q, loss, indices = self._quantize_rows(rows)
+        z_q, loss, indices = self._quantize_rows(rows, None if mask is None else mask.reshape(-1))
         z_q = z_q.reshape(z_last.shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
             # Channels-first z gives channels-last rows; callers of a drop-in layer may .view() z_q.
@@ -481,14 +507,17 @@ class VectorQuantizer(nn.Module):
             self._update_statistics(rows, indices, distances, restarts)
         return z_q, loss, indices.reshape(z_last_shape[:-1])
 
-    def _start_step(self, rows: Tensor, weight: Tensor) -> tuple[bool, Tensor, Tensor, bool]:
+    def _start_step(self, rows: Tensor, weight: Tensor, valid: Tensor | None = None,
+                    ) -> tuple[bool, Tensor, Tensor, bool]:
         """The start of a step on ``rows``, shared by both step paths: k-means collection, the search,
-        and whether restarts follow. ``(train, indices, distances, restarts)``."""
+        and whether restarts follow. ``(train, indices, distances, restarts)``. ``valid``: the rows a
+        mask keeps (None: all)."""
         train = self.training and rows.shape[0] > 0
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and self._needs_init and not self._kmeans_paused:
-            self._collect_for_kmeans(rows)
+            # (Selecting the kept rows syncs the host: once, on the batches k-means pools.)
+            self._collect_for_kmeans(rows if valid is None else rows[valid])
         indices, distances = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
@@ -510,23 +539,52 @@ class VectorQuantizer(nn.Module):
         detached), minus a constant: value beta * mse, same gradient. Unchanged without EMA."""
         return loss - loss.detach() / (1.0 + self.beta) if self.ema else loss
 
-    def _quantize_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _quantize_rows(self, rows: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight
-        train, indices, distances, restarts = self._start_step(rows, weight)
+        train, indices, distances, restarts = self._start_step(rows, weight, valid)
         codebook, copy = self._step_codebook(weight, train, restarts)
         if copy:
             codebook = codebook.clone()
-        # The indices come from the search: valid by construction, and checking them would sync the host.
-        z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
-                                      indices=indices, check_indices=False)
+        if valid is None:
+            # The indices come from the search: valid by construction, and checking them would sync the host.
+            z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
+                                          indices=indices, check_indices=False)
+        else:
+            z_q, loss = self._masked_quantize(rows, codebook, indices, valid)
+            # Rows left out count as rows whose distance is not finite: the statistics pass over those.
+            distances = torch.where(valid, distances, math.inf)
         loss = self._ema_loss(loss)
         if self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0:
-            sample_h, batch_h = soft_assignment_entropy(rows, codebook, self.entropy_temperature, self.metric,
+            # (With a mask, selecting its rows syncs the host: the soft assignments have no row weights.)
+            kept = rows if valid is None else rows[valid]
+            sample_h, batch_h = soft_assignment_entropy(kept, codebook, self.entropy_temperature, self.metric,
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
         if train:
-            self._update_statistics(rows, indices, distances, restarts)
+            self._update_statistics(rows, indices, distances, restarts, valid)
+        if valid is not None:
+            indices = torch.where(valid, indices, -1)
         return z_q, loss, indices
+
+    def _masked_quantize(self, rows: Tensor, codebook: Tensor, indices: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``quantize``'s ``(z_q, loss)`` over the ``valid`` rows only, in plain PyTorch around ``gather``
+        (N x D temporaries): the losses are means over the kept rows (0 when there are none), and ``z_q``
+        is the code on kept rows and ``rows`` itself, gradient included, on the others."""
+        keep = valid.unsqueeze(1)
+        # Padding is replaced before any arithmetic: whatever it holds (NaN included) must not reach the
+        # loss or, through a 0 * NaN in a backward, the gradients.
+        z = torch.where(keep, rows, 0.0)
+        if self.metric == "cosine":
+            z, codebook = reference.unit_rows(z), reference.unit_rows(codebook)
+        q = gather(codebook, indices, check_indices=False)
+        acc = torch.promote_types(q.dtype, z.dtype)
+        # Left-out rows take their code's value, so that both terms are exactly 0 there.
+        z_kept = torch.where(keep, z.to(acc), q.detach().to(acc))
+        scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
+        codebook_loss = (q.to(acc) - z_kept.detach()).square().sum() * scale
+        commitment = (z_kept - q.detach().to(acc)).square().sum() * scale
+        z_q = torch.where(keep, reference._StraightThrough.apply(z, q.detach().to(z.dtype)), rows)
+        return z_q, codebook_loss + self.beta * commitment
 
     def _search(self, rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         rows = rows.detach()
@@ -557,7 +615,8 @@ class VectorQuantizer(nn.Module):
         x = rows.detach().float()
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
-    def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None,
+                     valid: Tensor | None = None) -> Tensor:
         """``count`` rows drawn from every rank's ``x`` (an equal share from each), the same on every
         rank; ``prepare`` maps the drawn rows (before they are gathered from the ranks). A rank draws
         its share without replacement (``x[torch.randperm(len(x))[:share]]``): codes seeded from one
@@ -566,13 +625,22 @@ class VectorQuantizer(nn.Module):
         restarts pass over (those codes keep their values; dead ones wait for a later step). The
         share depends on ``count`` and the world size only, so ranks with batches of different sizes
         gather rows of the same shape. ``randperm`` sorts random keys for all of ``x``'s rows: O(N) per
-        training step (on a 2-core AMD EPYC: 0.13 ms at 32K rows, 7.6 ms at 1M; one radix sort on a GPU)."""
+        training step (on a 2-core AMD EPYC: 0.13 ms at 32K rows, 7.6 ms at 1M; one radix sort on a GPU).
+        ``valid`` (bool (N,), a mask's rows): only those rows are drawn (the lowest of random keys, the
+        others' pushed above them, without a host sync), the others only to fill the share, as NaN."""
         world = world_size(self.process_group) if self.sync_distributed else 1
         share = -(-count // world)
         n = x.shape[0]
-        drawn = x.index_select(0, torch.randperm(n, device=x.device)[:share])
+        if valid is None:
+            order = torch.randperm(n, device=x.device)[:share]
+        else:
+            keys = torch.rand(n, device=x.device) + (~valid).to(torch.float32)
+            order = keys.topk(min(share, n), largest=False).indices
+        drawn = x.index_select(0, order)
         if prepare is not None:
             drawn = prepare(drawn)
+        if valid is not None:
+            drawn = torch.where(valid[order].unsqueeze(1), drawn, math.nan)
         if share > n:
             drawn = torch.cat([drawn, drawn.new_full((share - n, drawn.shape[1]), math.nan)])
         drawn = self._gather_rows(drawn.contiguous())
@@ -642,9 +710,11 @@ class VectorQuantizer(nn.Module):
         return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
 
     @torch.no_grad()
-    def _update_statistics(self, rows: Tensor, indices: Tensor, distances: Tensor, restarts: bool) -> None:
+    def _update_statistics(self, rows: Tensor, indices: Tensor, distances: Tensor, restarts: bool,
+                           valid: Tensor | None = None) -> None:
         """After the search and the loss: the running statistics, the EMA codebook and the dead-code
-        restarts of this training step (in place, without host synchronisation)."""
+        restarts of this training step (in place, without host synchronisation). Rows whose distance
+        is not finite take no part; ``valid`` (a mask's rows) also keeps the others out of the seeds."""
         k = self.num_embeddings
         # Looked up once: each attribute lookup through nn.Module.__getattr__ costs ~1 us.
         buffers = self._buffers
@@ -671,7 +741,8 @@ class VectorQuantizer(nn.Module):
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
             # ranks) stay few when K is large; the others follow on the next steps, as do those beyond
             # the batch's rows (no two codes start from the same row).
-            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows)
+            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows,
+                                      valid=valid)
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
         # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
         # it can be restarted again.

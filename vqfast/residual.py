@@ -37,7 +37,7 @@ class ResidualVectorQuantizer(nn.Module):
             q_sum = q_sum + q.detach(); r = r - q.detach(); loss = loss + l
         z_q = z + (q_sum - z).detach() # straight through, as one step
 
-    ``forward(z, num_quantizers=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout and
+    ``forward(z, num_quantizers=None, mask=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout and
     dtype, whose value is the sum of the codes (summed in fp32 at least, then cast) and whose gradient
     goes to ``z`` once, unchanged (as in EnCodec, where vector-quantize-pytorch's ``ResidualVQ`` passes
     it once per stage); ``loss`` the sum of the stages' losses, every stage's commitment term reaching
@@ -87,8 +87,12 @@ class ResidualVectorQuantizer(nn.Module):
                 return int(n)
         return self.num_quantizers
 
-    def forward(self, z: Tensor, num_quantizers: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Quantize ``z`` with the first ``num_quantizers`` stages (all by default; see the class docstring)."""
+    def forward(self, z: Tensor, num_quantizers: int | None = None, mask: Tensor | None = None,
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z`` with the first ``num_quantizers`` stages (all by default; see the class docstring).
+        ``mask`` (bool, shaped like z without its channel dimension, False for padding) goes to every
+        stage: rows left out get ``z_q = z`` and index -1 at every stage, and take no part in the losses
+        or the statistics."""
         stages = self._stages_for(num_quantizers)
         # In fp32 at least: 16-bit residuals and sums would round away what later stages refine.
         residual = z.to(torch.promote_types(z.dtype, torch.float32)) if z.is_floating_point() else z
@@ -99,7 +103,7 @@ class ResidualVectorQuantizer(nn.Module):
             # k-means of a stage must see the residuals of the earlier stages' k-means codes.
             vq._kmeans_paused = earlier_pending
             try:
-                z_q, stage_loss, stage_indices = vq(residual)
+                z_q, stage_loss, stage_indices = vq(residual, mask=mask)
             finally:
                 vq._kmeans_paused = False  # (for calls of the stage on its own)
             earlier_pending = earlier_pending or vq._needs_init
