@@ -137,6 +137,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # Batches of different sizes (4 rows on rank 0, 3 on rank 1) for 15 dead codes: the ranks gather
         # seed rows of one shape and re-seed the same 7 codes, one from each row.
         results["restart-uneven"] = _restart_step(16, 4 - rank, 3000 + rank, rank)
+        # The same with 6 rows on each rank, of which a padding mask keeps 4 and 3.
+        results["restart-masked"] = _restart_step(16, 6, 3500 + rank, rank, kept=4 - rank)
 
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
@@ -154,9 +156,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _restart_step(k: int, rows: int, seed: int, rank: int) -> dict:
+def _restart_step(k: int, rows: int, seed: int, rank: int, kept: int | None = None) -> dict:
     """One training step of a layer with K codes of which only code 0 (at the origin) is near this rank's
-    ``rows`` rows (around +5 on rank 0, -5 on rank 1): the codes after the step and the batch."""
+    ``rows`` rows (around +5 on rank 0, -5 on rank 1): the codes after the step and the batch. ``kept``:
+    a mask keeps the first ``kept`` rows, the others are padding (-77); the batch returned is the kept rows."""
     from vqfast import VectorQuantizer
 
     torch.manual_seed(0)
@@ -166,7 +169,13 @@ def _restart_step(k: int, rows: int, seed: int, rank: int) -> dict:
         vq.embeddings.weight[0] = 0.0
     torch.manual_seed(seed)
     batch = torch.randn(rows, 2) + (5.0 if rank == 0 else -5.0)
-    vq(batch)
+    if kept is None:
+        vq(batch)
+    else:
+        mask = torch.arange(rows) < kept
+        batch = torch.where(mask[:, None], batch, -77.0)
+        vq(batch, mask=mask)
+        batch = batch[:kept]
     return {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
 
 
@@ -230,8 +239,9 @@ def test_residual_stages_and_codebooks_identical_across_ranks(rank_results):
 
 
 @_NEEDS_GLOO
-def test_restarts_with_batches_of_different_sizes_on_the_ranks(rank_results):
-    r0, r1 = (r["restart-uneven"] for r in rank_results)
+@pytest.mark.parametrize("case", ["restart-uneven", "restart-masked"])
+def test_restarts_with_batches_of_different_sizes_on_the_ranks(rank_results, case):
+    r0, r1 = (r[case] for r in rank_results)
     weight = r0["weight"]
     assert torch.equal(weight, r1["weight"])
     rows = torch.cat([r0["batch"], r1["batch"]])
