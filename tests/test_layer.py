@@ -158,8 +158,8 @@ def test_codes_from_indices_reject_bad_indices():
     vq = VectorQuantizer(8, 4)
     with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
         vq.codes_from_indices(torch.tensor([[0, 8]]))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 8\)"):
-        vq.codes_from_indices(torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"must be -1 \(a row a mask left out\) or lie in \[0, 8\), got -2"):
+        vq.codes_from_indices(torch.tensor([-1, -2]))
     with pytest.raises(TypeError, match="indices"):
         vq.codes_from_indices(torch.tensor([0.0, 1.0]))
     with pytest.raises(TypeError, match="indices"):

@@ -91,20 +91,21 @@ def test_channels_first_input_takes_a_mask_without_the_channel_dimension(device)
 
 # (The search still scores the padding: the interpreter warns about its overflows.)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_whatever_the_padding_holds_stays_out_of_loss_and_gradients(device):
+@pytest.mark.parametrize("options", [dict(), dict(metric="cosine"), dict(ema=True)], ids=["l2", "cosine", "ema"])
+def test_whatever_the_padding_holds_stays_out_of_loss_and_gradients(device, options):
     torch.manual_seed(2)
     z, mask = _sequences(device)
-    fresh = VectorQuantizer(16, 4, dead_code_threshold=0.5).to(device)
+    fresh = VectorQuantizer(16, 4, dead_code_threshold=0.5, **options).to(device)
     losses, grads = [], []
     for fill in (0.0, 1e30, float("nan"), float("inf")):
         vq = copy.deepcopy(fresh)
         torch.manual_seed(3)  # the same restart draws
         padded = torch.where(mask.unsqueeze(-1), z, fill)
         _, loss, _, grad_z, grad_c, weights = _step(vq, padded, mask)
-        assert torch.isfinite(loss) and bool(torch.isfinite(grad_c).all())
-        assert torch.equal(grad_z[~mask], weights[~mask])
+        assert torch.isfinite(loss) and (grad_c is None or bool(torch.isfinite(grad_c).all()))
+        assert torch.equal(grad_z[~mask], weights[~mask]) and bool(torch.isfinite(grad_z).all())
         losses.append(loss)
-        grads.append((grad_z[mask], grad_c))
+        grads.append((grad_z[mask], grad_c if grad_c is not None else vq.embeddings.weight.detach().clone()))
         # No code was re-seeded from the padding.
         assert bool(torch.isfinite(vq.embeddings.weight).all())
         assert not bool((vq.embeddings.weight.abs() >= 1e29).any())
@@ -119,10 +120,13 @@ def test_restarts_seed_dead_codes_from_kept_rows_only(device):
     sentinel = 1000.0
     padded = torch.where(mask.unsqueeze(-1), z, sentinel)
     before = vq.embeddings.weight.detach().clone()
-    _step(vq, padded, mask)
+    indices = _step(vq, padded, mask)[2]
     weight = vq.embeddings.weight.detach()
     reseeded = (weight != before).any(dim=1)
-    assert int(reseeded.sum()) > 10
+    # Every code the kept rows did not pick is dead after the first step, and each kept row seeds one
+    # (padding drawn first would leave some unseeded).
+    unused = 64 - torch.unique(indices[mask]).numel()
+    assert int(reseeded.sum()) == min(unused, int(mask.sum())) > 10
     assert not bool((weight == sentinel).any())
     # Each re-seeded code is one of the kept rows, each row seeding one code at most.
     kept = z[mask]
@@ -240,3 +244,37 @@ def test_diversity_terms_see_the_kept_rows_only(device):
     torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_z[mask], grad_z1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad_c1, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_kept_rows_is_not_pooled_for_kmeans(device):
+    torch.manual_seed(11)
+    vq = VectorQuantizer(4, 2, init="kmeans", kmeans_iters=2).to(device)
+    z = torch.randn(6, 2, device=device)
+    vq(z, mask=torch.zeros(6, dtype=torch.bool, device=device))
+    assert not bool(vq.initialized) and vq.kmeans_pool.shape[0] == 0
+    vq(z, mask=torch.arange(6, device=device) < 5)
+    assert bool(vq.initialized)
+
+
+def test_left_out_indices_decode_to_zeros(device):
+    torch.manual_seed(12)
+    vq = VectorQuantizer(8, 3).to(device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    mask = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)).to(device) > 0.5
+    z_q, _, indices = vq.eval()(x, mask=mask)
+    codes = vq.codes_from_indices(indices)
+    keep = mask.unsqueeze(1).expand_as(x)
+    assert torch.equal(codes[keep], z_q[keep]) and bool((codes[~keep] == 0).all())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_residual_padding_passes_through_whatever_it_holds(device):
+    torch.manual_seed(13)
+    rvq = ResidualVectorQuantizer(2, 8, 4).to(device)
+    z, mask = _sequences(device)
+    for fill in (float("inf"), float("-inf"), float("nan"), 1e30):
+        padded = torch.where(mask.unsqueeze(-1), z, fill).requires_grad_(True)
+        z_q, loss, _ = rvq(padded, mask=mask)
+        assert torch.equal(z_q[~mask], padded[~mask]) or fill != fill
+        assert bool(z_q[~mask].isnan().all()) == (fill != fill) and torch.isfinite(loss)
+        assert bool(torch.isfinite(z_q[mask]).all())

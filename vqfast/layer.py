@@ -4,7 +4,8 @@ Training a VQ layer well needs more than the nearest-code search: a way to learn
 codebook loss or exponential moving averages), an initialisation near the data (k-means), restarts of
 codes nobody picks, optionally a diversity term, and usage statistics to see what is going on. All of
 these live here and run on the device without host synchronisation, so the layer compiles to one
-graph (``torch.compile(fullgraph=True)``) and keeps identical codebooks on every rank under DDP.
+graph (``torch.compile(fullgraph=True)``; with a padding mask, not while k-means pools or with the
+diversity terms, see ``VectorQuantizer``) and keeps identical codebooks on every rank under DDP.
 """
 
 from __future__ import annotations
@@ -273,12 +274,17 @@ class VectorQuantizer(nn.Module):
     code into NaN for good.
     ``forward(z, mask=...)``: a bool tensor shaped like the indices (e.g. (B, T) padding masks of
     sequences), True for the rows to quantize. The others (padding, whatever they hold) keep
-    ``z_q = z`` with its gradient, get index -1, and take no part in the loss (a mean over the kept
-    rows, 0 when none is kept), the diversity terms, the statistics, the EMA averages, k-means or the
-    restart seeds. Without a host sync, except where the kept rows are selected: on the batches that
-    k-means pools and with the diversity terms on. A masked step computes its loss and ``z_q`` with
-    PyTorch ops around the search and ``vqfast.gather`` (a few N x D temporaries) rather than the
-    fused step.
+    ``z_q = z`` with its gradient, get index -1 (which :meth:`codes_from_indices` decodes to zeros),
+    and take no part in the loss (a mean over the kept rows, 0 when none is kept), the diversity
+    terms, the statistics, the EMA averages, k-means or the restart seeds. Restart seeds are drawn
+    from the kept rows with another random stream than without a mask (the same distribution). A
+    batch whose rows are all left out still counts as a training step of the running statistics,
+    like a batch that uses no code (usage decays; EMA codes move by the smoothing of their counts),
+    since telling it apart would sync the host; k-means does not pool it (without DDP). Without a
+    host sync, except where the kept rows are selected: on the batches that k-means pools and with
+    the diversity terms on, where ``torch.compile(fullgraph=True)`` therefore fails (the selection's
+    size depends on the data). A masked step computes its loss and ``z_q`` with PyTorch ops around
+    the search and ``vqfast.gather`` (a few N x D temporaries) rather than the fused step.
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
@@ -424,9 +430,10 @@ class VectorQuantizer(nn.Module):
 
         Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. In the codebook's
         dtype (float32; forward's ``z_q`` is in z's), differentiable with respect to the codebook.
-        Indices outside [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips
-        on the GPU (as in :func:`vqfast.gather`, which under ``torch.compile`` checks with an assertion
-        inside the graph on the CPU backend and not at all on the Triton backend).
+        Index -1 (a row that forward's ``mask`` left out) gives a zero vector. Other indices outside
+        [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as in
+        :func:`vqfast.gather`, which under ``torch.compile`` checks with an assertion inside the graph
+        on the CPU backend and not at all on the Triton backend).
         """
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
@@ -436,7 +443,16 @@ class VectorQuantizer(nn.Module):
         weight = self.embeddings.weight
         if self.metric == "cosine":
             weight = reference.unit_rows(weight)
-        codes = gather(weight, indices, check_indices=check_indices)
+        if not indices.is_floating_point() and not indices.is_complex():
+            if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
+                    and indices.numel() and int(indices.min()) < -1):
+                raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "
+                                 f"got {int(indices.min())}")
+            left_out = indices < 0
+            codes = gather(weight, indices.clamp_min(0), check_indices=check_indices)
+            codes = torch.where(left_out.unsqueeze(-1), 0.0, codes)
+        else:
+            codes = gather(weight, indices, check_indices=check_indices)  # (which says what is wrong)
         return codes.movedim(-1, channel_dim).contiguous()
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -517,7 +533,11 @@ class VectorQuantizer(nn.Module):
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and self._needs_init and not self._kmeans_paused:
             # (Selecting the kept rows syncs the host: once, on the batches k-means pools.)
-            self._collect_for_kmeans(rows if valid is None else rows[valid])
+            kept = rows if valid is None else rows[valid]
+            # A batch with no kept rows is not pooled, as an empty batch is not; under DDP every rank
+            # pools (and, at the last batch, joins k-means's collectives) on every batch.
+            if kept.shape[0] > 0 or self._synced_world() > 1:
+                self._collect_for_kmeans(kept)
         indices, distances = self._search(rows, weight)
         # No restarts while k-means is still collecting batches: it replaces every code anyway.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
@@ -599,6 +619,10 @@ class VectorQuantizer(nn.Module):
 
     # -- codebook maintenance (no gradients, no host syncs) --------------------------------------
 
+    def _synced_world(self) -> int:
+        """How many ranks the layer's statistics are synchronised over (1 without DDP or without the sync)."""
+        return world_size(self.process_group) if self.sync_distributed else 1
+
     def _all_reduce_(self, t: Tensor) -> Tensor:
         return all_reduce_sum_(t, self.process_group) if self.sync_distributed else t
 
@@ -628,7 +652,7 @@ class VectorQuantizer(nn.Module):
         training step (on a 2-core AMD EPYC: 0.13 ms at 32K rows, 7.6 ms at 1M; one radix sort on a GPU).
         ``valid`` (bool (N,), a mask's rows): only those rows are drawn (the lowest of random keys, the
         others' pushed above them, without a host sync), the others only to fill the share, as NaN."""
-        world = world_size(self.process_group) if self.sync_distributed else 1
+        world = self._synced_world()
         share = -(-count // world)
         n = x.shape[0]
         if valid is None:

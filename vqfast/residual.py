@@ -115,7 +115,11 @@ class ResidualVectorQuantizer(nn.Module):
         if stages < self.num_quantizers:
             unused = torch.full_like(indices[0], -1)
             indices += [unused] * (self.num_quantizers - stages)
-        return _Sum.apply(z, codes_sum.to(z.dtype)), loss, torch.stack(indices, dim=-1)
+        codes_sum = codes_sum.to(z.dtype)
+        if mask is not None:
+            # Padding: z itself (the stages' sum is z there only for finite padding: inf - inf is NaN).
+            codes_sum = torch.where(mask.unsqueeze(self.quantizers[0]._channel_dim(z)), codes_sum, z)
+        return _Sum.apply(z, codes_sum), loss, torch.stack(indices, dim=-1)
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
