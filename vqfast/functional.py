@@ -21,7 +21,7 @@ from vqfast._checks import (
     check_usage_inputs,
 )
 
-__all__ = ["nearest_code", "gather", "code_usage", "quantize", "resolve_backend", "BACKENDS"]
+__all__ = ["nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("torch", "triton")
 
@@ -331,3 +331,64 @@ def quantize(
     lead_shape = z.shape[:-1]
     z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))
     return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)
+
+
+class _RotateToCodes(torch.autograd.Function):
+    """The value of ``codes``; the gradient of ``(lambda M) z`` with ``lambda M`` held constant (see
+    :func:`rotate_to_codes`)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, codes: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, codes)
+        return codes.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z, codes = ctx.saved_tensors
+        # The rotation is a constant of the step (built from detached tensors); only the incoming
+        # gradient is differentiated again under create_graph=True.
+        wide = torch.promote_types(torch.promote_types(z.dtype, codes.dtype), torch.float32)
+        z, codes, g = z.detach().to(wide), codes.detach().to(wide), grad.to(wide)
+        z_norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        code_norm = torch.linalg.vector_norm(codes, dim=-1, keepdim=True)
+        z_unit, code_unit = z / z_norm, codes / code_norm
+        halfway = z_unit + code_unit
+        halfway_norm = torch.linalg.vector_norm(halfway, dim=-1, keepdim=True)
+        r = halfway / halfway_norm
+        scale = code_norm / z_norm
+        rotated = scale * (g - 2.0 * r * (r * g).sum(-1, keepdim=True)
+                           + 2.0 * z_unit * (code_unit * g).sum(-1, keepdim=True))
+        # No rotation for a zero row or code, a code opposite its row (the halfway vector vanishes) or a
+        # row that is not finite: the straight-through gradient there.
+        defined = (z_norm > 0) & (code_norm > 0) & torch.isfinite(scale) & (halfway_norm > _HALFWAY_MIN)
+        return torch.where(defined, rotated, g).to(grad.dtype), None
+
+
+# Below this length of z^ + c^ (a code within ~1e-6 rad of the opposite of its row) the reflection's axis
+# is lost to rounding.
+_HALFWAY_MIN = 1e-6
+
+
+def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
+    """The rotation trick (Fifty et al., 2024): the value of ``codes``, with a gradient to ``z`` that is
+    rotated and scaled the way ``z`` is carried onto its code, instead of passed straight through.
+
+    Plain PyTorch, per row (``z``, ``codes`` (..., D) of one shape)::
+
+        z_hat, c_hat = z / |z|, c / |c|;  r = (z_hat + c_hat) / |z_hat + c_hat|
+        M = I - 2 r r^T + 2 c_hat z_hat^T            # rotates z_hat onto c_hat
+        out = (|c| / |z| * M).detach() @ z           # = c
+
+    The value is ``codes`` exactly (not the product, which may round away from it), in their dtype;
+    the gradient is computed in fp32 at least and, where the rotation is not defined (a zero row or
+    code, a code opposite its row, a row holding NaN or inf), passed straight through.
+    """
+    if not isinstance(z, Tensor) or not isinstance(codes, Tensor):
+        raise TypeError(f"z and codes must be torch.Tensors, got {type(z).__name__} and {type(codes).__name__}")
+    if not z.is_floating_point() or not codes.is_floating_point():
+        raise TypeError(f"z and codes must be floating-point tensors, got {z.dtype} and {codes.dtype}")
+    if z.shape != codes.shape:
+        raise ValueError(f"z and codes must have the same shape, got {tuple(z.shape)} and {tuple(codes.shape)}")
+    if z.device != codes.device:
+        raise ValueError(f"z is on {z.device}, codes on {codes.device}: they must be on the same device")
+    return _RotateToCodes.apply(z, codes)

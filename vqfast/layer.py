@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from vqfast import reference
 from vqfast._checks import check_bool, check_int, check_number, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
-from vqfast.functional import _ops, first_order_only, gather, nearest_code, quantize, resolve_backend
+from vqfast.functional import _ops, first_order_only, gather, nearest_code, quantize, resolve_backend, rotate_to_codes
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
 INITS = ("xavier_normal", "uniform", "kmeans")
+GRADIENTS = ("straight_through", "rotation")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Dead codes re-seeded per training step at most (see _update_statistics).
 _RESTARTS_PER_STEP = 1024
@@ -285,6 +286,11 @@ class VectorQuantizer(nn.Module):
     the diversity terms on, where ``torch.compile(fullgraph=True)`` therefore fails (the selection's
     size depends on the data). A masked step computes its loss and ``z_q`` with PyTorch ops around
     the search and ``vqfast.gather`` (a few N x D temporaries) rather than the fused step.
+    ``gradient``: how the gradient of ``z_q`` reaches ``z``: "straight_through" (default, unchanged)
+    or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
+    and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
+    the losses and the codebook's gradient are unchanged; the step then runs unfused, with N x D
+    temporaries in the backward).
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
@@ -327,6 +333,7 @@ class VectorQuantizer(nn.Module):
         precision: str = "tf32",
         sync_distributed: bool = True,
         process_group: Any = None,
+        gradient: str = "straight_through",
     ) -> None:
         super().__init__()
         num_embeddings = check_int(num_embeddings, "num_embeddings", minimum=1)
@@ -351,7 +358,10 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         self.num_embeddings = num_embeddings
+        self.gradient = gradient
         self.embedding_dim = embedding_dim
         self.beta = float(beta)
         self.channel_dim = channel_dim
@@ -503,7 +513,7 @@ class VectorQuantizer(nn.Module):
         problem, which is bound by host time."""
         weight = self.embeddings.weight
         if (self.metric != "l2" or self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0
-                or z.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES
+                or self.gradient != "straight_through" or z.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES
                 or torch.compiler.is_compiling() or resolve_backend(z.device, z.dtype) != "triton"):
             return None
         # Detached: the search, the statistics and the kernels read the rows; the gradient reaches z
@@ -569,6 +579,9 @@ class VectorQuantizer(nn.Module):
             # The indices come from the search: valid by construction, and checking them would sync the host.
             z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,
                                           indices=indices, check_indices=False)
+            if self.gradient == "rotation":
+                # From the rows the codes were chosen for (unit rows for the cosine metric).
+                z_q = rotate_to_codes(reference.unit_rows(rows) if self.metric == "cosine" else rows, z_q.detach())
         else:
             z_q, loss = self._masked_quantize(rows, codebook, indices, valid)
             # Rows left out count as rows whose distance is not finite: the statistics pass over those.
@@ -603,7 +616,8 @@ class VectorQuantizer(nn.Module):
         scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
         codebook_loss = (q.to(acc) - z_kept.detach()).square().sum() * scale
         commitment = (z_kept - q.detach().to(acc)).square().sum() * scale
-        z_q = torch.where(keep, reference._StraightThrough.apply(z, q.detach().to(z.dtype)), rows)
+        to_codes = rotate_to_codes if self.gradient == "rotation" else reference._StraightThrough.apply
+        z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
         return z_q, codebook_loss + self.beta * commitment
 
     def _search(self, rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -911,4 +925,6 @@ class VectorQuantizer(nn.Module):
             parts.append(f"sample_entropy_weight={self.sample_entropy_weight}, "
                          f"batch_entropy_weight={self.batch_entropy_weight}, "
                          f"entropy_temperature={self.entropy_temperature}")
+        if self.gradient != "straight_through":
+            parts.append(f"gradient={self.gradient!r}")
         return ", ".join(parts)

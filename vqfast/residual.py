@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from vqfast._checks import check_int, check_number
-from vqfast.layer import VectorQuantizer
+from vqfast.functional import rotate_to_codes
+from vqfast.layer import GRADIENTS, VectorQuantizer
 
 
 class _Sum(torch.autograd.Function):
@@ -55,6 +56,8 @@ class ResidualVectorQuantizer(nn.Module):
     out get no gradient: under DistributedDataParallel pass ``find_unused_parameters=True``. The draw
     is a graph break under ``torch.compile`` (and each n its own graph), so ``fullgraph=True`` needs
     ``quantizer_dropout=0`` or eval mode.
+    ``gradient="rotation"`` rotates z_q's gradient the way ``z`` is carried onto the sum of its codes
+    (:func:`vqfast.rotate_to_codes`) instead of passing it straight through.
     Every other keyword argument (``beta``, ``ema``, ``init``, ``dead_code_threshold``, ``metric``,
     ``precision``, ``channel_dim``, ...) goes to each stage; the stages are ``self.quantizers``. With
     ``init="kmeans"`` a stage pools its rows only once the stages before it are initialised (from the
@@ -69,6 +72,11 @@ class ResidualVectorQuantizer(nn.Module):
         if self.quantizer_dropout > 1.0:
             raise ValueError(f"quantizer_dropout must be a probability in [0, 1], got {quantizer_dropout}")
         self.num_quantizers = num_quantizers
+        # The chain's own: z_q's gradient reaches z once, from the sum of the codes (the stages' own
+        # z_q gradients are not used).
+        self.gradient = vq_kwargs.pop("gradient", "straight_through")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         self.quantizers = nn.ModuleList(VectorQuantizer(num_embeddings, embedding_dim, **vq_kwargs)
                                         for _ in range(num_quantizers))
         self._dropout_generator = torch.Generator().manual_seed(check_int(dropout_seed, "dropout_seed", minimum=0))
@@ -116,10 +124,16 @@ class ResidualVectorQuantizer(nn.Module):
             unused = torch.full_like(indices[0], -1)
             indices += [unused] * (self.num_quantizers - stages)
         codes_sum = codes_sum.to(z.dtype)
+        cdim = self.quantizers[0]._channel_dim(z)
         if mask is not None:
             # Padding: z itself (the stages' sum is z there only for finite padding: inf - inf is NaN).
-            codes_sum = torch.where(mask.unsqueeze(self.quantizers[0]._channel_dim(z)), codes_sum, z)
-        return _Sum.apply(z, codes_sum), loss, torch.stack(indices, dim=-1)
+            codes_sum = torch.where(mask.unsqueeze(cdim), codes_sum, z)
+        if self.gradient == "rotation":
+            # (Padding, equal to z, is rotated by the identity.)
+            z_q = rotate_to_codes(z.movedim(cdim, -1), codes_sum.movedim(cdim, -1)).movedim(-1, cdim)
+        else:
+            z_q = _Sum.apply(z, codes_sum)
+        return z_q, loss, torch.stack(indices, dim=-1)
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
@@ -171,4 +185,5 @@ class ResidualVectorQuantizer(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        return f"num_quantizers={self.num_quantizers}, quantizer_dropout={self.quantizer_dropout}"
+        text = f"num_quantizers={self.num_quantizers}, quantizer_dropout={self.quantizer_dropout}"
+        return text + (f", gradient={self.gradient!r}" if self.gradient != "straight_through" else "")
