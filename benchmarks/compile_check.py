@@ -312,6 +312,11 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
          lambda: quantize.quantize_backward(rows(32768, 128, fp32), torch.ones(()), rows(32768, 128, fp32),
                                             rows(4096, 128, fp32), idx(32768, 4096), 0.25)
          + quantize.quantize_forward(rows(32768, 128, fp32), rows(4096, 128, fp32), idx(32768, 4096), 0.25)),
+        ("fused VQ step bf16, padding left out (32768, 4096, 256)",
+         lambda: quantize.quantize_backward(rows(32768, 256, bf16), torch.ones(()), rows(32768, 256, bf16),
+                                            rows(4096, 256, bf16), idx(32768, 4096) - 1, 0.25, left_out=True)
+         + quantize.quantize_forward(rows(32768, 256, bf16), rows(4096, 256, bf16), idx(32768, 4096) - 1, 0.25,
+                                     left_out=True)),
         ("soft entropy fp32 tf32 (8192, 4096, 128)",
          lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")),
         ("codebook upkeep: counts, statistics, restarts with EMA (32768 rows, 65536 codes of 256)",

@@ -7,6 +7,8 @@ Forward, for rows z (N, D), codes q = codebook[indices]:
 Backward, with g = dloss and M = N * D:
     dz = dz_q + g * beta * 2 (z - q) / M          (straight-through plus commitment)
     dcodebook[indices] += g * 2 (q - z) / M       (codebook loss, fp32 accumulation)
+With ``left_out=True`` (a padding mask), rows whose index is outside [0, K) (-1) are left out: their z_q
+is z, they add nothing to sse or the codebook gradient, their dz is dz_q, and M = (rows kept) * D.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vqfast.kernels._common import (
 def _vq_forward_kernel(
     z_ptr, c_ptr, index_ptr, zq_ptr, partial_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STREAM: tl.constexpr, LEFT_OUT: tl.constexpr,
 ):
     # (STREAM: z and z_q pass through once; the codes, read many times, stay in L2.)
     pid = tl.program_id(0)
@@ -46,9 +48,13 @@ def _vq_forward_kernel(
         q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd,
                     mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
         q_out = q.to(z.dtype)
+        diff = q.to(tl.float32) - z.to(tl.float32)
+        if LEFT_OUT:
+            # Rows left out pass z through and add nothing (whatever z holds there).
+            q_out = tl.where(valid[:, None], q_out, z)
+            diff = tl.where(valid[:, None], diff, 0.0)
         tl.store(zq_ptr + offs_n64[:, None] * D + offs_d[None, :], q_out, mask=mask,
                  cache_modifier=".cs" if STREAM else "")
-        diff = q.to(tl.float32) - z.to(tl.float32)
         sse += tl.sum(diff * diff, axis=1)
     # Per-program partial sums (summed afterwards) keep the loss deterministic.
     tl.store(partial_ptr + pid, tl.sum(sse, axis=0))
@@ -60,7 +66,7 @@ def _vq_backward_kernel(
     N, K, D, coef_codebook, coef_commit,
     stride_gn, stride_gd, stride_zn, stride_zd, stride_ck, stride_cd,
     HAS_GRAD_ZQ: tl.constexpr, NEED_GRAD_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STREAM: tl.constexpr,
+    STREAM: tl.constexpr, LEFT_OUT: tl.constexpr,
 ):
     # (STREAM: z, dz_q and dz pass through once; the codes and their gradient, where the atomics land,
     # stay in L2.)
@@ -77,6 +83,8 @@ def _vq_backward_kernel(
                 eviction_policy="evict_first" if STREAM else "")
     q = tl.load(c_ptr + rows[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask_c, other=0.0)
     diff = q.to(tl.float32) - z.to(tl.float32)
+    if LEFT_OUT:
+        diff = tl.where(mask_c, diff, 0.0)
     grad_z = -(g * coef_commit) * diff
     if HAS_GRAD_ZQ:
         grad_z += tl.load(grad_zq_ptr + offs_n64[:, None] * stride_gn + offs_d[None, :] * stride_gd,
@@ -89,15 +97,16 @@ def _vq_backward_kernel(
 
 
 def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                     beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     beta: float, left_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
-    ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0)."""
+    ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0). ``left_out``: rows with
+    index -1 (outside [0, K)) keep ``z_q = z`` and the mean is over the other rows (0 if none)."""
     check_launchable(z, codebook, indices)
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           _common.MAX_ROWS, _common.interpreting())
+           bool(left_out), _common.MAX_ROWS, _common.interpreting())
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
-        plan = _FORWARD_PLANS.add(key, _ForwardPlan(z, codebook, beta))
+        plan = _FORWARD_PLANS.add(key, _ForwardPlan(z, codebook, beta, left_out))
     check_row_indices(indices, z.shape[0], z.device)
     if plan.copy_z:
         z = z.contiguous()
@@ -118,20 +127,31 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     partial = launch(tuned_config(plan.tune_key, plan.configs, launch))
     # In place (the sum is a fresh tensor), by a float32 CPU scalar: the product is the one a Python
     # float gives (the scalar is rounded to float32 either way) without wrapping it in a tensor per call.
-    return z_q, partial.sum().mul_(plan.scale)
+    loss = partial.sum().mul_(plan.scale)
+    if plan.left_out:
+        loss = loss.mul_(_left_out_scale(indices, codebook.shape[0]))
+    return z_q, loss
+
+
+def _left_out_scale(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """N / (rows kept, at least 1), float32 on the device: turns a mean over all rows into one over the
+    rows kept (index in [0, K)), without a host sync."""
+    kept = ((indices >= 0) & (indices < num_codes)).sum().clamp_min_(1)
+    return indices.shape[0] / kept.to(torch.float32)
 
 
 class _ForwardPlan:
     """What ``quantize_forward`` computes from its problem (see ``PlanCache``); made only for inputs
     that passed the checks."""
 
-    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, beta: float):
+    def __init__(self, z: torch.Tensor, codebook: torch.Tensor, beta: float, left_out: bool = False):
         check_matrices(("z", z), ("codebook", codebook))
         check_row_count(z.shape[0], "z")
         self.copy_z, z_strides = int32_safe_strides(z)
         self.copy_codebook, c_strides = int32_safe_strides(codebook)
         n, d = z.shape
         self.shape = (n, d)
+        self.left_out = bool(left_out)
         self.launches = None
         if n == 0:
             return
@@ -142,7 +162,7 @@ class _ForwardPlan:
         self.scale = torch.tensor((1.0 + beta) / (n * d), dtype=torch.float32, device="cpu")
         self.launches = RowLaunches(_vq_forward_kernel, n, None,
                                     (n, codebook.shape[0], d, z_strides[0], z_strides[1], c_strides[0], c_strides[1]),
-                                    dict(BLOCK_D=block_d))
+                                    dict(BLOCK_D=block_d, LEFT_OUT=self.left_out))
 
 
 _FORWARD_PLANS = PlanCache()
@@ -150,8 +170,9 @@ _FORWARD_PLANS = PlanCache()
 
 def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: torch.Tensor,
                       codebook: torch.Tensor, indices: torch.Tensor, beta: float,
-                      need_grad_codebook: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring).
+                      need_grad_codebook: bool = True, left_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dz, dcodebook)`` of the fused VQ step (see the module docstring; ``left_out`` as in
+    :func:`quantize_forward`).
 
     With ``need_grad_codebook=False`` the scatter-add is skipped and ``dcodebook`` is an empty (0, D)
     tensor. The kernel adds into ``dcodebook`` atomically, in no fixed order; under
@@ -164,10 +185,11 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     fixed_order = bool(need_grad_codebook) and deterministic()
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
            bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.device) if has_gzq else None,
-           _common.MAX_ROWS, _common.interpreting())
+           bool(left_out), _common.MAX_ROWS, _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
-        plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook, fixed_order))
+        plan = _BACKWARD_PLANS.add(key, _BackwardPlan(grad_zq, z, codebook, beta, need_grad_codebook, fixed_order,
+                                                      left_out))
     check_row_indices(indices, z.shape[0], z.device)
     if plan.copy_z:
         z = z.contiguous()
@@ -181,6 +203,9 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     if launches is not None:
         if grad_loss.dim() or grad_loss.dtype != torch.float32:
             grad_loss = grad_loss.reshape(1).to(torch.float32)
+        if plan.left_out:
+            # The mean over the rows kept: the kernel's coefficients hold 1 / (N D).
+            grad_loss = grad_loss * _left_out_scale(indices, codebook.shape[0])
         gzq = (grad_zq.contiguous() if plan.copy_gzq else grad_zq) if has_gzq else z
 
         # (Deterministic mode: the kernel leaves the codebook gradient alone; any fp32 tensor stands in.)
@@ -216,7 +241,7 @@ class _BackwardPlan:
     that passed the checks."""
 
     def __init__(self, grad_zq: torch.Tensor | None, z: torch.Tensor, codebook: torch.Tensor, beta: float,
-                 need_grad_codebook: bool, fixed_order: bool = False):
+                 need_grad_codebook: bool, fixed_order: bool = False, left_out: bool = False):
         check_matrices(("z", z), ("codebook", codebook))
         if grad_zq is not None and (grad_zq.shape != z.shape or grad_zq.device != z.device):
             raise ValueError(f"grad_zq must have z's shape {tuple(z.shape)} on {z.device}, got "
@@ -228,6 +253,7 @@ class _BackwardPlan:
         self.shape = (n, d)
         self.c_shape = codebook.shape if need_grad_codebook else (0, d)
         self.fixed_order = fixed_order  # the codebook gradient summed outside the kernel (deterministic mode)
+        self.left_out = bool(left_out)
         self.coef_codebook = 2.0 / (n * d) if n else 0.0
         self.copy_gzq = False
         self.launches = None
@@ -248,7 +274,8 @@ class _BackwardPlan:
             _vq_backward_kernel, n, cdiv(d, block_d),
             (n, codebook.shape[0], d, coef, coef * beta, g_strides[0], g_strides[1], z_strides[0], z_strides[1],
              c_strides[0], c_strides[1]),
-            dict(HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook and not fixed_order, BLOCK_D=block_d))
+            dict(HAS_GRAD_ZQ=has_gzq, NEED_GRAD_C=need_grad_codebook and not fixed_order, BLOCK_D=block_d,
+                 LEFT_OUT=self.left_out))
 
 
 _BACKWARD_PLANS = PlanCache()

@@ -283,6 +283,47 @@ def test_fused_quantize_matches_reference(n, k, d, dtype, with_grad_zq, kernel_d
     torch.testing.assert_close(gc.double().cpu(), c_ref.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 19, 20), (130, 50, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_quantize_leaves_out_rows_of_index_minus_one(n, k, d, dtype, kernel_device):
+    """left_out=True (a padding mask): rows of index -1 pass z through, add nothing to the loss (a mean
+    over the rows kept) or the codebook gradient, and get dz_q as their dz, whatever they hold."""
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(n, d, generator=g).to(dtype)
+    c = torch.randn(k, d, generator=g).to(dtype)
+    idx = torch.randint(0, k, (n,), generator=g)
+    kept = torch.rand(n, generator=g) < 0.6
+    kept[0] = n > 1 or bool(kept[0])
+    idx = torch.where(kept, idx, -1)
+    z = torch.where(kept[:, None], z, float("nan"))  # padding may hold anything
+    beta = 0.37
+    z_q, loss = kernels.quantize_forward(z.to(kernel_device), c.to(kernel_device), idx.to(kernel_device), beta,
+                                         left_out=True)
+    z_q = z_q.cpu()
+    assert torch.equal(z_q[kept], c[idx[kept]]) and bool(z_q[~kept].isnan().all())
+
+    z_ref = z[kept].double().requires_grad_()
+    c_ref = c.double().requires_grad_()
+    zq_ref, loss_ref, _ = reference.quantize(z_ref, c_ref, beta=beta, indices=idx[kept])
+    if not bool(kept.any()):
+        loss_ref = loss_ref * 0.0
+    torch.testing.assert_close(loss.double().cpu(), loss_ref.detach(), rtol=1e-5, atol=1e-7)
+
+    grad_zq = torch.randn(n, d, generator=g).to(dtype)
+    gz, gc = kernels.quantize_backward(grad_zq.to(kernel_device), torch.tensor(1.7, device=kernel_device),
+                                       z.to(kernel_device), c.to(kernel_device), idx.to(kernel_device), beta,
+                                       left_out=True)
+    (loss_ref * 1.7 + (zq_ref * grad_zq[kept].double()).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    gz = gz.cpu()
+    assert torch.equal(gz[~kept], grad_zq[~kept])
+    if bool(kept.any()):
+        torch.testing.assert_close(gz[kept].double(), z_ref.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(gc.double().cpu(), c_ref.grad, rtol=tol, atol=tol)
+    else:
+        assert bool((gc == 0).all())
+
+
 def _tf32_classes(z, c):
     """The class the tf32 search should give each row (kernels/nearest.py, _settle_rows), in float64,
     and the rows far enough from a class boundary for the kernels' fp32 rounding not to matter."""

@@ -1064,15 +1064,15 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, s
     fused_calls = []
     fused_step = VectorQuantizer._fused_step
 
-    def counting(self, z, cdim):
-        out = fused_step(self, z, cdim)
+    def counting(self, z, cdim, mask=None):
+        out = fused_step(self, z, cdim, mask)
         fused_calls.append(out is not None)
         return out
 
     monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
     fused = _layer_steps(make(), inputs, frozen)
     assert fused_calls == [True] * 3
-    monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim: None)
+    monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim, mask=None: None)
     generic = _layer_steps(make(), inputs, frozen)
     for got, want in zip(fused[0], generic[0]):
         for a, b in zip(got, want):

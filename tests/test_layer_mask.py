@@ -278,3 +278,28 @@ def test_residual_padding_passes_through_whatever_it_holds(device):
         assert torch.equal(z_q[~mask], padded[~mask]) or fill != fill
         assert bool(z_q[~mask].isnan().all()) == (fill != fill) and torch.isfinite(loss)
         assert bool(torch.isfinite(z_q[mask]).all())
+
+
+def test_masked_steps_run_the_fused_kernels_on_the_triton_backend(monkeypatch):
+    """On the kernels (here interpreted) an l2 masked step goes through the fused step, not the PyTorch
+    path; the results are those of the PyTorch path."""
+    if not _triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    device = torch.device("cpu" if interp else "cuda")
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    torch.manual_seed(14)
+    fused = VectorQuantizer(16, 4, dead_code_threshold=0.0).to(device)
+    plain = copy.deepcopy(fused)
+    z, mask = _sequences(device)
+    padded = torch.where(mask.unsqueeze(-1), z, float("nan"))
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")  # the PyTorch path
+    z_q1, loss1, indices1, grad_z1, grad_c1, _ = _step(plain, padded, mask)
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    monkeypatch.setattr(VectorQuantizer, "_masked_quantize", lambda *a, **k: pytest.fail("not fused"))
+    z_q, loss, indices, grad_z, grad_c, _ = _step(fused, padded, mask)
+    assert torch.equal(indices, indices1) and torch.equal(z_q[mask], z_q1[mask])
+    assert bool(z_q[~mask].isnan().all())
+    torch.testing.assert_close(loss, loss1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_z, grad_z1, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_c, grad_c1, rtol=1e-5, atol=1e-7)

@@ -187,5 +187,46 @@ def test_residual_chain_rotates_z_onto_the_sum_of_its_codes(device):
     rows, codes = z.movedim(1, -1), z_q.movedim(1, -1)
     expected = torch.einsum("nji,nj->ni", _rotation_matrices(rows[mask], codes[mask]), upstream.movedim(1, -1)[mask].double())
     torch.testing.assert_close(grad1.movedim(1, -1)[mask].double(), expected, rtol=1e-4, atol=1e-5)
-    # Padding (z_q = z there): the identity rotation.
-    torch.testing.assert_close(grad1.movedim(1, -1)[~mask], upstream.movedim(1, -1)[~mask])
+    # Padding (z_q = z there): the upstream gradient itself.
+    assert torch.equal(grad1.movedim(1, -1)[~mask], upstream.movedim(1, -1)[~mask])
+
+
+def test_double_backward_holds_the_rotation_constant_and_stays_finite():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    z[1] = 0.0                      # no rotation: a zero row
+    q = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    q[2] = -3.0 * z[2]              # no rotation: a code opposite its row
+    q[3] = 0.0                      # no rotation: a zero code
+    upstream = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((rotate_to_codes(x, q) * upstream).sum(), x, create_graph=True)
+    grad.square().sum().backward()  # a gradient penalty
+    rotation = _rotation_matrices(z, q)
+    defined = torch.tensor([True, False, False, False, True, True])
+    expected_grad = torch.where(defined[:, None], torch.einsum("nji,nj->ni", rotation.nan_to_num(), upstream.detach()),
+                                upstream.detach())
+    torch.testing.assert_close(grad.detach(), expected_grad)
+    # d|A^T u|^2 / du = 2 A A^T u (A^T = I where undefined); the rotation is constant: nothing reaches z.
+    expected = 2 * torch.where(defined[:, None], torch.einsum("nij,nj->ni", rotation.nan_to_num(), expected_grad),
+                               expected_grad)
+    torch.testing.assert_close(upstream.grad, expected)
+    assert x.grad is None or bool((x.grad == 0).all())
+
+
+@pytest.mark.parametrize("factor", [1e20, 1e-24])
+def test_rows_far_from_unit_length_are_rotated_too(factor):
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, 6, generator=g)
+    q = torch.randn(4, 6, generator=g)
+    upstream = torch.randn(4, 6, generator=g)
+    x = z.clone().requires_grad_(True)
+    rotate_to_codes(x, q).backward(upstream)
+    far = (z * factor).requires_grad_(True)
+    rotate_to_codes(far, q).backward(upstream)
+    # Scaling z by s scales |c| / |z| by 1 / s and leaves the rotation alone.
+    torch.testing.assert_close(far.grad * factor, x.grad, rtol=1e-5, atol=1e-6)
+    codes_far = (q * factor).requires_grad_(False)
+    y = z.clone().requires_grad_(True)
+    rotate_to_codes(y, codes_far).backward(upstream)
+    torch.testing.assert_close(y.grad / factor, x.grad, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ float64 tensors always use the reference.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable
 
@@ -348,20 +349,37 @@ class _RotateToCodes(torch.autograd.Function):
         # The rotation is a constant of the step (built from detached tensors); only the incoming
         # gradient is differentiated again under create_graph=True.
         wide = torch.promote_types(torch.promote_types(z.dtype, codes.dtype), torch.float32)
-        z, codes, g = z.detach().to(wide), codes.detach().to(wide), grad.to(wide)
-        z_norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        code_norm = torch.linalg.vector_norm(codes, dim=-1, keepdim=True)
-        z_unit, code_unit = z / z_norm, codes / code_norm
+        z_unit, z_largest, z_norm = _unit_and_norm(z.detach().to(wide))
+        code_unit, code_largest, code_norm = _unit_and_norm(codes.detach().to(wide))
         halfway = z_unit + code_unit
         halfway_norm = torch.linalg.vector_norm(halfway, dim=-1, keepdim=True)
-        r = halfway / halfway_norm
-        scale = code_norm / z_norm
+        # |c| / |z| from the norms of the rows scaled to a largest element of 1, so that neither
+        # overflows nor underflows on its own.
+        scale = (code_largest / z_largest) * (code_norm / z_norm)
+        # No rotation for a zero row or code, a code opposite its row (the halfway vector vanishes), a
+        # row or code that is not finite, or a ratio of norms beyond fp32: the straight-through
+        # gradient there. Their factors are replaced before use, so that no inf or NaN reaches the
+        # graph of the incoming gradient (create_graph=True) through a product with 0.
+        defined = ((z_norm > 0) & (code_norm > 0) & (halfway_norm > _HALFWAY_MIN) & torch.isfinite(halfway_norm)
+                   & torch.isfinite(scale) & (scale > 0))
+        r = torch.where(defined, halfway / torch.where(defined, halfway_norm, 1.0), 0.0)
+        z_unit = torch.where(defined, z_unit, 0.0)
+        code_unit = torch.where(defined, code_unit, 0.0)
+        scale = torch.where(defined, scale, 1.0)
+        g = grad.to(wide)
         rotated = scale * (g - 2.0 * r * (r * g).sum(-1, keepdim=True)
                            + 2.0 * z_unit * (code_unit * g).sum(-1, keepdim=True))
-        # No rotation for a zero row or code, a code opposite its row (the halfway vector vanishes) or a
-        # row that is not finite: the straight-through gradient there.
-        defined = (z_norm > 0) & (code_norm > 0) & torch.isfinite(scale) & (halfway_norm > _HALFWAY_MIN)
         return torch.where(defined, rotated, g).to(grad.dtype), None
+
+
+def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``x``: the unit row, its largest magnitude m and the norm of x / m (so that the
+    norm is m times it; rows of zeros: m = 1, norm 0); non-finite rows give non-finite values."""
+    largest = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
+    largest = torch.where(largest > 0, largest, 1.0)
+    scaled = x / largest
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    return scaled / torch.where(norm > 0, norm, 1.0), largest, norm
 
 
 # Below this length of z^ + c^ (a code within ~1e-6 rad of the opposite of its row) the reflection's axis
@@ -380,8 +398,12 @@ def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
         out = (|c| / |z| * M).detach() @ z           # = c
 
     The value is ``codes`` exactly (not the product, which may round away from it), in their dtype;
-    the gradient is computed in fp32 at least and, where the rotation is not defined (a zero row or
-    code, a code opposite its row, a row holding NaN or inf), passed straight through.
+    ``codes`` get no gradient. The gradient to ``z`` is computed in fp32 at least (norms of rows
+    scaled to a largest element of 1, so any finite row works) and cast to z's dtype, where it is
+    ``|c| / |z|`` times the upstream one in size: with 16-bit z and codes much longer than their rows
+    it can overflow where the straight-through one would not. Where the rotation is not defined (a
+    zero row or code, a code within ~1e-6 rad of the opposite of its row, a row or code holding NaN
+    or inf, ``|c| / |z|`` beyond fp32) the gradient is passed straight through, unscaled.
     """
     if not isinstance(z, Tensor) or not isinstance(codes, Tensor):
         raise TypeError(f"z and codes must be torch.Tensors, got {type(z).__name__} and {type(codes).__name__}")

@@ -124,10 +124,10 @@ class _LayoutQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, codebook: Tensor, rows: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
-                cdim: int, last_shape: torch.Size, copy: bool):
-        z_q, loss = _ops().quantize_forward(rows, codebook, indices, beta)
+                cdim: int, last_shape: torch.Size, copy: bool, left_out: bool = False):
+        z_q, loss = _ops().quantize_forward(rows, codebook, indices, beta, left_out)
         ctx.save_for_backward(rows, codebook.clone() if copy else codebook, indices)
-        ctx.beta, ctx.cdim, ctx.last_shape = beta, cdim, last_shape
+        ctx.beta, ctx.cdim, ctx.last_shape, ctx.left_out = beta, cdim, last_shape, left_out
         ctx.set_materialize_grads(False)
         z_q = z_q.reshape(last_shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
@@ -140,13 +140,13 @@ class _LayoutQuantize(torch.autograd.Function):
         rows, codebook, indices = ctx.saved_tensors
         need_z, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None:
-            return grad_zq if need_z else None, None, None, None, None, None, None, None
+            return grad_zq if need_z else None, None, None, None, None, None, None, None, None
         cdim = ctx.cdim
         grad_rows = None if grad_zq is None else grad_zq.movedim(cdim, -1).reshape(rows.shape)
         grad_z, grad_codebook = _ops().quantize_backward(grad_rows, grad_loss, rows, codebook, indices, ctx.beta,
-                                                         need_c)
+                                                         need_c, ctx.left_out)
         return (grad_z.reshape(ctx.last_shape).movedim(-1, cdim) if need_z else None,
-                grad_codebook if need_c else None, None, None, None, None, None, None)
+                grad_codebook if need_c else None, None, None, None, None, None, None, None)
 
 
 def _finite_rows(rows: Tensor) -> Tensor:
@@ -284,8 +284,10 @@ class VectorQuantizer(nn.Module):
     since telling it apart would sync the host; k-means does not pool it (without DDP). Without a
     host sync, except where the kept rows are selected: on the batches that k-means pools and with
     the diversity terms on, where ``torch.compile(fullgraph=True)`` therefore fails (the selection's
-    size depends on the data). A masked step computes its loss and ``z_q`` with PyTorch ops around
-    the search and ``vqfast.gather`` (a few N x D temporaries) rather than the fused step.
+    size depends on the data). On the GPU a masked step runs the fused kernels too, which leave out
+    the rows of index -1; where the fused step does not apply (the cosine metric, the diversity
+    terms, the rotation trick, under ``torch.compile``, the CPU backend) it computes its loss and
+    ``z_q`` with PyTorch ops around the search and ``vqfast.gather`` (a few N x D temporaries).
     ``gradient``: how the gradient of ``z_q`` reaches ``z``: "straight_through" (default, unchanged)
     or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
     and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
@@ -490,10 +492,9 @@ class VectorQuantizer(nn.Module):
         return self._quantize_layout(z, cdim, mask)
 
     def _quantize_layout(self, z: Tensor, cdim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        if mask is None:
-            fused = self._fused_step(z, cdim)
-            if fused is not None:
-                return fused
+        fused = self._fused_step(z, cdim, mask)
+        if fused is not None:
+            return fused
         z_last = z.movedim(cdim, -1)
         rows = z_last.reshape(-1, self.embedding_dim)
         z_q, loss, indices = self._quantize_rows(rows, None if mask is None else mask.reshape(-1))
@@ -503,9 +504,10 @@ class VectorQuantizer(nn.Module):
             z_q = z_q.contiguous()
         return z_q, loss, indices.reshape(z_last.shape[:-1])
 
-    def _fused_step(self, z: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _fused_step(self, z: Tensor, cdim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
         """The step of ``_quantize_rows`` with the input's layout inside one autograd node, for eager
-        calls on the kernels with the l2 metric and no entropy terms; None where it does not apply.
+        calls on the kernels with the l2 metric, no entropy terms and the straight-through gradient;
+        None where it does not apply. With a ``mask`` the fused kernels leave the padding out (index -1).
 
         The same kernels on the same rows give the same values; what it saves is host time: the
         permutes and reshapes of z and z_q, the codebook copy and the checks of the public ops each
@@ -523,15 +525,20 @@ class VectorQuantizer(nn.Module):
         rows = z_last.reshape(-1, self.embedding_dim)
         # The public search checks z and the codebook (shapes, device) as quantize would; the dtypes
         # are the kernels' (above), so quantize's own checks would pass too.
-        train, indices, distances, restarts = self._start_step(rows, weight)
+        valid = None if mask is None else mask.reshape(-1)
+        train, indices, distances, restarts = self._start_step(rows, weight, valid)
         beta = check_number(self.beta, "beta", minimum=0.0)
         codebook, copy = self._step_codebook(weight, train, restarts)
+        step_indices = indices if valid is None else torch.where(valid, indices, -1)
         # The op copies the codebook itself when asked: one autograd node fewer than a clone.
-        z_q, loss = _LayoutQuantize.apply(z, codebook, rows, indices, beta, cdim, z_last_shape, copy)
+        z_q, loss = _LayoutQuantize.apply(z, codebook, rows, step_indices, beta, cdim, z_last_shape, copy,
+                                          valid is not None)
         loss = self._ema_loss(loss)
         if train:
-            self._update_statistics(rows, indices, distances, restarts)
-        return z_q, loss, indices.reshape(z_last_shape[:-1])
+            if valid is not None:
+                distances = torch.where(valid, distances, math.inf)
+            self._update_statistics(rows, indices, distances, restarts, valid)
+        return z_q, loss, step_indices.reshape(z_last_shape[:-1])
 
     def _start_step(self, rows: Tensor, weight: Tensor, valid: Tensor | None = None,
                     ) -> tuple[bool, Tensor, Tensor, bool]:

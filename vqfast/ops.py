@@ -106,24 +106,26 @@ def _(indices: Tensor, num_codes: int) -> Tensor:
     return indices.new_empty(num_codes, dtype=torch.int64)
 
 
-def _quantize_forward(z: Tensor, codebook: Tensor, indices: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _quantize_forward(z: Tensor, codebook: Tensor, indices: Tensor, beta: float,
+                      left_out: bool = False) -> tuple[Tensor, Tensor]:
     with on_device(z):
-        return kernels.quantize_forward(z, codebook, indices, beta)
+        return kernels.quantize_forward(z, codebook, indices, beta, left_out)
 
 
 quantize_forward = torch.library.custom_op("vqfast::quantize_forward", _quantize_forward, mutates_args=())
 
 
 @quantize_forward.register_fake
-def _(z: Tensor, codebook: Tensor, indices: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _(z: Tensor, codebook: Tensor, indices: Tensor, beta: float, left_out: bool = False) -> tuple[Tensor, Tensor]:
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty((), dtype=torch.float32)
 
 
 def _quantize_backward(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
-                      indices: Tensor, beta: float, need_grad_codebook: bool) -> tuple[Tensor, Tensor]:
+                      indices: Tensor, beta: float, need_grad_codebook: bool,
+                      left_out: bool = False) -> tuple[Tensor, Tensor]:
     """``(dz, dcodebook)``; dcodebook is (0, D) when ``need_grad_codebook`` is False."""
     with on_device(z):
-        return kernels.quantize_backward(grad_zq, grad_loss, z, codebook, indices, beta, need_grad_codebook)
+        return kernels.quantize_backward(grad_zq, grad_loss, z, codebook, indices, beta, need_grad_codebook, left_out)
 
 
 quantize_backward = torch.library.custom_op("vqfast::quantize_backward", _quantize_backward, mutates_args=())
@@ -131,7 +133,7 @@ quantize_backward = torch.library.custom_op("vqfast::quantize_backward", _quanti
 
 @quantize_backward.register_fake
 def _(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
-      indices: Tensor, beta: float, need_grad_codebook: bool) -> tuple[Tensor, Tensor]:
+      indices: Tensor, beta: float, need_grad_codebook: bool, left_out: bool = False) -> tuple[Tensor, Tensor]:
     c_shape = codebook.shape if need_grad_codebook else (0, codebook.shape[1])
     return torch.empty_like(z, memory_format=torch.contiguous_format), codebook.new_empty(c_shape)
 

@@ -129,8 +129,11 @@ class ResidualVectorQuantizer(nn.Module):
             # Padding: z itself (the stages' sum is z there only for finite padding: inf - inf is NaN).
             codes_sum = torch.where(mask.unsqueeze(cdim), codes_sum, z)
         if self.gradient == "rotation":
-            # (Padding, equal to z, is rotated by the identity.)
             z_q = rotate_to_codes(z.movedim(cdim, -1), codes_sum.movedim(cdim, -1)).movedim(-1, cdim)
+            if mask is not None:
+                # Padding: z, gradient included (a rotation of z onto itself is the identity only
+                # up to rounding).
+                z_q = torch.where(mask.unsqueeze(cdim), z_q, z)
         else:
             z_q = _Sum.apply(z, codes_sum)
         return z_q, loss, torch.stack(indices, dim=-1)
