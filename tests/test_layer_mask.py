@@ -11,7 +11,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from vqfast import ResidualVectorQuantizer, VectorQuantizer
+from vqfast import ResidualVectorQuantizer, VectorQuantizer, quantize
 
 
 def _triton_usable() -> bool:
@@ -303,3 +303,40 @@ def test_masked_steps_run_the_fused_kernels_on_the_triton_backend(monkeypatch):
     torch.testing.assert_close(loss, loss1, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_z, grad_z1, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_c, grad_c1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_functional_quantize_takes_a_mask(device, metric, dtype):
+    g = torch.Generator().manual_seed(15)
+    z, mask = _sequences(device)
+    z = torch.where(mask.unsqueeze(-1), z, float("nan")).to(dtype)
+    codebook = torch.randn(16, 4, generator=g).to(device).requires_grad_(True)
+    x = z.clone().requires_grad_(True)
+    z_q, loss, indices = quantize(x, codebook, beta=0.3, metric=metric, mask=mask)
+    upstream = torch.linspace(-1.0, 1.0, 4, device=device).expand_as(z_q)
+    ((z_q * upstream).sum() + loss).backward()
+
+    kept = z[mask].clone().requires_grad_(True)
+    codebook1 = codebook.detach().clone().requires_grad_(True)
+    z_q1, loss1, indices1 = quantize(kept, codebook1, beta=0.3, metric=metric)
+    ((z_q1 * upstream[mask]).sum() + loss1).backward()
+
+    assert torch.equal(indices[mask], indices1) and bool((indices[~mask] == -1).all())
+    assert z_q.dtype == dtype and torch.equal(z_q[mask], z_q1) and bool(z_q[~mask].isnan().all())
+    torch.testing.assert_close(loss, loss1, rtol=1e-6, atol=1e-7)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(x.grad[mask], kept.grad, **tol)
+    assert torch.equal(x.grad[~mask], upstream[~mask].to(dtype))
+    torch.testing.assert_close(codebook.grad, codebook1.grad, **tol)
+    # The indices a masked step returned (-1 on padding) can be passed back with the mask.
+    again = quantize(z, codebook.detach(), beta=0.3, metric=metric, indices=indices, mask=mask)
+    assert torch.equal(again[2], indices) and torch.equal(again[1], loss.detach())
+
+
+def test_functional_quantize_refuses_bad_masks():
+    z = torch.randn(2, 5, 4)
+    with pytest.raises(TypeError, match="bool"):
+        quantize(z, torch.randn(8, 4), mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"shape of z without its channel dimension \(2, 5\)"):
+        quantize(z, torch.randn(8, 4), mask=torch.ones(10, dtype=torch.bool))

@@ -148,3 +148,18 @@ def check_bool(value: object, name: str) -> bool:
     if isinstance(value, (str, bytes)) or value not in (True, False):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_row_mask(mask: object, shape: tuple[int, ...], device: torch.device, where: str) -> torch.Tensor:
+    """A padding mask: a bool tensor of ``shape`` (the rows' shape, without the channels) on ``device``;
+    ``where`` says what the shape comes from, for the error."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True for the rows to quantize), got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"mask must have the shape of z without its channel dimension {tuple(shape)} "
+                         f"({where}); got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, z on {device}: they must be on the same device")
+    return mask

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vqfast import reference
 from vqfast._checks import (
+    check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
     check_usage_inputs,
 )
@@ -249,10 +250,11 @@ class _FusedQuantize(torch.autograd.Function):
     """Gather + straight-through output + both VQ losses, forward and backward in one kernel each."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, codebook: Tensor, indices: Tensor, beta: float):  # type: ignore[override]
-        z_q, loss = _ops().quantize_forward(z, codebook, indices, beta)
+    def forward(ctx, z: Tensor, codebook: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
+                left_out: bool = False):
+        z_q, loss = _ops().quantize_forward(z, codebook, indices, beta, left_out)
         ctx.save_for_backward(z, codebook, indices)
-        ctx.beta = beta
+        ctx.beta, ctx.left_out = beta, left_out
         ctx.mark_non_differentiable(indices)
         # An unused loss then reaches backward as None, and the codebook gets no gradient at all (as
         # with plain autograd) rather than a zero one that weight decay would still act on.
@@ -264,10 +266,11 @@ class _FusedQuantize(torch.autograd.Function):
     def backward(ctx, grad_zq: Tensor | None, grad_loss: Tensor | None):  # type: ignore[override]
         z, codebook, indices = ctx.saved_tensors
         if grad_loss is None:
-            return grad_zq if ctx.needs_input_grad[0] else None, None, None, None
+            return grad_zq if ctx.needs_input_grad[0] else None, None, None, None, None
         need_c = ctx.needs_input_grad[1]
-        grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta, need_c)
-        return (grad_z if ctx.needs_input_grad[0] else None, grad_codebook if need_c else None, None, None)
+        grad_z, grad_codebook = _ops().quantize_backward(grad_zq, grad_loss, z, codebook, indices, ctx.beta, need_c,
+                                                         ctx.left_out)
+        return (grad_z if ctx.needs_input_grad[0] else None, grad_codebook if need_c else None, None, None, None)
 
 
 def quantize(
@@ -278,6 +281,7 @@ def quantize(
     precision: str | None = None,
     indices: Tensor | None = None,
     check_indices: bool = True,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The VQ step: nearest code, straight-through output and the two VQ-VAE losses.
 
@@ -295,13 +299,20 @@ def quantize(
     ``indices`` (shaped ``z.shape[:-1]``) skips the search when given; values outside [0, K) raise
     ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as :func:`gather`;
     the CPU backend checks anyway). z and the codebook may differ in dtype: the search then runs in
-    the wider one.
+    the wider one. ``mask`` (bool, shaped ``z.shape[:-1]``, False for padding): rows left out keep
+    ``z_q = z`` (gradient included) and index -1, and the loss is a mean over the kept rows (0 if
+    none); on the GPU with the l2 metric the fused kernels leave them out, otherwise PyTorch ops do.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
     beta = check_number(beta, "beta", minimum=0.0)
     wide = torch.float64 in (z.dtype, codebook.dtype)
     backend = resolve_backend(z.device, torch.float64 if wide else z.dtype)
+    if mask is not None:
+        check_row_mask(mask, z.shape[:-1], z.device, f"z {tuple(z.shape)}")
+        if isinstance(indices, Tensor) and indices.shape == mask.shape:
+            # Indices of left-out rows are not used (they may be -1, from an earlier masked step).
+            indices = torch.where(mask, indices, 0)
     if indices is not None:
         # The CPU backend always checks (the check costs no device sync there), as gather does, under
         # torch.compile with an assertion inside the graph.
@@ -313,6 +324,7 @@ def quantize(
             raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
                              f"got {tuple(indices.shape)}")
         indices = indices.to(torch.int64)
+    given_z, given_codebook = z, codebook
     if metric == "cosine":
         z = reference.unit_rows(z)
         codebook = reference.unit_rows(codebook)
@@ -323,6 +335,14 @@ def quantize(
             search_dtype = torch.promote_types(z.dtype, codebook.dtype)
             indices = nearest_code(z.detach().to(search_dtype), codebook.detach().to(search_dtype),
                                    precision=precision)[0]
+    if mask is not None:
+        rows, valid, row_indices = _rows(given_z), mask.reshape(-1), indices.reshape(-1)
+        step_indices = torch.where(valid, row_indices, -1)
+        if backend == "triton" and metric == "l2":
+            z_q, loss = _FusedQuantize.apply(rows, given_codebook, step_indices, float(beta), True)
+        else:
+            z_q, loss = _masked_quantize_rows(rows, given_codebook, row_indices, valid, beta, metric)
+        return z_q.reshape(given_z.shape), loss, step_indices.reshape(given_z.shape[:-1])
     if backend == "torch":
         return reference.quantize(z, codebook, beta=beta, indices=indices)
     if z.dim() == 2:
@@ -332,6 +352,31 @@ def quantize(
     lead_shape = z.shape[:-1]
     z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))
     return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)
+
+
+def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid: Tensor, beta: float,
+                          metric: str = "l2", to_codes: Callable[[Tensor, Tensor], Tensor] | None = None,
+                          ) -> tuple[Tensor, Tensor]:
+    """``quantize``'s ``(z_q, loss)`` for rows (N, D) over the ``valid`` rows only, in plain PyTorch around
+    ``gather`` (N x D temporaries): the losses are means over the kept rows (0 when there are none), and
+    ``z_q`` is the code (``to_codes(z, code)``, straight through by default) on kept rows and ``rows``
+    itself, gradient included, on the others."""
+    keep = valid.unsqueeze(1)
+    # Padding is replaced before any arithmetic: whatever it holds (NaN included) must not reach the
+    # loss or, through a 0 * NaN in a backward, the gradients.
+    z = torch.where(keep, rows, 0.0)
+    if metric == "cosine":
+        z, codebook = reference.unit_rows(z), reference.unit_rows(codebook)
+    q = gather(codebook, indices, check_indices=False)
+    acc = torch.promote_types(q.dtype, z.dtype)
+    # Left-out rows take their code's value, so that both terms are exactly 0 there.
+    z_kept = torch.where(keep, z.to(acc), q.detach().to(acc))
+    scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
+    codebook_loss = (q.to(acc) - z_kept.detach()).square().sum() * scale
+    commitment = (z_kept - q.detach().to(acc)).square().sum() * scale
+    to_codes = to_codes or reference._StraightThrough.apply
+    z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
+    return z_q, codebook_loss + beta * commitment
 
 
 class _RotateToCodes(torch.autograd.Function):

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from vqfast import reference
-from vqfast._checks import check_bool, check_int, check_number, check_search_inputs
+from vqfast._checks import check_bool, check_int, check_number, check_row_mask, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
-from vqfast.functional import _ops, first_order_only, gather, nearest_code, quantize, resolve_backend, rotate_to_codes
+from vqfast.functional import (
+    _masked_quantize_rows, _ops, first_order_only, gather, nearest_code, quantize, resolve_backend, rotate_to_codes,
+)
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
 
@@ -101,16 +103,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_mask(mask: Tensor, z: Tensor, cdim: int) -> None:
     """A layer's ``mask``: a bool tensor on z's device, shaped like z without its channel dimension."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True for the rows to quantize), got {mask.dtype}")
-    expected = z.shape[:cdim] + z.shape[cdim + 1:]
-    if mask.shape != expected:
-        raise ValueError(f"mask must have the shape of z without its channel dimension {tuple(expected)} "
-                         f"(z {tuple(z.shape)}, channels at dim {cdim}); got {tuple(mask.shape)}")
-    if mask.device != z.device:
-        raise ValueError(f"mask is on {mask.device}, z on {z.device}: they must be on the same device")
+    check_row_mask(mask, z.shape[:cdim] + z.shape[cdim + 1:], z.device,
+                   f"z {tuple(z.shape)}, channels at dim {cdim}")
 
 
 class _LayoutQuantize(torch.autograd.Function):
@@ -607,25 +601,10 @@ class VectorQuantizer(nn.Module):
         return z_q, loss, indices
 
     def _masked_quantize(self, rows: Tensor, codebook: Tensor, indices: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """``quantize``'s ``(z_q, loss)`` over the ``valid`` rows only, in plain PyTorch around ``gather``
-        (N x D temporaries): the losses are means over the kept rows (0 when there are none), and ``z_q``
-        is the code on kept rows and ``rows`` itself, gradient included, on the others."""
-        keep = valid.unsqueeze(1)
-        # Padding is replaced before any arithmetic: whatever it holds (NaN included) must not reach the
-        # loss or, through a 0 * NaN in a backward, the gradients.
-        z = torch.where(keep, rows, 0.0)
-        if self.metric == "cosine":
-            z, codebook = reference.unit_rows(z), reference.unit_rows(codebook)
-        q = gather(codebook, indices, check_indices=False)
-        acc = torch.promote_types(q.dtype, z.dtype)
-        # Left-out rows take their code's value, so that both terms are exactly 0 there.
-        z_kept = torch.where(keep, z.to(acc), q.detach().to(acc))
-        scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
-        codebook_loss = (q.to(acc) - z_kept.detach()).square().sum() * scale
-        commitment = (z_kept - q.detach().to(acc)).square().sum() * scale
-        to_codes = rotate_to_codes if self.gradient == "rotation" else reference._StraightThrough.apply
-        z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
-        return z_q, codebook_loss + self.beta * commitment
+        """``quantize``'s ``(z_q, loss)`` over the ``valid`` rows only (``_masked_quantize_rows``), with the
+        layer's metric, beta and gradient."""
+        to_codes = rotate_to_codes if self.gradient == "rotation" else None
+        return _masked_quantize_rows(rows, codebook, indices, valid, self.beta, self.metric, to_codes)
 
     def _search(self, rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         rows = rows.detach()
