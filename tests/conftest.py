@@ -97,3 +97,16 @@ def search_kernel(request, monkeypatch):
     before = nearest_tma.launches
     yield request.param
     assert nearest_tma.launches > before, "the TMA search never ran"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def device(request, monkeypatch) -> torch.device:
+    """Each backend in turn (VQFAST_BACKEND), with the device its tensors live on: the CPU for the
+    reference, CUDA for the kernels (the CPU under the interpreter). Test files may define their own."""
+    from helpers import triton_usable
+
+    if request.param == "triton" and not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("VQFAST_BACKEND", request.param)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.device("cuda" if request.param == "triton" and not interp else "cpu")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from importlib.util import find_spec
+
 import torch
+
+
+def triton_usable() -> bool:
+    """Whether the Triton backend can run here: on a GPU, or through the interpreter (conftest.py sets
+    TRITON_INTERPRET=1 without one)."""
+    if find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fp64_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-from importlib.util import find_spec
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import triton_usable
 from vqfast import VectorQuantizer, reference
 from vqfast.functional import quantize
-
-
-def _triton_usable() -> bool:
-    if find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _device_for(backend: str) -> torch.device:
@@ -29,7 +23,7 @@ def _device_for(backend: str) -> torch.device:
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch) -> str:
-    if request.param == "triton" and not _triton_usable():
+    if request.param == "triton" and not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("VQFAST_BACKEND", request.param)
     return request.param
@@ -622,7 +616,7 @@ def test_entropy_terms_in_loss(backend, device, metric):
 
 
 def test_entropy_gradients_match_across_backends(monkeypatch):
-    if not _triton_usable():
+    if not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     torch.manual_seed(13)
     results = {}

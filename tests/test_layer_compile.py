@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
-from importlib.util import find_spec
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import triton_usable
 from vqfast import VectorQuantizer
-
-
-def _triton_usable() -> bool:
-    if find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TinyVQVAE(nn.Module):
@@ -57,7 +51,7 @@ CONFIGS = {
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_compiled_training_step_matches_eager(monkeypatch, backend, config):
-    if backend == "triton" and not _triton_usable():
+    if backend == "triton" and not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     device = "cuda" if backend == "triton" and not interp else "cpu"
@@ -87,7 +81,7 @@ def test_public_ops_compile_without_graph_breaks(monkeypatch, backend):
     included, whose eager range checks read the indices on the host."""
     import vqfast
 
-    if backend == "triton" and not _triton_usable():
+    if backend == "triton" and not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("VQFAST_BACKEND", backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"

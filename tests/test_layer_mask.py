@@ -6,27 +6,12 @@ from __future__ import annotations
 
 import copy
 import os
-from importlib.util import find_spec
 
 import pytest
 import torch
 
+from helpers import triton_usable
 from vqfast import ResidualVectorQuantizer, VectorQuantizer, quantize
-
-
-def _triton_usable() -> bool:
-    if find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@pytest.fixture(params=["torch", "triton"])
-def device(request, monkeypatch) -> torch.device:
-    if request.param == "triton" and not _triton_usable():
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("VQFAST_BACKEND", request.param)
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return torch.device("cuda" if request.param == "triton" and not interp else "cpu")
 
 
 def _sequences(device, batch=3, length=7, channels=4, seed=0):
@@ -283,7 +268,7 @@ def test_residual_padding_passes_through_whatever_it_holds(device):
 def test_masked_steps_run_the_fused_kernels_on_the_triton_backend(monkeypatch):
     """On the kernels (here interpreted) an l2 masked step goes through the fused step, not the PyTorch
     path; the results are those of the PyTorch path."""
-    if not _triton_usable():
+    if not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     device = torch.device("cpu" if interp else "cuda")

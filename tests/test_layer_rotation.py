@@ -6,28 +6,11 @@ straight-through layer's."""
 from __future__ import annotations
 
 import copy
-import os
-from importlib.util import find_spec
 
 import pytest
 import torch
 
 from vqfast import ResidualVectorQuantizer, VectorQuantizer, reference, rotate_to_codes
-
-
-def _triton_usable() -> bool:
-    if find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@pytest.fixture(params=["torch", "triton"])
-def device(request, monkeypatch) -> torch.device:
-    if request.param == "triton" and not _triton_usable():
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("VQFAST_BACKEND", request.param)
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return torch.device("cuda" if request.param == "triton" and not interp else "cpu")
 
 
 def _rotation_matrices(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -3,29 +3,12 @@ decoding from indices."""
 
 from __future__ import annotations
 
-import os
-from importlib.util import find_spec
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vqfast import ResidualVectorQuantizer, reference
-
-
-def _triton_usable() -> bool:
-    if find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@pytest.fixture(params=["torch", "triton"])
-def device(request, monkeypatch) -> torch.device:
-    if request.param == "triton" and not _triton_usable():
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("VQFAST_BACKEND", request.param)
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return torch.device("cuda" if request.param == "triton" and not interp else "cpu")
 
 
 def _manual(rvq: ResidualVectorQuantizer, z: torch.Tensor, stages: int):
