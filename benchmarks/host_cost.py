@@ -75,6 +75,22 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
         (z_q.sum() + loss).backward()
 
     out.append(("VectorQuantizer(64, 8) forward + backward, x (64, 8, 4, 4)", layer_step))
+    # The same step with a padding mask (the fused kernels leave the padding out), and with the rotation
+    # trick (an unfused step).
+    mask = torch.rand(64, 4, 4) < 0.75
+
+    def masked_step():
+        z_q, loss, _ = layer(x, mask=mask)
+        (z_q.sum() + loss).backward()
+
+    out.append(("VectorQuantizer(64, 8) with a padding mask, forward + backward", masked_step))
+    rotation = vqfast.VectorQuantizer(64, 8, gradient="rotation")
+
+    def rotation_step():
+        z_q, loss, _ = rotation(x)
+        (z_q.sum() + loss).backward()
+
+    out.append(("VectorQuantizer(64, 8, gradient='rotation') forward + backward", rotation_step))
     # The same for a residual VQ of 4 such stages (sequences (B, C, T), as audio codecs use it): its host
     # time is about one layer step per stage.
     residual = vqfast.ResidualVectorQuantizer(4, 64, 8, channel_dim=1)
