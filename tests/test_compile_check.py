@@ -89,4 +89,4 @@ def test_host_cost_script_runs(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timed = [line for line in proc.stdout.splitlines() if line.endswith(tuple("0123456789"))]
-    assert len(timed) == 2 and all(" / " in line for line in timed), proc.stdout
+    assert len(timed) == 4 and all(" / " in line for line in timed), proc.stdout  # ieee search, 3 layer steps
