@@ -325,3 +325,24 @@ def test_functional_quantize_refuses_bad_masks():
         quantize(z, torch.randn(8, 4), mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"shape of z without its channel dimension \(2, 5\)"):
         quantize(z, torch.randn(8, 4), mask=torch.ones(10, dtype=torch.bool))
+
+
+def test_masked_quantize_of_16_bit_inputs_keeps_an_fp32_loss(device):
+    g = torch.Generator().manual_seed(16)
+    z = (torch.randn(4096, 64, generator=g) * 8).half().to(device)
+    codebook = torch.randn(16, 64, generator=g).half().to(device)
+    plain = quantize(z, codebook)
+    masked = quantize(z, codebook, mask=torch.ones(4096, dtype=torch.bool, device=device))
+    assert masked[1].dtype == plain[1].dtype == torch.float32 and bool(torch.isfinite(masked[1]))
+    torch.testing.assert_close(masked[1], plain[1], rtol=1e-5, atol=0.0)
+    assert torch.equal(masked[0], plain[0]) and torch.equal(masked[2], plain[2])
+
+
+def test_only_minus_one_decodes_to_zeros_when_compiled(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    vq = VectorQuantizer(8, 3)
+    decode = torch.compile(lambda i: vq.codes_from_indices(i), fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    assert bool((decode(torch.tensor([-1, 2]))[0] == 0).all())
+    with pytest.raises(Exception, match=r"\[0, 8\)"):
+        decode(torch.tensor([-5, 1]))

@@ -302,6 +302,7 @@ def quantize(
     the wider one. ``mask`` (bool, shaped ``z.shape[:-1]``, False for padding): rows left out keep
     ``z_q = z`` (gradient included) and index -1, and the loss is a mean over the kept rows (0 if
     none); on the GPU with the l2 metric the fused kernels leave them out, otherwise PyTorch ops do.
+    Given ``indices`` with a mask, those of the rows left out are neither used nor checked.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
@@ -368,7 +369,8 @@ def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid
     if metric == "cosine":
         z, codebook = reference.unit_rows(z), reference.unit_rows(codebook)
     q = gather(codebook, indices, check_indices=False)
-    acc = torch.promote_types(q.dtype, z.dtype)
+    # The losses in fp32 at least, as quantize's (a 16-bit sum of squares overflows).
+    acc = torch.promote_types(torch.promote_types(q.dtype, z.dtype), torch.float32)
     # Left-out rows take their code's value, so that both terms are exactly 0 there.
     z_kept = torch.where(keep, z.to(acc), q.detach().to(acc))
     scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)

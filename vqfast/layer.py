@@ -285,8 +285,9 @@ class VectorQuantizer(nn.Module):
     ``gradient``: how the gradient of ``z_q`` reaches ``z``: "straight_through" (default, unchanged)
     or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
     and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
-    the losses and the codebook's gradient are unchanged; the step then runs unfused, with N x D
-    temporaries in the backward).
+    the losses and the codebook's gradient are unchanged; the step then skips the layout-fused
+    step: quantize's fused kernels give the loss, and the rotation's backward runs in PyTorch, with
+    N x D temporaries).
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
@@ -454,8 +455,10 @@ class VectorQuantizer(nn.Module):
                     and indices.numel() and int(indices.min()) < -1):
                 raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "
                                  f"got {int(indices.min())}")
-            left_out = indices < 0
-            codes = gather(weight, indices.clamp_min(0), check_indices=check_indices)
+            # Only -1 is replaced: other indices out of range still reach gather's checks (which under
+            # torch.compile on the CPU backend assert inside the graph).
+            left_out = indices == -1
+            codes = gather(weight, torch.where(left_out, 0, indices), check_indices=check_indices)
             codes = torch.where(left_out.unsqueeze(-1), 0.0, codes)
         else:
             codes = gather(weight, indices, check_indices=check_indices)  # (which says what is wrong)

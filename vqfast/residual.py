@@ -140,7 +140,8 @@ class ResidualVectorQuantizer(nn.Module):
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
-        sum of each stage's codes, -1 marking an unused stage; in the stages' layout and the codebooks'
+        sum of each stage's codes, -1 marking an unused stage (rows a mask left out, -1 at every stage,
+        decode to zeros, where forward gave z); in the stages' layout and the codebooks'
         dtype (float32: for fp32, fp16 and bf16 z, forward's ``z_q`` is this cast to z's dtype),
         differentiable with respect to the codebooks. Other indices outside [0, K) raise ValueError (a
         host-side check that ``check_indices=False`` skips on the GPU, as in :func:`vqfast.gather`)."""
