@@ -365,6 +365,61 @@ def test_layer_training_step_replays_from_a_cuda_graph(restarts):
         assert graphed.codebook_usage()["steps"] == 4
 
 
+@pytest.mark.parametrize("restarts", [False, True])
+def test_masked_layer_step_replays_from_a_cuda_graph(restarts):
+    """With a padding mask (fused kernels leaving the padding out, restart seeds from the kept rows) a
+    training step still has no host synchronisation: it captures, and replays equal eager steps."""
+    import copy
+
+    torch.manual_seed(10)
+    eager = vqfast.VectorQuantizer(512, 64, dead_code_threshold=0.5 if restarts else 0.0).cuda()
+    graphed = copy.deepcopy(eager)
+    xs = [torch.randn(8, 32, 64, device="cuda") * (1 + i) for i in range(4)]
+    masks = [torch.rand(8, 32, device="cuda") < 0.3 + 0.2 * i for i in range(4)]
+    static, static_mask = xs[0].clone(), masks[0].clone()
+
+    def step(layer, x, mask):
+        z_q, loss, idx = layer(x, mask=mask)
+        (z_q.square().sum() + loss).backward()
+        return idx
+
+    graph, idx_graph = _captured(lambda: step(graphed, static, static_mask))
+    step(eager, xs[0], masks[0])
+    for x, mask in zip(xs[1:], masks[1:]):
+        static.copy_(x)
+        static_mask.copy_(mask)
+        graph.replay()
+        idx_eager = step(eager, x, mask)
+        torch.cuda.synchronize()
+        assert bool((idx_graph[~mask] == -1).all()) and bool((idx_graph[mask] >= 0).all())
+        if not restarts:
+            assert torch.equal(idx_graph, idx_eager)
+    assert torch.isfinite(graphed.embeddings.weight).all()
+    if not restarts:
+        torch.testing.assert_close(graphed.embeddings.weight.grad, eager.embeddings.weight.grad)
+        assert int(graphed.batch_counts.sum()) == int(masks[-1].sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_quantize_in_16_bit_matches_the_kept_rows_alone(dtype):
+    z, c = _data(3000, 700, 96, dtype, seed=3)
+    mask = torch.rand(3000, device="cuda") < 0.6
+    z = torch.where(mask[:, None], z, float("nan")).requires_grad_(True)
+    codebook = c.clone().requires_grad_(True)
+    z_q, loss, idx = vqfast.quantize(z, codebook, mask=mask)
+    loss.backward()  # (z_q holds the NaN padding: its own gradient is the upstream one, tested elsewhere)
+    kept = z.detach()[mask].clone().requires_grad_(True)
+    codebook1 = c.clone().requires_grad_(True)
+    z_q1, loss1, idx1 = vqfast.quantize(kept, codebook1)
+    loss1.backward()
+    assert loss.dtype == torch.float32 and torch.equal(idx[mask], idx1) and bool((idx[~mask] == -1).all())
+    assert torch.equal(z_q[mask], z_q1) and bool(z_q[~mask].isnan().all())
+    torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.grad[mask].float(), kept.grad.float(), rtol=2e-2, atol=1e-4)
+    assert bool((z.grad[~mask] == 0).all())
+    torch.testing.assert_close(codebook.grad.float(), codebook1.grad.float(), rtol=2e-2, atol=1e-4)
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_vqvae_trains_on_the_gpu_with_the_triton_backend(tmp_path, amp):
     from vqfast.models.train import TrainConfig, train
