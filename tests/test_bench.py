@@ -488,6 +488,34 @@ def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread, monkeypatch):
         assert title in md
 
 
+def test_a_plan_without_autotuning_runs_with_fixed_configurations(tmp_path, monkeypatch):
+    """--quick runs the launchers' fixed configurations (VQFAST_AUTOTUNE=0: one compile per kernel variant
+    on a cold cache), says so in its results, and leaves the environment as it was; a value the user
+    set, or --autotune, wins."""
+    seen = []
+    monkeypatch.setitem(bench.PART_RUNNERS, "usage", lambda ctx: seen.append(os.environ.get("VQFAST_AUTOTUNE")))
+    monkeypatch.delenv("VQFAST_AUTOTUNE", raising=False)
+    run = dict(device=torch.device("cpu"), log=lambda s: None, plots=False)
+    bench.run_benchmarks(_tiny_plan(autotune=False), ("usage",), tmp_path, **run)
+    assert seen == ["0"] and "VQFAST_AUTOTUNE" not in os.environ
+    assert "| autotune | 0 |" in (tmp_path / "results.md").read_text()
+    bench.run_benchmarks(_tiny_plan(), ("usage",), tmp_path, **run)
+    assert seen[-1] is None and "| autotune | 1 |" in (tmp_path / "results.md").read_text()
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    bench.run_benchmarks(_tiny_plan(autotune=False), ("usage",), tmp_path, **run)
+    assert seen[-1] == "1"
+    assert not bench.quick_plan().autotune and bench.default_plan().autotune
+    plans = []
+    monkeypatch.setattr(bench, "run_benchmarks", lambda plan, *a, **k: plans.append(plan) or [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    for argv in (["--quick"], ["--quick", "--autotune"]):
+        parser = argparse.ArgumentParser()
+        bench.configure_parser(parser)
+        bench.main(parser.parse_args([*argv, "--out", str(tmp_path)]))
+    assert [p.autotune for p in plans] == [False, True]
+
+
 def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("bug in the gather part")

@@ -1023,6 +1023,9 @@ class Plan:
     rep_ms: float = 100
     budget_s: float = DEFAULT_BUDGET_S
     mode: str = "default"
+    # False: the launchers' fixed configurations (VQFAST_AUTOTUNE=0, unless set), one compile per
+    # kernel variant on a cold Triton cache instead of one per autotuning candidate.
+    autotune: bool = True
 
 
 HEADLINE_SHAPES = [GOAL_SMALL, (8192, 16384, 256), GOAL_LARGE]
@@ -1061,7 +1064,8 @@ def default_plan() -> Plan:
 
 
 def quick_plan() -> Plan:
-    """A few shapes (85 s of measuring, no torch.compile provider): checks that everything runs."""
+    """A few shapes (85 s of measuring, no torch.compile provider, fixed launch configurations): checks
+    that everything runs."""
     return Plan(
         headline=_points([(1024, 4096, 128)], ["bf16", "fp32"]),
         # D=128 in bf16: the kernel variant the headline has already compiled.
@@ -1072,7 +1076,7 @@ def quick_plan() -> Plan:
         train=[64],
         # torch.compile's first compile alone takes 20-40 s.
         nearest_providers=tuple(p for p in NEAREST_PROVIDERS if p != COMPILE_PROVIDER),
-        warmup_ms=10, rep_ms=40, budget_s=QUICK_BUDGET_S, mode="quick",
+        warmup_ms=10, rep_ms=40, budget_s=QUICK_BUDGET_S, mode="quick", autotune=False,
     )
 
 
@@ -1904,7 +1908,11 @@ def _frozen_gc(enabled: bool) -> Iterator[None]:
 def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torch.device | None = None,
                    plots: bool = True, log: Callable[[str], None] | None = None,
                    cpu_memory_limit: float = 4e9) -> list[Record]:
-    """Measure ``parts`` of ``plan`` on ``device`` (CUDA; CPU only for tests) and write the outputs."""
+    """Measure ``parts`` of ``plan`` on ``device`` (CUDA; CPU only for tests) and write the outputs.
+    A plan without ``autotune`` runs with ``VQFAST_AUTOTUNE=0`` unless the variable is set."""
+    if not plan.autotune and "VQFAST_AUTOTUNE" not in os.environ:
+        with environment("VQFAST_AUTOTUNE", "0"):
+            return run_benchmarks(plan, parts, out_dir, device, plots, log, cpu_memory_limit)
     log = log or _say
     device = device or torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
@@ -1962,7 +1970,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                           "CUDA GPU; write results.csv, results.md and PNG plots.")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/results/<gpu-name>/ under the current directory)")
-    parser.add_argument("--quick", action="store_true", help="a few shapes only (85 s of measuring; under 2 minutes in all once Triton's cache is warm)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few shapes only (85 s of measuring; under 2 minutes in all once Triton's cache is warm), "
+                             "with the launchers' fixed configurations (VQFAST_AUTOTUNE=0, unless set)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="with --quick: autotune the launch configurations as the full run does "
+                             "(every candidate compiles on a cold Triton cache)")
     parser.add_argument("--only", type=parse_parts, default=PARTS, metavar="PARTS",
                         help=f"comma-separated parts to run, from: {','.join(PARTS)} (default: all)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
@@ -1987,6 +2000,8 @@ def main(args: argparse.Namespace) -> int:
         print("vqfast bench needs triton (pip install triton).", file=sys.stderr)
         return 2
     plan = quick_plan() if getattr(args, "quick", False) else default_plan()
+    if getattr(args, "autotune", False):
+        plan.autotune = True
     if getattr(args, "budget", None) is not None:
         plan.budget_s = float(args.budget)
     if getattr(args, "rep", None) is not None:
