@@ -247,8 +247,9 @@ class ConvVQVAE(nn.Module):
         return self.decoder(self.decoder_input(z_q))
 
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> code indices (B, 4, 4): the compressed representation."""
-        return self.quantize(self.encode(x))[2]
+        """Images -> code indices (B, 4, 4): the compressed representation (the quantizer's search alone:
+        in training mode too, its statistics and codebook stay as they are)."""
+        return self.quantizer.encode(self.encode(x))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> images: the decoder of the codes the quantizer outputs for them (unit

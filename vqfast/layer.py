@@ -10,6 +10,7 @@ diversity terms, see ``VectorQuantizer``) and keeps identical codebooks on every
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -464,9 +465,8 @@ class VectorQuantizer(nn.Module):
             codes = gather(weight, indices, check_indices=check_indices)  # (which says what is wrong)
         return codes.movedim(-1, channel_dim).contiguous()
 
-    def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
-        shaped like the indices, True for the rows to quantize (padding False)."""
+    def _checked_channel_dim(self, z: Tensor, mask: Tensor | None) -> int:
+        """The checks of an input ``z`` (and its ``mask``) to the layer; the dimension of its channels."""
         if not isinstance(z, Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() < 2:
@@ -481,6 +481,26 @@ class VectorQuantizer(nn.Module):
             )
         if mask is not None:
             _check_mask(mask, z, cdim)
+        return cdim
+
+    @torch.no_grad()
+    def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The indices :meth:`forward` gives for ``z`` (-1 where ``mask`` is False), from the search alone:
+        no ``z_q``, no loss and, in training mode too, no statistics, k-means, restarts or EMA update.
+        For tokenizing. Plain PyTorch: ``cdist(z_rows, codebook).argmin(1)`` shaped like z without its
+        channel dimension (the layer's metric and search precision)."""
+        cdim = self._checked_channel_dim(z, mask)
+        z_last = z.movedim(cdim, -1)
+        with torch.autocast(device_type=z.device.type, enabled=False) if _autocast_on(z.device.type) \
+                else contextlib.nullcontext():
+            indices, _ = self._search(z_last.reshape(-1, self.embedding_dim), self.embeddings.weight)
+        indices = indices.reshape(z_last.shape[:-1])
+        return indices if mask is None else torch.where(mask, indices, -1)
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
+        shaped like the indices, True for the rows to quantize (padding False)."""
+        cdim = self._checked_channel_dim(z, mask)
         # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
         # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)
         if _autocast_on(z.device.type):

@@ -138,6 +138,18 @@ class ResidualVectorQuantizer(nn.Module):
             z_q = _Sum.apply(z, codes_sum)
         return z_q, loss, torch.stack(indices, dim=-1)
 
+    @torch.no_grad()
+    def encode(self, z: Tensor, num_quantizers: int | None = None, mask: Tensor | None = None) -> Tensor:
+        """The indices :meth:`forward` gives for ``z`` in eval mode (all stages, or the first
+        ``num_quantizers``; -1 for stages not run and rows ``mask`` leaves out), without changing any
+        state: no statistics, k-means, restarts, EMA updates or dropout draw, in training mode too."""
+        training = self.training
+        self.train(False)
+        try:
+            return self(z, num_quantizers=num_quantizers, mask=mask)[2]
+        finally:
+            self.train(training)
+
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
         sum of each stage's codes, -1 marking an unused stage (rows a mask left out, -1 at every stage,
