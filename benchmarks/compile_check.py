@@ -246,7 +246,7 @@ def _blocks_per_sm(regs: int, warps: int, shared: int, limits: dict) -> int:
 
 def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     from vqfast.bench import environment
-    from vqfast.kernels import gather, nearest, quantize, soft_entropy, upkeep, usage
+    from vqfast.kernels import gather, nearest, quantize, rotation, soft_entropy, upkeep, usage
 
     def rows(n, d, dtype):
         return torch.randn(n, d).to(dtype)
@@ -317,6 +317,8 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                             rows(4096, 256, bf16), idx(32768, 4096) - 1, 0.25, left_out=True)
          + quantize.quantize_forward(rows(32768, 256, bf16), rows(4096, 256, bf16), idx(32768, 4096) - 1, 0.25,
                                      left_out=True)),
+        ("rotation trick backward bf16 (32768, 256)",
+         lambda: rotation.rotate_gradient(rows(32768, 256, bf16), rows(32768, 256, bf16), rows(32768, 256, bf16))),
         ("soft entropy fp32 tf32 (8192, 4096, 128)",
          lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")),
         ("codebook upkeep: counts, statistics, restarts with EMA (32768 rows, 65536 codes of 256)",
@@ -361,10 +363,10 @@ def _compiled_kernels() -> dict[int, tuple[str, object]]:
     """Every compiled kernel so far, by identity: ``{id: (kernel name, CompiledKernel)}``."""
     from triton.runtime.jit import JITFunction
 
-    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage
+    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, rotation, soft_entropy, upkeep, usage
 
     found = {}
-    for module in (_common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage):
+    for module in (_common, gather, nearest, nearest_tma, quantize, rotation, soft_entropy, upkeep, usage):
         for value in vars(module).values():
             fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)  # autotuners wrap one
             if isinstance(fn, JITFunction):
@@ -384,9 +386,9 @@ def _constants(kernel) -> dict:
 
 def _patch_launch_checks(sms: int, arch: int) -> None:
     """The launchers insist on CUDA tensors and ask the GPU for its size; answer for the target."""
-    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, soft_entropy, upkeep, usage
+    from vqfast.kernels import _common, gather, nearest, nearest_tma, quantize, rotation, soft_entropy, upkeep, usage
 
-    for module in (_common, gather, quantize, upkeep, usage):
+    for module in (_common, gather, quantize, rotation, upkeep, usage):
         module.check_launchable = lambda *tensors: None
     for module in (nearest, soft_entropy):
         module.multiprocessor_count = lambda device: sms

@@ -76,7 +76,7 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
 
     out.append(("VectorQuantizer(64, 8) forward + backward, x (64, 8, 4, 4)", layer_step))
     # The same step with a padding mask (the fused kernels leave the padding out), and with the rotation
-    # trick (quantize's fused kernels, then the rotation's backward in PyTorch).
+    # trick (quantize's fused kernels, then the rotation's backward kernel).
     mask = torch.rand(64, 4, 4) < 0.75
 
     def masked_step():

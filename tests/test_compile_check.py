@@ -20,7 +20,7 @@ KERNELS = {
     "_entropy_kernel", "_vq_forward_kernel", "_vq_backward_kernel", "_row_stats_kernel", "_col_sum_kernel",
     "_grad_rows_kernel", "_grad_codes_kernel", "_update_usage_kernel", "_restart_codes_kernel",
     "_ema_update_kernel", "_code_norms_kernel", "_research_listed_rows_kernel", "_write_listed_rows_kernel",
-    "_nearest_code_tma_kernel",
+    "_nearest_code_tma_kernel", "_rotate_grad_kernel",
 }
 
 

@@ -6,10 +6,12 @@ straight-through layer's."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
+from helpers import triton_usable
 from vqfast import ResidualVectorQuantizer, VectorQuantizer, reference, rotate_to_codes
 
 
@@ -213,3 +215,61 @@ def test_rows_far_from_unit_length_are_rotated_too(factor):
     y = z.clone().requires_grad_(True)
     rotate_to_codes(y, codes_far).backward(upstream)
     torch.testing.assert_close(y.grad / factor, x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 5), (19, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_kernel_gives_the_pytorch_backward(monkeypatch, n, d, dtype):
+    """kernels/rotation.py (the Triton backend's backward, here interpreted) against the PyTorch ops of
+    the other backends, on odd shapes (D past one 128-column block) and on rows without a rotation."""
+    if not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    device = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, n)[:, None]
+    q = torch.randn(n, d, generator=g)
+    if n > 4:
+        z[1] = 0.0                            # a zero row
+        q[2] = -2.0 * z[2]                    # a code opposite its row
+        z[3, 0] = float("nan")                # a row holding NaN
+        q[4] = z[4] * 3.0                     # a code along its row: a scaling
+    upstream = torch.randn(n, d, generator=g)
+    z, q, upstream = (t.to(dtype).to(device) for t in (z, q, upstream))
+    grads = {}
+    calls = []
+    from vqfast import kernels
+
+    monkeypatch.setattr(kernels, "rotate_gradient", lambda *a, f=kernels.rotate_gradient: calls.append(1) or f(*a))
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        x = z.clone().requires_grad_(True)
+        rotate_to_codes(x, q).backward(upstream)
+        grads[backend] = x.grad
+    assert calls == [1]  # the Triton backend ran the kernel, the torch backend did not
+    # Both against the rotation in float64, relative to each row's gradient (rows scaled over 6 decades
+    # make elementwise tolerances meaningless); rows without a rotation get the upstream gradient.
+    undefined = [1, 2, 3] if n > 4 else []
+    expected = torch.einsum("nji,nj->ni", _rotation_matrices(z.cpu().float(), q.cpu().float()),
+                            upstream.cpu().double())
+    defined = torch.ones(n, dtype=torch.bool)
+    defined[undefined] = False
+    bound = 1e-5 if dtype == torch.float32 else 3e-3
+    for backend, grad in grads.items():
+        grad = grad.cpu()
+        error = (grad.double() - expected).norm(dim=1) / expected.norm(dim=1)
+        assert float(error[defined].max()) < bound, backend
+        for row in undefined:
+            assert torch.equal(grad[row], upstream[row].cpu()), (backend, row)
+
+
+def test_a_backward_that_builds_a_graph_uses_the_pytorch_ops(monkeypatch):
+    if not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    from vqfast import kernels
+
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "rotate_gradient", lambda *a: pytest.fail("the kernel has no second derivative"))
+    device = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    (grad,) = torch.autograd.grad(rotate_to_codes(x, torch.randn(4, 3, device=device)).sum(), x, create_graph=True)
+    assert grad.requires_grad is False or grad.grad_fn is not None

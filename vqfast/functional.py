@@ -393,6 +393,14 @@ class _RotateToCodes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         z, codes = ctx.saved_tensors
+        if _rotation_kernel_applies(z, codes, grad):
+            from vqfast import kernels
+            from vqfast.ops import on_device
+
+            with on_device(z):
+                d = z.shape[-1]
+                return kernels.rotate_gradient(z.reshape(-1, d), codes.reshape(-1, d),
+                                               grad.reshape(-1, d)).reshape(grad.shape), None
         # The rotation is a constant of the step (built from detached tensors); only the incoming
         # gradient is differentiated again under create_graph=True.
         wide = torch.promote_types(torch.promote_types(z.dtype, codes.dtype), torch.float32)
@@ -417,6 +425,21 @@ class _RotateToCodes(torch.autograd.Function):
         rotated = scale * (g - 2.0 * r * (r * g).sum(-1, keepdim=True)
                            + 2.0 * z_unit * (code_unit * g).sum(-1, keepdim=True))
         return torch.where(defined, rotated, g).to(grad.dtype), None
+
+
+def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
+    """Whether :func:`rotate_to_codes`'s backward runs the kernel (``kernels/rotation.py``): on the Triton
+    backend, for 16- and 32-bit tensors, in plain backward passes. Under ``torch.compile`` the PyTorch
+    ops below are traced (and fused by the compiler); with ``create_graph=True`` they are recorded, so
+    that the gradient can be differentiated again."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (z, codes, grad)):
+        return False
+    if resolve_backend(z.device, z.dtype) != "triton" or z.device.type != grad.device.type:
+        return False
+    # (The interpreter computes bfloat16 wrongly: vqfast keeps it off bfloat16 tensors.)
+    return z.device.type == "cuda" or torch.bfloat16 not in (z.dtype, codes.dtype, grad.dtype)
 
 
 def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -450,7 +473,9 @@ def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
     ``|c| / |z|`` times the upstream one in size: with 16-bit z and codes much longer than their rows
     it can overflow where the straight-through one would not. Where the rotation is not defined (a
     zero row or code, a code within ~1e-6 rad of the opposite of its row, a row or code holding NaN
-    or inf, ``|c| / |z|`` beyond fp32) the gradient is passed straight through, unscaled.
+    or inf, ``|c| / |z|`` beyond fp32) the gradient is passed straight through, unscaled. On the
+    Triton backend the backward is one kernel (``kernels/rotation.py``); PyTorch ops compute it
+    elsewhere, under ``torch.compile`` and with ``create_graph=True``.
     """
     if not isinstance(z, Tensor) or not isinstance(codes, Tensor):
         raise TypeError(f"z and codes must be torch.Tensors, got {type(z).__name__} and {type(codes).__name__}")

@@ -287,8 +287,8 @@ class VectorQuantizer(nn.Module):
     or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
     and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
     the losses and the codebook's gradient are unchanged; the step then skips the layout-fused
-    step: quantize's fused kernels give the loss, and the rotation's backward runs in PyTorch, with
-    N x D temporaries).
+    step: quantize's fused kernels give the loss, and the rotation's backward is one more kernel on
+    the GPU, PyTorch ops elsewhere).
     ``precision`` of the search: "tf32" (default: on the GPU tensor cores, then rows whose best code is
     in doubt within the tf32 error bound are settled in fp32, so the indices are the exact ones),
     "fp32" (the same search, with the rows that have three or more codes in doubt searched again with
