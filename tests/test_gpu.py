@@ -479,3 +479,24 @@ def test_kept_search_buffers_across_streams_and_a_cuda_graph(dtype, precision):
         assert chosen_gap(zs[i].float(), codebooks[0].float(), idx).max() <= tol
         if dtype == torch.float32:
             assert torch.equal(idx, want[i])
+
+
+def test_rotation_kernel_in_bfloat16():
+    """kernels/rotation.py on bf16 rows (the interpreter cannot run bf16): the float64 rotation's gradient
+    to bf16 rounding, and the upstream gradient on a zero row."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    z = torch.randn(3000, 200, device="cuda", generator=g).bfloat16()
+    q = torch.randn(3000, 200, device="cuda", generator=g).bfloat16()
+    z[5] = 0
+    upstream = torch.randn(3000, 200, device="cuda", generator=g).bfloat16()
+    x = z.clone().requires_grad_(True)
+    vqfast.rotate_to_codes(x, q).backward(upstream)
+    zd, qd, ud = z.double(), q.double(), upstream.double()
+    z_unit, q_unit = zd / zd.norm(dim=1, keepdim=True), qd / qd.norm(dim=1, keepdim=True)
+    r = (z_unit + q_unit) / (z_unit + q_unit).norm(dim=1, keepdim=True)
+    scale = qd.norm(dim=1, keepdim=True) / zd.norm(dim=1, keepdim=True)
+    want = scale * (ud - 2 * r * (r * ud).sum(1, keepdim=True) + 2 * z_unit * (q_unit * ud).sum(1, keepdim=True))
+    error = (x.grad.double() - want).norm(dim=1) / want.norm(dim=1)
+    error[5] = 0
+    assert x.grad.dtype == torch.bfloat16 and float(error.max()) < 1e-2
+    assert torch.equal(x.grad[5], upstream[5])
