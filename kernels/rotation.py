@@ -5,8 +5,8 @@ g rotated and scaled the way the row z is carried onto its code c,
 
 and g itself where that is not defined (a zero row or code, a code opposite its row, a row or code that
 is not finite, |c| / |z| beyond fp32). Three passes over each block of rows: the rows' largest
-magnitudes, then five dot products of the rows scaled by them (in float64, so that |z^ + c^|, from
-2 + 2 cos, keeps its accuracy near opposite codes), then the write.
+magnitudes, then five dot products of the rows scaled by them (in float64), then the write (in fp32,
+as the PyTorch ops compute it: near opposite codes the rounding of z^ + c^ limits both alike).
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def _rotate_grad_kernel(z_ptr, c_ptr, g_ptr, out_ptr, N, D, halfway_min,
     defined = ((z_norm > 0) & (c_norm > 0) & (halfway > halfway_min) & (halfway < 3.0) & (scale > 0)
                & (scale < 3.4028234663852886e38))
     # Per row, the factors of the write, replaced where the rotation is not defined.
-    z_unit = tl.where(defined, 1.0 / (z_big.to(tl.float64) * z_div), 0.0).to(tl.float32)
-    c_unit = tl.where(defined, 1.0 / (c_big.to(tl.float64) * c_div), 0.0).to(tl.float32)
+    # z^ = (z / largest) / |z / largest|: the second factor lies in [1 / sqrt(D), 1], so neither
+    # overflows fp32 (1 / (largest |z / largest|) would, for rows below ~3e-39).
+    z_unit = tl.where(defined, 1.0 / z_div, 0.0).to(tl.float32)
+    c_unit = tl.where(defined, 1.0 / c_div, 0.0).to(tl.float32)
     inv_halfway = tl.where(defined, 1.0 / h_div, 0.0).to(tl.float32)
     r_g = tl.where(defined, (zg / z_div + cg / c_div) / h_div, 0.0).to(tl.float32)
     c_g = tl.where(defined, cg / c_div, 0.0).to(tl.float32)
@@ -77,8 +79,8 @@ def _rotate_grad_kernel(z_ptr, c_ptr, g_ptr, out_ptr, N, D, halfway_min,
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_n[:, None] & (offs_d[None, :] < D)
-        z = tl.load(z_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) * z_unit[:, None]
-        c = tl.load(c_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) * c_unit[:, None]
+        z = tl.load(z_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) / z_big[:, None] * z_unit[:, None]
+        c = tl.load(c_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) / c_big[:, None] * c_unit[:, None]
         g_in = tl.load(g_ptr + rows + offs_d[None, :], mask=mask, other=0.0)
         g = g_in.to(tl.float32)
         r = (z + c) * inv_halfway[:, None]

@@ -273,3 +273,35 @@ def test_a_backward_that_builds_a_graph_uses_the_pytorch_ops(monkeypatch):
     x = torch.randn(4, 3, device=device, requires_grad=True)
     (grad,) = torch.autograd.grad(rotate_to_codes(x, torch.randn(4, 3, device=device)).sum(), x, create_graph=True)
     assert grad.requires_grad is False or grad.grad_fn is not None
+
+
+@pytest.mark.parametrize("row_scale,code_scale", [(1.0, 1e-40), (1e-40, 1e-40), (1e-40, 1e-30), (1e-38, 1e-40),
+                                                  (1e30, 1e-30), (1e-30, 1e30)])
+def test_rows_and_codes_of_any_finite_size_in_both_paths(monkeypatch, row_scale, code_scale):
+    """fp32 rows and codes down to subnormal sizes (and up to 1e30): the kernel's gradient is the PyTorch
+    path's, finite where |c| / |z| is."""
+    if not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    device = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+    g = torch.Generator().manual_seed(10)
+    z = (torch.randn(5, 8, generator=g).double() * row_scale).float().to(device)
+    q = (torch.randn(5, 8, generator=g).double() * code_scale).float().to(device)
+    upstream = torch.randn(5, 8, generator=g).to(device)
+    grads = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("VQFAST_BACKEND", backend)
+        x = z.clone().requires_grad_(True)
+        rotate_to_codes(x, q).backward(upstream)
+        grads.append(x.grad)
+    assert bool(torch.isfinite(grads[0]).all()) and bool(torch.isfinite(grads[1]).all())
+    ratio = (q.double().norm(dim=1) / z.double().norm(dim=1)).cpu()
+    error = (grads[0].double() - grads[1].double()).norm(dim=1).cpu() / grads[1].double().norm(dim=1).cpu()
+    # Relative to each row's gradient; rows whose gradient underflows fp32 are compared absolutely.
+    assert bool(((error < 1e-5) | (ratio * upstream.norm(dim=1).cpu() < 1e-30)).all())
+
+
+def test_zero_dimensional_inputs_on_the_triton_backend(monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    x = torch.tensor(2.0, requires_grad=True)
+    rotate_to_codes(x, torch.tensor(-3.0)).backward()
+    assert float(x.grad) == 1.0  # a code opposite its row: straight through

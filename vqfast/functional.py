@@ -432,11 +432,14 @@ def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
     backend, for 16- and 32-bit tensors, in plain backward passes. Under ``torch.compile`` the PyTorch
     ops below are traced (and fused by the compiler); with ``create_graph=True`` they are recorded, so
     that the gradient can be differentiated again."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() == 0:
         return False
     if not all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (z, codes, grad)):
         return False
-    if resolve_backend(z.device, z.dtype) != "triton" or z.device.type != grad.device.type:
+    try:
+        if resolve_backend(z.device, z.dtype) != "triton" or z.device.type != grad.device.type:
+            return False
+    except RuntimeError:  # the Triton backend forced where it cannot run: the PyTorch ops can
         return False
     # (The interpreter computes bfloat16 wrongly: vqfast keeps it off bfloat16 tensors.)
     return z.device.type == "cuda" or torch.bfloat16 not in (z.dtype, codes.dtype, grad.dtype)

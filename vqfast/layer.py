@@ -485,8 +485,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The indices :meth:`forward` gives for ``z`` (-1 where ``mask`` is False), from the search alone:
-        no ``z_q``, no loss and, in training mode too, no statistics, k-means, restarts or EMA update.
+        """The indices :meth:`forward` gives for ``z`` in eval mode (-1 where ``mask`` is False), from the
+        search alone: no ``z_q``, no loss and, in training mode too, no statistics, k-means, restarts or
+        EMA update (so a training forward that runs k-means on this batch searches other codes).
         For tokenizing. Plain PyTorch: ``cdist(z_rows, codebook).argmin(1)`` shaped like z without its
         channel dimension (the layer's metric and search precision)."""
         cdim = self._checked_channel_dim(z, mask)
