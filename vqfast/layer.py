@@ -283,6 +283,9 @@ class VectorQuantizer(nn.Module):
     the rows of index -1; where the fused step does not apply (the cosine metric, the diversity
     terms, the rotation trick, under ``torch.compile``, the CPU backend) it computes its loss and
     ``z_q`` with PyTorch ops around the search and ``vqfast.gather`` (a few N x D temporaries).
+    ``heads``: each position's channels are ``heads`` vectors of ``embedding_dim`` in turn, each
+    quantized with the one codebook (multi-head VQ); the indices then end in a dimension of ``heads``
+    (a mask stays one of positions). 1 by default.
     ``gradient``: how the gradient of ``z_q`` reaches ``z``: "straight_through" (default, unchanged)
     or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
     and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
@@ -332,6 +335,7 @@ class VectorQuantizer(nn.Module):
         sync_distributed: bool = True,
         process_group: Any = None,
         gradient: str = "straight_through",
+        heads: int = 1,
     ) -> None:
         super().__init__()
         num_embeddings = check_int(num_embeddings, "num_embeddings", minimum=1)
@@ -358,6 +362,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        self.heads = check_int(heads, "heads", minimum=1)
         self.num_embeddings = num_embeddings
         self.gradient = gradient
         self.embedding_dim = embedding_dim
@@ -447,7 +452,10 @@ class VectorQuantizer(nn.Module):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() == 0:
             raise ValueError("indices must have at least a batch dimension, got a 0-dimensional tensor")
-        channel_dim = self._channel_dim_of(indices.dim() + 1, f"codes from indices of shape {tuple(indices.shape)}")
+        if self.heads > 1 and (indices.dim() < 2 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices must end in a dimension of heads={self.heads}, got shape {tuple(indices.shape)}")
+        positions = indices.dim() - (self.heads > 1)
+        channel_dim = self._channel_dim_of(positions + 1, f"codes from indices of shape {tuple(indices.shape)}")
         weight = self.embeddings.weight
         if self.metric == "cosine":
             weight = reference.unit_rows(weight)
@@ -463,6 +471,8 @@ class VectorQuantizer(nn.Module):
             codes = torch.where(left_out.unsqueeze(-1), 0.0, codes)
         else:
             codes = gather(weight, indices, check_indices=check_indices)  # (which says what is wrong)
+        if self.heads > 1:
+            codes = codes.reshape(*indices.shape[:-1], self.heads * self.embedding_dim)
         return codes.movedim(-1, channel_dim).contiguous()
 
     def _checked_channel_dim(self, z: Tensor, mask: Tensor | None) -> int:
@@ -474,14 +484,26 @@ class VectorQuantizer(nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
         cdim = self._channel_dim(z)
-        if z.shape[cdim] != self.embedding_dim:
+        if z.shape[cdim] != self.heads * self.embedding_dim:
+            expected = (f"embedding_dim={self.embedding_dim}" if self.heads == 1 else
+                        f"heads * embedding_dim = {self.heads} * {self.embedding_dim}")
             raise ValueError(
-                f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim={self.embedding_dim} "
+                f"z has {z.shape[cdim]} channels at dim {cdim}, expected {expected} "
                 f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
             )
         if mask is not None:
             _check_mask(mask, z, cdim)
         return cdim
+
+    def _index_shape(self, positions: torch.Size) -> torch.Size:
+        """The indices' shape for these positions (z without its channels): one index per head."""
+        return positions if self.heads == 1 else torch.Size((*positions, self.heads))
+
+    def _row_mask(self, mask: Tensor | None) -> Tensor | None:
+        """A mask of positions as one of rows (each position's heads in turn)."""
+        if mask is None or self.heads == 1:
+            return None if mask is None else mask.reshape(-1)
+        return mask.unsqueeze(-1).expand(*mask.shape, self.heads).reshape(-1)
 
     @torch.no_grad()
     def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -495,8 +517,10 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False) if _autocast_on(z.device.type) \
                 else contextlib.nullcontext():
             indices, _ = self._search(z_last.reshape(-1, self.embedding_dim), self.embeddings.weight)
-        indices = indices.reshape(z_last.shape[:-1])
-        return indices if mask is None else torch.where(mask, indices, -1)
+        indices = indices.reshape(self._index_shape(z_last.shape[:-1]))
+        if mask is None:
+            return indices
+        return torch.where(mask if self.heads == 1 else mask.unsqueeze(-1), indices, -1)
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
@@ -515,12 +539,12 @@ class VectorQuantizer(nn.Module):
             return fused
         z_last = z.movedim(cdim, -1)
         rows = z_last.reshape(-1, self.embedding_dim)
-        z_q, loss, indices = self._quantize_rows(rows, None if mask is None else mask.reshape(-1))
+        z_q, loss, indices = self._quantize_rows(rows, self._row_mask(mask))
         z_q = z_q.reshape(z_last.shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
             # Channels-first z gives channels-last rows; callers of a drop-in layer may .view() z_q.
             z_q = z_q.contiguous()
-        return z_q, loss, indices.reshape(z_last.shape[:-1])
+        return z_q, loss, indices.reshape(self._index_shape(z_last.shape[:-1]))
 
     def _fused_step(self, z: Tensor, cdim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
         """The step of ``_quantize_rows`` with the input's layout inside one autograd node, for eager
@@ -543,7 +567,7 @@ class VectorQuantizer(nn.Module):
         rows = z_last.reshape(-1, self.embedding_dim)
         # The public search checks z and the codebook (shapes, device) as quantize would; the dtypes
         # are the kernels' (above), so quantize's own checks would pass too.
-        valid = None if mask is None else mask.reshape(-1)
+        valid = self._row_mask(mask)
         train, indices, distances, restarts = self._start_step(rows, weight, valid)
         beta = check_number(self.beta, "beta", minimum=0.0)
         codebook, copy = self._step_codebook(weight, train, restarts)
@@ -556,7 +580,7 @@ class VectorQuantizer(nn.Module):
             if valid is not None:
                 distances = torch.where(valid, distances, math.inf)
             self._update_statistics(rows, indices, distances, restarts, valid)
-        return z_q, loss, step_indices.reshape(z_last_shape[:-1])
+        return z_q, loss, step_indices.reshape(self._index_shape(z_last_shape[:-1]))
 
     def _start_step(self, rows: Tensor, weight: Tensor, valid: Tensor | None = None,
                     ) -> tuple[bool, Tensor, Tensor, bool]:
@@ -937,4 +961,6 @@ class VectorQuantizer(nn.Module):
                          f"entropy_temperature={self.entropy_temperature}")
         if self.gradient != "straight_through":
             parts.append(f"gradient={self.gradient!r}")
+        if self.heads > 1:
+            parts.append(f"heads={self.heads}")
         return ", ".join(parts)

@@ -167,11 +167,8 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(indices.min())}")
         total = None
         for stage, vq in enumerate(self.quantizers):
-            stage_indices = indices[..., stage]
-            used = stage_indices >= 0
-            codes = vq.codes_from_indices(stage_indices.clamp_min(0), check_indices=check_indices)
-            channel_dim = vq._channel_dim_of(stage_indices.dim() + 1, "codes")
-            codes = torch.where(used.unsqueeze(channel_dim), codes, 0.0)
+            # (Each stage decodes -1 to zeros.)
+            codes = vq.codes_from_indices(indices[..., stage], check_indices=check_indices)
             total = codes if total is None else total + codes
         return total
 
