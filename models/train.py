@@ -199,8 +199,9 @@ def _validate(cfg: TrainConfig) -> None:
         _validate_vq_kwargs(cfg)
 
 
-# Set through their own options (--codes, --code-dim) or not expressible on the command line.
-_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group")
+# Set through their own options (--codes, --code-dim), not expressible on the command line, or not the
+# article's model (heads: its encoder gives one code's channels per position).
+_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group", "heads")
 
 
 def _validate_vq_kwargs(cfg: TrainConfig) -> None:

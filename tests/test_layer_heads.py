@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from vqfast import ResidualVectorQuantizer, VectorQuantizer
+from vqfast import ResidualVectorQuantizer, VectorQuantizer, rotate_to_codes
 
 
 def _step(layer, z, mask=None):
@@ -97,3 +97,18 @@ def test_heads_compile_without_graph_breaks(device):
         got = compiled(z, mask=mask)
         assert torch.equal(got[2], eager[2]) and torch.equal(got[0], eager[0])
         torch.testing.assert_close(got[1], eager[1])
+
+
+def test_residual_rotation_rotates_each_head_on_its_own(device):
+    """A gradient on one head's z_q reaches that head's z only, as in one layer with heads."""
+    torch.manual_seed(6)
+    rvq = ResidualVectorQuantizer(2, 16, 4, heads=2, gradient="rotation", dead_code_threshold=0.0).to(device)
+    z = torch.randn(3, 8, device=device, requires_grad=True)
+    upstream = torch.zeros(3, 8, device=device)
+    upstream[:, 4:] = 1.0
+    (rvq(z)[0] * upstream).sum().backward()
+    assert bool((z.grad[:, :4] == 0).all()) and bool((z.grad[:, 4:] != 0).any())
+    z_q = rvq.eval()(z)[0].detach()
+    rows = z.detach().reshape(6, 4).requires_grad_(True)
+    rotate_to_codes(rows, z_q.reshape(6, 4)).backward(upstream.reshape(6, 4))
+    torch.testing.assert_close(z.grad.reshape(6, 4), rows.grad)

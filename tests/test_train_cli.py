@@ -55,6 +55,7 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("argv, option", [
     (["vqvae", "--vq-option", "foo=1"], "--vq-option"),
+    (["vqvae", "--vq-option", "heads=2"], "unknown VectorQuantizer option"),
     (["vqvae", "--vq-option", "init=bogus"], "--vq-option"),
     (["ae", "--vq-option", "init=uniform"], "--vq-option"),
     (["vae", "--vq-option", "ema=true"], "--vq-option"),

@@ -233,7 +233,8 @@ class VectorQuantizer(nn.Module):
     ``forward(z)`` takes (B, C, H, W) (channels at dim 1; any input with 4 or more dims defaults to
     channels at dim 1), (B, N, C) or (N, C) (channels last), or any layout with ``channel_dim`` given,
     and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the value of the nearest code
-    and passes gradients straight to z; indices are int64 with the channel dimension removed. The
+    and passes gradients straight to z; indices are int64 with the channel dimension removed (with
+    ``heads`` > 1, a last dimension of ``heads`` in its place). The
     codebook is ``self.embeddings`` (an ``nn.Embedding``, kept float32 when the model is converted
     to fp16 or bf16, as are the running statistics), so its weights move by name
     (``embeddings.weight``) to and from the article's layer. Plain PyTorch for one step::
@@ -268,7 +269,7 @@ class VectorQuantizer(nn.Module):
     Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
     code into NaN for good.
-    ``forward(z, mask=...)``: a bool tensor shaped like the indices (e.g. (B, T) padding masks of
+    ``forward(z, mask=...)``: a bool tensor shaped like z without its channels (e.g. (B, T) padding masks of
     sequences), True for the rows to quantize. The others (padding, whatever they hold) keep
     ``z_q = z`` with its gradient, get index -1 (which :meth:`codes_from_indices` decodes to zeros),
     and take no part in the loss (a mean over the kept rows, 0 when none is kept), the diversity
@@ -441,7 +442,8 @@ class VectorQuantizer(nn.Module):
         samples, stored tokens). The codes as they are now: a training forward that rewrote the codebook
         afterwards (EMA, restarts) returned the codes before that.
 
-        Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)``. In the codebook's
+        Plain PyTorch: ``self.embeddings.weight[indices].movedim(-1, channel_dim)`` (with ``heads`` > 1,
+        indices end in a dimension of ``heads``, and ``.flatten(-2)`` comes before the move). In the codebook's
         dtype (float32; forward's ``z_q`` is in z's), differentiable with respect to the codebook.
         Index -1 (a row that forward's ``mask`` left out) gives a zero vector. Other indices outside
         [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as in
@@ -510,8 +512,8 @@ class VectorQuantizer(nn.Module):
         """The indices :meth:`forward` gives for ``z`` in eval mode (-1 where ``mask`` is False), from the
         search alone: no ``z_q``, no loss and, in training mode too, no statistics, k-means, restarts or
         EMA update (so a training forward that runs k-means on this batch searches other codes).
-        For tokenizing. Plain PyTorch: ``cdist(z_rows, codebook).argmin(1)`` shaped like z without its
-        channel dimension (the layer's metric and search precision)."""
+        For tokenizing. Plain PyTorch: ``cdist(z_rows, codebook).argmin(1)`` shaped like forward's indices
+        (the layer's metric and search precision)."""
         cdim = self._checked_channel_dim(z, mask)
         z_last = z.movedim(cdim, -1)
         with torch.autocast(device_type=z.device.type, enabled=False) if _autocast_on(z.device.type) \
@@ -524,7 +526,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
-        shaped like the indices, True for the rows to quantize (padding False)."""
+        shaped like z without its channel dimension, True for the rows to quantize (padding False)."""
         cdim = self._checked_channel_dim(z, mask)
         # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
         # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)

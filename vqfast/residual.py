@@ -38,7 +38,8 @@ class ResidualVectorQuantizer(nn.Module):
             q_sum = q_sum + q.detach(); r = r - q.detach(); loss = loss + l
         z_q = z + (q_sum - z).detach() # straight through, as one step
 
-    ``forward(z, num_quantizers=None, mask=None)`` returns ``(z_q, loss, indices)``: ``z_q`` in z's layout and
+    ``forward(z, num_quantizers=None, mask=None)`` returns ``(z_q, loss, indices)`` (with ``heads=H``
+    among the stages' options, indices end in (H, num_quantizers)): ``z_q`` in z's layout and
     dtype, whose value is the sum of the codes (summed in fp32 at least, then cast) and whose gradient
     goes to ``z`` once, unchanged (as in EnCodec, where vector-quantize-pytorch's ``ResidualVQ`` passes
     it once per stage); ``loss`` the sum of the stages' losses, every stage's commitment term reaching
@@ -129,7 +130,11 @@ class ResidualVectorQuantizer(nn.Module):
             # Padding: z itself (the stages' sum is z there only for finite padding: inf - inf is NaN).
             codes_sum = torch.where(mask.unsqueeze(cdim), codes_sum, z)
         if self.gradient == "rotation":
-            z_q = rotate_to_codes(z.movedim(cdim, -1), codes_sum.movedim(cdim, -1)).movedim(-1, cdim)
+            # Each head's vector onto its own codes (one head: the position's whole vector).
+            heads = self.quantizers[0].heads
+            z_last, codes_last = z.movedim(cdim, -1), codes_sum.movedim(cdim, -1)
+            rotated = rotate_to_codes(z_last.unflatten(-1, (heads, -1)), codes_last.unflatten(-1, (heads, -1)))
+            z_q = rotated.flatten(-2).movedim(-1, cdim)
             if mask is not None:
                 # Padding: z, gradient included (a rotation of z onto itself is the identity only
                 # up to rounding).
