@@ -36,8 +36,12 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
                          dead_per_block_ptr, K, usage_decay, usage_rate, log2_usage_decay, dead_threshold,
                          FIND_DEAD: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    # Slot K holds the number of rows counted (finite rows only).
-    total = tl.maximum(tl.load(counts_ptr + K).to(tl.float32), 1.0)
+    # Slot K holds the number of rows counted (finite rows only). A step that counted none (every row
+    # masked out, or NaN) leaves the running statistics as they are.
+    counted = tl.load(counts_ptr + K)
+    total = tl.maximum(counted.to(tl.float32), 1.0)
+    usage_decay = tl.where(counted > 0, usage_decay, 1.0)
+    usage_rate = tl.where(counted > 0, usage_rate, 0.0)
     steps = tl.load(steps_ptr)
     # Bias correction of the running share, as Adam's: 1 - decay ** steps.
     correction = tl.maximum(1.0 - tl.exp2(steps * log2_usage_decay), 1e-12)
@@ -109,6 +113,10 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     # Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, before and after this step's counts.
     # No counts yet with eps = 0: every smoothed count is 0 (not 0 / 0).
     total = tl.load(total_ptr)
+    # A step that counted no row (every row masked out, or NaN) leaves the averages as they are.
+    counted = tl.load(counts_ptr + K)
+    decay = tl.where(counted > 0, decay, 1.0)
+    rate = tl.where(counted > 0, rate, 0.0)
     count = tl.load(ema_count_ptr + offs, mask=mask, other=0.0)
     smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
     count = count * decay + rate * tl.load(counts_ptr + offs, mask=mask, other=0).to(tl.float32)
@@ -191,7 +199,8 @@ def update_code_usage(
 ) -> None:
     """One training step's update of the usage statistics, in place, then dead-code restarts.
 
-    ``counts`` (K + 1,) int64: this step's code counts, then their total (:func:`finite_row_counts`).
+    ``counts`` (K + 1,) int64: this step's code counts, then their total (:func:`finite_row_counts`); a
+    total of 0 (every row masked out, or NaN) leaves the statistics as they are.
     ``usage``, ``grace`` (K,) fp32, ``batch_counts`` (K,) int64 and ``steps`` (() fp32) are the
     running statistics. With ``seeds`` (S, D) fp32 and ``weight`` (K, D) fp32 or fp64, codes unused in
     this batch whose bias-corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the
@@ -229,8 +238,8 @@ def update_code_usage(
     if plan is None:
         plan = _USAGE_PLANS.add(key, _UsagePlan(k, usage_decay, dead_threshold, seeds, weight, ema_count, restart))
     # The step counter first: both kernels read the new count, and no kernel may write what another
-    # of its programs reads.
-    steps.add_(1.0)
+    # of its programs reads. A step that counted no row is not counted either.
+    steps.add_(counts[k].clamp(max=1))
     if not restart:
         # Without restarts the first kernel writes no flags: it gets a stand-in pointer.
         plan.update(counts, usage, grace, batch_counts, steps, counts, counts)

@@ -1085,12 +1085,17 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, s
 
 
 def test_ema_without_smoothing_survives_a_batch_of_nan_rows(backend, device):
-    # decay 0 and eps 0 leave every running count at 0 after a batch of NaN rows only; the next batch's
-    # codes must come out finite (the smoothed counts were 0 / 0 once).
+    # A batch of NaN rows only counts no row: the averages stay as they are. Then decay 0 and eps 0 with
+    # a batch that picks one code leave every other running count at 0; the next batches' codes must
+    # come out finite (their smoothed counts were 0 / 0 once).
     torch.manual_seed(45)
     vq = VectorQuantizer(4, 3, ema=True, decay=0.0, eps=0.0, dead_code_threshold=0.0).to(device)
+    before = vq.embeddings.weight.detach().clone()
     vq(torch.full((8, 3), float("nan"), device=device))
-    assert (vq.ema_count == 0).all()
+    assert (vq.ema_count == 1).all() and torch.equal(vq.embeddings.weight, before)
+    assert float(vq.usage_steps) == 0.0
+    vq(before[0].expand(8, 3).clone())
+    assert (vq.ema_count[1:] == 0).all() and float(vq.ema_count[0]) == 8.0
     for _ in range(2):
         _, _, idx = vq(torch.randn(8, 3, device=device))
         assert torch.isfinite(vq.embeddings.weight).all()

@@ -275,9 +275,8 @@ class VectorQuantizer(nn.Module):
     and take no part in the loss (a mean over the kept rows, 0 when none is kept), the diversity
     terms, the statistics, the EMA averages, k-means or the restart seeds. Restart seeds are drawn
     from the kept rows with another random stream than without a mask (the same distribution). A
-    batch whose rows are all left out still counts as a training step of the running statistics,
-    like a batch that uses no code (usage decays; EMA codes move by the smoothing of their counts),
-    since telling it apart would sync the host; k-means does not pool it (without DDP). Without a
+    batch whose rows are all left out (or all NaN) leaves the statistics, the EMA averages and the
+    codes as they are, decided on the device; k-means does not pool it (without DDP). Without a
     host sync, except where the kept rows are selected: on the batches that k-means pools and with
     the diversity terms on, where ``torch.compile(fullgraph=True)`` therefore fails (the selection's
     size depends on the data). On the GPU a masked step runs the fused kernels too, which leave out

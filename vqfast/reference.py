@@ -298,9 +298,13 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
         weight = m / smoothed(ema_count)          # a code with smoothed count 0 (eps = 0) keeps its value
     """
     k = ema_count.shape[0]
+    # A step that counted no row (every row masked out, or NaN) leaves the averages as they are.
+    counted = counts[k] > 0
+    rate = torch.where(counted, 1.0 - decay, 0.0).to(ema_count.dtype)
+    decay = torch.where(counted, decay, 1.0).to(ema_count.dtype)
     running_sums = weight.float() * _smoothed_counts(ema_count, eps).unsqueeze(1)
-    running_sums.mul_(decay).add_(sums, alpha=1.0 - decay)
-    ema_count.mul_(decay).add_(counts[:k].to(ema_count.dtype), alpha=1.0 - decay)
+    running_sums.mul_(decay).add_(sums * rate)
+    ema_count.mul_(decay).add_(counts[:k].to(ema_count.dtype) * rate)
     smoothed = _smoothed_counts(ema_count, eps).unsqueeze(1)
     weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
 
@@ -320,8 +324,8 @@ def update_code_usage(
 ) -> None:
     """One training step's update of a codebook's usage statistics, then its dead-code restarts (in place).
 
-    ``counts`` is (K + 1,): this step's code counts, then their total (:func:`finite_row_counts`).
-    ``usage`` is an EMA of per-step usage shares, ``grace`` a credit that restarted codes get, both
+    ``counts`` is (K + 1,): this step's code counts, then their total (:func:`finite_row_counts`); a
+    total of 0 (every row masked out, or NaN) leaves the statistics as they are. ``usage`` is an EMA of per-step usage shares, ``grace`` a credit that restarted codes get, both
     decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
     ``1 - usage_decay ** steps``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused in this
     batch whose corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the n-th dead
@@ -330,12 +334,16 @@ def update_code_usage(
     No host synchronisation: the restarts are applied with masks.
     """
     k = usage.shape[0]
+    # A step that counted no row (every row masked out, or NaN) leaves the statistics as they are.
+    counted = counts[k] > 0
     total = counts[k].to(torch.float32).clamp_min(1.0)
     counts = counts[:k]
-    steps.add_(1.0)
+    steps.add_(counted.to(steps.dtype))
     batch_counts.copy_(counts)
-    usage.mul_(usage_decay).add_(counts.to(torch.float32) / total, alpha=1.0 - usage_decay)
-    grace.mul_(usage_decay)
+    decay = torch.where(counted, usage_decay, 1.0).to(usage.dtype)
+    rate = torch.where(counted, 1.0 - usage_decay, 0.0).to(usage.dtype)
+    usage.mul_(decay).add_(counts.to(usage.dtype) / total * rate)
+    grace.mul_(decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
         return
     decayed = 1.0 - usage_decay ** steps  # the bias correction, and K times a restarted code's credit
