@@ -91,7 +91,10 @@ HEADLINE_PROVIDERS = ("vqfast", WALL_PROVIDER, GRAPH_PROVIDER, "cdist+argmin", "
                       TMA_PROVIDER)
 # The layer's training step (forward and backward) replayed from a CUDA graph as well: what capturing
 # a training step (torch.cuda.graph, torch.compile(mode="reduce-overhead")) leaves of its cost.
-LAYER_PROVIDERS = ("vqfast", GRAPH_PROVIDER, "matmul+argmin", "article (fixed)", "vector-quantize-pytorch")
+# The rotation trick too: vector-quantize-pytorch's VectorQuantize may use it by default (see the row's note).
+ROTATION_PROVIDER = "vqfast (rotation trick)"
+LAYER_PROVIDERS = ("vqfast", GRAPH_PROVIDER, ROTATION_PROVIDER, "matmul+argmin", "article (fixed)",
+                   "vector-quantize-pytorch")
 # Input batches the layer benchmark feeds in turn.
 LAYER_BATCHES = 4
 TRAIN_PROVIDERS = ("vqfast", "article (fixed)", "no VQ")
@@ -1498,6 +1501,8 @@ def _layer_module(provider: str, k: int, c: int) -> nn.Module | None:
 
     if provider in ("vqfast", GRAPH_PROVIDER):
         return VectorQuantizer(k, c)
+    if provider == ROTATION_PROVIDER:
+        return VectorQuantizer(k, c, gradient="rotation")
     if provider == "article (fixed)":
         return ArticleVQ(k, c, search="broadcast")
     if provider == "matmul+argmin":
@@ -1582,6 +1587,11 @@ def run_layer(ctx: Context) -> None:
                 layer = _built_on_device(ctx, rec, lambda: _layer_module(provider, k, c))
                 if layer is None:
                     continue
+                if provider == ROTATION_PROVIDER:
+                    rec.note = "gradient='rotation' (its backward: kernels/rotation.py), otherwise the defaults"
+                elif provider == "vector-quantize-pytorch":
+                    rotation = getattr(getattr(layer, "inner", None), "rotation_trick", None)
+                    rec.note = "its defaults" + ("" if rotation is None else f" (rotation_trick={rotation})")
                 weight = getattr(getattr(layer, "embeddings", None), "weight", None)
                 if weight is not None:
                     # Same codebook for every provider, so each solves the same search.
