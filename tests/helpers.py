@@ -68,3 +68,23 @@ def near_tie_rows(c, ties, triples, g):
     xy = torch.linalg.solve(gram, 0.5 * torch.stack([(u * u).sum(1), (v * v).sum(1)], 1))
     centre = p + xy[:, :1] * u + xy[:, 1:] * v
     return a, b, pairs, three, (centre + 1e-5 * (p - centre)).float()
+
+
+def assert_compiled_steps_match(layer: torch.nn.Module, z: torch.Tensor, mask: torch.Tensor | None = None,
+                                steps: int = 2) -> None:
+    """``torch.compile(fullgraph=True)`` of a copy of ``layer`` gives the eager training forwards' outputs
+    (the same random draws: each step seeds both runs alike) and ends with the same codebook."""
+    import copy
+
+    twin = copy.deepcopy(layer)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    kwargs = {} if mask is None else {"mask": mask}
+    for step in range(steps):
+        torch.manual_seed(10 + step)
+        eager = layer(z, **kwargs)
+        torch.manual_seed(10 + step)
+        got = compiled(z, **kwargs)
+        assert torch.equal(got[2], eager[2]) and torch.equal(got[0], eager[0])
+        torch.testing.assert_close(got[1], eager[1])
+    torch.testing.assert_close(twin.embeddings.weight, layer.embeddings.weight)

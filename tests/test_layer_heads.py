@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from helpers import assert_compiled_steps_match
 from vqfast import ResidualVectorQuantizer, VectorQuantizer, rotate_to_codes
 
 
@@ -85,18 +86,9 @@ def test_bad_heads_and_shapes():
 def test_heads_compile_without_graph_breaks(device):
     torch.manual_seed(5)
     vq = VectorQuantizer(16, 4, heads=2).to(device)
-    twin = copy.deepcopy(vq)
-    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-    torch._dynamo.reset()
     z = torch.randn(3, 5, 8, device=device)
     mask = torch.arange(5, device=device)[None, :] < torch.tensor([[5], [3], [1]], device=device)
-    for step in range(2):
-        torch.manual_seed(10 + step)
-        eager = vq(z, mask=mask)
-        torch.manual_seed(10 + step)
-        got = compiled(z, mask=mask)
-        assert torch.equal(got[2], eager[2]) and torch.equal(got[0], eager[0])
-        torch.testing.assert_close(got[1], eager[1])
+    assert_compiled_steps_match(vq, z, mask)
 
 
 def test_residual_rotation_rotates_each_head_on_its_own(device):
