@@ -344,8 +344,13 @@ def _row_errors(z_rows, mask_n, D, stride_zd, err_resid, err_dot, err_tiny,
     z_sqnorm, z_resid = _row_tf32_norms(z_rows, mask_n, D, stride_zd, BLOCK_N, BLOCK_D)
     # err_tiny = D * 2**-126 covers squares and products that underflow (GPUs flush subnormals to
     # zero), and sqrt_rn is exact rounding: tl.sqrt is an approximation that flushes subnormal inputs.
-    z_norm = tl.sqrt_rn(z_sqnorm + err_tiny)
-    return err_resid * tl.sqrt_rn(z_resid + err_tiny) + err_dot * z_norm, err_resid * z_norm
+    return _row_error_factors(tl.sqrt_rn(z_sqnorm + err_tiny), tl.sqrt_rn(z_resid + err_tiny), err_resid, err_dot)
+
+
+@triton.jit
+def _row_error_factors(z_norm, z_resid_norm, err_resid, err_dot):
+    """``_row_errors``'s two factors from the rows' norm and tf32 residual norm."""
+    return err_resid * z_resid_norm + err_dot * z_norm, err_resid * z_norm
 
 
 @triton.jit

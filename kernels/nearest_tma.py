@@ -34,8 +34,8 @@ import triton.language as tl
 from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels.nearest import (
-    _SEARCH_TENSORS, _code_norms_kernel, _reduce_slots, _shared_memory_bytes, _store_choice, _store_split_winners,
-    _tile_scores, _update_slots, _upper_bound, tma_search_enabled,
+    _SEARCH_TENSORS, _code_norms_kernel, _reduce_slots, _row_error_factors, _shared_memory_bytes, _store_choice,
+    _store_split_winners, _tile_scores, _update_slots, _upper_bound, tma_search_enabled,
 )
 
 try:
@@ -133,9 +133,9 @@ def _nearest_code_tma_kernel(
     if RECHECK:
         # The factors of _row_errors from the rows' norms, computed by a launch before this one:
         # Triton 3.6's warp specialisation fails on a kernel that reduces over rows before its loop.
-        z_norm = tl.load(z_norm_ptr + offs_n, mask=mask_n, other=0.0)
-        row_err = err_resid * tl.load(z_resid_ptr + offs_n, mask=mask_n, other=0.0) + err_dot * z_norm
-        row_resid_err = err_resid * z_norm
+        row_err, row_resid_err = _row_error_factors(tl.load(z_norm_ptr + offs_n, mask=mask_n, other=0.0),
+                                                    tl.load(z_resid_ptr + offs_n, mask=mask_n, other=0.0),
+                                                    err_resid, err_dot)
     z_block = z_desc.load([row0, 0])
     slot_best = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     slot_start = tl.zeros([BLOCK_N, BLOCK_K], tl.int32) + k_begin
