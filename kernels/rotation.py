@@ -89,15 +89,10 @@ def _rotate_grad_kernel(z_ptr, c_ptr, g_ptr, out_ptr, N, D, halfway_min,
         tl.store(out_ptr + rows + offs_d[None, :], out.to(g_in.dtype), mask=mask)
 
 
-# Below this length of z^ + c^ (a code within ~1e-6 rad of the opposite of its row) the reflection's
-# axis is lost to rounding: vqfast.functional's own threshold.
-HALFWAY_MIN = 1e-6
-
-
-def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, halfway_min: float) -> torch.Tensor:
     """The rotation trick's gradient for rows ``z``, ``codes`` and ``grad`` (N, D) of one shape, in
     ``grad``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with
-    PyTorch ops, in one launch."""
+    PyTorch ops, in one launch. Rows whose |z^ + c^| is at most ``halfway_min`` are not rotated."""
     check_launchable(z, codes, grad)
     if z.dim() != 2 or z.shape != codes.shape or z.shape != grad.shape:
         raise ValueError(f"z, codes and grad must be (N, D) of one shape, got {tuple(z.shape)}, "
@@ -106,15 +101,15 @@ def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor) ->
     out = torch.empty((n, d), dtype=grad.dtype, device=grad.device)
     if n == 0 or d == 0:
         return out.copy_(grad)
-    _launch(n, d)(z.contiguous(), codes.contiguous(), grad.contiguous(), out)
+    _launch(n, d, float(halfway_min))(z.contiguous(), codes.contiguous(), grad.contiguous(), out)
     return out
 
 
 @functools.lru_cache(maxsize=256)
-def _launch(n: int, d: int) -> PreparedLaunch:
+def _launch(n: int, d: int, halfway_min: float) -> PreparedLaunch:
     block_d = min(128, max(16, next_power_of_2(d)))
     # 16 rows by 128 columns: 16 elements of each of three tiles per thread with 4 warps, and five
     # float64 sums per row.
     block_n = 16
-    return PreparedLaunch(_rotate_grad_kernel, (cdiv(n, block_n),), (n, d, HALFWAY_MIN),
+    return PreparedLaunch(_rotate_grad_kernel, (cdiv(n, block_n),), (n, d, halfway_min),
                           dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4))

@@ -399,8 +399,8 @@ class _RotateToCodes(torch.autograd.Function):
 
             with on_device(z):
                 d = z.shape[-1]
-                return kernels.rotate_gradient(z.reshape(-1, d), codes.reshape(-1, d),
-                                               grad.reshape(-1, d)).reshape(grad.shape), None
+                return kernels.rotate_gradient(z.reshape(-1, d), codes.reshape(-1, d), grad.reshape(-1, d),
+                                               _HALFWAY_MIN).reshape(grad.shape), None
         # The rotation is a constant of the step (built from detached tensors); only the incoming
         # gradient is differentiated again under create_graph=True.
         wide = torch.promote_types(torch.promote_types(z.dtype, codes.dtype), torch.float32)
