@@ -578,8 +578,6 @@ class VectorQuantizer(nn.Module):
                                           valid is not None)
         loss = self._ema_loss(loss)
         if train:
-            if valid is not None:
-                distances = torch.where(valid, distances, math.inf)
             self._update_statistics(rows, indices, distances, restarts, valid)
         return z_q, loss, step_indices.reshape(self._index_shape(z_last_shape[:-1]))
 
@@ -634,8 +632,6 @@ class VectorQuantizer(nn.Module):
                 z_q = rotate_to_codes(reference.unit_rows(rows) if self.metric == "cosine" else rows, z_q.detach())
         else:
             z_q, loss = self._masked_quantize(rows, codebook, indices, valid)
-            # Rows left out count as rows whose distance is not finite: the statistics pass over those.
-            distances = torch.where(valid, distances, math.inf)
         loss = self._ema_loss(loss)
         if self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0:
             # (With a mask, selecting its rows syncs the host: the soft assignments have no row weights.)
@@ -787,7 +783,7 @@ class VectorQuantizer(nn.Module):
                            valid: Tensor | None = None) -> None:
         """After the search and the loss: the running statistics, the EMA codebook and the dead-code
         restarts of this training step (in place, without host synchronisation). Rows whose distance
-        is not finite take no part; ``valid`` (a mask's rows) also keeps the others out of the seeds."""
+        is not finite take no part, nor do rows outside ``valid`` (a mask's rows), seeds included."""
         k = self.num_embeddings
         # Looked up once: each attribute lookup through nn.Module.__getattr__ costs ~1 us.
         buffers = self._buffers
@@ -799,6 +795,9 @@ class VectorQuantizer(nn.Module):
         # The kernels' ops and the reference share names and signatures.
         upkeep = _upkeep_ops() if triton else reference
         # A row holding NaN or inf has a NaN or inf distance: no N x D pass over the rows to find it.
+        # Rows a mask leaves out count as such rows.
+        if valid is not None:
+            distances = torch.where(valid, distances, math.inf)
         # counts: (K + 1,), this step's code counts and then their total, summed over ranks.
         counts = self._all_reduce_(upkeep.finite_row_counts(indices, distances, k))
         if self.ema:
