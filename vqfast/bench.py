@@ -1580,6 +1580,8 @@ def run_layer(ctx: Context) -> None:
                     rec.note = "fp32 data; search at the layer's default precision='tf32' (exact indices)"
                 elif provider == GRAPH_PROVIDER:
                     rec.note = "the vqfast step captured in a CUDA graph and replayed (no host launch cost)"
+                elif provider == ROTATION_PROVIDER:
+                    rec.note = "gradient='rotation' (its backward: kernels/rotation.py), otherwise the defaults"
                 if est > ctx.meter.memory_limit():
                     rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
                     ctx.add(rec)
@@ -1587,9 +1589,7 @@ def run_layer(ctx: Context) -> None:
                 layer = _built_on_device(ctx, rec, lambda: _layer_module(provider, k, c))
                 if layer is None:
                     continue
-                if provider == ROTATION_PROVIDER:
-                    rec.note = "gradient='rotation' (its backward: kernels/rotation.py), otherwise the defaults"
-                elif provider == "vector-quantize-pytorch":
+                if provider == "vector-quantize-pytorch":  # (what its defaults are, known once it is built)
                     rotation = getattr(getattr(layer, "inner", None), "rotation_trick", None)
                     rec.note = "its defaults" + ("" if rotation is None else f" (rotation_trick={rotation})")
                 weight = getattr(getattr(layer, "embeddings", None), "weight", None)

@@ -325,8 +325,8 @@ def update_code_usage(
     """One training step's update of a codebook's usage statistics, then its dead-code restarts (in place).
 
     ``counts`` is (K + 1,): this step's code counts, then their total (:func:`finite_row_counts`); a
-    total of 0 (every row masked out, or NaN) leaves the statistics as they are. ``usage`` is an EMA of per-step usage shares, ``grace`` a credit that restarted codes get, both
-    decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
+    total of 0 (every row masked out, or NaN) leaves the statistics as they are. ``usage`` is an EMA
+    of per-step usage shares, ``grace`` a credit that restarted codes get, both decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
     ``1 - usage_decay ** steps``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused in this
     batch whose corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the n-th dead
     code by index (n < S) takes seed row n unless that row holds NaN or inf, and then starts over with
