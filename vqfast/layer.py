@@ -149,6 +149,11 @@ def _finite_rows(rows: Tensor) -> Tensor:
     return torch.isfinite(rows).all(dim=-1)
 
 
+def _in_backward_pass() -> bool:
+    """Whether autograd is running a backward pass on this thread (a forward then is a recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _SoftEntropy(torch.autograd.Function):
     """Sample and batch entropies of soft assignments through the streaming Triton kernels."""
 
@@ -275,8 +280,9 @@ class VectorQuantizer(nn.Module):
     and take no part in the loss (a mean over the kept rows, 0 when none is kept), the diversity
     terms, the statistics, the EMA averages, k-means or the restart seeds. Restart seeds are drawn
     from the kept rows with another random stream than without a mask (the same distribution). A
-    batch whose rows are all left out (or all NaN) leaves the statistics, the EMA averages and the
-    codes as they are, decided on the device; k-means does not pool it (without DDP). Without a
+    batch whose rows are all left out (or all NaN) leaves the running statistics, the EMA averages
+    and the codes as they are, decided on the device (the last batch's counts then show no code
+    used); k-means does not pool it (without DDP). Without a
     host sync, except where the kept rows are selected: on the batches that k-means pools and with
     the diversity terms on, where ``torch.compile(fullgraph=True)`` therefore fails (the selection's
     size depends on the data). On the GPU a masked step runs the fused kernels too, which leave out
@@ -587,6 +593,13 @@ class VectorQuantizer(nn.Module):
         and whether restarts follow. ``(train, indices, distances, restarts)``. ``valid``: the rows a
         mask keeps (None: all)."""
         train = self.training and rows.shape[0] > 0
+        if train and not torch.compiler.is_compiling() and _in_backward_pass():
+            raise RuntimeError(
+                "VectorQuantizer ran a training forward inside a backward pass, as activation checkpointing "
+                "(torch.utils.checkpoint) does when it recomputes a region: a training step updates the "
+                "layer's statistics and codebook, so a recompute would update them twice and search a "
+                "codebook the first pass already changed (other codes, wrong gradients). Checkpoint the "
+                "layers before and after it instead (in eval mode it may be recomputed)")
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and self._needs_init and not self._kmeans_paused:
@@ -610,7 +623,9 @@ class VectorQuantizer(nn.Module):
         gradient still reaches the parameter."""
         if self.ema and train:
             return weight.detach().clone(), False
-        return weight, restarts
+        # k-means still to come rewrites it too, in a later forward: one that may run before this
+        # step's backward (a layer applied to two inputs), which needs the codes it searched.
+        return weight, restarts or (train and self._needs_init and weight.requires_grad)
 
     def _ema_loss(self, loss: Tensor) -> Tensor:
         """With EMA, quantize's loss (1 + beta) * mse, whose gradient to z is beta * dmse (the codebook is
@@ -735,6 +750,14 @@ class VectorQuantizer(nn.Module):
             return
         x = torch.cat(self._kmeans_pool)
         self._kmeans_pool = []
+        # A pool without a finite row on any rank (an overflow in the first steps, say) would leave the
+        # codes as they are for good: k-means waits for the next batch instead. One host sync, on the
+        # batch that completes the pool; compiled code runs k-means on the pool it has.
+        if not torch.compiler.is_compiling():
+            finite = self._all_reduce_(_finite_rows(x).sum().reshape(1))
+            if int(finite.item()) == 0:
+                self._kmeans_pool_batches = self.kmeans_batches - 1
+                return
         self._kmeans_pool_batches = 0
         self._kmeans_init(x)
 

@@ -325,7 +325,8 @@ def update_code_usage(
     """One training step's update of a codebook's usage statistics, then its dead-code restarts (in place).
 
     ``counts`` is (K + 1,): this step's code counts, then their total (:func:`finite_row_counts`); a
-    total of 0 (every row masked out, or NaN) leaves the statistics as they are. ``usage`` is an EMA
+    total of 0 (every row masked out, or NaN) leaves the running statistics as they are (``batch_counts``,
+    this step's counts, become zeros). ``usage`` is an EMA
     of per-step usage shares, ``grace`` a credit that restarted codes get, both decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
     ``1 - usage_decay ** steps``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused in this
     batch whose corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the n-th dead
@@ -334,7 +335,7 @@ def update_code_usage(
     No host synchronisation: the restarts are applied with masks.
     """
     k = usage.shape[0]
-    # A step that counted no row (every row masked out, or NaN) leaves the statistics as they are.
+    # A step that counted no row (every row masked out, or NaN) leaves the running statistics as they are.
     counted = counts[k] > 0
     total = counts[k].to(torch.float32).clamp_min(1.0)
     counts = counts[:k]

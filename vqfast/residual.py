@@ -80,7 +80,7 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         self.quantizers = nn.ModuleList(VectorQuantizer(num_embeddings, embedding_dim, **vq_kwargs)
                                         for _ in range(num_quantizers))
-        self._dropout_generator = torch.Generator().manual_seed(check_int(dropout_seed, "dropout_seed", minimum=0))
+        self._dropout_generator = torch.Generator(device="cpu").manual_seed(check_int(dropout_seed, "dropout_seed", minimum=0))
 
     def _stages_for(self, num_quantizers: int | None) -> int:
         if num_quantizers is not None:
@@ -89,9 +89,9 @@ class ResidualVectorQuantizer(nn.Module):
                 raise ValueError(f"num_quantizers must be at most the layer's {self.num_quantizers}, got {n}")
             return n
         if self.training and self.quantizer_dropout > 0.0:
-            # A CPU generator: no device sync.
-            draw = torch.rand((), generator=self._dropout_generator)
-            n = torch.randint(1, self.num_quantizers + 1, (), generator=self._dropout_generator)
+            # A CPU generator: no device sync (and a CPU draw under torch.set_default_device("cuda") too).
+            draw = torch.rand((), generator=self._dropout_generator, device="cpu")
+            n = torch.randint(1, self.num_quantizers + 1, (), generator=self._dropout_generator, device="cpu")
             if float(draw) < self.quantizer_dropout:
                 return int(n)
         return self.num_quantizers
@@ -148,12 +148,14 @@ class ResidualVectorQuantizer(nn.Module):
         """The indices :meth:`forward` gives for ``z`` in eval mode (all stages, or the first
         ``num_quantizers``; -1 for stages not run and rows ``mask`` leaves out), without changing any
         state: no statistics, k-means, restarts, EMA updates or dropout draw, in training mode too."""
-        training = self.training
+        # Each module's own mode is restored: a stage put in eval mode on its own stays there.
+        modes = [(m, m.training) for m in self.modules()]
         self.train(False)
         try:
             return self(z, num_quantizers=num_quantizers, mask=mask)[2]
         finally:
-            self.train(training)
+            for m, training in modes:
+                m.training = training
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
         """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
