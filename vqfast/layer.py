@@ -273,7 +273,8 @@ class VectorQuantizer(nn.Module):
     :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
     Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
-    code into NaN for good.
+    code into NaN for good. A training forward updates the layer's state and must not be recomputed:
+    under activation checkpointing its recompute raises RuntimeError.
     ``forward(z, mask=...)``: a bool tensor shaped like z without its channels (e.g. (B, T) padding masks of
     sequences), True for the rows to quantize. The others (padding, whatever they hold) keep
     ``z_q = z`` with its gradient, get index -1 (which :meth:`codes_from_indices` decodes to zeros),
