@@ -213,12 +213,16 @@ def _load_rgb(path: str):
     from PIL import Image
 
     with _open_image(path) as img:
-        if img.mode.startswith("I"):
-            pixels = np.asarray(img, dtype=np.float64)
-            if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
-                raise ValueError(f"{path}: integer pixels outside the 16-bit range")
-            img = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
-        return img.convert("RGB")
+        try:
+            if img.mode.startswith("I"):
+                pixels = np.asarray(img, dtype=np.float64)
+                if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
+                    raise ValueError(f"{path}: integer pixels outside the 16-bit range")
+                img = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
+            return img.convert("RGB")
+        except OSError as exc:
+            # Damage past the header shows only here, mid-training: PIL's message does not say which file.
+            raise ValueError(f"{path}: {exc}; remove or replace this image") from None
 
 
 @contextmanager

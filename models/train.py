@@ -200,8 +200,9 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 # Set through their own options (--codes, --code-dim), not expressible on the command line, or not the
-# article's model (heads: its encoder gives one code's channels per position).
-_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group", "heads")
+# article's model (heads: its encoder gives one code's channels per position; channel_dim: it feeds
+# (B, C, H, W)).
+_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group", "heads", "channel_dim")
 
 
 def _validate_vq_kwargs(cfg: TrainConfig) -> None:
@@ -297,7 +298,25 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def _psnr(mse: float) -> float:
-    return 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+    """PSNR in dB of images in [0, 1]: inf for a perfect reconstruction, NaN for a NaN or inf error."""
+    if not math.isfinite(mse):
+        return math.nan
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf
+
+
+def _json(obj: Any, indent: int | None = None) -> str:
+    """``json.dumps`` that writes valid JSON: NaN and +-inf (a diverged run's numbers, the PSNR of a
+    perfect reconstruction) become null."""
+    def finite(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -748,8 +767,9 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
                          + "; ".join(conflicts) + ". Leave them out, or start a new run in another --out")
     # Where the data came from too, unless given anew: data_root is stored absolute, and a run that
     # did not download must not start downloading (it could then train on other images).
-    # deterministic too: a resumed run continues as it started unless told otherwise.
-    for name in ("data_root", "download", "deterministic"):
+    # deterministic, amp and the end-of-run evaluation too: a resumed run continues as it started
+    # unless told otherwise.
+    for name in ("data_root", "download", "deterministic", "amp", "eval_data", "eval_limit"):
         if not was_given(name):
             setattr(cfg, name, getattr(saved_cfg, name))
     if not was_given("lr"):
@@ -820,6 +840,9 @@ def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> Non
     if wrong:
         names = ", ".join(_OPTION_NAMES.get(name, name) for name in wrong)
         raise ValueError(f"{names} do{'es' if len(wrong) == 1 else ''} not apply to the {cfg.model} model")
+    if "init" in cfg.vq_kwargs and cfg.codebook_init is not None and _was_given(cfg, "codebook_init", given):
+        raise ValueError(f"--codebook-init {cfg.codebook_init} and --vq-option init={cfg.vq_kwargs['init']} both set "
+                         "how the codebook starts: give one of them")
 
 
 def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
@@ -846,6 +869,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         if cfg.resolved_epochs() < done:
             raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
                              f"has done; give the new total, at least {done}")
+        if int(state.get("batch", 0)) > 0 and cfg.resolved_epochs() <= done:
+            raise ValueError(f"--epochs {cfg.resolved_epochs()}: the run in {run_dir} stopped in epoch {done + 1}, "
+                             f"after batch {int(state['batch'])}; give the new total, at least {done + 1}")
     if settings is not None:
         settings.enter_context(deterministic_algorithms(cfg.deterministic))
     cfg.data = _absolute_source(cfg.data)
@@ -865,8 +891,15 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         try:
             if not cfg.resume:
                 _check_run_dir(run_dir, cfg.overwrite)
-            train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
-                                     limit=cfg.limit, seed=cfg.seed)
+            try:
+                train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
+                                         limit=cfg.limit, seed=cfg.seed, fallback=not cfg.resume)
+            except DatasetUnavailable as exc:
+                if not cfg.resume:
+                    raise
+                raise DatasetUnavailable(f"{exc}. The run in {run_dir} trains on {cfg.data} (from {cfg.data_root}) "
+                                         "and does not switch to the bundled sample when resumed: pass --data-root "
+                                         "where its images are") from exc
             if len(train_set) < dist.world_size:  # each process needs an image per epoch
                 raise ValueError(f"{len(train_set)} training image{'s' if len(train_set) != 1 else ''} cannot be "
                                  f"shared among {dist.world_size} processes")
@@ -880,9 +913,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         raise RuntimeError(f"rank 0 could not start the run: {failure}")
     if train_set is None:
         train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
-                                 limit=cfg.limit, seed=cfg.seed)
-    # A run that fell back to the bundled sample keeps training on it when resumed, even where CIFAR-10
-    # has become available since.
+                                 limit=cfg.limit, seed=cfg.seed, fallback=not cfg.resume)
+    # A resumed run trains on its own images or stops (fallback=False above). One that fell back to the
+    # bundled sample has "sample" as its data, and keeps training on it even where CIFAR-10 has become
+    # available since.
     cfg.data = source_of(train_set, cfg.data)
 
     log_path = run_dir / "train.log" if dist.is_main else None
@@ -1003,10 +1037,13 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     if dist.is_main:
         # Written after the checkpoint: a run stopped before it leaves an empty folder, which a new run
         # may use, rather than a config that neither a new run nor --resume would accept.
-        (run_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (run_dir / CONFIG_NAME).write_text(_json(dataclasses.asdict(cfg), indent=2) + "\n")
         if not held_out:
             _print(f"Note: {dataset_label(train_set, cfg.data)} has no test split, so the end-of-run evaluation "
                    f"uses its training images (pass --eval-data for a held-out set)", log_path)
+        note = _kmeans_pending_note(model, (epochs - start_epoch) * steps_per_epoch - start_batch)
+        if note is not None:
+            _print(note, log_path)
         _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
                f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
                f"{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}",
@@ -1089,12 +1126,20 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 dist.all_sum(torch.full((), float(timed_images), dtype=torch.float64, device=device)))
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
                                    cfg, elapsed, timed)
+            if not math.isfinite(record["avg_loss"]):
+                # The weights are NaN or inf now: training on would waste the time, and its checkpoint would
+                # replace the last good one. (Every rank sees the same summed record.)
+                if dist.is_main:
+                    _print(_epoch_line(record, cfg), log_path)
+                raise ValueError(f"training diverged in epoch {epoch + 1}: its average loss is {record['avg_loss']}. "
+                                 f"{ckpt_path} keeps the last state saved before it; continue from there with --resume "
+                                 "and a lower --lr")
             history.append(record)
             write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:
                 _print(_epoch_line(record, cfg), log_path)
                 with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(_json(record) + "\n")
             if interrupted and epoch + 1 < epochs:
                 if dist.is_main:
                     _print(f"Interrupted after epoch {epoch + 1}; checkpoint saved to {ckpt_path}", log_path)
@@ -1113,6 +1158,21 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         dist.barrier()
     return TrainResult(run_dir=run_dir, model=model, config=cfg, history=history, test_metrics=test_metrics,
                        step_losses=step_losses)
+
+
+def _kmeans_pending_note(model: nn.Module, batches_left: int) -> str | None:
+    """A note when a quantizer's k-means would still be pooling when the run ends (its codes would stay
+    the initial ones until a resumed run completes it); None otherwise."""
+    from vqfast.layer import VectorQuantizer
+
+    for module in model.modules():
+        if isinstance(module, VectorQuantizer) and module._needs_init:
+            needed = module.kmeans_batches - module._kmeans_pool_batches
+            if needed > max(batches_left, 0):
+                return (f"Note: k-means pools {module.kmeans_batches} training batches (kmeans_batches) and this run "
+                        f"has {max(batches_left, 0)} left to train, so its codes stay the initial ones unless the run "
+                        f"is resumed with more --epochs")
+    return None
 
 
 def _kmeans_pools(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -1196,7 +1256,7 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
 
     kept = [line for line in lines if line.strip() and not same_test(line)]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [*kept, json.dumps(test)]), encoding="utf-8")
+    tmp.write_text("".join(line + "\n" for line in [*kept, _json(test)]), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -1245,7 +1305,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
                   "top_codes": [[int(i), int(counts[i])] for i in torch.argsort(counts, descending=True)[:20]
                                 if counts[i] > 0],
                   "counts": counts.tolist()}
-        (run_dir / "codebook_usage.json").write_text(json.dumps(report) + "\n")
+        (run_dir / "codebook_usage.json").write_text(_json(report) + "\n")
         viz.save_code_histogram(counts, run_dir / "codebook_usage.png",
                                 title=f"code usage on {result['n']} {which} images: perplexity {float(perplexity):.1f}")
         test.update(codes_used=used, perplexity=float(perplexity))
@@ -1268,7 +1328,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
     summary = {"model": cfg.model, "parameters": count_parameters(model), "epochs": len(history),
                "train_data": train_label, "train_images": len(train_set),
                "final_train": history[-1] if history else None, "test": test}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(_json(summary, indent=2) + "\n")
     for line in lines:
         _print(line, log_path)
     return test
@@ -1330,12 +1390,14 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
     return ds, info
 
 
-def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: str | None = None,
-             data_root: str = "data", download: bool = True, limit: int | None = None, batch_size: int = 256,
+def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood: str | None = None,
+             data_root: str | Path | None = None, download: bool = True, limit: int | None = None, batch_size: int = 256,
              device: str = "auto", backend: str | None = None, amp: bool = False, out_dir: str | Path | None = None,
              worst: int = 16, progress: bool = True) -> dict[str, Any]:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
 
+    ``data`` None: the run's own end-of-run test source (its ``eval_data``, else its training data);
+    ``data_root`` None: the run's.
     The anomaly score of an image is its summed squared reconstruction error. Writes
     ``eval-<source>-<split>.csv`` (one row per image) and ``eval-<source>-<split>.json`` (the summary)
     and a grid of the ``worst`` reconstructed images to ``out_dir`` (default: the run folder), named
@@ -1362,6 +1424,12 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
         model, cfg, state = load_run(run, dev)
         run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
         out = Path(out_dir) if out_dir else run_dir
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder for the evaluation's outputs")
+        if data is None:
+            data = cfg.eval_data or cfg.data
+        if data_root is None:
+            data_root = cfg.data_root
 
         ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed)
         ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit,
@@ -1413,7 +1481,7 @@ def evaluate(run: str | Path, data: str = "cifar10", split: str = "test", ood: s
             if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
                 ood_file += "-ood"
             _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold)
-        (out / f"eval-{name}-{split_label}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / f"eval-{name}-{split_label}.json").write_text(_json(summary, indent=2) + "\n")
         return summary
 
 
@@ -1464,11 +1532,14 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a("--data", default=None,
       help="(default cifar10) cifar10 (falls back to the bundled sample when unavailable), svhn, sample, synthetic, "
            "or a path to an ImageFolder directory or an .npz with x (N,32,32,3) uint8 and an optional y")
-    a("--data-root", default="data", help="where torchvision datasets live / are downloaded to")
-    a("--no-download", dest="download", action="store_false", help="never download datasets")
+    # (Options whose value a resumed run keeps unless given parse as None when left out.)
+    a("--data-root", default=None, help="where torchvision datasets live / are downloaded to (default ./data; "
+      "with --resume, the run's)")
+    a("--no-download", dest="download", action="store_false", default=None,
+      help="never download datasets (with --resume: as the run did, unless given)")
     a("--out", default=None,
       help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
-    a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    a("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only; with --resume: as the run did)")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
       help="train under torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same "
            "GPU and software (vqfast then sums its codebook gradients in a fixed order); a resumed run keeps "
@@ -1485,7 +1556,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
       help="source for the end-of-run evaluation (default: the test split of --data; an .npz with only x/y or "
            "an image folder has none, so pass its held-out partner here, or the evaluation uses training images "
            "and says so)")
-    a("--eval-limit", type=int, default=2000, help="test images for the end-of-run evaluation (0: all)")
+    a("--eval-limit", type=int, default=None,
+      help="test images for the end-of-run evaluation (default 2000; 0: all; with --resume, the run's)")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -1528,10 +1600,11 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     """Add the evaluation options (``run`` positional: a run folder or checkpoint) to ``parser``."""
     a = parser.add_argument
     a("run", help="run folder (or its checkpoint.pt)")
-    a("--data", default="cifar10", help="cifar10, svhn, sample, synthetic, or a folder / .npz path")
+    a("--data", default=None, help="cifar10, svhn, sample, synthetic, or a folder / .npz path (default: the run's "
+      "own test source, its --eval-data or else its --data)")
     a("--split", choices=("test", "train"), default="test")
     a("--ood", default=None, help="a second source scored as out-of-distribution (e.g. svhn); reports AUROC")
-    a("--data-root", default="data")
+    a("--data-root", default=None, help="where torchvision datasets live (default: the run's)")
     a("--no-download", dest="download", action="store_false")
     a("--limit", type=int, default=None, help="use at most this many images per source")
     a("--batch-size", type=int, default=256)

@@ -260,6 +260,19 @@ def test_image_folder_with_an_unreadable_file_fails_when_loaded(tmp_path: Path) 
         load_dataset(str(tmp_path))
 
 
+def test_image_damaged_past_its_header_names_its_file_when_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.fromarray(_images(1, seed=9)[0]).save(tmp_path / "cats" / "good.png")
+    data = (tmp_path / "cats" / "good.png").read_bytes()
+    (tmp_path / "cats" / "cut.png").write_bytes(data[: len(data) // 2])
+    ds = load_dataset(str(tmp_path))  # the header is fine: found when the pixels are read
+    with pytest.raises(ValueError, match=r"cut\.png: .*remove or replace"):
+        for i in range(len(ds)):
+            ds[i]
+
+
 def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither"):
         load_dataset(str(tmp_path / "nothing-here"))

@@ -79,6 +79,9 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["ae", "--kl-weight", "5"], "--kl-weight"),
     (["vae", "--vq-impl", "article"], "--vq-impl"),
     (["vqvae", "--latent-dim", "7"], "--latent-dim"),
+    # The model feeds (B, C, H, W): another channel dimension could only fail at the first step.
+    (["vqvae", "--vq-option", "channel_dim=2"], "unknown VectorQuantizer option"),
+    (["vqvae", "--codebook-init", "xavier_normal", "--vq-option", "init=kmeans"], "--codebook-init"),
 ])
 def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -249,6 +252,95 @@ def test_resume_refuses_fewer_epochs_than_done(npz_run, capsys) -> None:
     assert "below the" in capsys.readouterr().err
 
 
+def test_resume_refuses_to_end_a_run_stopped_mid_epoch_without_finishing_the_epoch(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY_AE, out=str(out)))
+    state = load_checkpoint(out / "checkpoint.pt")
+    state.update(epoch=0, batch=1)  # as a checkpoint written by Ctrl-C after the first batch
+    save_checkpoint(state, out / "checkpoint.pt")
+    assert train_main(_train_args("ae", "--resume", "--epochs", "0", "--out", str(out), "--no-progress")) == 2
+    assert "stopped in epoch 1, after batch 1" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_data_evaluation_and_precision_settings(tmp_path: Path) -> None:
+    train_npz = _write_npz(tmp_path / "train.npz", 32, seed=0)
+    held_out = _write_npz(tmp_path / "held_out.npz", 20, seed=1)
+    out = tmp_path / "run"
+    first = ["ae", "--data", str(train_npz), "--eval-data", str(held_out), "--eval-limit", "12", "--amp",
+             "--no-download", "--data-root", str(tmp_path / "root"), "--batch-size", "16", "--latent-dim", "16",
+             "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert train_main(_train_args(*first)) == 0
+    before = json.loads((out / "config.json").read_text())
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--out", str(out), "--no-progress")) == 0
+    after = json.loads((out / "config.json").read_text())
+    for name in ("eval_data", "eval_limit", "amp", "download", "data_root"):
+        assert after[name] == before[name], name
+    assert after["eval_limit"] == 12 and after["amp"] is True and after["download"] is False
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["held_out"] is True and summary["test"]["images"] == 12
+    # Given anew, they apply.
+    assert train_main(_train_args("ae", "--resume", "--epochs", "3", "--eval-limit", "0", "--out", str(out),
+                                  "--no-progress")) == 0
+    assert json.loads((out / "config.json").read_text())["eval_limit"] is None
+
+
+def test_a_resumed_cifar10_run_does_not_fall_back_to_the_sample(tmp_path: Path, monkeypatch, capsys) -> None:
+    from torch.utils.data import TensorDataset
+
+    from vqfast.models import data as data_mod
+
+    images = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(data_mod, "load_cifar10",
+                        lambda root, train=True, download=True: TensorDataset(images, torch.zeros(24, dtype=torch.long)))
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "data": "cifar10", "limit": None}, out=str(out)))
+    assert json.loads((out / "config.json").read_text())["data"] == "cifar10"
+
+    def unavailable(root, train=True, download=True):
+        raise data_mod.DatasetUnavailable(f"CIFAR-10 is not in {root}")
+
+    monkeypatch.setattr(data_mod, "load_cifar10", unavailable)
+    before = (out / "checkpoint.pt").read_bytes()
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--out", str(out), "--no-progress")) == 2
+    assert "does not switch to the bundled sample" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_diverging_run_stops_with_its_last_good_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["vae", "--data", "sample", "--limit", "64", "--batch-size", "16", "--latent-dim", "8", "--lr", "100",
+            "--epochs", "3", "--eval-limit", "16", "--out", str(out), "--no-progress"]
+    assert train_main(_train_args(*argv)) == 2
+    assert "training diverged in epoch" in capsys.readouterr().err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        json.loads(line)  # valid JSON, whatever the numbers
+
+
+def test_psnr_and_json_outputs_of_nonfinite_errors() -> None:
+    assert np.isnan(train_mod._psnr(float("nan"))) and np.isnan(train_mod._psnr(float("inf")))
+    assert train_mod._psnr(0.0) == float("inf") and train_mod._psnr(0.01) == pytest.approx(20.0)
+    text = train_mod._json({"psnr": float("inf"), "mse": float("nan"), "rows": [1.0, float("-inf")]})
+    assert json.loads(text) == {"psnr": None, "mse": None, "rows": [1.0, None]}
+
+
+def test_a_run_that_ends_before_kmeans_has_pooled_its_batches_says_so(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    common = ["vqvae", "--data", "sample", "--limit", "32", "--batch-size", "16", "--codes", "16", "--code-dim", "8",
+              "--vq-option", "init=kmeans", "--vq-option", "kmeans_batches=5", "--eval-limit", "16", "--out",
+              str(out), "--no-progress"]
+    assert train_main(_train_args(*common, "--epochs", "1")) == 0  # 2 batches an epoch
+    assert "k-means pools 5 training batches" in capsys.readouterr().out
+    assert "k-means pools" in (out / "train.log").read_text()
+    assert not bool(load_checkpoint(out / "checkpoint.pt")["model_state"]["quantizer.initialized"])
+    # Resumed for 2 more epochs (4 batches), the pool of 2 completes: no note.
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--out", str(out), "--no-progress")) == 0
+    assert "k-means pools" not in capsys.readouterr().out
+    assert bool(load_checkpoint(out / "checkpoint.pt")["model_state"]["quantizer.initialized"])
+
+
 # ------------------------------------------------------------------------------- broken checkpoints
 
 
@@ -354,6 +446,15 @@ def test_evaluate_names_its_outputs_after_the_data_it_really_used(ae_run: Path, 
                                         "--no-progress")) == 0
     printed = capsys.readouterr().out
     assert " on sample test:" in printed and "cifar10 was unavailable" in printed
+
+
+def test_evaluate_scores_the_runs_own_test_source_by_default(npz_run, tmp_path: Path) -> None:
+    run, data = npz_run
+    summary = evaluate(run, out_dir=tmp_path / "e", worst=0, progress=False)
+    assert summary["data"] == str(data.resolve()) and summary["images"] == 40
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        evaluate(run, out_dir=tmp_path / "a_file", worst=0, progress=False)
 
 
 def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path) -> None:
