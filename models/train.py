@@ -760,7 +760,9 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
         elif name == "codebook_init":
             new, old = new or "layer", old or "layer"  # as the command line spells None
         if name != "model" and new != old and was_given(name):
-            conflicts.append(f"{_OPTION_NAMES.get(name, name)} {new!r} (the run has {old!r})")
+            why = (": CIFAR-10 was unavailable when it started, so it trains on the bundled sample"
+                   if name == "data" and (new, old) == ("cifar10", "sample") else "")
+            conflicts.append(f"{_OPTION_NAMES.get(name, name)} {new!r} (the run has {old!r}{why})")
         setattr(cfg, name, getattr(saved_cfg, name))
     if conflicts:
         raise ValueError("--resume continues a run with its own model and data settings, but these differ: "

@@ -306,6 +306,21 @@ def test_a_resumed_cifar10_run_does_not_fall_back_to_the_sample(tmp_path: Path, 
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_resuming_a_run_that_fell_back_with_data_cifar10_says_why_it_differs(tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    from vqfast.models import data as data_mod
+
+    def unavailable(root, train=True, download=True):
+        raise data_mod.DatasetUnavailable(f"CIFAR-10 is not in {root}")
+
+    monkeypatch.setattr(data_mod, "load_cifar10", unavailable)
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "data": "cifar10"}, out=str(out)))
+    assert json.loads((out / "config.json").read_text())["data"] == "sample"
+    assert train_main(_train_args("ae", "--resume", "--data", "cifar10", "--epochs", "2", "--out", str(out))) == 2
+    assert "CIFAR-10 was unavailable when it started" in capsys.readouterr().err
+
+
 def test_a_diverging_run_stops_with_its_last_good_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["vae", "--data", "sample", "--limit", "64", "--batch-size", "16", "--latent-dim", "8", "--lr", "100",
