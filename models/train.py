@@ -1046,10 +1046,11 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         note = _kmeans_pending_note(model, (epochs - start_epoch) * steps_per_epoch - start_batch)
         if note is not None:
             _print(note, log_path)
-        _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
-               f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} batches/epoch"
-               f"{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}] -> {run_dir}",
-               log_path)
+        if start_epoch < epochs or start_batch:  # (a finished run resumed is only evaluated again)
+            _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
+                   f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} "
+                   f"batches/epoch{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}]"
+                   f" -> {run_dir}", log_path)
 
     is_vq = cfg.model == "vqvae"
     interrupted = False

@@ -297,8 +297,10 @@ def test_interrupt_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path
 def test_resuming_a_finished_run_evaluates_it_again_without_a_second_record(tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     first = train(_cfg(TINY_VQ, tmp_path, eval_limit=16))
+    capsys.readouterr()
     again = train(_cfg(TINY_VQ, tmp_path, eval_limit=16, resume=True))
-    assert "has already trained for 1 epoch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "has already trained for 1 epoch" in printed and "Training vqvae" not in printed
     assert again.history == first.history
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(e.get("event", "epoch"), e["epoch"]) for e in events] == [("epoch", 1), ("test", 1)]
