@@ -80,7 +80,8 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         self.quantizers = nn.ModuleList(VectorQuantizer(num_embeddings, embedding_dim, **vq_kwargs)
                                         for _ in range(num_quantizers))
-        self._dropout_generator = torch.Generator(device="cpu").manual_seed(check_int(dropout_seed, "dropout_seed", minimum=0))
+        seed = check_int(dropout_seed, "dropout_seed", minimum=0)
+        self._dropout_generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def _stages_for(self, num_quantizers: int | None) -> int:
         if num_quantizers is not None:
