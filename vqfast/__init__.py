@@ -24,6 +24,8 @@ _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "c
 
 
 def __getattr__(name: str) -> Any:
+    if name == "reference":  # the submodule, as `vqfast.reference` after a bare `import vqfast`
+        return importlib.import_module("vqfast.reference")
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'vqfast' has no attribute {name!r}")
