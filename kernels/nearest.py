@@ -433,7 +433,8 @@ def _nearest_code_kernel(
     # 64-bit row offsets: N * D may exceed 2**31.
     z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
     k_begin = pid_s * codes_per_split
-    k_end = tl.minimum(k_begin + codes_per_split, K)
+    # (Not k_begin + codes_per_split: rounded up, the last split's end can pass 2**31.)
+    k_end = k_begin + tl.minimum(codes_per_split, K - k_begin)
     row_err = tl.zeros([BLOCK_N], tl.float32)
     row_resid_err = tl.zeros([BLOCK_N], tl.float32)
     if RECHECK:
@@ -519,7 +520,8 @@ def _research_listed_rows_kernel(
     pid_s = tl.program_id(1)
     count = tl.load(count_ptr)
     k_begin = pid_s * codes_per_split
-    k_end = tl.minimum(k_begin + codes_per_split, K)
+    # (Not k_begin + codes_per_split: rounded up, the last split's end can pass 2**31.)
+    k_end = k_begin + tl.minimum(codes_per_split, K - k_begin)
     for start in range(pid * BLOCK_N, count, tl.num_programs(0) * BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         mask_n = slots < count

@@ -127,7 +127,8 @@ def _nearest_code_tma_kernel(
     mask_n = offs_n < N
     z_rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn
     k_begin = pid_s * codes_per_split
-    k_end = tl.minimum(k_begin + codes_per_split, K)
+    # (Not k_begin + codes_per_split: rounded up, the last split's end can pass 2**31.)
+    k_end = k_begin + tl.minimum(codes_per_split, K - k_begin)
     row_err = tl.zeros([BLOCK_N], tl.float32)
     row_resid_err = tl.zeros([BLOCK_N], tl.float32)
     if RECHECK:

@@ -43,8 +43,12 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
     usage_decay = tl.where(counted > 0, usage_decay, 1.0)
     usage_rate = tl.where(counted > 0, usage_rate, 0.0)
     steps = tl.load(steps_ptr)
-    # Bias correction of the running share, as Adam's: 1 - decay ** steps.
-    correction = tl.maximum(1.0 - tl.exp2(steps * log2_usage_decay), 1e-12)
+    # Bias correction of the running share, as Adam's: 1 - decay ** steps, in float64: 1 minus the
+    # GPU's approximate float32 exp2 loses a few digits with a decay near 1.
+    correction = tl.maximum(1.0 - tl.exp2(steps.to(tl.float64) * log2_usage_decay), 1e-12).to(tl.float32)
+    # No code is dead before a step has counted a row (steps 0: this one counted none either); the
+    # shares are >= 0, so none is below a threshold of 0.
+    dead_threshold = tl.where(steps > 0, dead_threshold, 0.0)
     dead_count = tl.zeros([BLOCK], tl.int32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK):
         offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK)
@@ -58,7 +62,6 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
         tl.store(batch_counts_ptr + offs, counts, mask=mask)
         if FIND_DEAD:
             # Unused in this batch too: this step's gradient of a used code would land on its new value.
-            # (steps >= 1: it counts this step.)
             dead = mask & ((usage + grace) / correction < dead_threshold) & (counts == 0)
             tl.store(dead_ptr + offs, dead.to(tl.int8), mask=mask)
             dead_count += dead.to(tl.int32)
@@ -75,7 +78,7 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
     blocks = tl.arange(0, NUM_BLOCKS_P2)
     before = tl.sum(tl.load(dead_per_block_ptr + blocks, mask=blocks < pid, other=0), axis=0)
     # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
-    fresh = (1.0 - tl.exp2(tl.load(steps_ptr) * log2_usage_decay)) / K
+    fresh = ((1.0 - tl.exp2(tl.load(steps_ptr).to(tl.float64) * log2_usage_decay)) / K).to(tl.float32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
         offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
         mask = offs < K
@@ -259,7 +262,9 @@ class _UsagePlan:
                  weight: torch.Tensor | None, ema_count: torch.Tensor | None, restart: bool):
         per_program = _codes_per_program(k)
         programs = self.programs = cdiv(k, per_program)
-        log2_decay = math.log2(usage_decay) if usage_decay > 0 else float("-inf")
+        # decay 0: a huge finite log (a float32 argument), not -inf, whose product with 0 steps would be NaN
+        # where 0 ** 0 = 1.
+        log2_decay = math.log2(usage_decay) if usage_decay > 0 else -3.0e38
         block = min(per_program, 16 if interpreting() else 1024)
         self.update = PreparedLaunch(_update_usage_kernel, (programs,),
                                      (k, usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold),

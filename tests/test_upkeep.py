@@ -47,8 +47,8 @@ def _run(fn, state, threshold, restarts=True, ema=True, decay=DECAY):
 def _assert_same_update(got, want):
     assert torch.equal(got["steps"].cpu(), want["steps"].cpu())
     assert torch.equal(got["batch_counts"].cpu(), want["batch_counts"].cpu())
-    # The bias correction 1 - decay ** steps by exp2/log2 against torch's pow: about 1e-6 apart at
-    # steps = 1 (both about 1e-6 from the exact value); the rest is fused multiply-adds.
+    # The kernel's bias correction 1 - decay ** steps in float64 against torch's float32 pow: about 1e-6
+    # apart at steps = 1 (the float32 one that far from the exact value); the rest is fused multiply-adds.
     torch.testing.assert_close(got["usage"].cpu(), want["usage"].cpu(), rtol=1e-5, atol=0)
     torch.testing.assert_close(got["grace"].cpu(), want["grace"].cpu(), rtol=1e-5, atol=0)
     assert torch.equal(got["weight"].cpu(), want["weight"].cpu())
@@ -104,6 +104,21 @@ def test_statistics_only_update_and_weight_strides(decay, kernel_device):
     _run(kernels.update_code_usage, state, 0.5 / 300, ema=False, decay=decay)
     _run(reference.update_code_usage, want, 0.5 / 300, ema=False, decay=decay)
     _assert_same_update(state, want)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_a_first_step_that_counts_no_row_restarts_with_no_credit(decay, kernel_device):
+    """Steps stay 0, so the credit (1 - decay ** 0) / K is 0, also with decay 0 (0 ** 0 = 1)."""
+    state = _upkeep_state(40, 5, 40, seed=3, device=kernel_device)
+    state["counts"].zero_()
+    state["steps"].zero_()
+    state["usage"].zero_()
+    state["grace"].zero_()
+    want = _copy(state)
+    _run(kernels.update_code_usage, state, 0.5 / 40, decay=decay)
+    _run(reference.update_code_usage, want, 0.5 / 40, decay=decay)
+    _assert_same_update(state, want)
+    assert bool(torch.isfinite(state["grace"]).all()) and not bool(state["grace"].any())
 
 
 @pytest.mark.parametrize("n,k", [(0, 5), (1, 1), (1000, 37), (257, 3000)])
