@@ -81,24 +81,24 @@ def _rotate_grad_kernel(z_ptr, c_ptr, g_ptr, out_ptr, N, D, halfway_min,
         mask = mask_n[:, None] & (offs_d[None, :] < D)
         z = tl.load(z_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) / z_big[:, None] * z_unit[:, None]
         c = tl.load(c_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32) / c_big[:, None] * c_unit[:, None]
-        g_in = tl.load(g_ptr + rows + offs_d[None, :], mask=mask, other=0.0)
-        g = g_in.to(tl.float32)
+        g = tl.load(g_ptr + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         r = (z + c) * inv_halfway[:, None]
         rotated = scale[:, None] * (g - 2.0 * r * r_g[:, None] + 2.0 * z * c_g[:, None])
         out = tl.where(defined[:, None], rotated, g)
-        tl.store(out_ptr + rows + offs_d[None, :], out.to(g_in.dtype), mask=mask)
+        tl.store(out_ptr + rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, halfway_min: float) -> torch.Tensor:
     """The rotation trick's gradient for rows ``z``, ``codes`` and ``grad`` (N, D) of one shape, in
-    ``grad``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with
+    ``z``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with
     PyTorch ops, in one launch. Rows whose |z^ + c^| is at most ``halfway_min`` are not rotated."""
     check_launchable(z, codes, grad)
     if z.dim() != 2 or z.shape != codes.shape or z.shape != grad.shape:
         raise ValueError(f"z, codes and grad must be (N, D) of one shape, got {tuple(z.shape)}, "
                          f"{tuple(codes.shape)} and {tuple(grad.shape)}")
     n, d = z.shape
-    out = torch.empty((n, d), dtype=grad.dtype, device=grad.device)
+    # z's dtype, autograd's for z's gradient: rounded to a 16-bit grad's, |c| / |z| times it could overflow.
+    out = torch.empty((n, d), dtype=z.dtype, device=grad.device)
     if n == 0 or d == 0:
         return out.copy_(grad)
     _launch(n, d, float(halfway_min))(z.contiguous(), codes.contiguous(), grad.contiguous(), out)

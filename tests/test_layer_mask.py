@@ -314,6 +314,33 @@ def test_functional_quantize_takes_a_mask(device, metric, dtype):
     assert torch.equal(again[2], indices) and torch.equal(again[1], loss.detach())
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_nan_code_only_padding_points_at_stays_out_of_the_loss(device, metric):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(4, 8, generator=g).to(device)
+    codebook = torch.randn(5, 8, generator=g).to(device)
+    codebook[0, 3] = float("nan")  # a broken code, used by no kept row
+    indices = torch.tensor([2, 0, 0, 0], device=device)
+    for mask in (torch.tensor([True, False, False, False]), torch.zeros(4, dtype=torch.bool)):
+        c = codebook.clone().requires_grad_(True)
+        x = z.clone().requires_grad_(True)
+        z_q, loss, _ = quantize(x, c, metric=metric, mask=mask.to(device), indices=indices)
+        (z_q.sum() + loss).backward()
+        assert bool(torch.isfinite(loss)) and bool(torch.isfinite(x.grad).all())
+        assert bool(torch.isfinite(c.grad[1:]).all()) and bool((c.grad[3:] == 0).all())
+        if metric == "l2":  # (the cosine metric normalises every code: a NaN one gets a NaN gradient)
+            assert bool((c.grad[0] == 0).all())
+        if not bool(mask.any()):
+            assert float(loss) == 0.0
+
+
+def test_the_loss_of_no_rows_is_zero_whatever_the_codebook_holds(device):
+    codebook = torch.randn(5, 8, device=device)
+    codebook[1] = float("inf")
+    _, loss, _ = quantize(torch.zeros(0, 8, device=device), codebook.requires_grad_(True))
+    assert float(loss) == 0.0
+
+
 def test_functional_quantize_refuses_bad_masks():
     z = torch.randn(2, 5, 4)
     with pytest.raises(TypeError, match="bool"):

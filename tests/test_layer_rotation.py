@@ -262,6 +262,25 @@ def test_the_kernel_gives_the_pytorch_backward(monkeypatch, n, d, dtype):
             assert torch.equal(grad[row], upstream[row].cpu()), (backend, row)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_the_gradient_has_zs_dtype_not_the_codes(monkeypatch, backend, create_graph):
+    """fp32 rows, fp16 codes 1e5 times longer: the gradient, |c| / |z| times the upstream one, is
+    beyond fp16 but a plain fp32 number."""
+    if backend == "triton" and not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = "cpu" if backend == "torch" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(4, 8, generator=g) * 1e-3).to(device).requires_grad_(True)
+    q = (torch.randn(4, 8, generator=g) * 100).half().to(device)
+    upstream = torch.randn(4, 8, generator=g).half().to(device)
+    (grad,) = torch.autograd.grad(rotate_to_codes(z, q), z, upstream, create_graph=create_graph)
+    expected = torch.einsum("nji,nj->ni", _rotation_matrices(z.detach().cpu(), q.cpu()), upstream.cpu().double())
+    assert grad.dtype == torch.float32 and float(expected.abs().max()) > 65504
+    torch.testing.assert_close(grad.cpu().double(), expected, rtol=1e-4, atol=0)
+
+
 def test_a_backward_that_builds_a_graph_uses_the_pytorch_ops(monkeypatch):
     if not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")

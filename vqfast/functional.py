@@ -114,7 +114,9 @@ def nearest_code(
     distance is summed directly, ``(z - codebook[indices]).pow(2).sum(-1)`` in fp32, on both backends
     and in every precision mode. Out of fp32's range: codes with elements beyond about 1e19 (``||c||^2``
     overflows) score inf on the Triton backend and are passed over (a row where every code does gets
-    index 0); the CPU reference ranks them in float64.
+    index 0), and a row whose products ``2 z.c`` pass fp32's range (``|z| |c|`` beyond about 1.7e38:
+    elements of about 1e18 at D = 256) gets scores of -inf and an arbitrary code (in range, its distance
+    summed as always); the CPU reference ranks both in float64. Scale such data down first.
     """
     check_search_inputs(z, codebook, metric)
     check_matmul_precision(precision)
@@ -371,11 +373,13 @@ def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid
     q = gather(codebook, indices, check_indices=False)
     # The losses in fp32 at least, as quantize's (a 16-bit sum of squares overflows).
     acc = torch.promote_types(torch.promote_types(q.dtype, z.dtype), torch.float32)
-    # Left-out rows take their code's value, so that both terms are exactly 0 there.
-    z_kept = torch.where(keep, z.to(acc), q.detach().to(acc))
+    # Left-out rows' codes are replaced too, so both terms are exactly 0 there and their gradient is 0:
+    # a NaN code that only padding points at stays out of the loss and the codebook's gradient.
+    q_kept = torch.where(keep, q.to(acc), 0.0)
+    z_kept = z.to(acc)
     scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
-    codebook_loss = (q.to(acc) - z_kept.detach()).square().sum() * scale
-    commitment = (z_kept - q.detach().to(acc)).square().sum() * scale
+    codebook_loss = (q_kept - z_kept.detach()).square().sum() * scale
+    commitment = (z_kept - q_kept.detach()).square().sum() * scale
     to_codes = to_codes or reference._StraightThrough.apply
     z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
     return z_q, codebook_loss + beta * commitment
@@ -424,7 +428,8 @@ class _RotateToCodes(torch.autograd.Function):
         g = grad.to(wide)
         rotated = scale * (g - 2.0 * r * (r * g).sum(-1, keepdim=True)
                            + 2.0 * z_unit * (code_unit * g).sum(-1, keepdim=True))
-        return torch.where(defined, rotated, g).to(grad.dtype), None
+        # In z's dtype (autograd's): rounded to a 16-bit upstream gradient's, |c| / |z| times it could overflow.
+        return torch.where(defined, rotated, g).to(z.dtype), None
 
 
 def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:

@@ -220,7 +220,7 @@ def soft_assignment_entropy(
     if resolve_backend(rows.device, rows.dtype) == "torch":
         return reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric)
     if rows.shape[0] == 0:
-        zero = (rows.sum() + codebook.sum()).float() * 0.0
+        zero = (rows.sum() + codebook[:0].sum()).float() * 0.0
         return zero, zero
     scale = 1.0 / temperature
     if metric == "cosine":

@@ -389,7 +389,8 @@ def quantize(
     # to z's dtype: an fp16 z beside an fp32 codebook would otherwise hide a code's distance from it.
     q = _gather_wide(codebook, indices)
     if z.numel() == 0:
-        loss = (z.sum() + codebook.sum()) * 0.0
+        # (An empty slice of the codebook: a NaN code must not make the loss of no rows NaN.)
+        loss = (z.sum() + codebook[:0].sum()) * 0.0
     else:
         acc = torch.promote_types(q.dtype, z.dtype)
         loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + beta * F.mse_loss(z.to(acc), q.detach().to(acc))
@@ -434,7 +435,7 @@ def soft_assignment_entropy(
         codes = unit_rows(codes)
     n = rows.shape[0]
     if n == 0:
-        zero = (rows.sum() + codes.sum()) * 0.0
+        zero = (rows.sum() + codes[:0].sum()) * 0.0
         return zero, zero
 
     def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
