@@ -139,6 +139,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results["restart-uneven"] = _restart_step(16, 4 - rank, 3000 + rank, rank)
         # The same with 6 rows on each rank, of which a padding mask keeps 4 and 3.
         results["restart-masked"] = _restart_step(16, 6, 3500 + rank, rank, kept=4 - rank)
+        # A rank with no rows on some steps (the end of an uneven shard, say) still joins the collectives.
+        results["empty-rank"] = _empty_rank_run(rank)
 
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
@@ -154,6 +156,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _empty_rank_run(rank: int) -> dict:
+    """Training forwards of an EMA layer with k-means over two batches and restarts, where rank 1 has no
+    rows on steps 0 and 2; after each, a collective of the caller's, which a collective the layer
+    skipped on one rank would pair with (gloo then aborts)."""
+    from vqfast import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 3, ema=True, init="kmeans", kmeans_batches=2, dead_code_threshold=0.5)
+    torch.manual_seed(5000 + rank)
+    for step in range(4):
+        rows = 0 if rank == 1 and step in (0, 2) else 12
+        vq(torch.randn(rows, 3) + rank)
+        dist.all_reduce(torch.ones(1))
+    return {"weight": vq.embeddings.weight.detach().clone(),
+            "buffers": {k: v.clone() for k, v in vq.named_buffers()}, "initialized": bool(vq.initialized)}
 
 
 def _restart_step(k: int, rows: int, seed: int, rank: int, kept: int | None = None) -> dict:
@@ -236,6 +255,15 @@ def test_residual_stages_and_codebooks_identical_across_ranks(rank_results):
     assert r0["used"] == r1["used"] and len(set(r0["used"])) > 1  # dropout drew, the same on both ranks
     for stage, (w0, w1) in enumerate(zip(r0["weights"], r1["weights"])):
         assert torch.equal(w0, w1), stage
+
+
+@_NEEDS_GLOO
+def test_a_rank_without_rows_keeps_step_with_the_others(rank_results):
+    r0, r1 = (r["empty-rank"] for r in rank_results)
+    assert r0["initialized"] and r1["initialized"]
+    assert torch.equal(r0["weight"], r1["weight"]) and bool(torch.isfinite(r0["weight"]).all())
+    for name, value in r0["buffers"].items():
+        assert torch.equal(value, r1["buffers"][name]), name
 
 
 @_NEEDS_GLOO

@@ -593,7 +593,8 @@ class VectorQuantizer(nn.Module):
         """The start of a step on ``rows``, shared by both step paths: k-means collection, the search,
         and whether restarts follow. ``(train, indices, distances, restarts)``. ``valid``: the rows a
         mask keeps (None: all)."""
-        train = self.training and rows.shape[0] > 0
+        # Under DDP a rank with no rows still joins the step's collectives (with nothing to add).
+        train = self.training and (rows.shape[0] > 0 or self._synced_world() > 1)
         if train and not torch.compiler.is_compiling() and _in_backward_pass():
             raise RuntimeError(
                 "VectorQuantizer ran a training forward inside a backward pass, as activation checkpointing "
