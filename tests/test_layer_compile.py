@@ -125,3 +125,68 @@ def test_public_ops_compile_without_graph_breaks(monkeypatch, backend):
     torch.compile(lambda c: vqfast.gather(c, indices).sum(), fullgraph=True, backend="aot_eager")(leaf).backward()
     expected = torch.bincount(indices.reshape(-1).cpu(), minlength=16).float()[:, None].expand(16, 4)
     torch.testing.assert_close(leaf.grad.cpu(), expected)
+
+
+@pytest.mark.parametrize("compiler,options", [
+    ("aot_eager", dict(metric="cosine")),  # restarts rewrite codes the step's backward reads
+    ("inductor", dict(ema=True)),  # the EMA update rewrites the codebook after the step
+    ("inductor", dict(sample_entropy_weight=0.1, batch_entropy_weight=0.2)),
+], ids=["aot_eager-cosine-restarts", "inductor-ema", "inductor-entropy"])
+def test_compiled_gradients_see_the_codebook_the_step_searched(device, compiler, options):
+    """The step's upkeep rewrites the codebook in place inside the compiled graph; the backward must
+    still read the codes of the step (a plain clone of them the compiler may recompute afterwards, or
+    drop), so z's and the codebook's gradients are the eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = VectorQuantizer(8, 4, **options).to(device)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend=compiler, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1 + step)).to(device)
+        grads = []
+        for layer, call in ((eager, eager), (compiled_layer, compiled)):
+            xx = x.clone().requires_grad_(True)
+            layer.embeddings.weight.grad = None
+            torch.manual_seed(100 + step)  # the same restart draws
+            z_q, loss, _ = call(xx)
+            (loss + z_q.square().sum()).backward()
+            grads.append((xx.grad, layer.embeddings.weight.grad))
+        (gz, gc), (gz1, gc1) = grads
+        torch.testing.assert_close(gz1, gz, rtol=1e-4, atol=1e-6)
+        if gc is None:
+            assert gc1 is None
+        else:
+            torch.testing.assert_close(gc1, gc, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled_layer.embeddings.weight, eager.embeddings.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_shapes_compile_without_graph_breaks_or_a_graph_per_batch_size(device):
+    """torch.compile(dynamic=True) makes numbers such as beta symbolic (their checks must not break the
+    graph), and the CPU reference's soft-assignment entropy must not tie the graph to the batch size."""
+    import vqfast
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    for metric in ("l2", "cosine"):
+        z, c = torch.randn(2, 7, 3, device=device), torch.randn(5, 3, device=device)
+        # (beta left at its default: dynamic=True makes it a symbolic float)
+        compiled = torch.compile(lambda z, c: vqfast.quantize(z, c, metric=metric), fullgraph=True,
+                                 dynamic=True, backend="aot_eager")
+        for got, want in zip(compiled(z, c), vqfast.quantize(z, c, metric=metric)):
+            torch.testing.assert_close(got, want)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = VectorQuantizer(8, 4, sample_entropy_weight=0.1, batch_entropy_weight=0.1, ema=True).to(device)
+    layer = copy.deepcopy(eager)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for n in range(9, 15):  # (more rows than codes: how the restarts draw seed rows depends on that)
+        x = torch.randn(n, 4, device=device)
+        torch.manual_seed(n)
+        want = eager(x)
+        torch.manual_seed(n)
+        got = compiled(x)
+        assert torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    # A static graph for the first size, then one dynamic one (forward graphs only: no backward here).
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]

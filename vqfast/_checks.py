@@ -131,6 +131,10 @@ def check_number(value: object, name: str, minimum: float | None = None, positiv
         wanted += " > 0"
     if below is not None:
         wanted += f" and < {below:g}" if minimum is not None or positive else f" < {below:g}"
+    if torch.compiler.is_compiling() and not isinstance(value, (bool, str, bytes)):
+        # torch.compile(dynamic=True) makes numbers symbolic, whose checks would break the graph (eager
+        # calls check them).
+        return value  # type: ignore[return-value]
     try:
         if isinstance(value, (bool, str, bytes)):
             raise TypeError

@@ -149,6 +149,32 @@ def _finite_rows(rows: Tensor) -> Tensor:
     return torch.isfinite(rows).all(dim=-1)
 
 
+@torch.library.custom_op("vqfast::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    """``t.clone()`` as an op opaque to the compiler (see :func:`_snapshot`)."""
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def _snapshot_backward(ctx: Any, grad: Tensor) -> Tensor:
+    return grad
+
+
+_snapshot_op.register_autograd(_snapshot_backward)
+
+
+def _snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` (``t.clone()``, differentiable) that a later in-place update of ``t`` leaves alone.
+    Compiled, a plain clone of a tensor the graph then updates in place is not safe: AOTAutograd may
+    recompute it in the backward from the updated tensor, or drop it (the step's gradients then see
+    the codebook after its EMA update or restarts); an opaque op it can neither recompute nor remove."""
+    return _snapshot_op(t) if torch.compiler.is_compiling() else t.clone()
+
+
 def _in_backward_pass() -> bool:
     """Whether autograd is running a backward pass on this thread (a forward then is a recompute)."""
     return torch._C._current_graph_task_id() != -1
@@ -624,7 +650,7 @@ class VectorQuantizer(nn.Module):
         to EMA codes). Restarts rewrite rows of it: the step gets a differentiable copy, so that the
         gradient still reaches the parameter."""
         if self.ema and train:
-            return weight.detach().clone(), False
+            return _snapshot(weight.detach()), False
         # k-means still to come rewrites it too, in a later forward: one that may run before this
         # step's backward (a layer applied to two inputs), which needs the codes it searched.
         return weight, restarts or (train and self._needs_init and weight.requires_grad)
@@ -639,7 +665,7 @@ class VectorQuantizer(nn.Module):
         train, indices, distances, restarts = self._start_step(rows, weight, valid)
         codebook, copy = self._step_codebook(weight, train, restarts)
         if copy:
-            codebook = codebook.clone()
+            codebook = _snapshot(codebook)
         if valid is None:
             # The indices come from the search: valid by construction, and checking them would sync the host.
             z_q, loss, indices = quantize(rows, codebook, beta=self.beta, metric=self.metric,

@@ -423,7 +423,8 @@ def soft_assignment_entropy(
         avg = p.mean(0); batch_entropy = -(avg * avg.log()).sum()
 
     Rows are processed in blocks (with recomputation in backward through checkpointing), so memory
-    stays bounded by one block of the N x K matrix.
+    stays bounded by one block of the N x K matrix; under ``torch.compile`` in one block (the graph then
+    does not depend on N).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -448,10 +449,12 @@ def soft_assignment_entropy(
             p = logp.exp()
             return -(p * logp).sum(), p.sum(0)
 
-    step = _row_chunk(codes.shape[0])
+    # Compiled, one block: a loop over blocks would tie the graph to N (a recompile per batch size).
+    compiling = torch.compiler.is_compiling()
+    step = n if compiling else _row_chunk(codes.shape[0])
     sample_sum = rows.new_zeros(())
     p_sum = rows.new_zeros(codes.shape[0])
-    for start in range(0, n, step):
+    for start in (0,) if compiling else range(0, n, step):
         block = rows[start : start + step]
         if torch.is_grad_enabled() and (block.requires_grad or codes.requires_grad):
             s, ps = checkpoint(block_terms, block, codes, use_reentrant=False)
