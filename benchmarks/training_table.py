@@ -63,6 +63,16 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _test_psnr(run: Run) -> str:
+    """The test PSNR, with the epoch it was measured after when that is not the run's last (a run stopped
+    after a resumed part keeps the earlier part's test)."""
+    text = _fmt(run.test.get("psnr"), ".2f")
+    epoch = run.test.get("epoch")
+    if text and epoch is not None and epoch != run.epochs[-1].get("epoch"):
+        text += f" (after epoch {epoch})"
+    return text
+
+
 def markdown(runs: list[Run]) -> str:
     headers = ["run", "model / VQ", "batch", "epochs", "s / epoch (median)", "Average loss (last epoch)",
                "train PSNR (dB)", "test PSNR (dB)", "codes used (train)", "perplexity (train)",
@@ -74,7 +84,7 @@ def markdown(runs: list[Run]) -> str:
             r.name + ("" if r.finished else " (stopped)"), r.label, str(r.config.get("batch_size", "")),
             str(len(r.epochs)),
             _fmt(statistics.median(e["seconds"] for e in r.epochs), ".2f"),
-            _fmt(last.get("avg_loss"), ".3f"), _fmt(last.get("psnr"), ".2f"), _fmt(r.test.get("psnr"), ".2f"),
+            _fmt(last.get("avg_loss"), ".3f"), _fmt(last.get("psnr"), ".2f"), _test_psnr(r),
             _fmt(last.get("codes_used"), ","), _fmt(last.get("perplexity"), ",.0f"),
             _fmt(r.test.get("codes_used"), ","),
         ]) + " |")

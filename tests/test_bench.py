@@ -573,11 +573,20 @@ def test_torch_compile_is_measured_in_the_first_sweep_only(tmp_path, monkeypatch
 def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
     """The optional provider's code paths, with a stand-in for the package (not installed here)."""
 
+    class FakeCodebook(nn.Module):  # its codebook module: embed (num_codebooks, K, D)
+        def __init__(self, dim, codebook_size):
+            super().__init__()
+            self.embed = nn.Parameter(torch.randn(1, codebook_size, dim))
+
     class FakeVectorQuantize(nn.Module):  # vector_quantize_pytorch.VectorQuantize's interface
         def __init__(self, dim, codebook_size, accept_image_fmap=False):
             super().__init__()
-            self.codebook = nn.Parameter(torch.randn(codebook_size, dim))
+            self._codebook = FakeCodebook(dim, codebook_size)
             self.image = accept_image_fmap
+
+        @property
+        def codebook(self):
+            return self._codebook.embed[0]
 
         def forward(self, x):
             rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if self.image else x.reshape(-1, x.shape[-1])
@@ -611,6 +620,8 @@ def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
     assert {r.part for r in theirs} == {"nearest", "layer"}
     assert any(r.case.startswith("residual VQ") for r in theirs)
     assert all(r.ok for r in theirs), [r.status for r in theirs]
+    # Its search runs on the benchmark's codebook: its chosen distances are checked like vqfast's.
+    assert all(r.check == "pass" for r in theirs if r.part == "nearest"), [r.check for r in theirs]
 
 
 def test_failed_vqfast_rows_are_reported():

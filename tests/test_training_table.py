@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[float], test_psnr: float | None,
-              finished: bool = True) -> None:
+              finished: bool = True, test_epoch: int | None = None) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model": model, "vq_impl": impl, "vq_preset": "vqfast",
                                                     "batch_size": batch}))
@@ -17,7 +17,8 @@ def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[floa
                          "codes_used": 100 * (i + 1), "perplexity": 50.0 * (i + 1)})
              for i, loss in enumerate(losses)]
     if test_psnr is not None:
-        lines.append(json.dumps({"event": "test", "psnr": test_psnr, "codes_used": 77}))
+        lines.append(json.dumps({"event": "test", "epoch": test_epoch or len(losses), "psnr": test_psnr,
+                                 "codes_used": 77}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:
         (folder / "summary.json").write_text("{}")
@@ -30,11 +31,15 @@ def test_table_and_plot_from_runs(tmp_path):
     (tmp_path / "killed" / "config.json").write_text("{}")
     # Stopped by a time limit after two epochs: listed with what it finished.
     _fake_run(tmp_path / "vae-b64", "vae", "vqfast", 64, [60.0, 40.0], None, finished=False)
+    # Resumed for more epochs and stopped again: its test is the earlier part's, and says so.
+    _fake_run(tmp_path / "vq-resumed", "vqvae", "vqfast", 64, [90.0, 50.0, 45.0], 19.0, finished=False,
+              test_epoch=2)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_table.py"), str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "training_summary.md").read_text().splitlines()
-    assert len(table) == 5  # header, rule, three runs
+    assert len(table) == 6  # header, rule, four runs
+    assert "| 19.00 (after epoch 2) |" in next(line for line in table if line.startswith("| vq-resumed "))
     assert any(line.startswith("| vae-b64 (stopped) | vae | 64 | 2 |") for line in table)
     vq = next(line for line in table if line.startswith("| vq-b64 "))
     assert "| vqvae, vqfast, vqfast settings | 64 | 3 | 3.00 | 40.000 | 22.00 | 21.50 | 300 | 150 | 77 |" in vq

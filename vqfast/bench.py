@@ -105,7 +105,10 @@ CRASHED = "(part stopped by an error)"
 CSV_FIELDS = (
     "part", "case", "provider", "precision", "N", "K", "D", "time_ms", "tflops", "gbps", "peak_mem_mb",
     "status", "check", "check_error", "note", "gpu", "driver", "cuda", "torch", "triton", "vqfast",
+    "gpu_memory", "python", "date", "mode", "autotune",
 )
+# The run's environment and settings, repeated on every row (read back from the first).
+_ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "vqfast", "gpu_memory", "python", "date", "mode", "autotune")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def write_csv(path: Path, records: Sequence[Record], env: dict[str, str]) -> Non
                 "N": r.n, "K": r.k, "D": r.d, "time_ms": _fmt_number(r.time_ms), "tflops": _fmt_number(r.tflops),
                 "gbps": _fmt_number(r.gbps), "peak_mem_mb": _fmt_number(r.peak_mem_mb), "status": r.status,
                 "check": r.check, "check_error": _fmt_number(r.check_error), "note": r.note,
-                **{key: env.get(key, "") for key in ("gpu", "driver", "cuda", "torch", "triton", "vqfast")},
+                **{key: env.get(key, "") for key in _ENV_FIELDS},
             })
 
 
@@ -336,7 +339,8 @@ def read_csv(path: Path) -> tuple[list[Record], dict[str, str]]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if not env:
-                env = {key: row.get(key, "") for key in ("gpu", "driver", "cuda", "torch", "triton", "vqfast")}
+                # (Files written before the settings were columns lack them: left out, not shown empty.)
+                env = {key: row[key] for key in _ENV_FIELDS if row.get(key)}
             records.append(Record(
                 row["part"], row["case"], row["provider"], row["precision"], int(row["N"] or 0),
                 int(row["K"] or 0), int(row["D"] or 0), number(row["time_ms"]), number(row["tflops"]),
@@ -667,15 +671,26 @@ def goals_table(records: Sequence[Record]) -> str:
     return format_markdown_table(["goal", "measured", "target", "verdict"], rows)
 
 
+# What each precision column means for each provider (the comparisons are not all like for like).
+PRECISION_NOTE = ("Precisions: in `fp32` rows (float32 matmul precision \"highest\") vqfast searches with tf32 "
+                  "tensor cores and re-checks near ties with fp32-accurate products (the exact fp32 indices), the "
+                  "torch forms use plain fp32 products; in `tf32` rows (\"high\") every provider uses tf32 products "
+                  "and only vqfast re-checks near ties; in `bf16`/`fp16` rows the torch forms round their N x K "
+                  "scores to 16 bits before the argmin, where vqfast keeps fp32 scores.")
+
+
 def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
     """The whole report: environment, ceilings, headline, then one table per part."""
     out = ["# vqfast benchmark results", ""]
     out.append(format_markdown_table(["setting", "value"], [[k, v] for k, v in env.items()]))
-    out.append("Times are medians of `triton.testing.do_bench` in ms; MiB is the peak memory allocated beyond "
-               "the inputs. A status instead of a time: `OOM` ran out of GPU memory, `OOM (est. X GB)` was "
-               "skipped because its estimated memory exceeds 80% of the GPU, `skipped (time budget)` was not "
+    out.append("Times are medians of `triton.testing.do_bench` in ms (CUDA-graph rows: of its CUDA-graph "
+               "variant; back-to-back rows: wall-clock time per call; the k-means row: one timed run); MiB is the "
+               "peak memory allocated beyond the inputs. A status instead of a time: `OOM` ran out of GPU memory, "
+               "`OOM (est. X GB)` was skipped because its estimated memory exceeds 80% of the GPU's memory not "
+               "already in use, `skipped (time budget)` was not "
                "reached within the run's time budget. `check` compares vqfast's chosen distances with the "
-               "float64 minimum (the precision rule of the README), with the largest relative error.\n")
+               "float64 minimum (the precision rule of the README), with the largest relative error. "
+               + PRECISION_NOTE + "\n")
     ceil = [r for r in records if r.part == "ceiling"]
     if ceil:
         out += ["## Ceilings measured in this run", ""]
@@ -1123,6 +1138,8 @@ class Context:
         for p in providers:
             if p == "vector-quantize-pytorch" and _vq_pytorch_class() is None:
                 continue
+            if part in ("nearest", "headline") and n and not _nearest_fn_applies(p, NearestPoint(n, k, d, precision)):
+                continue  # a provider that does not run at this point has no row to skip
             self.add(Record(part, case, p, precision, n, k, d, status="skipped (time budget)"))
 
 
@@ -1150,6 +1167,17 @@ def _nearest_estimate(provider: str, n: int, k: int, d: int, elt: int) -> float:
 def _tma_point(point: NearestPoint) -> bool:
     """Whether the opt-in TMA search is measured at ``point`` (16-bit or tf32, at TMA_POINTS)."""
     return point.precision in ("bf16", "fp16", "tf32") and (point.n, point.k, point.d) in TMA_POINTS
+
+
+def _nearest_fn_applies(provider: str, point: NearestPoint) -> bool:
+    """Whether :func:`_nearest_fn` would give ``provider`` a search at ``point`` (without building it)."""
+    if provider == WALL_PROVIDER:
+        return 2.0 * point.n * point.k * point.d <= WALL_MAX_FLOP
+    if provider == TMA_PROVIDER:
+        return _tma_point(point)
+    if provider == "vector-quantize-pytorch":
+        return _vq_pytorch_class() is not None and point.precision in ("fp32", "tf32")
+    return True
 
 
 def _nearest_fn(provider: str, point: NearestPoint,
@@ -1193,9 +1221,15 @@ def _nearest_fn(provider: str, point: NearestPoint,
         if cls is None or point.precision not in ("fp32", "tf32"):
             return None
         vq = cls(dim=point.d, codebook_size=point.k).to(device).eval()
+        loaded: list[torch.Tensor] = []
 
         def run(z: torch.Tensor, c: torch.Tensor) -> Any:
+            # Its codebook is c (set on the first, untimed call), so that it searches what the others
+            # search and its indices can be checked; timed is its whole eval forward (search, gather, loss).
             with torch.no_grad():
+                if not loaded or loaded[0] is not c:
+                    vq._codebook.embed.copy_(c[None].to(vq._codebook.embed.dtype))
+                    loaded[:] = [c]
                 return vq(z[None])[1]
 
         return run
@@ -1251,14 +1285,14 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
     if rec.ok:
         rec.tflops = tflops(n, k, d, rec.time_ms)
         rec.gbps = gbps(nearest_bytes(n, k, d, elt), rec.time_ms)
-    if provider in ("vqfast", GRAPH_PROVIDER, TMA_PROVIDER) and rec.ok:
+    if provider in ("vqfast", GRAPH_PROVIDER, TMA_PROVIDER, "vector-quantize-pytorch") and rec.ok:
         try:
             rows = z
             if provider == GRAPH_PROVIDER and z.is_cuda:
                 # The graph's own output, replayed on other rows than it was captured with.
                 indices, rows = graph_replay_output(search, z, c)
             else:
-                indices = search(z, c)
+                indices = search(z, c).reshape(-1)
             err = chosen_distance_error(rows, c, indices, rows=ctx.plan.check_rows)
             rec.check_error = err
             rec.check = "pass" if err <= tolerance(point.precision) else "fail"
@@ -1737,7 +1771,8 @@ def run_train(ctx: Context) -> None:
                     loss.backward()
                     opt.step()
 
-                m = ctx.meter.measure(step, est)
+                # The gradients cleared before the memory run: its peak includes them, as the layer part's.
+                m = ctx.meter.measure(step, est, grad_to_none=list(model.parameters()))
                 rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
                 rec.note = f"{origin}; convolutions with cuDNN's default (TF32 allowed)"
                 ctx.add(rec)
