@@ -889,3 +889,20 @@ def test_memory_tile_note_names_the_choices_made_during_a_measurement(monkeypatc
     tuned[("soft_entropy_rows", 1024)] = (64, 64, 64, 4)  # the soft-entropy passes' tuples are left out
     assert bench.tiles_tuned_since(before) == ("scatter_add: 64 rows x 8 warps, streaming hints; "
                                                "bincount: 2048 indices x 4 warps")
+
+
+def test_the_hard_time_limit_stops_a_point_that_runs_past_it():
+    import signal
+    import time
+
+    plan = bench.quick_plan()
+    assert plan.budget_s < bench.hard_time_limit_s(plan) <= plan.budget_s + 15  # "--quick" stays under 2 minutes
+    start = time.monotonic()
+    with pytest.raises(bench._TimeLimit):
+        with bench._hard_time_limit(0.2):
+            while time.monotonic() - start < 30:  # a point that would run far past it
+                sum(range(1000))
+    assert time.monotonic() - start < 5
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed afterwards
+    with bench._hard_time_limit(None):  # no limit: nothing armed
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

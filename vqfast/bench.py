@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -1937,6 +1938,35 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _TimeLimit(KeyboardInterrupt):
+    """The run's hard time limit passed: the point being measured is stopped, the rest skipped."""
+
+
+def hard_time_limit_s(plan: Plan) -> float:
+    """Seconds of measuring after which a run stops even inside a point (the budget only stops new
+    points from starting, and one point, a cold compile say, can take long): the budget and a margin."""
+    return plan.budget_s + max(10.0, 0.1 * plan.budget_s)
+
+
+@contextlib.contextmanager
+def _hard_time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`_TimeLimit` in the main thread after ``seconds`` (SIGALRM); None: no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _TimeLimit(f"time limit of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @contextlib.contextmanager
 def _frozen_gc(enabled: bool) -> Iterator[None]:
     """``gc.freeze()`` for the run: the objects of torch, Triton and inductor are then never scanned,
@@ -1968,7 +1998,10 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
     ctx = Context(device, plan, meter, budget, log=log)
     log(f"vqfast bench ({plan.mode}): {env['gpu']}, driver {env['driver']}, torch {env['torch']}, "
         f"triton {env['triton']}; budget {plan.budget_s:.0f} s; writing to {out_dir}")
-    with _stop_on_sigterm(), _frozen_gc(device.type == "cuda"):
+    # On the GPU a hard limit too (the budget only keeps new points from starting); the CPU runs of
+    # the tests, through the interpreter, are not timed against it.
+    limit = hard_time_limit_s(plan) if device.type == "cuda" else None
+    with _stop_on_sigterm(), _hard_time_limit(limit), _frozen_gc(device.type == "cuda"):
         try:
             run_ceilings(ctx)
             for part in parts:
@@ -1982,6 +2015,10 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
                     meter.free(collect=True)
                 log(f"[{part}] done in {time.monotonic() - t0:.0f} s")
                 write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end
+        except _TimeLimit:
+            # The tables and plots of what was measured are written below, as after a complete run.
+            log(f"hard time limit ({limit:.0f} s) reached: the point being measured was stopped, the rest skipped")
+            meter.free(collect=True)
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM from a time limit: keep what was measured.
             log("stopped: writing what was measured so far")
