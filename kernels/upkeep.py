@@ -27,13 +27,26 @@ from vqfast.kernels._launch import PreparedLaunch
 
 # Largest finite float32: |x| <= it is False for NaN and +-inf alike.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+def _as_float32(x: float) -> float:
+    """x rounded to the nearest float32, as a Python float."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 # Blocks of codes are sized so that the second kernel sums at most this many per-block counts.
 _MAX_BLOCKS = 256
 
 
 @triton.jit
+def _usage_correction(steps, log2_decay_hi, log2_decay_lo):
+    # 1 - decay ** steps in float64. Scalar arguments are float32, so log2(decay) comes in two parts:
+    # float32 alone would put a relative error of 1e-8 on it, which 1 - decay ** steps keeps.
+    steps = steps.to(tl.float64)
+    return 1.0 - tl.exp2(steps * log2_decay_hi + steps * log2_decay_lo)
+
+
+@triton.jit
 def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, steps_ptr, dead_ptr,
-                         dead_per_block_ptr, K, usage_decay, usage_rate, log2_usage_decay, dead_threshold,
+                         dead_per_block_ptr, K, usage_decay, usage_rate, log2_decay_hi, log2_decay_lo, dead_threshold,
                          FIND_DEAD: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     # Slot K holds the number of rows counted (finite rows only). A step that counted none (every row
@@ -45,7 +58,7 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
     steps = tl.load(steps_ptr)
     # Bias correction of the running share, as Adam's: 1 - decay ** steps, in float64: 1 minus the
     # GPU's approximate float32 exp2 loses a few digits with a decay near 1.
-    correction = tl.maximum(1.0 - tl.exp2(steps.to(tl.float64) * log2_usage_decay), 1e-12).to(tl.float32)
+    correction = tl.maximum(_usage_correction(steps, log2_decay_hi, log2_decay_lo), 1e-12).to(tl.float32)
     # No code is dead before a step has counted a row (steps 0: this one counted none either); the
     # shares are >= 0, so none is below a threshold of 0.
     dead_threshold = tl.where(steps > 0, dead_threshold, 0.0)
@@ -71,14 +84,14 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
 
 @triton.jit
 def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, usage_ptr, grace_ptr, ema_count_ptr,
-                          steps_ptr, K, D, num_seeds, stride_seed, stride_wk, stride_wd, log2_usage_decay,
+                          steps_ptr, K, D, num_seeds, stride_seed, stride_wk, stride_wd, log2_decay_hi, log2_decay_lo,
                           HAS_EMA: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, NUM_BLOCKS_P2: tl.constexpr,
                           BLOCK_CODES: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     blocks = tl.arange(0, NUM_BLOCKS_P2)
     before = tl.sum(tl.load(dead_per_block_ptr + blocks, mask=blocks < pid, other=0), axis=0)
     # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
-    fresh = ((1.0 - tl.exp2(tl.load(steps_ptr).to(tl.float64) * log2_usage_decay)) / K).to(tl.float32)
+    fresh = (_usage_correction(tl.load(steps_ptr), log2_decay_hi, log2_decay_lo) / K).to(tl.float32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
         offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
         mask = offs < K
@@ -126,7 +139,9 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     total = total * decay + rate * tl.load(counts_ptr + K).to(tl.float32)
     new_smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
     tl.store(ema_count_ptr + offs, count, mask=mask)
-    keep = new_smoothed > 0  # only eps = 0 with a never-used code: it keeps its value
+    # Only eps = 0 with a never-used code keeps its value; so does every code on a step that counted
+    # no row (W * s / s can round by an ulp).
+    keep = (new_smoothed > 0) & (counted > 0)
     # The floor of 1e-30 is the reference's (a code unused for thousands of steps with eps = 0).
     divisor = tl.where(keep, tl.maximum(new_smoothed, 1e-30), 1.0)
     rows = offs.to(tl.int64)[:, None]
@@ -219,8 +234,8 @@ def update_code_usage(
     _check_vector(batch_counts, "batch_counts", k, torch.int64)
     if steps.shape != () or steps.dtype != torch.float32:
         raise ValueError(f"steps must be a float32 scalar tensor, got {steps.dtype} {tuple(steps.shape)}")
-    if not 0.0 <= usage_decay < 1.0:
-        raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
+    if not 0.0 <= usage_decay < 1.0 or _as_float32(usage_decay) == 1.0:
+        raise ValueError(f"usage_decay must be in [0, 1) and below 1 in float32, got {usage_decay}")
     restart = seeds is not None and dead_threshold > 0 and seeds.shape[0] > 0
     if restart:
         # A narrower codebook could overflow a finite seed row into inf when storing it.
@@ -262,12 +277,17 @@ class _UsagePlan:
                  weight: torch.Tensor | None, ema_count: torch.Tensor | None, restart: bool):
         per_program = _codes_per_program(k)
         programs = self.programs = cdiv(k, per_program)
+        # The decay as float32 holds it, and 1 minus that (exact) as the rate, so that the shares sum to
+        # the bias correction (as vqfast.reference.stored_decay).
+        usage_decay = _as_float32(usage_decay)
         # decay 0: a huge finite log (a float32 argument), not -inf, whose product with 0 steps would be NaN
         # where 0 ** 0 = 1.
         log2_decay = math.log2(usage_decay) if usage_decay > 0 else -3.0e38
+        log2_decay_hi = _as_float32(log2_decay)
+        log2_decay = (log2_decay_hi, log2_decay - log2_decay_hi)
         block = min(per_program, 16 if interpreting() else 1024)
         self.update = PreparedLaunch(_update_usage_kernel, (programs,),
-                                     (k, usage_decay, 1.0 - usage_decay, log2_decay, dead_threshold),
+                                     (k, usage_decay, 1.0 - usage_decay, *log2_decay, dead_threshold),
                                      dict(FIND_DEAD=restart, CODES_PER_PROGRAM=per_program, BLOCK=block, num_warps=4))
         self.restart = None
         if not restart:
@@ -276,7 +296,7 @@ class _UsagePlan:
         block_codes = 8 if interpreting() else 256
         self.restart = PreparedLaunch(
             _restart_codes_kernel, (programs,),
-            (k, d, seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1), log2_decay),
+            (k, d, seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1), *log2_decay),
             dict(HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
                  NUM_BLOCKS_P2=max(2, next_power_of_2(programs)), BLOCK_CODES=min(block_codes, per_program),
                  BLOCK_D=16, num_warps=4))

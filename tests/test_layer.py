@@ -697,6 +697,78 @@ def test_usage_statistics(backend, device):
     assert vq.codebook_usage()["steps"] == 2  # evaluation leaves the statistics alone
 
 
+def test_usage_is_a_distribution_after_restarts(backend, device):
+    # Restarts zero the measured share of the codes they re-seed: the reported usage still sums to 1
+    # and the perplexity never exceeds K.
+    torch.manual_seed(0)
+    vq = VectorQuantizer(2, 2, dead_code_threshold=2.0, usage_decay=0.5).to(device)
+    restarted = 0
+    for _ in range(6):
+        before = vq.embeddings.weight.detach().clone()
+        vq(torch.randn(4, 2, device=device))
+        restarted += int((vq.embeddings.weight.detach() != before).any(1).sum())
+        stats = vq.codebook_usage()
+        assert float(stats["usage"].sum()) == pytest.approx(1.0, abs=1e-6)
+        assert stats["perplexity"] <= 2.0 + 1e-6
+    assert restarted > 0
+
+
+@pytest.mark.parametrize("usage_decay", [0.99999, 1 - 1e-7])
+def test_usage_with_a_decay_near_1(backend, device, usage_decay):
+    # With the decay as float32 stores it in both the running share and its bias correction, the
+    # corrected shares of the first step are the batch's own (float32 1 - d ** s put them 16 % low at
+    # d = 1 - 1e-7), and one code has a perplexity of exactly 1.
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, dead_code_threshold=0.0, usage_decay=usage_decay).to(device)
+    _, _, idx = vq(torch.randn(32, 2, device=device))
+    share = torch.bincount(idx.cpu(), minlength=4).double() / 32
+    torch.testing.assert_close(vq._usage_share().double().cpu(), share, rtol=1e-5, atol=0)
+    single = VectorQuantizer(1, 2, usage_decay=usage_decay).to(device)
+    single(torch.randn(8, 2, device=device))
+    assert single.codebook_usage()["perplexity"] == 1.0
+
+
+def test_a_code_at_the_threshold_is_kept_with_a_decay_near_1(backend, device):
+    # Code 1 holds 18 of 25 rows, then misses a batch: its corrected share (0.36) stays above the
+    # threshold 1/3. float32 1 - d ** s (d = 1 - 1e-7) put it below on one backend, which re-seeded it.
+    codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    g = torch.Generator().manual_seed(1)
+    first = torch.cat([torch.zeros(7, 2), torch.tensor([[10.0, 0.0]]).repeat(18, 1)]) + 0.01 * torch.randn(25, 2, generator=g)
+    second = 0.01 * torch.randn(8, 2, generator=g)
+    vq = VectorQuantizer(3, 2, dead_code_threshold=1.0, usage_decay=1 - 1e-7).to(device)
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(codes.to(device))
+    vq(first.to(device))
+    vq(second.to(device))
+    assert vq.embeddings.weight[1].tolist() == [10.0, 0.0]
+    assert vq.embeddings.weight[2].tolist() != [0.0, 10.0]  # the never-used code was re-seeded
+    torch.testing.assert_close(vq.codebook_usage()["usage"].cpu(), torch.tensor([0.64, 0.36, 0.0]))
+
+
+def test_kmeans_codes_survive_a_threshold_of_exactly_the_uniform_share(backend, device):
+    # After k-means the codes that own a cluster hold a credit of the uniform share 1/K: with
+    # dead_code_threshold=1 (threshold 1/K) a few float32 roundings must not re-seed the codes fitted
+    # to the first pooled batch when the second misses them.
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(16, 2, generator=g) + torch.tensor([5.0, 0.0])
+    second = torch.randn(16, 2, generator=g) - torch.tensor([5.0, 0.0])
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, init="kmeans", kmeans_batches=2, dead_code_threshold=1.0,
+                         usage_decay=0.9).to(device)
+    vq(first.to(device))
+    vq(second.to(device))
+    w = vq.embeddings.weight.detach().cpu()
+    assert int((w[:, 0] > 2).sum()) >= 1, w  # a code still on the first batch's cluster
+    assert vq.batch_counts[w[:, 0] > 2].sum() == 0  # ... which the second batch did not use
+
+
+@pytest.mark.parametrize("name", ["decay", "usage_decay"])
+def test_a_decay_that_rounds_to_1_in_float32_is_refused(name):
+    with pytest.raises(ValueError, match="rounds to 1 in float32"):
+        VectorQuantizer(4, 2, **{name: 1 - 1e-8})
+    VectorQuantizer(4, 2, **{name: 1 - 1e-7})  # the largest decays that float32 keeps below 1 work
+
+
 # -- mixed precision ------------------------------------------------------------------------------
 
 def _chosen_gap(rows: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

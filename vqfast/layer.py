@@ -380,6 +380,10 @@ class VectorQuantizer(nn.Module):
         sync_distributed = check_bool(sync_distributed, "sync_distributed")
         decay = check_number(decay, "decay", minimum=0.0, below=1.0)
         usage_decay = check_number(usage_decay, "usage_decay", minimum=0.0, below=1.0)
+        for name, value in (("decay", decay), ("usage_decay", usage_decay)):
+            # The running statistics are float32: a decay that rounds to 1 there would never move them.
+            if reference.stored_decay(value, torch.float32) == 1.0:
+                raise ValueError(f"{name} must be below 1 - 2**-25 (it rounds to 1 in float32), got {value!r}")
         eps = check_number(eps, "eps", minimum=0.0)
         dead_code_threshold = check_number(dead_code_threshold, "dead_code_threshold", minimum=0.0)
         kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
@@ -819,14 +823,17 @@ class VectorQuantizer(nn.Module):
         # with an empty cluster get none and are re-seeded at the end of this step.
         self.usage.zero_()
         self.usage_steps.zero_()
-        credit = (1.0 - self.usage_decay) / (self.usage_decay * k) if self.usage_decay > 0 else 0.0
+        # The credit is a relative 1e-6 above that share: a few float32 roundings would otherwise put
+        # it just under a threshold of exactly 1/K (dead_code_threshold=1) on one backend and not the other.
+        decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
+        credit = (1.0 - decay) / (decay * k) * (1.0 + 1e-6) if decay > 0 else 0.0
         self.restart_grace.copy_(torch.where(counts > 0, credit, 0.0))
         self.initialized.fill_(True)
         self._needs_init = False
 
     def _usage_share(self) -> Tensor:
         """Bias-corrected running usage share of every code (0 before the first training step)."""
-        correction = 1.0 - self.usage_decay ** self.usage_steps
+        correction = reference.usage_correction(self.usage_steps, self.usage_decay, self.usage.dtype)
         return torch.where(self.usage_steps > 0, self.usage / correction.clamp_min(1e-12), 0.0)
 
     @torch.no_grad()
@@ -881,7 +888,8 @@ class VectorQuantizer(nn.Module):
         """Usage statistics from the running averages kept by training forwards (no extra pass).
 
         Returns a dict: ``counts`` (int64 (K,), code counts of the last training batch, summed over
-        ranks), ``usage`` (float (K,), running usage share per code, sums to 1 once trained),
+        ranks), ``usage`` (float (K,), running usage share per code, scaled to sum to 1 once a
+        step has counted a row),
         ``codes_used`` / ``fraction_used`` (codes whose running share is at least
         ``dead_code_threshold / K``, or 1 % of the uniform share when restarts are off),
         ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
@@ -891,6 +899,11 @@ class VectorQuantizer(nn.Module):
         """
         k = self.num_embeddings
         share = self._usage_share()
+        # Restarts zero a code's measured share, so the corrected shares sum to a little under 1 until
+        # the restarted codes' usage comes in; as a distribution (and for a perplexity <= K) they are
+        # scaled to sum to 1.
+        total = share.sum()
+        share = torch.where(total > 0, share / total.clamp_min(1e-30), share)
         threshold = (self.dead_code_threshold if self.dead_code_threshold > 0 else 0.01) / k
         in_use = (share >= threshold) & (share > 0)
         entropy = -torch.special.xlogy(share, share).sum()

@@ -296,6 +296,8 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
         m = decay * weight * smoothed(ema_count) + (1 - decay) * sums
         ema_count = decay * ema_count + (1 - decay) * counts
         weight = m / smoothed(ema_count)          # a code with smoothed count 0 (eps = 0) keeps its value
+
+    A step that counted no row leaves ``weight`` and ``ema_count`` bit for bit as they are.
     """
     k = ema_count.shape[0]
     # A step that counted no row (every row masked out, or NaN) leaves the averages as they are.
@@ -306,7 +308,23 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     running_sums.mul_(decay).add_(sums * rate)
     ema_count.mul_(decay).add_(counts[:k].to(ema_count.dtype) * rate)
     smoothed = _smoothed_counts(ema_count, eps).unsqueeze(1)
-    weight.copy_(torch.where(smoothed > 0, running_sums / smoothed.clamp_min(1e-30), weight.float()))
+    # The rewrite is skipped outright on such a step: W * s / s can round a code by an ulp.
+    keep = (smoothed > 0) & counted
+    weight.copy_(torch.where(keep, running_sums / smoothed.clamp_min(1e-30), weight.float()))
+
+
+def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
+    """``usage_decay`` as a ``dtype`` number holds it (float32 0.99 is 0.9900000095...): the running usage
+    decays by that value and gains ``1 - `` that value per step, so the shares sum to
+    ``1 - stored_decay ** steps`` exactly, which the bias correction divides out."""
+    return float(torch.tensor(usage_decay, dtype=dtype))
+
+
+def usage_correction(steps: torch.Tensor, usage_decay: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bias correction of the running usage share, ``1 - usage_decay ** steps`` (as Adam's), with
+    the decay as ``dtype`` stores it; computed in float64 (with float32, 1 - d ** s loses most of its
+    digits for a decay near 1) and returned in ``dtype``."""
+    return (1.0 - stored_decay(usage_decay, dtype) ** steps.double()).to(dtype)
 
 
 @torch.no_grad()
@@ -341,13 +359,14 @@ def update_code_usage(
     counts = counts[:k]
     steps.add_(counted.to(steps.dtype))
     batch_counts.copy_(counts)
-    decay = torch.where(counted, usage_decay, 1.0).to(usage.dtype)
-    rate = torch.where(counted, 1.0 - usage_decay, 0.0).to(usage.dtype)
+    stored = stored_decay(usage_decay, usage.dtype)
+    decay = torch.where(counted, stored, 1.0).to(usage.dtype)
+    rate = torch.where(counted, 1.0 - stored, 0.0).to(usage.dtype)
     usage.mul_(decay).add_(counts.to(usage.dtype) / total * rate)
     grace.mul_(decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
         return
-    decayed = 1.0 - usage_decay ** steps  # the bias correction, and K times a restarted code's credit
+    decayed = usage_correction(steps, usage_decay, usage.dtype)  # and K times a restarted code's credit
     dead = ((usage + grace) / decayed.clamp_min(1e-12) < dead_threshold) & (steps > 0) & (counts == 0)
     budget = seeds.shape[0]
     order = dead.to(torch.int64).cumsum(0) - 1
