@@ -178,10 +178,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{option} must be >= 1, got {value}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.beta is not None and not cfg.beta >= 0:
-        raise ValueError(f"--beta must be >= 0, got {cfg.beta}")
-    if not cfg.kl_weight >= 0:
-        raise ValueError(f"--kl-weight must be >= 0, got {cfg.kl_weight}")
+    # inf passes ">= 0": it would train to a NaN or inf loss and then be blamed on the learning rate.
+    if cfg.beta is not None and not (cfg.beta >= 0 and math.isfinite(cfg.beta)):
+        raise ValueError(f"--beta must be a finite number >= 0, got {cfg.beta}")
+    if not (cfg.kl_weight >= 0 and math.isfinite(cfg.kl_weight)):
+        raise ValueError(f"--kl-weight must be a finite number >= 0, got {cfg.kl_weight}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise ValueError(f"--limit must be positive, got {cfg.limit}")
     if cfg.eval_limit is not None and cfg.eval_limit <= 0:
@@ -287,6 +288,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    # torch.device also names meta, mps, xpu, ...: the training and evaluation code is written for these
+    # two, and the others failed mid-run with a traceback (meta tensors hold no data to report).
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device!r} requested but no CUDA device is available")

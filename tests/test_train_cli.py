@@ -63,6 +63,13 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["vqvae", "--threads", "-1"], "--threads"),
     (["vqvae", "--threads", "0"], "--threads"),
     (["vqvae", "--device", "gpu"], "--device"),
+    # device types torch knows but the training code does not run on
+    (["vqvae", "--device", "meta"], "--device"),
+    (["vqvae", "--device", "mps"], "--device"),
+    # infinite weights: refused up front rather than reported as a divergence to cure with a lower --lr
+    (["vae", "--kl-weight", "inf"], "--kl-weight"),
+    (["vqvae", "--beta", "inf"], "--beta"),
+    (["vqvae", "--vq-impl", "article", "--beta", "inf"], "--beta"),
     (["vqvae", "--eval-limit", "-5"], "--eval-limit"),
     (["vqvae", "--epochs", "-1"], "--epochs"),
     (["vqvae", "--batch-size", "0"], "--batch-size"),
@@ -494,7 +501,8 @@ def test_evaluate_writes_nothing_when_the_ood_source_is_missing(ae_run: Path, tm
 
 
 @pytest.mark.parametrize("argv, option", [(["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size"),
-                                          (["--worst", "-1"], "--worst"), (["--device", "gpu"], "--device")])
+                                          (["--worst", "-1"], "--worst"), (["--device", "gpu"], "--device"),
+                                          (["--device", "meta"], "--device")])
 def test_evaluate_rejects_bad_options(ae_run: Path, tmp_path: Path, argv: list[str], option: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "eval"
