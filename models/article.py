@@ -53,6 +53,14 @@ class ArticleVQ(nn.Module):
         z_q = flat + (q - flat).detach()
         return z_q.view(b, h, w, c).permute(0, 3, 1, 2), loss, indices.view(b, h, w)
 
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """The indices (B, H, W) :meth:`forward` gives for ``z``, from the search alone, like
+        ``VectorQuantizer.encode`` (``ConvVQVAE.encode_indices`` calls it on either layer)."""
+        b, c, h, w = z.shape
+        find = search_broadcast if self.search == "broadcast" else search_matmul
+        return find(z.permute(0, 2, 3, 1).reshape(-1, c), self.embeddings.weight).view(b, h, w)
+
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The codes at ``indices`` (B, H, W) as (B, C, H, W), like ``VectorQuantizer.codes_from_indices``
         (an index outside [0, K) raises, as ``nn.Embedding`` does)."""

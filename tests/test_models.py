@@ -120,6 +120,7 @@ def test_vqvae_decodes_indices_as_its_quantizer_outputs_them_also_with_the_cosin
     with torch.no_grad():
         recon, _, idx = article(images[:2])
         torch.testing.assert_close(article.decode_indices(idx), recon)
+        assert torch.equal(article.encode_indices(images[:2]), idx)
 
 
 def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch.Tensor) -> None:
