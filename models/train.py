@@ -725,7 +725,10 @@ def _load_eval_set(cfg: TrainConfig) -> tuple[Dataset, bool]:
     has_split = has_test_split(source)
     ds = load_dataset(source, train=not has_split, root=cfg.data_root, download=cfg.download,
                       limit=cfg.eval_limit, seed=cfg.seed)
-    return ds, has_split or cfg.eval_data is not None
+    # --eval-data naming the training source itself (a folder, an .npz with only x) gives back the
+    # training images: reported as a test, they would pass for held-out ones.
+    other = cfg.eval_data is not None and _absolute_source(cfg.eval_data) != _absolute_source(cfg.data)
+    return ds, has_split or other
 
 
 # The recipe for each epoch's shuffling seed; stored in checkpoints so that a resume can tell whether

@@ -436,6 +436,17 @@ def test_data_without_a_test_split_is_evaluated_on_training_images_and_says_so(
     assert result.test_metrics is not None and result.test_metrics["held_out"] is True
 
 
+def test_eval_data_naming_the_training_source_is_not_a_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 32, seed=0)
+    monkeypatch.chdir(tmp_path)  # the same file, spelled another way
+    result = train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, eval_data="mine.npz",
+                               out=str(tmp_path / "a")))
+    out = capsys.readouterr().out
+    assert "TRAINING images" in out and "\nTest (" not in out
+    assert result.test_metrics is not None and result.test_metrics["held_out"] is False
+
+
 def test_images_that_are_not_32x32_rgb_are_rejected_up_front(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "big.npz", x=np.zeros((4, 64, 64, 3), dtype=np.uint8))
