@@ -1407,8 +1407,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
              worst: int = 16, progress: bool = True) -> dict[str, Any]:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
 
-    ``data`` None: the run's own end-of-run test source (its ``eval_data``, else its training data);
-    ``data_root`` None: the run's.
+    ``data`` None: the run's own end-of-run test source (its ``eval_data``, else its training data), or
+    with ``split="train"`` its training data; ``data_root`` None: the run's.
     The anomaly score of an image is its summed squared reconstruction error. Writes
     ``eval-<source>-<split>.csv`` (one row per image) and ``eval-<source>-<split>.json`` (the summary)
     and a grid of the ``worst`` reconstructed images to ``out_dir`` (default: the run folder), named
@@ -1438,7 +1438,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder for the evaluation's outputs")
         if data is None:
-            data = cfg.eval_data or cfg.data
+            # The run's --eval-data holds its test images; its training images are in --data.
+            data = cfg.data if split == "train" else (cfg.eval_data or cfg.data)
         if data_root is None:
             data_root = cfg.data_root
 
@@ -1612,8 +1613,9 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("run", help="run folder (or its checkpoint.pt)")
     a("--data", default=None, help="cifar10, svhn, sample, synthetic, or a folder / .npz path (default: the run's "
-      "own test source, its --eval-data or else its --data)")
-    a("--split", choices=("test", "train"), default="test")
+      "own test source, its --eval-data or else its --data; with --split train, its --data)")
+    a("--split", choices=("test", "train"), default="test",
+      help="which split of a source with one (cifar10, svhn, sample, synthetic, an .npz with x_test) to score")
     a("--ood", default=None, help="a second source scored as out-of-distribution (e.g. svhn); reports AUROC")
     a("--data-root", default=None, help="where torchvision datasets live (default: the run's)")
     a("--no-download", dest="download", action="store_false")

@@ -490,6 +490,12 @@ def test_evaluate_scores_the_runs_own_test_source_by_default(npz_run, tmp_path: 
         evaluate(run, out_dir=tmp_path / "a_file", worst=0, progress=False)
 
 
+def test_evaluate_of_the_train_split_scores_the_runs_training_data(tmp_path: Path) -> None:
+    run = train(TrainConfig(**TINY_AE, eval_data="synthetic", out=str(tmp_path / "run"))).run_dir
+    assert evaluate(run, split="train", limit=8, out_dir=tmp_path / "e", worst=0, progress=False)["data"] == "sample"
+    assert evaluate(run, limit=8, out_dir=tmp_path / "e", worst=0, progress=False)["data"] == "synthetic"
+
+
 def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path) -> None:
     data = _write_npz(tmp_path / "mine.npz", 12, seed=2)
     summary = evaluate(ae_run, data=str(data), out_dir=tmp_path / "e", worst=0, progress=False)
