@@ -997,8 +997,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 _print(f"{run_dir} has already trained for {epochs} epoch{'s' if epochs != 1 else ''} (give a larger "
                        f"--epochs to train on); evaluating it again", log_path)
             else:
-                where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
-                _print(f"Resuming {run_dir} at {where} of {epochs}", log_path)
+                # (not "epoch 1, batch 6 of 3": the total is the epochs')
+                after = f", after batch {start_batch} of {steps_per_epoch}" if start_batch else ""
+                _print(f"Resuming {run_dir} at epoch {start_epoch + 1} of {epochs}{after}", log_path)
 
     train_module: nn.Module = _LossModule(model)
     if dist.enabled:

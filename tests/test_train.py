@@ -144,7 +144,8 @@ def _ctrl_c_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Any:
 
 
 def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          vae_reference: train_mod.TrainResult) -> None:
+                                                          vae_reference: train_mod.TrainResult,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     real_step = _ctrl_c_after_step(monkeypatch, 5)  # epoch 2, batch 2 of 3
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     with pytest.raises(KeyboardInterrupt):
@@ -154,7 +155,9 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
     assert (state["epoch"], state["batch"]) == (1, 2)
     assert state["epoch_seconds"] > 0  # the interrupted epoch's time so far
     monkeypatch.setattr(train_mod, "train_step", real_step)
+    capsys.readouterr()
     resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
+    assert f"Resuming {tmp_path} at epoch 2 of 2, after batch 2 of 3\n" in capsys.readouterr().out
     assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
     _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
     # The resumed epoch's time is both parts', and its speed counts all 96 images over it.
