@@ -180,7 +180,13 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    folder = datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
+    except FileNotFoundError as exc:
+        # torchvision's "Couldn't find any class folder" does not say what layout it wanted; a folder of
+        # images without class folders is the common case.
+        raise ValueError(f"{path}: {exc} An image folder needs ImageFolder layout, the images in subfolders "
+                         f"(one per class, e.g. {Path(path) / 'all' / 'img.png'}), not at its top") from None
     # Every file's header is read now (a few seconds for 50,000 images), so that an unreadable file
     # stops the run before training rather than in the middle of an epoch.
     for file, _ in folder.samples:

@@ -204,6 +204,17 @@ def test_image_folder(tmp_path: Path) -> None:
     torch.testing.assert_close(first, _as_chw_float(x[0]))
 
 
+def test_a_folder_of_images_without_class_folders_names_the_layout(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(_images(1, seed=3)[0]).save(tmp_path / "0.png")
+    with pytest.raises(ValueError, match="ImageFolder layout"):
+        load_dataset(str(tmp_path))
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="ImageFolder layout"):
+        load_dataset(str(tmp_path))
+
+
 def test_a_limited_image_folder_spans_its_classes(tmp_path: Path) -> None:
     # A folder's images come sorted by class: the first ones would all be the first class.
     from PIL import Image
