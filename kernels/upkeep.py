@@ -27,6 +27,8 @@ from vqfast.kernels._launch import PreparedLaunch
 
 # Largest finite float32: |x| <= it is False for NaN and +-inf alike.
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 def _as_float32(x: float) -> float:
     """x rounded to the nearest float32, as a Python float."""
     return float(torch.tensor(x, dtype=torch.float32))
@@ -174,8 +176,8 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
             or sums.dtype != torch.float32 or sums.stride(1) != 1:
         raise ValueError(f"weight ({k}, D) float32 and sums of its shape (float32, unit column stride) expected, "
                          f"got {weight.dtype} {tuple(weight.shape)} and {sums.dtype} {tuple(sums.shape)}")
-    if not 0.0 <= decay < 1.0 or eps < 0:
-        raise ValueError(f"decay must be in [0, 1) and eps >= 0, got {decay}, {eps}")
+    if not 0.0 <= decay < 1.0 or _as_float32(decay) == 1.0 or eps < 0:
+        raise ValueError(f"decay must be in [0, 1) and below 1 in float32, and eps >= 0, got {decay}, {eps}")
     total = ema_count.sum()
     _ema_launch(k, weight.shape[1], weight.stride(0), weight.stride(1), sums.stride(0), decay, eps,
                 interpreting())(weight, sums, ema_count, counts, total)
@@ -187,6 +189,9 @@ def _ema_launch(k: int, d: int, stride_wk: int, stride_wd: int, stride_sk: int, 
     # 32 x 64 elements per program: 64 registers on sm_90 (50 % occupancy); 64 codes took 138 (19 %).
     block_codes = 16 if interp else 32
     block_d = min(64, max(16, next_power_of_2(d)))
+    # The decay as float32 holds it, and 1 minus that (exact) as the rate, as the reference
+    # (vqfast.reference.ema_update): the steps' weights then sum to 1.
+    decay = _as_float32(decay)
     return PreparedLaunch(_ema_update_kernel, (cdiv(k, block_codes),),
                           (k, d, stride_wk, stride_wd, stride_sk, decay, 1.0 - decay, eps),
                           dict(BLOCK_CODES=block_codes, BLOCK_D=block_d, num_warps=4))

@@ -728,6 +728,42 @@ def test_usage_with_a_decay_near_1(backend, device, usage_decay):
     assert single.codebook_usage()["perplexity"] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ema_with_a_decay_near_1_moves_by_1_minus_the_stored_decay(backend, device, dtype):
+    # The running counts and sums decay by the decay as their dtype holds it and gain 1 minus that
+    # value, so the steps' weights sum to 1. A rate of 1 - decay from the unrounded decay gained 0.84
+    # of that at decay 1 - 1e-7 (float32 keeps 1 - 1.19e-7), and float64 statistics decayed by the
+    # float32 value.
+    decay = 1 - 1e-7
+    vq = VectorQuantizer(2, 2, ema=True, decay=decay, eps=0.0, dead_code_threshold=0.0).to(device, dtype)
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0]]))
+    vq(torch.cat([torch.full((1000, 2), 10.0), torch.full((3, 2), 100.0)]).to(device, dtype))
+    d = reference.stored_decay(decay, dtype)
+    rate = 1.0 - d
+    counts = torch.tensor([d + rate * 1000, d + rate * 3], dtype=torch.float64)
+    torch.testing.assert_close(vq.ema_count.double().cpu(), counts, rtol=1e-7 if dtype == torch.float32 else 1e-14,
+                               atol=0)
+    code = rate * 1000 * 10 / (d + rate * 1000)
+    torch.testing.assert_close(vq.embeddings.weight[0].double().cpu(), torch.tensor([code, code], dtype=torch.float64),
+                               rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+
+
+def test_float64_usage_decays_by_its_float64_decay(torch_backend):
+    # A float64 layer's usage decays by the float64 decay that its bias correction divides out
+    # (torch.where with a Python number rounded it to float32: shares off by 2e-8 at 1 - 1e-7 per step).
+    torch.manual_seed(0)
+    decay = 1 - 1e-7
+    vq = VectorQuantizer(4, 2, dead_code_threshold=0.0, usage_decay=decay).double()
+    for step in range(2):
+        before = vq.usage.clone()
+        _, _, idx = vq(torch.randn(32, 2, dtype=torch.float64))
+        share = torch.bincount(idx, minlength=4).double() / 32
+        torch.testing.assert_close(vq.usage, before * decay + (1 - decay) * share, rtol=1e-14, atol=0)
+        if step == 0:
+            torch.testing.assert_close(vq._usage_share(), share, rtol=1e-14, atol=0)
+
+
 def test_a_code_at_the_threshold_is_kept_with_a_decay_near_1(backend, device):
     # Code 1 holds 18 of 25 rows, then misses a batch: its corrected share (0.36) stays above the
     # threshold 1/3. float32 1 - d ** s (d = 1 - 1e-7) put it below on one backend, which re-seeded it.
@@ -908,6 +944,31 @@ def test_nonfinite_rows_are_left_out_of_the_statistics(backend, device, ema):
     for name, value in clean.state_dict().items():
         torch.testing.assert_close(dirty.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
     assert dirty.codebook_usage()["steps"] == 3
+
+
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.25])
+def test_a_row_holding_inf_gives_an_inf_loss_on_both_backends(backend, device, beta, ema):
+    """The losses of a row holding inf are inf, whatever beta: with beta = 0 the commitment term is
+    absent, not 0 * inf = NaN (the fused kernel's (1 + beta) * mse was inf, the PyTorch ops' NaN).
+    With EMA the loss is beta * mse alone: inf, or 0 with beta = 0."""
+    torch.manual_seed(0)
+    z = torch.randn(6, 4)
+    z[1, 2] = math.inf
+    finite = torch.tensor([True, False, True, True, True, True])
+    expected = 0.0 if ema and beta == 0 else math.inf
+    for mask in (None, torch.ones(6, dtype=torch.bool, device=device)):
+        vq = VectorQuantizer(8, 4, beta=beta, ema=ema, dead_code_threshold=0.0).to(device)
+        loss = quantize(z.to(device), vq.embeddings.weight.detach(), beta=beta, mask=mask)[1]
+        assert loss.item() == math.inf
+        x = z.to(device, copy=True).requires_grad_()
+        z_q, loss, _ = vq(x, mask=mask)
+        assert loss.item() == expected
+        (z_q.sum() + loss).backward()
+        grad = x.grad.cpu()[finite]
+        assert torch.isfinite(grad).all()
+        if beta == 0:
+            assert (grad == 1).all()  # the straight-through gradient alone
 
 
 def test_restarts_never_seed_from_nonfinite_rows(backend, device):

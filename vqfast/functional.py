@@ -382,7 +382,7 @@ def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid
     commitment = (z_kept - q_kept.detach()).square().sum() * scale
     to_codes = to_codes or reference._StraightThrough.apply
     z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
-    return z_q, codebook_loss + beta * commitment
+    return z_q, codebook_loss + reference.weighted(commitment, beta)
 
 
 class _RotateToCodes(torch.autograd.Function):

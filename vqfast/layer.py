@@ -297,7 +297,8 @@ class VectorQuantizer(nn.Module):
     can be re-seeded again (0 disables). Never used codes are re-seeded from the end of the first
     training step on. ``usage_decay`` is the decay of that running usage, reported by
     :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
-    Rows holding NaN or inf still get a code (in range) and make the loss NaN, but are left out of the
+    Rows holding NaN or inf still get a code (in range) and make the loss NaN (inf for a row holding inf
+    and no NaN, also with beta = 0; with EMA, beta * mse, 0 for beta = 0), but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
     code into NaN for good. A training forward updates the layer's state and must not be recomputed:
     under activation checkpointing its recompute raises RuntimeError.
@@ -661,8 +662,13 @@ class VectorQuantizer(nn.Module):
 
     def _ema_loss(self, loss: Tensor) -> Tensor:
         """With EMA, quantize's loss (1 + beta) * mse, whose gradient to z is beta * dmse (the codebook is
-        detached), minus a constant: value beta * mse, same gradient. Unchanged without EMA."""
-        return loss - loss.detach() / (1.0 + self.beta) if self.ema else loss
+        detached), with the value beta * mse and the same gradient. Unchanged without EMA."""
+        if not self.ema:
+            return loss
+        # Not loss minus a constant: for a row holding inf that is inf - inf = NaN, where beta * mse is
+        # inf (0 with beta = 0: no term at all).
+        value = reference.weighted(loss.detach(), self.beta / (1.0 + self.beta))
+        return reference._StraightThrough.apply(loss, value)
 
     def _quantize_rows(self, rows: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight

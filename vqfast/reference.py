@@ -300,17 +300,23 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     A step that counted no row leaves ``weight`` and ``ema_count`` bit for bit as they are.
     """
     k = ema_count.shape[0]
+    dtype = ema_count.dtype
     # A step that counted no row (every row masked out, or NaN) leaves the averages as they are.
     counted = counts[k] > 0
-    rate = torch.where(counted, 1.0 - decay, 0.0).to(ema_count.dtype)
-    decay = torch.where(counted, decay, 1.0).to(ema_count.dtype)
-    running_sums = weight.float() * _smoothed_counts(ema_count, eps).unsqueeze(1)
-    running_sums.mul_(decay).add_(sums * rate)
-    ema_count.mul_(decay).add_(counts[:k].to(ema_count.dtype) * rate)
+    # The decay as the running counts' dtype holds it, and 1 minus that (exact) as the rate: with the
+    # rate 1 - decay of the unrounded decay, the weights of the steps summed to 0.84 at decay 1 - 1e-7.
+    # (torch.where with a Python number would round it to float32 also for float64 counts.)
+    stored = stored_decay(decay, dtype)
+    rate = torch.where(counted, torch.full((), 1.0 - stored, dtype=dtype, device=counts.device), 0.0)
+    decay = torch.where(counted, torch.full((), stored, dtype=dtype, device=counts.device), 1.0)
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    running_sums = weight.to(wide) * _smoothed_counts(ema_count, eps).unsqueeze(1)
+    running_sums.mul_(decay).add_(sums.to(wide) * rate)
+    ema_count.mul_(decay).add_(counts[:k].to(dtype) * rate)
     smoothed = _smoothed_counts(ema_count, eps).unsqueeze(1)
     # The rewrite is skipped outright on such a step: W * s / s can round a code by an ulp.
     keep = (smoothed > 0) & counted
-    weight.copy_(torch.where(keep, running_sums / smoothed.clamp_min(1e-30), weight.float()))
+    weight.copy_(torch.where(keep, running_sums / smoothed.clamp_min(1e-30), weight.to(wide)))
 
 
 def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
@@ -360,8 +366,9 @@ def update_code_usage(
     steps.add_(counted.to(steps.dtype))
     batch_counts.copy_(counts)
     stored = stored_decay(usage_decay, usage.dtype)
-    decay = torch.where(counted, stored, 1.0).to(usage.dtype)
-    rate = torch.where(counted, 1.0 - stored, 0.0).to(usage.dtype)
+    # (torch.where with a Python number would round it to float32 also for float64 statistics.)
+    decay = torch.where(counted, torch.full((), stored, dtype=usage.dtype, device=usage.device), 1.0)
+    rate = torch.where(counted, torch.full((), 1.0 - stored, dtype=usage.dtype, device=usage.device), 0.0)
     usage.mul_(decay).add_(counts.to(usage.dtype) / total * rate)
     grace.mul_(decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
@@ -412,8 +419,19 @@ def quantize(
         loss = (z.sum() + codebook[:0].sum()) * 0.0
     else:
         acc = torch.promote_types(q.dtype, z.dtype)
-        loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + beta * F.mse_loss(z.to(acc), q.detach().to(acc))
+        loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + weighted(F.mse_loss(z.to(acc), q.detach().to(acc)), beta)
     return _StraightThrough.apply(z, q.detach().to(z.dtype)), loss, indices
+
+
+def weighted(term: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * term``, where a weight of 0 leaves the term out: 0 * inf would turn an infinite term
+    into NaN, while the loss without it (beta = 0: the codebook term alone) is what its other terms
+    make it, inf for a row holding inf, as the fused kernel's ``(1 + beta) * mse`` gives. A NaN term
+    stays NaN; the term's gradient is still multiplied by the weight."""
+    out = term * weight
+    if weight != 0:
+        return out
+    return torch.where(torch.isinf(term), 0.0, out)
 
 
 class _StraightThrough(torch.autograd.Function):
