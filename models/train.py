@@ -1453,6 +1453,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         name, split_label = describe_source(info["data"]), info["split"]
         notes = list(info["notes"])
         summary: dict[str, Any] = {"run": str(run_dir), "model": cfg.model, "epochs_trained": int(state["epoch"]),
+                                   # a run stopped mid-epoch holds the weights of this many batches more
+                                   "batches_trained": int(state.get("batch", 0)),
                                    "data": info["data"], "split": split_label, "images": res["n"], "mse": res["mse"],
                                    "psnr": res["psnr"], **_score_summary(res["sse"])}
         if "requested_data" in info:
@@ -1631,7 +1633,11 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _format_eval(summary: Mapping[str, Any]) -> str:
-    lines = [f"{summary['model']} ({summary['epochs_trained']} epochs) on {summary['data']} {summary['split']}: "
+    epochs = summary["epochs_trained"]
+    trained = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+    if summary.get("batches_trained"):
+        trained += f" and {summary['batches_trained']} batch{'es' if summary['batches_trained'] != 1 else ''}"
+    lines = [f"{summary['model']} ({trained}) on {summary['data']} {summary['split']}: "
              f"{summary['images']} images, MSE/pixel {summary['mse']:.5f}, PSNR {summary['psnr']:.2f} dB",
              f"  anomaly score (SSE/image): mean {summary['score_mean']:.3f}, median {summary['score_p50']:.3f}, "
              f"p90 {summary['score_p90']:.3f}, p99 {summary['score_p99']:.3f}, max {summary['score_max']:.3f}"]

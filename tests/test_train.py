@@ -154,6 +154,13 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
     state = load_checkpoint(tmp_path)
     assert (state["epoch"], state["batch"]) == (1, 2)
     assert state["epoch_seconds"] > 0  # the interrupted epoch's time so far
+    # evaluated as it stands, the run says how far it got
+    parser = argparse.ArgumentParser()
+    configure_evaluate_parser(parser)
+    assert evaluate_main(parser.parse_args([str(tmp_path), "--limit", "4", "--worst", "0", "--no-progress",
+                                            "--out", str(tmp_path / "eval")])) == 0
+    assert "vae (1 epoch and 2 batches) on sample test" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "eval-sample-test.json").read_text())["batches_trained"] == 2
     monkeypatch.setattr(train_mod, "train_step", real_step)
     capsys.readouterr()
     resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
