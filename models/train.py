@@ -1129,6 +1129,13 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             if epoch_steps:
                 step_losses.extend(torch.stack(epoch_steps).float().cpu().tolist())
             if interrupted and done < steps_per_epoch:
+                so_far = float(dist.all_sum(acc)[2])
+                if not math.isfinite(so_far):
+                    # As at the end of an epoch: NaN weights saved now would replace the last good checkpoint.
+                    raise ValueError(f"training diverged in epoch {epoch + 1}: its loss so far (batch {done} of "
+                                     f"{steps_per_epoch}) is {so_far}, so no checkpoint was written. {ckpt_path} "
+                                     "keeps the last state saved before it; continue from there with --resume and "
+                                     "a lower --lr")
                 write_checkpoint(epoch, done, acc, counts, elapsed)
                 if dist.is_main:
                     _print(f"Interrupted in epoch {epoch + 1} after batch {done}/{steps_per_epoch}; "

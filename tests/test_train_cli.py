@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,31 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(tmp_path: Path, cap
     assert not (out / "summary.json").exists()
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
         json.loads(line)  # valid JSON, whatever the numbers
+
+
+def test_a_run_interrupted_after_diverging_keeps_its_last_good_checkpoint(tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def poison_then_ctrl_c(module, x, optimizer, amp=False):
+        out = real_step(module, x, optimizer, amp)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the weights go NaN mid-epoch ...
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("nan"))
+        if calls["n"] == 2:  # ... and Ctrl-C comes before the epoch's end would notice
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", poison_then_ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, KeyboardInterrupt)) as stopped:  # (a KeyboardInterrupt would end pytest)
+        train(TrainConfig(**{**TINY_AE, "batch_size": 8}, out=str(out)))
+    assert stopped.type is ValueError and "diverged in epoch 1" in str(stopped.value)
+    state = load_checkpoint(out)
+    assert (state["epoch"], state["batch"]) == (0, 0)  # the initial one, not the NaN weights
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
 
 
 def test_psnr_and_json_outputs_of_nonfinite_errors() -> None:
