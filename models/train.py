@@ -1438,6 +1438,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         raise ValueError(f"--worst must be >= 0, got {worst}")
     dev = resolve_device(device)
     _check_backend_on(backend, dev)
+    if amp and dev.type != "cuda":
+        print("--amp: bf16 autocast is used on CUDA only; evaluating in fp32 on the CPU", file=sys.stderr)
     # A runtime choice, restored afterwards: the backend a run was trained with is not reused.
     with selected_backend(backend):
         model, cfg, state = load_run(run, dev)
@@ -1628,12 +1630,13 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
       help="which split of a source with one (cifar10, svhn, sample, synthetic, an .npz with x_test) to score")
     a("--ood", default=None, help="a second source scored as out-of-distribution (e.g. svhn); reports AUROC")
     a("--data-root", default=None, help="where torchvision datasets live (default: the run's)")
-    a("--no-download", dest="download", action="store_false")
+    a("--no-download", dest="download", action="store_false", help="never download datasets")
     a("--limit", type=int, default=None, help="use at most this many images per source")
-    a("--batch-size", type=int, default=256)
-    a("--device", default="auto")
-    a("--backend", choices=("auto", "torch", "triton"), default=None)
-    a("--amp", action="store_true")
+    a("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--backend", choices=("auto", "torch", "triton"), default=None,
+      help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")
+    a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     a("--out", dest="out_dir", default=None, help="folder for the CSV/JSON/PNG (default: the run folder)")
     a("--worst", type=int, default=16, help="how many worst-reconstructed images to show")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")

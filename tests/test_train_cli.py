@@ -568,6 +568,8 @@ def test_amp_on_the_cpu_says_so_and_trains_in_fp32(tmp_path: Path, capsys) -> No
     assert "--amp: bf16 autocast is used on CUDA only" in capsys.readouterr().err
     assert len(result.history) == 1 and np.isfinite(result.history[0]["avg_loss"])
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    evaluate(result.run_dir, limit=4, worst=0, amp=True, device="cpu", progress=False, out_dir=tmp_path / "e")
+    assert "--amp: bf16 autocast is used on CUDA only" in capsys.readouterr().err
 
 
 def test_evaluate_on_svhn_the_articles_generalisation_experiment(ae_run: Path, tmp_path: Path, monkeypatch) -> None:
