@@ -31,7 +31,7 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 def _as_float32(x: float) -> float:
     """x rounded to the nearest float32, as a Python float."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))  # (not on the default device: see stored_decay)
 
 
 # Blocks of codes are sized so that the second kernel sums at most this many per-block counts.

@@ -1113,6 +1113,23 @@ def test_z_q_is_contiguous_when_z_is(shape, channel_dim, torch_backend):
     assert vq(cl)[0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_layer_builds_on_the_meta_device_and_loads_with_assign(torch_backend):
+    # Large models are built on the meta device and then given their weights with assign=True; the
+    # constructor's decay checks read a number, which a tensor on the default (meta) device has not.
+    torch.manual_seed(0)
+    trained = VectorQuantizer(8, 4, ema=True, decay=0.9)
+    trained(torch.randn(20, 4))
+    with torch.device("meta"):
+        vq = VectorQuantizer(8, 4, ema=True, decay=0.9)
+    vq.load_state_dict(trained.state_dict(), assign=True)
+    z = torch.randn(20, 4)
+    for layer in (trained, vq):
+        torch.manual_seed(1)
+        layer(z)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(vq.state_dict()[name], value), name
+
+
 def test_strict_loading_drops_statistics_the_layer_does_not_keep(torch_backend):
     ema_layer = VectorQuantizer(16, 4, ema=True)
     plain = VectorQuantizer(16, 4)

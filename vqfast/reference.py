@@ -323,7 +323,9 @@ def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
     """``usage_decay`` as a ``dtype`` number holds it (float32 0.99 is 0.9900000095...): the running usage
     decays by that value and gains ``1 - `` that value per step, so the shares sum to
     ``1 - stored_decay ** steps`` exactly, which the bias correction divides out."""
-    return float(torch.tensor(usage_decay, dtype=dtype))
+    # On the CPU whatever the default device: a meta one (a model built under torch.device("meta")) has
+    # no value to read, and a GPU one would sync the host.
+    return float(torch.tensor(usage_decay, dtype=dtype, device="cpu"))
 
 
 def usage_correction(steps: torch.Tensor, usage_decay: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
