@@ -1604,6 +1604,18 @@ def _given_options(args: argparse.Namespace) -> set[str]:
     return given
 
 
+def _error_text(exc: BaseException) -> str:
+    """The message of ``exc`` for an ``error:`` line. One raised in a DataLoader worker (a damaged image
+    with --workers) reaches the main process as "Caught ValueError in DataLoader worker process 0",
+    then the worker's whole traceback: only its last line is the message."""
+    text = str(exc)
+    if "DataLoader worker process" in text and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
+
+
 def train_main(args: argparse.Namespace) -> int:
     """Run ``vqfast train`` with parsed ``args``; returns the exit status (130 after Ctrl-C)."""
     try:
@@ -1615,7 +1627,7 @@ def train_main(args: argparse.Namespace) -> int:
     except (DatasetUnavailable, OSError, ValueError) as exc:
         # OSError: the file system's own complaints (a file where a folder should be, an unreadable
         # image) name their path; a traceback would add nothing for the user.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 2
     return 0
 
@@ -1675,7 +1687,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
         print("Evaluation interrupted.", file=sys.stderr)
         return 130
     except (DatasetUnavailable, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 2
     print(_format_eval(summary))
     return 0

@@ -473,6 +473,21 @@ def test_eval_data_naming_the_training_source_is_not_a_test(tmp_path: Path, monk
     assert result.test_metrics is not None and result.test_metrics["held_out"] is False
 
 
+def test_an_image_damaged_past_its_header_read_by_a_worker_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / "cats" / "good.png")
+    whole = (tmp_path / "data" / "cats" / "good.png").read_bytes()
+    (tmp_path / "data" / "cats" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    argv = ["ae", "--data", str(tmp_path / "data"), "--latent-dim", "4", "--epochs", "1", "--workers", "1",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert train_main(_train_args(*argv)) == 2
+    err = capsys.readouterr().err
+    assert "cut.png: " in err and "remove or replace this image" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_images_that_are_not_32x32_rgb_are_rejected_up_front(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "big.npz", x=np.zeros((4, 64, 64, 3), dtype=np.uint8))
