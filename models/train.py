@@ -1279,6 +1279,15 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _eval_batch_size(cfg: TrainConfig) -> int:
+    """Images per evaluation batch: 256, or for the article's VQ step no more than training used, since its
+    search builds a (rows x codes x dims) tensor: at 256 images, 4,096 x 128 codes, two of 8.6 GB each,
+    four times what the training batches of 64 needed."""
+    if cfg.model == "vqvae" and cfg.vq_impl == "article":
+        return min(256, cfg.batch_size)
+    return 256
+
+
 def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set: Dataset, held_out: bool,
                 run_dir: Path, device: torch.device, history: list[dict[str, Any]], step_losses: list[float],
                 steps_per_epoch: int, log_path: Path | None) -> dict[str, Any]:
@@ -1291,7 +1300,8 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
 
     model.eval()
     train_label, test_label = dataset_label(train_set, cfg.data), dataset_label(test_set, cfg.eval_data or cfg.data)
-    result = evaluate_model(model, test_set, device, batch_size=256, amp=cfg.amp, keep_images=cfg.grid_images,
+    result = evaluate_model(model, test_set, device, batch_size=_eval_batch_size(cfg), amp=cfg.amp,
+                            keep_images=cfg.grid_images,
                             progress=cfg.progress, desc="test" if held_out else "evaluation")
     baseline = mean_image_mse(test_set, mean_image(train_set))
     test = {"event": "test", "epoch": len(history), "data": test_label, "held_out": held_out,
@@ -1410,7 +1420,8 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
 
 
 def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood: str | None = None,
-             data_root: str | Path | None = None, download: bool = True, limit: int | None = None, batch_size: int = 256,
+             data_root: str | Path | None = None, download: bool = True, limit: int | None = None,
+             batch_size: int | None = None,
              device: str = "auto", backend: str | None = None, amp: bool = False, out_dir: str | Path | None = None,
              worst: int = 16, progress: bool = True) -> dict[str, Any]:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
@@ -1425,6 +1436,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     With ``ood`` (another source, e.g. ``svhn`` for a CIFAR-10 model) its images are scored too, and
     the summary gives the AUROC of the score separating them from ``data`` and the fraction of them
     above the 95th percentile of ``data``'s scores. Nothing is written unless every source loads.
+    ``batch_size`` None: 256 images, or for a run with the article's VQ step (whose search builds a
+    rows x codes x dims tensor) at most its training batch size.
     """
     from vqfast.models import viz
 
@@ -1432,7 +1445,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         raise ValueError(f"--split must be test or train, got {split!r}")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if worst < 0:
         raise ValueError(f"--worst must be >= 0, got {worst}")
@@ -1443,6 +1456,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     # A runtime choice, restored afterwards: the backend a run was trained with is not reused.
     with selected_backend(backend):
         model, cfg, state = load_run(run, dev)
+        if batch_size is None:
+            batch_size = _eval_batch_size(cfg)
         run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
         out = Path(out_dir) if out_dir else run_dir
         if out.exists() and not out.is_dir():
@@ -1497,7 +1512,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         if worst > 0:
             xs = torch.stack([ds[int(i)][0] for i in worst_idx])
             with torch.no_grad(), _autocast(dev, amp):
-                rec = model.reconstruct(xs.to(dev)).float().cpu()
+                rec = torch.cat([model.reconstruct(chunk.to(dev)).float().cpu() for chunk in xs.split(batch_size)])
             viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split_label}-worst.png")
         if ood_res is not None and ood_info is not None:
             ood_name = describe_source(ood_info["data"])
@@ -1644,7 +1659,8 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     a("--data-root", default=None, help="where torchvision datasets live (default: the run's)")
     a("--no-download", dest="download", action="store_false", help="never download datasets")
     a("--limit", type=int, default=None, help="use at most this many images per source")
-    a("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    a("--batch-size", type=int, default=None,
+      help="images per batch (default 256; for a run with --vq-impl article, at most its training batch size)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--backend", choices=("auto", "torch", "triton"), default=None,
       help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")

@@ -578,6 +578,29 @@ def test_evaluate_shows_a_progress_bar_unless_told_not_to(ae_run: Path, tmp_path
     assert capsys.readouterr().err == ""
 
 
+def test_the_articles_vq_step_is_never_given_more_images_than_its_training_batches(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    # Its search builds a (rows x codes x dims) tensor: the evaluation's default 256 images would need
+    # four times the memory of training batches of 64.
+    from vqfast.models import article
+
+    real_search, rows = article.search_broadcast, []
+
+    def search(z, codebook):
+        rows.append(z.shape[0])
+        return real_search(z, codebook)
+
+    monkeypatch.setattr(article, "search_broadcast", search)
+    cfg = dict(model="vqvae", vq_impl="article", num_codes=8, code_dim=4, data="sample", limit=16, batch_size=8,
+               epochs=1, eval_limit=40, grid_images=4, progress=False, device="cpu")
+    run = train(TrainConfig(**cfg, out=str(tmp_path / "run"))).run_dir
+    evaluate(run, limit=40, worst=20, device="cpu", progress=False, out_dir=tmp_path / "e")
+    assert rows and max(rows) == 8 * 16  # 8 images of 4 x 4 latents
+    rows.clear()
+    evaluate(run, limit=40, worst=0, batch_size=40, device="cpu", progress=False, out_dir=tmp_path / "e")
+    assert max(rows) == 40 * 16  # unless asked for
+
+
 def test_amp_on_the_cpu_says_so_and_trains_in_fp32(tmp_path: Path, capsys) -> None:
     result = train(TrainConfig(**TINY_AE, amp=True, out=str(tmp_path / "run")))
     assert "--amp: bf16 autocast is used on CUDA only" in capsys.readouterr().err
