@@ -1531,6 +1531,11 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    # Python's spellings too: the layer's own messages ask for "True or False", and ema=True left as the
+    # string 'True' was refused with "ema must be True or False, got 'True'".
+    python = {"True": True, "False": False, "None": None}
+    if value in python:
+        return key, python[value]
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -1562,7 +1567,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
       help="xavier_normal (the article's, the default) or the VQ layer's own initialisation; "
            "--vq-option init=... implies the latter")
     a("--vq-option", dest="vq_kwargs", type=_parse_kv, action="append", default=[], metavar="KEY=VALUE",
-      help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible); repeatable; "
+      help="extra keyword argument for vqfast.VectorQuantizer (VALUE parsed as JSON when possible, True, False "
+           "and None as in Python); repeatable; "
            "VQ-VAE with --vq-impl vqfast only")
     a("--backend", choices=("auto", "torch", "triton"), default="auto",
       help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")

@@ -115,6 +115,15 @@ def test_bad_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert "missing.npz" in capsys.readouterr().err and not out.exists()
 
 
+def test_vq_option_values_parse_as_json_or_python_constants() -> None:
+    args = _train_args("vqvae", "--vq-option", "ema=True", "--vq-option", "decay=0.9", "--vq-option", "init=uniform",
+                       "--vq-option", "dead_code_threshold=0", "--vq-option", "sync_distributed=false")
+    cfg = train_mod._config_from_args(args)
+    assert cfg.vq_kwargs == {"ema": True, "decay": 0.9, "init": "uniform", "dead_code_threshold": 0,
+                             "sync_distributed": False}
+    train_mod._validate(cfg)  # no error
+
+
 def test_vq_options_that_exist_are_accepted() -> None:
     cfg = TrainConfig(model="vqvae", vq_kwargs={"init": "uniform", "dead_code_threshold": 0.0}, num_codes=8,
                       code_dim=4)
