@@ -1580,11 +1580,15 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     # (Options whose value a resumed run keeps unless given parse as None when left out.)
     a("--data-root", default=None, help="where torchvision datasets live / are downloaded to (default ./data; "
       "with --resume, the run's)")
-    a("--no-download", dest="download", action="store_false", default=None,
-      help="never download datasets (with --resume: as the run did, unless given)")
+    # BooleanOptionalAction: a resumed run keeps its setting unless given, so each setting needs a way
+    # back (--download after --no-download, --no-amp after --amp).
+    a("--download", action=argparse.BooleanOptionalAction, default=None,
+      help="download CIFAR-10 / SVHN when missing (the default); --no-download never does (with --resume: "
+           "as the run did, unless given)")
     a("--out", default=None,
       help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
-    a("--amp", action="store_true", default=None, help="bf16 autocast (CUDA only; with --resume: as the run did)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="bf16 autocast (CUDA only; default off; with --resume: as the run did, unless given)")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
       help="train under torch.use_deterministic_algorithms(True): the same seed gives the same bits on the same "
            "GPU and software (vqfast then sums its codebook gradients in a fixed order); a resumed run keeps "

@@ -299,6 +299,15 @@ def test_resume_keeps_the_runs_data_evaluation_and_precision_settings(tmp_path: 
     assert train_main(_train_args("ae", "--resume", "--epochs", "3", "--eval-limit", "0", "--out", str(out),
                                   "--no-progress")) == 0
     assert json.loads((out / "config.json").read_text())["eval_limit"] is None
+    # ... and each can be undone: the run's --amp and --no-download are not for good.
+    assert train_main(_train_args("ae", "--resume", "--epochs", "4", "--no-amp", "--download", "--out", str(out),
+                                  "--no-progress")) == 0
+    undone = json.loads((out / "config.json").read_text())
+    assert undone["amp"] is False and undone["download"] is True
+    assert train_main(_train_args("ae", "--resume", "--epochs", "5", "--amp", "--no-download", "--out", str(out),
+                                  "--no-progress")) == 0
+    redone = json.loads((out / "config.json").read_text())
+    assert redone["amp"] is True and redone["download"] is False
 
 
 def test_a_resumed_cifar10_run_does_not_fall_back_to_the_sample(tmp_path: Path, monkeypatch, capsys) -> None:
