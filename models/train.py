@@ -221,6 +221,10 @@ def _validate_vq_kwargs(cfg: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"--vq-option: unknown VectorQuantizer option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(known)}")
+    # --beta would win without a word (as --codebook-init would over init=, which is refused too).
+    if "beta" in cfg.vq_kwargs and cfg.beta is not None and cfg.vq_kwargs["beta"] != cfg.beta:
+        raise ValueError(f"--beta {cfg.beta:g} and --vq-option beta={cfg.vq_kwargs['beta']} both set the commitment "
+                         "weight: give one of them")
     # Building one checks the values; the fork keeps the global random stream as it was.
     kwargs = {**cfg.vq_kwargs, **({} if cfg.beta is None else {"beta": cfg.beta})}
     with torch.random.fork_rng(devices=[]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -90,6 +91,8 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The model feeds (B, C, H, W): another channel dimension could only fail at the first step.
     (["vqvae", "--vq-option", "channel_dim=2"], "unknown VectorQuantizer option"),
     (["vqvae", "--codebook-init", "xavier_normal", "--vq-option", "init=kmeans"], "--codebook-init"),
+    # Two commitment weights: one of them would be dropped without a word.
+    (["vqvae", "--beta", "0.3", "--vq-option", "beta=0.5"], "--beta 0.3 and --vq-option beta=0.5"),
 ])
 def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,6 +134,9 @@ def test_vq_options_that_exist_are_accepted() -> None:
     state = torch.get_rng_state()
     train_mod._validate(cfg)
     assert torch.equal(state, torch.get_rng_state())  # the check builds a layer without touching the seed
+    # The same commitment weight twice says one thing: accepted.
+    train_mod._validate(dataclasses.replace(cfg, beta=0.5, vq_kwargs={"beta": 0.5}))
+    train_mod._validate(dataclasses.replace(cfg, beta=1.0, vq_kwargs={"beta": 1}))
 
 
 # -------------------------------------------------------------------------------------- run folders
