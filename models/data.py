@@ -83,6 +83,11 @@ class ImageArrayDataset(Dataset):
             labels = np.asarray(labels)
             if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
                 raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
+            # One label per image. (N, 1) is how Keras's CIFAR-10 stores them; anything else flattened
+            # was reported as a count mismatch ("10 images but 20 labels" for (10, 2)).
+            if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)):
+                raise ValueError(f"{name}: labels must be one integer per image, shape (N,) (or (N, 1)), got "
+                                 f"shape {labels.shape}")
             self.labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
             if len(self.labels) != len(images):
                 raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
@@ -250,9 +255,12 @@ def _open_torchvision(factory, name: str, root: Path, download: bool):
     """``factory(download=False)``; if the files are missing and ``download``, retry with download."""
     try:
         return factory(download=False)
-    except RuntimeError as missing:
+    except RuntimeError:
         if not download:
-            raise DatasetUnavailable(f"{name} not found under {root} and download=False ({missing})") from None
+            # Not torchvision's text: it says "use download=True", a Python argument, to people on the
+            # command line, where the setting is --no-download.
+            raise DatasetUnavailable(f"{name} is not under {root} (or is damaged there) and downloading is off "
+                                     "(--no-download)") from None
     key = (name.split(" ")[0], str(root.resolve()))
     if key in _FAILED_DOWNLOADS:
         raise DatasetUnavailable(_FAILED_DOWNLOADS[key])

@@ -96,8 +96,10 @@ def test_svhn_mat_file_loads_through_torchvision(tmp_path: Path, skip_md5: None)
 
 
 def test_missing_svhn_without_download_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DatasetUnavailable, match="SVHN"):
+    with pytest.raises(DatasetUnavailable, match="SVHN") as caught:
         load_dataset("svhn", train=False, root=tmp_path, download=False)
+    # The command line's spelling of the setting, not torchvision's advice about a Python argument.
+    assert "--no-download" in str(caught.value) and "download=True" not in str(caught.value)
 
 
 def test_missing_cifar10_falls_back_to_the_bundled_sample(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -105,6 +107,7 @@ def test_missing_cifar10_falls_back_to_the_bundled_sample(tmp_path: Path, caplog
         ds = load_dataset("cifar10", train=True, root=tmp_path, download=False)
     assert len(ds) == 2000
     assert "bundled CIFAR-10 sample" in caplog.text
+    assert "--no-download" in caplog.text and "download=True" not in caplog.text
     with pytest.raises(DatasetUnavailable, match="CIFAR-10"):
         load_dataset("cifar10", root=tmp_path, download=False, fallback=False)
 
@@ -182,6 +185,13 @@ def test_npz_with_wrong_contents_is_rejected(tmp_path: Path) -> None:
     np.savez(tmp_path / "names.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.array(["cat", "dog"]))
     with pytest.raises(ValueError, match="labels must be integers"):
         load_dataset(str(tmp_path / "names.npz"))
+    # Two labels per image: a shape to fix, not a count ("10 images but 20 labels").
+    np.savez(tmp_path / "pairs.npz", x=np.zeros((10, 32, 32, 3), dtype=np.uint8), y=np.zeros((10, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"one integer per image, shape \(N,\).*\(10, 2\)"):
+        load_dataset(str(tmp_path / "pairs.npz"))
+    # (N, 1), as Keras's CIFAR-10 stores its labels, is one per image
+    np.savez(tmp_path / "column.npz", x=np.zeros((3, 32, 32, 3), dtype=np.uint8), y=np.array([[2], [0], [1]]))
+    assert [load_dataset(str(tmp_path / "column.npz"))[i][1] for i in range(3)] == [2, 0, 1]
 
 
 def test_image_folder(tmp_path: Path) -> None:
