@@ -1348,14 +1348,27 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
     if cfg.model == "vae":
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         viz.save_image_grid(model.sample(32, device=device, generator=g), run_dir / "samples.png", nrow=8)
-        originals = result["originals"]
-        pairs = min(4, originals.shape[0] // 2)
-        if pairs:
-            x1, x2 = originals[:pairs].to(device), originals[pairs:2 * pairs].to(device)
-            strip = model.blend(x1, x2, torch.linspace(0, 1, 9).tolist())  # (A, B, 3, H, W)
+        # Pairs of evaluation images; an evaluation set of one image has no pair, so training images
+        # stand in, and the log says so.
+        blend_set, blend_note = test_set, None
+        if len(test_set) < 2:
+            blend_set = train_set
+            blend_note = (f"blend.png blends training images: the evaluation set ({test_label}) has only "
+                          f"{len(test_set)} image")
+        if len(blend_set) >= 2:
+            pairs = min(4, len(blend_set) // 2)
+            images = torch.stack([blend_set[i][0] for i in range(2 * pairs)]).to(device)
+            x1, x2 = images[:pairs], images[pairs:]
+            with torch.no_grad():
+                strip = model.blend(x1, x2, torch.linspace(0, 1, 9).tolist())  # (A, B, 3, H, W)
             # originals framing each row: x1 | blends | x2
             full = torch.cat([x1.unsqueeze(0), strip, x2.unsqueeze(0)])
             viz.save_blend_strip(full, run_dir / "blend.png")
+        else:
+            # (Only a run on a single training image gets here.)
+            blend_note = "blend.png not written: it blends between two images, and the run has only one"
+        if blend_note is not None:
+            lines.append(blend_note)
 
     _record_test(run_dir / METRICS_NAME, test)
     summary = {"model": cfg.model, "parameters": count_parameters(model), "epochs": len(history),

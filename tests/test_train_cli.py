@@ -486,6 +486,23 @@ def test_data_without_a_test_split_is_evaluated_on_training_images_and_says_so(
     assert result.test_metrics is not None and result.test_metrics["held_out"] is True
 
 
+def test_a_vae_with_a_single_evaluation_image_blends_training_images_and_says_so(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "one_test.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
+    vae = dict(model="vae", data=str(data), batch_size=8, latent_dim=16, epochs=1, progress=False, device="cpu",
+               grid_images=4)
+    train(TrainConfig(**vae, out=str(tmp_path / "a")))
+    assert (tmp_path / "a" / "blend.png").is_file()
+    assert "blend.png blends training images: the evaluation set (one_test.npz) has only 1 image" in (
+        tmp_path / "a" / "train.log").read_text()
+    # One training image as well: there is no pair to blend, and the log says why there is no picture.
+    train(TrainConfig(**vae, limit=1, out=str(tmp_path / "b")))
+    assert not (tmp_path / "b" / "blend.png").exists() and (tmp_path / "b" / "samples.png").is_file()
+    assert "blend.png not written: it blends between two images" in (tmp_path / "b" / "train.log").read_text()
+
+
 def test_eval_data_naming_the_training_source_is_not_a_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     data = _write_npz(tmp_path / "mine.npz", 32, seed=0)
