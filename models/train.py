@@ -832,6 +832,27 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
             torch.distributed.destroy_process_group()
 
 
+def _agree_on_training_data(dist: _Dist, source: str, problem: Exception | None, images: int | None) -> None:
+    """Stop every rank, before anything is written, unless all of them loaded ``source`` (as rank 0
+    did) and hold as many images: a rank that stopped alone would leave the others waiting in the
+    first collective."""
+    reports = dist.gather_objects((None if problem is None else f"{type(problem).__name__}: {problem}", images))
+    if problem is not None:
+        if isinstance(problem, DatasetUnavailable) and source == "cifar10":
+            raise DatasetUnavailable(f"rank {dist.rank}: {problem}. Rank 0 found CIFAR-10, and a rank does not "
+                                     "fall back to the bundled sample on its own (the ranks would train on "
+                                     "different images)") from problem
+        raise problem
+    for rank, (failure, _) in enumerate(reports):
+        if failure is not None:
+            raise DatasetUnavailable(f"rank {rank} could not load the training data ({source}): {failure}")
+    counts = [n for _, n in reports]
+    if len(set(counts)) > 1:
+        raise ValueError(f"the ranks hold different training data for {source}: "
+                         + ", ".join(f"{n:,} images on rank {rank}" for rank, n in enumerate(counts))
+                         + "; every rank must read the same images")
+
+
 # The settings of one model only, by the models they apply to.
 _MODEL_OPTIONS = {"latent_dim": ("ae", "vae"), "kl_weight": ("vae",), "num_codes": ("vqvae",), "code_dim": ("vqvae",),
                   "beta": ("vqvae",), "vq_preset": ("vqvae",), "vq_impl": ("vqvae",), "codebook_init": ("vqvae",),
@@ -920,18 +941,26 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             eval_set, held_out = _load_eval_set(cfg)
         except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
             problem = exc
-    failure = dist.broadcast_object(None if problem is None else f"{type(problem).__name__}: {problem}")
+    # With the source rank 0 really read: "sample" where CIFAR-10 fell back to it.
+    failure, source = dist.broadcast_object(
+        (None, source_of(train_set, cfg.data)) if problem is None else (f"{type(problem).__name__}: {problem}", None))
     if problem is not None:
         raise problem
     if failure is not None:
         raise RuntimeError(f"rank 0 could not start the run: {failure}")
     if train_set is None:
-        train_set = load_dataset(cfg.data, train=True, root=cfg.data_root, download=cfg.download,
-                                 limit=cfg.limit, seed=cfg.seed, fallback=not cfg.resume)
+        # Rank 0 alone decides whether CIFAR-10 or the bundled sample is trained on: a rank deciding for
+        # itself could fall back where rank 0 did not, and the ranks would train on different images.
+        try:
+            train_set = load_dataset(source, train=True, root=cfg.data_root, download=cfg.download,
+                                     limit=cfg.limit, seed=cfg.seed, fallback=False)
+        except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
+            problem = exc
+    _agree_on_training_data(dist, source, problem, None if train_set is None else len(train_set))
     # A resumed run trains on its own images or stops (fallback=False above). One that fell back to the
     # bundled sample has "sample" as its data, and keeps training on it even where CIFAR-10 has become
     # available since.
-    cfg.data = source_of(train_set, cfg.data)
+    cfg.data = source
 
     log_path = run_dir / "train.log" if dist.is_main else None
     if dist.is_main:

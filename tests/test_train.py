@@ -482,6 +482,62 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path: Path) -> None
     assert not torch.equal(init["encoder.0.weight"], r0["state"]["encoder.0.weight"])
 
 
+def _fallback_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from vqfast.models import data as data_mod
+    from vqfast.models.train import train as run
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    outcomes = {}
+    try:
+        # CIFAR-10 (a stand-in) on some ranks only, as on machines with different data folders.
+        for case, found in (("rank0-has-it", rank == 0), ("rank0-lacks-it", rank != 0)):
+            def load_cifar10(root, train=True, download=True, found=found):
+                if not found:
+                    raise data_mod.DatasetUnavailable(f"CIFAR-10 is not in {root}")
+                return data_mod.synthetic_images(32, seed=7)
+
+            data_mod.load_cifar10 = load_cifar10
+            config = dict(model="ae", data="cifar10", limit=32, batch_size=8, latent_dim=16, epochs=1, progress=False,
+                          eval_limit=8, grid_images=4, device="cpu", out=str(Path(out) / case))
+            try:
+                outcomes[case] = run(TrainConfig(**config)).config.data
+            except Exception as exc:
+                outcomes[case] = f"{type(exc).__name__}: {exc}"
+        # The same source with other contents on rank 1 (another copy of the files): found before training.
+        if rank == 1:
+            data_mod.load_sample = lambda train=True: data_mod.synthetic_images(40, seed=3)
+        try:
+            run(TrainConfig(**{**config, "limit": None, "out": str(Path(out) / "copies-differ")}))
+        except ValueError as exc:
+            outcomes["copies-differ"] = str(exc)
+        torch.save(outcomes, Path(result_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_train_on_the_data_rank_0_found_or_not_at_all(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    result_dir = tmp_path / "results"
+    result_dir.mkdir()
+    mp.spawn(_fallback_worker, args=(2, _free_port(), str(tmp_path), str(result_dir)), nprocs=2, join=True)
+    r0, r1 = (torch.load(result_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Rank 0 found CIFAR-10 and rank 1 did not: rank 1 must not train on the sample while rank 0 trains on
+    # CIFAR-10. Both stop, and nothing is written.
+    assert r1["rank0-has-it"].startswith("DatasetUnavailable: rank 1: CIFAR-10 is not in"), r1
+    assert "does not fall back to the bundled sample on its own" in r1["rank0-has-it"]
+    assert r0["rank0-has-it"].startswith("DatasetUnavailable: rank 1 could not load the training data (cifar10)"), r0
+    assert not (tmp_path / "rank0-has-it").exists()
+    # Rank 0 fell back: every rank trains on the sample, also where CIFAR-10 is at hand.
+    assert r0["rank0-lacks-it"] == r1["rank0-lacks-it"] == "sample"
+    assert r0["copies-differ"] == r1["copies-differ"]
+    assert "2,000 images on rank 0, 40 images on rank 1" in r0["copies-differ"]
+    assert not (tmp_path / "copies-differ").exists()
+
+
 def test_fewer_images_than_processes_is_an_error_before_the_run_folder(tmp_path: Path) -> None:
     # Rank 0's checks alone (no process group): with 3 images, 4 ranks cannot each get one.
     four_ranks = train_mod._Dist(rank=0, world_size=4)
