@@ -1130,6 +1130,22 @@ def test_layer_builds_on_the_meta_device_and_loads_with_assign(torch_backend):
         assert torch.equal(vq.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loading_16_bit_state_with_assign_keeps_a_float32_codebook_and_statistics(dtype, torch_backend):
+    torch.manual_seed(0)
+    trained = VectorQuantizer(8, 4, ema=True)
+    trained(torch.randn(20, 4))
+    state = {name: value.to(dtype) if value.is_floating_point() else value
+             for name, value in trained.state_dict().items()}
+    vq = VectorQuantizer(8, 4, ema=True)
+    vq.load_state_dict(state, assign=True)
+    for name, value in vq.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, name
+            assert torch.equal(value, state[name].float()), name
+    assert not vq.embeddings.weight.requires_grad  # (EMA codes)
+
+
 def test_strict_loading_drops_statistics_the_layer_does_not_keep(torch_backend):
     ema_layer = VectorQuantizer(16, 4, ema=True)
     plain = VectorQuantizer(16, 4)

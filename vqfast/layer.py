@@ -960,6 +960,15 @@ class VectorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
+        if local_metadata.get("assign_to_params_buffers", False):
+            # load_state_dict(assign=True) takes the loaded tensors themselves: a state dict converted to
+            # 16 bits would make the codes and statistics 16-bit, which the kernels refuse and in which an
+            # EMA count freezes at 65,504. (In place: the codebook's entry is loaded by the embedding,
+            # from this dict.)
+            for name in ("embeddings.weight", *self._FP32_BUFFERS):
+                t = state_dict.get(prefix + name)
+                if isinstance(t, Tensor) and t.is_floating_point() and t.element_size() < 4:
+                    state_dict[prefix + name] = t.float()
         # Checkpoints of the article's layer (or of an older VectorQuantizer) hold only the codes: keep
         # this layer's own statistics for whatever they lack, so that strict loading still works.
         missing = [name for name in self._buffers if prefix + name not in state_dict]
