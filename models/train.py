@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -750,7 +751,9 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     """The run's own settings for everything that defines its model and data stream.
 
     An option not given takes the run's value; a given one that contradicts the run is an error (it
-    used to be dropped with a note, so a mistyped model name or data path trained the old run on). A
+    used to be dropped with a note, so a mistyped model name or data path trained the old run on),
+    except a folder or .npz ``data`` at another path: the run's data moved, which :func:`_train` checks
+    against the run's record of its images once they are loaded. A
     given ``lr`` is applied (and said); the run's is kept otherwise. ``given`` None: the fields that
     differ from their defaults count as given.
     """
@@ -760,6 +763,7 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
         return _was_given(cfg, name, given)
 
     conflicts = []
+    given_eval_data: str | None = None
     if cfg.model != saved_cfg.model:
         conflicts.append(f"the model {cfg.model} (the run trains a {saved_cfg.model})")
     for name in _FROZEN_ON_RESUME:
@@ -771,6 +775,14 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
             old = vq_layer_options(saved_cfg.vq_preset, saved_cfg.beta, saved_cfg.vq_kwargs)["beta"]
         elif name == "codebook_init":
             new, old = new or "layer", old or "layer"  # as the command line spells None
+        if name == "data" and new != old and was_given(name) and _is_local(new) and _is_local(old):
+            # The run's files at a new place: allowed, and checked against what the run recorded of
+            # them once they are loaded (see _check_moved_data).
+            cfg.data = new
+            if not was_given("eval_data") and saved_cfg.eval_data is not None and (
+                    _absolute_source(saved_cfg.eval_data) == old):
+                given_eval_data = new  # its end-of-run evaluation read the same file
+            continue
         if name != "model" and new != old and was_given(name):
             why = (": CIFAR-10 was unavailable when it started, so it trains on the bundled sample"
                    if name == "data" and (new, old) == ("cifar10", "sample") else "")
@@ -786,6 +798,8 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     for name in ("data_root", "download", "deterministic", "amp", "eval_data", "eval_limit"):
         if not was_given(name):
             setattr(cfg, name, getattr(saved_cfg, name))
+    if given_eval_data is not None:
+        cfg.eval_data = given_eval_data
     if not was_given("lr"):
         cfg.lr = saved_cfg.lr
     elif cfg.lr != saved_cfg.lr:
@@ -800,6 +814,75 @@ _OPTION_NAMES = {"batch_size": "--batch-size", "latent_dim": "--latent-dim", "nu
                  "code_dim": "--code-dim", "beta": "--beta", "vq_preset": "--vq-preset", "vq_impl": "--vq-impl",
                  "kl_weight": "--kl-weight", "codebook_init": "--codebook-init", "vq_kwargs": "--vq-option",
                  "seed": "--seed", "data": "--data", "limit": "--limit"}
+
+
+def _is_local(source: str | None) -> bool:
+    """Whether ``source`` is a path (a folder or an .npz) rather than a named dataset."""
+    return source is not None and source not in BUILTIN_SOURCES
+
+
+def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
+    """What a run records of its local training data, to recognise the same images at another path:
+    their number, and a SHA-256 of the pixels and labels (of an .npz) or of the files' names relative
+    to the folder, sizes and classes (of an image folder: cheap, no image is decoded). None for other
+    datasets, whose count is all that is compared."""
+    from torch.utils.data import Subset
+
+    from vqfast.models.data import ImageArrayDataset
+
+    base, indices = ds, None
+    while isinstance(base, Subset):
+        inner = list(base.indices)
+        indices = inner if indices is None else [inner[i] for i in indices]
+        base = base.dataset
+    digest = None
+    if isinstance(base, ImageArrayDataset):
+        images, labels = base.images, base.labels
+        if indices is not None:
+            index = torch.as_tensor(indices, dtype=torch.int64)
+            images, labels = images.index_select(0, index), labels.index_select(0, index)
+        h = hashlib.sha256()
+        h.update(images.contiguous().numpy().data)
+        h.update(labels.contiguous().numpy().data)
+        digest = h.hexdigest()
+    elif hasattr(base, "samples") and hasattr(base, "root"):  # torchvision's ImageFolder
+        samples = base.samples if indices is None else [base.samples[i] for i in indices]
+        h = hashlib.sha256()
+        for path, target in samples:
+            h.update(f"{Path(path).relative_to(base.root).as_posix()}\t{os.path.getsize(path)}\t{target}\n".encode())
+        digest = h.hexdigest()
+    return {"images": len(ds), "sha256": digest}
+
+
+def _check_moved_data(train_set: Dataset, state: Mapping[str, Any], new: str,
+                      old: str) -> tuple[str, dict[str, Any]]:
+    """Refuse ``new`` as the new place of a run's data ``old`` unless it holds the run's training images;
+    returns the note to log and their fingerprint when it does. Checkpoints written before fingerprints were recorded have
+    the first epoch's image count to compare (how many of them a torchrun run trained on)."""
+    found = _data_fingerprint(train_set)
+    recorded = state.get("data_fingerprint")
+    n = found["images"]
+    if recorded is not None:
+        same = recorded["images"] == n and (recorded["sha256"] is None or found["sha256"] is None
+                                            or recorded["sha256"] == found["sha256"])
+        had = recorded["images"]
+        checked = "the same ones"
+    elif state.get("history"):
+        world = int(state.get("world_size", 1))
+        had = int(state["history"][0]["images"])
+        same = n // world * world == had
+        checked = "as many as the run had; its checkpoint records no more of them to compare"
+    else:
+        raise ValueError(f"--data {new!r}: the run's checkpoint records nothing of its data {old!r} (it stopped "
+                         f"before its first epoch ended), so another path cannot be checked; put the data back "
+                         f"at {old}, or start a new run in another --out")
+    if not same:
+        what = (f"{n:,} images where the run's had {had:,}" if n != had
+                else f"{n:,} images, as the run's had, but other ones")
+        raise ValueError(f"--data {new!r} does not hold the run's training data ({old!r}): {what}. A resumed run "
+                         "trains on its own images: give the path they are at now, or start a new run in "
+                         "another --out")
+    return f"Resume: the run's data is now read from {new} (it was {old}): {n:,} images, {checked}", found
 
 
 def _absolute_source(source: str | None) -> str | None:
@@ -922,6 +1005,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     eval_set: Dataset | None = None
     held_out = True
     problem: Exception | None = None
+    # Rank 0's record of local training data, kept in every checkpoint, and a note when it has moved.
+    fingerprint: dict[str, Any] | None = None
+    data_note: str | None = None
     if dist.is_main:
         try:
             if not cfg.resume:
@@ -935,10 +1021,26 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 raise DatasetUnavailable(f"{exc}. The run in {run_dir} trains on {cfg.data} (from {cfg.data_root}) "
                                          "and does not switch to the bundled sample when resumed: pass --data-root "
                                          "where its images are") from exc
+            except FileNotFoundError as exc:
+                if not cfg.resume:
+                    raise
+                raise FileNotFoundError(f"{exc}. If the run's data has moved, give its new place with --data") from exc
+            if _is_local(cfg.data):
+                saved_data = _absolute_source(state["config"]["data"]) if state is not None else None
+                if state is not None and saved_data != cfg.data:
+                    data_note, fingerprint = _check_moved_data(train_set, state, cfg.data, str(saved_data))
+                else:
+                    fingerprint = (state or {}).get("data_fingerprint") or _data_fingerprint(train_set)
             if len(train_set) < dist.world_size:  # each process needs an image per epoch
                 raise ValueError(f"{len(train_set)} training image{'s' if len(train_set) != 1 else ''} cannot be "
                                  f"shared among {dist.world_size} processes")
-            eval_set, held_out = _load_eval_set(cfg)
+            try:
+                eval_set, held_out = _load_eval_set(cfg)
+            except FileNotFoundError as exc:
+                if not cfg.resume:
+                    raise
+                raise FileNotFoundError(f"{exc}. If the run's evaluation data has moved, give its new place with "
+                                        "--eval-data") from exc
         except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
             problem = exc
     # With the source rank 0 really read: "sample" where CIFAR-10 fell back to it.
@@ -1033,6 +1135,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 # (not "epoch 1, batch 6 of 3": the total is the epochs')
                 after = f", after batch {start_batch} of {steps_per_epoch}" if start_batch else ""
                 _print(f"Resuming {run_dir} at epoch {start_epoch + 1} of {epochs}{after}", log_path)
+            if data_note is not None:
+                _print(data_note, log_path)
 
     train_module: nn.Module = _LossModule(model)
     if dist.enabled:
@@ -1067,6 +1171,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             "history": history,
             "step_losses": step_losses,
             "world_size": dist.world_size,
+            "data_fingerprint": fingerprint,
             "torch_version": str(torch.__version__),
         }
 

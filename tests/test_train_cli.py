@@ -353,6 +353,75 @@ def test_resuming_a_run_that_fell_back_with_data_cifar10_says_why_it_differs(tmp
     assert "CIFAR-10 was unavailable when it started" in capsys.readouterr().err
 
 
+def test_a_run_whose_data_has_moved_resumes_from_its_new_place_if_it_holds_the_same_images(tmp_path: Path,
+                                                                                           capsys) -> None:
+    old_home, new_home = tmp_path / "old", tmp_path / "new"
+    old_home.mkdir()
+    data = _write_npz(old_home / "mine.npz", 40, seed=0, y=np.arange(40) % 10)
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "data": str(data), "eval_data": str(data), "limit": None}, out=str(out)))
+    old_home.rename(new_home)
+    moved = new_home / "mine.npz"
+    common = ["--out", str(out), "--no-progress"]
+
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", *common)) == 2
+    assert "If the run's data has moved, give its new place with --data" in capsys.readouterr().err
+    # Other images at the new place: as many, or fewer, are refused, and the checkpoint is left alone.
+    before = (out / "checkpoint.pt").read_bytes()
+    for n, why in ((40, "40 images, as the run's had, but other ones"), (39, "39 images where the run's had 40")):
+        other = _write_npz(tmp_path / f"other{n}.npz", n, seed=1, y=np.arange(n) % 10)
+        assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--data", str(other), *common)) == 2
+        err = capsys.readouterr().err
+        assert "does not hold the run's training data" in err and why in err, err
+        assert (out / "checkpoint.pt").read_bytes() == before
+    # The same file moved: resumed, and read from there from now on (the evaluation too, which read it).
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--data", str(moved), *common)) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"] == saved["eval_data"] == str(moved.resolve())
+    assert f"the run's data is now read from {moved.resolve()}" in (out / "train.log").read_text()
+    assert train_main(_train_args("ae", "--resume", "--epochs", "3", *common)) == 0
+
+    # A checkpoint from before fingerprints were recorded: the image count is what can be compared.
+    state = load_checkpoint(out)
+    assert state["data_fingerprint"]["images"] == 40
+    del state["data_fingerprint"]
+    save_checkpoint(state, out / "checkpoint.pt")
+    new_home.rename(old_home)
+    assert train_main(_train_args("ae", "--resume", "--epochs", "4", "--data", str(tmp_path / "other39.npz"),
+                                  *common)) == 2
+    assert "39 images where the run's had 40" in capsys.readouterr().err
+    assert train_main(_train_args("ae", "--resume", "--epochs", "4", "--data", str(data), *common)) == 0
+    assert "no more of them to compare" in (out / "train.log").read_text()
+    # A named dataset is not a place: switching to or from one is still refused.
+    assert train_main(_train_args("ae", "--resume", "--epochs", "5", "--data", "sample", *common)) == 2
+    assert "--data 'sample'" in capsys.readouterr().err
+
+
+def test_the_fingerprint_of_local_data_follows_the_images_not_the_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vqfast.models.data import load_dataset
+
+    folder = tmp_path / "folder"
+    for i in range(4):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(folder / f"class{i % 2}" / f"{i}.png")
+    first = train_mod._data_fingerprint(load_dataset(str(folder)))
+    folder.rename(tmp_path / "moved")
+    assert train_mod._data_fingerprint(load_dataset(str(tmp_path / "moved"))) == first
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        tmp_path / "moved" / "class0" / "0.png")
+    assert train_mod._data_fingerprint(load_dataset(str(tmp_path / "moved")))["sha256"] != first["sha256"]
+    # An .npz cut by --limit: the images trained on, whatever follows them in the file
+    a = _write_npz(tmp_path / "a.npz", 12, seed=0)
+    x = np.load(a)["x"].copy()
+    x[10:] = 0
+    np.savez(tmp_path / "b.npz", x=x)
+    fa, fb = (train_mod._data_fingerprint(load_dataset(str(p), limit=10)) for p in (a, tmp_path / "b.npz"))
+    assert fa == fb and fa["images"] == 10
+    assert train_mod._data_fingerprint(load_dataset(str(a)))["sha256"] != fa["sha256"]
+
+
 def test_a_diverging_run_stops_with_its_last_good_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["vae", "--data", "sample", "--limit", "64", "--batch-size", "16", "--latent-dim", "8", "--lr", "100",
