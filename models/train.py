@@ -824,8 +824,8 @@ def _is_local(source: str | None) -> bool:
 def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
     """What a run records of its local training data, to recognise the same images at another path:
     their number, and a SHA-256 of the pixels and labels (of an .npz) or of the files' names relative
-    to the folder, sizes and classes (of an image folder: cheap, no image is decoded). None for other
-    datasets, whose count is all that is compared."""
+    to the folder, sizes and classes (of an image folder: cheap, no image is decoded). Other datasets
+    get no digest: their count is all that is compared."""
     from torch.utils.data import Subset
 
     from vqfast.models.data import ImageArrayDataset
@@ -856,9 +856,10 @@ def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
 
 def _check_moved_data(train_set: Dataset, state: Mapping[str, Any], new: str,
                       old: str) -> tuple[str, dict[str, Any]]:
-    """Refuse ``new`` as the new place of a run's data ``old`` unless it holds the run's training images;
-    returns the note to log and their fingerprint when it does. Checkpoints written before fingerprints were recorded have
-    the first epoch's image count to compare (how many of them a torchrun run trained on)."""
+    """Refuse ``new`` as the new place of a run's data ``old`` unless it holds the run's training
+    images; returns the note to log and their fingerprint when it does. A checkpoint written before
+    fingerprints were recorded has the first epoch's image count to compare (under torchrun, the
+    images its equal shards held)."""
     found = _data_fingerprint(train_set)
     recorded = state.get("data_fingerprint")
     n = found["images"]
@@ -1056,7 +1057,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         try:
             train_set = load_dataset(source, train=True, root=cfg.data_root, download=cfg.download,
                                      limit=cfg.limit, seed=cfg.seed, fallback=False)
-        except (DatasetUnavailable, FileNotFoundError, ValueError) as exc:
+        except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
             problem = exc
     _agree_on_training_data(dist, source, problem, None if train_set is None else len(train_set))
     # A resumed run trains on its own images or stops (fallback=False above). One that fell back to the
