@@ -32,7 +32,7 @@ def headline_section(results: Path, readme: Path) -> str:
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
         f"{env.get('vqfast', '?')}; times in ms (medians of `triton.testing.do_bench`; \"back to back\": the "
         f"wall-clock time per call of eager calls one after another), all results in "
-        f"[{link}/results.md]({link}/results.md). " + bench.PRECISION_NOTE,
+        f"[{link}/results.md]({link}/results.md). " + bench.precision_note(env),
         "",
         bench.headline_table(records).rstrip(),
         "",

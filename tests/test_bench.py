@@ -695,6 +695,22 @@ def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
     assert proc.returncode != 0 and bare.read_text() == "nothing here\n"
 
 
+def test_published_precision_note_says_how_the_runs_fp32_search_ran(tmp_path):
+    """A results file from a version that searched fp32 inputs with fp32 products throughout must not be
+    published under the note of the tf32 pass; this version's runs record which search they timed."""
+    recs = [bench.Record("headline", "headline", "vqfast", "fp32", 64, 64, 8, time_ms=1.0, tflops=1.0, check="pass")]
+    fresh = bench.collect_env(torch.device("cpu"), "quick")
+    assert fresh["fp32_search"] == bench.FP32_SEARCH
+    older = {k: v for k, v in fresh.items() if k != "fp32_search"}
+    for env, expected, other in ((fresh, bench.PRECISION_NOTE, "does not record"),
+                                 (older, "fp32 products for every code", "re-checks near ties with fp32")):
+        bench.write_csv(tmp_path / "results.csv", recs, env)
+        _, back_env = bench.read_csv(tmp_path / "results.csv")
+        note = bench.precision_note(back_env)
+        assert expected in note and other not in note
+        assert note in bench.render_markdown(recs, back_env)
+
+
 def test_gpu_run_script_parses_and_refuses_unknown_modes():
     """The one-shot GPU script is only ever run on a rented GPU: a syntax error there costs the run."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"

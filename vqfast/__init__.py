@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend",
            "VectorQuantizer", "ResidualVectorQuantizer", "soft_assignment_entropy"]
 
-# The public names load on first use: importing torch takes seconds, which `vqfast --version`,
-# `vqfast --help` and a bare `import vqfast` need not pay.
+# The public names load on first use: importing torch takes seconds, which `vqfast --version`
+# and a bare `import vqfast` need not pay.
 _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "code_usage": "vqfast.functional",
           "quantize": "vqfast.functional", "rotate_to_codes": "vqfast.functional", "resolve_backend": "vqfast.functional",
           "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer",

@@ -106,10 +106,14 @@ CRASHED = "(part stopped by an error)"
 CSV_FIELDS = (
     "part", "case", "provider", "precision", "N", "K", "D", "time_ms", "tflops", "gbps", "peak_mem_mb",
     "status", "check", "check_error", "note", "gpu", "driver", "cuda", "torch", "triton", "vqfast",
-    "gpu_memory", "python", "date", "mode", "autotune",
+    "gpu_memory", "python", "date", "mode", "autotune", "fp32_search",
 )
 # The run's environment and settings, repeated on every row (read back from the first).
-_ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "vqfast", "gpu_memory", "python", "date", "mode", "autotune")
+_ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "vqfast", "gpu_memory", "python", "date", "mode", "autotune",
+               "fp32_search")
+# How this version searches fp32 inputs under "highest", recorded with each run: results files without it
+# come from versions that searched them with fp32 products for every code.
+FP32_SEARCH = "tf32 pass, near ties re-checked with fp32-accurate products"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,6 +682,16 @@ PRECISION_NOTE = ("Precisions: in `fp32` rows (float32 matmul precision \"highes
                   "torch forms use plain fp32 products; in `tf32` rows (\"high\") every provider uses tf32 products "
                   "and only vqfast re-checks near ties; in `bf16`/`fp16` rows the torch forms round their N x K "
                   "scores to 16 bits before the argmin, where vqfast keeps fp32 scores.")
+_PLAIN_FP32_NOTE = ("Precisions: this run does not record `fp32_search`, so it comes from a version of vqfast that "
+                    "searched `fp32` rows (float32 matmul precision \"highest\") with fp32 products for every code, "
+                    "as the torch forms do; in `tf32` rows (\"high\") every provider uses tf32 products and only "
+                    "vqfast re-checks near ties; in `bf16`/`fp16` rows the torch forms round their N x K scores to 16 "
+                    "bits before the argmin, where vqfast keeps fp32 scores.")
+
+
+def precision_note(env: dict[str, str]) -> str:
+    """What each precision column means for each provider in the run whose environment is ``env``."""
+    return PRECISION_NOTE if env.get("fp32_search") else _PLAIN_FP32_NOTE
 
 
 def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
@@ -691,7 +705,7 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
                "already in use, `skipped (time budget)` was not "
                "reached within the run's time budget. `check` compares vqfast's chosen distances with the "
                "float64 minimum (the precision rule of the README), with the largest relative error. "
-               + PRECISION_NOTE + "\n")
+               + precision_note(env) + "\n")
     ceil = [r for r in records if r.part == "ceiling"]
     if ceil:
         out += ["## Ceilings measured in this run", ""]
@@ -1899,7 +1913,7 @@ def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
         "gpu": gpu, "gpu_memory": gpu_memory, "driver": driver, "cuda": str(torch.version.cuda),
         "torch": torch.__version__, "triton": triton_version, "vqfast": vqfast_version,
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "mode": mode, "autotune": os.environ.get("VQFAST_AUTOTUNE", "1"),
+        "mode": mode, "autotune": os.environ.get("VQFAST_AUTOTUNE", "1"), "fp32_search": FP32_SEARCH,
     }
 
 
