@@ -15,6 +15,12 @@ w_j = dLoss/da_j / N and coef = g_S / N; then with log p_ij = l_ij - lse_i and r
            U_i = sum_j p_ij (w_j - coef (log p_ij + H_i)) c_j and V_i = sum_j p_ij c_j
     dc_j = 2 scale (sum_i G_ij z_i - c_j sum_i G_ij)  one code-parallel pass over row tiles
 Each pass recomputes its logit tiles from z and c instead of storing them.
+
+Past fp32's range (vqfast.reference computes the same): a code whose ||c||^2 overflows has logit -inf
+and p = 0, so it adds exactly 0 to the entropies and gets no gradient (0 log 0 = 0); a row with every
+logit -inf has p = 0 everywhere (entropy 0, lse -inf, nothing in the column sums, no gradient); a logit
+past +inf saturates at the largest float, so such a row's p is even over its saturated codes and its
+gradient is 0. NaN inputs give NaN.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from vqfast.kernels._common import (
 from vqfast.kernels._launch import launch_kernel
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
+
+FLT_MAX: tl.constexpr = 3.4028234663852886e38  # the largest fp32 value
 
 
 @triton.jit
@@ -50,14 +58,25 @@ def _logit_tile(
         acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
     c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=0.0)
     logits = scale * (2.0 * acc - c_sqnorm[None, :])
-    return tl.where(mask_k[None, :], logits, float("-inf"))
+    # Past fp32's range a logit saturates at the largest float instead of leaving inf - inf = NaN to
+    # the softmax (a NaN logit stays NaN: the comparison is false for it).
+    logits = tl.where(logits > FLT_MAX, FLT_MAX, logits)
+    # A code whose ||c||^2 overflows is infinitely far: probability 0, also where 2 z.c overflowed with
+    # it (inf - inf). A NaN norm (a NaN code) is left to propagate.
+    far = c_sqnorm == float("inf")
+    return tl.where((mask_k & ~far)[None, :], logits, float("-inf"))
 
 
 @triton.jit
 def _log_probs(logits, lse, valid):
-    """``(log p, p)`` of a logit tile given each row's log-sum-exp ``lse``; both 0 where not ``valid``."""
-    log_p = tl.where(valid, logits - lse[:, None], 0.0)
-    return log_p, tl.where(valid, tl.exp(log_p), 0.0)
+    """``(log p, p)`` of a logit tile given each row's log-sum-exp ``lse``; both 0 where not ``valid``
+    and where log p is -inf (0 log 0 = 0, with no 0 * inf in the products that use them): a -inf
+    logit, also in a row of them (whose lse is -inf too: -inf - -inf would be NaN), or a difference
+    past fp32's range. NaN logits stay NaN."""
+    log_p = logits - lse[:, None]
+    live = valid & (logits != float("-inf")) & (log_p != float("-inf"))
+    log_p = tl.where(live, log_p, 0.0)
+    return log_p, tl.where(live, tl.exp(log_p), 0.0)
 
 
 @triton.jit
@@ -78,22 +97,29 @@ def _row_stats_kernel(
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        # Re-reference t from m to m_new; s = 0 exactly when m is still -inf (avoid 0 * inf).
-        shift = s * tl.where(s > 0.0, m - m_new, 0.0)
-        centred = logits - m_new[:, None]
+        # While every logit of a row so far is -inf, any finite reference does (every e is 0): with
+        # m_new itself, -inf - -inf would be NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)  # 0 while m is -inf (s = t = 0 then)
+        # Re-reference t from m to m_ref. Where alpha underflows to 0 the old terms vanish, and
+        # s * (m - m_ref) may be s * -inf (a difference past fp32's range).
+        t = tl.where(alpha > 0.0, alpha * (t + s * (m - m_ref)), 0.0)
+        centred = logits - m_ref[:, None]
         e = tl.exp(centred)
-        t = alpha * (t + shift) + tl.sum(e * tl.where(mask_k[None, :], centred, 0.0), axis=1)
+        # 0 log 0 = 0: a code whose e is 0 (padding, a -inf logit, an underflow) adds nothing, not 0 * -inf.
+        t += tl.sum(tl.where(e > 0.0, e * centred, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     log_s = tl.log(s)
     tl.store(lse_ptr + offs_n, m + log_s, mask=mask_n)
-    tl.store(ent_ptr + offs_n, log_s - t / s, mask=mask_n)
+    # A row with every logit -inf (every code infinitely far) has no probability anywhere: entropy 0,
+    # lse -inf. (A NaN s is not 0 and stays NaN.)
+    tl.store(ent_ptr + offs_n, tl.where(s == 0.0, 0.0, log_s - t / s), mask=mask_n)
 
 
 @triton.jit
 def _col_sum_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, out_ptr, N, K, D, rows_per_split,
+    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, out_ptr, N, K, D, rows_per_split,
     stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -112,7 +138,11 @@ def _col_sum_kernel(
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         _, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
-        acc += tl.sum(p, axis=0)
+        # In a row whose logits saturated, lse rounds to the largest float and loses log s: each of
+        # its s saturated codes reads p = 1 there, where it is 1/s = exp(-H) (its entropy is log s).
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        row_scale = tl.where(lse == FLT_MAX, tl.exp(-ent), 1.0)
+        acc += tl.sum(p * row_scale[:, None], axis=0)
     # One row of partial sums per split, summed by the launcher: deterministic, no atomics.
     tl.store(out_ptr + pid_s.to(tl.int64) * K + offs_k, acc, mask=mask_k)
 
@@ -131,6 +161,9 @@ def _grad_rows_kernel(
     mask_do = offs_do < D
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+    # A row whose logits saturated (lse rounds to the largest float) has no gradient: it went through
+    # a clamp.
+    mask_g = mask_n & (lse != FLT_MAX)
     coef = tl.load(coef_ptr)
     u = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -141,12 +174,14 @@ def _grad_rows_kernel(
         logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
-        log_p, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
+        log_p, p = _log_probs(logits, lse, mask_g[:, None] & mask_k[None, :])
         w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0)
         r += tl.sum(p * w[None, :], axis=1)
         a = p * (w[None, :] - coef * (log_p + ent[:, None]))
+        # An infinitely far code (p = 0) is read as 0: an inf element would make 0 * inf = NaN in the product.
+        near = mask_k & (tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=0.0) != float("inf"))
         c_out = tl.load(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck + offs_do[None, :] * stride_cd,
-                        mask=mask_k[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+                        mask=near[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
         u = tl.dot(a, c_out, u, input_precision=ACC_PRECISION)
         v = tl.dot(p, c_out, v, input_precision=ACC_PRECISION)
     dz = (2.0 * scale) * (u - r[:, None] * v)
@@ -184,14 +219,16 @@ def _grad_codes_kernel(
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)
-        log_p, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
+        log_p, p = _log_probs(logits, lse, (mask_n & (lse != FLT_MAX))[:, None] & mask_k[None, :])
         g = p * (w[None, :] - r[:, None] - coef * (log_p + ent[:, None]))
         g_col += tl.sum(g, axis=0)
         z_out = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + offs_do[None, :] * stride_zd,
                         mask=mask_n[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(tl.trans(g), z_out, acc, input_precision=ACC_PRECISION)
+    # An infinitely far code gets no gradient (g_col = 0), not 0 * inf = NaN from an inf element.
+    near = mask_k & (tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=0.0) != float("inf"))
     c_out = tl.load(c_ptr + offs_k.to(tl.int64)[:, None] * stride_ck + offs_do[None, :] * stride_cd,
-                    mask=mask_k[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+                    mask=near[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
     dc = (2.0 * scale) * (acc - c_out * g_col[:, None])
     # Row splits of the same code block add into one fp32 output (stride_dc_split 0), or each into its
     # own zeroed slice, summed afterwards in split order (deterministic mode).
@@ -288,7 +325,7 @@ def soft_entropy_forward(
         code_blocks = cdiv(k, cfg[1])
         splits, rows_per_split = _splits(n, cfg[0], code_blocks, device)
         partial = torch.empty((splits, k), dtype=torch.float32, device=device)
-        launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, partial, n, k, d,
+        launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, ent, partial, n, k, d,
                       rows_per_split, *strides, float(scale), **meta(cfg))
         return partial
 

@@ -280,3 +280,165 @@ def test_a_candidate_that_does_not_fit_is_skipped(monkeypatch):
     assert _common.tuned_config(("fit",), ["big", "fits", "bigger"], trial) == "fits"
     with pytest.raises(OutOfResources):
         _common.tuned_config(("none",), ["big", "bigger"], trial)
+
+
+# -- logits past fp32's range -----------------------------------------------------------------------
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _fp64_entropies(z, codebook, temperature):
+    """The kernels' formula in float64, where nothing overflows: logits (2 z.c - ||c||^2) / T, saturated
+    at fp32's largest value as the kernels saturate them. Codes holding inf are left out: they are
+    infinitely far, with probability 0 (their column of the average is 0 and adds nothing)."""
+    z64 = z.detach().double().cpu().requires_grad_()
+    c64 = codebook.detach().double().cpu().requires_grad_()
+    kept = torch.isfinite(c64.detach()).all(1)
+    codes = c64[kept]
+    logits = ((2 * z64 @ codes.t() - codes.pow(2).sum(1)) / temperature).clamp_max(_FP32_MAX)
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    sample = -(p * logp).sum(1).mean()
+    avg = p.mean(0)
+    batch = -(avg * avg.clamp_min(torch.finfo(torch.float64).tiny).log()).sum()
+    return sample, batch, z64, c64
+
+
+def _entropies_and_grads(backend, z, codebook, temperature, monkeypatch):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    z = z.to(device, copy=True).requires_grad_()
+    codebook = codebook.to(device, copy=True).requires_grad_()
+    sample, batch = soft_assignment_entropy(z, codebook, temperature=temperature)
+    (0.7 * sample - 1.3 * batch).backward()
+    return sample.detach().cpu(), batch.detach().cpu(), z.grad.cpu(), codebook.grad.cpu()
+
+
+def _far_codes(k, d, g):
+    """Codes whose every element is beyond 1e19 in size, so that ||c||^2 overflows fp32."""
+    return torch.randn(k, d, generator=g).sign() * (1 + torch.rand(k, d, generator=g)) * 1e19
+
+
+def _far_codebook(case):
+    g = torch.Generator().manual_seed(21)
+    if case == "one code":
+        # ||c||^2 of the code overflows fp32 (its logit was -inf, and 0 * log 0 made both entropies NaN).
+        z, c = torch.randn(20, 13, generator=g), torch.randn(17, 13, generator=g)
+        c[3] = 1e19
+    else:
+        # Whole codebook tiles of far codes before the near ones (every row's running max starts at
+        # -inf and stays there for a tile or two), one of them holding inf.
+        z, c = torch.randn(37, 7, generator=g), torch.randn(80, 7, generator=g)
+        c[:64] = _far_codes(64, 7, g)
+        c[5, 2] = float("inf")
+    return z, c
+
+
+@pytest.mark.parametrize("case", ["one code", "leading tiles"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_codes_past_fp32_range_have_no_probability_and_no_gradient(backend, case, monkeypatch):
+    z, c = _far_codebook(case)
+    sample, batch, dz, dc = _entropies_and_grads(backend, z, c, 1.0, monkeypatch)
+    ref_sample, ref_batch, z64, c64 = _fp64_entropies(z, c, 1.0)
+    torch.testing.assert_close(sample.double(), ref_sample.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(batch.double(), ref_batch.detach(), rtol=2e-5, atol=2e-5)
+    (0.7 * ref_sample - 1.3 * ref_batch).backward()
+    assert torch.isfinite(dz).all() and torch.isfinite(dc).all()
+    torch.testing.assert_close(dz.double(), z64.grad, rtol=1e-3, atol=1e-4 * z64.grad.abs().max().item())
+    torch.testing.assert_close(dc.double(), c64.grad, rtol=1e-3, atol=1e-4 * c64.grad.abs().max().item())
+    far = (c.double() ** 2).sum(1) > _FP32_MAX
+    assert (dc[far] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_with_every_code_infinitely_far_have_entropy_zero(backend, monkeypatch):
+    """No code has any probability: such a row adds 0 to the sample entropy, nothing to the average
+    assignment and nothing to the gradients (on both backends alike)."""
+    g = torch.Generator().manual_seed(22)
+    z = torch.randn(21, 6, generator=g)
+    c = _far_codes(40, 6, g)
+    c[7, 1] = float("inf")
+    sample, batch, dz, dc = _entropies_and_grads(backend, z, c, 1.0, monkeypatch)
+    assert sample.item() == 0.0 and batch.item() == 0.0
+    assert (dz == 0).all() and (dc == 0).all()
+    if backend == "triton":
+        from vqfast.kernels.soft_entropy import soft_entropy_forward
+
+        lse, ent, colsum = soft_entropy_forward(z.to(DEVICE), c.to(DEVICE), 1.0)
+        assert (lse.cpu() == float("-inf")).all() and (ent.cpu() == 0).all() and (colsum.cpu() == 0).all()
+
+
+def _saturating(case):
+    g = torch.Generator().manual_seed(23)
+    z, c = torch.randn(30, 9, generator=g), torch.randn(19, 9, generator=g)
+    if case == "temperature":
+        return z, c, 1e-37  # the logits of the rows' nearest codes pass fp32's range
+    # Rows along their code of the largest norm, scaled so that 2 z.c / T passes fp32's range for it
+    # and a code close to it (and no partial sum of the product does): two saturated codes, between
+    # which the probability is split evenly.
+    j = int((c ** 2).sum(1).argmax())
+    c[(j + 1) % len(c)] = 0.9 * c[j] + 0.05 * torch.randn(9, generator=g)
+    z[:4] = c[j] * (1e38 / (c[j] ** 2).sum())
+    return z, c, 0.25
+
+
+@pytest.mark.parametrize("case", ["temperature", "rows"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_past_fp32_range_saturate(backend, case, monkeypatch):
+    """Finite inputs whose logits pass fp32's range: they saturate at its largest value (the row's
+    probability is spread evenly over its saturated codes) and get no gradient, instead of NaN."""
+    z, c, temperature = _saturating(case)
+    sample, batch, dz, dc = _entropies_and_grads(backend, z, c, temperature, monkeypatch)
+    ref_sample, ref_batch, z64, c64 = _fp64_entropies(z, c, temperature)
+    torch.testing.assert_close(sample.double(), ref_sample.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(batch.double(), ref_batch.detach(), rtol=2e-5, atol=2e-5)
+    (0.7 * ref_sample - 1.3 * ref_batch).backward()
+    assert torch.isfinite(dz).all() and torch.isfinite(dc).all()
+    torch.testing.assert_close(dz.double(), z64.grad, rtol=1e-3, atol=1e-4 * z64.grad.abs().max().item())
+    torch.testing.assert_close(dc.double(), c64.grad, rtol=1e-3, atol=1e-4 * c64.grad.abs().max().item())
+
+
+def test_nan_inputs_still_give_nan(monkeypatch):
+    """Saturation and far codes must not hide a NaN: it reaches both entropies on both backends."""
+    g = torch.Generator().manual_seed(24)
+    for backend in ("torch", "triton"):
+        for where in ("row", "code"):
+            z, c = torch.randn(9, 5, generator=g), torch.randn(40, 5, generator=g)
+            c[0] = 1e19
+            (z if where == "row" else c)[3, 1] = float("nan")
+            sample, batch, _, _ = _entropies_and_grads(backend, z, c, 1.0, monkeypatch)
+            assert sample.isnan() and batch.isnan(), (backend, where)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_entropy_terms_with_a_far_code(backend, monkeypatch):
+    """The layer's entropy options with a code past fp32's range: finite loss and gradients, the terms
+    the float64 formula gives, and the same on both backends."""
+    from vqfast import VectorQuantizer
+
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    torch.manual_seed(25)
+    kw = dict(dead_code_threshold=0.0, precision="fp32")
+    base = VectorQuantizer(12, 4, **kw)
+    with torch.no_grad():
+        base.embeddings.weight[5] = 1e19
+    reg = VectorQuantizer(12, 4, sample_entropy_weight=0.3, batch_entropy_weight=0.7, entropy_temperature=0.5, **kw)
+    reg.load_state_dict(base.state_dict())
+    base, reg = base.to(device), reg.to(device)
+    z = torch.randn(2, 4, 3, 5)
+    zb, zr = z.to(device, copy=True).requires_grad_(), z.to(device, copy=True).requires_grad_()
+    _, loss_b, _ = base(zb)
+    _, loss_r, _ = reg(zr)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    h_s, h_b, z64, c64 = _fp64_entropies(rows, base.embeddings.weight.cpu(), 0.5)
+    torch.testing.assert_close((loss_r - loss_b).double().cpu(), (0.3 * h_s - 0.7 * h_b).detach(),
+                               rtol=1e-4, atol=1e-6)
+    loss_r.backward()
+    loss_b.backward()
+    (0.3 * h_s - 0.7 * h_b).backward()
+    dz = (zr.grad - zb.grad).permute(0, 2, 3, 1).reshape(-1, 4).double().cpu()
+    dc = (reg.embeddings.weight.grad - base.embeddings.weight.grad).double().cpu()
+    assert torch.isfinite(dz).all() and torch.isfinite(dc).all() and (dc[5] == 0).all()
+    torch.testing.assert_close(dz, z64.grad, rtol=1e-3, atol=1e-4 * z64.grad.abs().max().item())
+    torch.testing.assert_close(dc, c64.grad, rtol=1e-3, atol=1e-4 * c64.grad.abs().max().item())

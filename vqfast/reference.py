@@ -478,14 +478,31 @@ def soft_assignment_entropy(
         zero = (rows.sum() + codes[:0].sum()) * 0.0
         return zero, zero
 
+    # The Triton kernels' logits, in the same order of operations: scale * (2 z.c - ||c||^2), the row's
+    # ||z||^2 left out (it cancels in the softmax, and its overflow would wipe out a whole row).
+    scale = (0.5 if metric == "cosine" else 1.0) / temperature
+    top = torch.finfo(dtype).max
+
     def block_terms(block: torch.Tensor, codes_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Under autocast the product would run in 16 bits; the Triton kernels keep fp32 (or tf32).
         with _autocast_off(block.device):
-            d = block.pow(2).sum(1, keepdim=True) - 2 * block @ codes_.t() + codes_.pow(2).sum(1)
-            if metric == "cosine":
-                d = d * 0.5
-            logp = torch.log_softmax(-d / temperature, dim=1)
-            p = logp.exp()
+            # A code whose ||c||^2 overflows is infinitely far: probability 0 and no gradient. Its values
+            # are replaced by zeros (no inf - inf in the logit, no 0 * inf in the gradients) and its
+            # logit by -inf. A NaN code is not far and stays NaN.
+            far = codes_.detach().pow(2).sum(1) == torch.inf
+            codes_ = torch.where(far[:, None], 0.0, codes_)
+            logits = scale * (2 * block @ codes_.t() - codes_.pow(2).sum(1))
+            # Past the dtype's range a logit saturates (and gets no gradient) rather than making the
+            # softmax NaN. NaN stays NaN.
+            logits = torch.where(far, -torch.inf, logits.clamp_max(top))
+            # 0 log 0 = 0, with no 0 * -inf in the value or the gradient: codes whose log p is -inf (a -inf
+            # logit, or a difference past the dtype's range) get p = 0, and a row with every logit -inf
+            # gets no probability at all (entropy 0, nothing in the average).
+            dead_row = (logits == -torch.inf).all(1, keepdim=True)
+            logp = torch.log_softmax(torch.where(dead_row, 0.0, logits), dim=1)
+            live = ~dead_row & (logp != -torch.inf)
+            logp = torch.where(live, logp, 0.0)
+            p = torch.where(live, logp.exp(), 0.0)
             return -(p * logp).sum(), p.sum(0)
 
     # Compiled, one block: a loop over blocks would tie the graph to N (a recompile per batch size).
