@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vqfast import reference
-from vqfast.layer import soft_assignment_entropy
+from vqfast.layer import VectorQuantizer, soft_assignment_entropy
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 pytestmark = pytest.mark.skipif(
@@ -164,6 +164,14 @@ def test_empty_and_errors():
     assert float(sample.detach()) == 0.0 and float(batch.detach()) == 0.0
     with pytest.raises(ValueError, match="temperature"):
         soft_assignment_entropy(torch.randn(3, 4, device=DEVICE), c, temperature=0.0)
+    # 1 / T must be finite in float32, where the kernels compute the logits.
+    for tiny in (1e-39, 2.0 ** -127):
+        with pytest.raises(ValueError, match="temperature"):
+            soft_assignment_entropy(torch.randn(3, 4, device=DEVICE), c, temperature=tiny)
+        with pytest.raises(ValueError, match="entropy_temperature"):
+            VectorQuantizer(5, 4, sample_entropy_weight=0.1, entropy_temperature=tiny)
+    sample, _ = soft_assignment_entropy(torch.randn(3, 4, device=DEVICE), c, temperature=2.0 ** -126)
+    assert torch.isfinite(sample)
     from vqfast.kernels.soft_entropy import soft_entropy_forward
 
     with pytest.raises(ValueError, match="expected z"):

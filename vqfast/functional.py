@@ -212,7 +212,8 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     Differentiable w.r.t. ``codebook``: the backward is ``zeros(K, D).index_add_(0, indices, grad)``
     accumulated in fp32. Raises ValueError for indices outside [0, K); that check reads the indices'
     range on the host (a device sync, skipped under ``torch.compile``): pass ``check_indices=False``
-    for indices known to be valid, such as those from :func:`nearest_code`. The CPU backend (the
+    for indices known to be valid, such as those from :func:`nearest_code` (on the Triton backend an
+    unchecked index outside [0, K) gives a zero row and no gradient). The CPU backend (the
     reference) checks them anyway, which costs no device sync there; under ``torch.compile`` it checks
     them with an assertion inside the compiled graph instead (with ``VQFAST_BACKEND=torch`` on a GPU,
     a device-side assertion, fatal to the process's CUDA context, as bad indices in compiled code are).

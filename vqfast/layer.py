@@ -39,6 +39,8 @@ _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
 _KMEANS_POOL_KEYS = ("kmeans_pool", "kmeans_pool_batches")
+# The smallest temperature whose reciprocal float32 holds (its smallest normal number).
+_SMALLEST_TEMPERATURE = 2.0 ** -126
 
 
 def _save_kmeans_pool(module: "VectorQuantizer", state_dict: dict[str, Any], prefix: str, local_metadata) -> None:
@@ -236,7 +238,8 @@ def soft_assignment_entropy(
     the codes rounded to bf16 for the logits, tf32 products for the gradients.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
-    temperature = check_number(temperature, "temperature", positive=True)
+    # The kernels divide by the temperature in float32: below its smallest normal number 1 / T overflows.
+    temperature = check_number(temperature, "temperature", minimum=_SMALLEST_TEMPERATURE)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     rows = z.reshape(-1, z.shape[-1])
@@ -391,7 +394,7 @@ class VectorQuantizer(nn.Module):
         kmeans_batches = check_int(kmeans_batches, "kmeans_batches", minimum=1)
         sample_entropy_weight = check_number(sample_entropy_weight, "sample_entropy_weight")
         batch_entropy_weight = check_number(batch_entropy_weight, "batch_entropy_weight")
-        entropy_temperature = check_number(entropy_temperature, "entropy_temperature", positive=True)
+        entropy_temperature = check_number(entropy_temperature, "entropy_temperature", minimum=_SMALLEST_TEMPERATURE)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
         if init not in INITS:

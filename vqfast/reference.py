@@ -121,7 +121,7 @@ def _nearest_code_rows_exact(z: torch.Tensor, codebook: torch.Tensor, metric: st
             best_two = scores.topk(2, dim=1, largest=False)
             idx = best_two.indices[:, 0].clone()
             # The expanded form cancels when the data sit far from the origin (z, c = 1000 + randn in fp32:
-            # a quarter of the rows got a farther code). Rows whose two best scores lie within its
+            # a third to nearly all of the rows, by D, got a farther code). Rows whose two best scores lie within its
             # rounding bound are ranked again: in float64 (after an fp32 pass), then, among the codes
             # still within the float64 bound of the best, by the direct form ||z - c||^2, whose error
             # scales with the distance, not with the offset. (The row norms come from the search's
