@@ -37,7 +37,7 @@ from vqfast.kernels._launch import launch_kernel
 
 __all__ = ["soft_entropy_forward", "soft_entropy_backward"]
 
-FLT_MAX: tl.constexpr = 3.4028234663852886e38  # the largest fp32 value
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # the largest fp32 value
 
 
 @triton.jit
