@@ -380,7 +380,7 @@ def _saturating(case):
     g = torch.Generator().manual_seed(23)
     z, c = torch.randn(30, 9, generator=g), torch.randn(19, 9, generator=g)
     if case == "temperature":
-        return z, c, 1e-37  # the logits of the rows' nearest codes pass fp32's range
+        return 10 * z, c, 1e-37  # the logits of the rows' nearest codes pass fp32's range
     # Rows along their code of the largest norm, scaled so that 2 z.c / T passes fp32's range for it
     # and a code close to it (and no partial sum of the product does): two saturated codes, between
     # which the probability is split evenly.
@@ -396,6 +396,8 @@ def test_logits_past_fp32_range_saturate(backend, case, monkeypatch):
     """Finite inputs whose logits pass fp32's range: they saturate at its largest value (the row's
     probability is spread evenly over its saturated codes) and get no gradient, instead of NaN."""
     z, c, temperature = _saturating(case)
+    exact = (2 * z.double() @ c.double().T - (c.double() ** 2).sum(1)) / temperature
+    assert (exact > torch.finfo(torch.float32).max).any(1).sum() >= 2  # the case saturates some rows
     sample, batch, dz, dc = _entropies_and_grads(backend, z, c, temperature, monkeypatch)
     ref_sample, ref_batch, z64, c64 = _fp64_entropies(z, c, temperature)
     torch.testing.assert_close(sample.double(), ref_sample.detach(), rtol=2e-5, atol=2e-5)
@@ -407,15 +409,18 @@ def test_logits_past_fp32_range_saturate(backend, case, monkeypatch):
 
 
 def test_nan_inputs_still_give_nan(monkeypatch):
-    """Saturation and far codes must not hide a NaN: it reaches both entropies on both backends."""
+    """Saturation and far codes must not hide a NaN: it reaches both entropies on both backends. So does
+    a row holding inf, whose saturated or -inf logits would otherwise leave finite entropies while its
+    0 * inf made the codebook gradient NaN."""
     g = torch.Generator().manual_seed(24)
     for backend in ("torch", "triton"):
-        for where in ("row", "code"):
+        for where, value in (("row", float("nan")), ("code", float("nan")), ("row", float("inf")),
+                             ("row", float("-inf"))):
             z, c = torch.randn(9, 5, generator=g), torch.randn(40, 5, generator=g)
             c[0] = 1e19
-            (z if where == "row" else c)[3, 1] = float("nan")
+            (z if where == "row" else c)[3, 1] = value
             sample, batch, _, _ = _entropies_and_grads(backend, z, c, 1.0, monkeypatch)
-            assert sample.isnan() and batch.isnan(), (backend, where)
+            assert sample.isnan() and batch.isnan(), (backend, where, value)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -39,7 +39,8 @@ _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
 _KMEANS_POOL_KEYS = ("kmeans_pool", "kmeans_pool_batches")
-# The smallest temperature whose reciprocal float32 holds (its smallest normal number).
+# The smallest temperature the soft-entropy kernels take: their backward passes scale by 2 / T in float32,
+# which overflows from T = 2**-127 on.
 _SMALLEST_TEMPERATURE = 2.0 ** -126
 
 
@@ -238,7 +239,7 @@ def soft_assignment_entropy(
     the codes rounded to bf16 for the logits, tf32 products for the gradients.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
-    # The kernels divide by the temperature in float32: below its smallest normal number 1 / T overflows.
+    # The kernels scale by 2 / T in float32 (see _SMALLEST_TEMPERATURE).
     temperature = check_number(temperature, "temperature", minimum=_SMALLEST_TEMPERATURE)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -247,7 +248,8 @@ def soft_assignment_entropy(
         wide = torch.promote_types(torch.promote_types(rows.dtype, codebook.dtype), torch.float32)
         rows, codebook = rows.to(wide), codebook.to(wide)
     if resolve_backend(rows.device, rows.dtype) == "torch":
-        return reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric)
+        return _nan_for_non_finite_rows(
+            rows, reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric))
     if rows.shape[0] == 0:
         zero = (rows.sum() + codebook[:0].sum()).float() * 0.0
         return zero, zero
@@ -258,7 +260,16 @@ def soft_assignment_entropy(
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
-    return _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])
+    return _nan_for_non_finite_rows(z, _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision]))
+
+
+def _nan_for_non_finite_rows(rows: Tensor, entropies: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Both entropies NaN when ``rows`` hold NaN or inf. A row holding inf has no softmax to speak of (its
+    logits saturate or are inf - inf), yet it could leave finite entropies while its 0 * inf made the
+    codebook gradient NaN: a finite loss would then hide it until the codes turned NaN. No host sync."""
+    finite = torch.isfinite(rows).all()
+    nan = torch.full((), float("nan"), dtype=entropies[0].dtype, device=entropies[0].device)
+    return torch.where(finite, entropies[0], nan), torch.where(finite, entropies[1], nan)
 
 
 class VectorQuantizer(nn.Module):
