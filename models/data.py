@@ -21,6 +21,7 @@ Sources (:func:`load_dataset`):
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import zipfile
 from contextlib import contextmanager, suppress
@@ -188,10 +189,7 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     try:
         folder = datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
     except FileNotFoundError as exc:
-        # torchvision's "Couldn't find any class folder" does not say what layout it wanted; a folder of
-        # images without class folders is the common case.
-        raise ValueError(f"{path}: {exc} An image folder needs ImageFolder layout, the images in subfolders "
-                         f"(one per class, e.g. {Path(path) / 'all' / 'img.png'}), not at its top") from None
+        raise ValueError(_image_folder_problem(Path(path), exc)) from None
     # Every file's header is read now (a few seconds for 50,000 images), so that an unreadable file
     # stops the run before training rather than in the middle of an epoch.
     for file, _ in folder.samples:
@@ -200,6 +198,37 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
         except OSError as exc:
             raise ValueError(f"{file} is not a readable image ({exc}); remove it or replace it") from None
     return folder
+
+
+def _image_folder_problem(path: Path, exc: FileNotFoundError) -> str:
+    """What is wrong with ``path``, whose loading as an ImageFolder raised ``exc``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
+
+    layout = (f"An image folder needs ImageFolder layout, the images in subfolders (one per class, e.g. "
+              f"{path / 'all' / 'img.png'}), not at its top")
+    try:
+        classes, _ = find_classes(str(path))
+    except FileNotFoundError:
+        # torchvision's "Couldn't find any class folder" does not say what layout it wanted; a folder of
+        # images without class folders is the common case.
+        return f"{path}: {exc} {layout}"
+
+    def holds_images(folder: Path) -> bool:
+        # As torchvision looks for them: anywhere below the class folder, by extension.
+        return any(has_file_allowed_extension(name, IMG_EXTENSIONS)
+                   for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+    empty = [c for c in classes if not holds_images(path / c)]
+    if not empty:
+        return f"{path}: {exc}"
+    # torchvision joins the class names with ", ", which a name may itself contain.
+    names = ", ".join(repr(c) for c in empty)
+    msg = (f"{path}: the class folder{'s' if len(empty) > 1 else ''} {names} hold{'' if len(empty) > 1 else 's'} "
+           f"no image with a supported extension ({', '.join(IMG_EXTENSIONS)}); every class folder needs at least "
+           f"one image: add images or remove {'those folders' if len(empty) > 1 else 'that folder'}")
+    if any(p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS) for p in path.iterdir()):
+        msg += f". {layout}"
+    return msg
 
 
 def _open_image(path: str):

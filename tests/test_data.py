@@ -220,9 +220,25 @@ def test_a_folder_of_images_without_class_folders_names_the_layout(tmp_path: Pat
     Image.fromarray(_images(1, seed=3)[0]).save(tmp_path / "0.png")
     with pytest.raises(ValueError, match="ImageFolder layout"):
         load_dataset(str(tmp_path))
+    # With a class folder, but the image still at the top: both are said.
     (tmp_path / "empty_class").mkdir()
-    with pytest.raises(ValueError, match="ImageFolder layout"):
+    with pytest.raises(ValueError, match="'empty_class' holds no image.*ImageFolder layout"):
         load_dataset(str(tmp_path))
+
+
+def test_a_class_folder_without_images_is_named_without_the_layout_hint(tmp_path: Path) -> None:
+    # The layout is right; only the files in one class folder are not images ImageFolder reads.
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.txt").write_text("not an image")
+    (tmp_path / "dogs").mkdir()
+    Image.fromarray(_images(1, seed=4)[0]).save(tmp_path / "dogs" / "0.png")
+    with pytest.raises(ValueError) as err:
+        load_dataset(str(tmp_path))
+    msg = str(err.value)
+    assert "class folder 'cats' holds no image with a supported extension" in msg and ".png" in msg, msg
+    assert "dogs" not in msg and "ImageFolder layout" not in msg, msg
 
 
 def test_a_limited_image_folder_spans_its_classes(tmp_path: Path) -> None:
