@@ -981,6 +981,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     ckpt_path = run_dir / CHECKPOINT_NAME
 
     state: dict[str, Any] | None = None
+    # Read before the run's settings replace those not given: a resume that cannot find a path that
+    # was given is told about that path, not advised to give one.
+    data_given, eval_data_given = _was_given(cfg, "data", given), _was_given(cfg, "eval_data", given)
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
         cfg = _merge_resumed(cfg, state["config"], given)
@@ -1025,6 +1028,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             except FileNotFoundError as exc:
                 if not cfg.resume:
                     raise
+                if data_given:
+                    was = state["config"]["data"]
+                    raise FileNotFoundError(f"{exc}. --data {cfg.data!r} does not exist or cannot be read: check the "
+                                            f"path{'' if was == cfg.data else f' (the run had {was})'}") from exc
                 raise FileNotFoundError(f"{exc}. If the run's data has moved, give its new place with --data") from exc
             if _is_local(cfg.data):
                 saved_data = _absolute_source(state["config"]["data"]) if state is not None else None
@@ -1040,6 +1047,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             except FileNotFoundError as exc:
                 if not cfg.resume:
                     raise
+                if eval_data_given:
+                    raise FileNotFoundError(f"{exc}. --eval-data {cfg.eval_data!r} does not exist or cannot be "
+                                            "read: check the path") from exc
                 raise FileNotFoundError(f"{exc}. If the run's evaluation data has moved, give its new place with "
                                         "--eval-data") from exc
         except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
@@ -1189,8 +1199,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         # may use, rather than a config that neither a new run nor --resume would accept.
         (run_dir / CONFIG_NAME).write_text(_json(dataclasses.asdict(cfg), indent=2) + "\n")
         if not held_out:
-            _print(f"Note: {dataset_label(train_set, cfg.data)} has no test split, so the end-of-run evaluation "
-                   f"uses its training images (pass --eval-data for a held-out set)", log_path)
+            why, advice = _why_not_held_out(cfg, dataset_label(train_set, cfg.data))
+            _print(f"Note: {why}, so the end-of-run evaluation uses its training images ({advice})", log_path)
         note = _kmeans_pending_note(model, (epochs - start_epoch) * steps_per_epoch - start_batch)
         if note is not None:
             _print(note, log_path)
@@ -1427,12 +1437,23 @@ def _eval_batch_size(cfg: TrainConfig) -> int:
     return 256
 
 
+def _why_not_held_out(cfg: TrainConfig, label: str) -> tuple[str, str]:
+    """Why a run's end-of-run evaluation is on training images, and what would make it a test."""
+    if cfg.eval_data is not None:
+        # Only --eval-data naming the training source itself gets here (see _load_eval_set): that
+        # source has no test split, or it would have been read.
+        return (f"--eval-data {label} is the training data itself",
+                "give --eval-data other images for a held-out set")
+    return f"{label} has no test split", "pass --eval-data for a held-out set"
+
+
 def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set: Dataset, held_out: bool,
                 run_dir: Path, device: torch.device, history: list[dict[str, Any]], step_losses: list[float],
                 steps_per_epoch: int, log_path: Path | None) -> dict[str, Any]:
     """End-of-run evaluation on ``test_set`` and figures, written by rank 0.
 
-    ``held_out`` False: ``test_set`` holds training images (the source has no test split), and every
+    ``held_out`` False: ``test_set`` holds training images (the source has no test split, or
+    ``eval_data`` names the training source), and every
     line and record says so.
     """
     from vqfast.models import viz
@@ -1449,8 +1470,8 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
     if held_out:
         head, which = f"Test ({test_label}, {result['n']} images)", "test"
     else:
-        head = (f"Evaluation on {result['n']} TRAINING images, not a test ({test_label} has no test split; "
-                f"pass --eval-data for held-out images)")
+        why, advice = _why_not_held_out(cfg, test_label)
+        head = f"Evaluation on {result['n']} TRAINING images, not a test ({why}; {advice})"
         which = "evaluated training"
     lines = [f"{head}: MSE/pixel {test['mse']:.5f} | PSNR {test['psnr']:.2f} dB | SSE/image "
              f"{test['sse_per_image']:.3f} | predicting the mean training image instead: MSE/pixel {baseline:.5f}"]

@@ -353,6 +353,24 @@ def test_resuming_a_run_that_fell_back_with_data_cifar10_says_why_it_differs(tmp
     assert "CIFAR-10 was unavailable when it started" in capsys.readouterr().err
 
 
+def test_a_mistyped_path_given_on_resume_is_named_rather_than_taken_for_moved_data(tmp_path: Path,
+                                                                                   capsys) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 40, seed=0, y=np.arange(40) % 10)
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, out=str(out)))
+    common = ["--resume", "--epochs", "2", "--out", str(out), "--no-progress"]
+    typo = str(tmp_path / "mnie.npz")
+
+    assert train_main(_train_args("ae", "--data", typo, *common)) == 2
+    err = capsys.readouterr().err
+    assert f"--data {typo!r} does not exist or cannot be read" in err and str(data) in err, err
+    assert "give its new place" not in err, err
+    assert train_main(_train_args("ae", "--eval-data", typo, *common)) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-data {typo!r} does not exist or cannot be read" in err and "give its new place" not in err, err
+    assert train_main(_train_args("ae", *common)) == 0
+
+
 def test_a_run_whose_data_has_moved_resumes_from_its_new_place_if_it_holds_the_same_images(tmp_path: Path,
                                                                                            capsys) -> None:
     old_home, new_home = tmp_path / "old", tmp_path / "new"
@@ -581,6 +599,11 @@ def test_eval_data_naming_the_training_source_is_not_a_test(tmp_path: Path, monk
     out = capsys.readouterr().out
     assert "TRAINING images" in out and "\nTest (" not in out
     assert result.test_metrics is not None and result.test_metrics["held_out"] is False
+    # --eval-data was given: the reason is that it names the training data, not a missing --eval-data.
+    log = (tmp_path / "a" / "train.log").read_text()
+    for text in (out, log):
+        assert "--eval-data mine.npz is the training data itself" in text, text
+        assert "no test split" not in text and "pass --eval-data" not in text, text
 
 
 def test_an_image_damaged_past_its_header_read_by_a_worker_is_a_one_line_error(tmp_path: Path, capsys) -> None:
