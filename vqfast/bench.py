@@ -677,16 +677,15 @@ def goals_table(records: Sequence[Record]) -> str:
 
 
 # What each precision column means for each provider (the comparisons are not all like for like).
+_OTHER_PRECISIONS_NOTE = ("in `tf32` rows (\"high\") every provider uses tf32 products and only vqfast re-checks near "
+                          "ties; in `bf16`/`fp16` rows the torch forms round their N x K scores to 16 bits before the "
+                          "argmin, where vqfast keeps fp32 scores.")
 PRECISION_NOTE = ("Precisions: in `fp32` rows (float32 matmul precision \"highest\") vqfast searches with tf32 "
                   "tensor cores and re-checks near ties with fp32-accurate products (the exact fp32 indices), the "
-                  "torch forms use plain fp32 products; in `tf32` rows (\"high\") every provider uses tf32 products "
-                  "and only vqfast re-checks near ties; in `bf16`/`fp16` rows the torch forms round their N x K "
-                  "scores to 16 bits before the argmin, where vqfast keeps fp32 scores.")
+                  "torch forms use plain fp32 products; " + _OTHER_PRECISIONS_NOTE)
 _PLAIN_FP32_NOTE = ("Precisions: this run does not record `fp32_search`, so it comes from a version of vqfast that "
                     "searched `fp32` rows (float32 matmul precision \"highest\") with fp32 products for every code, "
-                    "as the torch forms do; in `tf32` rows (\"high\") every provider uses tf32 products and only "
-                    "vqfast re-checks near ties; in `bf16`/`fp16` rows the torch forms round their N x K scores to 16 "
-                    "bits before the argmin, where vqfast keeps fp32 scores.")
+                    "as the torch forms do; " + _OTHER_PRECISIONS_NOTE)
 
 
 def precision_note(env: dict[str, str]) -> str:

@@ -249,7 +249,7 @@ def soft_assignment_entropy(
         rows, codebook = rows.to(wide), codebook.to(wide)
     if resolve_backend(rows.device, rows.dtype) == "torch":
         return _nan_for_non_finite_rows(
-            rows, reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric))
+            z, reference.soft_assignment_entropy(rows, codebook, temperature=temperature, metric=metric))
     if rows.shape[0] == 0:
         zero = (rows.sum() + codebook[:0].sum()).float() * 0.0
         return zero, zero

@@ -8,6 +8,7 @@ on a laptop).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -303,12 +304,9 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     dtype = ema_count.dtype
     # A step that counted no row (every row masked out, or NaN) leaves the averages as they are.
     counted = counts[k] > 0
-    # The decay as the running counts' dtype holds it, and 1 minus that (exact) as the rate: with the
-    # rate 1 - decay of the unrounded decay, the weights of the steps summed to 0.84 at decay 1 - 1e-7.
-    # (torch.where with a Python number would round it to float32 also for float64 counts.)
-    stored = stored_decay(decay, dtype)
-    rate = torch.where(counted, torch.full((), 1.0 - stored, dtype=dtype, device=counts.device), 0.0)
-    decay = torch.where(counted, torch.full((), stored, dtype=dtype, device=counts.device), 1.0)
+    # With the rate 1 - decay of the unrounded decay, the weights of the steps summed to 0.84 at
+    # decay 1 - 1e-7.
+    decay, rate = _step_decay_and_rate(counted, decay, dtype)
     wide = torch.promote_types(weight.dtype, torch.float32)
     running_sums = weight.to(wide) * _smoothed_counts(ema_count, eps).unsqueeze(1)
     running_sums.mul_(decay).add_(sums.to(wide) * rate)
@@ -317,6 +315,15 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     # The rewrite is skipped outright on such a step: W * s / s can round a code by an ulp.
     keep = (smoothed > 0) & counted
     weight.copy_(torch.where(keep, running_sums / smoothed.clamp_min(1e-30), weight.to(wide)))
+
+
+def _step_decay_and_rate(counted: torch.Tensor, decay: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(decay, rate)`` of a step as ``dtype`` scalars on ``counted``'s device: the decay as ``dtype``
+    holds it and 1 minus that (exact), or ``(1, 0)`` on a step that ``counted`` no row."""
+    stored = stored_decay(decay, dtype)
+    # (torch.where with a Python number would round it to float32 also for float64 statistics.)
+    full = functools.partial(torch.full, (), dtype=dtype, device=counted.device)
+    return torch.where(counted, full(stored), 1.0), torch.where(counted, full(1.0 - stored), 0.0)
 
 
 def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
@@ -367,10 +374,7 @@ def update_code_usage(
     counts = counts[:k]
     steps.add_(counted.to(steps.dtype))
     batch_counts.copy_(counts)
-    stored = stored_decay(usage_decay, usage.dtype)
-    # (torch.where with a Python number would round it to float32 also for float64 statistics.)
-    decay = torch.where(counted, torch.full((), stored, dtype=usage.dtype, device=usage.device), 1.0)
-    rate = torch.where(counted, torch.full((), 1.0 - stored, dtype=usage.dtype, device=usage.device), 0.0)
+    decay, rate = _step_decay_and_rate(counted, usage_decay, usage.dtype)
     usage.mul_(decay).add_(counts.to(usage.dtype) / total * rate)
     grace.mul_(decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
