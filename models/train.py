@@ -854,6 +854,16 @@ def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
     return {"images": len(ds), "sha256": digest}
 
 
+def _missing_on_resume(exc: FileNotFoundError, option: str, what: str, path: str | None, given: bool,
+                       was: str | None = None) -> FileNotFoundError:
+    """The error for a resumed run's ``option`` source that cannot be found: a path that was given is
+    named (not answered with advice to give one), otherwise the run's data may have moved."""
+    if given:
+        had = "" if was is None or was == path else f" (the run had {was})"
+        return FileNotFoundError(f"{exc}. {option} {path!r} does not exist or cannot be read: check the path{had}")
+    return FileNotFoundError(f"{exc}. If the run's {what} has moved, give its new place with {option}")
+
+
 def _check_moved_data(train_set: Dataset, state: Mapping[str, Any], new: str,
                       old: str) -> tuple[str, dict[str, Any]]:
     """Refuse ``new`` as the new place of a run's data ``old`` unless it holds the run's training
@@ -1028,11 +1038,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             except FileNotFoundError as exc:
                 if not cfg.resume:
                     raise
-                if data_given:
-                    was = state["config"]["data"]
-                    raise FileNotFoundError(f"{exc}. --data {cfg.data!r} does not exist or cannot be read: check the "
-                                            f"path{'' if was == cfg.data else f' (the run had {was})'}") from exc
-                raise FileNotFoundError(f"{exc}. If the run's data has moved, give its new place with --data") from exc
+                raise _missing_on_resume(exc, "--data", "data", cfg.data, data_given,
+                                         state["config"]["data"]) from exc
             if _is_local(cfg.data):
                 saved_data = _absolute_source(state["config"]["data"]) if state is not None else None
                 if state is not None and saved_data != cfg.data:
@@ -1047,11 +1054,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             except FileNotFoundError as exc:
                 if not cfg.resume:
                     raise
-                if eval_data_given:
-                    raise FileNotFoundError(f"{exc}. --eval-data {cfg.eval_data!r} does not exist or cannot be "
-                                            "read: check the path") from exc
-                raise FileNotFoundError(f"{exc}. If the run's evaluation data has moved, give its new place with "
-                                        "--eval-data") from exc
+                raise _missing_on_resume(exc, "--eval-data", "evaluation data", cfg.eval_data,
+                                         eval_data_given) from exc
         except (DatasetUnavailable, FileExistsError, FileNotFoundError, ValueError) as exc:
             problem = exc
     # With the source rank 0 really read: "sample" where CIFAR-10 fell back to it.
