@@ -346,8 +346,9 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
 
 def _soft_entropy(module, rows, n, k, d, dtype, precision):
     z, c = rows(n, d, dtype), rows(k, d, dtype)
-    lse, ent, _ = module.soft_entropy_forward(z, c, 0.5, precision=precision)
-    return module.soft_entropy_backward(z, c, lse, ent, torch.ones(k), torch.ones(1), 0.5, precision=precision)
+    row_max, log_sum, ent, _ = module.soft_entropy_forward(z, c, 0.5, precision=precision)
+    return module.soft_entropy_backward(z, c, row_max, log_sum, ent, torch.ones(k), torch.ones(1), 0.5,
+                                        precision=precision)
 
 
 def _upkeep(usage, upkeep, rows, n, k, d):

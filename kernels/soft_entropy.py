@@ -6,10 +6,13 @@ softmax, so the kernels use l_ij = scale * (2 z_i.c_j - ||c_j||^2).
 
 Forward (two passes over the codebook, like flash-attention's online softmax):
     pass 1, one program per row block: running max m, sum-exp s and t = sum_j e_ij (l_ij - m) give
-            lse_i = m + log s and the row entropy H_i = log s - t / s (no lse - E[l] cancellation).
-    pass 2, one program per (code block, row split): column sums P_j = sum_i exp(l_ij - lse_i).
+            the row's max m_i, log s_i and entropy H_i = log s - t / s (no lse - E[l] cancellation).
+    pass 2, one program per (code block, row split): column sums P_j = sum_i p_ij.
+Every pass takes log p_ij = (l_ij - m_i) - log s_i, never l_ij - lse_i with lse = m + log s: far from the
+origin the logits are large (their fp32 spacing 1 near 1e7) while their differences are small, and
+lse rounded to that spacing would lose log s and shift every log p of the row.
 Backward, for a loss g_S * mean_i H_i + (terms in the column average a = P / N), the caller passes
-w_j = dLoss/da_j / N and coef = g_S / N; then with log p_ij = l_ij - lse_i and r_i = sum_j p_ij w_j:
+w_j = dLoss/da_j / N and coef = g_S / N; then with r_i = sum_j p_ij w_j:
     dLoss/dl_ij = G_ij = p_ij * (w_j - r_i - coef * (log p_ij + H_i))
     dz_i = 2 scale sum_j G_ij c_j                     = 2 scale (U_i - r_i V_i), one row pass with
            U_i = sum_j p_ij (w_j - coef (log p_ij + H_i)) c_j and V_i = sum_j p_ij c_j
@@ -18,7 +21,7 @@ Each pass recomputes its logit tiles from z and c instead of storing them.
 
 Past fp32's range (vqfast.reference computes the same): a code whose ||c||^2 overflows has logit -inf
 and p = 0, so it adds exactly 0 to the entropies and gets no gradient (0 log 0 = 0); a row with every
-logit -inf has p = 0 everywhere (entropy 0, lse -inf, nothing in the column sums, no gradient); a logit
+logit -inf has p = 0 everywhere (entropy 0, max -inf, nothing in the column sums, no gradient); a logit
 past +inf saturates at the largest float, so such a row's p is even over its saturated codes and its
 gradient is 0. NaN inputs give NaN.
 """
@@ -68,12 +71,12 @@ def _logit_tile(
 
 
 @triton.jit
-def _log_probs(logits, lse, valid):
-    """``(log p, p)`` of a logit tile given each row's log-sum-exp ``lse``; both 0 where not ``valid``
-    and where log p is -inf (0 log 0 = 0, with no 0 * inf in the products that use them): a -inf
-    logit, also in a row of them (whose lse is -inf too: -inf - -inf would be NaN), or a difference
-    past fp32's range. NaN logits stay NaN."""
-    log_p = logits - lse[:, None]
+def _log_probs(logits, row_max, log_sum, valid):
+    """``(log p, p)`` of a logit tile given each row's largest logit and log-sum-exp past it (``lse =
+    row_max + log_sum``); both 0 where not ``valid`` and where log p is -inf (0 log 0 = 0, with no
+    0 * inf in the products that use them): a -inf logit, also in a row of them (whose max is -inf
+    too: -inf - -inf would be NaN), or a difference past fp32's range. NaN logits stay NaN."""
+    log_p = (logits - row_max[:, None]) - log_sum[:, None]
     live = valid & (logits != float("-inf")) & (log_p != float("-inf"))
     log_p = tl.where(live, log_p, 0.0)
     return log_p, tl.where(live, tl.exp(log_p), 0.0)
@@ -81,7 +84,7 @@ def _log_probs(logits, lse, valid):
 
 @triton.jit
 def _row_stats_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, N, K, D,
+    z_ptr, c_ptr, c_sqnorm_ptr, max_ptr, log_sum_ptr, ent_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -111,15 +114,16 @@ def _row_stats_kernel(
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     log_s = tl.log(s)
-    tl.store(lse_ptr + offs_n, m + log_s, mask=mask_n)
+    tl.store(max_ptr + offs_n, m, mask=mask_n)
+    tl.store(log_sum_ptr + offs_n, log_s, mask=mask_n)
     # A row with every logit -inf (every code infinitely far) has no probability anywhere: entropy 0,
-    # lse -inf. (A NaN s is not 0 and stays NaN.)
+    # max -inf. (A NaN s is not 0 and stays NaN.)
     tl.store(ent_ptr + offs_n, tl.where(s == 0.0, 0.0, log_s - t / s), mask=mask_n)
 
 
 @triton.jit
 def _col_sum_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, out_ptr, N, K, D, rows_per_split,
+    z_ptr, c_ptr, c_sqnorm_ptr, max_ptr, log_sum_ptr, out_ptr, N, K, D, rows_per_split,
     stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -136,20 +140,17 @@ def _col_sum_kernel(
         logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        _, p = _log_probs(logits, lse, mask_n[:, None] & mask_k[None, :])
-        # In a row whose logits saturated, lse rounds to the largest float and loses log s: each of
-        # its s saturated codes reads p = 1 there, where it is 1/s = exp(-H) (its entropy is log s).
-        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        row_scale = tl.where(lse == FLT_MAX, tl.exp(-ent), 1.0)
-        acc += tl.sum(p * row_scale[:, None], axis=0)
+        row_max = tl.load(max_ptr + offs_n, mask=mask_n, other=0.0)
+        log_sum = tl.load(log_sum_ptr + offs_n, mask=mask_n, other=0.0)
+        _, p = _log_probs(logits, row_max, log_sum, mask_n[:, None] & mask_k[None, :])
+        acc += tl.sum(p, axis=0)
     # One row of partial sums per split, summed by the launcher: deterministic, no atomics.
     tl.store(out_ptr + pid_s.to(tl.int64) * K + offs_k, acc, mask=mask_k)
 
 
 @triton.jit
 def _grad_rows_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dz_ptr, N, K, D,
+    z_ptr, c_ptr, c_sqnorm_ptr, max_ptr, log_sum_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dz_ptr, N, K, D,
     stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_PRECISION: tl.constexpr,
@@ -159,11 +160,12 @@ def _grad_rows_kernel(
     # This program writes columns [d_out, d_out + BLOCK_D) of dz; the logits still use all of D.
     offs_do = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_do = offs_do < D
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    row_max = tl.load(max_ptr + offs_n, mask=mask_n, other=0.0)
+    log_sum = tl.load(log_sum_ptr + offs_n, mask=mask_n, other=0.0)
     ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-    # A row whose logits saturated (lse rounds to the largest float) has no gradient: it went through
+    # A row whose logits saturated (its largest is the largest float) has no gradient: it went through
     # a clamp.
-    mask_g = mask_n & (lse != FLT_MAX)
+    mask_g = mask_n & (row_max != FLT_MAX)
     coef = tl.load(coef_ptr)
     u = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -174,7 +176,7 @@ def _grad_rows_kernel(
         logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
-        log_p, p = _log_probs(logits, lse, mask_g[:, None] & mask_k[None, :])
+        log_p, p = _log_probs(logits, row_max, log_sum, mask_g[:, None] & mask_k[None, :])
         w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0)
         r += tl.sum(p * w[None, :], axis=1)
         a = p * (w[None, :] - coef * (log_p + ent[:, None]))
@@ -193,7 +195,8 @@ def _grad_rows_kernel(
 
 @triton.jit
 def _grad_codes_kernel(
-    z_ptr, c_ptr, c_sqnorm_ptr, lse_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dc_ptr, N, K, D, rows_per_split,
+    z_ptr, c_ptr, c_sqnorm_ptr, max_ptr, log_sum_ptr, ent_ptr, w_ptr, coef_ptr, r_ptr, dc_ptr, N, K, D,
+    rows_per_split,
     stride_dc_split, stride_zn, stride_zd, stride_ck, stride_cd, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_PRECISION: tl.constexpr,
@@ -216,10 +219,11 @@ def _grad_codes_kernel(
         logits = _logit_tile(z_ptr, c_ptr, c_sqnorm_ptr, offs_n, mask_n, offs_k, mask_k, D,
                              stride_zn, stride_zd, stride_ck, stride_cd, scale,
                              BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        row_max = tl.load(max_ptr + offs_n, mask=mask_n, other=0.0)
+        log_sum = tl.load(log_sum_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)
-        log_p, p = _log_probs(logits, lse, (mask_n & (lse != FLT_MAX))[:, None] & mask_k[None, :])
+        log_p, p = _log_probs(logits, row_max, log_sum, (mask_n & (row_max != FLT_MAX))[:, None] & mask_k[None, :])
         g = p * (w[None, :] - r[:, None] - coef * (log_p + ent[:, None]))
         g_col += tl.sum(g, axis=0)
         z_out = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + offs_do[None, :] * stride_zd,
@@ -287,26 +291,29 @@ def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> tup
 
 def soft_entropy_forward(
     z: torch.Tensor, codebook: torch.Tensor, scale: float, precision: str = "ieee"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(lse, entropy)`` (N,) and column sums (K,) of ``p = softmax(-scale * ||z - c||^2)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(row_max, log_sum, entropy)`` (N,) and column sums (K,) of
+    ``p = softmax(-scale * ||z - c||^2)``.
 
-    Plain PyTorch (up to the per-row constant ``-scale * ||z||^2`` in ``lse``)::
+    Plain PyTorch (up to the per-row constant ``-scale * ||z||^2`` in ``row_max``)::
 
         logits = scale * (2 * z @ c.T - (c * c).sum(1))
-        lse = logits.logsumexp(1); p = (logits - lse[:, None]).exp()
-        entropy = -(p * p.log()).sum(1); colsum = p.sum(0)
+        row_max = logits.amax(1); log_sum = (logits - row_max[:, None]).logsumexp(1)
+        log_p = (logits - row_max[:, None]) - log_sum[:, None]; p = log_p.exp()
+        entropy = -(p * log_p).sum(1); colsum = p.sum(0)
 
-    All outputs are float32.
+    (``row_max + log_sum`` is the log-sum-exp, kept in two parts: rounded to one float it loses log_sum
+    where the logits are large.) All outputs are float32.
     """
     check_rows_and_codes(z, codebook)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     n, d = z.shape
     k = codebook.shape[0]
     device = z.device
-    lse = torch.empty(n, dtype=torch.float32, device=device)
-    ent = torch.empty(n, dtype=torch.float32, device=device)
+    # Three tensors, not views of one: the custom op may not return aliased outputs.
+    row_max, log_sum, ent = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
     if n == 0:
-        return lse, ent, torch.zeros(k, dtype=torch.float32, device=device)
+        return row_max, log_sum, ent, torch.zeros(k, dtype=torch.float32, device=device)
     input_precision, _ = _precisions(z.dtype, precision)
     configs = _configs(d)
     c_sqnorm = code_sqnorms(codebook)
@@ -317,30 +324,30 @@ def soft_entropy_forward(
         return _meta(cfg, INPUT_PRECISION=input_precision)
 
     def row_stats(cfg: tuple[int, int, int, int]) -> None:
-        # Every launch writes all of lse and ent, so timing runs may write the real outputs.
-        launch_kernel(_row_stats_kernel, (cdiv(n, cfg[0]),), z, codebook, c_sqnorm, lse, ent, n, k, d, *strides,
-                      float(scale), **meta(cfg))
+        # Every launch writes all of the row statistics, so timing runs may write the real outputs.
+        launch_kernel(_row_stats_kernel, (cdiv(n, cfg[0]),), z, codebook, c_sqnorm, row_max, log_sum, ent,
+                      n, k, d, *strides, float(scale), **meta(cfg))
 
     def col_sums(cfg: tuple[int, int, int, int]) -> torch.Tensor:
         code_blocks = cdiv(k, cfg[1])
         splits, rows_per_split = _splits(n, cfg[0], code_blocks, device)
         partial = torch.empty((splits, k), dtype=torch.float32, device=device)
-        launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, lse, ent, partial, n, k, d,
-                      rows_per_split, *strides, float(scale), **meta(cfg))
+        launch_kernel(_col_sum_kernel, (code_blocks, splits), z, codebook, c_sqnorm, row_max, log_sum, partial,
+                      n, k, d, rows_per_split, *strides, float(scale), **meta(cfg))
         return partial
 
     row_stats(tuned_config(("soft_entropy_rows", *tune), configs, row_stats))
     partial = col_sums(tuned_config(("soft_entropy_columns", *tune), configs, col_sums))
-    return lse, ent, partial.sum(0)
+    return row_max, log_sum, ent, partial.sum(0)
 
 
 def soft_entropy_backward(
-    z: torch.Tensor, codebook: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, w: torch.Tensor,
-    coef: torch.Tensor, scale: float, precision: str = "ieee", codebook_grad: bool = True,
+    z: torch.Tensor, codebook: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, ent: torch.Tensor,
+    w: torch.Tensor, coef: torch.Tensor, scale: float, precision: str = "ieee", codebook_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(dz (N, D), dcodebook (K, D))``, float32, of ``coef * sum_i H_i + sum_j w_j P_j``.
 
-    ``lse`` and ``ent`` come from :func:`soft_entropy_forward`; ``w`` (K,) and ``coef`` (a 1-element
+    ``row_max``, ``log_sum`` and ``ent`` come from :func:`soft_entropy_forward`; ``w`` (K,) and ``coef`` (a 1-element
     tensor, so no host sync is needed to read a gradient) define the loss as above, where ``H_i`` are
     the row entropies and ``P_j`` the column sums of p. Plain PyTorch: autograd through the forward's
     equivalent code with ``loss = coef * entropy.sum() + (w * colsum).sum()``. ``codebook_grad=False``
@@ -362,8 +369,7 @@ def soft_entropy_backward(
     c_sqnorm = code_sqnorms(codebook)
     w = w.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).reshape(1).contiguous()
-    lse = lse.contiguous()
-    ent = ent.contiguous()
+    row_max, log_sum, ent = row_max.contiguous(), log_sum.contiguous(), ent.contiguous()
     r = torch.empty(n, dtype=torch.float32, device=device)
     strides = (z.stride(0), z.stride(1), codebook.stride(0), codebook.stride(1))
     d_blocks = cdiv(d, configs[0][2])  # (BLOCK_D is the same in every candidate)
@@ -376,7 +382,8 @@ def soft_entropy_backward(
     def grad_rows(cfg: tuple[int, int, int, int]) -> None:
         # Stores every element of dz and r: timing runs may write the real outputs.
         launch_kernel(_grad_rows_kernel, (cdiv(n, cfg[0]), d_blocks),
-                      z, codebook, c_sqnorm, lse, ent, w, coef, r, dz, n, k, d, *strides, float(scale), **meta(cfg))
+                      z, codebook, c_sqnorm, row_max, log_sum, ent, w, coef, r, dz, n, k, d, *strides, float(scale),
+                      **meta(cfg))
 
     grad_rows(tuned_config(("soft_entropy_grad_rows", *tune), configs, grad_rows))
     if not codebook_grad:
@@ -393,8 +400,8 @@ def soft_entropy_backward(
             into = torch.zeros((splits, k, d), dtype=torch.float32, device=device)
             split_stride = k * d
         launch_kernel(_grad_codes_kernel, (code_blocks, d_blocks, splits),
-                      z, codebook, c_sqnorm, lse, ent, w, coef, r, into, n, k, d, rows_per_split, split_stride,
-                      *strides, float(scale), **meta(cfg))
+                      z, codebook, c_sqnorm, row_max, log_sum, ent, w, coef, r, into, n, k, d, rows_per_split,
+                      split_stride, *strides, float(scale), **meta(cfg))
         return into.sum(0) if split_stride else into
 
     # Atomic sums: timing runs add into a scratch output.

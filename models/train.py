@@ -777,7 +777,7 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
             new, old = new or "layer", old or "layer"  # as the command line spells None
         if name == "data" and new != old and was_given(name) and _is_local(new) and _is_local(old):
             # The run's files at a new place: allowed, and checked against what the run recorded of
-            # them once they are loaded (see _check_moved_data).
+            # them once they are loaded (see _check_run_data).
             cfg.data = new
             if not was_given("eval_data") and saved_cfg.eval_data is not None and (
                     _absolute_source(saved_cfg.eval_data) == old):
@@ -864,13 +864,14 @@ def _missing_on_resume(exc: FileNotFoundError, option: str, what: str, path: str
     return FileNotFoundError(f"{exc}. If the run's {what} has moved, give its new place with {option}")
 
 
-def _check_moved_data(train_set: Dataset, state: Mapping[str, Any], new: str,
-                      old: str) -> tuple[str, dict[str, Any]]:
-    """Refuse ``new`` as the new place of a run's data ``old`` unless it holds the run's training
-    images; returns the note to log and their fingerprint when it does. A checkpoint written before
-    fingerprints were recorded has the first epoch's image count to compare (under torchrun, the
-    images its equal shards held)."""
+def _check_run_data(train_set: Dataset, state: Mapping[str, Any], path: str,
+                    saved: str) -> tuple[str | None, dict[str, Any]]:
+    """Refuse to resume on local data at ``path`` (the run's was at ``saved``) unless it holds the run's
+    training images, whether the data has moved or changed where it was; returns the note to log when
+    it has moved, and the fingerprint to keep. A checkpoint written before fingerprints were recorded
+    has the first epoch's image count to compare (under torchrun, the images its equal shards held)."""
     found = _data_fingerprint(train_set)
+    moved = path != saved
     recorded = state.get("data_fingerprint")
     n = found["images"]
     if recorded is not None:
@@ -883,17 +884,23 @@ def _check_moved_data(train_set: Dataset, state: Mapping[str, Any], new: str,
         had = int(state["history"][0]["images"])
         same = n // world * world == had
         checked = "as many as the run had; its checkpoint records no more of them to compare"
-    else:
-        raise ValueError(f"--data {new!r}: the run's checkpoint records nothing of its data {old!r} (it stopped "
+    elif moved:
+        raise ValueError(f"--data {path!r}: the run's checkpoint records nothing of its data {saved!r} (it stopped "
                          f"before its first epoch ended), so another path cannot be checked; put the data back "
-                         f"at {old}, or start a new run in another --out")
+                         f"at {saved}, or start a new run in another --out")
+    else:
+        return None, found  # nothing recorded yet to compare with
     if not same:
         what = (f"{n:,} images where the run's had {had:,}" if n != had
                 else f"{n:,} images, as the run's had, but other ones")
-        raise ValueError(f"--data {new!r} does not hold the run's training data ({old!r}): {what}. A resumed run "
-                         "trains on its own images: give the path they are at now, or start a new run in "
-                         "another --out")
-    return f"Resume: the run's data is now read from {new} (it was {old}): {n:,} images, {checked}", found
+        if moved:
+            raise ValueError(f"--data {path!r} does not hold the run's training data ({saved!r}): {what}. A resumed "
+                             "run trains on its own images: give the path they are at now, or start a new run in "
+                             "another --out")
+        raise ValueError(f"The run's training data {path!r} has changed since its last checkpoint: it holds {what}. "
+                         "A resumed run trains on its own images: put them back, or start a new run in another --out")
+    note = f"Resume: the run's data is now read from {path} (it was {saved}): {n:,} images, {checked}"
+    return (note if moved else None), found
 
 
 def _absolute_source(source: str | None) -> str | None:
@@ -1041,11 +1048,11 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 raise _missing_on_resume(exc, "--data", "data", cfg.data, data_given,
                                          state["config"]["data"]) from exc
             if _is_local(cfg.data):
-                saved_data = _absolute_source(state["config"]["data"]) if state is not None else None
-                if state is not None and saved_data != cfg.data:
-                    data_note, fingerprint = _check_moved_data(train_set, state, cfg.data, str(saved_data))
+                if state is not None:
+                    saved_data = str(_absolute_source(state["config"]["data"]))
+                    data_note, fingerprint = _check_run_data(train_set, state, cfg.data, saved_data)
                 else:
-                    fingerprint = (state or {}).get("data_fingerprint") or _data_fingerprint(train_set)
+                    fingerprint = _data_fingerprint(train_set)
             if len(train_set) < dist.world_size:  # each process needs an image per epoch
                 raise ValueError(f"{len(train_set)} training image{'s' if len(train_set) != 1 else ''} cannot be "
                                  f"shared among {dist.world_size} processes")

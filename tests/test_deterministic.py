@@ -146,21 +146,21 @@ def test_soft_entropy_codebook_pass_sums_its_row_splits_in_order(launched, kerne
     k, d = 5, 9
     z, c = torch.randn(300, d, generator=g).to(kernel_device), torch.randn(k, d, generator=g).to(kernel_device)
     w, coef = torch.randn(k, generator=g).to(kernel_device), torch.ones(1, device=kernel_device)
-    lse, ent, _ = soft_entropy_forward(z, c, 0.5)
+    row_max, log_sum, ent, _ = soft_entropy_forward(z, c, 0.5)
 
     def codes_pass() -> tuple[int, torch.Tensor, int]:
         """(row splits, output, stride between the splits' outputs) of the codebook pass."""
         (found,) = [(grid, args) for name, _, grid, args in launched if name == "_grad_codes_kernel"]
         launched.clear()
         grid, args = found
-        return grid[2], args[8], args[13]
+        return grid[2], args[9], args[14]
 
-    dz_split, dc_split = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5)
+    dz_split, dc_split = soft_entropy_backward(z, c, row_max, log_sum, ent, w, coef, 0.5)
     splits, out, stride = codes_pass()
     assert splits > 1 and stride == 0 and out is dc_split
     torch.use_deterministic_algorithms(True)
     try:
-        dz, dc = soft_entropy_backward(z, c, lse, ent, w, coef, 0.5)
+        dz, dc = soft_entropy_backward(z, c, row_max, log_sum, ent, w, coef, 0.5)
     finally:
         torch.use_deterministic_algorithms(False)
     ordered_splits, out, stride = codes_pass()
@@ -206,12 +206,12 @@ def test_repeated_gpu_sums_are_bitwise_equal(deterministic_mode):
     z = torch.randn(n, d, device="cuda")
     codebook = torch.randn(k, d, device="cuda")
     one = torch.ones((), device="cuda")
-    lse, ent, _ = soft_entropy_forward(z[:20_000], codebook, 0.5)
+    row_max, log_sum, ent, _ = soft_entropy_forward(z[:20_000], codebook, 0.5)
     w, coef = torch.randn(k, device="cuda"), torch.ones(1, device="cuda")
 
     def sums():
         _, gc = kernels.quantize_backward(None, one, z, codebook, idx, 0.25)
-        _, dc = soft_entropy_backward(z[:20_000], codebook, lse, ent, w, coef, 0.5)
+        _, dc = soft_entropy_backward(z[:20_000], codebook, row_max, log_sum, ent, w, coef, 0.5)
         return kernels.scatter_add_rows(grad, idx, k, torch.float32), gc, dc
 
     first = sums()

@@ -415,6 +415,24 @@ def test_a_run_whose_data_has_moved_resumes_from_its_new_place_if_it_holds_the_s
     assert "--data 'sample'" in capsys.readouterr().err
 
 
+def test_a_run_whose_data_changed_in_place_is_not_resumed_on_other_images(tmp_path: Path, capsys) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 40, seed=0, y=np.arange(40) % 10)
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, out=str(out)))
+    common = ["--resume", "--out", str(out), "--no-progress"]
+    original = data.read_bytes()
+    before = (out / "checkpoint.pt").read_bytes()
+    for n, why in ((40, "40 images, as the run's had, but other ones"), (41, "41 images where the run's had 40")):
+        _write_npz(data, n, seed=1, y=np.arange(n) % 10)
+        assert train_main(_train_args("ae", "--epochs", "2", *common)) == 2
+        err = capsys.readouterr().err
+        assert f"The run's training data {str(data.resolve())!r} has changed" in err and why in err, err
+        assert (out / "checkpoint.pt").read_bytes() == before
+    data.write_bytes(original)
+    assert train_main(_train_args("ae", "--epochs", "2", *common)) == 0
+    assert "now read from" not in (out / "train.log").read_text()
+
+
 def test_the_fingerprint_of_local_data_follows_the_images_not_the_path(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -190,12 +190,12 @@ class _SoftEntropy(torch.autograd.Function):
     def forward(ctx, rows: Tensor, codebook: Tensor, scale: float, precision: str):  # type: ignore[override]
         from vqfast import ops_layer
 
-        lse, ent, colsum = ops_layer.soft_entropy_forward(rows, codebook, scale, precision)
+        row_max, log_sum, ent, colsum = ops_layer.soft_entropy_forward(rows, codebook, scale, precision)
         n = rows.shape[0]
         avg = colsum / n
         sample_entropy = ent.sum() / n
         batch_entropy = -torch.special.xlogy(avg, avg).sum()
-        ctx.save_for_backward(rows, codebook, lse, ent, avg)
+        ctx.save_for_backward(rows, codebook, row_max, log_sum, ent, avg)
         ctx.scale = scale
         ctx.precision = precision
         return sample_entropy, batch_entropy
@@ -205,7 +205,7 @@ class _SoftEntropy(torch.autograd.Function):
     def backward(ctx, grad_sample: Tensor | None, grad_batch: Tensor | None):  # type: ignore[override]
         from vqfast import ops_layer
 
-        rows, codebook, lse, ent, avg = ctx.saved_tensors
+        rows, codebook, row_max, log_sum, ent, avg = ctx.saved_tensors
         n = rows.shape[0]
         zero = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad_sample = zero if grad_sample is None else grad_sample.float()
@@ -216,8 +216,8 @@ class _SoftEntropy(torch.autograd.Function):
         w = -grad_batch * torch.log(avg.clamp_min(torch.finfo(torch.float32).tiny)) / n
         w = w - (avg * w).sum()
         coef = (grad_sample / n).reshape(1)
-        dz, dc = ops_layer.soft_entropy_backward(rows, codebook, lse, ent, w, coef, ctx.scale, ctx.precision,
-                                                 ctx.needs_input_grad[1])
+        dz, dc = ops_layer.soft_entropy_backward(rows, codebook, row_max, log_sum, ent, w, coef, ctx.scale,
+                                                 ctx.precision, ctx.needs_input_grad[1])
         return (dz.to(rows.dtype) if ctx.needs_input_grad[0] else None,
                 dc.to(codebook.dtype) if ctx.needs_input_grad[1] else None, None, None)
 

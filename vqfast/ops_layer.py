@@ -19,29 +19,31 @@ from vqfast.ops import _direct, intercepted, on_device
 
 
 @torch.library.custom_op("vqfast::soft_entropy_forward", mutates_args=())
-def soft_entropy_forward(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(lse, entropy)`` and column sums of ``softmax(-scale * ||z - c||^2)``, streamed."""
+def soft_entropy_forward(z: Tensor, codebook: Tensor, scale: float,
+                         precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(row_max, log_sum, entropy)`` and column sums of ``softmax(-scale * ||z - c||^2)``,
+    streamed."""
     with on_device(z):
         return _soft_entropy.soft_entropy_forward(z, codebook, scale, precision)
 
 
 @soft_entropy_forward.register_fake
-def _(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+def _(z: Tensor, codebook: Tensor, scale: float, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, k = z.shape[0], codebook.shape[0]
-    return (z.new_empty(n, dtype=torch.float32), z.new_empty(n, dtype=torch.float32),
-            z.new_empty(k, dtype=torch.float32))
+    return (*(z.new_empty(n, dtype=torch.float32) for _ in range(3)), z.new_empty(k, dtype=torch.float32))
 
 
 @torch.library.custom_op("vqfast::soft_entropy_backward", mutates_args=())
-def soft_entropy_backward(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
-                          scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
+def soft_entropy_backward(z: Tensor, codebook: Tensor, row_max: Tensor, log_sum: Tensor, ent: Tensor, w: Tensor,
+                          coef: Tensor, scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
     """fp32 gradients ``(dz, dcodebook)`` of ``coef * sum(entropy) + (w * colsum).sum()``."""
     with on_device(z):
-        return _soft_entropy.soft_entropy_backward(z, codebook, lse, ent, w, coef, scale, precision, codebook_grad)
+        return _soft_entropy.soft_entropy_backward(z, codebook, row_max, log_sum, ent, w, coef, scale, precision,
+                                                   codebook_grad)
 
 
 @soft_entropy_backward.register_fake
-def _(z: Tensor, codebook: Tensor, lse: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
+def _(z: Tensor, codebook: Tensor, row_max: Tensor, log_sum: Tensor, ent: Tensor, w: Tensor, coef: Tensor,
       scale: float, precision: str, codebook_grad: bool) -> tuple[Tensor, Tensor]:
     rows = codebook.shape[0] if codebook_grad else 0
     return (z.new_empty(z.shape, dtype=torch.float32),
