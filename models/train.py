@@ -933,11 +933,12 @@ def train(config: TrainConfig | Mapping[str, Any], given: Collection[str] | None
             torch.distributed.destroy_process_group()
 
 
-def _agree_on_training_data(dist: _Dist, source: str, problem: Exception | None, images: int | None) -> None:
+def _agree_on_training_data(dist: _Dist, source: str, problem: Exception | None,
+                            found: dict[str, Any] | None) -> None:
     """Stop every rank, before anything is written, unless all of them loaded ``source`` (as rank 0
-    did) and hold as many images: a rank that stopped alone would leave the others waiting in the
-    first collective."""
-    reports = dist.gather_objects((None if problem is None else f"{type(problem).__name__}: {problem}", images))
+    did) and hold the same images (``found``: a rank's :func:`_data_fingerprint`): a rank that stopped
+    alone would leave the others waiting in the first collective."""
+    reports = dist.gather_objects((None if problem is None else f"{type(problem).__name__}: {problem}", found))
     if problem is not None:
         if isinstance(problem, DatasetUnavailable) and source == "cifar10":
             raise DatasetUnavailable(f"rank {dist.rank}: {problem}. Rank 0 found CIFAR-10, and a rank does not "
@@ -947,11 +948,20 @@ def _agree_on_training_data(dist: _Dist, source: str, problem: Exception | None,
     for rank, (failure, _) in enumerate(reports):
         if failure is not None:
             raise DatasetUnavailable(f"rank {rank} could not load the training data ({source}): {failure}")
-    counts = [n for _, n in reports]
+    if not dist.enabled:
+        return
+    counts = [prints["images"] for _, prints in reports]
     if len(set(counts)) > 1:
         raise ValueError(f"the ranks hold different training data for {source}: "
                          + ", ".join(f"{n:,} images on rank {rank}" for rank, n in enumerate(counts))
                          + "; every rank must read the same images")
+    # Copies of the same files on different machines can hold as many images but other ones.
+    first = reports[0][1]["sha256"]
+    other = [rank for rank, (_, prints) in enumerate(reports) if prints["sha256"] != first]
+    if other:
+        raise ValueError(f"the ranks hold different training data for {source}: {counts[0]:,} images on every "
+                         f"rank, but other ones on rank{'s' if len(other) > 1 else ''} "
+                         f"{', '.join(map(str, other))} than on rank 0; every rank must read the same images")
 
 
 # The settings of one model only, by the models they apply to.
@@ -1080,7 +1090,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                                      limit=cfg.limit, seed=cfg.seed, fallback=False)
         except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
             problem = exc
-    _agree_on_training_data(dist, source, problem, None if train_set is None else len(train_set))
+    held = None
+    if dist.enabled and train_set is not None:
+        held = fingerprint if fingerprint is not None else _data_fingerprint(train_set)
+    _agree_on_training_data(dist, source, problem, held)
     # A resumed run trains on its own images or stops (fallback=False above). One that fell back to the
     # bundled sample has "sample" as its data, and keeps training on it even where CIFAR-10 has become
     # available since.

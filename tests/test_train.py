@@ -506,13 +506,17 @@ def _fallback_worker(rank: int, world: int, port: int, out: str, result_dir: str
                 outcomes[case] = run(TrainConfig(**config)).config.data
             except Exception as exc:
                 outcomes[case] = f"{type(exc).__name__}: {exc}"
-        # The same source with other contents on rank 1 (another copy of the files): found before training.
-        if rank == 1:
-            data_mod.load_sample = lambda train=True: data_mod.synthetic_images(40, seed=3)
-        try:
-            run(TrainConfig(**{**config, "limit": None, "out": str(Path(out) / "copies-differ")}))
-        except ValueError as exc:
-            outcomes["copies-differ"] = str(exc)
+        # The same source with other contents on rank 1 (another copy of the files): found before training,
+        # whether it holds fewer images or as many other ones.
+        sample = data_mod.load_sample
+        for case, n in (("copies-differ", 40), ("copies-differ-in-pixels", 2000)):
+            if rank == 1:
+                data_mod.load_sample = lambda train=True, n=n: data_mod.synthetic_images(n, seed=3)
+            try:
+                run(TrainConfig(**{**config, "limit": None, "out": str(Path(out) / case)}))
+            except ValueError as exc:
+                outcomes[case] = str(exc)
+        data_mod.load_sample = sample
         torch.save(outcomes, Path(result_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -535,7 +539,9 @@ def test_ranks_train_on_the_data_rank_0_found_or_not_at_all(tmp_path: Path) -> N
     assert r0["rank0-lacks-it"] == r1["rank0-lacks-it"] == "sample"
     assert r0["copies-differ"] == r1["copies-differ"]
     assert "2,000 images on rank 0, 40 images on rank 1" in r0["copies-differ"]
-    assert not (tmp_path / "copies-differ").exists()
+    assert r0["copies-differ-in-pixels"] == r1["copies-differ-in-pixels"]
+    assert "2,000 images on every rank, but other ones on rank 1 than on rank 0" in r0["copies-differ-in-pixels"]
+    assert not (tmp_path / "copies-differ").exists() and not (tmp_path / "copies-differ-in-pixels").exists()
 
 
 def test_fewer_images_than_processes_is_an_error_before_the_run_folder(tmp_path: Path) -> None:
