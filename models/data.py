@@ -153,6 +153,9 @@ def load_npz(path: str | Path, train: bool = True) -> ImageArrayDataset:
     path = Path(path)
     key, x, y, classes = _npz_arrays(path, train)
     # The models' fully connected layers and the per-pixel metrics are built for 32 x 32 RGB.
+    if x.ndim == 4 and x.shape[1:] == (IMAGE_SHAPE_HWC[2], *IMAGE_SHAPE_HWC[:2]):
+        raise ValueError(f"{path}: {key!r} holds channels-first images, shape {tuple(x.shape)}; store them "
+                         f"channels-last, (N, 32, 32, 3), e.g. as x.transpose(0, 2, 3, 1)")
     if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE_HWC:
         raise ValueError(f"{path}: {key!r} must hold 32 x 32 RGB images, shape (N, 32, 32, 3), got "
                          f"{tuple(x.shape)}; the models take 32 x 32 inputs, so resize the images first (an "

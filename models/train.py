@@ -280,8 +280,14 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 def _check_backend_on(backend: str | None, device: torch.device) -> None:
+    """Refuse the Triton backend on the CPU (outside Triton's interpreter) before anything is loaded or
+    written: chosen by ``backend``, or by ``VQFAST_BACKEND`` where ``backend`` is auto or None."""
+    named = "backend triton"
+    if backend in (None, "auto"):
+        backend = os.environ.get("VQFAST_BACKEND", "").strip().lower()
+        named = "VQFAST_BACKEND=triton"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("backend triton runs on CUDA devices; on the CPU use backend torch (or auto), or set "
+        raise ValueError(f"{named} runs on CUDA devices; on the CPU use backend torch (or auto), or set "
                          "TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
 
 
@@ -1015,12 +1021,12 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         state = load_checkpoint(ckpt_path)
         cfg = _merge_resumed(cfg, state["config"], given)
         done = int(state["epoch"])
-        if cfg.resolved_epochs() < done:
-            raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
-                             f"has done; give the new total, at least {done}")
         if int(state.get("batch", 0)) > 0 and cfg.resolved_epochs() <= done:
             raise ValueError(f"--epochs {cfg.resolved_epochs()}: the run in {run_dir} stopped in epoch {done + 1}, "
                              f"after batch {int(state['batch'])}; give the new total, at least {done + 1}")
+        if cfg.resolved_epochs() < done:
+            raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
+                             f"has done; give the new total, at least {done}")
     if settings is not None:
         settings.enter_context(deterministic_algorithms(cfg.deterministic))
     cfg.data = _absolute_source(cfg.data)

@@ -80,10 +80,14 @@ def test_parse_parts_orders_and_rejects():
         bench.parse_parts(" , ")
     parser = argparse.ArgumentParser()
     bench.configure_parser(parser)
-    with pytest.raises(SystemExit) as exc:
-        parser.parse_args(["--only", "bogus"])
-    assert exc.value.code == 2
+    for argv in (["--only", "bogus"], ["--rep", "-5"], ["--rep", "0"], ["--budget", "nan"], ["--budget", "inf"],
+                 ["--budget", "ten"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 2
     assert parser.parse_args([]).only == bench.PARTS
+    args = parser.parse_args(["--rep", "25", "--budget", "0.5"])
+    assert (args.rep, args.budget) == (25.0, 0.5)
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------

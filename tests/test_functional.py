@@ -281,6 +281,12 @@ def test_quantize_checks_the_indices_it_is_given(backend, monkeypatch, kernel_de
         vqfast.quantize(z, c, indices=torch.zeros(4, dtype=torch.int64, device=kernel_device))
     with pytest.raises(TypeError, match="int64 or int32"):
         vqfast.quantize(z, c, indices=torch.zeros(6, device=kernel_device))
+    # With a mask, -1 is a left-out row's index: a wrong shape is named as such, not as that -1's range.
+    mask = torch.tensor([True, True, False, True, True, True], device=kernel_device)
+    with pytest.raises(ValueError, match=r"shape of z without its last dimension, \(6,\); got \(5,\)"):
+        vqfast.quantize(z, c, mask=mask, indices=torch.tensor([0, 1, -1, 2, 3], device=kernel_device))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        vqfast.quantize(z, c, mask=mask, indices=torch.zeros(6, device=kernel_device))
     given = torch.tensor([4, 0, 0, 3, 2, 1], dtype=torch.int32, device=kernel_device)
     z_q, _, idx = vqfast.quantize(z, c, indices=given)
     assert idx.dtype == torch.int64 and torch.equal(idx.cpu(), given.long().cpu())

@@ -55,6 +55,24 @@ def ae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------------------ option checks
 
 
+@pytest.mark.parametrize("chosen_by", ["--backend", "VQFAST_BACKEND"])
+def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(chosen_by, ae_run, tmp_path,
+                                                                             monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read when the check runs; the kernels stay interpreted
+    if chosen_by == "--backend":
+        monkeypatch.delenv("VQFAST_BACKEND", raising=False)
+        option, named = ["--backend", "triton"], "backend triton"
+    else:
+        monkeypatch.setenv("VQFAST_BACKEND", "triton")
+        option, named = ["--backend", "auto"], "VQFAST_BACKEND=triton"
+    out = tmp_path / "run"
+    assert train_main(_train_args("vqvae", *option, "--device", "cpu", "--out", str(out), "--no-progress")) == 2
+    assert f"{named} runs on CUDA devices" in capsys.readouterr().err
+    assert not out.exists()
+    assert evaluate_main(_evaluate_args(str(ae_run), *option, "--device", "cpu", "--no-progress")) == 2
+    assert f"{named} runs on CUDA devices" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, option", [
     (["vqvae", "--vq-option", "foo=1"], "--vq-option"),
     (["vqvae", "--vq-option", "heads=2"], "unknown VectorQuantizer option"),
@@ -283,6 +301,12 @@ def test_resume_refuses_to_end_a_run_stopped_mid_epoch_without_finishing_the_epo
     save_checkpoint(state, out / "checkpoint.pt")
     assert train_main(_train_args("ae", "--resume", "--epochs", "0", "--out", str(out), "--no-progress")) == 2
     assert "stopped in epoch 1, after batch 1" in capsys.readouterr().err
+    # Later in the run: whatever the total given, the first answer names the least one that works.
+    state.update(epoch=3, batch=5)
+    save_checkpoint(state, out / "checkpoint.pt")
+    for epochs in ("2", "3"):
+        assert train_main(_train_args("ae", "--resume", "--epochs", epochs, "--out", str(out), "--no-progress")) == 2
+        assert "stopped in epoch 4, after batch 5; give the new total, at least 4" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_runs_data_evaluation_and_precision_settings(tmp_path: Path) -> None:

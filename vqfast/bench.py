@@ -2059,6 +2059,17 @@ def parse_parts(text: str) -> tuple[str, ...]:
     return tuple(p for p in PARTS if p in names)
 
 
+def positive_number(text: str) -> float:
+    """An option's value as a finite number above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Options of ``vqfast bench`` / ``python benchmarks/run.py``."""
     parser.description = ("Time vqfast's kernels, layer and a VQ-VAE training step against plain PyTorch on a "
@@ -2070,13 +2081,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "with the launchers' fixed configurations (VQFAST_AUTOTUNE=0, unless set)")
     parser.add_argument("--autotune", action="store_true",
                         help="with --quick: autotune the launch configurations as the full run does "
-                             "(every candidate compiles on a cold Triton cache)")
+                             "(every candidate compiles on a cold Triton cache); a full run autotunes anyway")
     parser.add_argument("--only", type=parse_parts, default=PARTS, metavar="PARTS",
                         help=f"comma-separated parts to run, from: {','.join(PARTS)} (default: all)")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--budget", type=positive_number, default=None, metavar="SECONDS",
                         help=f"time budget for measuring; points past it are reported as skipped "
                              f"(default {DEFAULT_BUDGET_S:.0f}, --quick {QUICK_BUDGET_S:.0f})")
-    parser.add_argument("--rep", type=float, default=None, metavar="MS",
+    parser.add_argument("--rep", type=positive_number, default=None, metavar="MS",
                         help="do_bench repetition time per measurement in ms (default 100, --quick 40)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 

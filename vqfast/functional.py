@@ -312,9 +312,13 @@ def quantize(
     beta = check_number(beta, "beta", minimum=0.0)
     wide = torch.float64 in (z.dtype, codebook.dtype)
     backend = resolve_backend(z.device, torch.float64 if wide else z.dtype)
+    # The shape first: a range error about the -1 of a masked row would point at the wrong problem.
+    if isinstance(indices, Tensor) and indices.shape != z.shape[:-1]:
+        raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
+                         f"got {tuple(indices.shape)}")
     if mask is not None:
         check_row_mask(mask, z.shape[:-1], z.device, f"z {tuple(z.shape)}")
-        if isinstance(indices, Tensor) and indices.shape == mask.shape:
+        if isinstance(indices, Tensor) and indices.device == mask.device:  # (else gather's checks say so)
             # Indices of left-out rows are not used (they may be -1, from an earlier masked step).
             indices = torch.where(mask, indices, 0)
     if indices is not None:
@@ -324,9 +328,6 @@ def quantize(
         check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and not compiling)
         if compiling and backend == "torch":
             reference._assert_in_range(indices, codebook.shape[0])
-        if indices.shape != z.shape[:-1]:
-            raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
-                             f"got {tuple(indices.shape)}")
         indices = indices.to(torch.int64)
     given_z, given_codebook = z, codebook
     if metric == "cosine":
