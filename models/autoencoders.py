@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqfast._checks import check_int, check_number
+
 __all__ = ["ConvAE", "ConvVAE", "ConvVQVAE", "build_model", "MODEL_NAMES", "count_parameters"]
 
 _FEATURES = 256 * 4 * 4  # channels x spatial size at the encoder's output
@@ -68,7 +70,7 @@ class ConvAE(nn.Module):
 
     def __init__(self, latent_dim: int = 1024) -> None:
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim = latent_dim = check_int(latent_dim, "latent_dim", minimum=1)
         self.encoder = _encoder_trunk()
         self.fc = nn.Linear(_FEATURES, latent_dim)
         self.decoder_input = nn.Linear(latent_dim, _FEATURES)
@@ -108,8 +110,8 @@ class ConvVAE(nn.Module):
 
     def __init__(self, latent_dim: int = 1024, kl_weight: float = 0.1) -> None:
         super().__init__()
-        self.latent_dim = latent_dim
-        self.kl_weight = float(kl_weight)
+        self.latent_dim = latent_dim = check_int(latent_dim, "latent_dim", minimum=1)
+        self.kl_weight = check_number(kl_weight, "kl_weight", minimum=0.0)
         self.encoder = _encoder_trunk()
         self.fc_mu = nn.Linear(_FEATURES, latent_dim)
         self.fc_logvar = nn.Linear(_FEATURES, latent_dim)
@@ -162,10 +164,12 @@ class ConvVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, device: torch.device | str | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` new images decoded from prior draws z ~ N(0, I)."""
+        """``n`` new images decoded from prior draws z ~ N(0, I) (in the model's dtype)."""
+        n = check_int(n, "n", minimum=0)
+        weight = self.decoder_input.weight
         if device is None:
-            device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, device=device, generator=generator)
+            device = weight.device
+        z = torch.randn(n, self.latent_dim, device=device, generator=generator, dtype=weight.dtype)
         return self.decode(z)
 
     @torch.no_grad()
@@ -196,8 +200,10 @@ class ConvVQVAE(nn.Module):
     ``beta`` weighs the commitment term (default 0.25, the layer's; the article weighs both VQ terms
     1:1, i.e. ``beta=1.0, dead_code_threshold=0`` reproduces its settings); both VQ terms are computed by the layer from the gathered codes before the straight-through step,
     so the codebook receives gradient and the decoder sees the codes' values.
-    ``codebook_init="xavier_normal"`` re-initialises the codebook as the article does; ``None`` keeps
-    the layer's own initialisation. Further keyword arguments go to ``VectorQuantizer``.
+    ``codebook_init="xavier_normal"`` re-initialises the codebook as the article does, unless the
+    layer's own ``init`` is given (that one is kept); ``None`` keeps the layer's initialisation. Further
+    keyword arguments go to ``VectorQuantizer``, except ``heads`` and ``channel_dim``: the convolutions
+    around the layer produce and take ``embedding_dim`` channels at dim 1.
     The training loss is the mean squared error per pixel + the VQ loss.
     """
 
@@ -208,16 +214,21 @@ class ConvVQVAE(nn.Module):
         super().__init__()
         from vqfast import VectorQuantizer  # deferred: keeps `import vqfast.models` light and acyclic
 
+        if codebook_init not in ("xavier_normal", None):
+            raise ValueError(f"codebook_init must be 'xavier_normal' or None, got {codebook_init!r}")
+        fixed = [name for name, value in (("heads", vq_kwargs.get("heads", 1)),
+                                          ("channel_dim", vq_kwargs.get("channel_dim"))) if value not in (1, None)]
+        if fixed:
+            raise ValueError(f"ConvVQVAE does not take {' or '.join(fixed)}: its convolutions produce and take "
+                             f"embedding_dim ({embedding_dim}) channels at dim 1, one code each")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.encoder = _encoder_trunk()
         self.encoder_output = nn.Conv2d(256, embedding_dim, kernel_size=1)
         self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, beta=beta, **vq_kwargs)
-        if codebook_init == "xavier_normal":
+        if codebook_init == "xavier_normal" and "init" not in vq_kwargs:
             with torch.no_grad():
                 nn.init.xavier_normal_(self.quantizer.embeddings.weight)
-        elif codebook_init is not None:
-            raise ValueError(f"codebook_init must be 'xavier_normal' or None, got {codebook_init!r}")
         self.decoder_input = nn.Conv2d(embedding_dim, 256, kernel_size=1)
         self.decoder = _decoder_trunk()
 
@@ -324,8 +335,6 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
         preset = vq_layer_options(vq_preset, beta, vq_kwargs)
         if vq_impl not in VQ_IMPLS:
             raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
-        if "init" in preset:
-            codebook_init = None  # an explicit layer init (e.g. uniform, kmeans) is not overwritten
         model = ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
         if vq_impl == "article":
             from vqfast.models.article import ArticleVQ

@@ -157,6 +157,29 @@ def test_vqvae_options_reach_the_layer() -> None:
     assert 0.1 < float(a.std()) < 0.5
     with pytest.raises(ValueError):
         ConvVQVAE(num_embeddings=16, embedding_dim=8, codebook_init="bogus")
+    # The layer's own init, when given, is kept (the article's xavier-normal would replace it).
+    uniform = ConvVQVAE(num_embeddings=16, embedding_dim=8, init="uniform").embeddings.weight.detach()
+    assert float(uniform.abs().max()) <= 1 / 16
+    # The convolutions around the layer make embedding_dim channels at dim 1: no heads, no other layout.
+    for option in (dict(heads=2), dict(channel_dim=-1)):
+        with pytest.raises(ValueError, match="ConvVQVAE does not take"):
+            ConvVQVAE(num_embeddings=16, embedding_dim=8, **option)
+
+
+def test_model_options_are_checked_and_samples_follow_the_models_dtype() -> None:
+    for bad in (0, -1, 2.5):
+        with pytest.raises((ValueError, TypeError), match="latent_dim"):
+            ConvAE(bad)
+        with pytest.raises((ValueError, TypeError), match="latent_dim"):
+            ConvVAE(bad)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="kl_weight"):
+            ConvVAE(8, kl_weight=bad)
+    vae = ConvVAE(8).double()
+    assert vae.sample(2).dtype == torch.float64
+    assert vae.sample(0).shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="n must be"):
+        vae.sample(-1)
 
 
 def test_build_model_rejects_unknown_names() -> None:

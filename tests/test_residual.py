@@ -153,6 +153,11 @@ def test_codes_from_indices_and_bad_arguments():
         ResidualVectorQuantizer(2, 4, 4, quantizer_dropout=1.5)
     with pytest.raises(ValueError, match="num_quantizers must be an int >= 1"):
         ResidualVectorQuantizer(0, 4, 4)
+    with pytest.raises(ValueError, match="dropout_seed must be below 2\\*\\*64"):
+        ResidualVectorQuantizer(2, 4, 4, dropout_seed=2**70)
+    # Bool indices are not codes 0 and 1, as gather says.
+    with pytest.raises(TypeError, match="int64 or int32"):
+        rvq.codes_from_indices(torch.ones(2, 3, dtype=torch.bool))
     # Keyword arguments reach every stage.
     cosine = ResidualVectorQuantizer(2, 4, 4, metric="cosine", beta=0.5, channel_dim=1)
     assert all(vq.metric == "cosine" and vq.beta == 0.5 and vq.channel_dim == 1 for vq in cosine.quantizers)

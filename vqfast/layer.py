@@ -512,7 +512,7 @@ class VectorQuantizer(nn.Module):
         weight = self.embeddings.weight
         if self.metric == "cosine":
             weight = reference.unit_rows(weight)
-        if not indices.is_floating_point() and not indices.is_complex():
+        if indices.dtype in (torch.int64, torch.int32):
             if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
                     and indices.numel() and int(indices.min()) < -1):
                 raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "

@@ -81,6 +81,8 @@ class ResidualVectorQuantizer(nn.Module):
         self.quantizers = nn.ModuleList(VectorQuantizer(num_embeddings, embedding_dim, **vq_kwargs)
                                         for _ in range(num_quantizers))
         seed = check_int(dropout_seed, "dropout_seed", minimum=0)
+        if seed >= 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"dropout_seed must be below 2**64, got {seed}")
         self._dropout_generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def _stages_for(self, num_quantizers: int | None) -> int:
