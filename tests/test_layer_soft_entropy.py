@@ -435,6 +435,24 @@ def test_large_logits_keep_their_small_differences(backend, monkeypatch):
         torch.testing.assert_close(grad[:, 1:].double(), ref[:, 1:], rtol=1e-3, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cosine_entropies_of_16_bit_inputs_use_their_exact_unit_vectors(backend, monkeypatch):
+    """fp16 rows and codes at a low temperature: their unit vectors rounded back to fp16 would move the
+    entropies by about 1e-3."""
+    g = torch.Generator().manual_seed(26)
+    z, c = torch.randn(5, 5, generator=g).half(), torch.randn(129, 5, generator=g).half()
+    temperature = 0.01
+    z64, c64 = z.double().requires_grad_(), c.double().requires_grad_()
+    log_p = torch.log_softmax(-(1 - reference.unit_rows(z64) @ reference.unit_rows(c64).t()) / temperature, dim=1)
+    avg = log_p.exp().mean(0)
+    ref_sample, ref_batch = -(log_p.exp() * log_p).sum(1).mean(), -(avg * avg.log()).sum()
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    sample, batch = soft_assignment_entropy(z.to(device), c.to(device), temperature=temperature, metric="cosine")
+    torch.testing.assert_close(sample.cpu().double(), ref_sample.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.cpu().double(), ref_batch.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_nan_inputs_still_give_nan(monkeypatch):
     """Saturation and far codes must not hide a NaN: it reaches both entropies on both backends. So does
     a row holding inf, whose saturated or -inf logits would otherwise leave finite entropies while its

@@ -21,7 +21,8 @@ from vqfast import reference
 from vqfast._checks import check_bool, check_int, check_number, check_row_mask, check_search_inputs
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import (
-    _masked_quantize_rows, _ops, first_order_only, gather, nearest_code, quantize, resolve_backend, rotate_to_codes,
+    _at_least_float32, _masked_quantize_rows, _ops, first_order_only, gather, nearest_code, quantize, resolve_backend,
+    rotate_to_codes,
 )
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
@@ -255,8 +256,10 @@ def soft_assignment_entropy(
         return zero, zero
     scale = 1.0 / temperature
     if metric == "cosine":
-        rows = reference.unit_rows(rows)
-        codebook = reference.unit_rows(codebook)
+        # Unit vectors in fp32 at least, as the reference's: 16-bit ones would lose the digits that
+        # 1 - cos of nearby vectors is made of ("bf16" rounds them afterwards, as it rounds l2 rows).
+        rows = reference.unit_rows(_at_least_float32(rows))
+        codebook = reference.unit_rows(_at_least_float32(codebook))
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
@@ -722,6 +725,13 @@ class VectorQuantizer(nn.Module):
         rows = rows.detach()
         weight = weight.detach()
         if self.precision == "bf16":
+            if self.metric == "cosine":
+                # Normalised in fp32 and then rounded: nearest_code would search bf16 rows' unit vectors
+                # in fp32 (for their digits), not in bf16. ||a - b||^2 / 2 = 1 - cos for unit vectors.
+                rows = reference.unit_rows(rows.float()).bfloat16()
+                weight = reference.unit_rows(weight.float()).bfloat16()
+                indices, distances = nearest_code(rows, weight, precision=_SEARCH_PRECISION[self.precision])
+                return indices, distances * 0.5
             rows, weight = rows.bfloat16(), weight.bfloat16()
         else:
             dtype = torch.promote_types(torch.promote_types(rows.dtype, weight.dtype), torch.float32)
