@@ -422,16 +422,54 @@ def test_kmeans_pool_moves_with_the_layer_and_suits_distributed_checkpoints(torc
 
 def test_kmeans_codes_keep_their_clusters_but_empty_ones_are_restarted(backend, device):
     # Pooled batches of two exact points: the three seeds repeat one point, so one code owns no cluster.
-    # The code that owns A survives the B-only last batch (its k-means credit); the clusterless code is
-    # re-seeded from that batch, so the codebook ends with A once and B twice, whatever the seeds were.
+    # The code that owns A survives the B-only batches after (its k-means credit); the clusterless code
+    # is re-seeded from the batch after k-means, so the codebook ends with A once and B twice, whatever
+    # the seeds were.
     a, b = torch.tensor([5.0, 0.0], device=device), torch.tensor([-5.0, 0.0], device=device)
     for seed in range(4):
         torch.manual_seed(seed)
         vq = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=2, kmeans_iters=3).to(device)
         vq(a.repeat(40, 1))
         vq(b.repeat(40, 1))
+        vq(b.repeat(40, 1))
         w = vq.embeddings.weight.detach()
         assert [int((w == a).all(1).sum()), int((w == b).all(1).sum())] == [1, 2], seed
+
+
+def test_kmeans_on_fewer_rows_than_codes_leaves_no_duplicate_codes(backend, device):
+    """A pool of 16 rows for 64 codes: 16 codes become those rows, and the 48 without a cluster are not
+    re-seeded from the same rows on that step (they would copy the centroids, lose every tie to them and
+    stay unused) but from the rows of the batches after it, 16 per batch."""
+    torch.manual_seed(45)
+    vq = VectorQuantizer(64, 4, init="kmeans").to(device)
+    batches = [torch.randn(16, 4, device=device) + 4 * i for i in range(4)]
+    vq(batches[0])
+    w = vq.embeddings.weight.detach()
+    assert torch.unique(w, dim=0).shape[0] == 64
+    fitted = (w[:, None, :] == batches[0][None]).all(-1).any(1)
+    assert int(fitted.sum()) == 16
+    for batch in batches[1:]:
+        vq(batch)
+    w = vq.embeddings.weight.detach()
+    assert torch.unique(w, dim=0).shape[0] == 64
+    seen = torch.cat(batches)
+    assert bool((w[:, None, :] == seen[None]).all(-1).any(1).all())  # every code is now a data row
+
+
+def test_kmeans_leaves_out_rows_whose_distances_overflow(backend, device):
+    """Finite rows with elements of 5e36: their squared norms (and, summed, their clusters) overflow
+    fp32. A training step leaves such rows out of its statistics, and so does k-means: the codes come
+    from the other rows and stay finite, and training goes on."""
+    torch.manual_seed(46)
+    vq = VectorQuantizer(4, 2, init="kmeans").to(device)
+    z = torch.randn(256, 2, device=device)
+    z[:200, 0] = 5e36
+    vq(z)
+    assert bool(vq.initialized) and torch.isfinite(vq.embeddings.weight).all()
+    assert float(vq.embeddings.weight.abs().max()) < 10
+    for _ in range(3):
+        vq(torch.randn(64, 2, device=device))
+    assert int(vq.codebook_usage()["steps"]) == 4
 
 
 # -- dead-code restarts ---------------------------------------------------------------------------

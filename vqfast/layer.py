@@ -148,9 +148,10 @@ class _LayoutQuantize(torch.autograd.Function):
                 grad_codebook if need_c else None, None, None, None, None, None, None, None)
 
 
-def _finite_rows(rows: Tensor) -> Tensor:
-    """Boolean (N,): rows without NaN or inf."""
-    return torch.isfinite(rows).all(dim=-1)
+def _searchable_rows(rows: Tensor) -> Tensor:
+    """Boolean (N,): fp32 rows whose squared norm is finite. The others (NaN, inf, elements beyond about
+    1e19) have no finite distance to a code, and in k-means their sums would overflow the centroids."""
+    return torch.isfinite(rows.square().sum(dim=-1))
 
 
 @torch.library.custom_op("vqfast::snapshot", mutates_args=())
@@ -652,6 +653,7 @@ class VectorQuantizer(nn.Module):
                 "layers before and after it instead (in eval mode it may be recomputed)")
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
+        ran_kmeans = False
         if maintain and self._needs_init and not self._kmeans_paused:
             # (Selecting the kept rows syncs the host: once, on the batches k-means pools.)
             kept = rows if valid is None else rows[valid]
@@ -659,9 +661,13 @@ class VectorQuantizer(nn.Module):
             # pools (and, at the last batch, joins k-means's collectives) on every batch.
             if kept.shape[0] > 0 or self._synced_world() > 1:
                 self._collect_for_kmeans(kept)
+                ran_kmeans = not self._needs_init
         indices, distances = self._search(rows, weight)
-        # No restarts while k-means is still collecting batches: it replaces every code anyway.
-        restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init
+        # No restarts while k-means is still collecting batches (it replaces every code anyway), nor on
+        # the step it ran: its centroids came from this batch's rows, and codes re-seeded from them would
+        # copy those centroids (with fewer pooled rows than codes, each row is one). Codes left without
+        # a cluster are re-seeded from the next batch.
+        restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
 
     def _step_codebook(self, weight: Tensor, train: bool, restarts: bool) -> tuple[Tensor, bool]:
@@ -816,7 +822,7 @@ class VectorQuantizer(nn.Module):
         # codes as they are for good: k-means waits for the next batch instead. One host sync, on the
         # batch that completes the pool; compiled code runs k-means on the pool it has.
         if not torch.compiler.is_compiling():
-            finite = self._all_reduce_(_finite_rows(x).sum().reshape(1))
+            finite = self._all_reduce_(_searchable_rows(x).sum().reshape(1))
             if int(finite.item()) == 0:
                 self._kmeans_pool_batches = self.kmeans_batches - 1
                 return
@@ -827,14 +833,16 @@ class VectorQuantizer(nn.Module):
     def _kmeans_init(self, x: Tensor) -> None:
         """Lloyd's k-means on data rows ``x`` (pooled over ranks); empty clusters keep their seed row.
 
-        Rows holding NaN or inf take no part; a code whose seed row is such a row (or that has none:
-        fewer rows than codes, see ``_random_rows``) starts from its current value instead."""
+        Rows whose squared norm is not finite in fp32 (NaN, inf, or elements beyond about 1e19, whose
+        distances a training step leaves out too) take no part; a code whose seed row is such a row (or
+        that has none: fewer rows than codes, see ``_random_rows``) starts from its current value
+        instead."""
         k = self.num_embeddings
         seeds = self._random_rows(x, k)
         current = self._data_rows(self.embeddings.weight)
-        centroids = torch.where(_finite_rows(seeds).unsqueeze(1), seeds, current)
+        centroids = torch.where(_searchable_rows(seeds).unsqueeze(1), seeds, current)
         counts = torch.ones(k, dtype=torch.int64, device=x.device)
-        finite = _finite_rows(x)
+        finite = _searchable_rows(x)
         for _ in range(self.kmeans_iters):
             assign = nearest_code(x, centroids, metric=self.metric, precision="highest")[0]
             assign = self._statistics_indices(finite, assign)
@@ -850,7 +858,7 @@ class VectorQuantizer(nn.Module):
         # Usage measured on the codes k-means replaced says nothing about the new ones. Codes that own a
         # cluster get the restart credit (a uniform share 1/K once this step's statistics are in), so
         # codes fitted to earlier pooled batches are not re-seeded for missing from this one; codes
-        # with an empty cluster get none and are re-seeded at the end of this step.
+        # with an empty cluster get none and are re-seeded from the next batch.
         self.usage.zero_()
         self.usage_steps.zero_()
         # The credit is a relative 1e-6 above that share: a few float32 roundings would otherwise put
