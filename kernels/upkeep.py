@@ -77,8 +77,7 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
         tl.store(batch_counts_ptr + offs, counts, mask=mask)
         if FIND_DEAD:
             # Unused in this batch too: this step's gradient of a used code would land on its new value.
-            # The credit is a share already (not bias-corrected): see vqfast.reference.update_code_usage.
-            dead = mask & (usage / correction + grace < dead_threshold) & (counts == 0)
+            dead = mask & ((usage + grace) / correction < dead_threshold) & (counts == 0)
             tl.store(dead_ptr + offs, dead.to(tl.int8), mask=mask)
             dead_count += dead.to(tl.int32)
     if FIND_DEAD:
@@ -87,12 +86,14 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
 
 @triton.jit
 def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, usage_ptr, grace_ptr, ema_count_ptr,
-                          K, D, num_seeds, stride_seed, stride_wk, stride_wd, fresh, HAS_EMA: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, NUM_BLOCKS_P2: tl.constexpr,
+                          steps_ptr, K, D, num_seeds, stride_seed, stride_wk, stride_wd, log2_decay_hi, log2_decay_lo,
+                          HAS_EMA: tl.constexpr, CODES_PER_PROGRAM: tl.constexpr, NUM_BLOCKS_P2: tl.constexpr,
                           BLOCK_CODES: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     blocks = tl.arange(0, NUM_BLOCKS_P2)
     before = tl.sum(tl.load(dead_per_block_ptr + blocks, mask=blocks < pid, other=0), axis=0)
-    # A restarted code starts with no measured usage and the uniform share 1/K (``fresh``) as its credit.
+    # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
+    fresh = (_usage_correction(tl.load(steps_ptr), log2_decay_hi, log2_decay_lo) / K).to(tl.float32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
         offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
         mask = offs < K
@@ -225,9 +226,9 @@ def update_code_usage(
     total of 0 (every row masked out, or NaN) leaves the statistics as they are.
     ``usage``, ``grace`` (K,) fp32, ``batch_counts`` (K,) int64 and ``steps`` (() fp32) are the
     running statistics. With ``seeds`` (S, D) fp32 and ``weight`` (K, D) fp32 or fp64, codes unused in
-    this batch whose bias-corrected ``usage`` share plus ``grace`` is below ``dead_threshold`` are dead;
-    the n-th dead code by index (n < S) takes seed row n unless that row holds NaN or inf (it then
-    stays dead), and starts over: usage 0, grace ``1 / K``, ``ema_count`` 1. What it
+    this batch whose bias-corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the
+    n-th dead code by index (n < S) takes seed row n unless that row holds NaN or inf (it then stays
+    dead), and starts over: usage 0, grace ``(1 - usage_decay ** steps) / K``, ``ema_count`` 1. What it
     computes, in plain PyTorch, is :func:`vqfast.reference.update_code_usage`.
     """
     k = usage.shape[0]
@@ -269,7 +270,8 @@ def update_code_usage(
     dead = torch.empty(k, dtype=torch.int8, device=usage.device)
     dead_per_block = torch.empty(plan.programs, dtype=torch.int32, device=usage.device)
     plan.update(counts, usage, grace, batch_counts, steps, dead, dead_per_block)
-    plan.restart(dead, dead_per_block, seeds, weight, usage, grace, ema_count if ema_count is not None else usage)
+    plan.restart(dead, dead_per_block, seeds, weight, usage, grace, ema_count if ema_count is not None else usage,
+                 steps)
 
 
 class _UsagePlan:
@@ -299,8 +301,7 @@ class _UsagePlan:
         block_codes = 8 if interpreting() else 256
         self.restart = PreparedLaunch(
             _restart_codes_kernel, (programs,),
-            # The credit 1/K rounded to float32 once, as the reference stores it.
-            (k, d, seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1), _as_float32(1.0 / k)),
+            (k, d, seeds.shape[0], seeds.stride(0), weight.stride(0), weight.stride(1), *log2_decay),
             dict(HAS_EMA=ema_count is not None, CODES_PER_PROGRAM=per_program,
                  NUM_BLOCKS_P2=max(2, next_power_of_2(programs)), BLOCK_CODES=min(block_codes, per_program),
                  BLOCK_D=16, num_warps=4))

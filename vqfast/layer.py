@@ -864,7 +864,7 @@ class VectorQuantizer(nn.Module):
         # The credit is a relative 1e-6 above that share: a few float32 roundings would otherwise put
         # it just under a threshold of exactly 1/K (dead_code_threshold=1) on one backend and not the other.
         decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
-        credit = (1.0 + 1e-6) / (decay * k) if decay > 0 else 0.0
+        credit = (1.0 - decay) / (decay * k) * (1.0 + 1e-6) if decay > 0 else 0.0
         self.restart_grace.copy_(torch.where(counts > 0, credit, 0.0))
         self.initialized.fill_(True)
         self._needs_init = False
@@ -912,8 +912,8 @@ class VectorQuantizer(nn.Module):
             seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows,
                                       valid=valid)
         # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
-        # can be restarted again only ln(dead_code_threshold) / ln(usage_decay) steps later if unused
-        # (459 with the defaults), however early in training it was restarted.
+        # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
+        # it can be restarted again.
         upkeep.update_code_usage(counts, usage, buffers["restart_grace"], buffers["batch_counts"],
                                  buffers["usage_steps"], self.usage_decay,
                                  self.dead_code_threshold / k if restarts else 0.0, seeds,

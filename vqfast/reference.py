@@ -361,13 +361,10 @@ def update_code_usage(
     total of 0 (every row masked out, or NaN) leaves the running statistics as they are (``batch_counts``,
     this step's counts, become zeros). ``usage`` is an EMA
     of per-step usage shares, ``grace`` a credit that restarted codes get, both decayed by ``usage_decay``; ``steps`` counts the updates (for the bias correction
-    ``1 - usage_decay ** steps`` of ``usage``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused
-    in this batch whose corrected ``usage`` share plus ``grace`` is below ``dead_threshold`` are dead;
-    the n-th dead code by index (n < S) takes seed row n unless that row holds NaN or inf, and then
-    starts over with no usage, a grace credit of the uniform share ``1 / K`` and an ``ema_count`` of 1.
-    The credit is a share itself, not bias-corrected, so an unused code outlives its restart by
-    ``ln(dead_threshold * K) / ln(usage_decay)`` steps whenever it was restarted (a credit divided by
-    the correction, which grows in the first steps, would run out several times sooner early on).
+    ``1 - usage_decay ** steps``). With ``seeds`` (S, D) and ``weight`` (K, D), codes unused in this
+    batch whose corrected ``usage + grace`` share is below ``dead_threshold`` are dead; the n-th dead
+    code by index (n < S) takes seed row n unless that row holds NaN or inf, and then starts over with
+    no usage, a grace credit of ``(1 - usage_decay ** steps) / K`` and an ``ema_count`` of 1.
     No host synchronisation: the restarts are applied with masks.
     """
     k = usage.shape[0]
@@ -382,15 +379,15 @@ def update_code_usage(
     grace.mul_(decay)
     if seeds is None or dead_threshold <= 0 or seeds.shape[0] == 0:
         return
-    decayed = usage_correction(steps, usage_decay, usage.dtype)
-    dead = (usage / decayed.clamp_min(1e-12) + grace < dead_threshold) & (steps > 0) & (counts == 0)
+    decayed = usage_correction(steps, usage_decay, usage.dtype)  # and K times a restarted code's credit
+    dead = ((usage + grace) / decayed.clamp_min(1e-12) < dead_threshold) & (steps > 0) & (counts == 0)
     budget = seeds.shape[0]
     order = dead.to(torch.int64).cumsum(0) - 1
     chosen = seeds.index_select(0, order.clamp(0, budget - 1)).to(weight.dtype)
     dead = dead & (order < budget) & torch.isfinite(chosen).all(dim=1)
     weight.copy_(torch.where(dead.unsqueeze(1), chosen, weight))
     usage.copy_(torch.where(dead, 0.0, usage))
-    grace.copy_(torch.where(dead, 1.0 / k, grace))
+    grace.copy_(torch.where(dead, decayed / k, grace))
     if ema_count is not None:
         ema_count.copy_(torch.where(dead, 1.0, ema_count))
 
