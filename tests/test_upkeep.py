@@ -90,6 +90,27 @@ def test_restarts_take_the_lowest_index_dead_codes_and_seed_rows_in_order(kernel
     torch.testing.assert_close(state["grace"][restarted].cpu(), torch.full((5,), fresh), rtol=1e-5, atol=0)
 
 
+def test_an_unused_restarted_code_waits_less_in_the_first_steps():
+    """Code 0 takes every row, code 1 none, with the defaults (decay 0.99, threshold 0.01 of the uniform
+    share): code 1's credit is the uniform share times the bias correction of its restart, so it is
+    restarted again 69 steps after the first step, 392 steps after the 70th, and then about every 459
+    steps (0.99 ** 459 < 0.01 <= 0.99 ** 458), as the README says. (The kernel's decisions are the
+    reference's: test_update_and_restarts_match_reference.)"""
+    k = 2
+    usage, grace = torch.zeros(k), torch.zeros(k)
+    batch_counts = torch.zeros(k, dtype=torch.int64)
+    steps = torch.zeros(())
+    weight = torch.zeros(k, 3)
+    counts = torch.tensor([8, 0, 8])
+    restarted_at = []
+    for step in range(1, 1000):
+        seeds = torch.full((1, 3), float(step))
+        reference.update_code_usage(counts, usage, grace, batch_counts, steps, DECAY, 0.01 / k, seeds, weight)
+        if float(weight[1, 0]) == step:
+            restarted_at.append(step)
+    assert restarted_at == [1, 70, 462, 920]
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.9])
 def test_statistics_only_update_and_weight_strides(decay, kernel_device):
     state = _upkeep_state(300, 9, 32, seed=5, device=kernel_device, weight_layout="columns")

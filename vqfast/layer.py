@@ -911,9 +911,12 @@ class VectorQuantizer(nn.Module):
             # the batch's rows (no two codes start from the same row).
             seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows,
                                       valid=valid)
-        # A restarted code gets a grace credit of the uniform share 1/K that decays like the usage, so it
-        # survives ln(dead_code_threshold) / ln(usage_decay) steps unused (460 with the defaults) before
-        # it can be restarted again.
+        # A restarted code gets a grace credit of the uniform share 1/K (times the bias correction of its
+        # step) that decays like the usage, so once training has run a few hundred steps it survives
+        # ln(dead_code_threshold) / ln(usage_decay) steps unused (about 459 with the defaults) before it can be
+        # restarted again; in the first steps fewer (69 for a code restarted at the first), which keeps
+        # re-seeding codes while the encoder's outputs still move fast (a full 459 then cost half the
+        # codebook's use in the second epoch of the README's CPU VQ-VAE run).
         upkeep.update_code_usage(counts, usage, buffers["restart_grace"], buffers["batch_counts"],
                                  buffers["usage_steps"], self.usage_decay,
                                  self.dead_code_threshold / k if restarts else 0.0, seeds,
