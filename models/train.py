@@ -47,7 +47,7 @@ from typing import Any, Collection, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
 
 from vqfast import reference
 from vqfast.layer import _bincount
@@ -734,12 +734,20 @@ def _load_eval_set(cfg: TrainConfig) -> tuple[Dataset, bool]:
     """
     source = cfg.eval_data or cfg.data
     has_split = has_test_split(source)
-    ds = load_dataset(source, train=not has_split, root=cfg.data_root, download=cfg.download,
-                      limit=cfg.eval_limit, seed=cfg.seed)
     # --eval-data naming the training source itself (a folder, an .npz with only x) gives back the
     # training images: reported as a test, they would pass for held-out ones.
     other = cfg.eval_data is not None and _absolute_source(cfg.eval_data) != _absolute_source(cfg.data)
-    return ds, has_split or other
+    if has_split or other:
+        return load_dataset(source, train=not has_split, root=cfg.data_root, download=cfg.download,
+                            limit=cfg.eval_limit, seed=cfg.seed), True
+    # The run's own training images: those it trained on (cut by --limit as the run cut them), at most
+    # --eval-limit of them, evenly spaced (a folder lists its classes in turn). Cut by --eval-limit
+    # alone, a run with a smaller --limit would have images it never saw counted as training ones.
+    ds = load_dataset(source, train=True, root=cfg.data_root, download=cfg.download, limit=cfg.limit,
+                      seed=cfg.seed)
+    if cfg.eval_limit is not None and 0 < cfg.eval_limit < len(ds):
+        ds = Subset(ds, [i * len(ds) // cfg.eval_limit for i in range(cfg.eval_limit)])
+    return ds, False
 
 
 # The recipe for each epoch's shuffling seed; stored in checkpoints so that a resume can tell whether
@@ -832,7 +840,6 @@ def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
     their number, and a SHA-256 of the pixels and labels (of an .npz) or of the files' names relative
     to the folder, sizes and classes (of an image folder: cheap, no image is decoded). Other datasets
     get no digest: their count is all that is compared."""
-    from torch.utils.data import Subset
 
     from vqfast.models.data import ImageArrayDataset
 
@@ -1498,7 +1505,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
             "images": result["n"], "mse": result["mse"], "psnr": result["psnr"],
             "sse_per_image": float(result["sse"].mean()), "mean_image_mse": baseline}
     if held_out:
-        head, which = f"Test ({test_label}, {result['n']} images)", "test"
+        head, which = f"Test ({test_label}, {result['n']} image{'s' if result['n'] != 1 else ''})", "test"
     else:
         why, advice = _why_not_held_out(cfg, test_label)
         head = f"Evaluation on {result['n']} TRAINING images, not a test ({why}; {advice})"

@@ -31,3 +31,28 @@ def test_version_and_help(capsys):
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage: vqfast" in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(monkeypatch):
+    """``vqfast evaluate RUN | head -1``: the pipe's reader is gone while the command still writes (here
+    from the start, and the command is a stand-in that writes a lot)."""
+    import os
+
+    from vqfast import bench, cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "w")
+
+    def writes_a_lot(args):
+        print("x" * 1_000_000)
+        return 0
+
+    monkeypatch.setattr(bench, "main", writes_a_lot)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        assert cli.main(["bench"]) == 1
+        print("more")  # stdout now leads nowhere, without another error (nor one at exit)
+        pipe.flush()
+    finally:
+        pipe.close()

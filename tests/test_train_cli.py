@@ -605,6 +605,13 @@ def test_data_without_a_test_split_is_evaluated_on_training_images_and_says_so(
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["test"]["held_out"] is False
     assert "no test split" in (tmp_path / "a" / "train.log").read_text()
+    # Only the images the run trained on (--limit), at most --eval-limit of them: the last 12 of the
+    # file, which a run limited to 20 never saw, are not reported as training images.
+    for eval_limit, n in ((None, 20), (5, 5)):
+        result = train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": 20, "eval_limit": eval_limit},
+                                   out=str(tmp_path / f"limited{eval_limit}")))
+        assert "TRAINING images" in capsys.readouterr().out and result.test_metrics["images"] == n
+        assert result.test_metrics["held_out"] is False
 
     # with its held-out partner the result is a test again
     held_out = _write_npz(tmp_path / "held_out.npz", 16, seed=1)

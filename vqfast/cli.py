@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vqfast._version import __version__
@@ -33,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader of the output went away (``vqfast evaluate RUN | head -1``): the files are written;
+        # stdout goes to /dev/null so that Python's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     # --version first, on its own: the full parser imports the training and benchmark code (and torch).
     early = argparse.ArgumentParser(prog="vqfast", add_help=False)
     early.add_argument("--version", action="version", version=f"vqfast {__version__}")
