@@ -1610,21 +1610,28 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
 
 
 def _load_eval_source(source: str, split: str, data_root: str, download: bool,
-                      limit: int | None, seed: int = 0) -> tuple[Dataset, dict[str, Any]]:
+                      limit: int | None, seed: int = 0, run_limit: int | None = None) -> tuple[Dataset, dict[str, Any]]:
     """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
     actually read: ``sample`` after CIFAR-10 fell back to it), ``split`` (``all`` for a source with a
-    single set of images) and ``notes`` on any difference from what was asked for."""
+    single set of images) and ``notes`` on any difference from what was asked for. ``run_limit``: the
+    source is the run's training data, cut as the run cut it (its ``--limit``) before ``limit`` picks
+    from those images, so that only images the run trained on are scored as such."""
     has_split = has_test_split(source)
     # The run's seed: synthetic images are drawn from it (its test split from seed + 1), so another
     # seed would score other images, and the test split of seed - 1 is this run's training set.
     ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
-                      limit=limit, seed=seed)
+                      limit=limit if run_limit is None else run_limit, seed=seed)
+    if run_limit is not None and limit is not None and limit < len(ds):
+        ds = Subset(ds, [i * len(ds) // limit for i in range(limit)])  # evenly spaced: folders list classes in turn
     actual = source_of(ds, source)
     info: dict[str, Any] = {"data": actual, "split": split if has_split else "all", "notes": []}
     if actual != source:
         info["requested_data"] = source
         info["notes"].append(f"{source} was unavailable: scored the bundled CIFAR-10 sample ({split} split) instead")
-    if not has_split:
+    if run_limit is not None:
+        info["notes"].append(f"scored the images the run trained on: the {run_limit:,} its --limit kept"
+                             + ("" if len(ds) == run_limit else f", {len(ds):,} of them"))
+    elif not has_split:
         info["notes"].append(f"{source} has no separate train/test split: scored all its images")
     return ds, info
 
@@ -1672,13 +1679,16 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         out = Path(out_dir) if out_dir else run_dir
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder for the evaluation's outputs")
+        # The run's training images, as it cut them: with a smaller --limit, scoring the whole split would
+        # count images it never saw as training ones.
+        run_limit = cfg.limit if data is None and split == "train" else None
         if data is None:
             # The run's --eval-data holds its test images; its training images are in --data.
             data = cfg.data if split == "train" else (cfg.eval_data or cfg.data)
         if data_root is None:
             data_root = cfg.data_root
 
-        ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed)
+        ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_limit)
         ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit,
                                                                           cfg.seed)
 

@@ -717,6 +717,12 @@ def test_evaluate_of_the_train_split_scores_the_runs_training_data(tmp_path: Pat
     run = train(TrainConfig(**TINY_AE, eval_data="synthetic", out=str(tmp_path / "run"))).run_dir
     assert evaluate(run, split="train", limit=8, out_dir=tmp_path / "e", worst=0, progress=False)["data"] == "sample"
     assert evaluate(run, limit=8, out_dir=tmp_path / "e", worst=0, progress=False)["data"] == "synthetic"
+    # The images it trained on: the sample's 2,000 training images cut to the run's 32 (--limit), not all.
+    summary = evaluate(run, split="train", out_dir=tmp_path / "e", worst=0, progress=False)
+    assert summary["images"] == 32 and any("the 32 its --limit kept" in note for note in summary["notes"])
+    assert evaluate(run, split="train", limit=8, out_dir=tmp_path / "e", worst=0, progress=False)["images"] == 8
+    # Named explicitly, the source is scored as asked.
+    assert evaluate(run, data="sample", split="train", out_dir=tmp_path / "e", worst=0, progress=False)["images"] == 2000
 
 
 def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path) -> None:
