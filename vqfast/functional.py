@@ -103,7 +103,8 @@ def nearest_code(
         indices = d.argmin(1); distances = d.min(1).values
 
     Returns ``(indices, distances)``: int64 shaped ``z.shape[:-1]`` and float32 (squared L2 distance
-    of the chosen code, or 1 - cos for ``metric="cosine"``, which l2-normalises rows and codes first:
+    of the chosen code, or 1 - cos for ``metric="cosine"``, which l2-normalises rows and codes first (in
+    fp32 at least: 16-bit inputs are then searched as fp32 unit vectors):
     an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
     rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
