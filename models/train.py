@@ -892,17 +892,19 @@ def _check_run_data(train_set: Dataset, state: Mapping[str, Any], path: str,
                                             or recorded["sha256"] == found["sha256"])
         had = recorded["images"]
         checked = "the same ones"
+    elif not moved:
+        # A checkpoint from before fingerprints, resumed where its data was: taken as it is. (Its first
+        # epoch's image count is no sure guide: torchrun runs of that time padded the ranks' shards.)
+        return None, found
     elif state.get("history"):
         world = int(state.get("world_size", 1))
         had = int(state["history"][0]["images"])
         same = n // world * world == had
         checked = "as many as the run had; its checkpoint records no more of them to compare"
-    elif moved:
+    else:
         raise ValueError(f"--data {path!r}: the run's checkpoint records nothing of its data {saved!r} (it stopped "
                          f"before its first epoch ended), so another path cannot be checked; put the data back "
                          f"at {saved}, or start a new run in another --out")
-    else:
-        return None, found  # nothing recorded yet to compare with
     if not same:
         what = (f"{n:,} images where the run's had {had:,}" if n != had
                 else f"{n:,} images, as the run's had, but other ones")
@@ -1104,8 +1106,11 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         except Exception as exc:  # whatever it is, the other ranks must hear of it rather than wait
             problem = exc
     held = None
-    if dist.enabled and train_set is not None:
-        held = fingerprint if fingerprint is not None else _data_fingerprint(train_set)
+    if dist.enabled and train_set is not None and problem is None:
+        try:
+            held = fingerprint if fingerprint is not None else _data_fingerprint(train_set)
+        except Exception as exc:  # (a file of a folder gone since it was listed): the others must hear of it
+            problem = exc
     _agree_on_training_data(dist, source, problem, held)
     # A resumed run trains on its own images or stops (fallback=False above). One that fell back to the
     # bundled sample has "sample" as its data, and keeps training on it even where CIFAR-10 has become
@@ -1621,6 +1626,7 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
     # seed would score other images, and the test split of seed - 1 is this run's training set.
     ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
                       limit=limit if run_limit is None else run_limit, seed=seed)
+    trained_on = len(ds)
     if run_limit is not None and limit is not None and limit < len(ds):
         ds = Subset(ds, [i * len(ds) // limit for i in range(limit)])  # evenly spaced: folders list classes in turn
     actual = source_of(ds, source)
@@ -1629,8 +1635,8 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
         info["requested_data"] = source
         info["notes"].append(f"{source} was unavailable: scored the bundled CIFAR-10 sample ({split} split) instead")
     if run_limit is not None:
-        info["notes"].append(f"scored the images the run trained on: the {run_limit:,} its --limit kept"
-                             + ("" if len(ds) == run_limit else f", {len(ds):,} of them"))
+        info["notes"].append(f"scored the images the run trained on: the {trained_on:,} its --limit kept"
+                             + ("" if len(ds) == trained_on else f", {len(ds):,} of them"))
     elif not has_split:
         info["notes"].append(f"{source} has no separate train/test split: scored all its images")
     return ds, info

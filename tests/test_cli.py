@@ -56,3 +56,12 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(monkeypatc
         pipe.flush()
     finally:
         pipe.close()
+
+    # A broken pipe that is not stdout's (a socket, a worker) is not taken for a reader gone away.
+    def breaks_another_pipe(args):
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    monkeypatch.setattr(bench, "main", breaks_another_pipe)
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        cli.main(["bench"])

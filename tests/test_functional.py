@@ -285,6 +285,8 @@ def test_cosine_distances_of_16_bit_inputs_are_those_of_their_exact_unit_vectors
     chosen = exact.gather(1, indices.cpu()[:, None])[:, 0]
     assert ((distances.cpu().double() - chosen).abs() / chosen).max() < 1e-4
     assert (chosen - exact.min(1).values).max() < 1e-5
+    # quantize searches the same fp32 unit vectors, so it picks the same codes among these near ties.
+    assert torch.equal(vqfast.quantize(z.to(kernel_device), c.to(kernel_device), metric="cosine")[2], indices)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -303,6 +305,8 @@ def test_quantize_checks_the_indices_it_is_given(backend, monkeypatch, kernel_de
         vqfast.quantize(z, c, mask=mask, indices=torch.tensor([0, 1, -1, 2, 3], device=kernel_device))
     with pytest.raises(TypeError, match="int64 or int32"):
         vqfast.quantize(z, c, mask=mask, indices=torch.zeros(6, device=kernel_device))
+    with pytest.raises(TypeError, match="int64 or int32"):  # not codes 0 and 1
+        vqfast.quantize(z, c, mask=mask, indices=torch.ones(6, dtype=torch.bool, device=kernel_device))
     given = torch.tensor([4, 0, 0, 3, 2, 1], dtype=torch.int32, device=kernel_device)
     z_q, _, idx = vqfast.quantize(z, c, indices=given)
     assert idx.dtype == torch.int64 and torch.equal(idx.cpu(), given.long().cpu())

@@ -888,6 +888,25 @@ def test_precision_option_changes_the_search(torch_backend):
     assert picked == {"fp32": 1, "tf32": 1, "bf16": 0}
 
 
+def test_bf16_precision_with_the_cosine_metric_searches_bf16_unit_vectors(torch_backend):
+    """The unit vectors are taken in fp32 and then rounded to bf16 (as "bf16" rounds l2 rows), and that
+    search is what the layer does: nearest_code would search a bf16 input's unit vectors in fp32."""
+    from vqfast.reference import unit_rows
+
+    torch.manual_seed(51)
+    base = torch.randn(1, 16)
+    vq = VectorQuantizer(64, 16, metric="cosine", precision="bf16", dead_code_threshold=0.0).eval()
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(base + 0.05 * torch.randn(64, 16))
+    z = base + 0.05 * torch.randn(300, 16)
+    _, _, idx = vq(z)
+    rows, codes = unit_rows(z).bfloat16().float(), unit_rows(vq.embeddings.weight.detach()).bfloat16().float()
+    d = torch.cdist(rows.double(), codes.double())
+    assert (d.gather(1, idx[:, None])[:, 0] - d.min(1).values).max() <= 1e-12
+    fp32_search = reference.nearest_code(z, vq.embeddings.weight.detach(), metric="cosine")[0]
+    assert not torch.equal(idx, fp32_search)  # the case tells the two searches apart
+
+
 def test_uniform_init_is_within_one_over_k():
     torch.manual_seed(50)
     weight = VectorQuantizer(512, 16, init="uniform").embeddings.weight.detach()

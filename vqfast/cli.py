@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 from vqfast._version import __version__
@@ -37,10 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     except BrokenPipeError:
+        # A broken pipe elsewhere (a socket, a worker) is an error of its own.
+        if not _stdout_reader_gone():
+            raise
         # The reader of the output went away (``vqfast evaluate RUN | head -1``): the files are written;
         # stdout goes to /dev/null so that Python's flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has closed it (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no file behind sys.stdout
+        return False
 
 
 def _run(argv: list[str] | None) -> int:

@@ -108,7 +108,7 @@ def nearest_code(
     an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
     rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
-    on the Triton backend (default ``torch.get_float32_matmul_precision()``): each mode searches with
+    (and the fp32 unit vectors of 16-bit ones with the cosine metric) on the Triton backend (default ``torch.get_float32_matmul_precision()``): each mode searches with
     tf32 products and settles the rows in doubt in fp32, so the indices are those of an fp32 search;
     the few rows with three or more codes in doubt are searched again with fp32 products ("highest")
     or fp32-accurate tf32x3 products ("high"/"medium"). Codes are ranked by ``||c||^2 - 2 z.c``; the returned
@@ -326,7 +326,8 @@ def quantize(
                          f"got {tuple(indices.shape)}")
     if mask is not None:
         check_row_mask(mask, z.shape[:-1], z.device, f"z {tuple(z.shape)}")
-        if isinstance(indices, Tensor) and indices.device == mask.device:  # (else gather's checks say so)
+        if (isinstance(indices, Tensor) and indices.device == mask.device
+                and indices.dtype in (torch.int64, torch.int32)):  # (else gather's checks say what is wrong)
             # Indices of left-out rows are not used (they may be -1, from an earlier masked step).
             indices = torch.where(mask, indices, 0)
     if indices is not None:
@@ -344,10 +345,13 @@ def quantize(
     if indices is None:
         with torch.no_grad():
             # Mixed dtypes search in the wider one: rounding fp32 rows to an fp16 codebook's type could
-            # overflow them or pick another code.
-            search_dtype = torch.promote_types(z.dtype, codebook.dtype)
-            indices = nearest_code(z.detach().to(search_dtype), codebook.detach().to(search_dtype),
-                                   precision=precision)[0]
+            # overflow them or pick another code. The cosine metric searches the given vectors, which
+            # nearest_code normalises in fp32 (as for the layer): the 16-bit unit vectors above would
+            # pick other codes among near ties.
+            search_dtype = torch.promote_types(given_z.dtype, given_codebook.dtype)
+            search_z, search_codes = (given_z, given_codebook) if metric == "cosine" else (z, codebook)
+            indices = nearest_code(search_z.detach().to(search_dtype), search_codes.detach().to(search_dtype),
+                                   metric=metric, precision=precision)[0]
     if mask is not None:
         rows, valid, row_indices = _rows(given_z), mask.reshape(-1), indices.reshape(-1)
         step_indices = torch.where(valid, row_indices, -1)
