@@ -289,6 +289,32 @@ def test_cosine_distances_of_16_bit_inputs_are_those_of_their_exact_unit_vectors
     assert torch.equal(vqfast.quantize(z.to(kernel_device), c.to(kernel_device), metric="cosine")[2], indices)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cosine_quantize_gradients_match_float64(backend, masked, monkeypatch, kernel_device):
+    """Straight through the unit vectors and on through the normalisation, and the losses' gradients to
+    the unit codes: z's and the codebook's gradients as float64 autograd through the reference gives."""
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    z, c = _pair(n=30, k=17, d=12, seed=3)
+    g = torch.Generator().manual_seed(4)
+    upstream = torch.randn(30, 12, generator=g)
+    mask = torch.rand(30, generator=g) < 0.7 if masked else None
+    z_dev = z.to(kernel_device, copy=True).requires_grad_()
+    c_dev = c.to(kernel_device, copy=True).requires_grad_()
+    z_q, loss, idx = vqfast.quantize(z_dev, c_dev, beta=0.25, metric="cosine",
+                                     mask=None if mask is None else mask.to(kernel_device))
+    ((z_q * upstream.to(kernel_device)).sum() + loss).backward()
+    z64, c64 = z.double().requires_grad_(), c.double().requires_grad_()
+    keep = torch.ones(30, dtype=torch.bool) if mask is None else mask
+    zq64, loss64, _ = reference.quantize(z64[keep], c64, beta=0.25, metric="cosine", indices=idx.cpu()[keep])
+    out64 = z64.clone()
+    out64[keep] = zq64  # left-out rows keep z, gradient included
+    ((out64 * upstream.double()).sum() + loss64).backward()
+    torch.testing.assert_close(loss.detach().cpu().double(), loss64.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z_dev.grad.cpu().double(), z64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c_dev.grad.cpu().double(), c64.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_quantize_checks_the_indices_it_is_given(backend, monkeypatch, kernel_device):
     monkeypatch.setenv("VQFAST_BACKEND", backend)

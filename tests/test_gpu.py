@@ -23,8 +23,10 @@ DTYPES_PRECISIONS = [
     (torch.float32, "highest", 1e-5),
     (torch.float32, "high", 1e-5),
     (torch.float32, "medium", 1e-5),
-    (torch.float16, "highest", 1e-2),
-    (torch.bfloat16, "highest", 1e-2),
+    # 16-bit products are exact in fp32 and summed in fp32: over the inputs' own values (the gaps below
+    # are measured on them) the search is an fp32 search, held to the fp32 bound as on the CPU.
+    (torch.float16, "highest", 1e-5),
+    (torch.bfloat16, "highest", 1e-5),
 ]
 
 
@@ -48,7 +50,7 @@ def test_nearest_code_precision_modes(dtype, precision, tol, n, k, d):
 
 
 @pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "ieee", 1e-5), (torch.float32, "highest", 1e-5),
-                                                 (torch.float32, "high", 1e-5), (torch.bfloat16, "highest", 1e-2)])
+                                                 (torch.float32, "high", 1e-5), (torch.bfloat16, "highest", 1e-5)])
 @pytest.mark.parametrize("n,k,d", [(3000, 5000, 128), (700, 20000, 64)])
 def test_autotuned_search(monkeypatch, dtype, precision, tol, n, k, d):
     # The rest of the suite runs with VQFAST_AUTOTUNE=0 (one configuration); here every candidate is
@@ -100,7 +102,7 @@ def test_split_codebook_few_rows_many_codes(dtype, precision):
     z, c = _data(1024, 262144, 64, dtype, seed=1)
     idx_auto, dist_auto = kernels.nearest_code(z, c, precision=precision)
     idx_one, dist_one = kernels.nearest_code(z, c, precision=precision, num_splits=1)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-5  # also for bf16: the gap is measured on the bf16 values themselves
     rows = torch.arange(0, 1024, 8, device="cuda")
     assert chosen_gap(z[rows].float(), c.float(), idx_auto[rows]).max() <= tol
     if dtype == torch.float32:
@@ -118,7 +120,7 @@ def test_more_than_2_pow_31_elements():
     idx, dist = kernels.nearest_code(z, c)
     tail = torch.arange(n - 5000, n, device="cuda")  # rows beyond the 32-bit offset range
     ref_idx, _ = reference.nearest_code(z[tail].float(), c.float())
-    assert chosen_gap(z[tail].float(), c.float(), idx[tail]).max() <= 1e-2
+    assert chosen_gap(z[tail].float(), c.float(), idx[tail]).max() <= 1e-5
     assert (idx[tail] == ref_idx).float().mean() > 0.99
     z_q, loss = kernels.quantize_forward(z, c, idx, 0.25)
     assert torch.equal(z_q[tail], c[idx[tail]])
@@ -464,7 +466,7 @@ def test_kept_search_buffers_across_streams_and_a_cuda_graph(dtype, precision):
         with torch.cuda.stream(streams[i % 2]):
             got.append(kernels.nearest_code(z, codebooks[i % 2], precision=precision)[0])
     torch.cuda.synchronize()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = 1e-5  # 16-bit gaps are measured on the 16-bit values themselves
     for i, (idx, ref) in enumerate(zip(got, want)):
         if dtype == torch.float32:
             assert torch.equal(idx, ref), i

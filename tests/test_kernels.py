@@ -44,10 +44,15 @@ def test_nearest_code_fp32_exact(n, k, d, precision, kernel_device):
     assert ((dist.double().cpu() - d64).abs() <= 1e-5 * scale).all()
 
 
-@pytest.mark.parametrize("n,k,d", SHAPES)
-def test_nearest_code_fp16(n, k, d, kernel_device):
+# Rows longer than the 16-bit search's whole-D tile: it loops over D, keeping slot-wise minima.
+LONG_16_BIT_SHAPES = [(1, 1, 257), (37, 53, 300), (16, 64, 512)]
+
+
+@pytest.mark.parametrize("n,k,d,splits", [(*shape, None) for shape in SHAPES]
+                         + [(*shape, splits) for shape in LONG_16_BIT_SHAPES for splits in (1, 3)])
+def test_nearest_code_fp16(n, k, d, splits, kernel_device):
     z, c = _data(n, k, d, torch.float16, kernel_device, seed=1)
-    idx, dist = kernels.nearest_code(z, c)
+    idx, dist = kernels.nearest_code(z, c, num_splits=None if splits is None else min(splits, k))
     assert ((idx >= 0) & (idx < k)).all()
     # fp16 products are exact in fp32 and summed in fp32: the search is an fp32 search of the upcast
     # values, so the fp32 rule holds. (The README's looser 1e-2 for 16-bit inputs would let the runner-up
@@ -392,7 +397,7 @@ def test_tf32_rows_are_sorted_by_the_error_bound(splits, kernel_device, search_k
     assert status[5] == 1 and status[6] == 2 and status[7] == 2 and status[8] == 1
     if splits > 1:
         assert status[9] == 1
-    elif kernel_device == "cpu":  # (on a GPU the autotuner may take a tile too wide for slot-wise minima)
+    elif kernel_device.type == "cpu":  # (on a GPU the autotuner may take a tile too wide for slot-wise minima)
         assert status[9] == 2
     assert int((expected == 0).sum()) > 45
     # Ties go to the lowest index whichever way a row is settled; all rows get the nearest code.

@@ -217,11 +217,12 @@ def test_rows_far_from_unit_length_are_rotated_too(factor):
     torch.testing.assert_close(y.grad / factor, x.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n,d", [(1, 1), (37, 5), (19, 150)])
+@pytest.mark.parametrize("n,d", [(1, 1), (37, 5), (19, 150), (32, 128), (64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_kernel_gives_the_pytorch_backward(monkeypatch, n, d, dtype):
     """kernels/rotation.py (the Triton backend's backward, here interpreted) against the PyTorch ops of
-    the other backends, on odd shapes (D past one 128-column block) and on rows without a rotation."""
+    the other backends, on odd shapes (D past one 128-column block) and round ones (whole blocks), and
+    on rows without a rotation."""
     if not triton_usable():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     device = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"

@@ -115,13 +115,13 @@ def test_fp16_inputs():
 
 # bf16 arithmetic is wrong under Triton's interpreter: that case needs a GPU.
 @pytest.mark.parametrize("precision", ["tf32", pytest.param("bf16", marks=pytest.mark.gpu)])
-def test_reduced_precision_modes_within_their_error_bound(precision):
+def test_reduced_precision_modes_within_their_error_bound(precision, tf32_rounding_interpreter):
     """tf32 products (and bf16-rounded inputs for "bf16") against float64 on the inputs the mode sees.
 
     A tf32 product z.c is off by at most 2**-9 |z| |c| (two operands each truncated to 10 bits), so
     every logit by at most eps = 2 scale max|z| max|c| 2**-9; entropies then move by at most 4 eps, and
     gradients by about that relative to their size plus the gradient products' own 2**-9.
-    (Under the interpreter the products are exact fp32, so there the bound is loose.)
+    (Under the interpreter the tf32 operands are truncated to 10 bits, tf32_rounding_interpreter.)
     """
     torch.manual_seed(6)
     z = (torch.randn(300, 40) * 0.15).to(DEVICE).requires_grad_()
@@ -129,6 +129,8 @@ def test_reduced_precision_modes_within_their_error_bound(precision):
     temperature = 0.5
     sample, batch = soft_assignment_entropy(z, codebook, temperature=temperature, precision=precision)
     (sample - 2.0 * batch).backward()
+    if _INTERP:
+        assert tf32_rounding_interpreter  # the products were truncated
     seen = (lambda t: t.detach().bfloat16()) if precision == "bf16" else (lambda t: t.detach())
     ref_sample, ref_batch, z64, c64 = _reference(seen(z), seen(codebook), temperature, "l2")
     (ref_sample - 2.0 * ref_batch).backward()

@@ -71,6 +71,20 @@ def test_update_and_restarts_match_reference(k, d, num_seeds, kernel_device):
         assert (state["usage"][restarted] == 0).all()
 
 
+@pytest.mark.parametrize("k,d,num_seeds", [(37, 40, 37), (300, 17, 20)])
+def test_restarts_into_a_float64_codebook_match_reference(k, d, num_seeds, kernel_device):
+    """A float64 layer's codes: the kernel stores the float32 seed rows into them exactly as the
+    reference does."""
+    state = _upkeep_state(k, d, num_seeds, seed=k + 1, device=kernel_device)
+    state["weight"] = state["weight"].double()
+    before = state["weight"].clone()
+    want = _copy(state)
+    _run(kernels.update_code_usage, state, 0.5 / k)
+    _run(reference.update_code_usage, want, 0.5 / k)
+    _assert_same_update(state, want)
+    assert state["weight"].dtype == torch.float64 and bool((state["weight"] != before).any())
+
+
 def test_restarts_take_the_lowest_index_dead_codes_and_seed_rows_in_order(kernel_device):
     k, d = 40, 6
     state = _upkeep_state(k, d, 5, seed=1, device=kernel_device)
@@ -108,7 +122,16 @@ def test_an_unused_restarted_code_waits_less_in_the_first_steps():
         reference.update_code_usage(counts, usage, grace, batch_counts, steps, DECAY, 0.01 / k, seeds, weight)
         if float(weight[1, 0]) == step:
             restarted_at.append(step)
-    assert restarted_at == [1, 70, 462, 920]
+    # The closed form: restarted at t0, unused, dead at the first t with
+    # (1 - d ** t0) * d ** (t - t0) / (1 - d ** t) < threshold.
+    expected = [1]
+    while len(expected) < len(restarted_at):
+        t0 = t = expected[-1]
+        t += 1
+        while (1 - DECAY**t0) * DECAY ** (t - t0) / (1 - DECAY**t) >= 0.01:
+            t += 1
+        expected.append(t)
+    assert restarted_at == expected and len(expected) == 4  # 1, 70, 462, 920
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.9])
