@@ -143,20 +143,24 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     tl.store(ema_count_ptr + offs, count, mask=mask)
     # Only eps = 0 with a never-used code keeps its value; so does every code on a step that counted
     # no row (W * s / s can round by an ulp).
-    keep = (new_smoothed > 0) & (counted > 0)
+    # (counted > 0 as a block: Triton's interpreter cannot combine a block and a scalar bool and then
+    # the result with another block.)
+    keep = (new_smoothed > 0) & ((offs * 0 + counted) > 0)
     # The floor of 1e-30 is the reference's (a code unused for thousands of steps with eps = 0).
     divisor = tl.where(keep, tl.maximum(new_smoothed, 1e-30), 1.0)
     rows = offs.to(tl.int64)[:, None]
+    # Codes that keep their values are neither read nor written (a step that counted no row touches
+    # no code at all).
+    update = mask & keep
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        m2 = mask[:, None] & (cols[None, :] < D)
+        m2 = update[:, None] & (cols[None, :] < D)
         w_ptrs = weight_ptr + rows * stride_wk + cols[None, :] * stride_wd
         w = tl.load(w_ptrs, mask=m2, other=0.0).to(tl.float32)
         sums = tl.load(sums_ptr + rows * stride_sk + cols[None, :], mask=m2, other=0.0)
         # The running sums are the codes times their smoothed counts (they are not stored).
         running = w * smoothed[:, None] * decay + rate * sums
-        w = tl.where(keep[:, None], running / divisor[:, None], w)
-        tl.store(w_ptrs, w.to(weight_ptr.dtype.element_ty), mask=m2)
+        tl.store(w_ptrs, (running / divisor[:, None]).to(weight_ptr.dtype.element_ty), mask=m2)
 
 
 def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
@@ -186,7 +190,7 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
 @functools.lru_cache(maxsize=256)
 def _ema_launch(k: int, d: int, stride_wk: int, stride_wd: int, stride_sk: int, decay: float, eps: float,
                 interp: bool) -> PreparedLaunch:
-    # 32 x 64 elements per program: 64 registers on sm_90 (50 % occupancy); 64 codes took 138 (19 %).
+    # 32 x 64 elements per program: 72 registers on sm_90 with Triton 3.6 (44 % occupancy); 64 codes took 138 (19 %).
     block_codes = 16 if interp else 32
     block_d = min(64, max(16, next_power_of_2(d)))
     # The decay as float32 holds it, and 1 minus that (exact) as the rate, as the reference
