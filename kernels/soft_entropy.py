@@ -223,7 +223,8 @@ def _grad_codes_kernel(
         log_sum = tl.load(log_sum_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0)
-        log_p, p = _log_probs(logits, row_max, log_sum, (mask_n & (row_max != FLT_MAX))[:, None] & mask_k[None, :])
+        mask_g = mask_n & (row_max != FLT_MAX)  # (no gradient for a saturated row, as in _grad_rows_kernel)
+        log_p, p = _log_probs(logits, row_max, log_sum, mask_g[:, None] & mask_k[None, :])
         g = p * (w[None, :] - r[:, None] - coef * (log_p + ent[:, None]))
         g_col += tl.sum(g, axis=0)
         z_out = tl.load(z_ptr + offs_n.to(tl.int64)[:, None] * stride_zn + offs_do[None, :] * stride_zd,

@@ -190,7 +190,8 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
 @functools.lru_cache(maxsize=256)
 def _ema_launch(k: int, d: int, stride_wk: int, stride_wd: int, stride_sk: int, decay: float, eps: float,
                 interp: bool) -> PreparedLaunch:
-    # 32 x 64 elements per program: 72 registers on sm_90 with Triton 3.6 (44 % occupancy); 64 codes took 138 (19 %).
+    # 32 x 64 elements per program: 72 registers on sm_90 with Triton 3.6 (44 % occupancy); 64 codes
+    # took 138 (19 %).
     block_codes = 16 if interp else 32
     block_d = min(64, max(16, next_power_of_2(d)))
     # The decay as float32 holds it, and 1 minus that (exact) as the rate, as the reference

@@ -443,5 +443,11 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     if limit is not None and limit < len(ds):
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
-        ds = Subset(ds, [i * len(ds) // limit for i in range(limit)] if by_class else range(limit))
+        ds = evenly_spaced(ds, limit) if by_class else Subset(ds, range(limit))
     return ds
+
+
+def evenly_spaced(ds: Dataset, n: int) -> Dataset:
+    """``n`` images of ``ds`` spread evenly over it (``n`` < ``len(ds)``): a folder lists its classes in
+    turn, so its first ``n`` images could be one class."""
+    return Subset(ds, [i * len(ds) // n for i in range(n)])

@@ -53,8 +53,8 @@ from vqfast import reference
 from vqfast.layer import _bincount
 from vqfast.models.autoencoders import (MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters,
                                        vq_layer_options)
-from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, has_test_split, load_dataset,
-                                source_of)
+from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, evenly_spaced,
+                                has_test_split, load_dataset, source_of)
 
 __all__ = [
     "TrainConfig",
@@ -746,7 +746,7 @@ def _load_eval_set(cfg: TrainConfig) -> tuple[Dataset, bool]:
     ds = load_dataset(source, train=True, root=cfg.data_root, download=cfg.download, limit=cfg.limit,
                       seed=cfg.seed)
     if cfg.eval_limit is not None and 0 < cfg.eval_limit < len(ds):
-        ds = Subset(ds, [i * len(ds) // cfg.eval_limit for i in range(cfg.eval_limit)])
+        ds = evenly_spaced(ds, cfg.eval_limit)
     return ds, False
 
 
@@ -840,7 +840,6 @@ def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
     their number, and a SHA-256 of the pixels and labels (of an .npz) or of the files' names relative
     to the folder, sizes and classes (of an image folder: cheap, no image is decoded). Other datasets
     get no digest: their count is all that is compared."""
-
     from vqfast.models.data import ImageArrayDataset
 
     base, indices = ds, None
@@ -1628,7 +1627,7 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
                       limit=limit if run_limit is None else run_limit, seed=seed)
     trained_on = len(ds)
     if run_limit is not None and limit is not None and limit < len(ds):
-        ds = Subset(ds, [i * len(ds) // limit for i in range(limit)])  # evenly spaced: folders list classes in turn
+        ds = evenly_spaced(ds, limit)
     actual = source_of(ds, source)
     info: dict[str, Any] = {"data": actual, "split": split if has_split else "all", "notes": []}
     if actual != source:

@@ -108,7 +108,8 @@ def nearest_code(
     an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
     rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
     is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
-    (and the fp32 unit vectors of 16-bit ones with the cosine metric) on the Triton backend (default ``torch.get_float32_matmul_precision()``): each mode searches with
+    (and the fp32 unit vectors of 16-bit ones with the cosine metric) on the Triton backend (default
+    ``torch.get_float32_matmul_precision()``): each mode searches with
     tf32 products and settles the rows in doubt in fp32, so the indices are those of an fp32 search;
     the few rows with three or more codes in doubt are searched again with fp32 products ("highest")
     or fp32-accurate tf32x3 products ("high"/"medium"). Codes are ranked by ``||c||^2 - 2 z.c``; the returned
