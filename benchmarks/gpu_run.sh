@@ -4,10 +4,10 @@
 # fits a 10-minute command limit).
 #
 #   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
-#                                     without its nearest-code sweeps (BENCH_SECONDS, default 300,
-#                                     less when fewer than TRAIN_RESERVE_SECONDS=170 would be left after
-#                                     it; BENCH_PARTS), then training runs in what is left when $GPU_DATA
-#                                     holds the data (see train)
+#                                     without its nearest-code sweeps (budget BENCH_SECONDS, default 300,
+#                                     less when fewer than TRAIN_RESERVE_SECONDS=120 would be left after
+#                                     its time limit while $GPU_DATA holds the training data; BENCH_PARTS),
+#                                     then training runs in what is left when it does (see train)
 #   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
 #   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
@@ -24,7 +24,9 @@
 #                                     vqfast's layer with the article's settings at batch 64 and 256
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
-# Everything is written under $GPU_WORK (default ./gpu-out/run) and packed, after every stage, into
+# Everything is written under $GPU_WORK (default ./gpu-out/run-<start time>: a machine keeps ignored
+# folders between commands, and a second run must not mix its files with the first's, nor find its
+# training runs' folders taken) and packed, after every stage, into
 # $OUT/gpu-run.tar.gz (default ./gpu-out): one file, and a run stopped part-way keeps the stages it
 # finished. $GPU_WORK/benchmarks/results/<gpu-name>/ is the folder to copy into benchmarks/results/.
 set -uo pipefail
@@ -38,7 +40,7 @@ esac
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
-WORK="${GPU_WORK:-$PWD/gpu-out/run}"
+WORK="${GPU_WORK:-$PWD/gpu-out/run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT" "$WORK"
 # matplotlib's font cache, where it can be written and is kept between the processes of this run.
 export MPLCONFIGDIR="${MPLCONFIGDIR:-${TMPDIR:-/tmp}/vqfast-mpl}"
@@ -53,6 +55,18 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
 # Seconds for the next step: at most $1, and at most what is left minus a margin of $2.
 up_to() { local rest=$(( $(left) - $2 )); echo $(( rest < $1 ? rest : $1 )); }
+# The wall time a bench of budget $1 may take: its own hard limit (budget + max(10 s, 10 %), counted from
+# after its start-up) plus start-up before it and the plots after it.
+bench_limit() { local extra=$(( $1 / 10 )); echo $(( $1 + (extra > 10 ? extra : 10) + 45 )); }
+# The largest bench budget, at most $1, whose wall time fits in what is left minus a margin of $2.
+bench_budget() {
+  local room=$(( $(left) - $2 )) budget=$1
+  while [ "$budget" -gt 0 ] && [ "$(bench_limit "$budget")" -gt "$room" ]; do budget=$(( budget - 5 )); done
+  echo "$budget"
+}
+TRAIN_NPZ="${GPU_DATA:-$PWD/gpu_data}/cifar10_train_10k.npz"
+TEST_NPZ="${GPU_DATA:-$PWD/gpu_data}/cifar10_test_1k.npz"
+have_training_data() { [ -f "$TRAIN_NPZ" ] && [ -f "$TEST_NPZ" ]; }
 pack() {
   # Checkpoints are large and say nothing the summaries, metrics and pictures do not.
   tar czf "$OUT/gpu-run.tar.gz.part" --exclude='checkpoint*.pt' --exclude='.checkpoint*' -C "$WORK" . \
@@ -129,11 +143,10 @@ run_bench() {  # budget in seconds, then vqfast bench arguments
     STATUS=1
     return
   fi
-  # Start-up (imports, CUDA context) and the point running when the budget ends need a margin.
+  # The bench stops itself at its hard limit and writes its tables and plots; this one is for a bench
+  # that cannot (on SIGTERM it writes what it measured; -k kills it if it cannot do that either).
   local limit
-  limit=$(up_to $(( budget + 50 )) 5)
-  # Run from $WORK: the results land in its benchmarks/results/<gpu-name>/. On SIGTERM the benchmark
-  # writes what it measured; -k kills it if it cannot.
+  limit=$(up_to "$(bench_limit "$budget")" 5)
   (cd "$WORK" && timeout -k 15 "$limit" python3 -m vqfast bench --budget "$budget" "$@") 2>&1 | tee "$WORK/bench.log"
   local rc=${PIPESTATUS[0]}
   echo "vqfast bench exit code: $rc" | tee -a "$WORK/bench.log"
@@ -157,9 +170,8 @@ run_probe() {  # seconds
 }
 
 run_training() {
-  local data="${GPU_DATA:-$PWD/gpu_data}"
-  local train_npz="$data/cifar10_train_10k.npz" test_npz="$data/cifar10_test_1k.npz"
-  if [ ! -f "$train_npz" ] || [ ! -f "$test_npz" ]; then
+  local train_npz="$TRAIN_NPZ" test_npz="$TEST_NPZ"
+  if ! have_training_data; then
     echo "no training runs: missing $train_npz or $test_npz" | tee "$WORK/training-skipped.txt"
     [ "$MODE" = train ] && STATUS=2
     return
@@ -201,19 +213,21 @@ case "$MODE" in
       tests/test_layer_mask.py tests/test_layer_rotation.py tests/test_layer.py tests/test_layer_soft_entropy.py \
       tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
-    # At most BENCH_SECONDS, and at most what leaves ~2 minutes of training (one VQ-VAE run) after the
-    # bench's 50 s of overrun margin.
-    run_bench "$(up_to "${BENCH_SECONDS:-300}" "${TRAIN_RESERVE_SECONDS:-170}")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
+    # At most BENCH_SECONDS, and, when there is training data, a budget whose time limit leaves ~2
+    # minutes of training (one VQ-VAE run); without it the bench may use the time.
+    reserve=10
+    have_training_data && reserve="${TRAIN_RESERVE_SECONDS:-120}"
+    run_bench "$(bench_budget "${BENCH_SECONDS:-300}" "$reserve")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
     if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 120 10)"; fi
     run_training
     ;;
   tests) run_tests $(( $(left) - 10 )) ;;
   tma)
     run_tests "$(up_to "${GPU_TEST_SECONDS:-200}" 150)" tests/test_nearest_tma.py tests/test_kernels.py -k tma
-    run_bench "$(up_to "${BENCH_SECONDS:-300}" 60)" --only headline "$@"
+    run_bench "$(bench_budget "${BENCH_SECONDS:-300}" 5)" --only headline "$@"
     ;;
-  bench) run_bench "$(up_to 500 60)" "$@" ;;
-  quick) run_bench "$(up_to 85 40)" --quick "$@" ;;
+  bench) run_bench "$(bench_budget 500 5)" "$@" ;;
+  quick) run_bench "$(bench_budget 85 5)" --quick "$@" ;;
   probe) run_probe "$(up_to 300 10)" ;;
   train) run_training ;;
 esac

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -138,6 +139,20 @@ def test_chosen_distance_error_passes_right_and_flags_wrong():
     one_wrong[5] = wrong[5]
     assert bench.chosen_distance_error(z, c, one_wrong, rows=z.shape[0]) > 1e-2
     assert bench.chosen_distance_error(z[:0], c, idx[:0]) == 0.0
+
+
+def test_out_of_range_indices_fail_the_checks_without_indexing(one_thread):
+    # What a CUDA graph that replayed nothing leaves (its output poisoned with -1), or a kernel that did
+    # not write some rows: counted wrong, never used to index (on a GPU that would assert on the device).
+    z, c, _ = _separated()
+    idx = reference.nearest_code(z, c)[0]
+    for bad in (-1, c.shape[0]):
+        poisoned = idx.clone()
+        poisoned[3] = bad
+        assert bench.chosen_distance_error(z, c, poisoned) == math.inf
+        report = bench.agreement_with_fp32(z, c, poisoned)
+        assert (report.differ, report.wrong, report.outside) == (1, 1, 1)
+        assert "1 outside [0, K)" in report.note()
 
 
 def test_chosen_distance_error_accepts_a_tied_alternative():
@@ -562,6 +577,23 @@ def test_sigterm_writes_what_was_measured(tmp_path, monkeypatch):
     assert any(r.part == "gather" and r.ok for r in rows)
 
 
+def test_each_record_is_in_the_tables_before_the_next_point_starts(tmp_path, monkeypatch):
+    """A point that hangs the GPU is killed with its process (no signal reaches Python then): what was
+    measured before it must already be on disk."""
+    seen = []
+
+    def part(ctx):
+        ctx.add(bench.Record("usage", "first", "vqfast", "int64", status="ok", time_ms=1.0))
+        rows, _ = bench.read_csv(tmp_path / "results.csv")
+        seen.append([(r.case, r.time_ms) for r in rows if r.part == "usage"])
+        assert "first" in (tmp_path / "results.md").read_text()
+
+    monkeypatch.setitem(bench.PART_RUNNERS, "usage", part)
+    bench.run_benchmarks(_tiny_plan(), ("usage",), tmp_path, device=torch.device("cpu"), log=lambda s: None,
+                         plots=False)
+    assert seen == [[("first", 1.0)]]
+
+
 def test_torch_compile_is_measured_in_the_first_sweep_only(tmp_path, monkeypatch):
     asked = []
 
@@ -725,6 +757,78 @@ def test_gpu_run_script_parses_and_refuses_unknown_modes():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(script), "no-such-mode"], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = False) -> list[str]:
+    """benchmarks/gpu_run.sh run from a copy in ``tmp_path/repo`` with stand-ins for python3, timeout and
+    date (a clock that only the stand-ins move: pip 25 s, tests 165 s, a bench its budget, a training run
+    60 s): the commands it ran, each with the time limit it got, as "LIMIT ARGS..." lines."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        (repo / "benchmarks").mkdir(parents=True)
+        src = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
+        (repo / "benchmarks" / "gpu_run.sh").write_text(src.read_text())
+        (repo / "data").mkdir()
+        for f in ("cifar10_train_10k.npz", "cifar10_test_1k.npz"):
+            (repo / "data" / f).write_bytes(b"")
+        stubs = tmp_path / "stubs"
+        stubs.mkdir()
+        clock = tmp_path / "clock"
+        clock.write_text("1000")
+        stand_ins = {
+            "date": f"cat {clock}",
+            "timeout": """args=("$@"); while [[ "${args[0]}" == -* ]]; do
+  [[ "${args[0]}" == -k || "${args[0]}" == -s ]] && args=("${args[@]:2}") || args=("${args[@]:1}"); done
+echo "${args[0]} ${args[*]:1}" >> "$FAKE_LOG"; exec "${args[@]:1}"
+""",
+            "python3": f"""adv() {{ echo $(( $(cat {clock}) + $1 )) > {clock}; }}
+case "$*" in
+  *"-m pip install"*) adv 25 ;;
+  *"-m pytest"*) adv 165 ;;
+  *"-m vqfast bench"*) b="${{*##*--budget }}"; adv "${{b%% *}}" ;;
+  *"-m vqfast train"*) adv 60; mkdir -p "${{@: -1}}" ;;
+  *) adv 1 ;;
+esac""",
+        }
+        for tool, body in stand_ins.items():
+            (stubs / tool).write_text("#!/bin/bash\n" + body + "\n")
+            (stubs / tool).chmod(0o755)
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, "PATH": f"{tmp_path / 'stubs'}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+           "OUT": str(tmp_path / f"out-{name}"), "GPU_DATA": str(repo / ("data" if data else "none"))}
+    env.pop("GPU_WORK", None)
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), mode], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return log.read_text().splitlines()
+
+
+def _bench_call(lines: list[str]) -> tuple[int, int]:
+    """(time limit, budget) of the one bench command among ``lines``."""
+    (line,) = [ln for ln in lines if "-m vqfast bench" in ln]
+    return int(line.split()[0]), int(line.split("--budget ")[1].split()[0])
+
+
+def test_gpu_run_script_budgets_fit_the_bench_time_limit_and_the_training_reserve(tmp_path):
+    total = 570
+    for mode in ("all", "bench", "quick", "tma"):
+        limit, budget = _bench_call(_fake_gpu_run(tmp_path, f"{mode}-nodata", mode))
+        # The bench's own hard limit (budget + max(10 s, 10 %)) ends before the script's, with room for
+        # start-up and the plots; and the bench's limit fits the run's time.
+        assert limit >= budget + max(10, budget / 10) + 40, (mode, limit, budget)
+        assert budget >= {"all": 250, "bench": 400, "quick": 85, "tma": 250}[mode], (mode, budget)
+    lines = _fake_gpu_run(tmp_path, "all-data", "all", data=True)
+    limit, budget = _bench_call(lines)
+    start_of_bench = 1000 + 25 + 165 + 3  # pip, tests and a few other commands at 1 s
+    assert start_of_bench + limit <= 1000 + total - 115  # about two minutes kept for the first training run
+    trains = [ln for ln in lines if "-m vqfast train" in ln]
+    assert trains and int(trains[0].split()[0]) >= 60
+    # Without the training data nothing is kept back for it.
+    _, budget_without = _bench_call(_fake_gpu_run(tmp_path, "all-nodata-again", "all"))
+    assert budget_without > budget + 80
+    # Each command writes to a folder of its own (a machine keeps ignored folders between commands).
+    runs = sorted(p.name for p in (tmp_path / "repo" / "gpu-out").iterdir())
+    assert len(runs) == 6 and len(set(runs)) == 6
 
 
 def _goal_records(fast: bool) -> list[bench.Record]:

@@ -154,6 +154,11 @@ def tolerance(precision: str) -> float:
 
 
 @torch.no_grad()
+def _out_of_range(indices: torch.Tensor, k: int) -> int:
+    """How many of ``indices`` fall outside [0, k) (what a search that left rows unwritten returns)."""
+    return int(((indices < 0) | (indices >= k)).sum())
+
+
 def chosen_distance_error(
     z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, rows: int = 256, code_chunk: int = 65536
 ) -> float:
@@ -165,6 +170,9 @@ def chosen_distance_error(
     n = z.shape[0]
     if n == 0:
         return 0.0
+    if _out_of_range(indices, codebook.shape[0]):
+        # A wrong answer, and index_select on a GPU would assert on it and end the CUDA context.
+        return math.inf
     sel = torch.linspace(0, n - 1, steps=min(rows, n), device=z.device).round().long()
     zs = z.index_select(0, sel).double()
     z_sq = zs.pow(2).sum(1)
@@ -198,13 +206,16 @@ class Agreement:
     differ: int
     wrong: int
     worst: float  # largest relative excess distance among the rows that differ (0 if none)
+    outside: int = 0  # indices outside [0, K): all counted wrong, and no distance is computed
 
     # How the note starts: the goals table finds it among a record's notes by this.
     NOTE_START = "indices on all"
 
     def note(self) -> str:
         text = f"{self.NOTE_START} {self.rows:,} rows vs fp32 products: {self.differ:,} differ"
-        if self.differ:
+        if self.outside:
+            text += f", {self.outside:,} outside [0, K)"
+        elif self.differ:
             text += (f", {self.wrong:,} farther by more than {EXACT_CHECK_SLACK:.0e} relative "
                      f"(largest excess {self.worst:.1e})")
         return text
@@ -229,6 +240,9 @@ def agreement_with_fp32(z: torch.Tensor, codebook: torch.Tensor, indices: torch.
     rows = (indices != plain).nonzero().reshape(-1)
     if rows.numel() == 0:
         return Agreement(indices.numel(), 0, 0, 0.0)
+    outside = _out_of_range(indices, codebook.shape[0])
+    if outside:
+        return Agreement(indices.numel(), int(rows.numel()), outside, math.inf, outside)
     zs = z.index_select(0, rows).double()
     mine = (zs - codebook.index_select(0, indices.index_select(0, rows)).double()).pow(2).sum(1)
     theirs = (zs - codebook.index_select(0, plain.index_select(0, rows)).double()).pow(2).sum(1)
@@ -1131,6 +1145,9 @@ class Context:
     log: Callable[[str], None] = _say
     records: list[Record] = field(default_factory=list)
     cache: dict[tuple[NearestPoint, str], Record | None] = field(default_factory=dict)
+    # Called after each record: the run writes its tables then, so that a point that hangs the GPU
+    # (where no signal reaches Python until the process is killed) loses only itself.
+    on_record: Callable[[], None] | None = None
 
     def add(self, rec: Record) -> None:
         self.records.append(rec)
@@ -1146,6 +1163,8 @@ class Context:
         shape = f"N={rec.n} K={rec.k} D={rec.d}" if rec.n else ""
         self.log(f"[{rec.part}] {rec.case} | {rec.provider} | {rec.precision} {shape}: "
                  f"{rec.cell()}{' ms' if rec.ok else ''} {' '.join(extra)}".rstrip())
+        if self.on_record is not None:
+            self.on_record()
 
     def skipped(self, part: str, case: str, providers: Sequence[str], precision: str,
                 n: int = 0, k: int = 0, d: int = 0) -> None:
@@ -2008,7 +2027,8 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
     env = collect_env(device, plan.mode)
     meter = Meter(device, plan.warmup_ms, plan.rep_ms, cpu_memory_limit=cpu_memory_limit)
     budget = Budget(plan.budget_s, parts)
-    ctx = Context(device, plan, meter, budget, log=log)
+    ctx = Context(device, plan, meter, budget, log=log,
+                  on_record=lambda: write_outputs(out_dir, ctx.records, env, plots=False))
     log(f"vqfast bench ({plan.mode}): {env['gpu']}, driver {env['driver']}, torch {env['torch']}, "
         f"triton {env['triton']}; budget {plan.budget_s:.0f} s; writing to {out_dir}")
     # On the GPU a hard limit too (the budget only keeps new points from starting); the CPU runs of
@@ -2035,7 +2055,7 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM from a time limit: keep what was measured.
             log("stopped: writing what was measured so far")
-            write_outputs(out_dir, ctx.records, env, plots=False)
+            write_outputs(out_dir, ctx.records, env, plots=plots)
             raise
     written = write_outputs(out_dir, ctx.records, env, plots=plots)
     if any(r.part == "headline" for r in ctx.records):
