@@ -594,6 +594,44 @@ def test_each_record_is_in_the_tables_before_the_next_point_starts(tmp_path, mon
     assert seen == [[("first", 1.0)]]
 
 
+def test_the_opt_in_tma_search_is_timed_after_every_other_part(tmp_path, monkeypatch):
+    """The least proven kernel goes last, so a failure there (a hang ends the process) loses nothing
+    else; its records still belong to the headline, and a skipped point says so there."""
+    order = []
+
+    def fake_measure(ctx, point, providers):
+        order.append(("headline", point.precision, tuple(providers)))
+        return [bench.Record("nearest", "", p, point.precision, point.n, point.k, point.d, 1.0, tflops=1.0)
+                for p in providers]
+
+    def part(name):
+        return lambda ctx: order.append((name,))
+
+    monkeypatch.setattr(bench, "measure_nearest", fake_measure)
+    monkeypatch.setattr(bench, "TMA_POINTS", ((32, 64, 8),))
+    for name in ("gather", "layer"):
+        monkeypatch.setitem(bench.PART_RUNNERS, name, part(name))
+    plan = _tiny_plan()
+    records = bench.run_benchmarks(plan, ("headline", "gather", "layer"), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    others = tuple(p for p in bench.HEADLINE_PROVIDERS if p != bench.TMA_PROVIDER)
+    assert order == [("headline", "fp32", others), ("headline", "tf32", others), ("headline", "bf16", others),
+                     ("gather",), ("layer",),
+                     ("headline", "tf32", (bench.TMA_PROVIDER,)), ("headline", "bf16", (bench.TMA_PROVIDER,))]
+    tma = [r for r in records if r.provider == bench.TMA_PROVIDER]
+    assert [(r.part, r.case, r.precision) for r in tma] == [("headline", "headline", "tf32"),
+                                                           ("headline", "headline", "bf16")]
+    # Without the headline, or with no TMA point in it, there is no TMA step.
+    order.clear()
+    bench.run_benchmarks(plan, ("gather",), tmp_path, device=torch.device("cpu"), log=lambda s: None, plots=False)
+    assert order == [("gather",)]
+    # Past the budget, its points are listed as skipped under the headline.
+    records = bench.run_benchmarks(_tiny_plan(budget_s=0.0), ("headline",), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    skipped = [(r.precision, r.status) for r in records if r.provider == bench.TMA_PROVIDER]
+    assert skipped == [("tf32", "skipped (time budget)"), ("bf16", "skipped (time budget)")]
+
+
 def test_torch_compile_is_measured_in_the_first_sweep_only(tmp_path, monkeypatch):
     asked = []
 
