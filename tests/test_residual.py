@@ -129,6 +129,14 @@ def test_quantizer_dropout_draws_the_stages_from_the_layers_own_generator():
     half = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=0.5, dead_code_threshold=0.0)
     counts = used_stages(half) + used_stages(half) + used_stages(half)
     assert 4 in counts and any(n < 4 for n in counts)
+    # A call refused for its input uses up no draw: the draws stay those of a run without the mistake.
+    c = ResidualVectorQuantizer(4, 8, 3, quantizer_dropout=1.0, dropout_seed=7, dead_code_threshold=0.0)
+    for bad in (torch.randn(10, 5), z.double().numpy(), torch.zeros(10, 3, dtype=torch.int64)):
+        with pytest.raises((TypeError, ValueError), match="z "):
+            c(bad)
+    with pytest.raises(ValueError, match="mask"):
+        c(z, mask=torch.ones(3, dtype=torch.bool))
+    assert used_stages(c) == drawn
 
 
 def test_codes_from_indices_and_bad_arguments():
@@ -149,6 +157,9 @@ def test_codes_from_indices_and_bad_arguments():
         rvq(z, 4)
     with pytest.raises(ValueError, match="num_quantizers must be an int >= 1"):
         rvq(z, 0)
+    # A mask in num_quantizers' place (the single layer takes it second) is not read as 0 or 1 stages.
+    with pytest.raises(TypeError, match="num_quantizers must be a positive int"):
+        rvq(z[:1, :1], torch.tensor([True]))
     with pytest.raises(ValueError, match="probability"):
         ResidualVectorQuantizer(2, 4, 4, quantizer_dropout=1.5)
     with pytest.raises(ValueError, match="num_quantizers must be an int >= 1"):

@@ -110,7 +110,8 @@ def check_num_codes(num_codes: object) -> int:
 def check_int(value: object, name: str, minimum: int | None = None) -> int:
     """``value`` as a Python int (NumPy and 0-d tensor integers too; not bools or floats such as 2.5)."""
     try:
-        if isinstance(value, bool):
+        # A one-element bool tensor converts to 0 or 1 (a mask passed in an int's place, say).
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
             raise TypeError
         number = operator.index(value)
     except TypeError:

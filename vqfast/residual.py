@@ -105,6 +105,9 @@ class ResidualVectorQuantizer(nn.Module):
         ``mask`` (bool, shaped like z without its channel dimension, False for padding) goes to every
         stage: rows left out get ``z_q = z`` and index -1 at every stage, and take no part in the losses
         or the statistics."""
+        # The input's checks before the dropout draw: a call that fails must not use one up (the draws
+        # of a resumed run, and of the other ranks, would no longer match).
+        self.quantizers[0]._checked_channel_dim(z, mask)
         stages = self._stages_for(num_quantizers)
         # In fp32 at least: 16-bit residuals and sums would round away what later stages refine.
         residual = z.to(torch.promote_types(z.dtype, torch.float32)) if z.is_floating_point() else z
