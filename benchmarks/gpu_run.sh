@@ -211,7 +211,7 @@ case "$MODE" in
   all)
     run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_nearest_tma.py tests/test_deterministic.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer_mask.py tests/test_layer_rotation.py tests/test_layer.py tests/test_layer_soft_entropy.py \
-      tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py
+      tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py tests/test_custom_ops.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
     # At most BENCH_SECONDS, and, when there is training data, a budget whose time limit leaves ~2
     # minutes of training (one VQ-VAE run); without it the bench may use the time.
