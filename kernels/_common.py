@@ -163,6 +163,9 @@ def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise TypeError(f"z and codebook must share a dtype in float32/float16/bfloat16, got {z.dtype}, {codebook.dtype}")
     if codebook.shape[0] == 0:
         raise ValueError("the codebook must have at least one code")
+    if z.device != codebook.device:
+        # The kernel would run on z's device with a pointer into the other one's memory.
+        raise ValueError(f"z and codebook must be on the same device, got {z.device} and {codebook.device}")
     check_row_count(z.shape[0], "z")
     check_row_count(codebook.shape[0], "the codebook")
     check_launchable(z, codebook)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -88,6 +89,23 @@ class _Entry:
             grid = grid(full_meta)
         grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         return grid, [full_meta[name] for name in self.meta_names]
+
+
+# Triton's Autotuner keeps the arguments of the call it runs on itself, and between its timing runs
+# zeroes the tensors its ``reset_to_zero`` names from there: two threads inside one autotuner at once
+# (nn.DataParallel replicas, a threaded server) would time, reset or fail on each other's arguments,
+# and a search could return another call's zeroed indices. Every launch through an autotuner holds this
+# lock; the direct launches of an already tuned problem never enter an autotuner, so they do not.
+AUTOTUNER_LOCK = threading.RLock()
+
+
+def triton_launch(kernel: Any, grid: Any, *args: Any, **meta: Any) -> Any:
+    """``kernel[grid](*args, **meta)`` through Triton's own path; an autotuner's under
+    :data:`AUTOTUNER_LOCK`."""
+    if hasattr(kernel, "configs"):
+        with AUTOTUNER_LOCK:
+            return kernel[grid](*args, **meta)
+    return kernel[grid](*args, **meta)
 
 
 _KERNELS: dict[int, _KernelInfo] = {}
@@ -165,14 +183,14 @@ def launch_kernel(kernel: Any, grid: tuple | Callable[[dict], tuple], *args: Any
     may be a function of the chosen configuration's meta-parameters, as for ``kernel[grid]``."""
     info = _kernel_info(kernel)
     if not _direct_now(info):
-        kernel[grid](*args, **meta)
+        triton_launch(kernel, grid, *args, **meta)
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
     try:
         key = _entry_key(kernel, info, device, args, meta)
     except Exception:  # a value Triton's specialisation does not take: its own path says what is wrong
-        kernel[grid](*args, **meta)
+        triton_launch(kernel, grid, *args, **meta)
         return
     entry = _ENTRIES.get(key)
     if entry is None:
@@ -213,7 +231,7 @@ class PreparedLaunch:
     def __call__(self, *tensors: Any) -> None:
         args = tensors if self.layout is None else self.layout(tensors)
         if not _direct_now(self.info):
-            self.kernel[self.grid](*args, *self.scalars, **self.meta)
+            triton_launch(self.kernel, self.grid, *args, *self.scalars, **self.meta)
             return
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
@@ -255,10 +273,12 @@ def _picker(layout: tuple[int, ...]) -> Callable[[tuple], tuple]:
 
 def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: tuple, meta: dict) -> None:
     """Triton's own launch (compiling, autotuning), then the entry for the next calls like it."""
-    compiled = kernel[grid](*args, **meta)
+    with AUTOTUNER_LOCK if hasattr(kernel, "configs") else contextlib.nullcontext():
+        compiled = kernel[grid](*args, **meta)
+        # (Read under the lock: another thread's launch may move best_config.)
+        config = getattr(kernel, "best_config", None) if hasattr(kernel, "configs") else None
     if hasattr(compiled, "result"):  # a compilation future (asynchronous compile mode)
         compiled = compiled.result()
-    config = getattr(kernel, "best_config", None) if hasattr(kernel, "configs") else None
     if compiled is None or (config is not None and config.pre_hook is not None):
         return
     full_meta = {**meta, **(config.kwargs if config is not None else {})}

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import autotuning, cdiv, interpreting, max_shared_memory, next_power_of_2
-from vqfast.kernels._launch import PreparedLaunch
+from vqfast.kernels._launch import PreparedLaunch, triton_launch
 from vqfast.kernels.nearest import (
     _SEARCH_TENSORS, _code_norms_kernel, _reduce_slots, _row_error_factors, _shared_memory_bytes, _store_choice,
     _store_split_winners, _tile_scores, _update_slots, _upper_bound, tma_search_enabled,
@@ -295,5 +295,5 @@ class TmaSearch:
         block_n, block_k = self.blocks
         z_desc = TensorDescriptor(z, [self.n, self.d], [z.stride(0), 1], [block_n, self.block_d])
         c_desc = TensorDescriptor(codebook, [self.k, self.d], [codebook.stride(0), 1], [block_k, self.block_d])
-        self.kernel[self.grid](z_desc, c_desc, z_norm, z_resid, *[tensors[i] for i in self.layout], *self.scalars,
-                               **self.meta, **self.options)
+        triton_launch(self.kernel, self.grid, z_desc, c_desc, z_norm, z_resid, *[tensors[i] for i in self.layout],
+                      *self.scalars, **self.meta, **self.options)

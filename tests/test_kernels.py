@@ -178,6 +178,19 @@ def test_empty_rows(kernel_device):
     assert idx.shape == (0,) and dist.shape == (0,)
 
 
+def test_rows_and_codes_on_different_devices_are_refused(kernel_device):
+    # The launchers are public (vqfast.kernels, torch.ops.vqfast): a kernel run on z's device would
+    # read the codebook through a pointer into another device's memory.
+    from vqfast.kernels import soft_entropy
+
+    z = torch.randn(3, 4, device=kernel_device)
+    elsewhere = torch.randn(5, 4, device="meta")
+    for call in (lambda: kernels.nearest_code(z, elsewhere), lambda: kernels.nearest_code(elsewhere[:3], z),
+                 lambda: soft_entropy.soft_entropy_forward(z, elsewhere, 0.5, "ieee")):
+        with pytest.raises(ValueError, match="same device"):
+            call()
+
+
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 11, 20), (300, 64, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gather_and_scatter_add(n, k, d, dtype, kernel_device):

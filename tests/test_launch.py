@@ -5,6 +5,8 @@ checked by benchmarks/compile_check.py (tests/test_compile_check.py), which comp
 """
 
 import itertools
+import threading
+import time
 
 import pytest
 import torch
@@ -150,3 +152,54 @@ def test_prepared_launch_layouts_place_each_tensor_where_the_kernel_takes_it(mon
     assert runs[0][-4] is a and runs[0][-3] is a and runs[0][-2:] == (5, 4)
     launch(b, torch.zeros(8)[2:])  # the tensor the kernel takes is misaligned now
     assert len(slow) == 2
+
+
+class _SharedStateAutotuner:
+    """Stands in for triton.autotune's Autotuner as far as threads are concerned: it keeps the call's
+    arguments on itself while the call runs, and reads them back at the end."""
+
+    configs = ("one config",)
+
+    def __init__(self):
+        self.fn = object()
+        self.nargs = None
+        self.held_lock = []
+
+    def __getitem__(self, grid):
+        def run(out, value, *rest, **meta):
+            self.held_lock.append(_launch.AUTOTUNER_LOCK._is_owned())
+            self.nargs = value
+            time.sleep(0.002)  # another thread, if let in, now overwrites nargs
+            out.append(self.nargs == value)
+            self.nargs = None
+        return run
+
+
+def test_launches_through_an_autotuner_hold_a_lock_and_threads_keep_their_own_arguments():
+    tuner = _SharedStateAutotuner()
+    prepared = _launch.PreparedLaunch(tuner, (1,))
+    results = []
+
+    def calls(worker):
+        for i in range(15):
+            value = (worker, i)
+            _launch.triton_launch(tuner, (1,), results, value)
+            _launch.launch_kernel(tuner, (1,), results, value)  # (Triton's path: not a compiled kernel)
+            prepared(results, value)
+
+    threads = [threading.Thread(target=calls, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 * 15 * 3 and all(results)
+    assert len(tuner.held_lock) == len(results) and all(tuner.held_lock)
+    # A plain kernel (no autotuner) is launched without it.
+    held = []
+
+    class Plain:
+        def __getitem__(self, grid):
+            return lambda: held.append(_launch.AUTOTUNER_LOCK._is_owned())
+
+    _launch.triton_launch(Plain(), (1,))
+    assert held == [False]
