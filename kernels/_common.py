@@ -107,6 +107,7 @@ def check_matrices(*named: tuple[str, torch.Tensor]) -> None:
                              f"{tuple(t.shape)} and {tuple(first.shape)}")
         if t.device != first.device:
             raise ValueError(f"{name} and {first_name} must be on the same device, got {t.device} and {first.device}")
+    check_column_count(first.shape[1], first_name)
 
 
 def check_launchable(*tensors: torch.Tensor) -> None:
@@ -148,6 +149,13 @@ def check_row_count(count: int, what: str) -> None:
                          "process it in chunks")
 
 
+def check_column_count(count: int, what: str) -> None:
+    """ValueError for rows of more than MAX_ROWS columns: the kernels' loops over D count in int32 below
+    2**31 columns, and a last step within a block of 2**31 would wrap to a negative offset."""
+    if count > MAX_ROWS:
+        raise ValueError(f"{what} has rows of {count} columns; the kernels take at most {MAX_ROWS} (2**31 - 2**16)")
+
+
 def check_grid_yz(programs: int, what: str) -> None:
     """ValueError when a launch would need more than CUDA's 65,535 programs along grid y or z."""
     if programs > MAX_GRID_YZ:
@@ -168,6 +176,7 @@ def check_rows_and_codes(z: torch.Tensor, codebook: torch.Tensor) -> None:
         raise ValueError(f"z and codebook must be on the same device, got {z.device} and {codebook.device}")
     check_row_count(z.shape[0], "z")
     check_row_count(codebook.shape[0], "the codebook")
+    check_column_count(z.shape[1], "z")
     check_launchable(z, codebook)
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import cdiv, check_launchable, next_power_of_2
+from vqfast.kernels._common import cdiv, check_column_count, check_launchable, next_power_of_2
 from vqfast.kernels._launch import PreparedLaunch
 
 
@@ -97,6 +97,7 @@ def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, ha
         raise ValueError(f"z, codes and grad must be (N, D) of one shape, got {tuple(z.shape)}, "
                          f"{tuple(codes.shape)} and {tuple(grad.shape)}")
     n, d = z.shape
+    check_column_count(d, "z")
     # z's dtype, autograd's for z's gradient: rounded to a 16-bit grad's, |c| / |z| times it could overflow.
     out = torch.empty((n, d), dtype=z.dtype, device=grad.device)
     if n == 0 or d == 0:

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import PlanCache, cdiv, check_launchable, interpreting, next_power_of_2
+from vqfast.kernels._common import (
+    PlanCache, cdiv, check_launchable, check_matrices, interpreting, next_power_of_2,
+)
 from vqfast.kernels._launch import PreparedLaunch
 
 # Largest finite float32: |x| <= it is False for NaN and +-inf alike.
@@ -66,7 +68,7 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
     dead_threshold = tl.where(steps > 0, dead_threshold, 0.0)
     dead_count = tl.zeros([BLOCK], tl.int32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK):
-        offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK)
         mask = offs < K
         counts = tl.load(counts_ptr + offs, mask=mask, other=0)
         usage = tl.load(usage_ptr + offs, mask=mask, other=0.0) * usage_decay
@@ -95,7 +97,7 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
     # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
     fresh = (_usage_correction(tl.load(steps_ptr), log2_decay_hi, log2_decay_lo) / K).to(tl.float32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
-        offs = pid * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
+        offs = pid.to(tl.int64) * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)
         mask = offs < K
         dead = tl.load(dead_ptr + offs, mask=mask, other=0).to(tl.int32)
         order = before + tl.cumsum(dead, axis=0) - 1
@@ -115,7 +117,9 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
                 cols = d0 + tl.arange(0, BLOCK_D)
                 m2 = ok[:, None] & (cols[None, :] < D)
                 seed = tl.load(seed_rows + cols[None, :], mask=m2, other=0.0)
-                tl.store(code_rows + cols[None, :] * stride_wd, seed.to(weight_ptr.dtype.element_ty), mask=m2)
+                # (int64: a transposed codebook's column stride is K, and cols * K can pass 2**31.)
+                tl.store(code_rows + cols.to(tl.int64)[None, :] * stride_wd, seed.to(weight_ptr.dtype.element_ty),
+                         mask=m2)
             zeros = tl.zeros([BLOCK_CODES], tl.float32)
             tl.store(usage_ptr + offs, zeros, mask=ok)
             tl.store(grace_ptr + offs, zeros + fresh, mask=ok)
@@ -126,7 +130,7 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
 @triton.jit
 def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_ptr, K, D, stride_wk, stride_wd,
                        stride_sk, decay, rate, eps, BLOCK_CODES: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_CODES + tl.arange(0, BLOCK_CODES)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_CODES + tl.arange(0, BLOCK_CODES)
     mask = offs < K
     # Laplace-smoothed counts (N_k + eps) / (n + K eps) * n, before and after this step's counts.
     # No counts yet with eps = 0: every smoothed count is 0 (not 0 / 0).
@@ -155,7 +159,7 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         m2 = update[:, None] & (cols[None, :] < D)
-        w_ptrs = weight_ptr + rows * stride_wk + cols[None, :] * stride_wd
+        w_ptrs = weight_ptr + rows * stride_wk + cols.to(tl.int64)[None, :] * stride_wd  # (see _restart_codes_kernel)
         w = tl.load(w_ptrs, mask=m2, other=0.0).to(tl.float32)
         sums = tl.load(sums_ptr + rows * stride_sk + cols[None, :], mask=m2, other=0.0)
         # The running sums are the codes times their smoothed counts (they are not stored).
@@ -176,6 +180,7 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
     check_launchable(weight, ema_count, sums, counts)
     _check_vector(ema_count, "ema_count", k, torch.float32)
     _check_vector(counts, "counts", k + 1, torch.int64)
+    check_matrices(("weight", weight), ("sums", sums))  # (also: one device, and at most MAX_ROWS columns)
     if weight.dtype != torch.float32 or weight.shape[0] != k or sums.shape != weight.shape \
             or sums.dtype != torch.float32 or sums.stride(1) != 1:
         raise ValueError(f"weight ({k}, D) float32 and sums of its shape (float32, unit column stride) expected, "
@@ -256,6 +261,7 @@ def update_code_usage(
                              f"{seeds.dtype} {tuple(seeds.shape)} and weight "
                              f"{None if weight is None else (weight.dtype, tuple(weight.shape))}")
         check_launchable(seeds, weight)
+        check_matrices(("weight", weight), ("seeds", seeds))  # (also: one device, and at most MAX_ROWS columns)
         if ema_count is not None:
             _check_vector(ema_count, "ema_count", k, torch.float32)
             check_launchable(ema_count)

@@ -43,7 +43,7 @@ def _entropy_kernel(counts_ptr, ticket_ptr, partial_ptr, out_ptr, K, BLOCK: tl.c
     adds them up in program order, so the result does not depend on which programs finish first. A
     histogram with one used code gives exactly 0: its one term is n log n, computed as the total's."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (K may pass 2**31 - BLOCK)
     c = tl.load(counts_ptr + offs, mask=offs < K, other=0).to(tl.float64)
     # c log c is 0 for c in {0, 1}; log is taken of 1 there.
     c_log_c = tl.where(c > 1.0, c * tl.log(tl.where(c > 1.0, c, 1.0)), 0.0)

@@ -341,3 +341,34 @@ def test_ema_update_with_no_counts_yet_and_eps_0_stays_finite(decay, kernel_devi
         used = counts[:k] > 0
         torch.testing.assert_close(w[used], sums[used] / counts[:k][used, None].float(), msg=str(update))
         assert torch.equal(w[~used], weight[~used]), update
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's int32 overflow check; a GPU would need "
+                    "a 16 GiB codebook for the same strides")
+def test_ema_update_of_a_transposed_codebook_forms_no_int32_offset_that_wraps(monkeypatch):
+    # weight = W.t() for a contiguous W (D, 2**22): column j is j * 2**22 elements away, past 2**31 from
+    # column 512 on. With the interpreter's overflow check on (what TRITON_DEBUG=1 adds on a GPU), a
+    # product of int32 offsets that wraps is an error. No element is read or written: a step that
+    # counted no row leaves every code as it is, so the view may reach past its small storage.
+    import numpy as np
+    import triton.runtime.interpreter as interpreter
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "options", interpreter.InterpreterOptions(debug=True))
+    k, d, column_stride = 32, 1024, 2**22
+    storage = np.zeros(4096, dtype=np.float32)
+    weight = torch.from_numpy(np.lib.stride_tricks.as_strided(storage, shape=(k, d), strides=(4, 4 * column_stride)))
+    counts = torch.zeros(k + 1, dtype=torch.int64)
+    kernels.ema_update(weight, torch.ones(k), torch.zeros(k, d), counts, 0.99, 1e-5)
+    assert not storage.any()
+
+
+def test_rows_of_more_columns_than_the_kernels_count_are_refused(kernel_device):
+    # Expanded views: 2**31 columns that take no memory.
+    wide = torch.zeros(1, 1, device=kernel_device).expand(3, 2**31)
+    with pytest.raises(ValueError, match="2\\*\\*31 - 2\\*\\*16"):
+        kernels.nearest_code(wide, wide)
+    with pytest.raises(ValueError, match="2\\*\\*31 - 2\\*\\*16"):
+        kernels.gather_rows(wide, torch.zeros(2, dtype=torch.int64, device=kernel_device))
+    with pytest.raises(ValueError, match="2\\*\\*31 - 2\\*\\*16"):
+        kernels.ema_update(wide, torch.ones(3, device=kernel_device), wide,
+                           torch.zeros(4, dtype=torch.int64, device=kernel_device), 0.99, 1e-5)
