@@ -188,6 +188,30 @@ def test_empty_inputs(backend, monkeypatch, kernel_device):
     assert counts.tolist() == [0, 0, 0, 0] and entropy.item() == 0.0 and perplexity.item() == 1.0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_edge_cases_every_backend_answers_alike(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    # The loss of an empty 16-bit batch is a float32 scalar, as every other batch's.
+    _, loss, _ = vqfast.quantize(torch.empty(0, 4, dtype=torch.float16, device=device),
+                                 torch.randn(3, 4, device=device).half())
+    assert loss.dtype == torch.float32 and loss.item() == 0.0
+    # z_q's gradient goes to z alone: with only the codebook requiring grad, z_q requires none
+    # (z + (q - z).detach() has none), and the loss still reaches the codebook.
+    c = torch.randn(3, 4, device=device, requires_grad=True)
+    z_q, loss, _ = vqfast.quantize(torch.randn(5, 4, device=device), c)
+    assert not z_q.requires_grad and z_q.grad_fn is None and loss.requires_grad
+    # A row holding inf is inf away from every code without NaN; a NaN code at a lower index must not
+    # win (its distance, and the loss, would be NaN).
+    nan, inf = float("nan"), float("inf")
+    z = torch.tensor([[inf, 0.0], [1.0, 2.0]], device=device)
+    codes = torch.tensor([[nan, 0.0], [1.0, 0.0], [0.0, 1.0]], device=device)
+    idx, dist = vqfast.nearest_code(z, codes)
+    assert idx.tolist() == [1, 2] and dist.tolist() == [inf, 2.0]
+    z_q, loss, _ = vqfast.quantize(z, codes, beta=0.0)
+    assert loss.item() == inf and z_q[0].tolist() == [1.0, 0.0]
+
+
 def test_code_usage_has_no_nan_for_unused_codes():
     counts, entropy, perplexity = vqfast.code_usage(torch.tensor([0, 0, 1, 1]), 1000)
     assert counts.sum() == 4 and torch.isfinite(entropy)

@@ -268,6 +268,10 @@ class _FusedQuantize(torch.autograd.Function):
         ctx.save_for_backward(z, codebook, indices)
         ctx.beta, ctx.left_out = beta, left_out
         ctx.mark_non_differentiable(indices)
+        if not ctx.needs_input_grad[0]:
+            # z_q's value is the code, but its gradient goes to z alone (straight through): with z not
+            # requiring grad, z_q has none, as z + (q - z).detach() has none.
+            ctx.mark_non_differentiable(z_q)
         # An unused loss then reaches backward as None, and the codebook gets no gradient at all (as
         # with plain autograd) rather than a zero one that weight decay would still act on.
         ctx.set_materialize_grads(False)

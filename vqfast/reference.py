@@ -183,12 +183,18 @@ def _direct_argmin(rows64: torch.Tensor, codes64: torch.Tensor, scores: torch.Te
     candidates |= ~torch.isfinite(best)[:, None]  # rows holding NaN/inf: all (they all lose)
     r, k = candidates.nonzero(as_tuple=True)
     direct = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=rows64.device)
+    nan_at = torch.zeros(candidates.shape, dtype=torch.bool, device=rows64.device)
     step = max(1, _BLOCK_ELEMENTS // max(codes64.shape[1], 1))
     for start in range(0, r.shape[0], step):
         rr, kk = r[start : start + step], k[start : start + step]
         d = (rows64[rr] - codes64[kk]).pow(2).sum(1)
         direct[rr, kk] = torch.where(d.isnan(), math.inf, d)
-    return direct.argmin(1)
+        nan_at[rr, kk] = d.isnan()
+    # NaN loses to inf as well: a row holding inf is inf away from every code without NaN, and must not
+    # get a NaN code at a lower index (its distance and loss would be NaN). Rows where every code gives
+    # NaN take the lowest index.
+    winners = (direct == direct.min(1, keepdim=True).values) & ~nan_at
+    return torch.where(winners.any(1), winners.to(torch.uint8).argmax(1), 0)
 
 
 @_nearest_code_rows.register_fake
@@ -420,11 +426,12 @@ def quantize(
     # The losses see the code itself, in fp32 at least (fp64 for fp64 inputs), not the code rounded
     # to z's dtype: an fp16 z beside an fp32 codebook would otherwise hide a code's distance from it.
     q = _gather_wide(codebook, indices)
+    acc = torch.promote_types(q.dtype, z.dtype)
     if z.numel() == 0:
-        # (An empty slice of the codebook: a NaN code must not make the loss of no rows NaN.)
-        loss = (z.sum() + codebook[:0].sum()) * 0.0
+        # (An empty slice of the codebook: a NaN code must not make the loss of no rows NaN.) In fp32 at
+        # least, as the loss of any other batch.
+        loss = (z.sum().to(acc) + codebook[:0].sum().to(acc)) * 0.0
     else:
-        acc = torch.promote_types(q.dtype, z.dtype)
         loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + weighted(F.mse_loss(z.to(acc), q.detach().to(acc)), beta)
     return _StraightThrough.apply(z, q.detach().to(z.dtype)), loss, indices
 
