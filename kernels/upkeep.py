@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
 import torch
 import triton
@@ -33,7 +34,7 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 def _as_float32(x: float) -> float:
     """x rounded to the nearest float32, as a Python float."""
-    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))  # (not on the default device: see stored_decay)
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 # Blocks of codes are sized so that the second kernel sums at most this many per-block counts.

@@ -190,3 +190,21 @@ def test_dynamic_shapes_compile_without_graph_breaks_or_a_graph_per_batch_size(d
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
     # A static graph for the first size, then one dynamic one (forward graphs only: no backward here).
     assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_default_compile_mode_finds_no_graph_break_in_the_layer(train, monkeypatch):
+    """torch.compile as most users call it (fullgraph=False) breaks the graph silently where
+    fullgraph=True would not always refuse (a Python float read from a tensor was one): count them."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = VectorQuantizer(32, 8, ema=True).train(train)
+    z = torch.randn(64, 8, requires_grad=True)
+    z_q, loss, _ = torch.compile(layer, backend="eager")(z)
+    (z_q.sum() + loss).backward()
+    assert dict(counters["graph_break"]) == {}
+    assert int(layer.usage_steps) == (1 if train else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +337,11 @@ def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
     """``usage_decay`` as a ``dtype`` number holds it (float32 0.99 is 0.9900000095...): the running usage
     decays by that value and gains ``1 - `` that value per step, so the shares sum to
     ``1 - stored_decay ** steps`` exactly, which the bias correction divides out."""
+    if dtype == torch.float64:
+        return float(usage_decay)
+    if dtype == torch.float32:
+        # In plain Python: a tensor here would be a graph break under torch.compile (its .item()).
+        return struct.unpack("f", struct.pack("f", usage_decay))[0]
     # On the CPU whatever the default device: a meta one (a model built under torch.device("meta")) has
     # no value to read, and a GPU one would sync the host.
     return float(torch.tensor(usage_decay, dtype=dtype, device="cpu"))
