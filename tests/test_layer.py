@@ -1365,3 +1365,64 @@ def test_straight_through_alone_stays_twice_differentiable(backend, device):
     z_q = z_q.detach()
     # d/dx sum((3 z_q^2)^2) through the straight-through step: 36 z_q^3.
     torch.testing.assert_close(x.grad, 36 * z_q**3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["set_codebook", "codes-only state dict", "VQGAN state dict"])
+def test_codes_brought_in_are_kept_until_the_data_had_a_chance_to_pick_them(how, backend, device):
+    # Pretrained codes, 64 clusters, and batches of 32 rows: one batch picks at most half of them. With
+    # the statistics of the layer's own (random) codes, or none, every code a batch did not pick counted
+    # as dead and was re-seeded on the first step.
+    torch.manual_seed(0)
+    codes = torch.randn(64, 8) * 4
+    vq = VectorQuantizer(64, 8, init="kmeans", ema=(how == "VQGAN state dict")).to(device)
+    vq(torch.randn(32, 8, device=device))  # a step on its own codes: statistics of other codes
+    if how == "set_codebook":
+        vq.set_codebook(codes.to(device))
+    elif how == "codes-only state dict":
+        vq.load_state_dict({"embeddings.weight": codes})  # the article's layer's state
+    else:
+        missing, unexpected = vq.load_state_dict({"embedding.weight": codes, "loss.w": torch.ones(1)}, strict=False)
+        assert missing == [] and unexpected == ["loss.w"]  # taming-transformers' name for the codebook
+    assert bool(vq.initialized) and int(vq.usage_steps) == 0 and not vq.usage.any()
+    if vq.ema:
+        assert torch.equal(vq.ema_count, torch.ones(64, device=device))
+    steps, picked = 0, set()
+    for _ in range(3):
+        batch = (codes[torch.randint(0, 32, (32,))] + 0.01 * torch.randn(32, 8)).to(device)
+        picked |= set(vq(batch)[2].tolist())
+        steps += 1
+        assert torch.allclose(vq.embeddings.weight.cpu(), codes, atol=0.1 if vq.ema else 0.0)
+    assert len(picked) < 64  # some codes went unpicked all along, and were kept
+    # Codes the data never picks are still re-seeded once their credit has run out (~70 steps here).
+    for _ in range(80):
+        vq((codes[torch.randint(0, 32, (32,))] + 0.01 * torch.randn(32, 8)).to(device))
+    unused = ~torch.isin(torch.arange(64), torch.arange(32))
+    moved = (vq.embeddings.weight.cpu() - codes).norm(dim=1) > 0.5
+    assert moved[unused].any() and not moved[~unused].any()
+
+
+def test_set_codebook_refuses_what_is_not_a_codebook():
+    vq = VectorQuantizer(4, 3)
+    with pytest.raises(ValueError, match=r"shape \(4, 3\)"):
+        vq.set_codebook(torch.zeros(5, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        vq.set_codebook(torch.zeros(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        vq.set_codebook([[0.0] * 3] * 4)
+    vq.set_codebook(torch.ones(4, 3, dtype=torch.float64))
+    assert vq.embeddings.weight.dtype == torch.float32 and bool((vq.embeddings.weight == 1).all())
+
+
+def test_codes_from_indices_in_the_decoders_dtype(torch_backend):
+    # A .half() model: the codebook stays float32, forward's z_q is float16, and so are the codes asked for
+    # in that dtype (a float32 tensor into a float16 decoder is an error).
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, channel_dim=1).half().eval()
+    z = torch.randn(2, 4, 3, 3).half()
+    z_q, _, indices = vq(z)
+    assert vq.embeddings.weight.dtype == torch.float32 and z_q.dtype == torch.float16
+    assert vq.codes_from_indices(indices).dtype == torch.float32
+    codes = vq.codes_from_indices(indices, dtype=torch.float16)
+    assert codes.dtype == torch.float16 and torch.equal(codes, z_q)
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        vq.codes_from_indices(indices, dtype="float16")

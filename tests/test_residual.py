@@ -145,6 +145,11 @@ def test_codes_from_indices_and_bad_arguments():
     z = torch.randn(2, 7, 4)  # (B, N, C)
     z_q, _, indices = rvq(z, 2)
     assert indices.shape == (2, 7, 3) and torch.equal(rvq.codes_from_indices(indices), z_q)
+    # Tokens that keep only the stages they used decode alike, in the decoder's dtype if asked.
+    assert torch.equal(rvq.codes_from_indices(indices[..., :2]), z_q)
+    assert torch.equal(rvq.codes_from_indices(indices[..., :2], dtype=torch.float16), z_q.half())
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        rvq.codes_from_indices(indices, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
         rvq.codes_from_indices(torch.full((2, 3), 10))
     with pytest.raises(ValueError, match="-1"):

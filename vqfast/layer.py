@@ -489,7 +489,8 @@ class VectorQuantizer(nn.Module):
             return self.channel_dim % ndim
         return 1 if ndim >= 4 else ndim - 1
 
-    def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
+    def codes_from_indices(self, indices: Tensor, check_indices: bool = True,
+                           dtype: torch.dtype | None = None) -> Tensor:
         """The values of the ``z_q`` that :meth:`forward` returns for these ``indices``, in the same layout:
         the codes with the channel dimension put back where forward finds it, e.g. (B, C, H, W) for
         (B, H, W) indices, (B, N, C) for (B, N) and (N, C) for (N,) (or at ``channel_dim``); unit codes
@@ -503,8 +504,12 @@ class VectorQuantizer(nn.Module):
         Index -1 (a row that forward's ``mask`` left out) gives a zero vector. Other indices outside
         [0, K) raise ValueError, a host-side check that ``check_indices=False`` skips on the GPU (as in
         :func:`vqfast.gather`, which under ``torch.compile`` checks with an assertion inside the graph
-        on the CPU backend and not at all on the Triton backend).
+        on the CPU backend and not at all on the Triton backend). ``dtype``: the codes in that dtype
+        instead, e.g. ``torch.float16`` for the decoder of a ``.half()`` model (forward's ``z_q`` is
+        in z's).
         """
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() == 0:
@@ -530,6 +535,8 @@ class VectorQuantizer(nn.Module):
             codes = gather(weight, indices, check_indices=check_indices)  # (which says what is wrong)
         if self.heads > 1:
             codes = codes.reshape(*indices.shape[:-1], self.heads * self.embedding_dim)
+        if dtype is not None:
+            codes = codes.to(dtype)
         return codes.movedim(-1, channel_dim).contiguous()
 
     def _checked_channel_dim(self, z: Tensor, mask: Tensor | None) -> int:
@@ -853,21 +860,57 @@ class VectorQuantizer(nn.Module):
                 means = reference.unit_rows(means)
             centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
         self.embeddings.weight.copy_(centroids)
-        if self.ema:
-            self.ema_count.fill_(1.0)
-        # Usage measured on the codes k-means replaced says nothing about the new ones. Codes that own a
-        # cluster get the restart credit (a uniform share 1/K once this step's statistics are in), so
-        # codes fitted to earlier pooled batches are not re-seeded for missing from this one; codes
-        # with an empty cluster get none and are re-seeded from the next batch.
+        # Codes that own a cluster get the restart credit, so codes fitted to earlier pooled batches are
+        # not re-seeded for missing from this one; codes with an empty cluster get none and are
+        # re-seeded from the next batch.
+        self._start_statistics(counts > 0)
+
+    def _restart_credit(self) -> float:
+        """The grace credit of a code started afresh: the uniform share 1/K once the step's statistics
+        are in, a relative 1e-6 above it (a few float32 roundings would otherwise put it just under a
+        threshold of exactly 1/K, dead_code_threshold=1, on one backend and not the other)."""
+        decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
+        return (1.0 - decay) / (decay * self.num_embeddings) * (1.0 + 1e-6) if decay > 0 else 0.0
+
+    @torch.no_grad()
+    def _start_statistics(self, credited: Tensor | None = None) -> None:
+        """New codes (k-means', or set from outside): usage measured on the old ones says nothing about
+        them, so the running statistics start over; the ``credited`` codes (all by default) get the
+        restart credit, and EMA counts start at 1. The codebook counts as initialised (no k-means)."""
         self.usage.zero_()
         self.usage_steps.zero_()
-        # The credit is a relative 1e-6 above that share: a few float32 roundings would otherwise put
-        # it just under a threshold of exactly 1/K (dead_code_threshold=1) on one backend and not the other.
-        decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
-        credit = (1.0 - decay) / (decay * k) * (1.0 + 1e-6) if decay > 0 else 0.0
-        self.restart_grace.copy_(torch.where(counts > 0, credit, 0.0))
+        self.batch_counts.zero_()
+        credit = self._restart_credit()
+        if credited is None:
+            self.restart_grace.fill_(credit)
+        else:
+            self.restart_grace.copy_(torch.where(credited, credit, 0.0))
+        if self.ema:
+            self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
         self._needs_init = False
+        self._kmeans_pool, self._kmeans_pool_batches = [], 0
+
+    @torch.no_grad()
+    def set_codebook(self, codes: Tensor) -> None:
+        """Use ``codes`` (K, D) as the codebook, e.g. pretrained ones: copied into
+        ``embeddings.weight`` (which stays float32), the codebook marked initialised (no k-means), and
+        the usage statistics started afresh with every code holding the grace credit of a restarted
+        code, so that dead-code restarts leave the codes the first batches happen not to pick alone
+        (for about 70 steps at the defaults) and re-seed only those the data does not use. A state dict
+        that brings codes without statistics (the article's layer's) is loaded the same way. Under
+        DDP, call it on every rank with the same codes. Plain PyTorch:
+        ``vq.embeddings.weight.copy_(codes)`` plus that bookkeeping (a bare ``copy_`` keeps the old
+        statistics, which may then count many of the new codes as dead)."""
+        weight = self.embeddings.weight
+        if not isinstance(codes, Tensor):
+            raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+        if codes.shape != weight.shape:
+            raise ValueError(f"codes must have the codebook's shape {tuple(weight.shape)}, got {tuple(codes.shape)}")
+        if not codes.is_floating_point():
+            raise TypeError(f"codes must be a floating-point tensor, got {codes.dtype}")
+        weight.copy_(codes)
+        self._start_statistics()
 
     def _usage_share(self) -> Tensor:
         """Bias-corrected running usage share of every code (0 before the first training step)."""
@@ -1017,13 +1060,21 @@ class VectorQuantizer(nn.Module):
         pool, batches = state_dict.get(pool_key), state_dict.get(batches_key)
         # A state of the whole layer (not just its pool, as a distributed resume loads per rank).
         whole = prefix + "initialized" in state_dict or prefix + "embeddings.weight" in state_dict
+        # taming-transformers' VectorQuantizer (VQGAN) names its codebook "embedding".
+        alias = prefix + "embedding.weight"
+        if alias in state_dict and prefix + "embeddings.weight" not in state_dict:
+            # In place: the embedding module loads its weight from this dict (load_state_dict's own copy).
+            state_dict[prefix + "embeddings.weight"] = state_dict.pop(alias)
+        # Codes without statistics (the article's layer, VQGAN): statistics started afresh for them, as
+        # set_codebook does, not this layer's own, which describe other codes.
+        fresh = prefix + "embeddings.weight" in state_dict and "usage" in missing
         if missing or extra:
             state_dict = dict(state_dict)
             for key in extra:
                 del state_dict[key]
             for name in missing:
                 if name != "initialized":
-                    state_dict[prefix + name] = self._buffers[name]
+                    state_dict[prefix + name] = self._fresh_buffer(name) if fresh else self._buffers[name]
         key = prefix + "initialized"
         if key in state_dict:
             self._needs_init = not bool(state_dict[key])
@@ -1039,6 +1090,13 @@ class VectorQuantizer(nn.Module):
             self._kmeans_pool, self._kmeans_pool_batches = [], 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _fresh_buffer(self, name: str) -> Tensor:
+        """What :meth:`_start_statistics` puts in buffer ``name`` (all codes credited)."""
+        buffer = self._buffers[name]
+        if name == "restart_grace":
+            return torch.full_like(buffer, self._restart_credit())
+        return torch.ones_like(buffer) if name == "ema_count" else torch.zeros_like(buffer)
 
     def _load_kmeans_pool(self, pool: Any, batches: Any, key: str, error_msgs: list[str]) -> None:
         try:

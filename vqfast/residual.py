@@ -163,27 +163,32 @@ class ResidualVectorQuantizer(nn.Module):
             for m, training in modes:
                 m.training = training
 
-    def codes_from_indices(self, indices: Tensor, check_indices: bool = True) -> Tensor:
-        """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., the layer's num_quantizers): the
-        sum of each stage's codes, -1 marking an unused stage (rows a mask left out, -1 at every stage,
+    def codes_from_indices(self, indices: Tensor, check_indices: bool = True,
+                           dtype: torch.dtype | None = None) -> Tensor:
+        """The ``z_q`` values :meth:`forward` gives for ``indices`` (..., S): the sum of the codes of the
+        first S stages (S at most the layer's num_quantizers: tokens of a lower bitrate may keep only
+        the stages they used), -1 marking an unused stage (rows a mask left out, -1 at every stage,
         decode to zeros, where forward gave z); in the stages' layout and the codebooks'
-        dtype (float32: for fp32, fp16 and bf16 z, forward's ``z_q`` is this cast to z's dtype),
-        differentiable with respect to the codebooks. Other indices outside [0, K) raise ValueError (a
-        host-side check that ``check_indices=False`` skips on the GPU, as in :func:`vqfast.gather`)."""
+        dtype (float32: for fp32, fp16 and bf16 z, forward's ``z_q`` is this cast to z's dtype), or in
+        ``dtype`` when given, differentiable with respect to the codebooks. Other indices outside [0, K)
+        raise ValueError (a host-side check that ``check_indices=False`` skips on the GPU, as in
+        :func:`vqfast.gather`)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
-            raise ValueError(f"indices must end in a dimension of num_quantizers={self.num_quantizers}, got shape "
-                             f"{tuple(indices.shape)}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if indices.dim() < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(f"indices must end in a dimension of at most num_quantizers={self.num_quantizers} "
+                             f"stages (unused stages may be -1), got shape {tuple(indices.shape)}")
         if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
                 and indices.numel() and int(indices.min()) < -1):
             raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(indices.min())}")
         total = None
-        for stage, vq in enumerate(self.quantizers):
+        for stage, vq in enumerate(self.quantizers[:indices.shape[-1]]):
             # (Each stage decodes -1 to zeros.)
             codes = vq.codes_from_indices(indices[..., stage], check_indices=check_indices)
             total = codes if total is None else total + codes
-        return total
+        return total if dtype is None else total.to(dtype)
 
     def codebook_usage(self) -> list[dict[str, Any]]:
         """Each stage's :meth:`VectorQuantizer.codebook_usage`, in order."""
