@@ -273,10 +273,11 @@ def _picker(layout: tuple[int, ...]) -> Callable[[tuple], tuple]:
 
 def _first_launch(kernel: Any, info: _KernelInfo, key: tuple, grid: Any, args: tuple, meta: dict) -> None:
     """Triton's own launch (compiling, autotuning), then the entry for the next calls like it."""
-    with AUTOTUNER_LOCK if hasattr(kernel, "configs") else contextlib.nullcontext():
+    tuned = hasattr(kernel, "configs")
+    with AUTOTUNER_LOCK if tuned else contextlib.nullcontext():
         compiled = kernel[grid](*args, **meta)
         # (Read under the lock: another thread's launch may move best_config.)
-        config = getattr(kernel, "best_config", None) if hasattr(kernel, "configs") else None
+        config = getattr(kernel, "best_config", None) if tuned else None
     if hasattr(compiled, "result"):  # a compilation future (asynchronous compile mode)
         compiled = compiled.result()
     if compiled is None or (config is not None and config.pre_hook is not None):
