@@ -165,23 +165,42 @@ class StandInDriver:
         return bench
 
 
+def _bundled_tool(name: str) -> Path | None:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
 def _ptxas() -> str:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+    found = _bundled_tool("ptxas") or shutil.which("ptxas")
     if not found:
         raise SystemExit("no ptxas found (Triton's bundled one or on PATH)")
-    return found
+    return str(found)
 
 
-def _resources(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill stores, spill loads) as ptxas reports them for ``ptx``."""
+def _resources(kernel, arch: int) -> tuple[int, int, int]:
+    """(registers, spill stores, spill loads) of a compiled kernel.
+
+    Read from the cubin Triton built (``cuobjdump -res-usage``, milliseconds): ptxas run again on the
+    PTX takes longer and, without Triton's own ptxas options, may allocate registers differently. A
+    kernel without local memory has no spills; for one with it, ptxas -v gives the spills' bytes."""
+    tool = _bundled_tool("cuobjdump")
+    regs = None
+    if tool is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "k.cubin"
+            path.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+        regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+        if regs and local and int(local.group(1)) == 0:
+            return int(regs.group(1)), 0, 0
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
+        src.write_text(kernel.asm["ptx"])
         log = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
+    if not regs:
+        regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return (int(regs.group(1)) if regs else -1,
             int(spills.group(1)) if spills else -1, int(spills.group(2)) if spills else -1)
@@ -191,13 +210,14 @@ def _mma_loop_instructions(cubin: bytes) -> int:
     """Instructions in the innermost loop that contains an HGMMA, from ``nvdisasm`` of the cubin: what
     one thread issues per tile of the search (MMA, loads, addresses and the epilogue's argmin), a
     static measure of the epilogue's cost beside the tensor-core work. -1 without such a loop."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not tool.exists():
+    tool = _bundled_tool("nvdisasm")
+    if tool is None:
         return -1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        sass = subprocess.run([str(tool), "-c", str(path)], capture_output=True, text=True).stdout
+        # No dataflow analysis (-ndf): a quarter of the time, the same instructions.
+        sass = subprocess.run([str(tool), "-c", "-ndf", str(path)], capture_output=True, text=True).stdout
     instructions: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
@@ -424,7 +444,7 @@ def run(arch: int, quick: bool) -> Report:
             meta = kernel.metadata
             v = Variant(kernel=name, case=case, constants=_constants(kernel), num_warps=meta.num_warps,
                         num_stages=meta.num_stages, shared_bytes=meta.shared)
-            v.registers, v.spill_stores, v.spill_loads = _resources(kernel.asm["ptx"], arch)
+            v.registers, v.spill_stores, v.spill_loads = _resources(kernel, arch)
             v.mma = _mma_kind(kernel.asm["ptx"])
             if v.mma == "wgmma" and arch >= 90:
                 v.loop_instructions = _mma_loop_instructions(kernel.asm["cubin"])

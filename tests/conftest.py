@@ -18,6 +18,53 @@ else:
 import pytest  # noqa: E402
 
 
+class _NoChanges:
+    def restore(self) -> None:
+        pass
+
+
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter replaces the builtins of ``triton.language`` at every launch (undone at its
+    end), and again, by scanning the whole module, at every call of a ``@triton.jit`` helper inside the
+    launch, where they are already replaced (the scan changes nothing): a third of the interpreted
+    kernels' time. This skips a helper's patch when its modules (``tl``, ``tl.core``) were patched in
+    the running launch; a helper that sees a module the launch did not patch is patched as before."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original is None or executor is None or getattr(original, "once_per_launch", False):
+        return
+    import triton.language as tl
+
+    state: dict = {"patched": None}  # ids of the modules patched in the running launch, None outside one
+
+    def patch_lang(fn):
+        modules = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if state["patched"] is not None and modules <= state["patched"]:
+            return _NoChanges()
+        scope = original(fn)
+        if state["patched"] is not None:
+            state["patched"] |= modules
+            return scope
+        state["patched"] = modules  # a launch starts; it ends when its patches are undone
+        undo = scope.restore
+
+        def restore() -> None:
+            state["patched"] = None
+            undo()
+
+        scope.restore = restore
+        return scope
+
+    patch_lang.once_per_launch = True
+    interpreter._patch_lang = patch_lang
+
+
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_language_once_per_launch()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -66,11 +66,19 @@ def test_nearest_code_fp16(n, k, d, splits, kernel_device):
     assert ((dist.double().cpu() - d_chosen).abs() <= 1e-5 * scale).all()
 
 
-def test_forced_splits_are_capped(kernel_device):
-    """num_splits beyond the cap (1,024) runs with the cap, and the answer is unchanged."""
-    z, c = _data(3, 2100, 5, torch.float32, kernel_device, seed=7)
+def test_forced_splits_are_capped(kernel_device, monkeypatch):
+    """num_splits beyond the cap runs with the cap, and the answer is unchanged. (The cap, 1,024
+    splits, lowered to 5 here: a thousand programs take minutes in the interpreter.)"""
+    from vqfast.kernels import nearest
+
+    for interp in (True, False):
+        _, splits = nearest._split_codes(10**6, 10**5, interp)
+        assert splits <= nearest._MAX_SPLITS
+    monkeypatch.setattr(nearest, "_MAX_SPLITS", 5)
+    assert nearest._split_codes(301, 300, True) == (61, 5)
+    z, c = _data(3, 301, 5, torch.float32, kernel_device, seed=7)
     idx1, dist1 = kernels.nearest_code(z, c, precision="highest", num_splits=1)
-    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=2100)
+    idx, dist = kernels.nearest_code(z, c, precision="highest", num_splits=300)
     assert torch.equal(idx, idx1)
     torch.testing.assert_close(dist, dist1, rtol=1e-6, atol=1e-6)
 
