@@ -872,21 +872,25 @@ class VectorQuantizer(nn.Module):
         decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
         return (1.0 - decay) / (decay * self.num_embeddings) * (1.0 + 1e-6) if decay > 0 else 0.0
 
+    def _fresh_statistics(self, credited: Tensor | None = None) -> dict[str, Tensor]:
+        """The running statistics of codes started afresh, by buffer name: no usage, no steps, no batch
+        counts, the restart credit for the ``credited`` codes (all by default) and, with EMA, counts of 1."""
+        credit = self._restart_credit()
+        grace = self.restart_grace
+        fresh = {name: torch.zeros_like(self._buffers[name]) for name in ("usage", "usage_steps", "batch_counts")}
+        fresh["restart_grace"] = (torch.full_like(grace, credit) if credited is None
+                                  else torch.where(credited, credit, 0.0).to(grace.dtype))
+        if self.ema:
+            fresh["ema_count"] = torch.ones_like(self.ema_count)
+        return fresh
+
     @torch.no_grad()
     def _start_statistics(self, credited: Tensor | None = None) -> None:
         """New codes (k-means', or set from outside): usage measured on the old ones says nothing about
-        them, so the running statistics start over; the ``credited`` codes (all by default) get the
-        restart credit, and EMA counts start at 1. The codebook counts as initialised (no k-means)."""
-        self.usage.zero_()
-        self.usage_steps.zero_()
-        self.batch_counts.zero_()
-        credit = self._restart_credit()
-        if credited is None:
-            self.restart_grace.fill_(credit)
-        else:
-            self.restart_grace.copy_(torch.where(credited, credit, 0.0))
-        if self.ema:
-            self.ema_count.fill_(1.0)
+        them, so the running statistics start over (:meth:`_fresh_statistics`). The codebook counts as
+        initialised (no k-means)."""
+        for name, value in self._fresh_statistics(credited).items():
+            self._buffers[name].copy_(value)
         self.initialized.fill_(True)
         self._needs_init = False
         self._kmeans_pool, self._kmeans_pool_batches = [], 0
@@ -1072,9 +1076,10 @@ class VectorQuantizer(nn.Module):
             state_dict = dict(state_dict)
             for key in extra:
                 del state_dict[key]
+            started = self._fresh_statistics() if fresh else {}
             for name in missing:
                 if name != "initialized":
-                    state_dict[prefix + name] = self._fresh_buffer(name) if fresh else self._buffers[name]
+                    state_dict[prefix + name] = started.get(name, self._buffers[name])
         key = prefix + "initialized"
         if key in state_dict:
             self._needs_init = not bool(state_dict[key])
@@ -1090,13 +1095,6 @@ class VectorQuantizer(nn.Module):
             self._kmeans_pool, self._kmeans_pool_batches = [], 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-    def _fresh_buffer(self, name: str) -> Tensor:
-        """What :meth:`_start_statistics` puts in buffer ``name`` (all codes credited)."""
-        buffer = self._buffers[name]
-        if name == "restart_grace":
-            return torch.full_like(buffer, self._restart_credit())
-        return torch.ones_like(buffer) if name == "ema_count" else torch.zeros_like(buffer)
 
     def _load_kmeans_pool(self, pool: Any, batches: Any, key: str, error_msgs: list[str]) -> None:
         try:
