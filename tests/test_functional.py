@@ -677,3 +677,21 @@ def test_cosine_rows_far_from_unit_scale_are_not_taken_for_zero(scale):
     idx, dist = vqfast.nearest_code(rows, torch.tensor([[1.0, 2.0], [2.0, -1.0]]), metric="cosine")
     assert idx.tolist() == [0, 1]
     assert dist[0] < 0.06
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_check_indices_and_rows_of_no_values_are_refused_up_front(backend, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", backend)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    c = torch.randn(4, 3, device=device)
+    i = torch.tensor([1, 1, 2], device=device)
+    # Any truthy value used to count as True (a string, or a dtype passed in its place).
+    for call in (lambda: vqfast.gather(c, i, check_indices="no"), lambda: vqfast.code_usage(i, 4, "no"),
+                 lambda: vqfast.quantize(torch.randn(3, 3, device=device), c, indices=i, check_indices=None)):
+        with pytest.raises(TypeError, match="check_indices"):
+            call()
+    # rotate_to_codes accepted D = 0 and failed in its backward, differently per backend.
+    z = torch.randn(6, 0, device=device, requires_grad=True)
+    for bad in (z, torch.randn((), device=device)):
+        with pytest.raises(ValueError, match="D >= 1"):
+            vqfast.rotate_to_codes(bad, torch.zeros_like(bad))

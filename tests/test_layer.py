@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import triton_usable
-from vqfast import VectorQuantizer, reference
+from vqfast import ResidualVectorQuantizer, VectorQuantizer, reference
 from vqfast.functional import quantize
 
 
@@ -1427,3 +1427,20 @@ def test_codes_from_indices_in_the_decoders_dtype(torch_backend):
     assert codes.dtype == torch.float16 and torch.equal(codes, z_q)
     with pytest.raises(TypeError, match="floating-point torch.dtype"):
         vq.codes_from_indices(indices, dtype="float16")
+
+
+def test_z_q_needs_no_grad_when_z_needs_none_and_misplaced_arguments_are_refused(backend, device):
+    # z_q's gradient goes to z alone (straight through): an input that needs none gives a z_q with none
+    # on every backend (the fused step's node had marked it differentiable), while the loss still
+    # reaches the codebook.
+    torch.manual_seed(5)
+    vq = VectorQuantizer(16, 8).to(device)
+    z_q, loss, indices = vq(torch.randn(2, 8, 3, 3, device=device))
+    assert not z_q.requires_grad and z_q.grad_fn is None and loss.requires_grad
+    # A dtype passed in check_indices' place was taken as True and ignored: refused now.
+    with pytest.raises(TypeError, match="check_indices"):
+        vq.codes_from_indices(indices, torch.float16)
+    assert vq.codes_from_indices(indices, dtype=torch.float16).dtype == torch.float16
+    rvq = ResidualVectorQuantizer(2, 16, 8).to(device)
+    with pytest.raises(TypeError, match="check_indices"):
+        rvq.codes_from_indices(torch.zeros(3, 2, dtype=torch.int64, device=device), torch.float16)

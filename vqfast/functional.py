@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vqfast import reference
 from vqfast._checks import (
-    check_row_mask,
+    check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
     check_usage_inputs,
 )
@@ -227,6 +227,7 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     them with an assertion inside the compiled graph instead (with ``VQFAST_BACKEND=torch`` on a GPU,
     a device-side assertion, fatal to the process's CUDA context, as bad indices in compiled code are).
     """
+    check_indices = check_bool(check_indices, "check_indices")
     check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
         return reference.gather(codebook, indices)
@@ -250,6 +251,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     assertion inside the compiled graph (as :func:`gather`).
     """
     num_codes = check_num_codes(num_codes)
+    check_indices = check_bool(check_indices, "check_indices")
     check_usage_inputs(indices, num_codes,
                        check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(indices.device) == "torch":
@@ -323,6 +325,7 @@ def quantize(
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
     beta = check_number(beta, "beta", minimum=0.0)
+    check_indices = check_bool(check_indices, "check_indices")
     wide = torch.float64 in (z.dtype, codebook.dtype)
     backend = resolve_backend(z.device, torch.float64 if wide else z.dtype)
     # The shape first: a range error about the -1 of a masked row would point at the wrong problem.
@@ -512,4 +515,7 @@ def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
         raise ValueError(f"z and codes must have the same shape, got {tuple(z.shape)} and {tuple(codes.shape)}")
     if z.device != codes.device:
         raise ValueError(f"z is on {z.device}, codes on {codes.device}: they must be on the same device")
+    if z.dim() == 0 or z.shape[-1] == 0:
+        # (The other ops refuse it too: a row of no values has no direction to rotate.)
+        raise ValueError(f"z and codes must be (..., D) with D >= 1, got shape {tuple(z.shape)}")
     return _RotateToCodes.apply(z, codes)

@@ -131,6 +131,9 @@ class _LayoutQuantize(torch.autograd.Function):
         z_q = z_q.reshape(last_shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
             z_q = z_q.contiguous()
+        if not ctx.needs_input_grad[0]:
+            # Straight through: z_q's gradient goes to z alone, so without z needing one it has none.
+            ctx.mark_non_differentiable(z_q)
         return z_q, loss
 
     @staticmethod
@@ -510,6 +513,8 @@ class VectorQuantizer(nn.Module):
         """
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        # (A dtype passed in check_indices' place would otherwise count as True and be ignored.)
+        check_indices = check_bool(check_indices, "check_indices")
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() == 0:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vqfast._checks import check_int, check_number
+from vqfast._checks import check_bool, check_int, check_number
 from vqfast.functional import rotate_to_codes
 from vqfast.layer import GRADIENTS, VectorQuantizer
 
@@ -173,6 +173,7 @@ class ResidualVectorQuantizer(nn.Module):
         ``dtype`` when given, differentiable with respect to the codebooks. Other indices outside [0, K)
         raise ValueError (a host-side check that ``check_indices=False`` skips on the GPU, as in
         :func:`vqfast.gather`)."""
+        check_indices = check_bool(check_indices, "check_indices")
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
