@@ -35,6 +35,36 @@ def test_two_forwards_before_backward_while_kmeans_pools(device, options):
     torch.testing.assert_close(z1.grad, z1_twin.grad)
 
 
+@pytest.mark.parametrize("options", [dict(init="kmeans"), dict(init="kmeans", metric="cosine"), dict(ema=True), {}])
+def test_a_step_that_keeps_the_codes_then_one_that_rewrites_them_before_one_backward(device, options):
+    """A forward after which no codes are rewritten (the one running k-means, or an eval-mode one) used
+    to save the parameter itself for its backward; a second forward that then runs k-means, restarts
+    codes or averages them wrote it in place before that backward ("modified by an inplace
+    operation"). Each step's gradient is the one it gets alone."""
+    torch.manual_seed(3)
+    z1, z2 = torch.randn(40, 8, device=device), torch.randn(40, 8, device=device) * 3
+    for first_mode in ("train", "eval"):
+        vq = VectorQuantizer(16, 8, **options).to(device)
+        start = {name: value.clone() for name, value in vq.state_dict().items()}
+        x1, x2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        vq.train(first_mode == "train")
+        torch.manual_seed(4)  # (k-means seeds from random rows)
+        _, loss1, _ = vq(x1)
+        version = vq.embeddings.weight._version
+        vq.train()
+        _, loss2, _ = vq(x2)
+        # (What the backward checks: whether the tensor was written in place since it was saved.)
+        assert vq.embeddings.weight._version > version, "the second step did not write the codebook"
+        (loss1 + loss2).backward()
+        twin = VectorQuantizer(16, 8, **options).to(device)
+        twin.load_state_dict(start)
+        twin.train(first_mode == "train")
+        x1_twin = z1.clone().requires_grad_()
+        torch.manual_seed(4)
+        twin(x1_twin)[1].backward()
+        torch.testing.assert_close(x1.grad, x1_twin.grad)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_a_recomputed_training_forward_raises(device, reentrant):
     torch.manual_seed(0)

@@ -685,15 +685,17 @@ class VectorQuantizer(nn.Module):
     def _step_codebook(self, weight: Tensor, train: bool, restarts: bool) -> tuple[Tensor, bool]:
         """The codebook a step quantizes with, and whether it must be copied (differentiably) first.
 
-        The step's op saves the codebook for its backward, and the upkeep after the step rewrites the
-        parameter in place. EMA rewrites it: the step gets a private copy, without gradient (none flows
-        to EMA codes). Restarts rewrite rows of it: the step gets a differentiable copy, so that the
-        gradient still reaches the parameter."""
+        The step's ops save the codebook for their backward, and the upkeep after this step or a later
+        training step (EMA, restarts, k-means still to come) rewrites the parameter in place, possibly
+        before this step's backward (a layer applied to several inputs, or an eval-mode forward followed
+        by a training one). A training step with EMA gets a private copy without gradient (none flows to
+        EMA codes); otherwise, where the codes may be rewritten, a differentiable copy, so that the
+        gradient still reaches the parameter. Without grad mode nothing is saved, so nothing is copied."""
         if self.ema and train:
             return _snapshot(weight.detach()), False
-        # k-means still to come rewrites it too, in a later forward: one that may run before this
-        # step's backward (a layer applied to two inputs), which needs the codes it searched.
-        return weight, restarts or (train and self._needs_init and weight.requires_grad)
+        rewritten = self.ema or (weight.requires_grad and (
+            restarts or self._needs_init or self.dead_code_threshold > 0))
+        return weight, rewritten and torch.is_grad_enabled()
 
     def _ema_loss(self, loss: Tensor) -> Tensor:
         """With EMA, quantize's loss (1 + beta) * mse, whose gradient to z is beta * dmse (the codebook is
