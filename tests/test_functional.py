@@ -657,6 +657,10 @@ def test_triton_backward_refuses_a_second_derivative(triton_backend, kernel_devi
             out_ref = (vqfast.gather(c_ref, torch.tensor([0, 2, 2])) ** 3).sum()
             (grad_ref,) = torch.autograd.grad(out_ref, c_ref)
     torch.testing.assert_close(grad.detach().cpu(), grad_ref, rtol=1e-5, atol=1e-6)
+    # Through torch.autograd.grad too, which runs only the nodes on the way to its inputs (the refusal
+    # was pruned: None with allow_unused, else "not used in the graph").
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad((grad**2).sum(), z if op == "quantize" else c, retain_graph=True, allow_unused=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         (grad**2).sum().backward()
 

@@ -155,8 +155,9 @@ class _SecondDerivativeRefused(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises."""
 
     @staticmethod
-    def forward(ctx, *grads: Tensor):  # type: ignore[override]
-        return tuple(g.clone() for g in grads)
+    def forward(ctx, count: int, *tensors: Tensor):  # type: ignore[override]
+        """Clones of the first ``count`` tensors; the others only tie the node into the graph."""
+        return tuple(g.clone() for g in tensors[:count])
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
@@ -168,7 +169,8 @@ def first_order_only(backward: Callable) -> Callable:
     """For an autograd Function's ``backward`` whose kernels have no backward of their own. In plain
     training (grad mode off in the backward) it just calls it. Under ``create_graph=True`` it runs it
     without recording and, when an input of the Function needs a gradient, returns gradients that
-    raise if differentiated again; a gradient passed through unchanged (the straight-through one)
+    raise if differentiated again (by ``.backward()`` or ``torch.autograd.grad``, through the incoming
+    gradients or the saved inputs); a gradient passed through unchanged (the straight-through one)
     stays differentiable, being exact. (``torch.autograd.function.once_differentiable`` looks only at
     the incoming gradients, so a second derivative through the inputs, as a gradient penalty takes,
     came out silently wrong.)"""
@@ -186,9 +188,15 @@ def first_order_only(backward: Callable) -> Callable:
         incoming = {id(g) for g in grad_outputs if g is not None}
         refuse = [isinstance(g, Tensor) and id(g) not in incoming for g in grads]
         if any(refuse):
-            # Leaves that require grad, so the clones carry the refusing node whatever the inputs were.
-            leaves = [g.detach().requires_grad_() for g, r in zip(grads, refuse) if r]
-            refused = iter(_SecondDerivativeRefused.apply(*leaves))
+            # The refusing node takes, besides the gradients, what they depend on in the graph: the
+            # incoming gradients and the saved inputs that require grad. Otherwise
+            # torch.autograd.grad, which runs only the nodes between its outputs and inputs, would
+            # prune it and report the input unused (or None with allow_unused) instead of refusing.
+            # Gradients that depend on none of them get leaves of their own, which .backward()
+            # reaches.
+            graph = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+            sources = [g.detach().requires_grad_() if not graph else g for g, r in zip(grads, refuse) if r]
+            refused = iter(_SecondDerivativeRefused.apply(len(sources), *sources, *graph))
             grads = tuple(next(refused) if r else g for g, r in zip(grads, refuse))
         return grads[0] if single else grads
 
