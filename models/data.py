@@ -129,22 +129,30 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     return archive
 
 
+def _npz_array(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except ValueError as exc:  # an object array: loading it would mean unpickling, which is never done
+        raise ValueError(f"{path}: {key!r} is an object array ({exc}); store numbers (images as uint8) "
+                         f"and class names as strings") from None
+
+
 def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     with _open_npz(path) as data:
         keys = set(data.files)
         split, other = ("train", "test") if train else ("test", "train")
         if f"x_{split}" in keys:
             key = f"x_{split}"
-            y = data[f"y_{split}"] if f"y_{split}" in keys else None
+            y = _npz_array(data, f"y_{split}", path) if f"y_{split}" in keys else None
         elif "x" in keys:
             key = "x"
-            y = data["y"] if "y" in keys else None
+            y = _npz_array(data, "y", path) if "y" in keys else None
         elif f"x_{other}" in keys:
             raise ValueError(f"{path} has 'x_{other}' but no 'x_{split}' array")
         else:
             raise ValueError(f"{path}: expected arrays 'x' (N, 32, 32, 3) uint8 and 'y', found {sorted(keys)}")
-        x = data[key]
-        classes = tuple(str(c) for c in data["class_names"]) if "class_names" in keys else None
+        x = _npz_array(data, key, path)
+        classes = tuple(str(c) for c in _npz_array(data, "class_names", path)) if "class_names" in keys else None
     return key, x, y, classes
 
 
@@ -175,7 +183,7 @@ def has_test_split(source: str | Path) -> bool:
     if src in BUILTIN_SOURCES:
         return True
     path = Path(src).expanduser()
-    if path.is_file() and path.suffix == ".npz":
+    if path.is_file() and path.suffix.lower() == ".npz":
         try:
             with _open_npz(path) as data:
                 return "x_test" in data.files
@@ -378,10 +386,11 @@ def dataset_label(ds: Dataset, source: str = "") -> str:
 
 def describe_source(source: str) -> str:
     """A short, file-name-safe label for a data source (used in output file names)."""
-    p = Path(source)
     if source in BUILTIN_SOURCES:
         return source
-    return p.stem if p.suffix else p.name
+    # Resolved: "." or "../imgs/" name no file ("eval--all.csv"), the folder they point at does.
+    p = Path(source).expanduser().resolve()
+    return (p.stem if p.suffix else p.name) or "data"
 
 
 def source_of(ds: Dataset, source: str) -> str:
@@ -431,7 +440,7 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
         if path.is_dir():
             ds = load_image_folder(path)
             by_class = True
-        elif path.is_file() and path.suffix == ".npz":
+        elif path.is_file() and path.suffix.lower() == ".npz":
             ds = load_npz(path, train=train)
         elif path.exists():
             raise ValueError(f"{src}: expected a folder of images (ImageFolder layout) or an .npz file")

@@ -1005,6 +1005,20 @@ def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> Non
                          "how the codebook starts: give one of them")
 
 
+def _built_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The run's model on ``device``; running out of memory for it is the options' fault, said as such."""
+    try:
+        return build_model(cfg.model, **_model_kwargs(cfg)).to(device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
+            raise
+        sizes = (f"--codes {cfg.num_codes}, --code-dim {cfg.code_dim}" if cfg.model == "vqvae"
+                 else f"--latent-dim {cfg.latent_dim}")
+        raise ValueError(f"the {cfg.model} model does not fit in memory on {device} with {sizes} "
+                         f"({text.splitlines()[0] if text else type(exc).__name__})") from None
+
+
 def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
            settings: ExitStack | None = None) -> TrainResult:
     """:func:`train` within its backend; ``settings`` holds what the run switches on for its duration
@@ -1116,6 +1130,13 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     # available since.
     cfg.data = source
 
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    # Before the run folder exists: a model too large for memory leaves nothing behind.
+    model = _built_model(cfg, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
     log_path = run_dir / "train.log" if dist.is_main else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1126,11 +1147,6 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 if stale.is_file():  # a folder of the user's that happens to match is left alone
                     stale.unlink()
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = build_model(cfg.model, **_model_kwargs(cfg)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     torch.manual_seed(cfg.seed + dist.rank)  # but independent noise (VAE draws) per rank
 
     shuffle_gen = torch.Generator()

@@ -65,3 +65,15 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(monkeypatc
     monkeypatch.setattr(bench, "main", breaks_another_pipe)
     with pytest.raises(BrokenPipeError, match="a worker's pipe"):
         cli.main(["bench"])
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(monkeypatch, capsys):
+    # Ctrl-C during the seconds of importing torch, before a command handles it itself: no traceback.
+    from vqfast import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train", "vqvae"]) == 130
+    assert capsys.readouterr().err.strip() == "Interrupted."

@@ -380,6 +380,29 @@ def test_unreadable_npz_is_a_clear_error(tmp_path: Path) -> None:
         assert not data_mod.has_test_split(tmp_path / f"{name}.npz")
 
 
+def test_npz_object_arrays_and_upper_case_suffixes(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "objects.npz"
+    np.savez(path, x=images, class_names=np.array(["a", 1], dtype=object))
+    # numpy's own message named neither the file nor the array.
+    with pytest.raises(ValueError, match=r"objects\.npz: 'class_names' is an object array"):
+        load_dataset(str(path))
+    upper = tmp_path / "IMAGES.NPZ"
+    np.savez(tmp_path / "IMAGES.npz", x=images)
+    (tmp_path / "IMAGES.npz").rename(upper)
+    assert len(load_dataset(str(upper))) == 5 and not data_mod.has_test_split(upper)
+
+
+def test_sources_given_as_dot_or_with_a_trailing_slash_are_named_after_their_folder(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert data_mod.describe_source(".") == data_mod.describe_source("./") == "imgs"
+    assert data_mod.describe_source("../imgs/") == "imgs"
+    assert data_mod.describe_source("sample") == "sample"
+
+
 def test_batches_come_whole_and_in_the_sampler_order():
     """``__getitems__`` builds a DataLoader batch at once; it must equal the per-image path, in the same
     order, also through a Subset."""

@@ -136,6 +136,20 @@ def test_bad_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert "missing.npz" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_model_too_large_for_memory_is_an_error_line_and_leaves_no_run_folder(tmp_path: Path, monkeypatch,
+                                                                               capsys) -> None:
+    # (The allocator's failure is stood in for: a real one could, with overcommit, start paging instead.)
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1638400000000 bytes")
+
+    monkeypatch.setattr(train_mod, "build_model", allocation_fails)
+    out = tmp_path / "run"
+    assert train_main(_train_args("ae", "--data", "sample", "--latent-dim", "100000000", "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "does not fit in memory" in err and "--latent-dim 100000000" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_vq_option_values_parse_as_json_or_python_constants() -> None:
     args = _train_args("vqvae", "--vq-option", "ema=True", "--vq-option", "decay=0.9", "--vq-option", "init=uniform",
                        "--vq-option", "dead_code_threshold=0", "--vq-option", "sync_distributed=false")

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's own handling starts (while torch is imported, a few seconds): the
+        # commands print their own line and return 130 once running.
+        print("Interrupted.", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # A broken pipe elsewhere (a socket, a worker) is an error of its own.
         if not _stdout_reader_gone():
