@@ -1263,8 +1263,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             _print(note, log_path)
         if start_epoch < epochs or start_batch:  # (a finished run resumed is only evaluated again)
             _print(f"Training {cfg.model} ({count_parameters(model):,} parameters) on {device} "
-                   f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} images, {steps_per_epoch} "
-                   f"batches/epoch{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}]"
+                   f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} image{'s' if len(train_set) != 1 else ''}, "
+                   f"{steps_per_epoch} batch{'es' if steps_per_epoch != 1 else ''}/epoch{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}]"
                    f" -> {run_dir}", log_path)
 
     is_vq = cfg.model == "vqvae"
@@ -1528,7 +1528,7 @@ def _finish_run(model: nn.Module, cfg: TrainConfig, train_set: Dataset, test_set
         head, which = f"Test ({test_label}, {result['n']} image{'s' if result['n'] != 1 else ''})", "test"
     else:
         why, advice = _why_not_held_out(cfg, test_label)
-        head = f"Evaluation on {result['n']} TRAINING images, not a test ({why}; {advice})"
+        head = f"Evaluation on {result['n']} TRAINING image{'s' if result['n'] != 1 else ''}, not a test ({why}; {advice})"
         which = "evaluated training"
     lines = [f"{head}: MSE/pixel {test['mse']:.5f} | PSNR {test['psnr']:.2f} dB | SSE/image "
              f"{test['sse_per_image']:.3f} | predicting the mean training image instead: MSE/pixel {baseline:.5f}"]

@@ -1446,3 +1446,11 @@ def test_z_q_needs_no_grad_when_z_needs_none_and_misplaced_arguments_are_refused
     rvq = ResidualVectorQuantizer(2, 16, 8).to(device)
     with pytest.raises(TypeError, match="check_indices"):
         rvq.codes_from_indices(torch.zeros(3, 2, dtype=torch.int64, device=device), torch.float16)
+
+
+def test_a_state_dict_whose_initialized_flag_is_not_one_value_is_a_loading_error():
+    vq = VectorQuantizer(8, 4)
+    state = vq.state_dict()
+    state["initialized"] = torch.tensor([True, False])
+    with pytest.raises(RuntimeError, match="initialized: expected a single flag, got shape \\(2,\\)"):
+        vq.load_state_dict(state)

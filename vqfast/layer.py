@@ -1089,7 +1089,12 @@ class VectorQuantizer(nn.Module):
                     state_dict[prefix + name] = started.get(name, self._buffers[name])
         key = prefix + "initialized"
         if key in state_dict:
-            self._needs_init = not bool(state_dict[key])
+            flag = state_dict[key]
+            if isinstance(flag, Tensor) and flag.numel() != 1:
+                # (bool() of it would raise "ambiguous" before load_state_dict's shape check names it.)
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t{key}: expected "
+                                   f"a single flag, got shape {tuple(flag.shape)}")
+            self._needs_init = not bool(flag)
         elif prefix + "embeddings.weight" in state_dict:
             # Loaded codes (e.g. from the article's layer) must not be overwritten by k-means.
             self._needs_init = False
