@@ -1003,6 +1003,10 @@ def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> Non
     if "init" in cfg.vq_kwargs and cfg.codebook_init is not None and _was_given(cfg, "codebook_init", given):
         raise ValueError(f"--codebook-init {cfg.codebook_init} and --vq-option init={cfg.vq_kwargs['init']} both set "
                          "how the codebook starts: give one of them")
+    if (cfg.model == "vqvae" and cfg.vq_impl == "article" and cfg.vq_preset == "vqfast"
+            and _was_given(cfg, "vq_preset", given)):
+        raise ValueError("--vq-preset vqfast's dead-code restarts are vqfast's VectorQuantizer's, which --vq-impl "
+                         "article replaces (the article's VQ step takes --beta only); use --vq-preset article")
 
 
 def _built_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -1258,6 +1262,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         if not held_out:
             why, advice = _why_not_held_out(cfg, dataset_label(train_set, cfg.data))
             _print(f"Note: {why}, so the end-of-run evaluation uses its training images ({advice})", log_path)
+        if cfg.model == "vqvae" and cfg.vq_impl == "article" and cfg.vq_preset == "vqfast":
+            _print(f"Note: the article's VQ step has no dead-code restarts; of the vqfast preset only its beta "
+                   f"({vq_layer_options(cfg.vq_preset, cfg.beta, cfg.vq_kwargs)['beta']:g}) applies (--vq-preset "
+                   f"article: the article's beta 1)", log_path)
         note = _kmeans_pending_note(model, (epochs - start_epoch) * steps_per_epoch - start_batch)
         if note is not None:
             _print(note, log_path)

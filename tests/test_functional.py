@@ -695,7 +695,6 @@ def test_check_indices_and_rows_of_no_values_are_refused_up_front(backend, monke
         with pytest.raises(TypeError, match="check_indices"):
             call()
     # rotate_to_codes accepted D = 0 and failed in its backward, differently per backend.
-    z = torch.randn(6, 0, device=device, requires_grad=True)
-    for bad in (z, torch.randn((), device=device)):
+    for bad in (torch.randn(6, 0, device=device, requires_grad=True), torch.randn(2, 3, 0, device=device)):
         with pytest.raises(ValueError, match="D >= 1"):
             vqfast.rotate_to_codes(bad, torch.zeros_like(bad))

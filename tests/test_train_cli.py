@@ -111,6 +111,8 @@ def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(cho
     (["vqvae", "--codebook-init", "xavier_normal", "--vq-option", "init=kmeans"], "--codebook-init"),
     # Two commitment weights: one of them would be dropped without a word.
     (["vqvae", "--beta", "0.3", "--vq-option", "beta=0.5"], "--beta 0.3 and --vq-option beta=0.5"),
+    # The article's VQ step has no restarts: the preset that asks for them would be dropped unsaid.
+    (["vqvae", "--vq-impl", "article", "--vq-preset", "vqfast"], "--vq-preset article"),
 ])
 def test_bad_options_fail_before_anything_is_written(argv: list[str], option: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -804,6 +806,8 @@ def test_the_articles_vq_step_is_never_given_more_images_than_its_training_batch
     cfg = dict(model="vqvae", vq_impl="article", num_codes=8, code_dim=4, data="sample", limit=16, batch_size=8,
                epochs=1, eval_limit=40, grid_images=4, progress=False, device="cpu")
     run = train(TrainConfig(**cfg, out=str(tmp_path / "run"))).run_dir
+    # (The default preset's restarts do not apply to it, and the run says so.)
+    assert "no dead-code restarts; of the vqfast preset only its beta (0.25)" in (run / "train.log").read_text()
     evaluate(run, limit=40, worst=20, device="cpu", progress=False, out_dir=tmp_path / "e")
     assert rows and max(rows) == 8 * 16  # 8 images of 4 x 4 latents
     rows.clear()

@@ -523,7 +523,7 @@ def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
         raise ValueError(f"z and codes must have the same shape, got {tuple(z.shape)} and {tuple(codes.shape)}")
     if z.device != codes.device:
         raise ValueError(f"z is on {z.device}, codes on {codes.device}: they must be on the same device")
-    if z.dim() == 0 or z.shape[-1] == 0:
+    if z.dim() > 0 and z.shape[-1] == 0:
         # (The other ops refuse it too: a row of no values has no direction to rotate.)
         raise ValueError(f"z and codes must be (..., D) with D >= 1, got shape {tuple(z.shape)}")
     return _RotateToCodes.apply(z, codes)
