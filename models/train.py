@@ -1013,7 +1013,7 @@ def _built_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The run's model on ``device``; running out of memory for it is the options' fault, said as such."""
     try:
         return build_model(cfg.model, **_model_kwargs(cfg)).to(device)
-    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
         text = str(exc)
         if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
             raise

@@ -639,7 +639,7 @@ class VectorQuantizer(nn.Module):
         valid = self._row_mask(mask)
         train, indices, distances, restarts = self._start_step(rows, weight, valid)
         beta = check_number(self.beta, "beta", minimum=0.0)
-        codebook, copy = self._step_codebook(weight, train, restarts)
+        codebook, copy = self._step_codebook(weight, train)
         step_indices = indices if valid is None else torch.where(valid, indices, -1)
         # The op copies the codebook itself when asked: one autograd node fewer than a clone.
         z_q, loss = _LayoutQuantize.apply(z, codebook, rows, step_indices, beta, cdim, z_last_shape, copy,
@@ -682,7 +682,7 @@ class VectorQuantizer(nn.Module):
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
 
-    def _step_codebook(self, weight: Tensor, train: bool, restarts: bool) -> tuple[Tensor, bool]:
+    def _step_codebook(self, weight: Tensor, train: bool) -> tuple[Tensor, bool]:
         """The codebook a step quantizes with, and whether it must be copied (differentiably) first.
 
         The step's ops save the codebook for their backward, and the upkeep after this step or a later
@@ -693,8 +693,8 @@ class VectorQuantizer(nn.Module):
         gradient still reaches the parameter. Without grad mode nothing is saved, so nothing is copied."""
         if self.ema and train:
             return _snapshot(weight.detach()), False
-        rewritten = self.ema or (weight.requires_grad and (
-            restarts or self._needs_init or self.dead_code_threshold > 0))
+        # (This step's restarts are among them: they need dead_code_threshold > 0.)
+        rewritten = self.ema or (weight.requires_grad and (self._needs_init or self.dead_code_threshold > 0))
         return weight, rewritten and torch.is_grad_enabled()
 
     def _ema_loss(self, loss: Tensor) -> Tensor:
@@ -710,7 +710,7 @@ class VectorQuantizer(nn.Module):
     def _quantize_rows(self, rows: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight
         train, indices, distances, restarts = self._start_step(rows, weight, valid)
-        codebook, copy = self._step_codebook(weight, train, restarts)
+        codebook, copy = self._step_codebook(weight, train)
         if copy:
             codebook = _snapshot(codebook)
         if valid is None:
