@@ -205,10 +205,26 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     # stops the run before training rather than in the middle of an epoch.
     for file, _ in folder.samples:
         try:
-            _open_image(file).close()  # parses the header only; its own refusals name the file
+            with _open_image(file) as img:  # parses the header only; its own refusals name the file
+                # Pixels of a signed or 32-bit integer image may lie outside what _load_rgb can scale: those
+                # (rare) images are decoded now, so that such a file stops the run here, not mid-epoch.
+                if img.mode.startswith("I") and img.mode not in _UNSIGNED_16_BIT_MODES:
+                    _integer_pixels(img, file)
         except OSError as exc:
             raise ValueError(f"{file} is not a readable image ({exc}); remove it or replace it") from None
     return folder
+
+
+# PIL modes of unsigned 16-bit greyscale, whose every value _load_rgb can scale to 8 bits.
+_UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _integer_pixels(img, path: str) -> np.ndarray:
+    """The pixels of an integer greyscale image (PIL mode I...), refused outside the 16-bit range."""
+    pixels = np.asarray(img, dtype=np.float64)
+    if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
+        raise ValueError(f"{path}: integer pixels outside the 16-bit range (0 to 65535); rescale it or remove it")
+    return pixels
 
 
 def _image_folder_problem(path: Path, exc: FileNotFoundError) -> str:
@@ -266,10 +282,7 @@ def _load_rgb(path: str):
     with _open_image(path) as img:
         try:
             if img.mode.startswith("I"):
-                pixels = np.asarray(img, dtype=np.float64)
-                if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
-                    raise ValueError(f"{path}: integer pixels outside the 16-bit range")
-                img = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
+                img = Image.fromarray(np.round(_integer_pixels(img, path) / 257.0).astype(np.uint8))
             return img.convert("RGB")
         except OSError as exc:
             # Damage past the header shows only here, mid-training: PIL's message does not say which file.
@@ -391,6 +404,20 @@ def describe_source(source: str) -> str:
     # Resolved: "." or "../imgs/" name no file ("eval--all.csv"), the folder they point at does.
     p = Path(source).expanduser().resolve()
     return (p.stem if p.suffix else p.name) or "data"
+
+
+def image_files(ds: Dataset) -> list[str] | None:
+    """The file each image of ``ds`` was read from (its path inside the folder), for a folder source
+    (``ImageFolder``, possibly cut by ``Subset``); None for sources that are not files (arrays)."""
+    index: list[int] | range = range(len(ds))
+    while isinstance(ds, Subset):
+        index = [int(ds.indices[i]) for i in index]
+        ds = ds.dataset
+    samples = getattr(ds, "samples", None)
+    root = getattr(ds, "root", None)
+    if samples is None or root is None:
+        return None
+    return [os.path.relpath(samples[i][0], root) for i in index]
 
 
 def source_of(ds: Dataset, source: str) -> str:

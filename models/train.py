@@ -28,6 +28,7 @@ epoch) are left out of an epoch rather than repeated.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import hashlib
 import json
@@ -54,7 +55,7 @@ from vqfast.layer import _bincount
 from vqfast.models.autoencoders import (MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters,
                                        vq_layer_options)
 from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, evenly_spaced,
-                                has_test_split, load_dataset, source_of)
+                                has_test_split, image_files, load_dataset, source_of)
 
 __all__ = [
     "TrainConfig",
@@ -711,10 +712,21 @@ _RUN_OUTPUTS = (METRICS_NAME, METRICS_NAME + ".tmp", "train.log", "summary.json"
 _EVAL_OUTPUTS = "eval-*"
 
 
+def _check_folder_can_be_made(path: Path, option: str = "--out") -> None:
+    """Refuse, naming the file, a folder path that has a file where a folder should be: ``mkdir`` would
+    fail only later, with a bare "Not a directory"."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{option} {path} is a file; give a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{option} {path}: {parent} is a file, so no folder can be made under it")
+            return
+
+
 def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """A fresh run goes into a new or empty folder; anything else needs ``overwrite``."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"{run_dir} exists and is not a folder; choose another --out")
+    _check_folder_can_be_made(run_dir)
     if overwrite or not run_dir.exists():
         return
     if (run_dir / CHECKPOINT_NAME).exists():
@@ -1626,15 +1638,23 @@ def _score_summary(sse: torch.Tensor) -> dict[str, float]:
             "score_p99": float(q[2]), "score_max": float(sse.max())}
 
 
-def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], threshold: float | None) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("source,index,label,sse,mse,psnr" + (",anomalous" if threshold is not None else "") + "\n")
+def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], threshold: float | None,
+                      files: Sequence[str] | None = None) -> None:
+    """One row per image: its index in the scored set (and, for a folder, its file inside the folder),
+    label, score (summed squared error), MSE, PSNR, and whether it is above ``threshold``."""
+    header = ["source", "index", "label", "sse", "mse", "psnr"]
+    header += ["anomalous"] if threshold is not None else []
+    header += ["file"] if files is not None else []
+    # The csv module quotes a folder or file name holding a comma or a quote.
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
         for i, (s, y) in enumerate(zip(result["sse"].tolist(), result["labels"].tolist())):
             mse = s / _PIXELS
-            row = f"{source},{i},{y},{s:.6f},{mse:.8f},{_psnr(mse):.3f}"
-            if threshold is not None:
-                row += f",{int(s > threshold)}"
-            f.write(row + "\n")
+            row = [source, i, y, f"{s:.6f}", f"{mse:.8f}", f"{_psnr(mse):.3f}"]
+            row += [int(s > threshold)] if threshold is not None else []
+            row += [files[i]] if files is not None else []
+            writer.writerow(row)
 
 
 def _load_eval_source(source: str, split: str, data_root: str, download: bool,
@@ -1675,8 +1695,9 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     ``data`` None: the run's own end-of-run test source (its ``eval_data``, else its training data), or
     with ``split="train"`` its training data; ``data_root`` None: the run's.
     The anomaly score of an image is its summed squared reconstruction error. Writes
-    ``eval-<source>-<split>.csv`` (one row per image) and ``eval-<source>-<split>.json`` (the summary)
-    and a grid of the ``worst`` reconstructed images to ``out_dir`` (default: the run folder), named
+    ``eval-<source>-<split>.csv`` (one row per image; for a folder source with the image's file) and
+    ``eval-<source>-<split>.json`` (the summary) and a grid of the ``worst`` reconstructed images (with
+    ``worst=0`` none, and an earlier grid there is removed) to ``out_dir`` (default: the run folder), named
     after the data actually scored: ``sample`` when CIFAR-10 was unavailable and the bundled sample was
     used, split ``all`` for a source without a train/test split (an ``.npz`` with only ``x``, a folder).
     With ``ood`` (another source, e.g. ``svhn`` for a CIFAR-10 model) its images are scored too, and
@@ -1706,8 +1727,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             batch_size = _eval_batch_size(cfg)
         run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
         out = Path(out_dir) if out_dir else run_dir
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder for the evaluation's outputs")
+        _check_folder_can_be_made(out)
         # The run's training images, as it cut them: with a smaller --limit, scoring the whole split would
         # count images it never saw as training ones.
         run_limit = cfg.limit if data is None and split == "train" else None
@@ -1757,18 +1777,22 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             summary["notes"] = notes
 
         out.mkdir(parents=True, exist_ok=True)
-        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold)
+        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold, image_files(ds))
+        worst_png = out / f"eval-{name}-{split_label}-worst.png"
         if worst > 0:
             xs = torch.stack([ds[int(i)][0] for i in worst_idx])
             with torch.no_grad(), _autocast(dev, amp):
                 rec = torch.cat([model.reconstruct(chunk.to(dev)).float().cpu() for chunk in xs.split(batch_size)])
-            viz.save_reconstruction_grid(xs, rec, out / f"eval-{name}-{split_label}-worst.png")
+            viz.save_reconstruction_grid(xs, rec, worst_png)
+        else:
+            # An earlier evaluation's grid would sit next to scores it does not show.
+            worst_png.unlink(missing_ok=True)
         if ood_res is not None and ood_info is not None:
             ood_name = describe_source(ood_info["data"])
             ood_file = f"eval-{ood_name}-{ood_info['split']}"
             if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
                 ood_file += "-ood"
-            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold)
+            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, image_files(ood_ds))
         (out / f"eval-{name}-{split_label}.json").write_text(_json(summary, indent=2) + "\n")
         return summary
 

@@ -283,6 +283,25 @@ def test_image_folder_scales_16_bit_greyscale(tmp_path: Path) -> None:
         torch.testing.assert_close(channel, expected)
 
 
+def test_image_folder_refuses_integer_pixels_outside_16_bits_when_loaded(tmp_path: Path) -> None:
+    """A 32-bit integer image with values past 65535 (or below 0) cannot be scaled to 8 bits: it stops
+    the loading of the folder (before training), naming the file."""
+    from PIL import Image
+
+    (tmp_path / "scans").mkdir()
+    fine = np.tile(np.linspace(0, 65535, 32).astype(np.int32), (32, 1))
+    Image.fromarray(fine).save(tmp_path / "scans" / "fine.tif")
+    assert Image.open(tmp_path / "scans" / "fine.tif").mode == "I"
+    assert len(load_dataset(str(tmp_path))) == 1  # in range: loads (and is scaled, as 16-bit images are)
+    for name, bad in (("big.tif", 70000), ("negative.tif", -5)):
+        pixels = fine.copy()
+        pixels[3, 4] = bad
+        Image.fromarray(pixels).save(tmp_path / "scans" / name)
+        with pytest.raises(ValueError, match=f"{name}: integer pixels outside the 16-bit range"):
+            load_dataset(str(tmp_path))
+        (tmp_path / "scans" / name).unlink()
+
+
 def test_image_folder_with_an_unreadable_file_fails_when_loaded(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -88,6 +88,24 @@ def test_soft_assignment_entropy_gradient_is_finite_at_low_temperature():
     assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.05])
+def test_soft_assignment_entropy_first_and_second_derivatives(temperature):
+    """gradcheck and gradgradcheck in float64, with a row on top of a code (a peaked row at the low
+    temperature) and a code of no weight for one row."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    z[0] = c[2] + 1e-3
+    z, c = z.requires_grad_(), c.requires_grad_()
+
+    def loss(z, c):
+        sample, batch = reference.soft_assignment_entropy(z, c, temperature=temperature)
+        return 0.7 * sample - 1.3 * batch
+
+    assert torch.autograd.gradcheck(loss, (z, c))
+    assert torch.autograd.gradgradcheck(loss, (z, c))
+
+
 def test_histogram_entropy_skips_unused_codes_and_empty_histograms():
     counts = torch.tensor([3, 0, 1, 0])
     entropy, perplexity = reference.histogram_entropy(counts, torch.float64)

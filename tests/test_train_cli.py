@@ -194,6 +194,17 @@ def test_a_folder_with_other_files_is_not_written_into(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["model"] == "ae"
 
 
+def test_an_out_under_a_file_is_an_error_line_naming_the_file(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert train_main(_train_args("ae", "--data", "synthetic", "--out", str(tmp_path / "afile" / "sub"))) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'afile'} is a file, so no folder can be made under it" in err and "Errno" not in err
+    assert train_main(_train_args("ae", "--data", "synthetic", "--out", str(tmp_path / "afile"))) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_an_empty_existing_folder_is_fine(tmp_path: Path) -> None:
     out = tmp_path / "empty"
     out.mkdir()
@@ -733,8 +744,10 @@ def test_evaluate_scores_the_runs_own_test_source_by_default(npz_run, tmp_path: 
     summary = evaluate(run, out_dir=tmp_path / "e", worst=0, progress=False)
     assert summary["data"] == str(data.resolve()) and summary["images"] == 40
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(FileExistsError, match="is a file"):
         evaluate(run, out_dir=tmp_path / "a_file", worst=0, progress=False)
+    with pytest.raises(FileExistsError, match=r"a_file is a file, so no folder can be made under it"):
+        evaluate(run, out_dir=tmp_path / "a_file" / "sub" / "deeper", worst=0, progress=False)
 
 
 def test_evaluate_of_the_train_split_scores_the_runs_training_data(tmp_path: Path) -> None:
@@ -755,6 +768,45 @@ def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path)
     assert summary["split"] == "all" and summary["images"] == 12
     assert any("no separate train/test split" in note for note in summary["notes"])
     assert (tmp_path / "e" / "eval-mine-all.json").is_file()
+
+
+def test_evaluate_of_a_folder_names_each_images_file(ae_run: Path, tmp_path: Path) -> None:
+    import csv
+
+    from PIL import Image
+
+    folder = tmp_path / "my, imgs"  # a comma in the name: the CSV quotes it
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"class{i % 2}" / f"{i}.png")
+    out = tmp_path / "e"
+    summary = evaluate(ae_run, data=str(folder), limit=4, out_dir=out, worst=2, progress=False)
+    with open(out / "eval-my, imgs-all.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == summary["images"] == 4
+    assert all(r["source"] == "my, imgs" for r in rows)
+    # --limit 4 keeps evenly spaced images of the class-sorted folder: both classes, not the first one only.
+    files = [r["file"] for r in rows]
+    assert len(set(files)) == 4 and {f.split(os.sep)[0] for f in files} == {"class0", "class1"}
+    # Each row's score is that file's: re-score one image alone.
+    worst_i, worst_sse = summary["worst"][0]
+    alone = tmp_path / "alone" / "c"
+    alone.mkdir(parents=True)
+    (folder / files[worst_i]).rename(alone / "x.png")
+    again = evaluate(ae_run, data=str(alone.parent), out_dir=tmp_path / "e2", worst=0, progress=False)
+    assert again["score_max"] == pytest.approx(worst_sse, rel=1e-5)
+
+
+def test_evaluate_with_worst_0_removes_an_earlier_grid(ae_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    evaluate(ae_run, data="sample", limit=10, out_dir=out, worst=3, progress=False)
+    assert (out / "eval-sample-test-worst.png").is_file()
+    summary = evaluate(ae_run, data="sample", limit=10, out_dir=out, worst=0, progress=False)
+    assert summary["worst"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["eval-sample-test.csv", "eval-sample-test.json"]
+    # No file column for a source that is not files
+    assert (out / "eval-sample-test.csv").read_text().splitlines()[0] == "source,index,label,sse,mse,psnr,anomalous"
 
 
 def test_evaluate_writes_nothing_when_the_ood_source_is_missing(ae_run: Path, tmp_path: Path,

@@ -466,6 +466,43 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _RowEntropy(torch.autograd.Function):
+    """Entropy of each row of ``softmax(logits)``, with a gradient that keeps its relative accuracy.
+
+    Plain PyTorch: ``-(logits.softmax(1) * logits.log_softmax(1)).sum(1)``. Autograd's gradient of that,
+    ``-p * (log p + H)``, adds two numbers near -1 and +1 for a row that puts almost all of its weight
+    on one code (a low temperature): the true value, as small as 1e-12 or less, drowns in their rounding.
+    With ``x = logits - max``, ``s`` the sum of ``exp(x)`` over all codes but the first largest, and
+    ``xbar = sum(p * x)``: ``H = log1p(s) - xbar`` and ``dH/dlogits = -p * (x - xbar)``, both free of
+    that cancellation. A row whose every logit is -inf has no probability: entropy 0, no gradient.
+    """
+
+    @staticmethod
+    def _terms(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dead = (logits == -torch.inf).all(1, keepdim=True)
+        shifted = logits.masked_fill(dead, 0.0)
+        shifted = shifted - shifted.amax(1, keepdim=True)
+        far = shifted == -torch.inf  # exp gives 0; 0 * -inf would be NaN (NaN stays NaN)
+        e = shifted.exp()
+        rest = e.scatter(1, shifted.argmax(1, keepdim=True), 0.0).sum(1, keepdim=True)
+        xbar = torch.where(far, 0.0, e * shifted).sum(1, keepdim=True) / (1 + rest)
+        return dead, shifted.masked_fill(far, 0.0), e / (1 + rest), rest, xbar
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dead, _, _, rest, xbar = _RowEntropy._terms(logits)
+        ctx.save_for_backward(logits)
+        return (torch.log1p(rest) - xbar).masked_fill(dead, 0.0).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Recomputed from the logits (an N x K block less to keep); built of differentiable ops, so that
+        # a second derivative still works.
+        (logits,) = ctx.saved_tensors
+        dead, shifted, p, _, xbar = _RowEntropy._terms(logits)
+        return (-p * (shifted - xbar) * grad[:, None]).masked_fill(dead, 0.0)
+
+
 def soft_assignment_entropy(
     z: torch.Tensor, codebook: torch.Tensor, temperature: float = 1.0, metric: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -516,11 +553,8 @@ def soft_assignment_entropy(
             # logit, or a difference past the dtype's range) get p = 0, and a row with every logit -inf
             # gets no probability at all (entropy 0, nothing in the average).
             dead_row = (logits == -torch.inf).all(1, keepdim=True)
-            logp = torch.log_softmax(torch.where(dead_row, 0.0, logits), dim=1)
-            live = ~dead_row & (logp != -torch.inf)
-            logp = torch.where(live, logp, 0.0)
-            p = torch.where(live, logp.exp(), 0.0)
-            return -(p * logp).sum(), p.sum(0)
+            p = torch.softmax(torch.where(dead_row, 0.0, logits), dim=1).masked_fill(dead_row, 0.0)
+            return _RowEntropy.apply(logits).sum(), p.sum(0)
 
     # Compiled, one block: a loop over blocks would tie the graph to N (a recompile per batch size).
     compiling = torch.compiler.is_compiling()
