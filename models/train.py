@@ -348,8 +348,9 @@ def _model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
                 vq_preset=cfg.vq_preset, vq_impl=cfg.vq_impl)
 
 
-def _print(msg: str, log_path: Path | None = None) -> None:
-    print(msg, flush=True)
+def _print(msg: str, log_path: Path | None = None, file: Any = None) -> None:
+    """``msg`` on stdout (or ``file``, e.g. stderr for a warning), and appended to the run's log."""
+    print(msg, flush=True, file=file)
     if log_path is not None:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
@@ -828,8 +829,6 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
         cfg.eval_data = given_eval_data
     if not was_given("lr"):
         cfg.lr = saved_cfg.lr
-    elif cfg.lr != saved_cfg.lr:
-        print(f"resume: learning rate {cfg.lr:g} from here on (the run used {saved_cfg.lr:g})", file=sys.stderr)
     if cfg.epochs is None:
         cfg.epochs = saved_cfg.resolved_epochs()
     return cfg
@@ -1193,12 +1192,12 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         seconds_before = float(state.get("epoch_seconds", 0.0)) if start_batch else 0.0
         same_world = int(state.get("world_size", 1)) == dist.world_size
         if not same_world:
-            print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
-                  f"{dist.world_size}; the continuation will not be bit-identical", file=sys.stderr)
+            _print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
+                   f"{dist.world_size}; the continuation will not be bit-identical", log_path, file=sys.stderr)
         if start_batch and state.get("shuffle") != _SHUFFLE_SCHEME:
-            print("resume: the checkpoint was written by an older vqfast that shuffled differently; the rest "
-                  "of this epoch sees a different image order than the interrupted run would have",
-                  file=sys.stderr)
+            _print("resume: the checkpoint was written by an older vqfast that shuffled differently; the rest "
+                   "of this epoch sees a different image order than the interrupted run would have",
+                   log_path, file=sys.stderr)
         mine = dist.rank if same_world else 0
         pools = state.get("kmeans_pools")
         if pools and pools[mine]:
@@ -1218,7 +1217,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             else:
                 # (not "epoch 1, batch 6 of 3": the total is the epochs')
                 after = f", after batch {start_batch} of {steps_per_epoch}" if start_batch else ""
-                _print(f"Resuming {run_dir} at epoch {start_epoch + 1} of {epochs}{after}", log_path)
+                saved_lr = _as_config(state["config"]).lr
+                lr_note = (f"; learning rate {cfg.lr:g} from here on (the run used {saved_lr:g})"
+                           if cfg.lr != saved_lr else "")
+                _print(f"Resuming {run_dir} at epoch {start_epoch + 1} of {epochs}{after}{lr_note}", log_path)
             if data_note is not None:
                 _print(data_note, log_path)
 
@@ -1731,13 +1733,21 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         # The run's training images, as it cut them: with a smaller --limit, scoring the whole split would
         # count images it never saw as training ones.
         run_limit = cfg.limit if data is None and split == "train" else None
+        runs_own_data = data is None
         if data is None:
             # The run's --eval-data holds its test images; its training images are in --data.
             data = cfg.data if split == "train" else (cfg.eval_data or cfg.data)
         if data_root is None:
             data_root = cfg.data_root
 
-        ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_limit)
+        try:
+            ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_limit)
+        except FileNotFoundError as exc:
+            if not runs_own_data or not _is_local(data):
+                raise
+            what = "training data" if split == "train" or not cfg.eval_data else "evaluation data (--eval-data)"
+            raise FileNotFoundError(f"the run's {what}, {data}, is not there any more; if it moved, give its "
+                                    f"new place with --data") from exc
         ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit,
                                                                           cfg.seed)
 

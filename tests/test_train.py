@@ -162,9 +162,15 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resumes_exactly(tmp_path: Path, monkey
     assert "vae (1 epoch and 2 batches) on sample test" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval" / "eval-sample-test.json").read_text())["batches_trained"] == 2
     monkeypatch.setattr(train_mod, "train_step", real_step)
+    # As an older vqfast's checkpoint: its shuffling differed, which the resume warns of (here the order
+    # is in fact the same: only the record is changed).
+    state["shuffle"] = "an older scheme"
+    save_checkpoint(state, tmp_path / "checkpoint.pt")
     capsys.readouterr()
     resumed = train(_cfg(TINY_VAE, tmp_path, resume=True))
-    assert f"Resuming {tmp_path} at epoch 2 of 2, after batch 2 of 3\n" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"Resuming {tmp_path} at epoch 2 of 2, after batch 2 of 3\n" in printed.out
+    assert "shuffled differently" in printed.err and "shuffled differently" in (tmp_path / "train.log").read_text()
     assert [h["avg_loss"] for h in resumed.history] == [h["avg_loss"] for h in vae_reference.history]
     _assert_same_weights(resumed.model.state_dict(), vae_reference.model.state_dict())
     # The resumed epoch's time is both parts', and its speed counts all 96 images over it.

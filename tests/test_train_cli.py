@@ -281,7 +281,9 @@ def test_resume_applies_a_new_learning_rate(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     train(TrainConfig(**TINY_AE, out=str(out)))
     result = train(TrainConfig(**{**TINY_AE, "epochs": 2, "lr": 1e-4}, out=str(out), resume=True))
-    assert "learning rate 0.0001" in capsys.readouterr().err
+    # Said on the resume line, which train.log keeps too.
+    assert "learning rate 0.0001 from here on (the run used 0.001)" in capsys.readouterr().out
+    assert "learning rate 0.0001 from here on" in (out / "train.log").read_text()
     state = load_checkpoint(out / "checkpoint.pt")
     assert [g["lr"] for g in state["optimizer_state"]["param_groups"]] == [1e-4]
     assert result.config.lr == 1e-4 and json.loads((out / "config.json").read_text())["lr"] == 1e-4
@@ -293,7 +295,7 @@ def test_resume_applies_a_learning_rate_given_on_the_command_line_even_the_defau
     assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--lr", "0.001", "--out", str(out),
                                   "--no-progress", "--data", "sample", "--limit", "32", "--batch-size", "16",
                                   "--latent-dim", "16", "--eval-limit", "16")) == 0
-    assert "learning rate 0.001 from here on (the run used 0.0003)" in capsys.readouterr().err
+    assert "learning rate 0.001 from here on (the run used 0.0003)" in capsys.readouterr().out
     state = load_checkpoint(out / "checkpoint.pt")
     assert [g["lr"] for g in state["optimizer_state"]["param_groups"]] == [1e-3]
     # Left out, it is the run's.
@@ -796,6 +798,22 @@ def test_evaluate_of_a_folder_names_each_images_file(ae_run: Path, tmp_path: Pat
     (folder / files[worst_i]).rename(alone / "x.png")
     again = evaluate(ae_run, data=str(alone.parent), out_dir=tmp_path / "e2", worst=0, progress=False)
     assert again["score_max"] == pytest.approx(worst_sse, rel=1e-5)
+
+
+def test_evaluate_of_a_run_whose_data_moved_says_to_give_data(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_npz(tmp_path / "mine.npz", 20, seed=4)
+    run = train(TrainConfig(**{**TINY_AE, "data": str(data), "limit": None}, out=str(tmp_path / "run"))).run_dir
+    data.rename(tmp_path / "moved.npz")
+    for split in ("test", "train"):
+        assert evaluate_main(_evaluate_args(str(run), "--split", split, "--no-progress")) == 2
+        err = capsys.readouterr().err
+        assert f"the run's training data, {data}, is not there any more" in err and "with --data" in err
+    summary = evaluate(run, data=str(tmp_path / "moved.npz"), out_dir=tmp_path / "e", worst=0, progress=False)
+    assert summary["images"] == 20
+    # A path given on the command line that does not exist gets the plain message.
+    assert evaluate_main(_evaluate_args(str(run), "--data", str(tmp_path / "nowhere.npz"), "--no-progress")) == 2
+    assert "is not there any more" not in capsys.readouterr().err
 
 
 def test_evaluate_with_worst_0_removes_an_earlier_grid(ae_run: Path, tmp_path: Path) -> None:
