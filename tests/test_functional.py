@@ -28,6 +28,10 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("VQFAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="VQFAST_BACKEND"):
         vqfast.resolve_backend(torch.device("cpu"))
+    monkeypatch.delenv("VQFAST_BACKEND")
+    # A dtype's name is not a dtype: "float64" would not have matched torch.float64 and got "triton".
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        vqfast.resolve_backend("cuda", "float64")
 
 
 def test_eager_calls_skip_the_dispatcher_and_traced_calls_use_the_custom_ops(triton_backend, kernel_device):
@@ -443,11 +447,42 @@ def test_quantize_on_the_cpu_always_checks_indices(torch_backend):
         vqfast.quantize(z, c, indices=torch.tensor([0, 5, -1]), check_indices=False)
 
 
+@pytest.mark.parametrize("forced", ["torch", "triton", ""])
+def test_meta_tensors_give_the_output_shapes(monkeypatch, forced):
+    """Shape inference on the meta device (as for a model built there): every op and the layer's forward
+    and backward give their shapes, whatever backend is asked for (meta tensors have no values to run a
+    kernel on, or to range-check)."""
+    monkeypatch.setenv("VQFAST_BACKEND", forced)
+    assert vqfast.resolve_backend("meta", torch.float32) == "torch"
+    z = torch.empty(5, 3, device="meta")
+    c = torch.empty(7, 3, device="meta")
+    idx, dist = vqfast.nearest_code(z, c)
+    assert idx.shape == dist.shape == (5,) and idx.is_meta and idx.dtype == torch.int64
+    assert vqfast.gather(c, idx).shape == (5, 3)
+    counts, entropy, perplexity = vqfast.code_usage(idx, 7)
+    assert counts.shape == (7,) and entropy.shape == perplexity.shape == ()
+    z_q, loss, _ = vqfast.quantize(z, c)
+    assert z_q.shape == (5, 3) and loss.shape == ()
+    from vqfast import VectorQuantizer
+
+    for kwargs in ({}, {"ema": True}, {"heads": 2}, {"sample_entropy_weight": 0.1, "batch_entropy_weight": 0.1}):
+        layer = VectorQuantizer(8, 3, **kwargs).to("meta")
+        x = torch.empty(2, 3 * kwargs.get("heads", 1), 4, 5, device="meta", requires_grad=True)
+        z_q, loss, indices = layer(x)
+        (z_q.sum() + loss).backward()
+        assert z_q.shape == x.grad.shape == x.shape and loss.shape == ()
+        assert indices.shape == ((2, 4, 5, 2) if kwargs.get("heads") else (2, 4, 5))
+
+
 def test_beta_of_the_wrong_type_is_named(torch_backend):
     z, c = _pair(n=3, k=5, d=4)
     for beta in ("0.5", None):
         with pytest.raises(TypeError, match="beta must be a finite number >= 0"):
             vqfast.quantize(z, c, beta=beta)
+    # A learned beta would get no gradient: it is read as a number.
+    with pytest.raises(TypeError, match="not a tensor that requires grad"):
+        vqfast.quantize(z, c, beta=torch.tensor(0.25, requires_grad=True))
+    assert torch.equal(vqfast.quantize(z, c, beta=torch.tensor(0.25))[1], vqfast.quantize(z, c, beta=0.25)[1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter")
@@ -457,6 +492,10 @@ def test_interpreter_refuses_bf16(triton_backend):
         vqfast.nearest_code(z.bfloat16(), c.bfloat16())
     with pytest.raises(RuntimeError, match="interpreter computes bfloat16 kernels wrongly"):
         vqfast.gather(c.bfloat16(), torch.tensor([0, 2]))
+    # The backend query says so too, rather than "triton" for an op that would then refuse.
+    with pytest.raises(RuntimeError, match="interpreter computes bfloat16 kernels wrongly"):
+        vqfast.resolve_backend("cpu", torch.bfloat16)
+    assert vqfast.resolve_backend("cpu", torch.float16) == "triton"
 
 
 def test_public_ops_compile_without_graph_breaks(triton_backend, kernel_device):

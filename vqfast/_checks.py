@@ -70,7 +70,8 @@ def check_gather_inputs(codebook: torch.Tensor, indices: torch.Tensor, check_ran
         raise ValueError(
             f"codebook and indices must be on the same device, got codebook on {codebook.device}, indices on {indices.device}"
         )
-    if check_range and indices.numel() > 0:
+    # (Meta tensors have shapes but no values to check.)
+    if check_range and indices.numel() > 0 and not indices.is_meta:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= codebook.shape[0]:
             raise ValueError(
@@ -84,7 +85,7 @@ def check_usage_inputs(indices: torch.Tensor, num_codes: int, check_range: bool 
     num_codes = check_num_codes(num_codes)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
-    if check_range and indices.numel() > 0:
+    if check_range and indices.numel() > 0 and not indices.is_meta:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")
@@ -136,6 +137,10 @@ def check_number(value: object, name: str, minimum: float | None = None, positiv
         # torch.compile(dynamic=True) makes numbers symbolic, whose checks would break the graph (eager
         # calls check them).
         return value  # type: ignore[return-value]
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        # It is read as a plain number: a learned value would silently get no gradient.
+        raise TypeError(f"{name} must be {wanted}, not a tensor that requires grad (it would get no gradient "
+                        f"through {name}); pass a number, or a detached tensor")
     try:
         if isinstance(value, (bool, str, bytes)):
             raise TypeError

@@ -47,11 +47,13 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
     """The backend an op on tensors of ``device`` / ``dtype`` runs on ("torch" or "triton")."""
     if type(device) is not torch.device:
         device = torch.device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
     forced = os.environ.get("VQFAST_BACKEND", "").strip().lower()
     if forced not in ("", "auto") + BACKENDS:
         raise ValueError(f"VQFAST_BACKEND must be 'torch', 'triton' or 'auto', got {forced!r}")
-    if dtype == torch.float64:
-        return "torch"  # the kernels take fp32/fp16/bf16
+    if dtype == torch.float64 or device.type == "meta":
+        return "torch"  # the kernels take fp32/fp16/bf16; meta tensors (shapes only) run no kernel
     if forced == "torch":
         return "torch"
     if forced == "triton":
@@ -64,6 +66,9 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
                 f"VQFAST_BACKEND=triton needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
                 "importing triton to run the kernels on CPU through Triton's interpreter"
             )
+        if device.type != "cuda" and dtype == torch.bfloat16:
+            raise RuntimeError("VQFAST_BACKEND=triton: Triton's CPU interpreter computes bfloat16 kernels wrongly; "
+                               "run bfloat16 tensors on a CUDA GPU, or on the CPU with the torch backend")
         return "triton"
     return "triton" if device.type == "cuda" and _triton_importable() else "torch"
 

@@ -97,6 +97,8 @@ def _autocast_on(device_type: str) -> bool:
     that autocast does not know: the context then decides, or says what is wrong)."""
     if torch.compiler.is_compiling():
         return True
+    if device_type == "meta":  # shapes only: autocast has no meta mode
+        return False
     try:
         return torch.is_autocast_enabled(device_type)
     except Exception:  # noqa: BLE001

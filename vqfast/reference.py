@@ -246,7 +246,7 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     compiling = torch.compiler.is_compiling()
     check_usage_inputs(indices, num_codes, check_range=not compiling)
     flat = indices.reshape(-1)
-    if compiling:
+    if compiling or flat.is_meta:  # (bincount has no meta kernel either: no values, no length)
         # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
         # index_add_ gives num_codes counts, after an assertion on the range checked where the graph runs
         # (compiled index_add_ wraps negative indices).
