@@ -27,11 +27,14 @@ def headline_section(results: Path, readme: Path) -> str:
     if not any(r.part == "headline" for r in records):
         raise SystemExit(f"{results / 'results.csv'} has no headline measurements")
     link = Path(os.path.relpath(results, readme.parent)).as_posix()
+    # The definition only where the table has the column (runs before it was measured do not).
+    wall = any(r.part == "headline" and r.provider == bench.WALL_PROVIDER for r in records)
+    timing = ("medians of `triton.testing.do_bench`; \"back to back\": the wall-clock time per call of eager "
+              "calls one after another" if wall else "medians of `triton.testing.do_bench`")
     lines = [
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
-        f"{env.get('vqfast', '?')}; times in ms (medians of `triton.testing.do_bench`; \"back to back\": the "
-        f"wall-clock time per call of eager calls one after another), all results in "
+        f"{env.get('vqfast', '?')}; times in ms ({timing}), all results in "
         f"[{link}/results.md]({link}/results.md). " + bench.precision_note(env),
         "",
         bench.headline_table(records).rstrip(),

@@ -766,6 +766,13 @@ def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
     assert "old text" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "Measured on Test GPU (driver 555.1" in text and "benchmarks/results/test-gpu/results.md" in text
     assert bench.headline_table(recs).splitlines()[2] in text
+    # "back to back" is defined only where the table has that column.
+    assert "back to back" not in text
+    wall = bench.Record("headline", "headline", bench.WALL_PROVIDER, "bf16", 8192, 16384, 256, time_ms=2.5)
+    bench.write_csv(results / "results.csv", recs + [wall], env)
+    assert subprocess.run([sys.executable, str(script), str(results), "--readme", str(readme)],
+                          capture_output=True, text=True, check=False).returncode == 0
+    assert readme.read_text().count("back to back") == 2  # the definition and the column
     bare = tmp_path / "NO_MARKERS.md"
     bare.write_text("nothing here\n")
     proc = subprocess.run([sys.executable, str(script), str(results), "--readme", str(bare)],

@@ -17,9 +17,12 @@ def test_version_and_help(capsys):
     # ... without importing torch (seconds): the public names load on first use.
     code = ("import sys, vqfast, vqfast.cli\n"
             "try:\n    vqfast.cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'triton', 'vqfast.layer') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'triton', 'vqfast.layer') if m in sys.modules))\n"
+            # The submodules, reachable as attributes after that bare import (loaded then).
+            "print(vqfast.reference.__name__, vqfast.kernels.__name__, vqfast.models.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "vqfast.reference vqfast.kernels vqfast.models"], out.stdout
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0

@@ -24,8 +24,10 @@ _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "c
 
 
 def __getattr__(name: str) -> Any:
-    if name == "reference":  # the submodule, as `vqfast.reference` after a bare `import vqfast`
-        return importlib.import_module("vqfast.reference")
+    # The submodules, as `vqfast.reference` after a bare `import vqfast` (kernels needs triton, models
+    # torchvision: imported only when asked for).
+    if name in ("reference", "kernels", "models"):
+        return importlib.import_module(f"vqfast.{name}")
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'vqfast' has no attribute {name!r}")

@@ -323,7 +323,8 @@ def quantize(
         loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())   # codebook + commitment
         z_q = z + (q - z).detach()    # value of the code, gradient straight through to z
 
-    ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value = code), loss a float32
+    ``z`` is (..., D). Returns ``(z_q, loss, indices)``: z_q like z (value exactly the code, which
+    ``z + (q - z)`` may round away from by an ulp), loss a float32
     scalar (float64 for float64 inputs), indices int64 shaped ``z.shape[:-1]``. With
     ``metric="cosine"`` both z and the codebook are l2-normalised first (z_q is then the unit code; an
     all-zero row stays zero and gets no gradient through the normalisation).
