@@ -1659,6 +1659,18 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
             writer.writerow(row)
 
 
+def _earlier_evaluation_of_other_data(summary_path: Path, data: str) -> str | None:
+    """The data an earlier evaluation summary at ``summary_path`` scored, where it is other data than
+    ``data`` (two folders with one base name give the same file names); None otherwise."""
+    try:
+        earlier = json.loads(summary_path.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(earlier, str) or _absolute_source(earlier) == _absolute_source(data):
+        return None
+    return earlier
+
+
 def _load_eval_source(source: str, split: str, data_root: str, download: bool,
                       limit: int | None, seed: int = 0, run_limit: int | None = None) -> tuple[Dataset, dict[str, Any]]:
     """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
@@ -1783,6 +1795,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
                               "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
             if "requested_data" in ood_info:
                 summary["ood"]["requested_data"] = ood_info["requested_data"]
+        earlier = _earlier_evaluation_of_other_data(out / f"eval-{name}-{split_label}.json", info["data"])
+        if earlier is not None:
+            notes.append(f"replaced the evaluation of {earlier} in {out} (its files have the same names; "
+                         f"give --out to keep both)")
         if notes:
             summary["notes"] = notes
 

@@ -798,6 +798,16 @@ def test_evaluate_of_a_folder_names_each_images_file(ae_run: Path, tmp_path: Pat
     (folder / files[worst_i]).rename(alone / "x.png")
     again = evaluate(ae_run, data=str(alone.parent), out_dir=tmp_path / "e2", worst=0, progress=False)
     assert again["score_max"] == pytest.approx(worst_sse, rel=1e-5)
+    assert "notes" not in again or not any("replaced" in n for n in again["notes"])
+    # Another folder of the same base name, into the same --out: its files replace the first's, and it says so.
+    other = tmp_path / "elsewhere" / "alone"
+    (other / "c").mkdir(parents=True)
+    (alone / "x.png").rename(other / "c" / "y.png")
+    third = evaluate(ae_run, data=str(other), out_dir=tmp_path / "e2", worst=0, progress=False)
+    assert any(f"replaced the evaluation of {alone.parent}" in n for n in third["notes"])
+    # The same folder again, by another spelling of its path: nothing replaced.
+    fourth = evaluate(ae_run, data=str(other / "c" / ".."), out_dir=tmp_path / "e2", worst=0, progress=False)
+    assert not any("replaced" in n for n in fourth.get("notes", []))
 
 
 def test_evaluate_of_a_run_whose_data_moved_says_to_give_data(tmp_path: Path,
