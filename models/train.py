@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -1932,7 +1933,9 @@ def _error_text(exc: BaseException) -> str:
     """The message of ``exc`` for an ``error:`` line. One raised in a DataLoader worker (a damaged image
     with --workers) reaches the main process as "Caught ValueError in DataLoader worker process 0",
     then the worker's whole traceback: only its last line is the message."""
-    text = str(exc)
+    # Messages written for both the Python API and the command line name an option both ways,
+    # "resume=True (--resume)": on the command line only the option applies.
+    text = re.sub(r"\b\w+=True \((--[\w-]+)\)", r"\1", str(exc))
     if "DataLoader worker process" in text and "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         prefix = f"{type(exc).__name__}: "

@@ -176,7 +176,7 @@ def test_vq_options_that_exist_are_accepted() -> None:
 # -------------------------------------------------------------------------------------- run folders
 
 
-def test_a_folder_with_other_files_is_not_written_into(tmp_path: Path) -> None:
+def test_a_folder_with_other_files_is_not_written_into(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "train.log").write_text("my own notes\n")
@@ -186,6 +186,9 @@ def test_a_folder_with_other_files_is_not_written_into(tmp_path: Path) -> None:
     assert (out / "train.log").read_text() == "my own notes\n"
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "train.log"]
     assert train_main(_train_args("ae", "--data", "sample", "--out", str(out))) == 2
+    # On the command line the options are named as options alone (the API's message names both).
+    err = capsys.readouterr().err
+    assert "pass --overwrite to train into it" in err and "=True" not in err
     # --overwrite is the explicit way in; files the run does not write stay
     (out / "keep.txt").write_text("x")
     train(TrainConfig(**TINY_AE, out=str(out), overwrite=True))
