@@ -215,8 +215,8 @@ def _codes_per_program(num_codes: int) -> int:
 
 def _check_vector(t: torch.Tensor, name: str, length: int, dtype: torch.dtype) -> None:
     if t.shape != (length,) or t.dtype != dtype or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({length},), "
-                         f"got {t.dtype} {tuple(t.shape)}")
+        got = f"{t.dtype} {tuple(t.shape)}" + ("" if t.is_contiguous() else ", not contiguous")
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({length},), got {got}")
 
 
 def update_code_usage(

@@ -472,6 +472,12 @@ def test_meta_tensors_give_the_output_shapes(monkeypatch, forced):
         (z_q.sum() + loss).backward()
         assert z_q.shape == x.grad.shape == x.shape and loss.shape == ()
         assert indices.shape == ((2, 4, 5, 2) if kwargs.get("heads") else (2, 4, 5))
+        assert layer.codes_from_indices(indices).shape == x.shape
+    from vqfast import ResidualVectorQuantizer
+
+    rvq = ResidualVectorQuantizer(2, 8, 3).to("meta")
+    _, _, indices = rvq(torch.empty(6, 3, device="meta"))
+    assert indices.shape == (6, 2) and rvq.codes_from_indices(indices).shape == (6, 3)
 
 
 def test_beta_of_the_wrong_type_is_named(torch_backend):

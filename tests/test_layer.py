@@ -399,6 +399,11 @@ def test_kmeans_pool_travels_in_the_state_dict(backend, device):
     fresh(batches[0])
     fresh.load_state_dict(article.state_dict())
     assert "kmeans_pool" not in fresh.state_dict() and fresh._kmeans_pool_batches == 0
+    # VQGAN's codes ("embedding.weight") too.
+    vqgan = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
+    vqgan(batches[0])
+    vqgan.load_state_dict({"embedding.weight": article.embeddings.weight.detach().clone()})
+    assert "kmeans_pool" not in vqgan.state_dict() and vqgan._kmeans_pool_batches == 0
     orphan = VectorQuantizer(3, 2, init="kmeans", kmeans_batches=3).to(device)
     orphan.load_state_dict({**state, "initialized": torch.tensor(True)})
     assert "kmeans_pool" not in orphan.state_dict()
@@ -1118,6 +1123,36 @@ def test_half_model_keeps_a_float32_codebook_and_statistics(convert, torch_backe
     assert vq.embeddings.weight.dtype == torch.float64
 
 
+def test_a_layer_built_under_a_16_bit_default_dtype_keeps_a_float32_codebook_and_statistics(torch_backend):
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        vq = VectorQuantizer(4, 2, ema=True, decay=0.5, dead_code_threshold=0.0, init="kmeans")
+    finally:
+        torch.set_default_dtype(default)
+    for t in (vq.embeddings.weight, vq.ema_count, vq.usage, vq.restart_grace, vq.usage_steps, vq.kmeans_pool):
+        assert t.dtype == torch.float32
+    # The counts pass fp16's 65,504 and keep moving the codes.
+    for _ in range(4):
+        vq(torch.randn(100_000, 2))
+    before = vq.embeddings.weight.clone()
+    vq(torch.randn(100_000, 2) + 3)
+    assert torch.isfinite(vq.ema_count).all() and (vq.embeddings.weight != before).any()
+
+
+def test_a_16_bit_codebook_cast_behind_the_layers_back_is_refused_at_forward(backend, device):
+    """``vq.embeddings.half()`` bypasses the layer's own casts: the same TypeError on both backends (the
+    Triton backend's statistics kernels refused it with internal messages, the torch backend trained an
+    fp16 codebook)."""
+    vq = VectorQuantizer(8, 4).to(device)
+    vq.embeddings.half()
+    z = torch.randn(6, 4, device=device)
+    with pytest.raises(TypeError, match=r"codebook \(embeddings.weight\) is torch.float16.*\.float\(\)"):
+        vq(z)
+    vq.float()
+    assert torch.isfinite(vq(z)[1])
+
+
 @pytest.mark.parametrize("convert,dtype", [(nn.Module.half, torch.float16), (nn.Module.bfloat16, torch.bfloat16)])
 def test_converting_a_trained_model_keeps_the_exact_codes_and_statistics(convert, dtype, torch_backend):
     # Converted first and upcast afterwards, the codes kept their fp16 rounding and a count above 65,504
@@ -1414,6 +1449,13 @@ def test_set_codebook_refuses_what_is_not_a_codebook():
         vq.set_codebook([[0.0] * 3] * 4)
     vq.set_codebook(torch.ones(4, 3, dtype=torch.float64))
     assert vq.embeddings.weight.dtype == torch.float32 and bool((vq.embeddings.weight == 1).all())
+    # Non-finite codes would stay so (no batch would ever look usable to them): refused, codebook kept.
+    for bad in (float("nan"), float("inf"), 1e300):  # (1e300 is inf in the float32 codebook)
+        codes = torch.zeros(4, 3, dtype=torch.float64)
+        codes[2, 1] = bad
+        with pytest.raises(ValueError, match=r"codes must be finite .*1 code\(s\) are not: 2"):
+            vq.set_codebook(codes)
+        assert bool((vq.embeddings.weight == 1).all())
 
 
 def test_codes_from_indices_in_the_decoders_dtype(torch_backend):

@@ -455,7 +455,9 @@ class VectorQuantizer(nn.Module):
         self.sync_distributed = bool(sync_distributed)
         self.process_group = process_group
 
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        # float32 whatever torch.get_default_dtype() is: a model built under a 16-bit default would
+        # otherwise get a 16-bit codebook and statistics (an fp16 count overflows at 65,504 rows).
+        self.embeddings = nn.Embedding(num_embeddings, embedding_dim, dtype=torch.float32)
         if init == "uniform":
             nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         else:
@@ -465,11 +467,11 @@ class VectorQuantizer(nn.Module):
         k = num_embeddings
         # Running usage share of every code (an EMA of per-step assignment frequencies, started at 0 and
         # bias-corrected by the step count like Adam's moments, so never-used codes count as dead early).
-        self.register_buffer("usage", torch.zeros(k))
+        self.register_buffer("usage", torch.zeros(k, dtype=torch.float32))
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.float32))
         # Usage credited to freshly restarted codes so that they are not restarted again before they had
         # a chance to be picked; kept apart from the measured usage, which is what gets reported.
-        self.register_buffer("restart_grace", torch.zeros(k))
+        self.register_buffer("restart_grace", torch.zeros(k, dtype=torch.float32))
         self.register_buffer("batch_counts", torch.zeros(k, dtype=torch.int64))
         self.register_buffer("initialized", torch.tensor(init != "kmeans"))
         # Mirrors the buffer as a Python bool: a tensor test would sync the host (and break the graph)
@@ -480,7 +482,7 @@ class VectorQuantizer(nn.Module):
             # Running (decayed) counts per code, started at 1. The matching running sums are not stored:
             # they equal codebook * smoothed counts at every step (see _update_statistics), so codes set
             # from outside (re-initialised, loaded, restarted) never disagree with the averages.
-            self.register_buffer("ema_count", torch.ones(k))
+            self.register_buffer("ema_count", torch.ones(k, dtype=torch.float32))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -531,7 +533,7 @@ class VectorQuantizer(nn.Module):
             weight = reference.unit_rows(weight)
         if indices.dtype in (torch.int64, torch.int32):
             if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
-                    and indices.numel() and int(indices.min()) < -1):
+                    and indices.numel() and not indices.is_meta and int(indices.min()) < -1):
                 raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "
                                  f"got {int(indices.min())}")
             # Only -1 is replaced: other indices out of range still reach gather's checks (which under
@@ -597,6 +599,14 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z``; returns ``(z_q, loss, indices)`` (see the class docstring). ``mask``: bool,
         shaped like z without its channel dimension, True for the rows to quantize (padding False)."""
+        weight = self.embeddings.weight
+        if weight.dtype not in (torch.float32, torch.float64):
+            # Reached by casting the embedding itself (the layer's own casts keep it float32): its
+            # statistics and restarts need float32, which the Triton backend enforces and the torch
+            # backend would not (an fp16 codebook trained there silently).
+            raise TypeError(f"the codebook (embeddings.weight) is {weight.dtype}; the layer keeps it float32 "
+                            f"(or float64): call .float() on the layer, and cast models as a whole "
+                            f"(model.half() keeps the codebook float32)")
         cdim = self._checked_channel_dim(z, mask)
         # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
         # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)
@@ -820,7 +830,7 @@ class VectorQuantizer(nn.Module):
         """The rows pooled for k-means so far, float32 (R, D) (R = 0 when the layer is not pooling)."""
         if self._kmeans_pool:
             return torch.cat(self._kmeans_pool)
-        return torch.zeros(0, self.embedding_dim, device=self.embeddings.weight.device)
+        return torch.zeros(0, self.embedding_dim, dtype=torch.float32, device=self.embeddings.weight.device)
 
     @property
     def kmeans_pool_batches(self) -> Tensor:
@@ -923,6 +933,13 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"codes must have the codebook's shape {tuple(weight.shape)}, got {tuple(codes.shape)}")
         if not codes.is_floating_point():
             raise TypeError(f"codes must be a floating-point tensor, got {codes.dtype}")
+        # A NaN or inf code would stay so (every batch would look all-NaN to it, and no restart would
+        # ever replace a codebook of them); values past float32's range become inf in the codebook.
+        stored = codes.detach().to(weight.dtype)
+        if not stored.is_meta and not bool(torch.isfinite(stored).all()):
+            bad = (~torch.isfinite(stored)).any(1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(f"codes must be finite (in {weight.dtype}); {len(bad)} code(s) are not: {shown}")
         weight.copy_(codes)
         self._start_statistics()
 
@@ -1072,13 +1089,14 @@ class VectorQuantizer(nn.Module):
         pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
         extra += [key for key in (pool_key, batches_key) if key in state_dict]
         pool, batches = state_dict.get(pool_key), state_dict.get(batches_key)
-        # A state of the whole layer (not just its pool, as a distributed resume loads per rank).
-        whole = prefix + "initialized" in state_dict or prefix + "embeddings.weight" in state_dict
         # taming-transformers' VectorQuantizer (VQGAN) names its codebook "embedding".
         alias = prefix + "embedding.weight"
         if alias in state_dict and prefix + "embeddings.weight" not in state_dict:
             # In place: the embedding module loads its weight from this dict (load_state_dict's own copy).
             state_dict[prefix + "embeddings.weight"] = state_dict.pop(alias)
+        # A state of the whole layer (not just its pool, as a distributed resume loads per rank); after
+        # the renaming, so that VQGAN's codes drop a pending pool as this layer's own codes do.
+        whole = prefix + "initialized" in state_dict or prefix + "embeddings.weight" in state_dict
         # Codes without statistics (the article's layer, VQGAN): statistics started afresh for them, as
         # set_codebook does, not this layer's own, which describe other codes.
         fresh = prefix + "embeddings.weight" in state_dict and "usage" in missing

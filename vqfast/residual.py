@@ -182,7 +182,7 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"indices must end in a dimension of at most num_quantizers={self.num_quantizers} "
                              f"stages (unused stages may be -1), got shape {tuple(indices.shape)}")
         if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
-                and indices.numel() and int(indices.min()) < -1):
+                and indices.numel() and not indices.is_meta and int(indices.min()) < -1):
             raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(indices.min())}")
         total = None
         for stage, vq in enumerate(self.quantizers[:indices.shape[-1]]):
