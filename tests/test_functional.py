@@ -465,7 +465,8 @@ def test_meta_tensors_give_the_output_shapes(monkeypatch, forced):
     assert z_q.shape == (5, 3) and loss.shape == ()
     from vqfast import VectorQuantizer
 
-    for kwargs in ({}, {"ema": True}, {"heads": 2}, {"sample_entropy_weight": 0.1, "batch_entropy_weight": 0.1}):
+    for kwargs in ({}, {"ema": True}, {"heads": 2}, {"sample_entropy_weight": 0.1, "batch_entropy_weight": 0.1},
+                   {"init": "kmeans"}):
         layer = VectorQuantizer(8, 3, **kwargs).to("meta")
         x = torch.empty(2, 3 * kwargs.get("heads", 1), 4, 5, device="meta", requires_grad=True)
         z_q, loss, indices = layer(x)
@@ -473,6 +474,9 @@ def test_meta_tensors_give_the_output_shapes(monkeypatch, forced):
         assert z_q.shape == x.grad.shape == x.shape and loss.shape == ()
         assert indices.shape == ((2, 4, 5, 2) if kwargs.get("heads") else (2, 4, 5))
         assert layer.codes_from_indices(indices).shape == x.shape
+        mask = torch.ones(2, 4, 5, dtype=torch.bool, device="meta")
+        assert layer(x, mask)[0].shape == x.shape
+    assert layer._needs_init  # k-means, with no rows to cluster, stays pending
     from vqfast import ResidualVectorQuantizer
 
     rvq = ResidualVectorQuantizer(2, 8, 3).to("meta")

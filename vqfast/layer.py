@@ -679,7 +679,8 @@ class VectorQuantizer(nn.Module):
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         ran_kmeans = False
-        if maintain and self._needs_init and not self._kmeans_paused:
+        # (Meta tensors, shapes only, have no rows to cluster: k-means stays pending.)
+        if maintain and self._needs_init and not self._kmeans_paused and not rows.is_meta:
             # (Selecting the kept rows syncs the host: once, on the batches k-means pools.)
             kept = rows if valid is None else rows[valid]
             # A batch with no kept rows is not pooled, as an empty batch is not; under DDP every rank
@@ -738,7 +739,8 @@ class VectorQuantizer(nn.Module):
         loss = self._ema_loss(loss)
         if self.sample_entropy_weight != 0.0 or self.batch_entropy_weight != 0.0:
             # (With a mask, selecting its rows syncs the host: the soft assignments have no row weights.)
-            kept = rows if valid is None else rows[valid]
+            # (Meta tensors cannot be selected by values; their entropies are scalars of no value anyway.)
+            kept = rows if valid is None or rows.is_meta else rows[valid]
             sample_h, batch_h = soft_assignment_entropy(kept, codebook, self.entropy_temperature, self.metric,
                                                         self.precision)
             loss = loss + self.sample_entropy_weight * sample_h - self.batch_entropy_weight * batch_h
