@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from vqfast._checks import INTERPRETER_BF16_REFUSAL
 from vqfast.kernels._launch import PreparedLaunch
 
 
@@ -122,10 +123,7 @@ def check_launchable(*tensors: torch.Tensor) -> None:
             if t.dtype == torch.bfloat16:
                 # NumPy has no bfloat16: the interpreter's bf16 products come out wrong (off by orders of
                 # magnitude), which would be a silent wrong answer.
-                raise RuntimeError(
-                    "Triton's CPU interpreter computes bfloat16 kernels wrongly; run bfloat16 tensors on a "
-                    "CUDA GPU, or on the CPU with the torch backend (VQFAST_BACKEND=torch)"
-                )
+                raise RuntimeError(INTERPRETER_BF16_REFUSAL)
             continue
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors (got a tensor on {t.device}); "

@@ -57,6 +57,13 @@ def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str = "
         raise ValueError(f"z and codebook must be on the same device, got z on {z.device}, codebook on {codebook.device}")
 
 
+# Both the backend choice (vqfast.functional, which must not import the kernels) and the kernels' own
+# launch check refuse bfloat16 under Triton's CPU interpreter with this message: NumPy has no bfloat16,
+# and the interpreter's bf16 products come out wrong.
+INTERPRETER_BF16_REFUSAL = ("Triton's CPU interpreter computes bfloat16 kernels wrongly; run bfloat16 tensors on a "
+                            "CUDA GPU, or on the CPU with the torch backend (VQFAST_BACKEND=torch)")
+
+
 def check_gather_inputs(codebook: torch.Tensor, indices: torch.Tensor, check_range: bool = True) -> None:
     check_tensor(codebook, "codebook")
     check_tensor(indices, "indices")

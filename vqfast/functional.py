@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vqfast import reference
 from vqfast._checks import (
-    check_bool, check_row_mask,
+    INTERPRETER_BF16_REFUSAL, check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
     check_usage_inputs,
 )
@@ -67,8 +67,7 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype | None = None
                 "importing triton to run the kernels on CPU through Triton's interpreter"
             )
         if device.type != "cuda" and dtype == torch.bfloat16:
-            raise RuntimeError("VQFAST_BACKEND=triton: Triton's CPU interpreter computes bfloat16 kernels wrongly; "
-                               "run bfloat16 tensors on a CUDA GPU, or on the CPU with the torch backend")
+            raise RuntimeError(f"VQFAST_BACKEND=triton: {INTERPRETER_BF16_REFUSAL}")
         return "triton"
     return "triton" if device.type == "cuda" and _triton_importable() else "torch"
 
