@@ -467,14 +467,16 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _RowEntropy(torch.autograd.Function):
-    """Entropy of each row of ``softmax(logits)``, with a gradient that keeps its relative accuracy.
+    """Entropy of each row of ``p = softmax(logits)``, and ``p``, with gradients that keep their
+    relative accuracy.
 
-    Plain PyTorch: ``-(logits.softmax(1) * logits.log_softmax(1)).sum(1)``. Autograd's gradient of that,
-    ``-p * (log p + H)``, adds two numbers near -1 and +1 for a row that puts almost all of its weight
-    on one code (a low temperature): the true value, as small as 1e-12 or less, drowns in their rounding.
-    With ``x = logits - max``, ``s`` the sum of ``exp(x)`` over all codes but the first largest, and
-    ``xbar = sum(p * x)``: ``H = log1p(s) - xbar`` and ``dH/dlogits = -p * (x - xbar)``, both free of
-    that cancellation. A row whose every logit is -inf has no probability: entropy 0, no gradient.
+    Plain PyTorch: ``p = logits.softmax(1); -(p * logits.log_softmax(1)).sum(1), p``. Autograd's gradient
+    of the entropy, ``-p * (log p + H)``, adds two numbers near -1 and +1 for a row that puts almost all
+    of its weight on one code (a low temperature): the true value, as small as 1e-12 or less, drowns in
+    their rounding. With ``x = logits - max``, ``s`` the sum of ``exp(x)`` over all codes but the first
+    largest, and ``xbar = sum(p * x)``: ``H = log1p(s) - xbar`` and ``dH/dlogits = -p * (x - xbar)``,
+    both free of that cancellation. A row whose every logit is -inf has no probability: entropy 0, p 0,
+    no gradient.
     """
 
     @staticmethod
@@ -486,21 +488,25 @@ class _RowEntropy(torch.autograd.Function):
         e = shifted.exp()
         rest = e.scatter(1, shifted.argmax(1, keepdim=True), 0.0).sum(1, keepdim=True)
         xbar = torch.where(far, 0.0, e * shifted).sum(1, keepdim=True) / (1 + rest)
-        return dead, shifted.masked_fill(far, 0.0), e / (1 + rest), rest, xbar
+        p = (e / (1 + rest)).masked_fill(dead, 0.0)
+        return dead, shifted.masked_fill(far, 0.0), p, rest, xbar
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dead, _, _, rest, xbar = _RowEntropy._terms(logits)
+    def forward(ctx, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        dead, _, p, rest, xbar = _RowEntropy._terms(logits)
         ctx.save_for_backward(logits)
-        return (torch.log1p(rest) - xbar).masked_fill(dead, 0.0).squeeze(1)
+        return (torch.log1p(rest) - xbar).masked_fill(dead, 0.0).squeeze(1), p
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad_h: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # Recomputed from the logits (an N x K block less to keep); built of differentiable ops, so that
-        # a second derivative still works.
+        # a second derivative still works. p's own part is softmax's backward, p * (g - sum(p * g)).
         (logits,) = ctx.saved_tensors
-        dead, shifted, p, _, xbar = _RowEntropy._terms(logits)
-        return (-p * (shifted - xbar) * grad[:, None]).masked_fill(dead, 0.0)
+        _, shifted, p, _, xbar = _RowEntropy._terms(logits)
+        grad = -p * (shifted - xbar) * grad_h[:, None]
+        if grad_p is not None:
+            grad = grad + p * (grad_p - (p * grad_p).sum(1, keepdim=True))
+        return grad  # (0 on a row of no probability: p is 0 there)
 
 
 def soft_assignment_entropy(
@@ -552,9 +558,8 @@ def soft_assignment_entropy(
             # 0 log 0 = 0, with no 0 * -inf in the value or the gradient: codes whose log p is -inf (a -inf
             # logit, or a difference past the dtype's range) get p = 0, and a row with every logit -inf
             # gets no probability at all (entropy 0, nothing in the average).
-            dead_row = (logits == -torch.inf).all(1, keepdim=True)
-            p = torch.softmax(torch.where(dead_row, 0.0, logits), dim=1).masked_fill(dead_row, 0.0)
-            return _RowEntropy.apply(logits).sum(), p.sum(0)
+            entropies, p = _RowEntropy.apply(logits)
+            return entropies.sum(), p.sum(0)
 
     # Compiled, one block: a loop over blocks would tie the graph to N (a recompile per batch size).
     compiling = torch.compiler.is_compiling()
