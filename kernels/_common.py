@@ -71,12 +71,18 @@ def _interpreter_problem() -> str | None:
             total += 1
         tl.store(out_ptr, total)
 
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _loop_probe[(1,)](out, 3)
-    except Exception as exc:  # the interpreter wraps the NumPy TypeError in its own error type
-        return (f"Triton {triton.__version__}'s CPU interpreter fails with NumPy {np.__version__} ({exc}); "
-                "install 'numpy<2.4' or a newer Triton to run the kernels on CPU")
+    # The verdict is cached for the process: the probe must not depend on the caller's context (a
+    # torch.func transform, a default device, inference mode), in which its own tensor could not be run.
+    with torch._C._DisableFuncTorch(), torch.inference_mode(False), torch.device("cpu"):
+        out = torch.zeros(1, dtype=torch.int32, device="cpu")
+        try:
+            _loop_probe[(1,)](out, 3)
+        except Exception as exc:  # the interpreter wraps the NumPy TypeError in its own error type
+            if tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
+                return (f"Triton {triton.__version__}'s CPU interpreter fails with NumPy {np.__version__} ({exc}); "
+                        "install 'numpy<2.4' or a newer Triton to run the kernels on CPU")
+            return (f"Triton {triton.__version__}'s CPU interpreter fails ({exc}); reinstall Triton, or run on "
+                    "the CPU with the torch backend (VQFAST_BACKEND=torch)")
     if int(out.item()) != 3:
         return f"Triton {triton.__version__}'s CPU interpreter ran a test loop wrongly"
     return None

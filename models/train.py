@@ -1966,7 +1966,8 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     a("--data", default=None, help="cifar10, svhn, sample, synthetic, or a folder / .npz path (default: the run's "
       "own test source, its --eval-data or else its --data; with --split train, its --data)")
     a("--split", choices=("test", "train"), default="test",
-      help="which split of a source with one (cifar10, svhn, sample, synthetic, an .npz with x_test) to score")
+      help="which split of a source with one (cifar10, svhn, sample, synthetic, an .npz with x_test) to score "
+           "(default: test)")
     a("--ood", default=None, help="a second source scored as out-of-distribution (e.g. svhn); reports AUROC")
     a("--data-root", default=None, help="where torchvision datasets live (default: the run's)")
     a("--no-download", dest="download", action="store_false", help="never download datasets")
@@ -1978,7 +1979,7 @@ def configure_evaluate_parser(parser: argparse.ArgumentParser) -> None:
       help="VQ backend: auto picks triton on CUDA and the PyTorch reference on the CPU")
     a("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     a("--out", dest="out_dir", default=None, help="folder for the CSV/JSON/PNG (default: the run folder)")
-    a("--worst", type=int, default=16, help="how many worst-reconstructed images to show")
+    a("--worst", type=int, default=16, help="how many worst-reconstructed images to show (default: 16; 0 for none)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -13,6 +13,20 @@ METRICS = ("l2", "cosine")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def values_readable() -> bool:
+    """False while torch.compile traces: tensors' values cannot be read on the host then, and range
+    checks run inside the compiled graph instead (or not at all, on the Triton backend)."""
+    return not torch.compiler.is_compiling()
+
+
+def host_values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or under torch.func transforms the plain tensor beneath their wrappers (all of vmap's
+    batch, grad's levels), whose values can be read (``int(t.min())``) where the wrapper's cannot."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -79,7 +93,8 @@ def check_gather_inputs(codebook: torch.Tensor, indices: torch.Tensor, check_ran
         )
     # (Meta tensors have shapes but no values to check.)
     if check_range and indices.numel() > 0 and not indices.is_meta:
-        lo, hi = int(indices.min()), int(indices.max())
+        values = host_values(indices)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= codebook.shape[0]:
             raise ValueError(
                 f"indices must lie in [0, {codebook.shape[0]}) for a codebook of {codebook.shape[0]} codes, "
@@ -93,7 +108,8 @@ def check_usage_inputs(indices: torch.Tensor, num_codes: int, check_range: bool 
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
     if check_range and indices.numel() > 0 and not indices.is_meta:
-        lo, hi = int(indices.min()), int(indices.max())
+        values = host_values(indices)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")
 

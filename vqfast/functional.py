@@ -20,7 +20,7 @@ from vqfast import reference
 from vqfast._checks import (
     INTERPRETER_BF16_REFUSAL, check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
-    check_usage_inputs,
+    check_usage_inputs, values_readable,
 )
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend", "BACKENDS"]
@@ -158,10 +158,16 @@ def _at_least_float32(x: Tensor) -> Tensor:
 class _SecondDerivativeRefused(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, count: int, *tensors: Tensor):  # type: ignore[override]
+    def forward(count: int, *tensors: Tensor):  # type: ignore[override]
         """Clones of the first ``count`` tensors; the others only tie the node into the graph."""
         return tuple(g.clone() for g in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
 
     @staticmethod
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
@@ -199,6 +205,12 @@ def first_order_only(backward: Callable) -> Callable:
             # Gradients that depend on none of them get leaves of their own, which .backward()
             # reaches.
             graph = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+            if not graph and torch._C._are_functorch_transforms_active():
+                # Under torch.func's grad the backward always builds a graph; with nothing in it to
+                # differentiate again there is nothing to refuse, and a leaf of its own cannot be made
+                # (requires_grad_ is refused inside a transform). A second derivative (grad of grad)
+                # has the saved inputs in the graph, and is refused below.
+                return grads[0] if single else grads
             sources = [g.detach().requires_grad_() if not graph else g for g, r in zip(grads, refuse) if r]
             refused = iter(_SecondDerivativeRefused.apply(len(sources), *sources, *graph))
             grads = tuple(next(refused) if r else g for g, r in zip(grads, refuse))
@@ -207,15 +219,29 @@ def first_order_only(backward: Callable) -> Callable:
     return wrapper
 
 
+def saveable(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors, each one made under ``torch.inference_mode`` replaced by a copy: autograd refuses to
+    save inference tensors for backward, and plain PyTorch's VQ step (``q = codebook[i]``, the losses)
+    saves copies it makes, so a frozen codebook or indices built in inference mode work there."""
+    return tuple(t.clone() if t is not None and reference.made_in_inference_mode(t) else t for t in tensors)
+
+
 class _GatherRows(torch.autograd.Function):
     """``codebook[indices]``; backward scatter-adds the output gradient into the chosen rows (fp32)."""
 
+    # (setup_context and a generated vmap rule: torch.func transforms, vmap and grad, can run it.)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, codebook: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(indices)
+    def forward(codebook: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+        return _ops().gather_rows(codebook, indices)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        codebook, indices = inputs
+        ctx.save_for_backward(*saveable(indices))
         ctx.num_codes = codebook.shape[0]
         ctx.codebook_dtype = codebook.dtype
-        return _ops().gather_rows(codebook, indices)
 
     @staticmethod
     @first_order_only
@@ -240,7 +266,7 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     a device-side assertion, fatal to the process's CUDA context, as bad indices in compiled code are).
     """
     check_indices = check_bool(check_indices, "check_indices")
-    check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
+    check_gather_inputs(codebook, indices, check_range=check_indices and values_readable())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
         return reference.gather(codebook, indices)
     flat = indices.reshape(-1).to(torch.int64)
@@ -265,7 +291,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     num_codes = check_num_codes(num_codes)
     check_indices = check_bool(check_indices, "check_indices")
     check_usage_inputs(indices, num_codes,
-                       check_range=check_indices and not torch.compiler.is_compiling())
+                       check_range=check_indices and values_readable())
     if resolve_backend(indices.device) == "torch":
         return reference.code_usage(indices, num_codes)
     counts, stats = _ops().code_usage(indices.reshape(-1).to(torch.int64), num_codes)
@@ -275,13 +301,21 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
 class _FusedQuantize(torch.autograd.Function):
     """Gather + straight-through output + both VQ losses, forward and backward in one kernel each."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor, codebook: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
-                left_out: bool = False):
-        z_q, loss = _ops().quantize_forward(z, codebook, indices, beta, left_out)
-        ctx.save_for_backward(z, codebook, indices)
+    def forward(z: Tensor, codebook: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
+                left_out: bool):
+        # (No default for left_out: torch.compile mistakes the arguments of an apply that leaves out a
+        # defaulted one, passing the context as z.)
+        return _ops().quantize_forward(z, codebook, indices, beta, left_out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        z, codebook, indices, beta, left_out = inputs
+        z_q, _ = output
+        ctx.save_for_backward(*saveable(z, codebook, indices))
         ctx.beta, ctx.left_out = beta, left_out
-        ctx.mark_non_differentiable(indices)
         if not ctx.needs_input_grad[0]:
             # z_q's value is the code, but its gradient goes to z alone (straight through): with z not
             # requiring grad, z_q has none, as z + (q - z).detach() has none.
@@ -289,7 +323,6 @@ class _FusedQuantize(torch.autograd.Function):
         # An unused loss then reaches backward as None, and the codebook gets no gradient at all (as
         # with plain autograd) rather than a zero one that weight decay would still act on.
         ctx.set_materialize_grads(False)
-        return z_q, loss
 
     @staticmethod
     @first_order_only
@@ -354,9 +387,8 @@ def quantize(
     if indices is not None:
         # The CPU backend always checks (the check costs no device sync there), as gather does, under
         # torch.compile with an assertion inside the graph.
-        compiling = torch.compiler.is_compiling()
-        check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and not compiling)
-        if compiling and backend == "torch":
+        check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and values_readable())
+        if torch.compiler.is_compiling() and backend == "torch":
             reference._assert_in_range(indices, codebook.shape[0])
         indices = indices.to(torch.int64)
     given_z, given_codebook = z, codebook
@@ -385,10 +417,10 @@ def quantize(
         return reference.quantize(z, codebook, beta=beta, indices=indices)
     if z.dim() == 2:
         # Rows already: the reshapes would change nothing and cost an autograd node each way.
-        z_q, loss = _FusedQuantize.apply(z, codebook, indices, float(beta))
+        z_q, loss = _FusedQuantize.apply(z, codebook, indices, float(beta), False)
         return z_q, loss, indices
     lead_shape = z.shape[:-1]
-    z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta))
+    z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta), False)
     return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)
 
 
@@ -424,10 +456,15 @@ class _RotateToCodes(torch.autograd.Function):
     """The value of ``codes``; the gradient of ``(lambda M) z`` with ``lambda M`` held constant (see
     :func:`rotate_to_codes`)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor, codes: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(z, codes)
+    def forward(z: Tensor, codes: Tensor) -> Tensor:  # type: ignore[override]
         return codes.detach().clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*saveable(*inputs))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from vqfast import reference
-from vqfast._checks import check_bool, check_int, check_number, check_row_mask, check_search_inputs
+from vqfast._checks import (
+    check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values, values_readable,
+)
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import (
     _at_least_float32, _masked_quantize_rows, _ops, first_order_only, gather, nearest_code, quantize, resolve_backend,
-    rotate_to_codes,
+    rotate_to_codes, saveable,
 )
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
@@ -123,20 +125,27 @@ class _LayoutQuantize(torch.autograd.Function):
     a private copy (dead-code restarts rewrite it in place after the step), while its gradient goes to
     the codebook itself."""
 
+    # (setup_context and a generated vmap rule: torch.func transforms, vmap and grad, can run it.)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: Tensor, codebook: Tensor, rows: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
-                cdim: int, last_shape: torch.Size, copy: bool, left_out: bool = False):
+    def forward(z: Tensor, codebook: Tensor, rows: Tensor, indices: Tensor, beta: float,  # type: ignore[override]
+                cdim: int, last_shape: torch.Size, copy: bool, left_out: bool):
         z_q, loss = _ops().quantize_forward(rows, codebook, indices, beta, left_out)
-        ctx.save_for_backward(rows, codebook.clone() if copy else codebook, indices)
-        ctx.beta, ctx.cdim, ctx.last_shape, ctx.left_out = beta, cdim, last_shape, left_out
-        ctx.set_materialize_grads(False)
         z_q = z_q.reshape(last_shape).movedim(-1, cdim)
         if z.is_contiguous() and not z_q.is_contiguous():
             z_q = z_q.contiguous()
+        return z_q, loss
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        z, codebook, rows, indices, beta, cdim, last_shape, copy, left_out = inputs
+        ctx.save_for_backward(*saveable(rows, codebook.clone() if copy else codebook, indices))
+        ctx.beta, ctx.cdim, ctx.last_shape, ctx.left_out = beta, cdim, last_shape, left_out
+        ctx.set_materialize_grads(False)
         if not ctx.needs_input_grad[0]:
             # Straight through: z_q's gradient goes to z alone, so without z needing one it has none.
-            ctx.mark_non_differentiable(z_q)
-        return z_q, loss
+            ctx.mark_non_differentiable(output[0])
 
     @staticmethod
     @first_order_only
@@ -193,8 +202,12 @@ def _in_backward_pass() -> bool:
 class _SoftEntropy(torch.autograd.Function):
     """Sample and batch entropies of soft assignments through the streaming Triton kernels."""
 
+    # (setup_context and a generated vmap rule: torch.func transforms, vmap and grad, can run it. The
+    # per-row statistics the backward needs are outputs too, without gradients: apply(...)[:2].)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, rows: Tensor, codebook: Tensor, scale: float, precision: str):  # type: ignore[override]
+    def forward(rows: Tensor, codebook: Tensor, scale: float, precision: str):  # type: ignore[override]
         from vqfast import ops_layer
 
         row_max, log_sum, ent, colsum = ops_layer.soft_entropy_forward(rows, codebook, scale, precision)
@@ -202,14 +215,22 @@ class _SoftEntropy(torch.autograd.Function):
         avg = colsum / n
         sample_entropy = ent.sum() / n
         batch_entropy = -torch.special.xlogy(avg, avg).sum()
-        ctx.save_for_backward(rows, codebook, row_max, log_sum, ent, avg)
+        return sample_entropy, batch_entropy, row_max, log_sum, ent, avg
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        rows, codebook, scale, precision = inputs
+        kept = output[2:]
+        ctx.mark_non_differentiable(*kept)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*saveable(rows, codebook), *kept)
         ctx.scale = scale
         ctx.precision = precision
-        return sample_entropy, batch_entropy
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_sample: Tensor | None, grad_batch: Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_sample: Tensor | None, grad_batch: Tensor | None,  # type: ignore[override]
+                 *_statistics: Tensor | None):
         from vqfast import ops_layer
 
         rows, codebook, row_max, log_sum, ent, avg = ctx.saved_tensors
@@ -269,7 +290,7 @@ def soft_assignment_entropy(
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
-    return _nan_for_non_finite_rows(z, _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision]))
+    return _nan_for_non_finite_rows(z, _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])[:2])
 
 
 def _nan_for_non_finite_rows(rows: Tensor, entropies: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -532,10 +553,10 @@ class VectorQuantizer(nn.Module):
         if self.metric == "cosine":
             weight = reference.unit_rows(weight)
         if indices.dtype in (torch.int64, torch.int32):
-            if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
-                    and indices.numel() and not indices.is_meta and int(indices.min()) < -1):
+            if ((check_indices or indices.device.type != "cuda") and values_readable()
+                    and indices.numel() and not indices.is_meta and int(host_values(indices).min()) < -1):
                 raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "
-                                 f"got {int(indices.min())}")
+                                 f"got {int(host_values(indices).min())}")
             # Only -1 is replaced: other indices out of range still reach gather's checks (which under
             # torch.compile on the CPU backend assert inside the graph).
             left_out = indices == -1

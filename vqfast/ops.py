@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vqfast import kernels
 from vqfast.kernels import _common as kernels_common
+from vqfast._library import vmap_by_loop
 
 
 def on_device(t: Tensor):
@@ -138,8 +139,12 @@ def _(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
     return torch.empty_like(z, memory_format=torch.contiguous_format), codebook.new_empty(c_shape)
 
 
+for _op in (nearest_code, gather_rows, scatter_add_rows, code_usage, bincount, quantize_forward, quantize_backward):
+    vmap_by_loop(_op)
+
 # Tensors the launchers take as they are; subclasses go through the custom op.
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _direct(op, launcher, mutates: tuple[str, ...] = ()):
@@ -152,7 +157,9 @@ def _direct(op, launcher, mutates: tuple[str, ...] = ()):
 
     def call(*args, **kwargs):
         for a in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(a, Tensor) and type(a) not in _PLAIN_TYPES:
+            # (torch.autograd.functional's vectorize=True batches with the older vmap, which functorch's
+            # transform check does not see: its batched tensors have no storage either.)
+            if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or _is_legacy_batched(a)):
                 return op(*args, **kwargs)
         out = launcher(*args, **kwargs)
         for position, name in positions:
@@ -180,8 +187,10 @@ direct = types.SimpleNamespace(
 
 def intercepted() -> bool:
     """True while anything traces or intercepts calls: torch.compile and torch.export, fake tensors and
-    other dispatch modes (profilers' counters), torch.jit.trace. Those must see the custom ops."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+    other dispatch modes (profilers' counters), torch.jit.trace, torch.func transforms (vmap, grad).
+    Those must see the custom ops: a transform's wrapped tensors have no storage a kernel could read."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active())
 
 
 def for_call() -> types.ModuleType | types.SimpleNamespace:

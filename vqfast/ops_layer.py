@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vqfast import kernels
 from vqfast.kernels import soft_entropy as _soft_entropy
-from vqfast.ops import _direct, intercepted, on_device
+from vqfast.ops import _direct, intercepted, on_device, vmap_by_loop
 
 
 @torch.library.custom_op("vqfast::soft_entropy_forward", mutates_args=())
@@ -57,6 +57,8 @@ def _finite_row_counts(indices: Tensor, distances: Tensor, num_codes: int) -> Te
 
 
 finite_row_counts = torch.library.custom_op("vqfast::finite_row_counts", _finite_row_counts, mutates_args=())
+for _op in (soft_entropy_forward, soft_entropy_backward, finite_row_counts):
+    vmap_by_loop(_op)
 
 
 @finite_row_counts.register_fake

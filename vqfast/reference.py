@@ -15,6 +15,8 @@ import struct
 import torch
 import torch.nn.functional as F
 
+from vqfast._library import vmap_by_loop
+
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
 
 # Elements of the (rows x K) distance block held at once: 2**22 fp32 values = 16 MiB.
@@ -84,6 +86,9 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
     # Under autocast, addmm would run in 16 bits, past what the rounding bounds below cover.
     with _autocast_off(z.device):
         return _nearest_code_rows_exact(z, codebook, metric, compute_dtype)
+
+
+vmap_by_loop(_nearest_code_rows)
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -207,15 +212,21 @@ def _(z: torch.Tensor, codebook: torch.Tensor, metric: str,
 
 def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
-    from vqfast._checks import check_gather_inputs
+    from vqfast._checks import check_gather_inputs, values_readable
 
-    compiling = torch.compiler.is_compiling()
-    check_gather_inputs(codebook, indices, check_range=not compiling)
-    if compiling:
+    check_gather_inputs(codebook, indices, check_range=values_readable())
+    if torch.compiler.is_compiling():
         # The range is data a compiled graph cannot branch on, and compiled indexing may wrap negative
         # indices: an assertion checked where the graph runs instead.
         _assert_in_range(indices, codebook.shape[0])
+    if made_in_inference_mode(indices) and torch.is_grad_enabled() and codebook.requires_grad:
+        indices = indices.clone()  # (autograd cannot save an inference tensor; the Triton backend copies too)
     return _gather_wide(codebook, indices).to(codebook.dtype)
+
+
+def made_in_inference_mode(t: torch.Tensor) -> bool:
+    """``t.is_inference()``; False while torch.compile traces, which cannot ask it."""
+    return not torch.compiler.is_compiling() and t.is_inference()
 
 
 def _assert_in_range(indices: torch.Tensor, num_codes: int) -> None:
@@ -241,10 +252,10 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
         counts = torch.bincount(indices.flatten(), minlength=num_codes)
         p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
     """
-    from vqfast._checks import check_usage_inputs
+    from vqfast._checks import check_usage_inputs, values_readable
 
     compiling = torch.compiler.is_compiling()
-    check_usage_inputs(indices, num_codes, check_range=not compiling)
+    check_usage_inputs(indices, num_codes, check_range=values_readable())
     flat = indices.reshape(-1)
     if compiling or flat.is_meta:  # (bincount has no meta kernel either: no values, no length)
         # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
@@ -252,6 +263,10 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
         # (compiled index_add_ wraps negative indices).
         _assert_in_range(flat, num_codes)
         counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int64))
+    elif torch._C._are_functorch_transforms_active():
+        # (bincount has no batching rule for vmap; the range was checked above.)
+        counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add(
             0, flat, torch.ones_like(flat, dtype=torch.int64))
     else:
         counts = torch.bincount(flat, minlength=num_codes)
@@ -423,6 +438,8 @@ def quantize(
     Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype, and the
     value of the code exactly (``z + (q - z)`` may round away from it).
     """
+    if made_in_inference_mode(z) and torch.is_grad_enabled():
+        z = z.clone()  # (autograd cannot save an inference tensor for the codebook's gradient)
     if metric == "cosine":
         # As vqfast.quantize: the code and the losses are those of the l2-normalised vectors.
         z, codebook = unit_rows(z), unit_rows(codebook)
@@ -457,9 +474,16 @@ class _StraightThrough(torch.autograd.Function):
     """``z + (q - z).detach()`` without its rounding: the value is exactly ``q`` (also where z is
     large, inf or NaN), and the gradient goes to ``z`` unchanged."""
 
+    # (setup_context and a generated vmap rule: torch.func transforms, vmap and grad, can run it.)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return q.detach().clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -491,11 +515,16 @@ class _RowEntropy(torch.autograd.Function):
         p = (e / (1 + rest)).masked_fill(dead, 0.0)
         return dead, shifted.masked_fill(far, 0.0), p, rest, xbar
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         dead, _, p, rest, xbar = _RowEntropy._terms(logits)
-        ctx.save_for_backward(logits)
         return (torch.log1p(rest) - xbar).masked_fill(dead, 0.0).squeeze(1), p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -568,7 +597,10 @@ def soft_assignment_entropy(
     p_sum = rows.new_zeros(codes.shape[0])
     for start in (0,) if compiling else range(0, n, step):
         block = rows[start : start + step]
-        if torch.is_grad_enabled() and (block.requires_grad or codes.requires_grad):
+        # (torch.func's grad cannot run checkpointing's saved-tensor hooks: under its transforms each
+        # block keeps its N x K terms for the backward.)
+        if (torch.is_grad_enabled() and (block.requires_grad or codes.requires_grad)
+                and (compiling or not torch._C._are_functorch_transforms_active())):
             s, ps = checkpoint(block_terms, block, codes, use_reentrant=False)
         else:
             s, ps = block_terms(block, codes)

@@ -1,0 +1,164 @@
+"""torch.func transforms (vmap, grad, per-sample gradients), the older vmap of
+``torch.autograd.functional.jacobian(vectorize=True)``, and tensors made under inference mode, on
+both backends: the results equal those of plain loops and plain autograd."""
+
+import pytest
+import torch
+
+import vqfast
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request, monkeypatch, kernel_device):
+    monkeypatch.setenv("VQFAST_BACKEND", request.param)
+    return kernel_device if request.param == "triton" else torch.device("cpu")
+
+
+def _data(device, batch=3, n=5, k=7, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, n, d, generator=g).to(device)
+    c = torch.randn(k, d, generator=g).to(device)
+    return z, c
+
+
+def test_vmap_of_the_ops_equals_a_loop(device):
+    z, c = _data(device)
+    idx = torch.func.vmap(lambda r: vqfast.nearest_code(r, c, precision="highest")[0])(z)
+    assert torch.equal(idx, torch.stack([vqfast.nearest_code(r, c, precision="highest")[0] for r in z]))
+    assert torch.equal(torch.func.vmap(lambda i: vqfast.gather(c, i))(idx), c[idx])
+    counts = torch.func.vmap(lambda i: vqfast.code_usage(i, c.shape[0])[0])(idx)
+    assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=c.shape[0]) for i in idx]))
+    z_q = torch.func.vmap(lambda r, i: vqfast.quantize(r, c, indices=i)[0])(z, idx)
+    assert torch.equal(z_q, c[idx])
+
+
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_vmap_still_checks_the_index_range(device, bad):
+    _, c = _data(device)
+    idx = torch.tensor([[0, 1], [2, bad]], device=device)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 7\)"):
+        torch.func.vmap(lambda i: vqfast.gather(c, i))(idx)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 7\)"):
+        torch.func.vmap(lambda i: vqfast.code_usage(i, c.shape[0])[0])(idx)
+
+
+def test_vmap_of_an_eval_layer_and_its_decoding(device):
+    z, _ = _data(device)
+    vq = vqfast.VectorQuantizer(7, 6, channel_dim=-1).to(device).eval()
+    z_q = torch.func.vmap(lambda r: vq(r)[0])(z)
+    assert torch.equal(z_q, torch.stack([vq(r)[0] for r in z]))
+    tokens = vq.encode(z)
+    assert torch.equal(torch.func.vmap(vq.codes_from_indices)(tokens), vq.codes_from_indices(tokens))
+    with pytest.raises(ValueError, match="must be -1"):
+        torch.func.vmap(vq.codes_from_indices)(torch.full((2, 3), -2, device=device))
+
+
+def test_per_sample_codebook_gradients(device):
+    """vmap of grad: each row's own gradient of the VQ loss with respect to the codebook."""
+    z, c = _data(device)
+    rows = z[0]
+
+    def loss_of_row(row, codebook):
+        return vqfast.quantize(row[None], codebook, beta=0.4)[1]
+
+    per_row = torch.func.vmap(torch.func.grad(loss_of_row, argnums=1), in_dims=(0, None))(rows, c)
+    expected = []
+    for row in rows:
+        codebook = c.clone().requires_grad_()
+        expected.append(torch.autograd.grad(loss_of_row(row, codebook), codebook)[0])
+    torch.testing.assert_close(per_row, torch.stack(expected), rtol=1e-6, atol=1e-7)
+    assert per_row.abs().sum() > 0
+
+
+def test_grad_transform_equals_autograd(device):
+    z, c = _data(device)
+    rows = z[0]
+
+    def step(x):
+        z_q, loss, _ = vqfast.quantize(x, c, beta=0.3)
+        sample, batch = vqfast.soft_assignment_entropy(x, c, temperature=0.7)
+        rotated = vqfast.rotate_to_codes(x, c[:5])
+        return (z_q * torch.arange(6.0, device=device)).sum() + loss + sample - batch + rotated.pow(2).sum()
+
+    x = rows.clone().requires_grad_()
+    step(x).backward()
+    torch.testing.assert_close(torch.func.grad(step)(rows), x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_vectorized_jacobian(device):
+    """torch.autograd.functional.jacobian(vectorize=True) batches the backward with the older vmap."""
+    z, c = _data(device)
+    rows = z[0]
+    for fn, x in ((lambda cb: vqfast.quantize(rows, cb)[1], c), (lambda r: vqfast.quantize(r, c)[0], rows)):
+        fast = torch.autograd.functional.jacobian(fn, x, vectorize=True)
+        slow = torch.autograd.functional.jacobian(fn, x)
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_of_a_functional_call_of_the_layer(device):
+    z, _ = _data(device)
+    vq = vqfast.VectorQuantizer(7, 6, channel_dim=-1).to(device).eval()
+    params = {name: p.detach() for name, p in vq.named_parameters()}
+
+    def objective(p):
+        z_q, loss, _ = torch.func.functional_call(vq, p, (z,))
+        return z_q.sum() + loss
+
+    grads = torch.func.grad(objective)(params)
+    z_q, loss, _ = vq(z)
+    (z_q.sum() + loss).backward()
+    torch.testing.assert_close(grads["embeddings.weight"], vq.embeddings.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_inference_mode_codebook_and_indices(device):
+    """A codebook or indices made under torch.inference_mode serve a z that needs gradients, as in plain
+    PyTorch (autograd cannot save inference tensors; the step saves copies of them)."""
+    z, c = _data(device)
+    rows = z[0]
+    with torch.inference_mode():
+        frozen = c.clone()
+        frozen_indices = vqfast.nearest_code(rows, frozen)[0]
+    mask = torch.tensor([True, False, True, True, False], device=device)
+    for kwargs in ({}, {"indices": frozen_indices}, {"mask": mask}):
+        grads = []
+        for codebook in (frozen, c):
+            x = rows.clone().requires_grad_()
+            z_q, loss, _ = vqfast.quantize(x, codebook, beta=0.3, **kwargs)
+            (z_q.sum() * 2 + loss).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    codebook = c.clone().requires_grad_()
+    vqfast.gather(codebook, frozen_indices).sum().backward()
+    assert torch.equal(codebook.grad.sum(1), 6 * torch.bincount(frozen_indices, minlength=7).float())
+    # Encoder outputs made in inference mode, a codebook that trains: the same codebook gradient.
+    with torch.inference_mode():
+        frozen_rows = rows.clone()
+    for kwargs in ({}, {"mask": mask}, {"metric": "cosine"}):
+        grads = []
+        for x in (frozen_rows, rows):
+            codebook = c.clone().requires_grad_()
+            vqfast.quantize(x, codebook, beta=0.3, **kwargs)[1].backward()
+            grads.append(codebook.grad)
+        assert grads[1].abs().sum() > 0
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_interpreter_check_ignores_the_callers_context():
+    """The interpreter's self-check runs once per process and is cached: run first inside a transform or
+    under a meta default device, it still judges the interpreter, not the caller's context."""
+    from vqfast.kernels import _common
+
+    if not _common.interpreting():
+        pytest.skip("checks Triton's CPU interpreter")
+    try:
+        _common._interpreter_problem.cache_clear()
+        verdicts = []
+        torch.func.grad(lambda x: verdicts.append(_common._interpreter_problem()) or x.sum())(torch.zeros(2))
+        assert verdicts == [None] and _common._interpreter_problem() is None
+        _common._interpreter_problem.cache_clear()
+        with torch.device("meta"):
+            assert _common._interpreter_problem() is None
+    finally:
+        _common._interpreter_problem.cache_clear()
