@@ -53,6 +53,10 @@ def test_vmap_of_an_eval_layer_and_its_decoding(device):
     assert torch.equal(torch.func.vmap(vq.codes_from_indices)(tokens), vq.codes_from_indices(tokens))
     with pytest.raises(ValueError, match="must be -1"):
         torch.func.vmap(vq.codes_from_indices)(torch.full((2, 3), -2, device=device))
+    residual = vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1).to(device).eval()
+    assert torch.equal(torch.func.vmap(lambda r: residual(r)[0])(z), torch.stack([residual(r)[0] for r in z]))
+    heads = vqfast.VectorQuantizer(7, 3, channel_dim=-1, heads=2).to(device).eval()
+    assert torch.equal(torch.func.vmap(lambda r: heads(r)[2])(z), torch.stack([heads(r)[2] for r in z]))
 
 
 def test_per_sample_codebook_gradients(device):
