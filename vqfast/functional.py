@@ -222,8 +222,11 @@ def first_order_only(backward: Callable) -> Callable:
 def saveable(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors, each one made under ``torch.inference_mode`` replaced by a copy: autograd refuses to
     save inference tensors for backward, and plain PyTorch's VQ step (``q = codebook[i]``, the losses)
-    saves copies it makes, so a frozen codebook or indices built in inference mode work there."""
-    return tuple(t.clone() if t is not None and reference.made_in_inference_mode(t) else t for t in tensors)
+    saves copies it makes, so a frozen codebook or indices built in inference mode work there. (In
+    inference mode itself nothing is saved: no copies.)"""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (compiled code cannot ask)
+        return tensors
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 
 class _GatherRows(torch.autograd.Function):
