@@ -166,3 +166,18 @@ def test_interpreter_check_ignores_the_callers_context():
             assert _common._interpreter_problem() is None
     finally:
         _common._interpreter_problem.cache_clear()
+
+
+def test_vmap_folds_the_batch_into_the_rows_of_one_search(device, monkeypatch):
+    """Only z batched: the batch's rows go to one search (and one gather), not one call per element."""
+    from vqfast import kernels, reference
+
+    z, c = _data(device, batch=4)
+    calls = []
+    target, name = (kernels, "nearest_code") if vqfast.resolve_backend(device) == "triton" else (
+        reference, "_nearest_code_rows_exact")
+    original = getattr(target, name)
+    monkeypatch.setattr(target, name, lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    idx = torch.func.vmap(lambda r: vqfast.nearest_code(r, c, precision="highest")[0])(z)
+    assert calls == [torch.Size([20, 6])]
+    assert torch.equal(idx, torch.stack([vqfast.nearest_code(r, c, precision="highest")[0] for r in z]))

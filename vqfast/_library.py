@@ -5,14 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def vmap_by_loop(op) -> None:
+def vmap_by_loop(op, rows_arg: int | None = None) -> None:
     """Registers vmap for the custom op ``op`` as a loop over the batch: what torch.func's fallback runs
-    too, but without its warning that asks PyTorch for a batching rule. (torch < 2.5 keeps the fallback.)"""
+    too, but without its warning that asks PyTorch for a batching rule. (torch < 2.5 keeps the fallback.)
+
+    ``rows_arg``: the position of an argument whose first dimension holds independent rows, each giving
+    its own first-dimension row of every output (the search's z, the gather's indices). When it is the
+    only batched argument, the batch is folded into its rows: one call instead of one per element."""
     register = getattr(op, "register_vmap", None)
     if register is None:
         return
 
     def rule(info, in_dims, *args, **kwargs):
+        if rows_arg is not None and all((d is None) == (i != rows_arg) for i, d in enumerate(in_dims)):
+            rows = args[rows_arg].movedim(in_dims[rows_arg], 0)
+            folded = list(args)
+            folded[rows_arg] = rows.reshape(-1, *rows.shape[2:])
+            out = op(*folded, **kwargs)
+            unfold = lambda t: t.reshape(rows.shape[0], rows.shape[1], *t.shape[1:])  # noqa: E731
+            if isinstance(out, tuple):
+                return tuple(unfold(t) for t in out), tuple(0 for _ in out)
+            return unfold(out), 0
         results = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)), **kwargs)
                    for i in range(info.batch_size)]
         if not isinstance(results[0], tuple):

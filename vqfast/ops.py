@@ -139,7 +139,9 @@ def _(grad_zq: Optional[Tensor], grad_loss: Tensor, z: Tensor, codebook: Tensor,
     return torch.empty_like(z, memory_format=torch.contiguous_format), codebook.new_empty(c_shape)
 
 
-for _op in (nearest_code, gather_rows, scatter_add_rows, code_usage, bincount, quantize_forward, quantize_backward):
+vmap_by_loop(nearest_code, rows_arg=0)
+vmap_by_loop(gather_rows, rows_arg=1)
+for _op in (scatter_add_rows, code_usage, bincount, quantize_forward, quantize_backward):
     vmap_by_loop(_op)
 
 # Tensors the launchers take as they are; subclasses go through the custom op.

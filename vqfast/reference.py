@@ -88,7 +88,7 @@ def _nearest_code_rows(z: torch.Tensor, codebook: torch.Tensor, metric: str,
         return _nearest_code_rows_exact(z, codebook, metric, compute_dtype)
 
 
-vmap_by_loop(_nearest_code_rows)
+vmap_by_loop(_nearest_code_rows, rows_arg=0)
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
