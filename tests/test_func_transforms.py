@@ -91,11 +91,34 @@ def test_grad_transform_equals_autograd(device):
     torch.testing.assert_close(torch.func.grad(step)(rows), x.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_of_grad_through_the_incoming_gradient(device):
+    """A second derivative that reaches the backward only through its incoming gradient: exact on the
+    torch backend, refused (not a silent 0) on the Triton one, as with create_graph=True in eager code."""
+    z, c = _data(device)
+    rows = z[0]
+
+    def inner(s, cb):
+        return s * vqfast.quantize(rows, cb, beta=0.3)[1]
+
+    def outer(s):
+        return torch.func.grad(inner, argnums=1)(s, c).sum()
+
+    cb = c.clone().requires_grad_()
+    exact = torch.autograd.grad(vqfast.quantize(rows, cb, beta=0.3)[1], cb)[0].sum()
+    if vqfast.resolve_backend(device) == "triton":
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            torch.func.grad(outer)(torch.tensor(1.5, device=device))
+    else:
+        torch.testing.assert_close(torch.func.grad(outer)(torch.tensor(1.5, device=device)), exact)
+    assert exact.abs() > 0
+
+
 def test_vectorized_jacobian(device):
     """torch.autograd.functional.jacobian(vectorize=True) batches the backward with the older vmap."""
     z, c = _data(device)
     rows = z[0]
-    for fn, x in ((lambda cb: vqfast.quantize(rows, cb)[1], c), (lambda r: vqfast.quantize(r, c)[0], rows)):
+    for fn, x in ((lambda cb: vqfast.quantize(rows, cb)[1], c), (lambda r: vqfast.quantize(r, c)[0], rows),
+                  (lambda r: vqfast.rotate_to_codes(r, c[:5]), rows)):
         fast = torch.autograd.functional.jacobian(fn, x, vectorize=True)
         slow = torch.autograd.functional.jacobian(fn, x)
         torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
@@ -114,6 +137,11 @@ def test_grad_of_a_functional_call_of_the_layer(device):
     z_q, loss, _ = vq(z)
     (z_q.sum() + loss).backward()
     torch.testing.assert_close(grads["embeddings.weight"], vq.embeddings.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def frozen_rows_of(rows):
+    with torch.inference_mode():
+        return rows.clone()
 
 
 def test_inference_mode_codebook_and_indices(device):
@@ -136,6 +164,21 @@ def test_inference_mode_codebook_and_indices(device):
     codebook = c.clone().requires_grad_()
     vqfast.gather(codebook, frozen_indices).sum().backward()
     assert torch.equal(codebook.grad.sum(1), 6 * torch.bincount(frozen_indices, minlength=7).float())
+    # Stored indices, a codebook that trains (with and without a mask): the same codebook gradient.
+    for kwargs in ({}, {"mask": mask}):
+        grads = []
+        for i in (frozen_indices, frozen_indices.clone()):
+            codebook = c.clone().requires_grad_()
+            vqfast.quantize(rows, codebook, beta=0.3, indices=i, **kwargs)[1].backward()
+            grads.append(codebook.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # Soft assignments of inference-mode rows or codes.
+    for x, codes in ((frozen_rows_of(rows), c), (rows, frozen)):
+        x, codes = (t if t.is_inference() else t.clone().requires_grad_() for t in (x, codes))
+        sample, batch = vqfast.soft_assignment_entropy(x, codes)
+        (sample - batch).backward()
+        trained = codes if codes.requires_grad else x
+        assert trained.grad is not None and trained.grad.abs().sum() > 0
     # Encoder outputs made in inference mode, a codebook that trains: the same codebook gradient.
     with torch.inference_mode():
         frozen_rows = rows.clone()
@@ -147,6 +190,19 @@ def test_inference_mode_codebook_and_indices(device):
             grads.append(codebook.grad)
         assert grads[1].abs().sum() > 0
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_a_layer_step_on_inference_mode_rows_with_entropy_terms(device):
+    z, _ = _data(device)
+    vq = vqfast.VectorQuantizer(7, 6, channel_dim=-1, sample_entropy_weight=0.1, batch_entropy_weight=0.1).to(device)
+    vq(frozen_rows_of(z))[1].backward()
+    assert vq.embeddings.weight.grad.abs().sum() > 0
+
+
+def test_vmap_over_an_empty_batch_is_an_error(device):
+    _, c = _data(device)
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.func.vmap(lambda i: vqfast.code_usage(i, 7)[0])(torch.zeros(0, 3, dtype=torch.int64, device=device))
 
 
 def test_interpreter_check_ignores_the_callers_context():

@@ -26,6 +26,8 @@ def vmap_by_loop(op, rows_arg: int | None = None) -> None:
             if isinstance(out, tuple):
                 return tuple(unfold(t) for t in out), tuple(0 for _ in out)
             return unfold(out), 0
+        if info.batch_size == 0:
+            raise ValueError(f"vmap over an empty batch: {op} has no element to take its output's shape from")
         results = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)), **kwargs)
                    for i in range(info.batch_size)]
         if not isinstance(results[0], tuple):

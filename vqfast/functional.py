@@ -204,14 +204,15 @@ def first_order_only(backward: Callable) -> Callable:
             # prune it and report the input unused (or None with allow_unused) instead of refusing.
             # Gradients that depend on none of them get leaves of their own, which .backward()
             # reaches.
-            graph = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
-            if not graph and torch._C._are_functorch_transforms_active():
-                # Under torch.func's grad the backward always builds a graph; with nothing in it to
-                # differentiate again there is nothing to refuse, and a leaf of its own cannot be made
-                # (requires_grad_ is refused inside a transform). A second derivative (grad of grad)
-                # has the saved inputs in the graph, and is refused below.
-                return grads[0] if single else grads
-            sources = [g.detach().requires_grad_() if not graph else g for g, r in zip(grads, refuse) if r]
+            if torch._C._are_functorch_transforms_active():
+                # Under torch.func's transforms requires_grad says nothing about outer levels (a grad of
+                # a grad may reach this backward through its incoming gradient alone), and no leaf can be
+                # made: the refusing node takes them all, and each level records it where it tracks one.
+                graph = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor)]
+                sources = [g for g, r in zip(grads, refuse) if r]
+            else:
+                graph = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+                sources = [g.detach().requires_grad_() if not graph else g for g, r in zip(grads, refuse) if r]
             refused = iter(_SecondDerivativeRefused.apply(len(sources), *sources, *graph))
             grads = tuple(next(refused) if r else g for g, r in zip(grads, refuse))
         return grads[0] if single else grads
@@ -515,6 +516,12 @@ def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() == 0:
         return False
     if not all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (z, codes, grad)):
+        return False
+    # Batched or wrapped tensors (torch.func, the vectorised jacobian's vmap) have no storage the kernel
+    # could read: the PyTorch ops handle them.
+    if torch._C._are_functorch_transforms_active() or any(
+            torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            for t in (z, codes, grad)):
         return False
     try:
         if resolve_backend(z.device, z.dtype) != "triton" or z.device.type != grad.device.type:

@@ -438,8 +438,9 @@ def quantize(
     Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype, and the
     value of the code exactly (``z + (q - z)`` may round away from it).
     """
-    if made_in_inference_mode(z) and torch.is_grad_enabled():
-        z = z.clone()  # (autograd cannot save an inference tensor for the codebook's gradient)
+    if torch.is_grad_enabled():
+        # (Autograd cannot save inference tensors, as the losses and the gather would; copies are normal.)
+        z, indices = (t.clone() if t is not None and made_in_inference_mode(t) else t for t in (z, indices))
     if metric == "cosine":
         # As vqfast.quantize: the code and the losses are those of the l2-normalised vectors.
         z, codebook = unit_rows(z), unit_rows(codebook)
@@ -557,6 +558,9 @@ def soft_assignment_entropy(
     from torch.utils.checkpoint import checkpoint
 
     dtype = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
+    if torch.is_grad_enabled():
+        # (Autograd cannot save inference tensors; their copies are normal ones.)
+        z, codebook = (t.clone() if made_in_inference_mode(t) else t for t in (z, codebook))
     rows = z.reshape(-1, z.shape[-1]).to(dtype)
     codes = codebook.to(dtype)
     if metric == "cosine":
