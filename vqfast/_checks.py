@@ -13,10 +13,9 @@ METRICS = ("l2", "cosine")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
-def values_readable() -> bool:
-    """False while torch.compile traces: tensors' values cannot be read on the host then, and range
-    checks run inside the compiled graph instead (or not at all, on the Triton backend)."""
-    return not torch.compiler.is_compiling()
+# torch.autograd.functional's vectorize=True batches with the older vmap, whose batched tensors (no
+# storage a kernel could read, no single value) functorch's transform check does not see.
+is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def host_values(t: torch.Tensor) -> torch.Tensor:

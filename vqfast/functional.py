@@ -20,7 +20,7 @@ from vqfast import reference
 from vqfast._checks import (
     INTERPRETER_BF16_REFUSAL, check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
-    check_usage_inputs, values_readable,
+    check_usage_inputs, is_legacy_batched,
 )
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend", "BACKENDS"]
@@ -220,16 +220,6 @@ def first_order_only(backward: Callable) -> Callable:
     return wrapper
 
 
-def saveable(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors, each one made under ``torch.inference_mode`` replaced by a copy: autograd refuses to
-    save inference tensors for backward, and plain PyTorch's VQ step (``q = codebook[i]``, the losses)
-    saves copies it makes, so a frozen codebook or indices built in inference mode work there. (In
-    inference mode itself nothing is saved: no copies.)"""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (compiled code cannot ask)
-        return tensors
-    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
-
-
 class _GatherRows(torch.autograd.Function):
     """``codebook[indices]``; backward scatter-adds the output gradient into the chosen rows (fp32)."""
 
@@ -243,7 +233,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         codebook, indices = inputs
-        ctx.save_for_backward(*saveable(indices))
+        ctx.save_for_backward(*reference.saveable(indices))
         ctx.num_codes = codebook.shape[0]
         ctx.codebook_dtype = codebook.dtype
 
@@ -270,7 +260,7 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     a device-side assertion, fatal to the process's CUDA context, as bad indices in compiled code are).
     """
     check_indices = check_bool(check_indices, "check_indices")
-    check_gather_inputs(codebook, indices, check_range=check_indices and values_readable())
+    check_gather_inputs(codebook, indices, check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
         return reference.gather(codebook, indices)
     flat = indices.reshape(-1).to(torch.int64)
@@ -295,7 +285,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     num_codes = check_num_codes(num_codes)
     check_indices = check_bool(check_indices, "check_indices")
     check_usage_inputs(indices, num_codes,
-                       check_range=check_indices and values_readable())
+                       check_range=check_indices and not torch.compiler.is_compiling())
     if resolve_backend(indices.device) == "torch":
         return reference.code_usage(indices, num_codes)
     counts, stats = _ops().code_usage(indices.reshape(-1).to(torch.int64), num_codes)
@@ -318,7 +308,7 @@ class _FusedQuantize(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         z, codebook, indices, beta, left_out = inputs
         z_q, _ = output
-        ctx.save_for_backward(*saveable(z, codebook, indices))
+        ctx.save_for_backward(*reference.saveable(z, codebook, indices))
         ctx.beta, ctx.left_out = beta, left_out
         if not ctx.needs_input_grad[0]:
             # z_q's value is the code, but its gradient goes to z alone (straight through): with z not
@@ -391,8 +381,9 @@ def quantize(
     if indices is not None:
         # The CPU backend always checks (the check costs no device sync there), as gather does, under
         # torch.compile with an assertion inside the graph.
-        check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and values_readable())
-        if torch.compiler.is_compiling() and backend == "torch":
+        compiling = torch.compiler.is_compiling()
+        check_gather_inputs(codebook, indices, check_range=(check_indices or backend == "torch") and not compiling)
+        if compiling and backend == "torch":
             reference._assert_in_range(indices, codebook.shape[0])
         indices = indices.to(torch.int64)
     given_z, given_codebook = z, codebook
@@ -468,7 +459,7 @@ class _RotateToCodes(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(*saveable(*inputs))
+        ctx.save_for_backward(*reference.saveable(*inputs))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -520,7 +511,7 @@ def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
     # Batched or wrapped tensors (torch.func, the vectorised jacobian's vmap) have no storage the kernel
     # could read: the PyTorch ops handle them.
     if torch._C._are_functorch_transforms_active() or any(
-            torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            is_legacy_batched(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
             for t in (z, codes, grad)):
         return False
     try:

@@ -19,12 +19,12 @@ from torch import Tensor, nn
 
 from vqfast import reference
 from vqfast._checks import (
-    check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values, values_readable,
+    check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values,
 )
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import (
     _at_least_float32, _masked_quantize_rows, _ops, first_order_only, gather, nearest_code, quantize, resolve_backend,
-    rotate_to_codes, saveable,
+    rotate_to_codes,
 )
 
 __all__ = ["VectorQuantizer", "soft_assignment_entropy"]
@@ -140,7 +140,7 @@ class _LayoutQuantize(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         z, codebook, rows, indices, beta, cdim, last_shape, copy, left_out = inputs
-        ctx.save_for_backward(*saveable(rows, codebook.clone() if copy else codebook, indices))
+        ctx.save_for_backward(*reference.saveable(rows, codebook.clone() if copy else codebook, indices))
         ctx.beta, ctx.cdim, ctx.last_shape, ctx.left_out = beta, cdim, last_shape, left_out
         ctx.set_materialize_grads(False)
         if not ctx.needs_input_grad[0]:
@@ -223,7 +223,7 @@ class _SoftEntropy(torch.autograd.Function):
         kept = output[2:]
         ctx.mark_non_differentiable(*kept)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*saveable(rows, codebook), *kept)
+        ctx.save_for_backward(*reference.saveable(rows, codebook), *kept)
         ctx.scale = scale
         ctx.precision = precision
 
@@ -553,7 +553,7 @@ class VectorQuantizer(nn.Module):
         if self.metric == "cosine":
             weight = reference.unit_rows(weight)
         if indices.dtype in (torch.int64, torch.int32):
-            if ((check_indices or indices.device.type != "cuda") and values_readable()
+            if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
                     and indices.numel() and not indices.is_meta and int(host_values(indices).min()) < -1):
                 raise ValueError(f"indices must be -1 (a row a mask left out) or lie in [0, {self.num_embeddings}), "
                                  f"got {int(host_values(indices).min())}")

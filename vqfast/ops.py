@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vqfast import kernels
 from vqfast.kernels import _common as kernels_common
+from vqfast._checks import is_legacy_batched
 from vqfast._library import vmap_by_loop
 
 
@@ -146,7 +147,6 @@ for _op in (scatter_add_rows, code_usage, bincount, quantize_forward, quantize_b
 
 # Tensors the launchers take as they are; subclasses go through the custom op.
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _direct(op, launcher, mutates: tuple[str, ...] = ()):
@@ -159,9 +159,7 @@ def _direct(op, launcher, mutates: tuple[str, ...] = ()):
 
     def call(*args, **kwargs):
         for a in (*args, *kwargs.values()) if kwargs else args:
-            # (torch.autograd.functional's vectorize=True batches with the older vmap, which functorch's
-            # transform check does not see: its batched tensors have no storage either.)
-            if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or _is_legacy_batched(a)):
+            if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or is_legacy_batched(a)):
                 return op(*args, **kwargs)
         out = launcher(*args, **kwargs)
         for position, name in positions:

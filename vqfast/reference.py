@@ -212,21 +212,27 @@ def _(z: torch.Tensor, codebook: torch.Tensor, metric: str,
 
 def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
-    from vqfast._checks import check_gather_inputs, values_readable
+    from vqfast._checks import check_gather_inputs
 
-    check_gather_inputs(codebook, indices, check_range=values_readable())
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    check_gather_inputs(codebook, indices, check_range=not compiling)
+    if compiling:
         # The range is data a compiled graph cannot branch on, and compiled indexing may wrap negative
         # indices: an assertion checked where the graph runs instead.
         _assert_in_range(indices, codebook.shape[0])
-    if made_in_inference_mode(indices) and torch.is_grad_enabled() and codebook.requires_grad:
-        indices = indices.clone()  # (autograd cannot save an inference tensor; the Triton backend copies too)
+    if torch.is_grad_enabled() and codebook.requires_grad:
+        (indices,) = saveable(indices)  # (the embedding's backward keeps them)
     return _gather_wide(codebook, indices).to(codebook.dtype)
 
 
-def made_in_inference_mode(t: torch.Tensor) -> bool:
-    """``t.is_inference()``; False while torch.compile traces, which cannot ask it."""
-    return not torch.compiler.is_compiling() and t.is_inference()
+def saveable(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors, each one made under ``torch.inference_mode`` replaced by a copy: autograd refuses to
+    save inference tensors for backward, and plain PyTorch's VQ step (``q = codebook[i]``, the losses)
+    saves copies it makes, so a frozen codebook, stored indices or encoder outputs made in inference
+    mode work there. (In inference mode itself nothing is saved: no copies.)"""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (compiled code cannot ask)
+        return tensors
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 
 def _assert_in_range(indices: torch.Tensor, num_codes: int) -> None:
@@ -252,10 +258,10 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
         counts = torch.bincount(indices.flatten(), minlength=num_codes)
         p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
     """
-    from vqfast._checks import check_usage_inputs, values_readable
+    from vqfast._checks import check_usage_inputs
 
     compiling = torch.compiler.is_compiling()
-    check_usage_inputs(indices, num_codes, check_range=values_readable())
+    check_usage_inputs(indices, num_codes, check_range=not compiling)
     flat = indices.reshape(-1)
     if compiling or flat.is_meta:  # (bincount has no meta kernel either: no values, no length)
         # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
@@ -439,8 +445,7 @@ def quantize(
     value of the code exactly (``z + (q - z)`` may round away from it).
     """
     if torch.is_grad_enabled():
-        # (Autograd cannot save inference tensors, as the losses and the gather would; copies are normal.)
-        z, indices = (t.clone() if t is not None and made_in_inference_mode(t) else t for t in (z, indices))
+        z, indices = saveable(z, indices)  # (the losses and the gather keep them)
     if metric == "cosine":
         # As vqfast.quantize: the code and the losses are those of the l2-normalised vectors.
         z, codebook = unit_rows(z), unit_rows(codebook)
@@ -559,8 +564,7 @@ def soft_assignment_entropy(
 
     dtype = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
     if torch.is_grad_enabled():
-        # (Autograd cannot save inference tensors; their copies are normal ones.)
-        z, codebook = (t.clone() if made_in_inference_mode(t) else t for t in (z, codebook))
+        z, codebook = saveable(z, codebook)  # (the blocks' backward keeps them)
     rows = z.reshape(-1, z.shape[-1]).to(dtype)
     codes = codebook.to(dtype)
     if metric == "cosine":

@@ -8,28 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vqfast._checks import check_bool, check_int, check_number, host_values, values_readable
+from vqfast import reference
+from vqfast._checks import check_bool, check_int, check_number, host_values
 from vqfast.functional import rotate_to_codes
 from vqfast.layer import GRADIENTS, VectorQuantizer
-
-
-class _Sum(torch.autograd.Function):
-    """The value of ``codes`` with the gradient of ``z``: a straight-through output that equals the sum of
-    the codes exactly (``z + (codes - z).detach()`` would round it)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z: Tensor, codes: Tensor) -> Tensor:  # type: ignore[override]
-        return codes.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -152,7 +134,8 @@ class ResidualVectorQuantizer(nn.Module):
                 # up to rounding).
                 z_q = torch.where(mask.unsqueeze(cdim), z_q, z)
         else:
-            z_q = _Sum.apply(z, codes_sum)
+            # The sum of the codes exactly, gradient straight to z (z + (codes - z).detach() would round it).
+            z_q = reference._StraightThrough.apply(z, codes_sum)
         return z_q, loss, torch.stack(indices, dim=-1)
 
     @torch.no_grad()
@@ -187,7 +170,7 @@ class ResidualVectorQuantizer(nn.Module):
         if indices.dim() < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
             raise ValueError(f"indices must end in a dimension of at most num_quantizers={self.num_quantizers} "
                              f"stages (unused stages may be -1), got shape {tuple(indices.shape)}")
-        if ((check_indices or indices.device.type != "cuda") and values_readable()
+        if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
                 and indices.numel() and not indices.is_meta and int(host_values(indices).min()) < -1):
             raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(host_values(indices).min())}")
         total = None
