@@ -61,7 +61,8 @@ class ArticleVQ(nn.Module):
         find = search_broadcast if self.search == "broadcast" else search_matmul
         return find(z.permute(0, 2, 3, 1).reshape(-1, c), self.embeddings.weight).view(b, h, w)
 
-    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+    def codes_from_indices(self, indices: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The codes at ``indices`` (B, H, W) as (B, C, H, W), like ``VectorQuantizer.codes_from_indices``
-        (an index outside [0, K) raises, as ``nn.Embedding`` does)."""
-        return self.embeddings(indices).permute(0, 3, 1, 2)
+        (an index outside [0, K) raises, as ``nn.Embedding`` does); in ``dtype`` if given."""
+        codes = self.embeddings(indices).permute(0, 3, 1, 2)
+        return codes if dtype is None else codes.to(dtype)

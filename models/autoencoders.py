@@ -265,8 +265,9 @@ class ConvVQVAE(nn.Module):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> images: the decoder of the codes the quantizer outputs for them (unit
         codes with the cosine metric). Indices outside [0, num_embeddings) raise ValueError (except
-        under ``torch.compile``, where the range is not checked)."""
-        return self.decode(self.quantizer.codes_from_indices(indices))
+        under ``torch.compile``, where the range is not checked). The codes come in the decoder's dtype
+        (the codebook stays float32 in a ``.half()`` model; forward's ``z_q`` takes the input's dtype)."""
+        return self.decode(self.quantizer.codes_from_indices(indices, dtype=self.decoder_input.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(reconstruction, vq_loss, indices)``."""

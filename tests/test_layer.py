@@ -425,6 +425,58 @@ def test_kmeans_pool_moves_with_the_layer_and_suits_distributed_checkpoints(torc
     assert moved.kmeans_pool.device.type == "meta" and moved.kmeans_pool.dtype == torch.float32
 
 
+def test_kmeans_pool_follows_codes_loaded_off_meta_and_to_empty(torch_backend):
+    # A layer built on meta and given a pooling layer's state with assign=True: the pool goes where the
+    # loaded codes are (the embedding loads after its parent), and k-means then runs as in the original.
+    torch.manual_seed(0)
+    pooling = VectorQuantizer(6, 3, init="kmeans", kmeans_batches=2)
+    pooling(torch.randn(30, 3))
+    state = {name: value.clone() for name, value in pooling.state_dict().items()}
+    with torch.device("meta"):
+        loaded = VectorQuantizer(6, 3, init="kmeans", kmeans_batches=2)
+    # (A copy: assign=True makes the layer's tensors those of the dict, which its steps then update.)
+    loaded.load_state_dict({name: value.clone() for name, value in state.items()}, assign=True)
+    assert loaded.kmeans_pool.device.type == "cpu"
+    z = torch.randn(30, 3)
+    for layer in (pooling, loaded):
+        torch.manual_seed(1)
+        layer(z)
+    assert bool(loaded.initialized)
+    assert torch.equal(loaded.embeddings.weight, pooling.embeddings.weight)
+    # to_empty moves a pool off meta as it moves the parameters (uninitialised), and loading fills it.
+    fresh = VectorQuantizer(6, 3, init="kmeans", kmeans_batches=2)
+    fresh.load_state_dict(state)
+    emptied = fresh.to("meta").to_empty(device="cpu")
+    assert emptied.kmeans_pool.device.type == "cpu" and emptied.kmeans_pool.shape == (30, 3)
+    emptied.load_state_dict(state)
+    assert torch.equal(emptied.kmeans_pool, state["kmeans_pool"])
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+def test_parametrized_codebook_is_never_rewritten_behind_the_parametrization(parametrization, backend, device):
+    # A parametrized weight is recomputed on every access: in-place writes into it would be lost, so the
+    # layer refuses them, and trains such a codebook by its loss alone.
+    parametrize = getattr(torch.nn.utils.parametrizations, parametrization)
+    z = torch.randn(40, 4, device=device)
+    for options, named in ((dict(ema=True), "ema=True"), (dict(init="kmeans", dead_code_threshold=0), "kmeans"),
+                           (dict(), "dead_code_threshold=0.01")):
+        layer = VectorQuantizer(8, 4, **options).to(device)
+        parametrize(layer.embeddings, "weight")
+        with pytest.raises(RuntimeError, match=named + ".*parametrized"):
+            layer(z)
+    layer = VectorQuantizer(8, 4, dead_code_threshold=0).to(device)
+    parametrize(layer.embeddings, "weight")
+    with pytest.raises(RuntimeError, match="set_codebook.*parametrized"):
+        layer.set_codebook(torch.randn(8, 4, device=device))
+    z_q, loss, indices = layer(z)
+    loss.backward()
+    originals = list(layer.embeddings.parametrizations.weight.parameters())
+    assert originals and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in originals)
+    layer.eval()  # (spectral_norm's power iteration stops: the codes stay put)
+    z_q, _, indices = layer(z)
+    torch.testing.assert_close(z_q, layer.embeddings.weight[indices])
+
+
 def test_kmeans_codes_keep_their_clusters_but_empty_ones_are_restarted(backend, device):
     # Pooled batches of two exact points: the three seeds repeat one point, so one code owns no cluster.
     # The code that owns A survives the B-only batches after (its k-means credit); the clusterless code

@@ -123,6 +123,20 @@ def test_vqvae_decodes_indices_as_its_quantizer_outputs_them_also_with_the_cosin
         assert torch.equal(article.encode_indices(images[:2]), idx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_vqvae_decodes_indices_in_the_models_dtype(images: torch.Tensor, dtype: torch.dtype) -> None:
+    # A converted model keeps a float32 codebook (float64 stays float64): the codes are decoded in the
+    # decoder's dtype, as forward's z_q (in the input's dtype) is.
+    torch.manual_seed(0)
+    model = ConvVQVAE(num_embeddings=64, embedding_dim=16).to(dtype).eval()
+    x = images[:2].to(dtype)
+    with torch.no_grad():
+        recon, _, idx = model(x)
+        decoded = model.decode_indices(model.encode_indices(x))
+    assert decoded.dtype == dtype
+    assert torch.equal(decoded, recon)
+
+
 def test_vqvae_decoder_sees_the_codes_and_every_part_gets_gradient(images: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = ConvVQVAE(num_embeddings=64, embedding_dim=16)

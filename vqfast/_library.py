@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
+
+# The modules that register ops; those after the first need triton (the kernels' ops).
+_OP_MODULES = ("vqfast.layer", "vqfast.ops", "vqfast.ops_layer")
+
+
+def register_ops() -> list[str]:
+    """Registers every vqfast custom op (``torch.ops.vqfast.*``) and returns their names.
+
+    ``import vqfast`` registers nothing (its names load on first use, and the kernels' ops only once a
+    Triton call needs them), so call this before ``torch.export.load`` of a program that uses vqfast:
+    loading resolves the program's ops by name. Without triton installed, only the CPU ops exist."""
+    importlib.import_module(_OP_MODULES[0])
+    if importlib.util.find_spec("triton") is not None:
+        for module in _OP_MODULES[1:]:
+            importlib.import_module(module)
+    return sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("vqfast::"))
 
 
 def vmap_by_loop(op, rows_arg: int | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from vqfast import reference
 from vqfast._checks import (
@@ -54,6 +55,12 @@ def _save_kmeans_pool(module: "VectorQuantizer", state_dict: dict[str, Any], pre
     if module._kmeans_pool_batches > 0:
         state_dict[prefix + _KMEANS_POOL_KEYS[0]] = module.kmeans_pool
         state_dict[prefix + _KMEANS_POOL_KEYS[1]] = module.kmeans_pool_batches
+
+
+def _move_kmeans_pool(module: "VectorQuantizer", incompatible_keys: Any) -> None:
+    """Load post-hook: the loaded pool goes to the codes' device, known only once the embedding (loaded
+    after its parent) holds them; ``load_state_dict(assign=True)`` may have moved them, e.g. off meta."""
+    module._pool_to_codebook_device()
 
 
 def _bincount(indices: Tensor, num_codes: int) -> Tensor:
@@ -95,10 +102,9 @@ def _upkeep_ops():
 
 
 def _autocast_on(device_type: str) -> bool:
-    """Whether autocast may be on for ``device_type`` (always True while compiling, or for a device type
-    that autocast does not know: the context then decides, or says what is wrong)."""
-    if torch.compiler.is_compiling():
-        return True
+    """Whether autocast may be on for ``device_type`` (True for a device type that autocast does not know:
+    the context then decides, or says what is wrong). torch.compile reads the state as a constant and
+    guards on it; torch.export bakes in the state at export time."""
     if device_type == "meta":  # shapes only: autocast has no meta mode
         return False
     try:
@@ -467,6 +473,7 @@ class VectorQuantizer(nn.Module):
         # yet what it will be, so it pools nothing (and, not initialised, restarts nothing).
         self._kmeans_paused = False
         self.register_state_dict_post_hook(_save_kmeans_pool)
+        self.register_load_state_dict_post_hook(_move_kmeans_pool)
         self.dead_code_threshold = float(dead_code_threshold)
         self.usage_decay = float(usage_decay)
         self.sample_entropy_weight = float(sample_entropy_weight)
@@ -699,6 +706,10 @@ class VectorQuantizer(nn.Module):
                 "layers before and after it instead (in eval mode it may be recomputed)")
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
+        if maintain and (self.ema or self._needs_init or self.dead_code_threshold > 0):
+            self._check_codebook_writable("a training step with " + (
+                "ema=True" if self.ema else "init='kmeans'" if self._needs_init else
+                f"dead_code_threshold={self.dead_code_threshold}"))
         ran_kmeans = False
         # (Meta tensors, shapes only, have no rows to cluster: k-means stays pending.)
         if maintain and self._needs_init and not self._kmeans_paused and not rows.is_meta:
@@ -716,6 +727,17 @@ class VectorQuantizer(nn.Module):
         # a cluster are re-seeded from the next batch.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
+
+    def _check_codebook_writable(self, what: str) -> None:
+        """Refuses to rewrite a parametrized codebook: its ``weight`` is computed from the parametrization's
+        own tensors on every access, so writes into it would be silently lost."""
+        if parametrize.is_parametrized(self.embeddings, "weight"):
+            raise RuntimeError(
+                f"{what} rewrites the codes in place, but embeddings.weight is parametrized "
+                f"(torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm): the writes would be lost. "
+                f"With a parametrized codebook use ema=False, dead_code_threshold=0 and init='xavier_normal' "
+                f"or 'uniform' (codebook-loss training reaches the parametrization's tensors by its gradient), "
+                f"or remove the parametrization")
 
     def _step_codebook(self, weight: Tensor, train: bool) -> tuple[Tensor, bool]:
         """The codebook a step quantizes with, and whether it must be copied (differentiably) first.
@@ -949,6 +971,7 @@ class VectorQuantizer(nn.Module):
         DDP, call it on every rank with the same codes. Plain PyTorch:
         ``vq.embeddings.weight.copy_(codes)`` plus that bookkeeping (a bare ``copy_`` keeps the old
         statistics, which may then count many of the new codes as dead)."""
+        self._check_codebook_writable("set_codebook")
         weight = self.embeddings.weight
         if not isinstance(codes, Tensor):
             raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
@@ -1085,10 +1108,16 @@ class VectorQuantizer(nn.Module):
             return out
 
         out = super()._apply(keep_wide, recurse)
-        # The pool follows the codes' device (it is not a buffer); its rows stay float32.
-        device = self.embeddings.weight.device
-        self._kmeans_pool = [p.to(device) for p in getattr(self, "_kmeans_pool", ())]
+        self._pool_to_codebook_device()
         return out
+
+    def _pool_to_codebook_device(self) -> None:
+        """The k-means pool follows the codes' device (it is not a buffer); its rows stay float32."""
+        device = self.embeddings.weight.device
+        # A pool on meta has no values to move: off meta (to_empty) it gets uninitialised memory, as the
+        # parameters do.
+        self._kmeans_pool = [torch.empty_like(p, device=device) if p.is_meta and device.type != "meta"
+                             else p.to(device) for p in getattr(self, "_kmeans_pool", ())]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
@@ -1164,7 +1193,8 @@ class VectorQuantizer(nn.Module):
             return
         # As pooled (float32 data rows); a pool saved with more batches than this layer's kmeans_batches
         # runs k-means on its next training batch.
-        self._kmeans_pool = [pool.to(device=self.embeddings.weight.device, dtype=torch.float32, copy=True)]
+        # (Moved to the codes' device once they are loaded: _move_kmeans_pool.)
+        self._kmeans_pool = [pool.to(dtype=torch.float32, copy=True)]
         self._kmeans_pool_batches = count
 
     def extra_repr(self) -> str:
