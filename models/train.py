@@ -222,7 +222,7 @@ def _validate_vq_kwargs(cfg: TrainConfig) -> None:
     known = [n for n in inspect.signature(VectorQuantizer.__init__).parameters if n not in _VQ_OPTIONS_EXCLUDED]
     unknown = sorted(set(cfg.vq_kwargs) - set(known))
     if unknown:
-        raise ValueError(f"--vq-option: unknown VectorQuantizer option(s) {', '.join(unknown)}; "
+        raise ValueError(f"--vq-option: unknown VectorQuantizer option(s) {', '.join(map(repr, unknown))}; "
                          f"known: {', '.join(known)}")
     # --beta would win without a word (as --codebook-init would over init=, which is refused too).
     if "beta" in cfg.vq_kwargs and cfg.beta is not None and cfg.vq_kwargs["beta"] != cfg.beta:
@@ -566,6 +566,20 @@ def train_step(loss_module: nn.Module, x: torch.Tensor, optimizer: torch.optim.O
     return terms
 
 
+def _loss_after_updates(model: nn.Module, x: torch.Tensor, amp: bool) -> float:
+    """The objective of the model's current weights on batch ``x`` (eval mode, no gradient, random state
+    left as it was). An epoch's average comes from each step's loss before its update, so an update
+    that broke the weights (outputs inf or NaN) shows only here, before a checkpoint keeps them."""
+    was_training = model.training
+    model.eval()
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(x.device, amp):
+            return float(model.loss_terms(x)["objective"])
+    finally:
+        model.train(was_training)
+
+
 class _StopRequest:
     """First Ctrl-C: finish the current batch, checkpoint, stop. Second Ctrl-C: KeyboardInterrupt now.
 
@@ -793,7 +807,8 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     conflicts = []
     given_eval_data: str | None = None
     if cfg.model != saved_cfg.model:
-        conflicts.append(f"the model {cfg.model} (the run trains a {saved_cfg.model})")
+        conflicts.append(f"the model {cfg.model} (the run trains an {saved_cfg.model})" if saved_cfg.model[0] in "aeiou"
+                         else f"the model {cfg.model} (the run trains a {saved_cfg.model})")
     for name in _FROZEN_ON_RESUME:
         new, old = getattr(cfg, name), getattr(saved_cfg, name)
         if name == "data":
@@ -850,7 +865,8 @@ def _is_local(source: str | None) -> bool:
 def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
     """What a run records of its local training data, to recognise the same images at another path:
     their number, and a SHA-256 of the pixels and labels (of an .npz) or of the files' names relative
-    to the folder, sizes and classes (of an image folder: cheap, no image is decoded). Other datasets
+    to the folder, sizes and classes (of an image folder: cheap, no image is decoded; names that are not
+    UTF-8 by their raw bytes). Other datasets
     get no digest: their count is all that is compared."""
     from vqfast.models.data import ImageArrayDataset
 
@@ -873,7 +889,7 @@ def _data_fingerprint(ds: Dataset) -> dict[str, Any]:
         samples = base.samples if indices is None else [base.samples[i] for i in indices]
         h = hashlib.sha256()
         for path, target in samples:
-            h.update(f"{Path(path).relative_to(base.root).as_posix()}\t{os.path.getsize(path)}\t{target}\n".encode())
+            h.update(f"{Path(path).relative_to(base.root).as_posix()}\t{os.path.getsize(path)}\t{target}\n".encode("utf-8", "surrogateescape"))
         digest = h.hexdigest()
     return {"images": len(ds), "sha256": digest}
 
@@ -1063,7 +1079,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             raise ValueError(f"--epochs {cfg.resolved_epochs()}: the run in {run_dir} stopped in epoch {done + 1}, "
                              f"after batch {int(state['batch'])}; give the new total, at least {done + 1}")
         if cfg.resolved_epochs() < done:
-            raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epochs the run in {run_dir} "
+            raise ValueError(f"--epochs {cfg.resolved_epochs()} is below the {done} epoch{'s' if done != 1 else ''} the run in {run_dir} "
                              f"has done; give the new total, at least {done}")
     if settings is not None:
         settings.enter_context(deterministic_algorithms(cfg.deterministic))
@@ -1312,6 +1328,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             t0 = time.perf_counter()
             done = skip
             timed_images: int | None = 0  # images trained in this process (a resumed epoch's earlier ones took no time here)
+            last_batch: torch.Tensor | None = None
             bar = _progress_bar(cfg.progress and dist.is_main, f"epoch {epoch + 1}/{epochs}", initial=skip,
                                 total=steps_per_epoch)
             try:
@@ -1320,6 +1337,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                     stop.finishing = epoch + 1 == epochs and done + 1 == steps_per_epoch
                     x = x.to(device, non_blocking=True)
                     terms = train_step(train_module, x, optimizer, cfg.amp)
+                    last_batch = x
                     n = x.shape[0]
                     timed_images += n
                     acc += torch.stack([
@@ -1357,14 +1375,21 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 timed_images = None
             if epoch_steps:
                 step_losses.extend(torch.stack(epoch_steps).float().cpu().tolist())
+            # (Every rank checks its own last batch; all stop if one finds the weights broken.)
+            after = math.nan if last_batch is None else _loss_after_updates(model, last_batch, cfg.amp)
+            broken = dist.any(last_batch is not None and not math.isfinite(after), device)
+            resume_advice = (f"{ckpt_path} keeps the last state saved before it; continue from there with --resume "
+                             "and a lower --lr")
             if interrupted and done < steps_per_epoch:
                 so_far = float(dist.all_sum(acc)[2])
-                if not math.isfinite(so_far):
+                if not math.isfinite(so_far) or broken:
                     # As at the end of an epoch: NaN weights saved now would replace the last good checkpoint.
-                    raise ValueError(f"training diverged in epoch {epoch + 1}: its loss so far (batch {done} of "
-                                     f"{steps_per_epoch}) is {so_far}, so no checkpoint was written. {ckpt_path} "
-                                     "keeps the last state saved before it; continue from there with --resume and "
-                                     "a lower --lr")
+                    what = (f"its loss so far (batch {done} of {steps_per_epoch}) is {so_far}"
+                            if not math.isfinite(so_far) else
+                            f"the weights after its last update (batch {done} of {steps_per_epoch}) give a "
+                            f"non-finite loss on that batch")
+                    raise ValueError(f"training diverged in epoch {epoch + 1}: {what}, so no checkpoint was written. "
+                                     f"{resume_advice}")
                 write_checkpoint(epoch, done, acc, counts, elapsed)
                 if dist.is_main:
                     _print(f"Interrupted in epoch {epoch + 1} after batch {done}/{steps_per_epoch}; "
@@ -1380,8 +1405,14 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 if dist.is_main:
                     _print(_epoch_line(record, cfg), log_path)
                 raise ValueError(f"training diverged in epoch {epoch + 1}: its average loss is {record['avg_loss']}. "
-                                 f"{ckpt_path} keeps the last state saved before it; continue from there with --resume "
-                                 "and a lower --lr")
+                                 f"{resume_advice}")
+            if broken:
+                if dist.is_main:
+                    _print(_epoch_line(record, cfg), log_path)
+                raise ValueError(f"training diverged in epoch {epoch + 1}: its average loss ({record['avg_loss']:.4f}) "
+                                 f"comes from each step's loss before its update, but the weights after its last "
+                                 f"update give a non-finite loss on its last batch, so no checkpoint was written. "
+                                 f"{resume_advice}")
             history.append(record)
             write_checkpoint(epoch + 1, 0, None, None)
             if dist.is_main:
@@ -1648,16 +1679,23 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
     header = ["source", "index", "label", "sse", "mse", "psnr"]
     header += ["anomalous"] if threshold is not None else []
     header += ["file"] if files is not None else []
-    # The csv module quotes a folder or file name holding a comma or a quote.
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        for i, (s, y) in enumerate(zip(result["sse"].tolist(), result["labels"].tolist())):
-            mse = s / _PIXELS
-            row = [source, i, y, f"{s:.6f}", f"{mse:.8f}", f"{_psnr(mse):.3f}"]
-            row += [int(s > threshold)] if threshold is not None else []
-            row += [files[i]] if files is not None else []
-            writer.writerow(row)
+    # Written beside and then renamed: a failure midway leaves no partial file (nor half of an earlier one).
+    partial = path.with_name(path.name + ".partial")
+    try:
+        # The csv module quotes a folder or file name holding a comma or a quote; a file name that is not
+        # UTF-8 keeps its own bytes (surrogateescape), as the file system holds them.
+        with open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            for i, (s, y) in enumerate(zip(result["sse"].tolist(), result["labels"].tolist())):
+                mse = s / _PIXELS
+                row = [source, i, y, f"{s:.6f}", f"{mse:.8f}", f"{_psnr(mse):.3f}"]
+                row += [int(s > threshold)] if threshold is not None else []
+                row += [files[i]] if files is not None else []
+                writer.writerow(row)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _earlier_evaluation_of_other_data(summary_path: Path, data: str) -> str | None:
@@ -1816,9 +1854,9 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             worst_png.unlink(missing_ok=True)
         if ood_res is not None and ood_info is not None:
             ood_name = describe_source(ood_info["data"])
-            ood_file = f"eval-{ood_name}-{ood_info['split']}"
-            if ood_file == f"eval-{name}-{split_label}":  # the same data twice: keep both score files
-                ood_file += "-ood"
+            # Named after both sets: its anomalous column uses this evaluation's threshold, and a name of
+            # its own cannot replace the files of an evaluation of the other set.
+            ood_file = f"eval-{name}-{split_label}-ood-{ood_name}-{ood_info['split']}"
             _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, image_files(ood_ds))
         (out / f"eval-{name}-{split_label}.json").write_text(_json(summary, indent=2) + "\n")
         return summary
@@ -1831,6 +1869,8 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (no KEY)")
     # Python's spellings too: the layer's own messages ask for "True or False", and ema=True left as the
     # string 'True' was refused with "ema must be True or False, got 'True'".
     python = {"True": True, "False": False, "None": None}

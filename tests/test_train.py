@@ -349,7 +349,13 @@ def test_evaluate_reports_reconstruction_and_anomaly_scores(vq_run: train_mod.Tr
     scores = [float(r.split(",")[3]) for r in rows[1:]]
     assert max(scores) == pytest.approx(summary["score_max"], rel=1e-6)
     assert summary["worst"][0][1] == pytest.approx(max(scores), rel=1e-6)
-    assert (tmp_path / "eval-synthetic-test.csv").is_file()
+    ood_rows = (tmp_path / "eval-sample-test-ood-synthetic-test.csv").read_text().splitlines()
+    ood_scores = [float(r.split(",")[3]) for r in ood_rows[1:]]
+    assert len(ood_scores) == 100 and max(ood_scores) == pytest.approx(summary["ood"]["score_max"], rel=1e-6)
+    # Flagged by the in-distribution threshold, as the summary's share says.
+    flagged = [int(r.split(",")[6]) for r in ood_rows[1:]]
+    assert sum(flagged) / 100 == pytest.approx(summary["ood"]["flagged_at_p95"])
+    assert not list(tmp_path.glob("*.partial"))
     assert (tmp_path / "eval-sample-test-worst.png").is_file()
     assert json.loads((tmp_path / "eval-sample-test.json").read_text())["images"] == 100
 

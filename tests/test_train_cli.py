@@ -128,6 +128,12 @@ def test_bad_options_fail_before_anything_is_written(argv: list[str], option: st
     assert torch.get_num_threads() == threads
 
 
+def test_a_vq_option_without_a_key_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _train_args("vqvae", "--vq-option", "=3")
+    assert exited.value.code == 2 and "expected KEY=VALUE, got '=3' (no KEY)" in capsys.readouterr().err
+
+
 def test_bad_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert train_main(_train_args("ae", "--data", str(tmp_path / "missing.npz"), "--out", str(out))) == 2
@@ -558,6 +564,50 @@ def test_a_run_interrupted_after_diverging_keeps_its_last_good_checkpoint(tmp_pa
     state = load_checkpoint(out)
     assert (state["epoch"], state["batch"]) == (0, 0)  # the initial one, not the NaN weights
     assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
+
+
+def test_a_last_update_that_breaks_the_weights_is_caught_before_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    # The epoch's average comes from the losses before each update: weights broken by its last update
+    # would pass it and be saved as the last good state.
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def break_the_last_update(module, x, optimizer, amp=False):
+        out = real_step(module, x, optimizer, amp)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second and last step of the epoch
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", break_the_last_update)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="diverged in epoch 1.*weights after its last update") as stopped:
+        train(TrainConfig(**TINY_AE, out=str(out)))
+    assert str(out / "checkpoint.pt") in str(stopped.value)
+    state = load_checkpoint(out)
+    assert (state["epoch"], state["batch"]) == (0, 0)  # the initial one, not the broken weights
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
+
+
+def test_folder_names_that_are_not_utf8_are_fingerprinted_and_written(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vqfast.models.data import image_files, load_dataset
+
+    folder = tmp_path / "folder"
+    (folder / "a").mkdir(parents=True)
+    for i, name in enumerate([b"caf\xe9.png", b"plain.png"]):  # a Latin-1 name, as older file systems hold
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(os.path.join(os.fsencode(folder / "a"), name))
+    ds = load_dataset(str(folder))
+    assert train_mod._data_fingerprint(ds)["images"] == 2
+    result = {"sse": torch.tensor([1.0, 2.0]), "labels": torch.tensor([0, 0])}
+    path = tmp_path / "scores.csv"
+    train_mod._write_scores_csv(path, "folder", result, 1.5, image_files(ds))
+    rows = path.read_bytes().splitlines()
+    assert len(rows) == 3 and rows[1].endswith(b"a/caf\xe9.png") and rows[2].endswith(b"a/plain.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "scores.csv"]  # no partial file left
 
 
 def test_psnr_and_json_outputs_of_nonfinite_errors() -> None:
