@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import zipfile
+import zlib
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
@@ -65,12 +66,23 @@ class DatasetUnavailable(RuntimeError):
     """A dataset could neither be found on disk nor downloaded."""
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """``array`` in this machine's byte order: torch refuses big-endian arrays (as written on another
+    machine, or with dtype '>i8') with a message that names neither the file nor the array."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
 class ImageArrayDataset(Dataset):
     """In-memory uint8 images (N, 3, H, W) + integer labels, served as float tensors in [0, 1]."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
                  channels_last: bool = False, name: str = "images", classes: tuple[str, ...] | None = None) -> None:
-        images = torch.as_tensor(np.asarray(images))
+        images = torch.as_tensor(_native_byte_order(np.asarray(images)))
         if channels_last:
             images = images.permute(0, 3, 1, 2)
         if images.dim() != 4 or images.shape[1] != 3:
@@ -81,9 +93,13 @@ class ImageArrayDataset(Dataset):
         if labels is None:
             self.labels = torch.full((len(images),), -1, dtype=torch.int64)
         else:
-            labels = np.asarray(labels)
+            labels = _native_byte_order(np.asarray(labels))
             if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
                 raise ValueError(f"{name}: labels must be integers, got {labels.dtype}")
+            # Labels are held as int64: larger unsigned ones would wrap round to negative numbers.
+            if labels.dtype.kind == "u" and labels.size and int(labels.max()) > _INT64_MAX:
+                raise ValueError(f"{name}: labels must fit in a 64-bit signed integer (at most {_INT64_MAX}), "
+                                 f"got {int(labels.max())}; number the classes from 0")
             # One label per image. (N, 1) is how Keras's CIFAR-10 stores them; anything else flattened
             # was reported as a count mismatch ("10 images but 20 labels" for (10, 2)).
             if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)):
@@ -115,8 +131,14 @@ class ImageArrayDataset(Dataset):
 def _npz_arrays(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
     try:
         return _read_npz(path, train)
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path} is not a readable .npz file ({_error_name(exc)}: {exc})") from None
+
+
+def _error_name(exc: BaseException) -> str:
+    """``zlib.error``, ``zipfile.BadZipFile``, ``OSError``: ``exc``'s class, with its module unless built in."""
+    cls = type(exc)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
 
 
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
@@ -131,10 +153,44 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
 
 def _npz_array(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
     try:
-        return data[key]
-    except ValueError as exc:  # an object array: loading it would mean unpickling, which is never done
-        raise ValueError(f"{path}: {key!r} is an object array ({exc}); store numbers (images as uint8) "
-                         f"and class names as strings") from None
+        array = data[key]
+    except ValueError as exc:
+        if _is_object_array(data, key):  # loading it would mean unpickling, which is never done
+            raise ValueError(f"{path}: {key!r} is an object array ({exc}); store numbers (images as uint8) "
+                             f"and class names as strings") from None
+        raise ValueError(f"{path}: the array {key!r} is damaged ({exc}); write the file again") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # Compressed members are only decompressed (and their checksums checked) when read.
+        raise ValueError(f"{path}: the array {key!r} is damaged ({_error_name(exc)}: {exc}); write the file "
+                         f"again") from None
+    if not isinstance(array, np.ndarray):
+        # numpy hands back the raw bytes of a member that is not in .npy format.
+        raise ValueError(f"{path}: {key!r} is not a NumPy array (its entry in the archive is not in .npy "
+                         f"format); write the file with numpy.savez or numpy.savez_compressed")
+    return array
+
+
+def _is_object_array(data: np.lib.npyio.NpzFile, key: str) -> bool:
+    """Whether the .npy header of ``key`` in ``data`` declares a dtype holding Python objects (False
+    where the header itself cannot be read)."""
+    member = f"{key}.npy" if f"{key}.npy" in data.zip.namelist() else key
+    try:
+        with data.zip.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            _, _, dtype = read_header(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):  # damaged, not an object array
+        return False
+    return bool(dtype.hasobject)
+
+
+def _class_names(data: np.lib.npyio.NpzFile, path: Path) -> tuple[str, ...]:
+    names = _npz_array(data, "class_names", path)
+    if names.ndim != 1:
+        raise ValueError(f"{path}: 'class_names' must be a 1-D array of names, one per class, got shape "
+                         f"{names.shape}; store it as e.g. np.array(['cat', 'dog'])")
+    return tuple(str(c) for c in names)
 
 
 def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
@@ -152,7 +208,7 @@ def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | No
         else:
             raise ValueError(f"{path}: expected arrays 'x' (N, 32, 32, 3) uint8 and 'y', found {sorted(keys)}")
         x = _npz_array(data, key, path)
-        classes = tuple(str(c) for c in _npz_array(data, "class_names", path)) if "class_names" in keys else None
+        classes = _class_names(data, path) if "class_names" in keys else None
     return key, x, y, classes
 
 
@@ -179,7 +235,7 @@ def has_test_split(source: str | Path) -> bool:
     An ``.npz`` with only ``x`` (or only ``x_train``) and an ImageFolder directory have one set of images:
     ``load_dataset(source, train=False)`` returns those same images (or fails), not held-out ones.
     """
-    src = str(source)
+    src = _checked_source(source)
     if src in BUILTIN_SOURCES:
         return True
     path = Path(src).expanduser()
@@ -187,7 +243,7 @@ def has_test_split(source: str | Path) -> bool:
         try:
             with _open_npz(path) as data:
                 return "x_test" in data.files
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):
             return False  # unreadable: loading it reports why
     return False
 
@@ -197,6 +253,7 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    _refuse_link_loops(Path(path))
     try:
         folder = datasets.ImageFolder(str(path), transform=transform, loader=_load_rgb)
     except FileNotFoundError as exc:
@@ -213,6 +270,38 @@ def load_image_folder(path: str | Path, size: int = 32) -> Dataset:
         except OSError as exc:
             raise ValueError(f"{file} is not a readable image ({exc}); remove it or replace it") from None
     return folder
+
+
+def _refuse_link_loops(root: Path) -> None:
+    """Refuse a symbolic link below ``root`` to a folder that leads back to the link (e.g. ``a/loop -> ..``).
+
+    torchvision follows links to folders: through such a loop it read each image once per pass, until
+    the path grew too long (1 image became 41 samples), and with two such links the walk took
+    exponential time. Links to files, and to folders elsewhere, are kept.
+    """
+    def walk(folder: str, walked: tuple[str, ...]) -> None:
+        # ``walked``: the real paths of the folders that lead from ``root`` down to ``folder``.
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return  # skipped, as os.walk (which torchvision uses) skips a folder it cannot list
+        for entry in entries:
+            try:
+                if not entry.is_dir():
+                    continue
+                is_link = entry.is_symlink()
+            except OSError:
+                continue
+            real = os.path.realpath(entry.path)
+            # A link to a folder that is, or holds, one of those being walked reaches this link again.
+            if is_link and any(os.path.commonpath((real, w)) == real for w in walked):
+                raise ValueError(f"{entry.path} is a symbolic link to {real}, a folder that leads back to the "
+                                 f"link (a loop: the images there would be read again and again); remove the "
+                                 f"link or point it elsewhere")
+            walk(entry.path, (*walked, real))
+
+    if root.is_dir():
+        walk(str(root), (os.path.realpath(root),))
 
 
 # PIL modes of unsigned 16-bit greyscale, whose every value _load_rgb can scale to 8 bits.
@@ -348,8 +437,17 @@ def load_svhn(root: str | Path = "data", train: bool = False, download: bool = T
 
     root = Path(root)
     split = "train" if train else "test"
-    ds = _open_torchvision(lambda download: datasets.SVHN(str(root), split=split, download=download),
-                           f"SVHN ({split})", root, download)
+    mat_file = root / f"{split}_32x32.mat"
+    try:
+        ds = _open_torchvision(lambda download: datasets.SVHN(str(root), split=split, download=download),
+                               f"SVHN ({split})", root, download)
+    except ValueError as exc:  # torchvision's reordering of an 'X' that is not 4-D
+        raise ValueError(f"{mat_file}: {exc}; expected SVHN's layout, 'X' of shape (32, 32, 3, N)") from None
+    # torchvision reorders 'X' (H, W, 3, N) to (N, 3, H, W) without looking at its size.
+    if ds.data.shape[1:] != (IMAGE_SHAPE_HWC[2], *IMAGE_SHAPE_HWC[:2]):
+        n, c, h, w = ds.data.shape
+        raise ValueError(f"{mat_file}: 'X' must hold 32 x 32 RGB images, shape (32, 32, 3, N), got {(h, w, c, n)}; "
+                         f"the models take 32 x 32 inputs")
     return ImageArrayDataset(ds.data, ds.labels, name=f"svhn-{split}", classes=tuple(str(i) for i in range(10)))
 
 
@@ -399,11 +497,22 @@ def dataset_label(ds: Dataset, source: str = "") -> str:
 
 def describe_source(source: str) -> str:
     """A short, file-name-safe label for a data source (used in output file names)."""
+    source = _checked_source(source)
     if source in BUILTIN_SOURCES:
         return source
     # Resolved: "." or "../imgs/" name no file ("eval--all.csv"), the folder they point at does.
     p = Path(source).expanduser().resolve()
-    return (p.stem if p.suffix else p.name) or "data"
+    # A folder's whole name: "cats.2023" and "cats.2024" are two folders, not two files named "cats".
+    return (p.name if p.is_dir() or not p.suffix else p.stem) or "data"
+
+
+def _checked_source(source: str | Path) -> str:
+    """``source`` as a string, refused when empty: as a path, "" would mean the current folder."""
+    src = str(source)
+    if not src.strip():
+        raise ValueError(f"empty data source {src!r}: give cifar10, svhn, sample, synthetic, or the path of a "
+                         f"folder of images or an .npz file ('.' for the current folder)")
+    return src
 
 
 def image_files(ds: Dataset) -> list[str] | None:
@@ -439,7 +548,7 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     CIFAR-10, SVHN, the sample and .npz files (stored in no particular class order), and ``limit``
     evenly spaced ones of a folder, whose images come sorted by class (the first ones would be one class).
     """
-    src = str(source)
+    src = _checked_source(source)
     by_class = False  # a folder's images come sorted by class
     if src == "cifar10":
         try:

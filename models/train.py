@@ -163,6 +163,14 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | argparse.Namespace) -> 
     return cfg
 
 
+def _refuse_empty_sources(*options: tuple[str, str | None]) -> None:
+    """An empty data option would be read as the current folder (a path of ""), or skipped."""
+    for option, source in options:
+        if source is not None and not str(source).strip():
+            raise ValueError(f"{option} is empty ({source!r}): give cifar10, svhn, sample, synthetic, or the path "
+                             f"of a folder of images or an .npz file ('.' for the current folder)")
+
+
 def _validate(cfg: TrainConfig) -> None:
     """Reject impossible options before anything is loaded or written; messages name the CLI option."""
     if cfg.model not in MODEL_NAMES:
@@ -175,6 +183,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--vq-impl must be one of {VQ_IMPLS}, got {cfg.vq_impl!r}")
     if cfg.resolved_epochs() < 0:
         raise ValueError(f"--epochs must be >= 0, got {cfg.epochs}")
+    _refuse_empty_sources(("--data", cfg.data), ("--eval-data", cfg.eval_data))
     for option, value in (("--batch-size", cfg.batch_size), ("--latent-dim", cfg.latent_dim),
                           ("--codes", cfg.num_codes), ("--code-dim", cfg.code_dim)):
         if value < 1:
@@ -948,7 +957,8 @@ def _check_run_data(train_set: Dataset, state: Mapping[str, Any], path: str,
 def _absolute_source(source: str | None) -> str | None:
     """A data source that names an existing file or folder, as an absolute path (so that a run can be
     resumed or evaluated from another working directory); other sources unchanged."""
-    if source is None or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
+    # ("" is no path, though Path("") means the current folder: loading it says so.)
+    if source is None or not source.strip() or source in BUILTIN_SOURCES or not Path(source).expanduser().exists():
         return source
     return str(Path(source).expanduser().resolve())
 
@@ -1769,6 +1779,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if worst < 0:
         raise ValueError(f"--worst must be >= 0, got {worst}")
+    _refuse_empty_sources(("--data", data), ("--ood", ood))
     dev = resolve_device(device)
     _check_backend_on(backend, dev)
     if amp and dev.type != "cuda":
@@ -1799,7 +1810,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             what = "training data" if split == "train" or not cfg.eval_data else "evaluation data (--eval-data)"
             raise FileNotFoundError(f"the run's {what}, {data}, is not there any more; if it moved, give its "
                                     f"new place with --data") from exc
-        ood_ds, ood_info = (None, None) if not ood else _load_eval_source(ood, split, data_root, download, limit,
+        ood_ds, ood_info = (None, None) if ood is None else _load_eval_source(ood, split, data_root, download, limit,
                                                                           cfg.seed)
 
         res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,

@@ -438,3 +438,168 @@ def test_batches_come_whole_and_in_the_sampler_order():
             assert torch.equal(x, torch.stack([e[0] for e in expected]))
             assert y.tolist() == [e[1] for e in expected] and y.dtype == torch.int64
         assert sum(len(y) for _, y in got) == len(dataset)
+
+
+def _zip_member_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of an .npy file, as numpy.savez stores each array in its zip archive."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    """An .npz written member by member, so that a member can hold what numpy.savez never writes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def test_damaged_compressed_npz_names_the_file_and_the_array(tmp_path: Path) -> None:
+    # Smooth images, so that the archive holds a real deflate stream for the damage to break.
+    x = np.broadcast_to(np.arange(32, dtype=np.uint8)[None, :, None, None], (8, 32, 32, 3)).copy()
+    path = tmp_path / "damaged.npz"
+    np.savez_compressed(path, x=x)
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    for i in range(middle - 8, middle + 8):
+        content[i] ^= 0x5A
+    path.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=r"damaged\.npz: the array 'x' is damaged \((zlib\.error|zipfile\.BadZipFile)"):
+        load_dataset(str(path))
+
+
+def test_npz_member_that_is_not_an_npy_file_is_refused(tmp_path: Path) -> None:
+    # numpy hands back such a member's raw bytes; the run failed later on "'bytes' object has no attribute 'ndim'".
+    path = _write_zip(tmp_path / "garbage.npz", {"x.npy": _zip_member_bytes(_images(2, seed=0)), "y.npy": b"garbage"})
+    with pytest.raises(ValueError, match=r"garbage\.npz: 'y' is not a NumPy array"):
+        load_dataset(str(path))
+    _write_zip(path, {"x.npy": b"garbage"})
+    with pytest.raises(ValueError, match=r"garbage\.npz: 'x' is not a NumPy array"):
+        load_dataset(str(path))
+
+
+def test_npz_class_names_must_be_a_1d_array(tmp_path: Path) -> None:
+    path = tmp_path / "names.npz"
+    for names in (np.array("abc"), np.array([["a", "b"], ["c", "d"]])):
+        np.savez(path, x=_images(2, seed=0), class_names=names)
+        with pytest.raises(ValueError, match=r"names\.npz: 'class_names' must be a 1-D array of names") as caught:
+            load_dataset(str(path))
+        assert str(names.shape) in str(caught.value)
+    np.savez(path, x=_images(2, seed=0), class_names=np.array(["cat", "dog"]))
+    assert load_dataset(str(path)).classes == ("cat", "dog")
+
+
+def test_damaged_npy_in_an_npz_is_not_called_an_object_array(tmp_path: Path) -> None:
+    good = _zip_member_bytes(_images(3, seed=1))
+    path = tmp_path / "broken.npz"
+    header_end = good.index(b"\n") + 1
+    bad_header = good[:10] + b"{garbage!!" + good[20:]
+    for member in (bad_header, good[: header_end + 100]):  # a header numpy cannot parse; data cut short
+        _write_zip(path, {"x.npy": member})
+        with pytest.raises(ValueError, match=r"broken\.npz: the array 'x' is damaged") as caught:
+            load_dataset(str(path))
+        assert "object array" not in str(caught.value)
+    # A real object array is still told apart, also when the archive is compressed.
+    np.savez_compressed(path, x=_images(3, seed=1), y=np.array([1, "a", None], dtype=object))
+    with pytest.raises(ValueError, match=r"broken\.npz: 'y' is an object array"):
+        load_dataset(str(path))
+
+
+def test_big_endian_labels_are_read_in_native_byte_order(tmp_path: Path) -> None:
+    x = _images(3, seed=2)
+    for dtype in (">i8", ">u2", ">i4"):
+        path = tmp_path / f"labels{dtype[1:]}.npz"
+        np.savez(path, x=x, y=np.array([3, 0, 2], dtype=dtype))
+        ds = load_dataset(str(path))
+        assert [ds[i][1] for i in range(3)] == [3, 0, 2], dtype
+    # Images in another byte order than uint8: told what pixels are expected, not torch's byte-order text.
+    with pytest.raises(ValueError, match="expected uint8 pixels"):
+        data_mod.ImageArrayDataset(x.astype(">u2"), channels_last=True)
+
+
+def test_unsigned_labels_beyond_int64_are_refused(tmp_path: Path) -> None:
+    # Held as int64, 2**63 and up wrapped round to negative numbers.
+    path = tmp_path / "huge.npz"
+    np.savez(path, x=_images(2, seed=0), y=np.array([1, 2**63], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"huge\.npz: labels must fit in a 64-bit signed integer.*9223372036854775808"):
+        load_dataset(str(path))
+    np.savez(path, x=_images(2, seed=0), y=np.array([1, 2**63 - 1], dtype=np.uint64))  # the largest that fits
+    assert load_dataset(str(path))[1][1] == 2**63 - 1
+
+
+def test_folders_with_dots_keep_their_whole_name(tmp_path: Path) -> None:
+    # "cats.2023" and "cats.2024" were both named "cats": their evaluation files replaced each other.
+    for name in ("cats.2023", "cats.2024"):
+        (tmp_path / name / "a").mkdir(parents=True)
+    assert data_mod.describe_source(str(tmp_path / "cats.2023")) == "cats.2023"
+    assert data_mod.describe_source(str(tmp_path / "cats.2024") + "/") == "cats.2024"
+    np.savez(tmp_path / "cats.2023.npz", x=_images(1, seed=0))
+    assert data_mod.describe_source(str(tmp_path / "cats.2023.npz")) == "cats.2023"  # a file: its stem
+
+
+def test_an_empty_source_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "" as a path is the current folder: it was scanned as an image folder.
+    from PIL import Image
+
+    (tmp_path / "cls").mkdir()
+    Image.fromarray(_images(1, seed=0)[0]).save(tmp_path / "cls" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    assert len(load_dataset(".")) == 1  # named explicitly, the current folder still loads
+    for source in ("", "  "):
+        with pytest.raises(ValueError, match="empty data source"):
+            load_dataset(source)
+        with pytest.raises(ValueError, match="empty data source"):
+            data_mod.has_test_split(source)
+        with pytest.raises(ValueError, match="empty data source"):
+            data_mod.describe_source(source)
+
+
+def test_a_symlink_loop_in_an_image_folder_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(_images(1, seed=0)[0]).save(root / "a" / "ok.png")
+    Image.fromarray(_images(1, seed=1)[0]).save(root / "b" / "ok.png")
+    # Followed by torchvision, this one link made 1 image into 41 samples.
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"a/loop is a symbolic link to .*imgs, a folder that leads back"):
+        load_dataset(str(root))
+    (root / "a" / "loop").unlink()
+    # A loop through two links, each to a folder that does not hold it.
+    (root / "a" / "to_b").symlink_to("../b", target_is_directory=True)
+    (root / "b" / "to_a").symlink_to("../a", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"(to_a|to_b) is a symbolic link"):
+        load_dataset(str(root))
+
+
+def test_symlinked_files_and_folders_without_a_loop_still_load(tmp_path: Path) -> None:
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(2):
+        Image.fromarray(_images(1, seed=i)[0]).save(elsewhere / f"{i}.png")
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "linked.png").symlink_to(elsewhere / "0.png")
+    (root / "a" / "more").symlink_to(elsewhere, target_is_directory=True)  # a folder outside: no loop
+    (root / "b").symlink_to(elsewhere, target_is_directory=True)  # a class folder that is a link
+    ds = load_dataset(str(root))
+    assert len(ds) == 5
+    assert sorted(ds[i][1] for i in range(5)) == [0, 0, 0, 1, 1]
+
+
+def test_svhn_mat_file_with_other_image_sizes_is_refused(tmp_path: Path, skip_md5: None) -> None:
+    from scipy.io import savemat
+
+    x = np.zeros((16, 16, 3, 4), dtype=np.uint8)  # SVHN's layout (H, W, 3, N), but 16 x 16
+    savemat(tmp_path / "test_32x32.mat", {"X": x, "y": np.ones((4, 1), dtype=np.uint8)})
+    with pytest.raises(ValueError, match=r"test_32x32\.mat: 'X' must hold 32 x 32 RGB images.*\(16, 16, 3, 4\)"):
+        load_svhn(tmp_path, train=False, download=False)

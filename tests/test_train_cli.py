@@ -128,6 +128,22 @@ def test_bad_options_fail_before_anything_is_written(argv: list[str], option: st
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("option", ["--data", "--eval-data"])
+def test_an_empty_data_option_is_refused_not_read_as_the_current_folder(option: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert train_main(_train_args("ae", "--data", "sample", option, "", "--out", str(out))) == 2
+    assert f"{option} is empty" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--data", "--ood"])
+def test_evaluate_refuses_an_empty_data_option(option: str, ae_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    assert evaluate_main(_evaluate_args(str(ae_run), option, " ", "--out", str(out))) == 2
+    assert f"{option} is empty" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_vq_option_without_a_key_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         _train_args("vqvae", "--vq-option", "=3")
