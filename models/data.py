@@ -411,7 +411,7 @@ def _open_torchvision(factory, name: str, root: Path, download: bool):
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return factory(download=True)
     except Exception as exc:  # urllib, socket, SSL and checksum errors all mean "not available here"
-        message = f"{name} is not under {root} and could not be downloaded: {type(exc).__name__}: {exc}"
+        message = f"{name} is not under {root} (or is damaged there) and could not be downloaded: {type(exc).__name__}: {exc}"
         _FAILED_DOWNLOADS[key] = message
         if not root_existed:
             # The download made the folder; a failed one leaves nothing behind (rmdir: only if empty).
