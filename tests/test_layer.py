@@ -1010,6 +1010,25 @@ def test_restarts_per_step_are_bounded(backend, device, monkeypatch):
     assert (vq.embeddings.weight[4:] > -50).all()
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_rows_without_a_finite_distance_seed_no_code(metric, backend, device):
+    # A finite row whose squared norm overflows fp32 (elements beyond about 1e19) has no finite distance:
+    # as a code, it would be found by one backend's search and passed over by the other's. Every row of
+    # this small batch is drawn as a seed, so only the check keeps it out.
+    for seed in range(3):
+        torch.manual_seed(seed)
+        vq = VectorQuantizer(16, 4, metric=metric).to(device)
+        z = torch.randn(8, 4, device=device)
+        z[3, 0] = 1e20
+        z[5, 1] = float("inf")
+        vq(z)
+        codes = vq.embeddings.weight.detach()
+        assert bool(torch.isfinite(codes).all()) and float(codes.abs().max()) < 1e19
+        restarted = (codes.unsqueeze(1) == z.unsqueeze(0)).all(-1).any(1) if metric == "l2" else None
+        if restarted is not None:
+            assert int(restarted.sum()) == 6  # the six usable rows became codes
+
+
 def test_restarted_codes_start_from_different_rows(backend, device):
     # 3 batch rows, at least 5 dead codes (the 4 far ones and a near one no row picks): three are
     # re-seeded, each from its own row (drawn with replacement, two would often share one and stay
@@ -1135,6 +1154,9 @@ def test_kmeans_ignores_nonfinite_rows(backend, device, metric):
     ({"kmeans_iters": 2.5}, TypeError, "kmeans_iters"),
     ({"kmeans_batches": 0}, ValueError, "kmeans_batches"),
     ({"sample_entropy_weight": float("inf")}, ValueError, "sample_entropy_weight"),
+    # The signs are built in: a negative weight would reverse its term.
+    ({"sample_entropy_weight": -0.1}, ValueError, "sample_entropy_weight"),
+    ({"batch_entropy_weight": -0.1}, ValueError, "batch_entropy_weight"),
     ({"entropy_temperature": float("nan")}, ValueError, "entropy_temperature"),
     ({"entropy_temperature": float("inf")}, ValueError, "entropy_temperature"),
     ({"sync_distributed": "yes"}, TypeError, "sync_distributed"),

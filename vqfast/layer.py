@@ -440,8 +440,10 @@ class VectorQuantizer(nn.Module):
         dead_code_threshold = check_number(dead_code_threshold, "dead_code_threshold", minimum=0.0)
         kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
         kmeans_batches = check_int(kmeans_batches, "kmeans_batches", minimum=1)
-        sample_entropy_weight = check_number(sample_entropy_weight, "sample_entropy_weight")
-        batch_entropy_weight = check_number(batch_entropy_weight, "batch_entropy_weight")
+        # The signs are built in (the loss adds sample_entropy_weight * H_sample - batch_entropy_weight *
+        # H_batch): a negative weight, e.g. one meant to "maximise" the batch entropy, would reverse its term.
+        sample_entropy_weight = check_number(sample_entropy_weight, "sample_entropy_weight", minimum=0.0)
+        batch_entropy_weight = check_number(batch_entropy_weight, "batch_entropy_weight", minimum=0.0)
         entropy_temperature = check_number(entropy_temperature, "entropy_temperature", minimum=_SMALLEST_TEMPERATURE)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
@@ -839,6 +841,13 @@ class VectorQuantizer(nn.Module):
         x = rows.detach().float()
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
+    def _seed_rows(self, drawn: Tensor) -> Tensor:
+        """Restart seeds from drawn rows: NaN (passed over) for rows without a finite distance to a code
+        (NaN, inf, or elements beyond about 1e19, whose squared norm overflows fp32): as a code, such a
+        row would be found by one backend's search and passed over by the other's."""
+        x = self._data_rows(drawn)
+        return torch.where(_searchable_rows(x).unsqueeze(1), x, math.nan)
+
     def _random_rows(self, x: Tensor, count: int, prepare: Callable[[Tensor], Tensor] | None = None,
                      valid: Tensor | None = None) -> Tensor:
         """``count`` rows drawn from every rank's ``x`` (an equal share from each), the same on every
@@ -1029,7 +1038,7 @@ class VectorQuantizer(nn.Module):
             # step (the lowest-index dead ones), so the rows drawn (and, under DDP, gathered from the
             # ranks) stay few when K is large; the others follow on the next steps, as do those beyond
             # the batch's rows (no two codes start from the same row).
-            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._data_rows,
+            seeds = self._random_rows(rows.detach(), min(k, _RESTARTS_PER_STEP), prepare=self._seed_rows,
                                       valid=valid)
         # A restarted code gets a grace credit of the uniform share 1/K (times the bias correction of its
         # step) that decays like the usage, so once training has run a few hundred steps it survives
