@@ -199,6 +199,37 @@ def test_a_layer_step_on_inference_mode_rows_with_entropy_terms(device):
     assert vq.embeddings.weight.grad.abs().sum() > 0
 
 
+def test_an_inference_mode_mask_in_a_step_that_needs_gradients(device):
+    # A padding mask made under inference mode (e.g. by a data pipeline): the steps save a copy of it.
+    z, c = _data(device)
+    with torch.inference_mode():
+        frozen_mask = torch.tensor([[True, False, True, True, False]] * z.shape[0], device=device)
+    mask = frozen_mask.clone()
+    results = []
+    for m in (frozen_mask, mask):
+        grads = []
+        x = z.clone().requires_grad_()
+        codebook = c.clone().requires_grad_()
+        z_q, loss, _ = vqfast.quantize(x, codebook, beta=0.3, mask=m)
+        (z_q.sum() + loss).backward()
+        grads += [x.grad, codebook.grad]
+        for layer in (vqfast.VectorQuantizer(7, 6, channel_dim=-1, dead_code_threshold=0),
+                      vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1, dead_code_threshold=0)):
+            layer = layer.to(device)
+            torch.manual_seed(0)
+            for p, code in zip(layer.parameters(), (c, c * 0.5)):
+                with torch.no_grad():
+                    p.copy_(code)
+            x = z.clone().requires_grad_()
+            z_q, loss, _ = layer(x, mask=m)
+            (z_q.sum() + loss).backward()
+            grads += [x.grad, *(p.grad for p in layer.parameters())]
+        results.append(grads)
+    assert all(g is not None for g in results[1])
+    for frozen_grad, grad in zip(*results):
+        torch.testing.assert_close(frozen_grad, grad, rtol=0, atol=0)
+
+
 def test_vmap_over_an_empty_batch_is_an_error(device):
     _, c = _data(device)
     with pytest.raises((ValueError, RuntimeError)):

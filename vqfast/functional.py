@@ -374,6 +374,8 @@ def quantize(
                          f"got {tuple(indices.shape)}")
     if mask is not None:
         check_row_mask(mask, z.shape[:-1], z.device, f"z {tuple(z.shape)}")
+        if torch.is_grad_enabled():
+            (mask,) = reference.saveable(mask)  # (the selections of the masked step save it for backward)
         if (isinstance(indices, Tensor) and indices.device == mask.device
                 and indices.dtype in (torch.int64, torch.int32)):  # (else gather's checks say what is wrong)
             # Indices of left-out rows are not used (they may be -1, from an earlier masked step).

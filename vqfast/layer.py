@@ -638,6 +638,8 @@ class VectorQuantizer(nn.Module):
                             f"(or float64): call .float() on the layer, and cast models as a whole "
                             f"(model.half() keeps the codebook float32)")
         cdim = self._checked_channel_dim(z, mask)
+        if mask is not None and torch.is_grad_enabled():
+            (mask,) = reference.saveable(mask)  # (the step's selections save it for their backward)
         # The codebook stays float32 under autocast; the layer picks its own precisions below. (Entering
         # the context costs ~10 us, and leaving autocast off, as it mostly is, changes nothing.)
         if _autocast_on(z.device.type):

@@ -96,6 +96,8 @@ class ResidualVectorQuantizer(nn.Module):
         # The input's checks before the dropout draw: a call that fails must not use one up (the draws
         # of a resumed run, and of the other ranks, would no longer match).
         self.quantizers[0]._checked_channel_dim(z, mask)
+        if mask is not None and torch.is_grad_enabled():
+            (mask,) = reference.saveable(mask)  # (the selections below save it for their backward)
         stages = self._stages_for(num_quantizers)
         # In fp32 at least: 16-bit residuals and sums would round away what later stages refine.
         residual = z.to(torch.promote_types(z.dtype, torch.float32)) if z.is_floating_point() else z
