@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from vqfast import reference
 from vqfast._checks import (
@@ -710,8 +709,8 @@ class VectorQuantizer(nn.Module):
                 "layers before and after it instead (in eval mode it may be recomputed)")
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
-        if maintain and (self.ema or self._needs_init or self.dead_code_threshold > 0):
-            self._check_codebook_writable("a training step with " + (
+        if maintain and (self.ema or self._needs_init or self.dead_code_threshold > 0) and self._codebook_parametrized():
+            self._refuse_rewrite("a training step with " + (
                 "ema=True" if self.ema else "init='kmeans'" if self._needs_init else
                 f"dead_code_threshold={self.dead_code_threshold}"))
         ran_kmeans = False
@@ -732,16 +731,20 @@ class VectorQuantizer(nn.Module):
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
 
-    def _check_codebook_writable(self, what: str) -> None:
-        """Refuses to rewrite a parametrized codebook: its ``weight`` is computed from the parametrization's
-        own tensors on every access, so writes into it would be silently lost."""
-        if parametrize.is_parametrized(self.embeddings, "weight"):
-            raise RuntimeError(
-                f"{what} rewrites the codes in place, but embeddings.weight is parametrized "
-                f"(torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm): the writes would be lost. "
-                f"With a parametrized codebook use ema=False, dead_code_threshold=0 and init='xavier_normal' "
-                f"or 'uniform' (codebook-loss training reaches the parametrization's tensors by its gradient), "
-                f"or remove the parametrization")
+    def _codebook_parametrized(self) -> bool:
+        """Whether ``embeddings.weight`` is computed by a parametrization (weight_norm, spectral_norm, ...)
+        from tensors of its own on every access: writes into it would be silently lost. (A dict lookup:
+        it runs on every training step.)"""
+        parametrizations = self.embeddings._modules.get("parametrizations")
+        return parametrizations is not None and "weight" in parametrizations
+
+    def _refuse_rewrite(self, what: str) -> None:
+        raise RuntimeError(
+            f"{what} rewrites the codes in place, but embeddings.weight is parametrized "
+            f"(torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm): the writes would be lost. "
+            f"With a parametrized codebook use ema=False, dead_code_threshold=0 and init='xavier_normal' "
+            f"or 'uniform' (codebook-loss training reaches the parametrization's tensors by its gradient), "
+            f"or remove the parametrization")
 
     def _step_codebook(self, weight: Tensor, train: bool) -> tuple[Tensor, bool]:
         """The codebook a step quantizes with, and whether it must be copied (differentiably) first.
@@ -982,7 +985,8 @@ class VectorQuantizer(nn.Module):
         DDP, call it on every rank with the same codes. Plain PyTorch:
         ``vq.embeddings.weight.copy_(codes)`` plus that bookkeeping (a bare ``copy_`` keeps the old
         statistics, which may then count many of the new codes as dead)."""
-        self._check_codebook_writable("set_codebook")
+        if self._codebook_parametrized():
+            self._refuse_rewrite("set_codebook")
         weight = self.embeddings.weight
         if not isinstance(codes, Tensor):
             raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
