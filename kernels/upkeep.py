@@ -73,14 +73,15 @@ def _update_usage_kernel(counts_ptr, usage_ptr, grace_ptr, batch_counts_ptr, ste
         mask = offs < K
         counts = tl.load(counts_ptr + offs, mask=mask, other=0)
         usage = tl.load(usage_ptr + offs, mask=mask, other=0.0) * usage_decay
-        usage = usage + usage_rate * (counts.to(tl.float32) / total)
+        # (div_rn: the GPU's default fp32 division may be 2 ulp off; torch's divides exactly.)
+        usage = usage + usage_rate * tl.div_rn(counts.to(tl.float32), total)
         grace = tl.load(grace_ptr + offs, mask=mask, other=0.0) * usage_decay
         tl.store(usage_ptr + offs, usage, mask=mask)
         tl.store(grace_ptr + offs, grace, mask=mask)
         tl.store(batch_counts_ptr + offs, counts, mask=mask)
         if FIND_DEAD:
             # Unused in this batch too: this step's gradient of a used code would land on its new value.
-            dead = mask & ((usage + grace) / correction < dead_threshold) & (counts == 0)
+            dead = mask & (tl.div_rn(usage + grace, correction) < dead_threshold) & (counts == 0)
             tl.store(dead_ptr + offs, dead.to(tl.int8), mask=mask)
             dead_count += dead.to(tl.int32)
     if FIND_DEAD:
@@ -141,10 +142,11 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
     decay = tl.where(counted > 0, decay, 1.0)
     rate = tl.where(counted > 0, rate, 0.0)
     count = tl.load(ema_count_ptr + offs, mask=mask, other=0.0)
-    smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
+    # (div_rn: exact division, as torch's; the GPU's default fp32 division may be 2 ulp off.)
+    smoothed = tl.where(total + K * eps > 0, tl.div_rn(count + eps, total + K * eps) * total, 0.0)
     count = count * decay + rate * tl.load(counts_ptr + offs, mask=mask, other=0).to(tl.float32)
     total = total * decay + rate * tl.load(counts_ptr + K).to(tl.float32)
-    new_smoothed = tl.where(total + K * eps > 0, (count + eps) / (total + K * eps) * total, 0.0)
+    new_smoothed = tl.where(total + K * eps > 0, tl.div_rn(count + eps, total + K * eps) * total, 0.0)
     tl.store(ema_count_ptr + offs, count, mask=mask)
     # Only eps = 0 with a never-used code keeps its value; so does every code on a step that counted
     # no row (W * s / s can round by an ulp).
@@ -165,7 +167,7 @@ def _ema_update_kernel(weight_ptr, sums_ptr, ema_count_ptr, counts_ptr, total_pt
         sums = tl.load(sums_ptr + rows * stride_sk + cols[None, :], mask=m2, other=0.0)
         # The running sums are the codes times their smoothed counts (they are not stored).
         running = w * smoothed[:, None] * decay + rate * sums
-        tl.store(w_ptrs, (running / divisor[:, None]).to(weight_ptr.dtype.element_ty), mask=m2)
+        tl.store(w_ptrs, tl.div_rn(running, divisor[:, None]).to(weight_ptr.dtype.element_ty), mask=m2)
 
 
 def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
