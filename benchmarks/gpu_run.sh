@@ -44,9 +44,12 @@ WORK="${GPU_WORK:-$PWD/gpu-out/run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT" "$WORK"
 # matplotlib's font cache, where it can be written and is kept between the processes of this run.
 export MPLCONFIGDIR="${MPLCONFIGDIR:-${TMPDIR:-/tmp}/vqfast-mpl}"
-# Compiled kernels and autotuning results are reused by later commands on the same machine.
+# Compiled kernels are reused by later stages and commands on the same machine.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"
-# Autotuning results on disk too, so each training process does not tune the same sizes again.
+# Autotuning results on disk too, so each training process does not tune the same sizes again. Not for
+# the tests, whose xdist workers share the GPU (tiles timed under that contention must not be kept), nor
+# for the benchmark, which tunes every kernel afresh, alone on the GPU, whatever the cache holds (each
+# stage sets TRITON_CACHE_AUTOTUNING=0 for its command; compiled kernels still come from the cache).
 export TRITON_CACHE_AUTOTUNING=1
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -125,7 +128,7 @@ run_tests() {  # seconds, then pytest arguments
   if [ "${GPU_TEST_WORKERS:-4}" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then
     workers=(-n "${GPU_TEST_WORKERS:-4}")
   fi
-  timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 ${workers[@]+"${workers[@]}"} \
+  TRITON_CACHE_AUTOTUNING=0 timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 ${workers[@]+"${workers[@]}"} \
     "$@" > "$WORK/pytest_gpu.log" 2>&1
   local rc=$?
   tail -15 "$WORK/pytest_gpu.log"
@@ -147,9 +150,11 @@ run_bench() {  # budget in seconds, then vqfast bench arguments
   # that cannot (on SIGTERM it writes what it measured; -k kills it if it cannot do that either).
   local limit
   limit=$(up_to "$(bench_limit "$budget")" 5)
-  (cd "$WORK" && timeout -k 15 "$limit" python3 -m vqfast bench --budget "$budget" "$@") 2>&1 | tee "$WORK/bench.log"
+  (cd "$WORK" && TRITON_CACHE_AUTOTUNING=0 timeout -k 15 "$limit" python3 -m vqfast bench --budget "$budget" "$@") 2>&1 \
+    | tee "$WORK/bench.log"
   local rc=${PIPESTATUS[0]}
-  echo "vqfast bench exit code: $rc" | tee -a "$WORK/bench.log"
+  echo "vqfast bench exit code: $rc (1 = a failure, 3 = cut short by its hard time limit, 124 = stopped after $limit s)" \
+    | tee -a "$WORK/bench.log"
   [ "$rc" -ne 0 ] && STATUS=1
   pack
 }

@@ -31,11 +31,14 @@ def headline_section(results: Path, readme: Path) -> str:
     wall = any(r.part == "headline" and r.provider == bench.WALL_PROVIDER for r in records)
     timing = ("medians of `triton.testing.do_bench`; \"back to back\": the wall-clock time per call of eager "
               "calls one after another" if wall else "medians of `triton.testing.do_bench`")
+    commit = f" (commit {env['commit']})" if env.get("commit") else ""
+    stopped = (" This run was cut short by its hard time limit: points it did not reach show `skipped (time budget)`."
+               if bench.cut_short(records) else "")
     lines = [
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
-        f"{env.get('vqfast', '?')}; times in ms ({timing}), all results in "
-        f"[{link}/results.md]({link}/results.md). " + bench.precision_note(env),
+        f"{env.get('vqfast', '?')}{commit}; times in ms ({timing}), all results in "
+        f"[{link}/results.md]({link}/results.md)." + stopped + " " + bench.precision_note(env),
         "",
         bench.headline_table(records).rstrip(),
         "",

@@ -105,14 +105,73 @@ def test_tflops_and_gbps():
     with pytest.raises(ValueError):
         bench.gbps(1, -1.0)
     assert bench.nearest_bytes(10, 20, 4, 2) == (10 * 4 + 20 * 4) * 2 + 80
+    # The bare product writes its N x K output (in the inputs' dtype); the searches write N indices.
+    assert bench.bare_product_bytes(10, 20, 4, 2) == (10 * 4 + 20 * 4 + 10 * 20) * 2
+    assert bench.search_bytes("z@c.T (cuBLAS)", 10, 20, 4, 2) == bench.bare_product_bytes(10, 20, 4, 2)
+    for provider in ("vqfast", "matmul+argmin", "cdist+argmin", bench.GRAPH_PROVIDER):
+        assert bench.search_bytes(provider, 10, 20, 4, 2) == bench.nearest_bytes(10, 20, 4, 2)
+    # At the goal shape the output is nearly all of the bare product's traffic.
+    assert bench.bare_product_bytes(65536, 65536, 256, 2) > 60 * bench.nearest_bytes(65536, 65536, 256, 2)
 
 
 def test_tolerance_follows_the_precision_rule():
     assert bench.tolerance("fp32") == bench.tolerance("tf32") == 1e-5  # tf32 + fp32 re-check: exact
     for p in ("bf16", "fp16"):
-        assert bench.tolerance(p) == 1e-2
+        assert bench.tolerance(p) == 1e-5  # exact products: an fp32 search of the 16-bit values
     with pytest.raises(ValueError):
         bench.tolerance("fp8")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_search_that_picks_the_runner_up_fails_the_check(dtype, one_thread):
+    """A 1e-2 bound let the runner-up code pass on many rows of a large codebook; the fp32 bound over the
+    16-bit values themselves, and the every-row comparison, catch it on every row."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(400, 32, generator=gen).to(dtype)
+    c = torch.randn(4096, 32, generator=gen).to(dtype)
+    d = torch.cdist(z.double(), c.double()) ** 2  # exact over the 16-bit values
+    best, second = d.topk(2, dim=1, largest=False).indices.unbind(1)
+    gap = (d.gather(1, second[:, None])[:, 0] - d.gather(1, best[:, None])[:, 0]) / (
+        z.double().pow(2).sum(1) + d.min(1).values)
+    assert (gap <= 1e-2).float().mean() > 0.2  # what the old bound let through (a quarter of the rows)
+    assert bench.chosen_distance_error(z, c, best, rows=400) <= bench.tolerance("bf16")
+    assert bench.chosen_distance_error(z, c, second, rows=400) > bench.tolerance("bf16")
+    right = bench.agreement_with_fp32(z, c, best)
+    assert right.wrong == 0 and right.differ <= 2
+    wrong = bench.agreement_with_fp32(z, c, second)
+    assert wrong.rows == 400 and wrong.wrong >= 398 and "indices on all 400 rows" in wrong.note()
+
+
+def test_the_every_row_reference_is_a_plain_torch_fp32_search(monkeypatch, one_thread):
+    z, c, target = _separated(n=300, k=70)
+    assert torch.equal(bench.fp32_reference_indices(z, c), target)
+    # Row blocks of any size (here 2 rows of 70 scores) give the same indices.
+    assert torch.equal(bench.fp32_reference_indices(z, c, block=140), target)
+    assert torch.equal(bench.fp32_reference_indices(z.bfloat16(), c.bfloat16()),
+                       torch.cdist(z.bfloat16().double(), c.bfloat16().double()).argmin(1))
+    assert bench.fp32_reference_indices(z[:0], c).shape == (0,)
+    # fp32 products whatever the caller's matmul precision, which is restored afterwards; blocks of at
+    # most ``block`` scores.
+    seen = []
+    addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        out = addmm(*args, **kwargs)
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, out.numel()))
+        return out
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    with bench.matmul_precision("high"):
+        bench.fp32_reference_indices(z, c, block=700)
+        assert torch.get_float32_matmul_precision() == "high"
+    assert len(seen) == 30 and all(p == "highest" and not tf32 and size <= 700 for p, tf32, size in seen)
+    # agreement_with_fp32 compares with it, not with a vqfast kernel.
+    monkeypatch.setattr(torch, "addmm", addmm)
+    shifted = target.clone()
+    shifted[:4] = (target[:4] + 1) % c.shape[0]
+    monkeypatch.setattr(bench, "fp32_reference_indices", lambda z, c: shifted)
+    report = bench.agreement_with_fp32(z, c, target)
+    assert (report.differ, report.wrong) == (4, 0)  # the reference's picks are the farther ones here
 
 
 def _separated(n: int = 48, k: int = 96, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,7 +268,7 @@ def test_write_csv_round_trip(tmp_path):
     env = {"gpu": "Test GPU", "driver": "555.1", "cuda": "12.4", "torch": "2.x", "triton": "3.x", "vqfast": "0.1"}
     records = [
         bench.Record("nearest", "K sweep", "vqfast", "bf16", 8, 16, 4, time_ms=1.5, tflops=2.0, gbps=3.0,
-                     peak_mem_mb=4.0, check="pass", check_error=1e-7),
+                     peak_mem_mb=4.0, check="pass", check_error=1e-7, runs=12, time_min_ms=1.25, time_max_ms=2.5),
         bench.Record("nearest", "K sweep", "article (broadcast)", "bf16", 8, 16, 4, status="OOM (est. 99.0 GB)"),
     ]
     path = tmp_path / "sub" / "results.csv"
@@ -218,9 +277,34 @@ def test_write_csv_round_trip(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0].keys()) == list(bench.CSV_FIELDS)
     assert rows[0]["provider"] == "vqfast" and rows[0]["N"] == "8" and float(rows[0]["time_ms"]) == 1.5
+    # The timed runs behind the median, and their spread.
+    assert (rows[0]["runs"], rows[0]["time_min_ms"], rows[0]["time_max_ms"]) == ("12", "1.25", "2.5")
     assert rows[0]["check"] == "pass" and float(rows[0]["check_error"]) == pytest.approx(1e-7)
-    assert rows[1]["status"] == "OOM (est. 99.0 GB)" and rows[1]["time_ms"] == ""
+    assert rows[1]["status"] == "OOM (est. 99.0 GB)" and rows[1]["time_ms"] == "" and rows[1]["runs"] == ""
     assert all(r["gpu"] == "Test GPU" and r["driver"] == "555.1" and r["triton"] == "3.x" for r in rows)
+    assert bench.read_csv(path)[0] == records
+    # A file from before these columns reads back without them.
+    old_fields = [f for f in bench.CSV_FIELDS if f not in ("runs", "time_min_ms", "time_max_ms")]
+    with open(tmp_path / "old.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    back, _ = bench.read_csv(tmp_path / "old.csv")
+    assert back[0].time_ms == 1.5 and (back[0].runs, back[0].time_min_ms, back[0].time_max_ms) == (None, None, None)
+
+
+def test_every_measured_row_records_its_timed_runs(tmp_path, one_thread):
+    # (On the CPU one run each; on a GPU at least MIN_TIMED_RUNS.)
+    records = bench.run_benchmarks(_tiny_plan(), ("headline", "gather", "usage"), tmp_path,
+                                   device=torch.device("cpu"), log=lambda s: None, plots=False)
+    timed = [r for r in records if r.ok]
+    assert timed and all(r.runs == 1 and r.time_min_ms == r.time_max_ms == r.time_ms for r in timed)
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert all(row["runs"] == "1" for row in csv.DictReader(f) if row["status"] == "ok")
+    bare = [r for r in records if r.provider == "z@c.T (cuBLAS)" and r.ok]
+    assert bare and all(r.gbps == pytest.approx(bench.gbps(bench.bare_product_bytes(r.n, r.k, r.d,
+                                                                                   bench.element_size(r.precision)),
+                                                           r.time_ms)) for r in bare)
 
 
 def test_agreement_with_fp32_counts_rows_whose_code_is_farther(one_thread):
@@ -257,11 +341,16 @@ def test_wall_clock_timing_counts_the_host_time_of_back_to_back_calls(monkeypatc
         calls.append(1)
         now[0] += 0.003 if len(calls) == 1 + 2 * 5 + 1 else 0.002
 
-    ms = meter._wall_ms(slow_host)
+    timing = meter._wall_ms(slow_host)
     # 50 ms / 5 per round at 2 ms a call: 5 calls per round, after one call to size the rounds. The
     # third round took 11 ms for 5 calls; the median of the rounds is 2 ms.
     assert len(calls) == 1 + 5 * 5
-    assert ms == pytest.approx(2.0)
+    assert timing.median_ms == pytest.approx(2.0)
+    assert timing.runs == 25 and timing.min_ms == pytest.approx(2.0) and timing.max_ms == pytest.approx(2.2)
+    # A call longer than a fifth of the rep still makes rounds of 2 calls: 10 timed calls in all.
+    calls.clear()
+    meter.rep_ms = 1.0
+    assert meter._wall_ms(slow_host).runs == 10 and len(calls) == 1 + 5 * 2
 
 
 def test_headline_and_report_tables():
@@ -306,6 +395,13 @@ def test_budget_splits_time_and_rolls_over():
     now[0] = 101.0
     b.start_part("c")
     assert not b.allow()  # nothing runs once the whole budget is spent
+    assert b.remaining() == 0.0
+    fresh = bench.Budget(100.0, ["a"], clock=lambda: now[0])
+    now[0] += 30.0
+    assert fresh.remaining() == pytest.approx(70.0)
+    fresh.stop()  # (the hard time limit): no point may run after it, not even a part's first
+    fresh.start_part("a")
+    assert fresh.remaining() == 0.0 and not fresh.allow()
 
 
 # ---- providers -------------------------------------------------------------------------------------
@@ -388,7 +484,8 @@ def test_meter_cuda_path_uses_do_bench_median_and_peak_memory(monkeypatch):
     def fake_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
         seen.update(warmup=warmup, rep=rep, return_mode=return_mode, grad_to_none=grad_to_none)
         fn()
-        return 1.25
+        # As do_bench times a call of 1.25 ms: rep / 1.25 runs.
+        return [1.0, 1.5] + [1.25] * (int(rep / 1.25) - 2)
 
     class Props:
         total_memory = 100 * 2**20
@@ -404,18 +501,119 @@ def test_meter_cuda_path_uses_do_bench_median_and_peak_memory(monkeypatch):
     t = torch.zeros(1, requires_grad=True)
     m = meter.measure(lambda: None, est_bytes=1e6, grad_to_none=[t])
     assert (m.status, m.time_ms, m.peak_mem_mb) == ("ok", 1.25, 32.0)
-    assert seen == {"warmup": 5, "rep": 20, "return_mode": "median", "grad_to_none": [t]}
+    assert (m.runs, m.time_min_ms, m.time_max_ms) == (16, 1.0, 1.5)
+    # Every run comes back, so that their number and spread can be recorded; a fast call keeps the rep.
+    assert seen == {"warmup": 5, "rep": 20, "return_mode": "all", "grad_to_none": [t]}
     assert meter.measure(lambda: None, est_bytes=80e6).status == "OOM (est. 0.1 GB)"
 
     def fake_do_bench_cudagraph(fn, rep, grad_to_none=None, return_mode="mean"):
         seen.update(graph_rep=rep, graph_return_mode=return_mode)
         fn()
-        return 0.5
+        return [0.5] * 9 + [0.7]  # one per replay
 
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_do_bench_cudagraph)
     graphed = meter.measure(lambda: None, est_bytes=1e6, graph=True)
     # do_bench_cudagraph replays its graph ten times over ``rep``: a fifth keeps its cost near the others'.
-    assert graphed.time_ms == 0.5 and seen["graph_rep"] == 4 and seen["graph_return_mode"] == "median"
+    assert graphed.time_ms == 0.5 and seen["graph_rep"] == 4 and seen["graph_return_mode"] == "all"
+    assert (graphed.runs, graphed.time_min_ms, graphed.time_max_ms) == (10, 0.5, 0.7)
+
+
+class _FakeDoBench:
+    """``triton.testing.do_bench`` timing a call of ``call_ms`` (plus ``flush_ms`` in its own estimate, as
+    its L2 flush adds): max(1, rep / estimate) runs, as the real one."""
+
+    def __init__(self, call_ms: float, flush_ms: float = 0.0, all_mode: bool = True):
+        self.call_ms, self.flush_ms, self.all_mode = call_ms, flush_ms, all_mode
+        self.reps: list[float] = []
+
+    def __call__(self, fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        assert return_mode in (("min", "max", "mean", "median", "all") if self.all_mode
+                               else ("min", "max", "mean", "median"))
+        self.reps.append(rep)
+        runs = [self.call_ms * (1 + 0.01 * i) for i in range(max(1, int(rep / (self.call_ms + self.flush_ms))))]
+        if quantiles is not None:
+            return [torch.tensor(runs).quantile(q).item() for q in quantiles]
+        return runs if return_mode == "all" else sorted(runs)[len(runs) // 2]
+
+
+@pytest.mark.parametrize("call_ms", [0.01, 3.0, 30.0, 150.0, 1000.0])
+def test_every_median_rests_on_at_least_ten_timed_runs(monkeypatch, call_ms):
+    """do_bench times a call max(1, rep / time) times: at the default rep of 100 ms, once for a call of
+    100 ms or more. The meter raises the rep to fit ten runs, and asks again if do_bench's own estimate
+    (which counts its L2 flush) left fewer."""
+    import triton.testing
+
+    meter = bench.Meter(torch.device("cpu"), rep_ms=100)
+    for flush_ms in (0.0, 0.5 * call_ms):
+        fake = _FakeDoBench(call_ms, flush_ms)
+        monkeypatch.setattr(triton.testing, "do_bench", fake)
+        timing = meter._do_bench(lambda: None, None, estimate_ms=call_ms)
+        assert timing.runs >= bench.MIN_TIMED_RUNS and len(timing.samples) == timing.runs, (call_ms, flush_ms)
+        assert timing.min_ms == pytest.approx(call_ms) and timing.max_ms > timing.min_ms
+        assert call_ms <= timing.median_ms <= timing.max_ms
+        assert len(fake.reps) <= 3 and fake.reps[0] >= 100  # never below the plan's rep
+        # Not many more runs than needed when the call is long: the rep stays about 12.5 calls.
+        if call_ms >= 30:
+            assert timing.runs <= 13
+    # A Triton whose do_bench cannot return every run: its median, minimum and maximum, runs unknown.
+    monkeypatch.setattr(triton.testing, "do_bench", _FakeDoBench(call_ms, all_mode=False))
+    old = meter._do_bench(lambda: None, None, estimate_ms=call_ms)
+    assert old.runs is None and old.min_ms <= old.median_ms <= old.max_ms
+
+
+def test_timed_rep_and_timing_cost():
+    assert bench.timed_rep_ms(100, None) == 100 and bench.timed_rep_ms(100, 0.0) == 100
+    assert bench.timed_rep_ms(100, 1.0) == 100  # 100 runs of 1 ms fit in the rep
+    assert bench.timed_rep_ms(100, 100.0) == pytest.approx(1250)  # ten runs and a quarter more
+    assert bench.timed_rep_ms(0, 10.0, runs=3) == pytest.approx(37.5)
+    # A 100 ms call: do_bench's 5 estimate calls, one warm-up call and 12.5 timed ones.
+    assert bench.timing_cost_s(100, 25, 100) == pytest.approx((500 + 100 + 1250) / 1e3)
+    # A fast call costs about warm-up + rep; the graph's 10 replays of rep / 5; 5 wall rounds of 2+ calls.
+    assert bench.timing_cost_s(0.01, 25, 100) == pytest.approx(0.125, rel=0.01)
+    assert bench.timing_cost_s(100, 25, 100, "graph") == pytest.approx((600 + 1000) / 1e3)
+    assert bench.timing_cost_s(0.01, 25, 100, "graph") == pytest.approx(0.2, rel=0.01)
+    assert bench.timing_cost_s(50, 25, 100, "wall") == pytest.approx((50 + 5 * 100) / 1e3)
+    with pytest.raises(ValueError):
+        bench.timing_cost_s(1, 1, 1, "bogus")
+    timing = bench.Timing.of([3.0, 1.0, 2.0, 10.0])
+    assert (timing.median_ms, timing.runs, timing.min_ms, timing.max_ms) == (2.5, 4, 1.0, 10.0)
+    with pytest.raises(ValueError):
+        bench.Timing.of([])
+
+
+def test_a_point_whose_timing_would_not_fit_the_budget_is_skipped(monkeypatch):
+    """Ten runs of a long call can take seconds: where they would not fit in what is left of the
+    budget, the point is listed as skipped rather than the run running past its time."""
+    left = [100.0]
+    meter = _MemoryMeter(torch.device("cpu"), warmup_ms=25, rep_ms=100, time_left=lambda: left[0])
+    calls = []
+    ok = meter.measure(lambda: calls.append(1))
+    assert ok.status == "ok" and ok.time_ms is not None
+    assert ok.runs == 1 and len(calls) == 3  # untimed, memory (the estimate), timed
+    left[0] = 0.05  # below the ~0.125 s that do_bench's warm-up and rep take even for a fast call
+    calls.clear()
+    skipped = meter.measure(lambda: calls.append(1))
+    assert skipped.status == bench.SKIPPED and skipped.time_ms is None and len(calls) == 2
+    # Without a budget to answer to (time_left None), nothing is skipped.
+    assert _MemoryMeter(torch.device("cpu")).measure(lambda: None).status == "ok"
+
+
+def test_kept_scratch_buffers_are_released_before_the_memory_run(monkeypatch):
+    """vqfast's search plans keep scratch buffers between calls; left alive, they would count as memory
+    allocated before the call, so the memory run would not see them."""
+    from vqfast import kernels
+
+    assert callable(kernels.release_scratch)
+    order = []
+    monkeypatch.setattr(kernels, "release_scratch", lambda: order.append("release"))
+
+    class Meter(_MemoryMeter):
+        def reset_peak(self):
+            order.append("reset")
+            return 0.0
+
+    Meter(torch.device("cpu")).measure(lambda: order.append("call"))
+    assert order == ["call", "release", "reset", "call", "call"]
 
 
 def test_plans_cover_the_spec():
@@ -488,12 +686,12 @@ def test_run_benchmarks_end_to_end_on_cpu(tmp_path, one_thread, monkeypatch):
     fused = [r for r in records if r.provider in ("vqfast", bench.GRAPH_PROVIDER) and r.part in ("headline", "nearest")]
     assert fused and all(r.ok and r.check == "pass" for r in fused)
     assert any(r.provider == bench.GRAPH_PROVIDER for r in fused)
-    # Small points are timed back to back too; fp32 data's indices (tf32 or fp32 rows, both searched
-    # with the tf32 pass) are compared with fp32's on every row.
+    # Small points are timed back to back too; the indices of fp32 data (tf32 or fp32 rows, both searched
+    # with the tf32 pass) and of 16-bit data are compared with a plain fp32 search's on every row.
     assert {r.precision for r in records if r.provider == bench.WALL_PROVIDER and r.ok} == {"fp32", "tf32", "bf16"}
-    checked = [r for r in fused if r.provider == "vqfast" and r.precision in ("tf32", "fp32")]
-    assert {r.precision for r in checked} == {"tf32", "fp32"}
-    assert all("indices on all 32 rows vs fp32 products" in r.note for r in checked)
+    checked = [r for r in fused if r.provider == "vqfast"]
+    assert {r.precision for r in checked} == {"tf32", "fp32", "bf16"}
+    assert all("indices on all 32 rows vs fp32 products: 0 differ" in r.note for r in checked), [r.note for r in checked]
     broadcast = {r.k: r.status for r in records if r.provider == "article (broadcast)"}
     assert broadcast[16] == "ok" and broadcast[256].startswith("OOM (est.")
     assert all(r.ok for r in records if r.part in ("gather", "usage", "train"))
@@ -667,6 +865,8 @@ def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
             return self._codebook.embed[0]
 
         def forward(self, x):
+            if self.image:
+                searched.append(self.codebook.detach().clone())
             rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if self.image else x.reshape(-1, x.shape[-1])
             idx = torch.cdist(rows, self.codebook).argmin(1)
             q = self.codebook[idx]
@@ -691,9 +891,23 @@ def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
 
     fakes = {"VectorQuantize": FakeVectorQuantize, "ResidualVQ": FakeResidualVQ}
     monkeypatch.setattr(bench, "_vq_pytorch_class", lambda name="VectorQuantize": fakes[name])
+    searched: list[torch.Tensor] = []
+    built: dict[str, nn.Module] = {}
+    layer_module = bench._layer_module
+
+    def keep(provider, k, c):
+        built[provider] = layer_module(provider, k, c)
+        return built[provider]
+
+    monkeypatch.setattr(bench, "_layer_module", keep)
     records = bench.run_benchmarks(_tiny_plan(nearest_providers=("vqfast", "vector-quantize-pytorch")),
                                    ("nearest", "layer"), tmp_path, device=torch.device("cpu"), log=lambda s: None,
                                    plots=False)
+    # Its layer searched the codebook the others did (the matmul form's layer keeps it: no optimizer step).
+    assert searched and all(torch.equal(cb, built["matmul+argmin"].embeddings.weight) for cb in searched)
+    note = next(r.note for r in records if r.part == "layer" and r.provider == "vector-quantize-pytorch"
+                and not r.case.startswith("residual"))
+    assert "copied into its _codebook.embed" in note and bench.THEIR_SEARCH_NOTE in note
     theirs = [r for r in records if r.provider == "vector-quantize-pytorch"]
     assert {r.part for r in theirs} == {"nearest", "layer"}
     assert any(r.case.startswith("residual VQ") for r in theirs)
@@ -773,6 +987,14 @@ def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
     assert subprocess.run([sys.executable, str(script), str(results), "--readme", str(readme)],
                           capture_output=True, text=True, check=False).returncode == 0
     assert readme.read_text().count("back to back") == 2  # the definition and the column
+    assert "commit" not in readme.read_text() and "cut short" not in readme.read_text()
+    # The commit where the run records it; a run cut short by its time limit says so.
+    stop = bench.Record(bench.RUN_PART, bench.CUT_SHORT, "-", "-", status="stopped at the hard time limit (550 s)")
+    bench.write_csv(results / "results.csv", recs + [stop], {**env, "commit": "abc1234"})
+    assert subprocess.run([sys.executable, str(script), str(results), "--readme", str(readme)],
+                          capture_output=True, text=True, check=False).returncode == 0
+    text = readme.read_text()
+    assert "vqfast 0.1 (commit abc1234)" in text and "cut short by its hard time limit" in text
     bare = tmp_path / "NO_MARKERS.md"
     bare.write_text("nothing here\n")
     proc = subprocess.run([sys.executable, str(script), str(results), "--readme", str(bare)],
@@ -827,6 +1049,7 @@ def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = Fal
 echo "${args[0]} ${args[*]:1}" >> "$FAKE_LOG"; exec "${args[@]:1}"
 """,
             "python3": f"""adv() {{ echo $(( $(cat {clock}) + $1 )) > {clock}; }}
+echo "autotuning=${{TRITON_CACHE_AUTOTUNING-unset}} cache=${{TRITON_CACHE_DIR-unset}} :: $*" >> "$FAKE_LOG.env"
 case "$*" in
   *"-m pip install"*) adv 25 ;;
   *"-m pytest"*) adv 165 ;;
@@ -1078,3 +1301,166 @@ def test_the_hard_time_limit_stops_a_point_that_runs_past_it():
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed afterwards
     with bench._hard_time_limit(None):  # no limit: nothing armed
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+# ---- inputs, codebooks, environment, statuses ------------------------------------------------------
+
+
+def test_in_turn_cycles_through_its_items():
+    take = bench.in_turn(["a", "b", "c", "d"])
+    assert [take() for _ in range(9)] == ["a", "b", "c", "d", "a", "b", "c", "d", "a"]
+    with pytest.raises(ValueError):
+        bench.in_turn([])
+    assert bench.INPUT_BATCHES >= 4
+
+
+def test_the_training_step_feeds_several_image_batches_in_turn(tmp_path, monkeypatch, one_thread):
+    """Repeating one batch lets dead-code restarts put codes on its very rows: the timed steps take
+    INPUT_BATCHES different batches in turn, as the layer part's do."""
+    fed: dict[str, list[int]] = {}
+
+    class Recording(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            fed.setdefault(self.name, []).append(x.data_ptr())
+            return x * self.w, self.w * 0, torch.zeros((), dtype=torch.int64)
+
+    class EightCalls(bench.Meter):
+        def measure(self, fn, est_bytes=0.0, grad_to_none=None, graph=False, wall=False):
+            for _ in range(8):
+                fn()
+            return bench.Measurement(time_ms=1.0, runs=8, time_min_ms=1.0, time_max_ms=1.0)
+
+    monkeypatch.setattr(bench, "build_vqvae", lambda variant, k, d: (Recording(variant), "stand-in"))
+    monkeypatch.setattr(bench, "Meter", EightCalls)
+    records = bench.run_benchmarks(_tiny_plan(), ("train",), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    assert {r.provider for r in records if r.part == "train" and r.ok} == set(bench.TRAIN_PROVIDERS)
+    for name, pointers in fed.items():
+        assert len(set(pointers)) == bench.INPUT_BATCHES, name
+        assert pointers[:4] == pointers[4:], name  # each batch in turn, then again
+    assert all(f"{bench.INPUT_BATCHES} image batches in turn" in r.note for r in records if r.part == "train")
+
+
+def test_share_codebook_reaches_vector_quantize_pytorchs_codebook():
+    from vqfast import VectorQuantizer
+
+    class TheirCodebook(nn.Module):  # as vector-quantize-pytorch's EuclideanCodebook keeps its codes
+        def __init__(self, k, d):
+            super().__init__()
+            self.register_buffer("embed", torch.randn(1, k, d))
+            self.register_buffer("embed_avg", self.embed.clone())
+
+    class TheirVQ(nn.Module):
+        def __init__(self, k, d):
+            super().__init__()
+            self._codebook = TheirCodebook(k, d)
+
+    ours = VectorQuantizer(16, 8)
+    theirs = bench._TheirLayer(TheirVQ(16, 8))
+    assert bench.codebook_tensor(ours) is ours.embeddings.weight
+    assert bench.codebook_tensor(theirs).shape == (16, 8)
+    assert bench.codebook_tensor(nn.Linear(2, 2)) is None
+    shared, held = bench.share_codebook(ours, None)
+    assert held and torch.equal(shared, ours.embeddings.weight)
+    assert not torch.equal(theirs.inner._codebook.embed[0], shared)
+    again, held = bench.share_codebook(theirs, shared)
+    assert held and again is shared and torch.equal(theirs.inner._codebook.embed[0], shared)
+    assert torch.equal(theirs.inner._codebook.embed_avg[0], shared)  # what its EMA update starts from
+    # A codebook of another shape, or none to write, is left alone and said so.
+    assert bench.share_codebook(bench._TheirLayer(TheirVQ(4, 8)), shared)[1] is False
+    assert bench.share_codebook(nn.Linear(2, 2), shared) == (shared, False)
+
+
+def test_environment_records_vector_quantize_pytorch_and_the_commit(tmp_path):
+    env = bench.collect_env(torch.device("cpu"), "test")
+    assert {"vector_quantize_pytorch", "commit"} <= set(env) <= set(bench.CSV_FIELDS)
+    assert env["vector_quantize_pytorch"] == bench.distribution_version("vector-quantize-pytorch")
+    assert bench.distribution_version("torch") == torch.__version__.split("+")[0] or \
+        bench.distribution_version("torch") == torch.__version__
+    assert bench.distribution_version("no-such-distribution-here") == "not installed"
+    assert bench.git_commit(tmp_path) == ""  # not a checkout
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert env["commit"].split()[0] == head.stdout.strip()
+    bench.write_csv(tmp_path / "results.csv", [bench.Record("usage", "x", "vqfast", "int64", time_ms=1.0)],
+                    {**env, "vector_quantize_pytorch": "1.32.0", "commit": "abc1234"})
+    _, back = bench.read_csv(tmp_path / "results.csv")
+    assert (back["vector_quantize_pytorch"], back["commit"]) == ("1.32.0", "abc1234")
+
+
+def test_the_tma_search_is_not_applicable_off_sm_90_and_that_is_no_failure():
+    assert bench.tma_unavailable((9, 0)) is None
+    for capability in ((8, 0), (10, 0), (12, 0), (7, 5)):
+        assert bench.tma_unavailable(capability) == bench.TMA_NOT_HERE
+    na = bench.Record("headline", "headline", bench.TMA_PROVIDER, "bf16", 65536, 65536, 256,
+                      status=bench.TMA_NOT_HERE)
+    assert bench.vqfast_failures([na]) == [] and bench.exit_status([na]) == 0
+    assert "VQFAST_TMA_SEARCH=1: n/a (needs sm_90)" in bench.goals_table(_goal_records(fast=True) + [na])
+
+
+def test_the_layer_goal_says_how_each_side_searches():
+    row = next(line for line in bench.goals_table(_goal_records(fast=True)).splitlines() if "(64, 128, 4, 4)" in line)
+    assert 'vector-quantize-pytorch searches with fp32 products (matmul precision "highest")' in row
+    assert "tf32 products and an exact fp32 re-check" in row
+
+
+def test_a_run_cut_short_by_its_hard_time_limit_lists_the_rest_and_says_so(tmp_path, monkeypatch):
+    """The hard time limit stops the point being measured: the points of that part not yet measured and
+    of every later part are listed as skipped, the results say the run was cut short, and so does the
+    exit status."""
+    def usage_then_limit(ctx):
+        ctx.add(bench.Record("usage", "bincount+entropy", "vqfast", "int64", 100, 10, 0, time_ms=1.0))
+        raise bench._TimeLimit("time limit")
+
+    plan = _tiny_plan(usage=[(100, 10), (200, 20)])
+    original_usage = bench.PART_RUNNERS["usage"]
+    monkeypatch.setitem(bench.PART_RUNNERS, "usage", lambda ctx: (
+        original_usage(ctx) if ctx.budget.remaining() == 0 else usage_then_limit(ctx)))
+    records = bench.run_benchmarks(plan, ("gather", "usage", "train"), tmp_path, device=torch.device("cpu"),
+                                   log=lambda s: None, plots=False)
+    assert all(r.ok for r in records if r.part == "gather")
+    usage = [(r.provider, r.n, r.status) for r in records if r.part == "usage"]
+    # The row measured before the limit stays; every other planned row is there, once, as skipped.
+    assert usage == [("vqfast", 100, "ok"), ("torch", 100, bench.SKIPPED), ("vqfast", 200, bench.SKIPPED),
+                     ("torch", 200, bench.SKIPPED)]
+    train = [(r.provider, r.status) for r in records if r.part == "train"]
+    assert train == [(p, bench.SKIPPED) for p in bench.TRAIN_PROVIDERS]
+    assert bench.cut_short(records) and bench.exit_status(records) == bench.EXIT_CUT_SHORT != 0
+    assert "This run was cut short" in (tmp_path / "results.md").read_text()
+    back, _ = bench.read_csv(tmp_path / "results.csv")
+    assert bench.cut_short(back) and len(back) == len(records)
+    # A failure outranks it; a complete run is 0.
+    failed = records + [bench.Record("headline", "headline", "vqfast", "bf16", 8, 16, 4, time_ms=1.0, check="fail")]
+    assert bench.exit_status(failed) == 1
+    assert bench.exit_status([r for r in records if r.part != bench.RUN_PART and r.status == "ok"]) == 0
+
+
+def test_a_cut_short_run_exits_with_its_own_status(tmp_path, monkeypatch):
+    stopped = [bench.Record(bench.RUN_PART, bench.CUT_SHORT, "-", "-", status="stopped at the hard time limit")]
+    monkeypatch.setattr(bench, "run_benchmarks", lambda *a, **k: stopped)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    assert bench.main(parser.parse_args(["--quick", "--out", str(tmp_path)])) == bench.EXIT_CUT_SHORT
+
+
+def test_gpu_run_script_tunes_the_benchmark_alone(tmp_path):
+    """Tiles tuned while the tests' workers share the GPU must not reach the benchmark: the tests and the
+    bench run with TRITON_CACHE_AUTOTUNING=0 (the bench tunes afresh, compiled kernels still cached), the
+    training runs keep their tuning on disk."""
+    _fake_gpu_run(tmp_path, "env", "all", data=True)
+    seen = (tmp_path / "env.log.env").read_text().splitlines()
+
+    def settings(marker):
+        return {line.split(" :: ")[0] for line in seen if marker in line}
+
+    cache = str(tmp_path / "repo" / ".triton-cache")
+    assert settings("-m pytest") == {f"autotuning=0 cache={cache}"}
+    assert settings("-m vqfast bench") == {f"autotuning=0 cache={cache}"}
+    assert settings("-m vqfast train") == {f"autotuning=1 cache={cache}"}

@@ -238,10 +238,11 @@ def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows(precision):
     if differ.numel():
         assert (status[differ] != 0).all()
         assert chosen_gap(z[differ], c, exact[differ]).max() <= 1e-5
-        # The tf32 picks: not just within the 1e-5 of the precision rule, which tf32 rounding alone can
-        # meet, but at most fp32-level slack beyond the fp32 search's pick (the benchmark's criterion).
-        report = bench.agreement_with_fp32(z, c, fast)
-        assert report.differ == differ.numel() and report.wrong == 0, report
+    # The tf32 picks: not just within the 1e-5 of the precision rule, which tf32 rounding alone can meet,
+    # but at most fp32-level slack beyond an fp32 search's pick (the benchmark's criterion; it compares
+    # with a torch fp32 search, which may round near ties otherwise than the kernel's plain one).
+    report = bench.agreement_with_fp32(z, c, fast)
+    assert report.wrong == 0, report
 
 
 def test_tf32_search_on_adversarial_near_ties():

@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -101,21 +102,37 @@ HEADLINE_PROVIDERS = ("vqfast", WALL_PROVIDER, GRAPH_PROVIDER, "cdist+argmin", "
 ROTATION_PROVIDER = "vqfast (rotation trick)"
 LAYER_PROVIDERS = ("vqfast", GRAPH_PROVIDER, ROTATION_PROVIDER, "matmul+argmin", "article (fixed)",
                    "vector-quantize-pytorch")
-# Input batches the layer benchmark feeds in turn.
-LAYER_BATCHES = 4
+# Input batches the layer and training-step benchmarks feed in turn: with one batch fed over and over,
+# dead-code restarts would soon put codes on its very rows and make the search unlike a real one.
+INPUT_BATCHES = 4
 TRAIN_PROVIDERS = ("vqfast", "article (fixed)", "no VQ")
 
 # ``case`` of the record left by a part that stopped on an unexpected exception.
 CRASHED = "(part stopped by an error)"
+# ``part`` and ``case`` of the record left by a run that its hard time limit cut short.
+RUN_PART = "run"
+CUT_SHORT = "(run stopped at its hard time limit)"
+# Exit status of ``vqfast bench`` for a run cut short by its hard time limit (1: failures, 2: no GPU).
+EXIT_CUT_SHORT = 3
+# Status of a point not measured for lack of time: the budget had passed, its timing would not have
+# fitted in what was left, or the run's hard time limit stopped the run before it.
+SKIPPED = "skipped (time budget)"
+# Status of the opt-in TMA search on a GPU it does not run on (not a failure: nothing to measure there).
+TMA_NOT_HERE = "n/a (needs sm_90)"
+
+# Fewest timed runs a median rests on: do_bench times a call max(1, rep / its time) times, once for a
+# call that takes longer than ``rep``, so the repetition time is raised to fit this many.
+MIN_TIMED_RUNS = 10
 
 CSV_FIELDS = (
-    "part", "case", "provider", "precision", "N", "K", "D", "time_ms", "tflops", "gbps", "peak_mem_mb",
-    "status", "check", "check_error", "note", "gpu", "driver", "cuda", "torch", "triton", "vqfast",
-    "gpu_memory", "python", "date", "mode", "autotune", "fp32_search",
+    "part", "case", "provider", "precision", "N", "K", "D", "time_ms", "runs", "time_min_ms", "time_max_ms",
+    "tflops", "gbps", "peak_mem_mb", "status", "check", "check_error", "note", "gpu", "driver", "cuda", "torch",
+    "triton", "vqfast", "vector_quantize_pytorch", "commit", "gpu_memory", "python", "date", "mode", "autotune",
+    "fp32_search",
 )
 # The run's environment and settings, repeated on every row (read back from the first).
-_ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "vqfast", "gpu_memory", "python", "date", "mode", "autotune",
-               "fp32_search")
+_ENV_FIELDS = ("gpu", "driver", "cuda", "torch", "triton", "vqfast", "vector_quantize_pytorch", "commit", "gpu_memory",
+               "python", "date", "mode", "autotune", "fp32_search")
 # How this version searches fp32 inputs under "highest", recorded with each run: results files without it
 # come from versions that searched them with fp32 products for every code.
 FP32_SEARCH = "tf32 pass, near ties re-checked with fp32-accurate products"
@@ -149,13 +166,57 @@ def nearest_bytes(n: int, k: int, d: int, elt: int) -> int:
     return (n * d + k * d) * elt + 8 * n
 
 
+def bare_product_bytes(n: int, k: int, d: int, elt: int) -> int:
+    """Least traffic of ``z @ c.T``: read z (N·D) and the codebook (K·D) once, write the N×K product."""
+    return (n * d + k * d + n * k) * elt
+
+
+def search_bytes(provider: str, n: int, k: int, d: int, elt: int) -> int:
+    """The byte count behind a nearest-code row's GB/s: the bare product writes its N×K output, every
+    search form the N indices."""
+    return bare_product_bytes(n, k, d, elt) if provider == "z@c.T (cuBLAS)" else nearest_bytes(n, k, d, elt)
+
+
 def tolerance(precision: str) -> float:
-    """Bound of the precision rule (README, "Precision") for a vqfast search done at ``precision``: the fp32 one for
-    tf32 too, since vqfast settles near ties in fp32 (the direct form, or a re-search with fp32 or
-    tf32x3 products) and so claims the fp32 indices."""
+    """Bound of the precision rule (README, "Precision") for a vqfast search done at ``precision``: the fp32 one
+    everywhere. tf32: vqfast settles near ties in fp32 (the direct form, or a re-search with fp32 or
+    tf32x3 products) and so claims the fp32 indices; bf16 and fp16: their products are exact in fp32, so
+    over the 16-bit values themselves the search is an fp32 search."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return 1e-2 if precision in ("bf16", "fp16") else 1e-5
+    return 1e-5
+
+
+def timed_rep_ms(rep_ms: float, estimate_ms: float | None, runs: int = MIN_TIMED_RUNS) -> float:
+    """The repetition time to hand ``do_bench`` so that a call of about ``estimate_ms`` is timed at least
+    ``runs`` times: ``rep_ms``, raised to ``runs`` calls and a quarter more (do_bench's own estimate also
+    counts its L2 flush, and divides rounding down)."""
+    if estimate_ms is None or not math.isfinite(estimate_ms) or estimate_ms <= 0:
+        return rep_ms
+    return max(rep_ms, 1.25 * runs * estimate_ms)
+
+
+def timing_cost_s(estimate_ms: float, warmup_ms: float, rep_ms: float, mode: str = "do_bench") -> float:
+    """Seconds that timing a call of ``estimate_ms`` takes (``mode``: "do_bench", "graph" or "wall"), for
+    the budget to skip a point that would not fit: do_bench's 5 calls of its own estimate, its warm-up
+    and at least MIN_TIMED_RUNS timed calls; do_bench_cudagraph's 6 eager calls and 10 replays of
+    ``rep_ms / 5`` (at least one call each); the wall clock's 5 rounds of at least 2 calls."""
+    est = max(estimate_ms, 0.0)
+    if mode == "graph":
+        ms = 6 * est + 10 * max(est, rep_ms / 5)
+    elif mode == "wall":
+        ms = est + 5 * max(2 * est, min(2000 * est, rep_ms / 5))
+    elif mode == "do_bench":
+        ms = 5 * est + max(est, warmup_ms) + timed_rep_ms(rep_ms, est)
+    else:
+        raise ValueError(f"unknown timing mode {mode!r}")
+    return ms / 1e3
+
+
+def tma_unavailable(capability: tuple[int, int]) -> str | None:
+    """Why the opt-in TMA search cannot run on a GPU of compute ``capability`` (its status there), or None
+    where it can (compute capability 9.x)."""
+    return None if capability[0] == 9 else TMA_NOT_HERE
 
 
 @torch.no_grad()
@@ -193,14 +254,37 @@ def chosen_distance_error(
     return float(err.max())
 
 
-# Largest problem (2·N·K·D) whose indices from fp32 data (the fp32 and tf32 rows, both searched with
-# the tf32 pass) are compared on every row with the plain fp32 search's.
+# Largest problem (2·N·K·D) whose indices are compared on every row with those of a plain fp32 search
+# (every precision: fp32 data searched with the tf32 pass, and 16-bit data, whose products are exact in
+# fp32). 2^41 is the size of goals 1 and 2.
 EXACT_CHECK_MAX_FLOP = 2.0**41
-# A tf32 pick counts as wrong when its code is farther than the fp32 search's by more than this, relative
+# A pick counts as wrong when its code is farther than the fp32 search's by more than this, relative
 # to ||z||^2 + d: far above fp32's rounding of the scores (~1e-8 for randn data at D = 64 to 256) and
 # below what tf32 rounding alone makes of a near tie (up to ~1e-4), which the distance check's 1e-5
 # tolerance can let through.
 EXACT_CHECK_SLACK = 1e-6
+# Elements of the N x K score block that the fp32 reference search holds at once (512 MiB in fp32).
+REFERENCE_BLOCK = 1 << 27
+
+
+@torch.no_grad()
+def fp32_reference_indices(z: torch.Tensor, codebook: torch.Tensor, block: int = REFERENCE_BLOCK) -> torch.Tensor:
+    """The nearest code of each row of ``z`` by plain torch, independent of vqfast's kernels:
+    argmin of ``‖c‖² − 2·z·cᵀ`` in fp32 with fp32 products (matmul precision "highest", so no tf32),
+    over row blocks of at most ``block`` scores. 16-bit inputs are cast to fp32 first, which their
+    products are exact in."""
+    zf, cf = z.float(), codebook.float()
+    n, k = zf.shape[0], cf.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=zf.device)
+    if n == 0 or k == 0:
+        return out
+    c_sq = cf.pow(2).sum(1)
+    rows = max(1, block // k)
+    with matmul_precision("highest"):
+        for start in range(0, n, rows):
+            scores = torch.addmm(c_sq[None, :], zf[start:start + rows], cf.t(), beta=1.0, alpha=-2.0)
+            out[start:start + rows] = scores.argmin(1)
+    return out
 
 
 @dataclass
@@ -228,19 +312,16 @@ class Agreement:
 
 @torch.no_grad()
 def agreement_with_fp32(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> Agreement:
-    """Compare ``indices`` (a search of fp32 ``z`` in ``codebook``) with those of the plain fp32
-    search on every row (on a GPU the kernel with fp32 products for every code, precision "ieee"; on
-    the CPU the reference); rows that differ are settled in float64: the pick is wrong when its code
-    is farther than the fp32 search's by more than ``EXACT_CHECK_SLACK`` (relative to ||z||^2 + d)."""
-    from vqfast import reference
-
+    """Compare ``indices`` (a search of ``z`` in ``codebook``: fp32 data, or 16-bit data taken at its own
+    values) with those of a plain fp32 search on every row (:func:`fp32_reference_indices`, torch's
+    matmul with fp32 products, which shares no code with vqfast's kernels); rows that differ are settled
+    in float64: the pick is wrong when its code is farther than the fp32 search's by more than
+    ``EXACT_CHECK_SLACK`` (relative to ||z||^2 + d)."""
     if z.is_cuda:
-        from vqfast.kernels import nearest_code as kernel_nearest_code
-
         with torch.cuda.device(z.device):
-            plain = kernel_nearest_code(z, codebook, precision="ieee")[0].reshape(-1)
+            plain = fp32_reference_indices(z, codebook)
     else:
-        plain = reference.nearest_code(z, codebook)[0].reshape(-1)
+        plain = fp32_reference_indices(z, codebook)
     indices = indices.reshape(-1)
     rows = (indices != plain).nonzero().reshape(-1)
     if rows.numel() == 0:
@@ -323,10 +404,20 @@ class Record:
     check: str = ""
     check_error: float | None = None
     note: str = ""
+    # The timed runs ``time_ms`` is the median of (None: not known), and the fastest and slowest of them.
+    runs: int | None = None
+    time_min_ms: float | None = None
+    time_max_ms: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok" and self.time_ms is not None
+
+    def take(self, m: "Measurement") -> "Record":
+        """This record with the status, times and peak memory of ``m``."""
+        self.status, self.time_ms, self.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+        self.runs, self.time_min_ms, self.time_max_ms = m.runs, m.time_min_ms, m.time_max_ms
+        return self
 
     def cell(self) -> str:
         """What a table shows for this measurement: its time in ms, or why there is none."""
@@ -346,7 +437,9 @@ def write_csv(path: Path, records: Sequence[Record], env: dict[str, str]) -> Non
         for r in records:
             w.writerow({
                 "part": r.part, "case": r.case, "provider": r.provider, "precision": r.precision,
-                "N": r.n, "K": r.k, "D": r.d, "time_ms": _fmt_number(r.time_ms), "tflops": _fmt_number(r.tflops),
+                "N": r.n, "K": r.k, "D": r.d, "time_ms": _fmt_number(r.time_ms),
+                "runs": "" if r.runs is None else str(r.runs), "time_min_ms": _fmt_number(r.time_min_ms),
+                "time_max_ms": _fmt_number(r.time_max_ms), "tflops": _fmt_number(r.tflops),
                 "gbps": _fmt_number(r.gbps), "peak_mem_mb": _fmt_number(r.peak_mem_mb), "status": r.status,
                 "check": r.check, "check_error": _fmt_number(r.check_error), "note": r.note,
                 **{key: env.get(key, "") for key in _ENV_FIELDS},
@@ -355,7 +448,7 @@ def write_csv(path: Path, records: Sequence[Record], env: dict[str, str]) -> Non
 
 def read_csv(path: Path) -> tuple[list[Record], dict[str, str]]:
     """The records and environment :func:`write_csv` wrote (the environment of the first row)."""
-    def number(text: str) -> float | None:
+    def number(text: str | None) -> float | None:
         return float(text) if text else None
 
     records: list[Record] = []
@@ -369,7 +462,10 @@ def read_csv(path: Path) -> tuple[list[Record], dict[str, str]]:
                 row["part"], row["case"], row["provider"], row["precision"], int(row["N"] or 0),
                 int(row["K"] or 0), int(row["D"] or 0), number(row["time_ms"]), number(row["tflops"]),
                 number(row["gbps"]), number(row["peak_mem_mb"]), row["status"], row["check"],
-                number(row["check_error"]), row["note"]))
+                number(row["check_error"]), row["note"],
+                # (Files written before the timed runs were columns lack them.)
+                int(row["runs"]) if row.get("runs") else None, number(row.get("time_min_ms")),
+                number(row.get("time_max_ms"))))
     return records, env
 
 
@@ -671,6 +767,7 @@ def goals_table(records: Sequence[Record]) -> str:
             share = ours.peak_mem_mb / theirs.peak_mem_mb
             got += f", memory {ours.peak_mem_mb:.0f} vs {theirs.peak_mem_mb:.0f} MiB ({share:.1%})"
             verdicts.append(_shortfall(share, 0.02, higher_is_better=False).replace("missed", "memory missed"))
+        got += f"; {THEIR_SEARCH_NOTE}"
         rows.append([label, got, target, _combine(verdicts)])
 
     # 5. memory-bound kernels at N >= 10^6: >= 70 % of this run's copy bandwidth.
@@ -715,14 +812,24 @@ def precision_note(env: dict[str, str]) -> str:
 def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
     """The whole report: environment, ceilings, headline, then one table per part."""
     out = ["# vqfast benchmark results", ""]
+    stop = next((r for r in records if r.part == RUN_PART and r.case == CUT_SHORT), None)
+    if stop is not None:
+        out += [f"**This run was cut short: {stop.status}.** Points it did not reach are listed as "
+                "`skipped (time budget)`.", ""]
     out.append(format_markdown_table(["setting", "value"], [[k, v] for k, v in env.items()]))
-    out.append("Times are medians of `triton.testing.do_bench` in ms (CUDA-graph rows: of its CUDA-graph "
-               "variant; back-to-back rows: wall-clock time per call; the k-means row: one timed run); MiB is the "
-               "peak memory allocated beyond the inputs. A status instead of a time: `OOM` ran out of GPU memory, "
+    out.append(f"Times are medians of `triton.testing.do_bench` in ms over at least {MIN_TIMED_RUNS} timed runs "
+               "(CUDA-graph rows: of 10 replays of its CUDA-graph variant; back-to-back rows: wall-clock time per "
+               "call, median of 5 rounds; the k-means row: one timed run); the CSV has the number of timed runs and "
+               "the fastest and slowest. MiB is the peak memory allocated beyond the inputs during one eager call "
+               "(CUDA-graph rows too: the graph's own memory pool is not measured), vqfast's kept scratch buffers "
+               "included. A status instead of a time: `OOM` ran out of GPU memory, "
                "`OOM (est. X GB)` was skipped because its estimated memory exceeds 80% of the GPU's memory not "
-               "already in use, `skipped (time budget)` was not "
-               "reached within the run's time budget. `check` compares vqfast's chosen distances with the "
-               "float64 minimum (the precision rule of the README), with the largest relative error. "
+               "already in use, `skipped (time budget)` was not reached within the run's time budget (or its "
+               f"timing would not have fitted in what was left), `{TMA_NOT_HERE}`: the opt-in TMA search does not "
+               "run on this GPU. `check` compares vqfast's chosen distances with the "
+               "float64 minimum (the precision rule of the README: 1e-5 in every precision, 16-bit data taken at "
+               "its own values), with the largest relative error, and, up to 2·N·K·D = 2⁴¹, its indices on every "
+               "row with a plain fp32 torch search (farther by more than 1e-6: `fail`). "
                + precision_note(env) + "\n")
     ceil = [r for r in records if r.part == "ceiling"]
     if ceil:
@@ -841,6 +948,29 @@ class Measurement:
     status: str = "ok"
     time_ms: float | None = None
     peak_mem_mb: float | None = None
+    runs: int | None = None  # the timed runs behind time_ms
+    time_min_ms: float | None = None
+    time_max_ms: float | None = None
+
+
+@dataclass
+class Timing:
+    """A median over timed runs, how many there were (None: not known) and the fastest and slowest."""
+
+    median_ms: float
+    runs: int | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    samples: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, samples: Sequence[float], runs: int | None = None) -> "Timing":
+        """The median of ``samples`` (one time each; ``runs``: the calls behind them, if not one each)."""
+        if not samples:
+            raise ValueError("no timed runs")
+        values = tuple(float(v) for v in samples)
+        return cls(statistics.median(values), len(values) if runs is None else runs, min(values), max(values),
+                   values)
 
 
 def _error_status(exc: BaseException) -> str:
@@ -850,21 +980,38 @@ def _error_status(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {text[:160]}"
 
 
+def _bench_samples(bench: Callable[..., Any], fn: Callable[[], Any], **kwargs: Any) -> Timing:
+    """``bench(fn, ..., return_mode="all")`` (a function of ``triton.testing``) as a :class:`Timing`; with a
+    Triton whose ``bench`` does not return every run, its minimum, median and maximum (runs unknown)."""
+    try:
+        times = bench(fn, return_mode="all", **kwargs)
+    except AssertionError:  # return_mode is asserted before anything runs
+        low, mid, high = bench(fn, quantiles=[0.0, 0.5, 1.0], **kwargs)
+        return Timing(float(mid), None, float(low), float(high))
+    if isinstance(times, (int, float)):
+        return Timing.of([times])
+    return Timing.of(list(times))
+
+
 class Meter:
     """Times a callable and its peak extra memory; turns OOM and errors into a status.
 
-    On CUDA: ``triton.testing.do_bench`` (median) and ``torch.cuda.max_memory_allocated``. On CPU (for
-    the tests only): one ``perf_counter`` run, no memory figure.
+    On CUDA: ``triton.testing.do_bench`` (median of at least MIN_TIMED_RUNS timed runs) and
+    ``torch.cuda.max_memory_allocated``. On CPU (for the tests only): one ``perf_counter`` run, no
+    memory figure. ``time_left`` (seconds, e.g. :meth:`Budget.remaining`): a point whose timing would
+    take longer is skipped.
     """
 
     def __init__(self, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
-                 cpu_memory_limit: float = 4e9) -> None:
+                 cpu_memory_limit: float = 4e9, time_left: Callable[[], float] | None = None) -> None:
         self.device = device
         self.warmup_ms = warmup_ms
         self.rep_ms = rep_ms
         self.cpu_memory_limit = cpu_memory_limit
+        self.time_left = time_left
         self.cuda = device.type == "cuda"
-        # Whether measure() makes its extra run for the peak memory (the CUDA allocator's figure).
+        # Whether measure() makes its extra run for the peak memory (the CUDA allocator's figure). That
+        # run is timed too: the estimate that sizes the timing and checks it against the budget.
         self.tracks_memory = self.cuda
 
     def memory_limit(self) -> float:
@@ -899,15 +1046,16 @@ class Meter:
                 gc.collect()
             torch.cuda.empty_cache()
 
-    def _wall_ms(self, fn: Callable[[], Any]) -> float:
-        """Median over 5 rounds of the wall-clock time per call of ``fn`` called back to back, the GPU
-        synchronised before and after each round (one synchronisation shared by the round's calls)."""
+    def _wall_ms(self, fn: Callable[[], Any]) -> Timing:
+        """Median over 5 rounds of the wall-clock time per call of ``fn`` called back to back (at least 2
+        calls a round), the GPU synchronised before and after each round (one synchronisation shared by
+        the round's calls)."""
         self.sync()
         t0 = time.perf_counter()
         fn()
         self.sync()
         single_ms = (time.perf_counter() - t0) * 1e3
-        calls = max(1, min(2000, int(self.rep_ms / 5 / max(single_ms, 1e-3))))
+        calls = max(2, min(2000, int(self.rep_ms / 5 / max(single_ms, 1e-3))))
         rounds = []
         for _ in range(5):
             self.sync()
@@ -916,10 +1064,30 @@ class Meter:
                 fn()
             self.sync()
             rounds.append((time.perf_counter() - t0) * 1e3 / calls)
-        return sorted(rounds)[len(rounds) // 2]
+        return Timing.of(rounds, runs=5 * calls)
+
+    def _do_bench(self, fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None,
+                  estimate_ms: float | None) -> Timing:
+        """``triton.testing.do_bench`` over at least MIN_TIMED_RUNS runs: its repetition time raised to fit
+        them, and, should its own estimate of the call leave fewer, called again for the rest."""
+        import triton.testing
+
+        samples: list[float] = []
+        rep = timed_rep_ms(self.rep_ms, estimate_ms)
+        for _ in range(4):
+            timing = _bench_samples(triton.testing.do_bench, fn, warmup=self.warmup_ms, rep=rep,
+                                    grad_to_none=grad_to_none)
+            if timing.runs is None:  # (a Triton that does not return every run: its median as it is)
+                return timing
+            samples += timing.samples
+            missing = MIN_TIMED_RUNS - len(samples)
+            if missing <= 0:
+                break
+            rep = timed_rep_ms(0.0, statistics.median(samples), missing)
+        return Timing.of(samples)
 
     def _time(self, fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor] | None, graph: bool,
-              wall: bool = False) -> float:
+              wall: bool = False, estimate_ms: float | None = None) -> Timing:
         if self.cuda and wall:
             return self._wall_ms(fn)
         if self.cuda:
@@ -927,23 +1095,23 @@ class Meter:
 
             if graph:
                 # It replays its graph 10 times over, each replay ``rep`` ms long: a fifth of the rep
-                # keeps this column's cost near the others'.
-                return float(triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms / 5, grad_to_none=grad_to_none,
-                                                               return_mode="median"))
-            return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                                 grad_to_none=grad_to_none, return_mode="median"))
+                # keeps this column's cost near the others'. Each of the 10 replays is one timed run.
+                return _bench_samples(triton.testing.do_bench_cudagraph, fn, rep=self.rep_ms / 5,
+                                      grad_to_none=grad_to_none)
+            return self._do_bench(fn, grad_to_none, estimate_ms)
         # CPU timing only serves the tests of this module: one run is enough.
         _clear_grads(grad_to_none)
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return Timing.of([(time.perf_counter() - t0) * 1e3])
 
     def measure(self, fn: Callable[[], Any], est_bytes: float = 0.0,
                 grad_to_none: Sequence[torch.Tensor] | None = None, graph: bool = False,
                 wall: bool = False) -> Measurement:
-        """Run ``fn`` once untimed (compilation, autotuning), once for memory, then time it (``graph``:
-        replayed from a CUDA graph, so without the host's launch cost; ``wall``: called back to back and
-        timed by the wall clock, host time included)."""
+        """Run ``fn`` once untimed (compilation, autotuning), once for memory (and an estimate of its
+        time), then time it (``graph``: replayed from a CUDA graph, so without the host's launch cost;
+        ``wall``: called back to back and timed by the wall clock, host time included). A timing that
+        would not fit in ``time_left`` is skipped."""
         if est_bytes > self.memory_limit():
             return Measurement(status=f"OOM (est. {est_bytes / 1e9:.1f} GB)")
         result = Measurement()
@@ -953,12 +1121,24 @@ class Meter:
             self.sync()
             _clear_grads(grad_to_none)
             self.free()
+            estimate_ms = None
             if self.tracks_memory:
+                # Kept scratch buffers would otherwise count as allocated before the call.
+                _release_kept_scratch()
                 base = self.reset_peak()
+                t0 = time.perf_counter()
                 fn()
                 self.sync()
+                estimate_ms = (time.perf_counter() - t0) * 1e3
+                _clear_grads(grad_to_none)
                 result.peak_mem_mb = self.peak_mib(base)
-            result.time_ms = self._time(fn, grad_to_none, graph, wall)
+            if estimate_ms is not None and self.time_left is not None:
+                mode = "wall" if wall and self.cuda else "graph" if graph and self.cuda else "do_bench"
+                if timing_cost_s(estimate_ms, self.warmup_ms, self.rep_ms, mode) > self.time_left():
+                    return Measurement(status=SKIPPED)
+            timing = self._time(fn, grad_to_none, graph, wall, estimate_ms)
+            result.time_ms, result.runs = timing.median_ms, timing.runs
+            result.time_min_ms, result.time_max_ms = timing.min_ms, timing.max_ms
         except torch.cuda.OutOfMemoryError:
             result, failed = Measurement(status="OOM"), True
         except Exception as exc:  # noqa: BLE001 - one failing provider must not end the run
@@ -967,6 +1147,15 @@ class Meter:
             _clear_grads(grad_to_none)
             self.free(collect=failed)
         return result
+
+
+def _release_kept_scratch() -> None:
+    """Free the scratch buffers vqfast's search plans keep between calls (where vqfast has them)."""
+    try:
+        from vqfast.kernels import release_scratch
+    except ImportError:
+        return
+    release_scratch()
 
 
 def _clear_grads(tensors: Sequence[torch.Tensor] | None) -> None:
@@ -1003,6 +1192,14 @@ class Budget:
         if ok:
             self.points_in_part += 1
         return ok
+
+    def remaining(self) -> float:
+        """Seconds left of the whole budget (0 once it is spent or stopped)."""
+        return max(0.0, self.end - self.clock())
+
+    def stop(self) -> None:
+        """Spend the whole budget now: no later point may run."""
+        self.end = self.deadline = -math.inf
 
 
 @contextlib.contextmanager
@@ -1173,12 +1370,16 @@ class Context:
 
     def skipped(self, part: str, case: str, providers: Sequence[str], precision: str,
                 n: int = 0, k: int = 0, d: int = 0) -> None:
+        """Rows ``skipped (time budget)`` for ``providers`` at a point, but for those the run already has a
+        row of (a part cut short by the hard time limit is listed again from its start)."""
+        have = {(r.part, r.case, r.provider, r.precision, r.n, r.k, r.d) for r in self.records}
         for p in providers:
             if p == "vector-quantize-pytorch" and _vq_pytorch_class() is None:
                 continue
             if part in ("nearest", "headline") and n and not _nearest_fn_applies(p, NearestPoint(n, k, d, precision)):
                 continue  # a provider that does not run at this point has no row to skip
-            self.add(Record(part, case, p, precision, n, k, d, status="skipped (time budget)"))
+            if (part, case, p, precision, n, k, d) not in have:
+                self.add(Record(part, case, p, precision, n, k, d, status=SKIPPED))
 
 
 def _seeded(seed: int = 0) -> None:
@@ -1311,6 +1512,11 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
         # Checked before building the provider, so a hopeless torch.compile is not even compiled.
         rec.status = f"OOM (est. {est / 1e9:.1f} GB)"
         return rec
+    if provider == TMA_PROVIDER and z.is_cuda and _tma_point(point):
+        unavailable = tma_unavailable(torch.cuda.get_device_capability(z.device))
+        if unavailable:
+            rec.status = unavailable
+            return rec
     try:
         search = _nearest_fn(provider, point, z.device)
     except Exception as exc:  # noqa: BLE001
@@ -1319,10 +1525,10 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
     if search is None:
         return None
     m = ctx.meter.measure(lambda: search(z, c), est, graph=provider == GRAPH_PROVIDER, wall=provider == WALL_PROVIDER)
-    rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+    rec.take(m)
     if rec.ok:
         rec.tflops = tflops(n, k, d, rec.time_ms)
-        rec.gbps = gbps(nearest_bytes(n, k, d, elt), rec.time_ms)
+        rec.gbps = gbps(search_bytes(provider, n, k, d, elt), rec.time_ms)
     if provider in ("vqfast", GRAPH_PROVIDER, TMA_PROVIDER, "vector-quantize-pytorch") and rec.ok:
         try:
             rows = z
@@ -1334,9 +1540,9 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
             err = chosen_distance_error(rows, c, indices, rows=ctx.plan.check_rows)
             rec.check_error = err
             rec.check = "pass" if err <= tolerance(point.precision) else "fail"
-            # fp32 data in either mode: the tf32 pass and its re-check must give the fp32 search's indices.
-            if (provider in ("vqfast", TMA_PROVIDER) and point.precision in ("tf32", "fp32")
-                    and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP):
+            # Every row: fp32 data in either mode (the tf32 pass and its re-check) and 16-bit data (exact
+            # products) must give the indices of a plain fp32 search of the same values.
+            if provider in ("vqfast", TMA_PROVIDER) and 2.0 * n * k * d <= EXACT_CHECK_MAX_FLOP:
                 agreement = agreement_with_fp32(z, c, indices)
                 rec.note = agreement.note()
                 if agreement.wrong:
@@ -1439,7 +1645,8 @@ def run_ceilings(ctx: Context) -> None:
             b = torch.randn(size, size, device=ctx.device).to(dtype)
             m = ctx.meter.measure(lambda: a @ b, est_bytes=size * size * a.element_size())
             a = b = None  # dropped; not del, which closures above would see as unbound
-        rec = Record("ceiling", case, "torch", prec, size, size, size, m.time_ms, status=m.status)
+        rec = Record("ceiling", case, "torch", prec, size, size, size).take(m)
+        rec.peak_mem_mb = None  # (the product's output: nothing a ceiling says)
         if rec.ok:
             rec.tflops = tflops(size, size, size, rec.time_ms)
         ctx.add(rec)
@@ -1449,8 +1656,8 @@ def run_ceilings(ctx: Context) -> None:
     dst = torch.empty_like(src)
     m = ctx.meter.measure(lambda: dst.copy_(src))
     src = dst = None  # dropped; not del, which closures above would see as unbound
-    rec = Record("ceiling", case, "torch", "fp32", status=m.status, time_ms=m.time_ms,
-                 note="GB/s counts the read and the write")
+    rec = Record("ceiling", case, "torch", "fp32", note="GB/s counts the read and the write").take(m)
+    rec.peak_mem_mb = None
     if rec.ok:
         rec.gbps = gbps(2 * nbytes, rec.time_ms)
     ctx.add(rec)
@@ -1528,8 +1735,8 @@ def run_gather(ctx: Context) -> None:
         for case, wrap, nbytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes)):
             for provider, g in gathers.items():
                 m = ctx.meter.measure(wrap(g), est_bytes=2 * n * d * elt + k * d * 4, grad_to_none=[codebook])
-                rec = Record("gather", case, provider, prec, n, k, d, m.time_ms, peak_mem_mb=m.peak_mem_mb,
-                             status=m.status, note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "")
+                rec = Record("gather", case, provider, prec, n, k, d,
+                             note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "").take(m)
                 if rec.ok:
                     rec.gbps = gbps(nbytes, rec.time_ms)
                 ctx.add(rec)
@@ -1570,9 +1777,8 @@ def run_usage(ctx: Context) -> None:
                              ("torch", lambda: _torch_code_usage(indices, k))):
             tuned_before = set(_tuned_keys())
             m = ctx.meter.measure(fn, est_bytes=16 * k)
-            rec = Record("usage", "bincount+entropy", provider, "int64", n, k, 0, m.time_ms,
-                         peak_mem_mb=m.peak_mem_mb, status=m.status,
-                         note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "")
+            rec = Record("usage", "bincount+entropy", provider, "int64", n, k, 0,
+                         note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "").take(m)
             if rec.ok:
                 rec.gbps = gbps(8 * n + 16 * k, rec.time_ms)
             ctx.add(rec)
@@ -1617,14 +1823,22 @@ class _TheirLayer(nn.Module):
         return q, losses.sum(), idx
 
 
+def in_turn(items: Sequence[Any]) -> Callable[[], Any]:
+    """A function that returns ``items`` one after another, starting over after the last."""
+    if not items:
+        raise ValueError("nothing to take in turn")
+    steps = itertools.count()
+    return lambda: items[next(steps) % len(items)]
+
+
 def _fwd_bwd_step(layer: nn.Module, zs: list[torch.Tensor], g: torch.Tensor,
                   one: torch.Tensor) -> Callable[[], None]:
     """A training step of ``layer`` without the optimizer: the batches ``zs`` in turn, backward from
     ``g`` into z_q and 1 into the loss."""
-    steps = itertools.count()
+    next_batch = in_turn(zs)
 
     def step() -> None:
-        z_q, loss, _ = layer(zs[next(steps) % len(zs)])
+        z_q, loss, _ = layer(next_batch())
         torch.autograd.backward([z_q, loss], [g, one.to(loss.dtype).expand_as(loss)])
 
     return step
@@ -1642,6 +1856,45 @@ def _built_on_device(ctx: Context, rec: Record, build: Callable[[], nn.Module | 
     return None if layer is None else layer.to(ctx.device)
 
 
+# How vector-quantize-pytorch's layer searches in the layer part, next to vqfast's (the comparison is
+# not like for like in precision: its fp32 search is the costlier one).
+THEIR_SEARCH_NOTE = ("vector-quantize-pytorch searches with fp32 products (matmul precision \"highest\"), vqfast's "
+                     "layer with tf32 products and an exact fp32 re-check of near ties (the same indices)")
+
+
+def codebook_tensor(layer: nn.Module) -> torch.Tensor | None:
+    """The (K, D) tensor holding ``layer``'s codebook: ``embeddings.weight`` (vqfast, the article's layer),
+    or row 0 of vector-quantize-pytorch's ``_codebook.embed`` (1, K, D); None if it has neither."""
+    weight = getattr(getattr(layer, "embeddings", None), "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    inner = getattr(layer, "inner", layer)
+    embed = getattr(getattr(inner, "_codebook", None), "embed", None)
+    if isinstance(embed, torch.Tensor) and embed.dim() == 3 and embed.shape[0] == 1:
+        return embed[0]
+    return None
+
+
+@torch.no_grad()
+def share_codebook(layer: nn.Module, codebook: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    """Give ``layer`` the shared ``codebook``, or take a copy of its own as the shared one when there is
+    none yet: ``(the shared codebook, whether the layer now holds it)``."""
+    target = codebook_tensor(layer)
+    if target is None:
+        return codebook, False
+    if codebook is None:
+        return target.detach().clone(), True
+    if target.shape != codebook.shape:
+        return codebook, False
+    target.copy_(codebook.to(target.dtype))
+    # vector-quantize-pytorch's EMA update rebuilds the codes from embed_avg, which starts as a copy of
+    # embed: without the same codes there, its first training step would bring its own codebook back.
+    avg = getattr(getattr(getattr(layer, "inner", layer), "_codebook", None), "embed_avg", None)
+    if isinstance(avg, torch.Tensor) and avg.shape == (1, *codebook.shape):
+        avg.copy_(codebook[None].to(avg.dtype))
+    return codebook, True
+
+
 def run_layer(ctx: Context) -> None:
     for b, c, h, w, k in ctx.plan.layer:
         case = _layer_case(b, c, h, w)
@@ -1651,9 +1904,7 @@ def run_layer(ctx: Context) -> None:
             continue
         with matmul_precision("highest"):
             _seeded()
-            # A few batches in turn, as in training: with one batch fed over and over, dead-code
-            # restarts would soon put codes on its very rows and make the search unlike a real one.
-            zs = [torch.randn(b, c, h, w, device=ctx.device, requires_grad=True) for _ in range(LAYER_BATCHES)]
+            zs = [torch.randn(b, c, h, w, device=ctx.device, requires_grad=True) for _ in range(INPUT_BATCHES)]
             g = torch.randn(b, c, h, w, device=ctx.device)
             one = torch.ones((), device=ctx.device)
             codebook = None
@@ -1674,22 +1925,19 @@ def run_layer(ctx: Context) -> None:
                 layer = _built_on_device(ctx, rec, lambda: _layer_module(provider, k, c))
                 if layer is None:
                     continue
+                # Same codebook for every provider, so each solves the same search.
+                codebook, shared = share_codebook(layer, codebook)
                 if provider == "vector-quantize-pytorch":  # (what its defaults are, known once it is built)
                     rotation = getattr(getattr(layer, "inner", None), "rotation_trick", None)
-                    rec.note = "its defaults" + ("" if rotation is None else f" (rotation_trick={rotation})")
-                weight = getattr(getattr(layer, "embeddings", None), "weight", None)
-                if weight is not None:
-                    # Same codebook for every provider, so each solves the same search.
-                    with torch.no_grad():
-                        if codebook is None:
-                            codebook = weight.detach().clone()
-                        else:
-                            weight.copy_(codebook)
+                    rec.note = ("its defaults" + ("" if rotation is None else f" (rotation_trick={rotation})")
+                                + ("; the others' codebook, copied into its _codebook.embed" if shared
+                                   else "; its own codebook (no _codebook.embed of shape (1, K, D) to copy into)")
+                                + "; " + THEIR_SEARCH_NOTE)
 
                 step = _fwd_bwd_step(layer, zs, g, one)
                 m = ctx.meter.measure(step, est, grad_to_none=[*zs, *layer.parameters()],
                                       graph=provider == GRAPH_PROVIDER)
-                rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+                rec.take(m)
                 ctx.add(rec)
                 del layer, step
                 ctx.meter.free()
@@ -1727,7 +1975,7 @@ def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> N
         return
     with matmul_precision("highest"):
         _seeded()
-        zs = [torch.randn(b, c, t, device=ctx.device, requires_grad=True) for _ in range(LAYER_BATCHES)]
+        zs = [torch.randn(b, c, t, device=ctx.device, requires_grad=True) for _ in range(INPUT_BATCHES)]
         g = torch.randn(b, c, t, device=ctx.device)
         one = torch.ones((), device=ctx.device)
         for provider in RVQ_PROVIDERS:
@@ -1739,7 +1987,7 @@ def run_residual(ctx: Context, b: int, c: int, t: int, k: int, stages: int) -> N
                 continue
             step = _fwd_bwd_step(layer, zs, g, one)
             m = ctx.meter.measure(step, 3.0 * n * k * 4, grad_to_none=[*zs, *layer.parameters()])
-            rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
+            rec.take(m)
             ctx.add(rec)
             del layer, step
             ctx.meter.free()
@@ -1776,6 +2024,7 @@ def run_kmeans_init(ctx: Context, n: int, k: int, d: int) -> None:
             layer(rows)
             ctx.meter.sync()
             rec.time_ms = (time.perf_counter() - t0) * 1e3
+            rec.runs, rec.time_min_ms, rec.time_max_ms = 1, rec.time_ms, rec.time_ms
             rec.peak_mem_mb = ctx.meter.peak_mib(base)
             layer = None
     except torch.cuda.OutOfMemoryError:
@@ -1797,7 +2046,7 @@ def run_train(ctx: Context) -> None:
             continue
         with matmul_precision("highest"):
             _seeded()
-            x = torch.rand(batch, 3, 32, 32, device=ctx.device)
+            xs = [torch.rand(batch, 3, 32, 32, device=ctx.device) for _ in range(INPUT_BATCHES)]
             for provider in ctx.plan.train_providers:
                 est = 2.0 * n * k * d * 4 + n * k * 4 if provider == "article (fixed)" else 0.0
                 rec = Record("train", case, provider, "fp32", n, k, d)
@@ -1815,8 +2064,10 @@ def run_train(ctx: Context) -> None:
                 model = model.to(ctx.device).train()
                 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-                def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+                def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt,
+                         next_batch: Callable[[], torch.Tensor] = in_turn(xs)) -> None:
                     opt.zero_grad(set_to_none=True)
+                    x = next_batch()
                     recon, vq_loss, _ = model(x)
                     loss = F.mse_loss(recon, x) + vq_loss
                     loss.backward()
@@ -1824,12 +2075,12 @@ def run_train(ctx: Context) -> None:
 
                 # The gradients cleared before the memory run: its peak includes them, as the layer part's.
                 m = ctx.meter.measure(step, est, grad_to_none=list(model.parameters()))
-                rec.status, rec.time_ms, rec.peak_mem_mb = m.status, m.time_ms, m.peak_mem_mb
-                rec.note = f"{origin}; convolutions with cuDNN's default (TF32 allowed)"
+                rec.take(m)
+                rec.note = f"{origin}; {INPUT_BATCHES} image batches in turn; convolutions with cuDNN's default (TF32 allowed)"
                 ctx.add(rec)
                 del model, opt, step
                 ctx.meter.free()
-            x = None  # dropped; not del, which closures above would see as unbound
+            xs = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
 
 
@@ -1927,8 +2178,45 @@ def _nvidia_smi_driver() -> str | None:
     return lines[0] if lines else None
 
 
+def distribution_version(name: str) -> str:
+    """The installed version of the distribution ``name`` (e.g. "vector-quantize-pytorch"), or "not installed"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+    except Exception:  # noqa: BLE001 - broken metadata: a settings cell only
+        return "unknown"
+
+
+def git_commit(where: Path | None = None) -> str:
+    """``git rev-parse --short HEAD`` of the checkout holding ``where`` (default: this package's folder),
+    followed by " (uncommitted changes)" when tracked files differ from it; "" without git or a checkout."""
+    git = shutil.which("git")
+    if git is None:
+        return ""
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
+
+    def run(*args: str) -> str:
+        # --no-optional-locks: a status that refreshes nothing, so no lock is taken in the checkout.
+        return subprocess.run([git, "--no-optional-locks", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()
+
+    try:
+        head = run("rev-parse", "--short", "HEAD")
+    except Exception:  # noqa: BLE001 - not a checkout, or git failed: no commit to record
+        return ""
+    try:
+        changed = bool(run("status", "--porcelain", "--untracked-files=no"))
+    except Exception:  # noqa: BLE001
+        changed = False
+    return head + (" (uncommitted changes)" if head and changed else "")
+
+
 def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
-    """GPU name, driver, CUDA, torch, triton and vqfast versions, date and mode of the run."""
+    """GPU name, driver, CUDA, torch, triton, vqfast and vector-quantize-pytorch versions, the checkout's
+    commit, date and mode of the run."""
     from vqfast import __version__ as vqfast_version
 
     try:
@@ -1948,6 +2236,7 @@ def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
     return {
         "gpu": gpu, "gpu_memory": gpu_memory, "driver": driver, "cuda": str(torch.version.cuda),
         "torch": torch.__version__, "triton": triton_version, "vqfast": vqfast_version,
+        "vector_quantize_pytorch": distribution_version("vector-quantize-pytorch"), "commit": git_commit(),
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "mode": mode, "autotune": os.environ.get("VQFAST_AUTOTUNE", "1"), "fp32_search": FP32_SEARCH,
     }
@@ -2030,6 +2319,25 @@ def _frozen_gc(enabled: bool) -> Iterator[None]:
             gc.unfreeze()
 
 
+def list_unreached(ctx: Context, steps: Sequence[str], limit: str) -> None:
+    """After the hard time limit: the budget is spent, so the runners of ``steps`` (the one the limit
+    stopped, then those never started) only list their points as ``skipped (time budget)``, but for the
+    rows already there; and a record that says the run was cut short."""
+    ctx.budget.stop()
+    for part in steps:
+        try:
+            PART_RUNNERS[part](ctx)
+        except Exception:  # noqa: BLE001 - the listing must not lose the tables
+            ctx.log(traceback.format_exc())
+    ctx.add(Record(RUN_PART, CUT_SHORT, "-", "-", status=f"stopped at the hard time limit{f' ({limit})' if limit else ''}",
+                   note="points not reached are listed as skipped (time budget)"))
+
+
+def cut_short(records: Sequence[Record]) -> bool:
+    """Whether the run of ``records`` was stopped by its hard time limit."""
+    return any(r.part == RUN_PART and r.case == CUT_SHORT for r in records)
+
+
 def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torch.device | None = None,
                    plots: bool = True, log: Callable[[str], None] | None = None,
                    cpu_memory_limit: float = 4e9) -> list[Record]:
@@ -2046,6 +2354,7 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
     meter = Meter(device, plan.warmup_ms, plan.rep_ms, cpu_memory_limit=cpu_memory_limit)
     steps = [*parts, TMA_STEP] if "headline" in parts and _tma_points(plan) else list(parts)
     budget = Budget(plan.budget_s, steps)
+    meter.time_left = budget.remaining
     ctx = Context(device, plan, meter, budget, log=log,
                   on_record=lambda: write_outputs(out_dir, ctx.records, env, plots=False))
     log(f"vqfast bench ({plan.mode}): {env['gpu']}, driver {env['driver']}, torch {env['torch']}, "
@@ -2053,10 +2362,13 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
     # On the GPU a hard limit too (the budget only keeps new points from starting); the CPU runs of
     # the tests, through the interpreter, are not timed against it.
     limit = hard_time_limit_s(plan) if device.type == "cuda" else None
+    reached = 0  # steps started
+    stopped_at_limit = False
     with _stop_on_sigterm(), _hard_time_limit(limit), _frozen_gc(device.type == "cuda"):
         try:
             run_ceilings(ctx)
             for part in steps:
+                reached += 1
                 budget.start_part(part)
                 t0 = time.monotonic()
                 try:
@@ -2070,13 +2382,17 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
                 write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end
         except _TimeLimit:
             # The tables and plots of what was measured are written below, as after a complete run.
-            log(f"hard time limit ({limit:.0f} s) reached: the point being measured was stopped, the rest skipped")
+            log(f"hard time limit{f' ({limit:.0f} s)' if limit is not None else ''} reached: the point being "
+                "measured was stopped, the rest skipped")
             meter.free(collect=True)
+            stopped_at_limit = True
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM from a time limit: keep what was measured.
             log("stopped: writing what was measured so far")
             write_outputs(out_dir, ctx.records, env, plots=plots)
             raise
+    if stopped_at_limit:
+        list_unreached(ctx, steps[max(0, reached - 1):], f"{limit:.0f} s" if limit is not None else "")
     written = write_outputs(out_dir, ctx.records, env, plots=plots)
     if any(r.part == "headline" for r in ctx.records):
         log("\n" + headline_table(ctx.records))
@@ -2134,7 +2450,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``vqfast bench``: 0 on success; 1 when a part stopped on an error, a vqfast row failed
-    its check or raised, or the run was stopped; 2 without a CUDA GPU."""
+    its check or raised, or the run was stopped (Ctrl-C, SIGTERM); 2 without a CUDA GPU; 3 (EXIT_CUT_SHORT)
+    when its hard time limit cut the run short, with nothing failed before."""
     if not torch.cuda.is_available():
         print("vqfast bench needs a CUDA GPU, and torch.cuda.is_available() is False here "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run it on a machine with an "
@@ -2159,7 +2476,14 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("vqfast bench stopped; the tables hold what was measured", file=sys.stderr)
         return 1
-    return 1 if any(r.case == CRASHED for r in records) or vqfast_failures(records) else 0
+    return exit_status(records)
+
+
+def exit_status(records: Sequence[Record]) -> int:
+    """``vqfast bench``'s exit status for a run that ended with ``records`` (see :func:`main`)."""
+    if any(r.case == CRASHED for r in records) or vqfast_failures(records):
+        return 1
+    return EXIT_CUT_SHORT if cut_short(records) else 0
 
 
 def vqfast_failures(records: Sequence[Record]) -> list[Record]:
