@@ -163,6 +163,11 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | argparse.Namespace) -> 
     return cfg
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` with its noun: "1 process", "2 processes"."""
+    return f"{n:,} {one if n == 1 else many}"
+
+
 def _refuse_empty_sources(*options: tuple[str, str | None]) -> None:
     """An empty data option would be read as the current folder (a path of ""), or skipped."""
     for option, source in options:
@@ -1217,9 +1222,18 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             group["lr"] = cfg.lr  # the run's, or a new one given on resume
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
         seconds_before = float(state.get("epoch_seconds", 0.0)) if start_batch else 0.0
-        same_world = int(state.get("world_size", 1)) == dist.world_size
+        saved_world = int(state.get("world_size", 1))
+        same_world = saved_world == dist.world_size
+        if start_batch and not same_world:
+            # The batch position counts batches of the saved sharding, and the epoch's partial sums are
+            # per saved rank: another world would skip or repeat images and misreport the epoch.
+            raise ValueError(
+                f"the run in {run_dir} stopped in epoch {start_epoch + 1}, after batch {start_batch}, with "
+                f"{_count(saved_world, 'process', 'processes')}; resume it with {_count(saved_world, 'process', 'processes')} "
+                f"({'without torchrun' if saved_world == 1 else f'torchrun --nproc_per_node {saved_world}'}) to finish "
+                f"that epoch (a run that stopped at an epoch's end resumes with any number)")
         if not same_world:
-            _print(f"resume: the run was saved with {state.get('world_size', 1)} processes, now "
+            _print(f"resume: the run was saved with {_count(saved_world, 'process', 'processes')}, now "
                    f"{dist.world_size}; the continuation will not be bit-identical", log_path, file=sys.stderr)
         if start_batch and state.get("shuffle") != _SHUFFLE_SCHEME:
             _print("resume: the checkpoint was written by an older vqfast that shuffled differently; the rest "

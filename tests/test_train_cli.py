@@ -626,6 +626,41 @@ def test_folder_names_that_are_not_utf8_are_fingerprinted_and_written(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "scores.csv"]  # no partial file left
 
 
+def test_a_run_stopped_mid_epoch_resumes_only_with_its_own_number_of_processes(tmp_path: Path, monkeypatch,
+                                                                                 capsys) -> None:
+    # The batch position counts batches of the saved sharding and the epoch's partial sums are per saved
+    # rank: another number of processes would skip or repeat images and misreport the epoch.
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def ctrl_c_after_the_first_batch(module, x, optimizer, amp=False):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(module, x, optimizer, amp)
+
+    monkeypatch.setattr(train_mod, "train_step", ctrl_c_after_the_first_batch)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY_AE, "batch_size": 8}, out=str(out)))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    state = load_checkpoint(out)
+    assert (state["epoch"], state["batch"]) == (0, 1)
+    state["world_size"] = 2  # as if saved by two torchrun processes
+    save_checkpoint(state, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(_train_args("ae", "--resume", "--out", str(out), "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert "stopped in epoch 1, after batch 1, with 2 processes" in err and "torchrun --nproc_per_node 2" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # Stopped at an epoch's end, it resumes with any number.
+    state["batch"], state["epoch"] = 0, 1
+    save_checkpoint(state, out / "checkpoint.pt")
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--out", str(out), "--no-progress")) == 0
+    assert "saved with 2 processes, now 1" in capsys.readouterr().err
+
+
 def test_psnr_and_json_outputs_of_nonfinite_errors() -> None:
     assert np.isnan(train_mod._psnr(float("nan"))) and np.isnan(train_mod._psnr(float("inf")))
     assert train_mod._psnr(0.0) == float("inf") and train_mod._psnr(0.01) == pytest.approx(20.0)
