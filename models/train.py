@@ -1232,10 +1232,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                 f"{_count(saved_world, 'process', 'processes')}; resume it with {_count(saved_world, 'process', 'processes')} "
                 f"({'without torchrun' if saved_world == 1 else f'torchrun --nproc_per_node {saved_world}'}) to finish "
                 f"that epoch (a run that stopped at an epoch's end resumes with any number)")
-        if not same_world:
+        if not same_world and dist.is_main:
             _print(f"resume: the run was saved with {_count(saved_world, 'process', 'processes')}, now "
                    f"{dist.world_size}; the continuation will not be bit-identical", log_path, file=sys.stderr)
-        if start_batch and state.get("shuffle") != _SHUFFLE_SCHEME:
+        if start_batch and state.get("shuffle") != _SHUFFLE_SCHEME and dist.is_main:
             _print("resume: the checkpoint was written by an older vqfast that shuffled differently; the rest "
                    "of this epoch sees a different image order than the interrupted run would have",
                    log_path, file=sys.stderr)
