@@ -2072,6 +2072,13 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
 
 def evaluate_main(args: argparse.Namespace) -> int:
     """Run ``vqfast evaluate`` with parsed ``args``; prints a summary, returns the exit status."""
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0":
+        # Launched by torchrun: evaluation runs in one process, and every rank would score the same
+        # images and write the same files. Rank 0 does it (and says so).
+        return 0
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        print("evaluate runs in one process: rank 0 scores the images, the other ranks exit", file=sys.stderr)
     try:
         summary = evaluate(args.run, data=args.data, split=args.split, ood=args.ood, data_root=args.data_root,
                            download=args.download, limit=args.limit, batch_size=args.batch_size,

@@ -136,6 +136,19 @@ def test_an_empty_data_option_is_refused_not_read_as_the_current_folder(option: 
     assert f"{option} is empty" in capsys.readouterr().err and not out.exists()
 
 
+def test_evaluate_under_torchrun_runs_on_rank_0_only(ae_run: Path, tmp_path: Path, monkeypatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(ae_run), "--data", "sample", "--limit", "8", "--worst", "0", "--no-progress"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert evaluate_main(_evaluate_args(*args, "--out", str(tmp_path / "rank1"))) == 0
+    assert not (tmp_path / "rank1").exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert evaluate_main(_evaluate_args(*args, "--out", str(tmp_path / "rank0"))) == 0
+    assert "rank 0 scores the images" in capsys.readouterr().err
+    assert (tmp_path / "rank0" / "eval-sample-test.json").is_file()
+
+
 @pytest.mark.parametrize("option", ["--data", "--ood"])
 def test_evaluate_refuses_an_empty_data_option(option: str, ae_run: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
