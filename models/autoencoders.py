@@ -58,9 +58,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _sse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # float32 even under bf16 autocast: the summed error over a batch loses digits in bf16.
-    return F.mse_loss(recon.float(), x.float(), reduction="sum")
+    return F.mse_loss(_wide(recon), _wide(x), reduction="sum")
 
 
 class ConvAE(nn.Module):
@@ -144,7 +149,7 @@ class ConvVAE(nn.Module):
     @staticmethod
     def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and latent dimensions."""
-        mu, logvar = mu.float(), logvar.float()
+        mu, logvar = _wide(mu), _wide(logvar)
         return 0.5 * torch.sum(mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -264,8 +269,9 @@ class ConvVQVAE(nn.Module):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> images: the decoder of the codes the quantizer outputs for them (unit
-        codes with the cosine metric). Indices outside [0, num_embeddings) raise ValueError (except
-        under ``torch.compile``, where the range is not checked). The codes come in the decoder's dtype
+        codes with the cosine metric). Index -1 (a masked position's) decodes a zero code; other indices
+        outside [0, num_embeddings) raise ValueError (IndexError with the article's VQ step; not checked
+        under ``torch.compile``). The codes come in the decoder's dtype
         (the codebook stays float32 in a ``.half()`` model; forward's ``z_q`` takes the input's dtype)."""
         return self.decode(self.quantizer.codes_from_indices(indices, dtype=self.decoder_input.weight.dtype))
 
@@ -275,19 +281,27 @@ class ConvVQVAE(nn.Module):
         return self.decode(z_q), vq_loss, indices
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction through the codes."""
+        """Reconstruction through the codes: forward's reconstruction, from the quantizer's search alone (in
+        training mode too, its statistics and codebook stay as they are; a training forward may restart
+        codes). With the article's VQ step (stateless), its forward's reconstruction, whose straight-through
+        sum may round away from the codes."""
+        from vqfast import VectorQuantizer
+
+        if isinstance(self.quantizer, VectorQuantizer):
+            return self.decode_indices(self.encode_indices(x))
         return self(x)[0]
 
     def loss_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-pixel MSE + VQ loss (the article's VQ-VAE objective), and its parts."""
         recon, vq_loss, indices = self(x)
         sse = _sse(recon, x)
-        loss = sse / x.numel() + vq_loss.float()
+        # (An empty batch has no pixels: its error is 0, as the AE's and VAE's summed one is.)
+        loss = sse / max(x.numel(), 1) + _wide(vq_loss)
         return {
             "loss": loss,
             "recon": recon.detach(),
             "sse": sse.detach(),
-            "vq_loss": vq_loss.detach().float(),
+            "vq_loss": _wide(vq_loss.detach()),
             "indices": indices.detach(),
             "objective": sse.detach(),
         }
@@ -336,6 +350,9 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
         preset = vq_layer_options(vq_preset, beta, vq_kwargs)
         if vq_impl not in VQ_IMPLS:
             raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
+        if vq_impl == "article" and vq_kwargs:
+            raise ValueError(f"vq_kwargs ({', '.join(sorted(vq_kwargs))}) configure vqfast's VectorQuantizer, which "
+                             f"vq_impl='article' replaces (the article's VQ step takes beta only)")
         model = ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
         if vq_impl == "article":
             from vqfast.models.article import ArticleVQ

@@ -29,10 +29,23 @@ def upscale(images: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(images.float(), scale_factor=scale, mode="nearest")
 
 
+def _check_images(images: torch.Tensor, nrow: int, what: str = "images") -> torch.Tensor:
+    """``images`` as (N, C, H, W) with N >= 1 (one (C, H, W) image gets its batch dimension)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"{what} must be (N, C, H, W) with N >= 1 (or one (C, H, W) image), got {tuple(images.shape)}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    return images
+
+
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 3, padding: int = 2) -> Path:
-    """Save images (N, 3, H, W) in [0, 1] as one PNG grid with ``nrow`` images per row."""
+    """Save images (N, 3, H, W) (or one (3, H, W)) in [0, 1] as one PNG grid with ``nrow`` images per row
+    (NaN pixels show as black)."""
     from torchvision.utils import save_image
 
+    images = _check_images(images, nrow)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(upscale(images.detach().cpu().clamp(0, 1), scale), str(path), nrow=nrow, padding=padding,
@@ -43,8 +56,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale
 def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path,
                              nrow: int = 8, scale: int = 3) -> Path:
     """Originals and their reconstructions in alternating rows (row 1 originals, row 2 theirs, ...)."""
-    originals = originals.detach().cpu()
-    reconstructions = reconstructions.detach().cpu()
+    originals = _check_images(originals.detach().cpu(), nrow, "originals")
+    reconstructions = _check_images(reconstructions.detach().cpu(), nrow, "reconstructions")
     if originals.shape != reconstructions.shape:
         raise ValueError(f"shape mismatch: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
     n = originals.shape[0]
@@ -62,6 +75,8 @@ def save_blend_strip(strips: torch.Tensor, path: str | Path, scale: int = 3) -> 
     """Latent blends (A, B, 3, H, W) or (A, 3, H, W): one row per image pair, one column per alpha."""
     if strips.dim() == 4:
         strips = strips.unsqueeze(1)
+    if strips.dim() != 5 or 0 in strips.shape[:2]:
+        raise ValueError(f"strips must be (A, B, 3, H, W) or (A, 3, H, W) with A, B >= 1, got {tuple(strips.shape)}")
     a, b = strips.shape[:2]
     return save_image_grid(strips.transpose(0, 1).reshape(a * b, *strips.shape[2:]), path, nrow=a, scale=scale)
 
@@ -122,10 +137,15 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
 
 
 def save_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """Code-usage histogram: counts of every code, sorted by frequency, on a log scale."""
+    """Code-usage histogram: counts of every code (K,), sorted by frequency, on a log scale where the
+    counts span more than a factor of 50."""
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be one count per code (K,), got shape {tuple(counts.shape)}")
+    counts = counts.detach().cpu().to(torch.float64)
+    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+        raise ValueError("counts must be finite and >= 0")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    counts = counts.detach().cpu().to(torch.float64)
     ordered = torch.sort(counts, descending=True).values
     used = int((counts > 0).sum())
     fig = _figure(7.0, 4.0)

@@ -278,3 +278,61 @@ def test_a_checkpoint_of_the_articles_model_loads_by_name():
     model.eval(), source.eval()
     assert torch.equal(model(x)[2], source(x)[2])
     torch.testing.assert_close(model(x)[0], source(x)[0])
+
+
+def test_vqvae_reconstruct_in_training_mode_leaves_the_codebook_alone(images: torch.Tensor) -> None:
+    # A training forward restarts dead codes; reconstruct (the search alone) changes no state.
+    torch.manual_seed(0)
+    model = build_model("vqvae", num_codes=64, code_dim=16).train()
+    codes = model.embeddings.weight.detach().clone()
+    usage = model.quantizer.usage.clone()
+    with torch.no_grad():
+        first, second = model.reconstruct(images[:4]), model.reconstruct(images[:4])
+    assert torch.equal(first, second)
+    assert torch.equal(model.embeddings.weight, codes) and torch.equal(model.quantizer.usage, usage)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.reconstruct(images[:4]), model(images[:4])[0])
+
+
+@pytest.mark.parametrize("name", ["ae", "vae", "vqvae"])
+def test_losses_keep_float64_for_a_float64_model_and_an_empty_batch_costs_0(name: str, images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    small = {"ae": dict(latent_dim=16), "vae": dict(latent_dim=16), "vqvae": dict(num_codes=16, code_dim=8)}[name]
+    model = build_model(name, **small).double().eval()
+    terms = model.loss_terms(images[:2].double())
+    assert all(terms[key].dtype == torch.float64 for key in ("loss", "sse", "objective"))
+    recon = terms["recon"]
+    assert recon.dtype == torch.float64 and terms["sse"].item() == pytest.approx(((recon - images[:2].double()) ** 2).sum().item(), rel=1e-12)
+    assert float(build_model(name, **small).loss_terms(torch.zeros(0, 3, 32, 32))["loss"]) == 0.0
+
+
+def test_vae_kl_is_computed_in_float64_for_float64_latents() -> None:
+    mu = torch.full((2, 8), 1e-4, dtype=torch.float64)
+    logvar = torch.full((2, 8), 1e-4, dtype=torch.float64)
+    expected = 0.5 * float((mu ** 2 + logvar.exp() - 1 - logvar).sum())
+    kl = ConvVAE.kl_divergence(mu, logvar)
+    assert kl.dtype == torch.float64 and float(kl) == pytest.approx(expected, rel=1e-12)
+
+
+def test_article_vq_step_takes_no_layer_options() -> None:
+    with pytest.raises(ValueError, match="vq_impl='article'"):
+        build_model("vqvae", num_codes=16, code_dim=8, vq_impl="article", vq_kwargs={"ema": True})
+
+
+def test_picture_writers_take_one_image_and_refuse_empty_input(tmp_path, images: torch.Tensor) -> None:
+    from PIL import Image
+
+    from vqfast.models import viz
+
+    path = viz.save_image_grid(images[0], tmp_path / "one.png", scale=1, padding=0)
+    assert Image.open(path).size == (32, 32)  # one image, not a stretched (3, H, W) row
+    for call in (lambda: viz.save_image_grid(images[:0], tmp_path / "e.png"),
+                 lambda: viz.save_image_grid(images[:2], tmp_path / "e.png", nrow=0),
+                 lambda: viz.save_reconstruction_grid(images[:0], images[:0], tmp_path / "e.png"),
+                 lambda: viz.save_blend_strip(images[:0].unsqueeze(1), tmp_path / "e.png"),
+                 lambda: viz.save_code_histogram(torch.ones(4, 4), tmp_path / "e.png"),
+                 lambda: viz.save_code_histogram(torch.tensor([1.0, -1.0]), tmp_path / "e.png")):
+        with pytest.raises(ValueError):
+            call()
+    assert not (tmp_path / "e.png").exists()
