@@ -230,6 +230,25 @@ def test_an_inference_mode_mask_in_a_step_that_needs_gradients(device):
         torch.testing.assert_close(frozen_grad, grad, rtol=0, atol=0)
 
 
+def test_a_training_layer_under_torch_func_says_to_use_eval_mode(device):
+    # Its in-place updates cannot be batched by vmap (either backend) nor traced by grad on the CPU
+    # backend: the layer says so, instead of PyTorch naming an internal op.
+    z, _ = _data(device)
+    for layer in (vqfast.VectorQuantizer(7, 6, channel_dim=-1), vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1)):
+        layer = layer.to(device)
+        with pytest.raises(RuntimeError, match=r"torch.func.vmap cannot do: transform the layer in eval mode"):
+            torch.func.vmap(lambda x: layer(x)[1])(z)
+        grad_of_loss = torch.func.grad(lambda x: layer(x)[1])
+        if vqfast.resolve_backend(z.device, z.dtype) == "triton":
+            assert grad_of_loss(z[0]).shape == z[0].shape
+        else:
+            with pytest.raises(RuntimeError, match=r"on the CPU backend cannot do: transform the layer in eval"):
+                grad_of_loss(z[0])
+        layer.eval()
+        torch.testing.assert_close(torch.func.vmap(lambda x: layer(x)[1])(z),
+                                   torch.stack([layer(x)[1] for x in z]))
+
+
 def test_vmap_over_an_empty_batch_is_an_error(device):
     _, c = _data(device)
     with pytest.raises((ValueError, RuntimeError)):

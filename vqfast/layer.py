@@ -707,6 +707,8 @@ class VectorQuantizer(nn.Module):
                 "layer's statistics and codebook, so a recompute would update them twice and search a "
                 "codebook the first pass already changed (other codes, wrong gradients). Checkpoint the "
                 "layers before and after it instead (in eval mode it may be recomputed)")
+        if train and torch._C._are_functorch_transforms_active():
+            self._refuse_transformed_training(rows)
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and (self.ema or self._needs_init or self.dead_code_threshold > 0) and self._codebook_parametrized():
@@ -730,6 +732,21 @@ class VectorQuantizer(nn.Module):
         # a cluster are re-seeded from the next batch.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
+
+    def _refuse_transformed_training(self, rows: Tensor) -> None:
+        """A training step under torch.func: its in-place updates of the statistics and codes cannot be
+        batched by vmap, and grad refuses them on the CPU backend (PyTorch's own errors there name an
+        internal op, not the way out)."""
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        cpu_backend = resolve_backend(rows.device, rows.dtype) != "triton"
+        if TransformType.Vmap in kinds or cpu_backend:
+            what = "torch.func.vmap" if TransformType.Vmap in kinds else "torch.func transforms on the CPU backend"
+            raise RuntimeError(
+                f"{type(self).__name__} in training mode updates its statistics and codebook in place, which "
+                f"{what} cannot do: transform the layer in eval mode (layer.eval()), or its encode()")
 
     def _codebook_parametrized(self) -> bool:
         """Whether ``embeddings.weight`` is computed by a parametrization (weight_norm, spectral_norm, ...)
