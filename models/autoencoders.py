@@ -352,7 +352,7 @@ def build_model(name: str, latent_dim: int = 1024, num_codes: int = 4096, code_d
             raise ValueError(f"vq_impl must be one of {VQ_IMPLS}, got {vq_impl!r}")
         if vq_impl == "article" and vq_kwargs:
             raise ValueError(f"vq_kwargs ({', '.join(sorted(vq_kwargs))}) configure vqfast's VectorQuantizer, which "
-                             f"vq_impl='article' replaces (the article's VQ step takes beta only)")
+                             f"vq_impl='article' replaces (the article's VQ step takes beta only: pass beta=)")
         model = ConvVQVAE(num_codes, code_dim, codebook_init=codebook_init, **preset)
         if vq_impl == "article":
             from vqfast.models.article import ArticleVQ

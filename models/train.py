@@ -1230,8 +1230,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             raise ValueError(
                 f"the run in {run_dir} stopped in epoch {start_epoch + 1}, after batch {start_batch}, with "
                 f"{_count(saved_world, 'process', 'processes')}; resume it with {_count(saved_world, 'process', 'processes')} "
-                f"({'without torchrun' if saved_world == 1 else f'torchrun --nproc_per_node {saved_world}'}) to finish "
-                f"that epoch (a run that stopped at an epoch's end resumes with any number)")
+                f"in all ({'without torchrun' if saved_world == 1 else f'e.g. torchrun --nproc_per_node {saved_world} on one machine'}) "
+                f"to finish that epoch (a run that stopped at an epoch's end resumes with any number)")
         if not same_world and dist.is_main:
             _print(f"resume: the run was saved with {_count(saved_world, 'process', 'processes')}, now "
                    f"{dist.world_size}; the continuation will not be bit-identical", log_path, file=sys.stderr)
@@ -2072,7 +2072,7 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
 
 def evaluate_main(args: argparse.Namespace) -> int:
     """Run ``vqfast evaluate`` with parsed ``args``; prints a summary, returns the exit status."""
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
     if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0":
         # Launched by torchrun: evaluation runs in one process, and every rank would score the same
         # images and write the same files. Rank 0 does it (and says so).

@@ -1153,7 +1153,7 @@ def _release_kept_scratch() -> None:
     """Free the scratch buffers vqfast's search plans keep between calls (where vqfast has them)."""
     try:
         from vqfast.kernels import release_scratch
-    except ImportError:
+    except Exception:  # noqa: BLE001 - no kernels here (no triton, or a broken one): nothing kept
         return
     release_scratch()
 
@@ -2204,6 +2204,10 @@ def git_commit(where: Path | None = None) -> str:
                               timeout=20, check=True).stdout.strip()
 
     try:
+        # Only vqfast's own checkout: an installed copy inside another project's repository would
+        # otherwise record that project's commit.
+        if where is None and Path(run("rev-parse", "--show-toplevel")).resolve() != cwd.parent:
+            return ""
         head = run("rev-parse", "--short", "HEAD")
     except Exception:  # noqa: BLE001 - not a checkout, or git failed: no commit to record
         return ""

@@ -919,7 +919,8 @@ class VectorQuantizer(nn.Module):
         self._kmeans_pool_batches += 1
         if self._kmeans_pool_batches < self.kmeans_batches:
             return
-        x = torch.cat(self._kmeans_pool)
+        # (On the rows' device: a layer pickled by an older vqfast may hold its pool elsewhere.)
+        x = torch.cat([p.to(rows.device) for p in self._kmeans_pool])
         self._kmeans_pool = []
         # A pool without a finite row on any rank (an overflow in the first steps, say) would leave the
         # codes as they are for good: k-means waits for the next batch instead. One host sync, on the
@@ -1146,10 +1147,13 @@ class VectorQuantizer(nn.Module):
     def _pool_to_codebook_device(self) -> None:
         """The k-means pool follows the codes' device (it is not a buffer); its rows stay float32."""
         device = self.embeddings.weight.device
-        # A pool on meta has no values to move: off meta (to_empty) it gets uninitialised memory, as the
-        # parameters do.
-        self._kmeans_pool = [torch.empty_like(p, device=device) if p.is_meta and device.type != "meta"
-                             else p.to(device) for p in getattr(self, "_kmeans_pool", ())]
+        pool = getattr(self, "_kmeans_pool", [])
+        if device.type != "meta" and any(p.is_meta for p in pool):
+            # A pool on meta has no values to move (to_empty): k-means pools its batches afresh, unless a
+            # state dict brings the pool back.
+            self._kmeans_pool, self._kmeans_pool_batches = [], 0
+            return
+        self._kmeans_pool = [p.to(device) for p in pool]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[override]
