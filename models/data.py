@@ -235,7 +235,7 @@ def has_test_split(source: str | Path) -> bool:
     An ``.npz`` with only ``x`` (or only ``x_train``) and an ImageFolder directory have one set of images:
     ``load_dataset(source, train=False)`` returns those same images (or fails), not held-out ones.
     """
-    src = _checked_source(source)
+    src = checked_source(source)
     if src in BUILTIN_SOURCES:
         return True
     path = Path(src).expanduser()
@@ -497,7 +497,7 @@ def dataset_label(ds: Dataset, source: str = "") -> str:
 
 def describe_source(source: str) -> str:
     """A short, file-name-safe label for a data source (used in output file names)."""
-    source = _checked_source(source)
+    source = checked_source(source)
     if source in BUILTIN_SOURCES:
         return source
     # Resolved: "." or "../imgs/" name no file ("eval--all.csv"), the folder they point at does.
@@ -506,12 +506,14 @@ def describe_source(source: str) -> str:
     return (p.name if p.is_dir() or not p.suffix else p.stem) or "data"
 
 
-def _checked_source(source: str | Path) -> str:
-    """``source`` as a string, refused when empty: as a path, "" would mean the current folder."""
+def checked_source(source: str | Path, option: str | None = None) -> str:
+    """``source`` as a string, refused when empty: as a path, "" would mean the current folder.
+    ``option``: the command-line option it came from, which the message names."""
     src = str(source)
     if not src.strip():
-        raise ValueError(f"empty data source {src!r}: give cifar10, svhn, sample, synthetic, or the path of a "
-                         f"folder of images or an .npz file ('.' for the current folder)")
+        what = f"{option} is empty ({src!r})" if option else f"empty data source {src!r}"
+        raise ValueError(f"{what}: give cifar10, svhn, sample, synthetic, or the path of a folder of images or "
+                         f"an .npz file ('.' for the current folder)")
     return src
 
 
@@ -548,7 +550,7 @@ def load_dataset(source: str = "cifar10", train: bool = True, root: str | Path =
     CIFAR-10, SVHN, the sample and .npz files (stored in no particular class order), and ``limit``
     evenly spaced ones of a folder, whose images come sorted by class (the first ones would be one class).
     """
-    src = _checked_source(source)
+    src = checked_source(source)
     by_class = False  # a folder's images come sorted by class
     if src == "cifar10":
         try:

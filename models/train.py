@@ -55,8 +55,8 @@ from vqfast import reference
 from vqfast.layer import _bincount
 from vqfast.models.autoencoders import (MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters,
                                        vq_layer_options)
-from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, dataset_label, describe_source, evenly_spaced,
-                                has_test_split, image_files, load_dataset, source_of)
+from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, checked_source, dataset_label, describe_source,
+                                evenly_spaced, has_test_split, image_files, load_dataset, source_of)
 
 __all__ = [
     "TrainConfig",
@@ -171,9 +171,8 @@ def _count(n: int, one: str, many: str) -> str:
 def _refuse_empty_sources(*options: tuple[str, str | None]) -> None:
     """An empty data option would be read as the current folder (a path of ""), or skipped."""
     for option, source in options:
-        if source is not None and not str(source).strip():
-            raise ValueError(f"{option} is empty ({source!r}): give cifar10, svhn, sample, synthetic, or the path "
-                             f"of a folder of images or an .npz file ('.' for the current folder)")
+        if source is not None:
+            checked_source(source, option)
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -263,15 +263,14 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     compiling = torch.compiler.is_compiling()
     check_usage_inputs(indices, num_codes, check_range=not compiling)
     flat = indices.reshape(-1)
-    if compiling or flat.is_meta:  # (bincount has no meta kernel either: no values, no length)
-        # bincount's length is max(num_codes, largest index + 1), which a compiled graph cannot know;
-        # index_add_ gives num_codes counts, after an assertion on the range checked where the graph runs
-        # (compiled index_add_ wraps negative indices).
-        _assert_in_range(flat, num_codes)
-        counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int64))
-    elif torch._C._are_functorch_transforms_active():
-        # (bincount has no batching rule for vmap; the range was checked above.)
+    # bincount has no meta kernel (no values, no length) and no batching rule for vmap, and its length,
+    # max(num_codes, largest index + 1), is one a compiled graph cannot know: index_add gives num_codes
+    # counts (out of place: vmap cannot add batched counts into unbatched zeros).
+    if compiling or flat.is_meta or torch._C._are_functorch_transforms_active():
+        if compiling or flat.is_meta:
+            # The range, checked where the graph runs (compiled index_add wraps negative indices); a
+            # transform's was checked above.
+            _assert_in_range(flat, num_codes)
         counts = torch.zeros(num_codes, dtype=torch.int64, device=indices.device).index_add(
             0, flat, torch.ones_like(flat, dtype=torch.int64))
     else:

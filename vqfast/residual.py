@@ -173,8 +173,10 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"indices must end in a dimension of at most num_quantizers={self.num_quantizers} "
                              f"stages (unused stages may be -1), got shape {tuple(indices.shape)}")
         if ((check_indices or indices.device.type != "cuda") and not torch.compiler.is_compiling()
-                and indices.numel() and not indices.is_meta and int(host_values(indices).min()) < -1):
-            raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {int(host_values(indices).min())}")
+                and indices.numel() and not indices.is_meta):
+            lowest = int(host_values(indices).min())
+            if lowest < -1:
+                raise ValueError(f"indices must be -1 (an unused stage) or lie in [0, K), got {lowest}")
         total = None
         for stage, vq in enumerate(self.quantizers[:indices.shape[-1]]):
             # (Each stage decodes -1 to zeros.)
