@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -898,8 +900,33 @@ def test_kmeans_codes_survive_a_threshold_of_exactly_the_uniform_share(backend, 
 @pytest.mark.parametrize("name", ["decay", "usage_decay"])
 def test_a_decay_that_rounds_to_1_in_float32_is_refused(name):
     with pytest.raises(ValueError, match="rounds to 1 in float32"):
-        VectorQuantizer(4, 2, **{name: 1 - 1e-8})
-    VectorQuantizer(4, 2, **{name: 1 - 1e-7})  # the largest decays that float32 keeps below 1 work
+        VectorQuantizer(4, 2, ema=True, **{name: 1 - 1e-8})
+    VectorQuantizer(4, 2, ema=True, **{name: 1 - 1e-7})  # the largest decays that float32 keeps below 1 work
+
+
+@pytest.mark.parametrize("options, needs", [
+    (dict(decay=0.8), "ema=True"),
+    (dict(eps=1e-3), "ema=True"),
+    (dict(kmeans_iters=3), "init='kmeans'"),
+    (dict(kmeans_batches=2, init="uniform"), "init='kmeans'"),
+    (dict(entropy_temperature=0.5), "entropy_weight"),
+    (dict(process_group=object(), sync_distributed=False), "sync_distributed=True"),
+])
+def test_options_without_effect_warn(options, needs):
+    """An option set where nothing uses it (decay=0.8 is vector-quantize-pytorch's EMA default, but here
+    EMA is off unless asked for) warns instead of training some other way without a word."""
+    name = next(iter(options))
+    with pytest.warns(UserWarning, match=f"{name}=.* has no effect without .*{re.escape(needs)}"):
+        VectorQuantizer(8, 2, **options)
+
+
+def test_options_in_use_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VectorQuantizer(8, 2, ema=True, decay=0.8, eps=1e-3)
+        VectorQuantizer(8, 2, init="kmeans", kmeans_iters=3, kmeans_batches=2)
+        VectorQuantizer(8, 2, batch_entropy_weight=0.1, entropy_temperature=0.5)
+        VectorQuantizer(8, 2, decay=0.99, kmeans_iters=10, entropy_temperature=1.0)  # the defaults, spelt out
 
 
 # -- mixed precision ------------------------------------------------------------------------------
@@ -1065,8 +1092,9 @@ def test_nonfinite_rows_are_left_out_of_the_statistics(backend, device, ema):
     counts as usage: the layer ends exactly where the finite rows alone would take it."""
     torch.manual_seed(41)
     K, D = 6, 3
-    clean = VectorQuantizer(K, D, ema=ema, decay=0.7, dead_code_threshold=0.0).to(device)
-    dirty = VectorQuantizer(K, D, ema=ema, decay=0.7, dead_code_threshold=0.0).to(device)
+    options = dict(ema=True, decay=0.7) if ema else {}
+    clean = VectorQuantizer(K, D, dead_code_threshold=0.0, **options).to(device)
+    dirty = VectorQuantizer(K, D, dead_code_threshold=0.0, **options).to(device)
     dirty.load_state_dict(clean.state_dict())
     for _ in range(3):
         rows = torch.randn(20, D, device=device)

@@ -171,6 +171,10 @@ def test_codes_from_indices_and_bad_arguments():
         ResidualVectorQuantizer(0, 4, 4)
     with pytest.raises(ValueError, match="dropout_seed must be below 2\\*\\*64"):
         ResidualVectorQuantizer(2, 4, 4, dropout_seed=2**70)
+    with pytest.warns(UserWarning, match="dropout_seed=7 has no effect without a positive quantizer_dropout"):
+        ResidualVectorQuantizer(2, 4, 4, dropout_seed=7)
+    with pytest.warns(UserWarning, match="decay=0.8 has no effect without ema=True"):
+        ResidualVectorQuantizer(2, 4, 4, decay=0.8)  # the stages' options too
     # Bool indices are not codes 0 and 1, as gather says.
     with pytest.raises(TypeError, match="int64 or int32"):
         rvq.codes_from_indices(torch.ones(2, 3, dtype=torch.bool))

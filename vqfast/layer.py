@@ -11,7 +11,9 @@ diversity terms, see ``VectorQuantizer``) and keeps identical codebooks on every
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -307,6 +309,19 @@ def _nan_for_non_finite_rows(rows: Tensor, entropies: tuple[Tensor, Tensor]) -> 
     return torch.where(finite, entropies[0], nan), torch.where(finite, entropies[1], nan)
 
 
+def _warn_unused_options(**options: tuple[Any, bool, str]) -> None:
+    """Warn about each option set away from its default where it has no effect (``name=(value, unused,
+    what_it_needs)``): ``VectorQuantizer(..., decay=0.8)`` without ``ema=True`` (vector-quantize-pytorch's
+    default) would otherwise train by the codebook loss without a word."""
+    defaults = inspect.signature(VectorQuantizer.__init__).parameters
+    for name, (value, unused, needs) in options.items():
+        default = defaults[name].default
+        changed = value is not default if default is None else value != default
+        if unused and changed:
+            warnings.warn(f"VectorQuantizer: {name}={value!r} has no effect without {needs}", UserWarning,
+                          stacklevel=3)
+
+
 class VectorQuantizer(nn.Module):
     """Vector quantization with straight-through gradients.
 
@@ -384,6 +399,9 @@ class VectorQuantizer(nn.Module):
     Under ``torch.distributed``, statistics are summed over ranks and the random rows that seed k-means
     and restarts are drawn from all ranks' batches and gathered to every rank, so every rank keeps the
     same codebook (``sync_distributed=False`` turns this off).
+    An option set away from its default where nothing uses it (``decay``/``eps`` without ``ema=True``,
+    ``kmeans_iters``/``kmeans_batches`` without ``init="kmeans"``, ``entropy_temperature`` with both
+    entropy weights 0, ``process_group`` with ``sync_distributed=False``) gives a UserWarning.
 
     Defaults keep a large codebook alive without tuning: the codebook loss with the VQ-VAE paper's
     beta = 0.25 (it needs no extra state and works with any optimizer), plus dead-code restarts, which
@@ -453,6 +471,15 @@ class VectorQuantizer(nn.Module):
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         self.heads = check_int(heads, "heads", minimum=1)
+        _warn_unused_options(
+            decay=(decay, not ema, "ema=True"),
+            eps=(eps, not ema, "ema=True"),
+            kmeans_iters=(kmeans_iters, init != "kmeans", "init='kmeans'"),
+            kmeans_batches=(kmeans_batches, init != "kmeans", "init='kmeans'"),
+            entropy_temperature=(entropy_temperature, sample_entropy_weight == 0 and batch_entropy_weight == 0,
+                                 "a positive sample_entropy_weight or batch_entropy_weight"),
+            process_group=(process_group, not sync_distributed, "sync_distributed=True"),
+        )
         self.num_embeddings = num_embeddings
         self.gradient = gradient
         self.embedding_dim = embedding_dim

@@ -3,6 +3,7 @@ the previous ones left (as in SoundStream and EnCodec audio codecs)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -72,6 +73,9 @@ class ResidualVectorQuantizer(nn.Module):
         if seed >= 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"dropout_seed must be below 2**64, got {seed}")
         self._dropout_generator = torch.Generator(device="cpu").manual_seed(seed)
+        if seed != 0 and self.quantizer_dropout == 0.0:
+            warnings.warn(f"ResidualVectorQuantizer: dropout_seed={seed} has no effect without a positive "
+                          "quantizer_dropout", UserWarning, stacklevel=2)
 
     def _stages_for(self, num_quantizers: int | None) -> int:
         if num_quantizers is not None:
