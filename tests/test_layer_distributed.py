@@ -142,6 +142,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # A rank with no rows on some steps (the end of an uneven shard, say) still joins the collectives.
         results["empty-rank"] = _empty_rank_run(rank)
 
+        # A copy (say, an EMA model's) of a layer on a group of its own shares the group and keeps syncing.
+        results["deepcopy-group"] = _deepcopied_group_run(rank, world)
+
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
         batches = [x[rank * half:(rank + 1) * half] for x in _value_batches()]
@@ -196,6 +199,23 @@ def _restart_step(k: int, rows: int, seed: int, rank: int, kept: int | None = No
         vq(batch, mask=mask)
         batch = batch[:kept]
     return {"weight": vq.embeddings.weight.detach().clone(), "batch": batch}
+
+
+def _deepcopied_group_run(rank: int, world: int) -> dict:
+    import copy
+
+    from vqfast import VectorQuantizer
+    from vqfast.distributed import same_on_all_ranks
+
+    group = dist.new_group(list(range(world)))
+    torch.manual_seed(0)
+    layer = VectorQuantizer(12, 4, ema=True, decay=0.5, process_group=group)
+    twin = copy.deepcopy(layer)
+    torch.manual_seed(5000 + rank)
+    twin(torch.randn(16, 4) * (1 + rank) + 3 * rank)
+    return {"shared": twin.process_group is group, "same": same_on_all_ranks(twin.embeddings.weight),
+            "moved": not torch.equal(twin.embeddings.weight, layer.embeddings.weight),
+            "weight": twin.embeddings.weight.detach().clone()}
 
 
 def _free_port() -> int:
@@ -277,6 +297,13 @@ def test_restarts_with_batches_of_different_sizes_on_the_ranks(rank_results, cas
     assert restarted.shape[0] == rows.shape[0] == 7
     hits = (restarted[:, None, :] - rows[None]).abs().sum(-1) < 1e-6  # (code, row)
     assert (hits.sum(0) == 1).all() and (hits.sum(1) == 1).all()
+
+
+@_NEEDS_GLOO
+def test_a_deepcopy_shares_the_process_group(rank_results):
+    r0, r1 = (r["deepcopy-group"] for r in rank_results)
+    assert r0["shared"] and r1["shared"] and r0["moved"]
+    assert r0["same"] and r1["same"] and torch.equal(r0["weight"], r1["weight"])
 
 
 # Identical codebooks are not enough: a sync that scales the summed statistics (by the world size,

@@ -11,6 +11,7 @@ diversity terms, see ``VectorQuantizer``) and keeps identical codebooks on every
 from __future__ import annotations
 
 import contextlib
+from copy import deepcopy
 import inspect
 import math
 import warnings
@@ -539,6 +540,17 @@ class VectorQuantizer(nn.Module):
             # they equal codebook * smoothed counts at every step (see _update_statistics), so codes set
             # from outside (re-initialised, loaded, restarted) never disagree with the averages.
             self.register_buffer("ema_count", torch.ones(k, dtype=torch.float32))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "VectorQuantizer":
+        """``copy.deepcopy``, sharing ``process_group``: a group is a handle to live communicators, which
+        cannot be copied (the default deepcopy failed on it), and a copy (say, an EMA of the model's
+        weights) synchronises over the same ranks."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(deepcopy(self.__getstate__(), memo))
+        return copied
 
     # -- forward ---------------------------------------------------------------------------------
 
