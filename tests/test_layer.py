@@ -1134,6 +1134,15 @@ def test_a_row_holding_inf_gives_an_inf_loss_on_both_backends(backend, device, b
             assert (grad == 1).all()  # the straight-through gradient alone
 
 
+def test_a_row_holding_inf_gives_a_nan_loss_under_the_cosine_metric(backend, device):
+    z = torch.randn(6, 4, device=device)
+    z[1, 2] = math.inf
+    for train in (True, False):
+        vq = VectorQuantizer(8, 4, metric="cosine").to(device).train(train)
+        _, loss, indices = vq(z)
+        assert math.isnan(loss.item()) and bool(((indices >= 0) & (indices < 8)).all())
+
+
 def test_restarts_never_seed_from_nonfinite_rows(backend, device):
     vq = _dead_code_setup(device, 0.5)
     before = vq.embeddings.weight.detach().clone()

@@ -363,7 +363,8 @@ class VectorQuantizer(nn.Module):
     training step on. ``usage_decay`` is the decay of that running usage, reported by
     :meth:`codebook_usage`. ``metric``: "l2" or "cosine" (codes and inputs l2-normalised).
     Rows holding NaN or inf still get a code (in range) and make the loss NaN (inf for a row holding inf
-    and no NaN, also with beta = 0; with EMA, beta * mse, 0 for beta = 0), but are left out of the
+    and no NaN, also with beta = 0; with EMA, beta * mse, 0 for beta = 0; NaN for the cosine metric,
+    whose unit row is inf / inf), but are left out of the
     usage statistics, the EMA averages, k-means and restart seeds, so one bad batch cannot turn a
     code into NaN for good. A training forward updates the layer's state and must not be recomputed:
     under activation checkpointing its recompute raises RuntimeError.
