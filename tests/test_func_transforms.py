@@ -113,6 +113,39 @@ def test_grad_of_grad_through_the_incoming_gradient(device):
     assert exact.abs() > 0
 
 
+def test_forward_mode_of_quantize(device):
+    """jvp, jacfwd and hessian of quantize: on the torch backend z_q's tangent is z's (straight through)
+    and the loss's tangent and Hessian are those of its plain-PyTorch formula at the chosen codes; the
+    Triton backend's fused functions have no forward-mode rule and say so."""
+    z, c = _data(device)
+    rows, beta = z[0], 0.3
+    tangent = torch.randn_like(rows)
+
+    def loss_of(r):
+        return vqfast.quantize(r, c, beta=beta)[1]
+
+    if vqfast.resolve_backend(device) == "triton":
+        with pytest.raises(NotImplementedError, match="jvp"):
+            torch.func.jvp(loss_of, (rows,), (tangent,))
+        return
+    q = c[vqfast.reference.nearest_code(rows, c)[0]]
+
+    def plain_loss(r):  # the same indices (piecewise constant in z), plain ops
+        return torch.nn.functional.mse_loss(q, r.detach()) + beta * torch.nn.functional.mse_loss(r, q)
+
+    value, loss_tangent = torch.func.jvp(loss_of, (rows,), (tangent,))
+    torch.testing.assert_close(value, plain_loss(rows))
+    torch.testing.assert_close(loss_tangent.float(), torch.func.jvp(plain_loss, (rows,), (tangent,))[1].float())
+    assert loss_tangent.abs() > 0
+    z_q, z_q_tangent = torch.func.jvp(lambda r: vqfast.quantize(r, c)[0], (rows,), (tangent,))
+    assert torch.equal(z_q, q) and torch.equal(z_q_tangent, tangent)
+    eye = torch.eye(rows.numel()).reshape(*rows.shape, *rows.shape)
+    torch.testing.assert_close(torch.func.jacfwd(lambda r: vqfast.quantize(r, c)[0])(rows), eye)
+    hessian = torch.func.hessian(loss_of)(rows)
+    torch.testing.assert_close(hessian, torch.func.hessian(plain_loss)(rows))
+    torch.testing.assert_close(hessian, eye * (2 * beta / rows.numel()))  # only the commitment term curves
+
+
 def test_vectorized_jacobian(device):
     """torch.autograd.functional.jacobian(vectorize=True) batches the backward with the older vmap."""
     z, c = _data(device)

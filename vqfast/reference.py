@@ -494,6 +494,11 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None
 
+    @staticmethod
+    def jvp(ctx, z_tangent: torch.Tensor, q_tangent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Forward mode (jvp, jacfwd, hessian) as the backward: z's tangent, unchanged.
+        return z_tangent
+
 
 class _RowEntropy(torch.autograd.Function):
     """Entropy of each row of ``p = softmax(logits)``, and ``p``, with gradients that keep their
