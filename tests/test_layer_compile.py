@@ -192,6 +192,66 @@ def test_dynamic_shapes_compile_without_graph_breaks_or_a_graph_per_batch_size(d
     assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
 
 
+@pytest.mark.parametrize("ema", [False, True])
+def test_dynamic_true_compile_of_a_training_layer_matches_eager(device, ema):
+    """With dynamic=True the layer's decays are symbolic floats too: the statistics round them with torch
+    ops (plain Python cannot pack a symbolic float, and Dynamo's struct recursed without end)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = VectorQuantizer(8, 4, ema=ema, decay=0.7 if ema else 0.99, usage_decay=0.9,
+                            dead_code_threshold=0.5).to(device)
+    layer = copy.deepcopy(eager)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for step, n in enumerate((5, 7, 9, 6, 11)):
+        x = torch.randn(n, 4, device=device) * 3
+        torch.manual_seed(step)
+        want = eager(x)
+        torch.manual_seed(step)
+        got = compiled(x)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    for name, value in eager.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], value), name
+    assert int(layer.usage_steps) == 5
+
+
+_FRESH_PROCESS_COMPILE = """
+import sys
+
+import torch
+import vqfast
+from vqfast import ResidualVectorQuantizer, VectorQuantizer
+
+device = sys.argv[1]
+z = torch.randn(6, 4, device=device, requires_grad=True)
+c = torch.randn(8, 4, device=device)
+out = torch.compile(vqfast.quantize, fullgraph=True, backend="aot_eager")(z, c)
+assert torch.equal(out[2], vqfast.quantize(z, c)[2])
+for layer in (VectorQuantizer(8, 4), VectorQuantizer(8, 4, ema=True), ResidualVectorQuantizer(2, 8, 4)):
+    z_q, loss, _ = torch.compile(layer.to(device), fullgraph=True, backend="aot_eager")(z)
+    (z_q.sum() + loss).backward()
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_as_the_first_call_of_a_fresh_process(backend):
+    """The modules that hold the custom ops are imported lazily, here inside the traced frame (the test
+    suite imports them earlier); and the straight-through function used by the EMA loss and the
+    residual chain must have no forward-mode rule while compiling (Dynamo refuses one)."""
+    import subprocess
+    import sys
+
+    if backend == "triton" and not triton_usable():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    device = "cuda" if backend == "triton" and not interp else "cpu"
+    env = dict(os.environ, VQFAST_BACKEND=backend)
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_COMPILE, device], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_default_compile_mode_finds_no_graph_break_in_the_layer(train, monkeypatch):
     """torch.compile as most users call it (fullgraph=False) breaks the graph silently where

@@ -444,7 +444,7 @@ def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid
     scale = 1.0 / (valid.sum().clamp_min(1) * rows.shape[1]).to(acc)
     codebook_loss = (q_kept - z_kept.detach()).square().sum() * scale
     commitment = (z_kept - q_kept.detach()).square().sum() * scale
-    to_codes = to_codes or reference._StraightThrough.apply
+    to_codes = to_codes or reference.straight_through
     z_q = torch.where(keep, to_codes(z, q.detach().to(z.dtype)), rows)
     return z_q, codebook_loss + reference.weighted(commitment, beta)
 

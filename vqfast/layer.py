@@ -826,7 +826,7 @@ class VectorQuantizer(nn.Module):
         # Not loss minus a constant: for a row holding inf that is inf - inf = NaN, where beta * mse is
         # inf (0 with beta = 0: no term at all).
         value = reference.weighted(loss.detach(), self.beta / (1.0 + self.beta))
-        return reference._StraightThrough.apply(loss, value)
+        return reference.straight_through(loss, value)
 
     def _quantize_rows(self, rows: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         weight = self.embeddings.weight

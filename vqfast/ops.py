@@ -196,4 +196,9 @@ def intercepted() -> bool:
 def for_call() -> types.ModuleType | types.SimpleNamespace:
     """This module (its custom ops) while anything traces or intercepts calls (:func:`intercepted`),
     else :data:`direct`."""
-    return sys.modules[__name__] if intercepted() else direct
+    return _THIS_MODULE if intercepted() else direct
+
+
+# Looked up once, at import: a lookup in sys.modules while torch.compile traces fails for a module first
+# imported inside the traced frame.
+_THIS_MODULE = sys.modules[__name__]

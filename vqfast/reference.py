@@ -8,7 +8,6 @@ on a laptop).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import struct
 
@@ -347,10 +346,16 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
 def _step_decay_and_rate(counted: torch.Tensor, decay: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(decay, rate)`` of a step as ``dtype`` scalars on ``counted``'s device: the decay as ``dtype``
     holds it and 1 minus that (exact), or ``(1, 0)`` on a step that ``counted`` no row."""
-    stored = stored_decay(decay, dtype)
-    # (torch.where with a Python number would round it to float32 also for float64 statistics.)
-    full = functools.partial(torch.full, (), dtype=dtype, device=counted.device)
-    return torch.where(counted, full(stored), 1.0), torch.where(counted, full(1.0 - stored), 0.0)
+    stored = stored_decay_tensor(decay, dtype, counted.device)
+    # (1 - stored is exact for a decay of 0.5 or more, and correctly rounded below that, as in float64.)
+    return torch.where(counted, stored, 1.0), torch.where(counted, 1.0 - stored, 0.0)
+
+
+def stored_decay_tensor(decay: float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """:func:`stored_decay` as a 0-d ``dtype`` tensor, rounded by torch: what the step's ops use, since
+    under ``torch.compile(dynamic=True)`` a layer's decay is a symbolic float, which has no value for
+    plain Python to round."""
+    return torch.full((), decay, dtype=torch.float64, device=device).to(dtype)
 
 
 def stored_decay(usage_decay: float, dtype: torch.dtype) -> float:
@@ -371,7 +376,7 @@ def usage_correction(steps: torch.Tensor, usage_decay: float, dtype: torch.dtype
     """The bias correction of the running usage share, ``1 - usage_decay ** steps`` (as Adam's), with
     the decay as ``dtype`` stores it; computed in float64 (with float32, 1 - d ** s loses most of its
     digits for a decay near 1) and returned in ``dtype``."""
-    return (1.0 - stored_decay(usage_decay, dtype) ** steps.double()).to(dtype)
+    return (1.0 - stored_decay_tensor(usage_decay, dtype, steps.device).double() ** steps.double()).to(dtype)
 
 
 @torch.no_grad()
@@ -461,7 +466,7 @@ def quantize(
         loss = (z.sum().to(acc) + codebook[:0].sum().to(acc)) * 0.0
     else:
         loss = F.mse_loss(q.to(acc), z.detach().to(acc)) + weighted(F.mse_loss(z.to(acc), q.detach().to(acc)), beta)
-    return _StraightThrough.apply(z, q.detach().to(z.dtype)), loss, indices
+    return straight_through(z, q.detach().to(z.dtype)), loss, indices
 
 
 def weighted(term: torch.Tensor, weight: float) -> torch.Tensor:
@@ -494,10 +499,21 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None
 
+
+class _StraightThroughForwardMode(_StraightThrough):
+    """:class:`_StraightThrough` with a forward-mode rule (jvp, jacfwd, hessian): z's tangent, unchanged."""
+
     @staticmethod
     def jvp(ctx, z_tangent: torch.Tensor, q_tangent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Forward mode (jvp, jacfwd, hessian) as the backward: z's tangent, unchanged.
         return z_tangent
+
+
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The value of ``q`` with the gradient (and forward-mode tangent) of ``z``: ``z + (q - z).detach()``
+    without its rounding (see :class:`_StraightThrough`)."""
+    # torch.compile refuses autograd Functions that have a jvp rule (and forward mode does not compile).
+    function = _StraightThrough if torch.compiler.is_compiling() else _StraightThroughForwardMode
+    return function.apply(z, q)
 
 
 class _RowEntropy(torch.autograd.Function):

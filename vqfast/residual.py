@@ -141,7 +141,7 @@ class ResidualVectorQuantizer(nn.Module):
                 z_q = torch.where(mask.unsqueeze(cdim), z_q, z)
         else:
             # The sum of the codes exactly, gradient straight to z (z + (codes - z).detach() would round it).
-            z_q = reference._StraightThrough.apply(z, codes_sum)
+            z_q = reference.straight_through(z, codes_sum)
         return z_q, loss, torch.stack(indices, dim=-1)
 
     @torch.no_grad()
