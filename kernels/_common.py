@@ -117,9 +117,29 @@ def check_matrices(*named: tuple[str, torch.Tensor]) -> None:
     check_column_count(first.shape[1], first_name)
 
 
+def resolves_negative_views(launcher: Callable) -> Callable:
+    """``launcher`` run on its tensor arguments with their negative bit resolved (``t.resolve_neg()``, a
+    no-op for other tensors): a lazily negated view (``x.conj().imag``, ``torch._neg_view(x)``) holds the
+    memory of the values before the negation, which a kernel would read as they are. For launchers that
+    only read their tensors (one that writes in place refuses such a view, see :func:`check_launchable`)."""
+
+    @functools.wraps(launcher)
+    def call(*args, **kwargs):
+        args = tuple(a.resolve_neg() if isinstance(a, torch.Tensor) else a for a in args)
+        if kwargs:
+            kwargs = {k: v.resolve_neg() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return launcher(*args, **kwargs)
+
+    return call
+
+
 def check_launchable(*tensors: torch.Tensor) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter, and the tensors' memory
+    as their values (no lazily negated view: see :func:`resolves_negative_views`)."""
     for t in tensors:
+        if t.is_neg():
+            raise ValueError("the Triton kernels cannot take a lazily negated view (x.conj().imag, "
+                             "torch._neg_view(x)): call .resolve_neg() on it first")
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and interpreting():

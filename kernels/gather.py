@@ -10,7 +10,7 @@ from vqfast.kernels import _common
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_indices,
     deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
-    tuned_config,
+    tuned_config, resolves_negative_views,
 )
 
 
@@ -54,6 +54,7 @@ def _scatter_add_rows_kernel(
     tl.atomic_add(out_ptr + rows[:, None] * D + offs_d[None, :], g, mask=mask & valid[:, None], sem="relaxed")
 
 
+@resolves_negative_views
 def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``codebook[indices]`` for 1-D ``indices``: (N, D) in the codebook's dtype. Callers check the
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
@@ -105,6 +106,7 @@ class _GatherPlan:
 _GATHER_PLANS = PlanCache()
 
 
+@resolves_negative_views
 def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum rows of ``grad`` (N, D) into a (num_codes, D) tensor at ``indices``, accumulating in fp32.

@@ -33,7 +33,7 @@ from vqfast.kernels import _common
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
     KeptBuffers, PlanCache, _sqnorm_blocks, _sqnorm_launch, autotuning, cdiv, check_rows_and_codes, fresh_buffers,
-    int32_safe_columns, interpreting, max_shared_memory, multiprocessor_count, next_power_of_2,
+    int32_safe_columns, interpreting, max_shared_memory, multiprocessor_count, next_power_of_2, resolves_negative_views,
 )
 
 # Largest D kept whole in registers for a row block; larger D loops over BLOCK_D slices. Exact fp32
@@ -1022,6 +1022,7 @@ def _research_listed_rows(z: torch.Tensor, codebook: torch.Tensor, recheck: _Rec
     plan.write(z, codebook, recheck.count, recheck.rows, recheck.packed, indices, distances)
 
 
+@resolves_negative_views
 def nearest_code(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -1110,6 +1111,7 @@ def nearest_tma_aligned(z: torch.Tensor, codebook: torch.Tensor) -> bool:
     return z.data_ptr() % 16 == 0 and codebook.data_ptr() % 16 == 0
 
 
+@resolves_negative_views
 def _nearest_code_with_status(z: torch.Tensor, codebook: torch.Tensor, precision: str | None = None,
                               num_splits: int | None = None, tie_tolerance_scale: float = 1.0,
                               want_status: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

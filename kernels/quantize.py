@@ -21,7 +21,7 @@ from vqfast.kernels import _common
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_count,
     check_row_indices, deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
-    tuned_config,
+    tuned_config, resolves_negative_views,
 )
 
 
@@ -96,6 +96,7 @@ def _vq_backward_kernel(
                       sem="relaxed")
 
 
+@resolves_negative_views
 def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
                      beta: float, left_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_q, loss)`` for rows ``z`` (N, D): ``z_q = codebook[indices].to(z.dtype)``,
@@ -168,6 +169,7 @@ class _ForwardPlan:
 _FORWARD_PLANS = PlanCache()
 
 
+@resolves_negative_views
 def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: torch.Tensor,
                       codebook: torch.Tensor, indices: torch.Tensor, beta: float,
                       need_grad_codebook: bool = True, left_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.kernels._common import cdiv, check_column_count, check_launchable, next_power_of_2
+from vqfast.kernels._common import (
+    cdiv, check_column_count, check_launchable, next_power_of_2, resolves_negative_views,
+)
 from vqfast.kernels._launch import PreparedLaunch
 
 
@@ -88,6 +90,7 @@ def _rotate_grad_kernel(z_ptr, c_ptr, g_ptr, out_ptr, N, D, halfway_min,
         tl.store(out_ptr + rows + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@resolves_negative_views
 def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, halfway_min: float) -> torch.Tensor:
     """The rotation trick's gradient for rows ``z``, ``codes`` and ``grad`` (N, D) of one shape, in
     ``z``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     cdiv, check_grid_yz, check_rows_and_codes, code_sqnorms, deterministic, int32_safe_columns, interpreting,
-    multiprocessor_count, next_power_of_2, scratch_trial, tuned_config,
+    multiprocessor_count, next_power_of_2, scratch_trial, tuned_config, resolves_negative_views,
 )
 from vqfast.kernels._launch import launch_kernel
 
@@ -290,6 +290,7 @@ def _splits(rows: int, block_n: int, programs: int, device: torch.device) -> tup
     return cdiv(rows, rows_per_split), rows_per_split
 
 
+@resolves_negative_views
 def soft_entropy_forward(
     z: torch.Tensor, codebook: torch.Tensor, scale: float, precision: str = "ieee"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -342,6 +343,7 @@ def soft_entropy_forward(
     return row_max, log_sum, ent, partial.sum(0)
 
 
+@resolves_negative_views
 def soft_entropy_backward(
     z: torch.Tensor, codebook: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, ent: torch.Tensor,
     w: torch.Tensor, coef: torch.Tensor, scale: float, precision: str = "ieee", codebook_grad: bool = True,

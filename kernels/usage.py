@@ -10,7 +10,7 @@ import triton.language as tl
 
 from vqfast.kernels._common import (
     LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
-    STREAMING_MIN_BYTES, scratch_trial, tuned_config, with_streaming_twins,
+    STREAMING_MIN_BYTES, scratch_trial, tuned_config, with_streaming_twins, resolves_negative_views,
 )
 from vqfast.kernels._launch import PreparedLaunch
 
@@ -67,12 +67,14 @@ def _entropy_kernel(counts_ptr, ticket_ptr, partial_ptr, out_ptr, K, BLOCK: tl.c
         tl.store(out_ptr + 1, tl.exp(entropy))
 
 
+@resolves_negative_views
 def bincount(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """``torch.bincount(indices, minlength=num_codes)`` (int64) of 1-D ``indices``, with a fixed output
     length. Callers check the indices; one outside [0, num_codes) is not counted."""
     return _count(indices, None, num_codes)[:num_codes]
 
 
+@resolves_negative_views
 def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes: int) -> torch.Tensor:
     """Code counts of the rows whose search distance is finite, then their number: int64 (K + 1,).
 
@@ -139,6 +141,7 @@ def _bincount_configs(streaming: bool = False) -> list[LaunchConfig]:
                                       LaunchConfig(4096, 8), LaunchConfig(1024, 8)), streaming))
 
 
+@resolves_negative_views
 def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts int64 (K,), entropy fp32 (), perplexity fp32 ())`` of 1-D ``indices`` (values in range).
 
@@ -149,6 +152,7 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     return counts, stats[0], stats[1]
 
 
+@resolves_negative_views
 def code_usage_stats(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`code_usage` as ``(counts, stats)`` with ``stats`` = [entropy, perplexity] (fp32 (2,))."""
     with_ticket = _count(indices, None, num_codes)  # slot num_codes: zero, the ticket

@@ -747,3 +747,45 @@ def test_check_indices_and_rows_of_no_values_are_refused_up_front(backend, monke
     for bad in (torch.randn(6, 0, device=device, requires_grad=True), torch.randn(2, 3, 0, device=device)):
         with pytest.raises(ValueError, match="D >= 1"):
             vqfast.rotate_to_codes(bad, torch.zeros_like(bad))
+
+
+def test_lazily_negated_views_are_read_as_their_values(device):
+    """A view with PyTorch's negative bit (``x.conj().imag``, ``torch._neg_view``) holds the memory of the
+    values before the negation: the kernels must see the values, as the reference does."""
+    import vqfast.kernels
+
+    torch.manual_seed(0)
+    plain_z = torch.randn(9, 5, device=device)
+    z = torch._neg_view(-plain_z)  # the values of plain_z, stored negated
+    c = torch.randn(7, 5, device=device)
+    negated_c = torch._neg_view(-c)
+    assert z.is_neg() and torch.equal(z, plain_z)
+    want = vqfast.reference.nearest_code(plain_z.cpu(), c.cpu())
+    for codebook in (c, negated_c):
+        idx, dist = vqfast.nearest_code(z, codebook)
+        assert torch.equal(idx.cpu(), want[0])
+        torch.testing.assert_close(dist.cpu(), want[1])
+        torch.testing.assert_close(vqfast.gather(codebook, idx), c[idx])
+    x = plain_z.clone().requires_grad_()
+    cb = c.clone().requires_grad_()
+    z_q, loss, idx = vqfast.quantize(x, cb, beta=0.3)
+    upstream = torch.randn(9, 5, device=device)
+    grads = torch.autograd.grad((z_q * torch._neg_view(-upstream)).sum() + loss, (x, cb))
+    ref_x, ref_c = plain_z.cpu().clone().requires_grad_(), c.cpu().clone().requires_grad_()
+    ref_q, ref_loss, _ = vqfast.reference.quantize(ref_x, ref_c, beta=0.3)
+    ref_grads = torch.autograd.grad((ref_q * upstream.cpu()).sum() + ref_loss, (ref_x, ref_c))
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got.cpu(), ref)
+    x = plain_z.clone().requires_grad_()
+    codes = torch._neg_view(-c[idx])
+    got = torch.autograd.grad(vqfast.rotate_to_codes(x, codes), x, upstream)[0]
+    ref_x = plain_z.clone().requires_grad_()
+    want = torch.autograd.grad(vqfast.rotate_to_codes(ref_x, c[idx]), ref_x, upstream)[0]
+    assert not torch.allclose(want, upstream)  # (a rotation, not the straight-through gradient)
+    torch.testing.assert_close(got, want)
+    if vqfast.resolve_backend(device) == "triton":
+        # A launcher that writes in place refuses a negative view (its writes would land negated).
+        weight = torch._neg_view(-c.clone())
+        with pytest.raises(ValueError, match="lazily negated view"):
+            vqfast.kernels.ema_update(weight, torch.ones(7, device=device), torch.zeros(7, 5, device=device),
+                                      torch.zeros(8, dtype=torch.int64, device=device), 0.9, 1e-5)
