@@ -122,7 +122,9 @@ def nearest_code(
     overflows) score inf on the Triton backend and are passed over (a row where every code does gets
     index 0), and a row whose products ``2 z.c`` pass fp32's range (``|z| |c|`` beyond about 1.7e38:
     elements of about 1e18 at D = 256) gets scores of -inf and an arbitrary code (in range, its distance
-    summed as always); the CPU reference ranks both in float64. Scale such data down first.
+    summed as always); the CPU reference ranks both in float64. Scale such data down first; likewise
+    data far below 1 (elements of about 1e-19 and less), whose squared distances are subnormal in fp32
+    and rank codes by their rounding on the Triton backend.
     """
     check_search_inputs(z, codebook, metric)
     check_matmul_precision(precision)
@@ -361,6 +363,9 @@ def quantize(
     ``z_q = z`` (gradient included) and index -1, and the loss is a mean over the kept rows (0 if
     none); on the GPU with the l2 metric the fused kernels leave them out, otherwise PyTorch ops do.
     Given ``indices`` with a mask, those of the rows left out are neither used nor checked.
+    On the Triton backend the backward reads the codebook itself (the CPU backend saves the chosen
+    codes): changing it in place between the forward and the backward (a manual restart, say) raises
+    PyTorch's in-place error there; ``VectorQuantizer`` saves a copy of its codebook for that reason.
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     check_matmul_precision(precision)
