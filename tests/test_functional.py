@@ -789,3 +789,20 @@ def test_lazily_negated_views_are_read_as_their_values(device):
         with pytest.raises(ValueError, match="lazily negated view"):
             vqfast.kernels.ema_update(weight, torch.ones(7, device=device), torch.zeros(7, 5, device=device),
                                       torch.zeros(8, dtype=torch.int64, device=device), 0.9, 1e-5)
+
+
+def test_a_codebook_changed_in_place_before_backward(device):
+    """The Triton backward reads the codebook: an in-place change before it is PyTorch's error there
+    (never a gradient of the new codes), while the CPU backend, which saves the chosen codes, goes on."""
+    torch.manual_seed(0)
+    codebook = torch.nn.Parameter(torch.randn(5, 3, device=device))
+    z = torch.randn(7, 3, device=device, requires_grad=True)
+    z_q, loss, _ = vqfast.quantize(z, codebook)
+    with torch.no_grad():
+        codebook[4] = 10.0
+    if vqfast.resolve_backend(device) == "triton":
+        with pytest.raises(RuntimeError, match="inplace operation"):
+            (z_q.sum() + loss).backward()
+    else:
+        (z_q.sum() + loss).backward()
+        assert codebook.grad is not None and z.grad is not None
