@@ -801,6 +801,8 @@ def test_usage_is_a_distribution_after_restarts(backend, device):
     # and the perplexity never exceeds K.
     torch.manual_seed(0)
     vq = VectorQuantizer(2, 2, dead_code_threshold=2.0, usage_decay=0.5).to(device)
+    with torch.no_grad():  # code 1 far from the data: never picked, so restarted whatever the draws
+        vq.embeddings.weight.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0]]))
     restarted = 0
     for _ in range(6):
         before = vq.embeddings.weight.detach().clone()
@@ -1333,6 +1335,67 @@ def test_layer_builds_on_the_meta_device_and_loads_with_assign(torch_backend):
         layer(z)
     for name, value in trained.state_dict().items():
         assert torch.equal(vq.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("order", ["modules", "apply"])
+@pytest.mark.parametrize("init", ["xavier_normal", "uniform", "kmeans"])
+def test_meta_build_then_to_empty_and_reset_parameters_is_a_fresh_layer(torch_backend, init, order):
+    """FSDP-style initialisation: build on the meta device, to_empty, then every module's
+    reset_parameters (in modules() order, the layer before its codebook, or apply's, children first).
+    The statistics must be those of a fresh layer (to_empty leaves whatever memory held), and the codes
+    drawn as init draws them (nn.Embedding's own reset draws N(0, 1))."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), VectorQuantizer(64, 4, init=init, ema=True))
+    model.to_empty(device="cpu")
+    for buffer in model[1].buffers():  # what uninitialised memory may hold
+        buffer.fill_(7 if buffer.dtype != torch.bool else True)
+    model[1].embeddings.weight.data.fill_(1e10)
+    reset = [m for m in model.modules() if hasattr(m, "reset_parameters")]
+    if order == "modules":
+        for module in reset:
+            module.reset_parameters()
+    else:
+        model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    vq, fresh = model[1], VectorQuantizer(64, 4, init=init, ema=True)
+    for name, value in fresh.state_dict().items():
+        if name != "embeddings.weight":
+            assert torch.equal(vq.state_dict()[name], value), name
+    weight = vq.embeddings.weight
+    if init == "uniform":
+        assert weight.abs().max() <= 1 / 64 and weight.abs().max() > 0.5 / 64
+    else:
+        xavier_std = (2 / (64 + 4)) ** 0.5
+        assert 0.7 * xavier_std < weight.std() < 1.3 * xavier_std
+    assert vq._needs_init == (init == "kmeans")
+    vq(torch.randn(80, 4))
+    assert int(vq.usage_steps) == 1 and bool(vq.initialized)
+
+
+def test_reset_parameters_starts_a_trained_layer_over(torch_backend):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, init="kmeans", kmeans_batches=2)
+    vq(torch.randn(20, 4))
+    assert "kmeans_pool" in vq.state_dict()
+    vq.reset_parameters()
+    assert "kmeans_pool" not in vq.state_dict() and not bool(vq.initialized) and int(vq.usage_steps) == 0
+    parametrized = VectorQuantizer(8, 4)
+    torch.nn.utils.parametrizations.weight_norm(parametrized.embeddings)
+    with pytest.raises(RuntimeError, match="parametrized"):
+        parametrized.reset_parameters()
+
+
+def test_torchscript_is_refused_clearly_and_jit_trace_only_in_eval_mode(torch_backend):
+    vq = VectorQuantizer(8, 4)
+    for layer in (vq, ResidualVectorQuantizer(2, 8, 4)):
+        with pytest.raises(RuntimeError, match="does not support TorchScript"):
+            torch.jit.script(layer)
+    z = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="trace it in eval mode"):
+        torch.jit.trace(vq, z)
+    vq.eval()
+    traced = torch.jit.trace(vq, z, check_trace=False)
+    other = torch.randn(9, 4) + 2
+    assert torch.equal(traced(other)[2], vq(other)[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -30,7 +30,7 @@ from vqfast.functional import (
     rotate_to_codes,
 )
 
-__all__ = ["VectorQuantizer", "soft_assignment_entropy"]
+__all__ = ["CodebookEmbedding", "VectorQuantizer", "soft_assignment_entropy"]
 
 INITS = ("xavier_normal", "uniform", "kmeans")
 GRADIENTS = ("straight_through", "rotation")
@@ -310,6 +310,29 @@ def _nan_for_non_finite_rows(rows: Tensor, entropies: tuple[Tensor, Tensor]) -> 
     return torch.where(finite, entropies[0], nan), torch.where(finite, entropies[1], nan)
 
 
+def _init_codes(weight: Tensor, init: str) -> None:
+    """Draw the codes of a (K, D) codebook in place: "uniform" +-1/K, otherwise xavier-normal (the
+    article's; k-means replaces these on the first training batches)."""
+    if init == "uniform":
+        nn.init.uniform_(weight, -1.0 / weight.shape[0], 1.0 / weight.shape[0])
+    else:
+        nn.init.xavier_normal_(weight)
+
+
+class CodebookEmbedding(nn.Embedding):
+    """The layer's codebook: an ``nn.Embedding`` whose ``reset_parameters`` draws the codes as the layer's
+    ``init`` does (``nn.Embedding``'s draws N(0, 1), about 50 times the xavier-normal scale of a 4,096 x
+    128 codebook). A model built on the meta device and re-initialised after ``to_empty`` calls it."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, codebook_init: str = "xavier_normal",
+                 **kwargs: Any) -> None:
+        self.codebook_init = codebook_init  # (nn.Embedding.__init__ calls reset_parameters)
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+
+    def reset_parameters(self) -> None:
+        _init_codes(self.weight, self.codebook_init)
+
+
 def _warn_unused_options(**options: tuple[Any, bool, str]) -> None:
     """Warn about each option set away from its default where it has no effect (``name=(value, unused,
     what_it_needs)``): ``VectorQuantizer(..., decay=0.8)`` without ``ema=True`` (vector-quantize-pytorch's
@@ -331,7 +354,8 @@ class VectorQuantizer(nn.Module):
     and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the value of the nearest code
     and passes gradients straight to z; indices are int64 with the channel dimension removed (with
     ``heads`` > 1, a last dimension of ``heads`` in its place). The
-    codebook is ``self.embeddings`` (an ``nn.Embedding``, kept float32 when the model is converted
+    codebook is ``self.embeddings`` (an ``nn.Embedding``: a :class:`CodebookEmbedding`, whose
+    ``reset_parameters`` draws codes as ``init`` does; kept float32 when the model is converted
     to fp16 or bf16, as are the running statistics), so its weights move by name
     (``embeddings.weight``) to and from the article's layer. Plain PyTorch for one step::
 
@@ -515,12 +539,7 @@ class VectorQuantizer(nn.Module):
 
         # float32 whatever torch.get_default_dtype() is: a model built under a 16-bit default would
         # otherwise get a 16-bit codebook and statistics (an fp16 count overflows at 65,504 rows).
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim, dtype=torch.float32)
-        if init == "uniform":
-            nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
-        else:
-            # k-means replaces this on the first batch; until then (and in eval) it is the article's init.
-            nn.init.xavier_normal_(self.embeddings.weight)
+        self.embeddings = CodebookEmbedding(num_embeddings, embedding_dim, init, dtype=torch.float32)
 
         k = num_embeddings
         # Running usage share of every code (an EMA of per-step assignment frequencies, started at 0 and
@@ -541,6 +560,29 @@ class VectorQuantizer(nn.Module):
             # they equal codebook * smoothed counts at every step (see _update_statistics), so codes set
             # from outside (re-initialised, loaded, restarted) never disagree with the averages.
             self.register_buffer("ema_count", torch.ones(k, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layer as built: codes drawn afresh by ``init`` (k-means again on the next training batches
+        for "kmeans"), usage statistics from zero (EMA counts 1), nothing pooled. For a model built on
+        the meta device: after ``to_empty`` its codes and statistics hold whatever memory held until
+        this runs (``model.apply(lambda m: getattr(m, "reset_parameters", lambda: None)())``)."""
+        if self._codebook_parametrized():
+            self._refuse_rewrite("reset_parameters")
+        _init_codes(self.embeddings.weight, self.init)
+        for name in ("usage", "usage_steps", "restart_grace", "batch_counts"):
+            getattr(self, name).zero_()
+        if self.ema:
+            self.ema_count.fill_(1.0)
+        self.initialized.fill_(self.init != "kmeans")
+        self._needs_init = self.init == "kmeans"
+        self._kmeans_pool = []
+        self._kmeans_pool_batches = 0
+
+    def __prepare_scriptable__(self) -> "VectorQuantizer":
+        # (torch.jit.script calls this first; its own error names a list attribute, not the way out.)
+        raise RuntimeError(f"{type(self).__name__} does not support TorchScript (torch.jit.script): use "
+                           "torch.compile, or torch.export of the layer in eval mode")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "VectorQuantizer":
         """``copy.deepcopy``, sharing ``process_group``: a group is a handle to live communicators, which
@@ -676,6 +718,11 @@ class VectorQuantizer(nn.Module):
             raise TypeError(f"the codebook (embeddings.weight) is {weight.dtype}; the layer keeps it float32 "
                             f"(or float64): call .float() on the layer, and cast models as a whole "
                             f"(model.half() keeps the codebook float32)")
+        if self.training and torch.jit.is_tracing():
+            # A trace records neither the step's no_grad sections nor its data-dependent upkeep: every
+            # call of the traced module would fail, or replay the wrong updates.
+            raise RuntimeError(f"torch.jit.trace of a {type(self).__name__} in training mode is not supported: "
+                               "trace it in eval mode (layer.eval()), or use torch.compile")
         cdim = self._checked_channel_dim(z, mask)
         if mask is not None and torch.is_grad_enabled():
             (mask,) = reference.saveable(mask)  # (the step's selections save it for their backward)
