@@ -345,7 +345,7 @@ def _value_run(kwargs: dict, batches: list[torch.Tensor], rank: int = 0, ddp: bo
     if seed_rows is not None:
         # k-means seeds are random rows, drawn on each rank from its own half: given the rows the ranks
         # drew, one process must reach the same centroids.
-        vq._random_rows = lambda x, count, prepare=None: seed_rows[:count]
+        vq._random_rows = lambda x, count, prepare=None, prefer=None: seed_rows[:count]
     # The codebook-loss gradient is averaged by DDP, the EMA statistics by the layer.
     step = nn.parallel.DistributedDataParallel(vq, broadcast_buffers=False) if ddp and not vq.ema else vq
     opt = None if vq.ema else torch.optim.SGD(vq.parameters(), lr=0.5)
