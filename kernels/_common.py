@@ -241,7 +241,7 @@ _INTERPRETED = not isinstance(_row_sqnorm_kernel, JITFunction)
 
 def _sqnorm_blocks(d: int) -> tuple[int, int]:
     """``(BLOCK_D, BLOCK_K)`` of ``_row_sqnorm_kernel`` for codes of ``d`` columns."""
-    block_d = min(128, max(16, next_power_of_2(d)))
+    block_d = row_block_d(d)
     return block_d, 16 if interpreting() else max(1, 4096 // block_d)
 
 

@@ -96,7 +96,8 @@ def _restart_codes_kernel(dead_ptr, dead_per_block_ptr, seeds_ptr, weight_ptr, u
     pid = tl.program_id(0)
     blocks = tl.arange(0, NUM_BLOCKS_P2)
     before = tl.sum(tl.load(dead_per_block_ptr + blocks, mask=blocks < pid, other=0), axis=0)
-    # A restarted code starts with no measured usage and the uniform share 1/K as its credit.
+    # A restarted code starts with no measured usage and the uniform share 1/K, times the bias
+    # correction of this step, as its credit (see update_code_usage).
     fresh = (_usage_correction(tl.load(steps_ptr), log2_decay_hi, log2_decay_lo) / K).to(tl.float32)
     for c0 in range(0, CODES_PER_PROGRAM, BLOCK_CODES):
         offs = pid.to(tl.int64) * CODES_PER_PROGRAM + c0 + tl.arange(0, BLOCK_CODES)

@@ -145,16 +145,13 @@ def check_int(value: object, name: str, minimum: int | None = None) -> int:
     return number
 
 
-def check_number(value: object, name: str, minimum: float | None = None, positive: bool = False,
-                 below: float | None = None) -> float:
-    """``value`` as a finite Python float, ``>= minimum`` (``> 0`` if ``positive``, ``< below``)."""
+def check_number(value: object, name: str, minimum: float | None = None, below: float | None = None) -> float:
+    """``value`` as a finite Python float, ``>= minimum`` and ``< below`` (each where given)."""
     wanted = "a finite number"
     if minimum is not None:
         wanted += f" >= {minimum:g}"
-    if positive:
-        wanted += " > 0"
     if below is not None:
-        wanted += f" and < {below:g}" if minimum is not None or positive else f" < {below:g}"
+        wanted += f" and < {below:g}" if minimum is not None else f" < {below:g}"
     if torch.compiler.is_compiling() and not isinstance(value, (bool, str, bytes)):
         # torch.compile(dynamic=True) makes numbers symbolic, whose checks would break the graph (eager
         # calls check them).
@@ -169,7 +166,7 @@ def check_number(value: object, name: str, minimum: float | None = None, positiv
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be {wanted}, got {value!r}") from None
-    if (not math.isfinite(number) or (minimum is not None and number < minimum) or (positive and number <= 0)
+    if (not math.isfinite(number) or (minimum is not None and number < minimum)
             or (below is not None and number >= below)):
         raise ValueError(f"{name} must be {wanted}, got {number}")
     return number

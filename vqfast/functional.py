@@ -509,7 +509,7 @@ class _RotateToCodes(torch.autograd.Function):
 def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
     """Whether :func:`rotate_to_codes`'s backward runs the kernel (``kernels/rotation.py``): on the Triton
     backend, for 16- and 32-bit tensors, in plain backward passes. Under ``torch.compile`` the PyTorch
-    ops below are traced (and fused by the compiler); with ``create_graph=True`` they are recorded, so
+    ops of ``_RotateToCodes.backward`` are traced (and fused by the compiler); with ``create_graph=True`` they are recorded, so
     that the gradient can be differentiated again."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() == 0:
         return False

@@ -1181,8 +1181,9 @@ class VectorQuantizer(nn.Module):
         ``codes_used`` / ``fraction_used`` (codes whose running share is at least
         ``dead_code_threshold / K``, or 1 % of the uniform share when restarts are off),
         ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
-        ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards since the
-        statistics started: the first, or the one that ran k-means).
+        ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards that counted
+        a row since the statistics started, the first or the one that ran k-means: a batch whose rows
+        were all masked out or NaN does not count).
         Reading the numbers syncs the host, so call it for logging, not inside the training step.
         """
         k = self.num_embeddings

@@ -1,4 +1,5 @@
-"""Custom ops (``torch.ops.vqfast.*``) for the kernels used only by :class:`vqfast.VectorQuantizer`.
+"""Custom ops (``torch.ops.vqfast.*``) for the kernels of :class:`vqfast.VectorQuantizer`'s upkeep and of
+the soft-assignment entropies (the layer's and :func:`vqfast.soft_assignment_entropy`).
 
 Like :mod:`vqfast.ops`, each op has a fake implementation so that ``torch.compile`` traces through it
 without a graph break. Importing this module imports Triton; nothing runs at import time.

@@ -2,7 +2,7 @@
 
 This is the test oracle for the Triton kernels and the backend used for CPU tensors. Each op works on
 bounded blocks of rows, so the full N x K distance matrix is never held in memory (N = K = 65,536 runs
-on a laptop).
+on a laptop); under ``torch.compile`` the soft-assignment entropy is one block (see its docstring).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import struct
 import torch
 import torch.nn.functional as F
 
+from vqfast._checks import check_gather_inputs, check_search_inputs, check_usage_inputs
 from vqfast._library import vmap_by_loop
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
@@ -66,7 +67,6 @@ def nearest_code(
     ``(indices, distances)``: int64 shaped like ``z[..., 0]`` and float32 (``||z - c||^2`` computed
     directly).
     """
-    from vqfast._checks import check_search_inputs
 
     check_search_inputs(z, codebook, metric)
     if compute_dtype not in (torch.float32, torch.float64):
@@ -189,7 +189,7 @@ def _direct_argmin(rows64: torch.Tensor, codes64: torch.Tensor, scores: torch.Te
     r, k = candidates.nonzero(as_tuple=True)
     direct = torch.full(candidates.shape, math.inf, dtype=torch.float64, device=rows64.device)
     nan_at = torch.zeros(candidates.shape, dtype=torch.bool, device=rows64.device)
-    step = max(1, _BLOCK_ELEMENTS // max(codes64.shape[1], 1))
+    step = _row_chunk(codes64.shape[1])  # pairs per block, as rows per block of that many columns
     for start in range(0, r.shape[0], step):
         rr, kk = r[start : start + step], k[start : start + step]
         d = (rows64[rr] - codes64[kk]).pow(2).sum(1)
@@ -211,7 +211,6 @@ def _(z: torch.Tensor, codebook: torch.Tensor, metric: str,
 
 def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
-    from vqfast._checks import check_gather_inputs
 
     compiling = torch.compiler.is_compiling()
     check_gather_inputs(codebook, indices, check_range=not compiling)
@@ -257,7 +256,6 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
         counts = torch.bincount(indices.flatten(), minlength=num_codes)
         p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
     """
-    from vqfast._checks import check_usage_inputs
 
     compiling = torch.compiler.is_compiling()
     check_usage_inputs(indices, num_codes, check_range=not compiling)
