@@ -272,7 +272,10 @@ def soft_assignment_entropy(
     On the Triton backend the N x K matrix is never built: the kernels stream codebook tiles with an
     online softmax, and the backward recomputes each tile. ``z`` is (..., D). ``precision`` (Triton
     backend): "fp32" = fp32 products throughout; "tf32" = tf32 tensor-core products; "bf16" = z and
-    the codes rounded to bf16 for the logits, tf32 products for the gradients.
+    the codes rounded to bf16 for the logits, tf32 products for the gradients. The gradients are
+    float32-accurate relative to the scale of the terms, not to their own size: the batch entropy's
+    gradient, ``p * (g - (p * g).sum())``, cancels where assignments are near uniform or near one-hot,
+    so a gradient of 1e-15 there may be off by its own size (on every backend).
     """
     check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
     # The kernels scale by 2 / T in float32 (see _SMALLEST_TEMPERATURE).
@@ -352,7 +355,8 @@ class VectorQuantizer(nn.Module):
     ``forward(z)`` takes (B, C, H, W) (channels at dim 1; any input with 4 or more dims defaults to
     channels at dim 1), (B, N, C) or (N, C) (channels last), or any layout with ``channel_dim`` given,
     and returns ``(z_q, loss, indices)`` in the input's layout: z_q has the value of the nearest code
-    and passes gradients straight to z; indices are int64 with the channel dimension removed (with
+    and passes gradients straight to z (for the cosine metric, z_q is the unit code and its gradient
+    goes through z's l2-normalisation); indices are int64 with the channel dimension removed (with
     ``heads`` > 1, a last dimension of ``heads`` in its place). The
     codebook is ``self.embeddings`` (an ``nn.Embedding``: a :class:`CodebookEmbedding`, whose
     ``reset_parameters`` draws codes as ``init`` does; kept float32 when the model is converted
