@@ -1187,7 +1187,7 @@ class VectorQuantizer(nn.Module):
         ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
         ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards that counted
         a row since the statistics started, the first or the one that ran k-means: a batch whose rows
-        were all masked out or NaN does not count).
+        were all masked out or NaN does not count; a float32 count, exact up to 2**24 steps).
         Reading the numbers syncs the host, so call it for logging, not inside the training step.
         """
         k = self.num_embeddings
