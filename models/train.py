@@ -243,11 +243,17 @@ def _validate_vq_kwargs(cfg: TrainConfig) -> None:
                          "weight: give one of them")
     # Building one checks the values; the fork keeps the global random stream as it was.
     kwargs = {**cfg.vq_kwargs, **({} if cfg.beta is None else {"beta": cfg.beta})}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             VectorQuantizer(cfg.num_codes, cfg.code_dim, **kwargs)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"--vq-option: {exc}") from None
+    # An option without effect (decay= without ema=true) is a mistake on the command line: refused.
+    unused = [str(w.message).removeprefix("VectorQuantizer: ") for w in caught
+              if str(w.message).startswith("VectorQuantizer: ")]
+    if unused:
+        raise ValueError(f"--vq-option: {'; '.join(unused)}")
 
 
 @contextmanager

@@ -111,6 +111,10 @@ def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(cho
     (["vqvae", "--codebook-init", "xavier_normal", "--vq-option", "init=kmeans"], "--codebook-init"),
     # Two commitment weights: one of them would be dropped without a word.
     (["vqvae", "--beta", "0.3", "--vq-option", "beta=0.5"], "--beta 0.3 and --vq-option beta=0.5"),
+    # An option that does nothing without another (vector-quantize-pytorch's decay, without EMA).
+    (["vqvae", "--vq-option", "decay=0.8"], "--vq-option: decay=0.8 has no effect without ema=True"),
+    (["vqvae", "--vq-option", "kmeans_iters=3", "--vq-option", "entropy_temperature=0.5"],
+     "kmeans_iters=3 has no effect without init='kmeans'; entropy_temperature=0.5"),
     # The article's VQ step has no restarts: the preset that asks for them would be dropped unsaid.
     (["vqvae", "--vq-impl", "article", "--vq-preset", "vqfast"], "--vq-preset article"),
 ])
