@@ -581,6 +581,31 @@ def test_timed_rep_and_timing_cost():
         bench.Timing.of([])
 
 
+def test_bench_samples_falls_back_only_when_return_mode_is_refused():
+    """An older do_bench refuses return_mode="all" (an assertion before any run): the quantiles then; an
+    assertion raised by the timed function itself is an error, never a reason to time it again."""
+    def old_bench(fn, return_mode="mean", quantiles=None, **kwargs):
+        assert return_mode != "all"
+        fn()
+        return [1.0, 2.0, 3.0]
+
+    def new_bench(fn, return_mode="mean", **kwargs):
+        return [fn() or 2.0, 4.0]
+
+    assert bench._bench_samples(old_bench, lambda: None) == bench.Timing(2.0, None, 1.0, 3.0)
+    assert bench._bench_samples(new_bench, lambda: None).runs == 2
+
+    calls = []
+
+    def failing():  # (once: a second timing would pass and hide it)
+        calls.append(1)
+        if len(calls) == 1:
+            raise AssertionError("wrong result")
+
+    with pytest.raises(AssertionError, match="wrong result"):
+        bench._bench_samples(new_bench, failing)
+
+
 def test_a_point_whose_timing_would_not_fit_the_budget_is_skipped(monkeypatch):
     """Ten runs of a long call can take seconds: where they would not fit in what is left of the
     budget, the point is listed as skipped rather than the run running past its time."""

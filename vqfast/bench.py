@@ -983,9 +983,18 @@ def _error_status(exc: BaseException) -> str:
 def _bench_samples(bench: Callable[..., Any], fn: Callable[[], Any], **kwargs: Any) -> Timing:
     """``bench(fn, ..., return_mode="all")`` (a function of ``triton.testing``) as a :class:`Timing`; with a
     Triton whose ``bench`` does not return every run, its minimum, median and maximum (runs unknown)."""
+    ran = False
+
+    def run() -> Any:
+        nonlocal ran
+        ran = True
+        return fn()
+
     try:
-        times = bench(fn, return_mode="all", **kwargs)
-    except AssertionError:  # return_mode is asserted before anything runs
+        times = bench(run, return_mode="all", **kwargs)
+    except AssertionError:
+        if ran:  # raised by fn itself: not the refusal of return_mode, which comes before any run
+            raise
         low, mid, high = bench(fn, quantiles=[0.0, 0.5, 1.0], **kwargs)
         return Timing(float(mid), None, float(low), float(high))
     if isinstance(times, (int, float)):
