@@ -111,7 +111,8 @@ def nearest_code(
     fp32 at least: 16-bit inputs are then searched as fp32 unit vectors):
     an all-zero row or code stays zero, at 0.5 from every unit vector, so a zero code is chosen for
     rows whose cosine with every other code is below 0.5). Ties go to the lowest index; every index
-    is in [0, K) even for NaN/inf inputs (their distance is NaN or inf). ``precision`` for fp32 inputs
+    is in [0, K) even for NaN/inf inputs (their distance is NaN or inf; which code such a row gets
+    may differ between the backends). ``precision`` for fp32 inputs
     (and the fp32 unit vectors of 16-bit ones with the cosine metric) on the Triton backend (default
     ``torch.get_float32_matmul_precision()``): each mode searches with
     tf32 products and settles the rows in doubt in fp32, so the indices are those of an fp32 search;
