@@ -1446,7 +1446,7 @@ def _layer_steps(layer, inputs, frozen):
         z = base.clone().requires_grad_(True) if base.is_contiguous() else base.detach().requires_grad_(True)
         torch.manual_seed(10 + step)  # the restarts' random rows
         z_q, loss, indices = layer(z)
-        weights = torch.linspace(-1.0, 1.0, z_q.numel()).reshape(z_q.shape).to(z_q.dtype)
+        weights = torch.linspace(-1.0, 1.0, z_q.numel(), device=z_q.device).reshape(z_q.shape).to(z_q.dtype)
         ((z_q * weights).sum() + loss).backward()
         steps.append((z_q.detach(), z_q.stride(), loss.detach(), indices, z.grad, z.grad.stride()))
     state = {name: t.detach().clone() for name, t in layer.state_dict().items()}
@@ -1465,10 +1465,12 @@ def _layer_steps(layer, inputs, frozen):
     ((30, 4), None, {"ema": True}),
     ((5, 4, 3), 1, {"precision": "fp32"}),
 ])
-def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, shape, channel_dim, kwargs):
+def test_fused_layer_step_matches_the_generic_one(triton_backend, kernel_device, monkeypatch, shape, channel_dim,
+                                                 kwargs):
     # The eager l2 step on the kernels runs in one autograd node (_LayoutQuantize); the generic step
     # (quantize on the rows, then the layout's reshapes) must give the very same bits: outputs,
-    # gradients, codebook, statistics.
+    # gradients, codebook, statistics. (On a GPU in deterministic mode: the codebook gradient is
+    # otherwise summed by atomics, in no fixed order.)
     kwargs = dict(kwargs)
     frozen, transposed = kwargs.pop("frozen", False), kwargs.pop("transposed", False)
     dtype = kwargs.pop("dtype", torch.float32)
@@ -1478,13 +1480,13 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, s
                   for _ in range(3)]
     else:
         inputs = [torch.randn(*shape, generator=g) for _ in range(3)]
-    inputs = [x.to(dtype) for x in inputs]
+    inputs = [x.to(dtype).to(kernel_device) for x in inputs]
     # Far from the initial codes, so most codes stay unused and get restarted.
     inputs[0] = inputs[0] * 3.0
 
     def make():
         torch.manual_seed(0)
-        layer = VectorQuantizer(12, 4, channel_dim=channel_dim, **kwargs)
+        layer = VectorQuantizer(12, 4, channel_dim=channel_dim, **kwargs).to(kernel_device)
         if frozen:
             layer.embeddings.weight.requires_grad_(False)
         return layer
@@ -1497,11 +1499,16 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, monkeypatch, s
         fused_calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
-    fused = _layer_steps(make(), inputs, frozen)
-    assert fused_calls == [True] * 3
-    monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim, mask=None: None)
-    generic = _layer_steps(make(), inputs, frozen)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(kernel_device.type == "cuda" or previous)
+    try:
+        monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
+        fused = _layer_steps(make(), inputs, frozen)
+        assert fused_calls == [True] * 3
+        monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim, mask=None: None)
+        generic = _layer_steps(make(), inputs, frozen)
+    finally:
+        torch.use_deterministic_algorithms(previous)
     for got, want in zip(fused[0], generic[0]):
         for a, b in zip(got, want):
             if isinstance(a, torch.Tensor):
