@@ -14,6 +14,9 @@ else:
     # One configuration per kernel variant instead of compiling and timing every autotuning candidate for
     # each of the suite's many shapes; test_gpu.py checks the autotuned path on its own.
     os.environ.setdefault("VQFAST_AUTOTUNE", "0")
+    # Tests in deterministic mode reach cuBLAS (the torch backend's search on CUDA tensors), which refuses
+    # to run there without this (read when cuBLAS starts, so before any test).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 

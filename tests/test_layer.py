@@ -870,7 +870,9 @@ def test_a_code_at_the_threshold_is_kept_with_a_decay_near_1(backend, device):
     # threshold 1/3. float32 1 - d ** s (d = 1 - 1e-7) put it below on one backend, which re-seeded it.
     codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     g = torch.Generator().manual_seed(1)
-    first = torch.cat([torch.zeros(7, 2), torch.tensor([[10.0, 0.0]]).repeat(18, 1)]) + 0.01 * torch.randn(25, 2, generator=g)
+    # (The 7 rows at the origin exactly: code 2, restarted from a random row of this batch, then either
+    # duplicates code 0 and loses its ties, or sits near code 1, far from the second batch.)
+    first = torch.cat([torch.zeros(7, 2), torch.tensor([[10.0, 0.0]]).repeat(18, 1) + 0.01 * torch.randn(18, 2, generator=g)])
     second = 0.01 * torch.randn(8, 2, generator=g)
     vq = VectorQuantizer(3, 2, dead_code_threshold=1.0, usage_decay=1 - 1e-7).to(device)
     with torch.no_grad():
