@@ -149,6 +149,20 @@ def search_kernel(request, monkeypatch):
     assert nearest_tma.launches > before, "the TMA search never ran"
 
 
+@pytest.fixture
+def deterministic_on_cuda():
+    """Deterministic algorithms for the test on a GPU, where sums by atomics come in no fixed order: tests
+    that compare such sums bit for bit need the ordered kernels (nothing changes on the CPU)."""
+    if not HAS_CUDA:
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture(params=["torch", "triton"])
 def device(request, monkeypatch) -> torch.device:
     """Each backend in turn (VQFAST_BACKEND), with the device its tensors live on: the CPU for the

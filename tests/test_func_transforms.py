@@ -177,6 +177,7 @@ def frozen_rows_of(rows):
         return rows.clone()
 
 
+@pytest.mark.usefixtures("deterministic_on_cuda")  # (bit-exact sums by atomics on a GPU)
 def test_inference_mode_codebook_and_indices(device):
     """A codebook or indices made under torch.inference_mode serve a z that needs gradients, as in plain
     PyTorch (autograd cannot save inference tensors; the step saves copies of them)."""
@@ -232,6 +233,7 @@ def test_a_layer_step_on_inference_mode_rows_with_entropy_terms(device):
     assert vq.embeddings.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.usefixtures("deterministic_on_cuda")  # (bit-exact sums by atomics on a GPU)
 def test_an_inference_mode_mask_in_a_step_that_needs_gradients(device):
     # A padding mask made under inference mode (e.g. by a data pipeline): the steps save a copy of it.
     z, c = _data(device)

@@ -1390,6 +1390,7 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+@pytest.mark.usefixtures("deterministic_on_cuda")  # (bit-exact sums by atomics on a GPU)
 def test_launcher_plans_key_everything_they_depend_on(kernel_device, monkeypatch):
     # Each call on a fresh set of plans, then all of them again on the plans the others left: a key
     # that missed something a plan depends on would hand a call another problem's plan.

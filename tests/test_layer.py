@@ -367,6 +367,7 @@ def test_kmeans_pools_the_first_batches(backend, device):
         VectorQuantizer(3, 2, init="kmeans", kmeans_batches=0)
 
 
+@pytest.mark.usefixtures("deterministic_on_cuda")  # (bit-exact sums by atomics on a GPU)
 def test_kmeans_pool_travels_in_the_state_dict(backend, device):
     # A checkpoint taken while k-means pools batches: the loaded layer runs the same k-means.
     torch.manual_seed(10)
