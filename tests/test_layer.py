@@ -1468,6 +1468,7 @@ def _layer_steps(layer, inputs, frozen):
     ((30, 4), None, {"ema": True}),
     ((5, 4, 3), 1, {"precision": "fp32"}),
 ])
+@pytest.mark.usefixtures("deterministic_on_cuda")
 def test_fused_layer_step_matches_the_generic_one(triton_backend, kernel_device, monkeypatch, shape, channel_dim,
                                                  kwargs):
     # The eager l2 step on the kernels runs in one autograd node (_LayoutQuantize); the generic step
@@ -1502,16 +1503,11 @@ def test_fused_layer_step_matches_the_generic_one(triton_backend, kernel_device,
         fused_calls.append(out is not None)
         return out
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(kernel_device.type == "cuda" or previous)
-    try:
-        monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
-        fused = _layer_steps(make(), inputs, frozen)
-        assert fused_calls == [True] * 3
-        monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim, mask=None: None)
-        generic = _layer_steps(make(), inputs, frozen)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setattr(VectorQuantizer, "_fused_step", counting)
+    fused = _layer_steps(make(), inputs, frozen)
+    assert fused_calls == [True] * 3
+    monkeypatch.setattr(VectorQuantizer, "_fused_step", lambda self, z, cdim, mask=None: None)
+    generic = _layer_steps(make(), inputs, frozen)
     for got, want in zip(fused[0], generic[0]):
         for a, b in zip(got, want):
             if isinstance(a, torch.Tensor):
