@@ -2077,12 +2077,11 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
 
 def evaluate_main(args: argparse.Namespace) -> int:
     """Run ``vqfast evaluate`` with parsed ``args``; prints a summary, returns the exit status."""
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0":
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         # Launched by torchrun: evaluation runs in one process, and every rank would score the same
         # images and write the same files. Rank 0 does it (and says so).
-        return 0
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+            return 0
         print("evaluate runs in one process: rank 0 scores the images, the other ranks exit", file=sys.stderr)
     try:
         summary = evaluate(args.run, data=args.data, split=args.split, ood=args.ood, data_root=args.data_root,
