@@ -89,7 +89,8 @@ _PIXELS = 3 * 32 * 32
 
 @dataclass
 class TrainConfig:
-    """Every option of a training run (the command line maps one-to-one onto these fields)."""
+    """Every option of a training run (the command line maps one-to-one onto these fields; ``--eval-limit
+    0`` is ``eval_limit=None``)."""
 
     model: str = "vqvae"
     epochs: int | None = None  # None: the article's count for the model (ARTICLE_EPOCHS)
@@ -121,7 +122,7 @@ class TrainConfig:
     progress: bool = True
     eval_data: str | None = None  # end-of-run evaluation source (None: the test split of ``data``)
     eval_limit: int | None = 2000  # test images for the end-of-run evaluation (None: all)
-    grid_images: int = 16
+    grid_images: int = 16  # images in the end-of-run reconstruction grid
 
     def resolved_epochs(self) -> int:
         """The number of epochs to train to."""
@@ -209,8 +210,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--workers must be >= 0, got {cfg.num_workers}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
-    if cfg.grid_images < 0:
-        raise ValueError(f"grid_images must be >= 0, got {cfg.grid_images}")
+    if cfg.grid_images < 1:
+        raise ValueError(f"--grid-images must be >= 1, got {cfg.grid_images}")
     resolve_device(cfg.device)
     if cfg.vq_kwargs:
         _validate_vq_kwargs(cfg)
@@ -857,7 +858,7 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
     # did not download must not start downloading (it could then train on other images).
     # deterministic, amp and the end-of-run evaluation too: a resumed run continues as it started
     # unless told otherwise.
-    for name in ("data_root", "download", "deterministic", "amp", "eval_data", "eval_limit"):
+    for name in ("data_root", "download", "deterministic", "amp", "eval_data", "eval_limit", "grid_images"):
         if not was_given(name):
             setattr(cfg, name, getattr(saved_cfg, name))
     if given_eval_data is not None:
@@ -1774,8 +1775,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
              worst: int = 16, progress: bool = True) -> dict[str, Any]:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
 
-    ``data`` None: the run's own end-of-run test source (its ``eval_data``, else its training data), or
-    with ``split="train"`` its training data; ``data_root`` None: the run's.
+    ``data`` None: the run's own end-of-run test source (its ``eval_data``, else the test split of its
+    ``data``), or with ``split="train"`` its training data; ``data_root`` None: the run's.
     The anomaly score of an image is its summed squared reconstruction error. Writes
     ``eval-<source>-<split>.csv`` (one row per image; for a folder source with the image's file) and
     ``eval-<source>-<split>.json`` (the summary) and a grid of the ``worst`` reconstructed images (with
@@ -1977,6 +1978,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
            "and says so)")
     a("--eval-limit", type=int, default=None,
       help="test images for the end-of-run evaluation (default 2000; 0: all; with --resume, the run's)")
+    a("--grid-images", type=int, default=None,
+      help="images in the end-of-run reconstruction grid (default 16; with --resume, the run's)")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -386,9 +387,11 @@ def test_cli_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.Mon
                               "--code-dim", "8", "--beta", "0.25", "--codebook-init", "layer",
                               "--vq-option", "init=uniform", "--backend", "torch", "--device", "cpu",
                               "--data", "sample", "--limit", "32", "--out", str(tmp_path), "--no-progress",
-                              "--eval-limit", "16", "--seed", "3"])
+                              "--eval-limit", "16", "--seed", "3", "--grid-images", "4"])
     cfg = train_mod._config_from_args(args)
-    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("vqvae", 1, 16, 2e-3)
+    # Every field has its option (the parser's destinations are the fields' names).
+    assert {f.name for f in dataclasses.fields(train_mod.TrainConfig)} <= set(vars(args))
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.grid_images) == ("vqvae", 1, 16, 2e-3, 4)
     assert (cfg.num_codes, cfg.code_dim, cfg.beta, cfg.codebook_init) == (32, 8, 0.25, None)
     assert cfg.vq_kwargs == {"init": "uniform"} and cfg.backend == "torch" and cfg.seed == 3
     seen = []

@@ -91,6 +91,7 @@ def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(cho
     (["vqvae", "--beta", "inf"], "--beta"),
     (["vqvae", "--vq-impl", "article", "--beta", "inf"], "--beta"),
     (["vqvae", "--eval-limit", "-5"], "--eval-limit"),
+    (["vqvae", "--grid-images", "0"], "--grid-images"),
     (["vqvae", "--epochs", "-1"], "--epochs"),
     (["vqvae", "--batch-size", "0"], "--batch-size"),
     (["vqvae", "--lr", "0"], "--lr"),
