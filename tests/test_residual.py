@@ -136,6 +136,9 @@ def test_quantizer_dropout_draws_the_stages_from_the_layers_own_generator():
             c(bad)
     with pytest.raises(ValueError, match="mask"):
         c(z, mask=torch.ones(3, dtype=torch.bool))
+    # ... nor one refused later, by a stage (the meta device stands in for a GPU the layer is not on).
+    with pytest.raises(ValueError, match="same device"):
+        c(z.to("meta"))
     assert used_stages(c) == drawn
 
 

@@ -77,19 +77,20 @@ class ResidualVectorQuantizer(nn.Module):
             warnings.warn(f"ResidualVectorQuantizer: dropout_seed={seed} has no effect without a positive "
                           "quantizer_dropout", UserWarning, stacklevel=2)
 
-    def _stages_for(self, num_quantizers: int | None) -> int:
+    def _stages_for(self, num_quantizers: int | None) -> tuple[int, Tensor | None]:
+        """The number of stages to run, and the dropout generator's state before a draw (None: no draw)."""
         if num_quantizers is not None:
             n = check_int(num_quantizers, "num_quantizers", minimum=1)
             if n > self.num_quantizers:
                 raise ValueError(f"num_quantizers must be at most the layer's {self.num_quantizers}, got {n}")
-            return n
+            return n, None
         if self.training and self.quantizer_dropout > 0.0:
+            before = self._dropout_generator.get_state()
             # A CPU generator: no device sync (and a CPU draw under torch.set_default_device("cuda") too).
             draw = torch.rand((), generator=self._dropout_generator, device="cpu")
             n = torch.randint(1, self.num_quantizers + 1, (), generator=self._dropout_generator, device="cpu")
-            if float(draw) < self.quantizer_dropout:
-                return int(n)
-        return self.num_quantizers
+            return (int(n) if float(draw) < self.quantizer_dropout else self.num_quantizers), before
+        return self.num_quantizers, None
 
     def forward(self, z: Tensor, num_quantizers: int | None = None, mask: Tensor | None = None,
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,12 +98,21 @@ class ResidualVectorQuantizer(nn.Module):
         ``mask`` (bool, shaped like z without its channel dimension, False for padding) goes to every
         stage: rows left out get ``z_q = z`` and index -1 at every stage, and take no part in the losses
         or the statistics."""
-        # The input's checks before the dropout draw: a call that fails must not use one up (the draws
-        # of a resumed run, and of the other ranks, would no longer match).
         self.quantizers[0]._checked_channel_dim(z, mask)
         if mask is not None and torch.is_grad_enabled():
             (mask,) = reference.saveable(mask)  # (the selections below save it for their backward)
-        stages = self._stages_for(num_quantizers)
+        stages, before_draw = self._stages_for(num_quantizers)
+        if before_draw is None:
+            return self._quantize_stages(z, stages, mask)
+        try:
+            return self._quantize_stages(z, stages, mask)
+        except BaseException:
+            # A call that fails (on a device mismatch, say) uses up no draw: the draws of a resumed run,
+            # and of the other ranks, would no longer match.
+            self._dropout_generator.set_state(before_draw)
+            raise
+
+    def _quantize_stages(self, z: Tensor, stages: int, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         # In fp32 at least: 16-bit residuals and sums would round away what later stages refine.
         residual = z.to(torch.promote_types(z.dtype, torch.float32)) if z.is_floating_point() else z
         codes_sum = loss = None
