@@ -1058,18 +1058,32 @@ def _check_model_options(cfg: TrainConfig, given: Collection[str] | None) -> Non
                          "article replaces (the article's VQ step takes --beta only); use --vq-preset article")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: the host's (MemoryError, the CPU allocator's RuntimeError) or
+    the GPU's (torch.OutOfMemoryError, a RuntimeError)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _built_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The run's model on ``device``; running out of memory for it is the options' fault, said as such."""
     try:
         return build_model(cfg.model, **_model_kwargs(cfg)).to(device)
-    except (MemoryError, RuntimeError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+    except (MemoryError, RuntimeError) as exc:
         text = str(exc)
-        if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
+        if not _out_of_memory(exc) and "alloc" not in text:
             raise
         sizes = (f"--codes {cfg.num_codes}, --code-dim {cfg.code_dim}" if cfg.model == "vqvae"
                  else f"--latent-dim {cfg.latent_dim}")
         raise ValueError(f"the {cfg.model} model does not fit in memory on {device} with {sizes} "
-                         f"({text.splitlines()[0] if text else type(exc).__name__})") from None
+                         f"({_first_line(exc)})") from None
 
 
 def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
@@ -1366,7 +1380,12 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                     # In the run's last batch a Ctrl-C no longer stops it short: say so if one comes.
                     stop.finishing = epoch + 1 == epochs and done + 1 == steps_per_epoch
                     x = x.to(device, non_blocking=True)
-                    terms = train_step(train_module, x, optimizer, cfg.amp)
+                    try:
+                        terms = train_step(train_module, x, optimizer, cfg.amp)
+                    except (MemoryError, RuntimeError) as exc:
+                        if not _out_of_memory(exc):
+                            raise
+                        raise ValueError(_training_out_of_memory(cfg, device, exc)) from None
                     last_batch = x
                     n = x.shape[0]
                     timed_images += n
@@ -1567,6 +1586,15 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in [*kept, _json(test)]), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _training_out_of_memory(cfg: TrainConfig, device: torch.device, exc: BaseException) -> str:
+    """The error line for a training step that ran out of memory: the batch size is the option to change."""
+    article = (" (--vq-impl article's search holds a batch x 16 positions x codes x code-dim tensor)"
+               if cfg.model == "vqvae" and cfg.vq_impl == "article" else "")
+    return (f"out of memory in a training step with --batch-size {cfg.batch_size} on {device}{article}: "
+            f"{_first_line(exc)}. Train with a smaller --batch-size (a resumed run keeps its batch size: start it "
+            f"anew with --overwrite, or in another --out)")
 
 
 def _eval_batch_size(cfg: TrainConfig) -> int:
@@ -1833,8 +1861,17 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         ood_ds, ood_info = (None, None) if ood is None else _load_eval_source(ood, split, data_root, download, limit,
                                                                           cfg.seed)
 
-        res = evaluate_model(model, ds, dev, batch_size=batch_size, amp=amp, progress=progress,
-                             desc=f"{info['data']} {info['split']}")
+        def score(dataset: Dataset, desc: str) -> dict[str, Any]:
+            try:
+                return evaluate_model(model, dataset, dev, batch_size=batch_size, amp=amp, progress=progress,
+                                      desc=desc)
+            except (MemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                raise ValueError(f"out of memory scoring batches of {batch_size} images on {dev}: "
+                                 f"{_first_line(exc)}. Give a smaller --batch-size") from None
+
+        res = score(ds, f"{info['data']} {info['split']}")
         name, split_label = describe_source(info["data"]), info["split"]
         notes = list(info["notes"])
         summary: dict[str, Any] = {"run": str(run_dir), "model": cfg.model, "epochs_trained": int(state["epoch"]),
@@ -1856,8 +1893,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
 
         ood_res = None
         if ood_ds is not None and ood_info is not None:
-            ood_res = evaluate_model(model, ood_ds, dev, batch_size=batch_size, amp=amp, progress=progress,
-                                     desc=f"{ood_info['data']} {ood_info['split']}")
+            ood_res = score(ood_ds, f"{ood_info['data']} {ood_info['split']}")
             notes += ood_info["notes"]
             summary["ood"] = {"data": ood_info["data"], "split": ood_info["split"], "images": ood_res["n"],
                               "mse": ood_res["mse"], "psnr": ood_res["psnr"], **_score_summary(ood_res["sse"]),

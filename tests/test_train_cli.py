@@ -1083,3 +1083,31 @@ def test_deterministic_trains_in_torchs_deterministic_mode_and_restores_it(tmp_p
                                   "--epochs", "1", "--eval-limit", "16", "--device", "cpu", "--no-progress",
                                   "--out", str(tmp_path / "plain"))) == 0
     assert seen == [(False, None)]
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 62.50 GiB. GPU 0 has a total capacity of 79 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 67108864000 bytes."),
+])
+def test_running_out_of_memory_names_the_batch_size(error: RuntimeError, ae_run: Path, tmp_path: Path, monkeypatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # A training step or an evaluation batch too large for the device: an error line that names the
+    # option to change, not a traceback from deep inside the model.
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_mod, "train_step", out_of_memory)
+    argv = ["ae", "--data", "sample", "--limit", "32", "--batch-size", "16", "--latent-dim", "16", "--epochs", "1",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")]
+    assert train_main(_train_args(*argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory in a training step with --batch-size 16 on cpu: ")
+    assert str(error).splitlines()[0] in err and "smaller --batch-size" in err and "Traceback" not in err
+    monkeypatch.setattr(train_mod, "evaluate_model", out_of_memory)
+    assert evaluate_main(_evaluate_args(str(ae_run), "--batch-size", "8", "--device", "cpu", "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory scoring batches of 8 images on cpu: ") and "--batch-size" in err
+    # Other errors are not taken for a lack of memory.
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_main(_train_args(*argv[:-1], str(tmp_path / "other")))
