@@ -837,7 +837,10 @@ def _merge_resumed(cfg: TrainConfig, saved: Mapping[str, Any], given: Collection
             # The run's None meant its preset's beta.
             old = vq_layer_options(saved_cfg.vq_preset, saved_cfg.beta, saved_cfg.vq_kwargs)["beta"]
         elif name == "codebook_init":
-            new, old = new or "layer", old or "layer"  # as the command line spells None
+            # As the command line spells None; a --vq-option init= implies it (runs that recorded
+            # "xavier_normal" beside one started from the layer's own init all the same).
+            new = "layer" if new is None or "init" in cfg.vq_kwargs else new
+            old = "layer" if old is None or "init" in saved_cfg.vq_kwargs else old
         if name == "data" and new != old and was_given(name) and _is_local(new) and _is_local(old):
             # The run's files at a new place: allowed, and checked against what the run recorded of
             # them once they are loaded (see _check_run_data).
@@ -1099,6 +1102,8 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     _check_model_options(cfg, given)
+    if "init" in cfg.vq_kwargs:
+        cfg.codebook_init = None  # what the model does with it: the layer's own init (recorded as such)
     run_dir = Path(cfg.out) if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
     ckpt_path = run_dir / CHECKPOINT_NAME
 

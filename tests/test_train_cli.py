@@ -695,8 +695,14 @@ def test_a_run_that_ends_before_kmeans_has_pooled_its_batches_says_so(tmp_path: 
     assert "k-means pools 5 training batches" in capsys.readouterr().out
     assert "k-means pools" in (out / "train.log").read_text()
     assert not bool(load_checkpoint(out / "checkpoint.pt")["model_state"]["quantizer.initialized"])
+    # --vq-option init= implies --codebook-init layer: so the run records it, and a resume checks it.
+    assert json.loads((out / "config.json").read_text())["codebook_init"] is None
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--out", str(out), "--no-progress",
+                                  "--codebook-init", "xavier_normal")) == 2
+    assert "--codebook-init 'xavier_normal' (the run has 'layer')" in capsys.readouterr().err
     # Resumed for 2 more epochs (4 batches), the pool of 2 completes: no note.
-    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--out", str(out), "--no-progress")) == 0
+    assert train_main(_train_args("vqvae", "--resume", "--epochs", "3", "--out", str(out), "--no-progress",
+                                  "--codebook-init", "layer")) == 0
     assert "k-means pools" not in capsys.readouterr().out
     assert bool(load_checkpoint(out / "checkpoint.pt")["model_state"]["quantizer.initialized"])
 
