@@ -219,8 +219,13 @@ def _validate(cfg: TrainConfig) -> None:
 
 # Set through their own options (--codes, --code-dim), not expressible on the command line, or not the
 # article's model (heads: its encoder gives one code's channels per position; channel_dim: it feeds
-# (B, C, H, W)).
-_VQ_OPTIONS_EXCLUDED = ("self", "num_embeddings", "embedding_dim", "process_group", "heads", "channel_dim")
+# (B, C, H, W)), with why, for the message.
+_VQ_OPTIONS_EXCLUDED = {
+    "self": "", "num_embeddings": "set by --codes", "embedding_dim": "set by --code-dim",
+    "process_group": "not a command-line value (torchrun runs use the default group)",
+    "heads": "the VQ-VAE's encoder gives one code's channels per position",
+    "channel_dim": "the VQ-VAE feeds (B, C, H, W)",
+}
 
 
 def _validate_vq_kwargs(cfg: TrainConfig) -> None:
@@ -234,6 +239,10 @@ def _validate_vq_kwargs(cfg: TrainConfig) -> None:
     from vqfast import VectorQuantizer
 
     known = [n for n in inspect.signature(VectorQuantizer.__init__).parameters if n not in _VQ_OPTIONS_EXCLUDED]
+    excluded = sorted(set(cfg.vq_kwargs) & set(_VQ_OPTIONS_EXCLUDED) - {"self"})
+    if excluded:
+        raise ValueError("--vq-option: " + "; ".join(f"{name} is a VectorQuantizer option the training tool does not "
+                                                      f"take ({_VQ_OPTIONS_EXCLUDED[name]})" for name in excluded))
     unknown = sorted(set(cfg.vq_kwargs) - set(known))
     if unknown:
         raise ValueError(f"--vq-option: unknown VectorQuantizer option(s) {', '.join(map(repr, unknown))}; "
@@ -1797,7 +1806,9 @@ def _load_eval_source(source: str, split: str, data_root: str, download: bool,
         info["notes"].append(f"scored the images the run trained on: the {trained_on:,} its --limit kept"
                              + ("" if len(ds) == trained_on else f", {len(ds):,} of them"))
     elif not has_split:
-        info["notes"].append(f"{source} has no separate train/test split: scored all its images")
+        scored = ("all its images" if limit is None or len(ds) < limit
+                  else f"{len(ds):,} of its images (--limit {limit})")
+        info["notes"].append(f"{source} has no separate train/test split: scored {scored}")
     return ds, info
 
 

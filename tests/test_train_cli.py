@@ -75,7 +75,10 @@ def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(cho
 
 @pytest.mark.parametrize("argv, option", [
     (["vqvae", "--vq-option", "foo=1"], "--vq-option"),
-    (["vqvae", "--vq-option", "heads=2"], "unknown VectorQuantizer option"),
+    (["vqvae", "--vq-option", "heads=2"], "heads is a VectorQuantizer option the training tool does not take "
+                                           "(the VQ-VAE's encoder gives one code's channels per position)"),
+    (["vqvae", "--vq-option", "embedding_dim=4"], "embedding_dim is a VectorQuantizer option the training tool "
+                                                  "does not take (set by --code-dim)"),
     (["vqvae", "--vq-option", "init=bogus"], "--vq-option"),
     (["ae", "--vq-option", "init=uniform"], "--vq-option"),
     (["vae", "--vq-option", "ema=true"], "--vq-option"),
@@ -108,7 +111,7 @@ def test_the_triton_backend_on_the_cpu_is_refused_before_anything_is_written(cho
     (["vae", "--vq-impl", "article"], "--vq-impl"),
     (["vqvae", "--latent-dim", "7"], "--latent-dim"),
     # The model feeds (B, C, H, W): another channel dimension could only fail at the first step.
-    (["vqvae", "--vq-option", "channel_dim=2"], "unknown VectorQuantizer option"),
+    (["vqvae", "--vq-option", "channel_dim=2"], "channel_dim is a VectorQuantizer option"),
     (["vqvae", "--codebook-init", "xavier_normal", "--vq-option", "init=kmeans"], "--codebook-init"),
     # Two commitment weights: one of them would be dropped without a word.
     (["vqvae", "--beta", "0.3", "--vq-option", "beta=0.5"], "--beta 0.3 and --vq-option beta=0.5"),
@@ -896,8 +899,12 @@ def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path)
     data = _write_npz(tmp_path / "mine.npz", 12, seed=2)
     summary = evaluate(ae_run, data=str(data), out_dir=tmp_path / "e", worst=0, progress=False)
     assert summary["split"] == "all" and summary["images"] == 12
-    assert any("no separate train/test split" in note for note in summary["notes"])
+    assert any("no separate train/test split: scored all its images" in note for note in summary["notes"])
     assert (tmp_path / "e" / "eval-mine-all.json").is_file()
+    # Cut by a limit, the note says how many it scored.
+    summary = evaluate(ae_run, data=str(data), limit=5, out_dir=tmp_path / "e", worst=0, progress=False)
+    assert summary["images"] == 5
+    assert any("split: scored 5 of its images (--limit 5)" in note for note in summary["notes"]), summary["notes"]
 
 
 def test_evaluate_of_a_folder_names_each_images_file(ae_run: Path, tmp_path: Path) -> None:
