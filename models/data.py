@@ -517,13 +517,25 @@ def checked_source(source: str | Path, option: str | None = None) -> str:
     return src
 
 
-def image_files(ds: Dataset) -> list[str] | None:
-    """The file each image of ``ds`` was read from (its path inside the folder), for a folder source
-    (``ImageFolder``, possibly cut by ``Subset``); None for sources that are not files (arrays)."""
+def _unwrapped(ds: Dataset) -> tuple[Dataset, list[int] | range]:
+    """The dataset under ``ds``'s ``Subset``s, and the index there of each image of ``ds``."""
     index: list[int] | range = range(len(ds))
     while isinstance(ds, Subset):
         index = [int(ds.indices[i]) for i in index]
         ds = ds.dataset
+    return ds, index
+
+
+def source_indices(ds: Dataset) -> list[int]:
+    """The index of each image of ``ds`` in the set it was cut from by ``Subset`` (``limit`` of a folder,
+    :func:`evenly_spaced`): an .npz's row, a folder's position in its sorted file list."""
+    return list(_unwrapped(ds)[1])
+
+
+def image_files(ds: Dataset) -> list[str] | None:
+    """The file each image of ``ds`` was read from (its path inside the folder), for a folder source
+    (``ImageFolder``, possibly cut by ``Subset``); None for sources that are not files (arrays)."""
+    ds, index = _unwrapped(ds)
     samples = getattr(ds, "samples", None)
     root = getattr(ds, "root", None)
     if samples is None or root is None:

@@ -56,7 +56,8 @@ from vqfast.layer import _bincount
 from vqfast.models.autoencoders import (MODEL_NAMES, VQ_IMPLS, VQ_PRESETS, build_model, count_parameters,
                                        vq_layer_options)
 from vqfast.models.data import (BUILTIN_SOURCES, DatasetUnavailable, checked_source, dataset_label, describe_source,
-                                evenly_spaced, has_test_split, image_files, load_dataset, source_of)
+                                evenly_spaced, has_test_split, image_files, load_dataset, source_indices,
+                                source_of)
 
 __all__ = [
     "TrainConfig",
@@ -1745,9 +1746,10 @@ def _score_summary(sse: torch.Tensor) -> dict[str, float]:
 
 
 def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], threshold: float | None,
-                      files: Sequence[str] | None = None) -> None:
-    """One row per image: its index in the scored set (and, for a folder, its file inside the folder),
-    label, score (summed squared error), MSE, PSNR, and whether it is above ``threshold``."""
+                      indices: Sequence[int], files: Sequence[str] | None = None) -> None:
+    """One row per image: its index in the source (``indices``: an .npz's row, also where a limit picked
+    images from it; for a folder, also its file inside the folder), label, score (summed squared error),
+    MSE, PSNR, and whether it is above ``threshold``."""
     header = ["source", "index", "label", "sse", "mse", "psnr"]
     header += ["anomalous"] if threshold is not None else []
     header += ["file"] if files is not None else []
@@ -1761,7 +1763,7 @@ def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], thresh
             writer.writerow(header)
             for i, (s, y) in enumerate(zip(result["sse"].tolist(), result["labels"].tolist())):
                 mse = s / _PIXELS
-                row = [source, i, y, f"{s:.6f}", f"{mse:.8f}", f"{_psnr(mse):.3f}"]
+                row = [source, indices[i], y, f"{s:.6f}", f"{mse:.8f}", f"{_psnr(mse):.3f}"]
                 row += [int(s > threshold)] if threshold is not None else []
                 row += [files[i]] if files is not None else []
                 writer.writerow(row)
@@ -1822,8 +1824,9 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     ``data`` None: the run's own end-of-run test source (its ``eval_data``, else the test split of its
     ``data``), or with ``split="train"`` its training data; ``data_root`` None: the run's.
     The anomaly score of an image is its summed squared reconstruction error. Writes
-    ``eval-<source>-<split>.csv`` (one row per image; for a folder source with the image's file) and
-    ``eval-<source>-<split>.json`` (the summary) and a grid of the ``worst`` reconstructed images (with
+    ``eval-<source>-<split>.csv`` (one row per image, with its index in the source, also where a limit
+    picked images from it; for a folder source with the image's file) and
+    ``eval-<source>-<split>.json`` (the summary; its ``worst`` lists [index in the source, score]) and a grid of the ``worst`` reconstructed images (with
     ``worst=0`` none, and an earlier grid there is removed) to ``out_dir`` (default: the run folder), named
     after the data actually scored: ``sample`` when CIFAR-10 was unavailable and the bundled sample was
     used, split ``all`` for a source without a train/test split (an ``.npz`` with only ``x``, a folder).
@@ -1905,7 +1908,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             counts, _, perplexity = code_usage(res["indices"].to(torch.int64), cfg.num_codes)
             summary.update(codes_used=int((counts > 0).sum()), perplexity=float(perplexity))
         worst_idx = torch.argsort(res["sse"], descending=True)[:worst]
-        summary["worst"] = [[int(i), float(res["sse"][i])] for i in worst_idx]
+        positions = source_indices(ds)
+        summary["worst"] = [[positions[int(i)], float(res["sse"][i])] for i in worst_idx]
 
         ood_res = None
         if ood_ds is not None and ood_info is not None:
@@ -1925,7 +1929,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             summary["notes"] = notes
 
         out.mkdir(parents=True, exist_ok=True)
-        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold, image_files(ds))
+        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold, positions, image_files(ds))
         worst_png = out / f"eval-{name}-{split_label}-worst.png"
         if worst > 0:
             xs = torch.stack([ds[int(i)][0] for i in worst_idx])
@@ -1940,7 +1944,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             # Named after both sets: its anomalous column uses this evaluation's threshold, and a name of
             # its own cannot replace the files of an evaluation of the other set.
             ood_file = f"eval-{name}-{split_label}-ood-{ood_name}-{ood_info['split']}"
-            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, image_files(ood_ds))
+            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, source_indices(ood_ds),
+                              image_files(ood_ds))
         (out / f"eval-{name}-{split_label}.json").write_text(_json(summary, indent=2) + "\n")
         return summary
 

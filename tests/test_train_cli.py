@@ -926,11 +926,14 @@ def test_evaluate_of_a_folder_names_each_images_file(ae_run: Path, tmp_path: Pat
     # --limit 4 keeps evenly spaced images of the class-sorted folder: both classes, not the first one only.
     files = [r["file"] for r in rows]
     assert len(set(files)) == 4 and {f.split(os.sep)[0] for f in files} == {"class0", "class1"}
-    # Each row's score is that file's: re-score one image alone.
+    # The index is the image's place in the folder's sorted file list, also when --limit picks from it.
+    listed = sorted(os.path.relpath(p, folder) for p in folder.rglob("*.png"))
+    assert [listed[int(r["index"])] for r in rows] == files and [int(r["index"]) for r in rows] != [0, 1, 2, 3]
+    # Each row's score is that file's: re-score one image alone (the worst, named by that index).
     worst_i, worst_sse = summary["worst"][0]
     alone = tmp_path / "alone" / "c"
     alone.mkdir(parents=True)
-    (folder / files[worst_i]).rename(alone / "x.png")
+    (folder / listed[worst_i]).rename(alone / "x.png")
     again = evaluate(ae_run, data=str(alone.parent), out_dir=tmp_path / "e2", worst=0, progress=False)
     assert again["score_max"] == pytest.approx(worst_sse, rel=1e-5)
     assert "notes" not in again or not any("replaced" in n for n in again["notes"])
