@@ -77,6 +77,7 @@ def test_channels_first_input_takes_a_mask_without_the_channel_dimension(device)
 # (The search still scores the padding: the interpreter warns about its overflows.)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("options", [dict(), dict(metric="cosine"), dict(ema=True)], ids=["l2", "cosine", "ema"])
+@pytest.mark.usefixtures("deterministic_on_cuda")  # (codebook gradients and EMA sums, compared bit for bit)
 def test_whatever_the_padding_holds_stays_out_of_loss_and_gradients(device, options):
     torch.manual_seed(2)
     z, mask = _sequences(device)
