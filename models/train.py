@@ -1745,7 +1745,7 @@ def _score_summary(sse: torch.Tensor) -> dict[str, float]:
             "score_p99": float(q[2]), "score_max": float(sse.max())}
 
 
-def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], threshold: float | None,
+def _write_scores_csv(path: Path, source: str, result: Mapping[str, Any], threshold: float | None, *,
                       indices: Sequence[int], files: Sequence[str] | None = None) -> None:
     """One row per image: its index in the source (``indices``: an .npz's row, also where a limit picked
     images from it; for a folder, also its file inside the folder), label, score (summed squared error),
@@ -1929,7 +1929,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             summary["notes"] = notes
 
         out.mkdir(parents=True, exist_ok=True)
-        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold, positions, image_files(ds))
+        _write_scores_csv(out / f"eval-{name}-{split_label}.csv", name, res, threshold, indices=positions,
+                          files=image_files(ds))
         worst_png = out / f"eval-{name}-{split_label}-worst.png"
         if worst > 0:
             xs = torch.stack([ds[int(i)][0] for i in worst_idx])
@@ -1944,8 +1945,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             # Named after both sets: its anomalous column uses this evaluation's threshold, and a name of
             # its own cannot replace the files of an evaluation of the other set.
             ood_file = f"eval-{name}-{split_label}-ood-{ood_name}-{ood_info['split']}"
-            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, source_indices(ood_ds),
-                              image_files(ood_ds))
+            _write_scores_csv(out / f"{ood_file}.csv", ood_name, ood_res, threshold, indices=source_indices(ood_ds),
+                              files=image_files(ood_ds))
         (out / f"eval-{name}-{split_label}.json").write_text(_json(summary, indent=2) + "\n")
         return summary
 

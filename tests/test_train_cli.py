@@ -631,7 +631,7 @@ def test_a_last_update_that_breaks_the_weights_is_caught_before_its_checkpoint(t
 def test_folder_names_that_are_not_utf8_are_fingerprinted_and_written(tmp_path: Path) -> None:
     from PIL import Image
 
-    from vqfast.models.data import image_files, load_dataset
+    from vqfast.models.data import image_files, load_dataset, source_indices
 
     folder = tmp_path / "folder"
     (folder / "a").mkdir(parents=True)
@@ -641,9 +641,10 @@ def test_folder_names_that_are_not_utf8_are_fingerprinted_and_written(tmp_path: 
     assert train_mod._data_fingerprint(ds)["images"] == 2
     result = {"sse": torch.tensor([1.0, 2.0]), "labels": torch.tensor([0, 0])}
     path = tmp_path / "scores.csv"
-    train_mod._write_scores_csv(path, "folder", result, 1.5, image_files(ds))
+    train_mod._write_scores_csv(path, "folder", result, 1.5, indices=source_indices(ds), files=image_files(ds))
     rows = path.read_bytes().splitlines()
     assert len(rows) == 3 and rows[1].endswith(b"a/caf\xe9.png") and rows[2].endswith(b"a/plain.png")
+    assert rows[1].startswith(b"folder,0,") and rows[2].startswith(b"folder,1,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "scores.csv"]  # no partial file left
 
 
