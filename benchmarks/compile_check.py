@@ -340,8 +340,10 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("rotation trick backward bf16 (32768, 256)",
          lambda: rotation.rotate_gradient(rows(32768, 256, bf16), rows(32768, 256, bf16), rows(32768, 256, bf16),
                                           1e-6)),
-        ("soft entropy fp32 tf32 (8192, 4096, 128)",
-         lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")),
+        # (--quick: the fixed tiles only; the full check compiles every candidate.)
+        ("soft entropy fp32 tf32 (8192, 4096, 128)" + (", VQFAST_AUTOTUNE=0" if quick else ""),
+         (fixed_config if quick else lambda launch: launch)(
+             lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32"))),
         ("codebook upkeep: counts, statistics, restarts with EMA (32768 rows, 65536 codes of 256)",
          lambda: _upkeep(usage, upkeep, rows, 32768, 65536, 256)),
     ]
