@@ -1144,15 +1144,17 @@ def _goal_records(fast: bool) -> list[bench.Record]:
                       note=bench.Agreement(65536, 2, 0, 0.0).note() if prec == "tf32" else ""))
     for prec in bench.PRECISIONS:
         # do_bench's figure below the back-to-back one: the goal is judged on the latter.
-        recs.append(R("headline", "headline", "vqfast", prec, *small, 0.015))
+        recs.append(R("headline", "headline", "vqfast", prec, *small, 0.015, check="pass"))
         recs.append(R("headline", "headline", bench.WALL_PROVIDER, prec, *small, 0.02 * f))
         recs.append(R("headline", "headline", bench.GRAPH_PROVIDER, prec, *small, 0.01))
-    recs.append(R("headline", "headline", "vqfast", "bf16", *few, 0.08 * f, tflops=bench.tflops(*few, 0.08 * f)))
+    recs.append(R("headline", "headline", "vqfast", "bf16", *few, 0.08 * f, tflops=bench.tflops(*few, 0.08 * f),
+                  check="pass"))
     recs.append(R("layer", "(128, 256, 16, 16)", "vqfast", "fp32", 32768, 65536, 256, 10.0 * f,
                   peak_mem_mb=500.0 * f * f))
     recs.append(R("layer", "(64, 128, 4, 4)", "vqfast", "fp32", 1024, 4096, 128, 0.9 * f, peak_mem_mb=10.0))
-    recs.append(R("gather", "fwd", "vqfast", "fp32", 1048576, 65536, 128, 1.0, gbps=2400.0 / f))
-    recs.append(R("usage", "bincount+entropy", "vqfast", "int64", 1048576, 65536, 0, 1.0, gbps=2200.0 / f))
+    recs.append(R("gather", "fwd", "vqfast", "fp32", 1048576, 65536, 128, 1.0, gbps=2400.0 / f, check="pass"))
+    recs.append(R("usage", "bincount+entropy", "vqfast", "int64", 1048576, 65536, 0, 1.0, gbps=2200.0 / f,
+                  check="pass"))
     return recs
 
 
@@ -1175,6 +1177,23 @@ def test_goals_table_says_what_is_met_and_by_how_much_the_rest_misses():
     empty = bench.goals_table([])
     assert "met |" not in empty.replace("not met |", "")
     assert "not measured in this run" in empty
+
+
+def test_a_fast_wrong_answer_meets_no_goal():
+    recs = _goal_records(fast=True)
+    for r in recs:
+        if r.provider == "vqfast" and r.part in ("headline", "gather", "usage") and (r.precision, r.n) != ("tf32", 65536):
+            r.check = "fail" if r.part != "usage" else ""
+    table = bench.goals_table(recs)
+    rows = {line.split("|")[1].strip()[:3]: line for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["1. "].rstrip().endswith("| check fail |")
+    assert all(f"{prec} check fail" in rows["3a."] for prec in bench.PRECISIONS)
+    assert rows["3b."].rstrip().endswith("| check fail |")
+    gather_row, usage_row = (line for line in table.splitlines() if line.startswith("| 5."))
+    assert gather_row.rstrip().endswith("| fwd fp32 N=1,048,576 K=65,536 D=128 check fail |")
+    assert usage_row.rstrip().endswith("| bincount+entropy int64 N=1,048,576 K=65,536 check missing |")
+    assert rows["2. "].rstrip().endswith("| met |")  # its own check passed
 
 
 def test_results_without_back_to_back_timing_are_judged_on_do_bench_and_say_so():
@@ -1489,3 +1508,42 @@ def test_gpu_run_script_tunes_the_benchmark_alone(tmp_path):
     assert settings("-m pytest") == {f"autotuning=0 cache={cache}"}
     assert settings("-m vqfast bench") == {f"autotuning=0 cache={cache}"}
     assert settings("-m vqfast train") == {f"autotuning=1 cache={cache}"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gather_and_usage_checks_pass_right_answers_and_fail_wrong_ones(dtype, monkeypatch):
+    import vqfast
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(37, 5, generator=g).to(dtype).requires_grad_()
+    indices = torch.randint(0, 37, (300,), generator=g)
+    grad = torch.randn(300, 5, generator=g).to(dtype)
+    for case in ("fwd", "fwd+bwd"):
+        check, err, problem = bench.gather_check(case, codebook, indices, grad)
+        assert (check, problem) == ("pass", "") and (err is None) is (case == "fwd")
+    assert codebook.grad is None
+    assert bench.usage_check(indices, 37)[0] == "pass"
+    real_gather, real_usage = vqfast.gather, vqfast.code_usage
+    # A gather that reads the next row; one whose backward adds into the wrong rows; counts one short.
+    monkeypatch.setattr(vqfast, "gather", lambda c, i, check_indices=True: real_gather(c, (i + 1) % 37))
+    assert bench.gather_check("fwd", codebook, indices, grad)[::2] == ("fail", "gathered rows differ from torch's")
+
+    class _WrongRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, c, i):
+            ctx.save_for_backward(i)
+            return c.detach()[i]
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (i,) = ctx.saved_tensors
+            return torch.zeros(37, 5, dtype=grad_out.dtype).index_add_(0, (i + 1) % 37, grad_out), None
+
+    monkeypatch.setattr(vqfast, "gather", lambda c, i, check_indices=True: _WrongRows.apply(c, i))
+    check, err, problem = bench.gather_check("fwd+bwd", codebook, indices, grad)
+    assert check == "fail" and err > 0.1 and "gradient" in problem
+    monkeypatch.setattr(vqfast, "code_usage", lambda i, k, check_indices=True: (
+        lambda counts, e, p: (counts - (torch.arange(k) == 3).long(), e, p))(*real_usage(i, k)))
+    assert bench.usage_check(indices, 37)[::2] == ("fail", "counts differ from torch.bincount's")
+    monkeypatch.setattr(vqfast, "code_usage", lambda i, k, check_indices=True: 1 / 0)
+    assert bench.usage_check(indices, 37)[0] == "error"

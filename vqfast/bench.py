@@ -626,6 +626,15 @@ def _absent(rec: Record | None) -> str:
     return f"not met ({rec.status})"
 
 
+def _check_verdicts(rec: Record | None, what: str = "") -> list[str]:
+    """No verdict (met) where ``rec``'s correctness check passed; otherwise what it says: a fast wrong
+    answer meets no goal."""
+    if rec is not None and rec.check == "pass":
+        return []
+    label = f"{what} " if what else ""
+    return [f"{label}check {rec.check if rec is not None and rec.check else 'missing'}"]
+
+
 def _combine(verdicts: Sequence[str]) -> str:
     misses = [v for v in verdicts if v != "met"]
     return "met" if not misses else "; ".join(misses)
@@ -657,8 +666,8 @@ def goals_table(records: Sequence[Record]) -> str:
     fused = _find(records, "headline", "vqfast", GOAL_LARGE, "bf16")
     bare = _find(records, "headline", "z@c.T (cuBLAS)", GOAL_LARGE, "bf16")
     if fused is not None and fused.ok and fused.tflops:
-        verdicts = [_shortfall(fused.tflops, 550.0)]
-        got = f"{fused.time_ms:.2f} ms, {fused.tflops:.0f} TFLOP/s"
+        verdicts = [_shortfall(fused.tflops, 550.0), *_check_verdicts(fused)]
+        got = f"{fused.time_ms:.2f} ms, {fused.tflops:.0f} TFLOP/s, check {fused.check or '?'}"
         if bare is not None and bare.ok:
             got += f"; z@c.T {bare.time_ms:.2f} ms"
             if fused.time_ms >= bare.time_ms:
@@ -720,6 +729,8 @@ def goals_table(records: Sequence[Record]) -> str:
         beside = ", ".join(f"{label} {x.time_ms * 1000:.0f}" for label, x in timed)
         small.append(f"{prec} {r.time_ms * 1000:.0f} µs" + (f" ({beside})" if beside else ""))
         worst = r.time_ms if worst is None else max(worst, r.time_ms)
+        # (The back-to-back timing has no check of its own: the do_bench row's searched the same problem.)
+        problems += _check_verdicts(_find(records, "headline", "vqfast", GOAL_SMALL, prec), prec)
     if judged == "vqfast" and worst is not None:
         problems.insert(0, "judged on do_bench's time (no back-to-back timing in these results)")
     if worst is None:
@@ -735,8 +746,9 @@ def goals_table(records: Sequence[Record]) -> str:
     peak = _ceiling(records, "bf16")
     if few is not None and few.ok and few.tflops and peak:
         rows.append(["3b. bf16 search 1,024 x 262,144 x 64", f"{few.tflops:.0f} TFLOP/s = "
-                     f"{few.tflops / peak:.0%} of the measured {peak:.0f}" + _tma_note(records, GOAL_FEW_ROWS, peak),
-                     ">= 50 % of the bf16 peak", _shortfall(few.tflops / peak, 0.5)])
+                     f"{few.tflops / peak:.0%} of the measured {peak:.0f}, check {few.check or '?'}"
+                     + _tma_note(records, GOAL_FEW_ROWS, peak),
+                     ">= 50 % of the bf16 peak", _combine([_shortfall(few.tflops / peak, 0.5), *_check_verdicts(few)])])
     else:
         rows.append(["3b. bf16 search 1,024 x 262,144 x 64", few.status if few else missing,
                      ">= 50 % of the bf16 peak", _absent(few) if few is None or not few.ok else "not measured (no bf16 ceiling)"])
@@ -786,9 +798,13 @@ def goals_table(records: Sequence[Record]) -> str:
             rows.append([label, missing if not measured else "no copy ceiling", ">= 70 % of the copy bandwidth",
                          verdict])
             continue
-        got = ", ".join(f"{r.case} {r.precision} {r.gbps:.0f} GB/s ({r.gbps / copy:.0%})" for r in measured)
+        def point(r: Record) -> str:
+            return f"{r.case} {r.precision} N={r.n:,} K={r.k:,}" + (f" D={r.d}" if r.d else "")
+
+        got = ", ".join(f"{point(r)} {r.gbps:.0f} GB/s ({r.gbps / copy:.0%}), check {r.check or '?'}" for r in measured)
         rows.append([label, got, f">= 70 % of the measured {copy:.0f} GB/s",
-                     _combine([_shortfall(r.gbps / copy, 0.7) for r in measured] + problems)])
+                     _combine([_shortfall(r.gbps / copy, 0.7) for r in measured]
+                              + [v for r in measured for v in _check_verdicts(r, point(r))] + problems)])
     return format_markdown_table(["goal", "measured", "target", "verdict"], rows)
 
 
@@ -1748,9 +1764,62 @@ def run_gather(ctx: Context) -> None:
                              note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "").take(m)
                 if rec.ok:
                     rec.gbps = gbps(nbytes, rec.time_ms)
+                    if provider == "vqfast":
+                        rec.check, rec.check_error, problem = gather_check(case, codebook, indices, grad)
+                        rec.note = "; ".join(x for x in (rec.note, problem) if x)
                 ctx.add(rec)
         codebook = indices = grad = None  # dropped; not del, which closures above would see as unbound
         ctx.meter.free()
+
+
+# Relative error (of the largest summed gradient) that a scatter-add with fp32 sums may show: fp32 sums
+# in another order, and for 16-bit codebooks their rounding to 16 bits (half an ulp: 2**-9 for bf16).
+GRADIENT_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-8}
+
+
+def gather_check(case: str, codebook: torch.Tensor, indices: torch.Tensor,
+                 grad: torch.Tensor) -> tuple[str, float | None, str]:
+    """Whether vqfast's gather gives torch's rows and, for "fwd+bwd", its scatter-add the codebook
+    gradient of fp32 sums (``zeros(K, D).index_add_(0, indices, grad.float())``): ``(check, relative
+    error of the gradient, what went wrong)``, the check "pass", "fail" or "error"."""
+    import vqfast
+
+    try:
+        with torch.no_grad():
+            if not torch.equal(vqfast.gather(codebook, indices, check_indices=False), F.embedding(indices, codebook)):
+                return "fail", None, "gathered rows differ from torch's"
+        if case == "fwd":
+            return "pass", None, ""
+        codebook.grad = None
+        vqfast.gather(codebook, indices, check_indices=False).backward(grad)
+        summed = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
+        summed.index_add_(0, indices, grad.float())
+        err = float((codebook.grad.float() - summed).abs().max() / summed.abs().max().clamp_min(1e-30))
+        ok = err <= GRADIENT_TOLERANCE[codebook.dtype]
+        return ("pass" if ok else "fail"), err, "" if ok else "codebook gradient differs from fp32 sums"
+    except Exception as exc:  # noqa: BLE001
+        return "error", None, _error_status(exc)
+    finally:
+        codebook.grad = None
+
+
+def usage_check(indices: torch.Tensor, num_codes: int) -> tuple[str, float | None, str]:
+    """Whether vqfast's code usage gives ``torch.bincount``'s counts and their entropy (computed in
+    float64) to fp32 rounding: ``(check, relative error of the entropy, what went wrong)``."""
+    import vqfast
+
+    try:
+        counts, entropy, _ = vqfast.code_usage(indices, num_codes, check_indices=False)
+        expected = torch.bincount(indices, minlength=num_codes)
+        if not torch.equal(counts, expected):
+            return "fail", None, "counts differ from torch.bincount's"
+        p = expected.double() / expected.sum().clamp_min(1)
+        exact = float(-torch.special.xlogy(p, p).sum())
+        err = abs(float(entropy) - exact) / max(exact, 1e-30)
+        ok = err <= 1e-5
+        return ("pass" if ok else "fail"), err, "" if ok else "entropy differs from the counts' (float64)"
+    except Exception as exc:  # noqa: BLE001
+        return "error", None, _error_status(exc)
 
 
 def _tuned_keys() -> list:
@@ -1790,6 +1859,9 @@ def run_usage(ctx: Context) -> None:
                          note=tiles_tuned_since(tuned_before) if provider == "vqfast" else "").take(m)
             if rec.ok:
                 rec.gbps = gbps(8 * n + 16 * k, rec.time_ms)
+                if provider == "vqfast":
+                    rec.check, rec.check_error, problem = usage_check(indices, k)
+                    rec.note = "; ".join(x for x in (rec.note, problem) if x)
             ctx.add(rec)
         indices = None  # dropped (not del: the closures above refer to it)
         ctx.meter.free()
