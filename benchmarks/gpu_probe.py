@@ -193,6 +193,10 @@ def small_searches() -> None:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_probe.py needs a CUDA GPU")
+    from vqfast.bench import collect_env
+
+    # The GPU, driver and versions first: the figures below mean something only with them.
+    log("environment", collect_env(torch.device("cuda"), "probe"))
     start = time.time()
     tf32_stages()
     log("t after search stages s", time.time() - start)

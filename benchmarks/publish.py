@@ -29,8 +29,19 @@ def headline_section(results: Path, readme: Path) -> str:
     link = Path(os.path.relpath(results, readme.parent)).as_posix()
     # The definition only where the table has the column (runs before it was measured do not).
     wall = any(r.part == "headline" and r.provider == bench.WALL_PROVIDER for r in records)
-    timing = ("medians of `triton.testing.do_bench`; \"back to back\": the wall-clock time per call of eager "
-              "calls one after another" if wall else "medians of `triton.testing.do_bench`")
+    graph = any(r.part == "headline" and r.provider == bench.GRAPH_PROVIDER for r in records)
+    timing = "medians of `triton.testing.do_bench`"
+    if graph:
+        timing += "; the CUDA-graph column: `triton.testing.do_bench_cudagraph` (replays, no L2 flush)"
+    if wall:
+        timing += "; \"back to back\": the wall-clock time per call of eager calls one after another"
+    mode = env.get("mode") or "default"
+    run = (f" A `{mode}` run" + (" with fixed tiles (`VQFAST_AUTOTUNE=0`)" if env.get("autotune", "1") in ("", "0")
+                                 else "") + ": fewer points or untuned kernels, not the full benchmark."
+           if mode != "default" or env.get("autotune", "1") in ("", "0") else "")
+    theirs = env.get("vector_quantize_pytorch") or "?"
+    theirs = (f" vector-quantize-pytorch {theirs}." if theirs not in ("not installed", "?")
+              else " vector-quantize-pytorch was not installed for this run.")
     commit = f" (commit {env['commit']})" if env.get("commit") else ""
     stopped = (" This run was cut short by its hard time limit: points it did not reach show `skipped (time budget)`."
                if bench.cut_short(records) else "")
@@ -38,7 +49,7 @@ def headline_section(results: Path, readme: Path) -> str:
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
         f"{env.get('vqfast', '?')}{commit}; times in ms ({timing}), all results in "
-        f"[{link}/results.md]({link}/results.md)." + stopped + " " + bench.precision_note(env),
+        f"[{link}/results.md]({link}/results.md)." + run + stopped + theirs + " " + bench.precision_note(env),
         "",
         bench.headline_table(records).rstrip(),
         "",
@@ -46,7 +57,8 @@ def headline_section(results: Path, readme: Path) -> str:
         "",
         bench.goals_table(records).rstrip(),
     ]
-    if (results / "nearest_tflops_vs_k.png").is_file():
+    # The plot only beside the run that drew it (one without K sweeps draws none).
+    if (results / "nearest_tflops_vs_k.png").is_file() and any(r.part == "nearest" for r in records):
         lines += ["", f"![achieved TFLOP/s against K]({link}/nearest_tflops_vs_k.png)"]
     return "\n".join(lines)
 

@@ -1194,6 +1194,12 @@ def test_a_fast_wrong_answer_meets_no_goal():
     assert gather_row.rstrip().endswith("| fwd fp32 N=1,048,576 K=65,536 D=128 check fail |")
     assert usage_row.rstrip().endswith("| bincount+entropy int64 N=1,048,576 K=65,536 check missing |")
     assert rows["2. "].rstrip().endswith("| met |")  # its own check passed
+    # Nor is goal 4 met on speed alone where the memory it also sets was not measured.
+    for r in recs:
+        if r.part == "layer" and r.provider == "vqfast":
+            r.peak_mem_mb = None
+    layer_rows = [line for line in bench.goals_table(recs).splitlines() if line.startswith("| 4.")]
+    assert layer_rows[0].rstrip().endswith("| memory not measured |") and layer_rows[1].rstrip().endswith("| met |")
 
 
 def test_results_without_back_to_back_timing_are_judged_on_do_bench_and_say_so():
@@ -1547,3 +1553,36 @@ def test_gather_and_usage_checks_pass_right_answers_and_fail_wrong_ones(dtype, m
     assert bench.usage_check(indices, 37)[::2] == ("fail", "counts differ from torch.bincount's")
     monkeypatch.setattr(vqfast, "code_usage", lambda i, k, check_indices=True: 1 / 0)
     assert bench.usage_check(indices, 37)[0] == "error"
+
+
+def test_published_runs_say_their_mode_and_competitor_and_plots_stay_with_their_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "publish.py"
+    spec = importlib.util.spec_from_file_location("publish_under_test", script)
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    env = {"gpu": "Test GPU", "driver": "555.1", "cuda": "12.4", "torch": "2.x", "triton": "3.x", "vqfast": "0.1",
+           "mode": "default", "autotune": "1", "vector_quantize_pytorch": "1.22.0"}
+    headline = [bench.Record("headline", "headline", "vqfast", "bf16", 64, 64, 8, time_ms=1.0, tflops=1.0,
+                             check="pass"),
+                bench.Record("headline", "headline", bench.GRAPH_PROVIDER, "bf16", 64, 64, 8, time_ms=0.5)]
+    sweep = [bench.Record("nearest", "K sweep (N=64, D=8)", "vqfast", "bf16", 64, k, 8, time_ms=0.1 * k,
+                          tflops=1.0) for k in (64, 128)]
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    written = bench.write_outputs(results, headline + sweep, env)
+    assert {p.name for p in written} >= set(bench.PLOT_NAMES)
+    text = publish.headline_section(results, readme)
+    assert "vector-quantize-pytorch 1.22.0." in text and "`triton.testing.do_bench_cudagraph`" in text
+    assert "run:" not in text and "nearest_tflops_vs_k.png" in text
+    assert "Test GPU, driver 555.1, torch 2.x, Triton 3.x, vqfast 0.1; default run" == bench.run_label(env)
+    # A later run of the headline only, in quick mode with fixed tiles, into the same folder: the earlier
+    # run's plots go, and the README says what kind of run it publishes.
+    quick = {**env, "mode": "quick", "autotune": "0", "vector_quantize_pytorch": "not installed"}
+    bench.write_outputs(results, headline, quick)
+    assert not any((results / name).exists() for name in bench.PLOT_NAMES)
+    text = publish.headline_section(results, readme)
+    assert "A `quick` run with fixed tiles (`VQFAST_AUTOTUNE=0`): fewer points or untuned kernels" in text
+    assert "vector-quantize-pytorch was not installed for this run." in text and ".png" not in text
+    assert bench.run_label(quick).endswith("; quick run, fixed tiles (VQFAST_AUTOTUNE=0)")
