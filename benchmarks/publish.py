@@ -39,9 +39,13 @@ def headline_section(results: Path, readme: Path) -> str:
     run = (f" A `{mode}` run" + (" with fixed tiles (`VQFAST_AUTOTUNE=0`)" if env.get("autotune", "1") in ("", "0")
                                  else "") + ": fewer points or untuned kernels, not the full benchmark."
            if mode != "default" or env.get("autotune", "1") in ("", "0") else "")
-    theirs = env.get("vector_quantize_pytorch") or "?"
-    theirs = (f" vector-quantize-pytorch {theirs}." if theirs not in ("not installed", "?")
-              else " vector-quantize-pytorch was not installed for this run.")
+    theirs = env.get("vector_quantize_pytorch")
+    if theirs is None:
+        theirs = " This run does not record the vector-quantize-pytorch version it compared with."
+    elif theirs == "not installed":
+        theirs = " vector-quantize-pytorch was not installed for this run."
+    else:
+        theirs = f" vector-quantize-pytorch {theirs}."
     commit = f" (commit {env['commit']})" if env.get("commit") else ""
     stopped = (" This run was cut short by its hard time limit: points it did not reach show `skipped (time budget)`."
                if bench.cut_short(records) else "")

@@ -1586,3 +1586,6 @@ def test_published_runs_say_their_mode_and_competitor_and_plots_stay_with_their_
     assert "A `quick` run with fixed tiles (`VQFAST_AUTOTUNE=0`): fewer points or untuned kernels" in text
     assert "vector-quantize-pytorch was not installed for this run." in text and ".png" not in text
     assert bench.run_label(quick).endswith("; quick run, fixed tiles (VQFAST_AUTOTUNE=0)")
+    # Results from before the version was recorded say so, rather than "not installed".
+    bench.write_outputs(results, headline, {k: v for k, v in env.items() if k != "vector_quantize_pytorch"})
+    assert "does not record the vector-quantize-pytorch version" in publish.headline_section(results, readme)
