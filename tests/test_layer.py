@@ -1690,3 +1690,22 @@ def test_a_state_dict_whose_initialized_flag_is_not_one_value_is_a_loading_error
     state["initialized"] = torch.tensor([True, False])
     with pytest.raises(RuntimeError, match="initialized: expected a single flag, got shape \\(2,\\)"):
         vq.load_state_dict(state)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["codebook-loss", "ema"])
+def test_a_float64_layer_restarts_and_fits_codes_in_float64(ema):
+    """A layer made fp64 (.double()) keeps fp64 through its upkeep: restarted codes are their data rows
+    exactly, and k-means pools the rows in fp64 (rounded to fp32, they were 3e-8 off)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 3, ema=ema, dead_code_threshold=0.5).double()
+    with torch.no_grad():
+        vq.embeddings.weight.fill_(100.0)
+        vq.embeddings.weight[0] = 0.0
+    z = torch.randn(10, 3, dtype=torch.float64) + 0.123456789012345
+    vq(z)
+    w = vq.embeddings.weight.detach()
+    assert w.dtype == torch.float64
+    assert all(bool((w[i] == z).all(1).any()) for i in range(1, 4))
+    pooled = VectorQuantizer(4, 3, ema=ema, init="kmeans", kmeans_batches=2).double()
+    pooled(z)
+    assert pooled.kmeans_pool.dtype == torch.float64 and torch.equal(pooled.kmeans_pool, z)

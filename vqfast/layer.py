@@ -951,7 +951,9 @@ class VectorQuantizer(nn.Module):
         return torch.where(finite, indices, self.num_embeddings)
 
     def _data_rows(self, rows: Tensor) -> Tensor:
-        x = rows.detach().float()
+        # In fp32 at least, and in the codebook's fp64 where it has been made fp64 (.double()): restart
+        # seeds, k-means and EMA sums of such a layer keep its precision.
+        x = rows.detach().to(torch.promote_types(self.embeddings.weight.dtype, torch.float32))
         return reference.unit_rows(x) if self.metric == "cosine" else x
 
     def _seed_rows(self, drawn: Tensor) -> Tensor:
