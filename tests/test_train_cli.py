@@ -1120,6 +1120,12 @@ def test_running_out_of_memory_names_the_batch_size(error: RuntimeError, ae_run:
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory in a training step with --batch-size 16 on cpu: ")
     assert str(error).splitlines()[0] in err and "smaller --batch-size" in err and "Traceback" not in err
+    # The article's VQ step: the tensor its search builds is named too.
+    article = ["vqvae", "--vq-impl", "article", "--vq-preset", "article", "--codes", "16", "--code-dim", "8",
+               "--data", "sample", "--limit", "32", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
+               "--no-progress", "--out", str(tmp_path / "article")]
+    assert train_main(_train_args(*article)) == 2
+    assert "(--vq-impl article's search holds a batch x 16 positions x codes x code-dim tensor)" in capsys.readouterr().err
     monkeypatch.setattr(train_mod, "evaluate_model", out_of_memory)
     assert evaluate_main(_evaluate_args(str(ae_run), "--batch-size", "8", "--device", "cpu", "--no-progress")) == 2
     err = capsys.readouterr().err
