@@ -509,3 +509,21 @@ def test_rotation_kernel_in_bfloat16():
     error[5] = 0
     assert x.grad.dtype == torch.bfloat16 and float(error.max()) < 1e-2
     assert torch.equal(x.grad[5], upstream[5])
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "highest"),
+                                             (torch.float32, "high"), (torch.float16, "highest"),
+                                             (torch.bfloat16, "highest")])
+def test_copies_of_random_codes_tie_and_the_first_wins(dtype, precision):
+    # The interpreter's tl.dot (NumPy) rounds columns of a tile differently, so it cannot show this: on the
+    # tensor cores, copies of a code (in one tile, in other tiles, in other splits) score alike, and
+    # every row near them gets the first copy.
+    z, c = _data(300, 3000, 100, dtype, seed=11)
+    copies = [5, 13, 21, 130, 1999, 2990]
+    c[copies] = c[copies[0]]
+    near = c[copies[0]].float() + 0.01 * torch.randn(300, 100, device="cuda")
+    z = torch.cat([z, near.to(dtype)])
+    for splits in (None, 1, 6):
+        idx, _ = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
+        on_copies = torch.isin(idx, torch.tensor(copies, device="cuda"))
+        assert bool(on_copies[300:].all()) and set(idx[on_copies].tolist()) == {copies[0]}, (splits, precision)
