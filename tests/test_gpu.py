@@ -520,7 +520,7 @@ def test_copies_of_random_codes_tie_and_the_first_wins(dtype, precision):
     # every row near them gets the first copy.
     z, c = _data(300, 3000, 100, dtype, seed=11)
     copies = [5, 13, 21, 130, 1999, 2990]
-    c[copies] = c[copies[0]]
+    c[copies] = c[copies[0]].clone()
     near = c[copies[0]].float() + 0.01 * torch.randn(300, 100, device="cuda")
     z = torch.cat([z, near.to(dtype)])
     for splits in (None, 1, 6):
