@@ -35,10 +35,11 @@ def headline_section(results: Path, readme: Path) -> str:
         timing += "; the CUDA-graph column: `triton.testing.do_bench_cudagraph` (replays, no L2 flush)"
     if wall:
         timing += "; \"back to back\": the wall-clock time per call of eager calls one after another"
-    mode = env.get("mode") or "default"
-    run = (f" A `{mode}` run" + (" with fixed tiles (`VQFAST_AUTOTUNE=0`)" if env.get("autotune", "1") in ("", "0")
-                                 else "") + ": fewer points or untuned kernels, not the full benchmark."
-           if mode != "default" or env.get("autotune", "1") in ("", "0") else "")
+    mode, fixed = env.get("mode") or "default", bench.fixed_tiles(env)
+    run = ""
+    if mode != "default" or fixed:
+        run = (f" A `{mode}` run" + (" with fixed tiles (`VQFAST_AUTOTUNE=0`)" if fixed else "")
+               + ": fewer points or untuned kernels, not the full benchmark.")
     theirs = env.get("vector_quantize_pytorch")
     if theirs is None:
         theirs = " This run does not record the vector-quantize-pytorch version it compared with."

@@ -1589,7 +1589,7 @@ def _measure_one_search(ctx: Context, provider: str, point: NearestPoint, z: tor
                 notes.append(f"tf32 re-check shares: {_error_status(exc)}")
             finally:
                 ctx.meter.free()
-        rec.note = "; ".join(n for n in [rec.note, *notes] if n)
+        rec.note = _joined(rec.note, *notes)
     return rec
 
 
@@ -1776,6 +1776,7 @@ def run_gather(ctx: Context) -> None:
 
 
 def _joined(*notes: str) -> str:
+    """The non-empty ``notes`` of a record, joined."""
     return "; ".join(x for x in notes if x)
 
 
@@ -2209,6 +2210,11 @@ def _k_sweeps(records: Sequence[Record]) -> dict[str, list[Record]]:
     return out
 
 
+def fixed_tiles(env: dict[str, str]) -> bool:
+    """Whether a run's kernels ran their fixed tiles (``VQFAST_AUTOTUNE=0``) rather than autotuned ones."""
+    return env.get("autotune", "1") in ("", "0")
+
+
 def run_label(env: dict[str, str] | None) -> str:
     """The GPU, driver, versions and mode of a run in one line (a plot's title)."""
     if not env:
@@ -2216,7 +2222,7 @@ def run_label(env: dict[str, str] | None) -> str:
     mode = env.get("mode") or "default"
     return (f"{env.get('gpu') or 'unnamed GPU'}, driver {env.get('driver', '?')}, torch {env.get('torch', '?')}, "
             f"Triton {env.get('triton', '?')}, vqfast {env.get('vqfast', '?')}; {mode} run"
-            + ("" if env.get("autotune", "1") not in ("", "0") else ", fixed tiles (VQFAST_AUTOTUNE=0)"))
+            + (", fixed tiles (VQFAST_AUTOTUNE=0)" if fixed_tiles(env) else ""))
 
 
 def _plot_k_sweeps(records: Sequence[Record], path: Path, metric: str, ylabel: str,
