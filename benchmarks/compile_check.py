@@ -323,6 +323,7 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
             ("nearest fp32 tf32 TMA search, odd K and D (4096, 3001, 200)", tma(search(4096, 3001, 200, fp32, "high"))),
         ]
     idx = lambda n, k: torch.randint(0, k, (n,))  # noqa: E731
+    soft_entropy_tf32 = lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32")  # noqa: E731
     cases += [
         ("gather + scatter-add fp32 (65536, 4096, 128)",
          lambda: (gather.gather_rows(rows(4096, 128, fp32), idx(65536, 4096)),
@@ -342,8 +343,7 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                           1e-6)),
         # (--quick: the fixed tiles only; the full check compiles every candidate.)
         ("soft entropy fp32 tf32 (8192, 4096, 128)" + (", VQFAST_AUTOTUNE=0" if quick else ""),
-         (fixed_config if quick else lambda launch: launch)(
-             lambda: _soft_entropy(soft_entropy, rows, 8192, 4096, 128, fp32, "tf32"))),
+         fixed_config(soft_entropy_tf32) if quick else soft_entropy_tf32),
         ("codebook upkeep: counts, statistics, restarts with EMA (32768 rows, 65536 codes of 256)",
          lambda: _upkeep(usage, upkeep, rows, 32768, 65536, 256)),
     ]

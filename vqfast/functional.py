@@ -510,8 +510,8 @@ class _RotateToCodes(torch.autograd.Function):
 def _rotation_kernel_applies(z: Tensor, codes: Tensor, grad: Tensor) -> bool:
     """Whether :func:`rotate_to_codes`'s backward runs the kernel (``kernels/rotation.py``): on the Triton
     backend, for 16- and 32-bit tensors, in plain backward passes. Under ``torch.compile`` the PyTorch
-    ops of ``_RotateToCodes.backward`` are traced (and fused by the compiler); with ``create_graph=True`` they are recorded, so
-    that the gradient can be differentiated again."""
+    ops of ``_RotateToCodes.backward`` are traced (and fused by the compiler); with
+    ``create_graph=True`` they are recorded, so that the gradient can be differentiated again."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or z.dim() == 0:
         return False
     if not all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (z, codes, grad)):

@@ -67,7 +67,6 @@ def nearest_code(
     ``(indices, distances)``: int64 shaped like ``z[..., 0]`` and float32 (``||z - c||^2`` computed
     directly).
     """
-
     check_search_inputs(z, codebook, metric)
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
@@ -211,7 +210,6 @@ def _(z: torch.Tensor, codebook: torch.Tensor, metric: str,
 
 def gather(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Codebook rows selected by ``indices``: ``codebook[indices]`` (differentiable w.r.t. codebook)."""
-
     compiling = torch.compiler.is_compiling()
     check_gather_inputs(codebook, indices, check_range=not compiling)
     if compiling:
@@ -256,7 +254,6 @@ def code_usage(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
         counts = torch.bincount(indices.flatten(), minlength=num_codes)
         p = counts / counts.sum(); entropy = -(p * p.log()).nansum(); perplexity = entropy.exp()
     """
-
     compiling = torch.compiler.is_compiling()
     check_usage_inputs(indices, num_codes, check_range=not compiling)
     flat = indices.reshape(-1)
