@@ -1429,19 +1429,77 @@ def test_loading_16_bit_state_with_assign_keeps_a_float32_codebook_and_statistic
     assert not vq.embeddings.weight.requires_grad  # (EMA codes)
 
 
-def test_strict_loading_drops_statistics_the_layer_does_not_keep(torch_backend):
+def test_loading_across_the_ema_setting_reports_the_mismatch_and_starts_ema_counts_afresh(torch_backend):
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
     ema_layer = VectorQuantizer(16, 4, ema=True)
+    ema_layer(x)
     plain = VectorQuantizer(16, 4)
-    plain.load_state_dict(ema_layer.state_dict())  # strict
+    # EMA counts into a layer without EMA: a setting that changed between runs, reported as PyTorch
+    # reports any key the layer does not keep; strict=False loads the rest.
+    with pytest.raises(RuntimeError, match='Unexpected key.*"ema_count"'):
+        plain.load_state_dict(ema_layer.state_dict())
+    result = plain.load_state_dict(ema_layer.state_dict(), strict=False)
+    assert result.unexpected_keys == ["ema_count"] and result.missing_keys == []
     assert torch.equal(plain.embeddings.weight, ema_layer.embeddings.weight)
-    # The first EMA version also stored the running sums (codebook * smoothed counts).
+    assert torch.equal(plain.usage, ema_layer.usage)
+    # The other way: the EMA layer's own counts (of other codes) must not survive; they start at 1.
+    trained = VectorQuantizer(16, 4, ema=True)
+    for _ in range(3):
+        trained(x * 3)
+    assert not (trained.ema_count == 1).all()
+    result = trained.load_state_dict(plain.state_dict(), strict=False)
+    assert result.missing_keys == ["ema_count"]
+    assert (trained.ema_count == 1).all() and torch.equal(trained.usage, plain.usage)
+    with pytest.raises(RuntimeError, match='Missing key.*"ema_count"'):
+        trained.load_state_dict(plain.state_dict())
+    # The first EMA version also stored the running sums (codebook * smoothed counts): dropped quietly.
     old = dict(ema_layer.state_dict())
     old["ema_sum"] = old["embeddings.weight"] * 2
     again = VectorQuantizer(16, 4, ema=True)
     again.load_state_dict(old)
     assert torch.equal(again.embeddings.weight, ema_layer.embeddings.weight)
+    assert torch.equal(again.ema_count, ema_layer.ema_count)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         plain.load_state_dict({**plain.state_dict(), "something_else": torch.zeros(1)})
+
+
+def test_a_codebook_marked_initialised_in_place_is_not_overwritten_by_kmeans(torch_backend):
+    # torch.distributed.checkpoint.load and AveragedModel(use_buffers=True) write the state in place,
+    # past load_state_dict: k-means must still see the codes as initialised.
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
+    src = VectorQuantizer(16, 4, init="kmeans")
+    for _ in range(3):
+        src(x)
+    dst = VectorQuantizer(16, 4, init="kmeans")
+    tensors = {**dict(dst.named_parameters()), **dict(dst.named_buffers())}
+    with torch.no_grad():
+        for name, value in src.state_dict().items():
+            tensors[name].copy_(value)
+    loaded = dst.embeddings.weight.detach().clone()
+    dst(x)
+    assert torch.equal(dst.embeddings.weight, loaded)  # the step's restarts find no dead code here
+    assert int(dst.usage_steps) == int(src.usage_steps) + 1  # statistics continued, not restarted
+    assert dst.kmeans_pool_batches == 0
+    # Still pending in the buffer too: k-means runs.
+    fresh = VectorQuantizer(16, 4, init="kmeans")
+    before = fresh.embeddings.weight.detach().clone()
+    fresh(x)
+    assert not torch.equal(fresh.embeddings.weight, before) and bool(fresh.initialized)
+
+
+def test_codes_only_state_loaded_with_assign_into_a_meta_layer_gets_statistics_beside_the_codes(torch_backend):
+    codes = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    for ema in (False, True):
+        with torch.device("meta"):
+            vq = VectorQuantizer(16, 4, ema=ema)
+        assert str(vq.load_state_dict({"embeddings.weight": codes}, assign=True)) == "<All keys matched successfully>"
+        assert {b.device.type for b in vq.buffers()} == {"cpu"}
+        assert torch.equal(vq.embeddings.weight, codes) and bool(vq.initialized)
+        assert (vq.usage == 0).all() and int(vq.usage_steps) == 0
+        if ema:
+            assert (vq.ema_count == 1).all()
+        vq(torch.randn(32, 4))  # a training step, on the CPU beside the codes
+        assert int(vq.usage_steps) == 1
 
 
 def test_repr_shows_the_settings_in_use():

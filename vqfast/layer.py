@@ -800,6 +800,8 @@ class VectorQuantizer(nn.Module):
                 "layers before and after it instead (in eval mode it may be recomputed)")
         if train and torch._C._are_functorch_transforms_active():
             self._refuse_transformed_training(rows)
+        if train and self._needs_init:
+            self._reread_initialized()
         # A codebook frozen with requires_grad_(False) (codebook-loss mode) is never rewritten.
         maintain = train and (self.ema or weight.requires_grad)
         if maintain and (self.ema or self._needs_init or self.dead_code_threshold > 0) and self._codebook_parametrized():
@@ -823,6 +825,17 @@ class VectorQuantizer(nn.Module):
         # a cluster are re-seeded from the next batch.
         restarts = maintain and self.dead_code_threshold > 0 and not self._needs_init and not ran_kmeans
         return train, indices, distances, restarts
+
+    def _reread_initialized(self) -> None:
+        """``_needs_init`` mirrors the ``initialized`` buffer, which tools that load state in place write
+        behind the layer's back (``torch.distributed.checkpoint.load``, ``AveragedModel(use_buffers=True)``):
+        while k-means is pending the buffer itself is read, so that k-means never overwrites codes
+        loaded that way. (One host sync per training step until k-means has run, and none under
+        torch.compile, which sees the mirror.)"""
+        flag = self.initialized
+        if not torch.compiler.is_compiling() and not flag.is_meta and bool(flag):
+            self._needs_init = False
+            self._kmeans_pool, self._kmeans_pool_batches = [], 0
 
     def _refuse_transformed_training(self, rows: Tensor) -> None:
         """A training step under torch.func: its in-place updates of the statistics and codes cannot be
@@ -1069,16 +1082,19 @@ class VectorQuantizer(nn.Module):
         decay = reference.stored_decay(self.usage_decay, self.usage.dtype)
         return (1.0 - decay) / (decay * self.num_embeddings) * (1.0 + 1e-6) if decay > 0 else 0.0
 
-    def _fresh_statistics(self, credited: Tensor | None = None) -> dict[str, Tensor]:
+    def _fresh_statistics(self, credited: Tensor | None = None, device: torch.device | None = None,
+                          ) -> dict[str, Tensor]:
         """The running statistics of codes started afresh, by buffer name: no usage, no steps, no batch
-        counts, the restart credit for the ``credited`` codes (all by default) and, with EMA, counts of 1."""
+        counts, the restart credit for the ``credited`` codes (all by default) and, with EMA, counts of 1;
+        on ``device`` (default: the buffers')."""
         credit = self._restart_credit()
         grace = self.restart_grace
-        fresh = {name: torch.zeros_like(self._buffers[name]) for name in ("usage", "usage_steps", "batch_counts")}
-        fresh["restart_grace"] = (torch.full_like(grace, credit) if credited is None
+        fresh = {name: torch.zeros_like(self._buffers[name], device=device)
+                 for name in ("usage", "usage_steps", "batch_counts")}
+        fresh["restart_grace"] = (torch.full_like(grace, credit, device=device) if credited is None
                                   else torch.where(credited, credit, 0.0).to(grace.dtype))
         if self.ema:
-            fresh["ema_count"] = torch.ones_like(self.ema_count)
+            fresh["ema_count"] = torch.ones_like(self.ema_count, device=device)
         return fresh
 
     @torch.no_grad()
@@ -1270,11 +1286,9 @@ class VectorQuantizer(nn.Module):
         # Checkpoints of the article's layer (or of an older VectorQuantizer) hold only the codes: keep
         # this layer's own statistics for whatever they lack, so that strict loading still works.
         missing = [name for name in self._buffers if prefix + name not in state_dict]
-        # Statistics this layer does not keep: EMA counts loaded into a codebook-loss layer, and the
-        # running sums that the first EMA version stored (they equal codebook * smoothed counts); and the
-        # k-means pool (not buffers: restored below while the layer pools, dropped otherwise).
-        extra = [prefix + name for name in ("ema_count", "ema_sum")
-                 if prefix + name in state_dict and name not in self._buffers]
+        # The running sums that the first EMA version stored (they equal codebook * smoothed counts), and
+        # the k-means pool (not buffers: restored below while the layer pools, dropped otherwise).
+        extra = [prefix + "ema_sum"] if prefix + "ema_sum" in state_dict and self.ema else []
         pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
         extra += [key for key in (pool_key, batches_key) if key in state_dict]
         pool, batches = state_dict.get(pool_key), state_dict.get(batches_key)
@@ -1289,14 +1303,32 @@ class VectorQuantizer(nn.Module):
         # Codes without statistics (the article's layer, VQGAN): statistics started afresh for them, as
         # set_codebook does, not this layer's own, which describe other codes.
         fresh = prefix + "embeddings.weight" in state_dict and "usage" in missing
+        # The statistics of an EMA layer without its EMA counts (saved with ema=False): the layer's own
+        # counts belong to other codes, so they start afresh; and, as EMA counts loaded into a layer
+        # without EMA are, the mismatch is reported (a setting that changed between runs).
+        ema_mismatch = (self.ema and not fresh and "ema_count" in missing and prefix + "usage" in state_dict)
+        if ema_mismatch:
+            missing_keys.append(prefix + "ema_count")
+        # Under load_state_dict(assign=True) the filled-in tensors become the buffers themselves: on the
+        # loaded codes' device (a layer built on meta has its own statistics there).
+        codes = state_dict.get(prefix + "embeddings.weight")
+        device = codes.device if local_metadata.get("assign_to_params_buffers", False) and isinstance(codes, Tensor) \
+            else None
         if missing or extra:
             state_dict = dict(state_dict)
             for key in extra:
                 del state_dict[key]
-            started = self._fresh_statistics() if fresh else {}
+            started = self._fresh_statistics(device=device) if fresh or ema_mismatch else {}
+            if ema_mismatch:
+                started = {"ema_count": started["ema_count"]}
             for name in missing:
-                if name != "initialized":
-                    state_dict[prefix + name] = started.get(name, self._buffers[name])
+                if name == "initialized":
+                    continue
+                own = self._buffers[name]
+                if name not in started and device is not None and own.device != device:
+                    # (Moved, or started afresh where it is on meta, which holds no values to move.)
+                    own = self._fresh_statistics(device=device)[name] if own.is_meta else own.to(device)
+                state_dict[prefix + name] = started.get(name, own)
         key = prefix + "initialized"
         if key in state_dict:
             flag = state_dict[key]
@@ -1308,7 +1340,7 @@ class VectorQuantizer(nn.Module):
         elif prefix + "embeddings.weight" in state_dict:
             # Loaded codes (e.g. from the article's layer) must not be overwritten by k-means.
             self._needs_init = False
-            state_dict[key] = torch.tensor(True)
+            state_dict[key] = torch.tensor(True, device=device)
         if pool is not None and self._needs_init:
             self._load_kmeans_pool(pool, batches, pool_key, error_msgs)
         elif whole or pool is not None:
