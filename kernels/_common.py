@@ -166,6 +166,27 @@ MAX_ROWS = 2**31 - 2**16
 MAX_GRID_YZ = 65535
 
 
+def check_code_count(num_codes: object) -> None:
+    """A launcher's ``num_codes``: a Python int >= 0. The kernels count into a buffer of ``num_codes``
+    (+ 1) slots, so a negative count would have them write outside it."""
+    if type(num_codes) is not int or num_codes < 0:
+        raise ValueError(f"num_codes must be a Python int >= 0, got {num_codes!r}")
+
+
+def check_kernel_floats(*named: tuple[str, torch.Tensor]) -> None:
+    """Each tensor float32, float16 or bfloat16: the kernels' pointer types (anything else would be read
+    as another type, or fail inside Triton)."""
+    for name, t in named:
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the kernels, got {t.dtype}")
+
+
+def check_beta(beta: object) -> None:
+    """The VQ kernels' ``beta``: a finite number >= 0 (the loss is (1 + beta) * mse)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+
+
 def check_row_count(count: int, what: str) -> None:
     """ValueError when ``count`` rows or codes would overflow the kernels' int32 tile offsets."""
     if count > MAX_ROWS:

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_indices,
+    LaunchConfig, check_code_count, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_indices,
     deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
     tuned_config, resolves_negative_views,
 )
@@ -116,6 +116,9 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     no fixed order; under ``torch.use_deterministic_algorithms(True)`` it is that ``index_add_``.
     """
     check_launchable(grad, indices)
+    check_code_count(num_codes)
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
     key = (grad.shape, grad.stride(), num_codes, grad.dtype, grad.device, _common.interpreting())
     plan = _SCATTER_PLANS.get(key)
     if plan is None:

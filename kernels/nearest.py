@@ -22,6 +22,7 @@ index also sums the chosen code's distance directly, ||z - c||^2.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Sequence
 
@@ -1057,6 +1058,12 @@ class _Plan:
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, precision: str, num_splits: int | None,
                  tie_tolerance_scale: float):
         check_rows_and_codes(z, codebook)
+        if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
+            raise ValueError(f"num_splits must be None or a Python int >= 1, got {num_splits!r}")
+        # A negative scale would turn the error bound around: rows in doubt would never be re-checked.
+        if (isinstance(tie_tolerance_scale, bool) or not isinstance(tie_tolerance_scale, (int, float))
+                or not math.isfinite(tie_tolerance_scale) or tie_tolerance_scale < 0):
+            raise ValueError(f"tie_tolerance_scale must be a finite number >= 0, got {tie_tolerance_scale!r}")
         safe_z, safe_codebook = int32_safe_columns(z), int32_safe_columns(codebook)
         self.copy_z, self.copy_codebook = safe_z is not z, safe_codebook is not codebook
         z, codebook = safe_z, safe_codebook

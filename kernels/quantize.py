@@ -19,7 +19,7 @@ import triton.language as tl
 
 from vqfast.kernels import _common
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_count,
+    LaunchConfig, check_beta, check_kernel_floats, PlanCache, RowLaunches, cdiv, check_grid_yz, check_launchable, check_matrices, check_row_count,
     check_row_indices, deterministic, index_add_rows, int32_safe_strides, next_power_of_2, row_block_d, row_tile_configs, scratch_trial,
     tuned_config, resolves_negative_views,
 )
@@ -141,13 +141,24 @@ def _left_out_scale(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     return indices.shape[0] / kept.to(torch.float32)
 
 
+def check_vq_step(z: torch.Tensor, codebook: torch.Tensor, beta: float) -> None:
+    """The fused step's inputs beyond their shapes: kernel dtypes, at least one code of at least one
+    element, at most MAX_ROWS rows, a finite beta >= 0."""
+    check_kernel_floats(("z", z), ("codebook", codebook))
+    if codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        raise ValueError(f"codebook must have at least one code of at least one element, got shape "
+                         f"{tuple(codebook.shape)}")
+    check_row_count(z.shape[0], "z")
+    check_beta(beta)
+
+
 class _ForwardPlan:
     """What ``quantize_forward`` computes from its problem (see ``PlanCache``); made only for inputs
     that passed the checks."""
 
     def __init__(self, z: torch.Tensor, codebook: torch.Tensor, beta: float, left_out: bool = False):
         check_matrices(("z", z), ("codebook", codebook))
-        check_row_count(z.shape[0], "z")
+        check_vq_step(z, codebook, beta)
         self.copy_z, z_strides = int32_safe_strides(z)
         self.copy_codebook, c_strides = int32_safe_strides(codebook)
         n, d = z.shape
@@ -202,6 +213,9 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     grad_z = torch.empty(plan.shape, dtype=z.dtype, device=device)
     grad_c = None if plan.fixed_order else torch.zeros(plan.c_shape, dtype=torch.float32, device=device)
     launches = plan.launches
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must hold one value (the gradient of the scalar loss), got shape "
+                         f"{tuple(grad_loss.shape)}")
     if launches is not None:
         if grad_loss.dim() or grad_loss.dtype != torch.float32:
             grad_loss = grad_loss.reshape(1).to(torch.float32)
@@ -248,7 +262,9 @@ class _BackwardPlan:
         if grad_zq is not None and (grad_zq.shape != z.shape or grad_zq.device != z.device):
             raise ValueError(f"grad_zq must have z's shape {tuple(z.shape)} on {z.device}, got "
                              f"{tuple(grad_zq.shape)} on {grad_zq.device}")
-        check_row_count(z.shape[0], "z")
+        if grad_zq is not None:
+            check_kernel_floats(("grad_zq", grad_zq))
+        check_vq_step(z, codebook, beta)
         self.copy_z, z_strides = int32_safe_strides(z)
         self.copy_codebook, c_strides = int32_safe_strides(codebook)
         n, d = z.shape

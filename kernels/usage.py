@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from vqfast.kernels._common import (
-    LaunchConfig, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
+    LaunchConfig, check_code_count, PlanCache, RowLaunches, cdiv, check_launchable, check_row_indices, interpreting, next_power_of_2,
     STREAMING_MIN_BYTES, scratch_trial, tuned_config, with_streaming_twins, resolves_negative_views,
 )
 from vqfast.kernels._launch import PreparedLaunch
@@ -89,6 +89,7 @@ def finite_row_counts(indices: torch.Tensor, distances: torch.Tensor, num_codes:
 
 
 def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int) -> torch.Tensor:
+    check_code_count(num_codes)
     check_launchable(indices)
     check_row_indices(indices, None, indices.device)
     finite_only = distances is not None

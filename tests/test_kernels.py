@@ -1,5 +1,6 @@
 """The Triton kernels, run for real (interpreted on CPU, native on a GPU), against vqfast.reference."""
 
+import functools
 import math
 
 import pytest
@@ -1464,6 +1465,48 @@ def test_launchers_refuse_indices_and_shapes_they_would_misread(kernel_device):
     idx = torch.tensor([3, 0, 0, 2], dtype=torch.int32, device=kernel_device)
     assert torch.equal(kernels.gather_rows(c, idx), c[idx.long()])
     assert kernels.bincount(idx, 4).tolist() == [2, 0, 1, 1]
+
+
+def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
+    """A negative num_codes would have the counting kernels add outside their buffer (a crash, or memory
+    overwritten on a GPU); a negative tie tolerance would skip the tf32 re-check; a negative or NaN
+    beta would give a wrong loss; other dtypes would be read as the kernels' own."""
+    on = functools.partial(torch.as_tensor, device=kernel_device)
+    i = on([0, 4, 2])
+    z, c = on(torch.randn(5, 3) + 30), on(torch.randn(4, 3) + 30)
+    ix = on([0, 1, 2, 3, 0])
+    value_errors = {
+        "code_usage -1": (lambda: kernels.code_usage(i, -1), "num_codes"),
+        "code_usage_stats -1": (lambda: kernels.code_usage_stats(i, -1), "num_codes"),
+        "finite_row_counts -1": (lambda: kernels.finite_row_counts(i, on([1.0, 1.0, 2.0]), -1), "num_codes"),
+        "bincount float": (lambda: kernels.bincount(i, 5.0), "num_codes"),
+        "scatter -2": (lambda: kernels.scatter_add_rows(on(torch.ones(3, 2)), i, -2), "num_codes"),
+        "splits": (lambda: kernels.nearest_code(z, c, num_splits=-2), "num_splits"),
+        "tolerance": (lambda: kernels.nearest_code(z, c, tie_tolerance_scale=-1.0), "tie_tolerance_scale"),
+        "beta -1": (lambda: kernels.quantize_forward(z, c, ix, -1.0), "beta"),
+        "beta nan": (lambda: kernels.quantize_forward(z, c, ix, float("nan")), "beta"),
+        "backward beta": (lambda: kernels.quantize_backward(None, on(1.0), z, c, ix, -0.5), "beta"),
+        "no codes": (lambda: kernels.quantize_forward(z, c[:0], ix, 0.25), "at least one code"),
+        "no columns": (lambda: kernels.quantize_forward(z[:, :0], c[:, :0], ix, 0.25), "at least one"),
+        "grad_loss": (lambda: kernels.quantize_backward(None, on(torch.ones(2)), z, c, ix, 0.25), "grad_loss"),
+    }
+    for name, (call, message) in value_errors.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+            pytest.fail(name)
+    type_errors = {
+        "int z": lambda: kernels.quantize_forward(z.int(), c.int(), ix, 0.25),
+        "float64 grad_zq": lambda: kernels.quantize_backward(z.double(), on(1.0), z, c, ix, 0.25),
+        "out_dtype": lambda: kernels.scatter_add_rows(on(torch.ones(3, 2)), i, 5, "float16"),
+    }
+    for name, call in type_errors.items():
+        with pytest.raises(TypeError, match="float32|dtype"):
+            call()
+            pytest.fail(name)
+    # K = 0 counts nothing (as before), and the valid calls still run.
+    assert kernels.code_usage(i, 0)[0].shape == (0,)
+    assert kernels.nearest_code(z, c, tie_tolerance_scale=0.0)[0].shape == (5,)
+    assert torch.equal(kernels.quantize_forward(z, c, ix, 0.25)[0], c[ix])
 
 
 def test_each_fp32_mode_runs_its_own_passes(kernel_device):

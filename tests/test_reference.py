@@ -222,3 +222,38 @@ def test_reference_search_compiles_without_graph_breaks():
     idx, dist = compiled(z, codes)
     eager_idx, eager_dist = reference.nearest_code(z, codes)
     assert torch.equal(idx, eager_idx) and torch.equal(dist, eager_dist)
+
+
+def test_reference_quantize_and_entropy_refuse_what_the_public_ops_refuse():
+    """The reference is public too: given indices of another shape, a misspelled metric or a negative
+    beta or temperature it raises as vqfast.quantize does, not broadcast or fall back to l2."""
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    value_errors = {
+        "indices shape": (lambda: reference.quantize(z, c, indices=torch.tensor([2])), "shape of z"),
+        "indices 2-D": (lambda: reference.quantize(z, c, indices=torch.zeros(2, 6, dtype=torch.long)), "shape of z"),
+        "indices range": (lambda: reference.quantize(z, c, indices=torch.full((6,), 5)), r"\[0, 5\)"),
+        "metric": (lambda: reference.quantize(z, c, metric="cosin"), "metric"),
+        "metric with indices": (lambda: reference.quantize(z, c, metric="cosin", indices=torch.zeros(6, dtype=torch.long)),
+                                "metric"),
+        "beta": (lambda: reference.quantize(z, c, beta=-1.0), "beta"),
+        "beta nan": (lambda: reference.quantize(z, c, beta=float("nan")), "beta"),
+        "D": (lambda: reference.quantize(z, c[:, :3], indices=torch.zeros(6, dtype=torch.long)), "dimension"),
+        "entropy metric": (lambda: reference.soft_assignment_entropy(z, c, metric="cosin"), "metric"),
+        "temperature": (lambda: reference.soft_assignment_entropy(z, c, temperature=-1.0), "temperature"),
+        "temperature 0": (lambda: reference.soft_assignment_entropy(z, c, temperature=0.0), "temperature"),
+        "no codes": (lambda: reference.soft_assignment_entropy(z, c[:0]), "at least one code"),
+    }
+    for name, (call, message) in value_errors.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+            pytest.fail(name)
+    with pytest.raises(TypeError, match="indices"):
+        reference.quantize(z, c, indices=torch.zeros(6, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="floating-point"):
+        reference.soft_assignment_entropy(z.long(), c.long())
+    # Valid calls are unchanged: given indices give those codes, and the cosine entropy differs from l2's.
+    idx = torch.tensor([0, 1, 2, 3, 4, 0])
+    z_q, loss, out = reference.quantize(z, c, indices=idx.int())
+    assert torch.equal(z_q, c[idx]) and torch.equal(out, idx.int())
+    assert reference.soft_assignment_entropy(z, c, metric="cosine")[0] != reference.soft_assignment_entropy(z, c)[0]

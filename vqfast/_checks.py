@@ -145,6 +145,11 @@ def check_int(value: object, name: str, minimum: int | None = None) -> int:
     return number
 
 
+# The smallest soft-assignment temperature: the Triton kernels scale by 2 / T in float32, which
+# overflows from T = 2**-127 on (the reference refuses the same values, as a backend must).
+SMALLEST_TEMPERATURE = 2.0 ** -126
+
+
 def check_number(value: object, name: str, minimum: float | None = None, below: float | None = None) -> float:
     """``value`` as a finite Python float, ``>= minimum`` and ``< below`` (each where given)."""
     wanted = "a finite number"

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from vqfast import reference
 from vqfast._checks import (
-    check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values,
+    SMALLEST_TEMPERATURE, check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values,
 )
 from vqfast.distributed import all_gather_rows, all_reduce_sum_, world_size
 from vqfast.functional import (
@@ -45,9 +45,7 @@ _KERNEL_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 
 _KMEANS_POOL_KEYS = ("kmeans_pool", "kmeans_pool_batches")
-# The smallest temperature the soft-entropy kernels take: their backward passes scale by 2 / T in float32,
-# which overflows from T = 2**-127 on.
-_SMALLEST_TEMPERATURE = 2.0 ** -126
+_SMALLEST_TEMPERATURE = SMALLEST_TEMPERATURE  # (see vqfast._checks)
 
 
 def _save_kmeans_pool(module: "VectorQuantizer", state_dict: dict[str, Any], prefix: str, local_metadata) -> None:

@@ -14,7 +14,8 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from vqfast._checks import check_gather_inputs, check_search_inputs, check_usage_inputs
+from vqfast._checks import (SMALLEST_TEMPERATURE, check_gather_inputs, check_number, check_search_inputs,
+                            check_usage_inputs)
 from vqfast._library import vmap_by_loop
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
@@ -441,8 +442,17 @@ def quantize(
         z_q = z + (q - z).detach()       # value of q, gradient to z
 
     Returns ``(z_q, loss, indices)``; ``z`` is (..., D) and ``z_q`` has its shape and dtype, and the
-    value of the code exactly (``z + (q - z)`` may round away from it).
+    value of the code exactly (``z + (q - z)`` may round away from it). ``indices`` (shaped
+    ``z.shape[:-1]``, in [0, K)) skip the search.
     """
+    check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
+    beta = check_number(beta, "beta", minimum=0.0)
+    if indices is not None:
+        if not isinstance(indices, torch.Tensor) or indices.shape != z.shape[:-1]:
+            shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(f"indices must have the shape of z without its last dimension, {tuple(z.shape[:-1])}; "
+                             f"got {shape}")
+        check_gather_inputs(codebook, indices, check_range=not torch.compiler.is_compiling())
     if torch.is_grad_enabled():
         z, indices = saveable(z, indices)  # (the losses and the gather keep them)
     if metric == "cosine":
@@ -577,6 +587,8 @@ def soft_assignment_entropy(
     """
     from torch.utils.checkpoint import checkpoint
 
+    check_search_inputs(z, codebook, metric, allow_mixed_dtypes=True)
+    temperature = check_number(temperature, "temperature", minimum=SMALLEST_TEMPERATURE)
     dtype = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
     if torch.is_grad_enabled():
         z, codebook = saveable(z, codebook)  # (the blocks' backward keeps them)
