@@ -7,7 +7,7 @@ call), on CPU tensors with the compile-only driver of ``compile_check.py``: kern
 sm_90 on first use and every launch stops just before the CUDA driver. What it leaves out is the
 driver's ``cuLaunchKernel`` (a few us per launch) and CUDA allocations (``torch.empty`` on the GPU).
 Each case repeats one problem, as a training or inference loop does: after the warm-up calls it runs
-on the launchers' cached plans and prepared launches (tuning notes 17 and 18 of benchmarks/README.md).
+on the launchers' cached plans and prepared launches (tuning notes 17 and 21 of benchmarks/README.md).
 The layer's case is a training step; its CPU tensor arithmetic (the rows' copies, the gradient
 accumulation) is real work here that a GPU would do asynchronously, so it stays small.
 

@@ -6,7 +6,8 @@ Reads every ``RUNS_DIR/*/`` that holds ``config.json`` and ``metrics.jsonl`` wit
 (what `vqfast train` writes; `benchmarks/gpu_run.sh train` puts its runs in ``training/``; a run stopped
 before its end, without ``summary.json``, is marked "stopped") and writes
 ``training_summary.md`` (model, VQ step and settings, batch size, epochs, median time per epoch, the
-last epoch's "Average loss" and PSNR, test PSNR, codes used and perplexity) and
+last epoch's "Average loss" and PSNR, test PSNR, codes used and perplexity; a run whose source had no
+test split evaluated on training images, which its "test" columns say) and
 ``training_loss_curves.png`` (the article's "Average loss" per epoch, one line per run) to ``--out``
 (default: RUNS_DIR).
 """
@@ -70,7 +71,13 @@ def _test_psnr(run: Run) -> str:
     epoch = run.test.get("epoch")
     if text and epoch is not None and epoch != run.epochs[-1].get("epoch"):
         text += f" (after epoch {epoch})"
-    return text
+    return text + _training_images_mark(run, text)
+
+
+def _training_images_mark(run: Run, text: str) -> str:
+    """A mark for a "test" column filled by a run whose source had no test split: it evaluated on
+    training images (``held_out`` false in its test record)."""
+    return " (training images)" if text and run.test.get("held_out") is False else ""
 
 
 def markdown(runs: list[Run]) -> str:
@@ -86,7 +93,7 @@ def markdown(runs: list[Run]) -> str:
             _fmt(statistics.median(e["seconds"] for e in r.epochs), ".2f"),
             _fmt(last.get("avg_loss"), ".3f"), _fmt(last.get("psnr"), ".2f"), _test_psnr(r),
             _fmt(last.get("codes_used"), ","), _fmt(last.get("perplexity"), ",.0f"),
-            _fmt(r.test.get("codes_used"), ","),
+            _fmt(r.test.get("codes_used"), ",") + _training_images_mark(r, _fmt(r.test.get("codes_used"), ",")),
         ]) + " |")
     return "\n".join(lines) + "\n"
 

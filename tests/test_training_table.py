@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[float], test_psnr: float | None,
-              finished: bool = True, test_epoch: int | None = None) -> None:
+              finished: bool = True, test_epoch: int | None = None, held_out: bool = True) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model": model, "vq_impl": impl, "vq_preset": "vqfast",
                                                     "batch_size": batch}))
@@ -18,7 +18,7 @@ def _fake_run(folder: Path, model: str, impl: str, batch: int, losses: list[floa
              for i, loss in enumerate(losses)]
     if test_psnr is not None:
         lines.append(json.dumps({"event": "test", "epoch": test_epoch or len(losses), "psnr": test_psnr,
-                                 "codes_used": 77}))
+                                 "codes_used": 77, "held_out": held_out}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:
         (folder / "summary.json").write_text("{}")
@@ -34,11 +34,15 @@ def test_table_and_plot_from_runs(tmp_path):
     # Resumed for more epochs and stopped again: its test is the earlier part's, and says so.
     _fake_run(tmp_path / "vq-resumed", "vqvae", "vqfast", 64, [90.0, 50.0, 45.0], 19.0, finished=False,
               test_epoch=2)
+    # Trained on a source without a test split: its "test" was run on training images, and says so.
+    _fake_run(tmp_path / "ae-no-split", "ae", "vqfast", 64, [48.0], 18.25, held_out=False)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_table.py"), str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "training_summary.md").read_text().splitlines()
-    assert len(table) == 6  # header, rule, four runs
+    assert len(table) == 7  # header, rule, five runs
+    assert "| 18.25 (training images) | 100 | 50 | 77 (training images) |" in next(
+        line for line in table if line.startswith("| ae-no-split "))
     assert "| 19.00 (after epoch 2) |" in next(line for line in table if line.startswith("| vq-resumed "))
     assert any(line.startswith("| vae-b64 (stopped) | vae | 64 | 2 |") for line in table)
     vq = next(line for line in table if line.startswith("| vq-b64 "))
