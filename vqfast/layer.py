@@ -1200,7 +1200,8 @@ class VectorQuantizer(nn.Module):
         step has counted a row),
         ``codes_used`` / ``fraction_used`` (codes whose running share is at least
         ``dead_code_threshold / K``, or 1 % of the uniform share when restarts are off),
-        ``perplexity`` (exp of the entropy of ``usage``), ``batch_codes_used`` and
+        ``perplexity`` (exp of the entropy of ``usage``; 1, as for one code in use, before any step
+        counted a row: ``steps`` tells them apart), ``batch_codes_used`` and
         ``batch_perplexity`` (the same for the last batch) and ``steps`` (training forwards that counted
         a row since the statistics started, the first or the one that ran k-means: a batch whose rows
         were all masked out or NaN does not count; a float32 count, exact up to 2**24 steps).
