@@ -130,11 +130,11 @@ def test_quantize_backward_in_order_for_a_16_bit_codebook_and_no_rows(determinis
     gz, gc = kernels.quantize_backward(None, torch.ones((), device=kernel_device), empty, codebook,
                                        torch.empty(0, dtype=torch.int64, device=kernel_device), 0.25)
     assert gz.shape == (0, d) and torch.equal(gc.cpu(), torch.zeros(k, d, dtype=torch.float16))
-    # No codes (every index out of range, unchecked): an empty codebook gradient, as without the mode.
+    # No codes: refused, as the forward pass refuses them, with or without the mode.
     no_codes = torch.empty(0, d, dtype=torch.float16, device=kernel_device)
-    gz, gc = kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, no_codes, idx.to(kernel_device),
-                                       0.25)
-    assert gz.shape == (9, d) and gc.shape == (0, d) and gc.dtype == torch.float16
+    with pytest.raises(ValueError, match="at least one code"):
+        kernels.quantize_backward(None, torch.ones((), device=kernel_device), z, no_codes, idx.to(kernel_device),
+                                  0.25)
 
 
 def test_soft_entropy_codebook_pass_sums_its_row_splits_in_order(launched, kernel_device):
