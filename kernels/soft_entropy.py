@@ -104,13 +104,15 @@ def _row_stats_kernel(
         # m_new itself, -inf - -inf would be NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)  # 0 while m is -inf (s = t = 0 then)
-        # Re-reference t from m to m_ref. Where alpha underflows to 0 the old terms vanish, and
-        # s * (m - m_ref) may be s * -inf (a difference past fp32's range).
-        t = tl.where(alpha > 0.0, alpha * (t + s * (m - m_ref)), 0.0)
+        # Re-reference t from m to m_ref. Where alpha underflows to 0 the old terms vanish. The shift
+        # is floored where exp has underflowed anyway (below -104) so that the product left out is
+        # not 0 * -inf (s = 0 while m is -inf), which the interpreter reports as invalid.
+        t = tl.where(alpha > 0.0, alpha * (t + s * tl.maximum(m - m_ref, -200.0)), 0.0)
         centred = logits - m_ref[:, None]
         e = tl.exp(centred)
-        # 0 log 0 = 0: a code whose e is 0 (padding, a -inf logit, an underflow) adds nothing, not 0 * -inf.
-        t += tl.sum(tl.where(e > 0.0, e * centred, 0.0), axis=1)
+        # 0 log 0 = 0: a code whose e is 0 (padding, a -inf logit, an underflow) adds nothing, not
+        # 0 * -inf (floored as above).
+        t += tl.sum(tl.where(e > 0.0, e * tl.maximum(centred, -200.0), 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
     log_s = tl.log(s)

@@ -1343,7 +1343,10 @@ def test_layer_builds_on_the_meta_device_and_loads_with_assign(torch_backend):
     trained(torch.randn(20, 4))
     with torch.device("meta"):
         vq = VectorQuantizer(8, 4, ema=True, decay=0.9)
+    with pytest.raises(RuntimeError, match="meta device"):
+        vq.codebook_usage()
     vq.load_state_dict(trained.state_dict(), assign=True)
+    assert vq.codebook_usage()["steps"] == trained.codebook_usage()["steps"] == 1
     z = torch.randn(20, 4)
     for layer in (trained, vq):
         torch.manual_seed(1)

@@ -1208,6 +1208,9 @@ class VectorQuantizer(nn.Module):
         Reading the numbers syncs the host, so call it for logging, not inside the training step.
         """
         k = self.num_embeddings
+        if self.usage.is_meta:
+            raise RuntimeError("codebook_usage() reads the usage statistics, which a layer on the meta device "
+                               "does not hold: move it to a real device or load a state first")
         share = self._usage_share()
         # Restarts zero a code's measured share, so the corrected shares sum to a little under 1 until
         # the restarted codes' usage comes in; as a distribution (and for a perplexity <= K) they are
