@@ -21,7 +21,8 @@
 #                                     on cifar10_test_1k.npz from $GPU_DATA (default ./gpu_data), most
 #                                     wanted first: VQ-VAE with vqfast's layer and with the article's VQ
 #                                     step at batch 64, the same at batch 256, AE and VAE (batch 64), then
-#                                     vqfast's layer with the article's settings at batch 64 and 256
+#                                     vqfast's layer with the article's settings at batch 64 and 256;
+#                                     TRAIN_SKIP="name ..." leaves out runs an earlier command finished
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
 # Everything is written under $GPU_WORK (default ./gpu-out/run-<start time>: a machine keeps ignored
@@ -189,6 +190,7 @@ run_training() {
   train_run() {  # name, then vqfast train arguments
     local name=$1; shift
     local remaining
+    case " ${TRAIN_SKIP:-} " in *" $name "*) echo "skipped $name (TRAIN_SKIP)" | tee -a "$runs/skipped.txt"; return ;; esac
     remaining=$(left)
     if [ "$remaining" -lt 60 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
     # SIGINT, as Ctrl-C: the run finishes its batch, saves a checkpoint and keeps the finished epochs.
