@@ -284,10 +284,8 @@ def test_every_tma_candidate_on_the_gpu(tma_calls, monkeypatch, dtype, n, k, d, 
         usual, usual_dist = kernels.nearest_code(z, c, precision="ieee", num_splits=splits)
     candidates = nearest_tma._prune(tuner.configs, {"z_ptr": z}, BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                                     RECHECK=recheck)
-    # Warp-specialised candidates with the Triton they compile with (3.6), unspecialised TMA tiles always.
-    specialised = [cfg for cfg in candidates if cfg.kwargs["WARP_SPECIALIZE"]]
-    assert bool(specialised) == nearest_tma._warp_specialisation_compiles()
-    assert len(specialised) < len(candidates)
+    # The unspecialised TMA tiles only: the warp-specialised ones fault at run time (Triton 3.6, H200).
+    assert candidates and not any(cfg.kwargs["WARP_SPECIALIZE"] for cfg in candidates)
     for cfg in candidates:
         monkeypatch.setattr(tuner, "configs", [cfg])
         tuner.cache.clear()
