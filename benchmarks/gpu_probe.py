@@ -7,7 +7,7 @@ small search.
 Writes ``probe.json`` (figures as they come), ``layer_profile_<K>.txt`` (torch.profiler, by CUDA
 time) and ``small_profile.txt`` (cProfile of 300 small bf16 searches) to $OUT (default /tmp). About a
 minute on an H200 with a cold Triton cache. Uses the search's internals (``vqfast.kernels.nearest``)
-to time its stages apart; results from one run are in benchmarks/results/nvidia-h200/probe/.
+to time its stages apart; results from one run are in benchmarks/results/nvidia-h200/d94869b/probe/.
 """
 
 from __future__ import annotations

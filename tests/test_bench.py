@@ -766,12 +766,22 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
     def broken(ctx):
         raise RuntimeError("bug in the gather part")
 
+    def broken_headline(ctx):
+        raise ValueError("bug in the headline part")
+
     monkeypatch.setitem(bench.PART_RUNNERS, "gather", broken)
-    records = bench.run_benchmarks(_tiny_plan(), ("gather", "usage"), tmp_path, device=torch.device("cpu"),
-                                   log=lambda s: None, plots=False)
+    monkeypatch.setitem(bench.PART_RUNNERS, "headline", broken_headline)
+    records = bench.run_benchmarks(_tiny_plan(), ("headline", "gather", "usage"), tmp_path,
+                                   device=torch.device("cpu"), log=lambda s: None, plots=False)
     crashed = [r for r in records if r.case == bench.CRASHED]
-    assert [(r.part, r.status) for r in crashed] == [("gather", "error: RuntimeError: bug in the gather part")]
+    assert [(r.part, r.status) for r in crashed] == [("headline", "error: ValueError: bug in the headline part"),
+                                                     ("gather", "error: RuntimeError: bug in the gather part")]
     assert any(r.part == "usage" and r.ok for r in records)
+    # The report says so above its tables, and no table holds an empty point for it (N = K = D = 0).
+    md = (tmp_path / "results.md").read_text()
+    assert "**The gather part stopped on an error**" in md and "bug in the headline part" in md
+    assert "| 0 | 0 | 0 |" not in md and bench.CRASHED not in md and "## Headline" not in md
+    assert "| 0 | 0 | 0 |" not in bench.headline_table(records)  # (the README's table, benchmarks/publish.py)
 
 
 def test_time_budget_marks_points_skipped(tmp_path):

@@ -540,7 +540,7 @@ def headline_table(records: Sequence[Record]) -> str:
     """vqfast next to cdist+argmin, the matmul form and the bare cuBLAS product, per (N, K, D, precision)."""
     groups: dict[tuple, dict[str, Record]] = {}
     for r in records:
-        if r.part == "headline":
+        if r.part == "headline" and r.case != CRASHED:  # (a part's error is no point of the table)
             groups.setdefault((r.n, r.k, r.d, r.precision), {})[r.provider] = r
     # The back-to-back column where the run has one (it is measured at small problems only).
     wall = [WALL_PROVIDER] if any(r.part == "headline" and r.provider == WALL_PROVIDER for r in records) else []
@@ -834,6 +834,12 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
     if stop is not None:
         out += [f"**This run was cut short: {stop.status}.** Points it did not reach are listed as "
                 "`skipped (time budget)`.", ""]
+    # A part that stopped on an error is said here, not as an empty point in its table.
+    crashed = [r for r in records if r.case == CRASHED]
+    for r in crashed:
+        out += [f"**The {r.part} part stopped on an error** (the points it had not reached are missing; "
+                f"the log has the traceback): {r.status}", ""]
+    records = [r for r in records if r.case != CRASHED]
     out.append(format_markdown_table(["setting", "value"], [[k, v] for k, v in env.items()]))
     out.append(f"Times are medians of `triton.testing.do_bench` in ms over at least {MIN_TIMED_RUNS} timed runs "
                "(CUDA-graph rows: of 10 replays of its CUDA-graph variant; back-to-back rows: wall-clock time per "
