@@ -21,7 +21,8 @@
 #                                     on cifar10_test_1k.npz from $GPU_DATA (default ./gpu_data), most
 #                                     wanted first: VQ-VAE with vqfast's layer and with the article's VQ
 #                                     step at batch 64, the same at batch 256, AE and VAE (batch 64), then
-#                                     vqfast's layer with the article's settings at batch 64 and 256;
+#                                     vqfast's layer with the article's settings at batch 64 and 256,
+#                                     then AE and VAE at batch 256;
 #                                     TRAIN_SKIP="name ..." leaves out runs an earlier command finished
 #
 # Extra arguments after the mode go to `vqfast bench` (e.g. `bash benchmarks/gpu_run.sh bench --only headline`).
@@ -209,6 +210,8 @@ run_training() {
     train_run "vqvae-vqfast-article-settings-b$batch" vqvae --epochs "$vq_epochs" --batch-size "$batch" \
       --vq-preset article
   done
+  train_run "ae-b256" ae --epochs "${AE_EPOCHS:-20}" --batch-size 256
+  train_run "vae-b256" vae --epochs "${VAE_EPOCHS:-20}" --batch-size 256
   # One table (time per epoch, losses, test PSNR, codebook usage) and one loss-curve plot for all runs.
   python3 benchmarks/training_table.py "$runs" > "$runs/training_table.log" 2>&1 || cat "$runs/training_table.log"
   pack

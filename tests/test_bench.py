@@ -1061,7 +1061,8 @@ def test_gpu_run_script_parses_and_refuses_unknown_modes():
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = False) -> list[str]:
+def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = False,
+                  extra_env: dict | None = None) -> list[str]:
     """benchmarks/gpu_run.sh run from a copy in ``tmp_path/repo`` with stand-ins for python3, timeout and
     date (a clock that only the stand-ins move: pip 25 s, tests 165 s, a bench its budget, a training run
     60 s): the commands it ran, each with the time limit it got, as "LIMIT ARGS..." lines."""
@@ -1100,6 +1101,7 @@ esac""",
     env = {**os.environ, "PATH": f"{tmp_path / 'stubs'}:{os.environ['PATH']}", "FAKE_LOG": str(log),
            "OUT": str(tmp_path / f"out-{name}"), "GPU_DATA": str(repo / ("data" if data else "none"))}
     env.pop("GPU_WORK", None)
+    env.update(extra_env or {})
     proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), mode], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -1132,6 +1134,19 @@ def test_gpu_run_script_budgets_fit_the_bench_time_limit_and_the_training_reserv
     # Each command writes to a folder of its own (a machine keeps ignored folders between commands).
     runs = sorted(p.name for p in (tmp_path / "repo" / "gpu-out").iterdir())
     assert len(runs) == 6 and len(set(runs)) == 6
+
+
+def test_gpu_run_script_trains_every_run_in_order_and_leaves_out_the_ones_asked(tmp_path):
+    def runs(lines):
+        return [ln.split("--out ")[1].split()[0].rsplit("/", 1)[1] for ln in lines if "-m vqfast train" in ln]
+
+    every = ["vqvae-vqfast-b64", "vqvae-article-b64", "vqvae-vqfast-b256", "vqvae-article-b256", "ae-b64", "vae-b64",
+             "vqvae-vqfast-article-settings-b64", "vqvae-vqfast-article-settings-b256", "ae-b256", "vae-b256"]
+    extra = {"GPU_RUN_SECONDS": "3000"}
+    assert runs(_fake_gpu_run(tmp_path, "train-all", "train", data=True, extra_env=extra)) == every
+    extra["TRAIN_SKIP"] = "vqvae-vqfast-b64 ae-b64"
+    left = runs(_fake_gpu_run(tmp_path, "train-skip", "train", data=True, extra_env=extra))
+    assert left == [r for r in every if r not in ("vqvae-vqfast-b64", "ae-b64")]
 
 
 def _goal_records(fast: bool) -> list[bench.Record]:
