@@ -3,12 +3,16 @@
 # training runs, each within its own time budget, the whole within GPU_RUN_SECONDS (default 570, so it
 # fits a 10-minute command limit).
 #
-#   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150), the benchmark
+#   bash benchmarks/gpu_run.sh [all]  the GPU-facing tests (GPU_TEST_SECONDS, default 150; the opt-in TMA
+#                                     search's, marked tma, after them in a process of their own:
+#                                     GPU_TMA_TEST_SECONDS, default 40; logs pytest_gpu.log and
+#                                     pytest_gpu_tma.log), the benchmark
 #                                     without its nearest-code sweeps (budget BENCH_SECONDS, default 300,
 #                                     less when fewer than TRAIN_RESERVE_SECONDS=120 would be left after
 #                                     its time limit while $GPU_DATA holds the training data; BENCH_PARTS),
 #                                     then training runs in what is left when it does (see train)
-#   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU)
+#   bash benchmarks/gpu_run.sh tests  the whole test suite (compiled kernels on the GPU; the tma-marked
+#                                     tests in a second process, with the last minute)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
 #   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
 #   bash benchmarks/gpu_run.sh probe  benchmarks/gpu_probe.py: the tf32 search's stages, the layer step
@@ -118,9 +122,9 @@ if ! python3 -m pip install --no-deps --no-build-isolation --disable-pip-version
 fi
 pack
 
-run_tests() {  # seconds, then pytest arguments
-  local limit=$1; shift
-  echo "== tests on the GPU (at most $limit s)"
+run_tests() {  # seconds, log name, then pytest arguments
+  local limit=$1 log="$WORK/$2"; shift 2
+  echo "== tests on the GPU (at most $limit s): $log"
   # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
   # interpreter), and the tests marked gpu run too.
   # -v: each result is in the log as it happens, so a run stopped at its limit still says what failed.
@@ -131,11 +135,11 @@ run_tests() {  # seconds, then pytest arguments
     workers=(-n "${GPU_TEST_WORKERS:-4}")
   fi
   TRITON_CACHE_AUTOTUNING=0 timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 ${workers[@]+"${workers[@]}"} \
-    "$@" > "$WORK/pytest_gpu.log" 2>&1
+    "$@" > "$log" 2>&1
   local rc=$?
-  tail -15 "$WORK/pytest_gpu.log"
-  echo "-- failed so far:"; grep -E " (FAILED|ERROR)" "$WORK/pytest_gpu.log" | head -30
-  echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$WORK/pytest_gpu.log"
+  tail -15 "$log"
+  echo "-- failed so far:"; grep -E " (FAILED|ERROR)" "$log" | head -30
+  echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$log"
   [ "$rc" -ne 0 ] && STATUS=1
   pack
 }
@@ -219,9 +223,12 @@ run_training() {
 
 case "$MODE" in
   all)
-    run_tests "${GPU_TEST_SECONDS:-150}" tests/test_gpu.py tests/test_nearest_tma.py tests/test_deterministic.py tests/test_kernels.py tests/test_functional.py \
+    # The opt-in TMA search's tests (marked tma) in a process of their own, after the others: a kernel
+    # that faults ends its process's CUDA context, and every later test of that process fails with it.
+    run_tests "${GPU_TEST_SECONDS:-150}" pytest_gpu.log -m "not tma" tests/test_gpu.py tests/test_deterministic.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer_mask.py tests/test_layer_rotation.py tests/test_layer.py tests/test_layer_soft_entropy.py \
       tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py tests/test_custom_ops.py
+    run_tests "${GPU_TMA_TEST_SECONDS:-40}" pytest_gpu_tma.log -m tma tests/test_nearest_tma.py tests/test_kernels.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
     # At most BENCH_SECONDS, and, when there is training data, a budget whose time limit leaves ~2
     # minutes of training (one VQ-VAE run); without it the bench may use the time.
@@ -231,9 +238,11 @@ case "$MODE" in
     if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 120 10)"; fi
     run_training
     ;;
-  tests) run_tests $(( $(left) - 10 )) ;;
+  tests)  # the TMA search's tests in a process of their own (see all)
+    run_tests $(( $(left) - 60 )) pytest_gpu.log -m "not tma"
+    run_tests $(( $(left) - 10 )) pytest_gpu_tma.log -m tma tests/test_nearest_tma.py tests/test_kernels.py ;;
   tma)
-    run_tests "$(up_to "${GPU_TEST_SECONDS:-200}" 150)" tests/test_nearest_tma.py tests/test_kernels.py -k tma
+    run_tests "$(up_to "${GPU_TEST_SECONDS:-200}" 150)" pytest_gpu_tma.log -m tma tests/test_nearest_tma.py tests/test_kernels.py
     run_bench "$(bench_budget "${BENCH_SECONDS:-300}" 5)" --only headline "$@"
     ;;
   bench) run_bench "$(bench_budget 500 5)" "$@" ;;

@@ -131,7 +131,7 @@ def tf32_rounding_interpreter(monkeypatch):
     return calls
 
 
-@pytest.fixture(params=["default", "tma"])
+@pytest.fixture(params=["default", pytest.param("tma", marks=pytest.mark.tma)])
 def search_kernel(request, monkeypatch):
     """Runs a search test twice: with the default search kernel, and with the opt-in TMA one
     (``VQFAST_TMA_SEARCH=1``, kernels/nearest_tma.py), which must then have run."""

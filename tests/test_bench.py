@@ -1064,8 +1064,9 @@ def test_gpu_run_script_parses_and_refuses_unknown_modes():
 def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = False,
                   extra_env: dict | None = None) -> list[str]:
     """benchmarks/gpu_run.sh run from a copy in ``tmp_path/repo`` with stand-ins for python3, timeout and
-    date (a clock that only the stand-ins move: pip 25 s, tests 165 s, a bench its budget, a training run
-    60 s): the commands it ran, each with the time limit it got, as "LIMIT ARGS..." lines."""
+    date (a clock that only the stand-ins move: pip 25 s, tests 165 s, the TMA search's tests 25 s, a bench
+    its budget, a training run 60 s): the commands it ran, each with the time limit it got, as
+    "LIMIT ARGS..." lines."""
     repo = tmp_path / "repo"
     if not repo.exists():
         (repo / "benchmarks").mkdir(parents=True)
@@ -1088,6 +1089,7 @@ echo "${args[0]} ${args[*]:1}" >> "$FAKE_LOG"; exec "${args[@]:1}"
 echo "autotuning=${{TRITON_CACHE_AUTOTUNING-unset}} cache=${{TRITON_CACHE_DIR-unset}} :: $*" >> "$FAKE_LOG.env"
 case "$*" in
   *"-m pip install"*) adv 25 ;;
+  *"-m pytest"*"-m tma"*) adv 25 ;;
   *"-m pytest"*) adv 165 ;;
   *"-m vqfast bench"*) b="${{*##*--budget }}"; adv "${{b%% *}}" ;;
   *"-m vqfast train"*) adv 60; mkdir -p "${{@: -1}}" ;;
@@ -1124,7 +1126,10 @@ def test_gpu_run_script_budgets_fit_the_bench_time_limit_and_the_training_reserv
         assert budget >= {"all": 250, "bench": 400, "quick": 85, "tma": 250}[mode], (mode, budget)
     lines = _fake_gpu_run(tmp_path, "all-data", "all", data=True)
     limit, budget = _bench_call(lines)
-    start_of_bench = 1000 + 25 + 165 + 3  # pip, tests and a few other commands at 1 s
+    start_of_bench = 1000 + 25 + 165 + 25 + 3  # pip, tests, the TMA tests and a few other commands at 1 s
+    # The TMA search's tests run apart from the others, after them (a fault ends a process's CUDA context).
+    tests = [ln for ln in lines if "-m pytest" in ln]
+    assert len(tests) == 2 and '-m not tma' in tests[0] and "-m tma tests/test_nearest_tma.py" in tests[1]
     assert start_of_bench + limit <= 1000 + total - 115  # about two minutes kept for the first training run
     trains = [ln for ln in lines if "-m vqfast train" in ln]
     assert trains and int(trains[0].split()[0]) >= 60

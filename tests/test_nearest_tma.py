@@ -14,6 +14,7 @@ from vqfast import kernels, reference
 from vqfast.kernels import nearest_tma
 
 HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+pytestmark = pytest.mark.tma
 
 
 @pytest.fixture
