@@ -806,3 +806,24 @@ def test_a_codebook_changed_in_place_before_backward(device):
     else:
         (z_q.sum() + loss).backward()
         assert codebook.grad is not None and z.grad is not None
+
+
+def test_every_autograd_function_with_setup_context_keeps_its_signature():
+    # torch binds each apply's arguments to forward's signature; a kept one saves rebuilding it per call.
+    import inspect
+
+    from vqfast import functional, layer, reference
+
+    found = []
+    for module in (functional, layer, reference):
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, torch.autograd.Function)
+                    and value.__module__ == module.__name__ and "setup_context" in vars(value)):
+                forward = vars(value)["forward"].__func__
+                code = forward.__code__
+                names = list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount
+                                                + bool(code.co_flags & inspect.CO_VARARGS)])
+                assert "__signature__" in vars(forward), value.__name__
+                assert list(inspect.signature(forward).parameters) == names, value.__name__
+                found.append(value.__name__)
+    assert {"_FusedQuantize", "_GatherRows", "_LayoutQuantize", "_StraightThrough"} <= set(found)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vqfast import reference
+from vqfast._autograd import signature_kept
 from vqfast._checks import (
     INTERPRETER_BF16_REFUSAL, check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
@@ -158,6 +159,7 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@signature_kept
 class _SecondDerivativeRefused(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises."""
 
@@ -223,6 +225,7 @@ def first_order_only(backward: Callable) -> Callable:
     return wrapper
 
 
+@signature_kept
 class _GatherRows(torch.autograd.Function):
     """``codebook[indices]``; backward scatter-adds the output gradient into the chosen rows (fp32)."""
 
@@ -295,6 +298,7 @@ def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> t
     return counts, stats[0], stats[1]
 
 
+@signature_kept
 class _FusedQuantize(torch.autograd.Function):
     """Gather + straight-through output + both VQ losses, forward and backward in one kernel each."""
 
@@ -455,6 +459,7 @@ def _masked_quantize_rows(rows: Tensor, codebook: Tensor, indices: Tensor, valid
     return z_q, codebook_loss + reference.weighted(commitment, beta)
 
 
+@signature_kept
 class _RotateToCodes(torch.autograd.Function):
     """The value of ``codes``; the gradient of ``(lambda M) z`` with ``lambda M`` held constant (see
     :func:`rotate_to_codes`)."""

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfast import reference
+from vqfast._autograd import signature_kept
 from vqfast._checks import (
     SMALLEST_TEMPERATURE, check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values,
 )
@@ -122,6 +123,7 @@ def _check_mask(mask: Tensor, z: Tensor, cdim: int) -> None:
                    f"z {tuple(z.shape)}, channels at dim {cdim}")
 
 
+@signature_kept
 class _LayoutQuantize(torch.autograd.Function):
     """quantize's fused step (``_FusedQuantize``) for a layer input ``z`` in its own layout: takes ``z``
     (for its gradient) and its rows (N, D), detached, and returns ``z_q`` in ``z``'s layout, as
@@ -205,6 +207,7 @@ def _in_backward_pass() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@signature_kept
 class _SoftEntropy(torch.autograd.Function):
     """Sample and batch entropies of soft assignments through the streaming Triton kernels."""
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from vqfast._checks import (SMALLEST_TEMPERATURE, check_gather_inputs, check_number, check_search_inputs,
                             check_usage_inputs)
 from vqfast._library import vmap_by_loop
+from vqfast._autograd import signature_kept
 
 __all__ = ["nearest_code", "gather", "code_usage", "quantize", "soft_assignment_entropy", "unit_rows"]
 
@@ -485,6 +486,7 @@ def weighted(term: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(torch.isinf(term), 0.0, out)
 
 
+@signature_kept
 class _StraightThrough(torch.autograd.Function):
     """``z + (q - z).detach()`` without its rounding: the value is exactly ``q`` (also where z is
     large, inf or NaN), and the gradient goes to ``z`` unchanged."""
@@ -521,6 +523,7 @@ def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return function.apply(z, q)
 
 
+@signature_kept
 class _RowEntropy(torch.autograd.Function):
     """Entropy of each row of ``p = softmax(logits)``, and ``p``, with gradients that keep their
     relative accuracy.
