@@ -60,6 +60,8 @@ def gather_rows(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     indices; one outside [0, K) gives a zero row, never an out-of-bounds read."""
     check_launchable(codebook, indices)
     check_row_indices(indices, None, codebook.device)
+    if codebook.is_complex():  # (Triton has no complex pointer type)
+        raise TypeError(f"the codebook must be real for the gather kernel, got {codebook.dtype}")
     key = (codebook.shape, codebook.stride(), indices.shape, indices.dtype, codebook.dtype, codebook.device,
            _common.interpreting())
     plan = _GATHER_PLANS.get(key)

@@ -12,6 +12,7 @@ as the PyTorch ops compute it: near opposite codes the rounding of z^ + c^ limit
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -96,6 +97,10 @@ def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, ha
     ``z``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with
     PyTorch ops, in one launch. Rows whose |z^ + c^| is at most ``halfway_min`` are not rotated."""
     check_launchable(z, codes, grad)
+    # NaN would rotate no row and a negative bound every row, halfway vectors of norm 0 included.
+    if (isinstance(halfway_min, bool) or not isinstance(halfway_min, (int, float))
+            or not math.isfinite(halfway_min) or halfway_min < 0):
+        raise ValueError(f"halfway_min must be a finite number >= 0, got {halfway_min!r}")
     if z.dim() != 2 or z.shape != codes.shape or z.shape != grad.shape:
         raise ValueError(f"z, codes and grad must be (N, D) of one shape, got {tuple(z.shape)}, "
                          f"{tuple(codes.shape)} and {tuple(grad.shape)}")

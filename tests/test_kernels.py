@@ -1489,6 +1489,10 @@ def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
         "no codes": (lambda: kernels.quantize_forward(z, c[:0], ix, 0.25), "at least one code"),
         "no columns": (lambda: kernels.quantize_forward(z[:, :0], c[:, :0], ix, 0.25), "at least one"),
         "grad_loss": (lambda: kernels.quantize_backward(None, on(torch.ones(2)), z, c, ix, 0.25), "grad_loss"),
+        # NaN would rotate no row, a negative bound every row (halfway vectors of norm 0 included).
+        "halfway nan": (lambda: kernels.rotate_gradient(z, z + 1, z, float("nan")), "halfway_min"),
+        "halfway -1": (lambda: kernels.rotate_gradient(z, z + 1, z, -1.0), "halfway_min"),
+        "halfway inf": (lambda: kernels.rotate_gradient(z, z + 1, z, float("inf")), "halfway_min"),
     }
     for name, (call, message) in value_errors.items():
         with pytest.raises(ValueError, match=message):
@@ -1498,15 +1502,17 @@ def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
         "int z": lambda: kernels.quantize_forward(z.int(), c.int(), ix, 0.25),
         "float64 grad_zq": lambda: kernels.quantize_backward(z.double(), on(1.0), z, c, ix, 0.25),
         "out_dtype": lambda: kernels.scatter_add_rows(on(torch.ones(3, 2)), i, 5, "float16"),
+        "complex codebook": lambda: kernels.gather_rows(c.to(torch.complex64), ix),
     }
     for name, call in type_errors.items():
-        with pytest.raises(TypeError, match="float32|dtype"):
+        with pytest.raises(TypeError, match="float32|dtype|real"):
             call()
             pytest.fail(name)
     # K = 0 counts nothing (as before), and the valid calls still run.
     assert kernels.code_usage(i, 0)[0].shape == (0,)
     assert kernels.nearest_code(z, c, tie_tolerance_scale=0.0)[0].shape == (5,)
     assert torch.equal(kernels.quantize_forward(z, c, ix, 0.25)[0], c[ix])
+    torch.testing.assert_close(kernels.rotate_gradient(z, z, z, 0.0), z)  # (codes = z: the identity rotation)
 
 
 def test_each_fp32_mode_runs_its_own_passes(kernel_device):
