@@ -1770,3 +1770,34 @@ def test_a_float64_layer_restarts_and_fits_codes_in_float64(ema):
     pooled = VectorQuantizer(4, 3, ema=ema, init="kmeans", kmeans_batches=2).double()
     pooled(z)
     assert pooled.kmeans_pool.dtype == torch.float64 and torch.equal(pooled.kmeans_pool, z)
+
+
+@pytest.mark.parametrize("other", ["codes", "dim", "usage"])
+def test_a_state_of_other_shapes_fails_to_load_and_leaves_the_layer_as_it_was(torch_backend, other):
+    # load_state_dict reports a size mismatch only after every module had its turn, and copies the
+    # entries that fit: a layer pooling for k-means must keep its pool, its pending k-means and its
+    # statistics, since the codes and statistics of that state are not loaded.
+    torch.manual_seed(0)
+    trained = VectorQuantizer(8, 4)
+    trained(torch.randn(20, 4))
+    state = dict(trained.state_dict())
+    if other == "codes":
+        state = dict(VectorQuantizer(16, 4).state_dict(), initialized=torch.tensor(True))
+    elif other == "dim":
+        state["embeddings.weight"] = torch.randn(8, 5)
+    else:
+        state["usage"] = torch.rand(9)
+    pooling = VectorQuantizer(8, 4, init="kmeans", kmeans_batches=3)
+    pooling(torch.randn(10, 4))
+    before = {name: value.clone() for name, value in pooling.state_dict().items()}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        pooling.load_state_dict(state)
+    after = pooling.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert pooling._needs_init and pooling._kmeans_pool_batches == 1
+    # The layer goes on pooling, and loads a state that fits.
+    pooling(torch.randn(10, 4))
+    assert pooling._kmeans_pool_batches == 2
+    pooling.load_state_dict(trained.state_dict())
+    assert not pooling._needs_init and torch.equal(pooling.embeddings.weight, trained.embeddings.weight)

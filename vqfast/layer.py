@@ -1288,6 +1288,22 @@ class VectorQuantizer(nn.Module):
                 t = state_dict.get(prefix + name)
                 if isinstance(t, Tensor) and t.is_floating_point() and t.element_size() < 4:
                     state_dict[prefix + name] = t.float()
+        # taming-transformers' VectorQuantizer (VQGAN) names its codebook "embedding".
+        alias = prefix + "embedding.weight"
+        if alias in state_dict and prefix + "embeddings.weight" not in state_dict:
+            # In place: the embedding module loads its weight from this dict (load_state_dict's own copy).
+            state_dict[prefix + "embeddings.weight"] = state_dict.pop(alias)
+        own = {"embeddings.weight": self.embeddings.weight, **self._buffers}
+        # (A 0-dim buffer takes a one-element 1-D value: load_state_dict's own allowance.)
+        other_shape = {name for name, t in own.items() if isinstance(state_dict.get(prefix + name), Tensor)
+                       and t.dim() > 0 and state_dict[prefix + name].shape != t.shape}
+        if other_shape:
+            # A state of other shapes fails to load (load_state_dict reports the mismatch once every module
+            # has had its turn, and would have copied the entries that fit): this layer takes nothing
+            # from it, neither codes nor statistics nor whether k-means is pending, nor a pool.
+            self._load_nothing(state_dict, prefix, local_metadata, strict, own, other_shape, missing_keys,
+                               unexpected_keys, error_msgs)
+            return
         # Checkpoints of the article's layer (or of an older VectorQuantizer) hold only the codes: keep
         # this layer's own statistics for whatever they lack, so that strict loading still works.
         missing = [name for name in self._buffers if prefix + name not in state_dict]
@@ -1297,11 +1313,6 @@ class VectorQuantizer(nn.Module):
         pool_key, batches_key = (prefix + name for name in _KMEANS_POOL_KEYS)
         extra += [key for key in (pool_key, batches_key) if key in state_dict]
         pool, batches = state_dict.get(pool_key), state_dict.get(batches_key)
-        # taming-transformers' VectorQuantizer (VQGAN) names its codebook "embedding".
-        alias = prefix + "embedding.weight"
-        if alias in state_dict and prefix + "embeddings.weight" not in state_dict:
-            # In place: the embedding module loads its weight from this dict (load_state_dict's own copy).
-            state_dict[prefix + "embeddings.weight"] = state_dict.pop(alias)
         # A state of the whole layer (not just its pool, as a distributed resume loads per rank); after
         # the renaming, so that VQGAN's codes drop a pending pool as this layer's own codes do.
         whole = prefix + "initialized" in state_dict or prefix + "embeddings.weight" in state_dict
@@ -1354,6 +1365,22 @@ class VectorQuantizer(nn.Module):
             self._kmeans_pool, self._kmeans_pool_batches = [], 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _load_nothing(self, state_dict, prefix, local_metadata, strict, own, other_shape, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+        """For a state that will fail to load: the entries of other shapes are left for load_state_dict to
+        report, every other entry of this layer is its own value (a copy that changes nothing), and the
+        k-means pool and its flag stay as they are."""
+        for name in own:
+            if name not in other_shape and prefix + name in state_dict:
+                # In place for the codebook, which the embedding loads from this dict after this layer.
+                state_dict[prefix + name] = own[name].detach()
+        dropped = {prefix + name for name in _KMEANS_POOL_KEYS} | {prefix + "ema_sum"}
+        kept = {key: value for key, value in state_dict.items() if key not in dropped}
+        for name, t in self._buffers.items():
+            kept.setdefault(prefix + name, t.detach())
+        super()._load_from_state_dict(kept, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _load_kmeans_pool(self, pool: Any, batches: Any, key: str, error_msgs: list[str]) -> None:
         try:
