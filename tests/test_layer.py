@@ -1790,12 +1790,16 @@ def test_a_state_of_other_shapes_fails_to_load_and_leaves_the_layer_as_it_was(to
     pooling = VectorQuantizer(8, 4, init="kmeans", kmeans_batches=3)
     pooling(torch.randn(10, 4))
     before = {name: value.clone() for name, value in pooling.state_dict().items()}
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        pooling.load_state_dict(state)
-    after = pooling.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[name], before[name]) for name in before)
-    assert pooling._needs_init and pooling._kmeans_pool_batches == 1
+    weight, usage = pooling.embeddings.weight, pooling.usage
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            pooling.load_state_dict(state, assign=assign)
+        after = pooling.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[name], before[name]) for name in before)
+        assert pooling._needs_init and pooling._kmeans_pool_batches == 1
+        # The same tensors (an optimizer holds the parameter).
+        assert pooling.embeddings.weight is weight and pooling.usage is usage
     # The layer goes on pooling, and loads a state that fits.
     pooling(torch.randn(10, 4))
     assert pooling._kmeans_pool_batches == 2

@@ -1372,14 +1372,16 @@ class VectorQuantizer(nn.Module):
         """For a state that will fail to load: the entries of other shapes are left for load_state_dict to
         report, every other entry of this layer is its own value (a copy that changes nothing), and the
         k-means pool and its flag stay as they are."""
+        # The tensors themselves: copied onto themselves, or under assign=True put back where they are
+        # (a detached copy would become a new Parameter, which an optimizer would not update).
         for name in own:
             if name not in other_shape and prefix + name in state_dict:
                 # In place for the codebook, which the embedding loads from this dict after this layer.
-                state_dict[prefix + name] = own[name].detach()
+                state_dict[prefix + name] = own[name]
         dropped = {prefix + name for name in _KMEANS_POOL_KEYS} | {prefix + "ema_sum"}
         kept = {key: value for key, value in state_dict.items() if key not in dropped}
         for name, t in self._buffers.items():
-            kept.setdefault(prefix + name, t.detach())
+            kept.setdefault(prefix + name, t)
         super()._load_from_state_dict(kept, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
