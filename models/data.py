@@ -220,6 +220,10 @@ def load_npz(path: str | Path, train: bool = True) -> ImageArrayDataset:
     if x.ndim == 4 and x.shape[1:] == (IMAGE_SHAPE_HWC[2], *IMAGE_SHAPE_HWC[:2]):
         raise ValueError(f"{path}: {key!r} holds channels-first images, shape {tuple(x.shape)}; store them "
                          f"channels-last, (N, 32, 32, 3), e.g. as x.transpose(0, 2, 3, 1)")
+    if x.ndim == 3 and x.shape[1:] == IMAGE_SHAPE_HWC[:2] or x.ndim == 4 and x.shape[1:] == (*IMAGE_SHAPE_HWC[:2], 1):
+        raise ValueError(f"{path}: {key!r} holds greyscale images, shape {tuple(x.shape)}; the models take RGB, "
+                         f"(N, 32, 32, 3): repeat the channel, e.g. np.repeat(x.reshape(len(x), 32, 32, 1), 3, "
+                         f"axis=3) (an ImageFolder directory is converted automatically)")
     if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE_HWC:
         raise ValueError(f"{path}: {key!r} must hold 32 x 32 RGB images, shape (N, 32, 32, 3), got "
                          f"{tuple(x.shape)}; the models take 32 x 32 inputs, so resize the images first (an "

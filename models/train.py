@@ -460,6 +460,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` of a training run's checkpoint, with every entry the resume and the
+    evaluation read checked first."""
+    state = load_checkpoint(path)
+    problem = _checkpoint_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{path} is corrupt or not a vqfast checkpoint ({problem}); it cannot be resumed "
+                              "or evaluated")
+    return state
+
+
+# What every checkpoint holds, and as what (save_checkpoint's state, as the training loop builds it).
+_CHECKPOINT_ENTRIES = {"config": dict, "model_state": dict, "optimizer_state": dict, "epoch": int, "batch": int,
+                       "rng": list, "history": list, "step_losses": list}
+
+
+def _checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What is missing or malformed in a tagged checkpoint ``state``, or None: a damaged file must be
+    refused as such, not fail later with a KeyError deep in the resume."""
+    for key, kind in _CHECKPOINT_ENTRIES.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is {'missing' if key not in state else f'a {type(value).__name__}'}, not a {kind.__name__}"
+    if state["epoch"] < 0 or state["batch"] < 0:
+        return f"epoch {state['epoch']} and batch {state['batch']} must be >= 0"
+    if not state["rng"]:
+        return "'rng' holds no random state"
+    if state["batch"] > 0 and not (isinstance(state.get("acc"), list) and isinstance(state.get("code_counts"), list)):
+        return "a run stopped within an epoch needs its partial sums ('acc', 'code_counts')"
+    return None
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -731,7 +763,7 @@ def mean_image_mse(dataset: Dataset, mean: torch.Tensor, batch_size: int = 1024)
 
 def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the model of a run folder (or checkpoint file): ``(model, config, checkpoint)``."""
-    state = load_checkpoint(run)
+    state = _run_checkpoint(run)
     try:
         cfg = _as_config(state["config"])
         model = build_model(cfg.model, **_model_kwargs(cfg))
@@ -966,15 +998,15 @@ def _check_run_data(train_set: Dataset, state: Mapping[str, Any], path: str,
                          f"before its first epoch ended), so another path cannot be checked; put the data back "
                          f"at {saved}, or start a new run in another --out")
     if not same:
-        what = (f"{n:,} images where the run's had {had:,}" if n != had
-                else f"{n:,} images, as the run's had, but other ones")
+        what = (f"{_count(n, 'image', 'images')} where the run's had {had:,}" if n != had
+                else f"{_count(n, 'image', 'images')}, as the run's had, but other ones")
         if moved:
             raise ValueError(f"--data {path!r} does not hold the run's training data ({saved!r}): {what}. A resumed "
                              "run trains on its own images: give the path they are at now, or start a new run in "
                              "another --out")
         raise ValueError(f"The run's training data {path!r} has changed since its last checkpoint: it holds {what}. "
                          "A resumed run trains on its own images: put them back, or start a new run in another --out")
-    note = f"Resume: the run's data is now read from {path} (it was {saved}): {n:,} images, {checked}"
+    note = f"Resume: the run's data is now read from {path} (it was {saved}): {_count(n, 'image', 'images')}, {checked}"
     return (note if moved else None), found
 
 
@@ -1122,7 +1154,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     # was given is told about that path, not advised to give one.
     data_given, eval_data_given = _was_given(cfg, "data", given), _was_given(cfg, "eval_data", given)
     if cfg.resume:
-        state = load_checkpoint(ckpt_path)
+        state = _run_checkpoint(ckpt_path)
         cfg = _merge_resumed(cfg, state["config"], given)
         done = int(state["epoch"])
         if int(state.get("batch", 0)) > 0 and cfg.resolved_epochs() <= done:
@@ -1251,8 +1283,12 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     acc_init: torch.Tensor | None = None
     counts_init: torch.Tensor | None = None
     if state is not None:
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
+        try:
+            model.load_state_dict(state["model_state"])
+            optimizer.load_state_dict(state["optimizer_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt_path}: the checkpoint's model or optimizer does not match its configuration "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr  # the run's, or a new one given on resume
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
@@ -1279,7 +1315,11 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         if pools and pools[mine]:
             # This rank's own k-means pool: model_state holds rank 0's.
             model.load_state_dict(pools[mine], strict=False)
-        _set_rng_state(state["rng"][mine])
+        try:
+            _set_rng_state(state["rng"][mine])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt_path}: the checkpoint's random state cannot be restored "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         history = list(state["history"])
         step_losses = list(state["step_losses"])
         if start_batch:
@@ -2120,7 +2160,7 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
     if summary.get("batches_trained"):
         trained += f" and {summary['batches_trained']} batch{'es' if summary['batches_trained'] != 1 else ''}"
     lines = [f"{summary['model']} ({trained}) on {summary['data']} {summary['split']}: "
-             f"{summary['images']} images, MSE/pixel {summary['mse']:.5f}, PSNR {summary['psnr']:.2f} dB",
+             f"{_count(summary['images'], 'image', 'images')}, MSE/pixel {summary['mse']:.5f}, PSNR {summary['psnr']:.2f} dB",
              f"  anomaly score (SSE/image): mean {summary['score_mean']:.3f}, median {summary['score_p50']:.3f}, "
              f"p90 {summary['score_p90']:.3f}, p99 {summary['score_p99']:.3f}, max {summary['score_max']:.3f}"]
     if "perplexity" in summary:
@@ -2129,7 +2169,7 @@ def _format_eval(summary: Mapping[str, Any]) -> str:
         lines.append("  worst images: " + ", ".join(f"#{i} ({s:.2f})" for i, s in summary["worst"][:5]))
     if "ood" in summary:
         o = summary["ood"]
-        lines.append(f"  {o['data']} {o['split']}: {o['images']} images, MSE/pixel {o['mse']:.5f}, PSNR "
+        lines.append(f"  {o['data']} {o['split']}: {_count(o['images'], 'image', 'images')}, MSE/pixel {o['mse']:.5f}, PSNR "
                      f"{o['psnr']:.2f} dB, score mean {o['score_mean']:.3f}; AUROC {o['auroc']:.3f}, "
                      f"{100 * o['flagged_at_p95']:.1f}% above the in-distribution 95th percentile")
     lines += [f"  note: {note}" for note in summary.get("notes", ())]

@@ -347,7 +347,7 @@ def test_synthetic_source_is_deterministic() -> None:
 
 
 def test_npz_images_must_be_32x32_rgb(tmp_path: Path) -> None:
-    for shape in ((2, 64, 64, 3), (2, 32, 32, 4), (2, 32, 32), (2, 3, 64, 64)):
+    for shape in ((2, 64, 64, 3), (2, 32, 32, 4), (2, 16, 16), (2, 3, 64, 64)):
         np.savez(tmp_path / "bad.npz", x=np.zeros(shape, dtype=np.uint8))
         with pytest.raises(ValueError, match="32 x 32 RGB") as info:
             load_dataset(str(tmp_path / "bad.npz"))
@@ -356,6 +356,12 @@ def test_npz_images_must_be_32x32_rgb(tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 3, 32, 32), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"channels-first images, shape \(2, 3, 32, 32\).*transpose\(0, 2, 3, 1\)"):
         load_dataset(str(tmp_path / "bad.npz"))
+    # Greyscale images of the right size: told to repeat the channel, not to resize.
+    for shape in ((2, 32, 32), (2, 32, 32, 1)):
+        np.savez(tmp_path / "bad.npz", x=np.zeros(shape, dtype=np.uint8))
+        with pytest.raises(ValueError, match=r"greyscale images, shape \(2, 32, 32(, 1)?\).*repeat the channel") as info:
+            load_dataset(str(tmp_path / "bad.npz"))
+        assert "resize" not in str(info.value)
     np.savez(tmp_path / "pairs.npz", x_train=_images(2, seed=0), x_test=np.zeros((2, 16, 16, 3), dtype=np.uint8))
     assert len(load_dataset(str(tmp_path / "pairs.npz"), train=True)) == 2
     with pytest.raises(ValueError, match="'x_test'.*\\(2, 16, 16, 3\\)"):

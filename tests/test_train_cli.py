@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import signal
 from pathlib import Path
 
@@ -755,6 +756,31 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_a_clear_error(tmp_path: Pat
         train_mod.load_run(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["no model_state", "no epoch", "no history", "epoch as text", "no rng",
+                                    "weights of another shape", "another latent size"])
+def test_a_damaged_checkpoint_is_refused_cleanly_by_resume_and_evaluate(
+        tmp_path: Path, ae_run: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ae_run, run)
+    state = load_checkpoint(run)
+    if damage.startswith("no "):
+        del state[damage[3:]]
+    elif damage == "epoch as text":
+        state["epoch"] = "1"
+    elif damage == "weights of another shape":
+        name = next(iter(state["model_state"]))
+        state["model_state"][name] = state["model_state"][name][..., :1].clone()
+    else:
+        state["config"]["latent_dim"] = state["config"]["latent_dim"] * 2
+    save_checkpoint(state, run / "checkpoint.pt")
+    assert train_main(_train_args("ae", "--resume", "--epochs", "3", "--out", str(run), "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("corrupt or not a vqfast checkpoint" in err or "does not match" in err), err
+    assert evaluate_main(_evaluate_args(str(run), "--data", "sample", "--limit", "8", "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("corrupt or not a vqfast checkpoint" in err or "does not match" in err), err
+
+
 # ------------------------------------------------------------------- data without a test split
 
 
@@ -1134,3 +1160,11 @@ def test_running_out_of_memory_names_the_batch_size(error: RuntimeError, ae_run:
     monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         train_main(_train_args(*argv[:-1], str(tmp_path / "other")))
+
+
+def test_counts_of_one_image_read_as_such() -> None:
+    summary = dict(epochs_trained=1, model="ae", data="mine.npz", split="all", images=1, mse=0.01, psnr=20.0,
+                   score_mean=1.0, score_p50=1.0, score_p90=1.0, score_p99=1.0, score_max=1.0, worst=[])
+    text = train_mod._format_eval(summary)
+    assert "all: 1 image, MSE/pixel" in text and "1 images" not in text
+    assert "all: 2 images," in train_mod._format_eval({**summary, "images": 2})
