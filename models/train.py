@@ -387,6 +387,20 @@ def _print(msg: str, log_path: Path | None = None, file: Any = None) -> None:
             f.write(msg + "\n")
 
 
+@contextmanager
+def _errors_logged(log_path: Path | None) -> Iterator[None]:
+    """An error that stops the training (an image that fails to decode, divergence, out of memory) is
+    also written to the run's log, which otherwise ends at the last epoch as if the run were going on;
+    the caller still reports it and exits."""
+    try:
+        yield
+    except Exception as exc:
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(f"error: {_error_text(exc)}\n")
+        raise
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -1407,7 +1421,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
 
     is_vq = cfg.model == "vqvae"
     interrupted = False
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _errors_logged(log_path):
         for epoch in range(start_epoch, epochs):
             model.train()
             if dist.enabled:

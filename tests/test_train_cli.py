@@ -572,6 +572,8 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(tmp_path: Path, cap
             "--epochs", "3", "--eval-limit", "16", "--out", str(out), "--no-progress"]
     assert train_main(_train_args(*argv)) == 2
     assert "training diverged in epoch" in capsys.readouterr().err
+    # The run's log says so too, as its last line (not only the terminal).
+    assert (out / "train.log").read_text().splitlines()[-1].startswith("error: training diverged in epoch")
     state = load_checkpoint(out / "checkpoint.pt")
     assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
     assert not (out / "summary.json").exists()
