@@ -8,7 +8,7 @@ the warps of the code loop: one group of warps issues the loads, and two groups 
 take half of the row block, each with its own products and argmin, so that one group's argmin can
 run while the other's product is on the tensor cores (what FlashAttention-3 calls ping-pong).
 The warp-specialised tiles fault at run time with Triton 3.6 on an H200 and are left out of the
-candidates (``_warp_specialised_candidates``): what runs is the kernel with TMA loads and software
+candidates (``_WARP_SPECIALISED_CANDIDATES``): what runs is the kernel with TMA loads and software
 pipelining only, autotuned over unspecialised tiles.
 
 It covers what the goal shapes need: bf16/fp16 rows (exact products), and fp32 rows in the tf32
@@ -184,15 +184,14 @@ _SPECIALISED_TF32 = ((128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 32, 4, 
 _UNSPECIALISED_TF32 = ((128, 64, 8, 2, False), (128, 32, 8, 2, False))
 
 
-def _warp_specialised_candidates() -> bool:
-    """Whether the warp-specialised tiles are autotuning candidates: not at present. Triton 3.6 compiles
-    them for sm_90 (benchmarks/compile_check.py), but on an H200 (driver 580, CUDA 13.0) every one of them
-    faults at run time, at any shape, from 1 x 1 x 8 up (an illegal memory access; compute-sanitizer:
-    an out-of-range shared-memory address in the kernel), while the unspecialised TMA tiles return the
-    default kernel's indices and distances. Triton 3.8's pass fails on the kernel at compile time
-    ("descriptor block and tensor must have the same number of elements": it splits the row block
-    between the two groups but not its descriptor). The tiles stay listed for a Triton that runs them."""
-    return False
+# Whether the warp-specialised tiles are autotuning candidates: not at present. Triton 3.6 compiles them
+# for sm_90 (benchmarks/compile_check.py), but on an H200 (driver 580, CUDA 13.0) every one of them faults
+# at run time, at any shape, from 1 x 1 x 8 up (an illegal memory access; compute-sanitizer: an
+# out-of-range shared-memory address in the kernel), while the unspecialised TMA tiles return the default
+# kernel's indices and distances. Triton 3.8's pass fails on the kernel at compile time ("descriptor
+# block and tensor must have the same number of elements": it splits the row block between the two
+# groups but not its descriptor). The tiles stay listed for a Triton that runs them.
+_WARP_SPECIALISED_CANDIDATES = False
 
 
 def _config(block_n: int, block_k: int, warps: int, stages: int, specialised: bool) -> triton.Config:
@@ -201,7 +200,7 @@ def _config(block_n: int, block_k: int, warps: int, stages: int, specialised: bo
 
 
 def _configs(specialised: tuple, unspecialised: tuple) -> list[triton.Config]:
-    return [_config(*c) for c in (specialised if _warp_specialised_candidates() else ()) + unspecialised]
+    return [_config(*c) for c in (specialised if _WARP_SPECIALISED_CANDIDATES else ()) + unspecialised]
 
 
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "WARP_SPECIALIZE": False}

@@ -12,12 +12,12 @@ as the PyTorch ops compute it: near opposite codes the rounding of z^ + c^ limit
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from vqfast._checks import check_number
 from vqfast.kernels._common import (
     cdiv, check_column_count, check_launchable, next_power_of_2, resolves_negative_views,
 )
@@ -98,9 +98,7 @@ def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, ha
     PyTorch ops, in one launch. Rows whose |z^ + c^| is at most ``halfway_min`` are not rotated."""
     check_launchable(z, codes, grad)
     # NaN would rotate no row and a negative bound every row, halfway vectors of norm 0 included.
-    if (isinstance(halfway_min, bool) or not isinstance(halfway_min, (int, float))
-            or not math.isfinite(halfway_min) or halfway_min < 0):
-        raise ValueError(f"halfway_min must be a finite number >= 0, got {halfway_min!r}")
+    halfway_min = check_number(halfway_min, "halfway_min", minimum=0)
     if z.dim() != 2 or z.shape != codes.shape or z.shape != grad.shape:
         raise ValueError(f"z, codes and grad must be (N, D) of one shape, got {tuple(z.shape)}, "
                          f"{tuple(codes.shape)} and {tuple(grad.shape)}")
