@@ -474,6 +474,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _exception_line(exc: BaseException) -> str:
+    """``"KeyError: 'epoch'"``: the exception's type and the first line of its message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _run_checkpoint(path: str | Path) -> dict[str, Any]:
     """:func:`load_checkpoint` of a training run's checkpoint, with every entry the resume and the
     evaluation read checked first."""
@@ -784,7 +790,7 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
         model.load_state_dict(state["model_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{run}: the checkpoint's model does not match its configuration "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                              f"({_exception_line(exc)})") from None
     model.to(device).eval()
     return model, cfg, state
 
@@ -1302,7 +1308,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             optimizer.load_state_dict(state["optimizer_state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt_path}: the checkpoint's model or optimizer does not match its configuration "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                                  f"({_exception_line(exc)})") from None
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr  # the run's, or a new one given on resume
         start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
@@ -1333,7 +1339,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             _set_rng_state(state["rng"][mine])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt_path}: the checkpoint's random state cannot be restored "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                                  f"({_exception_line(exc)})") from None
         history = list(state["history"])
         step_losses = list(state["step_losses"])
         if start_batch:
