@@ -1,12 +1,13 @@
-"""Put a benchmark run's headline table (and its TFLOP/s plot) into README.md.
+"""Put a benchmark run's headline table and plots into README.md.
 
     python benchmarks/publish.py benchmarks/results/<gpu-name> [--readme README.md]
 
 Reads ``results.csv`` from the results folder that `vqfast bench` wrote and replaces the part of the
 README between ``<!-- headline-results:start -->`` and ``<!-- headline-results:end -->`` with the GPU,
 driver and versions, the headline table (vqfast next to cdist + argmin, the matmul form and the bare
-cuBLAS product), the speed goals with what the run measured, and the achieved-TFLOP/s plot when the
-folder has it.
+cuBLAS product), the speed goals with what the run measured, the headline plot (achieved TFLOP/s of
+each provider against the run's matmul ceilings; drawn from results.csv into the folder when it lacks
+it) and the achieved-TFLOP/s-against-K plot when the folder has it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def headline_section(results: Path, readme: Path) -> str:
         "",
         bench.goals_table(records).rstrip(),
     ]
-    # The plot only beside the run that drew it (one without K sweeps draws none).
+    # The headline plot is drawn from results.csv where the folder lacks it (runs from before the plot).
+    headline_plot = results / bench.HEADLINE_PLOT
+    if headline_plot.is_file() or bench.plot_headline(records, headline_plot, env) is not None:
+        lines += ["", f"![achieved TFLOP/s of each provider at the headline shapes]({link}/{bench.HEADLINE_PLOT})"]
+    # The K-sweep plot only beside the run that drew it (one without K sweeps draws none).
     if (results / "nearest_tflops_vs_k.png").is_file() and any(r.part == "nearest" for r in records):
         lines += ["", f"![achieved TFLOP/s against K]({link}/nearest_tflops_vs_k.png)"]
     return "\n".join(lines)

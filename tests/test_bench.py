@@ -1014,6 +1014,9 @@ def test_csv_reads_back_and_publishes_the_headline_into_a_readme(tmp_path):
     text = readme.read_text()
     assert "old text" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "Measured on Test GPU (driver 555.1" in text and "benchmarks/results/test-gpu/results.md" in text
+    # A folder without the headline plot (a run from before it was drawn) gets it from results.csv.
+    assert (results / bench.HEADLINE_PLOT).read_bytes().startswith(b"\x89PNG")
+    assert f"benchmarks/results/test-gpu/{bench.HEADLINE_PLOT})" in text
     assert bench.headline_table(recs).splitlines()[2] in text
     # "back to back" is defined only where the table has that column.
     assert "back to back" not in text
@@ -1602,7 +1605,7 @@ def test_published_runs_say_their_mode_and_competitor_and_plots_stay_with_their_
                           tflops=1.0) for k in (64, 128)]
     results, readme = tmp_path / "results", tmp_path / "README.md"
     written = bench.write_outputs(results, headline + sweep, env)
-    assert {p.name for p in written} >= set(bench.PLOT_NAMES)
+    assert {p.name for p in written} >= {*bench.PLOT_NAMES, bench.HEADLINE_PLOT}
     text = publish.headline_section(results, readme)
     assert "vector-quantize-pytorch 1.22.0." in text and "`triton.testing.do_bench_cudagraph`" in text
     assert "run:" not in text and "nearest_tflops_vs_k.png" in text
@@ -1614,8 +1617,40 @@ def test_published_runs_say_their_mode_and_competitor_and_plots_stay_with_their_
     assert not any((results / name).exists() for name in bench.PLOT_NAMES)
     text = publish.headline_section(results, readme)
     assert "A `quick` run with fixed tiles (`VQFAST_AUTOTUNE=0`): fewer points or untuned kernels" in text
-    assert "vector-quantize-pytorch was not installed for this run." in text and ".png" not in text
+    assert "vector-quantize-pytorch was not installed for this run." in text and "nearest_tflops_vs_k.png" not in text
+    assert bench.HEADLINE_PLOT in text and (results / bench.HEADLINE_PLOT).is_file()
+    # A run without a headline (the gather part alone) leaves no earlier run's headline plot beside it.
+    gather = [bench.Record("gather", "fwd", "vqfast", "fp32", 4096, 512, 64, time_ms=0.01, gbps=100.0)]
+    written = bench.write_outputs(results, gather, quick)
+    assert not (results / bench.HEADLINE_PLOT).exists() and all(p.suffix != ".png" for p in written)
     assert bench.run_label(quick).endswith("; quick run, fixed tiles (VQFAST_AUTOTUNE=0)")
     # Results from before the version was recorded say so, rather than "not installed".
     bench.write_outputs(results, headline, {k: v for k, v in env.items() if k != "vector_quantize_pytorch"})
     assert "does not record the vector-quantize-pytorch version" in publish.headline_section(results, readme)
+
+
+def test_headline_plot_draws_every_provider_and_ceiling_it_has(tmp_path, monkeypatch):
+    """One panel per (N, K, D), a bar per measured provider and precision, a ceiling line per precision that
+    the run measured; points that failed (OOM) and the back-to-back time are no bars."""
+    import matplotlib.axes
+
+    bars, lines = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append(h))
+    real_hlines = matplotlib.axes.Axes.hlines
+    monkeypatch.setattr(matplotlib.axes.Axes, "hlines",
+                        lambda self, y, *a, **k: (lines.append(y), real_hlines(self, y, *a, **k))[1])
+
+    def rec(provider, prec, shape, tflops, **kw):
+        return bench.Record("headline", "headline", provider, prec, *shape, time_ms=1.0, tflops=tflops, **kw)
+
+    recs = [rec("vqfast", "bf16", (64, 128, 8), 3.0), rec("z@c.T (cuBLAS)", "bf16", (64, 128, 8), 4.0),
+            rec("cdist+argmin", "bf16", (64, 128, 8), None, status="OOM"),
+            rec(bench.WALL_PROVIDER, "bf16", (64, 128, 8), 2.0),
+            rec("vqfast", "fp32", (64, 128, 8), 1.5), rec("vqfast", "bf16", (8, 16, 4), 0.5),
+            bench.Record("ceiling", "matmul 8192³", "torch", "bf16", 8192, 8192, 8192, time_ms=1.0, tflops=700.0),
+            bench.Record("ceiling", "device copy", "torch", "fp32", time_ms=1.0, gbps=3000.0)]
+    assert bench.plot_headline(recs[6:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert bench.plot_headline(recs, tmp_path / "h.png", {"gpu": "Test GPU"}) == tmp_path / "h.png"
+    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(bars) == [0.5, 1.5, 3.0, 4.0]
+    assert lines == [700.0, 700.0]  # bf16 in both panels; no fp32 ceiling was measured

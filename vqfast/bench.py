@@ -2276,6 +2276,60 @@ def plot_tflops(records: Sequence[Record], path: Path, env: dict[str, str] | Non
 
 
 PLOT_NAMES = ("nearest_time_vs_k.png", "nearest_tflops_vs_k.png")
+HEADLINE_PLOT = "headline_tflops.png"
+# The headline plot's bars, in this order and colour (the back-to-back time is the table's, not a bar).
+_HEADLINE_BARS = ("vqfast", GRAPH_PROVIDER, "cdist+argmin", "matmul+argmin", "z@c.T (cuBLAS)")
+_CEILING_LABEL = "the precision's matmul ceiling (8192³ product, same run)"
+
+
+def plot_headline(records: Sequence[Record], path: Path, env: dict[str, str] | None = None) -> Path | None:
+    """Achieved TFLOP/s (2·N·K·D / time) of every headline provider: one panel per (N, K, D), a group of
+    bars per precision, and over each group the matmul ceiling of its precision measured in the same run.
+    None (nothing drawn) when the run has no headline measurement."""
+    shapes: dict[tuple[int, int, int], dict[str, dict[str, float]]] = {}
+    for r in records:
+        if r.part == "headline" and r.ok and r.tflops and r.provider in _HEADLINE_BARS:
+            shapes.setdefault((r.n, r.k, r.d), {}).setdefault(r.precision, {})[r.provider] = r.tflops
+    if not shapes:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    ceilings = {r.precision: r.tflops for r in records if r.part == "ceiling" and r.ok and r.tflops}
+    order = list(PRECISIONS)
+    width = 0.8 / len(_HEADLINE_BARS)
+    panels = sorted(shapes.items(), key=lambda item: (math.prod(item[0]), item[0]))
+    # Panels as wide as their groups of bars, so that a bar is as wide in every panel.
+    widths = [max(len(groups), 1.5) for _, groups in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.8 * sum(widths) + 1.5, 4.6), squeeze=False, sharey=True,
+                             gridspec_kw={"width_ratios": widths})
+    labelled: set[str] = set()
+    for ax, (shape, groups) in zip(axes[0], panels):
+        precisions = sorted(groups, key=lambda p: (order.index(p) if p in order else len(order), p))
+        for x, prec in enumerate(precisions):
+            for i, provider in enumerate(_HEADLINE_BARS):
+                if provider in groups[prec]:
+                    ax.bar(x - 0.4 + (i + 0.5) * width, groups[prec][provider], width, color=f"C{i}",
+                           label=None if provider in labelled else provider)
+                    labelled.add(provider)
+            if prec in ceilings:
+                ax.hlines(ceilings[prec], x - 0.45, x + 0.45, colors="k", linestyles="--",
+                          label=None if _CEILING_LABEL in labelled else _CEILING_LABEL)
+                ax.annotate(f"{ceilings[prec]:.0f}", (x + 0.45, ceilings[prec]), fontsize=7, ha="right",
+                            va="bottom")
+                labelled.add(_CEILING_LABEL)
+        ax.set_xticks(range(len(precisions)), precisions)
+        ax.set_yscale("log")
+        ax.set_title(f"N={shape[0]:,}, K={shape[1]:,}, D={shape[2]:,}", fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("achieved TFLOP/s (2·N·K·D / median time)")
+    fig.legend(loc="lower center", ncol=len(_HEADLINE_BARS) + 1, fontsize=8, frameon=False)
+    if env:
+        fig.suptitle(run_label(env), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2366,12 +2420,13 @@ def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
 
 def write_outputs(out_dir: Path, records: Sequence[Record], env: dict[str, str], plots: bool = True) -> list[Path]:
     """results.csv, results.md and the plots; returns the paths written. A plot this run does not draw
-    (it has no K sweeps) is removed: an earlier run's would sit beside these tables as if it were theirs."""
+    (no K sweeps, or no headline) is removed: an earlier run's would sit beside these tables as if it
+    were theirs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.csv", out_dir / "results.md"]
     write_csv(written[0], records, env)
     written[1].write_text(render_markdown(records, env))
-    for fn, name in zip((plot_time_vs_k, plot_tflops), PLOT_NAMES):
+    for fn, name in zip((plot_time_vs_k, plot_tflops, plot_headline), (*PLOT_NAMES, HEADLINE_PLOT)):
         p = None
         if plots:
             try:
