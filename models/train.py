@@ -1424,6 +1424,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
                    f"[{dataset_label(train_set, cfg.data)}: {len(train_set):,} image{'s' if len(train_set) != 1 else ''}, "
                    f"{steps_per_epoch} batch{'es' if steps_per_epoch != 1 else ''}/epoch{f' of {cfg.batch_size} per rank x {dist.world_size} ranks' if dist.enabled else ''}]"
                    f" -> {run_dir}", log_path)
+        elif state is None:
+            _print(f"--epochs 0: no training; {run_dir} gets the outputs of the {cfg.model} model as initialised "
+                   f"(seed {cfg.seed})", log_path)
 
     is_vq = cfg.model == "vqvae"
     interrupted = False
@@ -1981,6 +1984,9 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
                               "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
             if "requested_data" in ood_info:
                 summary["ood"]["requested_data"] = ood_info["requested_data"]
+            if (ood_info["data"], ood_info["split"]) == (info["data"], info["split"]):
+                notes.append(f"--ood scored the same images as --data ({describe_source(info['data'])} "
+                             f"{split_label}): an AUROC of 0.5 says nothing; give another source, e.g. svhn")
         earlier = _earlier_evaluation_of_other_data(out / f"eval-{name}-{split_label}.json", info["data"])
         if earlier is not None:
             notes.append(f"replaced the evaluation of {earlier} in {out} (its files have the same names; "
@@ -2036,7 +2042,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("model", choices=MODEL_NAMES, help="which autoencoder to train")
     a("--epochs", type=int, default=None,
-      help="epochs to train (default: the article's: ae 20, vae 10, vqvae 30); with --resume, the new total")
+      help="epochs to train (default: the article's: ae 20, vae 10, vqvae 30; 0: no training, only the outputs "
+           "of the initialised model); with --resume, the new total")
     a("--batch-size", type=int, default=None, help="images per batch (default 64; under torchrun, per process)")
     a("--lr", type=float, default=None, help="Adam learning rate (default 1e-3; with --resume: the run's, "
       "or this new one from here on)")

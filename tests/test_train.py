@@ -371,6 +371,12 @@ def test_evaluate_reports_reconstruction_and_anomaly_scores(vq_run: train_mod.Tr
                            "synthetic", "--worst", "0", "--out", str(tmp_path / "m")]) == 0
     assert "AUROC" in capsys.readouterr().out
     assert train_mod.main(["evaluate", str(tmp_path / "no-such-run")]) == 2
+    assert not any("--ood" in note for note in summary.get("notes", ()))
+    # --ood of the very images of --data: the AUROC is 0.5 by construction, and the summary says so.
+    assert train_mod.main(["evaluate", str(vq_run.run_dir), "--data", "sample", "--limit", "20", "--ood",
+                           "sample", "--worst", "0", "--out", str(tmp_path / "same")]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC 0.500" in out and "note: --ood scored the same images as --data (sample test)" in out
 
 
 def test_evaluated_model_is_the_trained_one(vq_run: train_mod.TrainResult) -> None:

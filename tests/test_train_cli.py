@@ -137,6 +137,17 @@ def test_bad_options_fail_before_anything_is_written(argv: list[str], option: st
     assert torch.get_num_threads() == threads
 
 
+def test_zero_epochs_says_it_writes_the_initialised_models_outputs(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert train_main(_train_args("ae", "--data", "sample", "--limit", "8", "--eval-limit", "8", "--latent-dim", "8",
+                                  "--epochs", "0", "--out", str(out), "--no-progress")) == 0
+    text = capsys.readouterr().out
+    assert "--epochs 0: no training" in text and "Training ae" not in text
+    assert "--epochs 0: no training" in (out / "train.log").read_text()
+    assert (out / "checkpoint.pt").is_file() and (out / "reconstructions.png").is_file()
+
+
 @pytest.mark.parametrize("option", ["--data", "--eval-data"])
 def test_an_empty_data_option_is_refused_not_read_as_the_current_folder(option: str, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
