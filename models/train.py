@@ -1347,6 +1347,9 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             saved_counts = state["code_counts"][mine]
             counts_init = None if saved_counts is None else saved_counts.to(device)
         if dist.is_main:
+            metrics_note = _metrics_matching_checkpoint(run_dir / METRICS_NAME, history)
+            if metrics_note is not None:
+                _print(metrics_note, log_path, file=sys.stderr)
             if start_epoch >= epochs and not start_batch:
                 _print(f"{run_dir} has already trained for {epochs} epoch{'s' if epochs != 1 else ''} (give a larger "
                        f"--epochs to train on); evaluating it again", log_path)
@@ -1664,6 +1667,55 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in [*kept, _json(test)]), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) -> str | None:
+    """Make the metrics file hold the checkpoint's epoch records, as a resumed run continues from them.
+
+    The checkpoint is written before an epoch's line is appended, so a run stopped in between lacks
+    that line, and a stop inside the append leaves half a line; a checkpoint copied from another run
+    brings epochs that the file does not hold. The file is rewritten from ``history`` then (tests
+    recorded at epochs the checkpoint has kept, after their epoch), and the earlier file kept beside it
+    as ``<name>.before-resume`` when its records were not a start of the checkpoint's. Returns a note
+    for the log, or None when the file already matched."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    epochs, tests, unreadable = [], [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += line.strip() != ""
+            continue
+        if isinstance(record, dict) and record.get("event") == "test":
+            tests.append(record)
+        elif isinstance(record, dict):
+            epochs.append(record)
+        else:
+            unreadable += 1
+    expected = [json.loads(_json(r)) for r in history]
+    if epochs == expected and not unreadable:
+        return None
+    done = len(expected)
+    kept = [t for t in tests if isinstance(t.get("epoch"), int) and 0 <= t["epoch"] <= done]
+    ordered = [t for t in kept if t["epoch"] == 0]
+    for r in expected:
+        ordered += [r, *(t for t in kept if t["epoch"] == r.get("epoch"))]
+    prefix = epochs == expected[:len(epochs)]
+    if not prefix:
+        os.replace(path, path.with_name(path.name + ".before-resume"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(_json(r) + "\n" for r in ordered), encoding="utf-8")
+    os.replace(tmp, path)
+    if prefix:
+        restored = len(expected) - len(epochs)
+        return (f"resume: {path.name} rewritten from the checkpoint ("
+                + (f"{_count(restored, 'epoch record', 'epoch records')} it lacked" if restored else "")
+                + (", " if restored and unreadable else "")
+                + (f"{_count(unreadable, 'unreadable line', 'unreadable lines')} left out" if unreadable else "") + ")")
+    return (f"resume: {path.name} does not hold the epochs of {CHECKPOINT_NAME} (a checkpoint from another run, or an "
+            f"earlier one of this run?); "
+            f"it is rewritten from the checkpoint's {_count(done, 'epoch', 'epochs')}, the earlier file kept as "
+            f"{path.name}.before-resume")
 
 
 def _training_out_of_memory(cfg: TrainConfig, device: torch.device, exc: BaseException) -> str:

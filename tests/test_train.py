@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import os
 import signal
 import socket
@@ -608,3 +609,44 @@ def test_a_run_that_fell_back_to_the_sample_resumes_on_it(tmp_path: Path, monkey
     assert resumed.history[-1]["images"] == 64
     log = (tmp_path / "run" / "train.log").read_text()
     assert "synthetic" not in log
+
+
+def test_resume_makes_the_metrics_file_hold_the_checkpoints_epochs(tmp_path: Path) -> None:
+    """A stop between the checkpoint and the epoch's metrics line (or inside that line) loses nothing on
+    resume; metrics of other epochs than the checkpoint's are kept aside, not continued."""
+    path = tmp_path / "metrics.jsonl"
+    history = [{"epoch": 1, "avg_loss": 3.5, "psnr": float("inf")}, {"epoch": 2, "avg_loss": 2.25, "psnr": 20.0}]
+    test = {"event": "test", "epoch": 1, "data": "sample", "psnr": 17.0}
+    lines = [train_mod._json(history[0]), train_mod._json(test), train_mod._json(history[1])]
+    path.write_text("\n".join(lines) + "\n")
+    assert train_mod._metrics_matching_checkpoint(path, history) is None
+    # Stopped after epoch 2's checkpoint, inside the append of its line.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:9])
+    note = train_mod._metrics_matching_checkpoint(path, history)
+    assert note == "resume: metrics.jsonl rewritten from the checkpoint (1 epoch record it lacked, 1 unreadable line left out)"
+    assert path.read_text() == "\n".join(lines) + "\n" and not list(tmp_path.glob("*.before-resume"))
+    # Another run's file: its epochs and its later test differ from the checkpoint's.
+    other = [{"epoch": 1, "avg_loss": 9.0}, {"epoch": 2, "avg_loss": 8.0}, {"epoch": 3, "avg_loss": 7.0},
+             {"event": "test", "epoch": 3, "data": "sample"}]
+    before = "".join(train_mod._json(r) + "\n" for r in other)
+    path.write_text(before)
+    note = train_mod._metrics_matching_checkpoint(path, history)
+    assert note is not None and "does not hold the epochs of checkpoint.pt" in note
+    assert (tmp_path / "metrics.jsonl.before-resume").read_text() == before
+    assert path.read_text() == train_mod._json(history[0]) + "\n" + train_mod._json(history[1]) + "\n"
+
+
+def test_a_checkpoint_copied_from_another_run_resumes_with_its_own_metrics(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(TINY_VQ, a))
+    train(_cfg(TINY_VQ, b, seed=1))
+    b_metrics = (b / "metrics.jsonl").read_text()
+    shutil.copy(a / "checkpoint.pt", b / "checkpoint.pt")
+    (a / "metrics.jsonl").write_text("")  # (a's own file says nothing of b's)
+    capsys.readouterr()
+    resumed = train(_cfg(TINY_VQ, b, epochs=2, resume=True))
+    assert "does not hold the epochs of checkpoint.pt" in capsys.readouterr().err
+    assert (b / "metrics.jsonl.before-resume").read_text() == b_metrics
+    epochs = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["avg_loss"] for r in epochs if "event" not in r] == [h["avg_loss"] for h in resumed.history]
