@@ -60,6 +60,8 @@ class Variant:
     # SASS instructions in the innermost loop that holds a warpgroup MMA (the search's main loop), per
     # thread and iteration; -1 where there is none.
     loop_instructions: int = -1
+    # Of those, argmin instructions issued while the loop's MMA is in flight (see _mma_loop_instructions).
+    argmin_in_flight: int = -1
 
 
 @dataclass
@@ -206,13 +208,17 @@ def _resources(kernel, arch: int) -> tuple[int, int, int]:
             int(spills.group(1)) if spills else -1, int(spills.group(2)) if spills else -1)
 
 
-def _mma_loop_instructions(cubin: bytes) -> int:
+def _mma_loop_instructions(cubin: bytes) -> tuple[int, int]:
     """Instructions in the innermost loop that contains an HGMMA, from ``nvdisasm`` of the cubin: what
     one thread issues per tile of the search (MMA, loads, addresses and the epilogue's argmin), a
-    static measure of the epilogue's cost beside the tensor-core work. -1 without such a loop."""
+    static measure of the epilogue's cost beside the tensor-core work; and how many of the loop's
+    argmin instructions (FSETP, FSEL, FMNMX) are issued while its MMA is in flight (between the
+    warpgroup's arrive and its wait): none where the argmin waits for this tile's product, about a tile
+    of scores' worth where the next tile's product is issued first (PIPELINE). (-1, -1) without such a
+    loop."""
     tool = _bundled_tool("nvdisasm")
     if tool is None:
-        return -1
+        return -1, -1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -234,16 +240,27 @@ def _mma_loop_instructions(cubin: bytes) -> int:
                 labels[name] = address
             pending = []
             instructions.append((address, found.group(2)))
-    best = -1
+    best: list[str] | None = None
     for address, text in instructions:
         branch = re.search(r"BRA\s.*?\.L_x_(\d+)", text)
         start = labels.get(branch.group(1)) if branch else None
         if start is None or start >= address:
             continue  # not a backward branch
         body = [t for a, t in instructions if start <= a <= address]
-        if any("HGMMA" in t for t in body) and (best < 0 or len(body) < best):
-            best = len(body)
-    return best
+        if any("HGMMA" in t for t in body) and (best is None or len(body) < len(best)):
+            best = body
+    if best is None:
+        return -1, -1
+    in_flight, overlapped = False, 0
+    for text in best:
+        opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+        if opcode.startswith("WARPGROUP.ARRIVE"):
+            in_flight = True
+        elif opcode.startswith("WARPGROUP.DEPBAR"):
+            in_flight = False
+        elif in_flight and opcode.split(".")[0] in ("FSETP", "FSEL", "FMNMX"):
+            overlapped += 1
+    return len(best), overlapped
 
 
 def _mma_kind(ptx: str) -> str:
@@ -449,7 +466,7 @@ def run(arch: int, quick: bool) -> Report:
             v.registers, v.spill_stores, v.spill_loads = _resources(kernel, arch)
             v.mma = _mma_kind(kernel.asm["ptx"])
             if v.mma == "wgmma" and arch >= 90:
-                v.loop_instructions = _mma_loop_instructions(kernel.asm["cubin"])
+                v.loop_instructions, v.argmin_in_flight = _mma_loop_instructions(kernel.asm["cubin"])
             v.blocks_per_sm = _blocks_per_sm(v.registers, v.num_warps, v.shared_bytes, limits)
             v.occupancy = v.blocks_per_sm * v.num_warps * 32 / limits["threads"]
             report.variants.append(v)
@@ -513,23 +530,24 @@ def markdown(report: Report) -> str:
         "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
         "memory and threads; MMA loop instr. = SASS instructions per thread in the innermost loop holding a "
         "warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices where D is looped over, "
-        "without the epilogue).",
+        "without the epilogue); in flight = of those, argmin instructions issued while the loop's MMA runs.",
         "",
         f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "
         f"{report.direct_launches_compared}, all the same compiled kernel, grid and arguments unless listed "
         "under Failures.",
         "",
         "| kernel | case | constants | warps | stages | MMA | regs | spill st/ld (B) | smem (KiB) | blocks/SM | occupancy "
-        "| MMA loop instr. |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| MMA loop instr. | in flight |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in report.variants:
         consts = ", ".join(f"{k}={val}" for k, val in sorted(v.constants.items()) if k.startswith("BLOCK")
-                           or k in ("INPUT_PRECISION", "SINGLE_D", "SLOTS", "K_ALIGN", "EVEN_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
+                           or k in ("INPUT_PRECISION", "SINGLE_D", "SLOTS", "PIPELINE", "K_ALIGN", "EVEN_D", "HAS_FLAGS", "TRACK_SECOND", "WRITE_FLAGS", "NEED_GRAD_C",
                                          "FINITE_ONLY", "FIND_DEAD", "HAS_EMA", "CODES_PER_PROGRAM", "STREAM", "WARP_SPECIALIZE"))
         lines.append(f"| {v.kernel} | {v.case} | {consts} | {v.num_warps} | {v.num_stages} | {v.mma} | {v.registers} | "
                      f"{v.spill_stores}/{v.spill_loads} | {v.shared_bytes / 1024:.1f} | {v.blocks_per_sm} | "
-                     f"{v.occupancy:.0%} | {v.loop_instructions if v.loop_instructions >= 0 else ''} |")
+                     f"{v.occupancy:.0%} | {v.loop_instructions if v.loop_instructions >= 0 else ''} | "
+                     f"{v.argmin_in_flight if v.argmin_in_flight >= 0 else ''} |")
     if report.failures:
         lines += ["", "Failures:", ""] + [f"- {f['case']}: {f['error'].splitlines()[0]}" for f in report.failures]
     return "\n".join(lines) + "\n"

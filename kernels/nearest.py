@@ -194,11 +194,28 @@ def _store_split_winners(offs_n, mask_n, pid_s, stride_sn, best, best_index, sec
 
 
 @triton.jit
+def _code_tile(c_ptr, offs_k, mask_k, offs_d, D, stride_ck, stride_cd, FULL_TILES: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """The (BLOCK_D, BLOCK_K) tile of codes ``offs_k`` (transposed for the product), masked only where
+    the tile may be partial (not FULL_TILES) or D does not fill BLOCK_D (not EVEN_D)."""
+    c_tile_ptr = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck + offs_d[:, None] * stride_cd
+    if FULL_TILES and EVEN_D:
+        c_tile = tl.load(c_tile_ptr)
+    elif FULL_TILES:
+        c_tile = tl.load(c_tile_ptr, mask=offs_d[:, None] < D, other=0.0)
+    elif EVEN_D:
+        c_tile = tl.load(c_tile_ptr, mask=mask_k[None, :], other=0.0)
+    else:
+        c_tile = tl.load(c_tile_ptr, mask=mask_k[None, :] & (offs_d[:, None] < D), other=0.0)
+    return c_tile
+
+
+@triton.jit
 def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err,
                 err_norm, err_tiny, k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr, BEST_THREE: tl.constexpr, SLOTS: tl.constexpr,
-                K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr):
+                K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr, PIPELINE: tl.constexpr):
     """Streams codes [k_begin, k_end) past a block of rows: per row the best score ``||c||^2 - 2 z.c``
     and its index. With BEST_THREE the codes are ranked instead by a lower bound of their exact score,
     the tf32 score minus the bound on its error for that code and row (``_code_error``), and the
@@ -213,7 +230,12 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
 
     K_ALIGN, a power of two dividing k_begin and k_end, and EVEN_D (D == BLOCK_D, one slice) let the
     loads go unmasked: when BLOCK_K divides K_ALIGN every tile is full, and the per-element masks (and
-    their selects) leave the loop."""
+    their selects) leave the loop.
+
+    PIPELINE (a whole D per tile, slots, no BEST_THREE: the 16-bit search) issues the next tile's
+    product before the current tile's argmin, so that the argmin runs while the tensor cores work (the
+    warpgroup MMA is asynchronous; its wait then follows the argmin). It holds a second accumulator
+    tile; the last tile's extra product (of the last full tile again, or of masked zeros) is unused."""
     offs_d = tl.arange(0, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int32) + k_begin
@@ -227,27 +249,36 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
         slot_second = tl.full([BLOCK_N, BLOCK_K], float("inf"), tl.float32)
     # (Not in the tf32 pass without slots: at ~255 registers there, unmasked loads made ptxas spill.)
     full_tiles: tl.constexpr = K_ALIGN % BLOCK_K == 0 and (use_slots or not BEST_THREE)
+    pipelined: tl.constexpr = PIPELINE and SINGLE_D and use_slots and not BEST_THREE
     if SINGLE_D:
         # Rows that are not searched (past the end, or not listed) are not read either.
         z_block = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=load_n[:, None] & (offs_d[None, :] < D),
                           other=0.0)
+    if pipelined:
+        # The first tile's product before the loop, with masks (an empty split reads nothing).
+        first = k_begin + tl.arange(0, BLOCK_K)
+        acc_next = tl.dot(z_block, _code_tile(c_ptr, first, first < k_end, offs_d, D, stride_ck, stride_cd, False,
+                                              EVEN_D),
+                          tl.zeros([BLOCK_N, BLOCK_K], tl.float32), input_precision=INPUT_PRECISION)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        if SINGLE_D:
-            if full_tiles and EVEN_D:
-                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd)
-            elif full_tiles:
-                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=offs_d[:, None] < D, other=0.0)
-            elif EVEN_D:
-                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd, mask=mask_k[None, :], other=0.0)
-            else:
-                c_tile = tl.load(c_cols + offs_d[:, None] * stride_cd,
-                                 mask=mask_k[None, :] & (offs_d[:, None] < D), other=0.0)
-            acc = tl.dot(z_block, c_tile, acc, input_precision=INPUT_PRECISION)
+        if pipelined:
+            acc = acc_next
+            # Whole tiles: after the last one, the last one again (in bounds, unmasked); otherwise the
+            # masks leave the tile past the end unread.
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) if full_tiles else k0 + BLOCK_K
+            offs_next = k_next + tl.arange(0, BLOCK_K)
+            acc_next = tl.dot(z_block, _code_tile(c_ptr, offs_next, offs_next < k_end, offs_d, D, stride_ck,
+                                                  stride_cd, full_tiles, EVEN_D),
+                              tl.zeros([BLOCK_N, BLOCK_K], tl.float32), input_precision=INPUT_PRECISION)
+        elif SINGLE_D:
+            acc = tl.dot(z_block, _code_tile(c_ptr, offs_k, mask_k, offs_d, D, stride_ck, stride_cd, full_tiles,
+                                             EVEN_D),
+                         acc, input_precision=INPUT_PRECISION)
         else:
+            c_cols = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 zt = tl.load(z_rows + dd[None, :] * stride_zd,
@@ -421,7 +452,7 @@ def _nearest_code_kernel(
     stride_zn, stride_zd, stride_ck, stride_cd, stride_sn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DIST_BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WRITE_DISTANCE: tl.constexpr, RECHECK: tl.constexpr,
-    SLOTS: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr,
+    SLOTS: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_D: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """One block of rows against one split of the codebook. WRITE_DISTANCE (one split): the final index
     and distance; otherwise the split's winner for the reduction. RECHECK (fp32 data, tf32 products):
@@ -444,7 +475,7 @@ def _nearest_code_kernel(
     best, best_index, second, second_index, third = _scan_codes(
         z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm, err_tiny,
         k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
-        BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK, SLOTS, K_ALIGN, EVEN_D)
+        BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, RECHECK, SLOTS, K_ALIGN, EVEN_D, PIPELINE)
     upper = best  # (read with RECHECK only)
     if RECHECK:
         upper = _upper_bound(best, best_index, mask_n, row_err, row_resid_err, c_sqnorm_ptr, c_norm_ptr,
@@ -532,7 +563,7 @@ def _research_listed_rows_kernel(
         best, best_index, _, _, _ = _scan_codes(
             z_rows, mask_n, c_ptr, c_sqnorm_ptr, c_sqnorm_ptr, c_sqnorm_ptr, unused, unused, 0.0, 0.0,
             k_begin, k_end, D, stride_zd, stride_ck, stride_cd,
-            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False, False, 1, False)
+            BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D, INPUT_PRECISION, False, False, 1, False, False)
         bits = best.to(tl.int32, bitcast=True)
         # Negative floats: flip all but the sign bit, so that integer order is float order.
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -585,16 +616,28 @@ def _autotune_configs() -> list[triton.Config]:
     # The per-tile minimum at (128, 64, 8 warps, 1 stage) too: ~95 registers against ~160 with slots,
     # which is what lets two programs share an SM (see _TENSOR_CORE_ONLY).
     configs.append(_config(128, 64, 8, 1, slots=False))
+    # The 16-bit search with the next tile's product issued before this tile's argmin (PIPELINE, see
+    # _scan_codes); last, so that the fixed configuration (the first that fits) stays as it was.
+    configs += [_config(*tile, slots=True, pipeline=True) for tile in _PIPELINED_TILES]
     return configs
 
 
-def _config(block_n: int, block_k: int, warps: int, stages: int, slots: bool | None = None) -> triton.Config:
+def _config(block_n: int, block_k: int, warps: int, stages: int, slots: bool | None = None,
+            pipeline: bool = False) -> triton.Config:
     # Slot-wise minima (see _scan_codes) hold two more values per score in registers (three in the tf32
     # pass): by default only for tiles of at most 32 scores per thread.
     if slots is None:
         slots = block_n * block_k <= 32 * 32 * warps
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SLOTS": slots}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "SLOTS": slots, "PIPELINE": pipeline},
+                         num_warps=warps, num_stages=stages)
+
+
+# The headline's tile (one program per SM at D = 256, where shared memory allows no second program to
+# overlap it), with slot-wise minima (PIPELINE needs them). Triton waits for the asynchronous MMA right
+# after issuing it; ptxas then moves part of the argmin above that wait: 37 of its 64 compares and
+# selects at D = 256 and 32 at D = 64 for this tile (Triton 3.8, sm_90; compile_check.py's "in flight"),
+# 2 to 14 for 64 x 64 tiles with 4 warps, which were left out.
+_PIPELINED_TILES = ((128, 64, 8, 3),)
 
 
 # Two programs per SM at D = 256 in 16-bit (96 KiB of shared memory each; the others take 160 KiB or
@@ -619,16 +662,20 @@ def _shared_memory_bytes(block_n: int, block_k: int, stages: int, block_d: int, 
 
 
 def _select_configs(configs: list[triton.Config], input_precision: str, block_d: int, single_d: bool,
-                    element_bytes: int, shared_memory_limit: int) -> list[triton.Config]:
+                    element_bytes: int, shared_memory_limit: int, pipelined: bool = False) -> list[triton.Config]:
     """The autotuning candidates worth compiling for one problem: those that fit in shared memory and,
     for exact fp32 products (CUDA cores, no tensor cores), at most 32 accumulators per thread: larger
-    tiles only spill (ptxas reports hundreds of spilled bytes) and add compile time."""
+    tiles only spill (ptxas reports hundreds of spilled bytes) and add compile time. PIPELINE candidates
+    only where ``pipelined`` (the kernel pipelines: see ``_pipelines``)."""
     def fits(c: triton.Config) -> bool:
         need = _shared_memory_bytes(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, block_d, single_d,
                                     element_bytes)
         return need <= shared_memory_limit
 
     chosen = [c for c in configs if fits(c)]
+    if not pipelined:
+        # (Elsewhere the kernel ignores PIPELINE: such a candidate would be its twin timed again.)
+        chosen = [c for c in chosen if not c.kwargs.get("PIPELINE")]
     if input_precision == "ieee":
         chosen = [c for c in chosen if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps
                   and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) not in _TENSOR_CORE_ONLY]
@@ -645,7 +692,14 @@ def _select_configs(configs: list[triton.Config], input_precision: str, block_d:
 def _prune_configs(configs, named_args, **kwargs):
     meta = {**named_args, **kwargs}
     return _select_configs(configs, meta["INPUT_PRECISION"], meta["BLOCK_D"], meta["SINGLE_D"],
-                           meta["z_ptr"].element_size(), _shared_memory_for_tiles(meta["RECHECK"]))
+                           meta["z_ptr"].element_size(), _shared_memory_for_tiles(meta["RECHECK"]),
+                           _pipelines(meta["INPUT_PRECISION"], meta["SINGLE_D"], meta["RECHECK"]))
+
+
+def _pipelines(input_precision: str, single_d: bool, recheck: bool) -> bool:
+    """Whether the search kernel honours PIPELINE for a problem: tensor-core products over a whole D
+    without the tf32 pass's bounds (whose ~250 registers leave no room for a second accumulator)."""
+    return input_precision != "ieee" and single_d and not recheck
 
 
 # The tf32 pass's per-code error bound stages about 32 KiB more (compile_check.py, Triton 3.6, sm_90).
@@ -718,7 +772,7 @@ def last_search_autotuner():
     return _last_search_autotuner
 
 
-_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "SLOTS": True}
+_INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32, "SLOTS": True, "PIPELINE": False}
 
 
 @functools.lru_cache(maxsize=None)
@@ -997,6 +1051,7 @@ class _ResearchPlan:
         # registers when D is looped over, with no room for slot-wise minima, and the listed rows are few
         # (and slots are for tensor-core products only).
         cfg.pop("SLOTS", None)
+        cfg.pop("PIPELINE", None)
         # (Under the interpreter, where every program runs in turn, 3 splits still exercise the merge.)
         codes_per_split, splits = _split_codes(k, 3 if interp else _MAX_RESEARCH_SPLITS, interp)
         programs = max(1, min(cdiv(n, cfg["BLOCK_N"]), cdiv(2 * multiprocessor_count(z.device), splits)))

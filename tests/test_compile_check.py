@@ -52,6 +52,15 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert tensor_core and all(v["mma"] == "wgmma" for v in tensor_core)
     # Their main loop is found in the SASS and counted (tuning note 15 compares these counts).
     assert all(v["loop_instructions"] > 0 for v in tensor_core)
+    # The 16-bit search's PIPELINE variants compile without spilling, and part of their argmin is issued
+    # while the next tile's MMA is in flight (of a tile of 32 scores per thread, a compare and a select
+    # each), where the plain variants' argmin waits for the product (tuning note 29).
+    sixteen = [v for v in tensor_core if "bf16" in v["case"] and " TMA" not in v["case"]]
+    pipelined = [v for v in sixteen if v["constants"].get("PIPELINE")]
+    assert len(pipelined) >= 2 and all(v["spill_stores"] == 0 for v in pipelined)
+    assert all(v["argmin_in_flight"] >= 24 for v in pipelined), [v["argmin_in_flight"] for v in pipelined]
+    plain = [v for v in sixteen if not v["constants"].get("PIPELINE")]
+    assert plain and all(v["argmin_in_flight"] <= 8 for v in plain), [v["argmin_in_flight"] for v in plain]
     # The listed rows' re-search compiles with fp32 products ("highest") and with tf32x3 ("high").
     research = {v["constants"].get("INPUT_PRECISION") for v in variants if v["kernel"] == "_research_listed_rows_kernel"}
     assert research == {"ieee", "tf32x3"}

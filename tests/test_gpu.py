@@ -221,6 +221,39 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
     tuner.cache.clear()
 
 
+@pytest.mark.parametrize("n,k,d,splits", [(4096, 8192, 256, None), (1000, 70001, 64, 7)])
+def test_every_pipelined_candidate_gives_the_plain_search_results(monkeypatch, n, k, d, splits):
+    # The 16-bit search that issues the next tile's product before this tile's argmin (PIPELINE): each
+    # candidate on its own against the plain one, with whole tiles (K = 8,192) and a partial last tile
+    # in every split (K = 70,001 in 7 splits).
+    from vqfast.kernels import _launch, nearest
+
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    tuner = nearest._nearest_code_autotuned
+    z, c = _data(n, k, d, torch.bfloat16, seed=9)
+    z[:4] = c[k - 1]  # (rows whose code is in the last tile)
+    expected = None
+    # (The candidates the autotuner would time here: those that fit in shared memory.)
+    candidates = nearest._select_configs(tuner.configs, "tf32", max(16, d), True, 2,
+                                         nearest._shared_memory_for_tiles(False), True)
+    plain = [cfg for cfg in candidates if not cfg.kwargs["PIPELINE"]][:1]
+    pipelined = [cfg for cfg in candidates if cfg.kwargs["PIPELINE"]]
+    assert len(pipelined) == len(nearest._PIPELINED_TILES)
+    for cfg in plain + pipelined:
+        monkeypatch.setattr(tuner, "configs", [cfg])
+        tuner.cache.clear()
+        with _launch.launch_path(direct=False):
+            got = kernels.nearest_code(z, c, num_splits=splits)
+        if expected is None:
+            expected = got
+            assert (got[0][:4] == k - 1).all()
+            continue
+        assert tuner.best_config is cfg
+        assert torch.equal(got[0], expected[0]), cfg
+        assert torch.equal(got[1], expected[1]), cfg
+    tuner.cache.clear()
+
+
 @pytest.mark.parametrize("precision", ["high", "highest"])
 def test_tf32_search_gives_exact_fp32_indices_on_a_million_rows(precision):
     from vqfast.kernels.nearest import _nearest_code_with_status

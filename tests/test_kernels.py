@@ -180,6 +180,65 @@ def test_slotwise_and_per_tile_minima_agree(splits, monkeypatch):
     assert not (results[True][0] == 50).any()
 
 
+@pytest.mark.parametrize("k,d", [(203, 24), (96, 32)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_pipelined_search_gives_the_plain_search_results(k, d, splits, monkeypatch):
+    """The 16-bit search with the next tile's product issued before this tile's argmin (PIPELINE) gives
+    the plain search's indices and distances: ties across tiles and splits, NaN and inf rows, a NaN
+    code; partial tiles (K = 203, D = 24) and whole ones read unmasked (K = 96, D = 32), whose last
+    tile is multiplied twice."""
+    from vqfast.kernels import _common, nearest
+
+    if not _common.interpreting():
+        pytest.skip("the interpreter's fixed configuration is what is switched here; on a GPU the autotuner "
+                    "chooses among both kinds")
+    g = torch.Generator().manual_seed(12)
+    z = torch.randint(-3, 4, (45, d), generator=g).half()
+    c = torch.randint(-3, 4, (k, d), generator=g).half()
+    c[k - 5] = c[3]
+    c[40] = c[3]
+    z[:5] = c[3]
+    z[5] = float("nan")
+    z[6, 2] = float("inf")
+    c[50, 1] = float("nan")
+    z[7:20] = torch.randn(13, d, generator=g).half()
+    z[20] = c[k - 1]  # (a code of the last tile)
+    results = {}
+    for pipeline in (False, True):
+        monkeypatch.setitem(nearest._INTERPRETER_CONFIG, "PIPELINE", pipeline)
+        results[pipeline] = kernels.nearest_code(z, c, num_splits=splits)
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], results[False][1], equal_nan=True)
+    idx = results[True][0]
+    assert idx[:5].tolist() == [3] * 5 and idx[5] == 0 and not (idx == 50).any()
+    assert torch.equal(c[idx[20]], c[k - 1])
+    finite = torch.arange(45) >= 7
+    exact, _ = reference.nearest_code(z[finite].float(), torch.cat([c[:50], c[51:]]).float(), compute_dtype=torch.float64)
+    chosen = ((z[finite].double() - c[idx[finite]].double()) ** 2).sum(1)
+    best = ((z[finite].double() - torch.cat([c[:50], c[51:]])[exact].double()) ** 2).sum(1)
+    assert torch.equal(chosen, best)
+
+
+def test_pipelined_candidates_only_where_the_kernel_pipelines():
+    """PIPELINE candidates are timed only for the 16-bit whole-D search (elsewhere the kernel ignores the
+    flag, so they would be their twins timed again), and never are the fixed configuration."""
+    from vqfast.kernels import nearest
+
+    configs = nearest._AUTOTUNE_CONFIGS
+    assert sum(c.kwargs["PIPELINE"] for c in configs) == len(nearest._PIPELINED_TILES)
+    limit = 232448  # sm_90's shared memory per block
+    for precision, single_d, recheck in (("ieee", True, False), ("tf32", True, True), ("tf32", False, False)):
+        assert not nearest._pipelines(precision, single_d, recheck)
+        chosen = nearest._select_configs(configs, precision, 128, single_d, 2, limit,
+                                         nearest._pipelines(precision, single_d, recheck))
+        assert chosen and not any(c.kwargs["PIPELINE"] for c in chosen)
+    assert nearest._pipelines("tf32", True, False)
+    chosen = nearest._select_configs(configs, "tf32", 256, True, 2, limit, True)
+    assert sum(c.kwargs["PIPELINE"] for c in chosen) == len(nearest._PIPELINED_TILES)
+    assert all(c.kwargs["SLOTS"] for c in chosen if c.kwargs["PIPELINE"])  # (the kernel needs them)
+    assert not nearest._first_config("tf32", 256, True, 2, limit).kwargs["PIPELINE"]
+
+
 def test_empty_rows(kernel_device):
     z = torch.empty(0, 8, device=kernel_device)
     c = torch.randn(5, 8, device=kernel_device)
