@@ -1342,6 +1342,9 @@ def test_search_tile_note_names_the_autotuners_choice(monkeypatch):
     # The search names the autotuner it launched through; those candidates say how D is covered.
     note = bench.search_tile_note(lambda: search(WideTuner()))
     assert note == "search tile 64x32, whole D, 4 warps, 4 stages"
+    WideTuner.best_config = nearest._config(128, 64, 8, 3, slots=True, pipeline=True)
+    note = bench.search_tile_note(lambda: search(WideTuner()))
+    assert note == "search tile 128x64, 8 warps, 3 stages, next tile's product before the argmin"
     assert _launch._DIRECT is (_launch._native_specialize is not None)
     monkeypatch.setenv("VQFAST_AUTOTUNE", "0")
     assert bench.search_tile_note(lambda: None) == ""

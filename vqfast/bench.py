@@ -1623,7 +1623,8 @@ def graph_replay_output(search: Callable[[torch.Tensor, torch.Tensor], torch.Ten
 
 def search_tile_note(run_search: Callable[[], object]) -> str:
     """The search kernel's launch configuration that the autotuner chose for this problem, e.g.
-    "search tile 128x64, 8 warps, 3 stages" (empty with ``VQFAST_AUTOTUNE=0`` or on failure).
+    "search tile 128x64, 8 warps, 3 stages" (", next tile's product before the argmin" added for a
+    PIPELINE candidate; empty with ``VQFAST_AUTOTUNE=0`` or on failure).
 
     Runs the search once more through Triton's own launch path, whose autotuner then reports the
     choice for this problem's key (direct launches skip the autotuner once it has chosen)."""
@@ -1645,8 +1646,9 @@ def search_tile_note(run_search: Callable[[], object]) -> str:
         if cfg.kwargs.get("WARP_SPECIALIZE"):  # the TMA search: num_warps per group of consumer warps
             return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}, warp-specialized, "
                     f"{cfg.num_warps} warps per group, {cfg.num_stages} stages")
+        pipelined = ", next tile's product before the argmin" if cfg.kwargs.get("PIPELINE") else ""
         return (f"search tile {cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}{slices}, {cfg.num_warps} warps, "
-                f"{cfg.num_stages} stages")
+                f"{cfg.num_stages} stages{pipelined}")
     except Exception:  # noqa: BLE001 - a note only
         return ""
 
