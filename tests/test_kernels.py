@@ -900,7 +900,9 @@ def test_exact_fp32_autotuning_keeps_small_tiles_only():
     exact = _select_configs(configs, "ieee", 32, True, 4, H100_SHARED_MEMORY)
     assert 0 < len(exact) < len(configs)
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps for c in exact)
-    assert _select_configs(configs, "tf32", 32, True, 4, H100_SHARED_MEMORY) == configs
+    assert _select_configs(configs, "tf32", 32, True, 4, H100_SHARED_MEMORY, pipelined=True) == configs
+    assert _select_configs(configs, "tf32", 32, True, 4, H100_SHARED_MEMORY) == [
+        c for c in configs if not c.kwargs["PIPELINE"]]
 
 
 def test_autotuning_skips_configs_that_overflow_shared_memory():
@@ -930,7 +932,8 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
                                          RECHECK=False)
     from_named = nearest._prune_configs(configs, {"z_ptr": z, "BLOCK_D": 256, "SINGLE_D": True,
                                                   "INPUT_PRECISION": "tf32", "RECHECK": False})
-    assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY)
+    assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY,
+                                                                pipelined=True)
     assert len(from_kwargs) < len(configs)
     # The tf32 pass with its re-check stages more: (64, 128) tiles with 3 stages at D = 128 in fp32 asked
     # for 240 KiB on sm_90, over the H100's 227 KiB, and must not be a candidate there.
