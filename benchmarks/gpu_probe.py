@@ -1,6 +1,6 @@
-"""Where the time goes on a GPU: the stages of the tf32 search, the search's modes at a small and a
-middle shape (kernel by kernel at the small one), the layer's training step, the eager host cost of a
-small search.
+"""Where the time goes on a GPU: each 16-bit search candidate on its own at goals 1 and 3b's shapes,
+the stages of the tf32 search, the search's modes at a small and a middle shape (kernel by kernel at
+the small one), the layer's training step, the eager host cost of a small search.
 
     OUT=<folder> python benchmarks/gpu_probe.py
 
@@ -80,6 +80,45 @@ def tf32_stages(n: int = 65536, k: int = 65536, d: int = 256) -> None:
         nearest._MAX_RESEARCH_SPLITS = saved
     zb, cb = z.bfloat16(), c.bfloat16()
     log("bf16 search ms", do_bench(lambda: nearest.nearest_code(zb, cb)))
+
+
+def search_candidates(shapes: tuple[tuple[int, int, int], ...] = ((65536, 65536, 256), (1024, 262144, 64))) -> None:
+    """Each autotuning candidate of the 16-bit search timed on its own (do_bench, median) at goals 1 and
+    3b's shapes: what the pipelined candidate (PIPELINE, tuning note 29) does against the plain ones,
+    whichever the autotuner keeps. Candidates that do not fit the GPU's shared memory are left out, as
+    the autotuner leaves them out."""
+    from vqfast.kernels import _launch, nearest
+
+    tuner = nearest._nearest_code_autotuned
+    saved = tuner.configs
+    try:
+        for n, k, d in shapes:
+            torch.manual_seed(0)
+            z = torch.randn(n, d, device="cuda").bfloat16()
+            c = torch.randn(k, d, device="cuda").bfloat16()
+            expected = nearest.nearest_code(z, c)[0]
+            limit = nearest._shared_memory_for_tiles(False)
+            for cfg in nearest._select_configs(saved, "tf32", max(16, d), True, 2, limit, True):
+                kw = cfg.kwargs
+                label = (f"candidate {n}x{k}x{d} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+                         f"{' slots' if kw['SLOTS'] else ''}{' PIPELINE' if kw['PIPELINE'] else ''}")
+                try:
+                    tuner.configs = [cfg]
+                    tuner.cache.clear()
+
+                    def call():
+                        return nearest.nearest_code(z, c)
+
+                    with _launch.launch_path(direct=False):
+                        same = bool(torch.equal(call()[0], expected))
+                        ms = do_bench(call)
+                    log(label, {"ms": round(ms, 4), "TFLOP/s": round(2 * n * k * d / ms / 1e9, 1),
+                                "same indices": same})
+                except Exception as exc:  # noqa: BLE001 - report and go on with the next candidate
+                    log(label, repr(exc)[:400])
+    finally:
+        tuner.configs = saved
+        tuner.cache.clear()
 
 
 def search_modes() -> None:
@@ -198,6 +237,8 @@ def main() -> None:
     # The GPU, driver and versions first: the figures below mean something only with them.
     log("environment", collect_env(torch.device("cuda"), "probe"))
     start = time.time()
+    search_candidates()
+    log("t after search candidates s", time.time() - start)
     tf32_stages()
     log("t after search stages s", time.time() - start)
     search_modes()

@@ -15,9 +15,11 @@
 #                                     tests in a second process, with the last minute)
 #   bash benchmarks/gpu_run.sh bench  the full benchmark
 #   bash benchmarks/gpu_run.sh quick  `vqfast bench --quick`
-#   bash benchmarks/gpu_run.sh probe  benchmarks/gpu_probe.py: the tf32 search's stages, the layer step
-#                                     under torch.profiler, the eager cost of a small search (about a
-#                                     minute; in `all` mode too, after the benchmark, when GPU_PROBE=1)
+#   bash benchmarks/gpu_run.sh probe  benchmarks/gpu_probe.py: each 16-bit search candidate timed on its
+#                                     own (the pipelined one of tuning note 29 against the plain ones),
+#                                     the tf32 search's stages, the layer step under torch.profiler, the
+#                                     eager cost of a small search (about two minutes; in `all` mode
+#                                     too, after the benchmark, when GPU_PROBE=1)
 #   bash benchmarks/gpu_run.sh tma    the opt-in TMA search (VQFAST_TMA_SEARCH=1, tuning note 26): its GPU
 #                                     tests (every candidate alone; GPU_TEST_SECONDS, default 200), then
 #                                     the benchmark's headline, which times it beside the default search
@@ -235,7 +237,7 @@ case "$MODE" in
     reserve=10
     have_training_data && reserve="${TRAIN_RESERVE_SECONDS:-120}"
     run_bench "$(bench_budget "${BENCH_SECONDS:-300}" "$reserve")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
-    if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 120 10)"; fi
+    if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 180 10)"; fi
     run_training
     ;;
   tests)  # the TMA search's tests in a process of their own (see all)
