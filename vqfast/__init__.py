@@ -11,17 +11,20 @@ if TYPE_CHECKING:
     from vqfast._library import register_ops
     from vqfast.functional import code_usage, gather, nearest_code, quantize, resolve_backend, rotate_to_codes
     from vqfast.layer import VectorQuantizer, soft_assignment_entropy
+    from vqfast.projected import ProjectedVectorQuantizer
     from vqfast.residual import ResidualVectorQuantizer
 
 __all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend",
-           "VectorQuantizer", "ResidualVectorQuantizer", "soft_assignment_entropy", "register_ops"]
+           "VectorQuantizer", "ResidualVectorQuantizer", "ProjectedVectorQuantizer", "soft_assignment_entropy",
+           "register_ops"]
 
 # The public names load on first use: importing torch takes seconds, which `vqfast --version`
 # and a bare `import vqfast` need not pay.
 _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "code_usage": "vqfast.functional",
           "quantize": "vqfast.functional", "rotate_to_codes": "vqfast.functional", "resolve_backend": "vqfast.functional",
           "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer",
-          "ResidualVectorQuantizer": "vqfast.residual", "register_ops": "vqfast._library"}
+          "ResidualVectorQuantizer": "vqfast.residual", "ProjectedVectorQuantizer": "vqfast.projected",
+          "register_ops": "vqfast._library"}
 
 
 def __getattr__(name: str) -> Any:

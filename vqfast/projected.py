@@ -1,0 +1,116 @@
+"""Vector quantization in a smaller space than the data's: a linear map down to the codebook's dimension,
+a :class:`vqfast.VectorQuantizer` there, and a linear map back (factorised codes, as in ViT-VQGAN;
+vector-quantize-pytorch's ``codebook_dim``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vqfast._checks import check_int
+from vqfast.layer import VectorQuantizer
+
+
+class ProjectedVectorQuantizer(nn.Module):
+    """A :class:`VectorQuantizer` of ``num_embeddings`` codes of ``codebook_dim`` that quantizes data of
+    ``embedding_dim`` channels through two linear maps. Plain PyTorch for one step::
+
+        zc = project_in(z)               # nn.Linear(embedding_dim, heads * codebook_dim), on the channels
+        qc, loss, indices = vq(zc)       # vq = VectorQuantizer(num_embeddings, codebook_dim, heads=heads)
+        z_q = project_out(qc)            # nn.Linear(heads * codebook_dim, embedding_dim)
+
+    The search, the losses (so the commitment term trains ``project_in``) and the codebook's upkeep run
+    in the small space, on ``self.quantizer``; ``project_out`` learns from z_q's gradient, which
+    reaches ``project_in`` and ``z`` straight through the quantizer. A small codebook dimension (8 to
+    32, often with ``metric="cosine"``) keeps large codebooks in use and makes the search cheap.
+
+    ``forward(z, mask=None)`` returns ``(z_q, loss, indices)`` in z's layout, as the layer does: channels
+    at dim 1 for inputs of 4 or more dimensions, last otherwise, or at ``channel_dim``. Rows that
+    ``mask`` leaves out keep ``z_q = z`` (with its gradient) and index -1. ``encode(z, mask=None)``
+    gives forward's indices in eval mode; ``decode(indices)`` the ``z_q`` they stand for
+    (``project_out`` of the codes; zeros for index -1 go through it too). Every other option goes to
+    the :class:`VectorQuantizer` (``beta``, ``metric``, ``ema``, ``dead_code_threshold``, ``heads``, ...).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, codebook_dim: int, channel_dim: int | None = None,
+                 **quantizer_options: Any) -> None:
+        super().__init__()
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
+        self.codebook_dim = check_int(codebook_dim, "codebook_dim", minimum=1)
+        self.channel_dim = None if channel_dim is None else check_int(channel_dim, "channel_dim")
+        if "channel_dim" in quantizer_options:
+            raise TypeError("channel_dim is ProjectedVectorQuantizer's own option")
+        # Channels last in the small space, whatever z's layout (the projections work on the last dim).
+        self.quantizer = VectorQuantizer(num_embeddings, self.codebook_dim, channel_dim=-1, **quantizer_options)
+        width = self.quantizer.heads * self.codebook_dim
+        self.project_in = nn.Linear(self.embedding_dim, width)
+        self.project_out = nn.Linear(width, self.embedding_dim)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.quantizer.num_embeddings
+
+    @property
+    def heads(self) -> int:
+        return self.quantizer.heads
+
+    def _channel_dim(self, z: Tensor) -> int:
+        """Where z's channels are, as :class:`VectorQuantizer` finds them; checks z's type and width."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() < 2:
+            raise ValueError(f"z must have a batch and a channel dimension, got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+        if self.channel_dim is not None:
+            if not -z.dim() <= self.channel_dim < z.dim():
+                raise ValueError(f"channel_dim={self.channel_dim} is out of range for z of shape {tuple(z.shape)}")
+            cdim = self.channel_dim % z.dim()
+        else:
+            cdim = 1 if z.dim() >= 4 else z.dim() - 1
+        if z.shape[cdim] != self.embedding_dim:
+            raise ValueError(f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim="
+                             f"{self.embedding_dim} (shape {tuple(z.shape)}); pass channel_dim= if the channels "
+                             f"are elsewhere")
+        return cdim
+
+    def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``z`` in the codebook's space; returns ``(z_q, loss, indices)`` (see the class docstring)."""
+        cdim = self._channel_dim(z)
+        z_last = z.movedim(cdim, -1)
+        # (The quantizer checks the mask against the projected rows, whose positions are z's.)
+        q_small, loss, indices = self.quantizer(self.project_in(z_last), mask=mask)
+        z_q = self.project_out(q_small)
+        if mask is not None:
+            z_q = torch.where(mask.unsqueeze(-1), z_q, z_last)
+        return z_q.movedim(-1, cdim), loss, indices
+
+    @torch.no_grad()
+    def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The indices :meth:`forward` gives for ``z`` in eval mode, from the search alone (see
+        :meth:`VectorQuantizer.encode`). Plain PyTorch: ``vq.encode(project_in(z))``."""
+        cdim = self._channel_dim(z)
+        return self.quantizer.encode(self.project_in(z.movedim(cdim, -1)), mask=mask)
+
+    def decode(self, indices: Tensor, check_indices: bool = True) -> Tensor:
+        """The ``z_q`` that :meth:`forward` gives for these indices, in its layout (channels at dim 1 for
+        indices of 3 or more dimensions, or at ``channel_dim``; last otherwise). Plain PyTorch:
+        ``project_out(codebook[indices])``. Index -1 decodes to ``project_out`` of zeros, its bias."""
+        codes = self.quantizer.codes_from_indices(indices, check_indices=check_indices,
+                                                  dtype=self.project_out.weight.dtype)
+        z_q = self.project_out(codes)
+        positions = indices.dim() - (self.heads > 1)
+        ndim = positions + 1
+        if self.channel_dim is not None:
+            if not -ndim <= self.channel_dim < ndim:
+                raise ValueError(f"channel_dim={self.channel_dim} is out of range for codes from indices of "
+                                 f"shape {tuple(indices.shape)}")
+            cdim = self.channel_dim % ndim
+        else:
+            cdim = 1 if ndim >= 4 else ndim - 1
+        return z_q.movedim(-1, cdim).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"embedding_dim={self.embedding_dim}, codebook_dim={self.codebook_dim}, channel_dim={self.channel_dim}"
