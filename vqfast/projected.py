@@ -23,7 +23,8 @@ class ProjectedVectorQuantizer(nn.Module):
 
     The search, the losses (so the commitment term trains ``project_in``) and the codebook's upkeep run
     in the small space, on ``self.quantizer``; ``project_out`` learns from z_q's gradient, which
-    reaches ``project_in`` and ``z`` straight through the quantizer. A small codebook dimension (8 to
+    reaches ``project_in`` and ``z`` through the quantizer as its ``gradient`` option says (straight
+    through by default). A small codebook dimension (8 to
     32, often with ``metric="cosine"``) keeps large codebooks in use and makes the search cheap.
 
     ``forward(z, mask=None)`` returns ``(z_q, loss, indices)`` in z's layout, as the layer does: channels
