@@ -251,6 +251,8 @@ def _mma_loop_instructions(cubin: bytes) -> tuple[int, int]:
             best = body
     if best is None:
         return -1, -1
+    # (One pass in program order from the loop's top: it assumes the loop waits for its MMA in the same
+    # iteration, as Triton's loops do; an MMA left pending across the back-edge would not be counted.)
     in_flight, overlapped = False, 0
     for text in best:
         opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
@@ -312,6 +314,12 @@ def _cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
         # The same tf32 pass; the listed rows searched again with fp32 products.
         ("nearest fp32 highest: tf32 + fp32 re-search (8192, 16384, 256)", search(8192, 16384, 256, fp32, "highest")),
         ("nearest bf16 split codebook (1024, 262144, 64)", search(1024, 262144, 64, bf16, "high")),
+        # The opt-in PIPELINE candidates of the 16-bit search (tuning note 29), at D = 256 and 64. (Shapes
+        # of their own: the flag is read when a problem size is first tuned.)
+        ("nearest bf16, VQFAST_PIPELINED_SEARCH=1 (32768, 32768, 256)",
+         with_env("VQFAST_PIPELINED_SEARCH", "1", search(32768, 32768, 256, bf16, "high"))),
+        ("nearest bf16 split codebook, VQFAST_PIPELINED_SEARCH=1 (2048, 262144, 64)",
+         with_env("VQFAST_PIPELINED_SEARCH", "1", search(2048, 262144, 64, bf16, "high"))),
         # The opt-in TMA kernel (kernels/nearest_tma.py) at the shapes of goals 1 and 3b.
         ("nearest bf16 TMA search (65536, 65536, 256)", tma(search(65536, 65536, 256, bf16, "high"))),
         ("nearest bf16 TMA search, split codebook (1024, 262144, 64)",

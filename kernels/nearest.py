@@ -617,7 +617,8 @@ def _autotune_configs() -> list[triton.Config]:
     # which is what lets two programs share an SM (see _TENSOR_CORE_ONLY).
     configs.append(_config(128, 64, 8, 1, slots=False))
     # The 16-bit search with the next tile's product issued before this tile's argmin (PIPELINE, see
-    # _scan_codes); last, so that the fixed configuration (the first that fits) stays as it was.
+    # _scan_codes): timed only with VQFAST_PIPELINED_SEARCH=1 (see _pipelines); last, so that the fixed
+    # configuration (the first that fits) stays as it was.
     configs += [_config(*tile, slots=True, pipeline=True) for tile in _PIPELINED_TILES]
     return configs
 
@@ -697,9 +698,18 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _pipelines(input_precision: str, single_d: bool, recheck: bool) -> bool:
-    """Whether the search kernel honours PIPELINE for a problem: tensor-core products over a whole D
-    without the tf32 pass's bounds (whose ~250 registers leave no room for a second accumulator)."""
-    return input_precision != "ieee" and single_d and not recheck
+    """Whether the PIPELINE candidates are timed for a problem: ``VQFAST_PIPELINED_SEARCH=1`` (read when a
+    problem size is first tuned), and the kernel honours the flag there: tensor-core products over a
+    whole D without the tf32 pass's bounds (whose ~250 registers leave no room for a second
+    accumulator)."""
+    return pipelined_search_enabled() and input_precision != "ieee" and single_d and not recheck
+
+
+def pipelined_search_enabled() -> bool:
+    """``VQFAST_PIPELINED_SEARCH=1``: the 16-bit search's autotuning also times the PIPELINE candidates
+    (tuning note 29); off by default, where the compiled code promises ~1 % and each candidate costs a
+    compile on every new problem size."""
+    return os.environ.get("VQFAST_PIPELINED_SEARCH", "0") not in ("", "0")
 
 
 # The tf32 pass's per-code error bound stages about 32 KiB more (compile_check.py, Triton 3.6, sm_90).

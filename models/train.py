@@ -1672,50 +1672,61 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
 def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) -> str | None:
     """Make the metrics file hold the checkpoint's epoch records, as a resumed run continues from them.
 
-    The checkpoint is written before an epoch's line is appended, so a run stopped in between lacks
-    that line, and a stop inside the append leaves half a line; a checkpoint copied from another run
-    brings epochs that the file does not hold. The file is rewritten from ``history`` then (tests
-    recorded at epochs the checkpoint has kept, after their epoch), and the earlier file kept beside it
-    as ``<name>.before-resume`` when its records were not a start of the checkpoint's. Returns a note
-    for the log, or None when the file already matched."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    The checkpoint is written just before an epoch's line is appended, so a run stopped in between
+    lacks that one line, and a stop inside the append leaves half of it: the file is then completed
+    from ``history`` (its tests kept, after their epochs). A file whose epochs are not the checkpoint's
+    (a checkpoint copied from another run, an earlier checkpoint of this one, more than one epoch
+    missing) is moved aside to ``<name>.before-resume`` (``.1``, ``.2``, ... when that is taken) and a
+    new one written from ``history`` alone; so is a missing file written anew. Returns a note for the
+    log, or None when the file already matched."""
+    if not path.exists():
+        if not history:
+            return None
+        path.write_text("".join(_json(r) + "\n" for r in history), encoding="utf-8")
+        return (f"resume: {path.name} was missing; written from the checkpoint's "
+                f"{_count(len(history), 'epoch', 'epochs')}")
     epochs, tests, unreadable = [], [], 0
-    for line in lines:
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             unreadable += line.strip() != ""
             continue
-        if isinstance(record, dict) and record.get("event") == "test":
-            tests.append(record)
-        elif isinstance(record, dict):
-            epochs.append(record)
-        else:
+        if not isinstance(record, dict):
             unreadable += 1
+            continue
+        # (As written now: files from before NaN and inf were written as null hold them as literals.)
+        record = json.loads(_json(record))
+        (tests if record.get("event") == "test" else epochs).append(record)
     expected = [json.loads(_json(r)) for r in history]
     if epochs == expected and not unreadable:
         return None
     done = len(expected)
-    kept = [t for t in tests if isinstance(t.get("epoch"), int) and 0 <= t["epoch"] <= done]
+    # Only the last epoch's line can be lost between the checkpoint and its append.
+    continues = len(expected) - len(epochs) <= 1 and epochs == expected[:len(epochs)]
+    kept = [t for t in tests if isinstance(t.get("epoch"), int) and 0 <= t["epoch"] <= done] if continues else []
     ordered = [t for t in kept if t["epoch"] == 0]
     for r in expected:
         ordered += [r, *(t for t in kept if t["epoch"] == r.get("epoch"))]
-    prefix = epochs == expected[:len(epochs)]
-    if not prefix:
-        os.replace(path, path.with_name(path.name + ".before-resume"))
+    backup = path.with_name(path.name + ".before-resume")
+    if not continues:
+        number = 0
+        while backup.exists():
+            number += 1
+            backup = path.with_name(f"{path.name}.before-resume.{number}")
+        os.replace(path, backup)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(_json(r) + "\n" for r in ordered), encoding="utf-8")
     os.replace(tmp, path)
-    if prefix:
+    if continues:
         restored = len(expected) - len(epochs)
         return (f"resume: {path.name} rewritten from the checkpoint ("
                 + (f"{_count(restored, 'epoch record', 'epoch records')} it lacked" if restored else "")
                 + (", " if restored and unreadable else "")
                 + (f"{_count(unreadable, 'unreadable line', 'unreadable lines')} left out" if unreadable else "") + ")")
     return (f"resume: {path.name} does not hold the epochs of {CHECKPOINT_NAME} (a checkpoint from another run, or an "
-            f"earlier one of this run?); "
-            f"it is rewritten from the checkpoint's {_count(done, 'epoch', 'epochs')}, the earlier file kept as "
-            f"{path.name}.before-resume")
+            f"earlier one of this run?); it is rewritten from the checkpoint's {_count(done, 'epoch', 'epochs')}, "
+            f"the earlier file kept as {backup.name}")
 
 
 def _training_out_of_memory(cfg: TrainConfig, device: torch.device, exc: BaseException) -> str:
@@ -2036,7 +2047,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
                               "flagged_at_p95": float((ood_res["sse"] > threshold).double().mean())}
             if "requested_data" in ood_info:
                 summary["ood"]["requested_data"] = ood_info["requested_data"]
-            if (ood_info["data"], ood_info["split"]) == (info["data"], info["split"]):
+            if ((ood_info["data"], ood_info["split"]) == (info["data"], info["split"])
+                    and list(source_indices(ood_ds)) == list(positions)):
                 notes.append(f"--ood scored the same images as --data ({describe_source(info['data'])} "
                              f"{split_label}): an AUROC of 0.5 says nothing; give another source, e.g. svhn")
         earlier = _earlier_evaluation_of_other_data(out / f"eval-{name}-{split_label}.json", info["data"])

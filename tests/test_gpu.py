@@ -224,11 +224,12 @@ def test_every_wide_tf32_candidate_gives_the_fp32_indices(monkeypatch, d):
 @pytest.mark.parametrize("n,k,d,splits", [(4096, 8192, 256, None), (1000, 70001, 64, 7)])
 def test_every_pipelined_candidate_gives_the_plain_search_results(monkeypatch, n, k, d, splits):
     # The 16-bit search that issues the next tile's product before this tile's argmin (PIPELINE): each
-    # candidate on its own against the plain one, with whole tiles (K = 8,192) and a partial last tile
-    # in every split (K = 70,001 in 7 splits).
+    # candidate on its own against the plain one, with whole tiles (K = 8,192) and masked ones (K =
+    # 70,001 in 7 splits: no tile size divides the split, the last split ends in a partial tile).
     from vqfast.kernels import _launch, nearest
 
     monkeypatch.setenv("VQFAST_AUTOTUNE", "1")
+    monkeypatch.setenv("VQFAST_PIPELINED_SEARCH", "1")  # (the candidates are opt-in)
     tuner = nearest._nearest_code_autotuned
     z, c = _data(n, k, d, torch.bfloat16, seed=9)
     z[:4] = c[k - 1]  # (rows whose code is in the last tile)

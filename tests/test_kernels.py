@@ -219,14 +219,23 @@ def test_pipelined_search_gives_the_plain_search_results(k, d, splits, monkeypat
     assert torch.equal(chosen, best)
 
 
-def test_pipelined_candidates_only_where_the_kernel_pipelines():
-    """PIPELINE candidates are timed only for the 16-bit whole-D search (elsewhere the kernel ignores the
-    flag, so they would be their twins timed again), and never are the fixed configuration."""
+def test_pipelined_candidates_only_where_asked_for_and_the_kernel_pipelines(monkeypatch):
+    """PIPELINE candidates are timed only with VQFAST_PIPELINED_SEARCH=1 and only for the 16-bit whole-D
+    search (elsewhere the kernel ignores the flag, so they would be their twins timed again), and are
+    never the fixed configuration."""
     from vqfast.kernels import nearest
 
     configs = nearest._AUTOTUNE_CONFIGS
     assert sum(c.kwargs["PIPELINE"] for c in configs) == len(nearest._PIPELINED_TILES)
     limit = 232448  # sm_90's shared memory per block
+    monkeypatch.setattr(nearest, "max_shared_memory", lambda: limit)
+    monkeypatch.delenv("VQFAST_PIPELINED_SEARCH", raising=False)
+    assert not nearest._pipelines("tf32", True, False)
+    z = torch.empty(4, 256, dtype=torch.bfloat16)
+    meta = dict(BLOCK_D=256, SINGLE_D=True, INPUT_PRECISION="tf32", RECHECK=False)
+    assert not any(c.kwargs["PIPELINE"] for c in nearest._prune_configs(configs, {"z_ptr": z}, **meta))
+    monkeypatch.setenv("VQFAST_PIPELINED_SEARCH", "1")
+    assert any(c.kwargs["PIPELINE"] for c in nearest._prune_configs(configs, {"z_ptr": z}, **meta))
     for precision, single_d, recheck in (("ieee", True, False), ("tf32", True, True), ("tf32", False, False)):
         assert not nearest._pipelines(precision, single_d, recheck)
         chosen = nearest._select_configs(configs, precision, 128, single_d, 2, limit,
@@ -932,8 +941,7 @@ def test_autotune_pruning_reads_keyword_and_positional_arguments(monkeypatch):
                                          RECHECK=False)
     from_named = nearest._prune_configs(configs, {"z_ptr": z, "BLOCK_D": 256, "SINGLE_D": True,
                                                   "INPUT_PRECISION": "tf32", "RECHECK": False})
-    assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY,
-                                                                pipelined=True)
+    assert from_kwargs == from_named == nearest._select_configs(configs, "tf32", 256, True, 2, H100_SHARED_MEMORY)
     assert len(from_kwargs) < len(configs)
     # The tf32 pass with its re-check stages more: (64, 128) tiles with 3 stages at D = 128 in fp32 asked
     # for 240 KiB on sm_90, over the H100's 227 KiB, and must not be a candidate there.

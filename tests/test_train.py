@@ -378,6 +378,9 @@ def test_evaluate_reports_reconstruction_and_anomaly_scores(vq_run: train_mod.Tr
                            "sample", "--worst", "0", "--out", str(tmp_path / "same")]) == 0
     out = capsys.readouterr().out
     assert "AUROC 0.500" in out and "note: --ood scored the same images as --data (sample test)" in out
+    # The run's training images (its --limit of the split) against images of the whole split: no such note.
+    summary = evaluate(vq_run.run_dir, split="train", ood="sample", limit=20, out_dir=tmp_path / "train", worst=0)
+    assert not any("--ood" in note for note in summary.get("notes", ()))
 
 
 def test_evaluated_model_is_the_trained_one(vq_run: train_mod.TrainResult) -> None:
@@ -633,6 +636,23 @@ def test_resume_makes_the_metrics_file_hold_the_checkpoints_epochs(tmp_path: Pat
     note = train_mod._metrics_matching_checkpoint(path, history)
     assert note is not None and "does not hold the epochs of checkpoint.pt" in note
     assert (tmp_path / "metrics.jsonl.before-resume").read_text() == before
+    assert path.read_text() == train_mod._json(history[0]) + "\n" + train_mod._json(history[1]) + "\n"
+    # Another run's test at an epoch the checkpoint has is not kept either; an earlier backup stays.
+    other = [{"epoch": 1, "avg_loss": 9.0}, {"event": "test", "epoch": 1, "data": "sample", "psnr": 5.0}]
+    path.write_text("".join(train_mod._json(r) + "\n" for r in other))
+    note = train_mod._metrics_matching_checkpoint(path, history)
+    assert note is not None and note.endswith("kept as metrics.jsonl.before-resume.1")
+    assert (tmp_path / "metrics.jsonl.before-resume").read_text() == before
+    assert '"psnr": 5.0' not in path.read_text()
+    # Two epochs missing (a file with only the test of an --epochs 0 run, say): not one lost line.
+    path.write_text(train_mod._json({"event": "test", "epoch": 0, "data": "sample"}) + "\n")
+    assert "does not hold the epochs" in train_mod._metrics_matching_checkpoint(path, history)
+    # A file from before NaN and inf were written as null still matches its checkpoint.
+    path.write_text('{"epoch": 1, "avg_loss": 3.5, "psnr": Infinity}\n{"epoch": 2, "avg_loss": 2.25, "psnr": 20.0}\n')
+    assert train_mod._metrics_matching_checkpoint(path, history) is None
+    # A missing file is written from the checkpoint.
+    path.unlink()
+    assert "was missing" in train_mod._metrics_matching_checkpoint(path, history)
     assert path.read_text() == train_mod._json(history[0]) + "\n" + train_mod._json(history[1]) + "\n"
 
 
