@@ -91,7 +91,9 @@ def search_candidates(shapes: tuple[tuple[int, int, int], ...] = ((65536, 65536,
 
     tuner = nearest._nearest_code_autotuned
     saved = tuner.configs
-    os.environ["VQFAST_PIPELINED_SEARCH"] = "1"  # (opt-in candidates: the pruning would drop them)
+    # (Opt-in candidates: the first, autotuned search of each shape times them too.)
+    previous = os.environ.get("VQFAST_PIPELINED_SEARCH")
+    os.environ["VQFAST_PIPELINED_SEARCH"] = "1"
     try:
         for n, k, d in shapes:
             torch.manual_seed(0)
@@ -118,7 +120,10 @@ def search_candidates(shapes: tuple[tuple[int, int, int], ...] = ((65536, 65536,
                 except Exception as exc:  # noqa: BLE001 - report and go on with the next candidate
                     log(label, repr(exc)[:400])
     finally:
-        os.environ.pop("VQFAST_PIPELINED_SEARCH", None)
+        if previous is None:
+            os.environ.pop("VQFAST_PIPELINED_SEARCH", None)
+        else:
+            os.environ["VQFAST_PIPELINED_SEARCH"] = previous
         tuner.configs = saved
         tuner.cache.clear()
 

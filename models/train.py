@@ -808,6 +808,8 @@ _RUN_OUTPUTS = (METRICS_NAME, METRICS_NAME + ".tmp", "train.log", "summary.json"
                 "reconstructions.png", "codebook_usage.json", "codebook_usage.png", "samples.png", "blend.png")
 # What `vqfast evaluate` writes into a run folder (eval-<data>-<split>.csv/.json, -worst.png).
 _EVAL_OUTPUTS = "eval-*"
+# Metrics a resume moved aside (see _metrics_matching_checkpoint).
+_METRICS_BACKUPS = METRICS_NAME + ".before-resume*"
 
 
 def _check_folder_can_be_made(path: Path, option: str = "--out") -> None:
@@ -1277,9 +1279,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
         if not cfg.resume:
             for stale in _RUN_OUTPUTS:
                 (run_dir / stale).unlink(missing_ok=True)
-            for stale in run_dir.glob(_EVAL_OUTPUTS):
-                if stale.is_file():  # a folder of the user's that happens to match is left alone
-                    stale.unlink()
+            for pattern in (_EVAL_OUTPUTS, _METRICS_BACKUPS):
+                for stale in run_dir.glob(pattern):
+                    if stale.is_file():  # a folder of the user's that happens to match is left alone
+                        stale.unlink()
 
     torch.manual_seed(cfg.seed + dist.rank)  # but independent noise (VAE draws) per rank
 
@@ -1679,14 +1682,20 @@ def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) 
     missing) is moved aside to ``<name>.before-resume`` (``.1``, ``.2``, ... when that is taken) and a
     new one written from ``history`` alone; so is a missing file written anew. Returns a note for the
     log, or None when the file already matched."""
+    tmp = path.with_name(path.name + ".tmp")
     if not path.exists():
         if not history:
             return None
-        path.write_text("".join(_json(r) + "\n" for r in history), encoding="utf-8")
+        tmp.write_text("".join(_json(r) + "\n" for r in history), encoding="utf-8")
+        os.replace(tmp, path)
         return (f"resume: {path.name} was missing; written from the checkpoint's "
                 f"{_count(len(history), 'epoch', 'epochs')}")
+    text = path.read_text(encoding="utf-8")
+    # A last line without its newline (a stop just before it) would have the next epoch's line appended
+    # to it: the file is written again then, even when its records match.
+    torn = text != "" and not text.endswith("\n")
     epochs, tests, unreadable = [], [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -1699,7 +1708,7 @@ def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) 
         record = json.loads(_json(record))
         (tests if record.get("event") == "test" else epochs).append(record)
     expected = [json.loads(_json(r)) for r in history]
-    if epochs == expected and not unreadable:
+    if epochs == expected and not unreadable and not torn:
         return None
     done = len(expected)
     # Only the last epoch's line can be lost between the checkpoint and its append.
@@ -1715,15 +1724,14 @@ def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) 
             number += 1
             backup = path.with_name(f"{path.name}.before-resume.{number}")
         os.replace(path, backup)
-    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(_json(r) + "\n" for r in ordered), encoding="utf-8")
     os.replace(tmp, path)
     if continues:
         restored = len(expected) - len(epochs)
-        return (f"resume: {path.name} rewritten from the checkpoint ("
-                + (f"{_count(restored, 'epoch record', 'epoch records')} it lacked" if restored else "")
-                + (", " if restored and unreadable else "")
-                + (f"{_count(unreadable, 'unreadable line', 'unreadable lines')} left out" if unreadable else "") + ")")
+        what = [f"{_count(restored, 'epoch record', 'epoch records')} it lacked" if restored else "",
+                f"{_count(unreadable, 'unreadable line', 'unreadable lines')} left out" if unreadable else "",
+                "its last line ended" if torn and not (restored or unreadable) else ""]
+        return f"resume: {path.name} rewritten from the checkpoint ({', '.join(w for w in what if w)})"
     return (f"resume: {path.name} does not hold the epochs of {CHECKPOINT_NAME} (a checkpoint from another run, or an "
             f"earlier one of this run?); it is rewritten from the checkpoint's {_count(done, 'epoch', 'epochs')}, "
             f"the earlier file kept as {backup.name}")

@@ -82,3 +82,36 @@ def test_bad_options_and_inputs_are_refused():
     with pytest.raises(ValueError, match="out of range"):
         ProjectedVectorQuantizer(8, 4, 2, channel_dim=3)(torch.randn(2, 4))
     assert "codebook_dim=2" in repr(vq) and vq.num_embeddings == 8 and vq.heads == 1
+
+
+def test_padding_of_nan_reaches_neither_projection_and_inference_masks_work(device):
+    torch.manual_seed(3)
+    vq = ProjectedVectorQuantizer(16, 6, 4).to(device)
+    z = torch.randn(2, 5, 6, device=device)
+    with torch.inference_mode():
+        mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]], device=device)
+    z[~mask] = float("nan")
+    z.requires_grad_(True)
+    z_q, loss, indices = vq(z, mask=mask)
+    keep = mask.clone()  # (the layer takes the inference-mode mask; the test's own indexing cannot)
+    (z_q[keep].sum() + loss).backward()
+    for name, t in (("project_in", vq.project_in.weight), ("project_out", vq.project_out.weight),
+                    ("codebook", vq.quantizer.embeddings.weight)):
+        assert bool(torch.isfinite(t.grad).all()), name
+    assert bool((indices[~keep] == -1).all()) and bool(torch.isfinite(z_q[keep]).all())
+    assert torch.equal(vq.encode(z.detach(), mask=mask), torch.where(mask, vq.eval().encode(z.detach().nan_to_num()), -1))
+
+
+def test_layouts_of_z_q_decode_and_mask_errors_follow_zs():
+    torch.manual_seed(4)
+    vq = ProjectedVectorQuantizer(16, 12, 4).eval()
+    z = torch.randn(2, 12, 3, 5)
+    z_q, _, indices = vq(z)
+    assert z_q.is_contiguous() and z_q.view(2, -1).shape == (2, 180)  # (callers of a drop-in layer may .view())
+    heads = ProjectedVectorQuantizer(16, 12, 3, channel_dim=1, heads=2).eval()
+    seq = torch.randn(2, 12, 9)
+    z_q, _, indices = heads(seq)
+    assert indices.shape == (2, 9, 2)
+    torch.testing.assert_close(heads.decode(indices), z_q)
+    with pytest.raises(ValueError, match=r"z \(2, 12, 9\), channels at dim 1"):
+        heads(seq, mask=torch.ones(2, 12, dtype=torch.bool))

@@ -650,6 +650,10 @@ def test_resume_makes_the_metrics_file_hold_the_checkpoints_epochs(tmp_path: Pat
     # A file from before NaN and inf were written as null still matches its checkpoint.
     path.write_text('{"epoch": 1, "avg_loss": 3.5, "psnr": Infinity}\n{"epoch": 2, "avg_loss": 2.25, "psnr": 20.0}\n')
     assert train_mod._metrics_matching_checkpoint(path, history) is None
+    # A complete last line without its newline is ended, so the next epoch's line does not join it.
+    path.write_text(train_mod._json(history[0]) + "\n" + train_mod._json(history[1]))
+    assert train_mod._metrics_matching_checkpoint(path, history).endswith("(its last line ended)")
+    assert path.read_text() == train_mod._json(history[0]) + "\n" + train_mod._json(history[1]) + "\n"
     # A missing file is written from the checkpoint.
     path.unlink()
     assert "was missing" in train_mod._metrics_matching_checkpoint(path, history)

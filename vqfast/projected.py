@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vqfast import reference
 from vqfast._checks import check_int
-from vqfast.layer import VectorQuantizer
+from vqfast.layer import VectorQuantizer, _check_mask
 
 
 class ProjectedVectorQuantizer(nn.Module):
@@ -29,10 +30,13 @@ class ProjectedVectorQuantizer(nn.Module):
 
     ``forward(z, mask=None)`` returns ``(z_q, loss, indices)`` in z's layout, as the layer does: channels
     at dim 1 for inputs of 4 or more dimensions, last otherwise, or at ``channel_dim``. Rows that
-    ``mask`` leaves out keep ``z_q = z`` (with its gradient) and index -1. ``encode(z, mask=None)``
-    gives forward's indices in eval mode; ``decode(indices)`` the ``z_q`` they stand for
-    (``project_out`` of the codes; zeros for index -1 go through it too). Every other option goes to
-    the :class:`VectorQuantizer` (``beta``, ``metric``, ``ema``, ``dead_code_threshold``, ``heads``, ...).
+    ``mask`` leaves out keep ``z_q = z`` (with its gradient) and index -1, and reach neither projection
+    (NaN padding leaves their gradients finite). ``encode(z, mask=None)`` gives forward's indices in
+    eval mode; ``decode(indices)`` the ``z_q`` they stand for (``project_out`` of the codes; zeros for
+    index -1 go through it too). Every other option goes to the :class:`VectorQuantizer`
+    (``beta``, ``metric``, ``ema``, ``dead_code_threshold``, ``heads``, ...); its statistics and
+    codebook methods (``codebook_usage()``, ``set_codebook()``) are on ``self.quantizer``. z is in the
+    projections' dtype (as for any ``nn.Linear``; autocast casts it).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, codebook_dim: int, channel_dim: int | None = None,
@@ -41,8 +45,6 @@ class ProjectedVectorQuantizer(nn.Module):
         self.embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
         self.codebook_dim = check_int(codebook_dim, "codebook_dim", minimum=1)
         self.channel_dim = None if channel_dim is None else check_int(channel_dim, "channel_dim")
-        if "channel_dim" in quantizer_options:
-            raise TypeError("channel_dim is ProjectedVectorQuantizer's own option")
         # Channels last in the small space, whatever z's layout (the projections work on the last dim).
         self.quantizer = VectorQuantizer(num_embeddings, self.codebook_dim, channel_dim=-1, **quantizer_options)
         width = self.quantizer.heads * self.codebook_dim
@@ -57,8 +59,9 @@ class ProjectedVectorQuantizer(nn.Module):
     def heads(self) -> int:
         return self.quantizer.heads
 
-    def _channel_dim(self, z: Tensor) -> int:
-        """Where z's channels are, as :class:`VectorQuantizer` finds them; checks z's type and width."""
+    def _channel_dim(self, z: Tensor, mask: Tensor | None = None) -> int:
+        """Where z's channels are, as :class:`VectorQuantizer` finds them; checks z's type and width, and
+        ``mask`` against z."""
         if not isinstance(z, Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() < 2:
@@ -75,30 +78,43 @@ class ProjectedVectorQuantizer(nn.Module):
             raise ValueError(f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim="
                              f"{self.embedding_dim} (shape {tuple(z.shape)}); pass channel_dim= if the channels "
                              f"are elsewhere")
+        if mask is not None:
+            _check_mask(mask, z, cdim)
         return cdim
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z`` in the codebook's space; returns ``(z_q, loss, indices)`` (see the class docstring)."""
-        cdim = self._channel_dim(z)
+        cdim = self._channel_dim(z, mask)
         z_last = z.movedim(cdim, -1)
-        # (The quantizer checks the mask against the projected rows, whose positions are z's.)
-        q_small, loss, indices = self.quantizer(self.project_in(z_last), mask=mask)
-        z_q = self.project_out(q_small)
-        if mask is not None:
-            z_q = torch.where(mask.unsqueeze(-1), z_q, z_last)
-        return z_q.movedim(-1, cdim), loss, indices
+        if mask is None:
+            q_small, loss, indices = self.quantizer(self.project_in(z_last))
+            z_q = self.project_out(q_small)
+        else:
+            # (A copy that autograd may save: a mask made under inference mode cannot be.)
+            (kept,) = reference.saveable(mask.unsqueeze(-1))
+            # Padding reaches neither projection: NaN there would make their weights' gradients NaN.
+            q_small, loss, indices = self.quantizer(self.project_in(torch.where(kept, z_last, 0.0)), mask=mask)
+            z_q = self.project_out(q_small)
+            z_q = torch.where(kept, z_q, z_last.to(z_q.dtype))
+        z_q = z_q.movedim(-1, cdim)
+        # Channels-first z gives channels-last rows; callers of a drop-in layer may .view() z_q.
+        return (z_q.contiguous() if z.is_contiguous() else z_q), loss, indices
 
     @torch.no_grad()
     def encode(self, z: Tensor, mask: Tensor | None = None) -> Tensor:
         """The indices :meth:`forward` gives for ``z`` in eval mode, from the search alone (see
         :meth:`VectorQuantizer.encode`). Plain PyTorch: ``vq.encode(project_in(z))``."""
-        cdim = self._channel_dim(z)
-        return self.quantizer.encode(self.project_in(z.movedim(cdim, -1)), mask=mask)
+        cdim = self._channel_dim(z, mask)
+        z_last = z.movedim(cdim, -1)
+        if mask is not None:
+            z_last = torch.where(mask.unsqueeze(-1), z_last, 0.0)
+        return self.quantizer.encode(self.project_in(z_last), mask=mask)
 
     def decode(self, indices: Tensor, check_indices: bool = True) -> Tensor:
-        """The ``z_q`` that :meth:`forward` gives for these indices, in its layout (channels at dim 1 for
-        indices of 3 or more dimensions, or at ``channel_dim``; last otherwise). Plain PyTorch:
-        ``project_out(codebook[indices])``. Index -1 decodes to ``project_out`` of zeros, its bias."""
+        """The ``z_q`` that :meth:`forward` gives for these indices, in its layout: channels at dim 1 for
+        indices of 3 or more position dimensions (with ``heads`` > 1 the last dimension of indices is
+        not one), or at ``channel_dim``; last otherwise. Plain PyTorch: ``project_out(codebook[indices])``.
+        Index -1 decodes to ``project_out`` of zeros, its bias."""
         codes = self.quantizer.codes_from_indices(indices, check_indices=check_indices,
                                                   dtype=self.project_out.weight.dtype)
         z_q = self.project_out(codes)
