@@ -561,3 +561,36 @@ def test_copies_of_random_codes_tie_and_the_first_wins(dtype, precision):
         idx, _ = kernels.nearest_code(z, c, precision=precision, num_splits=splits)
         on_copies = torch.isin(idx, torch.tensor(copies, device="cuda"))
         assert bool(on_copies[300:].all()) and set(idx[on_copies].tolist()) == {copies[0]}, (splits, precision)
+
+
+def test_projected_quantizer_trains_on_the_gpu_under_bf16_autocast(monkeypatch):
+    """ProjectedVectorQuantizer on the kernels, under bf16 autocast as `--amp` trains: the indices are the
+    nearest codes of the projected rows (distance of the chosen code against the fp64 minimum), padding
+    keeps z, and a few Adam steps leave every parameter finite and the loss lower."""
+    monkeypatch.setenv("VQFAST_BACKEND", "triton")
+    torch.manual_seed(0)
+    pvq = vqfast.ProjectedVectorQuantizer(1024, 256, 16, metric="cosine").cuda()
+    z = torch.randn(16, 256, 8, 8, device="cuda")
+    mask = torch.rand(16, 8, 8, device="cuda") < 0.9
+    opt = torch.optim.Adam(pvq.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            z_q, loss, indices = pvq(z, mask=mask)
+        opt.zero_grad()
+        (loss + (z_q.float() - z).pow(2)[mask.unsqueeze(1).expand_as(z)].mean()).backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(bool(torch.isfinite(p).all()) for p in pvq.parameters())
+    assert losses[-1] < losses[0]
+    pad = ~mask.unsqueeze(1).expand_as(z)
+    # (Padding keeps z, in z_q's dtype: bf16, the projection's output under autocast.)
+    assert bool((indices[~mask] == -1).all()) and torch.equal(z_q[pad], z[pad].to(z_q.dtype))
+    pvq.eval()
+    idx = pvq.encode(z)
+    with torch.no_grad():
+        rows = reference.unit_rows(pvq.project_in(z.movedim(1, -1)).reshape(-1, 16).double())
+        codes = reference.unit_rows(pvq.quantizer.embeddings.weight.double())
+        d = torch.cdist(rows, codes) ** 2
+        chosen = d.gather(1, idx.reshape(-1, 1)).squeeze(1)
+    assert bool((chosen - d.min(1).values <= 1e-5 * (1 + d.min(1).values)).all())

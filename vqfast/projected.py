@@ -30,7 +30,8 @@ class ProjectedVectorQuantizer(nn.Module):
 
     ``forward(z, mask=None)`` returns ``(z_q, loss, indices)`` in z's layout, as the layer does: channels
     at dim 1 for inputs of 4 or more dimensions, last otherwise, or at ``channel_dim``. Rows that
-    ``mask`` leaves out keep ``z_q = z`` (with its gradient) and index -1, and reach neither projection
+    ``mask`` leaves out keep ``z_q = z`` (with its gradient; in z_q's dtype, e.g. bf16 under autocast,
+    where ``project_out`` gives bf16) and index -1, and reach neither projection
     (NaN padding leaves their gradients finite). ``encode(z, mask=None)`` gives forward's indices in
     eval mode; ``decode(indices)`` the ``z_q`` they stand for (``project_out`` of the codes; zeros for
     index -1 go through it too). Every other option goes to the :class:`VectorQuantizer`
