@@ -123,6 +123,36 @@ def _check_mask(mask: Tensor, z: Tensor, cdim: int) -> None:
                    f"z {tuple(z.shape)}, channels at dim {cdim}")
 
 
+def _channel_dim_for(channel_dim: int | None, ndim: int, what: str) -> int:
+    """Where the channels are in an input of ``ndim`` dimensions (``what`` names it in errors): at
+    ``channel_dim`` if given, else at dim 1 for 4 or more dimensions and last otherwise."""
+    if channel_dim is not None:
+        if not -ndim <= channel_dim < ndim:
+            raise ValueError(f"channel_dim={channel_dim} is out of range for {what}")
+        return channel_dim % ndim
+    return 1 if ndim >= 4 else ndim - 1
+
+
+def _checked_input(z: Tensor, mask: Tensor | None, channel_dim: int | None, channels: int, expected: str) -> int:
+    """The checks of an input ``z`` (and its ``mask``) to a layer that wants ``channels`` channels
+    (``expected`` says which in errors); the dimension of its channels."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() < 2:
+        raise ValueError(f"z must have a batch and a channel dimension, got shape {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+    cdim = _channel_dim_for(channel_dim, z.dim(), f"z of shape {tuple(z.shape)}")
+    if z.shape[cdim] != channels:
+        raise ValueError(
+            f"z has {z.shape[cdim]} channels at dim {cdim}, expected {expected} "
+            f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
+        )
+    if mask is not None:
+        _check_mask(mask, z, cdim)
+    return cdim
+
+
 @signature_kept
 class _LayoutQuantize(torch.autograd.Function):
     """quantize's fused step (``_FusedQuantize``) for a layer input ``z`` in its own layout: takes ``z``
@@ -608,11 +638,7 @@ class VectorQuantizer(nn.Module):
 
     def _channel_dim_of(self, ndim: int, what: str) -> int:
         """Where the channels are in an input of ``ndim`` dimensions (``what`` names it in errors)."""
-        if self.channel_dim is not None:
-            if not -ndim <= self.channel_dim < ndim:
-                raise ValueError(f"channel_dim={self.channel_dim} is out of range for {what}")
-            return self.channel_dim % ndim
-        return 1 if ndim >= 4 else ndim - 1
+        return _channel_dim_for(self.channel_dim, ndim, what)
 
     def codes_from_indices(self, indices: Tensor, check_indices: bool = True,
                            dtype: torch.dtype | None = None) -> Tensor:
@@ -668,23 +694,9 @@ class VectorQuantizer(nn.Module):
 
     def _checked_channel_dim(self, z: Tensor, mask: Tensor | None) -> int:
         """The checks of an input ``z`` (and its ``mask``) to the layer; the dimension of its channels."""
-        if not isinstance(z, Tensor):
-            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() < 2:
-            raise ValueError(f"z must have a batch and a channel dimension, got shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
-        cdim = self._channel_dim(z)
-        if z.shape[cdim] != self.heads * self.embedding_dim:
-            expected = (f"embedding_dim={self.embedding_dim}" if self.heads == 1 else
-                        f"heads * embedding_dim = {self.heads} * {self.embedding_dim}")
-            raise ValueError(
-                f"z has {z.shape[cdim]} channels at dim {cdim}, expected {expected} "
-                f"(shape {tuple(z.shape)}); pass channel_dim= if the channels are elsewhere"
-            )
-        if mask is not None:
-            _check_mask(mask, z, cdim)
-        return cdim
+        expected = (f"embedding_dim={self.embedding_dim}" if self.heads == 1 else
+                    f"heads * embedding_dim = {self.heads} * {self.embedding_dim}")
+        return _checked_input(z, mask, self.channel_dim, self.heads * self.embedding_dim, expected)
 
     def _index_shape(self, positions: torch.Size) -> torch.Size:
         """The indices' shape for these positions (z without its channels): one index per head."""

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vqfast import reference
 from vqfast._checks import check_int
-from vqfast.layer import VectorQuantizer, _check_mask
+from vqfast.layer import VectorQuantizer, _channel_dim_for, _checked_input
 
 
 class ProjectedVectorQuantizer(nn.Module):
@@ -63,25 +63,7 @@ class ProjectedVectorQuantizer(nn.Module):
     def _channel_dim(self, z: Tensor, mask: Tensor | None = None) -> int:
         """Where z's channels are, as :class:`VectorQuantizer` finds them; checks z's type and width, and
         ``mask`` against z."""
-        if not isinstance(z, Tensor):
-            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() < 2:
-            raise ValueError(f"z must have a batch and a channel dimension, got shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
-        if self.channel_dim is not None:
-            if not -z.dim() <= self.channel_dim < z.dim():
-                raise ValueError(f"channel_dim={self.channel_dim} is out of range for z of shape {tuple(z.shape)}")
-            cdim = self.channel_dim % z.dim()
-        else:
-            cdim = 1 if z.dim() >= 4 else z.dim() - 1
-        if z.shape[cdim] != self.embedding_dim:
-            raise ValueError(f"z has {z.shape[cdim]} channels at dim {cdim}, expected embedding_dim="
-                             f"{self.embedding_dim} (shape {tuple(z.shape)}); pass channel_dim= if the channels "
-                             f"are elsewhere")
-        if mask is not None:
-            _check_mask(mask, z, cdim)
-        return cdim
+        return _checked_input(z, mask, self.channel_dim, self.embedding_dim, f"embedding_dim={self.embedding_dim}")
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``z`` in the codebook's space; returns ``(z_q, loss, indices)`` (see the class docstring)."""
@@ -120,14 +102,7 @@ class ProjectedVectorQuantizer(nn.Module):
                                                   dtype=self.project_out.weight.dtype)
         z_q = self.project_out(codes)
         positions = indices.dim() - (self.heads > 1)
-        ndim = positions + 1
-        if self.channel_dim is not None:
-            if not -ndim <= self.channel_dim < ndim:
-                raise ValueError(f"channel_dim={self.channel_dim} is out of range for codes from indices of "
-                                 f"shape {tuple(indices.shape)}")
-            cdim = self.channel_dim % ndim
-        else:
-            cdim = 1 if ndim >= 4 else ndim - 1
+        cdim = _channel_dim_for(self.channel_dim, positions + 1, f"codes from indices of shape {tuple(indices.shape)}")
         return z_q.movedim(-1, cdim).contiguous()
 
     def extra_repr(self) -> str:
