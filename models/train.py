@@ -1667,8 +1667,13 @@ def _record_test(path: Path, test: dict[str, Any]) -> None:
                 and old.get("data") == test["data"])
 
     kept = [line for line in lines if line.strip() and not same_test(line)]
+    _replace_lines(path, [*kept, _json(test)])
+
+
+def _replace_lines(path: Path, lines: Sequence[str]) -> None:
+    """``path`` rewritten to hold ``lines``, each ended, atomically (a temp file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in [*kept, _json(test)]), encoding="utf-8")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -1682,12 +1687,10 @@ def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) 
     missing) is moved aside to ``<name>.before-resume`` (``.1``, ``.2``, ... when that is taken) and a
     new one written from ``history`` alone; so is a missing file written anew. Returns a note for the
     log, or None when the file already matched."""
-    tmp = path.with_name(path.name + ".tmp")
     if not path.exists():
         if not history:
             return None
-        tmp.write_text("".join(_json(r) + "\n" for r in history), encoding="utf-8")
-        os.replace(tmp, path)
+        _replace_lines(path, [_json(r) for r in history])
         return (f"resume: {path.name} was missing; written from the checkpoint's "
                 f"{_count(len(history), 'epoch', 'epochs')}")
     text = path.read_text(encoding="utf-8")
@@ -1724,8 +1727,7 @@ def _metrics_matching_checkpoint(path: Path, history: Sequence[dict[str, Any]]) 
             number += 1
             backup = path.with_name(f"{path.name}.before-resume.{number}")
         os.replace(path, backup)
-    tmp.write_text("".join(_json(r) + "\n" for r in ordered), encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_lines(path, [_json(r) for r in ordered])
     if continues:
         restored = len(expected) - len(epochs)
         what = [f"{_count(restored, 'epoch record', 'epoch records')} it lacked" if restored else "",
