@@ -150,6 +150,23 @@ def test_nan_and_inf_never_give_out_of_range_indices(precision, dtype, kernel_de
             assert idx[0] == 0
 
 
+def _half_rows_with_ties_and_non_finite(k: int, d: int, seed: int, copies_of_code_3: tuple[int, ...]):
+    """45 fp16 rows and k codes of small integers: code 3 repeated at ``copies_of_code_3`` (ties across
+    tiles and splits) and rows 0-4 equal to it, a NaN row (5), a row holding inf (6), a code holding NaN
+    (50), then 13 random normal rows (7-19)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-3, 4, (45, d), generator=g).half()
+    c = torch.randint(-3, 4, (k, d), generator=g).half()
+    for i in copies_of_code_3:
+        c[i] = c[3]
+    z[:5] = c[3]
+    z[5] = float("nan")
+    z[6, 2] = float("inf")
+    c[50, 1] = float("nan")
+    z[7:20] = torch.randn(13, d, generator=g).half()
+    return z, c
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_slotwise_and_per_tile_minima_agree(splits, monkeypatch):
     """The 16-bit search's two ways of keeping the running minimum (SLOTS, see _scan_codes) give the
@@ -160,16 +177,7 @@ def test_slotwise_and_per_tile_minima_agree(splits, monkeypatch):
     if not _common.interpreting():
         pytest.skip("the interpreter's fixed configuration is what is switched here; on a GPU the autotuner "
                     "chooses, and the other tests cover the configuration it takes")
-    g = torch.Generator().manual_seed(11)
-    z = torch.randint(-3, 4, (45, 24), generator=g).half()
-    c = torch.randint(-3, 4, (203, 24), generator=g).half()
-    c[100] = c[3]
-    c[170] = c[3]
-    z[:5] = c[3]
-    z[5] = float("nan")
-    z[6, 2] = float("inf")
-    c[50, 1] = float("nan")
-    z[7:20] = torch.randn(13, 24, generator=g).half()
+    z, c = _half_rows_with_ties_and_non_finite(203, 24, seed=11, copies_of_code_3=(100, 170))
     results = {}
     for slots in (True, False):
         monkeypatch.setitem(nearest._INTERPRETER_CONFIG, "SLOTS", slots)
@@ -192,16 +200,7 @@ def test_pipelined_search_gives_the_plain_search_results(k, d, splits, monkeypat
     if not _common.interpreting():
         pytest.skip("the interpreter's fixed configuration is what is switched here; on a GPU the autotuner "
                     "chooses among both kinds")
-    g = torch.Generator().manual_seed(12)
-    z = torch.randint(-3, 4, (45, d), generator=g).half()
-    c = torch.randint(-3, 4, (k, d), generator=g).half()
-    c[k - 5] = c[3]
-    c[40] = c[3]
-    z[:5] = c[3]
-    z[5] = float("nan")
-    z[6, 2] = float("inf")
-    c[50, 1] = float("nan")
-    z[7:20] = torch.randn(13, d, generator=g).half()
+    z, c = _half_rows_with_ties_and_non_finite(k, d, seed=12, copies_of_code_3=(k - 5, 40))
     z[20] = c[k - 1]  # (a code of the last tile)
     results = {}
     for pipeline in (False, True):
