@@ -6,7 +6,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from vqfast._checks import INTERPRETER_BF16_REFUSAL
+from vqfast._checks import INTERPRETER_BF16_REFUSAL, env_switch
 from vqfast.kernels._launch import PreparedLaunch
 
 
@@ -33,7 +32,7 @@ def autotuning() -> bool:
     first calls; the test suite uses it on a GPU). Deterministic mode needs it because the tile decides
     the order of some fp32 sums (the loss's partial sums, the distance epilogue's reductions), and a
     choice by timing may differ from one process to the next."""
-    return not deterministic() and os.environ.get("VQFAST_AUTOTUNE", "1") not in ("", "0")
+    return not deterministic() and env_switch("VQFAST_AUTOTUNE", True)
 
 
 def deterministic() -> bool:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from vqfast._checks import env_switch
 from vqfast.kernels import _common
 from vqfast.kernels._launch import PreparedLaunch
 from vqfast.kernels._common import (
@@ -709,7 +709,7 @@ def pipelined_search_enabled() -> bool:
     """``VQFAST_PIPELINED_SEARCH=1``: the 16-bit search's autotuning also times the PIPELINE candidates
     (tuning note 29); off by default, where the compiled code promises ~1 % and each candidate costs a
     compile on every new problem size."""
-    return os.environ.get("VQFAST_PIPELINED_SEARCH", "0") not in ("", "0")
+    return env_switch("VQFAST_PIPELINED_SEARCH", False)
 
 
 # The tf32 pass's per-code error bound stages about 32 KiB more (compile_check.py, Triton 3.6, sm_90).
@@ -1175,7 +1175,7 @@ def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_split
 def tma_search_enabled() -> bool:
     """``VQFAST_TMA_SEARCH=1``: search passes that suit it (16-bit rows, the tf32 pass of fp32 rows)
     run the TMA, warp-specialised kernel of ``nearest_tma.py``."""
-    return os.environ.get("VQFAST_TMA_SEARCH", "0") not in ("", "0")
+    return env_switch("VQFAST_TMA_SEARCH", False)
 
 
 def nearest_tma_aligned(z: torch.Tensor, codebook: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vqfast import kernels
-from vqfast.kernels import _common, _launch, soft_entropy
+from vqfast.kernels import _common, _launch, nearest, soft_entropy
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -65,6 +65,29 @@ def test_autotuning_is_off_in_deterministic_mode(deterministic_mode, monkeypatch
     assert not _common.autotuning()
     torch.use_deterministic_algorithms(False)
     assert _common.autotuning()
+
+
+@pytest.mark.parametrize("value, on", [("1", True), (" TRUE ", True), ("on", True), ("yes", True), ("0", False),
+                                       ("", False), ("False", False), ("off", False), ("no", False)])
+def test_switches_read_the_usual_spellings(monkeypatch, value, on):
+    monkeypatch.setenv("VQFAST_AUTOTUNE", value)
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", value)
+    monkeypatch.setenv("VQFAST_PIPELINED_SEARCH", value)
+    assert _common.autotuning() is on
+    assert nearest.tma_search_enabled() is on and nearest.pipelined_search_enabled() is on
+
+
+def test_switches_refuse_values_they_cannot_read_and_keep_their_defaults_when_unset(monkeypatch):
+    for name in ("VQFAST_AUTOTUNE", "VQFAST_TMA_SEARCH", "VQFAST_PIPELINED_SEARCH"):
+        monkeypatch.delenv(name, raising=False)
+    assert _common.autotuning() and not nearest.tma_search_enabled() and not nearest.pipelined_search_enabled()
+    # A typo must not silently leave tuning on (every value used to count as "on" but "" and "0").
+    monkeypatch.setenv("VQFAST_AUTOTUNE", "flase")
+    with pytest.raises(ValueError, match="VQFAST_AUTOTUNE must be 1 or 0.*'flase'"):
+        _common.autotuning()
+    monkeypatch.setenv("VQFAST_TMA_SEARCH", "2")
+    with pytest.raises(ValueError, match="VQFAST_TMA_SEARCH"):
+        nearest.tma_search_enabled()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

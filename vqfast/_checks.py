@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 
 import torch
 
@@ -111,6 +112,25 @@ def check_usage_inputs(indices: torch.Tensor, num_codes: int, check_range: bool 
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"indices must lie in [0, {num_codes}), got values in [{lo}, {hi}]")
+
+
+# Values a VQFAST_* on/off variable may take (any case, spaces ignored); unset means the switch's default.
+_SWITCH_ON = ("1", "true", "yes", "on")
+_SWITCH_OFF = ("", "0", "false", "no", "off")
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name``: 1/true/yes/on or 0/false/no/off (empty is off), ``default``
+    when unset. Any other value is an error: ``VQFAST_AUTOTUNE=flase`` must not silently keep tuning."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _SWITCH_ON:
+        return True
+    if value in _SWITCH_OFF:
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
 
 
 def check_matmul_precision(precision: str | None) -> None:

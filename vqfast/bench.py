@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqfast._checks import env_switch
 from vqfast.models.article import ArticleVQ, search_broadcast, search_matmul
 
 __all__ = [
@@ -2418,7 +2419,7 @@ def collect_env(device: torch.device, mode: str = "") -> dict[str, str]:
         "torch": torch.__version__, "triton": triton_version, "vqfast": vqfast_version,
         "vector_quantize_pytorch": distribution_version("vector-quantize-pytorch"), "commit": git_commit(),
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "mode": mode, "autotune": os.environ.get("VQFAST_AUTOTUNE", "1"), "fp32_search": FP32_SEARCH,
+        "mode": mode, "autotune": "1" if env_switch("VQFAST_AUTOTUNE", True) else "0", "fp32_search": FP32_SEARCH,
     }
 
 
