@@ -116,6 +116,27 @@ def test_histogram_entropy_skips_unused_codes_and_empty_histograms():
     assert entropy.item() == 0.0 and perplexity.item() == 1.0
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("z_dtype, c_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                              (torch.float64, torch.float32)])
+def test_quantize_takes_mixed_dtypes_as_the_public_op_does(monkeypatch, metric, z_dtype, c_dtype):
+    # The oracle searches in the wider dtype too (it used to refuse mixed dtypes without given indices).
+    import vqfast
+
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(30, 5, generator=g).to(z_dtype).requires_grad_()
+    c = torch.randn(9, 5, generator=g).to(c_dtype)
+    zq_ref, loss_ref, idx_ref = reference.quantize(z, c, metric=metric)
+    zq, loss, idx = vqfast.quantize(z, c, metric=metric)
+    assert torch.equal(idx_ref, idx) and zq_ref.dtype == zq.dtype == z_dtype
+    torch.testing.assert_close(loss_ref, loss)
+    # fp32 rows with an fp16 codebook: searched in fp16, the row overflows to inf and picks code 0.
+    big = torch.tensor([[70000.0, 1.0]])
+    codes = torch.tensor([[60000.0, 100.0], [60000.0, 0.0]]).half()
+    assert reference.quantize(big, codes)[2].tolist() == [1]
+
+
 def test_cosine_quantize_matches_the_public_op(monkeypatch):
     # The oracle's cosine step normalises z and the codes itself, as vqfast.quantize does.
     import vqfast

@@ -456,12 +456,17 @@ def quantize(
         check_gather_inputs(codebook, indices, check_range=not torch.compiler.is_compiling())
     if torch.is_grad_enabled():
         z, indices = saveable(z, indices)  # (the losses and the gather keep them)
+    given_z, given_codebook = z, codebook
     if metric == "cosine":
         # As vqfast.quantize: the code and the losses are those of the l2-normalised vectors.
         z, codebook = unit_rows(z), unit_rows(codebook)
     if indices is None:
         with torch.no_grad():
-            indices = nearest_code(z.detach(), codebook, metric=metric)[0]
+            # As vqfast.quantize: mixed dtypes search in the wider one, and the cosine metric searches
+            # the given vectors (nearest_code normalises them in fp32 at least).
+            wide = torch.promote_types(given_z.dtype, given_codebook.dtype)
+            search_z, search_codes = (given_z, given_codebook) if metric == "cosine" else (z, codebook)
+            indices = nearest_code(search_z.detach().to(wide), search_codes.detach().to(wide), metric=metric)[0]
     # The losses see the code itself, in fp32 at least (fp64 for fp64 inputs), not the code rounded
     # to z's dtype: an fp16 z beside an fp32 codebook would otherwise hide a code's distance from it.
     q = _gather_wide(codebook, indices)
