@@ -197,7 +197,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     # Deterministic mode: the kernel writes dz only, and the codebook gradient is summed in a fixed order.
     fixed_order = bool(need_grad_codebook) and deterministic()
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.device) if has_gzq else None,
+           bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.dtype, grad_zq.device) if has_gzq else None,
            bool(left_out), _common.MAX_ROWS, _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:

@@ -345,6 +345,27 @@ def soft_entropy_forward(
     return row_max, log_sum, ent, partial.sum(0)
 
 
+def _check_loss_terms(z: torch.Tensor, codebook: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
+                      ent: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> None:
+    """The backward's per-row statistics (N,) float32 and weights ``w`` (K,) and ``coef`` (one value), all
+    on z's device: the kernels read N and K entries from them, so a shorter tensor would be read past its
+    end and a longer one silently cut."""
+    n, k = z.shape[0], codebook.shape[0]
+    for name, t in (("row_max", row_max), ("log_sum", log_sum), ("ent", ent)):
+        if t.shape != (n,) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape ({n},) as soft_entropy_forward returns it, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+    if w.shape != (k,) or not w.dtype.is_floating_point:
+        raise ValueError(f"w must be a floating-point tensor of shape ({k},) (one weight per code), got "
+                         f"{w.dtype} of shape {tuple(w.shape)}")
+    if coef.numel() != 1 or not coef.dtype.is_floating_point:
+        raise ValueError(f"coef must be a floating-point tensor holding one value, got {coef.dtype} of shape "
+                         f"{tuple(coef.shape)}")
+    for name, t in (("row_max", row_max), ("log_sum", log_sum), ("ent", ent), ("w", w), ("coef", coef)):
+        if t.device != z.device:
+            raise ValueError(f"{name} must be on z's device {z.device}, got {t.device}")
+
+
 @resolves_negative_views
 def soft_entropy_backward(
     z: torch.Tensor, codebook: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, ent: torch.Tensor,
@@ -361,6 +382,7 @@ def soft_entropy_backward(
     split adds into its own slice, and the slices are summed in order.
     """
     check_rows_and_codes(z, codebook)
+    _check_loss_terms(z, codebook, row_max, log_sum, ent, w, coef)
     z, codebook = int32_safe_columns(z), int32_safe_columns(codebook)
     n, d = z.shape
     k = codebook.shape[0]

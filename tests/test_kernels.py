@@ -267,6 +267,38 @@ def test_rows_and_codes_on_different_devices_are_refused(kernel_device):
             call()
 
 
+def test_soft_entropy_backward_refuses_statistics_and_weights_of_the_wrong_length(kernel_device):
+    # The kernels read N row statistics and K weights: a shorter tensor would be read past its end.
+    from vqfast.kernels import soft_entropy
+
+    g = torch.Generator().manual_seed(3)
+    z, c = torch.randn(6, 5, generator=g).to(kernel_device), torch.randn(4, 5, generator=g).to(kernel_device)
+    row_max, log_sum, ent, _ = soft_entropy.soft_entropy_forward(z, c, 1.0)
+    w, coef = torch.ones(4, device=kernel_device), torch.ones(1, device=kernel_device)
+    good = dict(row_max=row_max, log_sum=log_sum, ent=ent, w=w, coef=coef)
+    dz, dc = soft_entropy.soft_entropy_backward(z, c, **good, scale=1.0)
+    assert dz.shape == (6, 5) and dc.shape == (4, 5)
+    for name, bad in (("row_max", row_max[:3]), ("log_sum", torch.cat([log_sum, log_sum])), ("ent", ent.double()),
+                      ("w", w[:2]), ("w", torch.ones(4, dtype=torch.int64, device=kernel_device)),
+                      ("coef", torch.ones(2, device=kernel_device)), ("w", torch.ones(4, device="meta"))):
+        with pytest.raises(ValueError, match=name):
+            soft_entropy.soft_entropy_backward(z, c, **{**good, name: bad}, scale=1.0)
+
+
+def test_quantize_backward_checks_the_dtype_of_every_grad_zq(kernel_device):
+    # The checked launch plan is kept per problem: a float64 grad_zq after a float32 one must still be
+    # refused, not read as float32.
+    g = torch.Generator().manual_seed(4)
+    z, c = torch.randn(6, 10, generator=g).to(kernel_device), torch.randn(5, 10, generator=g).to(kernel_device)
+    idx = torch.tensor([0, 4, 2, 2, 1, 3], device=kernel_device)
+    grad_zq = torch.randn(6, 10, generator=g, dtype=torch.float64).to(kernel_device)
+    one = torch.tensor(1.0, device=kernel_device)
+    kernels.quantize_backward(grad_zq.float(), one, z, c, idx, 0.25)
+    for bad in (grad_zq, grad_zq.long()):
+        with pytest.raises(TypeError, match="grad_zq must be float32, float16 or bfloat16"):
+            kernels.quantize_backward(bad, one, z, c, idx, 0.25)
+
+
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (37, 11, 20), (300, 64, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gather_and_scatter_add(n, k, d, dtype, kernel_device):
