@@ -404,6 +404,11 @@ def _errors_logged(log_path: Path | None) -> Iterator[None]:
 # ------------------------------------------------------------------------------------- checkpoints
 
 
+class RankZeroFailed(ValueError):
+    """Raised on the other ranks of a distributed run when rank 0 could not start it (bad options or
+    data): rank 0 reports the problem itself, and ``vqfast train`` exits quietly on the others."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or was not written by vqfast's training."""
 
@@ -454,7 +459,7 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``path``: the file or its run folder)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -669,9 +674,11 @@ class _StopRequest:
     normally, summary included.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, speak: bool = True) -> None:
         self.requested = False
         self.finishing = False
+        # Under torchrun the terminal's Ctrl-C reaches every rank: one of them says what happens.
+        self._speak = speak
         self._previous: Any = None
         self._installed = False
         self._pid = os.getpid()
@@ -682,7 +689,7 @@ class _StopRequest:
         self.requested = True
         # DataLoader workers forked from this process inherit the handler (and the terminal's Ctrl-C):
         # only the training process speaks.
-        if os.getpid() == self._pid:
+        if self._speak and os.getpid() == self._pid:
             doing = ("finishing the run and its summary" if self.finishing
                      else "stopping after this batch and saving a checkpoint")
             print(f"\nInterrupt received: {doing} (press Ctrl-C again to abort at once).", file=sys.stderr,
@@ -822,6 +829,20 @@ def _check_folder_can_be_made(path: Path, option: str = "--out") -> None:
             if not parent.is_dir():
                 raise FileExistsError(f"{option} {path}: {parent} is a file, so no folder can be made under it")
             return
+
+
+def _check_out_of_data(out: Path, sources: Sequence[tuple[str, str | None]], option: str = "--out",
+                       advice: str = "choose a folder outside it") -> None:
+    """Refuse an output folder at or under an image folder given as a source: the pictures written there
+    would become images of that source (and a resumed run would find its training data changed)."""
+    where = out.expanduser().resolve()
+    for source_option, source in sources:
+        if not _is_local(source) or not Path(source).expanduser().is_dir():
+            continue
+        folder = Path(source).expanduser().resolve()
+        if where == folder or folder in where.parents:
+            raise ValueError(f"{option} {out} is inside the {source_option} image folder {source}: the pictures "
+                             f"written there would become images of it; {advice}")
 
 
 def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -1168,7 +1189,11 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     _check_model_options(cfg, given)
     if "init" in cfg.vq_kwargs:
         cfg.codebook_init = None  # what the model does with it: the layer's own init (recorded as such)
-    run_dir = Path(cfg.out) if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
+    run_dir = Path(cfg.out).expanduser() if cfg.out else dist.broadcast_object(_default_run_dir(cfg.model))
+    if cfg.resume and run_dir.is_file():
+        if run_dir.name != CHECKPOINT_NAME:
+            raise ValueError(f"--out {cfg.out} is a file: --resume takes the folder of the run to continue")
+        run_dir = run_dir.parent  # the run's checkpoint names its folder
     ckpt_path = run_dir / CHECKPOINT_NAME
 
     state: dict[str, Any] | None = None
@@ -1205,6 +1230,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     data_note: str | None = None
     if dist.is_main:
         try:
+            _check_out_of_data(run_dir, (("--data", cfg.data), ("--eval-data", cfg.eval_data)))
             if not cfg.resume:
                 _check_run_dir(run_dir, cfg.overwrite)
             try:
@@ -1245,7 +1271,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     if problem is not None:
         raise problem
     if failure is not None:
-        raise RuntimeError(f"rank 0 could not start the run: {failure}")
+        raise RankZeroFailed(f"rank 0 could not start the run: {failure}")
     if train_set is None:
         # Rank 0 alone decides whether CIFAR-10 or the bundled sample is trained on: a rank deciding for
         # itself could fall back where rank 0 did not, and the ranks would train on different images.
@@ -1436,7 +1462,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
 
     is_vq = cfg.model == "vqvae"
     interrupted = False
-    with _StopRequest() as stop, _errors_logged(log_path):
+    with _StopRequest(speak=dist.is_main) as stop, _errors_logged(log_path):
         for epoch in range(start_epoch, epochs):
             model.train()
             if dist.enabled:
@@ -1531,7 +1557,7 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
             timed = None if timed_images is None else float(
                 dist.all_sum(torch.full((), float(timed_images), dtype=torch.float64, device=device)))
             record = _epoch_record(epoch, dist.all_sum(acc), None if counts is None else dist.all_sum(counts),
-                                   cfg, elapsed, timed)
+                                   cfg, steps_per_epoch, elapsed, timed)
             if not math.isfinite(record["avg_loss"]):
                 # The weights are NaN or inf now: training on would waste the time, and its checkpoint would
                 # replace the last good one. (Every rank sees the same summed record.)
@@ -1614,9 +1640,10 @@ def _progress_bar(enabled: bool, desc: str, initial: int, total: int):
     return tqdm(desc=desc, initial=initial, total=total, leave=False, dynamic_ncols=True)
 
 
-def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cfg: TrainConfig,
+def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cfg: TrainConfig, batches: int,
                   seconds: float, timed_images: float | None = None) -> dict[str, Any]:
-    """One epoch's metrics; ``seconds`` is the time spent on ``timed_images`` of them (default: all)."""
+    """One epoch's metrics; ``batches`` per process; ``seconds`` is the time spent on ``timed_images`` of
+    them (default: all)."""
     n, sse, objective, kl, vq = (float(v) for v in acc.cpu())
     timed = n if timed_images is None else timed_images
     n = max(n, 1.0)
@@ -1624,6 +1651,8 @@ def _epoch_record(epoch: int, acc: torch.Tensor, counts: torch.Tensor | None, cf
     rec: dict[str, Any] = {
         "epoch": epoch + 1,
         "images": int(n),
+        # Per process: a run resumed with another number of processes has other epochs of other lengths.
+        "batches": batches,
         "avg_loss": objective / n,
         "sse_per_image": sse / n,
         "mse": mse,
@@ -1988,12 +2017,13 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     if amp and dev.type != "cuda":
         print("--amp: bf16 autocast is used on CUDA only; evaluating in fp32 on the CPU", file=sys.stderr)
     # A runtime choice, restored afterwards: the backend a run was trained with is not reused.
+    run = Path(run).expanduser()
     with selected_backend(backend):
         model, cfg, state = load_run(run, dev)
         if batch_size is None:
             batch_size = _eval_batch_size(cfg)
-        run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-        out = Path(out_dir) if out_dir else run_dir
+        run_dir = run if run.is_dir() else run.parent
+        out = Path(out_dir).expanduser() if out_dir else run_dir
         _check_folder_can_be_made(out)
         # The run's training images, as it cut them: with a smaller --limit, scoring the whole split would
         # count images it never saw as training ones.
@@ -2004,6 +2034,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
             data = cfg.data if split == "train" else (cfg.eval_data or cfg.data)
         if data_root is None:
             data_root = cfg.data_root
+        _check_out_of_data(out, (("--data", data), ("--ood", ood)), *(("--out",) if out_dir else
+                           ("the run folder", "give --out outside it")))
 
         try:
             ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_limit)
@@ -2156,7 +2188,8 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
       help="download CIFAR-10 / SVHN when missing (the default); --no-download never does (with --resume: "
            "as the run did, unless given)")
     a("--out", default=None,
-      help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite")
+      help="run folder (default runs/<model>-<timestamp>); must be new or empty unless --resume or --overwrite, "
+           "and outside the image folders it reads")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast (CUDA only; default off; with --resume: as the run did, unless given)")
     a("--deterministic", action=argparse.BooleanOptionalAction, default=None,
@@ -2164,7 +2197,7 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> None:
            "GPU and software (vqfast then sums its codebook gradients in a fixed order); a resumed run keeps "
            "its setting unless given")
     a("--limit", type=int, default=None, help="use at most this many training images")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--resume", action="store_true", help="continue the run in --out (its folder or its checkpoint.pt)")
     a("--overwrite", action="store_true",
       help="start afresh in --out even if it holds a run or other files (a previous run's outputs are replaced)")
     a("--workers", dest="num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -2221,8 +2254,11 @@ def train_main(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args)
         train(cfg, given=_given_options(args))
     except KeyboardInterrupt:
-        print("Training interrupted.", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun, every rank gets the Ctrl-C)
+            print("Training interrupted.", file=sys.stderr)
         return 130
+    except RankZeroFailed:
+        return 2  # rank 0 has printed the error
     except (DatasetUnavailable, OSError, ValueError) as exc:
         # OSError: the file system's own complaints (a file where a folder should be, an unreadable
         # image) name their path; a traceback would add nothing for the user.

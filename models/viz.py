@@ -6,6 +6,7 @@ state or needs a display; it is imported only when a figure is drawn.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -94,8 +95,9 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
                     steps_per_epoch: float | None = None, title: str = "") -> Path:
     """Per-epoch average loss (and PSNR on a second axis) with, optionally, the per-batch losses.
 
-    ``history`` holds the per-epoch records (``epoch``, ``avg_loss``, optionally ``psnr``);
-    ``step_losses`` the per-batch loss per image, placed at fractional epochs using ``steps_per_epoch``.
+    ``history`` holds the per-epoch records (``epoch``, ``avg_loss``, optionally ``psnr`` and ``batches``);
+    ``step_losses`` the per-batch loss per image, placed at fractional epochs: an epoch's ``batches`` of
+    them where its record says how many, else ``steps_per_epoch`` (the epochs after the last record).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
     ax = fig.add_subplot(1, 1, 1)
     if step_losses:
         spe = steps_per_epoch or len(step_losses)
-        xs = [(i + 1) / spe for i in range(len(step_losses))]
+        xs = _batch_positions(len(step_losses), history, spe)
         ax.plot(xs, list(step_losses), color="tab:blue", alpha=0.25, linewidth=0.8, label="batch")
         window = max(1, min(len(step_losses) // 10, int(spe) // 2 or 1))
         if window > 1:  # a running mean makes the trend readable through the batch-to-batch noise
@@ -134,6 +136,19 @@ def save_loss_curve(history: Sequence[dict], path: str | Path, step_losses: Sequ
     fig.tight_layout()
     fig.savefig(str(path))
     return path
+
+
+def _batch_positions(count: int, history: Sequence[dict], steps_per_epoch: float) -> list[float]:
+    """The fractional epoch after each of ``count`` batches: epochs can differ in length (a run resumed
+    with another number of processes), so each epoch's own batch count places its losses."""
+    lengths = {h["epoch"]: h["batches"] for h in history if h.get("batches")}
+    xs: list[float] = []
+    epoch = 0
+    while len(xs) < count:
+        length = lengths.get(epoch + 1, steps_per_epoch)
+        xs.extend(epoch + (j + 1) / length for j in range(min(math.ceil(length), count - len(xs))))
+        epoch += 1
+    return xs
 
 
 def save_code_histogram(counts: torch.Tensor, path: str | Path, title: str = "") -> Path:

@@ -320,6 +320,18 @@ def test_article_vq_step_takes_no_layer_options() -> None:
         build_model("vqvae", num_codes=16, code_dim=8, vq_impl="article", vq_kwargs={"ema": True})
 
 
+def test_loss_curve_places_each_epochs_batches_by_that_epochs_own_count() -> None:
+    # A run resumed with another number of processes: epoch 1 had 4 batches per process, epoch 2 had 2,
+    # and the unfinished epoch 3 runs at the current 3 per epoch.
+    from vqfast.models import viz
+
+    history = [{"epoch": 1, "avg_loss": 2.0, "batches": 4}, {"epoch": 2, "avg_loss": 1.0, "batches": 2}]
+    xs = viz._batch_positions(4 + 2 + 2, history, 3)
+    assert xs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2 + 1 / 3, 2 + 2 / 3])
+    # Records without a count (older runs) take the current one.
+    assert viz._batch_positions(4, [{"epoch": 1, "avg_loss": 2.0}], 2) == pytest.approx([0.5, 1.0, 1.5, 2.0])
+
+
 def test_picture_writers_take_one_image_and_refuse_empty_input(tmp_path, images: torch.Tensor) -> None:
     from PIL import Image
 

@@ -88,7 +88,7 @@ def test_vqvae_run_outputs(vq_run: train_mod.TrainResult) -> None:
     lines = [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in lines] == [1, 2, 2] and lines[-1]["event"] == "test"
     for r in lines[:2]:
-        assert r["images"] == 512
+        assert r["images"] == 512 and r["batches"] == 512 // 16
         # the article's "Average loss" for the VQ-VAE: squared error summed per image
         assert r["avg_loss"] == pytest.approx(r["mse"] * 3072, rel=1e-9)
         assert r["psnr"] == pytest.approx(10 * np.log10(1 / r["mse"]))

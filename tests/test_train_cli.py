@@ -263,6 +263,99 @@ def test_an_out_under_a_file_is_an_error_line_naming_the_file(tmp_path: Path,
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def _image_folder(folder: Path, n: int = 6, seed: int = 3) -> Path:
+    """``n`` random 32x32 PNGs in two class subfolders of ``folder`` (ImageFolder layout)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"class{i % 2}" / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("option", ["--data", "--eval-data"])
+def test_an_out_inside_an_image_folder_is_refused_before_anything_is_written(option: str, tmp_path: Path,
+                                                                             capsys) -> None:
+    # The run's PNGs would become images of the folder: a resume would then find its data changed.
+    images = _image_folder(tmp_path / "imgs")
+    before = sorted(images.rglob("*"))
+    data = ["--data", str(images)] if option == "--data" else ["--data", "synthetic", "--eval-data", str(images)]
+    for out in (images / "class0" / "run", images / "run", images):
+        assert train_main(_train_args("ae", *data, "--limit", "4", "--out", str(out), "--no-progress")) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is inside the {option} image folder {images}" in err, err
+    assert sorted(images.rglob("*")) == before
+    # Beside the folder is fine.
+    assert train_main(_train_args("ae", *data, "--limit", "4", "--latent-dim", "8", "--eval-limit", "4",
+                                  "--out", str(tmp_path / "run"), "--no-progress")) == 0
+
+
+def test_evaluate_refuses_to_write_into_a_folder_it_scores(ae_run: Path, tmp_path: Path) -> None:
+    images = _image_folder(tmp_path / "imgs")
+    for kwargs in (dict(data=str(images)), dict(data="sample", ood=str(images))):
+        with pytest.raises(ValueError, match="is inside the --(data|ood) image folder"):
+            evaluate(ae_run, **kwargs, limit=4, out_dir=images / "scores", progress=False)
+    assert not (images / "scores").exists()
+
+
+def test_out_and_the_evaluated_run_may_start_with_a_tilde(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert train_main(_train_args("ae", "--data", "synthetic", "--limit", "4", "--latent-dim", "8",
+                                  "--eval-limit", "4", "--out", "~/run", "--no-progress")) == 0
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not Path("~").exists()
+    assert evaluate_main(_evaluate_args("~/run", "--data", "synthetic", "--limit", "4", "--worst", "0",
+                                        "--out", "~/scores", "--no-progress")) == 0
+    assert (tmp_path / "scores" / "eval-synthetic-test.json").is_file()
+
+
+def test_resume_takes_the_runs_checkpoint_file_for_its_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY_AE, out=str(out)))
+    assert train_main(_train_args("ae", "--resume", "--epochs", "2", "--out", str(out / "checkpoint.pt"),
+                                  "--no-progress")) == 0
+    assert load_checkpoint(out)["epoch"] == 2 and not (out / "checkpoint.pt" / "checkpoint.pt").exists()
+    assert train_main(_train_args("ae", "--resume", "--epochs", "3", "--out", str(out / "config.json"),
+                                  "--no-progress")) == 2
+    assert "is a file: --resume takes the folder of the run to continue" in capsys.readouterr().err
+
+
+class _RankOne(train_mod._Dist):
+    """Rank 1 of two, hearing from rank 0 that it could not start."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=1, world_size=2)
+
+    def broadcast_object(self, obj):
+        return ("ValueError: --limit is wrong", None)
+
+
+def test_other_ranks_exit_quietly_when_rank_0_cannot_start(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(train_mod, "_init_distributed", lambda device: _RankOne())
+    with pytest.raises(train_mod.RankZeroFailed, match="rank 0 could not start the run: ValueError"):
+        train(TrainConfig(**TINY_AE, out=str(tmp_path / "run")))
+    assert train_main(_train_args("ae", "--data", "sample", "--out", str(tmp_path / "run"), "--no-progress")) == 2
+    assert capsys.readouterr().err == ""  # rank 0 says what went wrong
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_ctrl_c_under_torchrun_is_announced_by_rank_0_only(monkeypatch, capsys) -> None:
+    for speak in (True, False):
+        stop = train_mod._StopRequest(speak=speak)
+        stop._handler(signal.SIGINT, None)
+        assert stop.requested and ("Interrupt received" in capsys.readouterr().err) == speak
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert train_main(_train_args("ae")) == 130
+        assert ("Training interrupted." in capsys.readouterr().err) == says
+
+
 def test_an_empty_existing_folder_is_fine(tmp_path: Path) -> None:
     out = tmp_path / "empty"
     out.mkdir()
