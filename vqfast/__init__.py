@@ -11,11 +11,13 @@ if TYPE_CHECKING:
     from vqfast._library import register_ops
     from vqfast.functional import code_usage, gather, nearest_code, quantize, resolve_backend, rotate_to_codes
     from vqfast.layer import VectorQuantizer, soft_assignment_entropy
+    from vqfast.product import ProductVectorQuantizer
     from vqfast.projected import ProjectedVectorQuantizer
     from vqfast.residual import ResidualVectorQuantizer
 
 __all__ = ["__version__", "nearest_code", "gather", "code_usage", "quantize", "rotate_to_codes", "resolve_backend",
-           "VectorQuantizer", "ResidualVectorQuantizer", "ProjectedVectorQuantizer", "soft_assignment_entropy",
+           "VectorQuantizer", "ResidualVectorQuantizer", "ProjectedVectorQuantizer", "ProductVectorQuantizer",
+           "soft_assignment_entropy",
            "register_ops"]
 
 # The public names load on first use: importing torch takes seconds, which `vqfast --version`
@@ -24,6 +26,7 @@ _HOMES = {"nearest_code": "vqfast.functional", "gather": "vqfast.functional", "c
           "quantize": "vqfast.functional", "rotate_to_codes": "vqfast.functional", "resolve_backend": "vqfast.functional",
           "VectorQuantizer": "vqfast.layer", "soft_assignment_entropy": "vqfast.layer",
           "ResidualVectorQuantizer": "vqfast.residual", "ProjectedVectorQuantizer": "vqfast.projected",
+          "ProductVectorQuantizer": "vqfast.product",
           "register_ops": "vqfast._library"}
 
 
