@@ -118,6 +118,8 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     no fixed order; under ``torch.use_deterministic_algorithms(True)`` it is that ``index_add_``.
     """
     check_launchable(grad, indices)
+    if grad.is_complex() or not grad.is_floating_point():  # (Triton has no complex pointer type)
+        raise TypeError(f"grad must be a real floating-point tensor for the scatter-add kernel, got {grad.dtype}")
     check_code_count(num_codes)
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from vqfast._checks import check_number
 from vqfast.kernels._common import (
-    cdiv, check_column_count, check_launchable, next_power_of_2, resolves_negative_views,
+    cdiv, check_column_count, check_kernel_floats, check_launchable, next_power_of_2, resolves_negative_views,
 )
 from vqfast.kernels._launch import PreparedLaunch
 
@@ -97,6 +97,10 @@ def rotate_gradient(z: torch.Tensor, codes: torch.Tensor, grad: torch.Tensor, ha
     ``z``'s dtype (see the module docstring): what ``vqfast.rotate_to_codes``'s backward computes with
     PyTorch ops, in one launch. Rows whose |z^ + c^| is at most ``halfway_min`` are not rotated."""
     check_launchable(z, codes, grad)
+    # The kernel computes in fp32: a float64 row would be rounded (and one past fp32's range not rotated).
+    check_kernel_floats(("z", z), ("codes", codes), ("grad", grad))
+    if not z.device == codes.device == grad.device:
+        raise ValueError(f"z, codes and grad must be on one device, got {z.device}, {codes.device} and {grad.device}")
     # NaN would rotate no row and a negative bound every row, halfway vectors of norm 0 included.
     halfway_min = check_number(halfway_min, "halfway_min", minimum=0)
     if z.dim() != 2 or z.shape != codes.shape or z.shape != grad.shape:

@@ -1604,6 +1604,11 @@ def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
         "float64 grad_zq": lambda: kernels.quantize_backward(z.double(), on(1.0), z, c, ix, 0.25),
         "out_dtype": lambda: kernels.scatter_add_rows(on(torch.ones(3, 2)), i, 5, "float16"),
         "complex codebook": lambda: kernels.gather_rows(c.to(torch.complex64), ix),
+        "complex scatter": lambda: kernels.scatter_add_rows(on(torch.ones(3, 2, dtype=torch.complex64)), i, 5),
+        "int scatter": lambda: kernels.scatter_add_rows(on(torch.ones(3, 2, dtype=torch.int32)), i, 5),
+        # (The rotation kernel computes in fp32: float64 rows would be rounded, integers read as floats.)
+        "float64 rotation": lambda: kernels.rotate_gradient(z.double(), z.double() + 1, z.double(), 0.0),
+        "int rotation": lambda: kernels.rotate_gradient(z, z + 1, z.int(), 0.0),
     }
     for name, call in type_errors.items():
         with pytest.raises(TypeError, match="float32|dtype|real"):

@@ -325,6 +325,17 @@ def test_a_usage_decay_that_rounds_to_1_in_float32_is_refused(kernel_device):
                                   torch.zeros((), device=kernel_device), 1 - 1e-8)
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5])
+def test_ema_update_refuses_an_eps_that_would_stop_the_codes(eps, kernel_device):
+    # NaN or inf makes every smoothed count NaN: no code would ever move while the counts went on.
+    k, d = 4, 3
+    weight = torch.randn(k, d, device=kernel_device)
+    counts = torch.ones(k + 1, dtype=torch.int64, device=kernel_device)
+    with pytest.raises(ValueError, match="eps >= 0"):
+        kernels.ema_update(weight, torch.ones(k, device=kernel_device), torch.ones(k, d, device=kernel_device),
+                           counts, 0.9, eps)
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5])
 def test_ema_update_with_no_counts_yet_and_eps_0_stays_finite(decay, kernel_device):
     # All running counts 0 with eps = 0 (after a batch of NaN rows only): the smoothed counts are 0, not
