@@ -269,9 +269,9 @@ class ConvVQVAE(nn.Module):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H, W) -> images: the decoder of the codes the quantizer outputs for them (unit
-        codes with the cosine metric). Index -1 (a masked position's) decodes a zero code; other indices
-        outside [0, num_embeddings) raise ValueError (IndexError with the article's VQ step; not checked
-        under ``torch.compile``). The codes come in the decoder's dtype
+        codes with the cosine metric). With vqfast's layer, index -1 (a masked position's) decodes a zero
+        code and other indices outside [0, num_embeddings) raise ValueError (not checked under
+        ``torch.compile``); the article's VQ step, which has no masks, raises IndexError for -1 too. The codes come in the decoder's dtype
         (the codebook stays float32 in a ``.half()`` model; forward's ``z_q`` takes the input's dtype)."""
         return self.decode(self.quantizer.codes_from_indices(indices, dtype=self.decoder_input.weight.dtype))
 

@@ -199,6 +199,10 @@ def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | No
         split, other = ("train", "test") if train else ("test", "train")
         if f"x_{split}" in keys:
             key = f"x_{split}"
+            if f"y_{split}" not in keys and "y" in keys:
+                # Labels under a bare 'y' beside split images would be silently dropped.
+                raise ValueError(f"{path} has images in 'x_{split}' and labels in 'y': name the labels of each "
+                                 f"split after its images ('y_train', 'y_test'), or store one set as 'x' and 'y'")
             y = _npz_array(data, f"y_{split}", path) if f"y_{split}" in keys else None
         elif "x" in keys:
             key = "x"
@@ -428,7 +432,7 @@ def load_cifar10(root: str | Path = "data", train: bool = True, download: bool =
     """CIFAR-10 through ``torchvision.datasets.CIFAR10`` (raises :class:`DatasetUnavailable`)."""
     from torchvision import datasets
 
-    root = Path(root)
+    root = Path(root).expanduser()
     ds = _open_torchvision(lambda download: datasets.CIFAR10(str(root), train=train, download=download),
                            "CIFAR-10", root, download)
     return ImageArrayDataset(ds.data, ds.targets, channels_last=True,
@@ -439,7 +443,7 @@ def load_svhn(root: str | Path = "data", train: bool = False, download: bool = T
     """SVHN through ``torchvision.datasets.SVHN`` (``train`` or ``test`` split; digit 0 has label 0)."""
     from torchvision import datasets
 
-    root = Path(root)
+    root = Path(root).expanduser()
     split = "train" if train else "test"
     mat_file = root / f"{split}_32x32.mat"
     try:

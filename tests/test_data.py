@@ -81,6 +81,23 @@ def test_cifar10_python_batches_load_through_torchvision(tmp_path: Path, skip_md
     assert test[2][1] == test_y[2]
 
 
+
+def test_a_root_starting_with_a_tilde_is_the_home_folders(tmp_path: Path, skip_md5: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a shell leaves it in --data-root=~/data: read under the home folder, not a folder named '~'.
+    from scipy.io import savemat
+
+    home = tmp_path / "home"
+    _write_cifar10(home / "data")
+    savemat(home / "data" / "test_32x32.mat", {"X": _images(2, seed=5).transpose(1, 2, 3, 0),
+                                               "y": np.array([[1], [2]], dtype=np.uint8)})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert len(load_dataset("cifar10", train=False, root="~/data", download=False, fallback=False)) == 3
+    assert len(load_dataset("svhn", train=False, root="~/data", download=False)) == 2
+    assert not (tmp_path / "~").exists()
+
+
 def test_svhn_mat_file_loads_through_torchvision(tmp_path: Path, skip_md5: None) -> None:
     from scipy.io import savemat
 
@@ -189,6 +206,10 @@ def test_npz_with_wrong_contents_is_rejected(tmp_path: Path) -> None:
     np.savez(tmp_path / "pairs.npz", x=np.zeros((10, 32, 32, 3), dtype=np.uint8), y=np.zeros((10, 2), dtype=np.int64))
     with pytest.raises(ValueError, match=r"one integer per image, shape \(N,\).*\(10, 2\)"):
         load_dataset(str(tmp_path / "pairs.npz"))
+    # Split images with one bare 'y': whose labels they are is unclear, and they would be dropped.
+    np.savez(tmp_path / "bare_y.npz", x_train=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="images in 'x_train' and labels in 'y'"):
+        load_dataset(str(tmp_path / "bare_y.npz"))
     # (N, 1), as Keras's CIFAR-10 stores its labels, is one per image
     np.savez(tmp_path / "column.npz", x=np.zeros((3, 32, 32, 3), dtype=np.uint8), y=np.array([[2], [0], [1]]))
     assert [load_dataset(str(tmp_path / "column.npz"))[i][1] for i in range(3)] == [2, 0, 1]

@@ -269,7 +269,10 @@ def test_a_training_layer_under_torch_func_says_to_use_eval_mode(device):
     # Its in-place updates cannot be batched by vmap (either backend) nor traced by grad on the CPU
     # backend: the layer says so, instead of PyTorch naming an internal op.
     z, _ = _data(device)
-    for layer in (vqfast.VectorQuantizer(7, 6, channel_dim=-1), vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1)):
+    # (With quantizer dropout, before its draw, which vmap would refuse with advice of its own.)
+    for layer in (vqfast.VectorQuantizer(7, 6, channel_dim=-1), vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1),
+                  vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1, quantizer_dropout=0.5),
+                  vqfast.ProductVectorQuantizer(2, 7, 3, channel_dim=-1)):
         layer = layer.to(device)
         with pytest.raises(RuntimeError, match=r"torch.func.vmap cannot do: transform the layer in eval mode"):
             torch.func.vmap(lambda x: layer(x)[1])(z)
