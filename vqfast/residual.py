@@ -77,7 +77,7 @@ class ResidualVectorQuantizer(nn.Module):
             warnings.warn(f"ResidualVectorQuantizer: dropout_seed={seed} has no effect without a positive "
                           "quantizer_dropout", UserWarning, stacklevel=2)
 
-    def _stages_for(self, num_quantizers: int | None, z: Tensor) -> tuple[int, Tensor | None]:
+    def _stages_for(self, num_quantizers: int | None) -> tuple[int, Tensor | None]:
         """The number of stages to run, and the dropout generator's state before a draw (None: no draw)."""
         if num_quantizers is not None:
             n = check_int(num_quantizers, "num_quantizers", minimum=1)
@@ -85,9 +85,6 @@ class ResidualVectorQuantizer(nn.Module):
                 raise ValueError(f"num_quantizers must be at most the layer's {self.num_quantizers}, got {n}")
             return n, None
         if self.training and self.quantizer_dropout > 0.0:
-            if torch._C._are_functorch_transforms_active():
-                # Before the draw, which vmap would refuse with advice the stages then refuse anyway.
-                self.quantizers[0]._refuse_transformed_training(z)
             before = self._dropout_generator.get_state()
             # A CPU generator: no device sync (and a CPU draw under torch.set_default_device("cuda") too).
             draw = torch.rand((), generator=self._dropout_generator, device="cpu")
@@ -104,7 +101,10 @@ class ResidualVectorQuantizer(nn.Module):
         self.quantizers[0]._checked_channel_dim(z, mask)
         if mask is not None and torch.is_grad_enabled():
             (mask,) = reference.saveable(mask)  # (the selections below save it for their backward)
-        stages, before_draw = self._stages_for(num_quantizers, z)
+        if self.training and torch._C._are_functorch_transforms_active():
+            # Before a dropout draw, which vmap would refuse with advice that the stages then refuse.
+            self.quantizers[0]._refuse_transformed_training(z)
+        stages, before_draw = self._stages_for(num_quantizers)
         if before_draw is None:
             return self._quantize_stages(z, stages, mask)
         try:
