@@ -51,6 +51,9 @@ def headline_section(results: Path, readme: Path) -> str:
     commit = f" (commit {env['commit']})" if env.get("commit") else ""
     stopped = (" This run was cut short by its hard time limit: points it did not reach show `skipped (time budget)`."
                if bench.cut_short(records) else "")
+    # A part that stopped on an error has no rows for the points it had not reached: say so here too.
+    stopped += "".join(f" The {r.part} part stopped on an error ({r.status}): its later points are missing."
+                       for r in records if r.case == bench.CRASHED)
     lines = [
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "
@@ -59,7 +62,8 @@ def headline_section(results: Path, readme: Path) -> str:
         "",
         bench.headline_table(records).rstrip(),
         "",
-        "Speed goals (targets set for an H100; peaks and copy bandwidth measured in the same run):",
+        "Speed goals (targets set for an H100; peaks and copy bandwidth measured in the same run; \"missed by\" "
+        "in percent of the target):",
         "",
         bench.goals_table(records).rstrip(),
     ]

@@ -947,6 +947,9 @@ def test_vector_quantize_pytorch_provider_runs(tmp_path, monkeypatch):
     assert {r.part for r in theirs} == {"nearest", "layer"}
     assert any(r.case.startswith("residual VQ") for r in theirs)
     assert all(r.ok for r in theirs), [r.status for r in theirs]
+    # vqfast's layer was checked before it was timed.
+    ours = [r for r in records if r.part == "layer" and r.provider == "vqfast" and r.case.startswith("(")]
+    assert ours and all(r.check == "pass" and "check: indices on all" in r.note for r in ours), ours
     # Its search runs on the benchmark's codebook: its chosen distances are checked like vqfast's.
     assert all(r.check == "pass" for r in theirs if r.part == "nearest"), [r.check for r in theirs]
 
@@ -1183,9 +1186,11 @@ def _goal_records(fast: bool) -> list[bench.Record]:
     recs.append(R("headline", "headline", "vqfast", "bf16", *few, 0.08 * f, tflops=bench.tflops(*few, 0.08 * f),
                   check="pass"))
     recs.append(R("layer", "(128, 256, 16, 16)", "vqfast", "fp32", 32768, 65536, 256, 10.0 * f,
-                  peak_mem_mb=500.0 * f * f))
-    recs.append(R("layer", "(64, 128, 4, 4)", "vqfast", "fp32", 1024, 4096, 128, 0.9 * f, peak_mem_mb=10.0))
-    recs.append(R("gather", "fwd", "vqfast", "fp32", 1048576, 65536, 128, 1.0, gbps=2400.0 / f, check="pass"))
+                  peak_mem_mb=500.0 * f * f, check="pass"))
+    recs.append(R("layer", "(64, 128, 4, 4)", "vqfast", "fp32", 1024, 4096, 128, 0.9 * f, peak_mem_mb=10.0,
+                  check="pass"))
+    for case in ("fwd", "fwd+bwd"):
+        recs.append(R("gather", case, "vqfast", "fp32", 1048576, 65536, 128, 1.0, gbps=2400.0 / f, check="pass"))
     recs.append(R("usage", "bincount+entropy", "vqfast", "int64", 1048576, 65536, 0, 1.0, gbps=2200.0 / f,
                   check="pass"))
     return recs
@@ -1224,7 +1229,8 @@ def test_a_fast_wrong_answer_meets_no_goal():
     assert all(f"{prec} check fail" in rows["3a."] for prec in bench.PRECISIONS)
     assert rows["3b."].rstrip().endswith("| check fail |")
     gather_row, usage_row = (line for line in table.splitlines() if line.startswith("| 5."))
-    assert gather_row.rstrip().endswith("| fwd fp32 N=1,048,576 K=65,536 D=128 check fail |")
+    assert gather_row.rstrip().endswith("| fwd fp32 N=1,048,576 K=65,536 D=128 check fail; "
+                                        "fwd+bwd fp32 N=1,048,576 K=65,536 D=128 check fail |")
     assert usage_row.rstrip().endswith("| bincount+entropy int64 N=1,048,576 K=65,536 check missing |")
     assert rows["2. "].rstrip().endswith("| met |")  # its own check passed
     # Nor is goal 4 met on speed alone where the memory it also sets was not measured.
@@ -1233,6 +1239,60 @@ def test_a_fast_wrong_answer_meets_no_goal():
             r.peak_mem_mb = None
     layer_rows = [line for line in bench.goals_table(recs).splitlines() if line.startswith("| 4.")]
     assert layer_rows[0].rstrip().endswith("| memory not measured |") and layer_rows[1].rstrip().endswith("| met |")
+    # The layer's output is checked too: a missing or failed check is no goal met.
+    fast_layer, slow_layer = (r for r in recs if r.part == "layer" and r.provider == "vqfast")
+    fast_layer.peak_mem_mb, fast_layer.check, slow_layer.check = 10.0, "", "fail"
+    layer_rows = [line for line in bench.goals_table(recs).splitlines() if line.startswith("| 4.")]
+    assert layer_rows[0].rstrip().endswith("| check missing (speed and memory met) |")
+    assert layer_rows[1].rstrip().endswith("| check fail (speed met) |")
+    slow_layer.time_ms = 2.0  # 1.5x their 3 ms, where the goal is 3x
+    layer_rows = [line for line in bench.goals_table(recs).splitlines() if line.startswith("| 4.")]
+    assert layer_rows[1].rstrip().endswith("| check fail; missed by 50% |")
+
+
+def test_the_scatter_add_goal_needs_its_own_rows():
+    # A gather part that stopped after the forward rows: the goal names the scatter-add too.
+    recs = [r for r in _goal_records(fast=True) if not (r.part == "gather" and r.case == "fwd+bwd")]
+    row = next(line for line in bench.goals_table(recs).splitlines() if line.startswith("| 5. gather"))
+    assert row.rstrip().endswith("| fwd+bwd fp32 N=1,048,576: not measured |")
+
+
+def test_near_misses_are_not_rounded_to_zero():
+    assert bench._shortfall(549.9, 550) == "missed by < 0.1%"
+    assert bench._shortfall(0.699, 0.7) == "missed by 0.1%"
+    assert bench._shortfall(0.69, 0.7) == "missed by 1%"
+    assert bench._shortfall(26.0, 25.0, higher_is_better=False) == "missed by 4%"
+    assert bench._shortfall(math.nan, 0.7) == "missed (nan)"
+    assert bench._shortfall(0.7, 0.7) == "met"
+
+
+@pytest.mark.parametrize("sabotage", [None, "indices", "values"])
+def test_the_layer_check_catches_wrong_codes_and_wrong_outputs(sabotage, monkeypatch):
+    from vqfast import VectorQuantizer
+
+    monkeypatch.setenv("VQFAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    layer = VectorQuantizer(64, 8)
+    z = torch.randn(4, 8, 3, 5)
+    if sabotage is not None:
+        forward = layer.forward
+
+        def wrong(z, mask=None):
+            z_q, loss, indices = forward(z, mask)
+            if sabotage == "indices":  # another code, and z_q the value of that code
+                indices = (indices + 1) % 64
+                z_q = layer.embeddings.weight[indices].movedim(-1, 1)
+            else:
+                z_q = z_q + 1e-3
+            return z_q, loss, indices
+
+        layer.forward = wrong
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    check, note = bench.layer_check(layer, z)
+    assert check == ("pass" if sabotage is None else "fail"), note
+    assert layer.training and all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    if sabotage is None:
+        assert "indices on all 60 rows vs fp32 products: 0 differ" in note
 
 
 def test_results_without_back_to_back_timing_are_judged_on_do_bench_and_say_so():
