@@ -108,6 +108,9 @@ class ImageArrayDataset(Dataset):
             self.labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
             if len(self.labels) != len(images):
                 raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
+            if self.labels.numel() and int(self.labels.min()) < 0:
+                # -1 is what images without labels get: a negative label would pass for none.
+                raise ValueError(f"{name}: labels must be class numbers >= 0, got {int(self.labels.min())}")
         self.name = name
         self.classes = classes
 
