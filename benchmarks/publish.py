@@ -52,8 +52,7 @@ def headline_section(results: Path, readme: Path) -> str:
     stopped = (" This run was cut short by its hard time limit: points it did not reach show `skipped (time budget)`."
                if bench.cut_short(records) else "")
     # A part that stopped on an error has no rows for the points it had not reached: say so here too.
-    stopped += "".join(f" The {r.part} part stopped on an error ({r.status}): its later points are missing."
-                       for r in records if r.case == bench.CRASHED)
+    stopped += "".join(f" {bench.crash_sentence(r)}." for r in records if r.case == bench.CRASHED)
     lines = [
         f"Measured on {env.get('gpu') or 'an unnamed GPU'} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda', '?')}), torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, vqfast "

@@ -190,8 +190,8 @@ def ema_update(weight: torch.Tensor, ema_count: torch.Tensor, sums: torch.Tensor
         raise ValueError(f"weight ({k}, D) float32 and sums of its shape (float32, unit column stride) expected, "
                          f"got {weight.dtype} {tuple(weight.shape)} and {sums.dtype} {tuple(sums.shape)}")
     # (A NaN or inf eps makes every smoothed count NaN: no code would move again.)
-    if not 0.0 <= decay < 1.0 or _as_float32(decay) == 1.0 or not 0.0 <= eps < math.inf:
-        raise ValueError(f"decay must be in [0, 1) and below 1 in float32, and eps >= 0, got {decay}, {eps}")
+    if not 0.0 <= decay < 1.0 or _as_float32(decay) == 1.0 or not 0.0 <= eps <= torch.finfo(torch.float32).max:
+        raise ValueError(f"decay must be in [0, 1) and below 1 in float32, and eps >= 0 and finite in float32, got {decay}, {eps}")
     total = ema_count.sum()
     _ema_launch(k, weight.shape[1], weight.stride(0), weight.stride(1), sums.stride(0), decay, eps,
                 interpreting())(weight, sums, ema_count, counts, total)

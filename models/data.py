@@ -108,9 +108,9 @@ class ImageArrayDataset(Dataset):
             self.labels = torch.as_tensor(labels).reshape(-1).to(torch.int64)
             if len(self.labels) != len(images):
                 raise ValueError(f"{name}: {len(images)} images but {len(self.labels)} labels")
-            if self.labels.numel() and int(self.labels.min()) < 0:
-                # -1 is what images without labels get: a negative label would pass for none.
-                raise ValueError(f"{name}: labels must be class numbers >= 0, got {int(self.labels.min())}")
+            if self.labels.numel() and int(self.labels.min()) < -1:
+                raise ValueError(f"{name}: labels must be class numbers >= 0, or -1 for an image without one, got "
+                                 f"{int(self.labels.min())}")
         self.name = name
         self.classes = classes
 
@@ -202,8 +202,8 @@ def _read_npz(path: Path, train: bool) -> tuple[str, np.ndarray, np.ndarray | No
         split, other = ("train", "test") if train else ("test", "train")
         if f"x_{split}" in keys:
             key = f"x_{split}"
-            if f"y_{split}" not in keys and "y" in keys:
-                # Labels under a bare 'y' beside split images would be silently dropped.
+            if f"y_{split}" not in keys and "y" in keys and "x" not in keys:
+                # Labels under a bare 'y' beside split images (and no 'x' of their own) would be silently dropped.
                 raise ValueError(f"{path} has images in 'x_{split}' and labels in 'y': name the labels of each "
                                  f"split after its images ('y_train', 'y_test'), or store one set as 'x' and 'y'")
             y = _npz_array(data, f"y_{split}", path) if f"y_{split}" in keys else None

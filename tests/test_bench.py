@@ -779,7 +779,11 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
     assert any(r.part == "usage" and r.ok for r in records)
     # The report says so above its tables, and no table holds an empty point for it (N = K = D = 0).
     md = (tmp_path / "results.md").read_text()
-    assert "**The gather part stopped on an error**" in md and "bug in the headline part" in md
+    assert "**The gather part stopped on an error (error: RuntimeError: bug in the gather part)" in md
+    assert "bug in the headline part" in md
+    tma = bench.Record("headline", bench.CRASHED, bench.TMA_PROVIDER, "-", status="error: illegal access")
+    assert bench.crash_sentence(tma).startswith("The opt-in VQFAST_TMA_SEARCH=1 step stopped on an error "
+                                                "(error: illegal access)")
     assert "| 0 | 0 | 0 |" not in md and bench.CRASHED not in md and "## Headline" not in md
     assert "| 0 | 0 | 0 |" not in bench.headline_table(records)  # (the README's table, benchmarks/publish.py)
 

@@ -210,9 +210,16 @@ def test_npz_with_wrong_contents_is_rejected(tmp_path: Path) -> None:
     np.savez(tmp_path / "bare_y.npz", x_train=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.zeros(2, dtype=np.int64))
     with pytest.raises(ValueError, match="images in 'x_train' and labels in 'y'"):
         load_dataset(str(tmp_path / "bare_y.npz"))
-    np.savez(tmp_path / "negative.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.array([0, -1]))
-    with pytest.raises(ValueError, match="labels must be class numbers >= 0, got -1"):
+    np.savez(tmp_path / "negative.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.array([0, -2]))
+    with pytest.raises(ValueError, match="labels must be class numbers >= 0, or -1 for an image without one, got -2"):
         load_dataset(str(tmp_path / "negative.npz"))
+    np.savez(tmp_path / "unlabelled.npz", x=np.zeros((2, 32, 32, 3), dtype=np.uint8), y=np.array([3, -1]))
+    assert [load_dataset(str(tmp_path / "unlabelled.npz"))[i][1] for i in range(2)] == [3, -1]
+    # Training images in 'x' with their 'y', test images in 'x_test' without labels: both splits load.
+    np.savez(tmp_path / "x_and_x_test.npz", x=np.zeros((3, 32, 32, 3), dtype=np.uint8), y=np.arange(3),
+             x_test=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    assert len(load_dataset(str(tmp_path / "x_and_x_test.npz"), train=False)) == 2
+    assert [load_dataset(str(tmp_path / "x_and_x_test.npz"))[i][1] for i in range(3)] == [0, 1, 2]
     # (N, 1), as Keras's CIFAR-10 stores its labels, is one per image
     np.savez(tmp_path / "column.npz", x=np.zeros((3, 32, 32, 3), dtype=np.uint8), y=np.array([[2], [0], [1]]))
     assert [load_dataset(str(tmp_path / "column.npz"))[i][1] for i in range(3)] == [2, 0, 1]

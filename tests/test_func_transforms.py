@@ -285,6 +285,10 @@ def test_a_training_layer_under_torch_func_says_to_use_eval_mode(device):
         layer.eval()
         torch.testing.assert_close(torch.func.vmap(lambda x: layer(x)[1])(z),
                                    torch.stack([layer(x)[1] for x in z]))
+    # Stages in eval mode under a residual layer in training mode without dropout: nothing to refuse.
+    rvq = vqfast.ResidualVectorQuantizer(2, 7, 6, channel_dim=-1).to(device)
+    rvq.quantizers.eval()
+    assert torch.func.vmap(lambda x: rvq(x)[1])(z).shape == (z.shape[0],)
 
 
 def test_vmap_over_an_empty_batch_is_an_error(device):

@@ -1204,6 +1204,7 @@ def test_kmeans_ignores_nonfinite_rows(backend, device, metric):
     ({"beta": "0.25"}, TypeError, "beta"),
     ({"ema": "no"}, TypeError, "ema"),
     ({"eps": float("nan")}, ValueError, "eps"),
+    ({"eps": 1e39, "ema": True}, ValueError, "eps must be finite in float32"),
     ({"decay": 1.0}, ValueError, "decay"),
     ({"usage_decay": -0.1}, ValueError, "usage_decay"),
     ({"dead_code_threshold": float("nan")}, ValueError, "dead_code_threshold"),

@@ -36,7 +36,7 @@ def test_each_group_is_quantized_by_its_own_layer(device, shape, channel_dim):
         want_zq = torch.cat([o[0] for o in outs], dim=cdim)
         want_loss = torch.stack([o[1] for o in outs]).mean()
         (want_zq.square().sum() + want_loss).backward()
-        assert z_q.shape == z.shape and z_q.dtype == z.dtype
+        assert z_q.shape == z.shape and z_q.dtype == z.dtype and z_q.is_contiguous()  # (callers view it)
         assert indices.shape == z.movedim(cdim, -1).shape[:-1] + (3,) and indices.dtype == torch.int64
         assert torch.equal(indices, torch.stack([o[2] for o in outs], dim=-1))
         assert torch.equal(z_q, want_zq)

@@ -325,9 +325,10 @@ def test_a_usage_decay_that_rounds_to_1_in_float32_is_refused(kernel_device):
                                   torch.zeros((), device=kernel_device), 1 - 1e-8)
 
 
-@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5])
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), -1e-5, 1e39])
 def test_ema_update_refuses_an_eps_that_would_stop_the_codes(eps, kernel_device):
-    # NaN or inf makes every smoothed count NaN: no code would ever move while the counts went on.
+    # NaN or inf (1e39 is inf in float32) makes every smoothed count NaN: no code would ever move while
+    # the counts went on.
     k, d = 4, 3
     weight = torch.randn(k, d, device=kernel_device)
     counts = torch.ones(k + 1, dtype=torch.int64, device=kernel_device)

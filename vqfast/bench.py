@@ -631,6 +631,18 @@ def _absent(rec: Record | None) -> str:
     return f"not met ({rec.status})"
 
 
+def crash_sentence(rec: Record) -> str:
+    """What a part's error record (case ``CRASHED``) says, for the reports."""
+    if rec.provider == TMA_PROVIDER:
+        return (f"The opt-in VQFAST_TMA_SEARCH=1 step stopped on an error ({rec.status}): the TMA points it had "
+                "not reached are missing; the default search's rows are complete")
+    if rec.part == "headline" and rec.provider == "-" and not rec.status.startswith("skipped"):
+        # Runs from before the TMA step had its own mark recorded its error under the headline too.
+        return (f"The headline part, or its opt-in VQFAST_TMA_SEARCH=1 step (recorded under it), stopped on an "
+                f"error ({rec.status}): the points it had not reached are missing")
+    return f"The {rec.part} part stopped on an error ({rec.status}): the points it had not reached are missing"
+
+
 def _check_verdicts(rec: Record | None, what: str = "") -> list[str]:
     """No verdict (met) where ``rec``'s correctness check passed; otherwise what it says: a fast wrong
     answer meets no goal."""
@@ -851,10 +863,9 @@ def render_markdown(records: Sequence[Record], env: dict[str, str]) -> str:
         out += [f"**This run was cut short: {stop.status}.** Points it did not reach are listed as "
                 "`skipped (time budget)`.", ""]
     # A part that stopped on an error is said here, not as an empty point in its table.
-    crashed = [r for r in records if r.case == CRASHED]
-    for r in crashed:
-        out += [f"**The {r.part} part stopped on an error** (the points it had not reached are missing; "
-                f"the log has the traceback): {r.status}", ""]
+    for r in records:
+        if r.case == CRASHED:
+            out += [f"**{crash_sentence(r)}**; the log has the traceback.", ""]
     records = [r for r in records if r.case != CRASHED]
     out.append(format_markdown_table(["setting", "value"], [[k, v] for k, v in env.items()]))
     out.append(f"Times are medians of `triton.testing.do_bench` in ms over at least {MIN_TIMED_RUNS} timed runs "
@@ -2612,8 +2623,9 @@ def run_benchmarks(plan: Plan, parts: Sequence[str], out_dir: Path, device: torc
                     PART_RUNNERS[part](ctx)
                 except Exception as exc:  # noqa: BLE001 - a bug in one part must not cost the others
                     log(traceback.format_exc())
-                    ctx.add(Record("headline" if part == TMA_STEP else part, CRASHED, "-", "-",
-                                   status=_error_status(exc)))
+                    # (The TMA step's records belong to the headline; its provider says which step stopped.)
+                    ctx.add(Record("headline" if part == TMA_STEP else part, CRASHED,
+                                   TMA_PROVIDER if part == TMA_STEP else "-", "-", status=_error_status(exc)))
                     meter.free(collect=True)
                 log(f"[{part}] done in {time.monotonic() - t0:.0f} s")
                 write_outputs(out_dir, ctx.records, env, plots=False)  # tables now, plots once at the end

@@ -516,6 +516,8 @@ class VectorQuantizer(nn.Module):
             if reference.stored_decay(value, torch.float32) == 1.0:
                 raise ValueError(f"{name} must be below 1 - 2**-25 (it rounds to 1 in float32), got {value!r}")
         eps = check_number(eps, "eps", minimum=0.0)
+        if eps > torch.finfo(torch.float32).max:  # (the running counts are float32: inf there makes them NaN)
+            raise ValueError(f"eps must be finite in float32 (at most 3.4e38), got {eps}")
         dead_code_threshold = check_number(dead_code_threshold, "dead_code_threshold", minimum=0.0)
         kmeans_iters = check_int(kmeans_iters, "kmeans_iters", minimum=0)
         kmeans_batches = check_int(kmeans_batches, "kmeans_batches", minimum=1)

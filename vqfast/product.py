@@ -64,6 +64,9 @@ class ProductVectorQuantizer(nn.Module):
         cdim = self._checked_channel_dim(z, mask)
         outs = [vq(part, mask=mask) for vq, part in zip(self.quantizers, z.split(self.embedding_dim, dim=cdim))]
         z_q = torch.cat([out[0] for out in outs], dim=cdim)
+        if z.is_contiguous():
+            # (cat keeps the groups' layout, channels last for (B, C, H, W): callers of a drop-in layer view it.)
+            z_q = z_q.contiguous()
         loss = torch.stack([out[1] for out in outs]).mean()
         return z_q, loss, torch.stack([out[2] for out in outs], dim=-1)
 

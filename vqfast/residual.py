@@ -101,8 +101,9 @@ class ResidualVectorQuantizer(nn.Module):
         self.quantizers[0]._checked_channel_dim(z, mask)
         if mask is not None and torch.is_grad_enabled():
             (mask,) = reference.saveable(mask)  # (the selections below save it for their backward)
-        if self.training and torch._C._are_functorch_transforms_active():
-            # Before a dropout draw, which vmap would refuse with advice that the stages then refuse.
+        if (num_quantizers is None and self.training and self.quantizer_dropout > 0.0
+                and any(vq.training for vq in self.quantizers) and torch._C._are_functorch_transforms_active()):
+            # Before the dropout draw, which vmap would refuse with advice that training stages then refuse.
             self.quantizers[0]._refuse_transformed_training(z)
         stages, before_draw = self._stages_for(num_quantizers)
         if before_draw is None:
