@@ -132,6 +132,7 @@ def test_options_go_to_every_group_and_bad_arguments_are_refused():
         product(torch.randn(2, 8, 3, 3))
     with pytest.raises(TypeError, match="takes no heads"):
         ProductVectorQuantizer(2, 10, 4, heads=2)
+    assert ProductVectorQuantizer(2, 10, 4, heads=1).quantizers[1].heads == 1  # (the default, said out loud)
     with pytest.raises(ValueError, match="groups must be an int >= 1"):
         ProductVectorQuantizer(0, 10, 4)
     with pytest.raises(TypeError, match="groups must be a positive int"):

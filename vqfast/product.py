@@ -35,14 +35,15 @@ class ProductVectorQuantizer(nn.Module):
     dimension plus a last dimension of ``groups``. ``mask`` (bool, z's shape without the channels,
     False for padding) goes to every group: rows left out keep ``z_q = z`` and index -1 in every group.
     Every keyword argument besides ``groups`` (``beta``, ``ema``, ``init``, ``dead_code_threshold``,
-    ``metric``, ``precision``, ``channel_dim``, ...) goes to each group's layer; ``heads`` is not taken
-    (the groups are the heads, each with a codebook of its own).
+    ``metric``, ``precision``, ``channel_dim``, ...) goes to each group's layer; ``heads`` above 1 is not
+    taken (the groups are the heads, each with a codebook of its own). Each group's codebook methods
+    (``set_codebook``, ``codebook_usage``) are on ``self.quantizers[g]``.
     """
 
     def __init__(self, groups: int, num_embeddings: int, embedding_dim: int, **vq_kwargs: Any) -> None:
         super().__init__()
         groups = check_int(groups, "groups", minimum=1)
-        if "heads" in vq_kwargs:
+        if vq_kwargs.get("heads", 1) != 1:
             raise TypeError("ProductVectorQuantizer takes no heads: its groups are heads with a codebook each "
                             "(for heads sharing one codebook, use VectorQuantizer(heads=...))")
         self.groups = groups
