@@ -19,7 +19,8 @@
 #                                     own (the pipelined one of tuning note 29 against the plain ones),
 #                                     the tf32 search's stages, the layer step under torch.profiler, the
 #                                     eager cost of a small search (about two minutes; in `all` mode
-#                                     too, after the benchmark, when GPU_PROBE=1)
+#                                     too when GPU_PROBE=1, in the time the benchmark left over, never
+#                                     in the training's reserve)
 #   bash benchmarks/gpu_run.sh tma    the opt-in TMA search (VQFAST_TMA_SEARCH=1, tuning note 26): its GPU
 #                                     tests (every candidate alone; GPU_TEST_SECONDS, default 200), then
 #                                     the benchmark's headline, which times it beside the default search
@@ -126,6 +127,11 @@ pack
 
 run_tests() {  # seconds, log name, then pytest arguments
   local limit=$1 log="$WORK/$2"; shift 2
+  if [ "$limit" -lt 20 ]; then
+    echo "only $(left) s left; tests for $log skipped" | tee "$log"
+    STATUS=1
+    return
+  fi
   echo "== tests on the GPU (at most $limit s): $log"
   # With CUDA present the kernel, op and layer tests run the compiled kernels on the GPU (not the
   # interpreter), and the tests marked gpu run too.
@@ -139,7 +145,7 @@ run_tests() {  # seconds, log name, then pytest arguments
   TRITON_CACHE_AUTOTUNING=0 timeout -k 15 "$limit" python3 -m pytest -v --tb=short -p no:cacheprovider --durations=25 ${workers[@]+"${workers[@]}"} \
     "$@" > "$log" 2>&1
   local rc=$?
-  tail -15 "$log"
+  tail -15 "$log"; echo  # (a log cut mid-line has no newline of its own)
   echo "-- failed so far:"; grep -E " (FAILED|ERROR)" "$log" | head -30
   echo "pytest exit code: $rc (124 = stopped after $limit s)" | tee -a "$log"
   [ "$rc" -ne 0 ] && STATUS=1
@@ -201,7 +207,9 @@ run_training() {
     remaining=$(left)
     if [ "$remaining" -lt 60 ]; then echo "skipped $name (time)" | tee -a "$runs/skipped.txt"; return; fi
     # SIGINT, as Ctrl-C: the run finishes its batch, saves a checkpoint and keeps the finished epochs.
-    timeout -s INT -k 30 $(( remaining - 35 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
+    # --foreground: to the run alone (without it timeout signals the process group too, and a second
+    # SIGINT aborts the run at once).
+    timeout --foreground -s INT -k 30 $(( remaining - 35 )) python3 -m vqfast train "$@" "${common[@]}" --out "$runs/$name" \
       > "$runs/$name.log" 2>&1
     echo "$name: exit $? after $(elapsed) s"; tail -3 "$runs/$name.log"
   }
@@ -229,7 +237,9 @@ case "$MODE" in
     # that faults ends its process's CUDA context, and every later test of that process fails with it.
     run_tests "${GPU_TEST_SECONDS:-150}" pytest_gpu.log -m "not tma" tests/test_gpu.py tests/test_deterministic.py tests/test_kernels.py tests/test_functional.py \
       tests/test_layer_mask.py tests/test_layer_rotation.py tests/test_layer.py tests/test_layer_soft_entropy.py \
-      tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py tests/test_custom_ops.py
+      tests/test_layer_compile.py tests/test_upkeep.py tests/test_layer_reentry.py tests/test_custom_ops.py \
+      tests/test_product.py tests/test_residual.py tests/test_projected.py tests/test_layer_heads.py \
+      tests/test_layer_encode.py tests/test_func_transforms.py tests/test_launch.py
     run_tests "${GPU_TMA_TEST_SECONDS:-40}" pytest_gpu_tma.log -m tma tests/test_nearest_tma.py tests/test_kernels.py
     # The nearest-code sweeps (each new K and D autotunes afresh) are left to the bench mode.
     # At most BENCH_SECONDS, and, when there is training data, a budget whose time limit leaves ~2
@@ -237,7 +247,8 @@ case "$MODE" in
     reserve=10
     have_training_data && reserve="${TRAIN_RESERVE_SECONDS:-120}"
     run_bench "$(bench_budget "${BENCH_SECONDS:-300}" "$reserve")" --only "${BENCH_PARTS:-headline,gather,usage,layer,train}" "$@"
-    if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 180 10)"; fi
+    # The probe only in time the bench left over: never out of the training's reserve.
+    if [ "${GPU_PROBE:-0}" = 1 ]; then run_probe "$(up_to 180 "$reserve")"; fi
     run_training
     ;;
   tests)  # the TMA search's tests in a process of their own (see all)

@@ -1072,7 +1072,7 @@ def test_gpu_run_script_parses_and_refuses_unknown_modes():
 
 
 def _fake_gpu_run(tmp_path: Path, name: str, mode: str = "all", data: bool = False,
-                  extra_env: dict | None = None) -> list[str]:
+                  extra_env: dict | None = None, returncode: int = 0) -> list[str]:
     """benchmarks/gpu_run.sh run from a copy in ``tmp_path/repo`` with stand-ins for python3, timeout and
     date (a clock that only the stand-ins move: pip 25 s, tests 165 s, the TMA search's tests 25 s, a bench
     its budget, a training run 60 s): the commands it ran, each with the time limit it got, as
@@ -1103,6 +1103,7 @@ case "$*" in
   *"-m pytest"*) adv 165 ;;
   *"-m vqfast bench"*) b="${{*##*--budget }}"; adv "${{b%% *}}" ;;
   *"-m vqfast train"*) adv 60; mkdir -p "${{@: -1}}" ;;
+  *"gpu_probe.py"*) adv 170 ;;
   *) adv 1 ;;
 esac""",
         }
@@ -1116,8 +1117,8 @@ esac""",
     env.update(extra_env or {})
     proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), mode], env=env, capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return log.read_text().splitlines()
+    assert proc.returncode == returncode, proc.stdout + proc.stderr
+    return log.read_text().splitlines() if log.exists() else []
 
 
 def _bench_call(lines: list[str]) -> tuple[int, int]:
@@ -1149,6 +1150,28 @@ def test_gpu_run_script_budgets_fit_the_bench_time_limit_and_the_training_reserv
     # Each command writes to a folder of its own (a machine keeps ignored folders between commands).
     runs = sorted(p.name for p in (tmp_path / "repo" / "gpu-out").iterdir())
     assert len(runs) == 6 and len(set(runs)) == 6
+
+
+def test_gpu_run_script_keeps_the_training_reserve_with_the_probe_and_skips_tests_without_time(tmp_path):
+    # GPU_PROBE=1 in the all mode: the probe runs only in time the bench left over, never in the
+    # training's reserve (the first training run still gets its two minutes).
+    lines = _fake_gpu_run(tmp_path, "all-probe", "all", data=True, extra_env={"GPU_PROBE": "1"})
+    trains = [ln for ln in lines if "-m vqfast train" in ln]
+    assert trains and int(trains[0].split()[0]) >= 60
+    lines = _fake_gpu_run(tmp_path, "all-probe-short-bench", "all", data=True,
+                          extra_env={"GPU_PROBE": "1", "BENCH_SECONDS": "60"})
+    (probe,) = [ln for ln in lines if "gpu_probe.py" in ln]
+    assert int(probe.split()[0]) >= 100
+    trains = [ln for ln in lines if "-m vqfast train" in ln]
+    assert trains and int(trains[0].split()[0]) >= 60
+    # The GPU tests of the layer variants run in the all mode too.
+    (tests,) = [ln for ln in lines if "-m pytest" in ln and "not tma" in ln]
+    assert all(f"tests/{name}.py" in tests for name in ("test_product", "test_residual", "test_projected"))
+    # Too little time left for the tests: skipped with a message, never a negative time limit.
+    lines = _fake_gpu_run(tmp_path, "tests-short", "tests", extra_env={"GPU_RUN_SECONDS": "50"}, returncode=1)
+    assert not [ln for ln in lines if "-m pytest" in ln]
+    skipped = next((tmp_path / "repo" / "gpu-out").glob("run-*/pytest_gpu.log")).read_text()
+    assert "tests for" in skipped and "skipped" in skipped
 
 
 def test_gpu_run_script_trains_every_run_in_order_and_leaves_out_the_ones_asked(tmp_path):
