@@ -445,7 +445,7 @@ class VectorQuantizer(nn.Module):
     ``z_q`` with PyTorch ops around the search and ``vqfast.gather`` (a few N x D temporaries).
     ``heads``: each position's channels are ``heads`` vectors of ``embedding_dim`` in turn, each
     quantized with the one codebook (multi-head VQ); the indices then end in a dimension of ``heads``
-    (a mask stays one of positions). 1 by default.
+    (a mask stays one of positions). 1 by default. (A codebook per head: :class:`vqfast.ProductVectorQuantizer`.)
     ``gradient``: how the gradient of ``z_q`` reaches ``z``: "straight_through" (default, unchanged)
     or "rotation" (the rotation trick of Fifty et al., 2024, :func:`vqfast.rotate_to_codes`: rotated
     and scaled the way each row is carried onto its code, from the unit rows for the cosine metric;
