@@ -1168,8 +1168,9 @@ def _plan_key(z: torch.Tensor, codebook: torch.Tensor, precision: str, num_split
         driver = triton.runtime.driver.active
         where = (driver, driver.get_current_device())
     return (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device,
-            codebook.device, precision, num_splits, tie_tolerance_scale, autotuning(), _common.MAX_ROWS, where,
-            tma_search_enabled())
+            # (The arguments' types too: True == 1 and 2.0 == 2, which the plan's checks refuse.)
+            codebook.device, precision, num_splits, type(num_splits), tie_tolerance_scale, type(tie_tolerance_scale),
+            autotuning(), _common.MAX_ROWS, where, tma_search_enabled())
 
 
 def tma_search_enabled() -> bool:

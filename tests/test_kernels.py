@@ -1617,6 +1617,12 @@ def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
     # K = 0 counts nothing (as before), and the valid calls still run.
     assert kernels.code_usage(i, 0)[0].shape == (0,)
     assert kernels.nearest_code(z, c, tie_tolerance_scale=0.0)[0].shape == (5,)
+    # Refused whatever an earlier call with an equal key (True == 1, 2.0 == 2) left in the plan cache.
+    kernels.nearest_code(z, c, num_splits=1)
+    kernels.nearest_code(z, c, tie_tolerance_scale=1)
+    for bad in (dict(num_splits=True), dict(num_splits=1.0), dict(tie_tolerance_scale=True)):
+        with pytest.raises(ValueError, match="num_splits|tie_tolerance_scale"):
+            kernels.nearest_code(z, c, **bad)
     assert torch.equal(kernels.quantize_forward(z, c, ix, 0.25)[0], c[ix])
     torch.testing.assert_close(kernels.rotate_gradient(z, z, z, 0.0), z)  # (codes = z: the identity rotation)
 
