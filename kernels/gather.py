@@ -123,7 +123,7 @@ def scatter_add_rows(grad: torch.Tensor, indices: torch.Tensor, num_codes: int,
     check_code_count(num_codes)
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"out_dtype must be a torch.dtype or None, got {out_dtype!r}")
-    key = (grad.shape, grad.stride(), num_codes, grad.dtype, grad.device, _common.interpreting())
+    key = (grad.shape, grad.stride(), num_codes, type(num_codes), grad.dtype, grad.device, _common.interpreting())
     plan = _SCATTER_PLANS.get(key)
     if plan is None:
         plan = _SCATTER_PLANS.add(key, _ScatterPlan(grad, num_codes))

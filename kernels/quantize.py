@@ -103,8 +103,9 @@ def quantize_forward(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     ``loss = (1 + beta) * ((z_q - z) ** 2).mean()`` in fp32 (0 for N = 0). ``left_out``: rows with
     index -1 (outside [0, K)) keep ``z_q = z`` and the mean is over the other rows (0 if none)."""
     check_launchable(z, codebook, indices)
+    # (beta's type too: True == 1, which the plan's checks refuse.)
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           bool(left_out), _common.MAX_ROWS, _common.interpreting())
+           type(beta), bool(left_out), _common.MAX_ROWS, _common.interpreting())
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _FORWARD_PLANS.add(key, _ForwardPlan(z, codebook, beta, left_out))
@@ -197,7 +198,7 @@ def quantize_backward(grad_zq: torch.Tensor | None, grad_loss: torch.Tensor, z: 
     # Deterministic mode: the kernel writes dz only, and the codebook gradient is summed in a fixed order.
     fixed_order = bool(need_grad_codebook) and deterministic()
     key = (z.shape, z.stride(), codebook.shape, codebook.stride(), z.dtype, codebook.dtype, z.device, codebook.device, beta,
-           bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.dtype, grad_zq.device) if has_gzq else None,
+           type(beta), bool(need_grad_codebook), fixed_order, (grad_zq.shape, grad_zq.stride(), grad_zq.dtype, grad_zq.device) if has_gzq else None,
            bool(left_out), _common.MAX_ROWS, _common.interpreting())
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:

@@ -271,7 +271,7 @@ def update_code_usage(
             _check_vector(ema_count, "ema_count", k, torch.float32)
             check_launchable(ema_count)
         seeds = seeds.contiguous()
-    key = (k, usage_decay, dead_threshold, restart, usage.device, interpreting(),
+    key = (k, usage_decay, type(usage_decay), dead_threshold, type(dead_threshold), restart, usage.device, interpreting(),
            (seeds.shape, seeds.stride(), weight.shape, weight.stride(), ema_count is not None) if restart else None)
     plan = _USAGE_PLANS.get(key)
     if plan is None:

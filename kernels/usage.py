@@ -93,7 +93,7 @@ def _count(indices: torch.Tensor, distances: torch.Tensor | None, num_codes: int
     check_launchable(indices)
     check_row_indices(indices, None, indices.device)
     finite_only = distances is not None
-    key = (indices.shape, indices.dtype, num_codes, finite_only, indices.device, interpreting())
+    key = (indices.shape, indices.dtype, num_codes, type(num_codes), finite_only, indices.device, interpreting())
     plan = _COUNT_PLANS.get(key)
     if plan is None:
         plan = _COUNT_PLANS.add(key, _CountPlan(indices, num_codes, finite_only))

@@ -1623,6 +1623,12 @@ def test_launchers_refuse_counts_and_numbers_they_would_misuse(kernel_device):
     for bad in (dict(num_splits=True), dict(num_splits=1.0), dict(tie_tolerance_scale=True)):
         with pytest.raises(ValueError, match="num_splits|tie_tolerance_scale"):
             kernels.nearest_code(z, c, **bad)
+    kernels.quantize_forward(z, c, ix, 1)
+    kernels.quantize_backward(None, on(1.0), z, c, ix, 1)
+    for call in (lambda: kernels.quantize_forward(z, c, ix, True),
+                 lambda: kernels.quantize_backward(None, on(1.0), z, c, ix, True)):
+        with pytest.raises(ValueError, match="beta"):
+            call()
     assert torch.equal(kernels.quantize_forward(z, c, ix, 0.25)[0], c[ix])
     torch.testing.assert_close(kernels.rotate_gradient(z, z, z, 0.0), z)  # (codes = z: the identity rotation)
 
