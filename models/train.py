@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -1437,6 +1438,10 @@ def _train(cfg: TrainConfig, dist: _Dist, given: Collection[str] | None = None,
     if state is None:
         # An initial checkpoint, so that even an interrupt during the first epoch leaves one to load.
         write_checkpoint(0, 0, None, None)
+    elif start_epoch >= epochs and not start_batch:
+        # A finished run evaluated again with new settings (--lr, --eval-data, ...): the checkpoint takes
+        # them too, as config.json below does, so that `vqfast evaluate` and a later --resume use them.
+        write_checkpoint(start_epoch, 0, None, None)
     if dist.is_main:
         # Written after the checkpoint: a run stopped before it leaves an empty folder, which a new run
         # may use, rather than a config that neither a new run nor --resume would accept.
@@ -1949,29 +1954,31 @@ def _earlier_evaluation_of_other_data(summary_path: Path, data: str) -> str | No
     return earlier
 
 
-def _load_eval_source(source: str, split: str, data_root: str, download: bool,
-                      limit: int | None, seed: int = 0, run_limit: int | None = None) -> tuple[Dataset, dict[str, Any]]:
+def _load_eval_source(source: str, split: str, data_root: str, download: bool, limit: int | None, seed: int = 0,
+                      run_cut: bool = False, run_limit: int | None = None) -> tuple[Dataset, dict[str, Any]]:
     """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
     actually read: ``sample`` after CIFAR-10 fell back to it), ``split`` (``all`` for a source with a
-    single set of images) and ``notes`` on any difference from what was asked for. ``run_limit``: the
-    source is the run's training data, cut as the run cut it (its ``--limit``) before ``limit`` picks
-    from those images, so that only images the run trained on are scored as such."""
+    single set of images) and ``notes`` on any difference from what was asked for. ``run_cut``: the
+    source is the run's training data, cut as the run cut it (its ``--limit``, ``run_limit``) before
+    ``limit`` picks evenly spaced images from those, as the end-of-run evaluation does, so that only
+    images the run trained on are scored as such, whatever the run's --limit was."""
     has_split = has_test_split(source)
     # The run's seed: synthetic images are drawn from it (its test split from seed + 1), so another
     # seed would score other images, and the test split of seed - 1 is this run's training set.
     ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
-                      limit=limit if run_limit is None else run_limit, seed=seed)
+                      limit=run_limit if run_cut else limit, seed=seed)
     trained_on = len(ds)
-    if run_limit is not None and limit is not None and limit < len(ds):
+    if run_cut and limit is not None and limit < len(ds):
         ds = evenly_spaced(ds, limit)
     actual = source_of(ds, source)
     info: dict[str, Any] = {"data": actual, "split": split if has_split else "all", "notes": []}
     if actual != source:
         info["requested_data"] = source
         info["notes"].append(f"{source} was unavailable: scored the bundled CIFAR-10 sample ({split} split) instead")
-    if run_limit is not None:
-        info["notes"].append(f"scored the images the run trained on: the {trained_on:,} its --limit kept"
-                             + ("" if len(ds) == trained_on else f", {len(ds):,} of them"))
+    if run_cut:
+        kept = f"the {trained_on:,} its --limit kept" if run_limit is not None else f"all {trained_on:,}"
+        info["notes"].append(f"scored the images the run trained on: {kept}"
+                             + ("" if len(ds) == trained_on else f", {len(ds):,} of them, evenly spaced"))
     elif not has_split:
         scored = ("all its images" if limit is None or len(ds) < limit
                   else f"{len(ds):,} of its images (--limit {limit})")
@@ -2027,7 +2034,7 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         _check_folder_can_be_made(out)
         # The run's training images, as it cut them: with a smaller --limit, scoring the whole split would
         # count images it never saw as training ones.
-        run_limit = cfg.limit if data is None and split == "train" else None
+        run_cut = data is None and split == "train"
         runs_own_data = data is None
         if data is None:
             # The run's --eval-data holds its test images; its training images are in --data.
@@ -2037,8 +2044,15 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         _check_out_of_data(out, (("--data", data), ("--ood", ood)), *(("--out",) if out_dir else
                            ("the run folder", "give --out outside it")))
 
+        if not run_cut and split == "train" and _is_local(data) and state.get("data_fingerprint"):
+            # The run's own training images at another place (--data after they moved): cut as it cut them.
+            try:
+                run_cut = _data_fingerprint(load_dataset(data, train=True, root=data_root, download=False,
+                                                         limit=cfg.limit, seed=cfg.seed)) == state["data_fingerprint"]
+            except (DatasetUnavailable, OSError, ValueError):
+                pass  # (the load below says what is wrong)
         try:
-            ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_limit)
+            ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_cut, cfg.limit)
         except FileNotFoundError as exc:
             if not runs_own_data or not _is_local(data):
                 raise
@@ -2112,6 +2126,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         else:
             # An earlier evaluation's grid would sit next to scores it does not show.
             worst_png.unlink(missing_ok=True)
+        # An earlier evaluation's scores of another set beside this one's would carry its threshold.
+        for stale in out.glob(glob.escape(f"eval-{name}-{split_label}-ood-") + "*.csv"):
+            if stale.is_file():
+                stale.unlink()
         if ood_res is not None and ood_info is not None:
             ood_name = describe_source(ood_info["data"])
             # Named after both sets: its anomalous column uses this evaluation's threshold, and a name of

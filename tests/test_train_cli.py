@@ -1028,6 +1028,67 @@ def test_evaluate_of_the_train_split_scores_the_runs_training_data(tmp_path: Pat
     assert evaluate(run, data="sample", split="train", out_dir=tmp_path / "e", worst=0, progress=False)["images"] == 2000
 
 
+def test_evaluate_of_the_train_split_picks_from_the_runs_images_as_its_own_evaluation_did(tmp_path: Path) -> None:
+    # A run without --limit on an .npz without a test split: its end-of-run evaluation scored evenly
+    # spaced training images, and `evaluate --split train --limit` scores those, as for a run with a
+    # --limit that kept every image (the same model gets the same images either way).
+    import csv
+
+    data = _write_npz(tmp_path / "mine.npz", 20, seed=4)
+    common = {**TINY_AE, "data": str(data), "batch_size": 10, "eval_limit": 5}
+    runs = [train(TrainConfig(**{**common, "limit": limit}, out=str(tmp_path / f"run{limit}"))).run_dir
+            for limit in (None, 20)]
+    picked = []
+    for run in runs:
+        summary = evaluate(run, split="train", limit=5, out_dir=tmp_path / run.name, worst=0, progress=False)
+        with open(tmp_path / run.name / "eval-mine-all.csv", newline="") as f:
+            picked.append([int(r["index"]) for r in csv.DictReader(f)])
+        assert any("scored the images the run trained on" in note and "evenly spaced" in note
+                   for note in summary["notes"]), summary["notes"]
+    assert picked[0] == picked[1] == [0, 4, 8, 12, 16]
+    # Its own images at a new place (after a move): still cut as the run cut them.
+    folder = tmp_path / "imgs"
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(18):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"c{i % 2}" / f"{i}.png")
+    run = train(TrainConfig(**{**TINY_AE, "data": str(folder), "limit": 9, "batch_size": 4, "eval_limit": 4},
+                            out=str(tmp_path / "folder-run"))).run_dir
+    folder.rename(tmp_path / "moved")
+    summary = evaluate(run, data=str(tmp_path / "moved"), split="train", out_dir=tmp_path / "fe", worst=0,
+                       progress=False)
+    assert summary["images"] == 9 and any("the 9 its --limit kept" in note for note in summary["notes"])
+
+
+def test_a_finished_run_evaluated_again_with_new_settings_keeps_them_in_its_checkpoint(tmp_path: Path,
+                                                                                        capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**TINY_AE, out=str(out)))
+    noise = _write_npz(tmp_path / "noise.npz", 6, seed=9)
+    assert train_main(_train_args("ae", "--resume", "--out", str(out), "--eval-data", str(noise), "--lr", "0.01",
+                                  "--no-progress")) == 0
+    saved = load_checkpoint(out)["config"]
+    assert saved["lr"] == 0.01 and saved["eval_data"] == str(noise.resolve())
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+    assert evaluate(out, worst=0, progress=False, out_dir=tmp_path / "e")["data"] == str(noise.resolve())
+    capsys.readouterr()
+    # Trained on later, at that learning rate and without a note that it changed.
+    assert train_main(_train_args("ae", "--resume", "--out", str(out), "--epochs", "2", "--no-progress")) == 0
+    assert "learning rate" not in capsys.readouterr().out
+    assert load_checkpoint(out)["config"]["lr"] == 0.01
+
+
+def test_an_earlier_ood_evaluation_leaves_no_scores_beside_a_later_one(ae_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    evaluate(ae_run, data="sample", limit=8, ood="synthetic", out_dir=out, worst=0, progress=False)
+    assert [p.name for p in out.glob("*-ood-*.csv")] == ["eval-sample-test-ood-synthetic-test.csv"]
+    summary = evaluate(ae_run, data="sample", limit=4, out_dir=out, worst=0, progress=False)
+    assert "ood" not in summary and not list(out.glob("*-ood-*.csv"))
+    assert (out / "eval-sample-test.csv").is_file()
+
+
 def test_evaluate_of_data_without_a_split_says_all(ae_run: Path, tmp_path: Path) -> None:
     data = _write_npz(tmp_path / "mine.npz", 12, seed=2)
     summary = evaluate(ae_run, data=str(data), out_dir=tmp_path / "e", worst=0, progress=False)
