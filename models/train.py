@@ -1994,7 +1994,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
     """Reconstruction quality and anomaly scores of a trained run on a data source.
 
     ``data`` None: the run's own end-of-run test source (its ``eval_data``, else the test split of its
-    ``data``), or with ``split="train"`` its training data; ``data_root`` None: the run's.
+    ``data``), or with ``split="train"`` its training data; ``data_root`` None: the run's. The run's
+    training images (``split="train"`` without ``data``, or ``data`` holding the very images it trained on
+    at another place) are taken as the run cut them (its ``--limit``), and ``limit`` picks evenly spaced
+    ones of those, as the end-of-run evaluation does.
     The anomaly score of an image is its summed squared reconstruction error. Writes
     ``eval-<source>-<split>.csv`` (one row per image, with its index in the source, also where a limit
     picked images from it; for a folder source with the image's file) and
