@@ -257,6 +257,13 @@ def update_code_usage(
     if not 0.0 <= usage_decay < 1.0 or _as_float32(usage_decay) == 1.0:
         raise ValueError(f"usage_decay must be in [0, 1) and below 1 in float32, got {usage_decay}")
     restart = seeds is not None and dead_threshold > 0 and seeds.shape[0] > 0
+    # The kernels run on usage's device and would read the others' pointers there as its memory.
+    named = {"counts": counts, "grace": grace, "batch_counts": batch_counts, "steps": steps}
+    if restart:
+        named.update(seeds=seeds, weight=weight, ema_count=ema_count)
+    for name, t in named.items():
+        if t is not None and t.device != usage.device:
+            raise ValueError(f"{name} must be on usage's device {usage.device}, got {t.device}")
     if restart:
         # A narrower codebook could overflow a finite seed row into inf when storing it.
         if weight is None or weight.dim() != 2 or weight.shape[0] != k or seeds.dim() != 2 \

@@ -316,6 +316,18 @@ def test_usage_shares_sum_to_the_bias_correction(usage_decay, kernel_device):
     torch.testing.assert_close(results[0], results[1], rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("moved", ["counts", "grace", "batch_counts", "steps", "seeds", "weight", "ema_count"])
+def test_tensors_on_another_device_than_usage_are_refused(moved, kernel_device, monkeypatch):
+    # Two devices the kernels could both run on need two GPUs; with the launch check stubbed out, the
+    # meta device stands in for the second one.
+    import vqfast.kernels.upkeep as upkeep
+    monkeypatch.setattr(upkeep, "check_launchable", lambda *tensors: None)
+    state = _upkeep_state(10, 4, 3, seed=0, device=kernel_device)
+    state[moved] = state[moved].to("meta")
+    with pytest.raises(ValueError, match=f"{moved} must be on usage's device"):
+        _run(kernels.update_code_usage, state, 0.05)
+
+
 def test_a_usage_decay_that_rounds_to_1_in_float32_is_refused(kernel_device):
     k = 3
     with pytest.raises(ValueError, match="below 1 in float32"):
