@@ -148,6 +148,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # Rank r trains on the r-th half of every batch (test_synced_statistics_match_one_process).
         half = 32 // world
         batches = [x[rank * half:(rank + 1) * half] for x in _value_batches()]
+        # same_on_all_ranks compares bits: the same NaN is the same, 0.0 and -0.0 are not.
+        nan_everywhere = torch.tensor([1.0, float("nan")])
+        zero_by_rank = torch.tensor([0.0 if rank == 0 else -0.0])
+        results["bits"] = {"nan": same_on_all_ranks(nan_everywhere), "signed-zero": same_on_all_ranks(zero_by_rank),
+                           "rank-value": same_on_all_ranks(torch.tensor([float(rank)]))}
+
         results["values"] = {}
         for backend, name in _value_runs():
             os.environ["VQFAST_BACKEND"] = backend
@@ -275,6 +281,12 @@ def test_residual_stages_and_codebooks_identical_across_ranks(rank_results):
     assert r0["used"] == r1["used"] and len(set(r0["used"])) > 1  # dropout drew, the same on both ranks
     for stage, (w0, w1) in enumerate(zip(r0["weights"], r1["weights"])):
         assert torch.equal(w0, w1), stage
+
+
+@_NEEDS_GLOO
+def test_same_on_all_ranks_compares_bits(rank_results):
+    for results in rank_results:
+        assert results["bits"] == {"nan": True, "signed-zero": False, "rank-value": False}
 
 
 @_NEEDS_GLOO

@@ -61,7 +61,9 @@ def same_on_all_ranks(tensor: Tensor, group: object | None = None) -> bool:
     """Whether ``tensor`` is bit-identical on every rank (a check for tests; it syncs the host)."""
     if not is_distributed(group):
         return True
-    reference = broadcast_(tensor.detach().clone(), 0, group)
-    differs = (reference != tensor.detach()).any().to(torch.int64).reshape(1)
+    # Bytes, not values: a NaN equals itself here, and 0.0 differs from -0.0.
+    bits = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    reference = broadcast_(bits.clone(), 0, group)
+    differs = (reference != bits).any().to(torch.int64).reshape(1)
     all_reduce_sum_(differs, group)
     return int(differs.item()) == 0
