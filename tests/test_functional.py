@@ -827,3 +827,91 @@ def test_every_autograd_function_with_setup_context_keeps_its_signature():
                 assert list(inspect.signature(forward).parameters) == names, value.__name__
                 found.append(value.__name__)
     assert {"_FusedQuantize", "_GatherRows", "_LayoutQuantize", "_StraightThrough"} <= set(found)
+
+
+def _eager_and_transform_form_runs(monkeypatch, run):
+    """``run()`` with vqfast's Functions applied in their ctx-in-forward form (plain eager calls), then
+    in their setup_context form (what torch.compile and torch.func get)."""
+    from vqfast import functional, layer
+
+    eager = run()
+    for module in (functional, layer):
+        monkeypatch.setattr(module, "apply_function", lambda function, *args: function.apply(*args))
+    return eager, run()
+
+
+def _assert_same_bits(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        assert a.requires_grad == b.requires_grad and a.dtype == b.dtype and a.stride() == b.stride()
+        assert torch.equal(a.detach(), b.detach()), (a, b)
+
+
+def test_both_forms_of_the_functions_give_the_same_values_and_gradients(triton_backend, kernel_device, monkeypatch):
+    def functional_ops():
+        out = []
+        for z_grad, codebook_grad in ((True, True), (True, False), (False, True)):
+            z, codebook = _pair(40, 9, 6, seed=3, device=kernel_device)
+            z.requires_grad_(z_grad)
+            codebook.requires_grad_(codebook_grad)
+            mask = torch.arange(40, device=kernel_device) % 3 != 0
+            z_q, loss, indices = vqfast.quantize(z, codebook, 0.25)
+            z_q_masked, loss_masked, _ = vqfast.quantize(z, codebook, 0.5, mask=mask)
+            rows = vqfast.gather(codebook, indices)
+            rotated = vqfast.rotate_to_codes(z, rows.detach())
+            total = z_q.square().sum() + loss + z_q_masked.sum() + loss_masked + rows.sum() + rotated.pow(3).sum()
+            total.backward()
+            out += [z_q, loss, z_q_masked, loss_masked, rows, rotated, z.grad, codebook.grad]
+        return out
+
+    def layer_steps():
+        torch.manual_seed(0)
+        plain = vqfast.VectorQuantizer(12, 5, dead_code_threshold=0.5)
+        entropy = vqfast.VectorQuantizer(12, 5, sample_entropy_weight=0.1, batch_entropy_weight=0.1)
+        out = []
+        for vq in (plain, entropy):
+            vq.to(kernel_device)
+            for step in range(3):
+                x = torch.randn(4, 5, 3, 2, device=kernel_device, requires_grad=True)
+                z_q, loss, _ = vq(x)
+                (z_q.pow(2).sum() + loss).backward()
+                out += [z_q, loss, x.grad, vq.embeddings.weight.grad, vq.embeddings.weight.detach().clone()]
+        return out
+
+    for run in (functional_ops, layer_steps):
+        eager, traced_form = _eager_and_transform_form_runs(monkeypatch, run)
+        _assert_same_bits(eager, traced_form)
+        monkeypatch.undo()
+        monkeypatch.setenv("VQFAST_BACKEND", "triton")
+
+
+def test_eager_calls_apply_the_functions_without_binding_their_arguments(triton_backend, kernel_device, monkeypatch):
+    # PyTorch binds every apply of a Function with setup_context to forward's signature (~14 us of host
+    # time); the ctx-in-forward form has no such step. torch.func still gets the setup_context form.
+    import torch.autograd.function as autograd_function
+
+    bound = []
+    real = autograd_function._bind_default_args
+    monkeypatch.setattr(autograd_function, "_bind_default_args", lambda *args: bound.append(1) or real(*args))
+    z, codebook = _pair(20, 7, 4, seed=1, device=kernel_device)
+    z.requires_grad_(True)
+    z_q, loss, indices = vqfast.quantize(z, codebook)
+    vqfast.gather(codebook, indices)
+    vqfast.rotate_to_codes(z, z_q.detach())
+    vq = vqfast.VectorQuantizer(7, 4).to(kernel_device)
+    vq_q, vq_loss, _ = vq(z)
+    (z_q.sum() + loss + vq_q.sum() + vq_loss).backward()
+    assert bound == []
+
+    def summed(z):
+        z_q, loss, _ = vqfast.quantize(z, codebook)
+        return z_q.sum() + loss
+
+    grad = torch.func.grad(summed)(z.detach())
+    assert bound  # the setup_context form under the transform
+    want = z.detach().clone().requires_grad_(True)
+    summed(want).backward()
+    torch.testing.assert_close(grad, want.grad, rtol=0, atol=0)

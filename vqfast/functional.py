@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vqfast import reference
-from vqfast._autograd import signature_kept
+from vqfast._autograd import apply_function, signature_kept
 from vqfast._checks import (
     INTERPRETER_BF16_REFUSAL, check_bool, check_row_mask,
     check_gather_inputs, check_matmul_precision, check_num_codes, check_number, check_search_inputs,
@@ -270,7 +270,7 @@ def gather(codebook: Tensor, indices: Tensor, check_indices: bool = True) -> Ten
     if resolve_backend(codebook.device, codebook.dtype) == "torch":
         return reference.gather(codebook, indices)
     flat = indices.reshape(-1).to(torch.int64)
-    return _GatherRows.apply(codebook, flat).reshape(*indices.shape, codebook.shape[1])
+    return apply_function(_GatherRows, codebook, flat).reshape(*indices.shape, codebook.shape[1])
 
 
 def code_usage(indices: Tensor, num_codes: int, check_indices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -416,7 +416,7 @@ def quantize(
         rows, valid, row_indices = _rows(given_z), mask.reshape(-1), indices.reshape(-1)
         step_indices = torch.where(valid, row_indices, -1)
         if backend == "triton" and metric == "l2":
-            z_q, loss = _FusedQuantize.apply(rows, given_codebook, step_indices, float(beta), True)
+            z_q, loss = apply_function(_FusedQuantize, rows, given_codebook, step_indices, float(beta), True)
         else:
             z_q, loss = _masked_quantize_rows(rows, given_codebook, row_indices, valid, beta, metric)
         return z_q.reshape(given_z.shape), loss, step_indices.reshape(given_z.shape[:-1])
@@ -424,10 +424,10 @@ def quantize(
         return reference.quantize(z, codebook, beta=beta, indices=indices)
     if z.dim() == 2:
         # Rows already: the reshapes would change nothing and cost an autograd node each way.
-        z_q, loss = _FusedQuantize.apply(z, codebook, indices, float(beta), False)
+        z_q, loss = apply_function(_FusedQuantize, z, codebook, indices, float(beta), False)
         return z_q, loss, indices
     lead_shape = z.shape[:-1]
-    z_q, loss = _FusedQuantize.apply(_rows(z), codebook, indices.reshape(-1), float(beta), False)
+    z_q, loss = apply_function(_FusedQuantize, _rows(z), codebook, indices.reshape(-1), float(beta), False)
     return z_q.reshape(z.shape), loss, indices.reshape(lead_shape)
 
 
@@ -582,4 +582,4 @@ def rotate_to_codes(z: Tensor, codes: Tensor) -> Tensor:
     if z.dim() > 0 and z.shape[-1] == 0:
         # (The other ops refuse it too: a row of no values has no direction to rotate.)
         raise ValueError(f"z and codes must be (..., D) with D >= 1, got shape {tuple(z.shape)}")
-    return _RotateToCodes.apply(z, codes)
+    return apply_function(_RotateToCodes, z, codes)

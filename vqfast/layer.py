@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfast import reference
-from vqfast._autograd import signature_kept
+from vqfast._autograd import apply_function, signature_kept
 from vqfast._checks import (
     SMALLEST_TEMPERATURE, check_bool, check_int, check_number, check_row_mask, check_search_inputs, host_values,
 )
@@ -333,7 +333,8 @@ def soft_assignment_entropy(
         scale *= 0.5  # ||a - b||^2 / 2 = 1 - cos for unit vectors
     if precision == "bf16":
         rows, codebook = rows.bfloat16(), codebook.bfloat16()
-    return _nan_for_non_finite_rows(z, _SoftEntropy.apply(rows, codebook, scale, _KERNEL_PRECISION[precision])[:2])
+    terms = apply_function(_SoftEntropy, rows, codebook, scale, _KERNEL_PRECISION[precision])
+    return _nan_for_non_finite_rows(z, terms[:2])
 
 
 def _nan_for_non_finite_rows(rows: Tensor, entropies: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -793,8 +794,8 @@ class VectorQuantizer(nn.Module):
         codebook, copy = self._step_codebook(weight, train)
         step_indices = indices if valid is None else torch.where(valid, indices, -1)
         # The op copies the codebook itself when asked: one autograd node fewer than a clone.
-        z_q, loss = _LayoutQuantize.apply(z, codebook, rows, step_indices, beta, cdim, z_last_shape, copy,
-                                          valid is not None)
+        z_q, loss = apply_function(_LayoutQuantize, z, codebook, rows, step_indices, beta, cdim, z_last_shape, copy,
+                                   valid is not None)
         loss = self._ema_loss(loss)
         if train:
             self._update_statistics(rows, indices, distances, restarts, valid)
