@@ -21,6 +21,15 @@ def signature_kept(cls: FunctionClass) -> FunctionClass:
     return cls
 
 
+def intercepted() -> bool:
+    """True while anything traces or intercepts calls: torch.compile and torch.export, fake tensors and
+    other dispatch modes (profilers' counters), torch.jit.trace, torch.func transforms (vmap, grad).
+    Those must see the custom ops (a transform's wrapped tensors have no storage a kernel could read)
+    and the Functions' setup_context form."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active())
+
+
 _EAGER_FORMS: dict[type, type] = {}
 
 
@@ -30,9 +39,9 @@ def apply_function(function: type, *args: Any) -> Any:
     setup_context on the same ctx, the same backward), which PyTorch applies without binding the
     arguments to forward's signature: 3.6 against 17.7 us of host time per apply on a 2-core EPYC.
     Whatever traces or transforms the call (torch.compile, export and fake tensors, other dispatch
-    modes, torch.jit.trace, torch.func) gets the setup_context form, which those need."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active()):
+    modes, torch.jit.trace, torch.func: :func:`intercepted`) gets the setup_context form, which those
+    need."""
+    if intercepted():
         return function.apply(*args)
     eager = _EAGER_FORMS.get(function)
     if eager is None:

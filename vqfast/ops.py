@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vqfast import kernels
 from vqfast.kernels import _common as kernels_common
+from vqfast._autograd import intercepted
 from vqfast._checks import is_legacy_batched
 from vqfast._library import vmap_by_loop
 
@@ -183,14 +184,6 @@ direct = types.SimpleNamespace(
     quantize_forward=_direct(quantize_forward, _quantize_forward),
     quantize_backward=_direct(quantize_backward, _quantize_backward),
 )
-
-
-def intercepted() -> bool:
-    """True while anything traces or intercepts calls: torch.compile and torch.export, fake tensors and
-    other dispatch modes (profilers' counters), torch.jit.trace, torch.func transforms (vmap, grad).
-    Those must see the custom ops: a transform's wrapped tensors have no storage a kernel could read."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active())
 
 
 def for_call() -> types.ModuleType | types.SimpleNamespace:
