@@ -1955,18 +1955,21 @@ def _earlier_evaluation_of_other_data(summary_path: Path, data: str) -> str | No
 
 
 def _load_eval_source(source: str, split: str, data_root: str, download: bool, limit: int | None, seed: int = 0,
-                      run_cut: bool = False, run_limit: int | None = None) -> tuple[Dataset, dict[str, Any]]:
+                      run_cut: bool = False, run_limit: int | None = None,
+                      run_images: Dataset | None = None) -> tuple[Dataset, dict[str, Any]]:
     """The images ``evaluate`` scores for ``source``, and what they really are: ``data`` (the source
     actually read: ``sample`` after CIFAR-10 fell back to it), ``split`` (``all`` for a source with a
     single set of images) and ``notes`` on any difference from what was asked for. ``run_cut``: the
     source is the run's training data, cut as the run cut it (its ``--limit``, ``run_limit``) before
     ``limit`` picks evenly spaced images from those, as the end-of-run evaluation does, so that only
-    images the run trained on are scored as such, whatever the run's --limit was."""
+    images the run trained on are scored as such, whatever the run's --limit was; ``run_images``: those
+    images already read (not read again)."""
     has_split = has_test_split(source)
     # The run's seed: synthetic images are drawn from it (its test split from seed + 1), so another
     # seed would score other images, and the test split of seed - 1 is this run's training set.
-    ds = load_dataset(source, train=split == "train" or not has_split, root=data_root, download=download,
-                      limit=run_limit if run_cut else limit, seed=seed)
+    ds = run_images if run_images is not None else load_dataset(
+        source, train=split == "train" or not has_split, root=data_root, download=download,
+        limit=run_limit if run_cut else limit, seed=seed)
     trained_on = len(ds)
     if run_cut and limit is not None and limit < len(ds):
         ds = evenly_spaced(ds, limit)
@@ -2047,15 +2050,19 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", ood:
         _check_out_of_data(out, (("--data", data), ("--ood", ood)), *(("--out",) if out_dir else
                            ("the run folder", "give --out outside it")))
 
+        run_images = None
         if not run_cut and split == "train" and _is_local(data) and state.get("data_fingerprint"):
             # The run's own training images at another place (--data after they moved): cut as it cut them.
             try:
-                run_cut = _data_fingerprint(load_dataset(data, train=True, root=data_root, download=False,
-                                                         limit=cfg.limit, seed=cfg.seed)) == state["data_fingerprint"]
+                candidate = load_dataset(data, train=True, root=data_root, download=False, limit=cfg.limit,
+                                         seed=cfg.seed)
+                if _data_fingerprint(candidate) == state["data_fingerprint"]:
+                    run_cut, run_images = True, candidate
             except (DatasetUnavailable, OSError, ValueError):
                 pass  # (the load below says what is wrong)
         try:
-            ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_cut, cfg.limit)
+            ds, info = _load_eval_source(data, split, data_root, download, limit, cfg.seed, run_cut, cfg.limit,
+                                         run_images)
         except FileNotFoundError as exc:
             if not runs_own_data or not _is_local(data):
                 raise

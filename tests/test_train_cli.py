@@ -1028,7 +1028,8 @@ def test_evaluate_of_the_train_split_scores_the_runs_training_data(tmp_path: Pat
     assert evaluate(run, data="sample", split="train", out_dir=tmp_path / "e", worst=0, progress=False)["images"] == 2000
 
 
-def test_evaluate_of_the_train_split_picks_from_the_runs_images_as_its_own_evaluation_did(tmp_path: Path) -> None:
+def test_evaluate_of_the_train_split_picks_from_the_runs_images_as_its_own_evaluation_did(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A run without --limit on an .npz without a test split: its end-of-run evaluation scored evenly
     # spaced training images, and `evaluate --split train --limit` scores those, as for a run with a
     # --limit that kept every image (the same model gets the same images either way).
@@ -1057,9 +1058,13 @@ def test_evaluate_of_the_train_split_picks_from_the_runs_images_as_its_own_evalu
     run = train(TrainConfig(**{**TINY_AE, "data": str(folder), "limit": 9, "batch_size": 4, "eval_limit": 4},
                             out=str(tmp_path / "folder-run"))).run_dir
     folder.rename(tmp_path / "moved")
+    reads = []
+    real_load = train_mod.load_dataset
+    monkeypatch.setattr(train_mod, "load_dataset", lambda src, *a, **k: reads.append(src) or real_load(src, *a, **k))
     summary = evaluate(run, data=str(tmp_path / "moved"), split="train", out_dir=tmp_path / "fe", worst=0,
                        progress=False)
     assert summary["images"] == 9 and any("the 9 its --limit kept" in note for note in summary["notes"])
+    assert reads == [str(tmp_path / "moved")]  # read once: the images recognised are the ones scored
 
 
 def test_a_finished_run_evaluated_again_with_new_settings_keeps_them_in_its_checkpoint(tmp_path: Path,
