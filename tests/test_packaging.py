@@ -49,6 +49,8 @@ def test_wheel_ships_every_module_and_data_file(wheel: zipfile.ZipFile) -> None:
         assert modules, folder
         expected |= {f"{target}/{module.name}" for module in modules}
     assert expected - names == set()
+    # The MIT license's text travels with the package (setuptools picks up LICENSE by name).
+    assert [name for name in names if name.endswith(("dist-info/LICENSE", "dist-info/licenses/LICENSE"))]
     # Nothing from the tests or benchmarks is installed into site-packages.
     assert not [name for name in names if name.startswith(("tests/", "benchmarks/"))]
 
