@@ -184,7 +184,8 @@ def _resources(kernel, arch: int) -> tuple[int, int, int]:
 
     Read from the cubin Triton built (``cuobjdump -res-usage``, milliseconds): ptxas run again on the
     PTX takes longer and, without Triton's own ptxas options, may allocate registers differently. A
-    kernel without local memory has no spills; for one with it, ptxas -v gives the spills' bytes."""
+    kernel with neither a stack frame nor local memory has no spills (spilled registers live in the
+    stack frame: ``STACK``, not ``LOCAL``); for one with either, ptxas -v gives the spills' bytes."""
     tool = _bundled_tool("cuobjdump")
     regs = None
     if tool is not None:
@@ -192,8 +193,8 @@ def _resources(kernel, arch: int) -> tuple[int, int, int]:
             path = Path(tmp) / "k.cubin"
             path.write_bytes(kernel.asm["cubin"])
             usage = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
-        regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
-        if regs and local and int(local.group(1)) == 0:
+        regs, local, stack = (re.search(rf"{field}:(\d+)", usage) for field in ("REG", "LOCAL", "STACK"))
+        if regs and local and stack and int(local.group(1)) == 0 and int(stack.group(1)) == 0:
             return int(regs.group(1)), 0, 0
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:

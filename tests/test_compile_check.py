@@ -97,3 +97,48 @@ def test_host_cost_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timed = [line for line in proc.stdout.splitlines() if line.endswith(tuple("0123456789"))]
     assert len(timed) == 4 and all(" / " in line for line in timed), proc.stdout  # ieee search, 3 layer steps
+
+
+_SPILL_SCRIPT = '''
+import json, sys
+sys.path.insert(0, {benchmarks!r})
+import compile_check  # (clears TRITON_INTERPRET before Triton is imported)
+import torch, triton, triton.language as tl
+
+
+@triton.jit
+def _outer_products(a_ptr, b_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    # A BLOCK x BLOCK accumulator held across a loop: BLOCK**2 / 32 floats per thread of one warp.
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(K):
+        acc += tl.load(a_ptr + offs * K + k)[:, None] * tl.load(b_ptr + offs * K + k)[None, :]
+    tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+
+
+triton.runtime.driver.set_active(compile_check.StandInDriver(90, lambda exc: None))
+resources = {{}}
+for block in (16, 128):
+    a, out = torch.ones(block, 8), torch.empty(block, block)
+    kernel = _outer_products[(1,)](a, a, out, 8, BLOCK=block, num_warps=1)
+    resources[block] = compile_check._resources(kernel, 90)
+print(json.dumps(resources))
+'''
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="needs ptxas (bundled with Triton's Linux wheels)")
+def test_resources_report_spilled_registers(tmp_path):
+    """The report's spill columns see spills: ptxas puts spilled registers in the stack frame, which
+    cuobjdump lists as STACK (its LOCAL stays 0), so a report that looked at LOCAL alone read every
+    kernel as spill-free and the no-spill checks above could not fail."""
+    script = tmp_path / "spills.py"
+    script.write_text(_SPILL_SCRIPT.format(benchmarks=str(ROOT / "benchmarks")))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resources = json.loads(proc.stdout.splitlines()[-1])
+    registers, stores, loads = resources["16"]
+    assert registers > 0 and (stores, loads) == (0, 0)  # 8 floats per thread fit
+    registers, stores, loads = resources["128"]
+    assert 0 < registers <= 255 and stores > 0 and loads > 0  # 512 floats per thread cannot
