@@ -536,9 +536,9 @@ def _check_direct_launches(report: Report, cases: list[tuple[str, Callable[[], o
 def markdown(report: Report) -> str:
     lines = [
         f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
-        "registers and spills from ptxas -v, occupancy = resident warps / maximum from registers, shared "
-        "memory and threads; MMA loop instr. = SASS instructions per thread in the innermost loop holding a "
-        "warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices where D is looped over, "
+        "registers from the cubin (cuobjdump), spills from ptxas -v, occupancy = resident warps / maximum "
+        "from registers, shared memory and threads; MMA loop instr. = SASS instructions per thread in the "
+        "innermost loop holding a warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices where D is looped over, "
         "without the epilogue); in flight = of those, argmin instructions issued while the loop's MMA runs.",
         "",
         f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "

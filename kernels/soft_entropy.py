@@ -249,10 +249,11 @@ def _grad_codes_kernel(
 # pass is timed on the first call of a problem size (``tuned_config``). Chosen from ptxas's register
 # counts for sm_90 (benchmarks/compile_check.py): the backward kernels hold three tiles at once, and
 # at 64 x 64 with 4 warps spill 1.4-3.3 KB per thread with fp32 (CUDA-core) gradient products and use
-# 244-255 registers (some spilling) with tf32 ones; 8 warps (tf32: at most 182 registers, no spills)
-# or 32 x 32 tiles (fp32: at most 24 spilled bytes) fix that. With fp32 gradient products 32 x 64 and
-# 64 x 32 tiles spill 0.4-0.8 KB, so that list has two candidates (16 x 64 spills 12 bytes with fp32
-# inputs, 252 with 16-bit ones); the other candidates spill at most 12 bytes.
+# 244-255 registers (some spilling) with tf32 ones; 8 warps (tf32, 64 x 64: at most 208 registers)
+# or 32 x 32 tiles (fp32: at most 32 spilled bytes) fix that. With fp32 gradient products 32 x 64 and
+# 64 x 32 tiles spill 0.4-0.8 KB, so that list has two candidates (16 x 64 spills 16 bytes with fp32
+# inputs, 260 with 16-bit ones); the other candidates spill at most 12 bytes (Triton 3.6's figures;
+# with 3.8, 128 x 64 with tf32 products on fp32 inputs spills 48).
 _FORWARD_TILES = ((64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 64, 4))
 _BACKWARD_TILES = {"tf32": ((64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8)),
                    "ieee": ((32, 32, 4), (16, 64, 4))}
