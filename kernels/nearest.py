@@ -108,21 +108,24 @@ def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
 
 
 @triton.jit
-def _tile_scores(acc, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
+def _tile_scores(acc, k0, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
                  err_tiny, FULL_TILES: tl.constexpr, BOUND: tl.constexpr):
     """A code tile's scores ``||c||^2 - 2 z.c`` from its products ``acc``, and the codes' ``||c||^2``;
     with BOUND, minus the bound on their tf32 error (``_code_error``): lower bounds of the exact scores.
     Codes past the split (``mask_k`` false; FULL_TILES: none) score +inf through their norm."""
+    # (Scalar base + constant column offsets: one address with immediate offsets per thread, where
+    # Triton 3.6 formed a 64-bit address per element from offs_k.)
+    cols = tl.arange(0, acc.shape[1])
     if FULL_TILES:
-        c_sqnorm = tl.load(c_sqnorm_ptr + offs_k)
+        c_sqnorm = tl.load(c_sqnorm_ptr + k0 + cols)
     else:
         # Padding codes get +inf so they never win.
         c_sqnorm = tl.load(c_sqnorm_ptr + offs_k, mask=mask_k, other=float("inf"))
     score = c_sqnorm[None, :] - 2.0 * acc
     if BOUND:
         if FULL_TILES:
-            c_norm = tl.load(c_norm_ptr + offs_k)
-            c_resid = tl.load(c_resid_ptr + offs_k)
+            c_norm = tl.load(c_norm_ptr + k0 + cols)
+            c_resid = tl.load(c_resid_ptr + k0 + cols)
             c_term = c_sqnorm
         else:
             c_norm = tl.load(c_norm_ptr + offs_k, mask=mask_k, other=0.0)
@@ -134,16 +137,24 @@ def _tile_scores(acc, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row
 
 
 @triton.jit
-def _update_slots(score, k0, slot_best, slot_start, slot_second, BEST_THREE: tl.constexpr):
+def _update_slots(score, k0, slot_best, slot_start, slot_second, BEST_THREE: tl.constexpr,
+                  ONE_SELECT: tl.constexpr = True):
     """Each (row, column) slot's running minimum and the start of its tile (with BEST_THREE also its
-    second-lowest), after one more tile's scores."""
+    second-lowest), after one more tile's scores. ONE_SELECT (without BEST_THREE): the minimum taken by
+    ``minimum()`` and one select on the compare, the same values as two selects."""
     # A NaN score compares false and never replaces a slot's minimum (and minimum() ignores a NaN
     # operand); strict '<' keeps a slot's earliest tile on ties.
     better = score < slot_best
-    if BEST_THREE:
-        slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
-    slot_best = tl.where(better, score, slot_best)
-    slot_start = tl.where(better, k0, slot_start)
+    if BEST_THREE or not ONE_SELECT:
+        if BEST_THREE:
+            slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
+        slot_best = tl.where(better, score, slot_best)
+        slot_start = tl.where(better, k0, slot_start)
+    else:
+        # One select on the compare: with two, Triton 3.6 packed the predicates into integers and
+        # unpacked them (~50 instructions per tile).
+        slot_start = tl.where(better, k0, slot_start)
+        slot_best = tl.minimum(slot_best, score)
     return slot_best, slot_start, slot_second
 
 
@@ -194,11 +205,21 @@ def _store_split_winners(offs_n, mask_n, pid_s, stride_sn, best, best_index, sec
 
 
 @triton.jit
-def _code_tile(c_ptr, offs_k, mask_k, offs_d, D, stride_ck, stride_cd, FULL_TILES: tl.constexpr,
+def _code_tile(c_ptr, k0, mask_k, offs_d, D, stride_ck, stride_cd, FULL_TILES: tl.constexpr,
                EVEN_D: tl.constexpr):
-    """The (BLOCK_D, BLOCK_K) tile of codes ``offs_k`` (transposed for the product), masked only where
-    the tile may be partial (not FULL_TILES) or D does not fill BLOCK_D (not EVEN_D)."""
-    c_tile_ptr = c_ptr + offs_k.to(tl.int64)[None, :] * stride_ck + offs_d[:, None] * stride_cd
+    """The (BLOCK_D, BLOCK_K) tile of codes ``k0 + arange(BLOCK_K)`` (transposed for the product), masked
+    only where the tile may be partial (not FULL_TILES) or D does not fill BLOCK_D (not EVEN_D)."""
+    cols = tl.arange(0, mask_k.shape[0])
+    if EVEN_D and c_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        # The tile's start as one 64-bit scalar and in-tile offsets that do not change across tiles:
+        # the compiler keeps the offsets out of the loop, where 64-bit products per element cost ~60
+        # instructions per tile with Triton 3.6. Only for whole 16-bit rows: with masked D (element by
+        # element loads) or fp32 codes there are 4 to 8 times more addresses to keep, and the hoisted
+        # offsets took up to 255 registers and spilled.
+        tile_start = c_ptr + tl.cast(k0, tl.int64) * stride_ck
+        c_tile_ptr = tile_start + (cols.to(tl.int64)[None, :] * stride_ck + offs_d[:, None] * stride_cd)
+    else:
+        c_tile_ptr = c_ptr + (k0 + cols).to(tl.int64)[None, :] * stride_ck + offs_d[:, None] * stride_cd
     if FULL_TILES and EVEN_D:
         c_tile = tl.load(c_tile_ptr)
     elif FULL_TILES:
@@ -257,7 +278,7 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
     if pipelined:
         # The first tile's product before the loop, with masks (an empty split reads nothing).
         first = k_begin + tl.arange(0, BLOCK_K)
-        acc_next = tl.dot(z_block, _code_tile(c_ptr, first, first < k_end, offs_d, D, stride_ck, stride_cd, False,
+        acc_next = tl.dot(z_block, _code_tile(c_ptr, k_begin, first < k_end, offs_d, D, stride_ck, stride_cd, False,
                                               EVEN_D),
                           tl.zeros([BLOCK_N, BLOCK_K], tl.float32), input_precision=INPUT_PRECISION)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -270,11 +291,11 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
             # masks leave the tile past the end unread.
             k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) if full_tiles else k0 + BLOCK_K
             offs_next = k_next + tl.arange(0, BLOCK_K)
-            acc_next = tl.dot(z_block, _code_tile(c_ptr, offs_next, offs_next < k_end, offs_d, D, stride_ck,
+            acc_next = tl.dot(z_block, _code_tile(c_ptr, k_next, offs_next < k_end, offs_d, D, stride_ck,
                                                   stride_cd, full_tiles, EVEN_D),
                               tl.zeros([BLOCK_N, BLOCK_K], tl.float32), input_precision=INPUT_PRECISION)
         elif SINGLE_D:
-            acc = tl.dot(z_block, _code_tile(c_ptr, offs_k, mask_k, offs_d, D, stride_ck, stride_cd, full_tiles,
+            acc = tl.dot(z_block, _code_tile(c_ptr, k0, mask_k, offs_d, D, stride_ck, stride_cd, full_tiles,
                                              EVEN_D),
                          acc, input_precision=INPUT_PRECISION)
         else:
@@ -287,7 +308,7 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
         # (Without slots, _merge_tile subtracts the bound itself.)
-        score, c_sqnorm = _tile_scores(acc, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
+        score, c_sqnorm = _tile_scores(acc, k0, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
                                        row_resid_err, err_norm, err_tiny, full_tiles, use_slots and BEST_THREE)
         if use_slots:
             slot_best, slot_start, slot_second = _update_slots(score, k0, slot_best, slot_start, slot_second,
