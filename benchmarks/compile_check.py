@@ -538,8 +538,9 @@ def markdown(report: Report) -> str:
         f"Kernels compiled for sm_{report.arch} without a GPU (Triton {report.triton}, torch {report.torch}); "
         "registers from the cubin (cuobjdump), spills from ptxas -v, occupancy = resident warps / maximum "
         "from registers, shared memory and threads; MMA loop instr. = SASS instructions per thread in the "
-        "innermost loop holding a warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices where D is looped over, "
-        "without the epilogue); in flight = of those, argmin instructions issued while the loop's MMA runs.",
+        "innermost loop holding a warpgroup MMA (nvdisasm), the search's main loop (its loop over D slices "
+        "where D is looped over, without the epilogue); in flight = of those, argmin instructions issued "
+        "while the loop's MMA runs.",
         "",
         f"Direct launches (kernels/_launch.py) compared with Triton's launch path: "
         f"{report.direct_launches_compared}, all the same compiled kernel, grid and arguments unless listed "

@@ -108,14 +108,16 @@ def _merge_best_three(b1, i1, b2, i2, b3, t1, a1, t2, a2, t3):
 
 
 @triton.jit
-def _tile_scores(acc, k0, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
+def _tile_scores(acc, k0, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err, row_resid_err, err_norm,
                  err_tiny, FULL_TILES: tl.constexpr, BOUND: tl.constexpr):
-    """A code tile's scores ``||c||^2 - 2 z.c`` from its products ``acc``, and the codes' ``||c||^2``;
-    with BOUND, minus the bound on their tf32 error (``_code_error``): lower bounds of the exact scores.
-    Codes past the split (``mask_k`` false; FULL_TILES: none) score +inf through their norm."""
+    """A code tile's scores ``||c||^2 - 2 z.c`` from its products ``acc`` with codes ``k0`` onwards, and
+    the codes' ``||c||^2``; with BOUND, minus the bound on their tf32 error (``_code_error``): lower
+    bounds of the exact scores. Codes past the split (``mask_k`` false; FULL_TILES: none) score +inf
+    through their norm."""
     # (Scalar base + constant column offsets: one address with immediate offsets per thread, where
     # Triton 3.6 formed a 64-bit address per element from offs_k.)
     cols = tl.arange(0, acc.shape[1])
+    offs_k = k0 + cols
     if FULL_TILES:
         c_sqnorm = tl.load(c_sqnorm_ptr + k0 + cols)
     else:
@@ -145,16 +147,15 @@ def _update_slots(score, k0, slot_best, slot_start, slot_second, BEST_THREE: tl.
     # A NaN score compares false and never replaces a slot's minimum (and minimum() ignores a NaN
     # operand); strict '<' keeps a slot's earliest tile on ties.
     better = score < slot_best
+    if BEST_THREE:
+        slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
     if BEST_THREE or not ONE_SELECT:
-        if BEST_THREE:
-            slot_second = tl.where(better, slot_best, tl.minimum(slot_second, score))
         slot_best = tl.where(better, score, slot_best)
-        slot_start = tl.where(better, k0, slot_start)
     else:
         # One select on the compare: with two, Triton 3.6 packed the predicates into integers and
         # unpacked them (~50 instructions per tile).
-        slot_start = tl.where(better, k0, slot_start)
         slot_best = tl.minimum(slot_best, score)
+    slot_start = tl.where(better, k0, slot_start)
     return slot_best, slot_start, slot_second
 
 
@@ -308,7 +309,7 @@ def _scan_codes(z_rows, load_n, c_ptr, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, ro
                              mask=mask_k[None, :] & (dd[:, None] < D), other=0.0)
                 acc = tl.dot(zt, ct, acc, input_precision=INPUT_PRECISION)
         # (Without slots, _merge_tile subtracts the bound itself.)
-        score, c_sqnorm = _tile_scores(acc, k0, offs_k, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
+        score, c_sqnorm = _tile_scores(acc, k0, mask_k, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
                                        row_resid_err, err_norm, err_tiny, full_tiles, use_slots and BEST_THREE)
         if use_slots:
             slot_best, slot_start, slot_second = _update_slots(score, k0, slot_best, slot_start, slot_second,

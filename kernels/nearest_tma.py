@@ -149,7 +149,7 @@ def _nearest_code_tma_kernel(
         c_tile = c_desc.load([k0, 0])
         acc = tl.dot(z_block, c_tile.T, input_precision="tf32")
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        score, _ = _tile_scores(acc, k0, offs_k, offs_k < k_end, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
+        score, _ = _tile_scores(acc, k0, offs_k < k_end, c_sqnorm_ptr, c_norm_ptr, c_resid_ptr, row_err,
                                 row_resid_err, err_norm, err_tiny, full_tiles, RECHECK)
         # (Two selects on the compare: with one, Triton 3.6 gives the 128 x 64 tile at D = 64 130 registers,
         # one program per SM instead of two.)
